@@ -1,0 +1,3 @@
+"""mlx-sdft: Self-Distillation Fine-Tuning on MLX."""
+
+__version__ = "0.1.0"

@@ -1,0 +1,3 @@
+from mlx_sdft.cli import app
+
+app()

@@ -1,0 +1,5 @@
+"""The one error type users see: bad input, reported as a single line, exit status 2."""
+
+
+class InputError(Exception):
+    """Bad user input (data, config, flags). The message is shown as one line, without a traceback."""
