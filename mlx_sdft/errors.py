@@ -3,3 +3,7 @@
 
 class InputError(Exception):
     """Bad user input (data, config, flags). The message is shown as one line, without a traceback."""
+
+
+class TrainingError(Exception):
+    """Training cannot go on (e.g. repeated non-finite losses). Shown as one line; exit status 1."""

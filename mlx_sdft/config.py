@@ -1,0 +1,208 @@
+"""Every training option, its default and its help text, written once.
+
+Precedence: command-line flag > YAML file (`-c`) > the defaults below. The CLI builds its
+flags from these fields, so a new option is one line here.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from mlx_sdft.errors import InputError
+
+# The official code's teacher prompt, byte for byte (sdft-spec.md §1.1): a leading and a
+# trailing newline, and a period (not the paper's colon) after "thinking process".
+TEACHER_TEMPLATE = (
+    "\n{question}\n\nThis is an example for a response to the question:\n{demonstration}"
+    "\n\nNow answer with a response of your own, including the thinking process.\n"
+)
+
+
+def _opt(default: Any, help: str, choices: tuple | None = None, cli: bool = True):
+    meta = {"help": help, "choices": choices, "cli": cli}
+    if isinstance(default, (dict, list)):
+        return field(default_factory=lambda: type(default)(default), metadata=meta)
+    return field(default=default, metadata=meta)
+
+
+@dataclass
+class Config:
+    # What to train on and where to write.
+    model: str | None = _opt(None, "Hub id, local MLX/HF folder to fine-tune.")
+    data: str | None = _opt(None, "A .jsonl file, or a folder with train.jsonl [valid.jsonl test.jsonl].")
+    adapter_path: str = _opt("adapters", "Output folder for adapters, checkpoints and metrics.")
+    method: str = _opt("sdft", "Training method.", ("sdft",))
+
+    # Which weights train (mlx-lm's LoRA layers and file format).
+    fine_tune_type: str = _opt("lora", "Adapter type.", ("lora", "dora", "full"))
+    num_layers: int = _opt(16, "Number of transformer blocks (from the last) to adapt; -1 for all.")
+    lora_parameters: dict = _opt(
+        {"rank": 8, "scale": 20.0, "dropout": 0.0},
+        "LoRA rank, scale and dropout (mlx-lm's defaults); YAML only.",
+        cli=False,
+    )
+    resume_adapter_file: str | None = _opt(None, "Start from these adapter weights (mlx-lm style).")
+
+    # Optimization (AdamW with weight decay 0, cosine schedule with warmup, clip 1.0: the paper's).
+    batch_size: int = _opt(4, "Prompts per micro-batch.")
+    grad_accumulation_steps: int = _opt(1, "Micro-batches per optimizer step.")
+    iters: int | None = _opt(None, "Optimizer steps; overrides --epochs when given.")
+    epochs: float = _opt(2.0, "Passes over the training prompts (paper: 2).")
+    learning_rate: float = _opt(1e-5, "Peak learning rate.")
+    optimizer: str = _opt("adamw", "Optimizer.", ("adamw", "adam", "sgd"))
+    weight_decay: float = _opt(0.0, "AdamW weight decay.")
+    warmup_ratio: float = _opt(0.1, "Fraction of steps of linear warmup before the cosine decay.")
+    grad_clip: float = _opt(1.0, "Clip the global gradient norm to this (0 disables).")
+    seed: int = _opt(0, "Random seed for data order, LoRA init and sampling.")
+    grad_checkpoint: bool = _opt(False, "Recompute activations in the backward pass to save memory.")
+    max_seq_length: int = _opt(2048, "Longest prompt + completion, for student and teacher alike.")
+
+    # SDFT.
+    teacher: str = _opt("ema", "Teacher weights: EMA of the student, the base model, or the student.", ("ema", "base", "live"))
+    teacher_update_rate: float = _opt(0.01, "EMA rate r: teacher <- (1 - r) teacher + r student, after every step.")
+    divergence: str = _opt("forward", "forward = KL(teacher‖student), reverse = KL(student‖teacher), jsd.", ("forward", "reverse", "jsd"))
+    beta: float = _opt(0.5, "JSD mixture weight of the teacher (--divergence jsd).")
+    num_generations: int = _opt(1, "Sampled completions per prompt.")
+    max_completion_length: int = _opt(1024, "Most tokens sampled per completion.")
+    temperature: float = _opt(1.0, "Sampling temperature (also divides the scored logits).")
+    top_p: float = _opt(1.0, "Nucleus sampling mass.")
+    skip_first_tokens: int = _opt(3, "Completion tokens at the start left out of the loss.")
+    teacher_template: str = _opt(TEACHER_TEMPLATE, "Teacher prompt: a string or a file, with {question} and {demonstration}.")
+    chat_template: str | None = _opt(None, "Chat template (Jinja string or file) for tokenizers that lack one.")
+
+    # Reporting and saving.
+    steps_per_report: int = _opt(10, "Optimizer steps between report lines.")
+    steps_per_eval: int = _opt(200, "Optimizer steps between validations (teacher-student divergence).")
+    val_batches: int = _opt(25, "Validation batches; -1 for the whole valid split.")
+    max_bad_steps: int = _opt(3, "Stop after this many non-finite steps in a row (each is skipped).")
+    save_every: int = _opt(100, "Optimizer steps between checkpoints.")
+    report_to: str | None = _opt(None, "Also log to this service.", ("wandb",))
+    project_name: str | None = _opt(None, "Project name for --report-to.")
+
+    def validate(self) -> Config:
+        """Raise InputError naming the flag for any bad value; return self for chaining."""
+
+        def bad(name: str, why: str):
+            raise InputError(f"--{name.replace('_', '-')}: {why}")
+
+        for f in dataclasses.fields(self):
+            value, choices = getattr(self, f.name), f.metadata["choices"]
+            if choices and value is not None and value not in choices:
+                bad(f.name, f"{value!r} is not one of {', '.join(choices)}")
+        if not self.model:
+            bad("model", "required (a hub id or a local model folder)")
+        if not self.data:
+            bad("data", "required (a .jsonl file or a folder with train.jsonl)")
+        positive = ["batch_size", "grad_accumulation_steps", "num_generations", "max_completion_length",
+                    "max_seq_length", "max_bad_steps", "steps_per_report", "steps_per_eval", "save_every", "learning_rate"]
+        for name in positive:
+            if not getattr(self, name) > 0:
+                bad(name, f"must be > 0, got {getattr(self, name)}")
+        if self.iters is not None and self.iters <= 0:
+            bad("iters", f"must be > 0, got {self.iters}")
+        if not (self.epochs > 0 and math.isfinite(self.epochs)):
+            bad("epochs", f"must be > 0, got {self.epochs}")
+        if not self.temperature > 0:
+            bad("temperature", f"must be > 0, got {self.temperature}")
+        if not 0 < self.top_p <= 1:
+            bad("top_p", f"must be in (0, 1], got {self.top_p}")
+        if not 0 <= self.teacher_update_rate <= 1:
+            bad("teacher_update_rate", f"must be in [0, 1], got {self.teacher_update_rate}")
+        if self.divergence == "jsd" and not 0 < self.beta < 1:
+            bad("beta", f"must be in (0, 1) for jsd, got {self.beta}")
+        if self.skip_first_tokens < 0:
+            bad("skip_first_tokens", f"must be >= 0, got {self.skip_first_tokens}")
+        if not (0 <= self.warmup_ratio < 1):
+            bad("warmup_ratio", f"must be in [0, 1), got {self.warmup_ratio}")
+        if self.weight_decay < 0 or self.grad_clip < 0:
+            bad("weight_decay" if self.weight_decay < 0 else "grad_clip", "must be >= 0")
+        if self.num_layers == 0 or self.num_layers < -1:
+            bad("num_layers", f"must be -1 (all) or > 0, got {self.num_layers}")
+        lora = self.lora_parameters
+        if not isinstance(lora, dict) or not {"rank", "scale", "dropout"} <= set(lora):
+            bad("lora_parameters", "needs the keys rank, scale and dropout")
+        self.teacher_template = _maybe_read(self.teacher_template)
+        for slot in ("{question}", "{demonstration}"):
+            if slot not in self.teacher_template:
+                bad("teacher_template", f"must contain {slot}")
+        if self.chat_template is not None:
+            self.chat_template = _maybe_read(self.chat_template)
+        return self
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+def _maybe_read(text: str) -> str:
+    """A template option is either the text itself or the path of a file that holds it."""
+    if "\n" not in text and len(text) < 4096:
+        path = Path(text).expanduser()
+        if path.is_file():
+            return path.read_text(encoding="utf-8")
+    return text
+
+
+def cli_fields() -> list[dataclasses.Field]:
+    return [f for f in dataclasses.fields(Config) if f.metadata["cli"]]
+
+
+def load_config(yaml_path: str | None = None, overrides: dict | None = None) -> Config:
+    """Defaults < YAML file < overrides (flags that were given, i.e. not None)."""
+    values: dict[str, Any] = {}
+    if yaml_path:
+        values.update(_read_yaml(yaml_path))
+    values.update({k: v for k, v in (overrides or {}).items() if v is not None})
+    return Config(**{k: _coerce(k, v) for k, v in values.items()}).validate()
+
+
+def _coerce(name: str, value: Any) -> Any:
+    """Check a value's type against its field; YAML reads `1e-5` as a string, so parse numbers."""
+    kind = Config.__dataclass_fields__[name].type.split(" | ")[0]
+    if value is None:
+        return None
+    try:
+        if kind == "float" and not isinstance(value, bool):
+            return float(value)
+        if kind == "int" and not isinstance(value, bool) and float(value) == int(float(value)):
+            return int(float(value))
+        if kind == "bool" and isinstance(value, bool):
+            return value
+        if kind == "str" and isinstance(value, str):
+            return value
+        if kind == "dict" and isinstance(value, dict):
+            return value
+    except (TypeError, ValueError):
+        pass
+    raise InputError(f"--{name.replace('_', '-')}: expected {kind}, got {value!r}")
+
+
+def _read_yaml(path: str) -> dict:
+    try:
+        with open(path, encoding="utf-8") as fid:
+            values = yaml.safe_load(fid) or {}
+    except OSError as e:
+        raise InputError(f"{path}: cannot read config ({e.strerror})") from None
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f"{path}:{mark.line + 1}" if mark else path
+        raise InputError(f"{where}: invalid YAML ({getattr(e, 'problem', e)})") from None
+    if not isinstance(values, dict):
+        raise InputError(f"{path}: a config file must be a mapping of option: value")
+    known = {f.name for f in dataclasses.fields(Config)}
+    for key in values:
+        if key not in known:
+            raise InputError(f"{path}: unknown option {key!r}")
+    # YAML is relative to the config file's folder for paths, like a recipe expects.
+    base = Path(path).parent
+    for key in ("data",):
+        if isinstance(values.get(key), str) and not Path(values[key]).is_absolute():
+            candidate = base / values[key]
+            if candidate.exists():
+                values[key] = str(candidate)
+    return values

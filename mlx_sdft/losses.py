@@ -1,0 +1,102 @@
+"""The SDFT loss: per-token divergences between student and teacher, masked and averaged.
+
+Pure MLX functions of arrays, no model, config or I/O. Argument order states direction:
+`kl(p_logprobs, q_logprobs)` is KL(p‖q). `mlx_sdft.reference` is the float64 numpy twin of
+every function here; `tests/test_losses.py` checks the two agree on values and gradients.
+
+Shapes: B sequences, T completion positions (position j scores completion token j), V vocab.
+"""
+
+import math
+
+import mlx.core as mx
+
+DIVERGENCES = ("forward", "reverse", "jsd")
+
+
+def log_softmax(logits_BTV: mx.array) -> mx.array:
+    """log p_v = z_v − m − log Σ_u exp(z_u − m), with m = max_u z_u, computed in float32."""
+    logits_BTV = logits_BTV.astype(mx.float32)  # bf16/fp16 logits lose too much in exp and sum
+    # The max only shifts the logits (the result does not depend on it), so no gradient flows through it.
+    shifted_BTV = logits_BTV - mx.stop_gradient(logits_BTV.max(axis=-1, keepdims=True))
+    return shifted_BTV - mx.log(mx.exp(shifted_BTV).sum(axis=-1, keepdims=True))
+
+
+def kl(p_logprobs_BTV: mx.array, q_logprobs_BTV: mx.array) -> mx.array:
+    """KL(p‖q) = Σ_v p_v (log p_v − log q_v), summed over the last axis → kl_BT."""
+    return (mx.exp(p_logprobs_BTV) * (p_logprobs_BTV - q_logprobs_BTV)).sum(axis=-1)
+
+
+def generalized_jsd(student_logprobs_BTV: mx.array, teacher_logprobs_BTV: mx.array, beta: float) -> mx.array:
+    """Generalized Jensen–Shannon divergence (GKD / official SDFT `alpha`) → jsd_BT.
+
+    m = (1−β)·p_student + β·p_teacher
+    jsd = β·KL(teacher‖m) + (1−β)·KL(student‖m),  0 < β < 1.
+    """
+    if not 0.0 < beta < 1.0:
+        raise ValueError(f"jsd needs 0 < beta < 1, got beta={beta}")
+    # log m in log space: mixing probabilities directly would underflow for confident distributions.
+    mixture_logprobs_BTV = mx.logaddexp(
+        math.log(1.0 - beta) + student_logprobs_BTV, math.log(beta) + teacher_logprobs_BTV
+    )
+    return beta * kl(teacher_logprobs_BTV, mixture_logprobs_BTV) + (1.0 - beta) * kl(
+        student_logprobs_BTV, mixture_logprobs_BTV
+    )
+
+
+def token_divergence(
+    student_logits_BTV: mx.array,
+    teacher_logits_BTV: mx.array,
+    divergence: str = "forward",
+    beta: float = 0.5,
+) -> mx.array:
+    """Per-token divergence between student p and teacher q → div_BT; no gradient reaches the teacher.
+
+    forward = KL(q‖p) (the default; the loss behind the paper's numbers),
+    reverse = KL(p‖q),
+    jsd     = generalized_jsd(p, q, beta).
+    """
+    if divergence not in DIVERGENCES:
+        raise ValueError(f"unknown divergence {divergence!r}; choose one of {', '.join(DIVERGENCES)}")
+    student_logprobs_BTV = log_softmax(student_logits_BTV)
+    teacher_logprobs_BTV = log_softmax(mx.stop_gradient(teacher_logits_BTV))
+    if divergence == "forward":
+        return kl(teacher_logprobs_BTV, student_logprobs_BTV)
+    if divergence == "reverse":
+        return kl(student_logprobs_BTV, teacher_logprobs_BTV)
+    return generalized_jsd(student_logprobs_BTV, teacher_logprobs_BTV, beta)
+
+
+def loss_mask(mask_BT: mx.array, skip: int) -> mx.array:
+    """w_j = mask_j · 1[j ≥ skip] as float32 → weights_BT.
+
+    The first `skip` completion tokens are dropped because the teacher tends to open with
+    artifacts of its context ("Based on the example…"); see sdft-spec.md §0.1 fact 3.
+    """
+    if skip < 0:
+        raise ValueError(f"skip must be ≥ 0, got {skip}")
+    T = mask_BT.shape[-1]
+    return mask_BT.astype(mx.float32) * (mx.arange(T) >= skip).astype(mx.float32)
+
+
+def sdft_loss(
+    student_logits: mx.array,
+    teacher_logits: mx.array,
+    mask: mx.array,
+    divergence: str = "forward",
+    skip: int = 3,
+    beta: float = 0.5,
+) -> tuple[mx.array, mx.array]:
+    """Mean over sequences of each sequence's masked token-mean divergence → (loss, ntoks).
+
+    w = loss_mask(mask, skip);  L_i = Σ_t w_it·div_it / max(Σ_t w_it, 1);  loss = (1/B) Σ_i L_i.
+    ntoks = Σ w, the number of loss tokens. Logits are [B, T, V] aligned to the completion tokens,
+    mask is [B, T] with 1 on real completion tokens. Not a token-mean over the batch: a short
+    sequence weighs as much as a long one, as in the official code.
+    """
+    div_BT = token_divergence(student_logits, teacher_logits, divergence, beta)
+    weights_BT = loss_mask(mask, skip)
+    # Clamping the count at 1 makes a sequence with no loss tokens contribute 0, never 0/0.
+    count_B = mx.maximum(weights_BT.sum(axis=-1), 1.0)
+    per_sequence_B = (weights_BT * div_BT).sum(axis=-1) / count_B
+    return per_sequence_B.mean(), weights_BT.sum().astype(mx.int32)

@@ -1,0 +1,75 @@
+"""The only place prompts are built: student and teacher contexts as chat-template token ids.
+
+Student context: the prompt messages, rendered with `add_generation_prompt=True`.
+Teacher context: the same conversation with the last user message replaced by the teacher
+template filled with the question and the demonstration (system messages and tools kept).
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+from mlx_sdft.data import Example
+from mlx_sdft.errors import InputError
+
+_SLOT = re.compile(r"\{(question|demonstration)\}")
+
+
+@dataclass(frozen=True)
+class PromptPair:
+    student_ids: list[int]
+    teacher_ids: list[int]
+    where: str
+
+
+def fill_template(template: str, question: str, demonstration: str) -> str:
+    """One pass over the slots, so a question that itself contains "{demonstration}" stays as written."""
+    values = {"question": question, "demonstration": demonstration}
+    return _SLOT.sub(lambda m: values[m.group(1)], template)
+
+
+def teacher_messages(example: Example, template: str) -> list[dict]:
+    *history, last_user = example.prompt
+    content = fill_template(template, last_user["content"], example.demonstration)
+    return [*history, {**last_user, "content": content}]
+
+
+def render(tokenizer, messages: list[dict], tools: list | None = None) -> str:
+    """The chat-template text that precedes the assistant's answer."""
+    if not getattr(tokenizer, "has_chat_template", False):
+        raise InputError(
+            "the tokenizer has no chat template: pass --chat-template (a Jinja string or a file), "
+            'or add "chat_template" to the model\'s tokenizer_config.json'
+        )
+    kwargs = {"tools": tools} if tools else {}
+    return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True, **kwargs)
+
+
+def encode(tokenizer, text: str) -> list[int]:
+    # The template already wrote any BOS token; adding special tokens again would double it.
+    return tokenizer.encode(text, add_special_tokens=False)
+
+
+def student_text(tokenizer, example: Example) -> str:
+    return render(tokenizer, example.prompt, example.tools)
+
+
+def teacher_text(tokenizer, example: Example, template: str) -> str:
+    return render(tokenizer, teacher_messages(example, template), example.tools)
+
+
+def encode_examples(tokenizer, examples: list[Example], template: str, max_seq_length: int) -> list[PromptPair]:
+    """Token ids for both contexts; a prompt that leaves no room for a completion is an error, never cut."""
+    pairs = []
+    for ex in examples:
+        student = encode(tokenizer, student_text(tokenizer, ex))
+        teacher = encode(tokenizer, teacher_text(tokenizer, ex, template))
+        for role, ids in (("prompt", student), ("teacher prompt", teacher)):
+            if len(ids) >= max_seq_length:
+                raise InputError(
+                    f"{ex.where}: the {role} is {len(ids)} tokens, which leaves no room for a completion "
+                    f"within --max-seq-length {max_seq_length}"
+                )
+        pairs.append(PromptPair(student, teacher, ex.where))
+    return pairs

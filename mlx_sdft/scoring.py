@@ -1,0 +1,53 @@
+"""Completion-aligned logits: one function scores a batch for the student and the teacher alike.
+
+Row i is prompt_i + completion_i. The logit at absolute position t predicts token t+1, so
+completion token j of row i is scored at position len(prompt_i) - 1 + j. Rows are right
+padded: with causal attention, padding after the real tokens cannot change them.
+"""
+
+from __future__ import annotations
+
+import mlx.core as mx
+import mlx.nn as nn
+
+# Model classes whose __call__ is exactly `head(backbone(x))`, so the LM head can run on the
+# completion positions only; long teacher prompts then cost no [P, V] logits.
+_HEAD_SPLIT = {"llama", "qwen2", "qwen3", "mistral", "gemma3_text", "olmo2", "smollm3"}
+
+
+def completion_mask(lengths: list[int]) -> mx.array:
+    """mask_BT: 1 for real completion tokens, 0 for right padding."""
+    T = max(lengths)
+    return (mx.arange(T)[None, :] < mx.array(lengths)[:, None]).astype(mx.float32)
+
+
+def pad_rows(rows: list[list[int]], pad: int = 0) -> mx.array:
+    L = max(len(r) for r in rows)
+    return mx.array([r + [pad] * (L - len(r)) for r in rows], dtype=mx.int32)
+
+
+def _split_head(model: nn.Module):
+    if type(model).__module__.rsplit(".", 1)[-1] not in _HEAD_SPLIT:
+        return None
+    head = model.lm_head if hasattr(model, "lm_head") else model.model.embed_tokens.as_linear
+    return model.model, head
+
+
+def completion_logits(model: nn.Module, prompts: list[list[int]], completions: list[list[int]]) -> mx.array:
+    """logits_BTV where [i, j] is the model's prediction of completions[i][j]; rows past the
+    completion's length are padding (see `completion_mask`)."""
+    lengths = [len(c) for c in completions]
+    T = max(lengths)
+    # The last completion token is never an input: nothing after it is scored.
+    inputs_BL = pad_rows([p + c[:-1] for p, c in zip(prompts, completions)])
+    start_B = mx.array([len(p) - 1 for p in prompts])
+    positions_BT = start_B[:, None] + mx.arange(T)[None, :]
+    positions_BT = mx.minimum(positions_BT, inputs_BL.shape[1] - 1)  # padded slots read any valid row
+    split = _split_head(model)
+    if split is None:
+        logits_BLV = model(inputs_BL)
+        return mx.take_along_axis(logits_BLV, positions_BT[..., None], axis=1)
+    backbone, head = split
+    hidden_BLD = backbone(inputs_BL)
+    hidden_BTD = mx.take_along_axis(hidden_BLD, positions_BT[..., None], axis=1)
+    return head(hidden_BTD)

@@ -1,0 +1,70 @@
+"""Which weights teach: `ema` (default), `base` or `live`, and the EMA update.
+
+The teacher is the same model with other values in its trainable leaves (for LoRA: a second
+set of lora_a / lora_b, never a second copy of the model). Scoring with the teacher swaps
+those leaves in, runs the forward pass, and swaps the student's back.
+
+- ema:  φ ← (1 − r)·φ + r·θ after every optimizer step, φ₀ = θ₀ (the paper's teacher).
+- base: the leaves as they were before any training; for LoRA/DoRA this is exactly the
+        model with adapters switched off (lora_b = 0), for full fine-tuning the base weights.
+- live: the student itself (no separate leaves).
+"""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+
+import mlx.core as mx
+import mlx.nn as nn
+from mlx.utils import tree_flatten, tree_map
+
+Leaves = dict[str, mx.array]
+
+
+def trainable_leaves(model: nn.Module) -> Leaves:
+    return dict(tree_flatten(model.trainable_parameters()))
+
+
+def copy_leaves(leaves: Leaves) -> Leaves:
+    # mx arrays are immutable values; an explicit copy keeps the teacher independent of
+    # any in-place buffer donation by the optimizer.
+    return {k: mx.array(v) for k, v in leaves.items()}
+
+
+def ema_update(teacher: Leaves, student: Leaves, rate: float) -> Leaves:
+    """φ ← (1 − rate)·φ + rate·θ, leaf by leaf: with rate r the teacher moves r of the way to the student."""
+    return tree_map(lambda phi, theta: (1.0 - rate) * phi + rate * theta, teacher, student)
+
+
+def init_teacher(kind: str, model: nn.Module, base: Leaves) -> Leaves | None:
+    """The teacher's leaves at step 0; None means "use the live student"."""
+    if kind == "ema":
+        return copy_leaves(trainable_leaves(model))
+    if kind == "base":
+        return base
+    if kind == "live":
+        return None
+    raise ValueError(f"unknown teacher kind {kind!r}")
+
+
+def step_teacher(kind: str, teacher: Leaves | None, model: nn.Module, rate: float) -> Leaves | None:
+    """Called after every optimizer step."""
+    if kind != "ema":
+        return teacher
+    teacher = ema_update(teacher, trainable_leaves(model), rate)
+    mx.eval(teacher)
+    return teacher
+
+
+@contextmanager
+def using(model: nn.Module, leaves: Leaves | None):
+    """Run the model with `leaves` in place of its trainable parameters (None: as it is)."""
+    if leaves is None:
+        yield model
+        return
+    saved = trainable_leaves(model)
+    model.load_weights(list(leaves.items()), strict=False)
+    try:
+        yield model
+    finally:
+        model.load_weights(list(saved.items()), strict=False)

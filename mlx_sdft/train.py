@@ -1,0 +1,226 @@
+"""The SDFT training loop: sample → teacher scores → student scores → loss → update → EMA →
+report → save. `train()` is the whole algorithm; the helpers above it are small and pure."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import mlx.core as mx
+import mlx.nn as nn
+import mlx.optimizers as optim
+import numpy as np
+from mlx.utils import tree_map
+from mlx_lm.tuner.trainer import grad_checkpoint
+
+from mlx_sdft import checkpoint
+from mlx_sdft.config import Config
+from mlx_sdft.errors import TrainingError
+from mlx_sdft.losses import sdft_loss
+from mlx_sdft.prompts import PromptPair
+from mlx_sdft.report import PhaseTimer, Reporter
+from mlx_sdft.rollout import sample
+from mlx_sdft.scoring import completion_logits, completion_mask
+from mlx_sdft.teacher import Leaves, init_teacher, step_teacher, trainable_leaves, using
+
+
+def total_steps(cfg: Config, num_examples: int) -> int:
+    if cfg.iters is not None:
+        return cfg.iters
+    prompts_per_step = cfg.batch_size * cfg.grad_accumulation_steps
+    return max(1, math.ceil(cfg.epochs * num_examples / prompts_per_step))
+
+
+def batch_at(cursor: int, n: int, batch_size: int, seed: int) -> list[int]:
+    """Example indices for the batch starting at `cursor` in the endless stream of shuffled
+    epochs (epoch e is permutation (seed, e)). Stateless, so a cursor is all a resume needs."""
+    out = []
+    for pos in range(cursor, cursor + batch_size):
+        epoch, i = divmod(pos, n)
+        out.append(int(np.random.default_rng([seed, epoch]).permutation(n)[i]))
+    return out
+
+
+def build_optimizer(cfg: Config, steps: int) -> optim.Optimizer:
+    """Linear warmup to the peak rate, then cosine decay to 0 (the paper's schedule)."""
+    warmup = int(cfg.warmup_ratio * steps)
+    cosine = optim.cosine_decay(cfg.learning_rate, max(steps - warmup, 1))
+    lr = optim.join_schedules([optim.linear_schedule(0.0, cfg.learning_rate, warmup), cosine], [warmup]) if warmup else cosine
+    if cfg.optimizer == "adamw":
+        return optim.AdamW(learning_rate=lr, weight_decay=cfg.weight_decay)
+    if cfg.optimizer == "adam":
+        return optim.Adam(learning_rate=lr)
+    return optim.SGD(learning_rate=lr, weight_decay=cfg.weight_decay)
+
+
+def completion_budget(pair: PromptPair, cfg: Config) -> int:
+    """Tokens a completion may have so that both contexts stay within --max-seq-length."""
+    room = cfg.max_seq_length - max(len(pair.student_ids), len(pair.teacher_ids))
+    return min(cfg.max_completion_length, room)
+
+
+def rollout_batch(model: nn.Module, pairs: list[PromptPair], cfg: Config, stop_ids: list[int]):
+    """Each prompt repeated --num-generations times, sampled from the current student weights."""
+    pairs = [p for p in pairs for _ in range(cfg.num_generations)]
+    rollout = sample(
+        model, [p.student_ids for p in pairs], [completion_budget(p, cfg) for p in pairs], stop_ids,
+        temperature=cfg.temperature, top_p=cfg.top_p, batch_size=len(pairs),
+    )
+    return pairs, rollout
+
+
+def student_loss(model, pairs, completions, teacher_logits_BTV, cfg: Config):
+    """The SDFT objective for one micro-batch; gradients flow through the student only."""
+    logits_BTV = completion_logits(model, [p.student_ids for p in pairs], completions)
+    mask_BT = completion_mask([len(c) for c in completions])
+    return sdft_loss(
+        logits_BTV / cfg.temperature, teacher_logits_BTV / cfg.temperature, mask_BT,
+        divergence=cfg.divergence, skip=cfg.skip_first_tokens, beta=cfg.beta,
+    )
+
+
+def teacher_logits(model, teacher: Leaves | None, pairs, completions) -> mx.array:
+    with using(model, teacher):
+        logits_BTV = completion_logits(model, [p.teacher_ids for p in pairs], completions)
+    return mx.stop_gradient(logits_BTV)
+
+
+def evaluate(model, teacher, pairs: list[PromptPair], cfg: Config, stop_ids) -> dict:
+    """Mean teacher–student divergence on fresh student samples of the validation prompts."""
+    n = len(pairs) // cfg.batch_size if cfg.val_batches < 0 else min(cfg.val_batches, math.ceil(len(pairs) / cfg.batch_size))
+    losses, lengths = [], []
+    for b in range(max(n, 1)):
+        batch, rollout = rollout_batch(model, pairs[b * cfg.batch_size:(b + 1) * cfg.batch_size], cfg, stop_ids)
+        t_logits = teacher_logits(model, teacher, batch, rollout.completions)
+        loss, _ = student_loss(model, batch, rollout.completions, t_logits, cfg)
+        losses.append(loss.item())
+        lengths += [len(c) for c in rollout.completions]
+    return {"val_loss": float(np.mean(losses)), "val_completion_len": float(np.mean(lengths))}
+
+
+def train(model: nn.Module, tokenizer, train_pairs: list[PromptPair], valid_pairs: list[PromptPair],
+          cfg: Config, base: Leaves, reporter: Reporter) -> dict:
+    """Run SDFT; returns the last report record. Adapters and state land in cfg.adapter_path."""
+    out = Path(cfg.adapter_path)
+    steps = total_steps(cfg, len(train_pairs))
+    stop_ids = sorted(tokenizer.eos_token_ids)
+    optimizer = build_optimizer(cfg, steps)
+    teacher = init_teacher(cfg.teacher, model, base)
+    if cfg.grad_checkpoint:
+        grad_checkpoint(model.layers[0])
+    loss_and_grad = nn.value_and_grad(model, student_loss)
+    cursor, bad_steps, window, record = 0, 0, [], {}
+    model.train()
+
+    for step in range(1, steps + 1):
+        timer, grads, stats = PhaseTimer(), None, {"loss": 0.0, "ntoks": 0, "sampled": 0, "truncated": 0, "n": 0}
+        for _ in range(cfg.grad_accumulation_steps):
+            pairs = [train_pairs[i] for i in batch_at(cursor, len(train_pairs), cfg.batch_size, cfg.seed)]
+            cursor += cfg.batch_size
+            with timer("sample"):
+                pairs, rollout = rollout_batch(model, pairs, cfg, stop_ids)
+            with timer("teacher"):
+                t_logits = teacher_logits(model, teacher, pairs, rollout.completions)
+                mx.eval(t_logits)
+            with timer("student"):
+                (loss, ntoks), g = loss_and_grad(model, pairs, rollout.completions, t_logits, cfg)
+                grads = g if grads is None else tree_map(mx.add, grads, g)
+                mx.eval(loss, ntoks, grads)
+            stats["loss"] += loss.item() / cfg.grad_accumulation_steps
+            stats["ntoks"] += int(ntoks.item())
+            stats["sampled"] += rollout.num_tokens
+            stats["truncated"] += sum(rollout.truncated)
+            stats["n"] += len(rollout.completions)
+
+        with timer("student"):
+            grads = tree_map(lambda g: g / cfg.grad_accumulation_steps, grads)
+            grads, grad_norm = optim.clip_grad_norm(grads, cfg.grad_clip) if cfg.grad_clip else (grads, mx.array(0.0))
+            if not (math.isfinite(stats["loss"]) and math.isfinite(grad_norm.item())):
+                bad_steps += 1  # skip the update: one NaN would poison the adapters and the teacher
+                reporter.print(f"[yellow]step {step}: non-finite loss or gradient, update skipped[/]")
+                if bad_steps >= cfg.max_bad_steps:
+                    raise TrainingError(f"step {step}: {bad_steps} non-finite steps in a row; lower --learning-rate")
+            else:
+                bad_steps = 0
+                optimizer.update(model, grads)
+                mx.eval(model.parameters(), optimizer.state)
+        teacher = step_teacher(cfg.teacher, teacher, model, cfg.teacher_update_rate)
+
+        window.append({**stats, **timer.seconds, "grad_norm": grad_norm.item()})
+        reporter.advance(step, stats["loss"])
+        if step % cfg.steps_per_report == 0 or step == steps:
+            record = _summarize(window, step, optimizer)
+            reporter.log(record)
+            window = []
+        if valid_pairs and (step % cfg.steps_per_eval == 0 or step == steps):
+            with timer("eval"):
+                val = evaluate(model, teacher, valid_pairs, cfg, stop_ids)
+            reporter.log({"type": "eval", "step": step, **val, "val_s": timer.seconds["eval"]})
+        if step % cfg.save_every == 0 or step == steps:
+            state = {"cursor": cursor, "epoch": cursor / len(train_pairs), "total_steps": steps}
+            checkpoint.save(out, cfg, step, trainable_leaves(model), teacher, optimizer, state,
+                            checkpoint=step % cfg.save_every == 0)
+    return record
+
+
+def _summarize(window: list[dict], step: int, optimizer: optim.Optimizer) -> dict:
+    """One report line: per-step means over the window, rates over its summed times."""
+    k = len(window)
+    total = lambda key: sum(w.get(key, 0.0) for w in window)  # noqa: E731
+    busy = total("sample") + total("teacher") + total("student")
+    return {
+        "type": "train",
+        "step": step,
+        "loss": total("loss") / k,
+        "learning_rate": float(optimizer.learning_rate.item()),
+        "grad_norm": total("grad_norm") / k,
+        "sample_s": total("sample") / k,
+        "teacher_s": total("teacher") / k,
+        "student_s": total("student") / k,
+        "sampled_tps": total("sampled") / max(total("sample"), 1e-9),
+        "trained_tps": total("ntoks") / max(busy, 1e-9),
+        "completion_len": total("sampled") / max(total("n"), 1),
+        "truncated": total("truncated") / max(total("n"), 1),
+        "peak_memory_gb": mx.get_peak_memory() / 1e9,
+    }
+
+
+def run(cfg: Config, console=None, quiet: bool = False) -> dict:
+    """Everything `mlx-sdft train` does: check all input, then load, train and save.
+
+    Data, config and prompts are validated before any weights load, and nothing is
+    written to the output folder until training has produced something to write.
+    """
+    from rich.panel import Panel
+    from rich.text import Text
+
+    from mlx_sdft.data import load_dataset
+    from mlx_sdft.models import attach_adapters, load, load_tokenizer, resolve
+    from mlx_sdft.prompts import encode_examples, student_text, teacher_text
+
+    splits = load_dataset(cfg.data)
+    model_path = resolve(cfg.model)
+    tokenizer = load_tokenizer(model_path, cfg.chat_template)
+    train_pairs = encode_examples(tokenizer, splits["train"], cfg.teacher_template, cfg.max_seq_length)
+    valid_pairs = encode_examples(tokenizer, splits.get("valid", []), cfg.teacher_template, cfg.max_seq_length)
+
+    reporter = Reporter(Path(cfg.adapter_path), total_steps(cfg, len(train_pairs)), console=console,
+                        report_to=cfg.report_to, project_name=cfg.project_name, config=cfg.to_dict(), quiet=quiet)
+    first = splits["train"][0]
+    reporter.print(Panel(Text(student_text(tokenizer, first)), title=f"student prompt ({first.where})", expand=False))
+    reporter.print(Panel(Text(teacher_text(tokenizer, first, cfg.teacher_template)), title="teacher prompt", expand=False))
+    reporter.print(
+        f"{len(train_pairs)} training prompts, {len(valid_pairs)} validation prompts; "
+        f"{reporter.total} steps of {cfg.batch_size * cfg.grad_accumulation_steps} prompts x {cfg.num_generations} "
+        f"generations; divergence {cfg.divergence}, teacher {cfg.teacher}"
+        + (f" (rate {cfg.teacher_update_rate})" if cfg.teacher == "ema" else ""),
+        highlight=False,
+    )
+    if not valid_pairs:
+        reporter.print("no valid.jsonl: validation is skipped", style="yellow")
+
+    mx.random.seed(cfg.seed)
+    model = load(model_path)
+    base = attach_adapters(model, cfg)
+    with reporter:
+        return train(model, tokenizer, train_pairs, valid_pairs, cfg, base, reporter)

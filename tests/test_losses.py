@@ -1,0 +1,224 @@
+"""The SDFT loss: MLX vs the float64 reference (values, gradients), hand-computed numbers, properties.
+
+Run: pytest -q tests/test_losses.py
+"""
+
+import mlx.core as mx
+import numpy as np
+import pytest
+
+from mlx_sdft import losses, reference
+
+DIVERGENCES = losses.DIVERGENCES
+# MLX parity runs on every device this machine has: the CPU always, the GPU where Metal or CUDA exists.
+DEVICES = [mx.cpu] + ([mx.gpu] if mx.metal.is_available() or mx.cuda.is_available() else [])
+device_param = pytest.mark.parametrize("device", DEVICES, ids=lambda d: str(d))
+
+
+def random_case(seed, B=3, T=9, V=7, scale=1.0):
+    """float32 student/teacher logits and a 0/1 mask of variable lengths (one sequence may be empty)."""
+    rng = np.random.default_rng(seed)
+    student_BTV = (scale * rng.standard_normal((B, T, V))).astype(np.float32)
+    teacher_BTV = (scale * rng.standard_normal((B, T, V))).astype(np.float32)
+    lengths_B = rng.integers(0, T + 1, size=B)
+    lengths_B[0] = T  # at least one full-length sequence
+    mask_BT = (np.arange(T)[None, :] < lengths_B[:, None]).astype(np.float32)
+    return student_BTV, teacher_BTV, mask_BT
+
+
+def mlx_loss_and_grad(student_BTV, teacher_BTV, mask_BT, **kwargs):
+    """(loss, ntoks, grad wrt student logits) from the MLX implementation."""
+
+    def loss_fn(s):
+        return losses.sdft_loss(s, mx.array(teacher_BTV), mx.array(mask_BT), **kwargs)[0]
+
+    s = mx.array(student_BTV)
+    loss, ntoks = losses.sdft_loss(s, mx.array(teacher_BTV), mx.array(mask_BT), **kwargs)
+    grad_BTV = mx.grad(loss_fn)(s)
+    mx.eval(loss, ntoks, grad_BTV)
+    return loss.item(), ntoks.item(), np.array(grad_BTV.astype(mx.float32))
+
+
+# --- MLX float32 vs numpy float64 ------------------------------------------------------------
+
+
+@device_param
+@pytest.mark.parametrize("divergence", DIVERGENCES)
+@pytest.mark.parametrize("scale", [1.0, 10.0])
+@pytest.mark.parametrize("V", [7, 1000])
+@pytest.mark.parametrize("skip", [0, 3])
+def test_values_match_reference(device, divergence, scale, V, skip):
+    student_BTV, teacher_BTV, mask_BT = random_case(V + skip, V=V, scale=scale)
+    with mx.stream(device):
+        div_BT = losses.token_divergence(mx.array(student_BTV), mx.array(teacher_BTV), divergence)
+        loss, ntoks = losses.sdft_loss(
+            mx.array(student_BTV), mx.array(teacher_BTV), mx.array(mask_BT), divergence, skip
+        )
+        mx.eval(div_BT, loss, ntoks)
+    ref_loss, ref_ntoks = reference.sdft_loss(student_BTV, teacher_BTV, mask_BT, divergence, skip)
+    ref_div_BT = reference.token_divergence(student_BTV, teacher_BTV, divergence)
+    np.testing.assert_allclose(np.array(div_BT), ref_div_BT, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(loss.item(), ref_loss, rtol=1e-5)
+    assert ntoks.item() == ref_ntoks
+
+
+@device_param
+@pytest.mark.parametrize("divergence", DIVERGENCES)
+@pytest.mark.parametrize("scale", [1.0, 10.0])
+@pytest.mark.parametrize("V", [7, 1000])
+def test_gradients_match_reference(device, divergence, scale, V):
+    student_BTV, teacher_BTV, mask_BT = random_case(2 * V, V=V, scale=scale)
+    with mx.stream(device):
+        _, _, grad_BTV = mlx_loss_and_grad(student_BTV, teacher_BTV, mask_BT, divergence=divergence)
+    ref_grad_BTV = reference.sdft_loss_grad(student_BTV, teacher_BTV, mask_BT, divergence)
+    np.testing.assert_allclose(grad_BTV, ref_grad_BTV, rtol=1e-4, atol=1e-6 * np.abs(ref_grad_BTV).max())
+
+
+@device_param
+@pytest.mark.parametrize("divergence", DIVERGENCES)
+def test_bfloat16_inputs(device, divergence):
+    """bf16 logits are upcast before any math, so the reference sees the same bf16-rounded numbers."""
+    student_BTV, teacher_BTV, mask_BT = random_case(5, V=1000, scale=3.0)
+    s16, t16 = mx.array(student_BTV).astype(mx.bfloat16), mx.array(teacher_BTV).astype(mx.bfloat16)
+    s_rounded, t_rounded = np.array(s16.astype(mx.float32)), np.array(t16.astype(mx.float32))
+    with mx.stream(device):
+        loss, _ = losses.sdft_loss(s16, t16, mx.array(mask_BT), divergence)
+        grad_BTV = mx.grad(lambda s: losses.sdft_loss(s, t16, mx.array(mask_BT), divergence)[0])(s16)
+        mx.eval(loss, grad_BTV)
+    assert loss.dtype == mx.float32 and grad_BTV.dtype == mx.bfloat16
+    np.testing.assert_allclose(loss.item(), reference.sdft_loss(s_rounded, t_rounded, mask_BT, divergence)[0], rtol=2e-2)
+    ref_grad_BTV = reference.sdft_loss_grad(s_rounded, t_rounded, mask_BT, divergence)
+    # The gradient itself is rounded to bf16 (8 bits of mantissa) on the way out.
+    np.testing.assert_allclose(
+        np.array(grad_BTV.astype(mx.float32)), ref_grad_BTV, rtol=2e-2, atol=1e-3 * np.abs(ref_grad_BTV).max()
+    )
+
+
+@pytest.mark.parametrize("divergence", DIVERGENCES)
+@pytest.mark.parametrize("beta", [0.5, 0.2])
+def test_reference_gradient_matches_finite_differences(divergence, beta):
+    student_BTV, teacher_BTV, mask_BT = random_case(11, B=2, T=5, V=5, scale=2.0)
+    student_BTV = student_BTV.astype(np.float64)
+    mask_BT[1, 3:] = 0.0
+    kwargs = dict(divergence=divergence, skip=1, beta=beta)
+    eps = 1e-6
+    fd_BTV = np.zeros_like(student_BTV)
+    for idx in np.ndindex(student_BTV.shape):
+        plus, minus = student_BTV.copy(), student_BTV.copy()
+        plus[idx] += eps
+        minus[idx] -= eps
+        fd_BTV[idx] = (
+            reference.sdft_loss(plus, teacher_BTV, mask_BT, **kwargs)[0]
+            - reference.sdft_loss(minus, teacher_BTV, mask_BT, **kwargs)[0]
+        ) / (2 * eps)
+    grad_BTV = reference.sdft_loss_grad(student_BTV, teacher_BTV, mask_BT, **kwargs)
+    np.testing.assert_allclose(grad_BTV, fd_BTV, rtol=1e-6, atol=1e-9)
+
+
+@device_param
+@pytest.mark.parametrize("divergence", DIVERGENCES)
+def test_no_gradient_reaches_the_teacher(device, divergence):
+    student_BTV, teacher_BTV, mask_BT = random_case(3, V=50)
+    with mx.stream(device):
+        grad_BTV = mx.grad(
+            lambda t: losses.sdft_loss(mx.array(student_BTV), t, mx.array(mask_BT), divergence)[0]
+        )(mx.array(teacher_BTV))
+        mx.eval(grad_BTV)
+    assert np.all(np.array(grad_BTV) == 0.0)
+
+
+# --- Hand-computed numbers (sdft-spec.md §6.2) ------------------------------------------------
+
+GOLDEN = {"forward": 0.2231436, "reverse": 0.1927448, "jsd": 0.0506718}
+
+
+@pytest.mark.parametrize("divergence", DIVERGENCES)
+def test_golden_two_token_case(divergence):
+    """p = [0.8, 0.2] (student), q = [0.5, 0.5] (teacher); KL(q‖p) ≠ KL(p‖q)."""
+    student_BTV = np.log(np.array([[[0.8, 0.2]]], dtype=np.float32))
+    teacher_BTV = np.log(np.array([[[0.5, 0.5]]], dtype=np.float32))
+    mask_BT = np.ones((1, 1), dtype=np.float32)
+    loss, ntoks = losses.sdft_loss(mx.array(student_BTV), mx.array(teacher_BTV), mx.array(mask_BT), divergence, skip=0)
+    ref_loss, ref_ntoks = reference.sdft_loss(student_BTV, teacher_BTV, mask_BT, divergence, skip=0)
+    assert abs(loss.item() - GOLDEN[divergence]) < 1e-6
+    assert abs(ref_loss - GOLDEN[divergence]) < 1e-6
+    assert ntoks.item() == ref_ntoks == 1
+    assert abs(GOLDEN["forward"] - GOLDEN["reverse"]) > 1e-2
+
+
+# --- Properties -------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("divergence", DIVERGENCES)
+def test_zero_when_student_equals_teacher(divergence):
+    logits_BTV, _, mask_BT = random_case(1, V=100, scale=5.0)
+    loss, _, grad_BTV = mlx_loss_and_grad(logits_BTV, logits_BTV, mask_BT, divergence=divergence, skip=0)
+    assert abs(loss) < 1e-6
+    assert np.abs(grad_BTV).max() < 1e-7
+
+
+@pytest.mark.parametrize("divergence", DIVERGENCES)
+def test_non_negative(divergence):
+    student_BTV, teacher_BTV, _ = random_case(2, B=4, T=16, V=30, scale=3.0)
+    div_BT = losses.token_divergence(mx.array(student_BTV), mx.array(teacher_BTV), divergence)
+    assert np.all(np.array(div_BT) >= 0.0)
+
+
+@pytest.mark.parametrize("divergence", DIVERGENCES)
+def test_masked_positions_change_nothing(divergence):
+    """Logits at padding (mask 0) and at the first `skip` positions affect neither loss nor gradients."""
+    student_BTV, teacher_BTV, mask_BT = random_case(4, B=3, T=10, V=20)
+    mask_BT[1, 6:] = 0.0
+    ignored_BT = (mask_BT == 0) | (np.arange(10) < 3)[None, :]
+    rng = np.random.default_rng(0)
+    student2_BTV, teacher2_BTV = student_BTV.copy(), teacher_BTV.copy()
+    student2_BTV[ignored_BT] = 10.0 * rng.standard_normal((ignored_BT.sum(), 20))
+    teacher2_BTV[ignored_BT] = 10.0 * rng.standard_normal((ignored_BT.sum(), 20))
+    loss, ntoks, grad_BTV = mlx_loss_and_grad(student_BTV, teacher_BTV, mask_BT, divergence=divergence, skip=3)
+    loss2, ntoks2, grad2_BTV = mlx_loss_and_grad(student2_BTV, teacher2_BTV, mask_BT, divergence=divergence, skip=3)
+    assert loss == loss2 and ntoks == ntoks2 == int((~ignored_BT).sum())
+    np.testing.assert_array_equal(grad_BTV, grad2_BTV)
+    assert np.all(grad_BTV[ignored_BT] == 0.0)
+
+
+@pytest.mark.parametrize("divergence", DIVERGENCES)
+@pytest.mark.parametrize("how", ["mask", "skip"])
+def test_all_masked_batch_is_finite_zero(divergence, how):
+    student_BTV, teacher_BTV, _ = random_case(6, B=2, T=3, V=10)
+    mask_BT = np.zeros((2, 3), np.float32) if how == "mask" else np.ones((2, 3), np.float32)
+    loss, ntoks, grad_BTV = mlx_loss_and_grad(student_BTV, teacher_BTV, mask_BT, divergence=divergence, skip=3)
+    assert loss == 0.0 and ntoks == 0
+    assert np.all(grad_BTV == 0.0)
+    assert reference.sdft_loss(student_BTV, teacher_BTV, mask_BT, divergence, skip=3) == (0.0, 0)
+
+
+def test_loss_is_mean_of_per_sequence_means():
+    """One 8-token and one 2-token sequence count equally: not a token-mean over the batch."""
+    student_BTV, teacher_BTV, _ = random_case(7, B=2, T=8, V=10, scale=2.0)
+    mask_BT = np.zeros((2, 8), np.float32)
+    mask_BT[0, :] = 1.0
+    mask_BT[1, :2] = 1.0
+    div_BT = np.array(losses.token_divergence(mx.array(student_BTV), mx.array(teacher_BTV)))
+    loss, ntoks = losses.sdft_loss(mx.array(student_BTV), mx.array(teacher_BTV), mx.array(mask_BT), skip=0)
+    mean_of_means = (div_BT[0].mean() + div_BT[1, :2].mean()) / 2
+    token_mean = (div_BT * mask_BT).sum() / mask_BT.sum()
+    np.testing.assert_allclose(loss.item(), mean_of_means, rtol=1e-6)
+    assert abs(loss.item() - token_mean) > 1e-3
+    assert ntoks.item() == 10
+
+
+def test_loss_mask_drops_first_skip_positions():
+    mask_BT = np.array([[1, 1, 1, 1, 1, 0], [1, 1, 0, 0, 0, 0]], np.float32)
+    expected_BT = np.array([[0, 0, 0, 1, 1, 0], [0, 0, 0, 0, 0, 0]], np.float32)
+    np.testing.assert_array_equal(np.array(losses.loss_mask(mx.array(mask_BT), 3)), expected_BT)
+    np.testing.assert_array_equal(reference.loss_mask(mask_BT, 3), expected_BT)
+    np.testing.assert_array_equal(np.array(losses.loss_mask(mx.array(mask_BT).astype(mx.bool_), 0)), mask_BT)
+
+
+@pytest.mark.parametrize("module", [losses, reference], ids=["mlx", "reference"])
+@pytest.mark.parametrize("divergence,beta", [("kl", 0.5), ("jsd", 0.0), ("jsd", 1.0), ("jsd", 1.5)])
+def test_bad_options_raise(module, divergence, beta):
+    student_BTV, teacher_BTV, mask_BT = random_case(8, V=5)
+    as_array = mx.array if module is losses else np.asarray
+    with pytest.raises(ValueError):
+        module.sdft_loss(as_array(student_BTV), as_array(teacher_BTV), as_array(mask_BT), divergence, beta=beta)
