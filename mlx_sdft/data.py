@@ -103,8 +103,9 @@ def _read_lines(path: Path) -> list[bytes]:
         raise InputError(f"{path}: not readable (permission denied)") from e
     except OSError as e:
         raise InputError(f"{path}: cannot read ({e.strerror or e})") from e
-    # Split bytes, not text, so a bad byte is reported on its own line; accept BOM and CRLF.
-    return [line.removesuffix(b"\r") for line in data.removeprefix(BOM).split(b"\n")]
+    # Split bytes, not text, so a bad byte is reported on its own line. A CRLF's "\r" needs
+    # no handling: JSON counts it as whitespace.
+    return data.removeprefix(BOM).split(b"\n")
 
 
 def _decode(raw: bytes, where: str) -> str:

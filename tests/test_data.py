@@ -5,6 +5,7 @@ Run: pytest -q tests/test_data.py   (offline, no model, under a second)
 
 import json
 from pathlib import Path
+from unittest.mock import Mock
 
 import pytest
 
@@ -49,20 +50,15 @@ def as_user(text: str) -> list[dict]:
 def test_messages_format(tmp_path):
     system = {"role": "system", "content": "Be brief."}
     call = asst(None, tool_calls=[{"function": {"name": "add"}}])
+    bare_call = {"role": "assistant", "tool_calls": []}  # content may also be left out
     result = {"role": "tool", "content": "4", "tool_call_id": "c1", "name": "add"}
     tools = [{"type": "function", "function": {"name": "add"}}]
-    line = {"messages": [system, USER, call, result, USER, asst("It is 4.")], "tools": tools}
-    path = write(tmp_path / "d.jsonl", line, MESSAGES_LINE)
+    prompt = [system, USER, call, result, bare_call, USER]
+    path = write(tmp_path / "d.jsonl", {"messages": [*prompt, asst("It is 4.")], "tools": tools}, MESSAGES_LINE)
     first, second = load_examples(path)
-    assert first == Example([system, USER, call, result, USER], "It is 4.", tools, f"{path}:1")
+    assert first == Example(prompt, "It is 4.", tools, f"{path}:1")
     assert first.prompt[3] == result  # extra keys such as tool_call_id are kept
     assert second == Example([USER], "4", None, f"{path}:2")
-
-
-def test_assistant_tool_call_without_content_key(tmp_path):
-    call = {"role": "assistant", "tool_calls": []}
-    path = write(tmp_path / "d.jsonl", msgs(USER, call, USER, asst("ok")))
-    assert load_examples(path)[0].prompt == [USER, call, USER]
 
 
 def test_prompt_completion_format(tmp_path):
@@ -75,7 +71,8 @@ def test_prompt_completion_format(tmp_path):
 
 def test_privileged_context_format(tmp_path):
     tools = [{"name": "calc"}]
-    path = write(tmp_path / "d.jsonl", PRIVILEGED_LINE, {"prompt": [USER], "privileged_context": "Four.", "tools": tools})
+    line = {"prompt": [USER], "privileged_context": "Four.", "tools": tools}
+    path = write(tmp_path / "d.jsonl", PRIVILEGED_LINE, line)
     first, second = load_examples(path)
     assert first == Example(as_user("What is 2+2?"), "4", None, f"{path}:1")
     assert second == Example([USER], "Four.", tools, f"{path}:2")
@@ -108,9 +105,11 @@ def test_very_long_line(tmp_path):
 # ---- folders and files ---------------------------------------------------------------------
 
 
-def test_dataset_from_file(tmp_path):
+def test_dataset_from_file_or_train_only_folder(tmp_path):
     path = write(tmp_path / "d.jsonl", COMPLETION_LINE)
     assert load_dataset(str(path)) == {"train": [Example(as_user("What is 2+2?"), "4", None, f"{path}:1")]}
+    path = write(tmp_path / "train.jsonl", MESSAGES_LINE)
+    assert load_dataset(tmp_path) == {"train": [Example([USER], "4", None, f"{path}:1")]}
 
 
 def test_dataset_folder_with_all_splits(tmp_path):
@@ -121,11 +120,6 @@ def test_dataset_folder_with_all_splits(tmp_path):
     assert list(splits) == ["train", "valid", "test"]
     assert [len(v) for v in splits.values()] == [2, 1, 1]
     assert splits["test"] == [Example([USER], "4", None, f"{tmp_path / 'test.jsonl'}:1")]
-
-
-def test_dataset_folder_train_only(tmp_path):
-    write(tmp_path / "train.jsonl", MESSAGES_LINE)
-    assert load_dataset(tmp_path) == {"train": [Example([USER], "4", None, f"{tmp_path / 'train.jsonl'}:1")]}
 
 
 def test_dataset_errors(tmp_path):
@@ -149,30 +143,20 @@ def test_file_errors(tmp_path):
     assert error(load_examples, empty) == f"{empty}: no examples"
 
 
-@pytest.mark.parametrize(
-    "exc, expected",
-    [
-        (PermissionError(13, "Permission denied"), "not readable (permission denied)"),
-        (IsADirectoryError(21, "Is a directory"), "cannot read (Is a directory)"),
-        (OSError(5, "Input/output error"), "cannot read (Input/output error)"),
-    ],
-)
+@pytest.mark.parametrize("exc, expected", [
+    (PermissionError(13, "Permission denied"), "not readable (permission denied)"),
+    (IsADirectoryError(21, "Is a directory"), "cannot read (Is a directory)"),
+    (OSError(5, "Input/output error"), "cannot read (Input/output error)"),
+])
 def test_unreadable_file(tmp_path, monkeypatch, exc, expected):
     # Tests may run as root, where chmod 000 does not stop reads, so fake the failure.
     path = write(tmp_path / "d.jsonl", COMPLETION_LINE)
-
-    def fail(self):
-        raise exc
-
-    monkeypatch.setattr(Path, "read_bytes", fail)
+    monkeypatch.setattr(Path, "read_bytes", Mock(side_effect=exc))
     assert error(load_examples, path) == f"{path}: {expected}"
 
 
 def test_unstattable_path(tmp_path, monkeypatch):
-    def fail(self):
-        raise PermissionError(13, "Permission denied")
-
-    monkeypatch.setattr(Path, "is_dir", fail)
+    monkeypatch.setattr(Path, "is_dir", Mock(side_effect=PermissionError(13, "Permission denied")))
     path = tmp_path / "d.jsonl"
     assert error(load_dataset, path) == f"{path}: cannot access (Permission denied)"
 
@@ -213,9 +197,11 @@ UNKNOWN = (
     'unknown format: expected the keys "messages", "prompt" + "completion", '
     'or "prompt" + "privileged_context" (got keys: '
 )
+BOTH = "ambiguous line: it has the keys of both"
 BAD_PROMPT = '"prompt" must be a non-empty string or a list of messages '
 END_USER = 'must be "user", since the prompt must end with a user message (got '
 ROLES = "assistant, developer, system, tool, user"
+NON_EMPTY = "must be a non-empty string"
 LAST = 'must be "assistant", since the last message is the demonstration (got '
 
 BAD_LINES = [
@@ -226,9 +212,8 @@ BAD_LINES = [
     ({"prompt": "q", "answer": "a"}, UNKNOWN + '"prompt", "answer")'),
     ({}, UNKNOWN + "none)"),
     ({str(i): i for i in range(10)}, UNKNOWN + '"0", "1", "2", "3", "4", "5", "6", "7", ...)'),
-    (MESSAGES_LINE | COMPLETION_LINE, "ambiguous line: it has the keys of both messages and prompt/completion; keep one"),
-    (PRIVILEGED_LINE | {"completion": "4"}, "ambiguous line: it has the keys of both prompt/completion and "
-     "prompt/privileged_context; keep one"),
+    (MESSAGES_LINE | COMPLETION_LINE, f"{BOTH} messages and prompt/completion; keep one"),
+    (PRIVILEGED_LINE | {"completion": "4"}, f"{BOTH} prompt/completion and prompt/privileged_context; keep one"),
     # the demonstration
     ({"prompt": "q", "completion": None}, '"completion" must be a non-empty string (got null)'),
     ({"prompt": "q", "completion": ""}, '"completion" must be a non-empty string (got an empty string)'),
@@ -250,16 +235,16 @@ BAD_LINES = [
     ({"messages": []}, '"messages" must be a non-empty list of messages (got an empty list)'),
     (msgs(USER), f'messages[0].role {LAST}"user")'),
     (msgs(USER, asst(), USER), f'messages[2].role {LAST}"user")'),
-    (msgs(USER, asst("")), "messages[1].content must be a non-empty string (got an empty string)"),
-    (msgs(USER, asst(" \n")), "messages[1].content must be a non-empty string (got a blank string)"),
-    (msgs(USER, asst(None, tool_calls=[])), "messages[1].content must be a non-empty string (got null)"),
-    (msgs(USER, {"role": "assistant", "tool_calls": []}), "messages[1].content must be a non-empty string (it is missing)"),
+    (msgs(USER, asst("")), f"messages[1].content {NON_EMPTY} (got an empty string)"),
+    (msgs(USER, asst(" \n")), f"messages[1].content {NON_EMPTY} (got a blank string)"),
+    (msgs(USER, asst(None, tool_calls=[])), f"messages[1].content {NON_EMPTY} (got null)"),
+    (msgs(USER, {"role": "assistant", "tool_calls": []}), f"messages[1].content {NON_EMPTY} (it is missing)"),
     (msgs(asst()), '"messages" has no prompt: put a user message before the last message'),
     (msgs({"role": "system", "content": "s"}, asst()), f'messages[0].role {END_USER}"system")'),
-    (msgs(USER, {"role": "robot", "content": "x"}, USER, asst()), f'messages[1].role "robot" is not one of {ROLES}'),
+    (msgs(USER, {"role": "robot", "content": ""}, USER, asst()), f'messages[1].role "robot" is not one of {ROLES}'),
     (msgs({"content": "x"}, asst()), "messages[0].role must be a string (it is missing)"),
     (msgs({"role": 5, "content": "x"}, asst()), "messages[0].role must be a string (got a number)"),
-    (msgs({"role": "user", "content": [{"type": "text"}]}, asst()), "messages[0].content must be a string (got a list)"),
+    (msgs({"role": "user", "content": [{"text": "hi"}]}, asst()), "messages[0].content must be a string (got a list)"),
     (msgs({"role": "user", "tool_calls": []}, asst()), "messages[0].content must be a string (it is missing)"),
     (msgs(USER, asst(None, tool_calls={}), USER, asst()), "messages[1].tool_calls must be a list (got an object)"),
     (msgs(USER, asst(None), USER, asst()), "messages[1].content must be a string (got null)"),

@@ -1,0 +1,28 @@
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).parent))
+
+from tiny import build_model  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tmp_path_factory) -> Path:
+    """A random 2-block llama with a ChatML tokenizer, as an mlx-lm model folder."""
+    return build_model(tmp_path_factory.mktemp("tiny") / "model")
+
+
+@pytest.fixture(scope="session")
+def tiny(tiny_model):
+    from mlx_lm import load
+
+    return load(str(tiny_model))
+
+
+@pytest.fixture
+def smoke_data() -> Path:
+    return ROOT / "recipes" / "smoke" / "data"

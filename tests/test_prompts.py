@@ -1,0 +1,65 @@
+"""Student and teacher contexts: the exact teacher template, chat templates, and their errors."""
+
+import pytest
+
+from mlx_sdft.config import TEACHER_TEMPLATE
+from mlx_sdft.data import Example
+from mlx_sdft.errors import InputError
+from mlx_sdft.models import load_tokenizer
+from mlx_sdft.prompts import encode_examples, fill_template, student_text, teacher_messages, teacher_text
+
+EXAMPLE = Example(
+    prompt=[{"role": "system", "content": "Be brief."}, {"role": "user", "content": "What is the capital of Peru?"}],
+    demonstration="The capital of Peru is Lima.",
+    where="demo.jsonl:1",
+)
+
+
+def test_teacher_template_is_the_official_bytes():
+    assert TEACHER_TEMPLATE == (
+        "\n{question}\n\nThis is an example for a response to the question:\n{demonstration}\n\n"
+        "Now answer with a response of your own, including the thinking process.\n"
+    )
+
+
+def test_teacher_messages_replace_only_the_last_user_turn():
+    msgs = teacher_messages(EXAMPLE, TEACHER_TEMPLATE)
+    assert msgs[0] == {"role": "system", "content": "Be brief."}
+    assert msgs[1]["role"] == "user"
+    assert msgs[1]["content"] == (
+        "\nWhat is the capital of Peru?\n\nThis is an example for a response to the question:\n"
+        "The capital of Peru is Lima.\n\nNow answer with a response of your own, including the thinking process.\n"
+    )
+    assert EXAMPLE.prompt[1]["content"] == "What is the capital of Peru?"  # the example is not mutated
+
+
+def test_fill_template_is_one_pass():
+    assert fill_template("{question}|{demonstration}", "a {demonstration} b", "D") == "a {demonstration} b|D"
+
+
+def test_rendered_contexts(tiny):
+    _, tok = tiny
+    s, t = student_text(tok, EXAMPLE), teacher_text(tok, EXAMPLE, TEACHER_TEMPLATE)
+    assert "Lima" not in s and "The capital of Peru is Lima." in t
+    assert "Be brief." in s and "Be brief." in t
+    header = "<|im_start|>assistant\n"
+    assert s.endswith(header) and t.endswith(header)
+
+
+def test_encode_examples_and_too_long_prompt(tiny):
+    _, tok = tiny
+    [pair] = encode_examples(tok, [EXAMPLE], TEACHER_TEMPLATE, max_seq_length=2048)
+    assert len(pair.teacher_ids) > len(pair.student_ids)
+    assert tok.decode(pair.student_ids) == student_text(tok, EXAMPLE)
+    with pytest.raises(InputError, match=r"demo.jsonl:1: the teacher prompt is \d+ tokens.*--max-seq-length 40"):
+        encode_examples(tok, [EXAMPLE], TEACHER_TEMPLATE, max_seq_length=40)
+
+
+def test_missing_chat_template_says_how_to_supply_one(tmp_path):
+    from tiny import CHAT_TEMPLATE, build_model
+
+    path = build_model(tmp_path / "m", chat_template=None)
+    with pytest.raises(InputError, match="--chat-template"):
+        student_text(load_tokenizer(path), EXAMPLE)
+    tok = load_tokenizer(path, chat_template=CHAT_TEMPLATE)
+    assert student_text(tok, EXAMPLE).endswith("<|im_start|>assistant\n")
