@@ -91,3 +91,11 @@ def test_bad_yaml(tmp_path, tiny_model):
     typed = tmp_path / "typed.yaml"
     typed.write_text("iters: many\n")
     _one_line_error(_train("-c", typed), r"--iters: expected int, got 'many'")
+
+
+def test_readme_documents_every_option():
+    from mlx_sdft.config import cli_fields
+
+    readme = (ROOT / "README.md").read_text()
+    for f in cli_fields():
+        assert f"`--{f.name.replace('_', '-')}`" in readme, f.name
