@@ -37,7 +37,7 @@ class Config:
     model: str | None = _opt(None, "Hub id, local MLX/HF folder to fine-tune.")
     data: str | None = _opt(None, "A .jsonl file, or a folder with train.jsonl [valid.jsonl test.jsonl].")
     adapter_path: str = _opt("adapters", "Output folder for adapters, checkpoints and metrics.")
-    method: str = _opt("sdft", "Training method.", ("sdft",))
+    method: str = _opt("sdft", "sdft, or sft: plain next-token cross-entropy on the demonstrations, to compare.", ("sdft", "sft"))
 
     # Which weights train (mlx-lm's LoRA layers and file format).
     fine_tune_type: str = _opt("lora", "Adapter type.", ("lora", "dora", "full"))

@@ -20,6 +20,7 @@ _SLOT = re.compile(r"\{(question|demonstration)\}")
 class PromptPair:
     student_ids: list[int]
     teacher_ids: list[int]
+    demo_ids: list[int]  # the demonstration as the assistant's turn (SFT targets), up to its end-of-turn token
     where: str
 
 
@@ -35,15 +36,15 @@ def teacher_messages(example: Example, template: str) -> list[dict]:
     return [*history, {**last_user, "content": content}]
 
 
-def render(tokenizer, messages: list[dict], tools: list | None = None) -> str:
-    """The chat-template text that precedes the assistant's answer."""
+def render(tokenizer, messages: list[dict], tools: list | None = None, add_generation_prompt: bool = True) -> str:
+    """The chat-template text; with add_generation_prompt, all that precedes the assistant's answer."""
     if not getattr(tokenizer, "has_chat_template", False):
         raise InputError(
             "the tokenizer has no chat template: pass --chat-template (a Jinja string or a file), "
             'or add "chat_template" to the model\'s tokenizer_config.json'
         )
     kwargs = {"tools": tools} if tools else {}
-    return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True, **kwargs)
+    return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt, **kwargs)
 
 
 def encode(tokenizer, text: str) -> list[int]:
@@ -59,6 +60,20 @@ def teacher_text(tokenizer, example: Example, template: str) -> str:
     return render(tokenizer, teacher_messages(example, template), example.tools)
 
 
+def demonstration_ids(tokenizer, example: Example, student_ids: list[int]) -> list[int]:
+    """The demonstration's tokens as the chat template writes the assistant turn, through the first
+    stop token (what sampling would produce). Falls back to demo + eos for templates that rewrite
+    earlier turns once an answer follows (e.g. dropping reasoning)."""
+    turn = {"role": "assistant", "content": example.demonstration}
+    full = encode(tokenizer, render(tokenizer, [*example.prompt, turn], example.tools, add_generation_prompt=False))
+    stops = set(tokenizer.eos_token_ids)
+    if full[: len(student_ids)] == student_ids:
+        ids = full[len(student_ids):]
+        end = next((i for i, t in enumerate(ids) if t in stops), None)
+        return ids if end is None else ids[: end + 1]
+    return encode(tokenizer, example.demonstration) + [min(stops)]
+
+
 def encode_examples(tokenizer, examples: list[Example], template: str, max_seq_length: int) -> list[PromptPair]:
     """Token ids for both contexts; a prompt that leaves no room for a completion is an error, never cut."""
     pairs = []
@@ -71,5 +86,5 @@ def encode_examples(tokenizer, examples: list[Example], template: str, max_seq_l
                     f"{ex.where}: the {role} is {len(ids)} tokens, which leaves no room for a completion "
                     f"within --max-seq-length {max_seq_length}"
                 )
-        pairs.append(PromptPair(student, teacher, ex.where))
+        pairs.append(PromptPair(student, teacher, demonstration_ids(tokenizer, ex, student), ex.where))
     return pairs

@@ -101,3 +101,24 @@ def sdft_loss_grad(student_logits, teacher_logits, mask, divergence="forward", s
         logm_BTV = _mixture_logprobs(logp_BTV, logq_BTV, beta)
         token_grad_BTV = (1.0 - beta) * p_BTV * (logp_BTV - logm_BTV - kl(logp_BTV, logm_BTV)[..., None])
     return token_grad_BTV * c_BT[..., None]
+
+
+def sft_loss(logits, targets, mask) -> tuple[float, int]:
+    """Token-mean cross-entropy −Σ mask·log p(target) / max(Σ mask, 1) → (loss, ntoks)."""
+    logprobs_BTV = log_softmax(logits)
+    B, T, _ = logprobs_BTV.shape
+    total, count = 0.0, 0
+    for b in range(B):
+        for t in range(T):
+            if mask[b, t]:
+                total -= logprobs_BTV[b, t, int(targets[b, t])]
+                count += 1
+    return total / max(count, 1), count
+
+
+def sft_loss_grad(logits, targets, mask) -> np.ndarray:
+    """∂loss/∂z = (p − onehot(target))·mask / max(Σ mask, 1)."""
+    p_BTV = np.exp(log_softmax(logits))
+    onehot_BTV = np.eye(p_BTV.shape[-1])[np.asarray(targets, dtype=int)]
+    w_BT = np.asarray(mask, dtype=np.float64) / max(float(np.sum(mask)), 1.0)
+    return (p_BTV - onehot_BTV) * w_BT[..., None]

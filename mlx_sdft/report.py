@@ -35,7 +35,7 @@ _TRAIN_LINE = (
     "{sampled_tps:.0f} sampled tok/s  {trained_tps:.0f} trained tok/s  "
     "len {completion_len:.1f}  truncated {truncated:.0%}  peak {peak_memory_gb:.2f} GB"
 )
-_EVAL_LINE = "step {step}/{total}  val divergence {val_loss:.4f}  val len {val_completion_len:.1f}  ({val_s:.1f}s)"
+_EVAL_LINE = "step {step}/{total}  val loss {val_loss:.4f}  val len {val_completion_len:.1f}  ({val_s:.1f}s)"
 
 
 class Reporter:

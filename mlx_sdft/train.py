@@ -16,7 +16,7 @@ from mlx_lm.tuner.trainer import grad_checkpoint
 from mlx_sdft import checkpoint
 from mlx_sdft.config import Config
 from mlx_sdft.errors import TrainingError
-from mlx_sdft.losses import sdft_loss
+from mlx_sdft.losses import sdft_loss, sft_loss
 from mlx_sdft.prompts import PromptPair
 from mlx_sdft.report import PhaseTimer, Reporter
 from mlx_sdft.rollout import sample
@@ -73,10 +73,24 @@ def student_loss(model, pairs, completions, teacher_logits_BTV, cfg: Config):
     """The SDFT objective for one micro-batch; gradients flow through the student only."""
     logits_BTV = completion_logits(model, [p.student_ids for p in pairs], completions)
     mask_BT = completion_mask([len(c) for c in completions])
-    return sdft_loss(
-        logits_BTV / cfg.temperature, teacher_logits_BTV / cfg.temperature, mask_BT,
-        divergence=cfg.divergence, skip=cfg.skip_first_tokens, beta=cfg.beta,
-    )
+    # Divide by the temperature in float32: in bf16 the division itself would round.
+    scale = lambda x: x.astype(mx.float32) / cfg.temperature  # noqa: E731
+    return sdft_loss(scale(logits_BTV), scale(teacher_logits_BTV), mask_BT,
+                     divergence=cfg.divergence, skip=cfg.skip_first_tokens, beta=cfg.beta)
+
+
+def demonstrations(pairs: list[PromptPair], cfg: Config) -> list[list[int]]:
+    """SFT targets, cut to the room --max-seq-length leaves after the prompt."""
+    return [p.demo_ids[: cfg.max_seq_length - len(p.student_ids)] for p in pairs]
+
+
+def supervised_loss(model, pairs, cfg: Config):
+    """The --method sft baseline: cross-entropy on the demonstration given the student prompt."""
+    targets = demonstrations(pairs, cfg)
+    logits_BTV = completion_logits(model, [p.student_ids for p in pairs], targets)
+    T = logits_BTV.shape[1]
+    targets_BT = mx.array([t + [0] * (T - len(t)) for t in targets])
+    return sft_loss(logits_BTV, targets_BT, completion_mask([len(t) for t in targets]))
 
 
 def teacher_logits(model, teacher: Leaves | None, pairs, completions) -> mx.array:
@@ -86,15 +100,21 @@ def teacher_logits(model, teacher: Leaves | None, pairs, completions) -> mx.arra
 
 
 def evaluate(model, teacher, pairs: list[PromptPair], cfg: Config, stop_ids) -> dict:
-    """Mean teacher–student divergence on fresh student samples of the validation prompts."""
+    """SDFT: mean teacher–student divergence on fresh student samples of the validation prompts.
+    SFT: cross-entropy on the validation demonstrations."""
     n = len(pairs) // cfg.batch_size if cfg.val_batches < 0 else min(cfg.val_batches, math.ceil(len(pairs) / cfg.batch_size))
     losses, lengths = [], []
     for b in range(max(n, 1)):
-        batch, rollout = rollout_batch(model, pairs[b * cfg.batch_size:(b + 1) * cfg.batch_size], cfg, stop_ids)
-        t_logits = teacher_logits(model, teacher, batch, rollout.completions)
-        loss, _ = student_loss(model, batch, rollout.completions, t_logits, cfg)
+        batch = pairs[b * cfg.batch_size:(b + 1) * cfg.batch_size]
+        if cfg.method == "sft":
+            loss, _ = supervised_loss(model, batch, cfg)
+            lengths += [len(t) for t in demonstrations(batch, cfg)]
+        else:
+            batch, rollout = rollout_batch(model, batch, cfg, stop_ids)
+            t_logits = teacher_logits(model, teacher, batch, rollout.completions)
+            loss, _ = student_loss(model, batch, rollout.completions, t_logits, cfg)
+            lengths += [len(c) for c in rollout.completions]
         losses.append(loss.item())
-        lengths += [len(c) for c in rollout.completions]
     return {"val_loss": float(np.mean(losses)), "val_completion_len": float(np.mean(lengths))}
 
 
@@ -105,32 +125,40 @@ def train(model: nn.Module, tokenizer, train_pairs: list[PromptPair], valid_pair
     steps = total_steps(cfg, len(train_pairs))
     stop_ids = sorted(tokenizer.eos_token_ids)
     optimizer = build_optimizer(cfg, steps)
-    teacher = init_teacher(cfg.teacher, model, base)
+    teacher_kind = cfg.teacher if cfg.method == "sdft" else "live"  # SFT has no teacher: None leaves
+    teacher = init_teacher(teacher_kind, model, base)
     if cfg.grad_checkpoint:
         grad_checkpoint(model.layers[0])
-    loss_and_grad = nn.value_and_grad(model, student_loss)
+    loss_and_grad = nn.value_and_grad(model, student_loss if cfg.method == "sdft" else supervised_loss)
     cursor, bad_steps, window, record = 0, 0, [], {}
     model.train()
 
     for step in range(1, steps + 1):
-        timer, grads, stats = PhaseTimer(), None, {"loss": 0.0, "ntoks": 0, "sampled": 0, "truncated": 0, "n": 0}
+        timer, grads, stats = PhaseTimer(), None, dict(loss=0.0, ntoks=0, sampled=0, truncated=0, length=0, n=0)
         for _ in range(cfg.grad_accumulation_steps):
             pairs = [train_pairs[i] for i in batch_at(cursor, len(train_pairs), cfg.batch_size, cfg.seed)]
             cursor += cfg.batch_size
-            with timer("sample"):
-                pairs, rollout = rollout_batch(model, pairs, cfg, stop_ids)
-            with timer("teacher"):
-                t_logits = teacher_logits(model, teacher, pairs, rollout.completions)
-                mx.eval(t_logits)
-            with timer("student"):
-                (loss, ntoks), g = loss_and_grad(model, pairs, rollout.completions, t_logits, cfg)
-                grads = g if grads is None else tree_map(mx.add, grads, g)
-                mx.eval(loss, ntoks, grads)
+            if cfg.method == "sdft":
+                with timer("sample"):
+                    pairs, rollout = rollout_batch(model, pairs, cfg, stop_ids)
+                with timer("teacher"):
+                    t_logits = teacher_logits(model, teacher, pairs, rollout.completions)
+                    mx.eval(t_logits)
+                with timer("student"):
+                    (loss, ntoks), g = loss_and_grad(model, pairs, rollout.completions, t_logits, cfg)
+                    mx.eval(loss, ntoks, g)
+                stats["sampled"] += rollout.num_tokens
+                stats["truncated"] += sum(rollout.truncated)
+                stats["length"] += rollout.num_tokens
+            else:
+                with timer("student"):
+                    (loss, ntoks), g = loss_and_grad(model, pairs, cfg)
+                    mx.eval(loss, ntoks, g)
+                stats["length"] += int(ntoks.item())
+            grads = g if grads is None else tree_map(mx.add, grads, g)
             stats["loss"] += loss.item() / cfg.grad_accumulation_steps
             stats["ntoks"] += int(ntoks.item())
-            stats["sampled"] += rollout.num_tokens
-            stats["truncated"] += sum(rollout.truncated)
-            stats["n"] += len(rollout.completions)
+            stats["n"] += len(pairs)
 
         with timer("student"):
             grads = tree_map(lambda g: g / cfg.grad_accumulation_steps, grads)
@@ -144,7 +172,7 @@ def train(model: nn.Module, tokenizer, train_pairs: list[PromptPair], valid_pair
                 bad_steps = 0
                 optimizer.update(model, grads)
                 mx.eval(model.parameters(), optimizer.state)
-        teacher = step_teacher(cfg.teacher, teacher, model, cfg.teacher_update_rate)
+        teacher = step_teacher(teacher_kind, teacher, model, cfg.teacher_update_rate)
 
         window.append({**stats, **timer.seconds, "grad_norm": grad_norm.item()})
         reporter.advance(step, stats["loss"])
@@ -179,7 +207,7 @@ def _summarize(window: list[dict], step: int, optimizer: optim.Optimizer) -> dic
         "student_s": total("student") / k,
         "sampled_tps": total("sampled") / max(total("sample"), 1e-9),
         "trained_tps": total("ntoks") / max(busy, 1e-9),
-        "completion_len": total("sampled") / max(total("n"), 1),
+        "completion_len": total("length") / max(total("n"), 1),
         "truncated": total("truncated") / max(total("n"), 1),
         "peak_memory_gb": mx.get_peak_memory() / 1e9,
     }

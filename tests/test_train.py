@@ -100,3 +100,32 @@ def test_other_teachers_and_divergences_train(tiny_model, smoke_data, tmp_path, 
                       grad_accumulation_steps=2, num_generations=2, batch_size=2), quiet=True)
     assert np.isfinite(record["loss"])
     assert (out / "teacher_adapters.safetensors").exists() == (teacher != "live")
+
+
+def test_sft_method_trains_the_same_adapters(tiny_model, smoke_data, tmp_path):
+    out = tmp_path / "sft"
+    record = run(_cfg(tiny_model, smoke_data, out, method="sft"), quiet=True)
+    assert record["loss"] > 0 and record["sample_s"] == 0.0
+    assert not (out / "teacher_adapters.safetensors").exists()
+    from mlx_lm import load
+
+    load(str(tiny_model), adapter_path=str(out))  # same mlx-lm format
+
+
+def test_sft_loss_is_cross_entropy_on_the_demonstration(tiny, tiny_model, smoke_data, tmp_path):
+    from mlx_sdft.data import load_examples
+    from mlx_sdft.prompts import encode_examples
+    from mlx_sdft.train import supervised_loss
+
+    model, tok = tiny
+    cfg = _cfg(tiny_model, smoke_data, tmp_path)
+    [pair] = encode_examples(tok, load_examples(smoke_data / "valid.jsonl")[:1], cfg.teacher_template, 2048)
+    assert tok.decode(pair.demo_ids) == "The capital of Portugal is Lisbon.<|im_end|>"
+    loss, ntoks = supervised_loss(model, [pair], cfg)
+    logits = np.array(model(mx.array([pair.student_ids + pair.demo_ids]))[0], dtype=np.float64)
+    P = len(pair.student_ids)
+    rows = logits[P - 1 : P - 1 + len(pair.demo_ids)]
+    logprobs = rows - rows.max(-1, keepdims=True)
+    logprobs -= np.log(np.exp(logprobs).sum(-1, keepdims=True))
+    want = -np.mean(logprobs[np.arange(len(pair.demo_ids)), pair.demo_ids])
+    assert ntoks.item() == len(pair.demo_ids) and loss.item() == pytest.approx(want, rel=1e-5)
