@@ -36,6 +36,7 @@ def versions() -> dict:
 def _atomic(path: Path, write) -> None:
     # The temporary name keeps the real suffix: mx.save_safetensors appends one otherwise.
     tmp = path.with_name(f".tmp-{os.getpid()}-{path.name}")
+    path.parent.mkdir(parents=True, exist_ok=True)
     try:
         write(tmp)
         with open(tmp, "rb+") as fid:

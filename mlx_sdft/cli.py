@@ -1,45 +1,24 @@
 """`mlx-sdft`: parse flags, validate, call the library. No math and no loops here.
 
-The `train` flags are generated from `Config`'s fields, so every default and help text is
-written once, in config.py.
+Each command's flags are generated from its options dataclass in config.py, so every default
+and help text is written once. Bad input exits with status 2 and one line; a training run
+that cannot go on exits with status 1.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import inspect
-import sys
-from typing import Annotated, Optional
+from typing import Annotated, Callable, Optional
 
 import typer
 
-from mlx_sdft.config import Config, cli_fields, load_config
+from mlx_sdft.config import CheckConfig, Config, EvalConfig, cli_fields, load_config
 from mlx_sdft.errors import InputError, TrainingError
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="Self-Distillation Fine-Tuning (SDFT) on MLX.")
 
 _TYPES = {"str": str, "int": int, "float": float, "bool": bool}
-
-
-def _fail(message: str, code: int) -> None:
-    typer.echo(f"mlx-sdft: error: {message}", err=True)
-    raise typer.Exit(code)
-
-
-def _train(config: Optional[str] = None, **flags) -> None:
-    try:
-        cfg = load_config(config, flags)
-        from mlx_sdft.train import run  # heavy imports only once the input is known to be good
-
-        run(cfg)
-    except InputError as e:
-        _fail(str(e), 2)
-    except TrainingError as e:
-        _fail(str(e), 1)
-    typer.echo(
-        f"Adapters saved to {cfg.adapter_path}. Use them with:\n"
-        f"  mlx_lm.generate --model {cfg.model} --adapter-path {cfg.adapter_path} --prompt \"...\""
-    )
 
 
 def _option(f: dataclasses.Field) -> inspect.Parameter:
@@ -53,18 +32,73 @@ def _option(f: dataclasses.Field) -> inspect.Parameter:
     return inspect.Parameter(f.name, inspect.Parameter.KEYWORD_ONLY, default=None, annotation=annotation)
 
 
-_config_param = inspect.Parameter(
-    "config", inspect.Parameter.KEYWORD_ONLY, default=None,
-    annotation=Annotated[Optional[str], typer.Option("-c", "--config", help="YAML file with options (flags override it).")],
-)
-_train.__signature__ = inspect.Signature([_config_param, *map(_option, cli_fields())])
-app.command("train", help="Train LoRA adapters with SDFT on demonstrations.")(_train)
+def _command(name: str, options: type, action: Callable, help: str, yaml_help: str) -> None:
+    """Register `mlx-sdft NAME` with one flag per field of `options` and `-c/--config YAML`."""
+
+    def command(config: Optional[str] = None, **flags) -> None:
+        try:
+            action(load_config(config, flags, options))
+        except InputError as e:
+            typer.echo(f"mlx-sdft {name}: error: {e}", err=True)
+            raise typer.Exit(2)
+        except TrainingError as e:
+            typer.echo(f"mlx-sdft {name}: error: {e}", err=True)
+            raise typer.Exit(1)
+
+    config = inspect.Parameter(
+        "config", inspect.Parameter.KEYWORD_ONLY, default=None,
+        annotation=Annotated[Optional[str], typer.Option("-c", "--config", help=yaml_help)],
+    )
+    command.__signature__ = inspect.Signature([config, *map(_option, cli_fields(options))])
+    command.__doc__ = help
+    app.command(name, help=help)(command)
+
+
+def _train(cfg: Config) -> None:
+    from mlx_sdft.train import run  # heavy imports only once the options are known to be good
+
+    run(cfg)
+    typer.echo(f"Adapters saved to {cfg.adapter_path}. Use them with:\n"
+               f"  mlx_lm.generate --model {cfg.model} --adapter-path {cfg.adapter_path} --prompt \"...\"")
+
+
+def _eval(cfg: EvalConfig) -> None:
+    from mlx_sdft.evaluate import run_eval
+
+    summary = run_eval(cfg)
+    typer.echo(" ".join(f"{k}={v:.4f}" for k, v in summary.items() if isinstance(v, float)))
+
+
+def _check(cfg: CheckConfig) -> None:
+    from mlx_sdft.check import run_check
+
+    report = run_check(cfg)
+    typer.echo(report["verdict"])
+
+
+def _continual(stages: Annotated[str, typer.Option("-c", "--config", help="Stages YAML file.")]) -> None:
+    """Train stage after stage on the same adapters; evaluate every task and retention after each."""
+    from mlx_sdft.continual import run_continual
+
+    try:
+        run_continual(stages)
+    except InputError as e:
+        typer.echo(f"mlx-sdft continual: error: {e}", err=True)
+        raise typer.Exit(2)
+    except TrainingError as e:
+        typer.echo(f"mlx-sdft continual: error: {e}", err=True)
+        raise typer.Exit(1)
+
+
+_command("train", Config, _train, "Train LoRA adapters with SDFT (or --method sft) on demonstrations.",
+         "YAML file with options (flags override it).")
+_command("eval", EvalConfig, _eval, "Greedy answers on held-out demonstrations: task metric and retention.",
+         "YAML file with eval options.")
+_command("check", CheckConfig, _check, "Does the model learn from the demonstration in context? The teacher check.",
+         "YAML file with check options.")
+app.command("continual", help=_continual.__doc__)(_continual)
 
 
 @app.callback()
 def main() -> None:
     """Self-Distillation Fine-Tuning (SDFT) on MLX."""
-
-
-if __name__ == "__main__":
-    sys.exit(app())

@@ -148,22 +148,83 @@ def _maybe_read(text: str) -> str:
     return text
 
 
-def cli_fields() -> list[dataclasses.Field]:
-    return [f for f in dataclasses.fields(Config) if f.metadata["cli"]]
+@dataclass
+class EvalConfig:
+    """`mlx-sdft eval`: task metrics on held-out demonstrations, and retention."""
+
+    model: str | None = _opt(None, "Hub id or local model folder (the base model of the adapters).")
+    data: str | None = _opt(None, "Test .jsonl, or a data folder (its test.jsonl, else valid.jsonl).")
+    adapter_path: str | None = _opt(None, "Adapter folder to evaluate; without it, the base model.")
+    metric: str = _opt("normalized", "exact, normalized, regex, choice, or module:function.")
+    answer_regex: str | None = _opt(None, "For --metric regex: the answer is group 1 (or the match).")
+    max_tokens: int = _opt(256, "Most tokens per greedy answer.")
+    batch_size: int = _opt(8, "Prompts generated together.")
+    output: str | None = _opt(None, "Folder for predictions.jsonl and summary.json [default: ADAPTER_PATH/eval or eval].")
+    retention: bool = _opt(True, "With --adapter-path: measure KL(base‖adapted) on general prompts.")
+    general_prompts: str | None = _opt(None, "JSONL of {\"prompt\": ...} for retention [default: the bundled 100].")
+    num_general_prompts: int = _opt(100, "How many general prompts to use.")
+    retention_max_tokens: int = _opt(64, "Tokens the base model samples per general prompt.")
+    prior_text: str | None = _opt(None, "JSONL of {\"text\": ...}: perplexity before and after the adapters.")
+    max_seq_length: int = _opt(2048, "Longest text scored for perplexity.")
+    seed: int = _opt(0, "Random seed for the base model's samples.")
+    chat_template: str | None = _opt(None, "Chat template (Jinja string or file) for tokenizers that lack one.")
+
+    def validate(self) -> EvalConfig:
+        for name in ("model", "data"):
+            if not getattr(self, name):
+                raise InputError(f"--{name}: required")
+        for name in ("max_tokens", "batch_size", "num_general_prompts", "retention_max_tokens", "max_seq_length"):
+            if getattr(self, name) <= 0:
+                raise InputError(f"--{name.replace('_', '-')}: must be > 0, got {getattr(self, name)}")
+        if self.chat_template is not None:
+            self.chat_template = _maybe_read(self.chat_template)
+        return self
 
 
-def load_config(yaml_path: str | None = None, overrides: dict | None = None) -> Config:
+@dataclass
+class CheckConfig:
+    """`mlx-sdft check`: does the demonstration in context make the model better (the teacher)?"""
+
+    model: str | None = _opt(None, "Hub id or local model folder.")
+    data: str | None = _opt(None, "Demonstrations: a .jsonl file or a folder with train.jsonl.")
+    num_examples: int = _opt(32, "Demonstrations to check (the first N).")
+    metric: str | None = _opt(None, "Also score greedy answers under both contexts with this metric.")
+    answer_regex: str | None = _opt(None, "For --metric regex.")
+    max_tokens: int = _opt(256, "Most tokens per greedy answer (with --metric).")
+    batch_size: int = _opt(8, "Prompts scored together.")
+    teacher_template: str = _opt(TEACHER_TEMPLATE, "Teacher prompt, as for train.")
+    chat_template: str | None = _opt(None, "Chat template for tokenizers that lack one.")
+    max_seq_length: int = _opt(2048, "Longest prompt + demonstration.")
+
+    def validate(self) -> CheckConfig:
+        for name in ("model", "data"):
+            if not getattr(self, name):
+                raise InputError(f"--{name}: required")
+        for name in ("num_examples", "max_tokens", "batch_size", "max_seq_length"):
+            if getattr(self, name) <= 0:
+                raise InputError(f"--{name.replace('_', '-')}: must be > 0, got {getattr(self, name)}")
+        self.teacher_template = _maybe_read(self.teacher_template)
+        if self.chat_template is not None:
+            self.chat_template = _maybe_read(self.chat_template)
+        return self
+
+
+def cli_fields(cls: type = Config) -> list[dataclasses.Field]:
+    return [f for f in dataclasses.fields(cls) if f.metadata["cli"]]
+
+
+def load_config(yaml_path: str | None = None, overrides: dict | None = None, cls: type = Config):
     """Defaults < YAML file < overrides (flags that were given, i.e. not None)."""
     values: dict[str, Any] = {}
     if yaml_path:
-        values.update(_read_yaml(yaml_path))
+        values.update(read_yaml(yaml_path, cls))
     values.update({k: v for k, v in (overrides or {}).items() if v is not None})
-    return Config(**{k: _coerce(k, v) for k, v in values.items()}).validate()
+    return cls(**{k: coerce(cls, k, v) for k, v in values.items()}).validate()
 
 
-def _coerce(name: str, value: Any) -> Any:
+def coerce(cls: type, name: str, value: Any) -> Any:
     """Check a value's type against its field; YAML reads `1e-5` as a string, so parse numbers."""
-    kind = Config.__dataclass_fields__[name].type.split(" | ")[0]
+    kind = cls.__dataclass_fields__[name].type.split(" | ")[0]
     if value is None:
         return None
     try:
@@ -182,7 +243,9 @@ def _coerce(name: str, value: Any) -> Any:
     raise InputError(f"--{name.replace('_', '-')}: expected {kind}, got {value!r}")
 
 
-def _read_yaml(path: str) -> dict:
+def read_yaml(path: str, cls: type | None = Config) -> dict:
+    """A YAML mapping; with `cls`, every key must be one of its options and relative data paths
+    are taken from the file's folder."""
     try:
         with open(path, encoding="utf-8") as fid:
             values = yaml.safe_load(fid) or {}
@@ -194,7 +257,9 @@ def _read_yaml(path: str) -> dict:
         raise InputError(f"{where}: invalid YAML ({getattr(e, 'problem', e)})") from None
     if not isinstance(values, dict):
         raise InputError(f"{path}: a config file must be a mapping of option: value")
-    known = {f.name for f in dataclasses.fields(Config)}
+    if cls is None:
+        return values
+    known = {f.name for f in dataclasses.fields(cls)}
     for key in values:
         if key not in known:
             raise InputError(f"{path}: unknown option {key!r}")

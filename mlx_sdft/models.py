@@ -5,6 +5,7 @@ The tokenizer loads first and separately, so prompts can be checked before any w
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import mlx.core as mx
@@ -13,7 +14,6 @@ from mlx_lm.tuner.utils import linear_to_lora_layers
 from mlx_lm.utils import _download, load_config, load_model
 from mlx_lm.utils import load_tokenizer as _load_tokenizer
 
-from mlx_sdft.config import Config
 from mlx_sdft.errors import InputError
 from mlx_sdft.teacher import Leaves, copy_leaves, trainable_leaves
 
@@ -44,26 +44,42 @@ def load(model_path: Path) -> nn.Module:
     return model
 
 
-def attach_adapters(model: nn.Module, cfg: Config) -> Leaves:
-    """Freeze the model and make the chosen layers trainable, as mlx_lm.lora does.
+def attach_adapters(model: nn.Module, fine_tune_type: str, num_layers: int, lora_parameters: dict,
+                    weights: str | Path | None = None) -> Leaves:
+    """Freeze the model and make the chosen layers trainable, as mlx_lm.lora does; then load
+    `weights` (adapter or full-layer weights) if given.
 
-    Returns the trainable leaves before any training (the `base` teacher), taken before
-    --resume-adapter-file loads so that `base` always means "adapters off".
+    Returns the trainable leaves before `weights` load: the `base` teacher, so that `base`
+    always means "adapters off" (lora_b = 0), whatever was loaded on top.
     """
     num_blocks = len(model.layers)
-    if cfg.num_layers > num_blocks:
-        raise InputError(f"--num-layers: {cfg.num_layers} but the model has {num_blocks} blocks")
+    if num_layers > num_blocks:
+        raise InputError(f"--num-layers: {num_layers} but the model has {num_blocks} blocks")
     model.freeze()
-    if cfg.fine_tune_type == "full":
-        for block in model.layers[-max(cfg.num_layers, 0):]:
+    if fine_tune_type == "full":
+        for block in model.layers[-max(num_layers, 0):]:
             block.unfreeze()
     else:
-        linear_to_lora_layers(model, cfg.num_layers, cfg.lora_parameters, use_dora=cfg.fine_tune_type == "dora")
+        linear_to_lora_layers(model, num_layers, lora_parameters, use_dora=fine_tune_type == "dora")
     base = copy_leaves(trainable_leaves(model))
-    if cfg.resume_adapter_file:
-        path = Path(cfg.resume_adapter_file)
+    if weights:
+        path = Path(weights)
         if not path.is_file():
-            raise InputError(f"--resume-adapter-file: {path}: no such file")
+            raise InputError(f"{path}: no such adapter file")
         model.load_weights(str(path), strict=False)
     mx.eval(model.parameters())
     return base
+
+
+def load_adapted(model_path: Path, adapter_path: str | Path) -> tuple[nn.Module, Leaves]:
+    """The model with the adapters of an mlx-lm adapter folder, and its adapters-off leaves."""
+    folder = Path(adapter_path)
+    try:
+        config = json.loads((folder / "adapter_config.json").read_text())
+    except (OSError, ValueError) as e:
+        raise InputError(f"{folder}: not an adapter folder ({type(e).__name__}: {e})") from None
+    model = load(model_path)
+    base = attach_adapters(model, config.get("fine_tune_type", "lora"), config["num_layers"],
+                           config.get("lora_parameters", {}), folder / "adapters.safetensors")
+    model.eval()
+    return model, base

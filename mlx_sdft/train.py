@@ -249,6 +249,6 @@ def run(cfg: Config, console=None, quiet: bool = False) -> dict:
 
     mx.random.seed(cfg.seed)
     model = load(model_path)
-    base = attach_adapters(model, cfg)
+    base = attach_adapters(model, cfg.fine_tune_type, cfg.num_layers, cfg.lora_parameters, cfg.resume_adapter_file)
     with reporter:
         return train(model, tokenizer, train_pairs, valid_pairs, cfg, base, reporter)

@@ -16,7 +16,7 @@ INPUTS = mx.array([[1, 5, 9, 13, 2, 7, 30, 31]])
 def _lora_model(path, fine_tune_type="lora"):
     mx.random.seed(0)
     model = load(path)
-    base = attach_adapters(model, Config(model="x", data="y", num_layers=-1, fine_tune_type=fine_tune_type))
+    base = attach_adapters(model, fine_tune_type, -1, Config().lora_parameters)
     return model, base
 
 

@@ -15,7 +15,8 @@ CHAT_TEMPLATE = (
     "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
 )
 SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
-_CORPUS_FILES = ["recipes/smoke/data/train.jsonl", "recipes/smoke/data/valid.jsonl"]
+_CORPUS_FILES = ["recipes/smoke/data/train.jsonl", "recipes/smoke/data/valid.jsonl",
+                 "recipes/continual/opposites/train.jsonl", "recipes/continual/opposites/test.jsonl"]
 
 
 def _corpus() -> list[str]:

@@ -1,0 +1,168 @@
+"""`mlx-sdft continual`: datasets one after another on the same adapters, with forgetting measured.
+
+stages.yaml:
+```yaml
+model: path/or/hub-id
+output: runs/continual          # one folder per method and stage
+methods: [sdft, sft]            # each runs the whole sequence; default [sdft]
+iters: 20                       # any `train` option here applies to every stage
+eval: {max_tokens: 32}          # `eval` options for the evaluations after each stage
+stages:
+  - {name: capitals, data: data/capitals, metric: normalized}
+  - {name: opposites, data: data/opposites, learning_rate: 5e-5}   # stage options override
+```
+After every stage the current and all earlier tasks are evaluated (greedy, their metric) and
+retention is measured against the base model. `retention.json` holds, per method, the
+tasks × stages score matrix (column "base" = before training) and retention per stage. A stage
+whose folder holds `stage.json` is done and is skipped on a rerun, so a killed run resumes at
+the last stage boundary.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+
+from rich.console import Console
+from rich.table import Table
+
+from mlx_sdft.checkpoint import write_json
+from mlx_sdft.config import Config, EvalConfig, coerce, load_config, read_yaml
+from mlx_sdft.errors import InputError
+
+_STAGE_KEYS = {"name", "data", "metric", "answer_regex"}
+_RUN_KEYS = {"model", "output", "methods", "eval", "stages"}
+_PER_STAGE = {"data", "adapter_path", "resume_adapter_file", "method", "model"}  # set by the runner
+
+
+def read_stages(path: str) -> dict:
+    """Check the whole stages file before anything loads; errors name the stage and the key."""
+    spec = read_yaml(path, cls=None)
+    train_keys = {f.name for f in dataclasses.fields(Config)} - _PER_STAGE
+    eval_keys = {f.name for f in dataclasses.fields(EvalConfig)} - {"model", "data", "adapter_path", "metric", "answer_regex"}
+    for key in spec:
+        if key not in _RUN_KEYS | train_keys:
+            raise InputError(f"{path}: unknown option {key!r}")
+    if not spec.get("model"):
+        raise InputError(f"{path}: 'model' is required")
+    stages = spec.get("stages")
+    if not isinstance(stages, list) or not stages:
+        raise InputError(f"{path}: 'stages' must be a non-empty list")
+    for i, stage in enumerate(stages, 1):
+        if not isinstance(stage, dict) or not stage.get("name") or not stage.get("data"):
+            raise InputError(f"{path}: stages[{i}] needs a name and data")
+        for key in stage:
+            if key not in _STAGE_KEYS | train_keys:
+                raise InputError(f"{path}: stages[{i}] ({stage['name']}): unknown option {key!r}")
+        data = Path(stage["data"])
+        stage["data"] = str(data if data.is_absolute() else Path(path).parent / data)
+    for key in spec.get("eval") or {}:
+        if key not in eval_keys:
+            raise InputError(f"{path}: eval: unknown option {key!r}")
+    methods = spec.get("methods", ["sdft"])
+    for m in methods:
+        if m not in ("sdft", "sft"):
+            raise InputError(f"{path}: methods: {m!r} is not one of sdft, sft")
+    defaults = {k: v for k, v in spec.items() if k in train_keys}
+    output = Path(spec.get("output") or Path(path).with_suffix(""))
+    return {"model": spec["model"], "output": output, "methods": methods, "defaults": defaults,
+            "eval": spec.get("eval") or {}, "stages": stages}
+
+
+def stage_config(run: dict, stage: dict, method: str, folder: Path, previous: Path | None) -> Config:
+    opts = {**run["defaults"], **{k: v for k, v in stage.items() if k not in _STAGE_KEYS}}
+    opts.update(model=run["model"], data=stage["data"], adapter_path=str(folder), method=method,
+                resume_adapter_file=str(previous / "adapters.safetensors") if previous else None)
+    return load_config(None, opts)
+
+
+def eval_config(run: dict, stage: dict, adapter_path: Path | None) -> EvalConfig:
+    opts = {k: coerce(EvalConfig, k, v) for k, v in run["eval"].items()}
+    return EvalConfig(model=run["model"], data=stage["data"], adapter_path=str(adapter_path) if adapter_path else None,
+                      metric=stage.get("metric", "normalized"), answer_regex=stage.get("answer_regex"), **opts).validate()
+
+
+def evaluate_stage(run: dict, upto: int, adapter_path: Path | None) -> dict:
+    """Scores of tasks 0..upto (all tasks for the base model) and retention, for one set of adapters."""
+    from mlx_sdft.evaluate import evaluate_adapters, task_examples
+    from mlx_sdft.metrics import resolve_metric
+    from mlx_sdft.models import load, load_adapted, load_tokenizer, resolve
+
+    model_path = resolve(run["model"])
+    model, base = load_adapted(model_path, adapter_path) if adapter_path else (load(model_path), None)
+    tokenizer = load_tokenizer(model_path, run["defaults"].get("chat_template"))
+    scores, summary = {}, {}
+    for stage in run["stages"][: upto + 1]:
+        ecfg = eval_config(run, stage, adapter_path)
+        metric = resolve_metric(ecfg.metric, ecfg.answer_regex)
+        first = not scores
+        ecfg.retention = first and ecfg.retention  # retention once per stage, not per task
+        ecfg.prior_text = ecfg.prior_text if first else None
+        result, _ = evaluate_adapters(model, tokenizer, base, task_examples(stage["data"]), metric, ecfg)
+        scores[stage["name"]] = result.pop("task_score")
+        if first:
+            summary = {k: v for k, v in result.items() if k != "examples"}
+    return {"scores": scores, **summary}
+
+
+def run_continual(path: str, console: Console | None = None) -> dict:
+    from mlx_sdft.train import run as train
+
+    console = console or Console(stderr=True)
+    run = read_stages(path)
+    for stage in run["stages"]:  # every stage's options and eval options, before any weights
+        stage_config(run, stage, run["methods"][0], run["output"] / "check", None)
+        eval_config(run, stage, None)
+    names = [s["name"] for s in run["stages"]]
+    results = {}
+    base_file = run["output"] / "base.json"
+    if base_file.exists():
+        base = json.loads(base_file.read_text())
+    else:
+        console.print("[bold]evaluating the base model on every task")
+        base = evaluate_stage(run, len(names) - 1, None)
+        write_json(base_file, base)
+    for method in run["methods"]:
+        columns, previous = [base], None
+        for k, stage in enumerate(run["stages"]):
+            folder = run["output"] / method / f"{k + 1:02d}-{stage['name']}"
+            done = folder / "stage.json"
+            if not done.exists():
+                console.rule(f"{method}: stage {k + 1}/{len(names)} {stage['name']}")
+                train(stage_config(run, stage, method, folder, previous), console=console)
+                write_json(done, evaluate_stage(run, k, folder))
+            columns.append(json.loads(done.read_text()))
+            previous = folder
+        results[method] = {
+            "tasks": names, "stages": ["base", *names],
+            "scores": [[c["scores"].get(t) for c in columns] for t in names],
+            "retention_kl": [c.get("retention_kl", 0.0) for c in columns],
+            **({"prior_ppl": [c.get("prior_ppl") for c in columns]} if "prior_ppl" in base else {}),
+        }
+        console.print(matrix_table(method, results[method]))
+    write_json(run["output"] / "retention.json", results)
+    _maybe_plot(run["output"], results, run["methods"], names, console)
+    return results
+
+
+def matrix_table(method: str, result: dict) -> Table:
+    table = Table(title=f"{method}: task score after each stage (rows: tasks)")
+    table.add_column("task")
+    for s in result["stages"]:
+        table.add_column(f"after {s}" if s != "base" else "base", justify="right")
+    fmt = lambda v: "" if v is None else f"{v:.3f}"  # noqa: E731
+    for task, row in zip(result["tasks"], result["scores"]):
+        table.add_row(task, *map(fmt, row))
+    table.add_row("retention KL(base‖adapted)", *map(fmt, result["retention_kl"]), style="dim")
+    return table
+
+
+def _maybe_plot(out: Path, results: dict, methods: list[str], names: list[str], console: Console) -> None:
+    try:
+        from mlx_sdft.plots import plot_continual
+    except ImportError:
+        console.print("(pip install 'mlx-sdft[plot]' for PNG plots)")
+        return
+    for path in plot_continual(out, results, methods, names):
+        console.print(f"plot written to {path}")

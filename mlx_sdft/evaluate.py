@@ -1,0 +1,212 @@
+"""Held-out evaluation: task metrics on greedy answers, and how much the adapters forgot.
+
+- task: greedy answers to held-out prompts, scored against their demonstrations;
+- retention_kl: mean per-token KL(base‖adapted) on completions the *base* model samples for
+  general prompts (0 for untrained adapters; grows as the adapted model drifts);
+- perplexity of prior text (a JSONL of {"text": ...}) under the adapted and the base model.
+The base model is the same model with its adapters off (teacher.using with the base leaves),
+so evaluation needs no fusing and no second copy of the weights.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass
+from importlib.resources import files
+from pathlib import Path
+
+import mlx.core as mx
+import mlx.nn as nn
+
+from mlx_sdft.data import Example, load_examples
+from mlx_sdft.errors import InputError
+from mlx_sdft.losses import kl, log_softmax, sft_loss
+from mlx_sdft.metrics import Metric
+from mlx_sdft.prompts import encode, render
+from mlx_sdft.rollout import sample
+from mlx_sdft.scoring import completion_logits, completion_mask, pad_rows
+from mlx_sdft.teacher import Leaves, using
+
+
+def general_prompts_file() -> Path:
+    """About 100 diverse prompts written for this project (facts, writing, code, advice, math)."""
+    return Path(str(files("mlx_sdft") / "assets" / "general_prompts.jsonl"))
+
+
+def _batches(items: list, size: int):
+    for i in range(0, len(items), size):
+        yield items[i:i + size]
+
+
+def _strip_stop(ids: list[int], stops: set[int]) -> list[int]:
+    return ids[:-1] if ids and ids[-1] in stops else ids
+
+
+def predict(model: nn.Module, tokenizer, prompts: list[list[dict]], max_tokens: int, batch_size: int,
+            tools: list | None = None) -> list[str]:
+    """Greedy answers (temperature 0), decoded without the stop token."""
+    stops = set(tokenizer.eos_token_ids)
+    ids = [encode(tokenizer, render(tokenizer, p, tools)) for p in prompts]
+    answers = []
+    for batch in _batches(ids, batch_size):
+        rollout = sample(model, batch, [max_tokens] * len(batch), sorted(stops), temperature=0.0, batch_size=len(batch))
+        answers += [tokenizer.decode(_strip_stop(c, stops)) for c in rollout.completions]
+    return answers
+
+
+@dataclass
+class TaskResult:
+    score: float
+    rows: list[dict]
+
+
+def evaluate_task(model, tokenizer, examples: list[Example], metric: Metric, max_tokens: int,
+                  batch_size: int) -> TaskResult:
+    rows = []
+    for batch in _batches(examples, batch_size):
+        answers = predict(model, tokenizer, [ex.prompt for ex in batch], max_tokens, batch_size, batch[0].tools)
+        for ex, answer in zip(batch, answers):
+            rows.append({"where": ex.where, "prompt": ex.prompt[-1]["content"], "prediction": answer,
+                         "reference": ex.demonstration, "score": float(metric(answer, ex.demonstration))})
+    return TaskResult(sum(r["score"] for r in rows) / max(len(rows), 1), rows)
+
+
+def retention_kl(model: nn.Module, tokenizer, base: Leaves, prompts: list[list[dict]], max_tokens: int,
+                 batch_size: int) -> float:
+    """Mean per-token KL(base‖adapted) over completions sampled (temperature 1) from the base model."""
+    stops = sorted(tokenizer.eos_token_ids)
+    total, count = 0.0, 0
+    for batch in _batches([encode(tokenizer, render(tokenizer, p)) for p in prompts], batch_size):
+        with using(model, base):
+            completions = sample(model, batch, [max_tokens] * len(batch), stops, batch_size=len(batch)).completions
+            base_BTV = log_softmax(completion_logits(model, batch, completions))
+        adapted_BTV = log_softmax(completion_logits(model, batch, completions))
+        mask_BT = completion_mask([len(c) for c in completions])
+        total += (kl(base_BTV, adapted_BTV) * mask_BT).sum().item()
+        count += int(mask_BT.sum().item())
+    return total / max(count, 1)
+
+
+def perplexity(model: nn.Module, tokenizer, texts: list[str], max_seq_length: int, batch_size: int) -> float:
+    """exp of the mean next-token cross-entropy over all tokens of the texts."""
+    total, count = 0.0, 0
+    for batch in _batches([tokenizer.encode(t)[:max_seq_length] for t in texts], batch_size):
+        batch = [ids for ids in batch if len(ids) > 1]
+        if not batch:
+            continue
+        targets = [ids[1:] for ids in batch]
+        logits_BTV = completion_logits(model, [ids[:1] for ids in batch], targets)
+        loss, ntoks = sft_loss(logits_BTV, pad_rows(targets), completion_mask([len(t) for t in targets]))
+        total += loss.item() * ntoks.item()
+        count += ntoks.item()
+    return math.exp(total / max(count, 1))
+
+
+def load_texts(path: str | Path) -> list[str]:
+    """A JSONL of {"text": ...} lines, checked line by line like training data."""
+    texts = []
+    try:
+        lines = Path(path).read_text(encoding="utf-8-sig").splitlines()
+    except (OSError, UnicodeDecodeError) as e:
+        raise InputError(f"{path}: cannot read ({type(e).__name__}: {e})") from None
+    for n, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            text = json.loads(line).get("text")
+        except (ValueError, AttributeError):
+            raise InputError(f"{path}:{n}: expected a JSON object with a \"text\" string") from None
+        if not isinstance(text, str) or not text:
+            raise InputError(f"{path}:{n}: \"text\" must be a non-empty string")
+        texts.append(text)
+    if not texts:
+        raise InputError(f"{path}: no texts")
+    return texts
+
+
+def load_prompts(path: str | Path | None, limit: int) -> list[list[dict]]:
+    """General prompts for retention: any training-data format, or {"prompt": ...} lines."""
+    path = Path(path) if path else general_prompts_file()
+    prompts = []
+    for n, line in enumerate(path.read_text(encoding="utf-8-sig").splitlines(), 1):
+        if line.strip():
+            try:
+                row = json.loads(line)
+            except ValueError:
+                row = None
+            if not isinstance(row, dict) or not isinstance(row.get("prompt"), (str, list)):
+                raise InputError(f"{path}:{n}: expected {{\"prompt\": ...}}")
+            prompt = row["prompt"]
+            prompts.append([{"role": "user", "content": prompt}] if isinstance(prompt, str) else prompt)
+    return prompts[:limit]
+
+
+def task_examples(data: str | Path) -> list[Example]:
+    """A .jsonl file, or a data folder's test.jsonl (valid.jsonl if it has no test split)."""
+    path = Path(data)
+    if path.is_dir():
+        for name in ("test.jsonl", "valid.jsonl"):
+            if (path / name).is_file():
+                return load_examples(path / name)
+        raise InputError(f"{path}: no test.jsonl or valid.jsonl to evaluate on")
+    return load_examples(path)
+
+
+def evaluate_adapters(model, tokenizer, base: Leaves | None, examples: list[Example], metric: Metric,
+                      cfg) -> tuple[dict, list[dict]]:
+    """All numbers of one evaluation: the task score, and with a base to compare, retention."""
+    task = evaluate_task(model, tokenizer, examples, metric, cfg.max_tokens, cfg.batch_size)
+    summary = {"task_score": task.score, "examples": len(examples)}
+    if base is not None and cfg.retention:
+        prompts = load_prompts(cfg.general_prompts, cfg.num_general_prompts)
+        summary["retention_kl"] = retention_kl(model, tokenizer, base, prompts, cfg.retention_max_tokens, cfg.batch_size)
+    if cfg.prior_text:
+        texts = load_texts(cfg.prior_text)
+        summary["prior_ppl"] = perplexity(model, tokenizer, texts, cfg.max_seq_length, cfg.batch_size)
+        if base is not None:
+            with using(model, base):
+                summary["prior_ppl_base"] = perplexity(model, tokenizer, texts, cfg.max_seq_length, cfg.batch_size)
+    return summary, task.rows
+
+
+def run_eval(cfg, console=None) -> dict:
+    """Everything `mlx-sdft eval` does; writes predictions.jsonl and summary.json."""
+    from rich.console import Console
+    from rich.table import Table
+
+    from mlx_sdft.checkpoint import write_json
+    from mlx_sdft.metrics import resolve_metric
+    from mlx_sdft.models import load, load_adapted, load_tokenizer, resolve
+
+    console = console or Console(stderr=True)
+    metric = resolve_metric(cfg.metric, cfg.answer_regex)
+    examples = task_examples(cfg.data)
+    if cfg.prior_text:
+        load_texts(cfg.prior_text)  # check it before any weights load
+    if cfg.adapter_path and cfg.retention:
+        load_prompts(cfg.general_prompts, cfg.num_general_prompts)
+    model_path = resolve(cfg.model)
+    tokenizer = load_tokenizer(model_path, cfg.chat_template)
+    render(tokenizer, examples[0].prompt)  # a missing chat template fails here, before the weights
+    mx.random.seed(cfg.seed)
+    if cfg.adapter_path:
+        model, base = load_adapted(model_path, cfg.adapter_path)
+    else:
+        model, base = load(model_path), None
+    with console.status(f"evaluating {len(examples)} examples"):
+        summary, rows = evaluate_adapters(model, tokenizer, base, examples, metric, cfg)
+    summary = {"model": cfg.model, "adapter_path": cfg.adapter_path, "data": str(cfg.data), "metric": cfg.metric, **summary}
+
+    out = Path(cfg.output or (Path(cfg.adapter_path) / "eval" if cfg.adapter_path else "eval"))
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "predictions.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+    write_json(out / "summary.json", summary)
+    table = Table(title=f"{cfg.data} ({cfg.metric})")
+    for key in ("task_score", "retention_kl", "prior_ppl", "prior_ppl_base"):
+        if key in summary:
+            table.add_column(key, justify="right")
+    table.add_row(*(f"{summary[k]:.4f}" for k in ("task_score", "retention_kl", "prior_ppl", "prior_ppl_base") if k in summary))
+    console.print(table)
+    console.print(f"predictions and summary written to {out}")
+    return summary

@@ -1,0 +1,166 @@
+"""Evaluation, retention, the teacher check and the continual runner on the tiny model."""
+
+import json
+
+import mlx.core as mx
+import numpy as np
+import pytest
+from typer.testing import CliRunner
+
+from conftest import ROOT
+from mlx_sdft.checkpoint import save
+from mlx_sdft.cli import app
+from mlx_sdft.config import Config, load_config
+from mlx_sdft.evaluate import load_prompts, perplexity, retention_kl
+from mlx_sdft.models import attach_adapters, load, load_adapted, load_tokenizer
+from mlx_sdft.teacher import trainable_leaves, using
+from mlx_sdft.train import build_optimizer, run
+
+runner = CliRunner()
+
+
+def _untrained_adapters(tiny_model, out):
+    mx.random.seed(0)
+    model = load(tiny_model)
+    attach_adapters(model, "lora", -1, Config().lora_parameters)
+    cfg = Config(model=str(tiny_model), data="-", num_layers=-1)
+    save(out, cfg, 0, trainable_leaves(model), None, build_optimizer(cfg, 1), {}, checkpoint=False)
+    return out
+
+
+def _trained_adapters(tiny_model, smoke_data, out, **kw):
+    opts = dict(model=str(tiny_model), data=str(smoke_data), adapter_path=str(out), num_layers=-1, iters=4,
+                learning_rate=1e-2, max_completion_length=12, steps_per_eval=100, **kw)
+    run(load_config(None, opts), quiet=True)
+    return out
+
+
+def test_retention_kl_is_zero_untrained_and_positive_after_training(tiny_model, smoke_data, tmp_path):
+    tok = load_tokenizer(tiny_model)
+    prompts = load_prompts(None, 6)
+    assert len(load_prompts(None, 1000)) == 100  # the bundled general prompts
+    model, base = load_adapted(tiny_model, _untrained_adapters(tiny_model, tmp_path / "zero"))
+    assert retention_kl(model, tok, base, prompts, 8, 4) == pytest.approx(0.0, abs=1e-6)
+    model, base = load_adapted(tiny_model, _trained_adapters(tiny_model, smoke_data, tmp_path / "trained"))
+    assert retention_kl(model, tok, base, prompts, 8, 4) > 1e-3
+
+
+def test_perplexity_matches_a_direct_computation(tiny, tiny_model):
+    model, tok = tiny
+    texts = ["The capital of Peru is Lima.", "The opposite of hot is cold."]
+    ids = [tok.encode(t) for t in texts]
+    nll, n = 0.0, 0
+    for row in ids:
+        logits = np.array(model(mx.array([row]))[0], dtype=np.float64)
+        logprobs = logits - logits.max(-1, keepdims=True)
+        logprobs -= np.log(np.exp(logprobs).sum(-1, keepdims=True))
+        nll -= logprobs[np.arange(len(row) - 1), row[1:]].sum()
+        n += len(row) - 1
+    assert perplexity(model, tok, texts, 2048, 2) == pytest.approx(np.exp(nll / n), rel=1e-4)
+
+
+def test_base_leaves_turn_the_adapters_off(tiny, tiny_model, smoke_data, tmp_path):
+    plain, _ = tiny
+    model, base = load_adapted(tiny_model, _trained_adapters(tiny_model, smoke_data, tmp_path / "a"))
+    x = mx.array([[1, 300, 201, 293]])
+    with using(model, base):
+        np.testing.assert_allclose(np.array(model(x)), np.array(plain(x)), atol=1e-5)
+
+
+def test_eval_cli_writes_predictions_and_summary(tiny_model, smoke_data, tmp_path):
+    adapters = _trained_adapters(tiny_model, smoke_data, tmp_path / "a")
+    prior = tmp_path / "prior.jsonl"
+    prior.write_text(json.dumps({"text": "The capital of Chile is Santiago."}) + "\n")
+    result = runner.invoke(app, ["eval", "--model", str(tiny_model), "--adapter-path", str(adapters), "--data",
+                                 str(smoke_data), "--max-tokens", "8", "--num-general-prompts", "4",
+                                 "--retention-max-tokens", "6", "--prior-text", str(prior)])
+    assert result.exit_code == 0, result.output
+    summary = json.loads((adapters / "eval" / "summary.json").read_text())
+    assert summary["examples"] == 4 and 0.0 <= summary["task_score"] <= 1.0
+    assert summary["retention_kl"] > 0 and summary["prior_ppl"] > 1 and summary["prior_ppl_base"] > 1
+    rows = [json.loads(line) for line in (adapters / "eval" / "predictions.jsonl").read_text().splitlines()]
+    assert len(rows) == 4 and rows[0]["reference"] == "The capital of Portugal is Lisbon."
+    assert {"prediction", "score", "where"} <= rows[0].keys()
+
+
+@pytest.mark.parametrize(
+    "args,pattern",
+    [
+        (["--data", "/no/such/test.jsonl"], r"/no/such/test.jsonl: no such file"),
+        (["--metric", "nowhere:fn"], r"--metric: cannot import 'nowhere:fn'"),
+        (["--metric", "regex", "--answer-regex", "(unclosed"], r"--answer-regex: '\(unclosed' does not compile"),
+    ],
+)
+def test_eval_bad_input_exits_2(tiny_model, smoke_data, args, pattern):
+    import re
+
+    result = runner.invoke(app, ["eval", "--model", str(tiny_model), "--data", str(smoke_data), *args])
+    assert result.exit_code == 2, result.output
+    assert len(result.stderr.strip().splitlines()) == 1 and re.search(pattern, result.stderr), result.stderr
+
+
+def test_check_reports_both_contexts(tiny_model, smoke_data):
+    from mlx_sdft.check import run_check
+    from mlx_sdft.config import CheckConfig
+
+    report = run_check(CheckConfig(model=str(tiny_model), data=str(smoke_data), num_examples=4, metric="normalized",
+                                   max_tokens=6).validate())
+    assert report["examples"] == 4
+    assert report["student_loglik"] < 0 and report["teacher_loglik"] < 0
+    assert report["student_loglik"] != report["teacher_loglik"]
+    assert {"student_score", "teacher_score"} <= report.keys()
+    assert report["verdict"].split(":")[0] in {"GOOD", "WEAK", "POOR"}
+
+
+def _stages(tmp_path, tiny_model, **extra):
+    stages = {
+        "model": str(tiny_model), "output": str(tmp_path / "run"), "methods": ["sdft", "sft"], "iters": 2,
+        "num_layers": -1, "learning_rate": 1e-3, "max_completion_length": 8, "steps_per_eval": 100,
+        "eval": {"max_tokens": 6, "num_general_prompts": 4, "retention_max_tokens": 6},
+        "stages": [{"name": "capitals", "data": str(ROOT / "recipes/smoke/data")},
+                   {"name": "opposites", "data": str(ROOT / "recipes/continual/opposites"), "learning_rate": 5e-4}],
+        **extra,
+    }
+    path = tmp_path / "stages.yaml"
+    path.write_text(json.dumps(stages))  # JSON is YAML
+    return path
+
+
+def test_continual_two_stages_complete_matrix_and_resume(tiny_model, tmp_path):
+    from mlx_sdft.continual import run_continual
+
+    path = _stages(tmp_path, tiny_model)
+    results = run_continual(str(path))
+    for method in ("sdft", "sft"):
+        r = results[method]
+        assert r["stages"] == ["base", "capitals", "opposites"]
+        assert r["scores"][0][0] is not None and r["scores"][0][1] is not None and r["scores"][0][2] is not None
+        assert r["scores"][1][1] is None and r["scores"][1][2] is not None  # not evaluated before it is trained
+        assert r["retention_kl"][0] == 0.0 and r["retention_kl"][2] > 0
+    out = tmp_path / "run"
+    assert json.loads((out / "retention.json").read_text()) == results
+    assert (out / "retention_matrix.png").stat().st_size > 0 and (out / "learning_curves.png").exists()
+    config = json.loads((out / "sdft/02-opposites/adapter_config.json").read_text())
+    assert config["resume_adapter_file"].endswith("01-capitals/adapters.safetensors")
+    assert config["learning_rate"] == 5e-4
+    # A rerun finds every stage done and trains nothing.
+    stamp = (out / "sft/02-opposites/adapters.safetensors").stat().st_mtime_ns
+    assert run_continual(str(path)) == results
+    assert (out / "sft/02-opposites/adapters.safetensors").stat().st_mtime_ns == stamp
+
+
+@pytest.mark.parametrize(
+    "extra,pattern",
+    [
+        ({"learning_rat": 1}, r"unknown option 'learning_rat'"),
+        ({"stages": [{"name": "a", "data": "x", "lr": 1}]}, r"stages\[1\] \(a\): unknown option 'lr'"),
+        ({"methods": ["rl"]}, r"methods: 'rl' is not one of sdft, sft"),
+    ],
+)
+def test_continual_bad_stage_file_exits_2(tiny_model, tmp_path, extra, pattern):
+    import re
+
+    result = runner.invoke(app, ["continual", "-c", str(_stages(tmp_path, tiny_model, **extra))])
+    assert result.exit_code == 2, result.output
+    assert re.search(pattern, result.stderr) and len(result.stderr.strip().splitlines()) == 1, result.stderr
+    assert not (tmp_path / "run").exists()
