@@ -5,12 +5,14 @@ adapter_config.json            mlx-lm schema + every resolved option + an "sdft"
 adapters.safetensors           student adapter only (mlx-lm refuses extra tensors)
 0000100_adapters.safetensors   checkpoints every --save-every
 teacher_adapters.safetensors   EMA teacher leaves
-optimizer_state.safetensors    optimizer state, for resuming
-trainer_state.json             step, data cursor, RNG state, versions
+optimizer_state.safetensors    optimizer state, for --resume
+trainer_state.json             step, data cursor, versions
 metrics.jsonl                  one JSON object per report / eval
 ```
-Every file is written to a temporary name in the same folder and renamed into place, so a
-crash never leaves a torn file.
+A save is one transaction: every file is first written under a `.pending-` name, then a
+commit record lists them, then they are renamed into place. A crash before the commit leaves
+the previous save untouched; a crash after it is rolled forward by `recover`. So the files in
+the folder always belong to one step, and a full disk or a kill never costs the last good save.
 """
 
 from __future__ import annotations
@@ -22,11 +24,14 @@ from pathlib import Path
 
 import mlx.core as mx
 import mlx.optimizers as optim
-from mlx.utils import tree_flatten
+from mlx.utils import tree_flatten, tree_unflatten
 
 from mlx_sdft import __version__
-from mlx_sdft.config import Config
-from mlx_sdft.teacher import Leaves
+from mlx_sdft.errors import TrainingError
+
+COMMIT = ".pending-commit.json"
+STATE_FILES = ("adapters.safetensors", "teacher_adapters.safetensors", "optimizer_state.safetensors",
+               "trainer_state.json", "adapter_config.json")
 
 
 def versions() -> dict:
@@ -50,36 +55,83 @@ def write_json(path: Path, obj) -> None:
     _atomic(path, lambda p: p.write_text(json.dumps(obj, indent=2) + "\n", encoding="utf-8"))
 
 
-def write_arrays(path: Path, arrays: dict[str, mx.array]) -> None:
-    _atomic(path, lambda p: mx.save_safetensors(str(p), arrays))
+def write_arrays(path: Path, arrays: dict[str, mx.array], step: int | None = None) -> None:
+    metadata = {"step": str(step)} if step is not None else None
+    _atomic(path, lambda p: mx.save_safetensors(str(p), arrays, metadata=metadata))
 
 
-def adapter_config(cfg: Config, step: int) -> dict:
+def adapter_config(cfg, step: int) -> dict:
     """What mlx-lm's load_adapters reads (fine_tune_type, num_layers, lora_parameters) plus the rest."""
     return {**cfg.to_dict(), "sdft": {"step": step, "teacher_file": "teacher_adapters.safetensors", **versions()}}
 
 
-def save(
-    out: Path,
-    cfg: Config,
-    step: int,
-    student: Leaves,
-    teacher: Leaves | None,
-    optimizer: optim.Optimizer,
-    state: dict,
-    checkpoint: bool,
-) -> None:
-    """Write the whole run state at `step`; `checkpoint` also keeps a numbered copy of the adapters."""
+def recover(out: Path) -> None:
+    """Finish a save that was committed but not fully renamed; drop one that never committed."""
+    commit = out / COMMIT
+    if commit.exists():
+        for name in json.loads(commit.read_text())["files"]:
+            pending = out / f".pending-{name}"
+            if pending.exists():
+                os.replace(pending, out / name)
+        commit.unlink()
+    for leftover in [*out.glob(".pending-*"), *out.glob(".tmp-*")]:
+        leftover.unlink()
+
+
+def save(out: Path, cfg, step: int, student: dict, teacher: dict | None, optimizer: optim.Optimizer,
+         state: dict, checkpoint: bool) -> None:
+    """Write the whole run state at `step` as one transaction; `checkpoint` also keeps a
+    numbered copy of the adapters. Non-finite adapters are never written."""
+    if not all(mx.isfinite(v).all().item() for v in student.values()):
+        raise TrainingError(f"step {step}: the adapters hold NaN or inf; nothing was saved")
     out.mkdir(parents=True, exist_ok=True)
-    if checkpoint:
-        write_arrays(out / f"{step:07d}_adapters.safetensors", student)
+    recover(out)
+    files = {
+        "adapters.safetensors": lambda p: write_arrays(p, student, step),
+        "optimizer_state.safetensors": lambda p: write_arrays(p, dict(tree_flatten(optimizer.state)), step),
+        "trainer_state.json": lambda p: write_json(p, {**state, "step": step, "versions": versions()}),
+        "adapter_config.json": lambda p: write_json(p, adapter_config(cfg, step)),
+    }
     if teacher is not None:
-        write_arrays(out / "teacher_adapters.safetensors", teacher)
-    write_arrays(out / "optimizer_state.safetensors", dict(tree_flatten(optimizer.state)))
-    write_json(out / "trainer_state.json", {**state, "step": step, "versions": versions()})
-    write_json(out / "adapter_config.json", adapter_config(cfg, step))
-    # Last: adapters.safetensors appearing means everything it goes with is in place.
-    write_arrays(out / "adapters.safetensors", student)
+        files["teacher_adapters.safetensors"] = lambda p: write_arrays(p, teacher, step)
+    if checkpoint:
+        files[f"{step:07d}_adapters.safetensors"] = lambda p: write_arrays(p, student, step)
+    try:
+        for name, write in files.items():
+            write(out / f".pending-{name}")
+        write_json(out / COMMIT, {"step": step, "files": list(files)})
+    except OSError as e:
+        recover(out)  # nothing committed: the previous save stays as it was
+        raise TrainingError(f"step {step}: could not save to {out} ({e.strerror or e}); "
+                            "the previous checkpoint is intact") from None
+    recover(out)
+
+
+def load_state(out: Path, optimizer: optim.Optimizer, model) -> tuple[dict, dict | None]:
+    """Restore a run saved by `save`: adapters into `model`, the optimizer's state; returns the
+    trainer state and the teacher leaves (None if the run had no separate teacher)."""
+    recover(out)
+    state = json.loads((out / "trainer_state.json").read_text())
+    model.load_weights(str(out / "adapters.safetensors"), strict=False)
+    optimizer.init(model.trainable_parameters())
+    optimizer.state = tree_unflatten(list(mx.load(str(out / "optimizer_state.safetensors")).items()))
+    teacher_file = out / "teacher_adapters.safetensors"
+    teacher = mx.load(str(teacher_file)) if teacher_file.exists() else None
+    return state, teacher
+
+
+def saved_step(path: Path) -> int | None:
+    """The step recorded in a safetensors file's metadata."""
+    _, metadata = mx.load(str(path), return_metadata=True)
+    return int(metadata["step"]) if "step" in metadata else None
+
+
+def truncate_metrics(out: Path, step: int) -> None:
+    """Drop records past `step`: a resumed run writes them again."""
+    path = out / "metrics.jsonl"
+    if path.exists():
+        keep = [line for line in path.read_text().splitlines() if line and json.loads(line)["step"] <= step]
+        _atomic(path, lambda p: p.write_text("".join(line + "\n" for line in keep), encoding="utf-8"))
 
 
 def append_metrics(out: Path, record: dict) -> None:

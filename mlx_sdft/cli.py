@@ -14,7 +14,7 @@ from typing import Annotated, Callable, Optional
 import typer
 
 from mlx_sdft.config import CheckConfig, Config, EvalConfig, cli_fields, load_config
-from mlx_sdft.errors import InputError, TrainingError
+from mlx_sdft.errors import InputError, Interrupted, TrainingError
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="Self-Distillation Fine-Tuning (SDFT) on MLX.")
 
@@ -55,11 +55,20 @@ def _command(name: str, options: type, action: Callable, help: str, yaml_help: s
 
 
 def _train(cfg: Config) -> None:
-    from mlx_sdft.train import run  # heavy imports only once the options are known to be good
+    from mlx_sdft.launch import run  # heavy imports only once the options are known to be good
 
-    run(cfg)
+    try:
+        run(cfg)
+    except Interrupted as e:
+        typer.echo(f"mlx-sdft train: {e}; continue with the same command plus --resume", err=True)
+        raise typer.Exit(130)
+    if cfg.dry_run:
+        return
+    from mlx_sdft.models import resolve
+
+    model = resolve(cfg.model, cfg.dequantize) if cfg.model.endswith(".gguf") else cfg.model
     typer.echo(f"Adapters saved to {cfg.adapter_path}. Use them with:\n"
-               f"  mlx_lm.generate --model {cfg.model} --adapter-path {cfg.adapter_path} --prompt \"...\"")
+               f"  mlx_lm.generate --model {model} --adapter-path {cfg.adapter_path} --prompt \"...\"")
 
 
 def _eval(cfg: EvalConfig) -> None:
@@ -97,6 +106,44 @@ _command("eval", EvalConfig, _eval, "Greedy answers on held-out demonstrations: 
 _command("check", CheckConfig, _check, "Does the model learn from the demonstration in context? The teacher check.",
          "YAML file with check options.")
 app.command("continual", help=_continual.__doc__)(_continual)
+
+
+@app.command("export")
+def export(model: Annotated[str, typer.Option(help="A .gguf file.")],
+           out: Annotated[str, typer.Option(help="Folder to write the mlx-lm model to.")],
+           dequantize: Annotated[Optional[bool], typer.Option(help="float32 weights [default: on CPU].")] = None) -> None:
+    """Write a GGUF model as an mlx-lm model folder (for mlx_lm.generate / fuse / server)."""
+    from mlx_sdft.gguf import export_gguf
+
+    try:
+        path = export_gguf(model, out, dequantize)
+    except InputError as e:
+        typer.echo(f"mlx-sdft export: error: {e}", err=True)
+        raise typer.Exit(2)
+    typer.echo(f"wrote {path}; use it with: mlx_lm.generate --model {path} [--adapter-path ADAPTERS]")
+
+
+@app.command("generate")
+def generate(model: Annotated[str, typer.Option(help="Hub id, model folder or .gguf file.")],
+             prompt: Annotated[str, typer.Option(help="The user message.")],
+             adapter_path: Annotated[Optional[str], typer.Option(help="Adapter folder.")] = None,
+             max_tokens: Annotated[int, typer.Option(help="Most tokens to generate.")] = 256,
+             temperature: Annotated[float, typer.Option(help="0 for greedy.")] = 0.0) -> None:
+    """Answer one prompt with the chat template (mlx-lm's generation), with or without adapters."""
+    from mlx_lm import generate as mlx_generate
+    from mlx_lm import load as mlx_load
+    from mlx_lm.sample_utils import make_sampler
+
+    from mlx_sdft.models import resolve
+
+    try:
+        model_path = resolve(model)
+        loaded, tokenizer = mlx_load(str(model_path), adapter_path=adapter_path)
+    except (InputError, FileNotFoundError) as e:
+        typer.echo(f"mlx-sdft generate: error: {e}", err=True)
+        raise typer.Exit(2)
+    text = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True, tokenize=False)
+    typer.echo(mlx_generate(loaded, tokenizer, text, max_tokens=max_tokens, sampler=make_sampler(temp=temperature)))
 
 
 @app.callback()

@@ -34,7 +34,8 @@ def _opt(default: Any, help: str, choices: tuple | None = None, cli: bool = True
 @dataclass
 class Config:
     # What to train on and where to write.
-    model: str | None = _opt(None, "Hub id, local MLX/HF folder to fine-tune.")
+    model: str | None = _opt(None, "Hub id, local MLX/HF model folder, or a .gguf file (llama, qwen2, gemma3).")
+    dequantize: bool | None = _opt(None, "GGUF: float32 weights (default on CPU) or keep them quantized (default on GPU).")
     data: str | None = _opt(None, "A .jsonl file, or a folder with train.jsonl [valid.jsonl test.jsonl].")
     adapter_path: str = _opt("adapters", "Output folder for adapters, checkpoints and metrics.")
     method: str = _opt("sdft", "sdft, or sft: plain next-token cross-entropy on the demonstrations, to compare.", ("sdft", "sft"))
@@ -48,6 +49,7 @@ class Config:
         cli=False,
     )
     resume_adapter_file: str | None = _opt(None, "Start from these adapter weights (mlx-lm style).")
+    resume: bool = _opt(False, "Continue the run saved in --adapter-path: adapters, optimizer, teacher, data position.")
 
     # Optimization (AdamW with weight decay 0, cosine schedule with warmup, clip 1.0: the paper's).
     batch_size: int = _opt(4, "Prompts per micro-batch.")
@@ -84,6 +86,7 @@ class Config:
     save_every: int = _opt(100, "Optimizer steps between checkpoints.")
     report_to: str | None = _opt(None, "Also log to this service.", ("wandb",))
     project_name: str | None = _opt(None, "Project name for --report-to.")
+    dry_run: bool = _opt(False, "Check the input and print the memory estimate; load no weights.")
 
     def validate(self) -> Config:
         """Raise InputError naming the flag for any bad value; return self for chaining."""

@@ -107,7 +107,7 @@ def evaluate_stage(run: dict, upto: int, adapter_path: Path | None) -> dict:
 
 
 def run_continual(path: str, console: Console | None = None) -> dict:
-    from mlx_sdft.train import run as train
+    from mlx_sdft.launch import run as train
 
     console = console or Console(stderr=True)
     run = read_stages(path)

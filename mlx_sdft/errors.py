@@ -7,3 +7,11 @@ class InputError(Exception):
 
 class TrainingError(Exception):
     """Training cannot go on (e.g. repeated non-finite losses). Shown as one line; exit status 1."""
+
+
+class Interrupted(Exception):
+    """Ctrl-C: the run saved its state after `step` and stopped; `--resume` continues it."""
+
+    def __init__(self, step: int):
+        super().__init__(f"interrupted after step {step}; the run is saved")
+        self.step = step

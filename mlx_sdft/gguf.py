@@ -33,9 +33,9 @@ GROUP_SIZE = 32  # the block size of ggml's Q4_0/Q4_1/Q8_0, which mx.load keeps 
 
 _TOP_NAMES = {"token_embd": "model.embed_tokens", "output_norm": "model.norm", "output": "lm_head"}
 _BLOCK_NAMES = {
-    "attn_norm": "input_layernorm", "ffn_norm": "post_attention_layernorm",
-    "attn_q": "self_attn.q_proj", "attn_k": "self_attn.k_proj", "attn_v": "self_attn.v_proj",
-    "attn_output": "self_attn.o_proj", "ffn_gate": "mlp.gate_proj", "ffn_up": "mlp.up_proj", "ffn_down": "mlp.down_proj",
+    "attn_norm": "input_layernorm", "ffn_norm": "post_attention_layernorm", "attn_q": "self_attn.q_proj",
+    "attn_k": "self_attn.k_proj", "attn_v": "self_attn.v_proj", "attn_output": "self_attn.o_proj",
+    "ffn_gate": "mlp.gate_proj", "ffn_up": "mlp.up_proj", "ffn_down": "mlp.down_proj",
 }
 # Gemma 3 has four norms per block, and llama.cpp's `ffn_norm` is the one before its MLP.
 _GEMMA3_BLOCK_NAMES = {
@@ -60,8 +60,9 @@ def load_gguf(path: str | Path, dequantize: bool | None = None) -> tuple[nn.Modu
     weights, meta = _read(path)
     arch = meta.get("general.architecture")
     if arch not in SUPPORTED_ARCHITECTURES:
-        raise InputError(f"{path}: architecture {arch!r} is not supported (supported: {', '.join(SUPPORTED_ARCHITECTURES)})")
-    config = _config(meta, weights)
+        supported = ", ".join(SUPPORTED_ARCHITECTURES)
+        raise InputError(f"{path}: architecture {arch!r} is not supported (supported: {supported})")
+    config = _config(meta, weights, path)
     weights = _rename(_undo_convert(weights, config), arch, path)
     if dequantize is None:
         dequantize = mx.default_device() == mx.cpu
@@ -70,13 +71,11 @@ def load_gguf(path: str | Path, dequantize: bool | None = None) -> tuple[nn.Modu
     module = importlib.import_module(f"mlx_lm.models.{config['model_type']}")
     model = module.Model(module.ModelArgs.from_dict(config))
     weights = model.sanitize(weights)
-    bits = _quantized_layers(weights)
-    if bits:
-        nn.quantize(model, class_predicate=lambda p, m: p in bits and {"group_size": GROUP_SIZE, "bits": bits[p], "mode": "affine"})
-        config["quantization"] = {"group_size": GROUP_SIZE, "bits": Counter(bits.values()).most_common(1)[0][0], "mode": "affine"}
+    if quantization := _quantize(model, weights):
+        config["quantization"] = quantization
     model.load_weights(list(weights.items()), strict=True)
     mx.eval(model.parameters())
-    return model, _tokenizer(meta, config["eos_token_id"]), config
+    return model, _tokenizer(meta, config["eos_token_id"], path), config
 
 
 def export_gguf(path: str | Path, out_dir: str | Path, dequantize: bool | None = None) -> Path:
@@ -91,6 +90,7 @@ def export_gguf(path: str | Path, out_dir: str | Path, dequantize: bool | None =
 
 def _read(path: Path) -> tuple[dict[str, mx.array], dict]:
     """GGUF tensor name -> array (quantized ones as mlx weight/scales/biases), and the metadata."""
+    # BF16 comes back as float16: exact for magnitudes from 6e-5 to 65504, where weights lie.
     try:
         weights, meta = mx.load(str(path), return_metadata=True)
         meta = {k: v.tolist() if isinstance(v, mx.array) else v for k, v in meta.items()}
@@ -101,7 +101,10 @@ def _read(path: Path) -> tuple[dict[str, mx.array], dict]:
         return weights, meta
     from gguf import GGUFReader
 
-    reader = GGUFReader(path)
+    try:
+        reader = GGUFReader(path)
+    except Exception as e:
+        raise InputError(f"{path}: not a readable GGUF file ({type(e).__name__}: {e})".splitlines()[0]) from None
     for tensor in reader.tensors:
         if tensor.name not in weights:
             weights[tensor.name] = _gguf_dequantize(tensor, path)
@@ -112,7 +115,7 @@ def _read(path: Path) -> tuple[dict[str, mx.array], dict]:
 
 def _tensor_count(path: Path) -> int:
     with open(path, "rb") as f:
-        return struct.unpack("<4sIQ", f.read(16))[2]  # magic, version, tensor count
+        return struct.unpack("<4sIQ", f.read(16))[2]  # the header: magic, version, tensor count
 
 
 def _gguf_dequantize(tensor, path: Path) -> mx.array:
@@ -123,18 +126,18 @@ def _gguf_dequantize(tensor, path: Path) -> mx.array:
     except Exception:
         raise InputError(f"{path}: tensor {tensor.name} has type {tensor.tensor_type.name}, "
                          "which neither MLX nor the gguf package can read") from None
-    return mx.array(np.asarray(data, dtype=np.float32).reshape(tuple(int(d) for d in reversed(tensor.shape))))
+    shape = tuple(int(d) for d in reversed(tensor.shape))  # ggml lists dimensions innermost first
+    return mx.array(np.asarray(data, dtype=np.float32).reshape(shape))
 
 
-def _config(meta: dict, weights: dict) -> dict:
+def _config(meta: dict, weights: dict, path: Path) -> dict:
     """The mlx-lm config (HF key names) that the file's `{arch}.*` metadata describes."""
     arch = meta["general.architecture"]
     get = lambda key, default=None: meta.get(f"{arch}.{key}", default)  # noqa: E731
     heads, hidden, layers = get("attention.head_count"), get("embedding_length"), get("block_count")
     head_dim = get("attention.key_length", hidden // heads)
-    eos = [meta[k] for k in ("tokenizer.ggml.eos_token_id", "tokenizer.ggml.eot_token_id", "tokenizer.ggml.eom_token_id") if k in meta]
-    tokens = meta.get("tokenizer.ggml.tokens", [])
-    eos += [i for i, t in enumerate(tokens) if t in _END_OF_TURN and i not in eos]
+    eos = [meta[k] for k in (f"tokenizer.ggml.{e}_token_id" for e in ("eos", "eot", "eom")) if k in meta]
+    eos += [i for i, t in enumerate(meta.get("tokenizer.ggml.tokens", [])) if t in _END_OF_TURN and i not in eos]
     config = {
         "model_type": _MODEL_TYPE[arch], "hidden_size": hidden, "num_hidden_layers": layers, "head_dim": head_dim,
         "intermediate_size": get("feed_forward_length"), "num_attention_heads": heads,
@@ -146,11 +149,11 @@ def _config(meta: dict, weights: dict) -> dict:
         "attention_bias": "blk.0.attn_q.bias" in weights, "eos_token_id": eos[0] if len(eos) == 1 else eos,
     }
     if (kind := get("rope.scaling.type", "none")) not in ("none", "linear"):
-        raise InputError(f"{meta.get('general.name', arch)}: RoPE scaling {kind!r} is not supported (only linear)")
+        raise InputError(f"{path}: RoPE scaling {kind!r} is not supported (only linear and Llama 3's)")
     if kind == "linear":
         config["rope_scaling"] = {"type": "linear", "factor": float(get("rope.scaling.factor"))}
     if "rope_freqs.weight" in weights:
-        config["rope_scaling"] = _llama3_rope(weights["rope_freqs.weight"], config["rope_theta"], head_dim)
+        config["rope_scaling"] = _llama3_rope(weights["rope_freqs.weight"], config["rope_theta"], head_dim, path)
     if arch == "gemma3":  # llama.cpp fixes these for Gemma 3 instead of reading them from the file
         window = get("attention.sliding_window", 0)
         config.update(
@@ -161,12 +164,12 @@ def _config(meta: dict, weights: dict) -> dict:
     return config
 
 
-def _llama3_rope(rope_factors: mx.array, base: float, dims: int) -> dict:
+def _llama3_rope(rope_factors: mx.array, base: float, dims: int, path: Path) -> dict:
     """Llama 3's RoPE scaling, which llama.cpp stores as one divisor per frequency (`rope_freqs`)."""
     scaling = {"rope_type": "llama3", "factor": rope_factors.max().item()}  # mlx-lm's defaults for the rest
     wanted = base ** (mx.arange(0, dims, 2) / dims) * rope_factors.astype(mx.float32)
     if not mx.allclose(Llama3RoPE(dims, base=base, scaling_config=scaling)._freqs, wanted, rtol=1e-3).item():
-        raise InputError("rope_freqs: per-frequency RoPE factors that are not Llama 3's default scaling")
+        raise InputError(f"{path}: rope_freqs holds RoPE factors other than Llama 3's default scaling")
     return scaling
 
 
@@ -188,11 +191,9 @@ def _undo_convert(weights: dict, config: dict) -> dict:
 def _unpermute_rows(w: mx.array, heads: int) -> mx.array:
     """Inverse of llama.cpp's `LlamaModel.permute`, which interleaves each head's two rotary halves.
 
-    Only rows move, and quantization groups run along rows, so packed weights, scales and biases
-    can be permuted as they are, without dequantizing.
-    """
-    rows = w.shape[0]
-    return w.reshape(heads, rows // heads // 2, 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+    Only rows move and quantization groups lie within rows, so packed weights, scales and biases
+    are permuted as they are, with no dequantizing."""
+    return w.reshape(heads, w.shape[0] // heads // 2, 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
 
 
 def _rename(weights: dict, arch: str, path: Path) -> dict:
@@ -216,10 +217,15 @@ def _bits(packed: mx.array, scales: mx.array) -> int:
     return packed.shape[-1] * 32 // (scales.shape[-1] * GROUP_SIZE)
 
 
-def _quantized_layers(weights: dict) -> dict[str, int]:
-    """Module path -> bits, for each layer whose weight mx.load kept packed."""
+def _quantize(model: nn.Module, weights: dict) -> dict | None:
+    """Make each layer whose weight mx.load kept packed a quantized layer; the config's `quantization`."""
     stems = [k[: -len(".scales")] for k in weights if k.endswith(".scales")]
-    return {s: _bits(weights[f"{s}.weight"], weights[f"{s}.scales"]) for s in stems}
+    bits = {s: _bits(weights[f"{s}.weight"], weights[f"{s}.scales"]) for s in stems}
+    if not bits:
+        return None
+    nn.quantize(model, class_predicate=lambda p, _: p in bits and {"group_size": GROUP_SIZE, "bits": bits[p]})
+    # mlx_lm.load reads each layer's bits off its weights; the config's are only the default
+    return {"group_size": GROUP_SIZE, "bits": Counter(bits.values()).most_common(1)[0][0], "mode": "affine"}
 
 
 def _dequantized(weights: dict) -> dict:
@@ -236,30 +242,30 @@ def _dequantized(weights: dict) -> dict:
     return out
 
 
-def _tokenizer(meta: dict, eos_token_id) -> TokenizerWrapper:
+def _tokenizer(meta: dict, eos_token_id, path: Path) -> TokenizerWrapper:
     """The file's tokenizer, chat template and end tokens, loaded the way mlx-lm loads a folder's."""
     with tempfile.TemporaryDirectory() as folder:
-        _hf_tokenizer(meta).save_pretrained(folder)
+        _hf_tokenizer(meta, path).save_pretrained(folder)
         return load_tokenizer_folder(Path(folder), eos_token_ids=eos_token_id)
 
 
-def _hf_tokenizer(meta: dict):
-    # transformers' own GGUF tokenizer builders; its `gguf_file=` path would also need PyTorch.
+def _hf_tokenizer(meta: dict, path: Path):
+    # transformers' own GGUF tokenizer builders; its `gguf_file=` route would also need PyTorch.
     from tokenizers import pre_tokenizers
     from transformers import PreTrainedTokenizerFast
     from transformers.integrations.gguf.gguf_tokenizer_mapping import GGUF_TOKENIZER_MAPPING, convert_gguf_tokenizer
 
-    spec = {name: meta[f"tokenizer.{key}"] for key, name in GGUF_TOKENIZER_MAPPING["tokenizer"].items() if f"tokenizer.{key}" in meta}
+    keys = GGUF_TOKENIZER_MAPPING["tokenizer"].items()
+    spec = {name: meta[f"tokenizer.{key}"] for key, name in keys if f"tokenizer.{key}" in meta}
     if "tokens" not in spec:
-        raise InputError(f"{meta.get('general.name', 'GGUF')}: the file has no tokenizer (tokenizer.ggml.tokens)")
+        raise InputError(f"{path}: the file has no tokenizer (no tokenizer.ggml.tokens)")
     backend, _ = convert_gguf_tokenizer(meta["general.architecture"], spec)
     if spec.get("pre_tokenizer_type") in _DIGIT_SPLITTING:
         backend.pre_tokenizer = pre_tokenizers.Sequence(
             [pre_tokenizers.Digits(individual_digits=True), pre_tokenizers.ByteLevel(add_prefix_space=False)])
-    tokens = spec["tokens"]
-    special = {f"{name}_token": tokens[meta[f"tokenizer.ggml.{key}"]] for name, key in
-               (("bos", "bos_token_id"), ("eos", "eos_token_id"), ("unk", "unknown_token_id"), ("pad", "padding_token_id"))
-               if f"tokenizer.ggml.{key}" in meta}
+    ids = {"bos": "bos", "eos": "eos", "unk": "unknown", "pad": "padding"}
+    special = {f"{name}_token": spec["tokens"][meta[f"tokenizer.ggml.{key}_token_id"]]
+               for name, key in ids.items() if f"tokenizer.ggml.{key}_token_id" in meta}
     return PreTrainedTokenizerFast(
         tokenizer_object=backend, chat_template=meta.get("tokenizer.chat_template"), **special,
         # llama.cpp adds BOS to a sentencepiece vocabulary unless the file says otherwise

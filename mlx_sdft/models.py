@@ -6,6 +6,8 @@ The tokenizer loads first and separately, so prompts can be checked before any w
 from __future__ import annotations
 
 import json
+import os
+import shutil
 from pathlib import Path
 
 import mlx.core as mx
@@ -18,9 +20,38 @@ from mlx_sdft.errors import InputError
 from mlx_sdft.teacher import Leaves, copy_leaves, trainable_leaves
 
 
-def resolve(model: str) -> Path:
-    """A local folder as it is, else a hub id (downloaded once into the HF cache)."""
+def gguf_cache() -> Path:
+    return Path(os.environ.get("MLX_SDFT_CACHE", Path.home() / ".cache" / "mlx-sdft")) / "gguf"
+
+
+def resolve_gguf(path: Path, dequantize: bool | None = None) -> Path:
+    """A GGUF file as an mlx-lm model folder, exported once into the cache and reused.
+
+    Everything downstream (tokenizer first, LoRA, mlx_lm.generate --model FOLDER) then treats
+    a GGUF model exactly like a hub model. The key covers the file's identity and the dtype.
+    """
+    from mlx_sdft.gguf import export_gguf
+
+    if dequantize is None:
+        dequantize = mx.default_device() == mx.cpu  # CPU quantized matmul is ~13x slower than float32
+    stat = path.stat()
+    folder = gguf_cache() / f"{path.stem}-{stat.st_size}-{stat.st_mtime_ns}-{'f32' if dequantize else 'q'}"
+    if not (folder / "config.json").is_file():
+        tmp = folder.with_name(f".tmp-{os.getpid()}-{folder.name}")
+        shutil.rmtree(tmp, ignore_errors=True)
+        export_gguf(path, tmp, dequantize)
+        tmp.rename(folder)
+    return folder
+
+
+def resolve(model: str, dequantize: bool | None = None) -> Path:
+    """A local folder as it is, a .gguf file via its exported folder, else a hub id (downloaded
+    once into the HF cache)."""
     path = Path(model).expanduser()
+    if path.suffix == ".gguf":
+        if not path.is_file():
+            raise InputError(f"{model}: no such GGUF file")
+        return resolve_gguf(path, dequantize)
     if path.exists():
         if not (path / "config.json").is_file():
             raise InputError(f"{model}: not a model folder (no config.json)")

@@ -3,6 +3,7 @@ numbers as JSON lines in metrics.jsonl (and optionally Weights & Biases)."""
 
 from __future__ import annotations
 
+import signal
 import time
 from contextlib import contextmanager
 from pathlib import Path
@@ -29,6 +30,28 @@ class PhaseTimer:
             self.seconds[phase] = self.seconds.get(phase, 0.0) + time.perf_counter() - tic
 
 
+class StopFlag:
+    """The first Ctrl-C asks the loop to save and stop after the current step; a second one
+    stops at once (Python's default)."""
+
+    def __init__(self, reporter: "Reporter | None" = None):
+        self.requested, self.reporter = False, reporter
+
+    def __enter__(self):
+        self.previous = signal.signal(signal.SIGINT, self._handle)
+        return self
+
+    def __exit__(self, *exc):
+        signal.signal(signal.SIGINT, self.previous)
+
+    def _handle(self, signum, frame):
+        if self.requested:
+            raise KeyboardInterrupt
+        self.requested = True
+        if self.reporter is not None:
+            self.reporter.print("[yellow]Ctrl-C: saving after this step (press again to stop at once)[/]")
+
+
 _TRAIN_LINE = (
     "step {step}/{total}  loss {loss:.4f}  lr {learning_rate:.2e}  "
     "sample {sample_s:.2f}s  teacher {teacher_s:.2f}s  student+update {student_s:.2f}s  "
@@ -40,8 +63,9 @@ _EVAL_LINE = "step {step}/{total}  val loss {val_loss:.4f}  val len {val_complet
 
 class Reporter:
     def __init__(self, out: Path, total: int, console: Console | None = None, report_to: str | None = None,
-                 project_name: str | None = None, config: dict | None = None, quiet: bool = False):
-        self.out, self.total, self.quiet = out, total, quiet
+                 project_name: str | None = None, config: dict | None = None, quiet: bool = False,
+                 estimated_peak_gb: float | None = None):
+        self.out, self.total, self.quiet, self.estimated_peak_gb = out, total, quiet, estimated_peak_gb
         self.console = console or Console(stderr=True)
         self.progress = Progress(
             TextColumn("[bold]SDFT"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[loss]}"),
@@ -73,6 +97,8 @@ class Reporter:
         self.progress.update(self.task, completed=step, loss=f"loss {loss:.4f}")
 
     def log(self, record: dict):
+        if record["type"] == "train" and self.estimated_peak_gb is not None:
+            record = {**record, "estimated_peak_gb": self.estimated_peak_gb}  # to check the preflight
         append_metrics(self.out, record)
         line = _TRAIN_LINE if record["type"] == "train" else _EVAL_LINE
         self.print(line.format(total=self.total, **record), highlight=False)

@@ -15,10 +15,10 @@ from mlx_lm.tuner.trainer import grad_checkpoint
 
 from mlx_sdft import checkpoint
 from mlx_sdft.config import Config
-from mlx_sdft.errors import TrainingError
+from mlx_sdft.errors import Interrupted, TrainingError
 from mlx_sdft.losses import sdft_loss, sft_loss
 from mlx_sdft.prompts import PromptPair
-from mlx_sdft.report import PhaseTimer, Reporter
+from mlx_sdft.report import PhaseTimer, Reporter, StopFlag
 from mlx_sdft.rollout import sample
 from mlx_sdft.scoring import completion_logits, completion_mask
 from mlx_sdft.teacher import Leaves, init_teacher, step_teacher, trainable_leaves, using
@@ -118,47 +118,65 @@ def evaluate(model, teacher, pairs: list[PromptPair], cfg: Config, stop_ids) -> 
     return {"val_loss": float(np.mean(losses)), "val_completion_len": float(np.mean(lengths))}
 
 
+def micro_step(model, loss_and_grad, teacher, pairs, cfg: Config, stop_ids, timer: PhaseTimer):
+    """One micro-batch: (SDFT) sample, teacher logits, student loss and gradient; (SFT) the
+    cross-entropy and its gradient. Returns (loss, ntoks, grads, stats)."""
+    stats = {"n": len(pairs) * (cfg.num_generations if cfg.method == "sdft" else 1)}
+    if cfg.method == "sft":
+        with timer("student"):
+            (loss, ntoks), grads = loss_and_grad(model, pairs, cfg)
+            mx.eval(loss, ntoks, grads)
+        return loss, ntoks, grads, {**stats, "length": int(ntoks.item())}
+    with timer("sample"):
+        pairs, rollout = rollout_batch(model, pairs, cfg, stop_ids)
+    with timer("teacher"):
+        t_logits = teacher_logits(model, teacher, pairs, rollout.completions)
+        mx.eval(t_logits)
+    with timer("student"):
+        (loss, ntoks), grads = loss_and_grad(model, pairs, rollout.completions, t_logits, cfg)
+        mx.eval(loss, ntoks, grads)
+    return loss, ntoks, grads, {**stats, "sampled": rollout.num_tokens, "length": rollout.num_tokens,
+                                "truncated": sum(rollout.truncated)}
+
+
+def sampling_seed(seed: int, cursor: int) -> int:
+    """Each micro-batch samples from its own seed: a resumed run draws the same completions,
+    and validation (which also samples) cannot shift the training stream."""
+    return int(np.random.SeedSequence([seed, cursor]).generate_state(1)[0])
+
+
 def train(model: nn.Module, tokenizer, train_pairs: list[PromptPair], valid_pairs: list[PromptPair],
-          cfg: Config, base: Leaves, reporter: Reporter) -> dict:
-    """Run SDFT; returns the last report record. Adapters and state land in cfg.adapter_path."""
+          cfg: Config, base: Leaves, reporter: Reporter, stop: StopFlag | None = None) -> dict:
+    """Run SDFT (or SFT); returns the last report record. Everything lands in cfg.adapter_path."""
     out = Path(cfg.adapter_path)
     steps = total_steps(cfg, len(train_pairs))
     stop_ids = sorted(tokenizer.eos_token_ids)
     optimizer = build_optimizer(cfg, steps)
     teacher_kind = cfg.teacher if cfg.method == "sdft" else "live"  # SFT has no teacher: None leaves
     teacher = init_teacher(teacher_kind, model, base)
+    first, cursor = 1, 0
+    if cfg.resume:
+        state, saved_teacher = checkpoint.load_state(out, optimizer, model)
+        first, cursor = state["step"] + 1, state["cursor"]
+        teacher = saved_teacher if teacher_kind == "ema" else teacher
+        checkpoint.truncate_metrics(out, state["step"])
+        reporter.print(f"resuming after step {state['step']} (epoch {state['epoch']:.2f})")
     if cfg.grad_checkpoint:
         grad_checkpoint(model.layers[0])
     loss_and_grad = nn.value_and_grad(model, student_loss if cfg.method == "sdft" else supervised_loss)
-    cursor, bad_steps, window, record = 0, 0, [], {}
+    bad_steps, window, record = 0, [], {}
     model.train()
 
-    for step in range(1, steps + 1):
-        timer, grads, stats = PhaseTimer(), None, dict(loss=0.0, ntoks=0, sampled=0, truncated=0, length=0, n=0)
+    for step in range(first, steps + 1):
+        timer, grads, stats = PhaseTimer(), None, {}
         for _ in range(cfg.grad_accumulation_steps):
             pairs = [train_pairs[i] for i in batch_at(cursor, len(train_pairs), cfg.batch_size, cfg.seed)]
+            mx.random.seed(sampling_seed(cfg.seed, cursor))
             cursor += cfg.batch_size
-            if cfg.method == "sdft":
-                with timer("sample"):
-                    pairs, rollout = rollout_batch(model, pairs, cfg, stop_ids)
-                with timer("teacher"):
-                    t_logits = teacher_logits(model, teacher, pairs, rollout.completions)
-                    mx.eval(t_logits)
-                with timer("student"):
-                    (loss, ntoks), g = loss_and_grad(model, pairs, rollout.completions, t_logits, cfg)
-                    mx.eval(loss, ntoks, g)
-                stats["sampled"] += rollout.num_tokens
-                stats["truncated"] += sum(rollout.truncated)
-                stats["length"] += rollout.num_tokens
-            else:
-                with timer("student"):
-                    (loss, ntoks), g = loss_and_grad(model, pairs, cfg)
-                    mx.eval(loss, ntoks, g)
-                stats["length"] += int(ntoks.item())
+            loss, ntoks, g, micro = micro_step(model, loss_and_grad, teacher, pairs, cfg, stop_ids, timer)
             grads = g if grads is None else tree_map(mx.add, grads, g)
-            stats["loss"] += loss.item() / cfg.grad_accumulation_steps
-            stats["ntoks"] += int(ntoks.item())
-            stats["n"] += len(pairs)
+            for key, value in {**micro, "loss": loss.item() / cfg.grad_accumulation_steps, "ntoks": int(ntoks.item())}.items():
+                stats[key] = stats.get(key, 0) + value
 
         with timer("student"):
             grads = tree_map(lambda g: g / cfg.grad_accumulation_steps, grads)
@@ -184,10 +202,13 @@ def train(model: nn.Module, tokenizer, train_pairs: list[PromptPair], valid_pair
             with timer("eval"):
                 val = evaluate(model, teacher, valid_pairs, cfg, stop_ids)
             reporter.log({"type": "eval", "step": step, **val, "val_s": timer.seconds["eval"]})
-        if step % cfg.save_every == 0 or step == steps:
+        interrupted = stop is not None and stop.requested
+        if step % cfg.save_every == 0 or step == steps or interrupted:
             state = {"cursor": cursor, "epoch": cursor / len(train_pairs), "total_steps": steps}
             checkpoint.save(out, cfg, step, trainable_leaves(model), teacher, optimizer, state,
                             checkpoint=step % cfg.save_every == 0)
+        if interrupted:
+            raise Interrupted(step)
     return record
 
 
@@ -212,43 +233,3 @@ def _summarize(window: list[dict], step: int, optimizer: optim.Optimizer) -> dic
         "peak_memory_gb": mx.get_peak_memory() / 1e9,
     }
 
-
-def run(cfg: Config, console=None, quiet: bool = False) -> dict:
-    """Everything `mlx-sdft train` does: check all input, then load, train and save.
-
-    Data, config and prompts are validated before any weights load, and nothing is
-    written to the output folder until training has produced something to write.
-    """
-    from rich.panel import Panel
-    from rich.text import Text
-
-    from mlx_sdft.data import load_dataset
-    from mlx_sdft.models import attach_adapters, load, load_tokenizer, resolve
-    from mlx_sdft.prompts import encode_examples, student_text, teacher_text
-
-    splits = load_dataset(cfg.data)
-    model_path = resolve(cfg.model)
-    tokenizer = load_tokenizer(model_path, cfg.chat_template)
-    train_pairs = encode_examples(tokenizer, splits["train"], cfg.teacher_template, cfg.max_seq_length)
-    valid_pairs = encode_examples(tokenizer, splits.get("valid", []), cfg.teacher_template, cfg.max_seq_length)
-
-    reporter = Reporter(Path(cfg.adapter_path), total_steps(cfg, len(train_pairs)), console=console,
-                        report_to=cfg.report_to, project_name=cfg.project_name, config=cfg.to_dict(), quiet=quiet)
-    first = splits["train"][0]
-    reporter.print(Panel(Text(student_text(tokenizer, first)), title=f"student prompt ({first.where})", expand=False))
-    reporter.print(Panel(Text(teacher_text(tokenizer, first, cfg.teacher_template)), title="teacher prompt", expand=False))
-    reporter.print(
-        f"{len(train_pairs)} training prompts, {len(valid_pairs)} validation prompts; "
-        f"{reporter.total} steps of {cfg.batch_size * cfg.grad_accumulation_steps} prompts x {cfg.num_generations} "
-        f"generations; divergence {cfg.divergence}, teacher {cfg.teacher}"
-        + (f" (rate {cfg.teacher_update_rate})" if cfg.teacher == "ema" else ""),
-        highlight=False,
-    )
-    if not valid_pairs:
-        reporter.print("no valid.jsonl: validation is skipped", style="yellow")
-
-    mx.random.seed(cfg.seed)
-    model = load(model_path)
-    base = attach_adapters(model, cfg.fine_tune_type, cfg.num_layers, cfg.lora_parameters, cfg.resume_adapter_file)
-    with reporter:
-        return train(model, tokenizer, train_pairs, valid_pairs, cfg, base, reporter)

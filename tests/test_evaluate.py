@@ -14,7 +14,8 @@ from mlx_sdft.config import Config, load_config
 from mlx_sdft.evaluate import load_prompts, perplexity, retention_kl
 from mlx_sdft.models import attach_adapters, load, load_adapted, load_tokenizer
 from mlx_sdft.teacher import trainable_leaves, using
-from mlx_sdft.train import build_optimizer, run
+from mlx_sdft.launch import run
+from mlx_sdft.train import build_optimizer
 
 runner = CliRunner()
 

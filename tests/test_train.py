@@ -8,7 +8,8 @@ import pytest
 from mlx.utils import tree_flatten
 
 from mlx_sdft.config import load_config
-from mlx_sdft.train import batch_at, build_optimizer, run, total_steps
+from mlx_sdft.launch import run
+from mlx_sdft.train import batch_at, build_optimizer, total_steps
 
 INPUTS = mx.array([[1, 300, 201, 293, 275, 289, 283, 276]])
 

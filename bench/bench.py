@@ -1,0 +1,245 @@
+"""mlx-sdft's benchmark: every figure is a ratio of two things measured side by side in this run.
+
+Run: python bench/bench.py [--quick] [--json out.json] [--trl]
+     LD_PRELOAD=/usr/lib/x86_64-linux-gnu/openblas-pthread/libopenblas.so.0 python bench/bench.py
+
+A randomly initialised llama with SmolLM2-135M-Instruct's shapes (--quick: a tiny one), LoRA rank 8
+on every linear of every block, fixed prompt and completion lengths (no stop token), and the same
+batch for every side. Repetitions interleave the sides, so load from other jobs on this shared
+machine falls on both. Ratios (targets in TARGETS):
+  sdft_vs_sft_step       wall-clock of one SDFT optimizer step / one SFT step on as many tokens
+  sampling_vs_batch_gen  tokens/s of the trainer's `sample` / `mlx_lm.batch_generate`
+  peak_memory_sdft_vs_sft  peak memory of an SDFT step / an SFT step
+  student_flops_vs_peak  student forward+backward FLOP/s / this run's float32 matmul FLOP/s
+  mlx_vs_trl_step        (--trl) our SDFT step / TRL SDFTTrainer's step, see trl_bench.py
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import mlx.core as mx
+import mlx.nn as nn
+import mlx.optimizers as optim
+from mlx.utils import tree_map
+from mlx_lm.generate import batch_generate
+from mlx_lm.models import llama
+from mlx_lm.sample_utils import make_sampler
+
+HERE = Path(__file__).resolve().parent
+sys.path[:0] = [str(HERE), str(HERE.parent)]  # run from a checkout without installing
+from shapes import FULL, QUICK, SEED, machine, student_flops  # noqa: E402
+
+from mlx_sdft import train as trainer  # noqa: E402
+from mlx_sdft.config import Config  # noqa: E402
+from mlx_sdft.models import attach_adapters  # noqa: E402
+from mlx_sdft.prompts import PromptPair  # noqa: E402
+from mlx_sdft.report import PhaseTimer  # noqa: E402
+from mlx_sdft.rollout import sample  # noqa: E402
+from mlx_sdft.teacher import init_teacher, step_teacher  # noqa: E402
+
+TARGETS = {"sdft_vs_sft_step": ("<=", 2.0), "sampling_vs_batch_gen": (">=", 1.0),
+           "peak_memory_sdft_vs_sft": ("<=", 1.25), "student_flops_vs_peak": (">=", 0.5),
+           "mlx_vs_trl_step": ("<=", 0.5)}
+TRL_PYTHON = Path("/work/bench-venv/bin/python")
+
+
+class NoTokenizer:
+    """What batch_generate needs of a tokenizer, and no stop token: completions run to max_tokens."""
+    eos_token_ids: list[int] = []
+
+    def decode(self, ids):
+        return ""
+
+
+def build(s: dict):
+    """The model with LoRA attached, the fixed prompt pairs, and the trainer's config."""
+    mx.random.seed(SEED)
+    model = llama.Model(llama.ModelArgs.from_dict(s["model"]))
+    mx.eval(model.parameters())
+    lora = {"rank": s["lora_rank"], "scale": 20.0, "dropout": 0.0}
+    attach_adapters(model, "lora", len(model.layers), lora)
+    ids = lambda n: mx.random.randint(0, s["model"]["vocab_size"], (n,)).tolist()  # noqa: E731
+    pairs = [PromptPair(ids(s["student_len"]), ids(s["teacher_len"]), ids(s["completion"]), f"bench:{i}")
+             for i in range(s["batch"])]
+    cfg = Config(batch_size=s["batch"], max_completion_length=s["completion"], lora_parameters=lora, iters=100)
+    return model, pairs, cfg
+
+
+def update(model, optimizer, grads, cfg: Config):
+    """train()'s update block for one micro-batch: average, clip, finiteness check, step."""
+    grads = tree_map(lambda g: g / cfg.grad_accumulation_steps, grads)
+    grads, grad_norm = optim.clip_grad_norm(grads, cfg.grad_clip)
+    if math.isfinite(grad_norm.item()):
+        optimizer.update(model, grads)
+        mx.eval(model.parameters(), optimizer.state)
+
+
+def sdft_step(model, pairs, cfg, state) -> dict:
+    """One SDFT optimizer step as train() runs it, timed by phase."""
+    timer = PhaseTimer()
+    with timer("sample"):
+        pairs, rollout = trainer.rollout_batch(model, pairs, cfg, stop_ids=[])
+    with timer("teacher"):
+        t_logits = trainer.teacher_logits(model, state["teacher"], pairs, rollout.completions)
+        mx.eval(t_logits)
+    with timer("student"):
+        (loss, ntoks), grads = state["sdft_grad"](model, pairs, rollout.completions, t_logits, cfg)
+        mx.eval(loss, ntoks, grads)
+    with timer("update"):
+        loss.item()
+        update(model, state["optimizer"], grads, cfg)
+    with timer("ema"):
+        state["teacher"] = step_teacher("ema", state["teacher"], model, cfg.teacher_update_rate)
+    assert all(len(c) == cfg.max_completion_length for c in rollout.completions)
+    return timer.seconds
+
+
+def sft_step(model, pairs, cfg, state) -> dict:
+    """One --method sft optimizer step on demonstrations as long as the SDFT completions."""
+    timer = PhaseTimer()
+    with timer("student"):
+        (loss, ntoks), grads = state["sft_grad"](model, pairs, cfg)
+        mx.eval(loss, ntoks, grads)
+    with timer("update"):
+        loss.item()
+        update(model, state["optimizer"], grads, cfg)
+    return timer.seconds
+
+
+def sampling(model, pairs, cfg, standalone: bool) -> float:
+    """Seconds to sample cfg.max_completion_length tokens for every prompt."""
+    prompts, n = [p.student_ids for p in pairs], cfg.max_completion_length
+    tic = time.perf_counter()
+    if standalone:
+        batch_generate(model, NoTokenizer(), prompts, max_tokens=n, sampler=make_sampler(temp=cfg.temperature, top_p=cfg.top_p))
+    else:
+        sample(model, prompts, [n] * len(prompts), [], temperature=cfg.temperature, top_p=cfg.top_p, batch_size=len(prompts))
+    return time.perf_counter() - tic
+
+
+def matmul_peak(n: int, reps: int = 3) -> float:
+    """Best float32 FLOP/s of an n×n×n matmul: the machine's peak, measured now."""
+    a, b = mx.random.normal((n, n)), mx.random.normal((n, n))
+    mx.eval(a, b, a @ b)
+    best = math.inf
+    for _ in range(reps):
+        tic = time.perf_counter()
+        mx.eval(a @ b)
+        best = min(best, time.perf_counter() - tic)
+    return 2 * n**3 / best
+
+
+def peak_memory(fn) -> tuple[dict, int]:
+    mx.synchronize()
+    mx.reset_peak_memory()
+    seconds = fn()
+    return seconds, mx.get_peak_memory()
+
+
+def run_trl(quick: bool) -> dict:
+    if not TRL_PYTHON.exists():
+        return {"error": f"{TRL_PYTHON} not found (see bench/README.md to create the TRL venv)"}
+    cmd = [str(TRL_PYTHON), str(Path(__file__).with_name("trl_bench.py"))] + (["--quick"] if quick else [])
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("{")]
+    if proc.returncode or not lines:
+        return {"error": f"trl_bench.py exited {proc.returncode}: {proc.stderr.strip()[-800:]}"}
+    return json.loads(lines[-1])
+
+
+def main(argv=None) -> dict:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--quick", action="store_true", help="tiny model and lengths: a smoke test in seconds")
+    ap.add_argument("--json", help="also write the JSON record to this file")
+    ap.add_argument("--trl", action="store_true", help=f"also run trl_bench.py with {TRL_PYTHON}")
+    ap.add_argument("--reps", type=int, help="timed repetitions (default: 2, quick 1)")
+    args = ap.parse_args(argv)
+    s = dict(QUICK if args.quick else FULL)
+    s["reps"] = args.reps or s["reps"]
+
+    model, pairs, cfg = build(s)
+    model.train()
+    state = {"teacher": init_teacher("ema", model, {}), "optimizer": trainer.build_optimizer(cfg, cfg.iters),
+             "sdft_grad": nn.value_and_grad(model, trainer.student_loss),
+             "sft_grad": nn.value_and_grad(model, trainer.supervised_loss)}
+    peaks = [matmul_peak(s["matmul_n"])]
+    resident = mx.get_active_memory()
+    runs = {"sdft": [], "sft": [], "sample": [], "batch_gen": [], "mem_sdft": [], "mem_sft": []}
+    for rep in range(s["warmup"] + s["reps"]):
+        sd, m_sd = peak_memory(lambda: sdft_step(model, pairs, cfg, state))
+        sf, m_sf = peak_memory(lambda: sft_step(model, pairs, cfg, state))
+        order = [False, True] if rep % 2 else [True, False]  # alternate which sampler goes first
+        times = {standalone: sampling(model, pairs, cfg, standalone) for standalone in order}
+        if rep >= s["warmup"]:
+            for key, v in [("sdft", sd), ("sft", sf), ("sample", times[False]), ("batch_gen", times[True]),
+                           ("mem_sdft", m_sd), ("mem_sft", m_sf)]:
+                runs[key].append(v)
+    peaks.append(matmul_peak(s["matmul_n"]))
+    return report(args, s, runs, peaks, resident)
+
+
+def report(args, s, runs, peaks, resident) -> dict:
+    med = statistics.median
+    phases = {k: med(r[k] for r in runs["sdft"]) for k in runs["sdft"][0]}
+    sft_phases = {k: med(r[k] for r in runs["sft"]) for k in runs["sft"][0]}
+    sdft_s, sft_s = sum(phases.values()), sum(sft_phases.values())
+    tokens = s["batch"] * s["completion"]
+    flops = student_flops(s["model"], s["batch"], s["student_len"] + s["completion"] - 1, s["completion"], s["lora_rank"])
+    peak = max(peaks)
+    ratios = {
+        "sdft_vs_sft_step": sdft_s / sft_s,
+        "sampling_vs_batch_gen": med(runs["batch_gen"]) / med(runs["sample"]),  # a tokens/s ratio
+        "peak_memory_sdft_vs_sft": max(runs["mem_sdft"]) / max(runs["mem_sft"]),
+        "student_flops_vs_peak": flops["total"] / phases["student"] / peak,
+    }
+    trl = run_trl(args.quick) if args.trl else None
+    if trl and "step_s" in trl:
+        ratios["mlx_vs_trl_step"] = sdft_s / trl["step_s"]
+    record = {
+        "bench": "mlx-sdft", "quick": args.quick, "date": time.strftime("%Y-%m-%d %H:%M"),
+        "mlx": mx.__version__, "device": str(mx.default_device()), **machine(),
+        "settings": {k: v for k, v in s.items() if k != "model"},
+        "model": "tiny llama" if args.quick else "llama, SmolLM2-135M shapes, random fp32",
+        "ratios": {k: round(v, 4) for k, v in ratios.items()},
+        "targets": {k: f"{op} {v}" for k, (op, v) in TARGETS.items()},
+        "sdft_phases_s": {k: round(v, 4) for k, v in phases.items()}, "sdft_step_s": round(sdft_s, 4),
+        "sft_step_s": round(sft_s, 4), "sft_phases_s": {k: round(v, 4) for k, v in sft_phases.items()},
+        "sample_tok_s": round(tokens / med(runs["sample"]), 2), "batch_gen_tok_s": round(tokens / med(runs["batch_gen"]), 2),
+        "peak_memory_gb": {"sdft": max(runs["mem_sdft"]) / 1e9, "sft": max(runs["mem_sft"]) / 1e9, "resident_before": resident / 1e9},
+        "student_gflop": flops["total"] / 1e9, "student_gflop_s": flops["total"] / phases["student"] / 1e9,
+        "matmul_peak_gflop_s": [round(p / 1e9, 2) for p in peaks],
+        "trl": trl,
+    }
+    print_table(record)
+    print(json.dumps(record))
+    if args.json:
+        Path(args.json).write_text(json.dumps(record, indent=2) + "\n")
+    return record
+
+
+def print_table(r: dict):
+    print(f"mlx {r['mlx']} on {r['device']}, {r['blas']}; {r['cpu']} ({r['cores']} cores, shared); {r['model']}")
+    print(f"{'ratio':<26}{'measured':>10}{'target':>10}  ok")
+    for key, (op, target) in TARGETS.items():
+        if key in r["ratios"]:
+            v = r["ratios"][key]
+            ok = v <= target if op == "<=" else v >= target
+            print(f"{key:<26}{v:>10.3f}{op + ' ' + str(target):>10}  {'yes' if ok else 'NO'}")
+    phases = "  ".join(f"{k} {v:.2f}s" for k, v in r["sdft_phases_s"].items())
+    print(f"SDFT step {r['sdft_step_s']:.2f}s = {phases};  SFT step {r['sft_step_s']:.2f}s")
+    print(f"sampling {r['sample_tok_s']:.1f} tok/s in the trainer, {r['batch_gen_tok_s']:.1f} tok/s batch_generate; "
+          f"student {r['student_gflop_s']:.1f} GFLOP/s vs matmul peak {max(r['matmul_peak_gflop_s']):.1f} GFLOP/s")
+    if r["trl"]:
+        print(f"TRL: {r['trl']}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,81 @@
+"""Everything `mlx-sdft train` does around the loop: check all input, estimate memory, load,
+resume, train, and stop cleanly on Ctrl-C.
+
+Data, options, prompts and the memory estimate are checked before any weights load, and
+nothing is written to the output folder until training has produced something to write.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import mlx.core as mx
+from rich.panel import Panel
+from rich.text import Text
+
+from mlx_sdft import memory
+from mlx_sdft.config import Config
+from mlx_sdft.data import load_dataset
+from mlx_sdft.errors import InputError
+from mlx_sdft.models import attach_adapters, load, load_tokenizer, resolve
+from mlx_sdft.prompts import encode_examples, student_text, teacher_text
+from mlx_sdft.report import Reporter, StopFlag
+from mlx_sdft.train import total_steps, train
+
+
+def preflight(cfg: Config, model_path: Path, train_pairs, valid_pairs) -> dict[str, float] | None:
+    """The memory estimate; an InputError when it cannot fit. None for models it cannot read."""
+    config = memory.model_config(model_path)
+    if not {"hidden_size", "num_hidden_layers", "num_attention_heads", "vocab_size"} <= config.keys():
+        return None
+    pairs = train_pairs + valid_pairs
+    parts = memory.estimate(config, model_path, cfg, max(len(p.student_ids) for p in pairs),
+                            max(len(p.teacher_ids) for p in pairs))
+    have, what = memory.available_gb()
+    if parts["peak"] > have:
+        raise InputError(f"this run needs about {parts['peak']:.1f} GB but the {what} is {have:.1f} GB "
+                         f"({memory.describe(parts)}); lower it with {memory.LOWER_IT}")
+    return parts
+
+
+def run(cfg: Config, console=None, quiet: bool = False) -> dict:
+    """Train as configured; returns the last report record (or the estimate with --dry-run)."""
+    out = Path(cfg.adapter_path)
+    if cfg.resume and not (out / "trainer_state.json").exists():
+        raise InputError(f"--resume: {out} holds no saved run (no trainer_state.json)")
+    splits = load_dataset(cfg.data)
+    model_path = resolve(cfg.model, cfg.dequantize)
+    tokenizer = load_tokenizer(model_path, cfg.chat_template)
+    train_pairs = encode_examples(tokenizer, splits["train"], cfg.teacher_template, cfg.max_seq_length)
+    valid_pairs = encode_examples(tokenizer, splits.get("valid", []), cfg.teacher_template, cfg.max_seq_length)
+    estimate = preflight(cfg, model_path, train_pairs, valid_pairs)
+
+    reporter = Reporter(out, total_steps(cfg, len(train_pairs)), console=console, report_to=cfg.report_to,
+                        project_name=cfg.project_name, config=cfg.to_dict(), quiet=quiet,
+                        estimated_peak_gb=estimate["peak"] if estimate else None)
+    if estimate:
+        reporter.print(f"memory estimate: {memory.describe(estimate)}", highlight=False)
+    if cfg.dry_run:
+        return estimate or {}
+    first = splits["train"][0]
+    reporter.print(Panel(Text(student_text(tokenizer, first)), title=f"student prompt ({first.where})", expand=False))
+    if cfg.method == "sdft":
+        reporter.print(Panel(Text(teacher_text(tokenizer, first, cfg.teacher_template)), title="teacher prompt",
+                             expand=False))
+    reporter.print(
+        f"{len(train_pairs)} training prompts, {len(valid_pairs)} validation prompts; {reporter.total} steps of "
+        f"{cfg.batch_size * cfg.grad_accumulation_steps} prompts; method {cfg.method}"
+        + (f", {cfg.num_generations} generation(s) per prompt, divergence {cfg.divergence}, teacher {cfg.teacher}"
+           + (f" (rate {cfg.teacher_update_rate})" if cfg.teacher == "ema" else "") if cfg.method == "sdft" else ""),
+        highlight=False,
+    )
+    if not valid_pairs:
+        reporter.print("no valid.jsonl: validation is skipped", style="yellow")
+    if not cfg.resume and (out / "trainer_state.json").exists():
+        reporter.print(f"{out} holds an earlier run: it will be overwritten (--resume continues it)", style="yellow")
+
+    mx.random.seed(cfg.seed)
+    model = load(model_path)
+    base = attach_adapters(model, cfg.fine_tune_type, cfg.num_layers, cfg.lora_parameters, cfg.resume_adapter_file)
+    with reporter, StopFlag(reporter) as stop:
+        return train(model, tokenizer, train_pairs, valid_pairs, cfg, base, reporter, stop)

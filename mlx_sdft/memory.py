@@ -1,0 +1,81 @@
+"""Memory preflight: estimate a run's peak memory from the model config and the options,
+before any weights load, and compare it with what the machine can give.
+
+The estimate is deliberately simple (every term below is written out) and is logged next
+to the measured peak in metrics.jsonl, so it can be checked and improved.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import mlx.core as mx
+
+GB = 1e9
+F32 = 4
+
+
+def weight_bytes(model_path: Path) -> int:
+    files = list(model_path.glob("*.safetensors")) or list(model_path.glob("*.gguf"))
+    return sum(f.stat().st_size for f in files)
+
+
+def trainable_count(config: dict, cfg) -> int:
+    """Parameters that train: LoRA r·(in+out) per adapted linear, or whole blocks for full."""
+    h, i = config["hidden_size"], config.get("intermediate_size", 4 * config["hidden_size"])
+    heads = config["num_attention_heads"]
+    head_dim = config.get("head_dim") or h // heads
+    kv = config.get("num_key_value_heads", heads) * head_dim
+    linears = [(h, heads * head_dim), (h, kv), (h, kv), (heads * head_dim, h), (h, i), (h, i), (i, h)]
+    layers = config["num_hidden_layers"] if cfg.num_layers < 0 else min(cfg.num_layers, config["num_hidden_layers"])
+    if cfg.fine_tune_type == "full":
+        return layers * sum(a * b for a, b in linears)
+    r = cfg.lora_parameters["rank"]
+    return layers * sum(r * (a + b) for a, b in linears)
+
+
+def estimate(config: dict, model_path: Path, cfg, prompt_len: int, teacher_prompt_len: int) -> dict[str, float]:
+    """Bytes per component at the peak of a step (GB). n = sequences per micro-batch."""
+    n = cfg.batch_size * (cfg.num_generations if cfg.method == "sdft" else 1)
+    T = cfg.max_completion_length
+    h, layers, V = config["hidden_size"], config["num_hidden_layers"], config["vocab_size"]
+    i = config.get("intermediate_size", 4 * h)
+    heads = config["num_attention_heads"]
+    head_dim = config.get("head_dim") or h // heads
+    kv = config.get("num_key_value_heads", heads) * head_dim
+    L = max(prompt_len, teacher_prompt_len) + T
+    parts = {
+        "weights": weight_bytes(model_path),
+        # student, gradient, Adam m and v, EMA teacher, base snapshot
+        "trainable_states": 6 * trainable_count(config, cfg) * F32,
+        # keys and values of every layer while sampling
+        "kv_cache": 2 * layers * kv * (prompt_len + T) * n * F32 if cfg.method == "sdft" else 0,
+        # activations kept for the backward pass: ~12 hidden-sized and 3 MLP-sized tensors per layer
+        "activations": n * L * layers * (12 * h + 3 * i) * F32 // (layers if cfg.grad_checkpoint else 1),
+        # student logits, log-softmax and its gradient; teacher logits and log-softmax
+        "logits": n * T * V * F32 * (5 if cfg.method == "sdft" else 3),
+    }
+    parts["peak"] = parts["weights"] + parts["trainable_states"] + max(parts["kv_cache"], parts["activations"] + parts["logits"])
+    return {k: v / GB for k, v in parts.items()}
+
+
+def available_gb() -> tuple[float, str]:
+    """What the machine can give: Metal's recommended working set, else physical RAM."""
+    if mx.metal.is_available():
+        return mx.metal.device_info()["max_recommended_working_set_size"] / GB, "Metal recommended working set"
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / GB, "system RAM"
+
+
+def model_config(model_path: Path) -> dict:
+    path = model_path / "config.json"
+    config = json.loads(path.read_text()) if path.exists() else {}
+    return config.get("text_config", config)
+
+
+def describe(parts: dict[str, float]) -> str:
+    return ", ".join(f"{k} {v:.2f} GB" for k, v in parts.items() if k != "peak") + f"; peak ≈ {parts['peak']:.2f} GB"
+
+
+LOWER_IT = "--batch-size, --max-completion-length, --max-seq-length, --num-layers, --grad-checkpoint"

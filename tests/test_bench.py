@@ -1,0 +1,39 @@
+"""Smoke test of the benchmark: `bench/bench.py --quick` runs and prints its JSON record.
+
+Nothing here asserts a time or a ratio's value: timings on a shared CI machine are noise, and
+the targets are for bench/README.md, not for CI."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+RATIOS = {"sdft_vs_sft_step", "sampling_vs_batch_gen", "peak_memory_sdft_vs_sft", "student_flops_vs_peak"}
+
+
+def test_bench_quick_prints_a_json_record_with_every_ratio(tmp_path):
+    out = tmp_path / "bench.json"
+    proc = subprocess.run([sys.executable, str(ROOT / "bench" / "bench.py"), "--quick", "--json", str(out)],
+                          capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    record = json.loads([ln for ln in proc.stdout.splitlines() if ln.startswith("{")][-1])
+    assert json.loads(out.read_text()) == record
+    assert RATIOS <= set(record["ratios"])
+    assert all(isinstance(v, float) and v > 0 for v in record["ratios"].values())
+    assert record["quick"] is True and record["mlx"] and record["device"] and "blas" in record
+    assert set(record["sdft_phases_s"]) == {"sample", "teacher", "student", "update", "ema"}
+    assert "sdft_vs_sft_step" in proc.stdout.split("{")[0]  # the readable table comes first
+
+
+def test_student_flops_counts_activation_gradients_not_weight_gradients():
+    sys.path.insert(0, str(ROOT / "bench"))
+    from shapes import SMOLLM2, student_flops
+
+    flops = student_flops(SMOLLM2, batch=4, input_len=111, completion=48, rank=8)
+    frozen_linears = 30 * (2 * 576 * 576 + 2 * 576 * 192 + 3 * 576 * 1536)
+    params = frozen_linears + 49152 * 576  # + the tied embedding
+    # Over 3x the frozen linears' forward (activation gradients), plus attention, LoRA and the head
+    # on completion positions only; under 6·params·tokens, which counts weight gradients of frozen
+    # weights and the LM head on every position.
+    assert 3 * 2 * frozen_linears * 4 * 111 < flops["total"] < 6 * params * 4 * 111

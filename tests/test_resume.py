@@ -1,0 +1,217 @@
+"""Nothing trained is lost: exact resume, kills at any moment, Ctrl-C, a full disk, NaNs."""
+
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+
+import mlx.core as mx
+import numpy as np
+import pytest
+
+from mlx_sdft import checkpoint
+from mlx_sdft.config import load_config
+from mlx_sdft.errors import Interrupted, TrainingError
+from mlx_sdft.launch import run
+
+ITERS = 6
+
+
+def _opts(tiny_model, smoke_data, out, **kw):
+    opts = dict(model=str(tiny_model), data=str(smoke_data), adapter_path=str(out), num_layers=-1, batch_size=2,
+                iters=ITERS, max_completion_length=10, learning_rate=5e-3, steps_per_report=1, steps_per_eval=4,
+                val_batches=1, save_every=1, seed=7)
+    return {**opts, **kw}
+
+
+def _adapters(out):
+    return {k: np.array(v) for k, v in mx.load(str(out / "adapters.safetensors")).items()}
+
+
+def _assert_same(a, b):
+    assert a.keys() == b.keys()
+    assert max(np.abs(a[k] - b[k]).max() for k in a) <= 1e-6
+
+
+@pytest.fixture(scope="module")
+def reference(tiny_model, tmp_path_factory):
+    """An uninterrupted run, to compare every interrupted one with."""
+    from conftest import ROOT
+
+    out = tmp_path_factory.mktemp("reference") / "adapters"
+    run(load_config(None, _opts(tiny_model, ROOT / "recipes/smoke/data", out)), quiet=True)
+    return _adapters(out), {k: np.array(v) for k, v in mx.load(str(out / "teacher_adapters.safetensors")).items()}
+
+
+def assert_consistent(out):
+    """After recovery every state file belongs to the step trainer_state.json names."""
+    checkpoint.recover(out)
+    step = json.loads((out / "trainer_state.json").read_text())["step"]
+    for name in ("adapters.safetensors", "teacher_adapters.safetensors", "optimizer_state.safetensors"):
+        assert checkpoint.saved_step(out / name) == step, name
+    assert json.loads((out / "adapter_config.json").read_text())["sdft"]["step"] == step
+    assert not list(out.glob(".pending-*")) and not list(out.glob(".tmp-*"))
+    return step
+
+
+class StopAt:
+    def __init__(self, step):
+        self.step, self.calls = step, 0
+
+    @property
+    def requested(self):
+        self.calls += 1
+        return self.calls >= self.step
+
+
+def test_resume_after_interrupt_equals_uninterrupted_run(tiny_model, smoke_data, tmp_path, reference, monkeypatch):
+    out = tmp_path / "a"
+    import mlx_sdft.launch as launch
+
+    monkeypatch.setattr(launch, "StopFlag", lambda reporter: _Ctx(StopAt(3)))
+    with pytest.raises(Interrupted) as e:
+        run(load_config(None, _opts(tiny_model, smoke_data, out)), quiet=True)
+    assert e.value.step == 3 and assert_consistent(out) == 3
+    monkeypatch.undo()
+    run(load_config(None, _opts(tiny_model, smoke_data, out, resume=True)), quiet=True)
+    _assert_same(_adapters(out), reference[0])
+    teacher = {k: np.array(v) for k, v in mx.load(str(out / "teacher_adapters.safetensors")).items()}
+    _assert_same(teacher, reference[1])
+    steps = [json.loads(line)["step"] for line in (out / "metrics.jsonl").read_text().splitlines()
+             if json.loads(line)["type"] == "train"]
+    assert steps == list(range(1, ITERS + 1))  # no duplicated records after the resume
+
+
+class _Ctx:
+    def __init__(self, flag):
+        self.flag = flag
+
+    def __enter__(self):
+        return self.flag
+
+    def __exit__(self, *exc):
+        pass
+
+
+def _cli(tiny_model, smoke_data, out, *extra):
+    args = [sys.executable, "-m", "mlx_sdft", "train"]
+    for k, v in _opts(tiny_model, smoke_data, out).items():
+        args += [f"--{k.replace('_', '-')}", str(v)]
+    return args + list(extra)
+
+
+def test_sigkill_at_random_moments_then_resume(tiny_model, smoke_data, tmp_path, reference):
+    out, rng, kills = tmp_path / "k", random.Random(0), 0
+    args = _cli(tiny_model, smoke_data, out)
+    for attempt in range(12):
+        resume = ["--resume"] if (out / "trainer_state.json").exists() else []
+        proc = subprocess.Popen(args + resume, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        # Wait for the first save, then kill after a random delay: often in the middle of a save.
+        deadline = time.time() + 60
+        while proc.poll() is None and not list(out.glob("*.safetensors")) and time.time() < deadline:
+            time.sleep(0.01)
+        time.sleep(rng.uniform(0.0, 0.6))
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGKILL)
+            kills += 1
+        proc.wait()
+        if (out / "trainer_state.json").exists() or list(out.glob(".pending-*")):
+            step = assert_consistent(out)
+            if step == ITERS and proc.returncode == 0:
+                break
+    else:
+        subprocess.run(args + ["--resume"], check=True, capture_output=True)
+    assert kills >= 2, "the kills should land while training"
+    _assert_same(_adapters(out), reference[0])
+
+
+def test_ctrl_c_saves_and_exits_130(tiny_model, smoke_data, tmp_path, reference):
+    out = tmp_path / "c"
+    proc = subprocess.Popen(_cli(tiny_model, smoke_data, out, "--iters", "400"), stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    while not (out / "trainer_state.json").exists():
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130
+    last = err.strip().splitlines()[-1]
+    assert "interrupted after step" in last and "--resume" in last
+    step = assert_consistent(out)
+    assert 1 <= step < 400
+
+
+def test_full_disk_keeps_the_last_good_checkpoint(tiny_model, smoke_data, tmp_path, reference, monkeypatch):
+    out, calls = tmp_path / "d", {"n": 0}
+    real = checkpoint.write_arrays
+
+    def failing(path, arrays, step=None):
+        calls["n"] += 1
+        if calls["n"] == 9:  # the middle of the third save
+            raise OSError(28, "No space left on device")
+        return real(path, arrays, step)
+
+    monkeypatch.setattr(checkpoint, "write_arrays", failing)
+    with pytest.raises(TrainingError, match="could not save .*No space left on device.*previous checkpoint is intact"):
+        run(load_config(None, _opts(tiny_model, smoke_data, out)), quiet=True)
+    assert assert_consistent(out) == 2
+    monkeypatch.undo()
+    run(load_config(None, _opts(tiny_model, smoke_data, out, resume=True)), quiet=True)
+    _assert_same(_adapters(out), reference[0])
+
+
+def test_non_finite_steps_are_skipped_then_stop(tiny_model, smoke_data, tmp_path, monkeypatch):
+    import mlx_sdft.train as train
+
+    real, calls = train.micro_step, {"n": 0}
+
+    def poisoned(*args):
+        calls["n"] += 1
+        loss, ntoks, grads, stats = real(*args)
+        return (loss * float("nan") if calls["n"] >= 3 else loss), ntoks, grads, stats
+
+    monkeypatch.setattr(train, "micro_step", poisoned)
+    out = tmp_path / "n"
+    with pytest.raises(TrainingError, match=r"step 5: 3 non-finite steps in a row"):
+        run(load_config(None, _opts(tiny_model, smoke_data, out, max_bad_steps=3)), quiet=True)
+    assert assert_consistent(out) == 4  # steps 3 and 4 were skipped but saved, finite
+    assert all(np.isfinite(v).all() for v in _adapters(out).values())
+
+
+def test_resume_needs_a_saved_run(tiny_model, smoke_data, tmp_path):
+    from mlx_sdft.errors import InputError
+
+    with pytest.raises(InputError, match="--resume: .* holds no saved run"):
+        run(load_config(None, _opts(tiny_model, smoke_data, tmp_path / "none", resume=True)), quiet=True)
+
+
+def test_dry_run_and_preflight(tiny_model, smoke_data, tmp_path):
+    from mlx_sdft.errors import InputError
+
+    out = tmp_path / "m"
+    parts = run(load_config(None, _opts(tiny_model, smoke_data, out, dry_run=True)), quiet=True)
+    assert 0 < parts["peak"] < 1 and parts["logits"] > 0 and not out.exists()
+    with pytest.raises(InputError, match=r"needs about .* GB but the system RAM is .*--batch-size"):
+        run(load_config(None, _opts(tiny_model, smoke_data, out, batch_size=100000, max_completion_length=4000,
+                                    max_seq_length=8192)), quiet=True)
+    assert not out.exists()
+
+
+def test_estimate_is_logged_next_to_the_measured_peak(tiny_model, smoke_data, tmp_path):
+    out = tmp_path / "p"
+    run(load_config(None, _opts(tiny_model, smoke_data, out, iters=1)), quiet=True)
+    record = json.loads((out / "metrics.jsonl").read_text().splitlines()[0])
+    assert record["estimated_peak_gb"] > 0 and record["peak_memory_gb"] > 0
+
+
+def test_offline_hub_id_fails_fast(monkeypatch):
+    from mlx_sdft.errors import InputError
+    from mlx_sdft.models import resolve
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    tic = time.time()
+    with pytest.raises(InputError, match="someone/not-a-cached-model: could not get the model"):
+        resolve("someone/not-a-cached-model")
+    assert time.time() - tic < 10
