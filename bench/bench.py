@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import statistics
 import subprocess
 import sys
@@ -148,7 +149,9 @@ def run_trl(quick: bool) -> dict:
     if not TRL_PYTHON.exists():
         return {"error": f"{TRL_PYTHON} not found (see bench/README.md to create the TRL venv)"}
     cmd = [str(TRL_PYTHON), str(Path(__file__).with_name("trl_bench.py"))] + (["--quick"] if quick else [])
-    proc = subprocess.run(cmd, capture_output=True, text=True)
+    # torch brings its own BLAS: keep our LD_PRELOAD (if any) out of its process.
+    env = {k: v for k, v in os.environ.items() if k != "LD_PRELOAD"} | {"TRL_EXPERIMENTAL_SILENCE": "1"}
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
     lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("{")]
     if proc.returncode or not lines:
         return {"error": f"trl_bench.py exited {proc.returncode}: {proc.stderr.strip()[-800:]}"}

@@ -12,7 +12,8 @@ instead), batch of 4 prompts, one generation each, student prompts of 64 tokens,
 of 160, completions of exactly 48 tokens (min_new_tokens = max_new_tokens, so EOS cannot end
 them), temperature 1, top-p 1, full-vocabulary logits, forward KL (distillation_alpha=0 is
 KL(teacher‖student)), first 3 tokens skipped, EMA teacher at rate 0.01, AdamW, clip 1.0, no
-importance-sampling clip (mlx-sdft has none).
+importance-sampling clip (mlx-sdft has none), float32, no gradient checkpointing (TRL turns it on by
+default; mlx-sdft's default is off).
 """
 
 from __future__ import annotations
@@ -103,13 +104,14 @@ def main() -> dict:
     out = tempfile.mkdtemp(prefix="trl_bench_")
     cfg = SDFTConfig(
         output_dir=out, per_device_train_batch_size=s["batch"], gradient_accumulation_steps=1, max_steps=steps,
-        learning_rate=1e-5, lr_scheduler_type="cosine", warmup_ratio=0.1, weight_decay=0.0, max_grad_norm=1.0,
+        learning_rate=1e-5, lr_scheduler_type="cosine", warmup_steps=0.1, weight_decay=0.0, max_grad_norm=1.0,
         optim="adamw_torch", num_generations=1, max_prompt_length=None, max_completion_length=s["completion"],
         temperature=1.0, top_p=1.0, top_k=0, generation_kwargs={"min_new_tokens": s["completion"]},
         distillation_mode="full_logits", distillation_alpha=0.0, distillation_is_clip=None, num_loss_tokens_to_skip=3,
         teacher_model_kind="ema", teacher_update_rate=0.01, teacher_sync_steps=1, shuffle_dataset=False,
         logging_steps=1, save_strategy="no", report_to="none", use_cpu=True, seed=SEED, disable_tqdm=True,
-        dataloader_num_workers=0)
+        dataloader_num_workers=0, bf16=False, fp16=False,
+        gradient_checkpointing=False)  # TRL's default is on; mlx-sdft's --grad-checkpoint is off
     trainer = SDFTTrainer(model=model, args=cfg, train_dataset=dataset(s, s["batch"] * steps),
                           processing_class=word_tokenizer(m["vocab_size"]), peft_config=peft)
     timer, phases = StepTimer(), {}
@@ -126,7 +128,7 @@ def main() -> dict:
         "peft": None if args.full_finetune else __import__("peft").__version__,
         "training": "full fine-tuning" if args.full_finetune else f"LoRA rank {s['lora_rank']}, all linears",
         "teacher": "EMA adapter (PEFTAdapterEMACallback)" if peft else "EMA copy of the model (SyncTeacherModelCallback)",
-        **machine(), "step_s": round(step, 3), "steps_s": [round(t, 3) for t in timer.steps],
+        **{k: v for k, v in machine().items() if k not in ("blas", "openblas")}, "step_s": round(step, 3), "steps_s": [round(t, 3) for t in timer.steps],
         "phases_s": {k: round(v, 3) for k, v in per_step.items()},
         "torch_blas": next((ln.split("=", 1)[1].strip(" ,") for ln in torch.__config__.show().split(",") if "BLAS_INFO" in ln), "?"),
         "completion_lengths": [h["completions/mean_length"] for h in trainer.state.log_history if "completions/mean_length" in h],

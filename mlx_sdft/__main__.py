@@ -1,3 +1,3 @@
-from mlx_sdft.cli import app
+from mlx_sdft.cli import main
 
-app()
+main()

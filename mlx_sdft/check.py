@@ -14,10 +14,10 @@ from mlx_sdft.losses import log_softmax
 from mlx_sdft.prompts import PromptPair
 from mlx_sdft.scoring import completion_logits, completion_mask, pad_rows
 
-# Nats per token the teacher context must add before we call the teacher useful. A heuristic,
-# not from the paper: the project's calibration saw SmolLM2-135M move −3.5 → −1.9 (gap 1.6);
-# below 0.1 the context barely changes the model.
+# Heuristics, not from the paper. Without a metric: nats per token the teacher context must add
+# (the project's calibration saw SmolLM2-135M move −3.5 → −1.9); with one: the score it must add.
 STRONG_GAP, WEAK_GAP = 1.0, 0.1
+STRONG_SCORE_GAP = 0.2
 
 
 def demonstration_loglik(model, pairs: list[PromptPair], role: str, batch_size: int) -> list[float]:
@@ -39,9 +39,14 @@ def verdict(student_ll: float, teacher_ll: float, student_score: float | None, t
     numbers = f"demonstration log-likelihood {student_ll:.2f} → {teacher_ll:.2f} nats/token with it in context (gap {gap:+.2f})"
     if student_score is not None:
         numbers += f"; task score {student_score:.2f} → {teacher_score:.2f}"
-    if gap >= STRONG_GAP and (student_score is None or teacher_score > student_score):
+    if student_score is not None:  # a task score says more than likelihoods
+        strong = teacher_score - student_score >= STRONG_SCORE_GAP
+        weak = gap >= WEAK_GAP or teacher_score > student_score
+    else:
+        strong, weak = gap >= STRONG_GAP, gap >= WEAK_GAP
+    if strong:
         return f"GOOD: the model learns clearly from the demonstration in context; SDFT should help ({numbers})."
-    if gap >= WEAK_GAP:
+    if weak:
         return (f"WEAK: the demonstration in context helps, but not by much; SDFT may learn slowly, compare "
                 f"with --method sft ({numbers}).")
     return (f"POOR: the model barely uses the demonstration in context; SDFT will teach little here. Use a "

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import inspect
+import sys
 from typing import Annotated, Callable, Optional
 
 import typer
@@ -146,6 +147,32 @@ def generate(model: Annotated[str, typer.Option(help="Hub id, model folder or .g
     typer.echo(mlx_generate(loaded, tokenizer, text, max_tokens=max_tokens, sampler=make_sampler(temp=temperature)))
 
 
+@app.command("doctor")
+def doctor() -> None:
+    """Print what MLX sees on this machine: backend (Metal, CUDA, CPU), device, memory, BLAS, versions."""
+    from mlx_sdft.doctor import report
+
+    for key, value in report().items():
+        typer.echo(f"{key:>15}: {value}")
+
+
 @app.callback()
-def main() -> None:
+def _root() -> None:
     """Self-Distillation Fine-Tuning (SDFT) on MLX."""
+
+
+def main() -> None:
+    """The console script: like `app()`, but a flag that does not parse is one line, status 2."""
+    try:
+        code = app(standalone_mode=False)
+    except typer.TyperException as e:  # typer's (vendored click) usage and parameter errors
+        if type(e).__name__ == "NoArgsIsHelpError":
+            app(["--help"], standalone_mode=False)
+            sys.exit(0)
+        ctx = getattr(e, "ctx", None)
+        command = f"mlx-sdft {ctx.info_name}" if ctx is not None and ctx.parent is not None else "mlx-sdft"
+        typer.echo(f"{command}: error: {e.format_message()}", err=True)
+        code = getattr(e, "exit_code", 2)
+    except typer.Abort:
+        code = 130
+    sys.exit(code or 0)

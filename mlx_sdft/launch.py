@@ -41,6 +41,10 @@ def preflight(cfg: Config, model_path: Path, train_pairs, valid_pairs) -> dict[s
 def run(cfg: Config, console=None, quiet: bool = False) -> dict:
     """Train as configured; returns the last report record (or the estimate with --dry-run)."""
     out = Path(cfg.adapter_path)
+    group = mx.distributed.init()  # a group of one unless started by mlx.launch
+    world, rank = group.size(), group.rank()
+    if cfg.batch_size % world:
+        raise InputError(f"--batch-size: {cfg.batch_size} prompts cannot be split evenly over {world} processes")
     if cfg.resume and not (out / "trainer_state.json").exists():
         raise InputError(f"--resume: {out} holds no saved run (no trainer_state.json)")
     splits = load_dataset(cfg.data)
@@ -52,7 +56,7 @@ def run(cfg: Config, console=None, quiet: bool = False) -> dict:
 
     reporter = Reporter(out, total_steps(cfg, len(train_pairs)), console=console, report_to=cfg.report_to,
                         project_name=cfg.project_name, config=cfg.to_dict(), quiet=quiet,
-                        estimated_peak_gb=estimate["peak"] if estimate else None)
+                        estimated_peak_gb=estimate["peak"] if estimate else None, writer=rank == 0)
     if estimate:
         reporter.print(f"memory estimate: {memory.describe(estimate)}", highlight=False)
     if cfg.dry_run:
@@ -77,5 +81,9 @@ def run(cfg: Config, console=None, quiet: bool = False) -> dict:
     mx.random.seed(cfg.seed)
     model = load(model_path)
     base = attach_adapters(model, cfg.fine_tune_type, cfg.num_layers, cfg.lora_parameters, cfg.resume_adapter_file)
+    if world > 1:
+        reporter.print(f"data parallel over {world} processes: {cfg.batch_size // world} prompts each per micro-batch")
+        with reporter:  # Ctrl-C goes to mlx.launch, which stops every rank
+            return train(model, tokenizer, train_pairs, valid_pairs, cfg, base, reporter, None, group)
     with reporter, StopFlag(reporter) as stop:
         return train(model, tokenizer, train_pairs, valid_pairs, cfg, base, reporter, stop)

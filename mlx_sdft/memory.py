@@ -62,9 +62,12 @@ def estimate(config: dict, model_path: Path, cfg, prompt_len: int, teacher_promp
 
 
 def available_gb() -> tuple[float, str]:
-    """What the machine can give: Metal's recommended working set, else physical RAM."""
-    if mx.metal.is_available():
-        return mx.metal.device_info()["max_recommended_working_set_size"] / GB, "Metal recommended working set"
+    """What the machine can give: Metal's recommended working set, a CUDA GPU's memory, else RAM."""
+    info = mx.device_info() if hasattr(mx, "device_info") else {}
+    if mx.metal.is_available() and "max_recommended_working_set_size" in info:
+        return info["max_recommended_working_set_size"] / GB, "Metal recommended working set"
+    if hasattr(mx, "cuda") and mx.cuda.is_available() and "memory_size" in info:
+        return info["memory_size"] / GB, "GPU memory"
     return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / GB, "system RAM"
 
 

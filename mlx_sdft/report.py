@@ -64,8 +64,10 @@ _EVAL_LINE = "step {step}/{total}  val loss {val_loss:.4f}  val len {val_complet
 class Reporter:
     def __init__(self, out: Path, total: int, console: Console | None = None, report_to: str | None = None,
                  project_name: str | None = None, config: dict | None = None, quiet: bool = False,
-                 estimated_peak_gb: float | None = None):
-        self.out, self.total, self.quiet, self.estimated_peak_gb = out, total, quiet, estimated_peak_gb
+                 estimated_peak_gb: float | None = None, writer: bool = True):
+        # Only one process of a data-parallel run (rank 0) writes metrics and prints.
+        self.out, self.total, self.quiet, self.writer = out, total, quiet or not writer, writer
+        self.estimated_peak_gb = estimated_peak_gb
         self.console = console or Console(stderr=True)
         self.progress = Progress(
             TextColumn("[bold]SDFT"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[loss]}"),
@@ -73,7 +75,7 @@ class Reporter:
         )
         self.task = self.progress.add_task("train", total=total, loss="")
         self.wandb = None
-        if report_to == "wandb":
+        if report_to == "wandb" and writer:
             try:
                 import wandb
             except ImportError:
@@ -97,6 +99,8 @@ class Reporter:
         self.progress.update(self.task, completed=step, loss=f"loss {loss:.4f}")
 
     def log(self, record: dict):
+        if not self.writer:
+            return
         if record["type"] == "train" and self.estimated_peak_gb is not None:
             record = {**record, "estimated_peak_gb": self.estimated_peak_gb}  # to check the preflight
         append_metrics(self.out, record)

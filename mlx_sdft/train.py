@@ -59,12 +59,24 @@ def completion_budget(pair: PromptPair, cfg: Config) -> int:
     return min(cfg.max_completion_length, room)
 
 
-def rollout_batch(model: nn.Module, pairs: list[PromptPair], cfg: Config, stop_ids: list[int]):
-    """Each prompt repeated --num-generations times, sampled from the current student weights."""
+TRAIN_STREAM, VALID_STREAM = 0, 1
+
+
+def sequence_seed(seed: int, position: int, generation: int, stream: int = TRAIN_STREAM) -> int:
+    """The sampling seed of one completion: fixed by its place in the data stream, so a resumed
+    or data-parallel run draws exactly the completions a single uninterrupted run draws."""
+    return int(np.random.SeedSequence([seed, stream, position, generation]).generate_state(1)[0])
+
+
+def rollout_batch(model: nn.Module, pairs: list[PromptPair], cfg: Config, stop_ids: list[int],
+                  positions: list[int], stream: int = TRAIN_STREAM):
+    """Each prompt repeated --num-generations times, sampled from the current student weights.
+    `positions` (the prompts' places in the data stream) seed each completion."""
+    seeds = [sequence_seed(cfg.seed, p, g, stream) for p in positions for g in range(cfg.num_generations)]
     pairs = [p for p in pairs for _ in range(cfg.num_generations)]
     rollout = sample(
         model, [p.student_ids for p in pairs], [completion_budget(p, cfg) for p in pairs], stop_ids,
-        temperature=cfg.temperature, top_p=cfg.top_p, batch_size=len(pairs),
+        temperature=cfg.temperature, top_p=cfg.top_p, batch_size=len(pairs), seeds=seeds,
     )
     return pairs, rollout
 
@@ -105,12 +117,15 @@ def evaluate(model, teacher, pairs: list[PromptPair], cfg: Config, stop_ids) -> 
     n = len(pairs) // cfg.batch_size if cfg.val_batches < 0 else min(cfg.val_batches, math.ceil(len(pairs) / cfg.batch_size))
     losses, lengths = [], []
     for b in range(max(n, 1)):
-        batch = pairs[b * cfg.batch_size:(b + 1) * cfg.batch_size]
+        start = b * cfg.batch_size
+        batch = pairs[start:start + cfg.batch_size]
         if cfg.method == "sft":
             loss, _ = supervised_loss(model, batch, cfg)
             lengths += [len(t) for t in demonstrations(batch, cfg)]
         else:
-            batch, rollout = rollout_batch(model, batch, cfg, stop_ids)
+            # The same seeds at every validation: differences between steps come from the weights.
+            positions = list(range(start, start + len(batch)))
+            batch, rollout = rollout_batch(model, batch, cfg, stop_ids, positions, VALID_STREAM)
             t_logits = teacher_logits(model, teacher, batch, rollout.completions)
             loss, _ = student_loss(model, batch, rollout.completions, t_logits, cfg)
             lengths += [len(c) for c in rollout.completions]
@@ -118,7 +133,7 @@ def evaluate(model, teacher, pairs: list[PromptPair], cfg: Config, stop_ids) -> 
     return {"val_loss": float(np.mean(losses)), "val_completion_len": float(np.mean(lengths))}
 
 
-def micro_step(model, loss_and_grad, teacher, pairs, cfg: Config, stop_ids, timer: PhaseTimer):
+def micro_step(model, loss_and_grad, teacher, pairs, positions, cfg: Config, stop_ids, timer: PhaseTimer):
     """One micro-batch: (SDFT) sample, teacher logits, student loss and gradient; (SFT) the
     cross-entropy and its gradient. Returns (loss, ntoks, grads, stats)."""
     stats = {"n": len(pairs) * (cfg.num_generations if cfg.method == "sdft" else 1)}
@@ -128,7 +143,7 @@ def micro_step(model, loss_and_grad, teacher, pairs, cfg: Config, stop_ids, time
             mx.eval(loss, ntoks, grads)
         return loss, ntoks, grads, {**stats, "length": int(ntoks.item())}
     with timer("sample"):
-        pairs, rollout = rollout_batch(model, pairs, cfg, stop_ids)
+        pairs, rollout = rollout_batch(model, pairs, cfg, stop_ids, positions)
     with timer("teacher"):
         t_logits = teacher_logits(model, teacher, pairs, rollout.completions)
         mx.eval(t_logits)
@@ -139,15 +154,15 @@ def micro_step(model, loss_and_grad, teacher, pairs, cfg: Config, stop_ids, time
                                 "truncated": sum(rollout.truncated)}
 
 
-def sampling_seed(seed: int, cursor: int) -> int:
-    """Each micro-batch samples from its own seed: a resumed run draws the same completions,
-    and validation (which also samples) cannot shift the training stream."""
-    return int(np.random.SeedSequence([seed, cursor]).generate_state(1)[0])
-
-
 def train(model: nn.Module, tokenizer, train_pairs: list[PromptPair], valid_pairs: list[PromptPair],
-          cfg: Config, base: Leaves, reporter: Reporter, stop: StopFlag | None = None) -> dict:
-    """Run SDFT (or SFT); returns the last report record. Everything lands in cfg.adapter_path."""
+          cfg: Config, base: Leaves, reporter: Reporter, stop: StopFlag | None = None, group=None) -> dict:
+    """Run SDFT (or SFT); returns the last report record. Everything lands in cfg.adapter_path.
+
+    With an mx.distributed `group` of W processes, each samples and scores every W-th prompt
+    of a micro-batch and gradients are averaged, so all ranks hold the same adapters and
+    teacher; only rank 0 writes files.
+    """
+    world, rank = (group.size(), group.rank()) if group is not None else (1, 0)
     out = Path(cfg.adapter_path)
     steps = total_steps(cfg, len(train_pairs))
     stop_ids = sorted(tokenizer.eos_token_ids)
@@ -159,7 +174,8 @@ def train(model: nn.Module, tokenizer, train_pairs: list[PromptPair], valid_pair
         state, saved_teacher = checkpoint.load_state(out, optimizer, model)
         first, cursor = state["step"] + 1, state["cursor"]
         teacher = saved_teacher if teacher_kind == "ema" else teacher
-        checkpoint.truncate_metrics(out, state["step"])
+        if rank == 0:
+            checkpoint.truncate_metrics(out, state["step"])
         reporter.print(f"resuming after step {state['step']} (epoch {state['epoch']:.2f})")
     if cfg.grad_checkpoint:
         grad_checkpoint(model.layers[0])
@@ -170,10 +186,14 @@ def train(model: nn.Module, tokenizer, train_pairs: list[PromptPair], valid_pair
     for step in range(first, steps + 1):
         timer, grads, stats = PhaseTimer(), None, {}
         for _ in range(cfg.grad_accumulation_steps):
-            pairs = [train_pairs[i] for i in batch_at(cursor, len(train_pairs), cfg.batch_size, cfg.seed)]
-            mx.random.seed(sampling_seed(cfg.seed, cursor))
+            indices = batch_at(cursor, len(train_pairs), cfg.batch_size, cfg.seed)[rank::world]
+            positions = list(range(cursor, cursor + cfg.batch_size))[rank::world]
             cursor += cfg.batch_size
-            loss, ntoks, g, micro = micro_step(model, loss_and_grad, teacher, pairs, cfg, stop_ids, timer)
+            pairs = [train_pairs[i] for i in indices]
+            loss, ntoks, g, micro = micro_step(model, loss_and_grad, teacher, pairs, positions, cfg, stop_ids, timer)
+            if world > 1:  # equal shares, so the mean of rank means is the batch mean
+                g = nn.average_gradients(g, group=group)
+                loss, ntoks = mx.distributed.all_sum(loss, group=group) / world, mx.distributed.all_sum(ntoks, group=group)
             grads = g if grads is None else tree_map(mx.add, grads, g)
             for key, value in {**micro, "loss": loss.item() / cfg.grad_accumulation_steps, "ntoks": int(ntoks.item())}.items():
                 stats[key] = stats.get(key, 0) + value
@@ -203,7 +223,7 @@ def train(model: nn.Module, tokenizer, train_pairs: list[PromptPair], valid_pair
                 val = evaluate(model, teacher, valid_pairs, cfg, stop_ids)
             reporter.log({"type": "eval", "step": step, **val, "val_s": timer.seconds["eval"]})
         interrupted = stop is not None and stop.requested
-        if step % cfg.save_every == 0 or step == steps or interrupted:
+        if rank == 0 and (step % cfg.save_every == 0 or step == steps or interrupted):
             state = {"cursor": cursor, "epoch": cursor / len(train_pairs), "total_steps": steps}
             checkpoint.save(out, cfg, step, trainable_leaves(model), teacher, optimizer, state,
                             checkpoint=step % cfg.save_every == 0)

@@ -99,3 +99,10 @@ def test_readme_documents_every_option():
     readme = (ROOT / "README.md").read_text()
     for f in cli_fields():
         assert f"`--{f.name.replace('_', '-')}`" in readme, f.name
+
+
+def test_doctor_reports_the_backend_and_blas():
+    result = runner.invoke(app, ["doctor"])
+    assert result.exit_code == 0, result.output
+    for key in ("backend", "default_device", "memory_gb", "blas", "distributed", "mlx_lm"):
+        assert f"{key}:" in result.stdout

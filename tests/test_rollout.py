@@ -55,3 +55,20 @@ def test_sampling_restores_training_mode(tiny):
     sample(model, PROMPTS[:1], [2], [])
     assert model.training
     model.eval()
+
+
+def test_seeded_sequences_do_not_depend_on_their_batch(tiny):
+    # Data parallelism and resume split a step's prompts differently; each completion must not care.
+    model, _ = tiny
+    together = sample(model, PROMPTS, [10] * 3, [], seeds=[11, 12, 13]).completions
+    apart = sample(model, PROMPTS[:1], [10], [], seeds=[11]).completions + \
+        sample(model, PROMPTS[1:], [10] * 2, [], seeds=[12, 13]).completions
+    assert together == apart
+    assert sample(model, PROMPTS[:1], [10], [], seeds=[99]).completions != together[:1]
+
+
+def test_seeded_sampling_follows_the_temperature(tiny):
+    # At a tiny temperature a seeded sampler is greedy.
+    model, _ = tiny
+    greedy = sample(model, PROMPTS, [6] * 3, [], temperature=0.0).completions
+    assert sample(model, PROMPTS, [6] * 3, [], temperature=1e-6, seeds=[1, 2, 3]).completions == greedy

@@ -101,6 +101,7 @@ class Remote:
         self.base, self.lfs_base = base.rstrip("/"), lfs_base
 
     def read(self, rel: str) -> bytes | None:
+        print(f"fetching {self.base}/{rel}", flush=True)
         try:
             data = fetch(f"{self.base}/{rel}")
         except NotFound:
@@ -269,6 +270,8 @@ def convert_official(train: list[tuple[str, dict]], evaluation: list[tuple[str, 
         demo = _text(record, "output_text", where)
         lines.append(answer_line(messages(record, "messages", where), demo))
         unscorable += "<answer>" not in demo
+    if not lines:
+        raise PrepareError("train_data has no records")
     test = [answer_line(messages(r, "prompt", w), f"<answer>{_text(r, 'answer', w).strip()}</answer>")
             for w, r in evaluation]
     kept, held = hold_out(lines, valid_fraction, seed)

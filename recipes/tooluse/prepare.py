@@ -92,6 +92,7 @@ class Remote:
         self.base, self.lfs_base = base.rstrip("/"), lfs_base
 
     def read(self, rel: str) -> bytes | None:
+        print(f"fetching {self.base}/{rel}", flush=True)
         try:
             data = fetch(f"{self.base}/{rel}")
         except NotFound:
@@ -267,6 +268,8 @@ def convert(train: list[tuple[str, dict]], evaluation: list[tuple[str, dict]], v
         if pairs:
             gold, parsed = metric.gold_from_answer(pairs), metric.reference_gold(demo)
             disagree += sorted(parsed[0]) != sorted(gold[0]) or parsed[1] != gold[1]
+    if not lines:
+        raise PrepareError("train_data has no records")
     test = [line(_text(r, "prompt", w), metric.render_gold(golden_pairs(r, w))) for w, r in evaluation]
     kept, held = hold_out(lines, valid_fraction, seed)
     return {"train": kept, "valid": held, "test": test}, disagree
