@@ -130,6 +130,7 @@ def main() -> dict:
         "teacher": "EMA adapter (PEFTAdapterEMACallback)" if peft else "EMA copy of the model (SyncTeacherModelCallback)",
         **{k: v for k, v in machine().items() if k not in ("blas", "openblas")}, "step_s": round(step, 3), "steps_s": [round(t, 3) for t in timer.steps],
         "phases_s": {k: round(v, 3) for k, v in per_step.items()},
+        "phases_per_step_s": {k: [round(t, 3) for t in v] for k, v in phases.items()},
         "torch_blas": next((ln.split("=", 1)[1].strip(" ,") for ln in torch.__config__.show().split(",") if "BLAS_INFO" in ln), "?"),
         "completion_lengths": [h["completions/mean_length"] for h in trainer.state.log_history if "completions/mean_length" in h],
     }

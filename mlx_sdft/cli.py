@@ -67,7 +67,7 @@ def _train(cfg: Config) -> None:
         return
     from mlx_sdft.models import resolve
 
-    model = resolve(cfg.model, cfg.dequantize) if cfg.model.endswith(".gguf") else cfg.model
+    model = resolve(cfg.model, cfg.dequantize) if cfg.model.endswith(".gguf") else cfg.model  # mlx-lm reads no GGUF
     typer.echo(f"Adapters saved to {cfg.adapter_path}. Use them with:\n"
                f"  mlx_lm.generate --model {model} --adapter-path {cfg.adapter_path} --prompt \"...\"")
 

