@@ -17,6 +17,7 @@ machine falls on both. Ratios (targets in TARGETS):
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import math
 import os
@@ -43,7 +44,6 @@ from mlx_sdft.config import Config  # noqa: E402
 from mlx_sdft.models import attach_adapters  # noqa: E402
 from mlx_sdft.prompts import PromptPair  # noqa: E402
 from mlx_sdft.report import PhaseTimer  # noqa: E402
-from mlx_sdft.rollout import sample  # noqa: E402
 from mlx_sdft.teacher import init_teacher, step_teacher  # noqa: E402
 
 TARGETS = {"sdft_vs_sft_step": ("<=", 2.0), "sampling_vs_batch_gen": (">=", 1.0),
@@ -84,45 +84,46 @@ def update(model, optimizer, grads, cfg: Config):
 
 
 def sdft_step(model, pairs, cfg, state) -> dict:
-    """One SDFT optimizer step as train() runs it, timed by phase."""
-    timer = PhaseTimer()
-    with timer("sample"):
-        pairs, rollout = trainer.rollout_batch(model, pairs, cfg, stop_ids=[])
-    with timer("teacher"):
-        t_logits = trainer.teacher_logits(model, state["teacher"], pairs, rollout.completions)
-        mx.eval(t_logits)
-    with timer("student"):
-        (loss, ntoks), grads = state["sdft_grad"](model, pairs, rollout.completions, t_logits, cfg)
-        mx.eval(loss, ntoks, grads)
+    """One SDFT optimizer step as train() runs it, timed by phase: the trainer's own micro_step
+    (sample, teacher, student), then its update block and the EMA."""
+    timer, positions = PhaseTimer(), next_positions(state, len(pairs))
+    loss, _, grads, stats = trainer.micro_step(model, state["sdft_grad"], state["teacher"], pairs, positions,
+                                               cfg, [], timer)
     with timer("update"):
         loss.item()
         update(model, state["optimizer"], grads, cfg)
     with timer("ema"):
         state["teacher"] = step_teacher("ema", state["teacher"], model, cfg.teacher_update_rate)
-    assert all(len(c) == cfg.max_completion_length for c in rollout.completions)
+    assert stats["length"] == len(pairs) * cfg.max_completion_length, "completions must have the fixed length"
     return timer.seconds
 
 
 def sft_step(model, pairs, cfg, state) -> dict:
     """One --method sft optimizer step on demonstrations as long as the SDFT completions."""
-    timer = PhaseTimer()
-    with timer("student"):
-        (loss, ntoks), grads = state["sft_grad"](model, pairs, cfg)
-        mx.eval(loss, ntoks, grads)
+    timer, positions = PhaseTimer(), next_positions(state, len(pairs))
+    sft_cfg = dataclasses.replace(cfg, method="sft")
+    loss, _, grads, _ = trainer.micro_step(model, state["sft_grad"], None, pairs, positions, sft_cfg, [], timer)
     with timer("update"):
         loss.item()
-        update(model, state["optimizer"], grads, cfg)
+        update(model, state["optimizer"], grads, sft_cfg)
     return timer.seconds
 
 
-def sampling(model, pairs, cfg, standalone: bool) -> float:
-    """Seconds to sample cfg.max_completion_length tokens for every prompt."""
+def next_positions(state, n: int) -> list[int]:
+    """The prompts' places in the data stream, which seed their samples; fresh every step."""
+    state["cursor"] = state.get("cursor", -n) + n
+    return list(range(state["cursor"], state["cursor"] + n))
+
+
+def sampling(model, pairs, cfg, state, standalone: bool) -> float:
+    """Seconds to sample cfg.max_completion_length tokens for every prompt: the trainer's
+    rollout_batch (its `sample`, per-sequence seeds) or mlx-lm's batch_generate as a user calls it."""
     prompts, n = [p.student_ids for p in pairs], cfg.max_completion_length
     tic = time.perf_counter()
     if standalone:
         batch_generate(model, NoTokenizer(), prompts, max_tokens=n, sampler=make_sampler(temp=cfg.temperature, top_p=cfg.top_p))
     else:
-        sample(model, prompts, [n] * len(prompts), [], temperature=cfg.temperature, top_p=cfg.top_p, batch_size=len(prompts))
+        trainer.rollout_batch(model, pairs, cfg, [], next_positions(state, len(pairs)))
     return time.perf_counter() - tic
 
 
@@ -180,7 +181,7 @@ def main(argv=None) -> dict:
         sd, m_sd = peak_memory(lambda: sdft_step(model, pairs, cfg, state))
         sf, m_sf = peak_memory(lambda: sft_step(model, pairs, cfg, state))
         order = [False, True] if rep % 2 else [True, False]  # alternate which sampler goes first
-        times = {standalone: sampling(model, pairs, cfg, standalone) for standalone in order}
+        times = {standalone: sampling(model, pairs, cfg, state, standalone) for standalone in order}
         if rep >= s["warmup"]:
             for key, v in [("sdft", sd), ("sft", sf), ("sample", times[False]), ("batch_gen", times[True]),
                            ("mem_sdft", m_sd), ("mem_sft", m_sf)]:
