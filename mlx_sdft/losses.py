@@ -122,11 +122,62 @@ def sdft_loss(
     sequence weighs as much as a long one, as in the official code.
     """
     div_BT = token_divergence(student_logits, teacher_logits, divergence, beta)
+    return sequence_mean(div_BT, mask, skip)
+
+
+def sequence_mean(div_BT: mx.array, mask: mx.array, skip: int) -> tuple[mx.array, mx.array]:
+    """(1/B) Σ_i Σ_t w_it·div_it / max(Σ_t w_it, 1) with w = loss_mask(mask, skip) → (loss, ntoks)."""
     weights_BT = loss_mask(mask, skip)
     # Clamping the count at 1 makes a sequence with no loss tokens contribute 0, never 0/0.
     count_B = mx.maximum(weights_BT.sum(axis=-1), 1.0)
     per_sequence_B = (weights_BT * div_BT).sum(axis=-1) / count_B
     return per_sequence_B.mean(), weights_BT.sum().astype(mx.int32)
+
+
+def bucket_logprobs(logprobs_BTV: mx.array, idx_BTK: mx.array) -> mx.array:
+    """Log-probabilities on K chosen tokens plus one tail bucket holding the rest → [B, T, K+1].
+
+    The tail is a log-sum-exp over the tokens not chosen (not log(1 − Σ p), which cancels
+    catastrophically when the K tokens hold nearly all the mass).
+    """
+    chosen_BTK = mx.take_along_axis(logprobs_BTV, idx_BTK, axis=-1)
+    hit_BTV = mx.put_along_axis(mx.zeros(logprobs_BTV.shape, dtype=mx.bool_), idx_BTK, mx.array(True), axis=-1)
+    tail_BT1 = mx.logsumexp(mx.where(hit_BTV, -mx.inf, logprobs_BTV), axis=-1, keepdims=True)
+    # An empty tail (K = V) is log 0; a finite floor makes its term 0·(a − b) = 0, not 0·NaN.
+    return mx.concatenate([chosen_BTK, mx.maximum(tail_BT1, -1e9)], axis=-1)
+
+
+def teacher_topk(teacher_logits_BTV: mx.array, k: int) -> tuple[mx.array, mx.array]:
+    """The teacher's k most likely tokens per position and its bucket log-probabilities on them
+    (+ tail): all the top-K loss needs, so the [B, T, V] teacher logits can be freed."""
+    teacher_logprobs_BTV = log_softmax(mx.stop_gradient(teacher_logits_BTV))
+    idx_BTK = mx.argpartition(-teacher_logprobs_BTV, kth=k - 1, axis=-1)[..., :k]
+    return idx_BTK, bucket_logprobs(teacher_logprobs_BTV, idx_BTK)
+
+
+def sdft_loss_topk(
+    student_logits: mx.array,
+    teacher_idx: mx.array,
+    teacher_buckets: mx.array,
+    mask: mx.array,
+    divergence: str = "forward",
+    skip: int = 3,
+    beta: float = 0.5,
+) -> tuple[mx.array, mx.array]:
+    """`sdft_loss` on the teacher's top-K support with a tail bucket (`--topk K`): both
+    distributions are collapsed onto the K teacher-chosen tokens plus "everything else", then
+    the same divergence and aggregation apply. With K = V it equals `sdft_loss`."""
+    if divergence not in DIVERGENCES:
+        raise ValueError(f"unknown divergence {divergence!r}; choose one of {', '.join(DIVERGENCES)}")
+    student_BTK1 = bucket_logprobs(log_softmax(student_logits), teacher_idx)
+    teacher_BTK1 = mx.stop_gradient(teacher_buckets)
+    if divergence == "forward":
+        div_BT = kl(teacher_BTK1, student_BTK1)
+    elif divergence == "reverse":
+        div_BT = kl(student_BTK1, teacher_BTK1)
+    else:
+        div_BT = generalized_jsd(student_BTK1, teacher_BTK1, beta)
+    return sequence_mean(div_BT, mask, skip)
 
 
 def sft_loss(logits: mx.array, targets: mx.array, mask: mx.array) -> tuple[mx.array, mx.array]:

@@ -122,3 +122,34 @@ def sft_loss_grad(logits, targets, mask) -> np.ndarray:
     onehot_BTV = np.eye(p_BTV.shape[-1])[np.asarray(targets, dtype=int)]
     w_BT = np.asarray(mask, dtype=np.float64) / max(float(np.sum(mask)), 1.0)
     return (p_BTV - onehot_BTV) * w_BT[..., None]
+
+
+def bucket_logprobs(logprobs_BTV, idx_BTK) -> np.ndarray:
+    """log p on the K chosen tokens, then log of the mass of all other tokens → [B, T, K+1]."""
+    B, T, V = logprobs_BTV.shape
+    out = np.zeros((B, T, idx_BTK.shape[-1] + 1))
+    for b in range(B):
+        for t in range(T):
+            chosen = [int(i) for i in idx_BTK[b, t]]
+            rest = [v for v in range(V) if v not in chosen]
+            out[b, t, :-1] = logprobs_BTV[b, t, chosen]
+            out[b, t, -1] = np.log(np.exp(logprobs_BTV[b, t, rest]).sum()) if rest else -np.inf
+    return out
+
+
+def sdft_loss_topk(student_logits, teacher_logits, mask, k, divergence="forward", skip=3, beta=0.5) -> tuple[float, int]:
+    """Top-K twin: the teacher's k most likely tokens + a tail bucket, then the full-vocab recipe."""
+    teacher_lp = log_softmax(teacher_logits)
+    idx = np.argsort(-teacher_lp, axis=-1, kind="stable")[..., :k]
+    p = bucket_logprobs(log_softmax(student_logits), idx)
+    q = bucket_logprobs(teacher_lp, idx)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        if divergence == "forward":
+            div = np.nansum(np.exp(q) * (q - p), axis=-1)
+        elif divergence == "reverse":
+            div = np.nansum(np.exp(p) * (p - q), axis=-1)
+        else:
+            div = generalized_jsd(p, q, beta)
+    w = loss_mask(mask, skip)
+    per_seq = [(w[i] * div[i]).sum() / max(w[i].sum(), 1.0) for i in range(len(w))]
+    return float(np.mean(per_seq)), int(w.sum())

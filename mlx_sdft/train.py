@@ -16,7 +16,7 @@ from mlx_lm.tuner.trainer import grad_checkpoint
 from mlx_sdft import checkpoint
 from mlx_sdft.config import Config
 from mlx_sdft.errors import Interrupted, TrainingError
-from mlx_sdft.losses import sdft_loss, sft_loss
+from mlx_sdft.losses import sdft_loss, sdft_loss_topk, sft_loss, teacher_topk
 from mlx_sdft.prompts import PromptPair
 from mlx_sdft.report import PhaseTimer, Reporter, StopFlag
 from mlx_sdft.rollout import sample
@@ -69,10 +69,12 @@ def sequence_seed(seed: int, position: int, generation: int, stream: int = TRAIN
 
 
 def rollout_batch(model: nn.Module, pairs: list[PromptPair], cfg: Config, stop_ids: list[int],
-                  positions: list[int], stream: int = TRAIN_STREAM):
+                  positions: list[int] | None = None, stream: int = TRAIN_STREAM):
     """Each prompt repeated --num-generations times, sampled from the current student weights.
-    `positions` (the prompts' places in the data stream) seed each completion."""
-    seeds = [sequence_seed(cfg.seed, p, g, stream) for p in positions for g in range(cfg.num_generations)]
+    `positions` (the prompts' places in the data stream) seed each completion; without them
+    sampling draws from MLX's global random state."""
+    seeds = None if positions is None else [
+        sequence_seed(cfg.seed, p, g, stream) for p in positions for g in range(cfg.num_generations)]
     pairs = [p for p in pairs for _ in range(cfg.num_generations)]
     rollout = sample(
         model, [p.student_ids for p in pairs], [completion_budget(p, cfg) for p in pairs], stop_ids,
@@ -81,13 +83,20 @@ def rollout_batch(model: nn.Module, pairs: list[PromptPair], cfg: Config, stop_i
     return pairs, rollout
 
 
-def student_loss(model, pairs, completions, teacher_logits_BTV, cfg: Config):
-    """The SDFT objective for one micro-batch; gradients flow through the student only."""
-    logits_BTV = completion_logits(model, [p.student_ids for p in pairs], completions)
-    mask_BT = completion_mask([len(c) for c in completions])
+def scaled(logits: mx.array, cfg: Config) -> mx.array:
     # Divide by the temperature in float32: in bf16 the division itself would round.
-    scale = lambda x: x.astype(mx.float32) / cfg.temperature  # noqa: E731
-    return sdft_loss(scale(logits_BTV), scale(teacher_logits_BTV), mask_BT,
+    return logits.astype(mx.float32) / cfg.temperature
+
+
+def student_loss(model, pairs, completions, teacher_scores, cfg: Config):
+    """The SDFT objective for one micro-batch; gradients flow through the student only.
+    `teacher_scores` is what `teacher_logits` returned: full logits, or top-K buckets."""
+    logits_BTV = scaled(completion_logits(model, [p.student_ids for p in pairs], completions), cfg)
+    mask_BT = completion_mask([len(c) for c in completions])
+    if cfg.topk:
+        idx_BTK, buckets_BTK1 = teacher_scores
+        return sdft_loss_topk(logits_BTV, idx_BTK, buckets_BTK1, mask_BT, cfg.divergence, cfg.skip_first_tokens, cfg.beta)
+    return sdft_loss(logits_BTV, scaled(teacher_scores, cfg), mask_BT,
                      divergence=cfg.divergence, skip=cfg.skip_first_tokens, beta=cfg.beta)
 
 
@@ -105,10 +114,12 @@ def supervised_loss(model, pairs, cfg: Config):
     return sft_loss(logits_BTV, targets_BT, completion_mask([len(t) for t in targets]))
 
 
-def teacher_logits(model, teacher: Leaves | None, pairs, completions) -> mx.array:
+def teacher_logits(model, teacher: Leaves | None, pairs, completions, cfg: Config):
+    """The teacher's completion logits (no gradient), or with --topk only its top-K buckets, so
+    the [B, T, V] teacher logits need not stay in memory through the student's backward pass."""
     with using(model, teacher):
-        logits_BTV = completion_logits(model, [p.teacher_ids for p in pairs], completions)
-    return mx.stop_gradient(logits_BTV)
+        logits_BTV = mx.stop_gradient(completion_logits(model, [p.teacher_ids for p in pairs], completions))
+    return teacher_topk(scaled(logits_BTV, cfg), cfg.topk) if cfg.topk else logits_BTV
 
 
 def evaluate(model, teacher, pairs: list[PromptPair], cfg: Config, stop_ids) -> dict:
@@ -126,7 +137,7 @@ def evaluate(model, teacher, pairs: list[PromptPair], cfg: Config, stop_ids) -> 
             # The same seeds at every validation: differences between steps come from the weights.
             positions = list(range(start, start + len(batch)))
             batch, rollout = rollout_batch(model, batch, cfg, stop_ids, positions, VALID_STREAM)
-            t_logits = teacher_logits(model, teacher, batch, rollout.completions)
+            t_logits = teacher_logits(model, teacher, batch, rollout.completions, cfg)
             loss, _ = student_loss(model, batch, rollout.completions, t_logits, cfg)
             lengths += [len(c) for c in rollout.completions]
         losses.append(loss.item())
@@ -145,7 +156,7 @@ def micro_step(model, loss_and_grad, teacher, pairs, positions, cfg: Config, sto
     with timer("sample"):
         pairs, rollout = rollout_batch(model, pairs, cfg, stop_ids, positions)
     with timer("teacher"):
-        t_logits = teacher_logits(model, teacher, pairs, rollout.completions)
+        t_logits = teacher_logits(model, teacher, pairs, rollout.completions, cfg)
         mx.eval(t_logits)
     with timer("student"):
         (loss, ntoks), grads = loss_and_grad(model, pairs, rollout.completions, t_logits, cfg)

@@ -130,3 +130,8 @@ def test_sft_loss_is_cross_entropy_on_the_demonstration(tiny, tiny_model, smoke_
     logprobs -= np.log(np.exp(logprobs).sum(-1, keepdims=True))
     want = -np.mean(logprobs[np.arange(len(pair.demo_ids)), pair.demo_ids])
     assert ntoks.item() == len(pair.demo_ids) and loss.item() == pytest.approx(want, rel=1e-5)
+
+
+def test_topk_teacher_support_trains(tiny_model, smoke_data, tmp_path):
+    record = run(_cfg(tiny_model, smoke_data, tmp_path / "k", iters=2, topk=8), quiet=True)
+    assert np.isfinite(record["loss"]) and record["loss"] > 0
