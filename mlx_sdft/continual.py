@@ -64,10 +64,20 @@ def read_stages(path: str) -> dict:
     for m in methods:
         if m not in ("sdft", "sft"):
             raise InputError(f"{path}: methods: {m!r} is not one of sdft, sft")
-    defaults = {k: v for k, v in spec.items() if k in train_keys}
+    defaults = {k: _relative(v, path) for k, v in spec.items() if k in train_keys}
+    spec["eval"] = {k: _relative(v, path) for k, v in (spec.get("eval") or {}).items()}
     output = Path(spec.get("output") or Path(path).with_suffix(""))
     return {"model": spec["model"], "output": output, "methods": methods, "defaults": defaults,
             "eval": spec.get("eval") or {}, "stages": stages}
+
+
+def _relative(value, stages_file: str):
+    """A path option relative to the stages file, when that file exists there (as recipes expect)."""
+    if isinstance(value, str) and "\n" not in value and not Path(value).is_absolute():
+        candidate = Path(stages_file).parent / value
+        if candidate.exists():
+            return str(candidate)
+    return value
 
 
 def stage_config(run: dict, stage: dict, method: str, folder: Path, previous: Path | None) -> Config:
