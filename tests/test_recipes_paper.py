@@ -141,7 +141,8 @@ def test_tooluse_prepare_missing_split_and_bad_json(tmp_path, capsys):
 
 
 def _serve(monkeypatch, module, files: dict[str, bytes]) -> list[str]:
-    """Replace the module's fetch with a dict of URL -> bytes; returns the URLs asked for."""
+    """Replace the fetch that the module's Remote calls (recipes/official_data.py's) with a dict of URL -> bytes;
+    returns the URLs asked for."""
     asked = []
 
     def fetch(url):
@@ -150,7 +151,7 @@ def _serve(monkeypatch, module, files: dict[str, bytes]) -> list[str]:
             raise module.NotFound(f"{url}: not found (HTTP 404)")
         return files[url]
 
-    monkeypatch.setattr(module, "fetch", fetch)
+    monkeypatch.setattr(module.official_data, "fetch", fetch)
     return asked
 
 
@@ -177,10 +178,10 @@ def test_fetch_maps_http_errors(monkeypatch):
     def offline(request, timeout):
         raise urllib.error.URLError("no route to host")
 
-    monkeypatch.setattr(tool_prep.urllib.request, "urlopen", not_found)
+    monkeypatch.setattr(tool_prep.official_data.urllib.request, "urlopen", not_found)
     with pytest.raises(tool_prep.NotFound):
         tool_prep.fetch("https://example.invalid/x")
-    monkeypatch.setattr(tool_prep.urllib.request, "urlopen", offline)
+    monkeypatch.setattr(tool_prep.official_data.urllib.request, "urlopen", offline)
     with pytest.raises(tool_prep.PrepareError, match="cannot download .*--source with a local copy"):
         tool_prep.fetch("https://example.invalid/x")
 
