@@ -66,8 +66,10 @@ def available_gb() -> tuple[float, str]:
     info = mx.device_info() if hasattr(mx, "device_info") else {}
     if mx.metal.is_available() and "max_recommended_working_set_size" in info:
         return info["max_recommended_working_set_size"] / GB, "Metal recommended working set"
-    if hasattr(mx, "cuda") and mx.cuda.is_available() and "memory_size" in info:
-        return info["memory_size"] / GB, "GPU memory"
+    if hasattr(mx, "cuda") and mx.cuda.is_available():
+        total = info.get("total_memory", info.get("memory_size"))
+        if total:
+            return total / GB, "GPU memory"
     return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / GB, "system RAM"
 
 
