@@ -56,7 +56,8 @@ def run(cfg: Config, console=None, quiet: bool = False) -> dict:
 
     reporter = Reporter(out, total_steps(cfg, len(train_pairs)), console=console, report_to=cfg.report_to,
                         project_name=cfg.project_name, config=cfg.to_dict(), quiet=quiet,
-                        estimated_peak_gb=estimate["peak"] if estimate else None, writer=rank == 0)
+                        estimated_peak_gb=estimate["peak"] if estimate else None, writer=rank == 0,
+                        label=cfg.method.upper())
     if estimate:
         reporter.print(f"memory estimate: {memory.describe(estimate)}", highlight=False)
     if cfg.dry_run:

@@ -64,13 +64,13 @@ _EVAL_LINE = "step {step}/{total}  val loss {val_loss:.4f}  val len {val_complet
 class Reporter:
     def __init__(self, out: Path, total: int, console: Console | None = None, report_to: str | None = None,
                  project_name: str | None = None, config: dict | None = None, quiet: bool = False,
-                 estimated_peak_gb: float | None = None, writer: bool = True):
+                 estimated_peak_gb: float | None = None, writer: bool = True, label: str = "SDFT"):
         # Only one process of a data-parallel run (rank 0) writes metrics and prints.
         self.out, self.total, self.quiet, self.writer = out, total, quiet or not writer, writer
         self.estimated_peak_gb = estimated_peak_gb
         self.console = console or Console(stderr=True)
         self.progress = Progress(
-            TextColumn("[bold]SDFT"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[loss]}"),
+            TextColumn(f"[bold]{label}"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[loss]}"),
             TimeElapsedColumn(), TimeRemainingColumn(), console=self.console, disable=quiet,
         )
         self.task = self.progress.add_task("train", total=total, loss="")
