@@ -6,9 +6,10 @@ Run: python bench/bench.py [--quick] [--json out.json] [--trl]
 A randomly initialised llama with SmolLM2-135M-Instruct's shapes (--quick: a tiny one), LoRA rank 8
 on every linear of every block, fixed prompt and completion lengths (no stop token), and the same
 batch for every side. Repetitions interleave the sides, so load from other jobs on this shared
-machine falls on both. Ratios (targets in TARGETS):
+machine falls on both; the record gives each ratio from the median and from the best rep.
+Ratios (targets in TARGETS; bench/README.md explains each and the FLOP count):
   sdft_vs_sft_step       wall-clock of one SDFT optimizer step / one SFT step on as many tokens
-  sampling_vs_batch_gen  tokens/s of the trainer's `sample` / `mlx_lm.batch_generate`
+  sampling_vs_batch_gen  tokens/s of the trainer's sampling (rollout_batch) / `mlx_lm.batch_generate`
   peak_memory_sdft_vs_sft  peak memory of an SDFT step / an SFT step
   student_flops_vs_peak  student forward+backward FLOP/s / this run's float32 matmul FLOP/s
   mlx_vs_trl_step        (--trl) our SDFT step / TRL SDFTTrainer's step, see trl_bench.py
@@ -154,9 +155,11 @@ def run_trl(quick: bool, reps: int | None) -> dict:
     env = {k: v for k, v in os.environ.items() if k != "LD_PRELOAD"} | {"TRL_EXPERIMENTAL_SILENCE": "1"}
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
     lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("{")]
+    record = json.loads(lines[-1]) if lines else {}
     if proc.returncode or not lines:
-        return {"error": f"trl_bench.py exited {proc.returncode}: {proc.stderr.strip()[-800:]}"}
-    return json.loads(lines[-1])
+        tail = proc.stderr.strip().splitlines()[-1:] or ["no output"]
+        return {**record, "error": f"trl_bench.py exited {proc.returncode}: {record.get('error', tail[0])}"}
+    return record
 
 
 def main(argv=None) -> dict:

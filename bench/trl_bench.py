@@ -117,7 +117,13 @@ def main() -> dict:
     timer, phases = StepTimer(), {}
     trainer.add_callback(timer)
     time_phases(trainer, phases)
-    trainer.train()
+    try:
+        trainer.train()
+    except Exception as e:  # say exactly what failed, with the steps that ran before it
+        print(json.dumps({"error": f"{type(e).__name__}: {e}", "steps_s": timer.steps,
+                          "log": [{k: h.get(k) for k in ("step", "loss", "grad_norm", "learning_rate")}
+                                  for h in trainer.state.log_history]}))
+        raise
 
     timed = timer.steps[s["warmup"]:]
     per_step = {k: statistics.median(v[s["warmup"]:]) for k, v in phases.items()}
