@@ -79,9 +79,10 @@ def update(model, optimizer, grads, cfg: Config):
     """train()'s update block for one micro-batch: average, clip, finiteness check, step."""
     grads = tree_map(lambda g: g / cfg.grad_accumulation_steps, grads)
     grads, grad_norm = optim.clip_grad_norm(grads, cfg.grad_clip)
-    if math.isfinite(grad_norm.item()):
-        optimizer.update(model, grads)
-        mx.eval(model.parameters(), optimizer.state)
+    if not math.isfinite(grad_norm.item()):  # train() skips such a step; a benchmark must not hide it
+        raise FloatingPointError("non-finite gradient norm in the benchmark step")
+    optimizer.update(model, grads)
+    mx.eval(model.parameters(), optimizer.state)
 
 
 def sdft_step(model, pairs, cfg, state) -> dict:
@@ -145,6 +146,13 @@ def peak_memory(fn) -> tuple[dict, int]:
     mx.reset_peak_memory()
     seconds = fn()
     return seconds, mx.get_peak_memory()
+
+
+def backend() -> str:
+    """MLX's backend: Metal, CUDA or the CPU (where the BLAS line matters)."""
+    if mx.default_device().type == mx.gpu:
+        return "metal" if mx.metal.is_available() else "cuda"
+    return "cpu"
 
 
 def run_trl(quick: bool, reps: int | None) -> dict:
@@ -219,7 +227,7 @@ def report(args, s, runs, peaks, resident) -> dict:
     trl = run_trl(args.quick, args.trl_reps) if args.trl else None
     record = {
         "bench": "mlx-sdft", "quick": args.quick, "date": time.strftime("%Y-%m-%d %H:%M"),
-        "mlx": mx.__version__, "device": str(mx.default_device()), **machine(),
+        "mlx": mx.__version__, "device": str(mx.default_device()), "backend": backend(), **machine(),
         "settings": {k: v for k, v in s.items() if k != "model"},
         "model": "tiny llama" if args.quick else "llama, SmolLM2-135M shapes, random fp32",
         "ratios": ratios(runs, trl, flops["total"], max(peaks), med),
@@ -242,7 +250,7 @@ def report(args, s, runs, peaks, resident) -> dict:
 
 
 def print_table(r: dict):
-    print(f"mlx {r['mlx']} on {r['device']}, {r['blas']}; {r['cpu']} ({r['cores']} cores, shared); {r['model']}")
+    print(f"mlx {r['mlx']} on {r['device']} ({r['backend']} backend), {r['blas']}; {r['cpu']} ({r['cores']} cores, shared); {r['model']}")
     print(f"{'ratio':<26}{'median':>9}{'best':>9}{'target':>10}  ok (median)")
     for key, (op, target) in TARGETS.items():
         if key in r["ratios"]:
