@@ -10,6 +10,8 @@ from __future__ import annotations
 import dataclasses
 import inspect
 import sys
+from contextlib import contextmanager
+from pathlib import Path
 from typing import Annotated, Callable, Optional
 
 import typer
@@ -33,18 +35,22 @@ def _option(f: dataclasses.Field) -> inspect.Parameter:
     return inspect.Parameter(f.name, inspect.Parameter.KEYWORD_ONLY, default=None, annotation=annotation)
 
 
+@contextmanager
+def _one_line_errors(name: str):
+    """Bad input: one line and exit status 2; a run that cannot go on: one line and status 1."""
+    try:
+        yield
+    except (InputError, TrainingError) as e:
+        typer.echo(f"mlx-sdft {name}: error: {e}", err=True)
+        raise typer.Exit(2 if isinstance(e, InputError) else 1)
+
+
 def _command(name: str, options: type, action: Callable, help: str, yaml_help: str) -> None:
     """Register `mlx-sdft NAME` with one flag per field of `options` and `-c/--config YAML`."""
 
     def command(config: Optional[str] = None, **flags) -> None:
-        try:
+        with _one_line_errors(name):
             action(load_config(config, flags, options))
-        except InputError as e:
-            typer.echo(f"mlx-sdft {name}: error: {e}", err=True)
-            raise typer.Exit(2)
-        except TrainingError as e:
-            typer.echo(f"mlx-sdft {name}: error: {e}", err=True)
-            raise typer.Exit(1)
 
     config = inspect.Parameter(
         "config", inspect.Parameter.KEYWORD_ONLY, default=None,
@@ -90,14 +96,8 @@ def _continual(stages: Annotated[str, typer.Option("-c", "--config", help="Stage
     """Train stage after stage on the same adapters; evaluate every task and retention after each."""
     from mlx_sdft.continual import run_continual
 
-    try:
+    with _one_line_errors("continual"):
         run_continual(stages)
-    except InputError as e:
-        typer.echo(f"mlx-sdft continual: error: {e}", err=True)
-        raise typer.Exit(2)
-    except TrainingError as e:
-        typer.echo(f"mlx-sdft continual: error: {e}", err=True)
-        raise typer.Exit(1)
 
 
 _command("train", Config, _train, "Train LoRA adapters with SDFT (or --method sft) on demonstrations.",
@@ -116,11 +116,8 @@ def export(model: Annotated[str, typer.Option(help="A .gguf file.")],
     """Write a GGUF model as an mlx-lm model folder (for mlx_lm.generate / fuse / server)."""
     from mlx_sdft.gguf import export_gguf
 
-    try:
+    with _one_line_errors("export"):
         path = export_gguf(model, out, dequantize)
-    except InputError as e:
-        typer.echo(f"mlx-sdft export: error: {e}", err=True)
-        raise typer.Exit(2)
     typer.echo(f"wrote {path}; use it with: mlx_lm.generate --model {path} [--adapter-path ADAPTERS]")
 
 
@@ -137,12 +134,11 @@ def generate(model: Annotated[str, typer.Option(help="Hub id, model folder or .g
 
     from mlx_sdft.models import resolve
 
-    try:
+    with _one_line_errors("generate"):
         model_path = resolve(model)
+        if adapter_path and not (Path(adapter_path) / "adapter_config.json").is_file():
+            raise InputError(f"{adapter_path}: not an adapter folder (no adapter_config.json)")
         loaded, tokenizer = mlx_load(str(model_path), adapter_path=adapter_path)
-    except (InputError, FileNotFoundError) as e:
-        typer.echo(f"mlx-sdft generate: error: {e}", err=True)
-        raise typer.Exit(2)
     text = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True, tokenize=False)
     typer.echo(mlx_generate(loaded, tokenizer, text, max_tokens=max_tokens, sampler=make_sampler(temp=temperature)))
 
