@@ -104,7 +104,7 @@ def _cli(tiny_model, smoke_data, out, *extra):
 
 
 def test_sigkill_at_random_moments_then_resume(tiny_model, smoke_data, tmp_path, reference):
-    out, rng, kills = tmp_path / "k", random.Random(0), 0
+    out, rng, kills, torn = tmp_path / "k", random.Random(0), 0, 0
     args = _cli(tiny_model, smoke_data, out)
     for attempt in range(12):
         resume = ["--resume"] if (out / "trainer_state.json").exists() else []
@@ -118,12 +118,14 @@ def test_sigkill_at_random_moments_then_resume(tiny_model, smoke_data, tmp_path,
             proc.send_signal(signal.SIGKILL)
             kills += 1
         proc.wait()
+        torn += bool(list(out.glob(".pending-*")))  # killed inside a save
         if (out / "trainer_state.json").exists() or list(out.glob(".pending-*")):
             step = assert_consistent(out)
             if step == ITERS and proc.returncode == 0:
                 break
     else:
         subprocess.run(args + ["--resume"], check=True, capture_output=True)
+    print(f"SIGKILLs survived: {kills}; a torn save was recovered {torn} times")
     assert kills >= 2, "the kills should land while training"
     _assert_same(_adapters(out), reference[0])
 
@@ -215,3 +217,27 @@ def test_offline_hub_id_fails_fast(monkeypatch):
     with pytest.raises(InputError, match="someone/not-a-cached-model: could not get the model"):
         resolve("someone/not-a-cached-model")
     assert time.time() - tic < 10
+
+
+def test_a_save_killed_after_its_commit_is_rolled_forward(tiny_model, smoke_data, tmp_path, monkeypatch):
+    """Kill (simulated) between the commit record and the renames: recover() finishes the save."""
+    import os as _os
+
+    out = tmp_path / "r"
+    run(load_config(None, _opts(tiny_model, smoke_data, out, iters=2)), quiet=True)
+    assert assert_consistent(out) == 2
+    real_replace, calls = _os.replace, {"n": 0}
+
+    def dying_replace(src, dst):
+        if _os.path.basename(str(src)).startswith(".pending-"):  # the renames after the commit
+            calls["n"] += 1
+            if calls["n"] > 1:
+                raise KeyboardInterrupt("killed mid-rename")  # stands in for SIGKILL: nothing after runs
+        return real_replace(src, dst)
+
+    monkeypatch.setattr(checkpoint.os, "replace", dying_replace)
+    with pytest.raises(KeyboardInterrupt):
+        run(load_config(None, _opts(tiny_model, smoke_data, out, iters=3, resume=True)), quiet=True)
+    monkeypatch.undo()
+    assert (out / checkpoint.COMMIT).exists() and list(out.glob(".pending-*"))  # a half-renamed save
+    assert assert_consistent(out) == 3  # rolled forward, every file at step 3
