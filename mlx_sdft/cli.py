@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Annotated, Callable, Optional
 
 import typer
+from rich.markup import escape
 
 from mlx_sdft.config import CheckConfig, Config, EvalConfig, cli_fields, load_config
 from mlx_sdft.errors import InputError, Interrupted, TrainingError
@@ -31,7 +32,8 @@ def _option(f: dataclasses.Field) -> inspect.Parameter:
     help = f"{f.metadata['help']} [default: {shown}]"
     if f.metadata["choices"]:
         help += f" [choices: {', '.join(f.metadata['choices'])}]"
-    annotation = Annotated[Optional[kind], typer.Option(help=help, show_default=False)]
+    # Escaped: typer renders help with rich, which would eat "[default: …]" as a markup tag.
+    annotation = Annotated[Optional[kind], typer.Option(help=escape(help), show_default=False)]
     return inspect.Parameter(f.name, inspect.Parameter.KEYWORD_ONLY, default=None, annotation=annotation)
 
 
