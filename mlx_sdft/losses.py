@@ -71,13 +71,10 @@ def generalized_jsd(student_logprobs_BTV: mx.array, teacher_logprobs_BTV: mx.arr
     )
 
 
-def token_divergence(
-    student_logits_BTV: mx.array,
-    teacher_logits_BTV: mx.array,
-    divergence: str = "forward",
-    beta: float = 0.5,
-) -> mx.array:
-    """Per-token divergence between student p and teacher q → div_BT; no gradient reaches the teacher.
+def divergence_between(student_logprobs: mx.array, teacher_logprobs: mx.array, divergence: str = "forward",
+                       beta: float = 0.5) -> mx.array:
+    """Per-token divergence between student p and teacher q given as log-probabilities over the
+    last axis (the vocabulary, or top-K buckets) → div_BT.
 
     forward = KL(q‖p) (the default; the loss behind the paper's numbers),
     reverse = KL(p‖q),
@@ -85,13 +82,24 @@ def token_divergence(
     """
     if divergence not in DIVERGENCES:
         raise ValueError(f"unknown divergence {divergence!r}; choose one of {', '.join(DIVERGENCES)}")
+    if divergence == "forward":
+        return kl(teacher_logprobs, student_logprobs)
+    if divergence == "reverse":
+        return kl(student_logprobs, teacher_logprobs)
+    return generalized_jsd(student_logprobs, teacher_logprobs, beta)
+
+
+def token_divergence(
+    student_logits_BTV: mx.array,
+    teacher_logits_BTV: mx.array,
+    divergence: str = "forward",
+    beta: float = 0.5,
+) -> mx.array:
+    """`divergence_between` the student's and the teacher's full-vocabulary distributions → div_BT;
+    no gradient reaches the teacher."""
     student_logprobs_BTV = log_softmax(student_logits_BTV)
     teacher_logprobs_BTV = log_softmax(mx.stop_gradient(teacher_logits_BTV))
-    if divergence == "forward":
-        return kl(teacher_logprobs_BTV, student_logprobs_BTV)
-    if divergence == "reverse":
-        return kl(student_logprobs_BTV, teacher_logprobs_BTV)
-    return generalized_jsd(student_logprobs_BTV, teacher_logprobs_BTV, beta)
+    return divergence_between(student_logprobs_BTV, teacher_logprobs_BTV, divergence, beta)
 
 
 def loss_mask(mask_BT: mx.array, skip: int) -> mx.array:
@@ -167,16 +175,8 @@ def sdft_loss_topk(
     """`sdft_loss` on the teacher's top-K support with a tail bucket (`--topk K`): both
     distributions are collapsed onto the K teacher-chosen tokens plus "everything else", then
     the same divergence and aggregation apply. With K = V it equals `sdft_loss`."""
-    if divergence not in DIVERGENCES:
-        raise ValueError(f"unknown divergence {divergence!r}; choose one of {', '.join(DIVERGENCES)}")
     student_BTK1 = bucket_logprobs(log_softmax(student_logits), teacher_idx)
-    teacher_BTK1 = mx.stop_gradient(teacher_buckets)
-    if divergence == "forward":
-        div_BT = kl(teacher_BTK1, student_BTK1)
-    elif divergence == "reverse":
-        div_BT = kl(student_BTK1, teacher_BTK1)
-    else:
-        div_BT = generalized_jsd(student_BTK1, teacher_BTK1, beta)
+    div_BT = divergence_between(student_BTK1, mx.stop_gradient(teacher_buckets), divergence, beta)
     return sequence_mean(div_BT, mask, skip)
 
 
