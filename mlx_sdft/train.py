@@ -20,7 +20,7 @@ from mlx_sdft.losses import sdft_loss, sdft_loss_topk, sft_loss, teacher_topk
 from mlx_sdft.prompts import PromptPair
 from mlx_sdft.report import PhaseTimer, Reporter, StopFlag
 from mlx_sdft.rollout import sample
-from mlx_sdft.scoring import completion_logits, completion_mask
+from mlx_sdft.scoring import completion_logits, completion_mask, pad_rows
 from mlx_sdft.teacher import Leaves, init_teacher, step_teacher, trainable_leaves, using
 
 
@@ -34,10 +34,13 @@ def total_steps(cfg: Config, num_examples: int) -> int:
 def batch_at(cursor: int, n: int, batch_size: int, seed: int) -> list[int]:
     """Example indices for the batch starting at `cursor` in the endless stream of shuffled
     epochs (epoch e is permutation (seed, e)). Stateless, so a cursor is all a resume needs."""
+    orders: dict[int, np.ndarray] = {}  # one permutation per epoch the batch touches
     out = []
     for pos in range(cursor, cursor + batch_size):
         epoch, i = divmod(pos, n)
-        out.append(int(np.random.default_rng([seed, epoch]).permutation(n)[i]))
+        if epoch not in orders:
+            orders[epoch] = np.random.default_rng([seed, epoch]).permutation(n)
+        out.append(int(orders[epoch][i]))
     return out
 
 
@@ -109,9 +112,7 @@ def supervised_loss(model, pairs, cfg: Config):
     """The --method sft baseline: cross-entropy on the demonstration given the student prompt."""
     targets = demonstrations(pairs, cfg)
     logits_BTV = completion_logits(model, [p.student_ids for p in pairs], targets)
-    T = logits_BTV.shape[1]
-    targets_BT = mx.array([t + [0] * (T - len(t)) for t in targets])
-    return sft_loss(logits_BTV, targets_BT, completion_mask([len(t) for t in targets]))
+    return sft_loss(logits_BTV, pad_rows(targets), completion_mask([len(t) for t in targets]))
 
 
 def teacher_logits(model, teacher: Leaves | None, pairs, completions, cfg: Config):
