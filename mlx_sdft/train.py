@@ -126,7 +126,8 @@ def teacher_logits(model, teacher: Leaves | None, pairs, completions, cfg: Confi
 def evaluate(model, teacher, pairs: list[PromptPair], cfg: Config, stop_ids) -> dict:
     """SDFT: mean teacher–student divergence on fresh student samples of the validation prompts.
     SFT: cross-entropy on the validation demonstrations."""
-    n = len(pairs) // cfg.batch_size if cfg.val_batches < 0 else min(cfg.val_batches, math.ceil(len(pairs) / cfg.batch_size))
+    batches = math.ceil(len(pairs) / cfg.batch_size)
+    n = batches if cfg.val_batches < 0 else min(cfg.val_batches, batches)
     losses, lengths = [], []
     for b in range(max(n, 1)):
         start = b * cfg.batch_size
