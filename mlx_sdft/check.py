@@ -8,6 +8,8 @@ demonstration under the teacher context (demonstration in the prompt) and the st
 
 from __future__ import annotations
 
+import dataclasses
+
 import mlx.core as mx
 
 from mlx_sdft.losses import log_softmax
@@ -77,8 +79,7 @@ def run_check(cfg, console=None) -> dict:
                   "improved_fraction": sum(t > s for s, t in zip(student, teacher)) / len(pairs)}
         if metric is not None:
             report["student_score"] = evaluate_task(model, tokenizer, examples, metric, cfg.max_tokens, cfg.batch_size).score
-            shown = [ex.__class__(teacher_messages(ex, cfg.teacher_template), ex.demonstration, ex.tools, ex.where)
-                     for ex in examples]
+            shown = [dataclasses.replace(ex, prompt=teacher_messages(ex, cfg.teacher_template)) for ex in examples]
             report["teacher_score"] = evaluate_task(model, tokenizer, shown, metric, cfg.max_tokens, cfg.batch_size).score
     report["verdict"] = verdict(report["student_loglik"], report["teacher_loglik"],
                                 report.get("student_score"), report.get("teacher_score"))

@@ -103,11 +103,9 @@ class Config:
             bad("model", "required (a hub id or a local model folder)")
         if not self.data:
             bad("data", "required (a .jsonl file or a folder with train.jsonl)")
-        positive = ["batch_size", "grad_accumulation_steps", "num_generations", "max_completion_length",
-                    "max_seq_length", "max_bad_steps", "steps_per_report", "steps_per_eval", "save_every", "learning_rate"]
-        for name in positive:
-            if not getattr(self, name) > 0:
-                bad(name, f"must be > 0, got {getattr(self, name)}")
+        _positive(self, ("batch_size", "grad_accumulation_steps", "num_generations", "max_completion_length",
+                         "max_seq_length", "max_bad_steps", "steps_per_report", "steps_per_eval", "save_every",
+                         "learning_rate"))
         if self.iters is not None and self.iters <= 0:
             bad("iters", f"must be > 0, got {self.iters}")
         if not (self.epochs > 0 and math.isfinite(self.epochs)):
@@ -145,6 +143,18 @@ class Config:
         return dataclasses.asdict(self)
 
 
+def _required(options, names: tuple[str, ...]) -> None:
+    for name in names:
+        if not getattr(options, name):
+            raise InputError(f"--{name.replace('_', '-')}: required")
+
+
+def _positive(options, names: tuple[str, ...]) -> None:
+    for name in names:
+        if not getattr(options, name) > 0:
+            raise InputError(f"--{name.replace('_', '-')}: must be > 0, got {getattr(options, name)}")
+
+
 def _maybe_read(text: str) -> str:
     """A template option is either the text itself or the path of a file that holds it."""
     if "\n" not in text and len(text) < 4096:
@@ -176,12 +186,8 @@ class EvalConfig:
     chat_template: str | None = _opt(None, "Chat template (Jinja string or file) for tokenizers that lack one.")
 
     def validate(self) -> EvalConfig:
-        for name in ("model", "data"):
-            if not getattr(self, name):
-                raise InputError(f"--{name}: required")
-        for name in ("max_tokens", "batch_size", "num_general_prompts", "retention_max_tokens", "max_seq_length"):
-            if getattr(self, name) <= 0:
-                raise InputError(f"--{name.replace('_', '-')}: must be > 0, got {getattr(self, name)}")
+        _required(self, ("model", "data"))
+        _positive(self, ("max_tokens", "batch_size", "num_general_prompts", "retention_max_tokens", "max_seq_length"))
         if self.chat_template is not None:
             self.chat_template = _maybe_read(self.chat_template)
         return self
@@ -203,12 +209,8 @@ class CheckConfig:
     max_seq_length: int = _opt(2048, "Longest prompt + demonstration.")
 
     def validate(self) -> CheckConfig:
-        for name in ("model", "data"):
-            if not getattr(self, name):
-                raise InputError(f"--{name}: required")
-        for name in ("num_examples", "max_tokens", "batch_size", "max_seq_length"):
-            if getattr(self, name) <= 0:
-                raise InputError(f"--{name.replace('_', '-')}: must be > 0, got {getattr(self, name)}")
+        _required(self, ("model", "data"))
+        _positive(self, ("num_examples", "max_tokens", "batch_size", "max_seq_length"))
         self.teacher_template = _maybe_read(self.teacher_template)
         if self.chat_template is not None:
             self.chat_template = _maybe_read(self.chat_template)

@@ -22,13 +22,18 @@ def weight_bytes(model_path: Path) -> int:
     return sum(f.stat().st_size for f in files)
 
 
-def trainable_count(config: dict, cfg) -> int:
-    """Parameters that train: LoRA r·(in+out) per adapted linear, or whole blocks for full."""
-    h, i = config["hidden_size"], config.get("intermediate_size", 4 * config["hidden_size"])
+def dimensions(config: dict) -> tuple[int, int, int, int]:
+    """(hidden, intermediate, query width = heads·head_dim, key/value width) of a block."""
+    h = config["hidden_size"]
     heads = config["num_attention_heads"]
     head_dim = config.get("head_dim") or h // heads
-    kv = config.get("num_key_value_heads", heads) * head_dim
-    linears = [(h, heads * head_dim), (h, kv), (h, kv), (heads * head_dim, h), (h, i), (h, i), (i, h)]
+    return h, config.get("intermediate_size", 4 * h), heads * head_dim, config.get("num_key_value_heads", heads) * head_dim
+
+
+def trainable_count(config: dict, cfg) -> int:
+    """Parameters that train: LoRA r·(in+out) per adapted linear, or whole blocks for full."""
+    h, i, q, kv = dimensions(config)
+    linears = [(h, q), (h, kv), (h, kv), (q, h), (h, i), (h, i), (i, h)]
     layers = config["num_hidden_layers"] if cfg.num_layers < 0 else min(cfg.num_layers, config["num_hidden_layers"])
     if cfg.fine_tune_type == "full":
         return layers * sum(a * b for a, b in linears)
@@ -40,11 +45,8 @@ def estimate(config: dict, model_path: Path, cfg, prompt_len: int, teacher_promp
     """Bytes per component at the peak of a step (GB). n = sequences per micro-batch."""
     n = cfg.batch_size * (cfg.num_generations if cfg.method == "sdft" else 1)
     T = cfg.max_completion_length
-    h, layers, V = config["hidden_size"], config["num_hidden_layers"], config["vocab_size"]
-    i = config.get("intermediate_size", 4 * h)
-    heads = config["num_attention_heads"]
-    head_dim = config.get("head_dim") or h // heads
-    kv = config.get("num_key_value_heads", heads) * head_dim
+    h, i, _, kv = dimensions(config)
+    layers, V = config["num_hidden_layers"], config["vocab_size"]
     L = max(prompt_len, teacher_prompt_len) + T
     parts = {
         "weights": weight_bytes(model_path),
