@@ -44,10 +44,11 @@ def _strip_stop(ids: list[int], stops: set[int]) -> list[int]:
 
 
 def predict(model: nn.Module, tokenizer, prompts: list[list[dict]], max_tokens: int, batch_size: int,
-            tools: list | None = None) -> list[str]:
-    """Greedy answers (temperature 0), decoded without the stop token."""
+            tools: list[list | None] | None = None) -> list[str]:
+    """Greedy answers (temperature 0), decoded without the stop token; `tools[i]` goes with prompts[i]."""
     stops = set(tokenizer.eos_token_ids)
-    ids = [encode(tokenizer, render(tokenizer, p, tools)) for p in prompts]
+    tools = tools or [None] * len(prompts)
+    ids = [encode(tokenizer, render(tokenizer, p, t)) for p, t in zip(prompts, tools)]
     answers = []
     for batch in _batches(ids, batch_size):
         rollout = sample(model, batch, [max_tokens] * len(batch), sorted(stops), temperature=0.0, batch_size=len(batch))
@@ -63,12 +64,11 @@ class TaskResult:
 
 def evaluate_task(model, tokenizer, examples: list[Example], metric: Metric, max_tokens: int,
                   batch_size: int) -> TaskResult:
-    rows = []
-    for batch in _batches(examples, batch_size):
-        answers = predict(model, tokenizer, [ex.prompt for ex in batch], max_tokens, batch_size, batch[0].tools)
-        for ex, answer in zip(batch, answers):
-            rows.append({"where": ex.where, "prompt": ex.prompt[-1]["content"], "prediction": answer,
-                         "reference": ex.demonstration, "score": float(metric(answer, ex.demonstration))})
+    answers = predict(model, tokenizer, [ex.prompt for ex in examples], max_tokens, batch_size,
+                      [ex.tools for ex in examples])
+    rows = [{"where": ex.where, "prompt": ex.prompt[-1]["content"], "prediction": answer,
+             "reference": ex.demonstration, "score": float(metric(answer, ex.demonstration))}
+            for ex, answer in zip(examples, answers)]
     return TaskResult(sum(r["score"] for r in rows) / max(len(rows), 1), rows)
 
 

@@ -165,3 +165,17 @@ def test_continual_bad_stage_file_exits_2(tiny_model, tmp_path, extra, pattern):
     assert result.exit_code == 2, result.output
     assert re.search(pattern, result.stderr) and len(result.stderr.strip().splitlines()) == 1, result.stderr
     assert not (tmp_path / "run").exists()
+
+
+def test_each_example_is_rendered_with_its_own_tools(tiny, monkeypatch):
+    import mlx_sdft.evaluate as evaluate
+    from mlx_sdft.data import Example
+    from mlx_sdft.metrics import exact
+
+    model, tok = tiny
+    seen, real = [], evaluate.render
+    monkeypatch.setattr(evaluate, "render", lambda t, msgs, tools=None: seen.append(tools) or real(t, msgs))
+    examples = [Example([{"role": "user", "content": "Hi?"}], "Hello.", tools=[{"name": f"tool{i}"}] if i else None)
+                for i in range(3)]
+    evaluate.evaluate_task(model, tok, examples, exact, 2, batch_size=2)
+    assert seen == [None, [{"name": "tool1"}], [{"name": "tool2"}]]
