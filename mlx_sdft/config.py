@@ -71,6 +71,8 @@ class Config:
     divergence: str = _opt("forward", "forward = KL(teacher‖student), reverse = KL(student‖teacher), jsd.", ("forward", "reverse", "jsd"))
     beta: float = _opt(0.5, "JSD mixture weight of the teacher (--divergence jsd).")
     num_generations: int = _opt(1, "Sampled completions per prompt.")
+    fuse_sampling: bool = _opt(True, "Sample with the LoRA adapters fused into a copy of their base weights: faster "
+                               "decoding for the memory of the copy (off when the memory estimate would not fit).")
     max_completion_length: int = _opt(1024, "Most tokens sampled per completion.")
     temperature: float = _opt(1.0, "Sampling temperature (also divides the scored logits).")
     top_p: float = _opt(1.0, "Nucleus sampling mass.")

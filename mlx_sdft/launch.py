@@ -32,6 +32,10 @@ def preflight(cfg: Config, model_path: Path, train_pairs, valid_pairs) -> dict[s
     parts = memory.estimate(config, model_path, cfg, max(len(p.student_ids) for p in pairs),
                             max(len(p.teacher_ids) for p in pairs))
     have, what = memory.available_gb()
+    if parts["peak"] > have and parts["fused_copy"] > 0:
+        cfg.fuse_sampling = False  # sampling slower but unfused fits: worth more than failing
+        parts = memory.estimate(config, model_path, cfg, max(len(p.student_ids) for p in pairs),
+                                max(len(p.teacher_ids) for p in pairs))
     if parts["peak"] > have:
         raise InputError(f"this run needs about {parts['peak']:.1f} GB but the {what} is {have:.1f} GB "
                          f"({memory.describe(parts)}); lower it with {memory.LOWER_IT}")
@@ -60,6 +64,8 @@ def run(cfg: Config, console=None, quiet: bool = False) -> dict:
                         label=cfg.method.upper())
     if estimate:
         reporter.print(f"memory estimate: {memory.describe(estimate)}", highlight=False)
+    if cfg.method == "sdft" and not cfg.fuse_sampling:
+        reporter.print("sampling with unfused adapters: slower, but no copy of the weights", style="yellow")
     if cfg.dry_run:
         return estimate or {}
     first = splits["train"][0]

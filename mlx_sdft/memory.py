@@ -41,6 +41,20 @@ def trainable_count(config: dict, cfg) -> int:
     return layers * sum(r * (a + b) for a, b in linears)
 
 
+def fused_copy_bytes(config: dict, model_path: Path, cfg) -> int:
+    """The fused weights `rollout.fused_adapters` holds while sampling: a copy of every adapted
+    linear, in the weights' own precision. Adapters over quantized weights are not fused."""
+    if cfg.method != "sdft" or not cfg.fuse_sampling or cfg.fine_tune_type != "lora" or "quantization" in config:
+        return 0
+    h, i, q, kv = dimensions(config)
+    per_block = h * q + 2 * h * kv + q * h + 3 * h * i
+    blocks = config["num_hidden_layers"]
+    adapted = blocks if cfg.num_layers < 0 else min(cfg.num_layers, blocks)
+    embeddings = config["vocab_size"] * h * (1 if config.get("tie_word_embeddings", True) else 2)
+    bytes_per_param = weight_bytes(model_path) / (blocks * per_block + embeddings)
+    return int(adapted * per_block * bytes_per_param)
+
+
 def estimate(config: dict, model_path: Path, cfg, prompt_len: int, teacher_prompt_len: int) -> dict[str, float]:
     """Bytes per component at the peak of a step (GB). n = sequences per micro-batch."""
     n = cfg.batch_size * (cfg.num_generations if cfg.method == "sdft" else 1)
@@ -54,12 +68,14 @@ def estimate(config: dict, model_path: Path, cfg, prompt_len: int, teacher_promp
         "trainable_states": 6 * trainable_count(config, cfg) * F32,
         # keys and values of every layer while sampling
         "kv_cache": 2 * layers * kv * (prompt_len + T) * n * F32 if cfg.method == "sdft" else 0,
+        "fused_copy": fused_copy_bytes(config, model_path, cfg),
         # activations kept for the backward pass: ~12 hidden-sized and 3 MLP-sized tensors per layer
         "activations": n * L * layers * (12 * h + 3 * i) * F32 // (layers if cfg.grad_checkpoint else 1),
         # student logits, log-softmax and its gradient; teacher logits and log-softmax
         "logits": n * T * V * F32 * (5 if cfg.method == "sdft" else 3),
     }
-    parts["peak"] = parts["weights"] + parts["trainable_states"] + max(parts["kv_cache"], parts["activations"] + parts["logits"])
+    parts["peak"] = parts["weights"] + parts["trainable_states"] + max(
+        parts["kv_cache"] + parts["fused_copy"], parts["activations"] + parts["logits"])
     return {k: v / GB for k, v in parts.items()}
 
 

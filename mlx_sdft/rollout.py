@@ -7,12 +7,15 @@ learns when to stop.
 
 from __future__ import annotations
 
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 
 import mlx.core as mx
 import mlx.nn as nn
+from mlx.utils import tree_unflatten
 from mlx_lm.generate import BatchGenerator
 from mlx_lm.sample_utils import apply_top_p, make_sampler
+from mlx_lm.tuner.lora import LoRALinear
 
 
 @dataclass
@@ -40,6 +43,50 @@ def keyed_sampler(seed: int, temperature: float, top_p: float):
     return sampler
 
 
+class FusedLinear(nn.Module):
+    """A LoRA linear with its adapter added into a copy of the base weight: W + s·BᵀAᵀ."""
+
+    def __init__(self, lora: LoRALinear):
+        super().__init__()
+        base = lora.linear
+        self.weight = base.weight + ((lora.scale * lora.lora_b.T) @ lora.lora_a.T).astype(base.weight.dtype)
+        if "bias" in base:
+            self.bias = base.bias
+        self.freeze()  # a sampling-time copy: nothing may train it
+
+    def __call__(self, x: mx.array) -> mx.array:
+        if "bias" in self:
+            return mx.addmm(self.bias, x, self.weight.T)
+        return x @ self.weight.T
+
+
+def fusable(model: nn.Module) -> list[tuple[str, LoRALinear]]:
+    """LoRA linears whose adapter can be fused exactly: not over quantized weights, where
+    fusing would requantize and so sample from a slightly different policy."""
+    return [(name, m) for name, m in model.named_modules()
+            if type(m) is LoRALinear and not isinstance(m.linear, nn.QuantizedLinear)]
+
+
+def fused_bytes(model: nn.Module) -> int:
+    return sum(m.linear.weight.nbytes for _, m in fusable(model))
+
+
+@contextmanager
+def fused_adapters(model: nn.Module):
+    """While the block runs, every fusable LoRA linear is one matmul with fused weights
+    instead of three ops: a decoded token then costs the base model's kernels only. The copy
+    (fused_bytes) is freed on exit; the adapters themselves are untouched."""
+    lora = fusable(model)
+    if not lora:
+        yield
+        return
+    model.update_modules(tree_unflatten([(name, FusedLinear(m)) for name, m in lora]))
+    try:
+        yield
+    finally:
+        model.update_modules(tree_unflatten(lora))
+
+
 def sample(
     model: nn.Module,
     prompts: list[list[int]],
@@ -49,15 +96,25 @@ def sample(
     top_p: float = 1.0,
     batch_size: int = 32,
     seeds: list[int] | None = None,
+    fuse: bool = True,
 ) -> Rollout:
     """One completion per prompt (repeat a prompt to get several), in the order given. With
     `seeds`, sequence i samples from its own stream seeded by seeds[i]; without, from MLX's
-    global random state (temperature 0 is greedy either way)."""
+    global random state (temperature 0 is greedy either way). `fuse` samples with the LoRA
+    adapters fused into a copy of their weights (`fused_adapters`): faster, same policy."""
     samplers = None
     if seeds is not None and temperature > 0:
         samplers = [keyed_sampler(s, temperature, top_p) for s in seeds]
     was_training = model.training
-    model.eval()  # no LoRA dropout while sampling
+    model.eval()  # no LoRA dropout while sampling (fusing also relies on it)
+    try:
+        with fused_adapters(model) if fuse else nullcontext():
+            return _generate(model, prompts, max_tokens, stop_ids, temperature, top_p, batch_size, samplers)
+    finally:
+        model.train(was_training)
+
+
+def _generate(model, prompts, max_tokens, stop_ids, temperature, top_p, batch_size, samplers) -> Rollout:
     gen = BatchGenerator(
         model,
         stop_tokens=[[t] for t in stop_ids],
@@ -76,7 +133,6 @@ def sample(
                     truncated[r.uid] = r.finish_reason == "length"
     finally:
         gen.close()
-        model.train(was_training)
     return Rollout(
         completions=[tokens[u] for u in uids],
         truncated=[truncated[u] for u in uids],

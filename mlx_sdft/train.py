@@ -81,7 +81,7 @@ def rollout_batch(model: nn.Module, pairs: list[PromptPair], cfg: Config, stop_i
     pairs = [p for p in pairs for _ in range(cfg.num_generations)]
     rollout = sample(
         model, [p.student_ids for p in pairs], [completion_budget(p, cfg) for p in pairs], stop_ids,
-        temperature=cfg.temperature, top_p=cfg.top_p, batch_size=len(pairs), seeds=seeds,
+        temperature=cfg.temperature, top_p=cfg.top_p, batch_size=len(pairs), seeds=seeds, fuse=cfg.fuse_sampling,
     )
     return pairs, rollout
 

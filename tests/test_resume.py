@@ -7,6 +7,7 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import mlx.core as mx
 import numpy as np
@@ -14,7 +15,7 @@ import pytest
 
 from mlx_sdft import checkpoint
 from mlx_sdft.config import load_config
-from mlx_sdft.errors import Interrupted, TrainingError
+from mlx_sdft.errors import InputError, Interrupted, TrainingError
 from mlx_sdft.launch import run
 
 ITERS = 6
@@ -103,17 +104,28 @@ def _cli(tiny_model, smoke_data, out, *extra):
     return args + list(extra)
 
 
+def _after_first_save(proc, out) -> float:
+    """Wait until the run has saved once; the time of that moment."""
+    deadline = time.time() + 60
+    while proc.poll() is None and not list(out.glob("*.safetensors")) and time.time() < deadline:
+        time.sleep(0.01)
+    return time.time()
+
+
 def test_sigkill_at_random_moments_then_resume(tiny_model, smoke_data, tmp_path, reference):
+    # How long a run trains after its first save on this machine: the kills land inside that span.
+    calibration = subprocess.Popen(_cli(tiny_model, smoke_data, tmp_path / "cal"), stdout=subprocess.DEVNULL)
+    saved = _after_first_save(calibration, tmp_path / "cal")
+    calibration.wait()
+    span = time.time() - saved
     out, rng, kills, torn = tmp_path / "k", random.Random(0), 0, 0
     args = _cli(tiny_model, smoke_data, out)
     for attempt in range(12):
         resume = ["--resume"] if (out / "trainer_state.json").exists() else []
         proc = subprocess.Popen(args + resume, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        # Wait for the first save, then kill after a random delay: often in the middle of a save.
-        deadline = time.time() + 60
-        while proc.poll() is None and not list(out.glob("*.safetensors")) and time.time() < deadline:
-            time.sleep(0.01)
-        time.sleep(rng.uniform(0.0, 0.6))
+        # Kill after a random delay once the run has saved: often in the middle of a save.
+        _after_first_save(proc, out)
+        time.sleep(rng.uniform(0.0, 0.8 * span))
         if proc.poll() is None:
             proc.send_signal(signal.SIGKILL)
             kills += 1
@@ -199,6 +211,35 @@ def test_dry_run_and_preflight(tiny_model, smoke_data, tmp_path):
         run(load_config(None, _opts(tiny_model, smoke_data, out, batch_size=100000, max_completion_length=4000,
                                     max_seq_length=8192)), quiet=True)
     assert not out.exists()
+
+
+def test_preflight_samples_unfused_when_only_that_fits(tmp_path, monkeypatch):
+    """The fused copy of the weights is the first thing to give up when memory is short."""
+    from mlx_sdft import memory
+    from mlx_sdft.config import Config
+    from mlx_sdft.launch import preflight
+    from mlx_sdft.prompts import PromptPair
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
+    from shapes import SMOLLM2
+
+    (tmp_path / "config.json").write_text(json.dumps(SMOLLM2))
+    with open(tmp_path / "model.safetensors", "wb") as f:
+        f.truncate(538_000_000)  # float32 SmolLM2-135M; sparse, nothing is read
+    pairs = [PromptPair([1] * 64, [1] * 160, [2] * 8, "x:1")]
+    opts = dict(batch_size=1, max_completion_length=16, num_layers=-1, lora_parameters={"rank": 8, "scale": 20.0, "dropout": 0.0})
+    fused = memory.estimate(SMOLLM2, tmp_path, Config(**opts), 64, 160)
+    unfused = memory.estimate(SMOLLM2, tmp_path, Config(**opts, fuse_sampling=False), 64, 160)
+    assert 0.4 < fused["fused_copy"] < 0.5 and unfused["fused_copy"] == 0  # 30 blocks of 3.5M float32 weights
+    assert fused["peak"] > unfused["peak"]
+    monkeypatch.setattr(memory, "available_gb", lambda: ((fused["peak"] + unfused["peak"]) / 2, "test memory"))
+    cfg = Config(**opts)
+    assert preflight(cfg, tmp_path, pairs, [])["peak"] == unfused["peak"] and cfg.fuse_sampling is False
+    cfg = Config(**opts, method="sft")
+    assert memory.estimate(SMOLLM2, tmp_path, cfg, 64, 160)["fused_copy"] == 0  # SFT does not sample
+    monkeypatch.setattr(memory, "available_gb", lambda: (unfused["peak"] / 2, "test memory"))
+    with pytest.raises(InputError, match="needs about"):
+        preflight(Config(**opts), tmp_path, pairs, [])
 
 
 def test_estimate_is_logged_next_to_the_measured_peak(tiny_model, smoke_data, tmp_path):

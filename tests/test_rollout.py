@@ -1,8 +1,10 @@
 """On-policy sampling: order, lengths, the kept stop token, truncation, seeding."""
 
 import mlx.core as mx
+import mlx.nn as nn
+from mlx.utils import tree_flatten
 
-from mlx_sdft.rollout import sample
+from mlx_sdft.rollout import fused_adapters, fused_bytes, fusable, sample
 
 PROMPTS = [[1, 300, 201, 293], [1, 5, 9], [1, 300, 201, 293, 275, 289, 283]]
 
@@ -72,3 +74,57 @@ def test_seeded_sampling_follows_the_temperature(tiny):
     model, _ = tiny
     greedy = sample(model, PROMPTS, [6] * 3, [], temperature=0.0).completions
     assert sample(model, PROMPTS, [6] * 3, [], temperature=1e-6, seeds=[1, 2, 3]).completions == greedy
+
+
+def _adapted(tiny_model, quantize=False):
+    """The tiny model with LoRA on every linear and adapters far from zero (lora_b = 0 would
+    make merging trivially exact)."""
+    from mlx_lm import load
+    from mlx_lm.tuner.lora import LoRALinear
+
+    from mlx_sdft.models import attach_adapters
+
+    model, _ = load(str(tiny_model))
+    if quantize:
+        nn.quantize(model, group_size=32, bits=8)
+    attach_adapters(model, "lora", -1, {"rank": 4, "scale": 20.0, "dropout": 0.0})
+    for _, m in model.named_modules():
+        if isinstance(m, LoRALinear):
+            m.lora_b = mx.random.normal(m.lora_b.shape, key=mx.random.key(1)) * 0.05
+    mx.eval(model.parameters())
+    return model
+
+
+def test_fused_adapters_compute_the_same_function(tiny_model):
+    model = _adapted(tiny_model)
+    model.eval()
+    x = mx.array([PROMPTS[2]])
+    unmerged = model(x)
+    before = dict(tree_flatten(model.trainable_parameters()))
+    lora = fusable(model)
+    assert len(lora) == 2 * 7 and fused_bytes(model) == sum(m.linear.weight.nbytes for _, m in lora)
+    with fused_adapters(model):
+        assert not fusable(model) and not tree_flatten(model.trainable_parameters())
+        merged = model(x)
+    assert mx.abs(merged - unmerged).max().item() < 1e-5 * mx.abs(unmerged).max().item()
+    # The adapters come back as the same modules, still trainable and unchanged.
+    assert [m for _, m in fusable(model)] == [m for _, m in lora]
+    after = dict(tree_flatten(model.trainable_parameters()))
+    assert after.keys() == before.keys() and all(after[k] is before[k] for k in before)
+
+
+def test_merged_sampling_draws_the_same_tokens(tiny_model):
+    model = _adapted(tiny_model)
+    seeds = [11, 12, 13]
+    merged = sample(model, PROMPTS, [12] * 3, [], seeds=seeds)
+    plain = sample(model, PROMPTS, [12] * 3, [], seeds=seeds, fuse=False)
+    assert merged.completions == plain.completions
+    # The adapters matter here: the adapters-off model answers differently.
+    assert fusable(model)
+
+
+def test_adapters_over_quantized_weights_are_not_merged(tiny_model):
+    model = _adapted(tiny_model, quantize=True)
+    assert fusable(model) == [] and fused_bytes(model) == 0
+    with fused_adapters(model):  # nothing to merge: a no-op
+        assert all(type(m).__name__ != "FusedLinear" for _, m in model.named_modules())
