@@ -4,23 +4,23 @@ from __future__ import annotations
 
 import os
 import platform
-from pathlib import Path
 
 import mlx.core as mx
 
+from mlx_sdft.blas import EXPLICIT, OPT_OUT, describe
 from mlx_sdft.checkpoint import versions
 from mlx_sdft.memory import available_gb
 
 
 def blas() -> str:
-    """Which BLAS the process mapped: MLX's Linux CPU wheel is ~26x faster with OpenBLAS preloaded."""
-    if platform.system() == "Darwin":
-        return "Accelerate"
-    maps = Path("/proc/self/maps")
-    libs = maps.read_text() if maps.exists() else ""
-    if "openblas" in libs:
-        return "OpenBLAS"
-    return "reference BLAS (slow; see the README for LD_PRELOAD of OpenBLAS)"
+    """Which BLAS the process mapped, with the way out of the slow reference BLAS on Linux."""
+    what = describe()
+    if platform.system() != "Linux" or not what.startswith("reference"):
+        return what
+    if os.environ.get(OPT_OUT, "").lower() == "reference":
+        return f"{what}, kept by {OPT_OUT}=reference"
+    return (f"{what}: slow; apt-get install libopenblas0-pthread (picked up automatically), "
+            f"or set {EXPLICIT}=/path/to/libopenblas.so.0")
 
 
 def backend() -> str:
