@@ -28,16 +28,18 @@ import sys
 import time
 from pathlib import Path
 
-import mlx.core as mx
-import mlx.nn as nn
-import mlx.optimizers as optim
-from mlx.utils import tree_map
-from mlx_lm.generate import batch_generate
-from mlx_lm.models import llama
-from mlx_lm.sample_utils import make_sampler
-
 HERE = Path(__file__).resolve().parent
 sys.path[:0] = [str(HERE), str(HERE.parent)]  # run from a checkout without installing
+import mlx_sdft  # noqa: E402,F401  first: on Linux it loads OpenBLAS before MLX does
+
+import mlx.core as mx  # noqa: E402
+import mlx.nn as nn  # noqa: E402
+import mlx.optimizers as optim  # noqa: E402
+from mlx.utils import tree_map  # noqa: E402
+from mlx_lm.generate import batch_generate  # noqa: E402
+from mlx_lm.models import llama  # noqa: E402
+from mlx_lm.sample_utils import make_sampler  # noqa: E402
+
 from shapes import FULL, QUICK, SEED, machine, student_flops  # noqa: E402
 
 from mlx_sdft import train as trainer  # noqa: E402

@@ -12,10 +12,12 @@ import json
 import sys
 from pathlib import Path
 
-import mlx.core as mx
-import numpy as np
-
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
+import mlx_sdft  # noqa: E402,F401  first: on Linux it loads OpenBLAS before MLX does
+
+import mlx.core as mx  # noqa: E402
+import numpy as np  # noqa: E402
+
 from mlx_sdft import losses, reference  # noqa: E402
 
 CASES = [  # name, B, T, V, logit scale, teacher noise (None = independent teacher)

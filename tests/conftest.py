@@ -3,6 +3,8 @@ from pathlib import Path
 
 import pytest
 
+import mlx_sdft  # noqa: F401  first: on Linux it loads OpenBLAS before MLX, as the CLI's subprocesses do
+
 sys.path.insert(0, str(Path(__file__).parent))
 
 from tiny import build_model  # noqa: E402
