@@ -77,6 +77,9 @@ class Config:
     temperature: float = _opt(1.0, "Sampling temperature (also divides the scored logits).")
     top_p: float = _opt(1.0, "Nucleus sampling mass.")
     skip_first_tokens: int = _opt(3, "Completion tokens at the start left out of the loss.")
+    logits_chunk: int = _opt(0, "Score the completion this many positions at a time: the [B, T, V] logits of student "
+                             "and teacher are never whole in memory, for a second LM-head pass in the backward. 0: at "
+                             "once (the preflight picks 16 when only a chunked run fits).")
     topk: int | None = _opt(None, "Score on the teacher's top-K tokens plus a tail bucket (less memory); default: the full vocabulary.")
     teacher_template: str = _opt(TEACHER_TEMPLATE, "Teacher prompt: a string or a file, with {question} and {demonstration}.")
     chat_template: str | None = _opt(None, "Chat template (Jinja string or file) for tokenizers that lack one.")
@@ -122,6 +125,8 @@ class Config:
             bad("beta", f"must be in (0, 1) for jsd, got {self.beta}")
         if self.topk is not None and self.topk <= 0:
             bad("topk", f"must be > 0, got {self.topk}")
+        if self.logits_chunk < 0:
+            bad("logits_chunk", f"must be >= 0, got {self.logits_chunk}")
         if self.skip_first_tokens < 0:
             bad("skip_first_tokens", f"must be >= 0, got {self.skip_first_tokens}")
         if not (0 <= self.warmup_ratio < 1):

@@ -20,22 +20,32 @@ from mlx_sdft.errors import InputError
 from mlx_sdft.models import attach_adapters, load, load_tokenizer, resolve
 from mlx_sdft.prompts import encode_examples, student_text, teacher_text
 from mlx_sdft.report import Reporter, StopFlag
+from mlx_sdft.scoring import head_splits
 from mlx_sdft.train import total_steps, train
 
 
+AUTO_CHUNK = 16  # positions per chunk when the preflight turns chunking on: ~1/4 the memory of T = 256
+
+
 def preflight(cfg: Config, model_path: Path, train_pairs, valid_pairs) -> dict[str, float] | None:
-    """The memory estimate; an InputError when it cannot fit. None for models it cannot read."""
+    """The memory estimate; an InputError when it cannot fit. None for models it cannot read.
+    When memory is short it first gives up the fused sampling copy, then scores in chunks."""
     config = memory.model_config(model_path)
+    if cfg.logits_chunk and cfg.method == "sdft" and not head_splits(config.get("model_type", "")):
+        raise InputError(f"--logits-chunk: the LM head of a {config.get('model_type', 'unknown')!r} model cannot be "
+                         f"run apart from its body here; use --topk to save memory instead")
     if not {"hidden_size", "num_hidden_layers", "num_attention_heads", "vocab_size"} <= config.keys():
         return None
     pairs = train_pairs + valid_pairs
-    parts = memory.estimate(config, model_path, cfg, max(len(p.student_ids) for p in pairs),
-                            max(len(p.teacher_ids) for p in pairs))
+    lengths = max(len(p.student_ids) for p in pairs), max(len(p.teacher_ids) for p in pairs)
+    parts = memory.estimate(config, model_path, cfg, *lengths)
     have, what = memory.available_gb()
     if parts["peak"] > have and parts["fused_copy"] > 0:
-        cfg.fuse_sampling = False  # sampling slower but unfused fits: worth more than failing
-        parts = memory.estimate(config, model_path, cfg, max(len(p.student_ids) for p in pairs),
-                                max(len(p.teacher_ids) for p in pairs))
+        cfg.fuse_sampling = False  # slower sampling beats failing
+        parts = memory.estimate(config, model_path, cfg, *lengths)
+    if parts["peak"] > have and not cfg.logits_chunk and cfg.method == "sdft" and head_splits(config["model_type"]):
+        cfg.logits_chunk = AUTO_CHUNK
+        parts = memory.estimate(config, model_path, cfg, *lengths)
     if parts["peak"] > have:
         raise InputError(f"this run needs about {parts['peak']:.1f} GB but the {what} is {have:.1f} GB "
                          f"({memory.describe(parts)}); lower it with {memory.LOWER_IT}")
@@ -66,6 +76,8 @@ def run(cfg: Config, console=None, quiet: bool = False) -> dict:
         reporter.print(f"memory estimate: {memory.describe(estimate)}", highlight=False)
     if cfg.method == "sdft" and not cfg.fuse_sampling:
         reporter.print("sampling with unfused adapters: slower, but no copy of the weights", style="yellow")
+    if cfg.method == "sdft" and cfg.logits_chunk:
+        reporter.print(f"scoring {cfg.logits_chunk} completion positions at a time (--logits-chunk)", style="yellow")
     if cfg.dry_run:
         return estimate or {}
     first = splits["train"][0]

@@ -133,6 +133,34 @@ def sdft_loss(
     return sequence_mean(div_BT, mask, skip)
 
 
+def sdft_loss_chunked(
+    logits_of,
+    student_hidden_BTD: mx.array,
+    teacher_hidden_BTD: mx.array,
+    mask: mx.array,
+    chunk: int,
+    divergence: str = "forward",
+    skip: int = 3,
+    beta: float = 0.5,
+) -> tuple[mx.array, mx.array]:
+    """`sdft_loss(logits_of(student_hidden), logits_of(teacher_hidden), …)`, `chunk` completion
+    positions at a time → (loss, ntoks).
+
+    `logits_of` maps hidden states to logits (the frozen LM head, temperature included). Each
+    chunk runs under mx.checkpoint, so its [B, chunk, V] logits are recomputed in the backward
+    pass instead of kept: the [B, T, V] logits of neither role are ever whole in memory.
+    """
+    def chunk_divergence(student_BCD, teacher_BCD):
+        return token_divergence(logits_of(student_BCD), logits_of(teacher_BCD), divergence, beta)
+
+    chunk_divergence = mx.checkpoint(chunk_divergence)
+    T = student_hidden_BTD.shape[1]
+    teacher_hidden_BTD = mx.stop_gradient(teacher_hidden_BTD)
+    div_BT = mx.concatenate([chunk_divergence(student_hidden_BTD[:, t:t + chunk], teacher_hidden_BTD[:, t:t + chunk])
+                             for t in range(0, T, chunk)], axis=1)
+    return sequence_mean(div_BT, mask, skip)
+
+
 def sequence_mean(div_BT: mx.array, mask: mx.array, skip: int) -> tuple[mx.array, mx.array]:
     """(1/B) Σ_i Σ_t w_it·div_it / max(Σ_t w_it, 1) with w = loss_mask(mask, skip) → (loss, ntoks)."""
     weights_BT = loss_mask(mask, skip)

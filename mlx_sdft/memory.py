@@ -55,6 +55,11 @@ def fused_copy_bytes(config: dict, model_path: Path, cfg) -> int:
     return int(adapted * per_block * bytes_per_param)
 
 
+def logit_positions(cfg) -> int:
+    T = cfg.max_completion_length
+    return min(T, 4 * cfg.logits_chunk) if cfg.logits_chunk and cfg.method == "sdft" else T
+
+
 def estimate(config: dict, model_path: Path, cfg, prompt_len: int, teacher_prompt_len: int) -> dict[str, float]:
     """Bytes per component at the peak of a step (GB). n = sequences per micro-batch."""
     n = cfg.batch_size * (cfg.num_generations if cfg.method == "sdft" else 1)
@@ -71,8 +76,9 @@ def estimate(config: dict, model_path: Path, cfg, prompt_len: int, teacher_promp
         "fused_copy": fused_copy_bytes(config, model_path, cfg),
         # activations kept for the backward pass: ~12 hidden-sized and 3 MLP-sized tensors per layer
         "activations": n * L * layers * (12 * h + 3 * i) * F32 // (layers if cfg.grad_checkpoint else 1),
-        # student logits, log-softmax and its gradient; teacher logits and log-softmax
-        "logits": n * T * V * F32 * (5 if cfg.method == "sdft" else 3),
+        # student logits, log-softmax and its gradient; teacher logits and log-softmax. In chunks
+        # (--logits-chunk) a few chunks are alive at once, not all T positions.
+        "logits": n * logit_positions(cfg) * V * F32 * (5 if cfg.method == "sdft" else 3),
     }
     parts["peak"] = parts["weights"] + parts["trainable_states"] + max(
         parts["kv_cache"] + parts["fused_copy"], parts["activations"] + parts["logits"])
@@ -101,4 +107,4 @@ def describe(parts: dict[str, float]) -> str:
     return ", ".join(f"{k} {v:.2f} GB" for k, v in parts.items() if k != "peak") + f"; peak ≈ {parts['peak']:.2f} GB"
 
 
-LOWER_IT = "--batch-size, --max-completion-length, --max-seq-length, --num-layers, --grad-checkpoint"
+LOWER_IT = "--batch-size, --max-completion-length, --max-seq-length, --num-layers, --grad-checkpoint, --logits-chunk, --topk"

@@ -153,3 +153,21 @@ def sdft_loss_topk(student_logits, teacher_logits, mask, k, divergence="forward"
     w = loss_mask(mask, skip)
     per_seq = [(w[i] * div[i]).sum() / max(w[i].sum(), 1.0) for i in range(len(w))]
     return float(np.mean(per_seq)), int(w.sum())
+
+
+def sdft_loss_from_hidden(student_hidden, teacher_hidden, head_weight, mask, temperature=1.0, divergence="forward",
+                          skip=3, beta=0.5) -> tuple[float, int]:
+    """Twin of `losses.sdft_loss_chunked` with a linear LM head (logits = hidden · Wᵀ / τ):
+    chunking over positions changes when logits exist, not the loss."""
+    W = np.asarray(head_weight, np.float64)
+    return sdft_loss(np.asarray(student_hidden, np.float64) @ W.T / temperature,
+                     np.asarray(teacher_hidden, np.float64) @ W.T / temperature, mask, divergence, skip, beta)
+
+
+def sdft_loss_from_hidden_grad(student_hidden, teacher_hidden, head_weight, mask, temperature=1.0,
+                               divergence="forward", skip=3, beta=0.5) -> np.ndarray:
+    """∂loss/∂(student hidden) = (∂loss/∂logits) · W / τ → grad_BTD."""
+    W = np.asarray(head_weight, np.float64)
+    grad_BTV = sdft_loss_grad(np.asarray(student_hidden, np.float64) @ W.T / temperature,
+                              np.asarray(teacher_hidden, np.float64) @ W.T / temperature, mask, divergence, skip, beta)
+    return grad_BTV @ W / temperature

@@ -26,28 +26,47 @@ def pad_rows(rows: list[list[int]], pad: int = 0) -> mx.array:
     return mx.array([r + [pad] * (L - len(r)) for r in rows], dtype=mx.int32)
 
 
+def head_splits(model_type: str) -> bool:
+    """Whether the LM head of this model type can run apart from its backbone."""
+    return model_type in _HEAD_SPLIT
+
+
 def _split_head(model: nn.Module):
-    if type(model).__module__.rsplit(".", 1)[-1] not in _HEAD_SPLIT:
+    if not head_splits(type(model).__module__.rsplit(".", 1)[-1]):
         return None
     head = model.lm_head if hasattr(model, "lm_head") else model.model.embed_tokens.as_linear
     return model.model, head
 
 
-def completion_logits(model: nn.Module, prompts: list[list[int]], completions: list[list[int]]) -> mx.array:
-    """logits_BTV where [i, j] is the model's prediction of completions[i][j]; rows past the
-    completion's length are padding (see `completion_mask`)."""
-    lengths = [len(c) for c in completions]
-    T = max(lengths)
+def lm_head(model: nn.Module):
+    """The LM head as a function hidden_BTD → logits_BTV, or None when it cannot be split off."""
+    split = _split_head(model)
+    return split[1] if split else None
+
+
+def _inputs(prompts: list[list[int]], completions: list[list[int]]) -> tuple[mx.array, mx.array]:
+    """inputs_BL and positions_BT: the input slot whose output predicts each completion token."""
+    T = max(len(c) for c in completions)
     # The last completion token is never an input: nothing after it is scored.
     inputs_BL = pad_rows([p + c[:-1] for p, c in zip(prompts, completions)])
     start_B = mx.array([len(p) - 1 for p in prompts])
     positions_BT = start_B[:, None] + mx.arange(T)[None, :]
-    positions_BT = mx.minimum(positions_BT, inputs_BL.shape[1] - 1)  # padded slots read any valid row
-    split = _split_head(model)
-    if split is None:
-        logits_BLV = model(inputs_BL)
-        return mx.take_along_axis(logits_BLV, positions_BT[..., None], axis=1)
-    backbone, head = split
-    hidden_BLD = backbone(inputs_BL)
-    hidden_BTD = mx.take_along_axis(hidden_BLD, positions_BT[..., None], axis=1)
-    return head(hidden_BTD)
+    return inputs_BL, mx.minimum(positions_BT, inputs_BL.shape[1] - 1)  # padded slots read any valid row
+
+
+def completion_hidden(model: nn.Module, prompts: list[list[int]], completions: list[list[int]]) -> mx.array:
+    """hidden_BTD: the final hidden state that `lm_head` turns into the prediction of
+    completions[i][j]; for models where `lm_head(model)` is not None."""
+    backbone, _ = _split_head(model)
+    inputs_BL, positions_BT = _inputs(prompts, completions)
+    return mx.take_along_axis(backbone(inputs_BL), positions_BT[..., None], axis=1)
+
+
+def completion_logits(model: nn.Module, prompts: list[list[int]], completions: list[list[int]]) -> mx.array:
+    """logits_BTV where [i, j] is the model's prediction of completions[i][j]; rows past the
+    completion's length are padding (see `completion_mask`)."""
+    head = lm_head(model)
+    if head is not None:
+        return head(completion_hidden(model, prompts, completions))
+    inputs_BL, positions_BT = _inputs(prompts, completions)
+    return mx.take_along_axis(model(inputs_BL), positions_BT[..., None], axis=1)

@@ -16,11 +16,11 @@ from mlx_lm.tuner.trainer import grad_checkpoint
 from mlx_sdft import checkpoint
 from mlx_sdft.config import Config
 from mlx_sdft.errors import Interrupted, TrainingError
-from mlx_sdft.losses import sdft_loss, sdft_loss_topk, sft_loss, teacher_topk
+from mlx_sdft.losses import sdft_loss, sdft_loss_chunked, sdft_loss_topk, sft_loss, teacher_topk
 from mlx_sdft.prompts import PromptPair
 from mlx_sdft.report import PhaseTimer, Reporter, StopFlag
 from mlx_sdft.rollout import sample
-from mlx_sdft.scoring import completion_logits, completion_mask, pad_rows
+from mlx_sdft.scoring import completion_hidden, completion_logits, completion_mask, lm_head, pad_rows
 from mlx_sdft.teacher import Leaves, init_teacher, step_teacher, trainable_leaves, using
 
 
@@ -93,12 +93,19 @@ def scaled(logits: mx.array, cfg: Config) -> mx.array:
 
 def student_loss(model, pairs, completions, teacher_scores, cfg: Config):
     """The SDFT objective for one micro-batch; gradients flow through the student only.
-    `teacher_scores` is what `teacher_logits` returned: full logits, or top-K buckets."""
-    logits_BTV = scaled(completion_logits(model, [p.student_ids for p in pairs], completions), cfg)
+    `teacher_scores` is what `teacher_logits` returned: full logits, top-K buckets, or (with
+    --logits-chunk) final hidden states."""
+    prompts = [p.student_ids for p in pairs]
     mask_BT = completion_mask([len(c) for c in completions])
     if cfg.topk:
         idx_BTK, buckets_BTK1 = teacher_scores
+        logits_BTV = scaled(completion_logits(model, prompts, completions), cfg)
         return sdft_loss_topk(logits_BTV, idx_BTK, buckets_BTK1, mask_BT, cfg.divergence, cfg.skip_first_tokens, cfg.beta)
+    if cfg.logits_chunk:
+        head = lm_head(model)
+        return sdft_loss_chunked(lambda hidden: scaled(head(hidden), cfg), completion_hidden(model, prompts, completions),
+                                 teacher_scores, mask_BT, cfg.logits_chunk, cfg.divergence, cfg.skip_first_tokens, cfg.beta)
+    logits_BTV = scaled(completion_logits(model, prompts, completions), cfg)
     return sdft_loss(logits_BTV, scaled(teacher_scores, cfg), mask_BT,
                      divergence=cfg.divergence, skip=cfg.skip_first_tokens, beta=cfg.beta)
 
@@ -116,11 +123,21 @@ def supervised_loss(model, pairs, cfg: Config):
 
 
 def teacher_logits(model, teacher: Leaves | None, pairs, completions, cfg: Config):
-    """The teacher's completion logits (no gradient), or with --topk only its top-K buckets, so
-    the [B, T, V] teacher logits need not stay in memory through the student's backward pass."""
+    """The teacher's side of the loss, without gradient: its completion logits; with --topk only
+    its top-K buckets, so that [B, T, V] need not stay through the student's backward pass; with
+    --logits-chunk its final hidden states, which the student's loss turns into logits a chunk
+    at a time (and top-K buckets too are taken chunk by chunk)."""
+    prompts = [p.teacher_ids for p in pairs]
     with using(model, teacher):
-        logits_BTV = mx.stop_gradient(completion_logits(model, [p.teacher_ids for p in pairs], completions))
-    return teacher_topk(scaled(logits_BTV, cfg), cfg.topk) if cfg.topk else logits_BTV
+        if not cfg.logits_chunk:
+            logits_BTV = mx.stop_gradient(completion_logits(model, prompts, completions))
+            return teacher_topk(scaled(logits_BTV, cfg), cfg.topk) if cfg.topk else logits_BTV
+        hidden_BTD = mx.stop_gradient(completion_hidden(model, prompts, completions))
+    if not cfg.topk:
+        return hidden_BTD
+    head, C = lm_head(model), cfg.logits_chunk
+    chunks = [teacher_topk(scaled(head(hidden_BTD[:, t:t + C]), cfg), cfg.topk) for t in range(0, hidden_BTD.shape[1], C)]
+    return tuple(mx.concatenate(parts, axis=1) for parts in zip(*chunks))
 
 
 def evaluate(model, teacher, pairs: list[PromptPair], cfg: Config, stop_ids) -> dict:

@@ -242,6 +242,32 @@ def test_preflight_samples_unfused_when_only_that_fits(tmp_path, monkeypatch):
         preflight(Config(**opts), tmp_path, pairs, [])
 
 
+def test_preflight_scores_in_chunks_when_only_that_fits(tmp_path, monkeypatch):
+    from mlx_sdft import memory
+    from mlx_sdft.config import Config
+    from mlx_sdft.launch import AUTO_CHUNK, preflight
+    from mlx_sdft.prompts import PromptPair
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
+    from shapes import SMOLLM2
+
+    (tmp_path / "config.json").write_text(json.dumps(SMOLLM2))
+    with open(tmp_path / "model.safetensors", "wb") as f:
+        f.truncate(538_000_000)
+    pairs = [PromptPair([1] * 64, [1] * 160, [2] * 8, "x:1")]
+    opts = dict(batch_size=8, max_completion_length=1024, fuse_sampling=False)
+    whole = memory.estimate(SMOLLM2, tmp_path, Config(**opts), 64, 160)
+    chunked = memory.estimate(SMOLLM2, tmp_path, Config(**opts, logits_chunk=AUTO_CHUNK), 64, 160)
+    assert whole["logits"] > 7 and chunked["logits"] < 0.6  # 8 × 1024 × 49152 float32 logits, 5 copies
+    monkeypatch.setattr(memory, "available_gb", lambda: ((whole["peak"] + chunked["peak"]) / 2, "test memory"))
+    cfg = Config(**opts)
+    assert preflight(cfg, tmp_path, pairs, [])["peak"] == chunked["peak"] and cfg.logits_chunk == AUTO_CHUNK
+    # A model whose LM head cannot be split off cannot score in chunks: said before anything loads.
+    (tmp_path / "config.json").write_text(json.dumps({**SMOLLM2, "model_type": "phi3"}))
+    with pytest.raises(InputError, match="--logits-chunk: the LM head of a 'phi3' model"):
+        preflight(Config(**opts, logits_chunk=8), tmp_path, pairs, [])
+
+
 def test_estimate_is_logged_next_to_the_measured_peak(tiny_model, smoke_data, tmp_path):
     out = tmp_path / "p"
     run(load_config(None, _opts(tiny_model, smoke_data, out, iters=1)), quiet=True)
