@@ -14,8 +14,11 @@ import mlx.core as mx
 import mlx.nn as nn
 from mlx.utils import tree_unflatten
 from mlx_lm.generate import BatchGenerator
+from mlx_lm.models.cache import make_prompt_cache
 from mlx_lm.sample_utils import apply_top_p, make_sampler
 from mlx_lm.tuner.lora import LoRALinear
+
+from mlx_sdft.scoring import lm_head
 
 
 @dataclass
@@ -87,6 +90,24 @@ def fused_adapters(model: nn.Module):
         model.update_modules(tree_unflatten(lora))
 
 
+def shared_prefill(model: nn.Module, prompts: list[list[int]]) -> tuple[list[list[int]], list | None]:
+    """When prompts repeat (--num-generations > 1), prefill each distinct prompt once: returns
+    the last token of every prompt and a KV cache per prompt holding the rest, one cache object
+    shared by all copies (BatchGenerator merges caches into its batch by copying them, never in
+    place). (prompts, None) when nothing repeats."""
+    distinct = {tuple(p) for p in prompts}
+    if len(distinct) == len(prompts) or min(map(len, prompts)) < 2:
+        return prompts, None
+    head = lm_head(model)
+    body = model.model if head is not None else model  # the prefill's logits are never read
+    caches = {}
+    for p in distinct:
+        caches[p] = make_prompt_cache(model)
+        body(mx.array([p[:-1]]), cache=caches[p])
+        mx.eval([c.state for c in caches[p]])
+    return [p[-1:] for p in prompts], [caches[tuple(p)] for p in prompts]
+
+
 def sample(
     model: nn.Module,
     prompts: list[list[int]],
@@ -123,7 +144,8 @@ def _generate(model, prompts, max_tokens, stop_ids, temperature, top_p, batch_si
         prefill_batch_size=batch_size,
     )
     try:
-        uids = gen.insert(prompts, max_tokens, samplers=samplers)
+        inputs, caches = shared_prefill(model, prompts)
+        uids = gen.insert(inputs, max_tokens, caches=caches, samplers=samplers)
         tokens = {uid: [] for uid in uids}
         truncated = {}
         while responses := gen.next_generated():

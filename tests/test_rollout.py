@@ -128,3 +128,20 @@ def test_adapters_over_quantized_weights_are_not_merged(tiny_model):
     assert fusable(model) == [] and fused_bytes(model) == 0
     with fused_adapters(model):  # nothing to merge: a no-op
         assert all(type(m).__name__ != "FusedLinear" for _, m in model.named_modules())
+
+
+def test_repeated_prompts_share_one_prefill_and_sample_the_same(tiny_model, monkeypatch):
+    from mlx_sdft import rollout
+
+    model = _adapted(tiny_model)
+    prompts = [PROMPTS[0]] * 3 + [PROMPTS[2]] * 2  # --num-generations 3 and 2
+    seeds = [21, 22, 23, 24, 25]
+    inputs, caches = rollout.shared_prefill(model, prompts)
+    assert inputs == [[p[-1]] for p in prompts] and caches[0] is caches[2] and caches[3] is caches[4]
+    assert caches[0][0].offset == len(PROMPTS[0]) - 1 and caches[3][0].offset == len(PROMPTS[2]) - 1
+    shared = sample(model, prompts, [10] * 5, [], seeds=seeds)
+    monkeypatch.setattr(rollout, "shared_prefill", lambda model, prompts: (prompts, None))
+    separate = sample(model, prompts, [10] * 5, [], seeds=seeds)
+    assert shared.completions == separate.completions
+    assert shared.completions[0] != shared.completions[1]  # copies draw their own samples
+    assert rollout.shared_prefill(model, PROMPTS) == (PROMPTS, None)  # nothing repeats: nothing shared

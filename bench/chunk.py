@@ -1,0 +1,94 @@
+"""Memory of --logits-chunk: the teacher and student passes of one SDFT micro-batch with long
+completions, scored whole and in chunks, side by side in one run.
+
+Run: python bench/chunk.py [--quick] [--completion 256] [--json out.json]
+
+Sampling is left out (chunking does not touch it): the completions are fixed random tokens.
+Each repetition runs every chunk size in turn, after one warm-up round; the record gives the
+peak memory above the resident weights (mx.get_peak_memory after mx.reset_peak_memory) and the
+median seconds of `teacher_logits` + the student's loss and gradient, each as a ratio to the
+whole (unchunked) pass.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+sys.path[:0] = [str(HERE), str(HERE.parent)]  # run from a checkout without installing
+import mlx_sdft  # noqa: E402,F401  first: on Linux it loads OpenBLAS before MLX does
+
+import mlx.core as mx  # noqa: E402
+import mlx.nn as nn  # noqa: E402
+from bench import build  # noqa: E402
+from shapes import FULL, QUICK, machine  # noqa: E402
+
+from mlx_sdft import train as trainer  # noqa: E402
+from mlx_sdft.teacher import init_teacher  # noqa: E402
+
+
+def scored_pass(model, loss_and_grad, teacher, pairs, cfg) -> tuple[float, int]:
+    """(seconds, peak bytes) of the teacher's scores and the student's loss and gradient."""
+    completions = [p.demo_ids for p in pairs]
+    mx.synchronize()
+    mx.reset_peak_memory()
+    tic = time.perf_counter()
+    scores = trainer.teacher_logits(model, teacher, pairs, completions, cfg)
+    mx.eval(scores)
+    (loss, ntoks), grads = loss_and_grad(model, pairs, completions, scores, cfg)
+    mx.eval(loss, ntoks, grads)
+    return time.perf_counter() - tic, mx.get_peak_memory()
+
+
+def main(argv=None) -> dict:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--quick", action="store_true", help="tiny model: a smoke test in seconds")
+    ap.add_argument("--completion", type=int, help="completion tokens (default 256, quick 32)")
+    ap.add_argument("--chunks", type=int, nargs="+", default=[0, 64, 16], help="chunk sizes; 0 = whole")
+    ap.add_argument("--reps", type=int, default=2)
+    ap.add_argument("--json", help="also write the JSON record to this file")
+    args = ap.parse_args(argv)
+    s = {**(QUICK if args.quick else FULL), "completion": args.completion or (32 if args.quick else 256)}
+    model, pairs, cfg = build(s)
+    model.train()
+    teacher, loss_and_grad = init_teacher("ema", model, {}), nn.value_and_grad(model, trainer.student_loss)
+    resident = mx.get_active_memory()
+    runs = {c: [] for c in args.chunks}
+    for rep in range(1 + args.reps):
+        for c in args.chunks:
+            seconds, peak = scored_pass(model, loss_and_grad, teacher, pairs, dataclasses.replace(cfg, logits_chunk=c))
+            if rep:
+                runs[c].append((seconds, peak - resident))
+    whole = args.chunks[0]
+    extra = {c: max(p for _, p in r) for c, r in runs.items()}
+    secs = {c: statistics.median(t for t, _ in r) for c, r in runs.items()}
+    record = {
+        "bench": "mlx-sdft chunk", "quick": args.quick, "date": time.strftime("%Y-%m-%d %H:%M"), "mlx": mx.__version__,
+        "device": str(mx.default_device()), **machine(),
+        "settings": {k: v for k, v in s.items() if k != "model"}, "vocab": s["model"]["vocab_size"],
+        "resident_gb": resident / 1e9,
+        "peak_above_resident_gb": {c: round(extra[c] / 1e9, 3) for c in args.chunks},
+        "memory_vs_whole": {c: round(extra[c] / extra[whole], 3) for c in args.chunks},
+        "seconds": {c: round(secs[c], 3) for c in args.chunks},
+        "time_vs_whole": {c: round(secs[c] / secs[whole], 3) for c in args.chunks},
+    }
+    print(f"mlx {record['mlx']} on {record['device']}, {record['blas']}; batch {s['batch']}, completion {s['completion']}, "
+          f"vocabulary {record['vocab']}; resident weights {record['resident_gb']:.2f} GB")
+    print(f"{'--logits-chunk':<16}{'peak above resident':>21}{'vs whole':>10}{'seconds':>10}{'vs whole':>10}")
+    for c in args.chunks:
+        print(f"{c or 'whole':<16}{record['peak_above_resident_gb'][c]:>18.3f} GB{record['memory_vs_whole'][c]:>10.3f}"
+              f"{record['seconds'][c]:>10.2f}{record['time_vs_whole'][c]:>10.3f}")
+    print(json.dumps(record))
+    if args.json:
+        Path(args.json).write_text(json.dumps(record, indent=2) + "\n")
+    return record
+
+
+if __name__ == "__main__":
+    main()
