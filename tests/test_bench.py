@@ -37,3 +37,25 @@ def test_student_flops_counts_activation_gradients_not_weight_gradients():
     # on completion positions only; under 6·params·tokens, which counts weight gradients of frozen
     # weights and the LM head on every position.
     assert 3 * 2 * frozen_linears * 4 * 111 < flops["total"] < 6 * params * 4 * 111
+
+
+def _quick(script, tmp_path) -> dict:
+    out = tmp_path / f"{script}.json"
+    proc = subprocess.run([sys.executable, str(ROOT / "bench" / script), "--quick", "--reps", "1", "--json", str(out)],
+                          capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    record = json.loads([ln for ln in proc.stdout.splitlines() if ln.startswith("{")][-1])
+    assert json.loads(out.read_text()) == record and record["quick"] is True and "blas" in record
+    return record
+
+
+def test_chunk_bench_quick_compares_every_chunk_size_with_the_whole(tmp_path):
+    record = _quick("chunk.py", tmp_path)
+    assert set(record["memory_vs_whole"]) == {"0", "64", "16"} and record["memory_vs_whole"]["0"] == 1.0
+    assert all(v > 0 for v in record["peak_above_resident_gb"].values())
+
+
+def test_sampling_bench_quick_times_both_sides_of_each_shortcut(tmp_path):
+    record = _quick("sampling.py", tmp_path)
+    assert len(record["cases"]) == 3
+    assert all(len(c["fast_s"]) == len(c["slow_s"]) == 1 and c["ratio"] > 0 for c in record["cases"].values())

@@ -1,0 +1,93 @@
+"""The trainer's sampling, with and without its two shortcuts, side by side in one run:
+LoRA adapters fused into a copy of the weights (--fuse-sampling) and one shared prefill per
+distinct prompt (--num-generations > 1).
+
+Run: python bench/sampling.py [--quick] [--json out.json]
+
+Every case samples the same prompts with the same per-sequence seeds through `rollout.sample`
+(the trainer's sampler), to a fixed length (no stop token). Repetitions alternate the order of
+the two sides; the record gives the median and best seconds and each ratio slow/fast (> 1:
+the shortcut is faster).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+sys.path[:0] = [str(HERE), str(HERE.parent)]  # run from a checkout without installing
+import mlx_sdft  # noqa: E402,F401  first: on Linux it loads OpenBLAS before MLX does
+
+import mlx.core as mx  # noqa: E402
+from bench import build  # noqa: E402
+from shapes import FULL, QUICK, machine  # noqa: E402
+
+from mlx_sdft import rollout  # noqa: E402
+
+
+def timed(model, prompts, n, fuse=True, share=True) -> float:
+    real = rollout.shared_prefill
+    if not share:  # every copy prefills its own prompt, as before the shortcut
+        rollout.shared_prefill = lambda model, prompts: (prompts, None)
+    try:
+        tic = time.perf_counter()
+        rollout.sample(model, prompts, [n] * len(prompts), [], seeds=list(range(len(prompts))), fuse=fuse)
+        return time.perf_counter() - tic
+    finally:
+        rollout.shared_prefill = real
+
+
+def side_by_side(reps, fast, slow) -> dict:
+    runs = {"fast": [], "slow": []}
+    for rep in range(1 + reps):  # one warm-up round
+        order = [("fast", fast), ("slow", slow)] if rep % 2 else [("slow", slow), ("fast", fast)]
+        for name, fn in order:
+            t = fn()
+            if rep:
+                runs[name].append(t)
+    med, best = statistics.median, min
+    return {"fast_s": [round(t, 3) for t in runs["fast"]], "slow_s": [round(t, 3) for t in runs["slow"]],
+            "ratio": round(med(runs["slow"]) / med(runs["fast"]), 3),
+            "ratio_best": round(best(runs["slow"]) / best(runs["fast"]), 3)}
+
+
+def main(argv=None) -> dict:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--quick", action="store_true", help="tiny model: a smoke test in seconds")
+    ap.add_argument("--reps", type=int, default=2)
+    ap.add_argument("--json", help="also write the JSON record to this file")
+    args = ap.parse_args(argv)
+    s = dict(QUICK if args.quick else FULL)
+    n, long = s["completion"], 8 * s["student_len"]
+    model, pairs, _ = build({**s, "student_len": long})
+    short = [p.student_ids[: s["student_len"]] for p in pairs]
+    G = 4
+    cases = {
+        f"fused vs unfused adapters ({len(short)} prompts of {s['student_len']})":
+            side_by_side(args.reps, lambda: timed(model, short, n), lambda: timed(model, short, n, fuse=False)),
+        f"shared vs separate prefill (1 prompt of {s['student_len']} x {G} generations)":
+            side_by_side(args.reps, lambda: timed(model, short[:1] * G, n), lambda: timed(model, short[:1] * G, n, share=False)),
+        f"shared vs separate prefill (1 prompt of {long} x {G} generations)":
+            side_by_side(args.reps, lambda: timed(model, [pairs[0].student_ids] * G, n),
+                         lambda: timed(model, [pairs[0].student_ids] * G, n, share=False)),
+    }
+    record = {"bench": "mlx-sdft sampling", "quick": args.quick, "date": time.strftime("%Y-%m-%d %H:%M"),
+              "mlx": mx.__version__, "device": str(mx.default_device()), **machine(), "completion": n, "cases": cases}
+    print(f"mlx {record['mlx']} on {record['device']}, {record['blas']}; {n} tokens per completion, LoRA rank "
+          f"{s['lora_rank']} on every linear")
+    print(f"{'case':<62}{'median':>8}{'best':>8}   (slower / faster)")
+    for name, c in cases.items():
+        print(f"{name:<62}{c['ratio']:>8.3f}{c['ratio_best']:>8.3f}")
+    print(json.dumps(record))
+    if args.json:
+        Path(args.json).write_text(json.dumps(record, indent=2) + "\n")
+    return record
+
+
+if __name__ == "__main__":
+    main()
