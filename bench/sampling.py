@@ -1,6 +1,7 @@
 """The trainer's sampling, with and without its two shortcuts, side by side in one run:
 LoRA adapters fused into a copy of the weights (--fuse-sampling) and one shared prefill per
-distinct prompt (--num-generations > 1).
+distinct prompt (--num-generations > 1); and against a bare decode loop, to show what mlx-lm's
+BatchGenerator (under the trainer's sampling) costs on this device.
 
 Run: python bench/sampling.py [--quick] [--json out.json]
 
@@ -25,6 +26,7 @@ import mlx_sdft  # noqa: E402,F401  first: on Linux it loads OpenBLAS before MLX
 
 import mlx.core as mx  # noqa: E402
 from bench import build  # noqa: E402
+from mlx_lm.models.cache import BatchKVCache  # noqa: E402
 from shapes import FULL, QUICK, machine  # noqa: E402
 
 from mlx_sdft import rollout  # noqa: E402
@@ -40,6 +42,34 @@ def timed(model, prompts, n, fuse=True, share=True) -> float:
         return time.perf_counter() - tic
     finally:
         rollout.shared_prefill = real
+
+
+def bare_loop(model, prompts, n, seeds) -> float:
+    """A lower bound: the fused model, one BatchKVCache, one vectorised keyed sampling op per
+    step, asynchronous evaluation, no stop handling. Not the trainer's code (no stop tokens, no
+    fallback for other cache types): a yardstick only."""
+    vsplit, vsample = mx.vmap(mx.random.split), mx.vmap(lambda key, logits: mx.random.categorical(logits, key=key))
+    tic = time.perf_counter()
+    model.eval()
+    with rollout.fused_adapters(model):
+        lens = [len(p) - 1 for p in prompts]
+        cache = [BatchKVCache([max(lens) - n_ for n_ in lens]) for _ in model.layers]
+        model.model(mx.array([[0] * (max(lens) - n_) + p[:-1] for p, n_ in zip(prompts, lens)]), cache=cache)
+
+        def step(y, keys):
+            split = vsplit(keys)
+            return vsample(split[:, 1], model(y[:, None], cache=cache)[:, -1, :]), split[:, 0]
+
+        y, keys = step(mx.array([p[-1] for p in prompts]), mx.stack([mx.random.key(x) for x in seeds]))
+        mx.async_eval(y, keys)
+        for t in range(n):
+            nxt = step(y, keys) if t < n - 1 else None
+            if nxt:
+                mx.async_eval(*nxt)
+            y.tolist()
+            y, keys = nxt or (y, keys)
+    model.train()
+    return time.perf_counter() - tic
 
 
 def side_by_side(reps, fast, slow) -> dict:
@@ -70,6 +100,9 @@ def main(argv=None) -> dict:
     cases = {
         f"fused vs unfused adapters ({len(short)} prompts of {s['student_len']})":
             side_by_side(args.reps, lambda: timed(model, short, n), lambda: timed(model, short, n, fuse=False)),
+        f"bare decode loop vs the trainer's sampling ({len(short)} prompts of {s['student_len']})":
+            side_by_side(args.reps, lambda: bare_loop(model, short, n, list(range(len(short)))),
+                         lambda: timed(model, short, n)),
         f"shared vs separate prefill (1 prompt of {s['student_len']} x {G} generations)":
             side_by_side(args.reps, lambda: timed(model, short[:1] * G, n), lambda: timed(model, short[:1] * G, n, share=False)),
         f"shared vs separate prefill (1 prompt of {long} x {G} generations)":

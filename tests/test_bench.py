@@ -57,5 +57,5 @@ def test_chunk_bench_quick_compares_every_chunk_size_with_the_whole(tmp_path):
 
 def test_sampling_bench_quick_times_both_sides_of_each_shortcut(tmp_path):
     record = _quick("sampling.py", tmp_path)
-    assert len(record["cases"]) == 3
+    assert len(record["cases"]) == 4
     assert all(len(c["fast_s"]) == len(c["slow_s"]) == 1 and c["ratio"] > 0 for c in record["cases"].values())
