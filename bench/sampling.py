@@ -29,19 +29,19 @@ from bench import build  # noqa: E402
 from mlx_lm.models.cache import BatchKVCache  # noqa: E402
 from shapes import FULL, QUICK, machine  # noqa: E402
 
-from mlx_sdft import rollout  # noqa: E402
+from mlx_sdft import decode, rollout  # noqa: E402
 
 
 def timed(model, prompts, n, fuse=True, share=True) -> float:
-    real = rollout.shared_prefill
+    real = decode.distinct_rows
     if not share:  # every copy prefills its own prompt, as before the shortcut
-        rollout.shared_prefill = lambda model, prompts: (prompts, None)
+        decode.distinct_rows = lambda prompts: (prompts, list(range(len(prompts))))
     try:
         tic = time.perf_counter()
         rollout.sample(model, prompts, [n] * len(prompts), [], seeds=list(range(len(prompts))), fuse=fuse)
         return time.perf_counter() - tic
     finally:
-        rollout.shared_prefill = real
+        decode.distinct_rows = real
 
 
 def bare_loop(model, prompts, n, seeds) -> float:

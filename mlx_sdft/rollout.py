@@ -1,8 +1,9 @@
 """On-policy sampling: the current student weights answer a batch of prompts.
 
-Built on mlx-lm's `BatchGenerator` (continuous batching with a KV cache). Unlike
-`batch_generate`, the stop token is kept: the teacher scores it too, so the student
-learns when to stop.
+`decode.decode` runs the loop for plain-KV-cache models, mlx-lm's `BatchGenerator`
+(continuous batching) for the rest, and for batches larger than --batch-size. Unlike
+`batch_generate`, the stop token is kept: the teacher scores it too, so the student learns
+when to stop. LoRA adapters are fused into the weights while sampling (`fused_adapters`).
 """
 
 from __future__ import annotations
@@ -15,9 +16,10 @@ import mlx.nn as nn
 from mlx.utils import tree_unflatten
 from mlx_lm.generate import BatchGenerator
 from mlx_lm.models.cache import make_prompt_cache
-from mlx_lm.sample_utils import apply_top_p, make_sampler
+from mlx_lm.sample_utils import make_sampler
 from mlx_lm.tuner.lora import LoRALinear
 
+from mlx_sdft import decode
 from mlx_sdft.scoring import lm_head
 
 
@@ -33,15 +35,14 @@ class Rollout:
 
 
 def keyed_sampler(seed: int, temperature: float, top_p: float):
-    """A sampler with its own random stream: a sequence's tokens then depend on its seed alone,
-    not on which other sequences share its batch (resume and data parallelism rely on that)."""
-    key = [mx.random.key(seed)]
+    """A BatchGenerator sampler with its own random stream (`decode.draw` on one row), so a
+    sequence's tokens depend on its seed alone, not on which other sequences share its batch
+    (resume and data parallelism rely on that), and equal what `decode.decode` draws."""
+    key = [decode.row_keys([seed])]
 
     def sampler(logprobs_1V: mx.array) -> mx.array:
-        if 0 < top_p < 1:
-            logprobs_1V = apply_top_p(logprobs_1V, top_p)
-        key[0], sub = mx.random.split(key[0])
-        return mx.random.categorical(logprobs_1V * (1 / temperature), key=sub)
+        token_1, key[0] = decode.draw(logprobs_1V.astype(mx.float32), key[0], temperature, top_p)
+        return token_1
 
     return sampler
 
@@ -130,6 +131,9 @@ def sample(
     model.eval()  # no LoRA dropout while sampling (fusing also relies on it)
     try:
         with fused_adapters(model) if fuse else nullcontext():
+            if decode.supported(model) and len(prompts) <= batch_size:
+                completions, truncated = decode.decode(model, prompts, max_tokens, stop_ids, temperature, top_p, seeds)
+                return Rollout(completions, truncated, sum(len(p) for p in prompts))
             return _generate(model, prompts, max_tokens, stop_ids, temperature, top_p, batch_size, samplers)
     finally:
         model.train(was_training)

@@ -2,6 +2,7 @@
 
 import mlx.core as mx
 import mlx.nn as nn
+import pytest
 from mlx.utils import tree_flatten
 
 from mlx_sdft.rollout import fused_adapters, fused_bytes, fusable, sample
@@ -130,10 +131,60 @@ def test_adapters_over_quantized_weights_are_not_merged(tiny_model):
         assert all(type(m).__name__ != "FusedLinear" for _, m in model.named_modules())
 
 
-def test_repeated_prompts_share_one_prefill_and_sample_the_same(tiny_model, monkeypatch):
-    from mlx_sdft import rollout
+def _paths(model, prompts, max_tokens, stops, monkeypatch, **kw):
+    """The same sampling through decode.decode and through mlx-lm's BatchGenerator."""
+    from mlx_sdft import decode
+
+    assert decode.supported(model)
+    fast = sample(model, prompts, max_tokens, stops, **kw)
+    with monkeypatch.context() as m:
+        m.setattr(decode, "supported", lambda model: False)
+        fallback = sample(model, prompts, max_tokens, stops, **kw)
+    return fast, fallback
+
+
+@pytest.mark.parametrize("top_p", [1.0, 0.8])
+def test_decode_loop_and_batch_generator_draw_the_same_tokens(tiny_model, monkeypatch, top_p):
+    model = _adapted(tiny_model)
+    prompts = [PROMPTS[0], PROMPTS[1], PROMPTS[2], PROMPTS[0]]  # the copy shares its prefill
+    seeds, budget = [31, 32, 33, 34], [12, 7, 12, 12]
+    free, free_fallback = _paths(model, prompts, budget, [], monkeypatch, seeds=seeds, top_p=top_p)
+    assert free.completions == free_fallback.completions and free.truncated == [True] * 4
+    assert [len(c) for c in free.completions] == budget and free.completions[0] != free.completions[3]
+    # Stop tokens end rows at different steps; each stopped row is a prefix of its free run.
+    stops = [free.completions[0][2], free.completions[2][5]]
+    stopped, stopped_fallback = _paths(model, prompts, budget, stops, monkeypatch, seeds=seeds, top_p=top_p)
+    assert stopped.completions == stopped_fallback.completions and stopped.truncated == stopped_fallback.truncated
+    for row, c in enumerate(stopped.completions):
+        first = next((i for i, t in enumerate(free.completions[row]) if t in stops), None)
+        assert c == free.completions[row][: budget[row] if first is None else first + 1]
+        assert stopped.truncated[row] == (first is None)
+    assert not stopped.truncated[0]
+
+
+def test_greedy_decoding_matches_batch_generator(tiny_model, monkeypatch):
+    model = _adapted(tiny_model)
+    fast, fallback = _paths(model, PROMPTS, [9, 4, 9], [], monkeypatch, temperature=0.0)
+    assert fast.completions == fallback.completions
+
+
+def test_decode_loop_is_used_only_for_plain_kv_caches(tiny_model):
+    from mlx_lm.models.cache import RotatingKVCache
+
+    from mlx_sdft import decode
 
     model = _adapted(tiny_model)
+    assert decode.supported(model)
+    model.make_cache = lambda: [RotatingKVCache(max_size=16) for _ in model.layers]  # e.g. sliding windows
+    assert not decode.supported(model)
+    assert [len(c) for c in sample(model, PROMPTS, [5, 5, 5], []).completions] == [5, 5, 5]  # via BatchGenerator
+
+
+def test_repeated_prompts_share_one_prefill_in_batch_generator_too(tiny_model, monkeypatch):
+    from mlx_sdft import decode, rollout
+
+    model = _adapted(tiny_model)
+    monkeypatch.setattr(decode, "supported", lambda model: False)
     prompts = [PROMPTS[0]] * 3 + [PROMPTS[2]] * 2  # --num-generations 3 and 2
     seeds = [21, 22, 23, 24, 25]
     inputs, caches = rollout.shared_prefill(model, prompts)
@@ -145,3 +196,9 @@ def test_repeated_prompts_share_one_prefill_and_sample_the_same(tiny_model, monk
     assert shared.completions == separate.completions
     assert shared.completions[0] != shared.completions[1]  # copies draw their own samples
     assert rollout.shared_prefill(model, PROMPTS) == (PROMPTS, None)  # nothing repeats: nothing shared
+
+
+def test_distinct_rows():
+    from mlx_sdft.decode import distinct_rows
+
+    assert distinct_rows([[1, 2], [3], [1, 2], [3], [4]]) == ([[1, 2], [3], [4]], [0, 1, 0, 1, 2])

@@ -1,0 +1,106 @@
+"""The decode loop of on-policy sampling, for models whose cache is a plain KVCache per layer
+(llama, qwen, mistral, phi3, …): one batched model call and one vectorised sampling op per
+token, evaluated one step ahead, and a few lines of Python per step.
+
+`rollout.sample` uses it where `supported`, and mlx-lm's BatchGenerator otherwise (sliding
+window and recurrent caches). Both draw the same tokens: `draw` is the one sampling function.
+"""
+
+from __future__ import annotations
+
+import mlx.core as mx
+import mlx.nn as nn
+from mlx_lm.models.cache import BatchKVCache, KVCache, make_prompt_cache
+from mlx_lm.sample_utils import apply_top_p
+
+from mlx_sdft.scoring import lm_head
+
+_split_rows = mx.vmap(mx.random.split)
+_categorical_rows = mx.vmap(lambda key_2, logits_V: mx.random.categorical(logits_V, key=key_2))
+
+
+def row_keys(seeds: list[int]) -> mx.array:
+    """keys_B2: one random stream per sequence."""
+    return mx.stack([mx.random.key(s) for s in seeds])
+
+
+def draw(logprobs_BV: mx.array, keys_B2: mx.array | None, temperature: float, top_p: float):
+    """Next tokens from normalised log-probabilities → (tokens_B, next keys_B2). Row b draws
+    with its own key, so its tokens depend on its seed only, not on its batch; without keys,
+    from MLX's global random state. Temperature 0 is greedy."""
+    if temperature == 0:
+        return mx.argmax(logprobs_BV, axis=-1), keys_B2
+    if 0 < top_p < 1:
+        logprobs_BV = apply_top_p(logprobs_BV, top_p)
+    logits_BV = logprobs_BV * (1 / temperature)
+    if keys_B2 is None:
+        return mx.random.categorical(logits_BV), None
+    split_B22 = _split_rows(keys_B2)
+    return _categorical_rows(split_B22[:, 1], logits_BV), split_B22[:, 0]
+
+
+def supported(model: nn.Module) -> bool:
+    return all(type(c) is KVCache for c in make_prompt_cache(model))
+
+
+def distinct_rows(prompts: list[list[int]]) -> tuple[list[list[int]], list[int]]:
+    """Each distinct prompt once, and for every prompt the index of its distinct copy."""
+    distinct = list(dict.fromkeys(map(tuple, prompts)))
+    return [list(p) for p in distinct], [distinct.index(tuple(p)) for p in prompts]
+
+
+def _prefill(model: nn.Module, prompts: list[list[int]], step: int) -> list[BatchKVCache]:
+    """A left-padded batch cache holding every prompt but its last token (the first decode
+    input). Only the body runs where the LM head splits off: prefill logits are never read."""
+    lengths = [len(p) - 1 for p in prompts]
+    width = max(lengths)
+    cache = [BatchKVCache([width - n for n in lengths]) for _ in make_prompt_cache(model)]
+    body = model.model if lm_head(model) is not None else model
+    inputs_BL = mx.array([[0] * (width - n) + p[:-1] for p, n in zip(prompts, lengths)])
+    for start in range(0, width, step):
+        body(inputs_BL[:, start:start + step], cache=cache)
+        mx.eval([c.state for c in cache])
+    return cache
+
+
+def decode(model: nn.Module, prompts: list[list[int]], max_tokens: list[int], stop_ids: list[int],
+           temperature: float, top_p: float, seeds: list[int] | None,
+           prefill_step: int = 512) -> tuple[list[list[int]], list[bool]]:
+    """(completions, truncated) for each prompt, the stop token kept. Copies of a prompt share
+    one prefill; finished rows leave the batch."""
+    distinct, rows = distinct_rows(prompts)
+    cache = _prefill(model, distinct, prefill_step)
+    if rows != list(range(len(distinct))):
+        for c in cache:
+            c.filter(rows)  # copies of a prompt become rows of their own
+    stops = set(stop_ids)
+    completions, truncated = [[] for _ in prompts], [True] * len(prompts)
+    active = list(range(len(prompts)))  # the sequence each batch row belongs to
+
+    def step(tokens_B, keys_B2):
+        logits_BV = model(tokens_B[:, None], cache=cache)[:, -1, :].astype(mx.float32)
+        return draw(logits_BV - mx.logsumexp(logits_BV, axis=-1, keepdims=True), keys_B2, temperature, top_p)
+
+    keys = row_keys(seeds) if seeds is not None and temperature > 0 else None
+    tokens, keys = step(mx.array([p[-1] for p in prompts]), keys)
+    mx.async_eval(tokens, keys)
+    while active:
+        # Start the next step before reading this one, so the device never waits for Python;
+        # unless every row ends here.
+        last = all(len(completions[seq]) + 1 >= max_tokens[seq] for seq in active)
+        ahead = (tokens, keys) if last else step(tokens, keys)
+        mx.async_eval(*ahead)
+        keep = []
+        for row, (seq, token) in enumerate(zip(active, tokens.tolist())):
+            completions[seq].append(token)
+            if token in stops:
+                truncated[seq] = False
+            elif len(completions[seq]) < max_tokens[seq]:
+                keep.append(row)
+        tokens, keys = ahead
+        if len(keep) < len(active) and keep:
+            for c in cache:
+                c.filter(keep)
+            tokens, keys = tokens[mx.array(keep)], None if keys is None else keys[mx.array(keep)]
+        active = [active[row] for row in keep]
+    return completions, truncated
