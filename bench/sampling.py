@@ -17,6 +17,7 @@ import argparse
 import json
 import statistics
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -26,7 +27,7 @@ import mlx_sdft  # noqa: E402,F401  first: on Linux it loads OpenBLAS before MLX
 
 import mlx.core as mx  # noqa: E402
 from bench import build  # noqa: E402
-from mlx_lm.models.cache import BatchKVCache  # noqa: E402
+from mlx_lm.models.cache import BatchKVCache, make_prompt_cache  # noqa: E402
 from shapes import FULL, QUICK, machine  # noqa: E402
 
 from mlx_sdft import decode, rollout  # noqa: E402
@@ -72,6 +73,17 @@ def bare_loop(model, prompts, n, seeds) -> float:
     return time.perf_counter() - tic
 
 
+def primitives_per_token(model, prompt: list[int]) -> int:
+    """Operations in the graph of one decoded token (MLX's DOT export): on a GPU each is about
+    one kernel launch, which is what batch-4 decoding waits on."""
+    cache = make_prompt_cache(model)
+    model(mx.array([prompt]), cache=cache)
+    mx.eval([c.state for c in cache])
+    with tempfile.TemporaryDirectory() as tmp:
+        mx.export_to_dot(f"{tmp}/step.dot", model(mx.array([[prompt[-1]]]), cache=cache))
+        return Path(f"{tmp}/step.dot").read_text().count("shape=rectangle")
+
+
 def side_by_side(reps, fast, slow) -> dict:
     runs = {"fast": [], "slow": []}
     for rep in range(1 + reps):  # one warm-up round
@@ -109,13 +121,20 @@ def main(argv=None) -> dict:
             side_by_side(args.reps, lambda: timed(model, [pairs[0].student_ids] * G, n),
                          lambda: timed(model, [pairs[0].student_ids] * G, n, share=False)),
     }
+    model.eval()
+    unfused = primitives_per_token(model, short[0])
+    with rollout.fused_adapters(model):
+        fused = primitives_per_token(model, short[0])
+    model.train()
     record = {"bench": "mlx-sdft sampling", "quick": args.quick, "date": time.strftime("%Y-%m-%d %H:%M"),
-              "mlx": mx.__version__, "device": str(mx.default_device()), **machine(), "completion": n, "cases": cases}
+              "mlx": mx.__version__, "device": str(mx.default_device()), **machine(), "completion": n, "cases": cases,
+              "primitives_per_token": {"unfused": unfused, "fused": fused}}
     print(f"mlx {record['mlx']} on {record['device']}, {record['blas']}; {n} tokens per completion, LoRA rank "
           f"{s['lora_rank']} on every linear")
     print(f"{'case':<62}{'median':>8}{'best':>8}   (slower / faster)")
     for name, c in cases.items():
         print(f"{name:<62}{c['ratio']:>8.3f}{c['ratio_best']:>8.3f}")
+    print(f"operations per decoded token: {unfused} with LoRA adapters, {fused} fused ({fused / unfused:.2f}x)")
     print(json.dumps(record))
     if args.json:
         Path(args.json).write_text(json.dumps(record, indent=2) + "\n")
