@@ -1,7 +1,7 @@
 """mlx-sdft's benchmark: every figure is a ratio of two things measured side by side in this run.
 
 Run: python bench/bench.py [--quick] [--json out.json] [--trl]
-     LD_PRELOAD=/usr/lib/x86_64-linux-gnu/openblas-pthread/libopenblas.so.0 python bench/bench.py
+     (on Linux, OpenBLAS is loaded by `import mlx_sdft` where installed; MLX_SDFT_BLAS=reference opts out)
 
 A randomly initialised llama with SmolLM2-135M-Instruct's shapes (--quick: a tiny one), LoRA rank 8
 on every linear of every block, fixed prompt and completion lengths (no stop token), and the same
@@ -40,7 +40,7 @@ from mlx_lm.generate import batch_generate  # noqa: E402
 from mlx_lm.models import llama  # noqa: E402
 from mlx_lm.sample_utils import make_sampler  # noqa: E402
 
-from shapes import FULL, QUICK, SEED, machine, student_flops  # noqa: E402
+from shapes import FULL, QUICK, SEED, emit, machine, student_flops  # noqa: E402
 
 from mlx_sdft import train as trainer  # noqa: E402
 from mlx_sdft.config import Config  # noqa: E402
@@ -245,10 +245,7 @@ def report(args, s, runs, peaks, resident) -> dict:
         "trl": trl,
     }
     print_table(record)
-    print(json.dumps(record))
-    if args.json:
-        Path(args.json).write_text(json.dumps(record, indent=2) + "\n")
-    return record
+    return emit(record, args.json)
 
 
 def print_table(r: dict):

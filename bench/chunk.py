@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import statistics
 import sys
 import time
@@ -27,7 +26,7 @@ import mlx_sdft  # noqa: E402,F401  first: on Linux it loads OpenBLAS before MLX
 import mlx.core as mx  # noqa: E402
 import mlx.nn as nn  # noqa: E402
 from bench import build  # noqa: E402
-from shapes import FULL, QUICK, machine  # noqa: E402
+from shapes import FULL, QUICK, emit, machine  # noqa: E402
 
 from mlx_sdft import train as trainer  # noqa: E402
 from mlx_sdft.teacher import init_teacher  # noqa: E402
@@ -84,10 +83,7 @@ def main(argv=None) -> dict:
     for c in args.chunks:
         print(f"{c or 'whole':<16}{record['peak_above_resident_gb'][c]:>18.3f} GB{record['memory_vs_whole'][c]:>10.3f}"
               f"{record['seconds'][c]:>10.2f}{record['time_vs_whole'][c]:>10.3f}")
-    print(json.dumps(record))
-    if args.json:
-        Path(args.json).write_text(json.dumps(record, indent=2) + "\n")
-    return record
+    return emit(record, args.json)
 
 
 if __name__ == "__main__":

@@ -14,7 +14,6 @@ the shortcut is faster).
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import sys
 import tempfile
@@ -28,7 +27,7 @@ import mlx_sdft  # noqa: E402,F401  first: on Linux it loads OpenBLAS before MLX
 import mlx.core as mx  # noqa: E402
 from bench import build  # noqa: E402
 from mlx_lm.models.cache import BatchKVCache, make_prompt_cache  # noqa: E402
-from shapes import FULL, QUICK, machine  # noqa: E402
+from shapes import FULL, QUICK, emit, machine  # noqa: E402
 
 from mlx_sdft import decode, rollout  # noqa: E402
 
@@ -135,10 +134,7 @@ def main(argv=None) -> dict:
     for name, c in cases.items():
         print(f"{name:<62}{c['ratio']:>8.3f}{c['ratio_best']:>8.3f}")
     print(f"operations per decoded token: {unfused} with LoRA adapters, {fused} fused ({fused / unfused:.2f}x)")
-    print(json.dumps(record))
-    if args.json:
-        Path(args.json).write_text(json.dumps(record, indent=2) + "\n")
-    return record
+    return emit(record, args.json)
 
 
 if __name__ == "__main__":

@@ -7,6 +7,7 @@ the same shapes and lengths: this module imports nothing beyond the standard lib
 
 from __future__ import annotations
 
+import json
 import os
 import platform
 from pathlib import Path
@@ -77,3 +78,11 @@ def student_flops(m: dict, batch: int, input_len: int, completion: int, rank: in
     head = batch * completion * 2 * D * V
     total = 3 * (base + attention) + 4 * lora + 2 * head
     return {"total": total, "forward": base + attention + lora + head, "head_share": 2 * head / total}
+
+
+def emit(record: dict, path: str | None) -> dict:
+    """The record as one JSON line on stdout, and into `path` (--json) when given."""
+    print(json.dumps(record))
+    if path:
+        Path(path).write_text(json.dumps(record, indent=2) + "\n")
+    return record

@@ -59,3 +59,5 @@ def test_sampling_bench_quick_times_both_sides_of_each_shortcut(tmp_path):
     record = _quick("sampling.py", tmp_path)
     assert len(record["cases"]) == 4
     assert all(len(c["fast_s"]) == len(c["slow_s"]) == 1 and c["ratio"] > 0 for c in record["cases"].values())
+    ops = record["primitives_per_token"]
+    assert 0 < ops["fused"] < ops["unfused"]  # fusing removes the adapters' own operations

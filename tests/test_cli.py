@@ -106,3 +106,14 @@ def test_doctor_reports_the_backend_and_blas():
     assert result.exit_code == 0, result.output
     for key in ("backend", "default_device", "memory_gb", "blas", "distributed", "mlx_lm"):
         assert f"{key}:" in result.stdout
+
+
+def test_readme_library_example_runs(tiny_model, tmp_path, monkeypatch):
+    readme = (ROOT / "README.md").read_text()
+    code = readme.split("## Library", 1)[1].split("```python", 1)[1].split("```", 1)[0]
+    assert '{"model": "path/to/model"}' in code
+    code = code.replace('{"model": "path/to/model"}',
+                        f'{{"model": {str(tiny_model)!r}, "adapter_path": {str(tmp_path / "a")!r}, "iters": 1, "num_layers": -1}}')
+    monkeypatch.chdir(ROOT)
+    exec(compile(code, "README.md", "exec"), {})
+    assert (tmp_path / "a" / "adapters.safetensors").exists()

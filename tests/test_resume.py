@@ -1,7 +1,6 @@
 """Nothing trained is lost: exact resume, kills at any moment, Ctrl-C, a full disk, NaNs."""
 
 import json
-import os
 import random
 import signal
 import subprocess

