@@ -62,7 +62,8 @@ class Config:
     warmup_ratio: float = _opt(0.1, "Fraction of steps of linear warmup before the cosine decay.")
     grad_clip: float = _opt(1.0, "Clip the global gradient norm to this (0 disables).")
     seed: int = _opt(0, "Random seed for data order, LoRA init and sampling.")
-    grad_checkpoint: bool = _opt(False, "Recompute activations in the backward pass to save memory.")
+    grad_checkpoint: bool = _opt(False, "Recompute activations in the backward pass to save memory "
+                                 "(the student's pass only: sampling and the teacher run plain).")
     max_seq_length: int = _opt(2048, "Longest prompt + completion, for student and teacher alike.")
 
     # SDFT.

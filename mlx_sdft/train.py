@@ -4,6 +4,7 @@ report → save. `train()` is the whole algorithm; the helpers above it are smal
 from __future__ import annotations
 
 import math
+from contextlib import contextmanager
 from pathlib import Path
 
 import mlx.core as mx
@@ -163,12 +164,27 @@ def evaluate(model, teacher, pairs: list[PromptPair], cfg: Config, stop_ids) -> 
     return {"val_loss": float(np.mean(losses)), "val_completion_len": float(np.mean(lengths))}
 
 
+@contextmanager
+def checkpointing(model: nn.Module, on: bool):
+    """--grad-checkpoint: blocks recompute their activations in the backward pass, only while the
+    student's gradient is taken; sampling and the teacher's forward run the plain blocks.
+    (mlx-lm's grad_checkpoint patches the block class itself, so it is undone on exit.)"""
+    block = type(model.layers[0])
+    plain = block.__call__
+    if on:
+        grad_checkpoint(model.layers[0])
+    try:
+        yield
+    finally:
+        block.__call__ = plain
+
+
 def micro_step(model, loss_and_grad, teacher, pairs, positions, cfg: Config, stop_ids, timer: PhaseTimer):
     """One micro-batch: (SDFT) sample, teacher logits, student loss and gradient; (SFT) the
     cross-entropy and its gradient. Returns (loss, ntoks, grads, stats)."""
     stats = {"n": len(pairs) * (cfg.num_generations if cfg.method == "sdft" else 1)}
     if cfg.method == "sft":
-        with timer("student"):
+        with timer("student"), checkpointing(model, cfg.grad_checkpoint):
             (loss, ntoks), grads = loss_and_grad(model, pairs, cfg)
             mx.eval(loss, ntoks, grads)
         return loss, ntoks, grads, {**stats, "length": int(ntoks.item())}
@@ -177,7 +193,7 @@ def micro_step(model, loss_and_grad, teacher, pairs, positions, cfg: Config, sto
     with timer("teacher"):
         t_logits = teacher_logits(model, teacher, pairs, rollout.completions, cfg)
         mx.eval(t_logits)
-    with timer("student"):
+    with timer("student"), checkpointing(model, cfg.grad_checkpoint):
         (loss, ntoks), grads = loss_and_grad(model, pairs, rollout.completions, t_logits, cfg)
         mx.eval(loss, ntoks, grads)
     return loss, ntoks, grads, {**stats, "sampled": rollout.num_tokens, "length": rollout.num_tokens,
@@ -207,8 +223,6 @@ def train(model: nn.Module, tokenizer, train_pairs: list[PromptPair], valid_pair
         if rank == 0:
             checkpoint.truncate_metrics(out, state["step"])
         reporter.print(f"resuming after step {state['step']} (epoch {state['epoch']:.2f})")
-    if cfg.grad_checkpoint:
-        grad_checkpoint(model.layers[0])
     loss_and_grad = nn.value_and_grad(model, student_loss if cfg.method == "sdft" else supervised_loss)
     bad_steps, window, record = 0, [], {}
     model.train()

@@ -147,3 +147,25 @@ def test_logits_chunk_trains_the_same_adapters(tiny_model, smoke_data, tmp_path,
     # Adam divides by sqrt(v): float32 rounding of near-zero gradients shows at ~1e-6 (updates are ~1e-3).
     assert max(np.abs(np.array(wa[k]) - np.array(wb[k])).max() for k in wa) < 1e-5
     assert any(np.abs(np.array(wa[k])).max() > 0 for k in wa if "lora_b" in k)  # the adapters did train
+
+
+def test_grad_checkpoint_is_exact_and_only_wraps_the_student_pass(tiny_model, smoke_data, tmp_path, monkeypatch):
+    from mlx_lm.models.llama import TransformerBlock
+
+    from mlx_sdft import train
+
+    plain = TransformerBlock.__call__
+    seen = []
+    real_sample = train.sample
+
+    def watching_sample(*args, **kwargs):  # sampling must run the plain blocks
+        seen.append(TransformerBlock.__call__ is plain)
+        return real_sample(*args, **kwargs)
+
+    monkeypatch.setattr(train, "sample", watching_sample)
+    base = run(_cfg(tiny_model, smoke_data, tmp_path / "p", iters=2), quiet=True)
+    ckpt = run(_cfg(tiny_model, smoke_data, tmp_path / "c", iters=2, grad_checkpoint=True), quiet=True)
+    assert seen and all(seen) and TransformerBlock.__call__ is plain  # restored after each pass
+    assert ckpt["loss"] == pytest.approx(base["loss"], rel=1e-5)
+    wa, wb = mx.load(str(tmp_path / "p/adapters.safetensors")), mx.load(str(tmp_path / "c/adapters.safetensors"))
+    assert max(np.abs(np.array(wa[k]) - np.array(wb[k])).max() for k in wa) < 1e-5
