@@ -218,3 +218,16 @@ def test_keyed_draws_follow_the_distribution():
         want = p ** (1 / temperature) / (p ** (1 / temperature)).sum()
         got = np.bincount(np.array(tokens), minlength=4) / 4000
         assert np.all(np.abs(got - want) < 4.5 * np.sqrt(want * (1 - want) / 4000)), (got, want)
+
+
+def test_decode_edge_cases_match_batch_generator(tiny_model, monkeypatch):
+    """One-token prompts (nothing to prefill), a budget of one token, and copies of a one-token
+    prompt, through both paths."""
+    model = _adapted(tiny_model)
+    prompts = [[1], PROMPTS[2], [1], PROMPTS[1]]
+    for budget in ([1, 1, 1, 1], [3, 1, 5, 2]):
+        fast, fallback = _paths(model, prompts, budget, [], monkeypatch, seeds=[1, 2, 3, 4])
+        assert [len(c) for c in fast.completions] == budget
+        assert fast.completions == fallback.completions
+    greedy, greedy_fallback = _paths(model, [[1], [1]], [4, 4], [], monkeypatch, temperature=0.0)
+    assert greedy.completions == greedy_fallback.completions and greedy.completions[0] == greedy.completions[1]
