@@ -21,3 +21,6 @@ timeout 120 python3 -m pytest -q -p no:cacheprovider tests/test_distributed.py 2
 if [[ -f bench/bench.py ]]; then
   timeout 200 python3 bench/bench.py --json "$OUT/bench.json" 2>&1 | tail -40 | tee "$OUT/bench.txt"
 fi
+if [[ -f bench/sampling.py ]]; then  # fused adapters, the decode loop, shared prefill: where they should pay most
+  timeout 200 python3 bench/sampling.py --json "$OUT/sampling.json" 2>&1 | tail -20 | tee "$OUT/sampling.txt"
+fi
