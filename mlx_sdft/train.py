@@ -141,27 +141,31 @@ def teacher_logits(model, teacher: Leaves | None, pairs, completions, cfg: Confi
     return tuple(mx.concatenate(parts, axis=1) for parts in zip(*chunks))
 
 
-def evaluate(model, teacher, pairs: list[PromptPair], cfg: Config, stop_ids) -> dict:
+def evaluate(model, teacher, pairs: list[PromptPair], cfg: Config, stop_ids, group=None) -> dict:
     """SDFT: mean teacher–student divergence on fresh student samples of the validation prompts.
-    SFT: cross-entropy on the validation demonstrations."""
+    SFT: cross-entropy on the validation demonstrations. With a distributed `group`, each rank
+    scores every W-th batch and the sums are shared: the same numbers, 1/W of the work each."""
+    world, rank = (group.size(), group.rank()) if group is not None else (1, 0)
     batches = math.ceil(len(pairs) / cfg.batch_size)
     n = batches if cfg.val_batches < 0 else min(cfg.val_batches, batches)
-    losses, lengths = [], []
-    for b in range(max(n, 1)):
+    totals = [0.0, 0.0, 0, 0]  # loss sum, length sum, batches, sequences
+    for b in range(rank, max(n, 1), world):
         start = b * cfg.batch_size
         batch = pairs[start:start + cfg.batch_size]
         if cfg.method == "sft":
             loss, _ = supervised_loss(model, batch, cfg)
-            lengths += [len(t) for t in demonstrations(batch, cfg)]
+            lengths = [len(t) for t in demonstrations(batch, cfg)]
         else:
             # The same seeds at every validation: differences between steps come from the weights.
             positions = list(range(start, start + len(batch)))
             batch, rollout = rollout_batch(model, batch, cfg, stop_ids, positions, VALID_STREAM)
             t_logits = teacher_logits(model, teacher, batch, rollout.completions, cfg)
             loss, _ = student_loss(model, batch, rollout.completions, t_logits, cfg)
-            lengths += [len(c) for c in rollout.completions]
-        losses.append(loss.item())
-    return {"val_loss": float(np.mean(losses)), "val_completion_len": float(np.mean(lengths))}
+            lengths = [len(c) for c in rollout.completions]
+        totals = [totals[0] + loss.item(), totals[1] + sum(lengths), totals[2] + 1, totals[3] + len(lengths)]
+    if world > 1:
+        totals = mx.distributed.all_sum(mx.array(totals, dtype=mx.float32), group=group).tolist()
+    return {"val_loss": totals[0] / totals[2], "val_completion_len": totals[1] / totals[3]}
 
 
 @contextmanager
@@ -264,7 +268,7 @@ def train(model: nn.Module, tokenizer, train_pairs: list[PromptPair], valid_pair
             window = []
         if valid_pairs and (step % cfg.steps_per_eval == 0 or step == steps):
             with timer("eval"):
-                val = evaluate(model, teacher, valid_pairs, cfg, stop_ids)
+                val = evaluate(model, teacher, valid_pairs, cfg, stop_ids, group)
             reporter.log({"type": "eval", "step": step, **val, "val_s": timer.seconds["eval"]})
         interrupted = stop is not None and stop.requested
         if rank == 0 and (step % cfg.save_every == 0 or step == steps or interrupted):

@@ -18,7 +18,8 @@ HELPER = Path(__file__).parent / "helpers" / "dp_train.py"
 
 
 def _opts(tiny_model, smoke_data, out):
-    return dict(model=str(tiny_model), data=str(smoke_data), adapter_path=str(out), num_layers=-1, batch_size=4,
+    # batch_size 2: the 4 validation prompts make 2 batches, one per rank
+    return dict(model=str(tiny_model), data=str(smoke_data), adapter_path=str(out), num_layers=-1, batch_size=2,
                 iters=3, max_completion_length=10, learning_rate=0.5, optimizer="sgd", steps_per_report=1, steps_per_eval=100,
                 save_every=100, seed=3)
 
@@ -54,3 +55,9 @@ def test_two_ranks_match_each_other_and_one_process(tiny_model, smoke_data, tmp_
     records = [json.loads(line) for line in (dp / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in records if r["type"] == "train"] == [1, 2, 3]
     assert [r["step"] for r in records if r["type"] == "eval"] == [3]
+    # Each rank validated half the batches; the shared sums give the single process's numbers.
+    [val] = [r for r in records if r["type"] == "eval"]
+    [single_val] = [json.loads(line) for line in (single / "metrics.jsonl").read_text().splitlines()
+                    if json.loads(line)["type"] == "eval"]
+    assert val["val_completion_len"] == single_val["val_completion_len"]
+    assert val["val_loss"] == pytest.approx(single_val["val_loss"], rel=1e-4)

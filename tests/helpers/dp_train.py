@@ -4,10 +4,10 @@ next to the output folder, so a test can compare the ranks with each other."""
 import sys
 from pathlib import Path
 
+import mlx_sdft.launch as launch  # first: on Linux it loads OpenBLAS before MLX, as the test process does
 import mlx.core as mx
 from mlx.utils import tree_flatten
 
-import mlx_sdft.launch as launch
 from mlx_sdft.cli import app
 
 train = launch.train
