@@ -96,10 +96,66 @@ def token_divergence(
     beta: float = 0.5,
 ) -> mx.array:
     """`divergence_between` the student's and the teacher's full-vocabulary distributions → div_BT;
-    no gradient reaches the teacher."""
+    no gradient reaches the teacher. Forward and reverse KL run as one operation with their
+    closed-form gradient (`reference.sdft_loss_grad`), which keeps nothing [B, T, V]-sized for the
+    backward pass but the two logit arrays; jsd differentiates `divergence_between`."""
+    teacher_logits_BTV = mx.stop_gradient(teacher_logits_BTV).astype(mx.float32)
+    if divergence in _CLOSED_FORM:
+        return _CLOSED_FORM[divergence](student_logits_BTV.astype(mx.float32), teacher_logits_BTV)[0]
     student_logprobs_BTV = log_softmax(student_logits_BTV)
-    teacher_logprobs_BTV = log_softmax(mx.stop_gradient(teacher_logits_BTV))
-    return divergence_between(student_logprobs_BTV, teacher_logprobs_BTV, divergence, beta)
+    return divergence_between(student_logprobs_BTV, log_softmax(teacher_logits_BTV), divergence, beta)
+
+
+def _logsumexp(logits_BTV: mx.array) -> tuple[mx.array, mx.array, mx.array]:
+    """(lse_BT1, exp(z − max)_BTV, Σ exp(z − max)_BT1), the sum blocked as in `_sum_vocab`."""
+    max_BT1 = logits_BTV.max(axis=-1, keepdims=True)
+    e_BTV = mx.exp(logits_BTV - max_BT1)
+    sum_BT1 = _sum_vocab(e_BTV)
+    return max_BT1 + mx.log(sum_BT1), e_BTV, sum_BT1
+
+
+@mx.custom_function
+def _forward_kl(student_BTV: mx.array, teacher_BTV: mx.array):
+    """KL(q‖p) = Σ q (log q − log p) → (kl_BT, lse_p, lse_q); the teacher's probabilities reuse
+    its softmax's exp."""
+    lse_p_BT1, _, _ = _logsumexp(student_BTV)
+    lse_q_BT1, e_q_BTV, sum_q_BT1 = _logsumexp(teacher_BTV)
+    q_BTV = e_q_BTV * (1 / sum_q_BT1)
+    kl_BT = _sum_vocab(q_BTV * ((teacher_BTV - lse_q_BT1) - (student_BTV - lse_p_BT1))).squeeze(-1)
+    return kl_BT, lse_p_BT1, lse_q_BT1
+
+
+@_forward_kl.vjp
+def _forward_kl_vjp(primals, cotangents, outputs):
+    """∂KL(q‖p)/∂z = p − q."""
+    student_BTV, teacher_BTV = primals
+    _, lse_p_BT1, lse_q_BT1 = outputs
+    g_BT1 = cotangents[0][..., None]
+    return (mx.exp(student_BTV - lse_p_BT1) - mx.exp(teacher_BTV - lse_q_BT1)) * g_BT1, mx.zeros_like(teacher_BTV)
+
+
+@mx.custom_function
+def _reverse_kl(student_BTV: mx.array, teacher_BTV: mx.array):
+    """KL(p‖q) = Σ p (log p − log q) → (kl_BT, lse_p, lse_q)."""
+    lse_p_BT1, e_p_BTV, sum_p_BT1 = _logsumexp(student_BTV)
+    lse_q_BT1, _, _ = _logsumexp(teacher_BTV)
+    p_BTV = e_p_BTV * (1 / sum_p_BT1)
+    kl_BT = _sum_vocab(p_BTV * ((student_BTV - lse_p_BT1) - (teacher_BTV - lse_q_BT1))).squeeze(-1)
+    return kl_BT, lse_p_BT1, lse_q_BT1
+
+
+@_reverse_kl.vjp
+def _reverse_kl_vjp(primals, cotangents, outputs):
+    """∂KL(p‖q)/∂z = p ⊙ (log p − log q − KL(p‖q))."""
+    student_BTV, teacher_BTV = primals
+    kl_BT, lse_p_BT1, lse_q_BT1 = outputs
+    logp_BTV = student_BTV - lse_p_BT1
+    p_BTV = mx.exp(logp_BTV)
+    grad_BTV = p_BTV * (logp_BTV - (teacher_BTV - lse_q_BT1) - kl_BT[..., None])
+    return grad_BTV * cotangents[0][..., None], mx.zeros_like(teacher_BTV)
+
+
+_CLOSED_FORM = {"forward": _forward_kl, "reverse": _reverse_kl}
 
 
 def loss_mask(mask_BT: mx.array, skip: int) -> mx.array:

@@ -61,3 +61,9 @@ def test_sampling_bench_quick_times_both_sides_of_each_shortcut(tmp_path):
     assert all(len(c["fast_s"]) == len(c["slow_s"]) == 1 and c["ratio"] > 0 for c in record["cases"].values())
     ops = record["primitives_per_token"]
     assert 0 < ops["fused"] < ops["unfused"]  # fusing removes the adapters' own operations
+
+
+def test_loss_bench_quick_times_both_gradients(tmp_path):
+    record = _quick("loss.py", tmp_path)
+    assert set(record["cases"]) == {"forward", "reverse"}
+    assert all(c["time_ratio"] > 0 and c["memory_ratio"] > 0 for c in record["cases"].values())
