@@ -1,4 +1,5 @@
-"""Load a model and its tokenizer (hub id or local folder) and attach trainable adapters.
+"""Load a model and its tokenizer (hub id or local folder), attach trainable adapters, and
+checkpoint its blocks while the student's gradient is taken.
 
 The tokenizer loads first and separately, so prompts can be checked before any weights load.
 """
@@ -9,10 +10,12 @@ import importlib.util
 import json
 import os
 import shutil
+from contextlib import contextmanager
 from pathlib import Path
 
 import mlx.core as mx
 import mlx.nn as nn
+from mlx_lm.tuner.trainer import grad_checkpoint
 from mlx_lm.tuner.utils import linear_to_lora_layers
 from mlx_lm.utils import _download, load_config, load_model
 from mlx_lm.utils import load_tokenizer as _load_tokenizer
@@ -128,3 +131,18 @@ def load_adapted(model_path: Path, adapter_path: str | Path) -> tuple[nn.Module,
                            config.get("lora_parameters", {}), folder / "adapters.safetensors")
     model.eval()
     return model, base
+
+
+@contextmanager
+def checkpointing(model: nn.Module, on: bool):
+    """--grad-checkpoint: blocks recompute their activations in the backward pass, only while the
+    student's gradient is taken; sampling and the teacher's forward run the plain blocks.
+    (mlx-lm's grad_checkpoint patches the block class itself, so it is undone on exit.)"""
+    block = type(model.layers[0])
+    plain = block.__call__
+    if on:
+        grad_checkpoint(model.layers[0])
+    try:
+        yield
+    finally:
+        block.__call__ = plain

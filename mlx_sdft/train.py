@@ -4,7 +4,6 @@ report → save. `train()` is the whole algorithm; the helpers above it are smal
 from __future__ import annotations
 
 import math
-from contextlib import contextmanager
 from pathlib import Path
 
 import mlx.core as mx
@@ -12,12 +11,12 @@ import mlx.nn as nn
 import mlx.optimizers as optim
 import numpy as np
 from mlx.utils import tree_map
-from mlx_lm.tuner.trainer import grad_checkpoint
 
 from mlx_sdft import checkpoint
 from mlx_sdft.config import Config
 from mlx_sdft.errors import Interrupted, TrainingError
 from mlx_sdft.losses import sdft_loss, sdft_loss_chunked, sdft_loss_topk, sft_loss, teacher_topk
+from mlx_sdft.models import checkpointing
 from mlx_sdft.prompts import PromptPair
 from mlx_sdft.report import PhaseTimer, Reporter, StopFlag
 from mlx_sdft.rollout import sample
@@ -166,21 +165,6 @@ def evaluate(model, teacher, pairs: list[PromptPair], cfg: Config, stop_ids, gro
     if world > 1:
         totals = mx.distributed.all_sum(mx.array(totals, dtype=mx.float32), group=group).tolist()
     return {"val_loss": totals[0] / totals[2], "val_completion_len": totals[1] / totals[3]}
-
-
-@contextmanager
-def checkpointing(model: nn.Module, on: bool):
-    """--grad-checkpoint: blocks recompute their activations in the backward pass, only while the
-    student's gradient is taken; sampling and the teacher's forward run the plain blocks.
-    (mlx-lm's grad_checkpoint patches the block class itself, so it is undone on exit.)"""
-    block = type(model.layers[0])
-    plain = block.__call__
-    if on:
-        grad_checkpoint(model.layers[0])
-    try:
-        yield
-    finally:
-        block.__call__ = plain
 
 
 def micro_step(model, loss_and_grad, teacher, pairs, positions, cfg: Config, stop_ids, timer: PhaseTimer):
