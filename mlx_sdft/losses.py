@@ -96,12 +96,13 @@ def token_divergence(
     beta: float = 0.5,
 ) -> mx.array:
     """`divergence_between` the student's and the teacher's full-vocabulary distributions → div_BT;
-    no gradient reaches the teacher. Forward and reverse KL run as one operation with their
-    closed-form gradient (`reference.sdft_loss_grad`), which keeps nothing [B, T, V]-sized for the
-    backward pass but the two logit arrays; jsd differentiates `divergence_between`."""
+    no gradient reaches the teacher. Forward and reverse KL are `kl_of_logits` (closed-form
+    gradient, as `reference.sdft_loss_grad`); jsd differentiates `divergence_between`."""
     teacher_logits_BTV = mx.stop_gradient(teacher_logits_BTV).astype(mx.float32)
-    if divergence in _CLOSED_FORM:
-        return _CLOSED_FORM[divergence](student_logits_BTV.astype(mx.float32), teacher_logits_BTV)[0]
+    if divergence == "forward":
+        return kl_of_logits(teacher_logits_BTV, student_logits_BTV.astype(mx.float32))[0]
+    if divergence == "reverse":
+        return kl_of_logits(student_logits_BTV.astype(mx.float32), teacher_logits_BTV)[0]
     student_logprobs_BTV = log_softmax(student_logits_BTV)
     return divergence_between(student_logprobs_BTV, log_softmax(teacher_logits_BTV), divergence, beta)
 
@@ -115,47 +116,28 @@ def _logsumexp(logits_BTV: mx.array) -> tuple[mx.array, mx.array, mx.array]:
 
 
 @mx.custom_function
-def _forward_kl(student_BTV: mx.array, teacher_BTV: mx.array):
-    """KL(q‖p) = Σ q (log q − log p) → (kl_BT, lse_p, lse_q); the teacher's probabilities reuse
-    its softmax's exp."""
-    lse_p_BT1, _, _ = _logsumexp(student_BTV)
-    lse_q_BT1, e_q_BTV, sum_q_BT1 = _logsumexp(teacher_BTV)
-    q_BTV = e_q_BTV * (1 / sum_q_BT1)
-    kl_BT = _sum_vocab(q_BTV * ((teacher_BTV - lse_q_BT1) - (student_BTV - lse_p_BT1))).squeeze(-1)
+def kl_of_logits(p_logits_BTV: mx.array, q_logits_BTV: mx.array):
+    """KL(p‖q) = Σ_v p_v (log p_v − log q_v) for p = softmax(p_logits), q = softmax(q_logits)
+    → (kl_BT, lse_p_BT1, lse_q_BT1). One operation with a closed-form gradient, so the backward
+    pass keeps the two logit arrays and nothing else [B, T, V]-sized."""
+    lse_p_BT1, e_p_BTV, sum_p_BT1 = _logsumexp(p_logits_BTV)
+    lse_q_BT1, _, _ = _logsumexp(q_logits_BTV)
+    p_BTV = e_p_BTV * (1 / sum_p_BT1)  # p from the exp the log-sum-exp already took
+    kl_BT = _sum_vocab(p_BTV * ((p_logits_BTV - lse_p_BT1) - (q_logits_BTV - lse_q_BT1))).squeeze(-1)
     return kl_BT, lse_p_BT1, lse_q_BT1
 
 
-@_forward_kl.vjp
-def _forward_kl_vjp(primals, cotangents, outputs):
-    """∂KL(q‖p)/∂z = p − q."""
-    student_BTV, teacher_BTV = primals
-    _, lse_p_BT1, lse_q_BT1 = outputs
-    g_BT1 = cotangents[0][..., None]
-    return (mx.exp(student_BTV - lse_p_BT1) - mx.exp(teacher_BTV - lse_q_BT1)) * g_BT1, mx.zeros_like(teacher_BTV)
-
-
-@mx.custom_function
-def _reverse_kl(student_BTV: mx.array, teacher_BTV: mx.array):
-    """KL(p‖q) = Σ p (log p − log q) → (kl_BT, lse_p, lse_q)."""
-    lse_p_BT1, e_p_BTV, sum_p_BT1 = _logsumexp(student_BTV)
-    lse_q_BT1, _, _ = _logsumexp(teacher_BTV)
-    p_BTV = e_p_BTV * (1 / sum_p_BT1)
-    kl_BT = _sum_vocab(p_BTV * ((student_BTV - lse_p_BT1) - (teacher_BTV - lse_q_BT1))).squeeze(-1)
-    return kl_BT, lse_p_BT1, lse_q_BT1
-
-
-@_reverse_kl.vjp
-def _reverse_kl_vjp(primals, cotangents, outputs):
-    """∂KL(p‖q)/∂z = p ⊙ (log p − log q − KL(p‖q))."""
-    student_BTV, teacher_BTV = primals
+@kl_of_logits.vjp
+def _kl_of_logits_vjp(primals, cotangents, outputs):
+    """∂KL(p‖q)/∂p_logits = p ⊙ (log p − log q − KL),  ∂KL(p‖q)/∂q_logits = q − p. Lazy
+    evaluation computes only the one a caller differentiates (the student's side)."""
+    p_logits_BTV, q_logits_BTV = primals
     kl_BT, lse_p_BT1, lse_q_BT1 = outputs
-    logp_BTV = student_BTV - lse_p_BT1
+    g_BT1 = cotangents[0][..., None]
+    logp_BTV, logq_BTV = p_logits_BTV - lse_p_BT1, q_logits_BTV - lse_q_BT1
     p_BTV = mx.exp(logp_BTV)
-    grad_BTV = p_BTV * (logp_BTV - (teacher_BTV - lse_q_BT1) - kl_BT[..., None])
-    return grad_BTV * cotangents[0][..., None], mx.zeros_like(teacher_BTV)
-
-
-_CLOSED_FORM = {"forward": _forward_kl, "reverse": _reverse_kl}
+    return (p_BTV * (logp_BTV - logq_BTV - kl_BT[..., None]) * g_BT1,
+            (mx.exp(logq_BTV) - p_BTV) * g_BT1)
 
 
 def loss_mask(mask_BT: mx.array, skip: int) -> mx.array:

@@ -287,3 +287,33 @@ def test_topk_tail_bucket_hand_case():
     got = losses.sdft_loss_topk(mx.array(p, dtype=mx.float32), idx, buckets, mx.ones((1, 1)), skip=0)[0]
     assert got.item() == pytest.approx(want, rel=1e-5)
     assert reference.sdft_loss_topk(p, q, np.ones((1, 1)), 1, skip=0)[0] == pytest.approx(want, rel=1e-9)
+
+
+def test_kl_of_logits_values_and_both_gradients_match_finite_differences():
+    """kl_of_logits(p_logits, q_logits): KL(p‖q) against the float64 reference, and its gradient
+    with respect to each argument against central differences of that reference (the trainer
+    differentiates only one side, the student's; the other must be right too)."""
+    rng = np.random.default_rng(7)
+    p_logits, q_logits = rng.standard_normal((2, 3, 7)) * 2, rng.standard_normal((2, 3, 7)) * 2
+    weights = rng.standard_normal((2, 3))  # a random cotangent for the per-token KL
+
+    def ref(p, q):  # Σ_bt w_bt · KL(p_bt‖q_bt) in float64; "reverse" is KL(first‖second)
+        return float((weights * reference.token_divergence(p, q, "reverse")).sum())
+
+    def mlx_total(p, q):
+        return (mx.array(weights, dtype=mx.float32) * losses.kl_of_logits(p, q)[0]).sum()
+
+    p32, q32 = mx.array(p_logits, dtype=mx.float32), mx.array(q_logits, dtype=mx.float32)
+    np.testing.assert_allclose(mlx_total(p32, q32).item(), ref(p_logits, q_logits), rtol=1e-5)
+    grad_p, grad_q = mx.grad(mlx_total, argnums=(0, 1))(p32, q32)
+    for arg, got in ((0, grad_p), (1, grad_q)):
+        want = np.zeros_like(p_logits)
+        for idx in np.ndindex(p_logits.shape):
+            step = np.zeros_like(p_logits)
+            step[idx] = 1e-6
+            args_plus = [p_logits, q_logits]
+            args_minus = [p_logits, q_logits]
+            args_plus[arg] = args_plus[arg] + step
+            args_minus[arg] = args_minus[arg] - step
+            want[idx] = (ref(*args_plus) - ref(*args_minus)) / 2e-6
+        np.testing.assert_allclose(np.array(got), want, rtol=1e-4, atol=1e-5)
