@@ -12,7 +12,6 @@ whole (unchunked) pass.
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import statistics
 import sys
@@ -26,7 +25,7 @@ import mlx_sdft  # noqa: E402,F401  first: on Linux it loads OpenBLAS before MLX
 import mlx.core as mx  # noqa: E402
 import mlx.nn as nn  # noqa: E402
 from bench import build  # noqa: E402
-from shapes import FULL, QUICK, emit, machine  # noqa: E402
+from shapes import FULL, QUICK, emit, machine, parser  # noqa: E402
 
 from mlx_sdft import train as trainer  # noqa: E402
 from mlx_sdft.teacher import init_teacher  # noqa: E402
@@ -46,12 +45,9 @@ def scored_pass(model, loss_and_grad, teacher, pairs, cfg) -> tuple[float, int]:
 
 
 def main(argv=None) -> dict:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--quick", action="store_true", help="tiny model: a smoke test in seconds")
+    ap = parser(__doc__, reps=2)
     ap.add_argument("--completion", type=int, help="completion tokens (default 256, quick 32)")
     ap.add_argument("--chunks", type=int, nargs="+", default=[0, 64, 16], help="chunk sizes; 0 = whole")
-    ap.add_argument("--reps", type=int, default=2)
-    ap.add_argument("--json", help="also write the JSON record to this file")
     args = ap.parse_args(argv)
     s = {**(QUICK if args.quick else FULL), "completion": args.completion or (32 if args.quick else 256)}
     model, pairs, cfg = build(s)

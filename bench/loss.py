@@ -12,7 +12,6 @@ autodiff / closed form (> 1: the closed form is faster or smaller).
 
 from __future__ import annotations
 
-import argparse
 import sys
 import time
 from pathlib import Path
@@ -22,7 +21,7 @@ sys.path[:0] = [str(HERE), str(HERE.parent)]  # run from a checkout without inst
 import mlx_sdft  # noqa: E402,F401  first: on Linux it loads OpenBLAS before MLX does
 
 import mlx.core as mx  # noqa: E402
-from shapes import FULL, QUICK, emit, machine  # noqa: E402
+from shapes import FULL, QUICK, emit, machine, parser  # noqa: E402
 
 from mlx_sdft import losses  # noqa: E402
 
@@ -39,10 +38,7 @@ def measure(fn, student_BTV) -> tuple[float, int]:
 
 
 def main(argv=None) -> dict:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--quick", action="store_true", help="a tiny vocabulary: a smoke test in seconds")
-    ap.add_argument("--reps", type=int, default=3)
-    ap.add_argument("--json", help="also write the JSON record to this file")
+    ap = parser(__doc__, reps=3)
     args = ap.parse_args(argv)
     s = QUICK if args.quick else FULL
     shape = (s["batch"], s["completion"], s["model"]["vocab_size"])

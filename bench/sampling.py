@@ -13,7 +13,6 @@ the shortcut is faster).
 
 from __future__ import annotations
 
-import argparse
 import statistics
 import sys
 import tempfile
@@ -27,7 +26,7 @@ import mlx_sdft  # noqa: E402,F401  first: on Linux it loads OpenBLAS before MLX
 import mlx.core as mx  # noqa: E402
 from bench import build  # noqa: E402
 from mlx_lm.models.cache import BatchKVCache, make_prompt_cache  # noqa: E402
-from shapes import FULL, QUICK, emit, machine  # noqa: E402
+from shapes import FULL, QUICK, emit, machine, parser  # noqa: E402
 
 from mlx_sdft import decode, rollout  # noqa: E402
 
@@ -98,10 +97,7 @@ def side_by_side(reps, fast, slow) -> dict:
 
 
 def main(argv=None) -> dict:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--quick", action="store_true", help="tiny model: a smoke test in seconds")
-    ap.add_argument("--reps", type=int, default=2)
-    ap.add_argument("--json", help="also write the JSON record to this file")
+    ap = parser(__doc__, reps=2)
     args = ap.parse_args(argv)
     s = dict(QUICK if args.quick else FULL)
     n, long = s["completion"], 8 * s["student_len"]

@@ -7,6 +7,7 @@ the same shapes and lengths: this module imports nothing beyond the standard lib
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import platform
@@ -86,3 +87,12 @@ def emit(record: dict, path: str | None) -> dict:
     if path:
         Path(path).write_text(json.dumps(record, indent=2) + "\n")
     return record
+
+
+def parser(doc: str, reps: int) -> argparse.ArgumentParser:
+    """The options every side-by-side script takes: --quick, --reps, --json."""
+    ap = argparse.ArgumentParser(description=doc.splitlines()[0])
+    ap.add_argument("--quick", action="store_true", help="tiny model: a smoke test in seconds")
+    ap.add_argument("--reps", type=int, default=reps, help="timed repetitions")
+    ap.add_argument("--json", help="also write the JSON record to this file")
+    return ap
