@@ -124,9 +124,6 @@ def sample(
     `seeds`, sequence i samples from its own stream seeded by seeds[i]; without, from MLX's
     global random state (temperature 0 is greedy either way). `fuse` samples with the LoRA
     adapters fused into a copy of their weights (`fused_adapters`): faster, same policy."""
-    samplers = None
-    if seeds is not None and temperature > 0:
-        samplers = [keyed_sampler(s, temperature, top_p) for s in seeds]
     was_training = model.training
     model.eval()  # no LoRA dropout while sampling (fusing also relies on it)
     try:
@@ -134,12 +131,16 @@ def sample(
             if decode.supported(model) and len(prompts) <= batch_size:
                 completions, truncated = decode.decode(model, prompts, max_tokens, stop_ids, temperature, top_p, seeds)
                 return Rollout(completions, truncated, sum(len(p) for p in prompts))
-            return _generate(model, prompts, max_tokens, stop_ids, temperature, top_p, batch_size, samplers)
+            return _generate(model, prompts, max_tokens, stop_ids, temperature, top_p, batch_size, seeds)
     finally:
         model.train(was_training)
 
 
-def _generate(model, prompts, max_tokens, stop_ids, temperature, top_p, batch_size, samplers) -> Rollout:
+def _generate(model, prompts, max_tokens, stop_ids, temperature, top_p, batch_size, seeds) -> Rollout:
+    """The same sampling through mlx-lm's BatchGenerator, for caches `decode` does not handle."""
+    samplers = None
+    if seeds is not None and temperature > 0:
+        samplers = [keyed_sampler(s, temperature, top_p) for s in seeds]
     gen = BatchGenerator(
         model,
         stop_tokens=[[t] for t in stop_ids],
