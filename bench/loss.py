@@ -1,6 +1,6 @@
 """The loss's forward and backward pass over full-vocabulary logits: the closed-form gradient that
-`losses.token_divergence` uses for forward and reverse KL, against automatic differentiation of
-`divergence_between(log_softmax(·), log_softmax(·))` (the jsd path), side by side in one run.
+`losses.token_divergence` uses (`kl_of_logits`, `jsd_of_logits`), against automatic
+differentiation of `divergence_between(log_softmax(·), log_softmax(·))`, side by side in one run.
 
 Run: python bench/loss.py [--quick] [--json out.json]
 
@@ -46,7 +46,7 @@ def main(argv=None) -> dict:
     mask_BT = mx.ones(shape[:2])
     mx.eval(student_BTV, teacher_BTV, mask_BT)
     cases = {}
-    for divergence in ("forward", "reverse"):
+    for divergence in ("forward", "reverse", "jsd"):
         sides = {
             "closed_form": lambda z: losses.sdft_loss(z, teacher_BTV, mask_BT, divergence, skip=0)[0],
             "autodiff": lambda z: losses.sequence_mean(losses.divergence_between(

@@ -7,6 +7,7 @@ every function here; `tests/test_losses.py` checks the two agree on values and g
 Shapes: B sequences, T completion positions (position j scores completion token j), V vocab.
 """
 
+import functools
 import math
 
 import mlx.core as mx
@@ -96,15 +97,17 @@ def token_divergence(
     beta: float = 0.5,
 ) -> mx.array:
     """`divergence_between` the student's and the teacher's full-vocabulary distributions → div_BT;
-    no gradient reaches the teacher. Forward and reverse KL are `kl_of_logits` (closed-form
-    gradient, as `reference.sdft_loss_grad`); jsd differentiates `divergence_between`."""
-    teacher_logits_BTV = mx.stop_gradient(teacher_logits_BTV).astype(mx.float32)
+    no gradient reaches the teacher. Forward and reverse KL are `kl_of_logits`, jsd is
+    `jsd_of_logits`: one operation each, with the closed-form gradient of `reference.sdft_loss_grad`."""
+    if divergence not in DIVERGENCES:
+        raise ValueError(f"unknown divergence {divergence!r}; choose one of {', '.join(DIVERGENCES)}")
+    student_BTV = student_logits_BTV.astype(mx.float32)
+    teacher_BTV = mx.stop_gradient(teacher_logits_BTV).astype(mx.float32)
     if divergence == "forward":
-        return kl_of_logits(teacher_logits_BTV, student_logits_BTV.astype(mx.float32))[0]
+        return kl_of_logits(teacher_BTV, student_BTV)[0]
     if divergence == "reverse":
-        return kl_of_logits(student_logits_BTV.astype(mx.float32), teacher_logits_BTV)[0]
-    student_logprobs_BTV = log_softmax(student_logits_BTV)
-    return divergence_between(student_logprobs_BTV, log_softmax(teacher_logits_BTV), divergence, beta)
+        return kl_of_logits(student_BTV, teacher_BTV)[0]
+    return jsd_of_logits(student_BTV, teacher_BTV, beta)[0]
 
 
 def _logsumexp(logits_BTV: mx.array) -> tuple[mx.array, mx.array, mx.array]:
@@ -138,6 +141,44 @@ def _kl_of_logits_vjp(primals, cotangents, outputs):
     p_BTV = mx.exp(logp_BTV)
     return (p_BTV * (logp_BTV - logq_BTV - kl_BT[..., None]) * g_BT1,
             (mx.exp(logq_BTV) - p_BTV) * g_BT1)
+
+
+def jsd_of_logits(p_logits_BTV: mx.array, q_logits_BTV: mx.array, beta: float):
+    """`generalized_jsd` of softmax(p_logits) and softmax(q_logits) as one operation with a
+    closed-form gradient → (jsd_BT, …); the rest of the tuple is for the backward pass."""
+    if not 0.0 < beta < 1.0:
+        raise ValueError(f"jsd needs 0 < beta < 1, got beta={beta}")
+    return _jsd_op(float(beta))(p_logits_BTV, q_logits_BTV)
+
+
+@functools.lru_cache(maxsize=None)
+def _jsd_op(beta: float):
+    def log_mixture(logp_BTV, logq_BTV):  # log m, m = (1−β)p + βq, in log space
+        return mx.logaddexp(math.log(1.0 - beta) + logp_BTV, math.log(beta) + logq_BTV)
+
+    @mx.custom_function
+    def jsd(p_logits_BTV, q_logits_BTV):
+        lse_p_BT1, e_p_BTV, sum_p_BT1 = _logsumexp(p_logits_BTV)
+        lse_q_BT1, e_q_BTV, sum_q_BT1 = _logsumexp(q_logits_BTV)
+        logp_BTV, logq_BTV = p_logits_BTV - lse_p_BT1, q_logits_BTV - lse_q_BT1
+        logm_BTV = log_mixture(logp_BTV, logq_BTV)
+        kl_pm_BT = _sum_vocab(e_p_BTV * (1 / sum_p_BT1) * (logp_BTV - logm_BTV)).squeeze(-1)
+        kl_qm_BT = _sum_vocab(e_q_BTV * (1 / sum_q_BT1) * (logq_BTV - logm_BTV)).squeeze(-1)
+        return beta * kl_qm_BT + (1.0 - beta) * kl_pm_BT, lse_p_BT1, lse_q_BT1, kl_pm_BT, kl_qm_BT
+
+    @jsd.vjp
+    def jsd_vjp(primals, cotangents, outputs):
+        """∂jsd/∂p_logits = (1−β) p ⊙ (log p − log m − KL(p‖m)), and with β and the roles
+        swapped for q_logits; lazy evaluation computes only the side a caller differentiates."""
+        p_logits_BTV, q_logits_BTV = primals
+        _, lse_p_BT1, lse_q_BT1, kl_pm_BT, kl_qm_BT = outputs
+        g_BT1 = cotangents[0][..., None]
+        logp_BTV, logq_BTV = p_logits_BTV - lse_p_BT1, q_logits_BTV - lse_q_BT1
+        logm_BTV = log_mixture(logp_BTV, logq_BTV)
+        return ((1.0 - beta) * mx.exp(logp_BTV) * (logp_BTV - logm_BTV - kl_pm_BT[..., None]) * g_BT1,
+                beta * mx.exp(logq_BTV) * (logq_BTV - logm_BTV - kl_qm_BT[..., None]) * g_BT1)
+
+    return jsd
 
 
 def loss_mask(mask_BT: mx.array, skip: int) -> mx.array:

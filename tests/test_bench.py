@@ -65,5 +65,5 @@ def test_sampling_bench_quick_times_both_sides_of_each_shortcut(tmp_path):
 
 def test_loss_bench_quick_times_both_gradients(tmp_path):
     record = _quick("loss.py", tmp_path)
-    assert set(record["cases"]) == {"forward", "reverse"}
+    assert set(record["cases"]) == {"forward", "reverse", "jsd"}
     assert all(c["time_ratio"] > 0 and c["memory_ratio"] > 0 for c in record["cases"].values())

@@ -289,19 +289,22 @@ def test_topk_tail_bucket_hand_case():
     assert reference.sdft_loss_topk(p, q, np.ones((1, 1)), 1, skip=0)[0] == pytest.approx(want, rel=1e-9)
 
 
-def test_kl_of_logits_values_and_both_gradients_match_finite_differences():
-    """kl_of_logits(p_logits, q_logits): KL(p‖q) against the float64 reference, and its gradient
-    with respect to each argument against central differences of that reference (the trainer
-    differentiates only one side, the student's; the other must be right too)."""
+@pytest.mark.parametrize("op", ["kl", "jsd"])
+def test_closed_form_ops_values_and_both_gradients_match_finite_differences(op):
+    """kl_of_logits(p, q) = KL(p‖q) and jsd_of_logits(p, q, 0.3) against the float64 reference,
+    and their gradients with respect to each argument against central differences of that
+    reference (the trainer differentiates only the student's side; the other must be right too)."""
     rng = np.random.default_rng(7)
     p_logits, q_logits = rng.standard_normal((2, 3, 7)) * 2, rng.standard_normal((2, 3, 7)) * 2
-    weights = rng.standard_normal((2, 3))  # a random cotangent for the per-token KL
+    weights = rng.standard_normal((2, 3))  # a random cotangent for the per-token divergence
 
-    def ref(p, q):  # Σ_bt w_bt · KL(p_bt‖q_bt) in float64; "reverse" is KL(first‖second)
-        return float((weights * reference.token_divergence(p, q, "reverse")).sum())
+    def ref(p, q):  # "reverse" is KL(first‖second); jsd weighs the second (the teacher) by beta
+        div = reference.token_divergence(p, q, "reverse" if op == "kl" else "jsd", 0.3)
+        return float((weights * div).sum())
 
     def mlx_total(p, q):
-        return (mx.array(weights, dtype=mx.float32) * losses.kl_of_logits(p, q)[0]).sum()
+        div = losses.kl_of_logits(p, q)[0] if op == "kl" else losses.jsd_of_logits(p, q, 0.3)[0]
+        return (mx.array(weights, dtype=mx.float32) * div).sum()
 
     p32, q32 = mx.array(p_logits, dtype=mx.float32), mx.array(q_logits, dtype=mx.float32)
     np.testing.assert_allclose(mlx_total(p32, q32).item(), ref(p_logits, q_logits), rtol=1e-5)
@@ -311,9 +314,7 @@ def test_kl_of_logits_values_and_both_gradients_match_finite_differences():
         for idx in np.ndindex(p_logits.shape):
             step = np.zeros_like(p_logits)
             step[idx] = 1e-6
-            args_plus = [p_logits, q_logits]
-            args_minus = [p_logits, q_logits]
-            args_plus[arg] = args_plus[arg] + step
-            args_minus[arg] = args_minus[arg] - step
-            want[idx] = (ref(*args_plus) - ref(*args_minus)) / 2e-6
+            plus, minus = [p_logits, q_logits], [p_logits, q_logits]
+            plus[arg], minus[arg] = plus[arg] + step, minus[arg] - step
+            want[idx] = (ref(*plus) - ref(*minus)) / 2e-6
         np.testing.assert_allclose(np.array(got), want, rtol=1e-4, atol=1e-5)
