@@ -13,7 +13,7 @@ import mlx.nn as nn
 from mlx_lm.models.cache import BatchKVCache, KVCache, make_prompt_cache
 from mlx_lm.sample_utils import apply_top_p
 
-from mlx_sdft.scoring import lm_head
+from mlx_sdft.scoring import prefill_body
 
 _split_rows = mx.vmap(mx.random.split)
 _categorical_rows = mx.vmap(lambda key_2, logits_V: mx.random.categorical(logits_V, key=key_2))
@@ -51,11 +51,11 @@ def distinct_rows(prompts: list[list[int]]) -> tuple[list[list[int]], list[int]]
 
 def _prefill(model: nn.Module, prompts: list[list[int]], step: int) -> list[BatchKVCache]:
     """A left-padded batch cache holding every prompt but its last token (the first decode
-    input). Only the body runs where the LM head splits off: prefill logits are never read."""
+    input), filled by `prefill_body`."""
     lengths = [len(p) - 1 for p in prompts]
     width = max(lengths)
     cache = [BatchKVCache([width - n for n in lengths]) for _ in make_prompt_cache(model)]
-    body = model.model if lm_head(model) is not None else model
+    body = prefill_body(model)
     inputs_BL = mx.array([[0] * (width - n) + p[:-1] for p, n in zip(prompts, lengths)])
     for start in range(0, width, step):
         body(inputs_BL[:, start:start + step], cache=cache)

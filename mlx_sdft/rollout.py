@@ -20,7 +20,7 @@ from mlx_lm.sample_utils import make_sampler
 from mlx_lm.tuner.lora import LoRALinear
 
 from mlx_sdft import decode
-from mlx_sdft.scoring import lm_head
+from mlx_sdft.scoring import prefill_body
 
 
 @dataclass
@@ -48,7 +48,9 @@ def keyed_sampler(seed: int, temperature: float, top_p: float):
 
 
 class FusedLinear(nn.Module):
-    """A LoRA linear with its adapter added into a copy of the base weight: W + s·BᵀAᵀ."""
+    """A LoRA linear with its adapter added into a copy of the base weight: W + s·BᵀAᵀ.
+    Not LoRALinear.fuse(): it builds an nn.Linear, whose random initialisation would draw from
+    MLX's global random state (the stream of LoRA dropout) at every rollout."""
 
     def __init__(self, lora: LoRALinear):
         super().__init__()
@@ -96,17 +98,14 @@ def shared_prefill(model: nn.Module, prompts: list[list[int]]) -> tuple[list[lis
     the last token of every prompt and a KV cache per prompt holding the rest, one cache object
     shared by all copies (BatchGenerator merges caches into its batch by copying them, never in
     place). (prompts, None) when nothing repeats."""
-    distinct = {tuple(p) for p in prompts}
+    distinct, rows = decode.distinct_rows(prompts)
     if len(distinct) == len(prompts) or min(map(len, prompts)) < 2:
         return prompts, None
-    head = lm_head(model)
-    body = model.model if head is not None else model  # the prefill's logits are never read
-    caches = {}
-    for p in distinct:
-        caches[p] = make_prompt_cache(model)
-        body(mx.array([p[:-1]]), cache=caches[p])
-        mx.eval([c.state for c in caches[p]])
-    return [p[-1:] for p in prompts], [caches[tuple(p)] for p in prompts]
+    body, caches = prefill_body(model), [make_prompt_cache(model) for _ in distinct]
+    for p, cache in zip(distinct, caches):
+        body(mx.array([p[:-1]]), cache=cache)
+        mx.eval([c.state for c in cache])
+    return [p[-1:] for p in prompts], [caches[r] for r in rows]
 
 
 def sample(

@@ -44,6 +44,13 @@ def lm_head(model: nn.Module):
     return split[1] if split else None
 
 
+def prefill_body(model: nn.Module) -> nn.Module:
+    """What to run over a prompt whose logits are never read (filling a KV cache): the body
+    alone where the LM head splits off, else the whole model."""
+    split = _split_head(model)
+    return split[0] if split else model
+
+
 def _inputs(prompts: list[list[int]], completions: list[list[int]]) -> tuple[mx.array, mx.array]:
     """inputs_BL and positions_BT: the input slot whose output predicts each completion token."""
     T = max(len(c) for c in completions)
