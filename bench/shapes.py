@@ -8,6 +8,7 @@ the same shapes and lengths: this module imports nothing beyond the standard lib
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import os
 import platform
@@ -30,21 +31,15 @@ FULL = {"model": SMOLLM2, "batch": 4, "student_len": 64, "teacher_len": 160, "co
 QUICK = {"model": TINY, "batch": 4, "student_len": 16, "teacher_len": 40, "completion": 8,
          "lora_rank": 8, "warmup": 1, "reps": 1, "matmul_n": 256}
 SEED = 0
-OPENBLAS = "/usr/lib/x86_64-linux-gnu/openblas-pthread/libopenblas.so.0"
 
 
 def blas() -> str:
-    """Which BLAS MLX's matmuls run on. A preloaded libopenblas wins symbol lookup over the
-    reference libblas the mlx-cpu wheel links; numpy's own libscipy_openblas (prefixed symbols)
-    serves numpy only, so it does not count."""
-    maps = Path("/proc/self/maps").read_text() if Path("/proc/self/maps").exists() else ""
-    libs = {line.split()[-1] for line in maps.splitlines() if "blas" in line.lower()}
-    openblas = sorted(p for p in libs if Path(p).name.startswith("libopenblas"))
-    if openblas:
-        how = "LD_PRELOAD" if "openblas" in os.environ.get("LD_PRELOAD", "") else "loaded"
-        return f"OpenBLAS ({how}: {openblas[0]})"
-    ref = sorted(Path(p).name for p in libs if Path(p).name.startswith("libblas"))
-    return f"reference BLAS of the mlx-cpu wheel ({ref[0] if ref else 'libblas'})"
+    """Which BLAS MLX's matmuls run on: `mlx_sdft.blas.describe`, loaded from its file, because
+    importing the mlx_sdft package would preload OpenBLAS into TRL's torch process too."""
+    spec = importlib.util.spec_from_file_location("mlx_sdft_blas", Path(__file__).parents[1] / "mlx_sdft" / "blas.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.describe()
 
 
 def machine() -> dict:
@@ -53,8 +48,9 @@ def machine() -> dict:
         names = [ln.split(":", 1)[1].strip() for ln in Path("/proc/cpuinfo").read_text().splitlines()
                  if ln.startswith("model name")]
         cpu = names[0] if names else cpu
+    which = blas()
     return {"cpu": cpu, "cores": os.cpu_count(), "platform": platform.platform(), "python": platform.python_version(),
-            "blas": blas(), "openblas": blas().startswith("OpenBLAS")}
+            "blas": which, "openblas": which.startswith("OpenBLAS")}
 
 
 def student_flops(m: dict, batch: int, input_len: int, completion: int, rank: int) -> dict:
