@@ -30,29 +30,35 @@ def dimensions(config: dict) -> tuple[int, int, int, int]:
     return h, config.get("intermediate_size", 4 * h), heads * head_dim, config.get("num_key_value_heads", heads) * head_dim
 
 
+def block_linears(config: dict) -> list[tuple[int, int]]:
+    """(in, out) of a block's seven linears: q, k, v, o, gate, up, down."""
+    h, i, q, kv = dimensions(config)
+    return [(h, q), (h, kv), (h, kv), (q, h), (h, i), (h, i), (i, h)]
+
+
+def adapted_blocks(config: dict, cfg) -> int:
+    blocks = config["num_hidden_layers"]
+    return blocks if cfg.num_layers < 0 else min(cfg.num_layers, blocks)
+
+
 def trainable_count(config: dict, cfg) -> int:
     """Parameters that train: LoRA r·(in+out) per adapted linear, or whole blocks for full."""
-    h, i, q, kv = dimensions(config)
-    linears = [(h, q), (h, kv), (h, kv), (q, h), (h, i), (h, i), (i, h)]
-    layers = config["num_hidden_layers"] if cfg.num_layers < 0 else min(cfg.num_layers, config["num_hidden_layers"])
     if cfg.fine_tune_type == "full":
-        return layers * sum(a * b for a, b in linears)
+        return adapted_blocks(config, cfg) * sum(a * b for a, b in block_linears(config))
     r = cfg.lora_parameters["rank"]
-    return layers * sum(r * (a + b) for a, b in linears)
+    return adapted_blocks(config, cfg) * sum(r * (a + b) for a, b in block_linears(config))
 
 
-def fused_copy_bytes(config: dict, model_path: Path, cfg) -> int:
+def fused_copy_bytes(config: dict, weights: int, cfg) -> int:
     """The fused weights `rollout.fused_adapters` holds while sampling: a copy of every adapted
-    linear, in the weights' own precision. Adapters over quantized weights are not fused."""
+    linear, in the precision of the `weights` bytes on disk. Adapters over quantized weights
+    are not fused."""
     if cfg.method != "sdft" or not cfg.fuse_sampling or cfg.fine_tune_type != "lora" or "quantization" in config:
         return 0
-    h, i, q, kv = dimensions(config)
-    per_block = h * q + 2 * h * kv + q * h + 3 * h * i
-    blocks = config["num_hidden_layers"]
-    adapted = blocks if cfg.num_layers < 0 else min(cfg.num_layers, blocks)
-    embeddings = config["vocab_size"] * h * (1 if config.get("tie_word_embeddings", True) else 2)
-    bytes_per_param = weight_bytes(model_path) / (blocks * per_block + embeddings)
-    return int(adapted * per_block * bytes_per_param)
+    per_block = sum(a * b for a, b in block_linears(config))
+    embeddings = config["vocab_size"] * config["hidden_size"] * (1 if config.get("tie_word_embeddings", True) else 2)
+    bytes_per_param = weights / (config["num_hidden_layers"] * per_block + embeddings)
+    return int(adapted_blocks(config, cfg) * per_block * bytes_per_param)
 
 
 def logit_positions(cfg) -> int:
@@ -67,13 +73,14 @@ def estimate(config: dict, model_path: Path, cfg, prompt_len: int, teacher_promp
     h, i, _, kv = dimensions(config)
     layers, V = config["num_hidden_layers"], config["vocab_size"]
     L = max(prompt_len, teacher_prompt_len) + T
+    weights = weight_bytes(model_path)
     parts = {
-        "weights": weight_bytes(model_path),
+        "weights": weights,
         # student, gradient, Adam m and v, EMA teacher, base snapshot
         "trainable_states": 6 * trainable_count(config, cfg) * F32,
         # keys and values of every layer while sampling
         "kv_cache": 2 * layers * kv * (prompt_len + T) * n * F32 if cfg.method == "sdft" else 0,
-        "fused_copy": fused_copy_bytes(config, model_path, cfg),
+        "fused_copy": fused_copy_bytes(config, weights, cfg),
         # activations kept for the backward pass: ~12 hidden-sized and 3 MLP-sized tensors per layer
         "activations": n * L * layers * (12 * h + 3 * i) * F32 // (layers if cfg.grad_checkpoint else 1),
         # student logits, log-softmax and its gradient; teacher logits and log-softmax. In chunks
