@@ -42,12 +42,12 @@ from mlx_lm.sample_utils import make_sampler  # noqa: E402
 
 from shapes import FULL, QUICK, SEED, emit, machine, student_flops  # noqa: E402
 
-from mlx_sdft import train as trainer  # noqa: E402
+from mlx_sdft.core import train as trainer  # noqa: E402
 from mlx_sdft.config import Config  # noqa: E402
-from mlx_sdft.models import attach_adapters  # noqa: E402
-from mlx_sdft.prompts import PromptPair  # noqa: E402
-from mlx_sdft.report import PhaseTimer  # noqa: E402
-from mlx_sdft.teacher import init_teacher, step_teacher  # noqa: E402
+from mlx_sdft.formats.models import attach_adapters  # noqa: E402
+from mlx_sdft.core.prompts import PromptPair  # noqa: E402
+from mlx_sdft.machine.report import PhaseTimer  # noqa: E402
+from mlx_sdft.core.teacher import init_teacher, step_teacher  # noqa: E402
 
 TARGETS = {"sdft_vs_sft_step": ("<=", 2.0), "sampling_vs_batch_gen": (">=", 1.0),
            "peak_memory_sdft_vs_sft": ("<=", 1.25), "student_flops_vs_peak": (">=", 0.5),

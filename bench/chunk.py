@@ -27,8 +27,8 @@ import mlx.nn as nn  # noqa: E402
 from bench import build  # noqa: E402
 from shapes import FULL, QUICK, emit, machine, parser  # noqa: E402
 
-from mlx_sdft import train as trainer  # noqa: E402
-from mlx_sdft.teacher import init_teacher  # noqa: E402
+from mlx_sdft.core import train as trainer  # noqa: E402
+from mlx_sdft.core.teacher import init_teacher  # noqa: E402
 
 
 def scored_pass(model, loss_and_grad, teacher, pairs, cfg) -> tuple[float, int]:

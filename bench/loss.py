@@ -23,7 +23,7 @@ import mlx_sdft  # noqa: E402,F401  first: on Linux it loads OpenBLAS before MLX
 import mlx.core as mx  # noqa: E402
 from shapes import FULL, QUICK, emit, machine, parser  # noqa: E402
 
-from mlx_sdft import losses  # noqa: E402
+from mlx_sdft.core import losses  # noqa: E402
 
 
 def measure(fn, student_BTV) -> tuple[float, int]:

@@ -18,7 +18,8 @@ import mlx_sdft  # noqa: E402,F401  first: on Linux it loads OpenBLAS before MLX
 import mlx.core as mx  # noqa: E402
 import numpy as np  # noqa: E402
 
-from mlx_sdft import losses, reference  # noqa: E402
+from mlx_sdft.core import losses
+from mlx_sdft.core import reference  # noqa: E402
 
 CASES = [  # name, B, T, V, logit scale, teacher noise (None = independent teacher)
     ("V49152 indep", 4, 64, 49152, 3.0, None),

@@ -28,7 +28,8 @@ from bench import build  # noqa: E402
 from mlx_lm.models.cache import BatchKVCache, make_prompt_cache  # noqa: E402
 from shapes import FULL, QUICK, emit, machine, parser  # noqa: E402
 
-from mlx_sdft import decode, rollout  # noqa: E402
+from mlx_sdft.core import decode
+from mlx_sdft.core import rollout  # noqa: E402
 
 
 def timed(model, prompts, n, fuse=True, share=True) -> float:

@@ -34,9 +34,9 @@ SEED = 0
 
 
 def blas() -> str:
-    """Which BLAS MLX's matmuls run on: `mlx_sdft.blas.describe`, loaded from its file, because
+    """Which BLAS MLX's matmuls run on: `mlx_sdft.machine.blas.describe`, loaded from its file, because
     importing the mlx_sdft package would preload OpenBLAS into TRL's torch process too."""
-    spec = importlib.util.spec_from_file_location("mlx_sdft_blas", Path(__file__).parents[1] / "mlx_sdft" / "blas.py")
+    spec = importlib.util.spec_from_file_location("mlx_sdft_blas", Path(__file__).parents[1] / "mlx_sdft" / "machine" / "blas.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module.describe()

@@ -64,16 +64,16 @@ def _command(name: str, options: type, action: Callable, help: str, yaml_help: s
 
 
 def _train(cfg: Config) -> None:
-    from mlx_sdft.launch import run  # heavy imports only once the options are known to be good
+    from mlx_sdft.jobs.train import run_train  # heavy imports only once the options are known to be good
 
     try:
-        run(cfg)
+        run_train(cfg)
     except Interrupted as e:
         typer.echo(f"mlx-sdft train: {e}; continue with the same command plus --resume", err=True)
         raise typer.Exit(130)
     if cfg.dry_run:
         return
-    from mlx_sdft.models import resolve
+    from mlx_sdft.formats.models import resolve
 
     model = resolve(cfg.model, cfg.dequantize) if cfg.model.endswith(".gguf") else cfg.model  # mlx-lm reads no GGUF
     typer.echo(f"Adapters saved to {cfg.adapter_path}. Use them with:\n"
@@ -81,14 +81,14 @@ def _train(cfg: Config) -> None:
 
 
 def _eval(cfg: EvalConfig) -> None:
-    from mlx_sdft.evaluate import run_eval
+    from mlx_sdft.jobs.evaluate import run_eval
 
     summary = run_eval(cfg)
     typer.echo(" ".join(f"{k}={v:.4f}" for k, v in summary.items() if isinstance(v, float)))
 
 
 def _check(cfg: CheckConfig) -> None:
-    from mlx_sdft.check import run_check
+    from mlx_sdft.jobs.check import run_check
 
     report = run_check(cfg)
     typer.echo(report["verdict"])
@@ -96,7 +96,7 @@ def _check(cfg: CheckConfig) -> None:
 
 def _continual(stages: Annotated[str, typer.Option("-c", "--config", help="Stages YAML file.")]) -> None:
     """Train stage after stage on the same adapters; evaluate every task and retention after each."""
-    from mlx_sdft.continual import run_continual
+    from mlx_sdft.jobs.continual import run_continual
 
     with _one_line_errors("continual"):
         run_continual(stages)
@@ -116,10 +116,10 @@ def export(model: Annotated[str, typer.Option(help="A .gguf file.")],
            out: Annotated[str, typer.Option(help="Folder to write the mlx-lm model to.")],
            dequantize: Annotated[Optional[bool], typer.Option(help="float32 weights [default: on CPU].")] = None) -> None:
     """Write a GGUF model as an mlx-lm model folder (for mlx_lm.generate / fuse / server)."""
-    from mlx_sdft.gguf import export_gguf
+    from mlx_sdft.formats.gguf_read import gguf_to_mlx
 
     with _one_line_errors("export"):
-        path = export_gguf(model, out, dequantize)
+        path = gguf_to_mlx(model, out, dequantize)
     typer.echo(f"wrote {path}; use it with: mlx_lm.generate --model {path} [--adapter-path ADAPTERS]")
 
 
@@ -134,7 +134,7 @@ def generate(model: Annotated[str, typer.Option(help="Hub id, model folder or .g
     from mlx_lm import load as mlx_load
     from mlx_lm.sample_utils import make_sampler
 
-    from mlx_sdft.models import resolve
+    from mlx_sdft.formats.models import resolve
 
     with _one_line_errors("generate"):
         model_path = resolve(model)
@@ -148,7 +148,7 @@ def generate(model: Annotated[str, typer.Option(help="Hub id, model folder or .g
 @app.command("doctor")
 def doctor() -> None:
     """Print what MLX sees on this machine: backend (Metal, CUDA, CPU), device, memory, BLAS, versions."""
-    from mlx_sdft.doctor import report
+    from mlx_sdft.machine.doctor import report
 
     for key, value in report().items():
         typer.echo(f"{key:>15}: {value}")

@@ -225,7 +225,7 @@ def write(splits: dict[str, list[dict]], out: Path) -> None:
         tmp.write_text("".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows), encoding="utf-8")
         tmp.replace(path)
     try:  # the same check `mlx-sdft train` makes, when mlx-sdft is installed
-        from mlx_sdft.data import load_examples
+        from mlx_sdft.core.data import load_examples
         from mlx_sdft.errors import InputError
     except ImportError:
         return

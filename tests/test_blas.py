@@ -1,4 +1,4 @@
-"""OpenBLAS preloading (mlx_sdft.blas): the path choice on fake files, and in fresh processes which
+"""OpenBLAS preloading (mlx_sdft.machine.blas): the path choice on fake files, and in fresh processes which
 BLAS ends up mapped. No timings: the speed-up is measured by bench/, not asserted here."""
 
 import os
@@ -10,11 +10,11 @@ from pathlib import Path
 
 import pytest
 
-from mlx_sdft.blas import EXPLICIT, OPT_OUT, candidates, choose, mapped
+from mlx_sdft.machine.blas import EXPLICIT, OPT_OUT, candidates, choose, mapped
 
 linux = pytest.mark.skipif(sys.platform != "linux", reason="OpenBLAS preloading is Linux-only")
 # Every fresh process reports the BLAS libraries it mapped, one per line, after its own code.
-MAPS = "\nfrom mlx_sdft.blas import mapped; print(*mapped(open('/proc/self/maps').read()), sep='\\n')"
+MAPS = "\nfrom mlx_sdft.machine.blas import mapped; print(*mapped(open('/proc/self/maps').read()), sep='\\n')"
 
 
 def run(code: str, **env: str) -> subprocess.CompletedProcess:

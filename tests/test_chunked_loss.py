@@ -6,7 +6,8 @@ import mlx.core as mx
 import numpy as np
 import pytest
 
-from mlx_sdft import losses, reference
+from mlx_sdft.core import losses
+from mlx_sdft.core import reference
 
 B, T, D, V, TAU = 3, 9, 8, 50, 0.7
 

@@ -1,4 +1,4 @@
-"""Tests for mlx_sdft.data: the three line formats, the folder form, and every input error.
+"""Tests for mlx_sdft.core.data: the three line formats, the folder form, and every input error.
 
 Run: pytest -q tests/test_data.py   (offline, no model, under a second)
 """
@@ -9,7 +9,7 @@ from unittest.mock import Mock
 
 import pytest
 
-from mlx_sdft.data import Example, load_dataset, load_examples
+from mlx_sdft.core.data import Example, load_dataset, load_examples
 from mlx_sdft.errors import InputError
 
 USER = {"role": "user", "content": "What is 2+2?"}

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from mlx_sdft.config import load_config
-from mlx_sdft.launch import run
+from mlx_sdft.jobs.train import run_train
 
 HELPER = Path(__file__).parent / "helpers" / "dp_train.py"
 
@@ -28,7 +28,7 @@ def _opts(tiny_model, smoke_data, out):
                     reason="mlx.launch is part of the mlx package; missing means a broken install")
 def test_two_ranks_match_each_other_and_one_process(tiny_model, smoke_data, tmp_path):
     single = tmp_path / "single" / "adapters"
-    run(load_config(None, _opts(tiny_model, smoke_data, single)), quiet=True)
+    run_train(load_config(None, _opts(tiny_model, smoke_data, single)), quiet=True)
 
     dp = tmp_path / "dp" / "adapters"
     args = [f"--{k.replace('_', '-')}={v}" for k, v in _opts(tiny_model, smoke_data, dp).items()]

@@ -8,14 +8,14 @@ import pytest
 from typer.testing import CliRunner
 
 from conftest import ROOT
-from mlx_sdft.checkpoint import save
+from mlx_sdft.formats.checkpoint import save
 from mlx_sdft.cli import app
 from mlx_sdft.config import Config, load_config
-from mlx_sdft.evaluate import load_prompts, perplexity, retention_kl
-from mlx_sdft.models import attach_adapters, load, load_adapted, load_tokenizer
-from mlx_sdft.teacher import trainable_leaves, using
-from mlx_sdft.launch import run
-from mlx_sdft.train import build_optimizer
+from mlx_sdft.jobs.evaluate import load_prompts, perplexity, retention_kl
+from mlx_sdft.formats.models import attach_adapters, load, load_adapted, load_tokenizer
+from mlx_sdft.core.teacher import trainable_leaves, using
+from mlx_sdft.jobs.train import run_train
+from mlx_sdft.core.train import build_optimizer
 
 runner = CliRunner()
 
@@ -32,7 +32,7 @@ def _untrained_adapters(tiny_model, out):
 def _trained_adapters(tiny_model, smoke_data, out, **kw):
     opts = dict(model=str(tiny_model), data=str(smoke_data), adapter_path=str(out), num_layers=-1, iters=4,
                 learning_rate=1e-2, max_completion_length=12, steps_per_eval=100, **kw)
-    run(load_config(None, opts), quiet=True)
+    run_train(load_config(None, opts), quiet=True)
     return out
 
 
@@ -101,7 +101,7 @@ def test_eval_bad_input_exits_2(tiny_model, smoke_data, args, pattern):
 
 
 def test_check_reports_both_contexts(tiny_model, smoke_data):
-    from mlx_sdft.check import run_check
+    from mlx_sdft.jobs.check import run_check
     from mlx_sdft.config import CheckConfig
 
     report = run_check(CheckConfig(model=str(tiny_model), data=str(smoke_data), num_examples=4, metric="normalized",
@@ -128,7 +128,7 @@ def _stages(tmp_path, tiny_model, **extra):
 
 
 def test_continual_two_stages_complete_matrix_and_resume(tiny_model, tmp_path):
-    from mlx_sdft.continual import run_continual
+    from mlx_sdft.jobs.continual import run_continual
 
     path = _stages(tmp_path, tiny_model)
     results = run_continual(str(path))
@@ -168,9 +168,9 @@ def test_continual_bad_stage_file_exits_2(tiny_model, tmp_path, extra, pattern):
 
 
 def test_each_example_is_rendered_with_its_own_tools(tiny, monkeypatch):
-    import mlx_sdft.evaluate as evaluate
-    from mlx_sdft.data import Example
-    from mlx_sdft.metrics import exact
+    import mlx_sdft.jobs.evaluate as evaluate
+    from mlx_sdft.core.data import Example
+    from mlx_sdft.core.metrics import exact
 
     model, tok = tiny
     seen, real = [], evaluate.render

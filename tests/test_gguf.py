@@ -22,7 +22,7 @@ from mlx_lm.tuner.utils import linear_to_lora_layers
 from tiny import CHAT_TEMPLATE, SPECIALS, build_tokenizer
 
 from mlx_sdft.errors import InputError
-from mlx_sdft.gguf import export_gguf, load_gguf
+from mlx_sdft.formats.gguf_read import gguf_to_mlx, load_gguf
 
 import gguf  # noqa: E402  (llama.cpp's writer; a dependency of mlx-sdft)
 
@@ -230,7 +230,7 @@ def test_export_writes_a_folder_mlx_lm_loads(tmp_path, hf_tokenizer):
     model, config = tiny_model("llama", len(hf_tokenizer))
     path = write_gguf(tmp_path / "q.gguf", model, config, hf_tokenizer, qtype=Q.Q4_0)
     for dequantize in (True, False):
-        out = export_gguf(path, tmp_path / f"out{dequantize}", dequantize=dequantize)
+        out = gguf_to_mlx(path, tmp_path / f"out{dequantize}", dequantize=dequantize)
         again, tokenizer = load(str(out))
         assert close(logits(again), logits(load_gguf(path, dequantize)[0]))
         assert chat_ids(tokenizer) == chat_ids(hf_tokenizer)
@@ -298,7 +298,7 @@ def test_gguf_model_trains_evaluates_exports_and_generates_through_the_cli(tmp_p
 
 
 def test_missing_gguf_and_package_model_errors(tmp_path):
-    from mlx_sdft.models import resolve
+    from mlx_sdft.formats.models import resolve
 
     with pytest.raises(InputError, match="no such GGUF file"):
         resolve(str(tmp_path / "absent.gguf"))

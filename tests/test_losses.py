@@ -7,7 +7,8 @@ import mlx.core as mx
 import numpy as np
 import pytest
 
-from mlx_sdft import losses, reference
+from mlx_sdft.core import losses
+from mlx_sdft.core import reference
 
 DIVERGENCES = losses.DIVERGENCES
 # MLX parity runs on every device this machine has: the CPU always, the GPU where Metal or CUDA exists.

@@ -5,7 +5,7 @@ import re
 import pytest
 
 from mlx_sdft.errors import InputError
-from mlx_sdft.metrics import choice, exact, normalize, normalized, regex_metric, resolve_metric
+from mlx_sdft.core.metrics import choice, exact, normalize, normalized, regex_metric, resolve_metric
 
 
 def test_exact_and_normalized():

@@ -3,10 +3,10 @@
 import pytest
 
 from mlx_sdft.config import TEACHER_TEMPLATE
-from mlx_sdft.data import Example
+from mlx_sdft.core.data import Example
 from mlx_sdft.errors import InputError
-from mlx_sdft.models import load_tokenizer
-from mlx_sdft.prompts import encode_examples, fill_template, student_text, teacher_messages, teacher_text
+from mlx_sdft.formats.models import load_tokenizer
+from mlx_sdft.core.prompts import encode_examples, fill_template, student_text, teacher_messages, teacher_text
 
 EXAMPLE = Example(
     prompt=[{"role": "system", "content": "Be brief."}, {"role": "user", "content": "What is the capital of Peru?"}],

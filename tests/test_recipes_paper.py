@@ -14,8 +14,8 @@ from pathlib import Path
 
 import pytest
 
-from mlx_sdft.data import load_dataset, load_examples
-from mlx_sdft.metrics import resolve_metric
+from mlx_sdft.core.data import load_dataset, load_examples
+from mlx_sdft.core.metrics import resolve_metric
 
 REPO = Path(__file__).resolve().parents[1]
 FIXTURES = Path(__file__).resolve().parent / "data" / "paper"

@@ -12,10 +12,10 @@ import mlx.core as mx
 import numpy as np
 import pytest
 
-from mlx_sdft import checkpoint
+from mlx_sdft.formats import checkpoint
 from mlx_sdft.config import load_config
 from mlx_sdft.errors import InputError, Interrupted, TrainingError
-from mlx_sdft.launch import run
+from mlx_sdft.jobs.train import run_train
 
 ITERS = 6
 
@@ -42,7 +42,7 @@ def reference(tiny_model, tmp_path_factory):
     from conftest import ROOT
 
     out = tmp_path_factory.mktemp("reference") / "adapters"
-    run(load_config(None, _opts(tiny_model, ROOT / "recipes/smoke/data", out)), quiet=True)
+    run_train(load_config(None, _opts(tiny_model, ROOT / "recipes/smoke/data", out)), quiet=True)
     return _adapters(out), {k: np.array(v) for k, v in mx.load(str(out / "teacher_adapters.safetensors")).items()}
 
 
@@ -69,14 +69,14 @@ class StopAt:
 
 def test_resume_after_interrupt_equals_uninterrupted_run(tiny_model, smoke_data, tmp_path, reference, monkeypatch):
     out = tmp_path / "a"
-    import mlx_sdft.launch as launch
+    import mlx_sdft.jobs.train as launch
 
     monkeypatch.setattr(launch, "StopFlag", lambda reporter: _Ctx(StopAt(3)))
     with pytest.raises(Interrupted) as e:
-        run(load_config(None, _opts(tiny_model, smoke_data, out)), quiet=True)
+        run_train(load_config(None, _opts(tiny_model, smoke_data, out)), quiet=True)
     assert e.value.step == 3 and assert_consistent(out) == 3
     monkeypatch.undo()
-    run(load_config(None, _opts(tiny_model, smoke_data, out, resume=True)), quiet=True)
+    run_train(load_config(None, _opts(tiny_model, smoke_data, out, resume=True)), quiet=True)
     _assert_same(_adapters(out), reference[0])
     teacher = {k: np.array(v) for k, v in mx.load(str(out / "teacher_adapters.safetensors")).items()}
     _assert_same(teacher, reference[1])
@@ -168,15 +168,15 @@ def test_full_disk_keeps_the_last_good_checkpoint(tiny_model, smoke_data, tmp_pa
 
     monkeypatch.setattr(checkpoint, "write_arrays", failing)
     with pytest.raises(TrainingError, match="could not save .*No space left on device.*previous checkpoint is intact"):
-        run(load_config(None, _opts(tiny_model, smoke_data, out)), quiet=True)
+        run_train(load_config(None, _opts(tiny_model, smoke_data, out)), quiet=True)
     assert assert_consistent(out) == 2
     monkeypatch.undo()
-    run(load_config(None, _opts(tiny_model, smoke_data, out, resume=True)), quiet=True)
+    run_train(load_config(None, _opts(tiny_model, smoke_data, out, resume=True)), quiet=True)
     _assert_same(_adapters(out), reference[0])
 
 
 def test_non_finite_steps_are_skipped_then_stop(tiny_model, smoke_data, tmp_path, monkeypatch):
-    import mlx_sdft.train as train
+    import mlx_sdft.core.train as train
 
     real, calls = train.micro_step, {"n": 0}
 
@@ -188,7 +188,7 @@ def test_non_finite_steps_are_skipped_then_stop(tiny_model, smoke_data, tmp_path
     monkeypatch.setattr(train, "micro_step", poisoned)
     out = tmp_path / "n"
     with pytest.raises(TrainingError, match=r"step 5: 3 non-finite steps in a row"):
-        run(load_config(None, _opts(tiny_model, smoke_data, out, max_bad_steps=3)), quiet=True)
+        run_train(load_config(None, _opts(tiny_model, smoke_data, out, max_bad_steps=3)), quiet=True)
     assert assert_consistent(out) == 4  # steps 3 and 4 were skipped but saved, finite
     assert all(np.isfinite(v).all() for v in _adapters(out).values())
 
@@ -197,27 +197,27 @@ def test_resume_needs_a_saved_run(tiny_model, smoke_data, tmp_path):
     from mlx_sdft.errors import InputError
 
     with pytest.raises(InputError, match="--resume: .* holds no saved run"):
-        run(load_config(None, _opts(tiny_model, smoke_data, tmp_path / "none", resume=True)), quiet=True)
+        run_train(load_config(None, _opts(tiny_model, smoke_data, tmp_path / "none", resume=True)), quiet=True)
 
 
 def test_dry_run_and_preflight(tiny_model, smoke_data, tmp_path):
     from mlx_sdft.errors import InputError
 
     out = tmp_path / "m"
-    parts = run(load_config(None, _opts(tiny_model, smoke_data, out, dry_run=True)), quiet=True)
+    parts = run_train(load_config(None, _opts(tiny_model, smoke_data, out, dry_run=True)), quiet=True)
     assert 0 < parts["peak"] < 1 and parts["logits"] > 0 and not out.exists()
     with pytest.raises(InputError, match=r"needs about .* GB but the system RAM is .*--batch-size"):
-        run(load_config(None, _opts(tiny_model, smoke_data, out, batch_size=100000, max_completion_length=4000,
+        run_train(load_config(None, _opts(tiny_model, smoke_data, out, batch_size=100000, max_completion_length=4000,
                                     max_seq_length=8192)), quiet=True)
     assert not out.exists()
 
 
 def test_preflight_samples_unfused_when_only_that_fits(tmp_path, monkeypatch):
     """The fused copy of the weights is the first thing to give up when memory is short."""
-    from mlx_sdft import memory
+    from mlx_sdft.machine import memory
     from mlx_sdft.config import Config
-    from mlx_sdft.launch import preflight
-    from mlx_sdft.prompts import PromptPair
+    from mlx_sdft.jobs.train import preflight
+    from mlx_sdft.core.prompts import PromptPair
 
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
     from shapes import SMOLLM2
@@ -242,10 +242,10 @@ def test_preflight_samples_unfused_when_only_that_fits(tmp_path, monkeypatch):
 
 
 def test_preflight_scores_in_chunks_when_only_that_fits(tmp_path, monkeypatch):
-    from mlx_sdft import memory
+    from mlx_sdft.machine import memory
     from mlx_sdft.config import Config
-    from mlx_sdft.launch import AUTO_CHUNK, preflight
-    from mlx_sdft.prompts import PromptPair
+    from mlx_sdft.jobs.train import AUTO_CHUNK, preflight
+    from mlx_sdft.core.prompts import PromptPair
 
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
     from shapes import SMOLLM2
@@ -269,14 +269,14 @@ def test_preflight_scores_in_chunks_when_only_that_fits(tmp_path, monkeypatch):
 
 def test_estimate_is_logged_next_to_the_measured_peak(tiny_model, smoke_data, tmp_path):
     out = tmp_path / "p"
-    run(load_config(None, _opts(tiny_model, smoke_data, out, iters=1)), quiet=True)
+    run_train(load_config(None, _opts(tiny_model, smoke_data, out, iters=1)), quiet=True)
     record = json.loads((out / "metrics.jsonl").read_text().splitlines()[0])
     assert record["estimated_peak_gb"] > 0 and record["peak_memory_gb"] > 0
 
 
 def test_offline_hub_id_fails_fast(monkeypatch):
     from mlx_sdft.errors import InputError
-    from mlx_sdft.models import resolve
+    from mlx_sdft.formats.models import resolve
 
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     tic = time.time()
@@ -290,7 +290,7 @@ def test_a_save_killed_after_its_commit_is_rolled_forward(tiny_model, smoke_data
     import os as _os
 
     out = tmp_path / "r"
-    run(load_config(None, _opts(tiny_model, smoke_data, out, iters=2)), quiet=True)
+    run_train(load_config(None, _opts(tiny_model, smoke_data, out, iters=2)), quiet=True)
     assert assert_consistent(out) == 2
     real_replace, calls = _os.replace, {"n": 0}
 
@@ -303,7 +303,7 @@ def test_a_save_killed_after_its_commit_is_rolled_forward(tiny_model, smoke_data
 
     monkeypatch.setattr(checkpoint.os, "replace", dying_replace)
     with pytest.raises(KeyboardInterrupt):
-        run(load_config(None, _opts(tiny_model, smoke_data, out, iters=3, resume=True)), quiet=True)
+        run_train(load_config(None, _opts(tiny_model, smoke_data, out, iters=3, resume=True)), quiet=True)
     monkeypatch.undo()
     assert (out / checkpoint.COMMIT).exists() and list(out.glob(".pending-*"))  # a half-renamed save
     assert assert_consistent(out) == 3  # rolled forward, every file at step 3

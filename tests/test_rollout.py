@@ -5,7 +5,7 @@ import mlx.nn as nn
 import pytest
 from mlx.utils import tree_flatten
 
-from mlx_sdft.rollout import fused_adapters, fused_bytes, fusable, sample
+from mlx_sdft.core.rollout import fused_adapters, fused_bytes, fusable, sample
 
 PROMPTS = [[1, 300, 201, 293], [1, 5, 9], [1, 300, 201, 293, 275, 289, 283]]
 
@@ -83,7 +83,7 @@ def _adapted(tiny_model, quantize=False):
     from mlx_lm import load
     from mlx_lm.tuner.lora import LoRALinear
 
-    from mlx_sdft.models import attach_adapters
+    from mlx_sdft.formats.models import attach_adapters
 
     model, _ = load(str(tiny_model))
     if quantize:
@@ -133,7 +133,7 @@ def test_adapters_over_quantized_weights_are_not_merged(tiny_model):
 
 def _paths(model, prompts, max_tokens, stops, monkeypatch, **kw):
     """The same sampling through decode.decode and through mlx-lm's BatchGenerator."""
-    from mlx_sdft import decode
+    from mlx_sdft.core import decode
 
     assert decode.supported(model)
     fast = sample(model, prompts, max_tokens, stops, **kw)
@@ -171,7 +171,7 @@ def test_greedy_decoding_matches_batch_generator(tiny_model, monkeypatch):
 def test_decode_loop_is_used_only_for_plain_kv_caches(tiny_model):
     from mlx_lm.models.cache import RotatingKVCache
 
-    from mlx_sdft import decode
+    from mlx_sdft.core import decode
 
     model = _adapted(tiny_model)
     assert decode.supported(model)
@@ -181,7 +181,8 @@ def test_decode_loop_is_used_only_for_plain_kv_caches(tiny_model):
 
 
 def test_repeated_prompts_share_one_prefill_in_batch_generator_too(tiny_model, monkeypatch):
-    from mlx_sdft import decode, rollout
+    from mlx_sdft.core import decode
+    from mlx_sdft.core import rollout
 
     model = _adapted(tiny_model)
     monkeypatch.setattr(decode, "supported", lambda model: False)
@@ -199,7 +200,7 @@ def test_repeated_prompts_share_one_prefill_in_batch_generator_too(tiny_model, m
 
 
 def test_distinct_rows():
-    from mlx_sdft.decode import distinct_rows
+    from mlx_sdft.core.decode import distinct_rows
 
     assert distinct_rows([[1, 2], [3], [1, 2], [3], [4]]) == ([[1, 2], [3], [4]], [0, 1, 0, 1, 2])
 
@@ -209,7 +210,7 @@ def test_keyed_draws_follow_the_distribution():
     with its own key, against the exact probabilities (±4.5 standard errors)."""
     import numpy as np
 
-    from mlx_sdft.decode import draw, row_keys
+    from mlx_sdft.core.decode import draw, row_keys
 
     p = np.array([0.5, 0.25, 0.15, 0.1])
     for temperature in (1.0, 0.5):

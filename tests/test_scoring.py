@@ -4,8 +4,8 @@ import mlx.core as mx
 import numpy as np
 import pytest
 
-from mlx_sdft import scoring
-from mlx_sdft.scoring import completion_logits, completion_mask
+from mlx_sdft.core import scoring
+from mlx_sdft.core.scoring import completion_logits, completion_mask
 
 PROMPTS = [[1, 5, 9, 13, 2, 7], [1, 300, 201], [4, 8, 15, 16, 23, 42, 99, 101, 7]]
 COMPLETIONS = [[11, 12, 2], [40, 41, 42, 43, 44, 45, 2], [7]]

@@ -7,8 +7,8 @@ import pytest
 from mlx.utils import tree_map
 
 from mlx_sdft.config import Config
-from mlx_sdft.models import attach_adapters, load
-from mlx_sdft.teacher import ema_update, init_teacher, step_teacher, trainable_leaves, using
+from mlx_sdft.formats.models import attach_adapters, load
+from mlx_sdft.core.teacher import ema_update, init_teacher, step_teacher, trainable_leaves, using
 
 INPUTS = mx.array([[1, 5, 9, 13, 2, 7, 30, 31]])
 

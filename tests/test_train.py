@@ -8,8 +8,8 @@ import pytest
 from mlx.utils import tree_flatten
 
 from mlx_sdft.config import load_config
-from mlx_sdft.launch import run
-from mlx_sdft.train import batch_at, build_optimizer, total_steps
+from mlx_sdft.jobs.train import run_train
+from mlx_sdft.core.train import batch_at, build_optimizer, total_steps
 
 INPUTS = mx.array([[1, 300, 201, 293, 275, 289, 283, 276]])
 
@@ -48,7 +48,7 @@ def test_schedule_warms_up_then_decays_to_zero(tiny_model, smoke_data, tmp_path)
 
 def test_training_changes_only_the_adapters_and_writes_the_layout(tiny, tiny_model, smoke_data, tmp_path):
     out = tmp_path / "adapters"
-    record = run(_cfg(tiny_model, smoke_data, out), quiet=True)
+    record = run_train(_cfg(tiny_model, smoke_data, out), quiet=True)
     assert record["step"] == 3 and np.isfinite(record["loss"]) and record["loss"] > 0
 
     names = {p.name for p in out.iterdir()}
@@ -86,8 +86,8 @@ def test_training_changes_only_the_adapters_and_writes_the_layout(tiny, tiny_mod
 
 
 def test_same_seed_same_adapters(tiny_model, smoke_data, tmp_path):
-    a = run(_cfg(tiny_model, smoke_data, tmp_path / "a", iters=2, seed=5), quiet=True)
-    b = run(_cfg(tiny_model, smoke_data, tmp_path / "b", iters=2, seed=5), quiet=True)
+    a = run_train(_cfg(tiny_model, smoke_data, tmp_path / "a", iters=2, seed=5), quiet=True)
+    b = run_train(_cfg(tiny_model, smoke_data, tmp_path / "b", iters=2, seed=5), quiet=True)
     assert a["loss"] == b["loss"]
     wa, wb = mx.load(str(tmp_path / "a/adapters.safetensors")), mx.load(str(tmp_path / "b/adapters.safetensors"))
     for k in wa:
@@ -97,7 +97,7 @@ def test_same_seed_same_adapters(tiny_model, smoke_data, tmp_path):
 @pytest.mark.parametrize("teacher,divergence", [("base", "reverse"), ("live", "jsd")])
 def test_other_teachers_and_divergences_train(tiny_model, smoke_data, tmp_path, teacher, divergence):
     out = tmp_path / "o"
-    record = run(_cfg(tiny_model, smoke_data, out, iters=2, teacher=teacher, divergence=divergence,
+    record = run_train(_cfg(tiny_model, smoke_data, out, iters=2, teacher=teacher, divergence=divergence,
                       grad_accumulation_steps=2, num_generations=2, batch_size=2), quiet=True)
     assert np.isfinite(record["loss"])
     assert (out / "teacher_adapters.safetensors").exists() == (teacher != "live")
@@ -105,7 +105,7 @@ def test_other_teachers_and_divergences_train(tiny_model, smoke_data, tmp_path, 
 
 def test_sft_method_trains_the_same_adapters(tiny_model, smoke_data, tmp_path):
     out = tmp_path / "sft"
-    record = run(_cfg(tiny_model, smoke_data, out, method="sft"), quiet=True)
+    record = run_train(_cfg(tiny_model, smoke_data, out, method="sft"), quiet=True)
     assert record["loss"] > 0 and record["sample_s"] == 0.0
     assert not (out / "teacher_adapters.safetensors").exists()
     from mlx_lm import load
@@ -114,9 +114,9 @@ def test_sft_method_trains_the_same_adapters(tiny_model, smoke_data, tmp_path):
 
 
 def test_sft_loss_is_cross_entropy_on_the_demonstration(tiny, tiny_model, smoke_data, tmp_path):
-    from mlx_sdft.data import load_examples
-    from mlx_sdft.prompts import encode_examples
-    from mlx_sdft.train import supervised_loss
+    from mlx_sdft.core.data import load_examples
+    from mlx_sdft.core.prompts import encode_examples
+    from mlx_sdft.core.train import supervised_loss
 
     model, tok = tiny
     cfg = _cfg(tiny_model, smoke_data, tmp_path)
@@ -133,15 +133,15 @@ def test_sft_loss_is_cross_entropy_on_the_demonstration(tiny, tiny_model, smoke_
 
 
 def test_topk_teacher_support_trains(tiny_model, smoke_data, tmp_path):
-    record = run(_cfg(tiny_model, smoke_data, tmp_path / "k", iters=2, topk=8), quiet=True)
+    record = run_train(_cfg(tiny_model, smoke_data, tmp_path / "k", iters=2, topk=8), quiet=True)
     assert np.isfinite(record["loss"]) and record["loss"] > 0
 
 
 @pytest.mark.parametrize("topk", [None, 8])
 def test_logits_chunk_trains_the_same_adapters(tiny_model, smoke_data, tmp_path, topk):
     """Chunked scoring is the same loss: same samples, same updates, up to float32 rounding."""
-    whole = run(_cfg(tiny_model, smoke_data, tmp_path / "w", iters=2, topk=topk), quiet=True)
-    chunked = run(_cfg(tiny_model, smoke_data, tmp_path / "c", iters=2, topk=topk, logits_chunk=5), quiet=True)
+    whole = run_train(_cfg(tiny_model, smoke_data, tmp_path / "w", iters=2, topk=topk), quiet=True)
+    chunked = run_train(_cfg(tiny_model, smoke_data, tmp_path / "c", iters=2, topk=topk, logits_chunk=5), quiet=True)
     assert chunked["loss"] == pytest.approx(whole["loss"], rel=1e-5)
     wa, wb = mx.load(str(tmp_path / "w/adapters.safetensors")), mx.load(str(tmp_path / "c/adapters.safetensors"))
     # Adam divides by sqrt(v): float32 rounding of near-zero gradients shows at ~1e-6 (updates are ~1e-3).
@@ -152,7 +152,7 @@ def test_logits_chunk_trains_the_same_adapters(tiny_model, smoke_data, tmp_path,
 def test_grad_checkpoint_is_exact_and_only_wraps_the_student_pass(tiny_model, smoke_data, tmp_path, monkeypatch):
     from mlx_lm.models.llama import TransformerBlock
 
-    from mlx_sdft import train
+    from mlx_sdft.core import train
 
     plain = TransformerBlock.__call__
     seen = []
@@ -163,8 +163,8 @@ def test_grad_checkpoint_is_exact_and_only_wraps_the_student_pass(tiny_model, sm
         return real_sample(*args, **kwargs)
 
     monkeypatch.setattr(train, "sample", watching_sample)
-    base = run(_cfg(tiny_model, smoke_data, tmp_path / "p", iters=2), quiet=True)
-    ckpt = run(_cfg(tiny_model, smoke_data, tmp_path / "c", iters=2, grad_checkpoint=True), quiet=True)
+    base = run_train(_cfg(tiny_model, smoke_data, tmp_path / "p", iters=2), quiet=True)
+    ckpt = run_train(_cfg(tiny_model, smoke_data, tmp_path / "c", iters=2, grad_checkpoint=True), quiet=True)
     assert seen and all(seen) and TransformerBlock.__call__ is plain  # restored after each pass
     assert ckpt["loss"] == pytest.approx(base["loss"], rel=1e-5)
     wa, wb = mx.load(str(tmp_path / "p/adapters.safetensors")), mx.load(str(tmp_path / "c/adapters.safetensors"))

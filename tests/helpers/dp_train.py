@@ -4,7 +4,7 @@ next to the output folder, so a test can compare the ranks with each other."""
 import sys
 from pathlib import Path
 
-import mlx_sdft.launch as launch  # first: on Linux it loads OpenBLAS before MLX, as the test process does
+import mlx_sdft.jobs.train as launch  # first: on Linux it loads OpenBLAS before MLX, as the test process does
 import mlx.core as mx
 from mlx.utils import tree_flatten
 

@@ -27,7 +27,7 @@ from pathlib import Path
 from rich.console import Console
 from rich.table import Table
 
-from mlx_sdft.checkpoint import write_json
+from mlx_sdft.formats.checkpoint import write_json
 from mlx_sdft.config import Config, EvalConfig, coerce, load_config, read_yaml
 from mlx_sdft.errors import InputError
 
@@ -95,9 +95,9 @@ def eval_config(run: dict, stage: dict, adapter_path: Path | None) -> EvalConfig
 
 def evaluate_stage(run: dict, upto: int, adapter_path: Path | None) -> dict:
     """Scores of tasks 0..upto (all tasks for the base model) and retention, for one set of adapters."""
-    from mlx_sdft.evaluate import evaluate_adapters, task_examples
-    from mlx_sdft.metrics import resolve_metric
-    from mlx_sdft.models import load, load_adapted, load_tokenizer, resolve
+    from mlx_sdft.jobs.evaluate import evaluate_adapters, task_examples
+    from mlx_sdft.core.metrics import resolve_metric
+    from mlx_sdft.formats.models import load, load_adapted, load_tokenizer, resolve
 
     model_path = resolve(run["model"])
     model, base = load_adapted(model_path, adapter_path) if adapter_path else (load(model_path), None)
@@ -117,7 +117,7 @@ def evaluate_stage(run: dict, upto: int, adapter_path: Path | None) -> dict:
 
 
 def run_continual(path: str, console: Console | None = None) -> dict:
-    from mlx_sdft.launch import run as train
+    from mlx_sdft.jobs.train import run_train
 
     console = console or Console(stderr=True)
     run = read_stages(path)
@@ -140,7 +140,7 @@ def run_continual(path: str, console: Console | None = None) -> dict:
             done = folder / "stage.json"
             if not done.exists():
                 console.rule(f"{method}: stage {k + 1}/{len(names)} {stage['name']}")
-                train(stage_config(run, stage, method, folder, previous), console=console)
+                run_train(stage_config(run, stage, method, folder, previous), console=console)
                 write_json(done, evaluate_stage(run, k, folder))
             columns.append(json.loads(done.read_text()))
             previous = folder
@@ -170,7 +170,7 @@ def matrix_table(method: str, result: dict) -> Table:
 
 def _maybe_plot(out: Path, results: dict, methods: list[str], names: list[str], console: Console) -> None:
     try:
-        from mlx_sdft.plots import plot_continual
+        from mlx_sdft.machine.plots import plot_continual
     except ImportError:
         console.print("(pip install 'mlx-sdft[plot]' for PNG plots)")
         return

@@ -19,14 +19,14 @@ from pathlib import Path
 import mlx.core as mx
 import mlx.nn as nn
 
-from mlx_sdft.data import Example, load_examples
+from mlx_sdft.core.data import Example, load_examples
 from mlx_sdft.errors import InputError
-from mlx_sdft.losses import kl, log_softmax, sft_loss
-from mlx_sdft.metrics import Metric
-from mlx_sdft.prompts import encode, render
-from mlx_sdft.rollout import sample
-from mlx_sdft.scoring import completion_logits, completion_mask, pad_rows
-from mlx_sdft.teacher import Leaves, using
+from mlx_sdft.core.losses import kl, log_softmax, sft_loss
+from mlx_sdft.core.metrics import Metric
+from mlx_sdft.core.prompts import encode, render
+from mlx_sdft.core.rollout import sample
+from mlx_sdft.core.scoring import completion_logits, completion_mask, pad_rows
+from mlx_sdft.core.teacher import Leaves, using
 
 
 def general_prompts_file() -> Path:
@@ -175,9 +175,9 @@ def run_eval(cfg, console=None) -> dict:
     from rich.console import Console
     from rich.table import Table
 
-    from mlx_sdft.checkpoint import write_json
-    from mlx_sdft.metrics import resolve_metric
-    from mlx_sdft.models import load, load_adapted, load_tokenizer, resolve
+    from mlx_sdft.formats.checkpoint import write_json
+    from mlx_sdft.core.metrics import resolve_metric
+    from mlx_sdft.formats.models import load, load_adapted, load_tokenizer, resolve
 
     console = console or Console(stderr=True)
     metric = resolve_metric(cfg.metric, cfg.answer_regex)

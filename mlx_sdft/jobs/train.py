@@ -13,15 +13,15 @@ import mlx.core as mx
 from rich.panel import Panel
 from rich.text import Text
 
-from mlx_sdft import memory
+from mlx_sdft.machine import memory
 from mlx_sdft.config import Config
-from mlx_sdft.data import load_dataset
+from mlx_sdft.core.data import load_dataset
 from mlx_sdft.errors import InputError
-from mlx_sdft.models import attach_adapters, load, load_tokenizer, resolve
-from mlx_sdft.prompts import encode_examples, student_text, teacher_text
-from mlx_sdft.report import Reporter, StopFlag
-from mlx_sdft.scoring import head_splits
-from mlx_sdft.train import total_steps, train
+from mlx_sdft.formats.models import attach_adapters, load, load_tokenizer, resolve
+from mlx_sdft.core.prompts import encode_examples, student_text, teacher_text
+from mlx_sdft.machine.report import Reporter, StopFlag
+from mlx_sdft.core.scoring import head_splits
+from mlx_sdft.core.train import total_steps, train
 
 
 AUTO_CHUNK = 16  # positions per chunk when the preflight turns chunking on: ~1/4 the memory of T = 256
@@ -52,7 +52,7 @@ def preflight(cfg: Config, model_path: Path, train_pairs, valid_pairs) -> dict[s
     return parts
 
 
-def run(cfg: Config, console=None, quiet: bool = False) -> dict:
+def run_train(cfg: Config, console=None, quiet: bool = False) -> dict:
     """Train as configured; returns the last report record (or the estimate with --dry-run)."""
     out = Path(cfg.adapter_path)
     group = mx.distributed.init()  # a group of one unless started by mlx.launch

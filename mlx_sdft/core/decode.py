@@ -13,7 +13,7 @@ import mlx.nn as nn
 from mlx_lm.models.cache import BatchKVCache, KVCache, make_prompt_cache
 from mlx_lm.sample_utils import apply_top_p
 
-from mlx_sdft.scoring import prefill_body
+from mlx_sdft.core.scoring import prefill_body
 
 _split_rows = mx.vmap(mx.random.split)
 _categorical_rows = mx.vmap(lambda key_2, logits_V: mx.random.categorical(logits_V, key=key_2))

@@ -21,7 +21,7 @@ from mlx_lm.utils import _download, load_config, load_model
 from mlx_lm.utils import load_tokenizer as _load_tokenizer
 
 from mlx_sdft.errors import InputError
-from mlx_sdft.teacher import Leaves, copy_leaves, trainable_leaves
+from mlx_sdft.core.teacher import Leaves, copy_leaves, trainable_leaves
 
 
 def gguf_cache() -> Path:
@@ -34,7 +34,7 @@ def resolve_gguf(path: Path, dequantize: bool | None = None) -> Path:
     Everything downstream (tokenizer first, LoRA, mlx_lm.generate --model FOLDER) then treats
     a GGUF model exactly like a hub model. The key covers the file's identity and the dtype.
     """
-    from mlx_sdft.gguf import export_gguf
+    from mlx_sdft.formats.gguf_read import gguf_to_mlx
 
     if dequantize is None:
         dequantize = mx.default_device() == mx.cpu  # CPU quantized matmul is ~13x slower than float32
@@ -43,7 +43,7 @@ def resolve_gguf(path: Path, dequantize: bool | None = None) -> Path:
     if not (folder / "config.json").is_file():
         tmp = folder.with_name(f".tmp-{os.getpid()}-{folder.name}")
         shutil.rmtree(tmp, ignore_errors=True)
-        export_gguf(path, tmp, dequantize)
+        gguf_to_mlx(path, tmp, dequantize)
         tmp.rename(folder)
     return folder
 

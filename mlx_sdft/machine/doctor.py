@@ -7,9 +7,9 @@ import platform
 
 import mlx.core as mx
 
-from mlx_sdft.blas import EXPLICIT, OPT_OUT, describe
-from mlx_sdft.checkpoint import versions
-from mlx_sdft.memory import available_gb
+from mlx_sdft.machine.blas import EXPLICIT, OPT_OUT, describe
+from mlx_sdft.formats.checkpoint import package_versions
+from mlx_sdft.machine.memory import available_gb
 
 
 def blas() -> str:
@@ -35,7 +35,7 @@ def report() -> dict:
     info = mx.device_info() if hasattr(mx, "device_info") else {}
     have, what = available_gb()
     return {
-        **versions(),
+        **package_versions(),
         "python": platform.python_version(),
         "platform": f"{platform.system()} {platform.machine()}",
         "backend": backend(),

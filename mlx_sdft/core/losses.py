@@ -1,7 +1,7 @@
 """The SDFT loss: per-token divergences between student and teacher, masked and averaged.
 
 Pure MLX functions of arrays, no model, config or I/O. Argument order states direction:
-`kl(p_logprobs, q_logprobs)` is KL(p‖q). `mlx_sdft.reference` is the float64 numpy twin of
+`kl(p_logprobs, q_logprobs)` is KL(p‖q). `mlx_sdft.core.reference` is the float64 numpy twin of
 every function here; `tests/test_losses.py` checks the two agree on values and gradients.
 
 Shapes: B sequences, T completion positions (position j scores completion token j), V vocab.

@@ -34,7 +34,7 @@ STATE_FILES = ("adapters.safetensors", "teacher_adapters.safetensors", "optimize
                "trainer_state.json", "adapter_config.json")
 
 
-def versions() -> dict:
+def package_versions() -> dict:
     return {"mlx_sdft": __version__, "mlx": version("mlx"), "mlx_lm": version("mlx-lm")}
 
 
@@ -62,7 +62,7 @@ def write_arrays(path: Path, arrays: dict[str, mx.array], step: int | None = Non
 
 def adapter_config(cfg, step: int) -> dict:
     """What mlx-lm's load_adapters reads (fine_tune_type, num_layers, lora_parameters) plus the rest."""
-    return {**cfg.to_dict(), "sdft": {"step": step, "teacher_file": "teacher_adapters.safetensors", **versions()}}
+    return {**cfg.to_dict(), "sdft": {"step": step, "teacher_file": "teacher_adapters.safetensors", **package_versions()}}
 
 
 def recover(out: Path) -> None:
@@ -89,7 +89,7 @@ def save(out: Path, cfg, step: int, student: dict, teacher: dict | None, optimiz
     files = {
         "adapters.safetensors": lambda p: write_arrays(p, student, step),
         "optimizer_state.safetensors": lambda p: write_arrays(p, dict(tree_flatten(optimizer.state)), step),
-        "trainer_state.json": lambda p: write_json(p, {**state, "step": step, "versions": versions()}),
+        "trainer_state.json": lambda p: write_json(p, {**state, "step": step, "versions": package_versions()}),
         "adapter_config.json": lambda p: write_json(p, adapter_config(cfg, step)),
     }
     if teacher is not None:

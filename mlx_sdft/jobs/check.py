@@ -12,9 +12,9 @@ import dataclasses
 
 import mlx.core as mx
 
-from mlx_sdft.losses import log_softmax
-from mlx_sdft.prompts import PromptPair
-from mlx_sdft.scoring import completion_logits, completion_mask, pad_rows
+from mlx_sdft.core.losses import log_softmax
+from mlx_sdft.core.prompts import PromptPair
+from mlx_sdft.core.scoring import completion_logits, completion_mask, pad_rows
 
 # Heuristics, not from the paper. Without a metric: nats per token the teacher context must add
 # (the project's calibration saw SmolLM2-135M move −3.5 → −1.9); with one: the score it must add.
@@ -58,11 +58,11 @@ def verdict(student_ll: float, teacher_ll: float, student_score: float | None, t
 def run_check(cfg, console=None) -> dict:
     from rich.console import Console
 
-    from mlx_sdft.data import load_dataset
-    from mlx_sdft.evaluate import evaluate_task
-    from mlx_sdft.metrics import Metric, resolve_metric
-    from mlx_sdft.models import load, load_tokenizer, resolve
-    from mlx_sdft.prompts import encode_examples, teacher_messages
+    from mlx_sdft.core.data import load_dataset
+    from mlx_sdft.jobs.evaluate import evaluate_task
+    from mlx_sdft.core.metrics import Metric, resolve_metric
+    from mlx_sdft.formats.models import load, load_tokenizer, resolve
+    from mlx_sdft.core.prompts import encode_examples, teacher_messages
 
     console = console or Console(stderr=True)
     metric: Metric | None = resolve_metric(cfg.metric, cfg.answer_regex) if cfg.metric else None

@@ -1,4 +1,4 @@
-"""Float64 numpy twin of `mlx_sdft.losses`, written to be read: same names, same signatures.
+"""Float64 numpy twin of `mlx_sdft.core.losses`, written to be read: same names, same signatures.
 
 Slow and obvious on purpose (explicit sums, a loop over sequences). It is what the MLX loss is
 tested against, and `sdft_loss_grad` writes down the gradient with respect to the student

@@ -1,11 +1,11 @@
 """Read a GGUF file (llama.cpp's format) as an mlx-lm model, tokenizer and config.
 
 `load_gguf` gives what `mlx_lm.load` gives for a model folder, so LoRA and generation work unchanged;
-`export_gguf` writes such a folder. Weights come from `mx.load`; a tensor type MLX cannot read is
+`gguf_to_mlx` writes such a folder. Weights come from `mx.load`; a tensor type MLX cannot read is
 dequantized by the `gguf` package instead. The tokenizer is rebuilt from the file's metadata.
 llama.cpp's converter changes some weights on the way in; `_undo_convert` reverses that.
 
-    from mlx_sdft.gguf import load_gguf, export_gguf
+    from mlx_sdft.formats.gguf_read import load_gguf, gguf_to_mlx
     model, tokenizer, config = load_gguf("SmolLM2-135M-Instruct.Q4_1.gguf")
 """
 
@@ -78,7 +78,7 @@ def load_gguf(path: str | Path, dequantize: bool | None = None) -> tuple[nn.Modu
     return model, _tokenizer(meta, config["eos_token_id"], path), config
 
 
-def export_gguf(path: str | Path, out_dir: str | Path, dequantize: bool | None = None) -> Path:
+def gguf_to_mlx(path: str | Path, out_dir: str | Path, dequantize: bool | None = None) -> Path:
     """Write the GGUF file as an mlx-lm model folder that `mlx_lm.load` and `mlx_lm.generate` read."""
     model, tokenizer, config = load_gguf(path, dequantize)
     out = Path(out_dir)

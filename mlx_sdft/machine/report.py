@@ -11,7 +11,7 @@ from pathlib import Path
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
-from mlx_sdft.checkpoint import append_metrics
+from mlx_sdft.formats.checkpoint import append_metrics
 from mlx_sdft.errors import InputError
 
 

@@ -19,8 +19,8 @@ from mlx_lm.models.cache import make_prompt_cache
 from mlx_lm.sample_utils import make_sampler
 from mlx_lm.tuner.lora import LoRALinear
 
-from mlx_sdft import decode
-from mlx_sdft.scoring import prefill_body
+from mlx_sdft.core import decode
+from mlx_sdft.core.scoring import prefill_body
 
 
 @dataclass

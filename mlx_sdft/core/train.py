@@ -12,16 +12,16 @@ import mlx.optimizers as optim
 import numpy as np
 from mlx.utils import tree_map
 
-from mlx_sdft import checkpoint
+from mlx_sdft.formats import checkpoint
 from mlx_sdft.config import Config
 from mlx_sdft.errors import Interrupted, TrainingError
-from mlx_sdft.losses import sdft_loss, sdft_loss_chunked, sdft_loss_topk, sft_loss, teacher_topk
-from mlx_sdft.models import checkpointing
-from mlx_sdft.prompts import PromptPair
-from mlx_sdft.report import PhaseTimer, Reporter, StopFlag
-from mlx_sdft.rollout import sample
-from mlx_sdft.scoring import completion_hidden, completion_logits, completion_mask, lm_head, pad_rows
-from mlx_sdft.teacher import Leaves, init_teacher, step_teacher, trainable_leaves, using
+from mlx_sdft.core.losses import sdft_loss, sdft_loss_chunked, sdft_loss_topk, sft_loss, teacher_topk
+from mlx_sdft.formats.models import checkpointing
+from mlx_sdft.core.prompts import PromptPair
+from mlx_sdft.machine.report import PhaseTimer, Reporter, StopFlag
+from mlx_sdft.core.rollout import sample
+from mlx_sdft.core.scoring import completion_hidden, completion_logits, completion_mask, lm_head, pad_rows
+from mlx_sdft.core.teacher import Leaves, init_teacher, step_teacher, trainable_leaves, using
 
 
 def total_steps(cfg: Config, num_examples: int) -> int:
@@ -140,7 +140,7 @@ def teacher_logits(model, teacher: Leaves | None, pairs, completions, cfg: Confi
     return tuple(mx.concatenate(parts, axis=1) for parts in zip(*chunks))
 
 
-def evaluate(model, teacher, pairs: list[PromptPair], cfg: Config, stop_ids, group=None) -> dict:
+def validation_loss(model, teacher, pairs: list[PromptPair], cfg: Config, stop_ids, group=None) -> dict:
     """SDFT: mean teacher–student divergence on fresh student samples of the validation prompts.
     SFT: cross-entropy on the validation demonstrations. With a distributed `group`, each rank
     scores every W-th batch and the sums are shared: the same numbers, 1/W of the work each."""
@@ -252,7 +252,7 @@ def train(model: nn.Module, tokenizer, train_pairs: list[PromptPair], valid_pair
             window = []
         if valid_pairs and (step % cfg.steps_per_eval == 0 or step == steps):
             with timer("eval"):
-                val = evaluate(model, teacher, valid_pairs, cfg, stop_ids, group)
+                val = validation_loss(model, teacher, valid_pairs, cfg, stop_ids, group)
             reporter.log({"type": "eval", "step": step, **val, "val_s": timer.seconds["eval"]})
         interrupted = stop is not None and stop.requested
         if rank == 0 and (step % cfg.save_every == 0 or step == steps or interrupted):

@@ -10,7 +10,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
-from mlx_sdft.data import Example
+from mlx_sdft.core.data import Example
 from mlx_sdft.errors import InputError
 
 _SLOT = re.compile(r"\{(question|demonstration)\}")

@@ -1,0 +1,1 @@
+"""One entry point per command: check the input, open the model, call the algorithm, write the results."""
