@@ -30,7 +30,7 @@ from metric import contains  # noqa: E402
 from mlx_sdft.config import EvalConfig, load_config  # noqa: E402
 from mlx_sdft.core.data import load_examples  # noqa: E402
 from mlx_sdft.jobs.evaluate import evaluate_adapters, evaluate_task  # noqa: E402
-from mlx_sdft.jobs.train import run as train  # noqa: E402
+from mlx_sdft.jobs.train import run_train  # noqa: E402
 from mlx_sdft.core.metrics import resolve_metric  # noqa: E402
 from mlx_sdft.formats.models import load_adapted, load_tokenizer, resolve  # noqa: E402
 
@@ -66,7 +66,7 @@ def one_run(out: Path, results: dict, method: str, lr: float, seed: int) -> dict
     if key not in results:
         folder = out / key
         tic = time.time()
-        train(load_config(None, train_options(method, lr, seed, folder)), quiet=True)
+        run_train(load_config(None, train_options(method, lr, seed, folder)), quiet=True)
         results[key] = {"method": method, "lr": lr, "seed": seed, "train_s": time.time() - tic, **evaluate_run(folder)}
         (out / "results.json").write_text(json.dumps(results, indent=2))
         print(key, {k: round(v, 4) for k, v in results[key].items() if isinstance(v, float)}, flush=True)
