@@ -26,24 +26,11 @@ from mlx_lm.tokenizer_utils import load as load_tokenizer_folder
 from mlx_lm.utils import save_config, save_model
 
 from mlx_sdft.errors import InputError
+from mlx_sdft.formats.gguf_names import (END_OF_TURN, MODEL_TYPE, SUPPORTED_ARCHITECTURES, has_norm_offset,
+                                          is_permuted, mlx_name, unpermute_rows)
 
-SUPPORTED_ARCHITECTURES = ("llama", "qwen2", "gemma3")
-_MODEL_TYPE = {"llama": "llama", "qwen2": "qwen2", "gemma3": "gemma3_text"}
 GROUP_SIZE = 32  # the block size of ggml's Q4_0/Q4_1/Q8_0, which mx.load keeps as mlx quantization groups
 
-_TOP_NAMES = {"token_embd": "model.embed_tokens", "output_norm": "model.norm", "output": "lm_head"}
-_BLOCK_NAMES = {
-    "attn_norm": "input_layernorm", "ffn_norm": "post_attention_layernorm", "attn_q": "self_attn.q_proj",
-    "attn_k": "self_attn.k_proj", "attn_v": "self_attn.v_proj", "attn_output": "self_attn.o_proj",
-    "ffn_gate": "mlp.gate_proj", "ffn_up": "mlp.up_proj", "ffn_down": "mlp.down_proj",
-}
-# Gemma 3 has four norms per block, and llama.cpp's `ffn_norm` is the one before its MLP.
-_GEMMA3_BLOCK_NAMES = {
-    **_BLOCK_NAMES, "ffn_norm": "pre_feedforward_layernorm", "post_attention_norm": "post_attention_layernorm",
-    "post_ffw_norm": "post_feedforward_layernorm", "attn_q_norm": "self_attn.q_norm", "attn_k_norm": "self_attn.k_norm",
-}
-# Tokens llama.cpp also ends a generation on when the vocabulary has them (its end-of-generation list).
-_END_OF_TURN = ("<|im_end|>", "<|eot_id|>", "<|eom_id|>", "<end_of_turn>", "<|end|>", "<|endoftext|>")
 # llama.cpp splits digits one at a time for these pre-tokenizers; transformers' GGUF table misses them.
 _DIGIT_SPLITTING = ("smollm", "starcoder", "refact", "command-r", "codeshell", "exaone", "minerva")
 
@@ -137,9 +124,9 @@ def _config(meta: dict, weights: dict, path: Path) -> dict:
     heads, hidden, layers = get("attention.head_count"), get("embedding_length"), get("block_count")
     head_dim = get("attention.key_length", hidden // heads)
     eos = [meta[k] for k in (f"tokenizer.ggml.{e}_token_id" for e in ("eos", "eot", "eom")) if k in meta]
-    eos += [i for i, t in enumerate(meta.get("tokenizer.ggml.tokens", [])) if t in _END_OF_TURN and i not in eos]
+    eos += [i for i, t in enumerate(meta.get("tokenizer.ggml.tokens", [])) if t in END_OF_TURN and i not in eos]
     config = {
-        "model_type": _MODEL_TYPE[arch], "hidden_size": hidden, "num_hidden_layers": layers, "head_dim": head_dim,
+        "model_type": MODEL_TYPE[arch], "hidden_size": hidden, "num_hidden_layers": layers, "head_dim": head_dim,
         "intermediate_size": get("feed_forward_length"), "num_attention_heads": heads,
         "num_key_value_heads": get("attention.head_count_kv", heads),
         "rms_norm_eps": float(f"{get('attention.layer_norm_rms_epsilon', 1e-6):.6g}"),  # stored as float32
@@ -177,39 +164,24 @@ def _undo_convert(weights: dict, config: dict) -> dict:
     """Reverse what llama.cpp's convert_hf_to_gguf.py does to llama Q/K rows and Gemma norms."""
     out = {}
     for name, w in weights.items():
-        part = name.split(".")[-2] if name.startswith("blk.") else ""
-        if config["model_type"] == "llama" and part in ("attn_q", "attn_k"):
-            heads = config["num_attention_heads" if part == "attn_q" else "num_key_value_heads"]
-            w = _unpermute_rows(w, heads)
-        if config["model_type"] == "gemma3_text" and name.endswith("norm.weight"):
-            w = w.astype(mx.float32) - 1  # stored as 1 + w; mlx-lm's Gemma RMSNorm adds the 1 itself
+        if is_permuted(name, config["model_type"]):
+            part = name.split(".")[-2]
+            w = unpermute_rows(w, config["num_attention_heads" if part == "attn_q" else "num_key_value_heads"])
+        if has_norm_offset(name, config["model_type"]):
+            w = w.astype(mx.float32) - 1
         if name != "rope_freqs.weight":  # folded into config["rope_scaling"]
             out[name] = w
     return out
 
 
-def _unpermute_rows(w: mx.array, heads: int) -> mx.array:
-    """Inverse of llama.cpp's `LlamaModel.permute`, which interleaves each head's two rotary halves.
-
-    Only rows move and quantization groups lie within rows, so packed weights, scales and biases
-    are permuted as they are, with no dequantizing."""
-    return w.reshape(heads, w.shape[0] // heads // 2, 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
-
-
 def _rename(weights: dict, arch: str, path: Path) -> dict:
     """llama.cpp tensor names (`blk.3.attn_q.weight`) -> mlx-lm parameter names."""
-    blocks = _GEMMA3_BLOCK_NAMES if arch == "gemma3" else _BLOCK_NAMES
     out = {}
     for name, w in weights.items():
-        stem, leaf = name.rsplit(".", 1)
-        if stem.startswith("blk."):
-            _, index, part = stem.split(".", 2)
-            mapped = blocks.get(part) and f"model.layers.{index}.{blocks[part]}"
-        else:
-            mapped = _TOP_NAMES.get(stem)
+        mapped = mlx_name(name, arch)
         if mapped is None:
-            raise InputError(f"{path}: tensor {name} has no counterpart in mlx-lm's {_MODEL_TYPE[arch]} model")
-        out[f"{mapped}.{leaf}"] = w
+            raise InputError(f"{path}: tensor {name} has no counterpart in mlx-lm's {MODEL_TYPE[arch]} model")
+        out[mapped] = w
     return out
 
 
