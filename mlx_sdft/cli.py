@@ -17,7 +17,7 @@ from typing import Annotated, Callable, Optional
 import typer
 from rich.markup import escape
 
-from mlx_sdft.config import CheckConfig, Config, EvalConfig, cli_fields, load_config
+from mlx_sdft.config import CheckConfig, Config, EvalConfig, ExportConfig, cli_fields, load_config
 from mlx_sdft.errors import InputError, Interrupted, TrainingError
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="Self-Distillation Fine-Tuning (SDFT) on MLX.")
@@ -111,16 +111,23 @@ _command("check", CheckConfig, _check, "Does the model learn from the demonstrat
 app.command("continual", help=_continual.__doc__)(_continual)
 
 
-@app.command("export")
-def export(model: Annotated[str, typer.Option(help="A .gguf file.")],
-           out: Annotated[str, typer.Option(help="Folder to write the mlx-lm model to.")],
-           dequantize: Annotated[Optional[bool], typer.Option(help="float32 weights [default: on CPU].")] = None) -> None:
-    """Write a GGUF model as an mlx-lm model folder (for mlx_lm.generate / fuse / server)."""
-    from mlx_sdft.formats.gguf_read import gguf_to_mlx
+def _export(cfg: ExportConfig) -> None:
+    from mlx_sdft.jobs.export import run_export
 
-    with _one_line_errors("export"):
-        path = gguf_to_mlx(model, out, dequantize)
-    typer.echo(f"wrote {path}; use it with: mlx_lm.generate --model {path} [--adapter-path ADAPTERS]")
+    done = run_export(cfg)
+    out = done["out"]
+    if done["format"] == "gguf":
+        typer.echo(f"wrote {out} and {done['modelfile']}; run it with:\n"
+                   f"  ollama create {out.stem} -f {done['modelfile']} && ollama run {out.stem}\n"
+                   f"  llama-cli -m {out} -cnv        (llama.cpp)\n  lms import {out}        (LM Studio)")
+    elif done["format"] == "peft":
+        typer.echo(f"wrote {out}; load it with: PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(BASE), {str(out)!r})")
+    else:
+        typer.echo(f"wrote {out}; use it with: mlx_lm.generate --model {out}")
+
+
+_command("export", ExportConfig, _export, "Write the model with its adapters for llama.cpp/Ollama/LM Studio (gguf), "
+         "Hugging Face PEFT (peft) or mlx-lm (mlx).", "YAML file with export options.")
 
 
 @app.command("generate")

@@ -101,10 +101,7 @@ class Config:
         def bad(name: str, why: str):
             raise InputError(f"--{name.replace('_', '-')}: {why}")
 
-        for f in dataclasses.fields(self):
-            value, choices = getattr(self, f.name), f.metadata["choices"]
-            if choices and value is not None and value not in choices:
-                bad(f.name, f"{value!r} is not one of {', '.join(choices)}")
+        _choices(self)
         if not self.model:
             bad("model", "required (a hub id or a local model folder)")
         if not self.data:
@@ -155,6 +152,13 @@ def _required(options, names: tuple[str, ...]) -> None:
     for name in names:
         if not getattr(options, name):
             raise InputError(f"--{name.replace('_', '-')}: required")
+
+
+def _choices(options) -> None:
+    for f in dataclasses.fields(options):
+        value, choices = getattr(options, f.name), f.metadata["choices"]
+        if choices and value is not None and value not in choices:
+            raise InputError(f"--{f.name.replace('_', '-')}: {value!r} is not one of {', '.join(choices)}")
 
 
 def _positive(options, names: tuple[str, ...]) -> None:
@@ -222,6 +226,25 @@ class CheckConfig:
         self.teacher_template = _maybe_read(self.teacher_template)
         if self.chat_template is not None:
             self.chat_template = _maybe_read(self.chat_template)
+        return self
+
+
+@dataclass
+class ExportConfig:
+    """`mlx-sdft export`: the model with its adapters, for llama.cpp/Ollama/LM Studio, PEFT or mlx-lm."""
+
+    model: str | None = _opt(None, "Hub id, model folder, .gguf file or pkg:PACKAGE/FILE (the adapters' base model).")
+    adapter_path: str | None = _opt(None, "Adapter folder to fuse in (gguf, mlx) or convert (peft); without it, the model alone.")
+    format: str | None = _opt(None, "gguf (llama.cpp, Ollama, LM Studio), peft (Hugging Face PEFT adapters) or mlx "
+                              "(an mlx-lm folder); not given: gguf when --out ends in .gguf, else mlx.", ("gguf", "peft", "mlx"))
+    out: str | None = _opt(None, "The .gguf file (with a Modelfile beside it), or the folder, to write.")
+    outtype: str = _opt("f16", "GGUF weight type for matrices (norms stay float32).", ("f16", "q8_0"))
+    dequantize: bool | None = _opt(None, "GGUF input: float32 weights (default on CPU) or keep them quantized (default on GPU).")
+    force: bool = _opt(False, "Replace --out (and the Modelfile beside a .gguf) if it exists.")
+
+    def validate(self) -> ExportConfig:
+        _required(self, ("model", "out"))
+        _choices(self)
         return self
 
 

@@ -1,0 +1,148 @@
+"""`mlx-sdft export`: the adapted model where other tools read it.
+
+- gguf: adapters fused into the weights, one .gguf file for llama.cpp / Ollama / LM Studio, and an
+  Ollama Modelfile beside it (formats/gguf_write, formats/ollama);
+- peft: the adapters as a Hugging Face PEFT folder (formats/peft);
+- mlx: an mlx-lm model folder, the adapters fused in (or, for a .gguf without adapters, the file
+  as it is: formats/gguf_read.gguf_to_mlx).
+
+Every output is written under a temporary name and renamed into place, so a failed export
+leaves nothing half-written; an existing output is replaced only with --force.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+from typing import Callable
+
+import mlx.core as mx
+import mlx.nn as nn
+from mlx.utils import tree_flatten
+
+from mlx_sdft.config import ExportConfig
+from mlx_sdft.errors import InputError
+from mlx_sdft.formats.models import attach_adapters, load, load_tokenizer, package_file, resolve
+
+
+def run_export(cfg: ExportConfig) -> dict:
+    """Write what `cfg` asks for; returns {"format", "out", "modelfile" (gguf only)}.
+
+    Raises InputError (before any weights load where it can) for an existing --out without
+    --force, a missing or foreign adapter folder, and what the format cannot express."""
+    out = Path(cfg.out).expanduser()
+    fmt = cfg.format or ("gguf" if out.suffix == ".gguf" else "mlx")
+    modelfile = out.parent / "Modelfile" if fmt == "gguf" else None
+    for target in (out, modelfile):
+        if target is not None and (target.exists() or target.is_symlink()) and not cfg.force:
+            raise InputError(f"{target}: already exists (--force replaces it)")
+    adapter = _adapter_config(Path(cfg.adapter_path)) if cfg.adapter_path else None
+    if fmt == "peft" and (adapter is None or adapter.get("fine_tune_type") == "full"):
+        raise InputError("--format peft: needs LoRA or DoRA adapters (--adapter-path of a lora/dora run); "
+                         "a full fine-tune goes out with --format gguf or mlx")
+    source = package_file(cfg.model) if cfg.model.startswith("pkg:") else Path(cfg.model).expanduser()
+    source = source if source.suffix == ".gguf" else None
+    if fmt == "mlx" and adapter is None:
+        if source is None:
+            raise InputError("--adapter-path: required to export a model folder or hub model as mlx (it already is one)")
+        from mlx_sdft.formats.gguf_read import gguf_to_mlx
+
+        _replace(out, lambda tmp: gguf_to_mlx(source, tmp, cfg.dequantize))
+        return {"format": fmt, "out": out}
+
+    model_path = resolve(cfg.model, cfg.dequantize)
+    if fmt == "gguf":
+        from mlx_sdft.formats.gguf_write import architecture
+
+        architecture(json.loads((model_path / "config.json").read_text()), cfg.model)  # before the weights load
+    model = _adapted(model_path, adapter, cfg.adapter_path)
+    if fmt == "peft":
+        from mlx_sdft.formats.peft import write_peft
+
+        dropout = float((adapter.get("lora_parameters") or {}).get("dropout", 0.0))
+        _replace(out, lambda tmp: write_peft(model, tmp, cfg.model, dropout))
+        return {"format": fmt, "out": out}
+
+    from mlx_sdft.formats.fuse import fuse_adapters
+
+    model, tokenizer = fuse_adapters(model), load_tokenizer(model_path)
+    if fmt == "mlx":
+        _replace(out, lambda tmp: _save_mlx(model, tokenizer, model_path, tmp))
+        return {"format": fmt, "out": out}
+    from mlx_sdft.formats.gguf_write import write_gguf
+    from mlx_sdft.formats.ollama import modelfile as modelfile_text
+
+    name = source.stem if source else Path(cfg.model).name
+    vocab = _replace(out, lambda tmp: write_gguf(model, tokenizer, tmp, cfg.outtype, source, name))
+    stops = [vocab["tokens"][i] for i in vocab["end_ids"]]
+    text = modelfile_text(out.name, vocab["chat_template"], stops)
+    _replace(modelfile, lambda tmp: tmp.write_text(text))
+    return {"format": fmt, "out": out, "modelfile": modelfile}
+
+
+def _adapter_config(folder: Path) -> dict:
+    try:
+        config = json.loads((folder / "adapter_config.json").read_text())
+    except (OSError, ValueError) as e:
+        raise InputError(f"{folder}: not an adapter folder ({type(e).__name__}: {e})".splitlines()[0]) from None
+    if not (folder / "adapters.safetensors").is_file():
+        raise InputError(f"{folder}: no adapters.safetensors")
+    if not isinstance(config.get("num_layers"), int):
+        raise InputError(f"{folder / 'adapter_config.json'}: num_layers: missing or not an integer")
+    return config
+
+
+def _adapted(model_path: Path, adapter: dict | None, folder: str | None) -> nn.Module:
+    """The model with the adapters of `folder` attached, after checking that every adapter
+    tensor has a parameter of its shape (mlx's non-strict load would take a foreign one silently)."""
+    model = load(model_path)
+    if adapter is None:
+        return model
+    attach_adapters(model, adapter.get("fine_tune_type", "lora"), adapter["num_layers"],
+                    adapter.get("lora_parameters") or {"rank": 8, "scale": 20.0, "dropout": 0.0})
+    path = Path(folder) / "adapters.safetensors"
+    weights, params = mx.load(str(path)), dict(tree_flatten(model.parameters()))
+    for name, w in weights.items():
+        if name not in params or params[name].shape != w.shape:
+            have = f"the model has {tuple(params[name].shape)}" if name in params else "the model has no such parameter"
+            raise InputError(f"{path}: {name} {tuple(w.shape)} does not fit the model ({have}); "
+                             "adapters trained on another model?")
+    model.load_weights(list(weights.items()), strict=False)
+    model.eval()
+    mx.eval(model.parameters())
+    return model
+
+
+def _save_mlx(model: nn.Module, tokenizer, model_path: Path, folder: Path) -> None:
+    from mlx_lm.utils import save_config, save_model
+
+    config = json.loads((model_path / "config.json").read_text())
+    config.pop("quantization", None)  # fuse_adapters dequantized every layer
+    config.pop("quantization_config", None)
+    save_model(folder, model)
+    save_config(config, folder / "config.json")
+    tokenizer.save_pretrained(folder)
+
+
+def _replace(target: Path, write: Callable[[Path], object]):
+    """`write(tmp)` to a temporary name beside `target`, then put it in `target`'s place."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = target.with_name(f".{target.name}.tmp-{os.getpid()}")
+    _remove(tmp)
+    try:
+        result = write(tmp)
+    except BaseException:
+        _remove(tmp)
+        raise
+    _remove(target)
+    os.replace(tmp, target)
+    return result
+
+
+def _remove(path: Path) -> None:
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path)
+    elif path.exists() or path.is_symlink():
+        path.unlink()
