@@ -7,6 +7,7 @@ Run the real-model check with `pytest -m slow tests/test_export.py`.
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import mlx.core as mx
@@ -232,3 +233,75 @@ def test_smollm2_gguf_round_trips(tmp_path):
     prompt = tokenizer.apply_chat_template(MESSAGES, add_generation_prompt=True, tokenize=False)
     text = generate(back, tokenizer, tokenizer.encode(prompt), max_tokens=8, sampler=make_sampler(temp=0.0))
     assert text.strip()
+
+
+LLAMA3 = ("{% for m in messages %}{{ '<|start_header_id|>' + m['role'] + '<|end_header_id|>\n\n' + m['content'] | trim "
+          "+ '<|eot_id|>' }}{% endfor %}{% if add_generation_prompt %}{{ '<|start_header_id|>assistant<|end_header_id|>\n\n' }}{% endif %}")
+GEMMA = ("{% for m in messages %}{% set role = 'model' if m['role'] == 'assistant' else m['role'] %}{{ '<start_of_turn>' + role "
+         "+ '\n' + m['content'] | trim + '<end_of_turn>\n' }}{% endfor %}{% if add_generation_prompt %}{{ '<start_of_turn>model\n' }}{% endif %}")
+SMOLLM = ("{% for m in messages %}{% if loop.first and m['role'] != 'system' %}{{ '<|im_start|>system\nYou are SmolLM.<|im_end|>\n' }}"
+          "{% endif %}{{ '<|im_start|>' + m['role'] + '\n' + m['content'] + '<|im_end|>' + '\n' }}{% endfor %}"
+          "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}")
+
+
+def go_render(template: str, **values) -> str:
+    """Ollama's Go template for the two constructs our TEMPLATEs use: {{ if .X }}…{{ end }} and {{ .X }}."""
+    template = re.sub(r"\{\{ if \.(\w+) \}\}(.*?)\{\{ end \}\}", lambda m: m[2] if values.get(m[1]) else "", template, flags=re.S)
+    return re.sub(r"\{\{ \.(\w+) \}\}", lambda m: values.get(m[1], ""), template)
+
+
+@pytest.mark.parametrize("chat_template,system", [(CHAT_TEMPLATE, "Be brief."), (LLAMA3, "Be brief."), (GEMMA, "")])
+def test_modelfile_template_renders_as_the_chat_template(chat_template, system):
+    from jinja2 import Template
+
+    from mlx_sdft.formats.ollama import modelfile
+
+    text = modelfile("m.gguf", chat_template, ["<|im_end|>", "<|eot_id|>"])
+    template = re.search(r'TEMPLATE """(.*?)"""', text, re.S)[1]
+    messages = [{"role": "system", "content": system}] if system else []
+    messages += [{"role": "user", "content": "What is 2 + 2?"}, {"role": "assistant", "content": "4."}]
+    want = Template(chat_template).render(messages=messages, add_generation_prompt=False)
+    assert go_render(template, System=system, Prompt="What is 2 + 2?", Response="4.") == want
+    assert text.count("PARAMETER stop") == 2 and "SYSTEM" not in text
+
+
+def test_modelfile_keeps_the_system_prompt_a_template_adds():
+    from jinja2 import Template
+
+    from mlx_sdft.formats.ollama import modelfile
+
+    rendered = Template(SMOLLM).render(messages=[{"role": "user", "content": "hi"}], add_generation_prompt=True)
+    assert 'SYSTEM """You are SmolLM."""' in modelfile("m.gguf", SMOLLM, ["<|im_end|>"], rendered)
+    assert "TEMPLATE \"\"\"" not in modelfile("m.gguf", "{{ messages }}", [])
+
+
+LLAMA3_ROPE = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+               "original_max_position_embeddings": 8192}
+
+
+@pytest.mark.parametrize("scaling", [LLAMA3_ROPE, {"type": "linear", "factor": 2.0}])
+def test_rope_scaling_round_trips(tmp_path, hf_tokenizer, scaling):
+    model, config = tiny_model("llama", len(hf_tokenizer), rope_theta=500000.0, rope_scaling=scaling, head_dim=32)
+    folder = tmp_path / "hf"
+    folder.mkdir()
+    hf_tokenizer.save_pretrained(folder)
+    mx.save_safetensors(str(folder / "model.safetensors"), dict(tree_flatten(model.parameters())))
+    (folder / "config.json").write_text(json.dumps(config))
+    adapters = make_adapters(tmp_path / "adapters", folder, num_layers=1)
+    assert export("--model", folder, "--adapter-path", adapters, "--out", tmp_path / "m.gguf").exit_code == 0
+    back, _, cfg = load_gguf(tmp_path / "m.gguf")
+    assert cfg["rope_scaling"].items() <= scaling.items() and cfg["head_dim"] == 32  # llama 3's other keys: defaults
+    want = logits(load_adapted(folder, adapters)[0])
+    assert (mx.linalg.norm(logits(back) - want) / mx.linalg.norm(want)).item() < 2e-3
+
+
+def test_pre_tokenizer_names_follow_llama_cpp():
+    from mlx_sdft.formats.gguf_vocab import _LLAMA3_SPLIT, _pre_tokenizer
+
+    split = lambda pattern: {"type": "Sequence", "pretokenizers": [  # noqa: E731
+        {"type": "Split", "pattern": {"Regex": pattern}}, {"type": "ByteLevel", "use_regex": False}]}
+    assert _pre_tokenizer(split(_LLAMA3_SPLIT)) == "llama-bpe"
+    assert _pre_tokenizer(split(_LLAMA3_SPLIT.replace(r"\p{N}{1,3}", r"\p{N}"))) == "qwen2"
+    assert _pre_tokenizer({"type": "Sequence", "pretokenizers": [{"type": "Digits", "individual_digits": True},
+                                                                  {"type": "ByteLevel"}]}) == "smollm"
+    assert _pre_tokenizer({"type": "ByteLevel"}) == "gpt2" and _pre_tokenizer(split("x")) == "gpt2"

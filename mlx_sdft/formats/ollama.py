@@ -6,6 +6,8 @@ for the chat formats we recognise in the Jinja chat template, and the stop token
 
 from __future__ import annotations
 
+import re
+
 # Recognised by a token only that format uses; each is the format's usual Ollama template
 # (a system message, one user turn, then the assistant's answer closed by its end token).
 _TEMPLATES = {
@@ -25,18 +27,29 @@ _TEMPLATES = {
     ),
 }
 
+# The system turn of each format, to find the system prompt a template adds by itself (SmolLM2's
+# "You are a helpful AI assistant named SmolLM..."), which Ollama's TEMPLATE above would drop.
+_SYSTEM_TURN = {
+    "<|im_start|>": r"<\|im_start\|>system\n(.*?)<\|im_end\|>",
+    "<|start_header_id|>": r"<\|start_header_id\|>system<\|end_header_id\|>\n\n(.*?)<\|eot_id\|>",
+}
+
 
 def chat_format(chat_template: str | None) -> str | None:
     """The marker token of the recognised chat format in a Jinja chat template, else None."""
     return next((marker for marker in _TEMPLATES if chat_template and marker in chat_template), None)
 
 
-def modelfile(gguf_file: str, chat_template: str | None, stop_tokens: list[str]) -> str:
-    """The Modelfile text; `gguf_file` relative to the Modelfile's folder."""
+def modelfile(gguf_file: str, chat_template: str | None, stop_tokens: list[str], rendered: str | None = None) -> str:
+    """The Modelfile text; `gguf_file` relative to the Modelfile's folder. `rendered`: the chat
+    template applied to one user message, whose system turn (if the template adds one) becomes SYSTEM."""
     lines = ["# ollama create NAME -f Modelfile && ollama run NAME", f"FROM ./{gguf_file}"]
     marker = chat_format(chat_template)
     if marker:
         lines.append(f'TEMPLATE """{_TEMPLATES[marker]}"""')
+        system = re.search(_SYSTEM_TURN[marker], rendered or "", re.DOTALL) if marker in _SYSTEM_TURN else None
+        if system and system.group(1).strip():
+            lines.append(f'SYSTEM """{system.group(1)}"""')
     else:  # Ollama then falls back to the chat template it finds inside the GGUF, if it knows it
         lines.append("# no TEMPLATE: the chat template is not ChatML, Llama 3 or Gemma")
     lines += [f'PARAMETER stop "{token}"' for token in stop_tokens]

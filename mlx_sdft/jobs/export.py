@@ -77,9 +77,17 @@ def run_export(cfg: ExportConfig) -> dict:
     name = source.stem if source else Path(cfg.model).name
     vocab = _replace(out, lambda tmp: write_gguf(model, tokenizer, tmp, cfg.outtype, source, name))
     stops = [vocab["tokens"][i] for i in vocab["end_ids"]]
-    text = modelfile_text(out.name, vocab["chat_template"], stops)
+    text = modelfile_text(out.name, vocab["chat_template"], stops, _rendered(tokenizer))
     _replace(modelfile, lambda tmp: tmp.write_text(text))
     return {"format": fmt, "out": out, "modelfile": modelfile}
+
+
+def _rendered(tokenizer) -> str | None:
+    """The chat template applied to one user message (to find a system prompt it adds by itself)."""
+    try:
+        return tokenizer.apply_chat_template([{"role": "user", "content": "hi"}], tokenize=False)
+    except Exception:  # no chat template, or one that wants other roles: the Modelfile goes without SYSTEM
+        return None
 
 
 def _adapter_config(folder: Path) -> dict:

@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Quickstart: evaluate SmolLM2-135M-Instruct, teach it a new answer format with SDFT, evaluate again.
+# Quickstart: evaluate SmolLM2-135M-Instruct, teach it a new answer format with SDFT, evaluate again,
+# and export the adapted model as a GGUF file for Ollama / llama.cpp / LM Studio.
 # From the repository root:  bash recipes/quickstart/run.sh [extra `mlx-sdft train` flags]
 set -euo pipefail
 here="$(cd "$(dirname "$0")" && pwd)"
@@ -25,4 +26,7 @@ for b, a in list(zip(before, after))[:4]:
     print(f"\n{b['prompt']}\n  before: {b['prediction'][:100]!r}\n  after:  {a['prediction'][:100]!r}")
 PY
 echo "== task score (answer in **bold** and correct): $(python3 -c "import json;print(json.load(open('$out/eval_before/summary.json'))['task_score'])") -> $(python3 -c "import json;print(json.load(open('$out/eval_after/summary.json'))['task_score'])")"
+echo "== export: the adapted model as one GGUF file (Q8_0) and an Ollama Modelfile beside it"
+mlx-sdft export --model "$model" --adapter-path "$out" --out "$out/sdft-quickstart.gguf" --outtype q8_0 --force >/dev/null
 echo "== wall-clock: $((SECONDS - start)) s"
+echo "== run it: ollama create sdft-quickstart -f $out/Modelfile && ollama run sdft-quickstart   (llama.cpp: llama-cli -m $out/sdft-quickstart.gguf -cnv)"
