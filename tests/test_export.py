@@ -180,6 +180,9 @@ def test_adapters_from_another_model_are_one_line(tmp_path):
         result = export("--model", small, "--adapter-path", adapters, "--format", fmt, "--out", tmp_path / "x")
         assert result.exit_code == 2 and "does not fit the model" in result.stderr, result.output
         assert len(result.stderr.strip().splitlines()) == 1 and not (tmp_path / "x").exists()
+    deeper = make_adapters(tmp_path / "deeper", build_model(tmp_path / "deep", layers=4), num_layers=4)
+    result = export("--model", small, "--adapter-path", deeper, "--out", tmp_path / "x.gguf")
+    assert result.exit_code == 2 and "num_layers 4 but the model has 2 blocks" in result.stderr, result.output
 
 
 def test_unsupported_architecture_and_a_failed_write_leave_nothing(tmp_path, hf_tokenizer):
@@ -264,3 +267,20 @@ def test_pre_tokenizer_names_follow_llama_cpp():
     assert _pre_tokenizer({"type": "Sequence", "pretokenizers": [{"type": "Digits", "individual_digits": True},
                                                                   {"type": "ByteLevel"}]}) == "smollm"
     assert _pre_tokenizer({"type": "ByteLevel"}) == "gpt2" and _pre_tokenizer(split("x")) == "gpt2"
+
+
+def test_quantized_base_is_dequantized_before_the_adapters_fuse(tmp_path, hf_tokenizer):
+    # --no-dequantize keeps the file's Q4_0 weights as QuantizedLinear layers (QLoRA, as on a GPU)
+    model, config = tiny_model("llama", len(hf_tokenizer), tie=False)
+    source = write_gguf(tmp_path / "q.gguf", model, config, hf_tokenizer, qtype=Q.Q4_0)
+    model_path = resolve(str(source), dequantize=False)
+    adapters = make_adapters(tmp_path / "adapters", model_path)
+    adapted, _ = load_adapted(model_path, adapters)
+    assert type(adapted.layers[0].self_attn.q_proj.linear).__name__ == "QuantizedLinear"
+    result = export("--model", source, "--no-dequantize", "--adapter-path", adapters, "--out", tmp_path / "m.gguf")
+    assert result.exit_code == 0, result.output
+    back, _, _ = load_gguf(tmp_path / "m.gguf")
+    want = logits(adapted)
+    assert (mx.linalg.norm(logits(back) - want) / mx.linalg.norm(want)).item() < 2e-3
+    types = {t.name: t.tensor_type for t in gguf.GGUFReader(tmp_path / "m.gguf").tensors}
+    assert types["blk.0.attn_q.weight"] == Q.F16 and types["token_embd.weight"] == Q.F16

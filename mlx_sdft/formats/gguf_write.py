@@ -135,4 +135,4 @@ def _hyperparameters(w: gguf.GGUFWriter, args, arch: str) -> None:
         if args.query_pre_attn_scalar != expected:
             raise InputError(f"query_pre_attn_scalar {args.query_pre_attn_scalar}: llama.cpp's gemma3 uses {expected}")
         w.add_sliding_window(args.sliding_window)
-        w.add_rope_freq_base_swa(args.rope_local_base_freq)
+        w.add_float32(f"{arch}.rope.freq_base_swa", args.rope_local_base_freq)  # older gguf packages lack the helper

@@ -78,13 +78,12 @@ def peft_config(facts: dict, base_model: str, dropout: float = 0.0) -> dict:
 
 def write_peft(model: nn.Module, folder: str | Path, base_model: str, dropout: float = 0.0) -> dict:
     """Write the PEFT folder for the adapters in `model`; returns its adapter_config dict."""
-    from safetensors.numpy import save_file
-
     tensors, facts = peft_tensors(model)
     config = peft_config(facts, base_model, dropout)
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    save_file({k: np.ascontiguousarray(v) for k, v in tensors.items()}, str(folder / "adapter_model.safetensors"),
-              metadata={"format": "pt"})
+    # "format": "pt" is the metadata transformers and PEFT write (and some loaders check)
+    mx.save_safetensors(str(folder / "adapter_model.safetensors"), {k: mx.array(v) for k, v in tensors.items()},
+                        metadata={"format": "pt"})
     (folder / "adapter_config.json").write_text(json.dumps(config, indent=2) + "\n")
     return config

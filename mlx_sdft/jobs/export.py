@@ -108,6 +108,9 @@ def _adapted(model_path: Path, adapter: dict | None, folder: str | None) -> nn.M
     model = load(model_path)
     if adapter is None:
         return model
+    if adapter["num_layers"] > len(model.layers):
+        raise InputError(f"{Path(folder) / 'adapter_config.json'}: num_layers {adapter['num_layers']} but the model "
+                         f"has {len(model.layers)} blocks; adapters trained on another model?")
     attach_adapters(model, adapter.get("fine_tune_type", "lora"), adapter["num_layers"],
                     adapter.get("lora_parameters") or {"rank": 8, "scale": 20.0, "dropout": 0.0})
     path = Path(folder) / "adapters.safetensors"
