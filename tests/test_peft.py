@@ -83,17 +83,21 @@ def test_what_peft_cannot_express_is_one_line(tmp_path, folder):
 
 
 @pytest.mark.slow
-def test_peft_and_transformers_load_the_folder(tmp_path, folder):
+@pytest.mark.parametrize("kind", ["lora", "dora"])
+def test_peft_and_transformers_load_the_folder(tmp_path, folder, kind):
     torch = pytest.importorskip("torch")
     peft = pytest.importorskip("peft")
     from transformers import AutoModelForCausalLM
 
-    adapters = make_adapters(tmp_path / "adapters", folder, num_layers=2, lora=LORA)
-    assert export("--model", folder, "--adapter-path", adapters, "--format", "peft", "--out", tmp_path / "p").exit_code == 0
-    base = AutoModelForCausalLM.from_pretrained(str(folder), torch_dtype=torch.float32)
+    adapters = make_adapters(tmp_path / "adapters", folder, kind, num_layers=2, lora=LORA)
+    result = export("--model", folder, "--adapter-path", adapters, "--format", "peft", "--out", tmp_path / "p")
+    assert result.exit_code == 0, result.output
+    base = AutoModelForCausalLM.from_pretrained(str(folder), dtype=torch.float32)
     model = peft.PeftModel.from_pretrained(base, str(tmp_path / "p")).eval()
     ids = [[1, 5, 17, 42, 99]]
     with torch.no_grad():
         got = model(torch.tensor(ids)).logits.numpy()
     want = np.array(load_adapted(folder, adapters)[0](mx.array(ids)))
-    np.testing.assert_allclose(got, want, rtol=1e-3, atol=1e-3)
+    base_logits = np.array(load(folder)(mx.array(ids)))
+    assert np.abs(want - base_logits).max() > 0.1  # a PEFT model that dropped the adapters would fail below
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4)
