@@ -17,24 +17,32 @@ from typing import Annotated, Callable, Optional
 import typer
 from rich.markup import escape
 
-from mlx_sdft.config import CheckConfig, Config, EvalConfig, ExportConfig, cli_fields, load_config
+from mlx_sdft.config import (CheckConfig, Config, EvalConfig, ExportConfig, LessonsConfig, ServeConfig, TeachConfig,
+                             cli_fields, load_config)
 from mlx_sdft.errors import InputError, Interrupted, TrainingError
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="Self-Distillation Fine-Tuning (SDFT) on MLX.")
 
-_TYPES = {"str": str, "int": int, "float": float, "bool": bool}
+_TYPES = {"str": str, "int": int, "float": float, "bool": bool, "list": list[str]}
 
 
 def _option(f: dataclasses.Field) -> inspect.Parameter:
     kind = _TYPES[f.type.split(" | ")[0]]
     default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
     shown = repr(default) if isinstance(default, str) and "\n" in default else default
-    help = f"{f.metadata['help']} [default: {shown}]"
+    help = f"{f.metadata['help']}" + ("" if default is None and f.metadata["argument"] else f" [default: {shown}]")
     if f.metadata["choices"]:
         help += f" [choices: {', '.join(f.metadata['choices'])}]"
     # Escaped: typer renders help with rich, which would eat "[default: …]" as a markup tag.
-    annotation = Annotated[Optional[kind], typer.Option(help=escape(help), show_default=False)]
-    return inspect.Parameter(f.name, inspect.Parameter.KEYWORD_ONLY, default=None, annotation=annotation)
+    if f.metadata["argument"]:
+        info = typer.Argument(help=escape(help), show_default=False)
+    else:
+        info = typer.Option(*filter(None, [f.metadata["flag"]]), help=escape(help), show_default=False)
+    return inspect.Parameter(f.name, inspect.Parameter.KEYWORD_ONLY, default=None, annotation=Annotated[Optional[kind], info])
+
+
+def _fields(options: type, names: tuple[str, ...] | None) -> list[dataclasses.Field]:
+    return [f for f in cli_fields(options) if names is None or f.name in names]
 
 
 @contextmanager
@@ -47,20 +55,22 @@ def _one_line_errors(name: str):
         raise typer.Exit(2 if isinstance(e, InputError) else 1)
 
 
-def _command(name: str, options: type, action: Callable, help: str, yaml_help: str) -> None:
-    """Register `mlx-sdft NAME` with one flag per field of `options` and `-c/--config YAML`."""
+def _command(name: str, options: type, action: Callable, help: str, yaml_help: str | None,
+             names: tuple[str, ...] | None = None, under: typer.Typer = app) -> None:
+    """Register `mlx-sdft NAME` with one flag per field of `options` (or only those in `names`)
+    and, with `yaml_help`, `-c/--config YAML`."""
 
     def command(config: Optional[str] = None, **flags) -> None:
-        with _one_line_errors(name):
+        with _one_line_errors(f"{under.info.name or ''} {name}".strip()):
             action(load_config(config, flags, options))
 
     config = inspect.Parameter(
         "config", inspect.Parameter.KEYWORD_ONLY, default=None,
         annotation=Annotated[Optional[str], typer.Option("-c", "--config", help=yaml_help)],
     )
-    command.__signature__ = inspect.Signature([config, *map(_option, cli_fields(options))])
+    command.__signature__ = inspect.Signature([config] * bool(yaml_help) + [*map(_option, _fields(options, names))])
     command.__doc__ = help
-    app.command(name, help=help)(command)
+    under.command(name, help=help)(command)
 
 
 def _train(cfg: Config) -> None:
@@ -109,6 +119,62 @@ _command("eval", EvalConfig, _eval, "Greedy answers on held-out demonstrations: 
 _command("check", CheckConfig, _check, "Does the model learn from the demonstration in context? The teacher check.",
          "YAML file with check options.")
 app.command("continual", help=_continual.__doc__)(_continual)
+
+
+def _serve(cfg: ServeConfig) -> None:
+    from mlx_sdft.serve.server import run
+
+    run(cfg)
+
+
+def _printing(action: Callable, confirm: str | None = None) -> Callable:
+    """An action of jobs/teach.py whose lines are printed; `confirm` asks first unless --yes."""
+
+    def run(cfg) -> None:
+        if confirm and not getattr(cfg, "yes", False) and getattr(cfg, confirm.split(":")[0], True):
+            typer.confirm(confirm.split(":")[1].format(home=cfg.home), abort=True)
+        for line in action(cfg):
+            typer.echo(line)
+
+    return run
+
+
+def _teach_action(name: str) -> Callable:
+    def run(cfg):
+        from mlx_sdft.jobs import teach
+
+        return getattr(teach, name)(cfg)
+
+    return run
+
+
+_command("serve", ServeConfig, _serve, "Serve the model with its current adapters (OpenAI-compatible), keeping "
+         "every exchange in --home.", "YAML file with serve options.")
+_command("teach", TeachConfig, _printing(_teach_action("teach"), "forget_exchanges:Delete every exchange in {home}?"),
+         "Correct a stored exchange (--answer, --feedback), list them, import lessons, or forget them.", None)
+lessons_app = typer.Typer(name="lessons", no_args_is_help=False, invoke_without_command=True,
+                          help="The lessons in --home: list (--json), --export FILE, show ID, delete ID, purge.")
+app.add_typer(lessons_app)
+_LESSON_LIST = ("home", "json", "state", "export")
+
+
+def _lessons(ctx: typer.Context, **flags) -> None:
+    """List the lessons, or write them with --export for `mlx-sdft train --data`."""
+    if ctx.invoked_subcommand is None:
+        with _one_line_errors("lessons"):
+            _printing(_teach_action("listing"))(load_config(None, flags, LessonsConfig))
+
+
+_lessons.__signature__ = inspect.Signature(
+    [inspect.Parameter("ctx", inspect.Parameter.POSITIONAL_OR_KEYWORD, annotation=typer.Context),
+     *map(_option, _fields(LessonsConfig, _LESSON_LIST))])
+lessons_app.callback(invoke_without_command=True)(_lessons)
+_command("show", LessonsConfig, _printing(_teach_action("show")), "Show one lesson in full, with its teacher's context.",
+         None, ("lesson", "home", "json"), lessons_app)
+_command("delete", LessonsConfig, _printing(_teach_action("delete")), "Delete one lesson (its texts are erased).",
+         None, ("lesson", "home"), lessons_app)
+_command("purge", LessonsConfig, _printing(_teach_action("purge"), "home:Delete every lesson in {home}?"),
+         "Delete every lesson and compact the store.", None, ("home", "yes"), lessons_app)
 
 
 def _export(cfg: ExportConfig) -> None:

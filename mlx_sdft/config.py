@@ -23,9 +23,26 @@ TEACHER_TEMPLATE = (
     "\n\nNow answer with a response of your own, including the thinking process.\n"
 )
 
+# Personal adaptation (store/, serve/): a correction in words, or the user's next message, is the
+# teacher's context instead of a demonstration (SDPO's reprompt; "hindsight" from arXiv 2603.12273).
+# {answer} is the model's earlier answer to {question}.
+FEEDBACK_TEMPLATE = (
+    "\n{question}\n\nThis is an earlier response to the question:\n{answer}\n\n"
+    "This is feedback on that response:\n{feedback}\n\n"
+    "Now answer with a response of your own that follows the feedback.\n"
+)
+HINDSIGHT_TEMPLATE = (
+    "\n{question}\n\nThis is an earlier response to the question:\n{answer}\n\n"
+    "This is what the user said after reading it:\n{followup}\n\n"
+    "Now answer with a response of your own that the user would be happier with.\n"
+)
+DEFAULT_HOME = "~/.mlx-sdft/default"
 
-def _opt(default: Any, help: str, choices: tuple | None = None, cli: bool = True):
-    meta = {"help": help, "choices": choices, "cli": cli}
+
+def _opt(default: Any, help: str, choices: tuple | None = None, cli: bool = True, flag: str | None = None,
+         argument: bool = False):
+    """One option: `flag` names the CLI flag when it is not --FIELD-NAME; `argument` makes it positional."""
+    meta = {"help": help, "choices": choices, "cli": cli, "flag": flag, "argument": argument}
     if isinstance(default, (dict, list)):
         return field(default_factory=lambda: type(default)(default), metadata=meta)
     return field(default=default, metadata=meta)
@@ -277,6 +294,8 @@ def coerce(cls: type, name: str, value: Any) -> Any:
             return value
         if kind == "dict" and isinstance(value, dict):
             return value
+        if kind == "list" and isinstance(value, (list, tuple)) and all(isinstance(v, str) for v in value):
+            return list(value)
     except (TypeError, ValueError):
         pass
     raise InputError(f"--{name.replace('_', '-')}: expected {kind}, got {value!r}")
@@ -311,3 +330,131 @@ def read_yaml(path: str, cls: type | None = Config) -> dict:
             if candidate.exists():
                 values[key] = str(candidate)
     return values
+
+
+# ---- personal adaptation: serve, teach, lessons (one store and version folders under --home) ----
+
+
+def _home():
+    return _opt(DEFAULT_HOME, "Folder of the personal store (store.db) and the adapter versions (versions/, current.json).")
+
+
+def _feedback_template():
+    return _opt(FEEDBACK_TEMPLATE, "Teacher prompt of feedback lessons (/v1/feedback, teach --feedback): a string or "
+                "a file, with {question}, {answer} and {feedback}.")
+
+
+def _redact():
+    return _opt([], "Mask what this regular expression matches before anything is stored (repeatable).")
+
+
+def _regexes(patterns: list) -> None:
+    import re
+
+    for pattern in patterns:
+        try:
+            re.compile(pattern)
+        except re.error as e:
+            raise InputError(f"--redact: {pattern!r} is not a regular expression ({e})") from None
+
+
+def _template(options, name: str, slots: tuple[str, ...]) -> None:
+    text = _maybe_read(getattr(options, name))
+    for slot in slots:
+        if "{" + slot + "}" not in text:
+            raise InputError(f"--{name.replace('_', '-')}: must contain {{{slot}}}")
+    setattr(options, name, text)
+
+
+@dataclass
+class ServeConfig:
+    """`mlx-sdft serve`: an OpenAI-compatible server that keeps every exchange in --home."""
+
+    model: str | None = _opt(None, "Hub id, local model folder, .gguf file or pkg:PACKAGE/FILE (the base model).")
+    home: str = _home()
+    host: str = _opt("127.0.0.1", "Address to listen on; any but this machine's loopback requires --api-key.")
+    port: int = _opt(8080, "Port to listen on (0: a free one, printed at start).")
+    api_key: str | None = _opt(None, "Require the header `Authorization: Bearer KEY` on every request.")
+    max_tokens: int = _opt(512, "Most tokens per answer when a request does not say.")
+    temperature: float = _opt(0.7, "Sampling temperature when a request does not say (0: greedy).")
+    top_p: float = _opt(1.0, "Nucleus sampling mass when a request does not say.")
+    hindsight: bool = _opt(False, "When a request continues an earlier exchange, store the user's follow-up as a "
+                           "hindsight lesson on that exchange.")
+    hindsight_template: str = _opt(HINDSIGHT_TEMPLATE, "Teacher prompt of hindsight lessons: a string or a file, "
+                                   "with {question}, {answer} and {followup}.")
+    feedback_template: str = _feedback_template()
+    redact: list = _redact()
+    chat_template: str | None = _opt(None, "Chat template (Jinja string or file) for tokenizers that lack one.")
+    dequantize: bool | None = _opt(None, "GGUF: float32 weights (default on CPU) or keep them quantized.")
+
+    def validate(self) -> ServeConfig:
+        _required(self, ("model",))
+        _positive(self, ("max_tokens",))
+        if not 0 <= self.port < 65536:
+            raise InputError(f"--port: must be in [0, 65535], got {self.port}")
+        if self.host not in LOOPBACK and not self.api_key:
+            raise InputError(f"--api-key: required to listen on {self.host!r} (only {', '.join(LOOPBACK)} may go without)")
+        if self.temperature < 0 or not 0 < self.top_p <= 1:
+            raise InputError("--temperature: must be >= 0" if self.temperature < 0 else "--top-p: must be in (0, 1]")
+        _template(self, "hindsight_template", ("question", "answer", "followup"))
+        _template(self, "feedback_template", ("question", "answer", "feedback"))
+        _regexes(self.redact)
+        if self.chat_template is not None:
+            self.chat_template = _maybe_read(self.chat_template)
+        return self
+
+
+LOOPBACK = ("127.0.0.1", "localhost", "::1")
+
+
+@dataclass
+class TeachConfig:
+    """`mlx-sdft teach`: list the stored exchanges and turn one into a lesson."""
+
+    exchange: str | None = _opt(None, "The exchange to correct: its id (the completion id; see --list).", argument=True)
+    home: str = _home()
+    list: bool = _opt(False, "List the stored exchanges, newest first.")
+    limit: int = _opt(20, "How many exchanges --list shows.")
+    answer: str | None = _opt(None, "The answer you wanted: a demonstration lesson.")
+    feedback: str | None = _opt(None, "What was wrong with the answer, in words: a feedback lesson.")
+    import_file: str | None = _opt(None, "Add every example of a .jsonl file (the formats `train` reads) as lessons.",
+                                   flag="--import")
+    forget_exchanges: bool = _opt(False, "Delete every stored exchange (lessons stay) and compact the store.")
+    yes: bool = _opt(False, "Delete without asking.")
+    feedback_template: str = _feedback_template()
+    redact: list = _redact()
+
+    def validate(self) -> TeachConfig:
+        actions = [name for name, on in (("--list", self.list), ("EXCHANGE", self.exchange),
+                                         ("--import", self.import_file), ("--forget-exchanges", self.forget_exchanges)) if on]
+        if len(actions) != 1:
+            raise InputError("give one of EXCHANGE (with --answer or --feedback), --list, --import, --forget-exchanges"
+                             + (f" (got {', '.join(actions)})" if actions else ""))
+        if self.exchange and (self.answer is None) == (self.feedback is None):
+            raise InputError(f"{self.exchange}: give one of --answer, --feedback")
+        if not self.exchange and (self.answer is not None or self.feedback is not None):
+            raise InputError("--answer/--feedback: name the exchange they correct (see --list)")
+        for name in ("answer", "feedback"):
+            if getattr(self, name) is not None and not getattr(self, name).strip():
+                raise InputError(f"--{name}: must not be blank")
+        _positive(self, ("limit",))
+        _template(self, "feedback_template", ("question", "answer", "feedback"))
+        _regexes(self.redact)
+        return self
+
+
+@dataclass
+class LessonsConfig:
+    """`mlx-sdft lessons`: what the model will learn from, and deleting it."""
+
+    lesson: int | None = _opt(None, "The lesson's id.", argument=True)
+    home: str = _home()
+    json: bool = _opt(False, "Print the lessons as JSON.")
+    state: str | None = _opt(None, "Only lessons in this state (without it: all but deleted).", ("new", "learned", "deleted"))
+    export: str | None = _opt(None, "Write the lessons as .jsonl for `mlx-sdft train --data` instead of listing them.")
+    yes: bool = _opt(False, "Purge without asking.")
+
+    def validate(self) -> LessonsConfig:
+        if self.state is not None and self.state not in ("new", "learned", "deleted"):
+            raise InputError(f"--state: {self.state!r} is not one of new, learned, deleted")
+        return self

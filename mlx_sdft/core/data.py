@@ -7,6 +7,11 @@ first non-blank line (every other line must use the same one):
     {"messages": [..., {"role": "assistant", "content": DEMO}], "tools": [...]}
     {"prompt": P, "completion": DEMO}
     {"prompt": P, "privileged_context": DEMO}          (TRL's SDFT format)
+    {"prompt": P, "teacher_template": T, "context": {"answer": A, "feedback": F}}
+
+The last is a lesson without a demonstration (`mlx-sdft lessons --export` writes it): the teacher
+sees T filled with the question and the context (slots {answer}, {feedback}, {followup}), e.g.
+a correction in words of the model's earlier answer A. Such lines may sit in a file of any format.
 
 P is a non-empty string (one user message) or a list of chat messages ending with a user
 message. Every line is checked before any model loads; any problem raises `InputError`
@@ -21,6 +26,8 @@ from typing import Any
 from mlx_sdft.errors import InputError
 
 ROLES = ("assistant", "developer", "system", "tool", "user")
+CONTEXT_SLOTS = ("answer", "feedback", "followup")  # teacher-template slots besides {question} and {demonstration}
+OWN_TEMPLATE = "prompt/teacher_template"
 SPLITS = ("train", "valid", "test")
 BOM = b"\xef\xbb\xbf"
 _JSON_NAMES = {
@@ -34,9 +41,18 @@ class Example:
     """One demonstration: the student sees `prompt`; the teacher also sees `demonstration`."""
 
     prompt: list[dict]  # chat messages, ending with a user message
-    demonstration: str  # kept verbatim (not stripped)
+    demonstration: str  # kept verbatim (not stripped); "" for a lesson whose teacher sees a context instead
     tools: list | None = None  # tool specs for the chat template, if the line had "tools"
     where: str = ""  # "path:line", for messages about this example
+    teacher_template: str | None = None  # this example's own teacher prompt (else the run's --teacher-template)
+    context: dict | None = None  # values of its CONTEXT_SLOTS, e.g. {"answer": ..., "feedback": ...}
+
+
+def need_demonstrations(examples: list[Example], what: str) -> None:
+    """InputError for the first example that has only a teacher context: `what` needs a demonstration."""
+    for ex in examples:
+        if not ex.demonstration:
+            raise InputError(f"{ex.where}: this example has a teacher context but no demonstration, which {what} needs")
 
 
 def load_dataset(data: str | Path) -> dict[str, list[Example]]:
@@ -68,7 +84,9 @@ def load_examples(path: str | Path) -> list[Example]:
             continue
         obj = _parse_json(text, where)
         fmt = _format_of(obj, where)
-        if first is None:
+        if fmt == OWN_TEMPLATE:
+            pass  # mixes with any format: lessons without a demonstration next to those with one
+        elif first is None:
             first = (lineno, fmt)
         elif fmt != first[1]:
             raise InputError(f"{where}: mixed formats: line {first[0]} is {first[1]}, this line is {fmt}")
@@ -134,7 +152,7 @@ def _format_of(obj: Any, where: str) -> str:
         raise InputError(f"{where}: each line must be a JSON object ({_got(obj)})")
     found = ["messages"] if "messages" in obj else []
     if "prompt" in obj:
-        found += [f"prompt/{key}" for key in ("completion", "privileged_context") if key in obj]
+        found += [f"prompt/{key}" for key in ("completion", "privileged_context", "teacher_template") if key in obj]
     if len(found) > 1:
         both = f"{found[0]} and {found[1]}"
         raise InputError(f"{where}: ambiguous line: it has the keys of both {both}; keep one")
@@ -142,7 +160,7 @@ def _format_of(obj: Any, where: str) -> str:
         keys = ", ".join(_show(k) for k in list(obj)[:8]) + (", ..." if len(obj) > 8 else "") or "none"
         raise InputError(
             f'{where}: unknown format: expected the keys "messages", "prompt" + "completion", '
-            f'or "prompt" + "privileged_context" (got keys: {keys})'
+            f'"prompt" + "privileged_context", or "prompt" + "teacher_template" (got keys: {keys})'
         )
     return found[0]
 
@@ -161,11 +179,30 @@ def _example(obj: dict, fmt: str, where: str) -> Example:
         if not prompt:
             raise InputError(f'{where}: "messages" has no prompt: put a user message before the last message')
         _check_prompt_end(prompt, "messages", where)
+    elif fmt == OWN_TEMPLATE:
+        template, context = _teacher_context(obj, where)
+        return Example(_prompt(obj["prompt"], where), "", _tools(obj.get("tools"), where), where, template, context)
     else:
         key = fmt.removeprefix("prompt/")
         prompt = _prompt(obj["prompt"], where)
         demonstration = _demonstration(obj[key], f'"{key}"', where)
     return Example(prompt, demonstration, _tools(obj.get("tools"), where), where)
+
+
+def _teacher_context(obj: dict, where: str) -> tuple[str, dict]:
+    template, context = obj["teacher_template"], obj.get("context", _MISSING)
+    if not isinstance(template, str) or "{question}" not in template:
+        raise InputError(f'{where}: "teacher_template" must be a string with {{question}} ({_got(template)})')
+    if not isinstance(context, dict):
+        raise InputError(f'{where}: "context" must be an object of {", ".join(CONTEXT_SLOTS)} ({_got(context)})')
+    for key, value in context.items():
+        if key not in CONTEXT_SLOTS:
+            raise InputError(f'{where}: context key {_show(key)} is not one of {", ".join(CONTEXT_SLOTS)}')
+        _demonstration(value, f"context.{key}", where)
+    for slot in ("demonstration", *CONTEXT_SLOTS):
+        if "{" + slot + "}" in template and slot not in context:
+            raise InputError(f'{where}: "teacher_template" has {{{slot}}} but "context" has no {_show(slot)}')
+    return template, context
 
 
 def _prompt(value: Any, where: str) -> list[dict]:
@@ -177,6 +214,11 @@ def _prompt(value: Any, where: str) -> list[dict]:
         expected = "a non-empty string or a list of messages"
         raise InputError(f'{where}: "prompt" must be {expected} ({_got(value)})')
     return [{"role": "user", "content": value}]
+
+
+def check_messages(value: Any, field: str, where: str) -> list[dict]:
+    """A non-empty list of chat messages with known roles and string contents, else InputError."""
+    return _messages(value, field, where)
 
 
 def _messages(value: Any, field: str, where: str) -> list[dict]:

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from mlx_sdft.core.data import Example
 from mlx_sdft.errors import InputError
 
-_SLOT = re.compile(r"\{(question|demonstration)\}")
+_SLOT = re.compile(r"\{(question|demonstration|answer|feedback|followup)\}")
 
 
 @dataclass(frozen=True)
@@ -24,15 +24,18 @@ class PromptPair:
     where: str
 
 
-def fill_template(template: str, question: str, demonstration: str) -> str:
-    """One pass over the slots, so a question that itself contains "{demonstration}" stays as written."""
-    values = {"question": question, "demonstration": demonstration}
-    return _SLOT.sub(lambda m: values[m.group(1)], template)
+def fill_template(template: str, question: str, demonstration: str, **context: str) -> str:
+    """One pass over the slots, so a question that itself contains "{demonstration}" stays as written.
+    `context` fills {answer}, {feedback}, {followup}; a slot without a value stays as written."""
+    values = {"question": question, "demonstration": demonstration, **context}
+    return _SLOT.sub(lambda m: values.get(m.group(1), m.group(0)), template)
 
 
 def teacher_messages(example: Example, template: str) -> list[dict]:
+    """`template` unless the example brings its own (a feedback or hindsight lesson)."""
     *history, last_user = example.prompt
-    content = fill_template(template, last_user["content"], example.demonstration)
+    content = fill_template(example.teacher_template or template, last_user["content"], example.demonstration,
+                            **(example.context or {}))
     return [*history, {**last_user, "content": content}]
 
 

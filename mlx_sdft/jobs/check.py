@@ -58,7 +58,7 @@ def verdict(student_ll: float, teacher_ll: float, student_score: float | None, t
 def run_check(cfg, console=None) -> dict:
     from rich.console import Console
 
-    from mlx_sdft.core.data import load_dataset
+    from mlx_sdft.core.data import load_dataset, need_demonstrations
     from mlx_sdft.jobs.evaluate import evaluate_task
     from mlx_sdft.core.metrics import Metric, resolve_metric
     from mlx_sdft.formats.models import load, load_tokenizer, resolve
@@ -67,6 +67,7 @@ def run_check(cfg, console=None) -> dict:
     console = console or Console(stderr=True)
     metric: Metric | None = resolve_metric(cfg.metric, cfg.answer_regex) if cfg.metric else None
     examples = load_dataset(cfg.data)["train"][: cfg.num_examples]
+    need_demonstrations(examples, "check")
     model_path = resolve(cfg.model)
     tokenizer = load_tokenizer(model_path, cfg.chat_template)
     pairs = encode_examples(tokenizer, examples, cfg.teacher_template, cfg.max_seq_length)

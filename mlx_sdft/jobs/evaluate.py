@@ -19,7 +19,7 @@ from pathlib import Path
 import mlx.core as mx
 import mlx.nn as nn
 
-from mlx_sdft.core.data import Example, load_examples
+from mlx_sdft.core.data import Example, load_examples, need_demonstrations
 from mlx_sdft.errors import InputError
 from mlx_sdft.core.losses import kl, log_softmax, sft_loss
 from mlx_sdft.core.metrics import Metric
@@ -148,9 +148,13 @@ def task_examples(data: str | Path) -> list[Example]:
     if path.is_dir():
         for name in ("test.jsonl", "valid.jsonl"):
             if (path / name).is_file():
-                return load_examples(path / name)
-        raise InputError(f"{path}: no test.jsonl or valid.jsonl to evaluate on")
-    return load_examples(path)
+                path = path / name
+                break
+        else:
+            raise InputError(f"{path}: no test.jsonl or valid.jsonl to evaluate on")
+    examples = load_examples(path)
+    need_demonstrations(examples, "eval (the reference answer)")
+    return examples
 
 
 def evaluate_adapters(model, tokenizer, base: Leaves | None, examples: list[Example], metric: Metric,

@@ -15,7 +15,7 @@ from rich.text import Text
 
 from mlx_sdft.machine import memory
 from mlx_sdft.config import Config
-from mlx_sdft.core.data import load_dataset
+from mlx_sdft.core.data import load_dataset, need_demonstrations
 from mlx_sdft.errors import InputError
 from mlx_sdft.formats.models import attach_adapters, load, load_tokenizer, resolve
 from mlx_sdft.core.prompts import encode_examples, student_text, teacher_text
@@ -62,6 +62,9 @@ def run_train(cfg: Config, console=None, quiet: bool = False) -> dict:
     if cfg.resume and not (out / "trainer_state.json").exists():
         raise InputError(f"--resume: {out} holds no saved run (no trainer_state.json)")
     splits = load_dataset(cfg.data)
+    if cfg.method == "sft":
+        for examples in splits.values():
+            need_demonstrations(examples, "--method sft")
     model_path = resolve(cfg.model, cfg.dequantize)
     tokenizer = load_tokenizer(model_path, cfg.chat_template)
     train_pairs = encode_examples(tokenizer, splits["train"], cfg.teacher_template, cfg.max_seq_length)

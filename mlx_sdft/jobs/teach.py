@@ -1,0 +1,104 @@
+"""`mlx-sdft teach` and `mlx-sdft lessons`: the experience store from the command line.
+Only the store is imported (no MLX), so these answer at once. Each function returns the lines
+to print; the CLI prints them."""
+
+from __future__ import annotations
+
+import json
+import time
+
+from mlx_sdft.config import TEACHER_TEMPLATE, LessonsConfig, TeachConfig
+from mlx_sdft.errors import InputError
+from mlx_sdft.store import lessons
+from mlx_sdft.store.db import Store
+
+
+def teach(cfg: TeachConfig) -> list[str]:
+    """List exchanges, correct one (a demonstration or a feedback lesson), import a file, or
+    forget every exchange."""
+    with Store(cfg.home, cfg.redact) as store:
+        if cfg.list:
+            rows = store.exchanges(cfg.limit)
+            return [_exchange_line(r) for r in rows] or [f"no exchanges in {store.path}"]
+        if cfg.import_file:
+            ids = lessons.import_file(store, cfg.import_file)
+            return [f"imported {len(ids)} lessons ({ids[0]}..{ids[-1]}) from {cfg.import_file}"]
+        if cfg.forget_exchanges:
+            return [f"forgot {store.forget_exchanges()} exchanges; {store.path} compacted"]
+        exchange = store.exchange(cfg.exchange)
+        if exchange is None:
+            raise InputError(f"{cfg.exchange}: no such exchange in {store.path} (see teach --list)")
+        kind, text = ("demonstration", cfg.answer) if cfg.answer is not None else ("feedback", cfg.feedback)
+        lesson_id = store.add_lesson(**lessons.from_exchange(exchange, kind, text, cfg.feedback_template))
+        return [f"lesson {lesson_id} ({kind}) on exchange {exchange['id']}"]
+
+
+def listing(cfg: LessonsConfig) -> list[str]:
+    """The lessons (or --export them as .jsonl for `mlx-sdft train --data`)."""
+    with Store(cfg.home) as store:
+        if cfg.export:
+            count = lessons.export(store, cfg.export, cfg.state)
+            return [f"wrote {count} lessons to {cfg.export}; train on them with: mlx-sdft train --data {cfg.export} ..."]
+        rows = store.lessons(cfg.state)
+    if cfg.json:
+        return [json.dumps(rows, ensure_ascii=False, indent=1)]
+    return [_lesson_line(r) for r in rows] or ["no lessons"]
+
+
+def show(cfg: LessonsConfig) -> list[str]:
+    """One lesson in full, with what its teacher will be shown."""
+    with Store(cfg.home) as store:
+        row = _lesson(store, cfg.lesson)
+    if cfg.json:
+        return [json.dumps(row, ensure_ascii=False, indent=1)]
+    lines = [f"lesson {row['id']}: {row['kind']}, {row['state']}, exchange {row['exchange_id'] or '-'}, "
+             f"created {_time(row['created'])}"]
+    if row["state"] == "deleted":
+        return lines
+    lines += [f"  {m['role']}: {m['content']}" for m in row["prompt"]]
+    if row["answer"] is not None:
+        lines.append(f"  model's answer: {row['answer']}")
+    lines.append(f"  {row['kind']}: {row['text']}")
+    lines.append("teacher's context (last user message):" + ("" if row["teacher_template"] else
+                                                          " (with the default --teacher-template)"))
+    lines.append(lessons.teacher_view(row, TEACHER_TEMPLATE))
+    return lines
+
+
+def delete(cfg: LessonsConfig) -> list[str]:
+    with Store(cfg.home) as store:
+        _lesson(store, cfg.lesson)
+        if not store.delete_lesson(cfg.lesson):
+            return [f"lesson {cfg.lesson} was already deleted"]
+    return [f"deleted lesson {cfg.lesson} (its texts are erased; the id stays as a tombstone)"]
+
+
+def purge(cfg: LessonsConfig) -> list[str]:
+    with Store(cfg.home) as store:
+        return [f"purged {store.purge_lessons()} lessons; {store.path} compacted"]
+
+
+def _lesson(store: Store, id: int | None) -> dict:
+    row = store.lesson(id) if id is not None else None
+    if row is None:
+        raise InputError(f"lesson {id}: no such lesson in {store.path} (see mlx-sdft lessons)")
+    return row
+
+
+def _exchange_line(row: dict) -> str:
+    question = next((m["content"] for m in reversed(row["messages"]) if m["role"] == "user"), "")
+    return (f"{row['id']}  {_time(row['created'])}  v{row['version']}  {_short(question)!r} -> "
+            f"{_short(row['answer'])!r}")
+
+
+def _lesson_line(row: dict) -> str:
+    return f"{row['id']:>5}  {row['kind']:<13} {row['state']:<8} {row['exchange_id'] or '-':<13} {_short(row['text'])!r}"
+
+
+def _short(text: str, limit: int = 50) -> str:
+    text = " ".join(text.split())
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def _time(seconds: float) -> str:
+    return time.strftime("%Y-%m-%d %H:%M", time.localtime(seconds))

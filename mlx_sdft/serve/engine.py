@@ -1,0 +1,138 @@
+"""The model `serve` answers with: the base model plus the home's current adapter version,
+generating with mlx-lm (`stream_generate`, `make_sampler`) on one worker thread.
+
+All model calls run on that one thread, one request at a time (as mlx_lm.server does): the
+thread is the lock. Between two requests it reads HOME/current.json and, when the version
+changed, swaps the adapter weights in place with `model.load_weights(strict=False)`, as
+`core.teacher.using` swaps leaves; no second model is loaded, and the server never restarts.
+"""
+
+from __future__ import annotations
+
+import json
+import queue
+import sys
+import threading
+from dataclasses import dataclass
+from typing import Iterator
+
+import mlx.core as mx
+from mlx_lm.generate import stream_generate
+from mlx_lm.sample_utils import make_sampler
+
+from mlx_sdft.config import ServeConfig
+from mlx_sdft.core.prompts import encode, render
+from mlx_sdft.errors import InputError
+from mlx_sdft.formats.models import attach_adapters, load, load_tokenizer, resolve
+from mlx_sdft.serve.openai import BadRequest, ChatRequest
+from mlx_sdft.store import versions
+
+
+@dataclass(frozen=True)
+class Piece:
+    """A segment of the answer; the last one has `finish_reason` ("stop" or "length") and the counts."""
+
+    text: str
+    finish_reason: str | None
+    prompt_tokens: int
+    completion_tokens: int
+    version: int
+
+
+class Engine:
+    def __init__(self, cfg: ServeConfig):
+        self.home = cfg.home
+        self.path = resolve(cfg.model, cfg.dequantize)
+        self.tokenizer = load_tokenizer(self.path, cfg.chat_template)
+        render(self.tokenizer, [{"role": "user", "content": "hi"}])  # no chat template: InputError before listening
+        self.model = load(self.path)
+        self.version, self.failed = 0, None
+        self._shape, self._base = None, None  # the attached adapters' (type, layers, parameters), their "off" leaves
+        self._jobs: queue.Queue = queue.Queue()
+        self.refresh(strict=True)
+        threading.Thread(target=self._work, name="mlx-sdft-generate", daemon=True).start()
+
+    # ---- versions -----------------------------------------------------------------------
+
+    def refresh(self, strict: bool = False) -> None:
+        """Switch to the current version if it changed. A version that will not load is reported
+        once and skipped (the last good one keeps serving); with `strict` (at start) it is an error."""
+        wanted = None
+        try:
+            wanted = versions.current(self.home)
+            if wanted not in (self.version, self.failed):
+                self._switch(wanted)
+        except Exception as e:  # a bad pointer or adapter folder must not stop the server
+            if strict:
+                raise InputError(str(e)) from None
+            if wanted is not None and wanted == self.failed:
+                return
+            self.failed = wanted
+            print(f"mlx-sdft serve: cannot switch adapters ({type(e).__name__}: {e}); still serving version "
+                  f"{self.version}", file=sys.stderr, flush=True)
+
+    def _switch(self, version: int) -> None:
+        """Everything that can fail (reading the folder) happens before the serving model changes."""
+        model, shape, base = self.model, self._shape, self._base
+        if version:
+            folder = versions.version_dir(self.home, version)
+            config = json.loads((folder / "adapter_config.json").read_text())
+            weights = mx.load(str(folder / "adapters.safetensors"))
+            wanted = (config.get("fine_tune_type", "lora"), config["num_layers"], config.get("lora_parameters", {}))
+            if shape not in (None, wanted):  # other layers or rank: start again from the base weights
+                model, shape = load(self.path), None
+            if shape is None:
+                base, shape = attach_adapters(model, *wanted), wanted
+            model.load_weights(list(base.items()), strict=False)
+            model.load_weights(list(weights.items()), strict=False)
+        elif base is not None:
+            model.load_weights(list(base.items()), strict=False)  # adapters off: lora_b = 0
+        mx.eval(model.parameters())
+        model.eval()
+        self.model, self._shape, self._base = model, shape, base
+        self.version, self.failed = version, None
+        print(f"mlx-sdft serve: now serving adapter version {version}", file=sys.stderr, flush=True)
+
+    # ---- generation ---------------------------------------------------------------------
+
+    def submit(self, request: ChatRequest) -> tuple[queue.Queue, threading.Event]:
+        """Queue a request; its pieces (then None, or an exception) arrive on the returned queue.
+        Setting the event stops the generation early (the client went away)."""
+        out, cancel = queue.Queue(), threading.Event()
+        self._jobs.put((request, out, cancel))
+        return out, cancel
+
+    def answer(self, request: ChatRequest) -> Iterator[Piece]:
+        out, cancel = self.submit(request)
+        try:
+            while (item := out.get()) is not None:
+                if isinstance(item, BaseException):
+                    raise item
+                yield item
+        finally:
+            cancel.set()
+
+    def _work(self) -> None:
+        while True:
+            request, out, cancel = self._jobs.get()
+            try:
+                self.refresh()
+                for piece in self._generate(request):
+                    if cancel.is_set():
+                        break
+                    out.put(piece)
+                out.put(None)
+            except Exception as e:  # handed to the request's thread, which answers it
+                out.put(e)
+
+    def _generate(self, request: ChatRequest) -> Iterator[Piece]:
+        try:
+            ids = encode(self.tokenizer, render(self.tokenizer, request.messages, request.tools))
+        except Exception as e:  # the chat template refused these messages (e.g. a role it does not know)
+            raise BadRequest(f"messages: the chat template cannot render them ({type(e).__name__}: {e})",
+                             param="messages") from None
+        if request.seed is not None:
+            mx.random.seed(request.seed)
+        sampler = make_sampler(temp=request.temperature, top_p=request.top_p)
+        for r in stream_generate(self.model, self.tokenizer, ids, max_tokens=request.max_tokens, sampler=sampler):
+            yield Piece(r.text, r.finish_reason, r.prompt_tokens, r.generation_tokens, self.version)

@@ -1,0 +1,264 @@
+"""The experience store: one SQLite file, HOME/store.db, with the exchanges `serve` answered and
+the lessons taken from them.
+
+- WAL mode and `synchronous=FULL`: a commit is on disk when it returns, a `kill -9` at any
+  moment loses at most the transaction in flight, and readers never block the writer.
+- Every write is one `BEGIN IMMEDIATE` transaction; the busy timeout makes a second process
+  (the server and `teach` at once) wait for the lock instead of failing, so no row is lost.
+- `PRAGMA user_version` is the schema version; `MIGRATIONS[i]` brings version i to i + 1.
+- `secure_delete`, and VACUUM plus a WAL checkpoint after bulk deletes, so deleted text does
+  not linger in free pages or the WAL file.
+- `--redact` patterns are applied here, to every text before it is written.
+
+Rows come back as dicts with JSON columns decoded. Times are Unix seconds.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+import secrets
+import sqlite3
+import threading
+import time
+from contextlib import contextmanager
+from pathlib import Path
+
+from mlx_sdft.errors import InputError
+
+FILENAME = "store.db"
+BUSY_S = 30.0  # how long a writer waits for another process's lock before giving up
+REDACTED = "[REDACTED]"
+KINDS = ("demonstration", "feedback", "hindsight", "import")
+STATES = ("new", "learned", "deleted")
+
+MIGRATIONS: tuple[tuple[str, ...], ...] = (
+    (  # 0 -> 1
+        """CREATE TABLE exchanges (
+            id TEXT PRIMARY KEY,            -- the completion id the client got
+            created REAL NOT NULL,
+            model TEXT NOT NULL,            -- --model as given to serve
+            version INTEGER NOT NULL,       -- the adapter version that answered (0: none)
+            messages TEXT NOT NULL,         -- JSON: the request's messages
+            tools TEXT,                     -- JSON or NULL
+            sampling TEXT NOT NULL,         -- JSON: temperature, top_p, max_tokens, seed
+            answer TEXT NOT NULL,
+            finish_reason TEXT NOT NULL,    -- stop | length
+            prompt_tokens INTEGER NOT NULL,
+            completion_tokens INTEGER NOT NULL,
+            thread TEXT NOT NULL            -- digest of messages + answer: finds the request that continues it
+        )""",
+        "CREATE INDEX exchanges_thread ON exchanges (thread)",
+        "CREATE INDEX exchanges_created ON exchanges (created)",
+        f"""CREATE TABLE lessons (
+            id INTEGER PRIMARY KEY AUTOINCREMENT,  -- never reused, even after a purge
+            created REAL NOT NULL,
+            updated REAL NOT NULL,
+            kind TEXT NOT NULL CHECK (kind IN {KINDS}),
+            state TEXT NOT NULL DEFAULT 'new' CHECK (state IN {STATES}),
+            exchange_id TEXT,               -- the source exchange (the id is kept if the exchange is forgotten)
+            prompt TEXT NOT NULL,           -- JSON: messages up to the last user turn
+            tools TEXT,
+            answer TEXT,                    -- feedback, hindsight: the model's earlier answer
+            text TEXT NOT NULL,             -- the demonstration, the feedback or the follow-up
+            teacher_template TEXT           -- feedback, hindsight: their own; NULL: the run's --teacher-template
+        )""",
+        "CREATE INDEX lessons_state ON lessons (state)",
+    ),
+)
+SCHEMA_VERSION = len(MIGRATIONS)
+
+
+def new_exchange_id() -> str:
+    """`ex-` + 10 random hex digits: short enough to type after `teach`."""
+    return f"ex-{secrets.token_hex(5)}"
+
+
+def thread_key(messages: list[dict]) -> str:
+    """A digest of a conversation's roles and texts: an exchange's messages plus its answer has the
+    same key as the first part of a later request that continues it."""
+    turns = [[m.get("role"), m.get("content")] for m in messages]
+    return hashlib.sha256(json.dumps(turns, ensure_ascii=False).encode()).hexdigest()
+
+
+class Store:
+    """HOME/store.db, created (and migrated) on open. Safe to share between threads."""
+
+    def __init__(self, home: str | Path, redact: list[str] | tuple = ()):
+        self.home = Path(home).expanduser()
+        self.path = self.home / FILENAME
+        self._redact = [re.compile(p) for p in redact]
+        self._lock = threading.RLock()
+        try:
+            self.home.mkdir(parents=True, exist_ok=True)
+            self._con = sqlite3.connect(self.path, timeout=BUSY_S, isolation_level=None, check_same_thread=False)
+            self._con.execute(f"PRAGMA busy_timeout = {int(BUSY_S * 1000)}")
+            self._con.execute("PRAGMA journal_mode = WAL")
+            for pragma in ("synchronous = FULL", "secure_delete = ON"):
+                self._con.execute(f"PRAGMA {pragma}")
+            self._migrate()
+        except sqlite3.DatabaseError as e:
+            raise InputError(f"{self.path}: not a usable store ({e})") from None
+        except OSError as e:
+            raise InputError(f"{self.home}: cannot create the store ({e.strerror or e})") from None
+
+    def close(self) -> None:
+        self._con.close()
+
+    def __enter__(self) -> Store:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    @contextmanager
+    def _tx(self):
+        """One write transaction, holding the write lock from its start (no upgrade deadlocks)."""
+        with self._lock:
+            self._con.execute("BEGIN IMMEDIATE")
+            try:
+                yield self._con
+            except BaseException:
+                self._con.execute("ROLLBACK")
+                raise
+            self._con.execute("COMMIT")
+
+    def _migrate(self) -> None:
+        with self._tx() as con:  # inside the lock, so two processes opening a new store migrate once
+            version = con.execute("PRAGMA user_version").fetchone()[0]
+            if version > SCHEMA_VERSION:
+                raise InputError(f"{self.path}: schema version {version} is newer than this mlx-sdft "
+                                 f"reads ({SCHEMA_VERSION}); upgrade mlx-sdft")
+            for steps in MIGRATIONS[version:]:
+                for statement in steps:
+                    con.execute(statement)
+            con.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
+
+    def _query(self, sql: str, args: tuple = ()) -> list[dict]:
+        with self._lock:
+            cursor = self._con.execute(sql, args)
+            names = [d[0] for d in cursor.description]
+            return [_decode(dict(zip(names, row))) for row in cursor.fetchall()]
+
+    def redact(self, text: str | None) -> str | None:
+        for pattern in self._redact:
+            text = pattern.sub(REDACTED, text) if text is not None else None
+        return text
+
+    def redact_messages(self, messages: list[dict]) -> list[dict]:
+        return [{**m, "content": self.redact(m["content"])} if isinstance(m.get("content"), str) else m
+                for m in messages]
+
+    # ---- exchanges ----------------------------------------------------------------------
+
+    def add_exchange(self, *, messages: list[dict], answer: str, model: str, version: int, sampling: dict,
+                     finish_reason: str, prompt_tokens: int, completion_tokens: int, tools: list | None = None,
+                     id: str | None = None) -> str:
+        """Commit one answered request (redacted); returns its id (`id`, else a new one)."""
+        messages, answer = self.redact_messages(messages), self.redact(answer)
+        thread = thread_key([*messages, {"role": "assistant", "content": answer}])
+        row = (time.time(), model, version, json.dumps(messages, ensure_ascii=False), _json(tools),
+               json.dumps(sampling), answer, finish_reason, prompt_tokens, completion_tokens, thread)
+        id = id or new_exchange_id()
+        with self._tx() as con:
+            con.execute("INSERT INTO exchanges (created, model, version, messages, tools, sampling, answer, "
+                        "finish_reason, prompt_tokens, completion_tokens, thread, id) "
+                        "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)", (*row, id))
+        return id
+
+    def exchange(self, id: str) -> dict | None:
+        rows = self._query("SELECT * FROM exchanges WHERE id = ?", (id,))
+        return rows[0] if rows else None
+
+    def exchanges(self, limit: int | None = None) -> list[dict]:
+        """Newest first."""
+        return self._query("SELECT * FROM exchanges ORDER BY created DESC, rowid DESC LIMIT ?", (limit or -1,))
+
+    def continued(self, messages: list[dict]) -> dict | None:
+        """The newest exchange that `messages` continue: its messages, its answer, then one new user
+        message. None when there is none (or the request does not end that way)."""
+        if len(messages) < 3 or messages[-1].get("role") != "user" or messages[-2].get("role") != "assistant":
+            return None
+        rows = self._query("SELECT * FROM exchanges WHERE thread = ? ORDER BY created DESC LIMIT 1",
+                           (thread_key(self.redact_messages(messages[:-1])),))
+        return rows[0] if rows else None
+
+    def forget_exchanges(self) -> int:
+        """Delete every exchange (lessons keep their own copy of the prompt) and compact the file."""
+        with self._tx() as con:
+            count = con.execute("DELETE FROM exchanges").rowcount
+        self._compact()
+        return count
+
+    # ---- lessons ------------------------------------------------------------------------
+
+    def add_lessons(self, lessons: list[dict]) -> list[int]:
+        """Insert lessons in one transaction (all or none); each dict has kind, prompt, text and
+        optionally tools, answer, exchange_id, teacher_template. Returns their ids."""
+        now, ids = time.time(), []
+        with self._tx() as con:
+            for lesson in lessons:
+                if lesson["kind"] not in KINDS:
+                    raise ValueError(f"unknown lesson kind {lesson['kind']!r}")
+                cursor = con.execute(
+                    "INSERT INTO lessons (created, updated, kind, exchange_id, prompt, tools, answer, text, "
+                    "teacher_template) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                    (now, now, lesson["kind"], lesson.get("exchange_id"),
+                     json.dumps(self.redact_messages(lesson["prompt"]), ensure_ascii=False), _json(lesson.get("tools")),
+                     self.redact(lesson.get("answer")), self.redact(lesson["text"]), lesson.get("teacher_template")))
+                ids.append(cursor.lastrowid)
+        return ids
+
+    def add_lesson(self, **lesson) -> int:
+        return self.add_lessons([lesson])[0]
+
+    def lesson(self, id: int) -> dict | None:
+        rows = self._query("SELECT * FROM lessons WHERE id = ?", (id,))
+        return rows[0] if rows else None
+
+    def lessons(self, state: str | None = None) -> list[dict]:
+        """Oldest first; `state` None means every lesson that is not deleted."""
+        if state is None:
+            return self._query("SELECT * FROM lessons WHERE state != 'deleted' ORDER BY id")
+        return self._query("SELECT * FROM lessons WHERE state = ? ORDER BY id", (state,))
+
+    def set_state(self, ids: list[int], state: str) -> None:
+        """Part 2's hook: mark lessons `learned` once a version that learned them is current (or
+        back to `new` after a rollback). Deleting goes through `delete_lesson`."""
+        if state not in ("new", "learned"):
+            raise ValueError(f"set_state: {state!r} (use delete_lesson to delete)")
+        with self._tx() as con:
+            con.executemany("UPDATE lessons SET state = ?, updated = ? WHERE id = ? AND state != 'deleted'",
+                            [(state, time.time(), i) for i in ids])
+
+    def delete_lesson(self, id: int) -> bool:
+        """State `deleted`, and its texts blanked: the row stays only as a tombstone (id, kind,
+        source exchange, times), so a version that learned it can be told apart."""
+        with self._tx() as con:
+            return con.execute("UPDATE lessons SET state = 'deleted', updated = ?, prompt = '[]', tools = NULL, "
+                               "answer = NULL, text = '', teacher_template = NULL WHERE id = ? AND state != 'deleted'",
+                               (time.time(), id)).rowcount == 1
+
+    def purge_lessons(self) -> int:
+        """Delete every lesson row, whatever its state, and compact the file."""
+        with self._tx() as con:
+            count = con.execute("DELETE FROM lessons").rowcount
+        self._compact()
+        return count
+
+    def _compact(self) -> None:
+        with self._lock:
+            self._con.execute("VACUUM")
+            self._con.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+
+
+def _json(value) -> str | None:
+    return None if value is None else json.dumps(value, ensure_ascii=False)
+
+
+def _decode(row: dict) -> dict:
+    for key in ("messages", "tools", "sampling", "prompt"):
+        if isinstance(row.get(key), str):
+            row[key] = json.loads(row[key])
+    return row

@@ -1,0 +1,104 @@
+"""Lessons as training data: from an exchange to a lesson row, from a row to `core.data.Example`,
+and .jsonl in and out in the formats `mlx-sdft train --data` reads.
+
+- demonstration, import: the prompt + the demonstration; the teacher uses the run's --teacher-template.
+- feedback: the prompt, no demonstration; the teacher sees the lesson's own template filled with
+  {question}, {answer} (the model's earlier answer) and {feedback}.
+- hindsight: the same with {followup}, the user's next message.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+from mlx_sdft.core.data import Example, load_examples
+from mlx_sdft.core.prompts import teacher_messages
+from mlx_sdft.errors import InputError
+from mlx_sdft.store.db import Store
+
+SLOT = {"feedback": "feedback", "hindsight": "followup"}  # the context slot that holds a lesson's text
+
+
+def prompt_of(messages: list[dict], where: str) -> list[dict]:
+    """An exchange's messages up to and including the last user turn: what the answer answered."""
+    last = max((i for i, m in enumerate(messages) if m.get("role") == "user"), default=None)
+    if last is None:
+        raise InputError(f"{where}: the exchange has no user message to learn an answer to")
+    return messages[: last + 1]
+
+
+def from_exchange(exchange: dict, kind: str, text: str, template: str | None = None) -> dict:
+    """A lesson on a stored exchange: `text` is the demonstration (kind demonstration), the
+    feedback or the follow-up (with `template`, the teacher prompt of those kinds)."""
+    lesson = {"kind": kind, "exchange_id": exchange["id"], "prompt": prompt_of(exchange["messages"], exchange["id"]),
+              "tools": exchange["tools"], "text": text}
+    if kind != "demonstration":
+        lesson.update(answer=exchange["answer"], teacher_template=template)
+    return lesson
+
+
+def to_example(row: dict) -> Example:
+    """The lesson as the trainer reads it; `where` is "store:lesson/ID"."""
+    where = f"store:lesson/{row['id']}"
+    if row["state"] == "deleted":
+        raise InputError(f"{where}: deleted")
+    if row["kind"] in SLOT:
+        context = {"answer": row["answer"], SLOT[row["kind"]]: row["text"]}
+        return Example(row["prompt"], "", row["tools"], where, row["teacher_template"], context)
+    return Example(row["prompt"], row["text"], row["tools"], where)
+
+
+def teacher_view(row: dict, template: str) -> str:
+    """What the teacher's last user message will say (the run's `template` for demonstrations)."""
+    return teacher_messages(to_example(row), template)[-1]["content"]
+
+
+def to_line(row: dict) -> dict:
+    """One .jsonl line that `core.data` reads back into the same Example (plus its lesson id)."""
+    example = to_example(row)
+    line: dict = {"prompt": example.prompt}
+    if example.teacher_template:
+        line.update(teacher_template=example.teacher_template, context=example.context)
+    else:
+        line["completion"] = example.demonstration
+    if example.tools:
+        line["tools"] = example.tools
+    line["lesson"] = row["id"]  # provenance; readers ignore extra keys
+    return line
+
+
+def export(store: Store, path: str | Path, state: str | None = None) -> int:
+    """Write the lessons (default: all but deleted) to `path`, atomically; returns how many."""
+    rows = store.lessons(state)
+    if not rows:
+        raise InputError(f"{store.path}: no lessons{f' in state {state}' if state else ''} to export")
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        with open(tmp, "w", encoding="utf-8") as fid:
+            for row in rows:
+                fid.write(json.dumps(to_line(row), ensure_ascii=False) + "\n")
+        os.replace(tmp, path)
+    except OSError as e:
+        tmp.unlink(missing_ok=True)
+        raise InputError(f"{path}: cannot write ({e.strerror or e})") from None
+    return len(rows)
+
+
+def import_file(store: Store, path: str | Path) -> list[int]:
+    """Every example of a .jsonl file (any format `train` reads) as a lesson, all or none:
+    demonstrations become kind `import`; lines with their own teacher template become
+    `feedback` or `hindsight` lessons, by the context they carry."""
+    lessons = []
+    for ex in load_examples(path):  # validates every line first
+        lesson = {"kind": "import", "prompt": ex.prompt, "tools": ex.tools, "text": ex.demonstration}
+        if ex.teacher_template:
+            kind = next((k for k, slot in SLOT.items() if slot in ex.context), None)
+            if kind is None or "answer" not in ex.context:
+                raise InputError(f"{ex.where}: a lesson line needs the context answer and feedback or followup")
+            lesson.update(kind=kind, text=ex.context[SLOT[kind]], answer=ex.context["answer"],
+                          teacher_template=ex.teacher_template)
+        lessons.append(lesson)
+    return store.add_lessons(lessons)
