@@ -425,6 +425,8 @@ class TeachConfig:
     redact: list = _redact()
 
     def validate(self) -> TeachConfig:
+        if not self.exchange and (self.answer is not None or self.feedback is not None):
+            raise InputError("--answer/--feedback: name the exchange they correct (see --list)")
         actions = [name for name, on in (("--list", self.list), ("EXCHANGE", self.exchange),
                                          ("--import", self.import_file), ("--forget-exchanges", self.forget_exchanges)) if on]
         if len(actions) != 1:
@@ -432,8 +434,6 @@ class TeachConfig:
                              + (f" (got {', '.join(actions)})" if actions else ""))
         if self.exchange and (self.answer is None) == (self.feedback is None):
             raise InputError(f"{self.exchange}: give one of --answer, --feedback")
-        if not self.exchange and (self.answer is not None or self.feedback is not None):
-            raise InputError("--answer/--feedback: name the exchange they correct (see --list)")
         for name in ("answer", "feedback"):
             if getattr(self, name) is not None and not getattr(self, name).strip():
                 raise InputError(f"--{name}: must not be blank")

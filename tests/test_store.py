@@ -1,0 +1,237 @@
+"""The experience store (store/db.py, store/lessons.py): schema and WAL, redaction, lessons as
+training examples, export/import in the formats `train` reads, two writing processes, and the
+`teach` / `lessons` commands."""
+
+import json
+import re
+import sqlite3
+import subprocess
+import sys
+
+import pytest
+from typer.testing import CliRunner
+
+from mlx_sdft.cli import app
+from mlx_sdft.config import FEEDBACK_TEMPLATE, HINDSIGHT_TEMPLATE, TEACHER_TEMPLATE
+from mlx_sdft.core.data import Example, load_examples
+from mlx_sdft.core.prompts import teacher_messages
+from mlx_sdft.errors import InputError
+from mlx_sdft.store import lessons, versions
+from mlx_sdft.store.db import FILENAME, SCHEMA_VERSION, Store
+
+runner = CliRunner()
+MESSAGES = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "What is 2+2?"}]
+
+
+def _exchange(store, messages=MESSAGES, answer="5", **kw):
+    args = dict(messages=messages, answer=answer, model="m", version=0, sampling={"temperature": 0.0},
+                finish_reason="stop", prompt_tokens=7, completion_tokens=1)
+    return store.add_exchange(**{**args, **kw})
+
+
+def _file_bytes(home) -> bytes:
+    return b"".join(p.read_bytes() for p in home.iterdir() if p.name.startswith(FILENAME))
+
+
+def test_new_store_is_wal_at_the_schema_version_and_reopens(tmp_path):
+    with Store(tmp_path) as store:
+        id = _exchange(store)
+    con = sqlite3.connect(tmp_path / FILENAME)
+    assert con.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+    assert con.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION == 1
+    con.close()
+    with Store(tmp_path) as store:  # a second open migrates nothing and keeps the rows
+        assert store.exchange(id)["answer"] == "5"
+
+
+def test_a_newer_or_foreign_file_is_an_input_error(tmp_path):
+    con = sqlite3.connect(tmp_path / FILENAME)
+    con.execute(f"PRAGMA user_version = {SCHEMA_VERSION + 1}")
+    con.close()
+    with pytest.raises(InputError, match="newer than this mlx-sdft reads"):
+        Store(tmp_path)
+    other = tmp_path / "other"
+    other.mkdir()
+    (other / FILENAME).write_bytes(b"not a database at all" * 100)
+    with pytest.raises(InputError, match="not a usable store"):
+        Store(other)
+
+
+def test_redaction_masks_before_anything_is_written(tmp_path):
+    secret = "555-0123"
+    with Store(tmp_path, redact=[r"\d{3}-\d{4}"]) as store:
+        id = _exchange(store, [{"role": "user", "content": f"call me at {secret}"}], answer=f"ok, {secret}")
+        store.add_lesson(**lessons.from_exchange(store.exchange(id), "feedback", f"not {secret}", FEEDBACK_TEMPLATE))
+        row, lesson = store.exchange(id), store.lessons()[0]
+    assert row["messages"][0]["content"] == "call me at [REDACTED]" and row["answer"] == "ok, [REDACTED]"
+    assert lesson["text"] == "not [REDACTED]" and lesson["answer"] == "ok, [REDACTED]"
+    assert secret.encode() not in _file_bytes(tmp_path)
+
+
+def test_purge_and_forget_leave_no_text_in_the_files(tmp_path):
+    with Store(tmp_path) as store:
+        id = _exchange(store, [{"role": "user", "content": "my-private-question"}], answer="my-private-answer")
+        store.add_lesson(**lessons.from_exchange(store.exchange(id), "demonstration", "my-private-demo"))
+        assert store.forget_exchanges() == 1 and store.exchanges() == []
+        assert store.lessons()[0]["prompt"] == [{"role": "user", "content": "my-private-question"}]  # lessons keep a copy
+        assert store.purge_lessons() == 1 and store.lessons() == []
+        assert store.add_lesson(kind="import", prompt=MESSAGES, text="4") == 2  # ids are never reused
+    data = _file_bytes(tmp_path)
+    for text in (b"my-private-question", b"my-private-answer", b"my-private-demo"):
+        assert text not in data
+
+
+def test_delete_leaves_a_tombstone_and_states_change(tmp_path):
+    with Store(tmp_path) as store:
+        a, b = store.add_lessons([{"kind": "import", "prompt": MESSAGES, "text": "4"}] * 2)
+        assert store.delete_lesson(a) and not store.delete_lesson(a)
+        store.set_state([a, b], "learned")  # a deleted lesson stays deleted
+        tomb, kept = store.lesson(a), store.lesson(b)
+    assert (tomb["state"], tomb["text"], tomb["prompt"], tomb["kind"]) == ("deleted", "", [], "import")
+    assert kept["state"] == "learned"
+
+
+def test_lessons_become_the_examples_the_trainer_reads(tmp_path):
+    with Store(tmp_path) as store:
+        id = _exchange(store, [*MESSAGES, {"role": "assistant", "content": "5"}, {"role": "user", "content": "And 3+3?"}],
+                       answer="7")
+        ex = store.exchange(id)
+        ids = store.add_lessons([lessons.from_exchange(ex, "demonstration", "6"),
+                                 lessons.from_exchange(ex, "feedback", "Off by one.", FEEDBACK_TEMPLATE),
+                                 lessons.from_exchange(ex, "hindsight", "Wrong again!", HINDSIGHT_TEMPLATE)])
+        demo, feedback, hindsight = (lessons.to_example(store.lesson(i)) for i in ids)
+    assert demo == Example(ex["messages"], "6", None, f"store:lesson/{ids[0]}")
+    assert (feedback.demonstration, feedback.context) == ("", {"answer": "7", "feedback": "Off by one."})
+    last = teacher_messages(feedback, TEACHER_TEMPLATE)[-1]["content"]  # the lesson's own template wins
+    assert last == FEEDBACK_TEMPLATE.format(question="And 3+3?", answer="7", feedback="Off by one.")
+    last = teacher_messages(hindsight, TEACHER_TEMPLATE)[-1]["content"]
+    assert last == HINDSIGHT_TEMPLATE.format(question="And 3+3?", answer="7", followup="Wrong again!")
+    assert teacher_messages(demo, TEACHER_TEMPLATE)[:-1] == ex["messages"][:-1]  # history kept, last turn replaced
+
+
+def test_export_reads_back_as_the_same_examples_and_imports(tmp_path):
+    with Store(tmp_path / "a") as store:
+        ex = store.exchange(_exchange(store, tools=[{"type": "function", "function": {"name": "add"}}]))
+        store.add_lessons([lessons.from_exchange(ex, "demonstration", "4"),
+                           lessons.from_exchange(ex, "feedback", "It is 4.", FEEDBACK_TEMPLATE)])
+        assert lessons.export(store, tmp_path / "l.jsonl") == 2
+        before = [lessons.to_example(r) for r in store.lessons()]
+    after = load_examples(tmp_path / "l.jsonl")  # the formats `train --data` reads, in one file
+    strip = lambda e: (e.prompt, e.demonstration, e.tools, e.teacher_template, e.context)  # noqa: E731
+    assert list(map(strip, after)) == list(map(strip, before))
+    with Store(tmp_path / "b") as other:
+        assert lessons.import_file(other, tmp_path / "l.jsonl") == [1, 2]
+        assert [(r["kind"], r["text"], r["answer"]) for r in other.lessons()] == [("import", "4", None),
+                                                                                  ("feedback", "It is 4.", "5")]
+
+
+def test_import_checks_every_line_before_storing_any(tmp_path):
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text(json.dumps({"prompt": "Hi", "completion": "Hello"}) + "\n" + json.dumps({"prompt": "Hi"}) + "\n")
+    with Store(tmp_path) as store:
+        with pytest.raises(InputError, match=rf"{re.escape(str(bad))}:2: unknown format"):
+            lessons.import_file(store, bad)
+        assert store.lessons() == []
+
+
+WRITER = """
+import sys
+from mlx_sdft.store.db import Store
+store = Store(sys.argv[1])
+for i in range(int(sys.argv[3])):
+    store.add_exchange(messages=[{"role": "user", "content": f"{sys.argv[2]} {i}"}], answer="a", model="m",
+                       version=0, sampling={}, finish_reason="stop", prompt_tokens=1, completion_tokens=1)
+    store.add_lesson(kind="import", prompt=[{"role": "user", "content": "q"}], text=f"{sys.argv[2]} {i}")
+"""
+
+
+def test_two_processes_write_at_once_without_losing_a_row(tmp_path):
+    n = 150
+    procs = [subprocess.Popen([sys.executable, "-c", WRITER, str(tmp_path), name, str(n)]) for name in "ab"]
+    assert [p.wait(timeout=120) for p in procs] == [0, 0]
+    with Store(tmp_path) as store:
+        assert len(store.exchanges()) == 2 * n and len(store.lessons()) == 2 * n
+        assert {r["text"] for r in store.lessons()} == {f"{c} {i}" for c in "ab" for i in range(n)}
+    assert sqlite3.connect(tmp_path / FILENAME).execute("PRAGMA integrity_check").fetchone()[0] == "ok"
+
+
+def test_current_version_pointer(tmp_path):
+    assert versions.current(tmp_path) == 0
+    with pytest.raises(InputError, match="no adapter folder"):
+        versions.set_current(tmp_path, 3) or versions.current(tmp_path)
+    versions.version_dir(tmp_path, 3).mkdir(parents=True)
+    (versions.version_dir(tmp_path, 3) / "adapter_config.json").write_text("{}")
+    assert versions.current(tmp_path) == 3 and versions.version_dir(tmp_path, 3).name == "0003"
+    (tmp_path / versions.CURRENT).write_text('{"version": "x"}')
+    with pytest.raises(InputError, match="integer"):
+        versions.current(tmp_path)
+
+
+# ---- the commands ----------------------------------------------------------------------------
+
+
+def _run(*args):
+    return runner.invoke(app, [str(a) for a in args])
+
+
+def test_teach_and_lessons_round_trip(tmp_path):
+    home = tmp_path / "home"
+    with Store(home) as store:
+        id = _exchange(store)
+    result = _run("teach", "--home", home, "--list")
+    assert result.exit_code == 0 and result.stdout.startswith(id) and "'What is 2+2?' -> '5'" in result.stdout
+    assert _run("teach", id, "--home", home, "--answer", "4").stdout.strip() == f"lesson 1 (demonstration) on exchange {id}"
+    assert _run("teach", id, "--home", home, "--feedback", "Count again.").exit_code == 0
+    listed = json.loads(_run("lessons", "--home", home, "--json").stdout)
+    assert [(r["kind"], r["text"], r["exchange_id"]) for r in listed] == [("demonstration", "4", id),
+                                                                          ("feedback", "Count again.", id)]
+    shown = _run("lessons", "show", "2", "--home", home).stdout
+    assert "model's answer: 5" in shown and "This is feedback on that response:\nCount again." in shown
+    out = tmp_path / "lessons.jsonl"
+    assert _run("lessons", "--home", home, "--export", out).exit_code == 0
+    assert _run("teach", "--home", tmp_path / "other", "--import", out).stdout.startswith("imported 2 lessons (1..2)")
+    assert _run("lessons", "delete", "1", "--home", home).exit_code == 0
+    assert [r["id"] for r in json.loads(_run("lessons", "--home", home, "--json").stdout)] == [2]
+    assert _run("lessons", "purge", "--home", home, "--yes").stdout.startswith("purged 2 lessons")
+    assert _run("teach", "--home", home, "--forget-exchanges", "--yes").stdout.startswith("forgot 1 exchanges")
+
+
+@pytest.mark.parametrize("args, message", [
+    (["ex-nope", "--answer", "x"], "ex-nope: no such exchange"),
+    (["ex-nope"], "give one of --answer, --feedback"),
+    ([], "give one of EXCHANGE"),
+    (["--list", "--import", "f.jsonl"], r"got --list, --import"),
+    (["--answer", "x"], "name the exchange"),
+    (["--list", "--redact", "("], r"--redact: '\(' is not a regular expression"),
+    (["--list", "--feedback-template", "{question}"], r"--feedback-template: must contain \{answer\}"),
+])
+def test_teach_bad_input_is_one_line(tmp_path, args, message):
+    result = _run("teach", "--home", tmp_path, *args)
+    assert result.exit_code == 2, result.output
+    assert len(result.stderr.strip().splitlines()) == 1 and re.search(message, result.stderr), result.stderr
+
+
+def test_lessons_bad_id_and_export_of_nothing(tmp_path):
+    for args, message in ((["show", "7"], "lesson 7: no such lesson"), (["--export", tmp_path / "x.jsonl"], "no lessons")):
+        result = _run("lessons", *args, "--home", tmp_path)
+        assert result.exit_code == 2 and message in result.stderr, result.output
+    assert not (tmp_path / "x.jsonl").exists()
+
+
+def test_exported_feedback_lessons_train(tiny_model, tmp_path):
+    """`lessons --export` output goes straight into `train`: the feedback lesson's own template reaches the
+    teacher; --method sft refuses it (it has no demonstration)."""
+    home = tmp_path / "home"
+    with Store(home) as store:
+        ex = store.exchange(_exchange(store))
+        store.add_lessons([lessons.from_exchange(ex, "feedback", "Count again.", FEEDBACK_TEMPLATE),
+                           lessons.from_exchange(ex, "demonstration", "4")])
+    data = tmp_path / "lessons.jsonl"
+    assert _run("lessons", "--home", home, "--export", data).exit_code == 0
+    common = ["--model", tiny_model, "--data", data, "--iters", 1, "--batch-size", 2, "--max-completion-length", 4,
+              "--num-layers", 1, "--adapter-path", tmp_path / "a"]
+    result = _run("train", *common)
+    assert result.exit_code == 0, result.output
+    assert "This is feedback on that response:" in result.stderr  # the first lesson's teacher prompt
+    result = _run("train", *common, "--method", "sft")
+    assert result.exit_code == 2 and f"{data}:1: this example has a teacher context but no demonstration" in result.stderr
