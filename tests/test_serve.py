@@ -1,0 +1,272 @@
+"""`mlx-sdft serve` as a user runs it: a subprocess on a free 127.0.0.1 port, a real HTTP client
+(urllib), the store read back after each request, `kill -9` between and during requests, and
+adapter versions switched between requests. Every server is stopped by its own PID."""
+
+import json
+import os
+import signal
+import sqlite3
+import subprocess
+import sys
+import threading
+import time
+import urllib.error
+import urllib.request
+from contextlib import contextmanager
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from mlx_sdft.cli import app
+from mlx_sdft.store import versions
+from mlx_sdft.store.db import FILENAME, Store
+
+HELLO = [{"role": "user", "content": "Hi there?"}]
+
+
+class Served:
+    def __init__(self, proc: subprocess.Popen, url: str, home: Path, log: Path):
+        self.proc, self.url, self.home, self.log = proc, url, home, log
+
+    def call(self, path: str, body=None, key: str | None = None, raw: bytes | None = None, stream: bool = False):
+        """(status, parsed JSON) — or (status, list of SSE data payloads) with `stream`."""
+        data = raw if raw is not None else (None if body is None else json.dumps(body).encode())
+        headers = {"Content-Type": "application/json", **({"Authorization": f"Bearer {key}"} if key else {})}
+        request = urllib.request.Request(self.url + path, data=data, headers=headers)
+        try:
+            with urllib.request.urlopen(request, timeout=120) as response:
+                status, text = response.status, response.read().decode()
+        except urllib.error.HTTPError as e:
+            status, text = e.code, e.read().decode()
+        if stream and status == 200:
+            return status, [line[6:] for line in text.splitlines() if line.startswith("data: ")]
+        return status, json.loads(text)
+
+    def chat(self, messages=HELLO, **kw):
+        status, body = self.call("/v1/chat/completions", {"messages": messages, "max_tokens": 6, "temperature": 0, **kw})
+        assert status == 200, body
+        return body
+
+    def store(self) -> Store:
+        return Store(self.home)
+
+
+@contextmanager
+def serving(model, home: Path, *args):
+    """`mlx-sdft serve --port 0` until the block ends; then SIGKILL by its own PID if still running."""
+    home.mkdir(parents=True, exist_ok=True)
+    log = home / f"serve-{time.monotonic_ns()}.log"
+    with open(log, "w") as err:
+        proc = subprocess.Popen([sys.executable, "-m", "mlx_sdft", "serve", "--model", str(model), "--home", str(home),
+                                 "--port", "0", *map(str, args)], stdout=subprocess.DEVNULL, stderr=err)
+    try:
+        deadline = time.time() + 120
+        while "listening on http://" not in log.read_text():
+            assert proc.poll() is None and time.time() < deadline, log.read_text()
+            time.sleep(0.05)
+        url = log.read_text().split("listening on ", 1)[1].split("/v1", 1)[0]
+        yield Served(proc, url, home, log)
+    finally:
+        if proc.poll() is None:
+            os.kill(proc.pid, signal.SIGKILL)
+        proc.wait()
+
+
+@pytest.fixture(scope="module")
+def server(tiny_model, tmp_path_factory):
+    with serving(tiny_model, tmp_path_factory.mktemp("home"), "--hindsight") as served:
+        yield served
+
+
+def _count(served, table="exchanges") -> int:
+    con = sqlite3.connect(served.home / FILENAME)
+    try:
+        return con.execute(f"SELECT COUNT(*) FROM {table}").fetchone()[0]
+    finally:
+        con.close()
+
+
+def test_chat_completion_is_the_stored_exchange(server):
+    body = server.chat(seed=3, max_tokens=5)
+    assert body["object"] == "chat.completion" and body["id"].startswith("ex-")
+    [choice] = body["choices"]
+    assert choice["message"]["role"] == "assistant" and choice["finish_reason"] in ("stop", "length")
+    usage = body["usage"]
+    assert usage["total_tokens"] == usage["prompt_tokens"] + usage["completion_tokens"] and 1 <= usage["completion_tokens"] <= 5
+    with server.store() as store:
+        row = store.exchange(body["id"])
+    assert row["messages"] == HELLO and row["answer"] == choice["message"]["content"] and row["version"] == 0
+    assert row["sampling"] == {"temperature": 0.0, "top_p": 1.0, "max_tokens": 5, "seed": 3}
+    assert (row["prompt_tokens"], row["completion_tokens"]) == (usage["prompt_tokens"], usage["completion_tokens"])
+    status, models = server.call("/v1/models")
+    assert status == 200 and models["data"][0]["adapter_version"] == 0
+
+
+def test_streamed_completion_matches_and_is_stored(server):
+    whole = server.chat(max_tokens=8)
+    status, events = server.call("/v1/chat/completions", {"messages": HELLO, "max_tokens": 8, "temperature": 0,
+                                                          "stream": True, "stream_options": {"include_usage": True}},
+                                 stream=True)
+    assert status == 200 and events[-1] == "[DONE]"
+    chunks = [json.loads(e) for e in events[:-1]]
+    assert {c["object"] for c in chunks} == {"chat.completion.chunk"} and len({c["id"] for c in chunks}) == 1
+    assert chunks[0]["choices"][0]["delta"] == {"role": "assistant", "content": ""}
+    text = "".join(c["choices"][0]["delta"].get("content", "") for c in chunks if c["choices"])
+    assert text == whole["choices"][0]["message"]["content"]  # greedy: the same answer either way
+    assert chunks[-2]["choices"][0]["finish_reason"] == whole["choices"][0]["finish_reason"]
+    assert chunks[-1]["choices"] == [] and chunks[-1]["usage"] == whole["usage"]
+    with server.store() as store:
+        assert store.exchange(chunks[0]["id"])["answer"] == text
+
+
+def test_feedback_by_id_becomes_a_lesson(server):
+    id = server.chat()["id"]
+    before = _count(server, "lessons")
+    status, lesson = server.call("/v1/feedback", {"id": id, "answer": "Hello! How can I help?"})
+    assert status == 200 and lesson["kind"] == "demonstration" and lesson["exchange"] == id
+    status, lesson2 = server.call("/v1/feedback", {"id": id, "feedback": "Greet me by name."})
+    assert status == 200 and lesson2["kind"] == "feedback"
+    with server.store() as store:
+        demo, feedback = store.lesson(lesson["id"]), store.lesson(lesson2["id"])
+        answer = store.exchange(id)["answer"]
+    assert (demo["prompt"], demo["text"], demo["state"]) == (HELLO, "Hello! How can I help?", "new")
+    assert (feedback["answer"], feedback["text"]) == (answer, "Greet me by name.")
+    assert "{feedback}" in feedback["teacher_template"]
+    assert _count(server, "lessons") == before + 2
+
+
+@pytest.mark.parametrize("path, body, status, kind", [
+    ("/v1/chat/completions", b"{not json", 400, "invalid_request_error"),
+    ("/v1/chat/completions", {"messages": []}, 400, "invalid_request_error"),
+    ("/v1/chat/completions", {"messages": [{"role": "robot", "content": "x"}]}, 400, "invalid_request_error"),
+    ("/v1/chat/completions", {"messages": HELLO, "temperature": "hot"}, 400, "invalid_request_error"),
+    ("/v1/chat/completions", {"messages": HELLO, "stream": True, "n": 2}, 400, "invalid_request_error"),
+    ("/v1/chat/completions", [1, 2], 400, "invalid_request_error"),
+    ("/v1/feedback", {"id": "ex-0000000000", "answer": "x"}, 404, "not_found_error"),
+    ("/v1/feedback", {"id": "ex-0000000000"}, 400, "invalid_request_error"),
+    ("/v1/feedback", {"id": "ex-0000000000", "answer": " "}, 400, "invalid_request_error"),
+    ("/v1/nothing", {}, 404, "not_found_error"),
+])
+def test_bad_requests_get_a_status_and_store_nothing(server, path, body, status, kind):
+    before = _count(server), _count(server, "lessons")
+    got, error = server.call(path, raw=body if isinstance(body, bytes) else json.dumps(body).encode())
+    assert got == status and error["error"]["type"] == kind and error["error"]["message"], error
+    assert (_count(server), _count(server, "lessons")) == before
+
+
+def test_hindsight_lesson_from_a_follow_up(server):
+    first = server.chat([{"role": "user", "content": "Name a colour."}])
+    answer = first["choices"][0]["message"]["content"]
+    before = _count(server, "lessons")
+    follow = [{"role": "user", "content": "Name a colour."}, {"role": "assistant", "content": answer},
+              {"role": "user", "content": "No, a warm one."}]
+    server.chat(follow)
+    with server.store() as store:
+        lesson = store.lessons()[-1]
+    assert _count(server, "lessons") == before + 1
+    assert (lesson["kind"], lesson["exchange_id"], lesson["text"], lesson["answer"]) == (
+        "hindsight", first["id"], "No, a warm one.", answer)
+    assert lesson["prompt"] == [{"role": "user", "content": "Name a colour."}]
+
+
+def test_api_key_is_required_and_checked(tiny_model, tmp_path):
+    result = CliRunner().invoke(app, ["serve", "--model", str(tiny_model), "--host", "0.0.0.0", "--home", str(tmp_path)])
+    assert result.exit_code == 2 and "--api-key: required to listen on '0.0.0.0'" in result.stderr
+    with serving(tiny_model, tmp_path / "home", "--api-key", "s3cret") as served:
+        for key in (None, "wrong"):
+            status, error = served.call("/v1/chat/completions", {"messages": HELLO, "max_tokens": 2}, key=key)
+            assert status == 401 and error["error"]["type"] == "authentication_error"
+        assert served.call("/v1/models")[0] == 401 and _count(served) == 0
+        status, body = served.call("/v1/chat/completions", {"messages": HELLO, "max_tokens": 2}, key="s3cret")
+        assert status == 200 and _count(served) == 1
+
+
+def _write_version(model_path, home, version: int, rank: int, seed: int) -> None:
+    import mlx.core as mx
+
+    from mlx_sdft.core.teacher import trainable_leaves
+    from mlx_sdft.formats.models import attach_adapters, load
+
+    model = load(model_path)
+    params = {"rank": rank, "scale": 20.0, "dropout": 0.0}
+    attach_adapters(model, "lora", 2, params)
+    mx.random.seed(seed)
+    weights = {k: 0.5 * mx.random.normal(v.shape) for k, v in trainable_leaves(model).items()}
+    folder = versions.version_dir(home, version)
+    folder.mkdir(parents=True)
+    mx.save_safetensors(str(folder / "adapters.safetensors"), weights)
+    (folder / "adapter_config.json").write_text(json.dumps({"fine_tune_type": "lora", "num_layers": 2,
+                                                            "lora_parameters": params}))
+
+
+def test_adapter_versions_switch_between_requests(tiny_model, tmp_path):
+    home = tmp_path / "home"
+    _write_version(tiny_model, home, 1, rank=4, seed=1)
+    _write_version(tiny_model, home, 2, rank=8, seed=2)  # another rank: the server reloads the base weights
+    with serving(tiny_model, home) as served:
+        base = served.chat(max_tokens=12)
+        answers = {}
+        for version in (1, 2, 1, 0):
+            versions.set_current(home, version)
+            body = served.chat(max_tokens=12)
+            assert body["system_fingerprint"] == f"adapters-v{version}"
+            answers.setdefault(version, body["choices"][0]["message"]["content"])
+            assert body["choices"][0]["message"]["content"] == answers[version]  # back to a version: same answer
+            with served.store() as store:
+                assert store.exchange(body["id"])["version"] == version
+        assert answers[0] == base["choices"][0]["message"]["content"]  # adapters off again: the base model
+        assert len({answers[0], answers[1], answers[2]}) == 3
+        (home / versions.CURRENT).write_text('{"version": 9}')  # a pointer to nothing: keep serving
+        assert served.chat(max_tokens=12)["system_fingerprint"] == "adapters-v0"
+        assert "cannot switch adapters" in served.log.read_text()
+
+
+def _integrity(home) -> str:
+    con = sqlite3.connect(home / FILENAME)
+    try:
+        return con.execute("PRAGMA integrity_check").fetchone()[0]
+    finally:
+        con.close()
+
+
+def test_kill_9_between_and_during_requests_loses_nothing_committed(tiny_model, tmp_path):
+    home = tmp_path / "home"
+    with serving(tiny_model, home) as served:
+        kept = [served.chat(max_tokens=3)["id"] for _ in range(3)]
+        os.kill(served.proc.pid, signal.SIGKILL)  # between requests
+        served.proc.wait()
+    assert _integrity(home) == "ok"
+    with Store(home) as store:
+        assert all(store.exchange(i) for i in kept)
+
+    with serving(tiny_model, home) as served:  # during requests: three clients and a long stream, killed at once
+        received, stop = [], threading.Event()
+
+        def client():
+            while not stop.is_set():
+                try:
+                    received.append(served.chat(max_tokens=4)["id"])  # an answer received was committed first
+                except Exception:  # the server died under this request
+                    return
+
+        threads = [threading.Thread(target=client) for _ in range(3)]
+        for t in threads:
+            t.start()
+        while len(received) < 4:
+            time.sleep(0.01)
+        request = urllib.request.Request(served.url + "/v1/chat/completions", headers={"Content-Type": "application/json"},
+                                         data=json.dumps({"messages": HELLO, "max_tokens": 4000, "temperature": 0,
+                                                          "stream": True}).encode())
+        with urllib.request.urlopen(request, timeout=60) as response:
+            first = json.loads(response.readline()[6:])  # the stream has begun
+            os.kill(served.proc.pid, signal.SIGKILL)
+        served.proc.wait()
+        stop.set()
+        for t in threads:
+            t.join(timeout=30)
+    assert _integrity(home) == "ok"
+    with Store(home) as store:
+        assert [i for i in kept + received if store.exchange(i) is None] == []
+        assert store.exchange(first["id"]) is None  # the exchange in flight is lost, and only it
+        assert len(store.exchanges()) >= len(kept) + len(received)
