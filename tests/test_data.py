@@ -265,3 +265,30 @@ def test_bad_line(tmp_path, line, expected):
 def test_long_values_are_shortened_in_messages(tmp_path):
     path = write(tmp_path / "d.jsonl", msgs({"role": "x" * 1000 + "\n", "content": "c"}, asst()))
     assert error(load_examples, path) == f'{path}:1: messages[0].role "{"x" * 36}... is not one of {ROLES}'
+
+
+OWN_LINE = {"prompt": "What is 2+2?", "teacher_template": "{question} You said {answer}; {feedback}",
+            "context": {"answer": "5", "feedback": "count again."}}
+
+
+def test_own_teacher_template_format_mixes_with_any(tmp_path):
+    path = write(tmp_path / "d.jsonl", COMPLETION_LINE, OWN_LINE, MESSAGES_LINE | {"messages": [USER, asst()]})
+    with pytest.raises(InputError, match="mixed formats: line 1 is prompt/completion, this line is messages"):
+        load_examples(path)  # the lesson line mixes, the other two still may not
+    first, second = load_examples(write(tmp_path / "e.jsonl", COMPLETION_LINE, OWN_LINE))
+    assert first.teacher_template is None and first.context is None
+    assert second == Example(as_user("What is 2+2?"), "", None, f"{tmp_path / 'e.jsonl'}:2", OWN_LINE["teacher_template"],
+                             OWN_LINE["context"])
+
+
+@pytest.mark.parametrize("change, message", [
+    ({"teacher_template": "no question slot"}, '"teacher_template" must be a string with {question} (got a string)'),
+    ({"context": None}, '"context" must be an object of answer, feedback, followup (got null)'),
+    ({"context": {"answer": "5", "mood": "x"}}, 'context key "mood" is not one of answer, feedback, followup'),
+    ({"context": {"answer": "5", "feedback": " "}}, "context.feedback must be a non-empty string (got a blank string)"),
+    ({"context": {"answer": "5"}}, '"teacher_template" has {feedback} but "context" has no "feedback"'),
+    ({"completion": "4"}, "ambiguous line: it has the keys of both prompt/completion and prompt/teacher_template; keep one"),
+])
+def test_own_teacher_template_errors(tmp_path, change, message):
+    path = write(tmp_path / "d.jsonl", OWN_LINE | change)
+    assert error(load_examples, path) == f"{path}:1: {message}"

@@ -63,3 +63,19 @@ def test_missing_chat_template_says_how_to_supply_one(tmp_path):
         student_text(load_tokenizer(path), EXAMPLE)
     tok = load_tokenizer(path, chat_template=CHAT_TEMPLATE)
     assert student_text(tok, EXAMPLE).endswith("<|im_start|>assistant\n")
+
+
+def test_context_slots_fill_in_one_pass_and_unknown_slots_stay():
+    template = "{question}|{answer}|{feedback}|{followup}|{other}"
+    assert fill_template(template, "Q {answer}", "", answer="A", feedback="F") == "Q {answer}|A|F|{followup}|{other}"
+
+
+def test_an_example_with_its_own_template_overrides_the_run_template(tiny):
+    _, tok = tiny
+    own = Example(EXAMPLE.prompt, "", None, "lesson", "{question} Earlier: {answer}. Feedback: {feedback}",
+                  {"answer": "Cusco", "feedback": "That was the Inca capital."})
+    assert teacher_messages(own, TEACHER_TEMPLATE)[-1]["content"] == (
+        "What is the capital of Peru? Earlier: Cusco. Feedback: That was the Inca capital.")
+    [plain, pair] = encode_examples(tok, [EXAMPLE, own], TEACHER_TEMPLATE, max_seq_length=2048)
+    assert plain.student_ids == pair.student_ids  # the student never sees the lesson's context
+    assert tok.decode(pair.teacher_ids) == teacher_text(tok, own, TEACHER_TEMPLATE) and "Cusco" in tok.decode(pair.teacher_ids)
