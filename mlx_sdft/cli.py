@@ -127,30 +127,26 @@ def _serve(cfg: ServeConfig) -> None:
     run(cfg)
 
 
-def _printing(action: Callable, confirm: str | None = None) -> Callable:
-    """An action of jobs/teach.py whose lines are printed; `confirm` asks first unless --yes."""
+def _printing(name: str, ask: Callable | None = None) -> Callable:
+    """Run `jobs.teach.NAME(options)` and print its lines; `ask(options)` may return a question to
+    confirm first (a deletion), skipped with --yes."""
 
     def run(cfg) -> None:
-        if confirm and not getattr(cfg, "yes", False) and getattr(cfg, confirm.split(":")[0], True):
-            typer.confirm(confirm.split(":")[1].format(home=cfg.home), abort=True)
-        for line in action(cfg):
-            typer.echo(line)
-
-    return run
-
-
-def _teach_action(name: str) -> Callable:
-    def run(cfg):
         from mlx_sdft.jobs import teach
 
-        return getattr(teach, name)(cfg)
+        question = ask(cfg) if ask and not cfg.yes else None
+        if question:
+            typer.confirm(question, abort=True)
+        for line in getattr(teach, name)(cfg):
+            typer.echo(line)
 
     return run
 
 
 _command("serve", ServeConfig, _serve, "Serve the model with its current adapters (OpenAI-compatible), keeping "
          "every exchange in --home.", "YAML file with serve options.")
-_command("teach", TeachConfig, _printing(_teach_action("teach"), "forget_exchanges:Delete every exchange in {home}?"),
+_command("teach", TeachConfig,
+         _printing("teach", lambda cfg: cfg.forget_exchanges and f"Delete every exchange in {cfg.home}?"),
          "Correct a stored exchange (--answer, --feedback), list them, import lessons, or forget them.", None)
 lessons_app = typer.Typer(name="lessons", no_args_is_help=False, invoke_without_command=True,
                           help="The lessons in --home: list (--json), --export FILE, show ID, delete ID, purge.")
@@ -162,18 +158,18 @@ def _lessons(ctx: typer.Context, **flags) -> None:
     """List the lessons, or write them with --export for `mlx-sdft train --data`."""
     if ctx.invoked_subcommand is None:
         with _one_line_errors("lessons"):
-            _printing(_teach_action("listing"))(load_config(None, flags, LessonsConfig))
+            _printing("listing")(load_config(None, flags, LessonsConfig))
 
 
 _lessons.__signature__ = inspect.Signature(
     [inspect.Parameter("ctx", inspect.Parameter.POSITIONAL_OR_KEYWORD, annotation=typer.Context),
      *map(_option, _fields(LessonsConfig, _LESSON_LIST))])
 lessons_app.callback(invoke_without_command=True)(_lessons)
-_command("show", LessonsConfig, _printing(_teach_action("show")), "Show one lesson in full, with its teacher's context.",
+_command("show", LessonsConfig, _printing("show"), "Show one lesson in full, with its teacher's context.",
          None, ("lesson", "home", "json"), lessons_app)
-_command("delete", LessonsConfig, _printing(_teach_action("delete")), "Delete one lesson (its texts are erased).",
+_command("delete", LessonsConfig, _printing("delete"), "Delete one lesson (its texts are erased).",
          None, ("lesson", "home"), lessons_app)
-_command("purge", LessonsConfig, _printing(_teach_action("purge"), "home:Delete every lesson in {home}?"),
+_command("purge", LessonsConfig, _printing("purge", lambda cfg: f"Delete every lesson in {cfg.home}?"),
          "Delete every lesson and compact the store.", None, ("home", "yes"), lessons_app)
 
 

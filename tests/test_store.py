@@ -251,3 +251,15 @@ def test_readme_and_help_list_every_personal_option(command):
         if not f.metadata["argument"]:
             assert f"`{flag}`" in readme, flag
             assert listed and f.name not in listed or flag in shown, flag
+
+
+def test_purge_and_forget_ask_first(tmp_path):
+    with Store(tmp_path) as store:
+        _exchange(store)
+        store.add_lesson(kind="import", prompt=MESSAGES, text="4")
+    for args in (["lessons", "purge"], ["teach", "--forget-exchanges"]):
+        result = runner.invoke(app, [*args, "--home", str(tmp_path)], input="n\n")
+        assert result.exit_code != 0 and "Delete every" in result.output
+    with Store(tmp_path) as store:
+        assert len(store.lessons()) == 1 and len(store.exchanges()) == 1
+    assert runner.invoke(app, ["lessons", "purge", "--home", str(tmp_path)], input="y\n").exit_code == 0

@@ -1,7 +1,7 @@
 """Demonstration data: `--data` (.jsonl files) in, validated `Example`s out.
 
 `--data` is one .jsonl file, or a folder holding train.jsonl and optionally valid.jsonl and
-test.jsonl. Each line is one example, in one of three formats, detected per file from its
+test.jsonl. Each line is one example, in one of four formats, detected per file from its
 first non-blank line (every other line must use the same one):
 
     {"messages": [..., {"role": "assistant", "content": DEMO}], "tools": [...]}
@@ -147,7 +147,7 @@ def _parse_json(text: str, where: str) -> Any:
 
 
 def _format_of(obj: Any, where: str) -> str:
-    """Which of the three formats a parsed line uses; extra keys are ignored, as in mlx-lm."""
+    """Which of the formats a parsed line uses; extra keys are ignored, as in mlx-lm."""
     if not isinstance(obj, dict):
         raise InputError(f"{where}: each line must be a JSON object ({_got(obj)})")
     found = ["messages"] if "messages" in obj else []

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import hmac
 import json
+import signal
 import sys
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
@@ -183,6 +184,10 @@ class Server(ThreadingHTTPServer):
         return id
 
 
+def _interrupt(signum, frame) -> None:
+    raise KeyboardInterrupt
+
+
 def run(cfg: ServeConfig) -> None:
     """Serve until Ctrl-C or SIGTERM. Bad options, model or store: InputError before listening."""
     store = Store(cfg.home, cfg.redact)
@@ -191,6 +196,7 @@ def run(cfg: ServeConfig) -> None:
         server = Server(cfg, engine, store)
     except OSError as e:
         raise InputError(f"--host/--port: cannot listen on {cfg.host}:{cfg.port} ({e.strerror or e})") from None
+    signal.signal(signal.SIGTERM, _interrupt)  # stop as Ctrl-C does: the store closes cleanly
     host, port = server.server_address[:2]
     print(f"mlx-sdft serve: listening on http://{host}:{port}/v1 (model {cfg.model}, adapter version "
           f"{engine.version}, store {store.path})", file=sys.stderr, flush=True)
