@@ -200,6 +200,27 @@ def _write_version(model_path, home, version: int, rank: int, seed: int) -> None
                                                             "lora_parameters": params}))
 
 
+def _train_version(model_path, home, version: int) -> None:
+    from mlx_sdft.config import load_config
+    from mlx_sdft.jobs.train import run_train
+
+    data = Path(__file__).resolve().parents[1] / "recipes" / "smoke" / "data"
+    run_train(load_config(None, {"model": str(model_path), "data": str(data), "iters": 1, "batch_size": 2,
+                                 "max_completion_length": 4, "learning_rate": 0.05, "num_layers": -1,
+                                 "adapter_path": str(versions.version_dir(home, version))}), quiet=True)
+
+
+def _mlx_lm_answer(model_path, adapter_path, max_tokens: int) -> str:
+    from mlx_lm import generate, load
+    from mlx_lm.sample_utils import make_sampler
+
+    from mlx_sdft.core.prompts import encode, render
+
+    model, tokenizer = load(str(model_path), adapter_path=str(adapter_path))
+    ids = encode(tokenizer, render(tokenizer, HELLO))
+    return generate(model, tokenizer, ids, max_tokens=max_tokens, sampler=make_sampler(temp=0.0))
+
+
 def test_adapter_versions_switch_between_requests(tiny_model, tmp_path):
     home = tmp_path / "home"
     _write_version(tiny_model, home, 1, rank=4, seed=1)
@@ -217,8 +238,15 @@ def test_adapter_versions_switch_between_requests(tiny_model, tmp_path):
                 assert store.exchange(body["id"])["version"] == version
         assert answers[0] == base["choices"][0]["message"]["content"]  # adapters off again: the base model
         assert len({answers[0], answers[1], answers[2]}) == 3
+        for version in (1, 2):  # what mlx-lm itself answers with each adapter folder
+            assert answers[version] == _mlx_lm_answer(tiny_model, versions.version_dir(home, version), 12)
+        _train_version(tiny_model, home, 3)  # the folder `mlx-sdft train` writes is a version as it is
+        versions.set_current(home, 3)
+        body = served.chat(max_tokens=12)
+        assert body["system_fingerprint"] == "adapters-v3"
+        assert body["choices"][0]["message"]["content"] == _mlx_lm_answer(tiny_model, versions.version_dir(home, 3), 12)
         (home / versions.CURRENT).write_text('{"version": 9}')  # a pointer to nothing: keep serving
-        assert served.chat(max_tokens=12)["system_fingerprint"] == "adapters-v0"
+        assert served.chat(max_tokens=12)["system_fingerprint"] == "adapters-v3"
         assert "cannot switch adapters" in served.log.read_text()
 
 
