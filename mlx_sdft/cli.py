@@ -236,8 +236,11 @@ def main() -> None:
         if type(e).__name__ == "NoArgsIsHelpError":
             app(["--help"], standalone_mode=False)
             sys.exit(0)
-        ctx = getattr(e, "ctx", None)
-        command = f"mlx-sdft {ctx.info_name}" if ctx is not None and ctx.parent is not None else "mlx-sdft"
+        ctx, names = getattr(e, "ctx", None), []
+        while ctx is not None and ctx.parent is not None:  # "lessons show", not just "show"
+            names.insert(0, ctx.info_name)
+            ctx = ctx.parent
+        command = " ".join(["mlx-sdft", *names])
         typer.echo(f"{command}: error: {e.format_message()}", err=True)
         code = getattr(e, "exit_code", 2)
     except typer.Abort:

@@ -79,7 +79,9 @@ def purge(cfg: LessonsConfig) -> list[str]:
 
 
 def _lesson(store: Store, id: int | None) -> dict:
-    row = store.lesson(id) if id is not None else None
+    if id is None:
+        raise InputError("LESSON: give the lesson's id (see mlx-sdft lessons)")
+    row = store.lesson(id)
     if row is None:
         raise InputError(f"lesson {id}: no such lesson in {store.path} (see mlx-sdft lessons)")
     return row
