@@ -69,7 +69,9 @@ class Handler(BaseHTTPRequestHandler):
         try:
             length = int(self.headers.get("Content-Length", 0))
         except ValueError:
-            raise BadRequest("bad Content-Length") from None
+            length = -1
+        if length < 0:
+            raise BadRequest("bad Content-Length")
         if length > MAX_BODY:
             raise BadRequest(f"the body is over {MAX_BODY} bytes", 413)
         try:
