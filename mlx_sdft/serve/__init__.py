@@ -1,0 +1,1 @@
+"""`mlx-sdft serve`: the OpenAI-compatible server that answers with the current adapters and keeps every exchange."""
