@@ -155,6 +155,26 @@ def test_bad_requests_get_a_status_and_store_nothing(server, path, body, status,
     assert (_count(server), _count(server, "lessons")) == before
 
 
+TEACHER = """
+import sys
+from mlx_sdft.store.db import Store
+store = Store(sys.argv[1])
+for i in range(100):
+    store.add_lesson(kind="import", prompt=[{"role": "user", "content": "q"}], text=f"while serving {i}")
+"""
+
+
+def test_server_and_another_process_write_at_once(server):
+    before = _count(server, "lessons")
+    writer = subprocess.Popen([sys.executable, "-c", TEACHER, str(server.home)])
+    ids = [server.chat(max_tokens=2)["id"] for _ in range(6)]
+    assert writer.wait(timeout=120) == 0
+    with server.store() as store:
+        assert all(store.exchange(i) for i in ids)
+        assert {r["text"] for r in store.lessons()} >= {f"while serving {i}" for i in range(100)}
+    assert _count(server, "lessons") == before + 100
+
+
 def test_hindsight_lesson_from_a_follow_up(server):
     first = server.chat([{"role": "user", "content": "Name a colour."}])
     answer = first["choices"][0]["message"]["content"]
