@@ -1,8 +1,8 @@
 """`mlx-sdft`: parse flags, validate, call the library. No math and no loops here.
 
 Each command's flags are generated from its options dataclass in config.py, so every default
-and help text is written once. Bad input exits with status 2 and one line; a training run
-that cannot go on exits with status 1.
+and help text is written once. Every command runs through `_one_line_errors`, where `EXIT_STATUS`
+turns what a job raises into one line and an exit status.
 """
 
 from __future__ import annotations
@@ -45,14 +45,28 @@ def _fields(options: type, names: tuple[str, ...] | None) -> list[dataclasses.Fi
     return [f for f in cli_fields(options) if names is None or f.name in names]
 
 
+# What a job raises → exit status: bad input 2, a run that cannot go on 1, Ctrl-C 130 (the
+# shell's 128 + SIGINT). Anything else is a bug and keeps its traceback.
+EXIT_STATUS = {InputError: 2, TrainingError: 1, Interrupted: 130, KeyboardInterrupt: 130}
+# How each command that saves its progress carries on after a Ctrl-C.
+RESUME_HINT = {"train": "continue with the same command plus --resume",
+               "continual": "run the same command again: finished stages are kept, the interrupted one starts over"}
+
+
 @contextmanager
 def _one_line_errors(name: str):
-    """Bad input: one line and exit status 2; a run that cannot go on: one line and status 1."""
+    """The single wrapper of every command: an exception of `EXIT_STATUS` becomes one line on
+    stderr and its exit status; a Ctrl-C also says how to carry on."""
     try:
         yield
-    except (InputError, TrainingError) as e:
-        typer.echo(f"mlx-sdft {name}: error: {e}", err=True)
-        raise typer.Exit(2 if isinstance(e, InputError) else 1)
+    except tuple(EXIT_STATUS) as e:
+        status = next(code for kind, code in EXIT_STATUS.items() if isinstance(e, kind))
+        if status == 130:
+            hint = RESUME_HINT.get(name)
+            typer.echo(f"mlx-sdft {name}: {str(e) or 'interrupted'}" + (f"; {hint}" if hint else ""), err=True)
+        else:
+            typer.echo(f"mlx-sdft {name}: error: {e}", err=True)
+        raise typer.Exit(status)
 
 
 def _command(name: str, options: type, action: Callable, help: str, yaml_help: str | None,
@@ -76,11 +90,7 @@ def _command(name: str, options: type, action: Callable, help: str, yaml_help: s
 def _train(cfg: Config) -> None:
     from mlx_sdft.jobs.train import run_train  # heavy imports only once the options are known to be good
 
-    try:
-        run_train(cfg)
-    except Interrupted as e:
-        typer.echo(f"mlx-sdft train: {e}; continue with the same command plus --resume", err=True)
-        raise typer.Exit(130)
+    run_train(cfg)
     if cfg.dry_run:
         return
     from mlx_sdft.formats.models import resolve
@@ -219,7 +229,9 @@ def doctor() -> None:
     """Print what MLX sees on this machine: backend (Metal, CUDA, CPU), device, memory, BLAS, versions."""
     from mlx_sdft.machine.doctor import report
 
-    for key, value in report().items():
+    with _one_line_errors("doctor"):
+        lines = report().items()
+    for key, value in lines:
         typer.echo(f"{key:>15}: {value}")
 
 

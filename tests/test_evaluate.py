@@ -179,3 +179,24 @@ def test_each_example_is_rendered_with_its_own_tools(tiny, monkeypatch):
                 for i in range(3)]
     evaluate.evaluate_task(model, tok, examples, exact, 2, batch_size=2)
     assert seen == [None, [{"name": "tool1"}], [{"name": "tool2"}]]
+
+
+@pytest.mark.parametrize("where", ["training", "evaluation"])
+def test_continual_ctrl_c_is_one_line_and_130(tiny_model, tmp_path, monkeypatch, where):
+    """A Ctrl-C while a stage trains (the job raises Interrupted) or while it is evaluated (a bare
+    KeyboardInterrupt) ends `continual` as it ends `train`: one line, status 130, how to carry on."""
+    import mlx_sdft.jobs.continual as continual
+    import mlx_sdft.jobs.train as train
+    from mlx_sdft.errors import Interrupted
+
+    def interrupt(*args, **kwargs):
+        raise Interrupted(2) if where == "training" else KeyboardInterrupt
+
+    monkeypatch.setattr(train, "run_train", interrupt)
+    monkeypatch.setattr(continual, "evaluate_stage", interrupt if where == "evaluation" else lambda *a: {"scores": {}})
+    result = runner.invoke(app, ["continual", "-c", str(_stages(tmp_path, tiny_model))])
+    assert result.exit_code == 130, result.output
+    assert "Traceback" not in result.output
+    line = result.stderr.strip().splitlines()[-1]  # after the console's progress lines
+    assert line.startswith("mlx-sdft continual: interrupted") and "run the same command again" in line, line
+    assert ("after step 2" in line) == (where == "training")
