@@ -11,7 +11,6 @@ import dataclasses
 import inspect
 import sys
 from contextlib import contextmanager
-from pathlib import Path
 from typing import Annotated, Callable, Optional
 
 import typer
@@ -210,16 +209,13 @@ def generate(model: Annotated[str, typer.Option(help="Hub id, model folder or .g
              temperature: Annotated[float, typer.Option(help="0 for greedy.")] = 0.0) -> None:
     """Answer one prompt with the chat template (mlx-lm's generation), with or without adapters."""
     from mlx_lm import generate as mlx_generate
-    from mlx_lm import load as mlx_load
     from mlx_lm.sample_utils import make_sampler
 
-    from mlx_sdft.formats.models import resolve
+    from mlx_sdft.formats.models import open_model, open_tokenizer
 
     with _one_line_errors("generate"):
-        model_path = resolve(model)
-        if adapter_path and not (Path(adapter_path) / "adapter_config.json").is_file():
-            raise InputError(f"{adapter_path}: not an adapter folder (no adapter_config.json)")
-        loaded, tokenizer = mlx_load(str(model_path), adapter_path=adapter_path)
+        model_path, tokenizer = open_tokenizer(model)
+        loaded, _ = open_model(model_path, adapters=adapter_path)
     text = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True, tokenize=False)
     typer.echo(mlx_generate(loaded, tokenizer, text, max_tokens=max_tokens, sampler=make_sampler(temp=temperature)))
 

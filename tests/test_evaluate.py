@@ -12,7 +12,7 @@ from mlx_sdft.formats.checkpoint import save
 from mlx_sdft.cli import app
 from mlx_sdft.config import Config, load_config
 from mlx_sdft.jobs.evaluate import load_prompts, perplexity, retention_kl
-from mlx_sdft.formats.models import attach_adapters, load, load_adapted, load_tokenizer
+from mlx_sdft.formats.models import Adapters, load_tokenizer, open_model
 from mlx_sdft.core.teacher import trainable_leaves, using
 from mlx_sdft.jobs.train import run_train
 from mlx_sdft.core.train import build_optimizer
@@ -22,8 +22,7 @@ runner = CliRunner()
 
 def _untrained_adapters(tiny_model, out):
     mx.random.seed(0)
-    model = load(tiny_model)
-    attach_adapters(model, "lora", -1, Config().lora_parameters)
+    model, _ = open_model(tiny_model, adapters=Adapters("lora", -1, Config().lora_parameters))
     cfg = Config(model=str(tiny_model), data="-", num_layers=-1)
     save(out, cfg, 0, trainable_leaves(model), None, build_optimizer(cfg, 1), {}, checkpoint=False)
     return out
@@ -40,9 +39,9 @@ def test_retention_kl_is_zero_untrained_and_positive_after_training(tiny_model, 
     tok = load_tokenizer(tiny_model)
     prompts = load_prompts(None, 6)
     assert len(load_prompts(None, 1000)) == 100  # the bundled general prompts
-    model, base = load_adapted(tiny_model, _untrained_adapters(tiny_model, tmp_path / "zero"))
+    model, base = open_model(tiny_model, adapters=_untrained_adapters(tiny_model, tmp_path / "zero"))
     assert retention_kl(model, tok, base, prompts, 8, 4) == pytest.approx(0.0, abs=1e-6)
-    model, base = load_adapted(tiny_model, _trained_adapters(tiny_model, smoke_data, tmp_path / "trained"))
+    model, base = open_model(tiny_model, adapters=_trained_adapters(tiny_model, smoke_data, tmp_path / "trained"))
     assert retention_kl(model, tok, base, prompts, 8, 4) > 1e-3
 
 
@@ -62,7 +61,7 @@ def test_perplexity_matches_a_direct_computation(tiny, tiny_model):
 
 def test_base_leaves_turn_the_adapters_off(tiny, tiny_model, smoke_data, tmp_path):
     plain, _ = tiny
-    model, base = load_adapted(tiny_model, _trained_adapters(tiny_model, smoke_data, tmp_path / "a"))
+    model, base = open_model(tiny_model, adapters=_trained_adapters(tiny_model, smoke_data, tmp_path / "a"))
     x = mx.array([[1, 300, 201, 293]])
     with using(model, base):
         np.testing.assert_allclose(np.array(model(x)), np.array(plain(x)), atol=1e-5)
@@ -98,6 +97,18 @@ def test_eval_bad_input_exits_2(tiny_model, smoke_data, args, pattern):
     result = runner.invoke(app, ["eval", "--model", str(tiny_model), "--data", str(smoke_data), *args])
     assert result.exit_code == 2, result.output
     assert len(result.stderr.strip().splitlines()) == 1 and re.search(pattern, result.stderr), result.stderr
+
+
+@pytest.mark.parametrize("command", ["eval", "generate"])
+def test_a_folder_without_adapters_is_one_line(tiny_model, smoke_data, tmp_path, command, monkeypatch):
+    """Every command opens adapters the same way: a folder that holds none is named before any weights load."""
+    import mlx_sdft.formats.models as models
+
+    monkeypatch.setattr(models, "load_model", lambda *a: pytest.fail("weights loaded before the adapters were checked"))
+    args = ["--data", str(smoke_data)] if command == "eval" else ["--prompt", "Hi"]
+    result = runner.invoke(app, [command, "--model", str(tiny_model), "--adapter-path", str(tmp_path), *args])
+    assert result.exit_code == 2, result.output
+    assert result.stderr.strip() == f"mlx-sdft {command}: error: {tmp_path}: not an adapter folder (no adapter_config.json)"
 
 
 def test_check_reports_both_contexts(tiny_model, smoke_data):

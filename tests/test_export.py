@@ -22,7 +22,7 @@ import gguf
 from mlx_sdft.cli import app
 from mlx_sdft.formats.fuse import fuse_adapters
 from mlx_sdft.formats.gguf_read import load_gguf
-from mlx_sdft.formats.models import attach_adapters, load, load_adapted, package_file, resolve
+from mlx_sdft.formats.models import attach_adapters, open_model, package_file, resolve
 
 runner = CliRunner()
 GEMMA3 = {"num_hidden_layers": 6, "head_dim": 16, "query_pre_attn_scalar": 16, "sliding_window": 4, "rope_theta": 1e6}
@@ -42,7 +42,7 @@ def _cache(tmp_path, monkeypatch):
 def make_adapters(folder: Path, model_path: Path, fine_tune_type: str = "lora", num_layers: int = -1,
                   lora: dict = LORA, seed: int = 1) -> Path:
     """An adapter folder as `train` writes it, with random (nonzero) lora_a and lora_b."""
-    model = load(model_path)
+    model = open_model(model_path)[0]
     attach_adapters(model, fine_tune_type, num_layers, lora)
     mx.random.seed(seed)
     params = {k: v + 0.1 * mx.random.normal(v.shape) for k, v in tree_flatten(model.trainable_parameters())}
@@ -97,10 +97,10 @@ def test_adapted_gguf_round_trips(tmp_path, hf_tokenizer, arch, outtype):
     assert result.exit_code == 0, result.output
     assert "ollama create m -f" in result.stdout and "llama-cli -m" in result.stdout
 
-    adapted, _ = load_adapted(model_path, adapters)
+    adapted, _ = open_model(model_path, adapters=adapters)
     want = logits(adapted)
     assert mx.abs(want - logits(model)).max().item() > 0.5  # the adapters move the logits
-    file_model = rounded(fuse_adapters(load_adapted(model_path, adapters)[0]), outtype)
+    file_model = rounded(fuse_adapters(open_model(model_path, adapters=adapters)[0]), outtype)
     # 1. our loader: the file's model exactly (float32 rounding), the adapted model within the type's rounding
     back, tokenizer, cfg = load_gguf(tmp_path / "out" / "m.gguf")
     got = logits(back)
@@ -145,7 +145,7 @@ def test_hf_folder_gguf_carries_the_tokenizer(tmp_path, hf_tokenizer):
     assert reader.fields["tokenizer.ggml.add_bos_token"].contents() is False
     types = reader.fields["tokenizer.ggml.token_type"].contents()
     assert types[hf_tokenizer.convert_tokens_to_ids("<|im_start|>")] == gguf.TokenType.CONTROL
-    adapted, _ = load_adapted(folder, adapters)
+    adapted, _ = open_model(folder, adapters=adapters)
     want = logits(adapted)
     assert (mx.linalg.norm(logits(back) - want) / mx.linalg.norm(want)).item() < 2e-3
 
@@ -158,7 +158,7 @@ def test_mlx_format_fuses_the_adapters(tmp_path):
     result = export("--model", folder, "--adapter-path", adapters, "--out", tmp_path / "fused")
     assert result.exit_code == 0, result.output
     fused, _ = mlx_load(str(tmp_path / "fused"))
-    assert mx.allclose(logits(fused), logits(load_adapted(folder, adapters)[0]), atol=1e-4).item()
+    assert mx.allclose(logits(fused), logits(open_model(folder, adapters=adapters)[0]), atol=1e-4).item()
 
 
 def test_existing_out_needs_force_and_is_left_alone(tmp_path):
@@ -224,7 +224,7 @@ def test_smollm2_gguf_round_trips(tmp_path):
     result = export("--model", spec, "--adapter-path", adapters, "--out", tmp_path / "smol.gguf", "--outtype", "q8_0")
     assert result.exit_code == 0, result.output
     back, tokenizer, cfg = load_gguf(tmp_path / "smol.gguf")
-    adapted, _ = load_adapted(model_path, adapters)
+    adapted, _ = open_model(model_path, adapters=adapters)
     want = logits(adapted)
     rel = (mx.linalg.norm(logits(back) - want) / mx.linalg.norm(want)).item()
     assert rel < 3e-2, rel
@@ -253,7 +253,7 @@ def test_rope_scaling_round_trips(tmp_path, hf_tokenizer, scaling):
     assert export("--model", folder, "--adapter-path", adapters, "--out", tmp_path / "m.gguf").exit_code == 0
     back, _, cfg = load_gguf(tmp_path / "m.gguf")
     assert cfg["rope_scaling"].items() <= scaling.items() and cfg["head_dim"] == 32  # llama 3's other keys: defaults
-    want = logits(load_adapted(folder, adapters)[0])
+    want = logits(open_model(folder, adapters=adapters)[0])
     assert (mx.linalg.norm(logits(back) - want) / mx.linalg.norm(want)).item() < 2e-3
 
 
@@ -275,7 +275,7 @@ def test_quantized_base_is_dequantized_before_the_adapters_fuse(tmp_path, hf_tok
     source = write_gguf(tmp_path / "q.gguf", model, config, hf_tokenizer, qtype=Q.Q4_0)
     model_path = resolve(str(source), dequantize=False)
     adapters = make_adapters(tmp_path / "adapters", model_path)
-    adapted, _ = load_adapted(model_path, adapters)
+    adapted, _ = open_model(model_path, adapters=adapters)
     assert type(adapted.layers[0].self_attn.q_proj.linear).__name__ == "QuantizedLinear"
     result = export("--model", source, "--no-dequantize", "--adapter-path", adapters, "--out", tmp_path / "m.gguf")
     assert result.exit_code == 0, result.output

@@ -14,7 +14,7 @@ from safetensors.numpy import load_file
 from test_export import export, make_adapters
 from tiny import build_model
 
-from mlx_sdft.formats.models import load, load_adapted
+from mlx_sdft.formats.models import open_model
 
 LINEARS = ["mlp.down_proj", "mlp.gate_proj", "mlp.up_proj", "self_attn.k_proj", "self_attn.o_proj",
            "self_attn.q_proj", "self_attn.v_proj"]
@@ -50,8 +50,8 @@ def test_peft_folder_matches_the_adapted_layers(tmp_path, folder, kind):
     tensors = load_file(str(tmp_path / "peft" / "adapter_model.safetensors"))
     per_module = 3 if kind == "dora" else 2
     assert len(tensors) == per_module * len(LINEARS)
-    base = dict(tree_flatten(load(folder).parameters()))
-    adapted, _ = load_adapted(folder, adapters)
+    base = dict(tree_flatten(open_model(folder)[0].parameters()))
+    adapted, _ = open_model(folder, adapters=adapters)
     rng = np.random.default_rng(0)
     for path in LINEARS:
         key = f"base_model.model.model.layers.1.{path}"
@@ -97,7 +97,7 @@ def test_peft_and_transformers_load_the_folder(tmp_path, folder, kind):
     ids = [[1, 5, 17, 42, 99]]
     with torch.no_grad():
         got = model(torch.tensor(ids)).logits.numpy()
-    want = np.array(load_adapted(folder, adapters)[0](mx.array(ids)))
-    base_logits = np.array(load(folder)(mx.array(ids)))
+    want = np.array(open_model(folder, adapters=adapters)[0](mx.array(ids)))
+    base_logits = np.array(open_model(folder)[0](mx.array(ids)))
     assert np.abs(want - base_logits).max() > 0.1  # a PEFT model that dropped the adapters would fail below
     np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4)

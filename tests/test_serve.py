@@ -206,9 +206,9 @@ def _write_version(model_path, home, version: int, rank: int, seed: int) -> None
     import mlx.core as mx
 
     from mlx_sdft.core.teacher import trainable_leaves
-    from mlx_sdft.formats.models import attach_adapters, load
+    from mlx_sdft.formats.models import attach_adapters, open_model
 
-    model = load(model_path)
+    model, _ = open_model(model_path)
     params = {"rank": rank, "scale": 20.0, "dropout": 0.0}
     attach_adapters(model, "lora", 2, params)
     mx.random.seed(seed)

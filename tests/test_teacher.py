@@ -7,7 +7,7 @@ import pytest
 from mlx.utils import tree_map
 
 from mlx_sdft.config import Config
-from mlx_sdft.formats.models import attach_adapters, load
+from mlx_sdft.formats.models import Adapters, open_model
 from mlx_sdft.core.teacher import ema_update, init_teacher, step_teacher, trainable_leaves, using
 
 INPUTS = mx.array([[1, 5, 9, 13, 2, 7, 30, 31]])
@@ -15,8 +15,7 @@ INPUTS = mx.array([[1, 5, 9, 13, 2, 7, 30, 31]])
 
 def _lora_model(path, fine_tune_type="lora"):
     mx.random.seed(0)
-    model = load(path)
-    base = attach_adapters(model, fine_tune_type, -1, Config().lora_parameters)
+    model, base = open_model(path, adapters=Adapters(fine_tune_type, -1, Config().lora_parameters))
     return model, base
 
 
@@ -57,7 +56,7 @@ def test_ema_update_is_pure():
 
 @pytest.mark.parametrize("fine_tune_type", ["lora", "dora", "full"])
 def test_base_teacher_is_the_model_with_adapters_off(tiny_model, fine_tune_type):
-    plain = load(tiny_model)
+    plain, _ = open_model(tiny_model)
     expected = np.array(plain(INPUTS))
     model, base = _lora_model(tiny_model, fine_tune_type)
     teacher = init_teacher("base", model, base)

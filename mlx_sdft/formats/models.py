@@ -1,7 +1,8 @@
-"""Load a model and its tokenizer (hub id or local folder), attach trainable adapters, and
-checkpoint its blocks while the student's gradient is taken.
+"""Open a model the one way every command does: `open_tokenizer` (hub id, folder, .gguf or
+pkg: file → its folder and tokenizer), then `open_model` (the weights, with an adapter folder
+or new trainable adapters). Also: checkpoint its blocks while the student's gradient is taken.
 
-The tokenizer loads first and separately, so prompts can be checked before any weights load.
+The tokenizer opens first and separately, so prompts can be checked before any weights load.
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ import json
 import os
 import shutil
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 
 import mlx.core as mx
@@ -87,9 +89,52 @@ def load_tokenizer(model_path: Path, chat_template: str | None = None):
     return _load_tokenizer(model_path, extra, eos_token_ids=eos)
 
 
-def load(model_path: Path) -> nn.Module:
+def open_tokenizer(model: str | Path, *, chat_template: str | None = None,
+                   dequantize: bool | None = None) -> tuple[Path, object]:
+    """The model's folder (`resolve`) and its tokenizer (mlx-lm's TokenizerWrapper, stop tokens
+    from config.json, `chat_template` for tokenizers that lack one); no weights load yet.
+    InputError for a model that cannot be found."""
+    model_path = resolve(str(model), dequantize)
+    return model_path, load_tokenizer(model_path, chat_template)
+
+
+@dataclass(frozen=True)
+class Adapters:
+    """Which layers train and how (mlx_lm.lora's fine_tune_type, num_layers, lora_parameters),
+    and the adapter weights to start from (None: freshly initialised, lora_b = 0)."""
+
+    fine_tune_type: str
+    num_layers: int
+    lora_parameters: dict
+    weights: str | Path | None = None
+
+    @classmethod
+    def saved(cls, folder: str | Path) -> Adapters:
+        """The adapters of an mlx-lm adapter folder (adapter_config.json, adapters.safetensors)."""
+        folder = Path(folder)
+        if not (folder / "adapter_config.json").is_file():
+            raise InputError(f"{folder}: not an adapter folder (no adapter_config.json)")
+        try:
+            config = json.loads((folder / "adapter_config.json").read_text())
+        except (OSError, ValueError) as e:
+            raise InputError(f"{folder}: not an adapter folder ({type(e).__name__}: {e})") from None
+        return cls(config.get("fine_tune_type", "lora"), config["num_layers"], config.get("lora_parameters", {}),
+                   folder / "adapters.safetensors")
+
+
+def open_model(model_path: Path, *, adapters: Adapters | str | Path | None = None) -> tuple[nn.Module, Leaves | None]:
+    """The weights of a folder from `open_tokenizer`, and with `adapters` (an adapter folder, or
+    `Adapters` to train) those attached → (model, base): base is the trainable leaves with the
+    adapters off (the `base` teacher, the reference of retention), None without adapters. An
+    adapter folder is checked before any weights load, and its model is left in eval mode."""
+    spec = Adapters.saved(adapters) if isinstance(adapters, (str, Path)) else adapters
     model, _ = load_model(model_path)
-    return model
+    if spec is None:
+        return model, None
+    base = attach_adapters(model, spec.fine_tune_type, spec.num_layers, spec.lora_parameters, spec.weights)
+    if not isinstance(adapters, Adapters):
+        model.eval()
+    return model, base
 
 
 def attach_adapters(model: nn.Module, fine_tune_type: str, num_layers: int, lora_parameters: dict,
@@ -117,20 +162,6 @@ def attach_adapters(model: nn.Module, fine_tune_type: str, num_layers: int, lora
         model.load_weights(str(path), strict=False)
     mx.eval(model.parameters())
     return base
-
-
-def load_adapted(model_path: Path, adapter_path: str | Path) -> tuple[nn.Module, Leaves]:
-    """The model with the adapters of an mlx-lm adapter folder, and its adapters-off leaves."""
-    folder = Path(adapter_path)
-    try:
-        config = json.loads((folder / "adapter_config.json").read_text())
-    except (OSError, ValueError) as e:
-        raise InputError(f"{folder}: not an adapter folder ({type(e).__name__}: {e})") from None
-    model = load(model_path)
-    base = attach_adapters(model, config.get("fine_tune_type", "lora"), config["num_layers"],
-                           config.get("lora_parameters", {}), folder / "adapters.safetensors")
-    model.eval()
-    return model, base
 
 
 @contextmanager

@@ -61,17 +61,16 @@ def run_check(cfg, console=None) -> dict:
     from mlx_sdft.core.data import load_dataset, need_demonstrations
     from mlx_sdft.jobs.evaluate import evaluate_task
     from mlx_sdft.core.metrics import Metric, resolve_metric
-    from mlx_sdft.formats.models import load, load_tokenizer, resolve
+    from mlx_sdft.formats.models import open_model, open_tokenizer
     from mlx_sdft.core.prompts import encode_examples, teacher_messages
 
     console = console or Console(stderr=True)
     metric: Metric | None = resolve_metric(cfg.metric, cfg.answer_regex) if cfg.metric else None
     examples = load_dataset(cfg.data)["train"][: cfg.num_examples]
     need_demonstrations(examples, "check")
-    model_path = resolve(cfg.model)
-    tokenizer = load_tokenizer(model_path, cfg.chat_template)
+    model_path, tokenizer = open_tokenizer(cfg.model, chat_template=cfg.chat_template)
     pairs = encode_examples(tokenizer, examples, cfg.teacher_template, cfg.max_seq_length)
-    model = load(model_path)
+    model, _ = open_model(model_path)
     with console.status(f"scoring {len(pairs)} demonstrations under both contexts"):
         student = demonstration_loglik(model, pairs, "student", cfg.batch_size)
         teacher = demonstration_loglik(model, pairs, "teacher", cfg.batch_size)

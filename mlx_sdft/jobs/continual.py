@@ -97,11 +97,10 @@ def evaluate_stage(run: dict, upto: int, adapter_path: Path | None) -> dict:
     """Scores of tasks 0..upto (all tasks for the base model) and retention, for one set of adapters."""
     from mlx_sdft.jobs.evaluate import evaluate_adapters, task_examples
     from mlx_sdft.core.metrics import resolve_metric
-    from mlx_sdft.formats.models import load, load_adapted, load_tokenizer, resolve
+    from mlx_sdft.formats.models import open_model, open_tokenizer
 
-    model_path = resolve(run["model"])
-    model, base = load_adapted(model_path, adapter_path) if adapter_path else (load(model_path), None)
-    tokenizer = load_tokenizer(model_path, run["defaults"].get("chat_template"))
+    model_path, tokenizer = open_tokenizer(run["model"], chat_template=run["defaults"].get("chat_template"))
+    model, base = open_model(model_path, adapters=adapter_path)
     scores, summary = {}, {}
     for stage in run["stages"][: upto + 1]:
         ecfg = eval_config(run, stage, adapter_path)

@@ -181,7 +181,7 @@ def run_eval(cfg, console=None) -> dict:
 
     from mlx_sdft.formats.checkpoint import write_json
     from mlx_sdft.core.metrics import resolve_metric
-    from mlx_sdft.formats.models import load, load_adapted, load_tokenizer, resolve
+    from mlx_sdft.formats.models import open_model, open_tokenizer
 
     console = console or Console(stderr=True)
     metric = resolve_metric(cfg.metric, cfg.answer_regex)
@@ -190,14 +190,10 @@ def run_eval(cfg, console=None) -> dict:
         load_texts(cfg.prior_text)  # check it before any weights load
     if cfg.adapter_path and cfg.retention:
         load_prompts(cfg.general_prompts, cfg.num_general_prompts)
-    model_path = resolve(cfg.model)
-    tokenizer = load_tokenizer(model_path, cfg.chat_template)
+    model_path, tokenizer = open_tokenizer(cfg.model, chat_template=cfg.chat_template)
     render(tokenizer, examples[0].prompt)  # a missing chat template fails here, before the weights
     mx.random.seed(cfg.seed)
-    if cfg.adapter_path:
-        model, base = load_adapted(model_path, cfg.adapter_path)
-    else:
-        model, base = load(model_path), None
+    model, base = open_model(model_path, adapters=cfg.adapter_path)
     with console.status(f"evaluating {len(examples)} examples"):
         summary, rows = evaluate_adapters(model, tokenizer, base, examples, metric, cfg)
     summary = {"model": cfg.model, "adapter_path": cfg.adapter_path, "data": str(cfg.data), "metric": cfg.metric, **summary}

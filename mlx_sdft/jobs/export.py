@@ -24,7 +24,7 @@ from mlx.utils import tree_flatten
 
 from mlx_sdft.config import ExportConfig
 from mlx_sdft.errors import InputError
-from mlx_sdft.formats.models import attach_adapters, load, load_tokenizer, package_file, resolve
+from mlx_sdft.formats.models import attach_adapters, load_tokenizer, open_model, package_file, resolve
 
 
 def run_export(cfg: ExportConfig) -> dict:
@@ -105,7 +105,7 @@ def _adapter_config(folder: Path) -> dict:
 def _adapted(model_path: Path, adapter: dict | None, folder: str | None) -> nn.Module:
     """The model with the adapters of `folder` attached, after checking that every adapter
     tensor has a parameter of its shape (mlx's non-strict load would take a foreign one silently)."""
-    model = load(model_path)
+    model, _ = open_model(model_path)
     if adapter is None:
         return model
     if adapter["num_layers"] > len(model.layers):

@@ -17,7 +17,7 @@ from mlx_sdft.machine import memory
 from mlx_sdft.config import Config
 from mlx_sdft.core.data import load_dataset, need_demonstrations
 from mlx_sdft.errors import InputError
-from mlx_sdft.formats.models import attach_adapters, load, load_tokenizer, resolve
+from mlx_sdft.formats.models import Adapters, open_model, open_tokenizer
 from mlx_sdft.core.prompts import encode_examples, student_text, teacher_text
 from mlx_sdft.machine.report import Reporter, StopFlag
 from mlx_sdft.core.scoring import head_splits
@@ -65,8 +65,7 @@ def run_train(cfg: Config, console=None, quiet: bool = False) -> dict:
     if cfg.method == "sft":
         for examples in splits.values():
             need_demonstrations(examples, "--method sft")
-    model_path = resolve(cfg.model, cfg.dequantize)
-    tokenizer = load_tokenizer(model_path, cfg.chat_template)
+    model_path, tokenizer = open_tokenizer(cfg.model, chat_template=cfg.chat_template, dequantize=cfg.dequantize)
     train_pairs = encode_examples(tokenizer, splits["train"], cfg.teacher_template, cfg.max_seq_length)
     valid_pairs = encode_examples(tokenizer, splits.get("valid", []), cfg.teacher_template, cfg.max_seq_length)
     estimate = preflight(cfg, model_path, train_pairs, valid_pairs)
@@ -101,8 +100,8 @@ def run_train(cfg: Config, console=None, quiet: bool = False) -> dict:
         reporter.print(f"{out} holds an earlier run: it will be overwritten (--resume continues it)", style="yellow")
 
     mx.random.seed(cfg.seed)
-    model = load(model_path)
-    base = attach_adapters(model, cfg.fine_tune_type, cfg.num_layers, cfg.lora_parameters, cfg.resume_adapter_file)
+    adapters = Adapters(cfg.fine_tune_type, cfg.num_layers, cfg.lora_parameters, cfg.resume_adapter_file)
+    model, base = open_model(model_path, adapters=adapters)
     if world > 1:
         reporter.print(f"data parallel over {world} processes: {cfg.batch_size // world} prompts each per micro-batch")
         with reporter:  # Ctrl-C goes to mlx.launch, which stops every rank

