@@ -40,15 +40,16 @@ def make_case(seed, B, T, V, scale, noise):
 
 def errors(student_BTV, teacher_BTV, mask_BT, divergence):
     s, t, m = mx.array(student_BTV), mx.array(teacher_BTV), mx.array(mask_BT)
-    (loss, _), grad_BTV = mx.value_and_grad(lambda s: losses.sdft_loss(s, t, m, divergence))(s)
-    div_BT = losses.token_divergence(s, t, divergence)
+    options = dict(divergence=divergence, skip=3, beta=0.5)
+    (loss, _), grad_BTV = mx.value_and_grad(lambda s: losses.sdft_loss(s, t, m, **options))(s)
+    div_BT = losses.token_divergence(s, t, divergence=divergence, beta=0.5)
     mx.eval(loss, grad_BTV, div_BT)
     values = np.append(np.array(div_BT), loss.item())
     ref_values = np.append(
-        reference.token_divergence(student_BTV, teacher_BTV, divergence),
-        reference.sdft_loss(student_BTV, teacher_BTV, mask_BT, divergence)[0],
+        reference.token_divergence(student_BTV, teacher_BTV, divergence=divergence, beta=0.5),
+        reference.sdft_loss(student_BTV, teacher_BTV, mask_BT, **options)[0],
     )
-    ref_grad_BTV = reference.sdft_loss_grad(student_BTV, teacher_BTV, mask_BT, divergence)
+    ref_grad_BTV = reference.sdft_loss_grad(student_BTV, teacher_BTV, mask_BT, **options)
     grad_err = np.abs(np.array(grad_BTV) - ref_grad_BTV).max()
     return {
         "value_abs": float(np.abs(values - ref_values).max()),

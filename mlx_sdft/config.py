@@ -16,6 +16,9 @@ import yaml
 
 from mlx_sdft.errors import InputError
 
+# The per-token divergences core.losses implements (and core.reference twins).
+DIVERGENCES = ("forward", "reverse", "jsd")
+
 # The official code's teacher prompt, byte for byte (sdft-spec.md §1.1): a leading and a
 # trailing newline, and a period (not the paper's colon) after "thinking process".
 TEACHER_TEMPLATE = (
@@ -86,7 +89,7 @@ class Config:
     # SDFT.
     teacher: str = _opt("ema", "Teacher weights: EMA of the student, the base model, or the student.", ("ema", "base", "live"))
     teacher_update_rate: float = _opt(0.01, "EMA rate r: teacher <- (1 - r) teacher + r student, after every step.")
-    divergence: str = _opt("forward", "forward = KL(teacher‖student), reverse = KL(student‖teacher), jsd.", ("forward", "reverse", "jsd"))
+    divergence: str = _opt("forward", "forward = KL(teacher‖student), reverse = KL(student‖teacher), jsd.", DIVERGENCES)
     beta: float = _opt(0.5, "JSD mixture weight of the teacher (--divergence jsd).")
     num_generations: int = _opt(1, "Sampled completions per prompt.")
     fuse_sampling: bool = _opt(True, "Sample with the LoRA adapters fused into a copy of their base weights: faster "

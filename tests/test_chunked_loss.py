@@ -1,5 +1,5 @@
 """--logits-chunk: the SDFT loss scored a few completion positions at a time under mx.checkpoint,
-checked against its float64 twin (`reference.sdft_loss_from_hidden`) on values and gradients,
+checked against its float64 twin (`reference.sdft_loss_chunked`) on values and gradients,
 and against the unchunked trainer."""
 
 import mlx.core as mx
@@ -21,12 +21,16 @@ def case(seed):
     return student_BTD, teacher_BTD, head_VD, mask_BT
 
 
+def opts(chunk, divergence="forward", skip=3, beta=0.5):
+    return dict(chunk=chunk, divergence=divergence, skip=skip, beta=beta)
+
+
 def chunked(student_BTD, teacher_BTD, head_VD, mask_BT, chunk, **kw):
     W = mx.array(head_VD)
 
     def loss_fn(h):
         return losses.sdft_loss_chunked(lambda x: (x @ W.T) / TAU, h, mx.array(teacher_BTD), mx.array(mask_BT),
-                                        chunk, **kw)
+                                        **opts(chunk, **kw))
 
     h = mx.array(student_BTD)
     (loss, ntoks), grad = loss_fn(h), mx.grad(lambda h: loss_fn(h)[0])(h)
@@ -40,9 +44,9 @@ def chunked(student_BTD, teacher_BTD, head_VD, mask_BT, chunk, **kw):
 def test_chunked_loss_matches_reference(divergence, chunk, skip):
     s, t, W, m = case(chunk + skip)
     loss, ntoks, grad = chunked(s, t, W, m, chunk, divergence=divergence, skip=skip)
-    kw = dict(temperature=TAU, divergence=divergence, skip=skip)
-    ref_loss, ref_ntoks = reference.sdft_loss_from_hidden(s, t, W, m, **kw)
-    ref_grad = reference.sdft_loss_from_hidden_grad(s, t, W, m, **kw)
+    head = reference.LinearHead(W, TAU)
+    ref_loss, ref_ntoks = reference.sdft_loss_chunked(head, s, t, m, **opts(chunk, divergence, skip))
+    ref_grad = reference.sdft_loss_chunked_grad(head, s, t, m, **opts(chunk, divergence, skip))
     np.testing.assert_allclose(loss, ref_loss, rtol=1e-5)
     assert ntoks == ref_ntoks
     # dL/dh sums V terms of dL/dlogits, so float32 cancellation shows at ~5e-6 of the largest entry.
@@ -58,6 +62,6 @@ def test_chunks_equal_the_whole_and_no_gradient_reaches_the_teacher():
         assert abs(loss - whole[0]) <= 1e-6 * abs(whole[0]) and ntoks == whole[1]
         np.testing.assert_allclose(grad, whole[2], rtol=1e-5, atol=1e-7)
     Wm = mx.array(W)
-    teacher_grad = mx.grad(lambda th: losses.sdft_loss_chunked(lambda x: x @ Wm.T, mx.array(s), th, mx.array(m), 4)[0])(
-        mx.array(t))
+    teacher_grad = mx.grad(lambda th: losses.sdft_loss_chunked(lambda x: x @ Wm.T, mx.array(s), th, mx.array(m),
+                                                               **opts(4))[0])(mx.array(t))
     assert mx.abs(teacher_grad).max().item() == 0

@@ -1,8 +1,10 @@
 """The SDFT loss: per-token divergences between student and teacher, masked and averaged.
 
 Pure MLX functions of arrays, no model, config or I/O. Argument order states direction:
-`kl(p_logprobs, q_logprobs)` is KL(p‖q). `mlx_sdft.core.reference` is the float64 numpy twin of
-every function here; `tests/test_losses.py` checks the two agree on values and gradients.
+`kl_of_logits(p_logits, q_logits)` is KL(p‖q). Loss options are keyword-only and have no
+defaults here (the options in config.py hold them). `mlx_sdft.core.reference` is the float64
+numpy twin of every function here, name for name and argument for argument;
+`tests/test_losses.py` checks the two agree on values and gradients.
 
 Shapes: B sequences, T completion positions (position j scores completion token j), V vocab.
 """
@@ -12,7 +14,7 @@ import math
 
 import mlx.core as mx
 
-DIVERGENCES = ("forward", "reverse", "jsd")
+from mlx_sdft.config import DIVERGENCES
 _BLOCK = 128
 
 
@@ -50,66 +52,6 @@ def _log_softmax_f32_vjp(primals, cotangent_BTV, logprobs_BTV):
     return cotangent_BTV - mx.exp(logprobs_BTV) * _sum_vocab(cotangent_BTV)
 
 
-def kl(p_logprobs_BTV: mx.array, q_logprobs_BTV: mx.array) -> mx.array:
-    """KL(p‖q) = Σ_v p_v (log p_v − log q_v), summed over the last axis → kl_BT."""
-    return _sum_vocab(mx.exp(p_logprobs_BTV) * (p_logprobs_BTV - q_logprobs_BTV)).squeeze(-1)
-
-
-def generalized_jsd(student_logprobs_BTV: mx.array, teacher_logprobs_BTV: mx.array, beta: float) -> mx.array:
-    """Generalized Jensen–Shannon divergence (GKD / official SDFT `alpha`) → jsd_BT.
-
-    m = (1−β)·p_student + β·p_teacher
-    jsd = β·KL(teacher‖m) + (1−β)·KL(student‖m),  0 < β < 1.
-    """
-    if not 0.0 < beta < 1.0:
-        raise ValueError(f"jsd needs 0 < beta < 1, got beta={beta}")
-    # log m in log space: mixing probabilities directly would underflow for confident distributions.
-    mixture_logprobs_BTV = mx.logaddexp(
-        math.log(1.0 - beta) + student_logprobs_BTV, math.log(beta) + teacher_logprobs_BTV
-    )
-    return beta * kl(teacher_logprobs_BTV, mixture_logprobs_BTV) + (1.0 - beta) * kl(
-        student_logprobs_BTV, mixture_logprobs_BTV
-    )
-
-
-def divergence_between(student_logprobs: mx.array, teacher_logprobs: mx.array, divergence: str = "forward",
-                       beta: float = 0.5) -> mx.array:
-    """Per-token divergence between student p and teacher q given as log-probabilities over the
-    last axis (the vocabulary, or top-K buckets) → div_BT.
-
-    forward = KL(q‖p) (the default; the loss behind the paper's numbers),
-    reverse = KL(p‖q),
-    jsd     = generalized_jsd(p, q, beta).
-    """
-    if divergence not in DIVERGENCES:
-        raise ValueError(f"unknown divergence {divergence!r}; choose one of {', '.join(DIVERGENCES)}")
-    if divergence == "forward":
-        return kl(teacher_logprobs, student_logprobs)
-    if divergence == "reverse":
-        return kl(student_logprobs, teacher_logprobs)
-    return generalized_jsd(student_logprobs, teacher_logprobs, beta)
-
-
-def token_divergence(
-    student_logits_BTV: mx.array,
-    teacher_logits_BTV: mx.array,
-    divergence: str = "forward",
-    beta: float = 0.5,
-) -> mx.array:
-    """`divergence_between` the student's and the teacher's full-vocabulary distributions → div_BT;
-    no gradient reaches the teacher. Forward and reverse KL are `kl_of_logits`, jsd is
-    `jsd_of_logits`: one operation each, with the closed-form gradient of `reference.sdft_loss_grad`."""
-    if divergence not in DIVERGENCES:
-        raise ValueError(f"unknown divergence {divergence!r}; choose one of {', '.join(DIVERGENCES)}")
-    student_BTV = student_logits_BTV.astype(mx.float32)
-    teacher_BTV = mx.stop_gradient(teacher_logits_BTV).astype(mx.float32)
-    if divergence == "forward":
-        return kl_of_logits(teacher_BTV, student_BTV)[0]
-    if divergence == "reverse":
-        return kl_of_logits(student_BTV, teacher_BTV)[0]
-    return jsd_of_logits(student_BTV, teacher_BTV, beta)[0]
-
-
 def _logsumexp(logits_BTV: mx.array) -> tuple[mx.array, mx.array, mx.array]:
     """(lse_BT1, exp(z − max)_BTV, Σ exp(z − max)_BT1), the sum blocked as in `_sum_vocab`."""
     max_BT1 = logits_BTV.max(axis=-1, keepdims=True)
@@ -118,11 +60,15 @@ def _logsumexp(logits_BTV: mx.array) -> tuple[mx.array, mx.array, mx.array]:
     return max_BT1 + mx.log(sum_BT1), e_BTV, sum_BT1
 
 
-@mx.custom_function
 def kl_of_logits(p_logits_BTV: mx.array, q_logits_BTV: mx.array):
     """KL(p‖q) = Σ_v p_v (log p_v − log q_v) for p = softmax(p_logits), q = softmax(q_logits)
     → (kl_BT, lse_p_BT1, lse_q_BT1). One operation with a closed-form gradient, so the backward
     pass keeps the two logit arrays and nothing else [B, T, V]-sized."""
+    return _kl_op(p_logits_BTV, q_logits_BTV)
+
+
+@mx.custom_function
+def _kl_op(p_logits_BTV: mx.array, q_logits_BTV: mx.array):
     lse_p_BT1, e_p_BTV, sum_p_BT1 = _logsumexp(p_logits_BTV)
     lse_q_BT1, _, _ = _logsumexp(q_logits_BTV)
     p_BTV = e_p_BTV * (1 / sum_p_BT1)  # p from the exp the log-sum-exp already took
@@ -130,8 +76,8 @@ def kl_of_logits(p_logits_BTV: mx.array, q_logits_BTV: mx.array):
     return kl_BT, lse_p_BT1, lse_q_BT1
 
 
-@kl_of_logits.vjp
-def _kl_of_logits_vjp(primals, cotangents, outputs):
+@_kl_op.vjp
+def _kl_op_vjp(primals, cotangents, outputs):
     """∂KL(p‖q)/∂p_logits = p ⊙ (log p − log q − KL),  ∂KL(p‖q)/∂q_logits = q − p. Lazy
     evaluation computes only the one a caller differentiates (the student's side)."""
     p_logits_BTV, q_logits_BTV = primals
@@ -144,8 +90,13 @@ def _kl_of_logits_vjp(primals, cotangents, outputs):
 
 
 def jsd_of_logits(p_logits_BTV: mx.array, q_logits_BTV: mx.array, beta: float):
-    """`generalized_jsd` of softmax(p_logits) and softmax(q_logits) as one operation with a
-    closed-form gradient → (jsd_BT, …); the rest of the tuple is for the backward pass."""
+    """The generalized Jensen–Shannon divergence (GKD / official SDFT `alpha`) of p = softmax(p_logits)
+    and q = softmax(q_logits) as one operation with a closed-form gradient → (jsd_BT, …); the rest
+    of the tuple is for the backward pass.
+
+    m = (1−β)·p + β·q  (in log space: mixing probabilities would underflow for confident ones),
+    jsd = β·KL(q‖m) + (1−β)·KL(p‖m),  0 < β < 1.
+    """
     if not 0.0 < beta < 1.0:
         raise ValueError(f"jsd needs 0 < beta < 1, got beta={beta}")
     return _jsd_op(float(beta))(p_logits_BTV, q_logits_BTV)
@@ -181,6 +132,28 @@ def _jsd_op(beta: float):
     return jsd
 
 
+def token_divergence(student_logits_BTV: mx.array, teacher_logits_BTV: mx.array, *, divergence: str,
+                     beta: float) -> mx.array:
+    """The per-token divergence between the student's and the teacher's distributions over the
+    last axis → div_BT; the one place a divergence is chosen. No gradient reaches the teacher.
+
+    forward = KL(q‖p) (the loss behind the paper's numbers), reverse = KL(p‖q),
+    jsd = generalized_jsd(p, q, beta) (`jsd_of_logits`), with p = softmax(student), q = softmax(teacher).
+    The last axis is the vocabulary, or top-K buckets given as log-probabilities (normalized
+    log-probabilities are their own logits). Each is one op with the closed-form gradient of
+    `reference.sdft_loss_grad` (`kl_of_logits`, `jsd_of_logits`). ValueError for an unknown name.
+    """
+    if divergence not in DIVERGENCES:
+        raise ValueError(f"unknown divergence {divergence!r}; choose one of {', '.join(DIVERGENCES)}")
+    student_BTV = student_logits_BTV.astype(mx.float32)
+    teacher_BTV = mx.stop_gradient(teacher_logits_BTV).astype(mx.float32)
+    if divergence == "forward":
+        return kl_of_logits(teacher_BTV, student_BTV)[0]
+    if divergence == "reverse":
+        return kl_of_logits(student_BTV, teacher_BTV)[0]
+    return jsd_of_logits(student_BTV, teacher_BTV, beta)[0]
+
+
 def loss_mask(mask_BT: mx.array, skip: int) -> mx.array:
     """w_j = mask_j · 1[j ≥ skip] as float32 → weights_BT.
 
@@ -193,14 +166,8 @@ def loss_mask(mask_BT: mx.array, skip: int) -> mx.array:
     return mask_BT.astype(mx.float32) * (mx.arange(T) >= skip).astype(mx.float32)
 
 
-def sdft_loss(
-    student_logits: mx.array,
-    teacher_logits: mx.array,
-    mask: mx.array,
-    divergence: str = "forward",
-    skip: int = 3,
-    beta: float = 0.5,
-) -> tuple[mx.array, mx.array]:
+def sdft_loss(student_logits: mx.array, teacher_logits: mx.array, mask: mx.array, *, divergence: str, skip: int,
+              beta: float) -> tuple[mx.array, mx.array]:
     """Mean over sequences of each sequence's masked token-mean divergence → (loss, ntoks).
 
     w = loss_mask(mask, skip);  L_i = Σ_t w_it·div_it / max(Σ_t w_it, 1);  loss = (1/B) Σ_i L_i.
@@ -208,20 +175,12 @@ def sdft_loss(
     mask is [B, T] with 1 on real completion tokens. Not a token-mean over the batch: a short
     sequence weighs as much as a long one, as in the official code.
     """
-    div_BT = token_divergence(student_logits, teacher_logits, divergence, beta)
+    div_BT = token_divergence(student_logits, teacher_logits, divergence=divergence, beta=beta)
     return sequence_mean(div_BT, mask, skip)
 
 
-def sdft_loss_chunked(
-    logits_of,
-    student_hidden_BTD: mx.array,
-    teacher_hidden_BTD: mx.array,
-    mask: mx.array,
-    chunk: int,
-    divergence: str = "forward",
-    skip: int = 3,
-    beta: float = 0.5,
-) -> tuple[mx.array, mx.array]:
+def sdft_loss_chunked(logits_of, student_hidden: mx.array, teacher_hidden: mx.array, mask: mx.array, *, chunk: int,
+                      divergence: str, skip: int, beta: float) -> tuple[mx.array, mx.array]:
     """`sdft_loss(logits_of(student_hidden), logits_of(teacher_hidden), …)`, `chunk` completion
     positions at a time → (loss, ntoks).
 
@@ -230,11 +189,11 @@ def sdft_loss_chunked(
     pass instead of kept: the [B, T, V] logits of neither role are ever whole in memory.
     """
     def chunk_divergence(student_BCD, teacher_BCD):
-        return token_divergence(logits_of(student_BCD), logits_of(teacher_BCD), divergence, beta)
+        return token_divergence(logits_of(student_BCD), logits_of(teacher_BCD), divergence=divergence, beta=beta)
 
     chunk_divergence = mx.checkpoint(chunk_divergence)
+    student_hidden_BTD, teacher_hidden_BTD = student_hidden, mx.stop_gradient(teacher_hidden)
     T = student_hidden_BTD.shape[1]
-    teacher_hidden_BTD = mx.stop_gradient(teacher_hidden_BTD)
     div_BT = mx.concatenate([chunk_divergence(student_hidden_BTD[:, t:t + chunk], teacher_hidden_BTD[:, t:t + chunk])
                              for t in range(0, T, chunk)], axis=1)
     return sequence_mean(div_BT, mask, skip)
@@ -270,20 +229,13 @@ def teacher_topk(teacher_logits_BTV: mx.array, k: int) -> tuple[mx.array, mx.arr
     return idx_BTK, bucket_logprobs(teacher_logprobs_BTV, idx_BTK)
 
 
-def sdft_loss_topk(
-    student_logits: mx.array,
-    teacher_idx: mx.array,
-    teacher_buckets: mx.array,
-    mask: mx.array,
-    divergence: str = "forward",
-    skip: int = 3,
-    beta: float = 0.5,
-) -> tuple[mx.array, mx.array]:
+def sdft_loss_topk(student_logits: mx.array, teacher_idx: mx.array, teacher_buckets: mx.array, mask: mx.array, *,
+                   divergence: str, skip: int, beta: float) -> tuple[mx.array, mx.array]:
     """`sdft_loss` on the teacher's top-K support with a tail bucket (`--topk K`): both
     distributions are collapsed onto the K teacher-chosen tokens plus "everything else", then
     the same divergence and aggregation apply. With K = V it equals `sdft_loss`."""
     student_BTK1 = bucket_logprobs(log_softmax(student_logits), teacher_idx)
-    div_BT = divergence_between(student_BTK1, mx.stop_gradient(teacher_buckets), divergence, beta)
+    div_BT = token_divergence(student_BTK1, teacher_buckets, divergence=divergence, beta=beta)
     return sequence_mean(div_BT, mask, skip)
 
 

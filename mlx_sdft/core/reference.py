@@ -1,13 +1,16 @@
-"""Float64 numpy twin of `mlx_sdft.core.losses`, written to be read: same names, same signatures.
+"""Float64 numpy twin of `mlx_sdft.core.losses`, written to be read: the same names, the same
+arguments (options keyword-only, without defaults), numpy arrays in.
 
-Slow and obvious on purpose (explicit sums, a loop over sequences). It is what the MLX loss is
-tested against, and `sdft_loss_grad` writes down the gradient with respect to the student
-logits in closed form. Numpy arrays in; `sdft_loss` returns Python `(float, int)`.
+Slow and obvious on purpose (explicit sums, loops over sequences). It is what the MLX loss is
+tested against. The twin of an MLX op that also returns what its backward pass needs
+(`kl_of_logits`, `jsd_of_logits`) returns the divergence only; losses return Python
+`(float, int)`. The `*_grad` functions, which have no MLX twin, write down the gradient with
+respect to the student's side in closed form.
 """
 
 import numpy as np
 
-DIVERGENCES = ("forward", "reverse", "jsd")
+from mlx_sdft.config import DIVERGENCES
 
 
 def log_softmax(logits_BTV: np.ndarray) -> np.ndarray:
@@ -17,36 +20,41 @@ def log_softmax(logits_BTV: np.ndarray) -> np.ndarray:
     return shifted_BTV - np.log(np.exp(shifted_BTV).sum(axis=-1, keepdims=True))
 
 
-def kl(p_logprobs_BTV: np.ndarray, q_logprobs_BTV: np.ndarray) -> np.ndarray:
-    """KL(p‖q) = Σ_v p_v (log p_v − log q_v) → kl_BT."""
+def _kl(p_logprobs_BTV: np.ndarray, q_logprobs_BTV: np.ndarray) -> np.ndarray:
+    """KL(p‖q) = Σ_v p_v (log p_v − log q_v) → kl_BT, with 0·log 0 = 0 (an empty top-K tail)."""
     p_BTV = np.exp(p_logprobs_BTV)
-    return np.sum(p_BTV * (p_logprobs_BTV - q_logprobs_BTV), axis=-1)
+    with np.errstate(invalid="ignore"):
+        return np.sum(np.where(p_BTV > 0, p_BTV * (p_logprobs_BTV - q_logprobs_BTV), 0.0), axis=-1)
 
 
-def _mixture_logprobs(student_logprobs_BTV, teacher_logprobs_BTV, beta):
+def _mixture_logprobs(p_logprobs_BTV, q_logprobs_BTV, beta):
     """log m with m = (1−β)·p + β·q, in log space so tiny probabilities do not underflow to log 0."""
-    return np.logaddexp(np.log(1.0 - beta) + student_logprobs_BTV, np.log(beta) + teacher_logprobs_BTV)
+    return np.logaddexp(np.log(1.0 - beta) + p_logprobs_BTV, np.log(beta) + q_logprobs_BTV)
 
 
-def generalized_jsd(student_logprobs_BTV: np.ndarray, teacher_logprobs_BTV: np.ndarray, beta: float) -> np.ndarray:
+def kl_of_logits(p_logits_BTV: np.ndarray, q_logits_BTV: np.ndarray) -> np.ndarray:
+    """KL(softmax(p_logits) ‖ softmax(q_logits)) → kl_BT."""
+    return _kl(log_softmax(p_logits_BTV), log_softmax(q_logits_BTV))
+
+
+def jsd_of_logits(p_logits_BTV: np.ndarray, q_logits_BTV: np.ndarray, beta: float) -> np.ndarray:
     """m = (1−β)·p + β·q;  jsd = β·KL(q‖m) + (1−β)·KL(p‖m),  0 < β < 1 → jsd_BT."""
     if not 0.0 < beta < 1.0:
         raise ValueError(f"jsd needs 0 < beta < 1, got beta={beta}")
-    m_logprobs_BTV = _mixture_logprobs(student_logprobs_BTV, teacher_logprobs_BTV, beta)
-    return beta * kl(teacher_logprobs_BTV, m_logprobs_BTV) + (1.0 - beta) * kl(student_logprobs_BTV, m_logprobs_BTV)
+    logp_BTV, logq_BTV = log_softmax(p_logits_BTV), log_softmax(q_logits_BTV)
+    logm_BTV = _mixture_logprobs(logp_BTV, logq_BTV, beta)
+    return beta * _kl(logq_BTV, logm_BTV) + (1.0 - beta) * _kl(logp_BTV, logm_BTV)
 
 
-def token_divergence(student_logits_BTV, teacher_logits_BTV, divergence="forward", beta=0.5) -> np.ndarray:
-    """forward = KL(q‖p), reverse = KL(p‖q), jsd = generalized_jsd(p, q, β); p student, q teacher → div_BT."""
+def token_divergence(student_logits_BTV, teacher_logits_BTV, *, divergence, beta) -> np.ndarray:
+    """forward = KL(q‖p), reverse = KL(p‖q), jsd; p student, q teacher → div_BT."""
     if divergence not in DIVERGENCES:
         raise ValueError(f"unknown divergence {divergence!r}; choose one of {', '.join(DIVERGENCES)}")
-    logp_BTV = log_softmax(student_logits_BTV)
-    logq_BTV = log_softmax(teacher_logits_BTV)
     if divergence == "forward":
-        return kl(logq_BTV, logp_BTV)
+        return kl_of_logits(teacher_logits_BTV, student_logits_BTV)
     if divergence == "reverse":
-        return kl(logp_BTV, logq_BTV)
-    return generalized_jsd(logp_BTV, logq_BTV, beta)
+        return kl_of_logits(student_logits_BTV, teacher_logits_BTV)
+    return jsd_of_logits(student_logits_BTV, teacher_logits_BTV, beta)
 
 
 def loss_mask(mask_BT: np.ndarray, skip: int) -> np.ndarray:
@@ -58,11 +66,10 @@ def loss_mask(mask_BT: np.ndarray, skip: int) -> np.ndarray:
     return weights_BT
 
 
-def sdft_loss(student_logits, teacher_logits, mask, divergence="forward", skip=3, beta=0.5) -> tuple[float, int]:
-    """loss = (1/B) Σ_i [Σ_t w_it·div_it / max(Σ_t w_it, 1)],  ntoks = Σ w."""
-    div_BT = token_divergence(student_logits, teacher_logits, divergence, beta)
+def sequence_mean(div_BT: np.ndarray, mask: np.ndarray, skip: int) -> tuple[float, int]:
+    """loss = (1/B) Σ_i [Σ_t w_it·div_it / max(Σ_t w_it, 1)],  ntoks = Σ w, w = loss_mask(mask, skip)."""
     weights_BT = loss_mask(mask, skip)
-    B = div_BT.shape[0]
+    B = weights_BT.shape[0]
     total = 0.0
     for i in range(B):
         count = max(weights_BT[i].sum(), 1.0)
@@ -70,7 +77,12 @@ def sdft_loss(student_logits, teacher_logits, mask, divergence="forward", skip=3
     return float(total / B), int(weights_BT.sum())
 
 
-def sdft_loss_grad(student_logits, teacher_logits, mask, divergence="forward", skip=3, beta=0.5) -> np.ndarray:
+def sdft_loss(student_logits, teacher_logits, mask, *, divergence, skip, beta) -> tuple[float, int]:
+    """`sequence_mean` of `token_divergence` → (loss, ntoks)."""
+    return sequence_mean(token_divergence(student_logits, teacher_logits, divergence=divergence, beta=beta), mask, skip)
+
+
+def sdft_loss_grad(student_logits, teacher_logits, mask, *, divergence, skip, beta) -> np.ndarray:
     """∂loss/∂(student logits) in closed form → grad_BTV. The teacher logits get no gradient.
 
     With p = softmax(student), q = softmax(teacher), token weight c_ij = w_ij / (max(Σ_t w_it, 1)·B):
@@ -94,13 +106,75 @@ def sdft_loss_grad(student_logits, teacher_logits, mask, divergence="forward", s
     if divergence == "forward":
         token_grad_BTV = p_BTV - q_BTV
     elif divergence == "reverse":
-        token_grad_BTV = p_BTV * (logp_BTV - logq_BTV - kl(logp_BTV, logq_BTV)[..., None])
+        token_grad_BTV = p_BTV * (logp_BTV - logq_BTV - _kl(logp_BTV, logq_BTV)[..., None])
     else:
         if not 0.0 < beta < 1.0:
             raise ValueError(f"jsd needs 0 < beta < 1, got beta={beta}")
         logm_BTV = _mixture_logprobs(logp_BTV, logq_BTV, beta)
-        token_grad_BTV = (1.0 - beta) * p_BTV * (logp_BTV - logm_BTV - kl(logp_BTV, logm_BTV)[..., None])
+        token_grad_BTV = (1.0 - beta) * p_BTV * (logp_BTV - logm_BTV - _kl(logp_BTV, logm_BTV)[..., None])
     return token_grad_BTV * c_BT[..., None]
+
+
+class LinearHead:
+    """logits = hidden · Wᵀ / τ: an LM head (temperature included) for `sdft_loss_chunked`'s
+    `logits_of`, with the backward pass written down for `sdft_loss_chunked_grad`."""
+
+    def __init__(self, weight_VD, temperature: float):
+        self.weight_VD, self.temperature = np.asarray(weight_VD, np.float64), temperature
+
+    def __call__(self, hidden_BTD):
+        return np.asarray(hidden_BTD, np.float64) @ self.weight_VD.T / self.temperature
+
+    def backward(self, grad_BTV):
+        return grad_BTV @ self.weight_VD / self.temperature
+
+
+def sdft_loss_chunked(logits_of, student_hidden, teacher_hidden, mask, *, chunk, divergence, skip,
+                      beta) -> tuple[float, int]:
+    """`sdft_loss` of `logits_of(hidden)`, the logits computed `chunk` positions at a time:
+    chunking changes when logits exist, not the loss."""
+    T = np.shape(student_hidden)[1]
+    student_BTV, teacher_BTV = (np.concatenate([logits_of(h[:, t:t + chunk]) for t in range(0, T, chunk)], axis=1)
+                                for h in (np.asarray(student_hidden), np.asarray(teacher_hidden)))
+    return sdft_loss(student_BTV, teacher_BTV, mask, divergence=divergence, skip=skip, beta=beta)
+
+
+def sdft_loss_chunked_grad(logits_of: LinearHead, student_hidden, teacher_hidden, mask, *, chunk, divergence, skip,
+                           beta) -> np.ndarray:
+    """∂loss/∂(student hidden) = (∂loss/∂logits) · W / τ → grad_BTD (chunks change nothing)."""
+    grad_BTV = sdft_loss_grad(logits_of(student_hidden), logits_of(teacher_hidden), mask, divergence=divergence,
+                              skip=skip, beta=beta)
+    return logits_of.backward(grad_BTV)
+
+
+def bucket_logprobs(logprobs_BTV, idx_BTK) -> np.ndarray:
+    """log p on the K chosen tokens, then log of the mass of all other tokens → [B, T, K+1]."""
+    B, T, V = logprobs_BTV.shape
+    out = np.zeros((B, T, idx_BTK.shape[-1] + 1))
+    for b in range(B):
+        for t in range(T):
+            chosen = [int(i) for i in idx_BTK[b, t]]
+            rest = [v for v in range(V) if v not in chosen]
+            out[b, t, :-1] = logprobs_BTV[b, t, chosen]
+            out[b, t, -1] = np.log(np.exp(logprobs_BTV[b, t, rest]).sum()) if rest else -np.inf
+    return out
+
+
+def teacher_topk(teacher_logits_BTV, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """The teacher's k most likely tokens per position (most likely first) and its bucket
+    log-probabilities on them (+ tail) → (idx_BTK, buckets_BTK1)."""
+    teacher_logprobs_BTV = log_softmax(teacher_logits_BTV)
+    idx_BTK = np.argsort(-teacher_logprobs_BTV, axis=-1, kind="stable")[..., :k]
+    return idx_BTK, bucket_logprobs(teacher_logprobs_BTV, idx_BTK)
+
+
+def sdft_loss_topk(student_logits, teacher_idx, teacher_buckets, mask, *, divergence, skip,
+                   beta) -> tuple[float, int]:
+    """The teacher's top-K buckets (+ tail) against the student's mass on the same buckets, then
+    the full-vocabulary recipe (bucket log-probabilities are their own logits)."""
+    student_buckets = bucket_logprobs(log_softmax(student_logits), np.asarray(teacher_idx))
+    return sdft_loss(student_buckets, np.asarray(teacher_buckets, np.float64), mask, divergence=divergence, skip=skip,
+                     beta=beta)
 
 
 def sft_loss(logits, targets, mask) -> tuple[float, int]:
@@ -122,52 +196,3 @@ def sft_loss_grad(logits, targets, mask) -> np.ndarray:
     onehot_BTV = np.eye(p_BTV.shape[-1])[np.asarray(targets, dtype=int)]
     w_BT = np.asarray(mask, dtype=np.float64) / max(float(np.sum(mask)), 1.0)
     return (p_BTV - onehot_BTV) * w_BT[..., None]
-
-
-def bucket_logprobs(logprobs_BTV, idx_BTK) -> np.ndarray:
-    """log p on the K chosen tokens, then log of the mass of all other tokens → [B, T, K+1]."""
-    B, T, V = logprobs_BTV.shape
-    out = np.zeros((B, T, idx_BTK.shape[-1] + 1))
-    for b in range(B):
-        for t in range(T):
-            chosen = [int(i) for i in idx_BTK[b, t]]
-            rest = [v for v in range(V) if v not in chosen]
-            out[b, t, :-1] = logprobs_BTV[b, t, chosen]
-            out[b, t, -1] = np.log(np.exp(logprobs_BTV[b, t, rest]).sum()) if rest else -np.inf
-    return out
-
-
-def sdft_loss_topk(student_logits, teacher_logits, mask, k, divergence="forward", skip=3, beta=0.5) -> tuple[float, int]:
-    """Top-K twin: the teacher's k most likely tokens + a tail bucket, then the full-vocab recipe."""
-    teacher_lp = log_softmax(teacher_logits)
-    idx = np.argsort(-teacher_lp, axis=-1, kind="stable")[..., :k]
-    p = bucket_logprobs(log_softmax(student_logits), idx)
-    q = bucket_logprobs(teacher_lp, idx)
-    with np.errstate(invalid="ignore", divide="ignore"):
-        if divergence == "forward":
-            div = np.nansum(np.exp(q) * (q - p), axis=-1)
-        elif divergence == "reverse":
-            div = np.nansum(np.exp(p) * (p - q), axis=-1)
-        else:
-            div = generalized_jsd(p, q, beta)
-    w = loss_mask(mask, skip)
-    per_seq = [(w[i] * div[i]).sum() / max(w[i].sum(), 1.0) for i in range(len(w))]
-    return float(np.mean(per_seq)), int(w.sum())
-
-
-def sdft_loss_from_hidden(student_hidden, teacher_hidden, head_weight, mask, temperature=1.0, divergence="forward",
-                          skip=3, beta=0.5) -> tuple[float, int]:
-    """Twin of `losses.sdft_loss_chunked` with a linear LM head (logits = hidden · Wᵀ / τ):
-    chunking over positions changes when logits exist, not the loss."""
-    W = np.asarray(head_weight, np.float64)
-    return sdft_loss(np.asarray(student_hidden, np.float64) @ W.T / temperature,
-                     np.asarray(teacher_hidden, np.float64) @ W.T / temperature, mask, divergence, skip, beta)
-
-
-def sdft_loss_from_hidden_grad(student_hidden, teacher_hidden, head_weight, mask, temperature=1.0,
-                               divergence="forward", skip=3, beta=0.5) -> np.ndarray:
-    """∂loss/∂(student hidden) = (∂loss/∂logits) · W / τ → grad_BTD."""
-    W = np.asarray(head_weight, np.float64)
-    grad_BTV = sdft_loss_grad(np.asarray(student_hidden, np.float64) @ W.T / temperature,
-                              np.asarray(teacher_hidden, np.float64) @ W.T / temperature, mask, divergence, skip, beta)
-    return grad_BTV @ W / temperature

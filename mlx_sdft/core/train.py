@@ -100,11 +100,13 @@ def student_loss(model, pairs, completions, teacher_scores, cfg: Config):
     if cfg.topk:
         idx_BTK, buckets_BTK1 = teacher_scores
         logits_BTV = scaled(completion_logits(model, prompts, completions), cfg)
-        return sdft_loss_topk(logits_BTV, idx_BTK, buckets_BTK1, mask_BT, cfg.divergence, cfg.skip_first_tokens, cfg.beta)
+        return sdft_loss_topk(logits_BTV, idx_BTK, buckets_BTK1, mask_BT, divergence=cfg.divergence,
+                              skip=cfg.skip_first_tokens, beta=cfg.beta)
     if cfg.logits_chunk:
         head = lm_head(model)
         return sdft_loss_chunked(lambda hidden: scaled(head(hidden), cfg), completion_hidden(model, prompts, completions),
-                                 teacher_scores, mask_BT, cfg.logits_chunk, cfg.divergence, cfg.skip_first_tokens, cfg.beta)
+                                 teacher_scores, mask_BT, chunk=cfg.logits_chunk, divergence=cfg.divergence,
+                                 skip=cfg.skip_first_tokens, beta=cfg.beta)
     logits_BTV = scaled(completion_logits(model, prompts, completions), cfg)
     return sdft_loss(logits_BTV, scaled(teacher_scores, cfg), mask_BT,
                      divergence=cfg.divergence, skip=cfg.skip_first_tokens, beta=cfg.beta)

@@ -21,7 +21,7 @@ import mlx.nn as nn
 
 from mlx_sdft.core.data import Example, load_examples, need_demonstrations
 from mlx_sdft.errors import InputError
-from mlx_sdft.core.losses import kl, log_softmax, sft_loss
+from mlx_sdft.core.losses import kl_of_logits, sft_loss
 from mlx_sdft.core.metrics import Metric
 from mlx_sdft.core.prompts import encode, render
 from mlx_sdft.core.rollout import sample
@@ -80,10 +80,10 @@ def retention_kl(model: nn.Module, tokenizer, base: Leaves, prompts: list[list[d
     for batch in _batches([encode(tokenizer, render(tokenizer, p)) for p in prompts], batch_size):
         with using(model, base):
             completions = sample(model, batch, [max_tokens] * len(batch), stops, batch_size=len(batch)).completions
-            base_BTV = log_softmax(completion_logits(model, batch, completions))
-        adapted_BTV = log_softmax(completion_logits(model, batch, completions))
+            base_BTV = completion_logits(model, batch, completions)
+        adapted_BTV = completion_logits(model, batch, completions)
         mask_BT = completion_mask([len(c) for c in completions])
-        total += (kl(base_BTV, adapted_BTV) * mask_BT).sum().item()
+        total += (kl_of_logits(base_BTV.astype(mx.float32), adapted_BTV.astype(mx.float32))[0] * mask_BT).sum().item()
         count += int(mask_BT.sum().item())
     return total / max(count, 1)
 
