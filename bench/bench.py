@@ -33,7 +33,6 @@ sys.path[:0] = [str(HERE), str(HERE.parent)]  # run from a checkout without inst
 import mlx_sdft  # noqa: E402,F401  first: on Linux it loads OpenBLAS before MLX does
 
 import mlx.core as mx  # noqa: E402
-import mlx.nn as nn  # noqa: E402
 import mlx.optimizers as optim  # noqa: E402
 from mlx.utils import tree_map  # noqa: E402
 from mlx_lm.generate import batch_generate  # noqa: E402
@@ -88,11 +87,10 @@ def update(model, optimizer, grads, cfg: Config):
 
 
 def sdft_step(model, pairs, cfg, state) -> dict:
-    """One SDFT optimizer step as train() runs it, timed by phase: the trainer's own micro_step
+    """One SDFT optimizer step as train() runs it, timed by phase: the trainer's own sdft_step
     (sample, teacher, student), then its update block and the EMA."""
     timer, positions = PhaseTimer(), next_positions(state, len(pairs))
-    loss, _, grads, stats = trainer.micro_step(model, state["sdft_grad"], state["teacher"], pairs, positions,
-                                               cfg, [], timer)
+    loss, _, grads, stats = state["sdft_step"](model, state["teacher"], pairs, positions, grad=True, timer=timer)
     with timer("update"):
         loss.item()
         update(model, state["optimizer"], grads, cfg)
@@ -106,7 +104,7 @@ def sft_step(model, pairs, cfg, state) -> dict:
     """One --method sft optimizer step on demonstrations as long as the SDFT completions."""
     timer, positions = PhaseTimer(), next_positions(state, len(pairs))
     sft_cfg = dataclasses.replace(cfg, method="sft")
-    loss, _, grads, _ = trainer.micro_step(model, state["sft_grad"], None, pairs, positions, sft_cfg, [], timer)
+    loss, _, grads, _ = trainer.make_step(sft_cfg, [])(model, None, pairs, positions, grad=True, timer=timer)
     with timer("update"):
         loss.item()
         update(model, state["optimizer"], grads, sft_cfg)
@@ -186,8 +184,7 @@ def main(argv=None) -> dict:
     model, pairs, cfg = build(s)
     model.train()
     state = {"teacher": init_teacher("ema", model, {}), "optimizer": trainer.build_optimizer(cfg, cfg.iters),
-             "sdft_grad": nn.value_and_grad(model, trainer.student_loss),
-             "sft_grad": nn.value_and_grad(model, trainer.supervised_loss)}
+             "sdft_step": trainer.make_step(cfg, [])}
     peaks = [matmul_peak(s["matmul_n"])]
     resident = mx.get_active_memory()
     runs = {"sdft": [], "sft": [], "sample": [], "batch_gen": [], "mem_sdft": [], "mem_sft": []}

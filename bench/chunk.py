@@ -27,19 +27,20 @@ import mlx.nn as nn  # noqa: E402
 from bench import build  # noqa: E402
 from shapes import FULL, QUICK, emit, machine, parser  # noqa: E402
 
-from mlx_sdft.core import train as trainer  # noqa: E402
-from mlx_sdft.core.teacher import init_teacher  # noqa: E402
+from mlx_sdft.core.objective import sdft_objective  # noqa: E402
+from mlx_sdft.core.teacher import init_teacher, using  # noqa: E402
 
 
-def scored_pass(model, loss_and_grad, teacher, pairs, cfg) -> tuple[float, int]:
+def scored_pass(model, teacher, pairs, cfg) -> tuple[float, int]:
     """(seconds, peak bytes) of the teacher's scores and the student's loss and gradient."""
-    completions = [p.demo_ids for p in pairs]
+    completions, objective = [p.demo_ids for p in pairs], sdft_objective(cfg)
     mx.synchronize()
     mx.reset_peak_memory()
     tic = time.perf_counter()
-    scores = trainer.teacher_logits(model, teacher, pairs, completions, cfg)
-    mx.eval(scores)
-    (loss, ntoks), grads = loss_and_grad(model, pairs, completions, scores, cfg)
+    with using(model, teacher):
+        scores = objective.teacher_scores(model, pairs, completions)
+        mx.eval(scores)
+    (loss, ntoks), grads = nn.value_and_grad(model, objective.student_loss)(model, pairs, completions, scores)
     mx.eval(loss, ntoks, grads)
     return time.perf_counter() - tic, mx.get_peak_memory()
 
@@ -52,12 +53,12 @@ def main(argv=None) -> dict:
     s = {**(QUICK if args.quick else FULL), "completion": args.completion or (32 if args.quick else 256)}
     model, pairs, cfg = build(s)
     model.train()
-    teacher, loss_and_grad = init_teacher("ema", model, {}), nn.value_and_grad(model, trainer.student_loss)
+    teacher = init_teacher("ema", model, {})
     resident = mx.get_active_memory()
     runs = {c: [] for c in args.chunks}
     for rep in range(1 + args.reps):
         for c in args.chunks:
-            seconds, peak = scored_pass(model, loss_and_grad, teacher, pairs, dataclasses.replace(cfg, logits_chunk=c))
+            seconds, peak = scored_pass(model, teacher, pairs, dataclasses.replace(cfg, logits_chunk=c))
             if rep:
                 runs[c].append((seconds, peak - resident))
     whole = args.chunks[0]

@@ -178,14 +178,14 @@ def test_full_disk_keeps_the_last_good_checkpoint(tiny_model, smoke_data, tmp_pa
 def test_non_finite_steps_are_skipped_then_stop(tiny_model, smoke_data, tmp_path, monkeypatch):
     import mlx_sdft.core.train as train
 
-    real, calls = train.micro_step, {"n": 0}
+    real, calls = train.sdft_step, {"n": 0}
 
-    def poisoned(*args):
-        calls["n"] += 1
-        loss, ntoks, grads, stats = real(*args)
+    def poisoned(*args, **kwargs):
+        calls["n"] += kwargs["grad"]  # training micro-batches only, not validation
+        loss, ntoks, grads, stats = real(*args, **kwargs)
         return (loss * float("nan") if calls["n"] >= 3 else loss), ntoks, grads, stats
 
-    monkeypatch.setattr(train, "micro_step", poisoned)
+    monkeypatch.setattr(train, "sdft_step", poisoned)
     out = tmp_path / "n"
     with pytest.raises(TrainingError, match=r"step 5: 3 non-finite steps in a row"):
         run_train(load_config(None, _opts(tiny_model, smoke_data, out, max_bad_steps=3)), quiet=True)

@@ -116,7 +116,7 @@ def test_sft_method_trains_the_same_adapters(tiny_model, smoke_data, tmp_path):
 def test_sft_loss_is_cross_entropy_on_the_demonstration(tiny, tiny_model, smoke_data, tmp_path):
     from mlx_sdft.core.data import load_examples
     from mlx_sdft.core.prompts import encode_examples
-    from mlx_sdft.core.train import supervised_loss
+    from mlx_sdft.core.objective import supervised_loss
 
     model, tok = tiny
     cfg = _cfg(tiny_model, smoke_data, tmp_path)

@@ -4,6 +4,7 @@ report → save. `train()` is the whole algorithm; the helpers above it are smal
 from __future__ import annotations
 
 import math
+from functools import partial
 from pathlib import Path
 
 import mlx.core as mx
@@ -15,12 +16,11 @@ from mlx.utils import tree_map
 from mlx_sdft.formats import checkpoint
 from mlx_sdft.config import Config
 from mlx_sdft.errors import Interrupted, TrainingError
-from mlx_sdft.core.losses import sdft_loss, sdft_loss_chunked, sdft_loss_topk, sft_loss, teacher_topk
+from mlx_sdft.core.objective import Objective, sdft_objective, supervised_loss
 from mlx_sdft.formats.models import checkpointing
 from mlx_sdft.core.prompts import PromptPair
 from mlx_sdft.machine.report import PhaseTimer, Reporter, StopFlag
 from mlx_sdft.core.rollout import sample
-from mlx_sdft.core.scoring import completion_hidden, completion_logits, completion_mask, lm_head, pad_rows
 from mlx_sdft.core.teacher import Leaves, init_teacher, step_teacher, trainable_leaves, using
 
 
@@ -86,66 +86,53 @@ def rollout_batch(model: nn.Module, pairs: list[PromptPair], cfg: Config, stop_i
     return pairs, rollout
 
 
-def scaled(logits: mx.array, cfg: Config) -> mx.array:
-    # Divide by the temperature in float32: in bf16 the division itself would round.
-    return logits.astype(mx.float32) / cfg.temperature
+def sdft_step(model, teacher: Leaves | None, pairs: list[PromptPair], positions: list[int], *, grad: bool,
+              timer: PhaseTimer, stream: int = TRAIN_STREAM, cfg: Config, stop_ids: list[int],
+              objective: Objective) -> tuple:
+    """One SDFT micro-batch: sample from the student, the teacher's scores (no gradient), the
+    student's loss and, with `grad`, its gradient (else None) → (loss, ntoks, grads, stats)."""
+    with timer("sample"):
+        pairs, rollout = rollout_batch(model, pairs, cfg, stop_ids, positions, stream)
+    with timer("teacher"), using(model, teacher):
+        scores = objective.teacher_scores(model, pairs, rollout.completions)
+        mx.eval(scores)
+    with timer("student"), checkpointing(model, grad and cfg.grad_checkpoint):
+        loss_and_grad = _value_and_grad(model, objective.student_loss, grad)
+        (loss, ntoks), grads = loss_and_grad(model, pairs, rollout.completions, scores)
+        mx.eval(loss, ntoks, grads or [])
+    return loss, ntoks, grads, {"n": len(pairs), "sampled": rollout.num_tokens, "length": rollout.num_tokens,
+                                "truncated": sum(rollout.truncated)}
 
 
-def student_loss(model, pairs, completions, teacher_scores, cfg: Config):
-    """The SDFT objective for one micro-batch; gradients flow through the student only.
-    `teacher_scores` is what `teacher_logits` returned: full logits, top-K buckets, or (with
-    --logits-chunk) final hidden states."""
-    prompts = [p.student_ids for p in pairs]
-    mask_BT = completion_mask([len(c) for c in completions])
-    if cfg.topk:
-        idx_BTK, buckets_BTK1 = teacher_scores
-        logits_BTV = scaled(completion_logits(model, prompts, completions), cfg)
-        return sdft_loss_topk(logits_BTV, idx_BTK, buckets_BTK1, mask_BT, divergence=cfg.divergence,
-                              skip=cfg.skip_first_tokens, beta=cfg.beta)
-    if cfg.logits_chunk:
-        head = lm_head(model)
-        return sdft_loss_chunked(lambda hidden: scaled(head(hidden), cfg), completion_hidden(model, prompts, completions),
-                                 teacher_scores, mask_BT, chunk=cfg.logits_chunk, divergence=cfg.divergence,
-                                 skip=cfg.skip_first_tokens, beta=cfg.beta)
-    logits_BTV = scaled(completion_logits(model, prompts, completions), cfg)
-    return sdft_loss(logits_BTV, scaled(teacher_scores, cfg), mask_BT,
-                     divergence=cfg.divergence, skip=cfg.skip_first_tokens, beta=cfg.beta)
+def sft_step(model, teacher: Leaves | None, pairs: list[PromptPair], positions: list[int], *, grad: bool,
+             timer: PhaseTimer, stream: int = TRAIN_STREAM, cfg: Config) -> tuple:
+    """One --method sft micro-batch: cross-entropy on the demonstrations and, with `grad`, its
+    gradient → (loss, ntoks, grads, stats), as `sdft_step` (nothing sampled, no teacher)."""
+    with timer("student"), checkpointing(model, grad and cfg.grad_checkpoint):
+        loss_and_grad = _value_and_grad(model, supervised_loss, grad)
+        (loss, ntoks), grads = loss_and_grad(model, pairs, cfg)
+        mx.eval(loss, ntoks, grads or [])
+    return loss, ntoks, grads, {"n": len(pairs), "length": int(ntoks.item())}
 
 
-def demonstrations(pairs: list[PromptPair], cfg: Config) -> list[list[int]]:
-    """SFT targets, cut to the room --max-seq-length leaves after the prompt."""
-    return [p.demo_ids[: cfg.max_seq_length - len(p.student_ids)] for p in pairs]
+def _value_and_grad(model, loss, grad: bool):
+    """nn.value_and_grad(model, loss), or the same call shape without the gradient (None)."""
+    return nn.value_and_grad(model, loss) if grad else lambda *args: (loss(*args), None)
 
 
-def supervised_loss(model, pairs, cfg: Config):
-    """The --method sft baseline: cross-entropy on the demonstration given the student prompt."""
-    targets = demonstrations(pairs, cfg)
-    logits_BTV = completion_logits(model, [p.student_ids for p in pairs], targets)
-    return sft_loss(logits_BTV, pad_rows(targets), completion_mask([len(t) for t in targets]))
+def make_step(cfg: Config, stop_ids: list[int]):
+    """The micro-batch step of --method, its objective chosen once: `step(model, teacher, pairs,
+    positions, grad=, timer=[, stream=])` → (loss, ntoks, grads, stats)."""
+    if cfg.method == "sft":
+        return partial(sft_step, cfg=cfg)
+    return partial(sdft_step, cfg=cfg, stop_ids=stop_ids, objective=sdft_objective(cfg))
 
 
-def teacher_logits(model, teacher: Leaves | None, pairs, completions, cfg: Config):
-    """The teacher's side of the loss, without gradient: its completion logits; with --topk only
-    its top-K buckets, so that [B, T, V] need not stay through the student's backward pass; with
-    --logits-chunk its final hidden states, which the student's loss turns into logits a chunk
-    at a time (and top-K buckets too are taken chunk by chunk)."""
-    prompts = [p.teacher_ids for p in pairs]
-    with using(model, teacher):
-        if not cfg.logits_chunk:
-            logits_BTV = mx.stop_gradient(completion_logits(model, prompts, completions))
-            return teacher_topk(scaled(logits_BTV, cfg), cfg.topk) if cfg.topk else logits_BTV
-        hidden_BTD = mx.stop_gradient(completion_hidden(model, prompts, completions))
-    if not cfg.topk:
-        return hidden_BTD
-    head, C = lm_head(model), cfg.logits_chunk
-    chunks = [teacher_topk(scaled(head(hidden_BTD[:, t:t + C]), cfg), cfg.topk) for t in range(0, hidden_BTD.shape[1], C)]
-    return tuple(mx.concatenate(parts, axis=1) for parts in zip(*chunks))
-
-
-def validation_loss(model, teacher, pairs: list[PromptPair], cfg: Config, stop_ids, group=None) -> dict:
-    """SDFT: mean teacher–student divergence on fresh student samples of the validation prompts.
-    SFT: cross-entropy on the validation demonstrations. With a distributed `group`, each rank
-    scores every W-th batch and the sums are shared: the same numbers, 1/W of the work each."""
+def validation_loss(model, teacher, pairs: list[PromptPair], cfg: Config, micro_step, group=None) -> dict:
+    """The training `micro_step` without its gradient on the validation prompts, with the same sampling
+    seeds at every validation (differences between steps come from the weights): SDFT's
+    teacher–student divergence on fresh samples, SFT's cross-entropy. With a distributed `group`,
+    each rank scores every W-th batch and the sums are shared: the same numbers, 1/W of the work each."""
     world, rank = (group.size(), group.rank()) if group is not None else (1, 0)
     batches = math.ceil(len(pairs) / cfg.batch_size)
     n = batches if cfg.val_batches < 0 else min(cfg.val_batches, batches)
@@ -153,41 +140,12 @@ def validation_loss(model, teacher, pairs: list[PromptPair], cfg: Config, stop_i
     for b in range(rank, max(n, 1), world):
         start = b * cfg.batch_size
         batch = pairs[start:start + cfg.batch_size]
-        if cfg.method == "sft":
-            loss, _ = supervised_loss(model, batch, cfg)
-            lengths = [len(t) for t in demonstrations(batch, cfg)]
-        else:
-            # The same seeds at every validation: differences between steps come from the weights.
-            positions = list(range(start, start + len(batch)))
-            batch, rollout = rollout_batch(model, batch, cfg, stop_ids, positions, VALID_STREAM)
-            t_logits = teacher_logits(model, teacher, batch, rollout.completions, cfg)
-            loss, _ = student_loss(model, batch, rollout.completions, t_logits, cfg)
-            lengths = [len(c) for c in rollout.completions]
-        totals = [totals[0] + loss.item(), totals[1] + sum(lengths), totals[2] + 1, totals[3] + len(lengths)]
+        positions = list(range(start, start + len(batch)))
+        loss, _, _, stats = micro_step(model, teacher, batch, positions, grad=False, timer=PhaseTimer(), stream=VALID_STREAM)
+        totals = [totals[0] + loss.item(), totals[1] + stats["length"], totals[2] + 1, totals[3] + stats["n"]]
     if world > 1:
         totals = mx.distributed.all_sum(mx.array(totals, dtype=mx.float32), group=group).tolist()
     return {"val_loss": totals[0] / totals[2], "val_completion_len": totals[1] / totals[3]}
-
-
-def micro_step(model, loss_and_grad, teacher, pairs, positions, cfg: Config, stop_ids, timer: PhaseTimer):
-    """One micro-batch: (SDFT) sample, teacher logits, student loss and gradient; (SFT) the
-    cross-entropy and its gradient. Returns (loss, ntoks, grads, stats)."""
-    stats = {"n": len(pairs) * (cfg.num_generations if cfg.method == "sdft" else 1)}
-    if cfg.method == "sft":
-        with timer("student"), checkpointing(model, cfg.grad_checkpoint):
-            (loss, ntoks), grads = loss_and_grad(model, pairs, cfg)
-            mx.eval(loss, ntoks, grads)
-        return loss, ntoks, grads, {**stats, "length": int(ntoks.item())}
-    with timer("sample"):
-        pairs, rollout = rollout_batch(model, pairs, cfg, stop_ids, positions)
-    with timer("teacher"):
-        t_logits = teacher_logits(model, teacher, pairs, rollout.completions, cfg)
-        mx.eval(t_logits)
-    with timer("student"), checkpointing(model, cfg.grad_checkpoint):
-        (loss, ntoks), grads = loss_and_grad(model, pairs, rollout.completions, t_logits, cfg)
-        mx.eval(loss, ntoks, grads)
-    return loss, ntoks, grads, {**stats, "sampled": rollout.num_tokens, "length": rollout.num_tokens,
-                                "truncated": sum(rollout.truncated)}
 
 
 def train(model: nn.Module, tokenizer, train_pairs: list[PromptPair], valid_pairs: list[PromptPair],
@@ -213,7 +171,7 @@ def train(model: nn.Module, tokenizer, train_pairs: list[PromptPair], valid_pair
         if rank == 0:
             checkpoint.truncate_metrics(out, state["step"])
         reporter.print(f"resuming after step {state['step']} (epoch {state['epoch']:.2f})")
-    loss_and_grad = nn.value_and_grad(model, student_loss if cfg.method == "sdft" else supervised_loss)
+    micro_step = make_step(cfg, stop_ids)  # SDFT or SFT, and the objective: chosen once
     bad_steps, window, record = 0, [], {}
     model.train()
 
@@ -224,7 +182,7 @@ def train(model: nn.Module, tokenizer, train_pairs: list[PromptPair], valid_pair
             positions = list(range(cursor, cursor + cfg.batch_size))[rank::world]
             cursor += cfg.batch_size
             pairs = [train_pairs[i] for i in indices]
-            loss, ntoks, g, micro = micro_step(model, loss_and_grad, teacher, pairs, positions, cfg, stop_ids, timer)
+            loss, ntoks, g, micro = micro_step(model, teacher, pairs, positions, grad=True, timer=timer)
             if world > 1:  # equal shares, so the mean of rank means is the batch mean
                 g = nn.average_gradients(g, group=group)
                 loss, ntoks = mx.distributed.all_sum(loss, group=group) / world, mx.distributed.all_sum(ntoks, group=group)
@@ -254,7 +212,7 @@ def train(model: nn.Module, tokenizer, train_pairs: list[PromptPair], valid_pair
             window = []
         if valid_pairs and (step % cfg.steps_per_eval == 0 or step == steps):
             with timer("eval"):
-                val = validation_loss(model, teacher, valid_pairs, cfg, stop_ids, group)
+                val = validation_loss(model, teacher, valid_pairs, cfg, micro_step, group)
             reporter.log({"type": "eval", "step": step, **val, "val_s": timer.seconds["eval"]})
         interrupted = stop is not None and stop.requested
         if rank == 0 and (step % cfg.save_every == 0 or step == steps or interrupted):

@@ -1,0 +1,97 @@
+"""What a micro-batch is scored by, chosen once per run.
+
+SDFT: the teacher's scores of the sampled completions (no gradient) and the student's loss
+against them, as one `Objective` of the three ways to hold the scores: the full vocabulary,
+the teacher's top-K buckets (--topk: its [B, T, V] logits need not stay through the student's
+backward pass), or final hidden states turned into logits a chunk at a time (--logits-chunk).
+SFT: `supervised_loss`, cross-entropy on the demonstrations.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+import mlx.core as mx
+
+from mlx_sdft.config import Config
+from mlx_sdft.core.losses import sdft_loss, sdft_loss_chunked, sdft_loss_topk, sft_loss, teacher_topk
+from mlx_sdft.core.prompts import PromptPair
+from mlx_sdft.core.scoring import completion_hidden, completion_logits, completion_mask, lm_head, pad_rows
+
+
+@dataclass(frozen=True)
+class Objective:
+    """The two halves of the SDFT loss, for one way of holding the teacher's scores.
+
+    teacher_scores(model, pairs, completions) → scores, from the teacher contexts, no gradient
+        (run it with the teacher's leaves in place: `teacher.using`);
+    student_loss(model, pairs, completions, scores) → (loss, ntoks), from the student contexts,
+        differentiable in the student's weights.
+    """
+
+    teacher_scores: Callable
+    student_loss: Callable
+
+
+def sdft_objective(cfg: Config) -> Objective:
+    """Full vocabulary, --topk buckets or --logits-chunk hidden states (both: buckets taken
+    chunk by chunk); logits are divided by --temperature; the loss is --divergence."""
+    options = dict(divergence=cfg.divergence, skip=cfg.skip_first_tokens, beta=cfg.beta)
+
+    def scaled(logits_BTV: mx.array) -> mx.array:
+        # Divide by the temperature in float32: in bf16 the division itself would round.
+        return logits_BTV.astype(mx.float32) / cfg.temperature
+
+    def student_logits(model, pairs, completions):
+        return scaled(completion_logits(model, [p.student_ids for p in pairs], completions))
+
+    def teacher_hidden(model, pairs, completions):
+        return mx.stop_gradient(completion_hidden(model, [p.teacher_ids for p in pairs], completions))
+
+    def teacher_logits(model, pairs, completions):  # kept unscaled: in the model's dtype, half of float32
+        return mx.stop_gradient(completion_logits(model, [p.teacher_ids for p in pairs], completions))
+
+    def mask(completions):
+        return completion_mask([len(c) for c in completions])
+
+    if cfg.topk:
+        def buckets(model, pairs, completions):
+            if not cfg.logits_chunk:
+                return teacher_topk(scaled(teacher_logits(model, pairs, completions)), cfg.topk)
+            hidden_BTD, head, C = teacher_hidden(model, pairs, completions), lm_head(model), cfg.logits_chunk
+            chunks = [teacher_topk(scaled(head(hidden_BTD[:, t:t + C])), cfg.topk) for t in range(0, hidden_BTD.shape[1], C)]
+            return tuple(mx.concatenate(parts, axis=1) for parts in zip(*chunks))
+
+        def topk_loss(model, pairs, completions, scores):
+            idx_BTK, buckets_BTK1 = scores
+            return sdft_loss_topk(student_logits(model, pairs, completions), idx_BTK, buckets_BTK1, mask(completions),
+                                  **options)
+
+        return Objective(buckets, topk_loss)
+
+    if cfg.logits_chunk:
+        def chunked_loss(model, pairs, completions, hidden_BTD):
+            head = lm_head(model)
+            student_BTD = completion_hidden(model, [p.student_ids for p in pairs], completions)
+            return sdft_loss_chunked(lambda hidden: scaled(head(hidden)), student_BTD, hidden_BTD, mask(completions),
+                                     chunk=cfg.logits_chunk, **options)
+
+        return Objective(teacher_hidden, chunked_loss)
+
+    def full_loss(model, pairs, completions, logits_BTV):
+        return sdft_loss(student_logits(model, pairs, completions), scaled(logits_BTV), mask(completions), **options)
+
+    return Objective(teacher_logits, full_loss)
+
+
+def demonstrations(pairs: list[PromptPair], cfg: Config) -> list[list[int]]:
+    """SFT targets, cut to the room --max-seq-length leaves after the prompt."""
+    return [p.demo_ids[: cfg.max_seq_length - len(p.student_ids)] for p in pairs]
+
+
+def supervised_loss(model, pairs, cfg: Config):
+    """The --method sft baseline: cross-entropy on the demonstration given the student prompt."""
+    targets = demonstrations(pairs, cfg)
+    logits_BTV = completion_logits(model, [p.student_ids for p in pairs], targets)
+    return sft_loss(logits_BTV, pad_rows(targets), completion_mask([len(t) for t in targets]))
