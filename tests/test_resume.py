@@ -233,7 +233,9 @@ def test_preflight_samples_unfused_when_only_that_fits(tmp_path, monkeypatch):
     assert fused["peak"] > unfused["peak"]
     monkeypatch.setattr(memory, "available_gb", lambda: ((fused["peak"] + unfused["peak"]) / 2, "test memory"))
     cfg = Config(**opts)
-    assert preflight(cfg, tmp_path, pairs, [])["peak"] == unfused["peak"] and cfg.fuse_sampling is False
+    resolved, parts = preflight(cfg, tmp_path, pairs, [])
+    assert parts["peak"] == unfused["peak"] and resolved.fuse_sampling is False
+    assert cfg == Config(**opts)  # the caller's options are left as they were
     cfg = Config(**opts, method="sft")
     assert memory.estimate(SMOLLM2, tmp_path, cfg, 64, 160)["fused_copy"] == 0  # SFT does not sample
     monkeypatch.setattr(memory, "available_gb", lambda: (unfused["peak"] / 2, "test memory"))
@@ -260,7 +262,8 @@ def test_preflight_scores_in_chunks_when_only_that_fits(tmp_path, monkeypatch):
     assert whole["logits"] > 7 and chunked["logits"] < 0.6  # 8 × 1024 × 49152 float32 logits, 5 copies
     monkeypatch.setattr(memory, "available_gb", lambda: ((whole["peak"] + chunked["peak"]) / 2, "test memory"))
     cfg = Config(**opts)
-    assert preflight(cfg, tmp_path, pairs, [])["peak"] == chunked["peak"] and cfg.logits_chunk == AUTO_CHUNK
+    resolved, parts = preflight(cfg, tmp_path, pairs, [])
+    assert parts["peak"] == chunked["peak"] and resolved.logits_chunk == AUTO_CHUNK and cfg == Config(**opts)
     # A model whose LM head cannot be split off cannot score in chunks: said before anything loads.
     (tmp_path / "config.json").write_text(json.dumps({**SMOLLM2, "model_type": "phi3"}))
     with pytest.raises(InputError, match="--logits-chunk: the LM head of a 'phi3' model"):

@@ -7,6 +7,7 @@ nothing is written to the output folder until training has produced something to
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import mlx.core as mx
@@ -27,29 +28,30 @@ from mlx_sdft.core.train import total_steps, train
 AUTO_CHUNK = 16  # positions per chunk when the preflight turns chunking on: ~1/4 the memory of T = 256
 
 
-def preflight(cfg: Config, model_path: Path, train_pairs, valid_pairs) -> dict[str, float] | None:
-    """The memory estimate; an InputError when it cannot fit. None for models it cannot read.
-    When memory is short it first gives up the fused sampling copy, then scores in chunks."""
+def preflight(cfg: Config, model_path: Path, train_pairs, valid_pairs) -> tuple[Config, dict[str, float] | None]:
+    """(the options the run will use, the memory estimate); an InputError when it cannot fit.
+    When memory is short the copy first gives up the fused sampling copy, then scores in chunks;
+    `cfg` itself is left as it is. The estimate is None for models it cannot read."""
     config = memory.model_config(model_path)
     if cfg.logits_chunk and cfg.method == "sdft" and not head_splits(config.get("model_type", "")):
         raise InputError(f"--logits-chunk: the LM head of a {config.get('model_type', 'unknown')!r} model cannot be "
                          f"run apart from its body here; use --topk to save memory instead")
     if not {"hidden_size", "num_hidden_layers", "num_attention_heads", "vocab_size"} <= config.keys():
-        return None
+        return cfg, None
     pairs = train_pairs + valid_pairs
     lengths = max(len(p.student_ids) for p in pairs), max(len(p.teacher_ids) for p in pairs)
     parts = memory.estimate(config, model_path, cfg, *lengths)
     have, what = memory.available_gb()
     if parts["peak"] > have and parts["fused_copy"] > 0:
-        cfg.fuse_sampling = False  # slower sampling beats failing
+        cfg = dataclasses.replace(cfg, fuse_sampling=False)  # slower sampling beats failing
         parts = memory.estimate(config, model_path, cfg, *lengths)
     if parts["peak"] > have and not cfg.logits_chunk and cfg.method == "sdft" and head_splits(config["model_type"]):
-        cfg.logits_chunk = AUTO_CHUNK
+        cfg = dataclasses.replace(cfg, logits_chunk=AUTO_CHUNK)
         parts = memory.estimate(config, model_path, cfg, *lengths)
     if parts["peak"] > have:
         raise InputError(f"this run needs about {parts['peak']:.1f} GB but the {what} is {have:.1f} GB "
                          f"({memory.describe(parts)}); lower it with {memory.LOWER_IT}")
-    return parts
+    return cfg, parts
 
 
 def run_train(cfg: Config, console=None, quiet: bool = False) -> dict:
@@ -68,7 +70,7 @@ def run_train(cfg: Config, console=None, quiet: bool = False) -> dict:
     model_path, tokenizer = open_tokenizer(cfg.model, chat_template=cfg.chat_template, dequantize=cfg.dequantize)
     train_pairs = encode_examples(tokenizer, splits["train"], cfg.teacher_template, cfg.max_seq_length)
     valid_pairs = encode_examples(tokenizer, splits.get("valid", []), cfg.teacher_template, cfg.max_seq_length)
-    estimate = preflight(cfg, model_path, train_pairs, valid_pairs)
+    cfg, estimate = preflight(cfg, model_path, train_pairs, valid_pairs)
 
     reporter = Reporter(out, total_steps(cfg, len(train_pairs)), console=console, report_to=cfg.report_to,
                         project_name=cfg.project_name, config=cfg.to_dict(), quiet=quiet,
