@@ -16,8 +16,8 @@ from typing import Annotated, Callable, Optional
 import typer
 from rich.markup import escape
 
-from mlx_sdft.config import (CheckConfig, Config, EvalConfig, ExportConfig, LessonsConfig, ServeConfig, TeachConfig,
-                             cli_fields, load_config)
+from mlx_sdft.config import (CheckConfig, Config, EvalConfig, ExportConfig, GenerateConfig, LessonsConfig, ServeConfig,
+                             TeachConfig, cli_fields, load_config)
 from mlx_sdft.errors import InputError, Interrupted, TrainingError
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="Self-Distillation Fine-Tuning (SDFT) on MLX.")
@@ -201,23 +201,21 @@ _command("export", ExportConfig, _export, "Write the model with its adapters for
          "Hugging Face PEFT (peft) or mlx-lm (mlx).", "YAML file with export options.")
 
 
-@app.command("generate")
-def generate(model: Annotated[str, typer.Option(help="Hub id, model folder or .gguf file.")],
-             prompt: Annotated[str, typer.Option(help="The user message.")],
-             adapter_path: Annotated[Optional[str], typer.Option(help="Adapter folder.")] = None,
-             max_tokens: Annotated[int, typer.Option(help="Most tokens to generate.")] = 256,
-             temperature: Annotated[float, typer.Option(help="0 for greedy.")] = 0.0) -> None:
-    """Answer one prompt with the chat template (mlx-lm's generation), with or without adapters."""
+def _generate(cfg: GenerateConfig) -> None:
     from mlx_lm import generate as mlx_generate
     from mlx_lm.sample_utils import make_sampler
 
     from mlx_sdft.formats.models import open_model, open_tokenizer
 
-    with _one_line_errors("generate"):
-        model_path, tokenizer = open_tokenizer(model)
-        loaded, _ = open_model(model_path, adapters=adapter_path)
-    text = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True, tokenize=False)
-    typer.echo(mlx_generate(loaded, tokenizer, text, max_tokens=max_tokens, sampler=make_sampler(temp=temperature)))
+    model_path, tokenizer = open_tokenizer(cfg.model)
+    model, _ = open_model(model_path, adapters=cfg.adapter_path)
+    text = tokenizer.apply_chat_template([{"role": "user", "content": cfg.prompt}], add_generation_prompt=True,
+                                         tokenize=False)
+    typer.echo(mlx_generate(model, tokenizer, text, max_tokens=cfg.max_tokens, sampler=make_sampler(temp=cfg.temperature)))
+
+
+_command("generate", GenerateConfig, _generate, "Answer one prompt with the chat template (mlx-lm's generation), "
+         "with or without adapters.", "YAML file with generate options.")
 
 
 @app.command("doctor")

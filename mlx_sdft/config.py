@@ -1,7 +1,9 @@
 """Every training option, its default and its help text, written once.
 
 Precedence: command-line flag > YAML file (`-c`) > the defaults below. The CLI builds its
-flags from these fields, so a new option is one line here.
+flags from these fields, so a new option is one line here. Options several commands share
+(where the model comes from, the data, the templates, how long answers may be) are declared
+once, in small groups that each command's options inherit.
 """
 
 from __future__ import annotations
@@ -12,9 +14,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import yaml
-
 from mlx_sdft.errors import InputError
+from mlx_sdft.yaml_file import read_yaml
 
 # The per-token divergences core.losses implements (and core.reference twins).
 DIVERGENCES = ("forward", "reverse", "jsd")
@@ -43,20 +44,75 @@ DEFAULT_HOME = "~/.mlx-sdft/default"
 
 
 def _opt(default: Any, help: str, choices: tuple | None = None, cli: bool = True, flag: str | None = None,
-         argument: bool = False):
-    """One option: `flag` names the CLI flag when it is not --FIELD-NAME; `argument` makes it positional."""
-    meta = {"help": help, "choices": choices, "cli": cli, "flag": flag, "argument": argument}
+         argument: bool = False, path: bool = False):
+    """One option: `flag` names the CLI flag when it is not --FIELD-NAME; `argument` makes it positional;
+    `path`: a file or folder, taken relative to a YAML file that names it."""
+    meta = {"help": help, "choices": choices, "cli": cli, "flag": flag, "argument": argument, "path": path}
     if isinstance(default, (dict, list)):
         return field(default_factory=lambda: type(default)(default), metadata=meta)
     return field(default=default, metadata=meta)
 
 
+# The shared option groups. A command's options list them as bases, last the one whose flags
+# come first (a dataclass puts the fields of its last base first); `_check_groups` checks them.
+
+
 @dataclass
-class Config:
-    # What to train on and where to write.
-    model: str | None = _opt(None, "Hub id, local MLX/HF model folder, or a .gguf file (llama, qwen2, gemma3).")
+class ModelSource:
+    model: str | None = _opt(None, "Hub id, local MLX/HF model folder, a .gguf file (llama, qwen2, gemma3) or "
+                             "pkg:PACKAGE/FILE.", path=True)
+
+
+@dataclass
+class Dequantize:
     dequantize: bool | None = _opt(None, "GGUF: float32 weights (default on CPU) or keep them quantized (default on GPU).")
-    data: str | None = _opt(None, "A .jsonl file, or a folder with train.jsonl [valid.jsonl test.jsonl].")
+
+
+@dataclass
+class DataSource:
+    data: str | None = _opt(None, "A .jsonl file, or a data folder: train.jsonl [valid.jsonl test.jsonl] (eval reads "
+                            "its test.jsonl, else valid.jsonl).", path=True)
+    max_seq_length: int = _opt(2048, "Longest prompt + completion (eval: text scored for perplexity), in tokens.")
+
+
+@dataclass
+class ChatTemplate:
+    chat_template: str | None = _opt(None, "Chat template (Jinja string or file) for tokenizers that lack one.", path=True)
+
+
+@dataclass
+class TeacherTemplate:
+    teacher_template: str = _opt(TEACHER_TEMPLATE, "Teacher prompt: a string or a file, with {question} and "
+                                 "{demonstration}.", path=True)
+
+
+@dataclass
+class Answers:
+    max_tokens: int = _opt(256, "Most tokens per generated answer.")
+
+
+def _check_groups(options) -> None:
+    """The checks of the shared groups `options` has, and every field's choices; template
+    options that name a file are replaced by the file's text."""
+    _choices(options)
+    if isinstance(options, ModelSource) and not options.model:
+        raise InputError("--model: required (a hub id, a local model folder or a .gguf file)")
+    if isinstance(options, DataSource):
+        if not options.data:
+            raise InputError("--data: required (a .jsonl file or a folder with train.jsonl)")
+        _positive(options, ("max_seq_length",))
+    if isinstance(options, Answers):
+        _positive(options, ("max_tokens",))
+    if isinstance(options, ChatTemplate) and options.chat_template is not None:
+        options.chat_template = _maybe_read(options.chat_template)
+    if isinstance(options, TeacherTemplate):
+        _template(options, "teacher_template", ("question", "demonstration"))
+
+
+@dataclass
+class Config(TeacherTemplate, ChatTemplate, DataSource, Dequantize, ModelSource):
+    # What to train on and where to write (model, dequantize, data, max_seq_length and the
+    # templates come from the groups above).
     adapter_path: str = _opt("adapters", "Output folder for adapters, checkpoints and metrics.")
     method: str = _opt("sdft", "sdft, or sft: plain next-token cross-entropy on the demonstrations, to compare.", ("sdft", "sft"))
 
@@ -84,7 +140,6 @@ class Config:
     seed: int = _opt(0, "Random seed for data order, LoRA init and sampling.")
     grad_checkpoint: bool = _opt(False, "Recompute activations in the backward pass to save memory "
                                  "(the student's pass only: sampling and the teacher run plain).")
-    max_seq_length: int = _opt(2048, "Longest prompt + completion, for student and teacher alike.")
 
     # SDFT.
     teacher: str = _opt("ema", "Teacher weights: EMA of the student, the base model, or the student.", ("ema", "base", "live"))
@@ -102,8 +157,6 @@ class Config:
                              "and teacher are never whole in memory, for a second LM-head pass in the backward. 0: at "
                              "once (the preflight picks 16 when only a chunked run fits).")
     topk: int | None = _opt(None, "Score on the teacher's top-K tokens plus a tail bucket (less memory); default: the full vocabulary.")
-    teacher_template: str = _opt(TEACHER_TEMPLATE, "Teacher prompt: a string or a file, with {question} and {demonstration}.")
-    chat_template: str | None = _opt(None, "Chat template (Jinja string or file) for tokenizers that lack one.")
 
     # Reporting and saving.
     steps_per_report: int = _opt(10, "Optimizer steps between report lines.")
@@ -121,13 +174,9 @@ class Config:
         def bad(name: str, why: str):
             raise InputError(f"--{name.replace('_', '-')}: {why}")
 
-        _choices(self)
-        if not self.model:
-            bad("model", "required (a hub id or a local model folder)")
-        if not self.data:
-            bad("data", "required (a .jsonl file or a folder with train.jsonl)")
+        _check_groups(self)
         _positive(self, ("batch_size", "grad_accumulation_steps", "num_generations", "max_completion_length",
-                         "max_seq_length", "max_bad_steps", "steps_per_report", "steps_per_eval", "save_every",
+                         "max_bad_steps", "steps_per_report", "steps_per_eval", "save_every",
                          "learning_rate"))
         if self.iters is not None and self.iters <= 0:
             bad("iters", f"must be > 0, got {self.iters}")
@@ -156,12 +205,6 @@ class Config:
         lora = self.lora_parameters
         if not isinstance(lora, dict) or not {"rank", "scale", "dropout"} <= set(lora):
             bad("lora_parameters", "needs the keys rank, scale and dropout")
-        self.teacher_template = _maybe_read(self.teacher_template)
-        for slot in ("{question}", "{demonstration}"):
-            if slot not in self.teacher_template:
-                bad("teacher_template", f"must contain {slot}")
-        if self.chat_template is not None:
-            self.chat_template = _maybe_read(self.chat_template)
         return self
 
     def to_dict(self) -> dict:
@@ -197,74 +240,73 @@ def _maybe_read(text: str) -> str:
 
 
 @dataclass
-class EvalConfig:
+class EvalConfig(ChatTemplate, Answers, DataSource, ModelSource):
     """`mlx-sdft eval`: task metrics on held-out demonstrations, and retention."""
 
-    model: str | None = _opt(None, "Hub id or local model folder (the base model of the adapters).")
-    data: str | None = _opt(None, "Test .jsonl, or a data folder (its test.jsonl, else valid.jsonl).")
     adapter_path: str | None = _opt(None, "Adapter folder to evaluate; without it, the base model.")
     metric: str = _opt("normalized", "exact, normalized, regex, choice, or module:function.")
     answer_regex: str | None = _opt(None, "For --metric regex: the answer is group 1 (or the match).")
-    max_tokens: int = _opt(256, "Most tokens per greedy answer.")
     batch_size: int = _opt(8, "Prompts generated together.")
     output: str | None = _opt(None, "Folder for predictions.jsonl and summary.json [default: ADAPTER_PATH/eval or eval].")
     retention: bool = _opt(True, "With --adapter-path: measure KL(base‖adapted) on general prompts.")
-    general_prompts: str | None = _opt(None, "JSONL of {\"prompt\": ...} for retention [default: the bundled 100].")
+    general_prompts: str | None = _opt(None, "JSONL of {\"prompt\": ...} for retention [default: the bundled 100].",
+                                       path=True)
     num_general_prompts: int = _opt(100, "How many general prompts to use.")
     retention_max_tokens: int = _opt(64, "Tokens the base model samples per general prompt.")
-    prior_text: str | None = _opt(None, "JSONL of {\"text\": ...}: perplexity before and after the adapters.")
-    max_seq_length: int = _opt(2048, "Longest text scored for perplexity.")
+    prior_text: str | None = _opt(None, "JSONL of {\"text\": ...}: perplexity before and after the adapters.", path=True)
     seed: int = _opt(0, "Random seed for the base model's samples.")
-    chat_template: str | None = _opt(None, "Chat template (Jinja string or file) for tokenizers that lack one.")
 
     def validate(self) -> EvalConfig:
-        _required(self, ("model", "data"))
-        _positive(self, ("max_tokens", "batch_size", "num_general_prompts", "retention_max_tokens", "max_seq_length"))
-        if self.chat_template is not None:
-            self.chat_template = _maybe_read(self.chat_template)
+        _check_groups(self)
+        _positive(self, ("batch_size", "num_general_prompts", "retention_max_tokens"))
         return self
 
 
 @dataclass
-class CheckConfig:
+class CheckConfig(TeacherTemplate, ChatTemplate, Answers, DataSource, ModelSource):
     """`mlx-sdft check`: does the demonstration in context make the model better (the teacher)?"""
 
-    model: str | None = _opt(None, "Hub id or local model folder.")
-    data: str | None = _opt(None, "Demonstrations: a .jsonl file or a folder with train.jsonl.")
     num_examples: int = _opt(32, "Demonstrations to check (the first N).")
     metric: str | None = _opt(None, "Also score greedy answers under both contexts with this metric.")
     answer_regex: str | None = _opt(None, "For --metric regex.")
-    max_tokens: int = _opt(256, "Most tokens per greedy answer (with --metric).")
     batch_size: int = _opt(8, "Prompts scored together.")
-    teacher_template: str = _opt(TEACHER_TEMPLATE, "Teacher prompt, as for train.")
-    chat_template: str | None = _opt(None, "Chat template for tokenizers that lack one.")
-    max_seq_length: int = _opt(2048, "Longest prompt + demonstration.")
 
     def validate(self) -> CheckConfig:
-        _required(self, ("model", "data"))
-        _positive(self, ("num_examples", "max_tokens", "batch_size", "max_seq_length"))
-        self.teacher_template = _maybe_read(self.teacher_template)
-        if self.chat_template is not None:
-            self.chat_template = _maybe_read(self.chat_template)
+        _check_groups(self)
+        _positive(self, ("num_examples", "batch_size"))
         return self
 
 
 @dataclass
-class ExportConfig:
+class GenerateConfig(Answers, ModelSource):
+    """`mlx-sdft generate`: one answer with the chat template, with or without adapters."""
+
+    prompt: str | None = _opt(None, "The user message.")
+    adapter_path: str | None = _opt(None, "Adapter folder.")
+    temperature: float = _opt(0.0, "0 for greedy.")
+
+    def validate(self) -> GenerateConfig:
+        _check_groups(self)
+        _required(self, ("prompt",))
+        if not self.temperature >= 0:
+            raise InputError(f"--temperature: must be >= 0, got {self.temperature}")
+        return self
+
+
+@dataclass
+class ExportConfig(Dequantize, ModelSource):
     """`mlx-sdft export`: the model with its adapters, for llama.cpp/Ollama/LM Studio, PEFT or mlx-lm."""
 
-    model: str | None = _opt(None, "Hub id, model folder, .gguf file or pkg:PACKAGE/FILE (the adapters' base model).")
     adapter_path: str | None = _opt(None, "Adapter folder to fuse in (gguf, mlx) or convert (peft); without it, the model alone.")
     format: str | None = _opt(None, "gguf (llama.cpp, Ollama, LM Studio), peft (Hugging Face PEFT adapters) or mlx "
                               "(an mlx-lm folder); not given: gguf when --out ends in .gguf, else mlx.", ("gguf", "peft", "mlx"))
     out: str | None = _opt(None, "The .gguf file (with a Modelfile beside it), or the folder, to write.")
     outtype: str = _opt("f16", "GGUF weight type for matrices (norms stay float32).", ("f16", "q8_0"))
-    dequantize: bool | None = _opt(None, "GGUF input: float32 weights (default on CPU) or keep them quantized (default on GPU).")
     force: bool = _opt(False, "Replace --out (and the Modelfile beside a .gguf) if it exists.")
 
     def validate(self) -> ExportConfig:
-        _required(self, ("model", "out"))
-        _choices(self)
+        _check_groups(self)
+        _required(self, ("out",))
         return self
 
 
@@ -304,37 +346,6 @@ def coerce(cls: type, name: str, value: Any) -> Any:
     raise InputError(f"--{name.replace('_', '-')}: expected {kind}, got {value!r}")
 
 
-def read_yaml(path: str, cls: type | None = Config) -> dict:
-    """A YAML mapping; with `cls`, every key must be one of its options and relative data paths
-    are taken from the file's folder."""
-    try:
-        with open(path, encoding="utf-8") as fid:
-            values = yaml.safe_load(fid) or {}
-    except OSError as e:
-        raise InputError(f"{path}: cannot read config ({e.strerror})") from None
-    except yaml.YAMLError as e:
-        mark = getattr(e, "problem_mark", None)
-        where = f"{path}:{mark.line + 1}" if mark else path
-        raise InputError(f"{where}: invalid YAML ({getattr(e, 'problem', e)})") from None
-    if not isinstance(values, dict):
-        raise InputError(f"{path}: a config file must be a mapping of option: value")
-    if cls is None:
-        return values
-    known = {f.name for f in dataclasses.fields(cls)}
-    for key in values:
-        if key not in known:
-            raise InputError(f"{path}: unknown option {key!r}")
-    # Paths in a YAML file are relative to the file's folder, as a recipe expects.
-    base = Path(path).parent
-    for key in ("data", "teacher_template", "chat_template", "resume_adapter_file", "model"):
-        value = values.get(key)
-        if isinstance(value, str) and "\n" not in value and not Path(value).is_absolute():
-            candidate = base / value
-            if candidate.exists():
-                values[key] = str(candidate)
-    return values
-
-
 # ---- personal adaptation: serve, teach, lessons (one store and version folders under --home) ----
 
 
@@ -370,10 +381,9 @@ def _template(options, name: str, slots: tuple[str, ...]) -> None:
 
 
 @dataclass
-class ServeConfig:
+class ServeConfig(Dequantize, ChatTemplate, ModelSource):
     """`mlx-sdft serve`: an OpenAI-compatible server that keeps every exchange in --home."""
 
-    model: str | None = _opt(None, "Hub id, local model folder, .gguf file or pkg:PACKAGE/FILE (the base model).")
     home: str = _home()
     host: str = _opt("127.0.0.1", "Address to listen on; any but this machine's loopback requires --api-key.")
     port: int = _opt(8080, "Port to listen on (0: a free one, printed at start).")
@@ -387,11 +397,9 @@ class ServeConfig:
                                    "with {question}, {answer} and {followup}.")
     feedback_template: str = _feedback_template()
     redact: list = _redact()
-    chat_template: str | None = _opt(None, "Chat template (Jinja string or file) for tokenizers that lack one.")
-    dequantize: bool | None = _opt(None, "GGUF: float32 weights (default on CPU) or keep them quantized.")
 
     def validate(self) -> ServeConfig:
-        _required(self, ("model",))
+        _check_groups(self)
         _positive(self, ("max_tokens",))
         if not 0 <= self.port < 65536:
             raise InputError(f"--port: must be in [0, 65535], got {self.port}")
@@ -402,8 +410,6 @@ class ServeConfig:
         _template(self, "hindsight_template", ("question", "answer", "followup"))
         _template(self, "feedback_template", ("question", "answer", "feedback"))
         _regexes(self.redact)
-        if self.chat_template is not None:
-            self.chat_template = _maybe_read(self.chat_template)
         return self
 
 

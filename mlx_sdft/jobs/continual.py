@@ -28,8 +28,9 @@ from rich.console import Console
 from rich.table import Table
 
 from mlx_sdft.formats.checkpoint import write_json
-from mlx_sdft.config import Config, EvalConfig, coerce, load_config, read_yaml
+from mlx_sdft.config import Config, EvalConfig, coerce, load_config
 from mlx_sdft.errors import InputError
+from mlx_sdft.yaml_file import read_yaml, resolve_paths
 
 _STAGE_KEYS = {"name", "data", "metric", "answer_regex"}
 _RUN_KEYS = {"model", "output", "methods", "eval", "stages"}
@@ -55,29 +56,20 @@ def read_stages(path: str) -> dict:
         for key in stage:
             if key not in _STAGE_KEYS | train_keys:
                 raise InputError(f"{path}: stages[{i}] ({stage['name']}): unknown option {key!r}")
-        data = Path(stage["data"])
-        stage["data"] = str(data if data.is_absolute() else Path(path).parent / data)
     for key in spec.get("eval") or {}:
         if key not in eval_keys:
             raise InputError(f"{path}: eval: unknown option {key!r}")
-    methods = spec.get("methods", ["sdft"])
+    methods, choices = spec.get("methods", ["sdft"]), Config.__dataclass_fields__["method"].metadata["choices"]
     for m in methods:
-        if m not in ("sdft", "sft"):
-            raise InputError(f"{path}: methods: {m!r} is not one of sdft, sft")
-    defaults = {k: _relative(v, path) for k, v in spec.items() if k in train_keys}
-    spec["eval"] = {k: _relative(v, path) for k, v in (spec.get("eval") or {}).items()}
+        if m not in choices:
+            raise InputError(f"{path}: methods: {m!r} is not one of {', '.join(choices)}")
+    # Paths are relative to the stages file, as in any YAML file of options.
+    spec = resolve_paths(spec, path, Config)
+    defaults = {k: v for k, v in spec.items() if k in train_keys}
     output = Path(spec.get("output") or Path(path).with_suffix(""))
     return {"model": spec["model"], "output": output, "methods": methods, "defaults": defaults,
-            "eval": spec.get("eval") or {}, "stages": stages}
-
-
-def _relative(value, stages_file: str):
-    """A path option relative to the stages file, when that file exists there (as recipes expect)."""
-    if isinstance(value, str) and "\n" not in value and not Path(value).is_absolute():
-        candidate = Path(stages_file).parent / value
-        if candidate.exists():
-            return str(candidate)
-    return value
+            "eval": resolve_paths(spec.get("eval") or {}, path, EvalConfig),
+            "stages": [resolve_paths(stage, path, Config) for stage in stages]}
 
 
 def stage_config(run: dict, stage: dict, method: str, folder: Path, previous: Path | None) -> Config:

@@ -1,0 +1,46 @@
+"""Options in a YAML file: read and checked against an options class, with relative paths
+taken from the file's folder (one rule for `-c` files and the stages of `continual`)."""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+import yaml
+
+from mlx_sdft.errors import InputError
+
+
+def read_yaml(path: str | Path, cls: type | None = None) -> dict:
+    """A YAML mapping; with an options class `cls`, every key must be one of its options, and
+    its path options go through `resolve_paths`. InputError naming the file (and line) if not."""
+    try:
+        with open(path, encoding="utf-8") as fid:
+            values = yaml.safe_load(fid) or {}
+    except OSError as e:
+        raise InputError(f"{path}: cannot read config ({e.strerror})") from None
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f"{path}:{mark.line + 1}" if mark else path
+        raise InputError(f"{where}: invalid YAML ({getattr(e, 'problem', e)})") from None
+    if not isinstance(values, dict):
+        raise InputError(f"{path}: a config file must be a mapping of option: value")
+    if cls is None:
+        return values
+    known = {f.name for f in dataclasses.fields(cls)}
+    for key in values:
+        if key not in known:
+            raise InputError(f"{path}: unknown option {key!r}")
+    return resolve_paths(values, path, cls)
+
+
+def resolve_paths(values: dict, yaml_file: str | Path, cls: type) -> dict:
+    """`values` with each relative path option of `cls` (a field declared with path=True) taken
+    from the YAML file's folder, where it exists there (as a recipe expects); all else as given."""
+    base, paths = Path(yaml_file).parent, {f.name for f in dataclasses.fields(cls) if f.metadata["path"]}
+    out = dict(values)
+    for key in paths & values.keys():
+        value = values[key]
+        if isinstance(value, str) and "\n" not in value and not Path(value).is_absolute() and (base / value).exists():
+            out[key] = str(base / value)
+    return out

@@ -1,0 +1,80 @@
+"""Options declared once: shared groups, one rule for paths in YAML files, every command's flags generated."""
+
+import re
+
+import pytest
+from typer.testing import CliRunner
+
+from mlx_sdft.cli import app
+from mlx_sdft.config import CheckConfig, Config, EvalConfig, ExportConfig, GenerateConfig, cli_fields, load_config
+from mlx_sdft.yaml_file import read_yaml
+
+COMMANDS = {"train": Config, "eval": EvalConfig, "check": CheckConfig, "generate": GenerateConfig, "export": ExportConfig}
+runner = CliRunner()
+
+
+@pytest.mark.parametrize("name", ["model", "dequantize", "data", "max_seq_length", "chat_template", "teacher_template",
+                                  "max_tokens"])
+def test_shared_options_are_declared_once(name):
+    """Model source, data, sequence length, templates and answer length: one declaration (default
+    and help) that every command having the option inherits."""
+    declared = {id(cls.__dataclass_fields__[name]) for cls in COMMANDS.values() if name in cls.__dataclass_fields__}
+    assert len(declared) == 1
+
+
+@pytest.mark.parametrize("command", COMMANDS)
+def test_every_command_has_a_flag_per_option_and_a_config_file(command):
+    out = re.sub(r"\x1b\[[0-9;]*m", "", runner.invoke(app, [command, "--help"], env={"COLUMNS": "200"}).output)
+    for f in cli_fields(COMMANDS[command]):
+        assert f"--{f.name.replace('_', '-')}" in out, f.name
+    assert "--config" in out
+
+
+@pytest.mark.parametrize("command,args,message", [
+    ("generate", ["--prompt", "Hi"], "--model: required (a hub id, a local model folder or a .gguf file)"),
+    ("generate", ["--model", "m"], "--prompt: required"),
+    ("export", ["--model", "m.gguf"], "--out: required"),
+])
+def test_generate_and_export_check_their_options_like_the_rest(command, args, message):
+    result = runner.invoke(app, [command, *args])
+    assert result.exit_code == 2 and result.stderr.strip() == f"mlx-sdft {command}: error: {message}", result.output
+
+
+def test_paths_in_a_yaml_file_are_relative_to_it(tmp_path):
+    """One rule for every options file: a relative path option that exists next to the file is
+    taken from there; anything else (a hub id, a non-path option) is left as written."""
+    recipe = tmp_path / "recipe"
+    (recipe / "data").mkdir(parents=True)
+    (recipe / "teacher.txt").write_text("{question} / {demonstration}")
+    (recipe / "normalized").write_text("not a path option")
+    (recipe / "eval.yaml").write_text("model: org/name\ndata: data\nmetric: normalized\nprior_text: absent.jsonl\n")
+    values = read_yaml(recipe / "eval.yaml", EvalConfig)
+    assert values == {"model": "org/name", "data": str(recipe / "data"), "metric": "normalized",
+                      "prior_text": "absent.jsonl"}
+    (recipe / "train.yaml").write_text("model: org/name\ndata: data\nteacher_template: teacher.txt\n")
+    cfg = load_config(str(recipe / "train.yaml"))
+    assert cfg.data == str(recipe / "data") and cfg.teacher_template == "{question} / {demonstration}"
+
+
+def test_continual_stages_use_the_same_rule(tmp_path):
+    from mlx_sdft.jobs.continual import read_stages
+
+    (tmp_path / "a").mkdir()
+    (tmp_path / "teacher.txt").write_text("{question} {demonstration}")
+    (tmp_path / "prompts.jsonl").write_text("{\"prompt\": \"Hi\"}\n")
+    (tmp_path / "stages.yaml").write_text(
+        "model: org/name\nteacher_template: teacher.txt\neval: {general_prompts: prompts.jsonl}\n"
+        "stages:\n  - {name: a, data: a}\n  - {name: b, data: /abs/b}\n")
+    run = read_stages(str(tmp_path / "stages.yaml"))
+    assert run["defaults"]["teacher_template"] == str(tmp_path / "teacher.txt")
+    assert run["eval"]["general_prompts"] == str(tmp_path / "prompts.jsonl")
+    assert [s["data"] for s in run["stages"]] == [str(tmp_path / "a"), "/abs/b"]
+
+
+def test_check_needs_the_teacher_template_slots_like_train(tmp_path):
+    """A shared group brings its checks along: check now rejects a teacher template without slots, as train does."""
+    from mlx_sdft.errors import InputError
+
+    with pytest.raises(InputError, match=r"--teacher-template: must contain \{question\}"):
+        CheckConfig(model="m", data="d", teacher_template="no slots").validate()
+    assert CheckConfig(model="m", data="d").validate().max_tokens == 256
