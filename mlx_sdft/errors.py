@@ -1,4 +1,4 @@
-"""The one error type users see: bad input, reported as a single line, exit status 2."""
+"""The errors users see, each as one line; `cli.EXIT_STATUS` gives each its exit status (2, 1, 130)."""
 
 
 class InputError(Exception):
