@@ -127,12 +127,13 @@ def open_model(model_path: Path, *, adapters: Adapters | str | Path | None = Non
     `Adapters` to train) those attached → (model, base): base is the trainable leaves with the
     adapters off (the `base` teacher, the reference of retention), None without adapters. An
     adapter folder is checked before any weights load, and its model is left in eval mode."""
-    spec = Adapters.saved(adapters) if isinstance(adapters, (str, Path)) else adapters
+    saved = isinstance(adapters, (str, Path)) and str(adapters) != ""  # an empty --adapter-path: none
+    spec = Adapters.saved(adapters) if saved else adapters or None
     model, _ = load_model(model_path)
     if spec is None:
         return model, None
     base = attach_adapters(model, spec.fine_tune_type, spec.num_layers, spec.lora_parameters, spec.weights)
-    if not isinstance(adapters, Adapters):
+    if saved:
         model.eval()
     return model, base
 
