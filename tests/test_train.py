@@ -140,13 +140,15 @@ def test_topk_teacher_support_trains(tiny_model, smoke_data, tmp_path):
 @pytest.mark.parametrize("topk", [None, 8])
 def test_logits_chunk_trains_the_same_adapters(tiny_model, smoke_data, tmp_path, topk):
     """Chunked scoring is the same loss: same samples, same updates, up to float32 rounding."""
-    whole = run_train(_cfg(tiny_model, smoke_data, tmp_path / "w", iters=2, topk=topk), quiet=True)
-    chunked = run_train(_cfg(tiny_model, smoke_data, tmp_path / "c", iters=2, topk=topk, logits_chunk=5), quiet=True)
+    # SGD: Adam divides by sqrt(v), which blows float32 rounding of near-zero gradients up to the
+    # size of an update (seen: 2.5e-5 to 8e-5 here, depending on OpenBLAS's thread count).
+    opts = dict(iters=2, topk=topk, optimizer="sgd", learning_rate=0.1)
+    whole = run_train(_cfg(tiny_model, smoke_data, tmp_path / "w", **opts), quiet=True)
+    chunked = run_train(_cfg(tiny_model, smoke_data, tmp_path / "c", logits_chunk=5, **opts), quiet=True)
     assert chunked["loss"] == pytest.approx(whole["loss"], rel=1e-5)
     wa, wb = mx.load(str(tmp_path / "w/adapters.safetensors")), mx.load(str(tmp_path / "c/adapters.safetensors"))
-    # Adam divides by sqrt(v): float32 rounding of near-zero gradients shows at ~1e-6 (updates are ~1e-3).
-    assert max(np.abs(np.array(wa[k]) - np.array(wb[k])).max() for k in wa) < 1e-5
-    assert any(np.abs(np.array(wa[k])).max() > 0 for k in wa if "lora_b" in k)  # the adapters did train
+    assert max(np.abs(np.array(wa[k]) - np.array(wb[k])).max() for k in wa) < 1e-6
+    assert max(np.abs(np.array(wa[k])).max() for k in wa if "lora_b" in k) > 1e-3  # the adapters did train
 
 
 def test_grad_checkpoint_is_exact_and_only_wraps_the_student_pass(tiny_model, smoke_data, tmp_path, monkeypatch):
