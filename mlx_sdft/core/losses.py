@@ -138,7 +138,8 @@ def token_divergence(student_logits_BTV: mx.array, teacher_logits_BTV: mx.array,
     last axis → div_BT; the one place a divergence is chosen. No gradient reaches the teacher.
 
     forward = KL(q‖p) (the loss behind the paper's numbers), reverse = KL(p‖q),
-    jsd = generalized_jsd(p, q, beta) (`jsd_of_logits`), with p = softmax(student), q = softmax(teacher).
+    jsd = the generalized Jensen–Shannon divergence (`jsd_of_logits`), with p = softmax(student),
+    q = softmax(teacher).
     The last axis is the vocabulary, or top-K buckets given as log-probabilities (normalized
     log-probabilities are their own logits). Each is one op with the closed-form gradient of
     `reference.sdft_loss_grad` (`kl_of_logits`, `jsd_of_logits`). ValueError for an unknown name.
