@@ -78,3 +78,10 @@ def test_check_needs_the_teacher_template_slots_like_train(tmp_path):
     with pytest.raises(InputError, match=r"--teacher-template: must contain \{question\}"):
         CheckConfig(model="m", data="d", teacher_template="no slots").validate()
     assert CheckConfig(model="m", data="d").validate().max_tokens == 256
+
+
+def test_generate_reads_its_options_from_a_yaml_file_too(tiny_model, tmp_path):
+    (tmp_path / "generate.yaml").write_text(f"model: {tiny_model}\nprompt: Hi\nmax_tokens: 3\n")
+    result = runner.invoke(app, ["generate", "-c", str(tmp_path / "generate.yaml"), "--max-tokens", "2"])
+    assert result.exit_code == 0, result.output
+    assert result.stdout.strip()  # greedy tokens of the tiny random model
