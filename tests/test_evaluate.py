@@ -211,3 +211,17 @@ def test_continual_ctrl_c_is_one_line_and_130(tiny_model, tmp_path, monkeypatch,
     line = result.stderr.strip().splitlines()[-1]  # after the console's progress lines
     assert line.startswith("mlx-sdft continual: interrupted") and "run the same command again" in line, line
     assert ("after step 2" in line) == (where == "training")
+
+
+@pytest.mark.parametrize("command", ["eval", "generate"])
+def test_adapters_of_another_model_are_one_line(tiny_model, smoke_data, tmp_path, command):
+    """Every command opens adapters through open_model, which checks that each tensor fits (mlx's
+    non-strict load would take a foreign one silently), as export did on its own."""
+    from tiny import build_model
+
+    foreign = _untrained_adapters(build_model(tmp_path / "wider", hidden=96), tmp_path / "foreign")
+    args = ["--data", str(smoke_data)] if command == "eval" else ["--prompt", "Hi"]
+    result = runner.invoke(app, [command, "--model", str(tiny_model), "--adapter-path", str(foreign), *args])
+    assert result.exit_code == 2, result.output
+    [line] = result.stderr.strip().splitlines()
+    assert "does not fit the model" in line and "adapters trained on another model?" in line, line

@@ -17,6 +17,7 @@ from pathlib import Path
 
 import mlx.core as mx
 import mlx.nn as nn
+from mlx.utils import tree_flatten
 from mlx_lm.tuner.trainer import grad_checkpoint
 from mlx_lm.tuner.utils import linear_to_lora_layers
 from mlx_lm.utils import _download, load_config, load_model
@@ -112,13 +113,18 @@ class Adapters:
     def saved(cls, folder: str | Path) -> Adapters:
         """The adapters of an mlx-lm adapter folder (adapter_config.json, adapters.safetensors)."""
         folder = Path(folder)
-        if not (folder / "adapter_config.json").is_file():
+        config_file = folder / "adapter_config.json"
+        if not config_file.is_file():
             raise InputError(f"{folder}: not an adapter folder (no adapter_config.json)")
         try:
-            config = json.loads((folder / "adapter_config.json").read_text())
+            config = json.loads(config_file.read_text())
         except (OSError, ValueError) as e:
-            raise InputError(f"{folder}: not an adapter folder ({type(e).__name__}: {e})") from None
-        return cls(config.get("fine_tune_type", "lora"), config["num_layers"], config.get("lora_parameters", {}),
+            raise InputError(f"{folder}: not an adapter folder ({type(e).__name__}: {e})".splitlines()[0]) from None
+        if not (folder / "adapters.safetensors").is_file():
+            raise InputError(f"{folder}: no adapters.safetensors")
+        if not isinstance(config.get("num_layers"), int):
+            raise InputError(f"{config_file}: num_layers: missing or not an integer")
+        return cls(config.get("fine_tune_type", "lora"), config["num_layers"], config.get("lora_parameters") or {},
                    folder / "adapters.safetensors")
 
 
@@ -126,12 +132,16 @@ def open_model(model_path: Path, *, adapters: Adapters | str | Path | None = Non
     """The weights of a folder from `open_tokenizer`, and with `adapters` (an adapter folder, or
     `Adapters` to train) those attached → (model, base): base is the trainable leaves with the
     adapters off (the `base` teacher, the reference of retention), None without adapters. An
-    adapter folder is checked before any weights load, and its model is left in eval mode."""
+    adapter folder is checked before any weights load, and its model is left in eval mode.
+    InputError for adapters that do not fit the model (trained on another one)."""
     saved = isinstance(adapters, (str, Path)) and str(adapters) != ""  # an empty --adapter-path: none
     spec = Adapters.saved(adapters) if saved else adapters or None
     model, _ = load_model(model_path)
     if spec is None:
         return model, None
+    if saved and spec.num_layers > len(model.layers):
+        raise InputError(f"{Path(adapters) / 'adapter_config.json'}: num_layers {spec.num_layers} but the model has "
+                         f"{len(model.layers)} blocks; adapters trained on another model?")
     base = attach_adapters(model, spec.fine_tune_type, spec.num_layers, spec.lora_parameters, spec.weights)
     if saved:
         model.eval()
@@ -160,7 +170,14 @@ def attach_adapters(model: nn.Module, fine_tune_type: str, num_layers: int, lora
         path = Path(weights)
         if not path.is_file():
             raise InputError(f"{path}: no such adapter file")
-        model.load_weights(str(path), strict=False)
+        # mlx's non-strict load would take a tensor of another shape or name silently.
+        loaded, params = mx.load(str(path)), dict(tree_flatten(model.parameters()))
+        for name, w in loaded.items():
+            if name not in params or params[name].shape != w.shape:
+                have = f"the model has {tuple(params[name].shape)}" if name in params else "the model has no such parameter"
+                raise InputError(f"{path}: {name} {tuple(w.shape)} does not fit the model ({have}); "
+                                 "adapters trained on another model?")
+        model.load_weights(list(loaded.items()), strict=False)
     mx.eval(model.parameters())
     return base
 

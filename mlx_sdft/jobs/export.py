@@ -18,13 +18,11 @@ import shutil
 from pathlib import Path
 from typing import Callable
 
-import mlx.core as mx
 import mlx.nn as nn
-from mlx.utils import tree_flatten
 
 from mlx_sdft.config import ExportConfig
 from mlx_sdft.errors import InputError
-from mlx_sdft.formats.models import attach_adapters, load_tokenizer, open_model, package_file, resolve
+from mlx_sdft.formats.models import Adapters, load_tokenizer, open_model, package_file, resolve
 
 
 def run_export(cfg: ExportConfig) -> dict:
@@ -38,8 +36,8 @@ def run_export(cfg: ExportConfig) -> dict:
     for target in (out, modelfile):
         if target is not None and (target.exists() or target.is_symlink()) and not cfg.force:
             raise InputError(f"{target}: already exists (--force replaces it)")
-    adapter = _adapter_config(Path(cfg.adapter_path)) if cfg.adapter_path else None
-    if fmt == "peft" and (adapter is None or adapter.get("fine_tune_type") == "full"):
+    adapter = Adapters.saved(cfg.adapter_path) if cfg.adapter_path else None
+    if fmt == "peft" and (adapter is None or adapter.fine_tune_type == "full"):
         raise InputError("--format peft: needs LoRA or DoRA adapters (--adapter-path of a lora/dora run); "
                          "a full fine-tune goes out with --format gguf or mlx")
     source = package_file(cfg.model) if cfg.model.startswith("pkg:") else Path(cfg.model).expanduser()
@@ -57,11 +55,11 @@ def run_export(cfg: ExportConfig) -> dict:
         from mlx_sdft.formats.gguf_write import architecture
 
         architecture(json.loads((model_path / "config.json").read_text()), cfg.model)  # before the weights load
-    model = _adapted(model_path, adapter, cfg.adapter_path)
+    model, _ = open_model(model_path, adapters=cfg.adapter_path)
     if fmt == "peft":
         from mlx_sdft.formats.peft import write_peft
 
-        dropout = float((adapter.get("lora_parameters") or {}).get("dropout", 0.0))
+        dropout = float(adapter.lora_parameters.get("dropout", 0.0))
         _replace(out, lambda tmp: write_peft(model, tmp, cfg.model, dropout))
         return {"format": fmt, "out": out}
 
@@ -88,42 +86,6 @@ def _rendered(tokenizer) -> str | None:
         return tokenizer.apply_chat_template([{"role": "user", "content": "hi"}], tokenize=False)
     except Exception:  # no chat template, or one that wants other roles: the Modelfile goes without SYSTEM
         return None
-
-
-def _adapter_config(folder: Path) -> dict:
-    try:
-        config = json.loads((folder / "adapter_config.json").read_text())
-    except (OSError, ValueError) as e:
-        raise InputError(f"{folder}: not an adapter folder ({type(e).__name__}: {e})".splitlines()[0]) from None
-    if not (folder / "adapters.safetensors").is_file():
-        raise InputError(f"{folder}: no adapters.safetensors")
-    if not isinstance(config.get("num_layers"), int):
-        raise InputError(f"{folder / 'adapter_config.json'}: num_layers: missing or not an integer")
-    return config
-
-
-def _adapted(model_path: Path, adapter: dict | None, folder: str | None) -> nn.Module:
-    """The model with the adapters of `folder` attached, after checking that every adapter
-    tensor has a parameter of its shape (mlx's non-strict load would take a foreign one silently)."""
-    model, _ = open_model(model_path)
-    if adapter is None:
-        return model
-    if adapter["num_layers"] > len(model.layers):
-        raise InputError(f"{Path(folder) / 'adapter_config.json'}: num_layers {adapter['num_layers']} but the model "
-                         f"has {len(model.layers)} blocks; adapters trained on another model?")
-    attach_adapters(model, adapter.get("fine_tune_type", "lora"), adapter["num_layers"],
-                    adapter.get("lora_parameters") or {"rank": 8, "scale": 20.0, "dropout": 0.0})
-    path = Path(folder) / "adapters.safetensors"
-    weights, params = mx.load(str(path)), dict(tree_flatten(model.parameters()))
-    for name, w in weights.items():
-        if name not in params or params[name].shape != w.shape:
-            have = f"the model has {tuple(params[name].shape)}" if name in params else "the model has no such parameter"
-            raise InputError(f"{path}: {name} {tuple(w.shape)} does not fit the model ({have}); "
-                             "adapters trained on another model?")
-    model.load_weights(list(weights.items()), strict=False)
-    model.eval()
-    mx.eval(model.parameters())
-    return model
 
 
 def _save_mlx(model: nn.Module, tokenizer, model_path: Path, folder: Path) -> None:
