@@ -9,7 +9,6 @@ changed, swaps the adapter weights in place with `model.load_weights(strict=Fals
 
 from __future__ import annotations
 
-import json
 import queue
 import sys
 import threading
@@ -23,7 +22,7 @@ from mlx_lm.sample_utils import make_sampler
 from mlx_sdft.config import ServeConfig
 from mlx_sdft.core.prompts import encode, render
 from mlx_sdft.errors import InputError
-from mlx_sdft.formats.models import attach_adapters, open_model, open_tokenizer
+from mlx_sdft.formats.models import Adapters, attach_adapters, open_model, open_tokenizer
 from mlx_sdft.serve.openai import BadRequest, ChatRequest
 from mlx_sdft.store import versions
 
@@ -75,9 +74,9 @@ class Engine:
         model, shape, base = self.model, self._shape, self._base
         if version:
             folder = versions.version_dir(self.home, version)
-            config = json.loads((folder / "adapter_config.json").read_text())
-            weights = mx.load(str(folder / "adapters.safetensors"))
-            wanted = (config.get("fine_tune_type", "lora"), config["num_layers"], config.get("lora_parameters", {}))
+            adapters = Adapters.saved(folder)  # read and checked as every command reads an adapter folder
+            weights = mx.load(str(adapters.weights))
+            wanted = (adapters.fine_tune_type, adapters.num_layers, adapters.lora_parameters)
             if shape not in (None, wanted):  # other layers or rank: start again from the base weights
                 model, shape = open_model(self.path)[0], None
             if shape is None:
