@@ -69,8 +69,10 @@ def test_training_changes_only_the_adapters_and_writes_the_layout(tiny, tiny_mod
     train = [r for r in records if r["type"] == "train"]
     assert [r["step"] for r in train] == [1, 2, 3]
     for key in ("loss", "learning_rate", "sample_s", "teacher_s", "student_s", "sampled_tps", "trained_tps",
-                "completion_len", "truncated", "peak_memory_gb"):
+                "completion_len", "truncated", "degenerate", "len_ratio", "peak_memory_gb"):
         assert key in train[0]
+    assert 0 <= train[0]["degenerate"] <= 1 and train[0]["degenerate"] >= train[0]["truncated"]
+    assert train[0]["len_ratio"] > 0
     assert [r["step"] for r in records if r["type"] == "eval"] == [2, 3]
 
     # mlx-lm loads the folder unchanged, and the adapted model differs from the base.
@@ -107,6 +109,7 @@ def test_sft_method_trains_the_same_adapters(tiny_model, smoke_data, tmp_path):
     out = tmp_path / "sft"
     record = run_train(_cfg(tiny_model, smoke_data, out, method="sft"), quiet=True)
     assert record["loss"] > 0 and record["sample_s"] == 0.0
+    assert "degenerate" not in record  # nothing is sampled
     assert not (out / "teacher_adapters.safetensors").exists()
     from mlx_lm import load
 

@@ -16,6 +16,7 @@ from mlx.utils import tree_map
 from mlx_sdft.formats import checkpoint
 from mlx_sdft.config import Config
 from mlx_sdft.errors import Interrupted, TrainingError
+from mlx_sdft.core.degeneration import degeneration_sums
 from mlx_sdft.core.objective import Objective, sdft_objective, supervised_loss
 from mlx_sdft.formats.models import checkpointing
 from mlx_sdft.core.prompts import PromptPair
@@ -101,7 +102,8 @@ def sdft_step(model, teacher: Leaves | None, pairs: list[PromptPair], positions:
         (loss, ntoks), grads = loss_and_grad(model, pairs, rollout.completions, scores)
         mx.eval(loss, ntoks, grads or [])
     return loss, ntoks, grads, {"n": len(pairs), "sampled": rollout.num_tokens, "length": rollout.num_tokens,
-                                "truncated": sum(rollout.truncated)}
+                                "truncated": sum(rollout.truncated), **degeneration_sums(
+                                    rollout.completions, rollout.truncated, [p.demo_ids for p in pairs], stop_ids)}
 
 
 def sft_step(model, teacher: Leaves | None, pairs: list[PromptPair], positions: list[int], *, grad: bool,
@@ -242,6 +244,8 @@ def _summarize(window: list[dict], step: int, optimizer: optim.Optimizer) -> dic
         "trained_tps": total("ntoks") / max(busy, 1e-9),
         "completion_len": total("length") / max(total("n"), 1),
         "truncated": total("truncated") / max(total("n"), 1),
+        **({"degenerate": total("degenerate") / max(total("n"), 1), "len_ratio": total("len_ratio") / max(total("n"), 1)}
+           if "degenerate" in window[0] else {}),
         "peak_memory_gb": mx.get_peak_memory() / 1e9,
     }
 

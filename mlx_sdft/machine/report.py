@@ -58,6 +58,7 @@ _TRAIN_LINE = (
     "{sampled_tps:.0f} sampled tok/s  {trained_tps:.0f} trained tok/s  "
     "len {completion_len:.1f}  truncated {truncated:.0%}  peak {peak_memory_gb:.2f} GB"
 )
+_DEGENERATE = "  degenerate {degenerate:.0%}  len/demo {len_ratio:.2f}"  # sampled completions only (not SFT)
 _EVAL_LINE = "step {step}/{total}  val loss {val_loss:.4f}  val len {val_completion_len:.1f}  ({val_s:.1f}s)"
 
 
@@ -104,7 +105,7 @@ class Reporter:
         if record["type"] == "train" and self.estimated_peak_gb is not None:
             record = {**record, "estimated_peak_gb": self.estimated_peak_gb}  # to check the preflight
         append_metrics(self.out, record)
-        line = _TRAIN_LINE if record["type"] == "train" else _EVAL_LINE
+        line = _TRAIN_LINE + (_DEGENERATE if "degenerate" in record else "") if record["type"] == "train" else _EVAL_LINE
         self.print(line.format(total=self.total, **record), highlight=False)
         if self.wandb is not None:
             self.wandb.log({f"{record['type']}/{k}": v for k, v in record.items() if k != "type"}, step=record["step"])
