@@ -253,12 +253,13 @@ class EvalConfig(ChatTemplate, Answers, DataSource, ModelSource):
                                        path=True)
     num_general_prompts: int = _opt(100, "How many general prompts to use.")
     retention_max_tokens: int = _opt(64, "Tokens the base model samples per general prompt.")
+    general_max_tokens: int = _opt(128, "Most tokens per greedy answer to a general prompt (the degenerate rate).")
     prior_text: str | None = _opt(None, "JSONL of {\"text\": ...}: perplexity before and after the adapters.", path=True)
     seed: int = _opt(0, "Random seed for the base model's samples.")
 
     def validate(self) -> EvalConfig:
         _check_groups(self)
-        _positive(self, ("batch_size", "num_general_prompts", "retention_max_tokens"))
+        _positive(self, ("batch_size", "num_general_prompts", "retention_max_tokens", "general_max_tokens"))
         return self
 
 

@@ -78,6 +78,10 @@ def test_eval_cli_writes_predictions_and_summary(tiny_model, smoke_data, tmp_pat
     summary = json.loads((adapters / "eval" / "summary.json").read_text())
     assert summary["examples"] == 4 and 0.0 <= summary["task_score"] <= 1.0
     assert summary["retention_kl"] > 0 and summary["prior_ppl"] > 1 and summary["prior_ppl_base"] > 1
+    general = [json.loads(line) for line in (adapters / "eval" / "general.jsonl").read_text().splitlines()]
+    assert len(general) == 4 and {"answer", "degenerate", "base_answer", "base_degenerate"} <= general[0].keys()
+    assert summary["degenerate_rate"] == sum(g["degenerate"] for g in general) / 4
+    assert summary["degenerate_rate_base"] == sum(g["base_degenerate"] for g in general) / 4
     rows = [json.loads(line) for line in (adapters / "eval" / "predictions.jsonl").read_text().splitlines()]
     assert len(rows) == 4 and rows[0]["reference"] == "The capital of Portugal is Lisbon."
     assert {"prediction", "score", "where"} <= rows[0].keys()
@@ -149,6 +153,7 @@ def test_continual_two_stages_complete_matrix_and_resume(tiny_model, tmp_path):
         assert r["scores"][0][0] is not None and r["scores"][0][1] is not None and r["scores"][0][2] is not None
         assert r["scores"][1][1] is None and r["scores"][1][2] is not None  # not evaluated before it is trained
         assert r["retention_kl"][0] == 0.0 and r["retention_kl"][2] > 0
+        assert len(r["degenerate_rate"]) == 3 and all(0 <= d <= 1 for d in r["degenerate_rate"])
     out = tmp_path / "run"
     assert json.loads((out / "retention.json").read_text()) == results
     assert (out / "retention_matrix.png").stat().st_size > 0 and (out / "learning_curves.png").exists()

@@ -100,7 +100,7 @@ def evaluate_stage(run: dict, upto: int, adapter_path: Path | None) -> dict:
         first = not scores
         ecfg.retention = first and ecfg.retention  # retention once per stage, not per task
         ecfg.prior_text = ecfg.prior_text if first else None
-        result, _ = evaluate_adapters(model, tokenizer, base, task_examples(stage["data"]), metric, ecfg)
+        result, _, _ = evaluate_adapters(model, tokenizer, base, task_examples(stage["data"]), metric, ecfg)
         scores[stage["name"]] = result.pop("task_score")
         if first:
             summary = {k: v for k, v in result.items() if k != "examples"}
@@ -139,6 +139,7 @@ def run_continual(path: str, console: Console | None = None) -> dict:
             "tasks": names, "stages": ["base", *names],
             "scores": [[c["scores"].get(t) for c in columns] for t in names],
             "retention_kl": [c.get("retention_kl", 0.0) for c in columns],
+            "degenerate_rate": [c.get("degenerate_rate") for c in columns],
             **({"prior_ppl": [c.get("prior_ppl") for c in columns]} if "prior_ppl" in base else {}),
         }
         console.print(matrix_table(method, results[method]))
@@ -156,6 +157,7 @@ def matrix_table(method: str, result: dict) -> Table:
     for task, row in zip(result["tasks"], result["scores"]):
         table.add_row(task, *map(fmt, row))
     table.add_row("retention KL(base‖adapted)", *map(fmt, result["retention_kl"]), style="dim")
+    table.add_row("degenerate general answers", *map(fmt, result.get("degenerate_rate", [])), style="dim")
     return table
 
 

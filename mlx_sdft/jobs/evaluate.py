@@ -3,6 +3,8 @@
 - task: greedy answers to held-out prompts, scored against their demonstrations;
 - retention_kl: mean per-token KL(base‖adapted) on completions the *base* model samples for
   general prompts (0 for untrained adapters; grows as the adapted model drifts);
+- degenerate_rate: the fraction of greedy answers to the general prompts that are degenerate
+  (core/degeneration.py), for the adapted model and (degenerate_rate_base) the base model;
 - perplexity of prior text (a JSONL of {"text": ...}) under the adapted and the base model.
 The base model is the same model with its adapters off (teacher.using with the base leaves),
 so evaluation needs no fusing and no second copy of the weights.
@@ -20,6 +22,7 @@ import mlx.core as mx
 import mlx.nn as nn
 
 from mlx_sdft.core.data import Example, load_examples, need_demonstrations
+from mlx_sdft.core.degeneration import is_degenerate
 from mlx_sdft.errors import InputError
 from mlx_sdft.core.losses import kl_of_logits, sft_loss
 from mlx_sdft.core.metrics import Metric
@@ -86,6 +89,24 @@ def retention_kl(model: nn.Module, tokenizer, base: Leaves, prompts: list[list[d
         total += (kl_of_logits(base_BTV.astype(mx.float32), adapted_BTV.astype(mx.float32))[0] * mask_BT).sum().item()
         count += int(mask_BT.sum().item())
     return total / max(count, 1)
+
+
+def general_answers(model: nn.Module, tokenizer, prompts: list[list[dict]], max_tokens: int,
+                    batch_size: int) -> list[dict]:
+    """Greedy answers to general prompts, each with its `degenerate` flag (core/degeneration.py)."""
+    stops = sorted(tokenizer.eos_token_ids)
+    rows = []
+    for batch in _batches(prompts, batch_size):
+        ids = [encode(tokenizer, render(tokenizer, p)) for p in batch]
+        rollout = sample(model, ids, [max_tokens] * len(ids), stops, temperature=0.0, batch_size=len(ids))
+        for p, c, t in zip(batch, rollout.completions, rollout.truncated):
+            rows.append({"prompt": p[-1]["content"], "answer": tokenizer.decode(_strip_stop(c, set(stops))),
+                         "tokens": len(c), "truncated": t, "degenerate": is_degenerate(c, t, stops)})
+    return rows
+
+
+def _rate(rows: list[dict]) -> float:
+    return sum(r["degenerate"] for r in rows) / max(len(rows), 1)
 
 
 def perplexity(model: nn.Module, tokenizer, texts: list[str], max_seq_length: int, batch_size: int) -> float:
@@ -158,20 +179,29 @@ def task_examples(data: str | Path) -> list[Example]:
 
 
 def evaluate_adapters(model, tokenizer, base: Leaves | None, examples: list[Example], metric: Metric,
-                      cfg) -> tuple[dict, list[dict]]:
-    """All numbers of one evaluation: the task score, and with a base to compare, retention."""
+                      cfg) -> tuple[dict, list[dict], list[dict]]:
+    """All numbers of one evaluation: the task score, the degenerate rate of greedy answers to the
+    general prompts, and with a base to compare, retention and the base's degenerate rate.
+    Returns (summary, task rows, general-prompt rows)."""
     task = evaluate_task(model, tokenizer, examples, metric, cfg.max_tokens, cfg.batch_size)
-    summary = {"task_score": task.score, "examples": len(examples)}
-    if base is not None and cfg.retention:
+    summary, general = {"task_score": task.score, "examples": len(examples)}, []
+    if cfg.retention:
         prompts = load_prompts(cfg.general_prompts, cfg.num_general_prompts)
+        general = general_answers(model, tokenizer, prompts, cfg.general_max_tokens, cfg.batch_size)
+        summary["degenerate_rate"] = _rate(general)
+    if base is not None and cfg.retention:
         summary["retention_kl"] = retention_kl(model, tokenizer, base, prompts, cfg.retention_max_tokens, cfg.batch_size)
+        with using(model, base):
+            base_rows = general_answers(model, tokenizer, prompts, cfg.general_max_tokens, cfg.batch_size)
+        summary["degenerate_rate_base"] = _rate(base_rows)
+        general = [{**r, "base_answer": b["answer"], "base_degenerate": b["degenerate"]} for r, b in zip(general, base_rows)]
     if cfg.prior_text:
         texts = load_texts(cfg.prior_text)
         summary["prior_ppl"] = perplexity(model, tokenizer, texts, cfg.max_seq_length, cfg.batch_size)
         if base is not None:
             with using(model, base):
                 summary["prior_ppl_base"] = perplexity(model, tokenizer, texts, cfg.max_seq_length, cfg.batch_size)
-    return summary, task.rows
+    return summary, task.rows, general
 
 
 def run_eval(cfg, console=None) -> dict:
@@ -188,25 +218,28 @@ def run_eval(cfg, console=None) -> dict:
     examples = task_examples(cfg.data)
     if cfg.prior_text:
         load_texts(cfg.prior_text)  # check it before any weights load
-    if cfg.adapter_path and cfg.retention:
+    if cfg.retention:
         load_prompts(cfg.general_prompts, cfg.num_general_prompts)
     model_path, tokenizer = open_tokenizer(cfg.model, chat_template=cfg.chat_template)
     render(tokenizer, examples[0].prompt)  # a missing chat template fails here, before the weights
     mx.random.seed(cfg.seed)
     model, base = open_model(model_path, adapters=cfg.adapter_path)
     with console.status(f"evaluating {len(examples)} examples"):
-        summary, rows = evaluate_adapters(model, tokenizer, base, examples, metric, cfg)
+        summary, rows, general = evaluate_adapters(model, tokenizer, base, examples, metric, cfg)
     summary = {"model": cfg.model, "adapter_path": cfg.adapter_path, "data": str(cfg.data), "metric": cfg.metric, **summary}
 
     out = Path(cfg.output or (Path(cfg.adapter_path) / "eval" if cfg.adapter_path else "eval"))
     out.mkdir(parents=True, exist_ok=True)
     (out / "predictions.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+    if general:
+        (out / "general.jsonl").write_text("".join(json.dumps(r) + "\n" for r in general), encoding="utf-8")
     write_json(out / "summary.json", summary)
     table = Table(title=f"{cfg.data} ({cfg.metric})")
-    for key in ("task_score", "retention_kl", "prior_ppl", "prior_ppl_base"):
-        if key in summary:
-            table.add_column(key, justify="right")
-    table.add_row(*(f"{summary[k]:.4f}" for k in ("task_score", "retention_kl", "prior_ppl", "prior_ppl_base") if k in summary))
+    shown = [k for k in ("task_score", "retention_kl", "degenerate_rate", "degenerate_rate_base", "prior_ppl",
+                         "prior_ppl_base") if k in summary]
+    for key in shown:
+        table.add_column(key, justify="right")
+    table.add_row(*(f"{summary[k]:.4f}" for k in shown))
     console.print(table)
     console.print(f"predictions and summary written to {out}")
     return summary

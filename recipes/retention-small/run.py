@@ -53,7 +53,7 @@ def evaluate_run(folder: Path) -> dict:
     model, base = open_model(model_path, adapters=folder)
     cfg = EvalConfig(model=MODEL, data=str(HERE / "data"), max_tokens=48, num_general_prompts=32,
                      retention_max_tokens=32, prior_text=str(HERE / "prior_text.jsonl"), batch_size=8).validate()
-    summary, _ = evaluate_adapters(model, tokenizer, base, load_examples(HERE / "data" / "test.jsonl"), BOLD, cfg)
+    summary, *_ = evaluate_adapters(model, tokenizer, base, load_examples(HERE / "data" / "test.jsonl"), BOLD, cfg)
     valid = evaluate_task(model, tokenizer, load_examples(HERE / "data" / "valid.jsonl"), BOLD, 48, 8).score
     prior = evaluate_task(model, tokenizer, load_examples(HERE / "prior_task.jsonl"), contains, 64, 8).score
     return {"new_skill": summary["task_score"], "valid": valid, "prior_task": prior,
