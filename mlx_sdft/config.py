@@ -42,6 +42,8 @@ HINDSIGHT_TEMPLATE = (
 )
 DEFAULT_HOME = "~/.mlx-sdft/default"
 
+SKIP_FIRST_TOKENS = 3  # the paper's; `train` and `check` warn when it hides the demonstrations' shared opening
+
 
 def _opt(default: Any, help: str, choices: tuple | None = None, cli: bool = True, flag: str | None = None,
          argument: bool = False, path: bool = False):
@@ -152,11 +154,22 @@ class Config(TeacherTemplate, ChatTemplate, DataSource, Dequantize, ModelSource)
     max_completion_length: int = _opt(1024, "Most tokens sampled per completion.")
     temperature: float = _opt(1.0, "Sampling temperature (also divides the scored logits).")
     top_p: float = _opt(1.0, "Nucleus sampling mass.")
-    skip_first_tokens: int = _opt(3, "Completion tokens at the start left out of the loss.")
+    skip_first_tokens: int = _opt(SKIP_FIRST_TOKENS, "Completion tokens at the start left out of the loss.")
     logits_chunk: int = _opt(0, "Score the completion this many positions at a time: the [B, T, V] logits of student "
                              "and teacher are never whole in memory, for a second LM-head pass in the backward. 0: at "
                              "once (the preflight picks 16 when only a chunked run fits).")
     topk: int | None = _opt(None, "Score on the teacher's top-K tokens plus a tail bucket (less memory); default: the full vocabulary.")
+
+    # Guards against a collapsing student (core/guards.py); all off by default.
+    completion_budget: float | None = _opt(None, "Sample at most max(16, ceil(M x demonstration tokens)) tokens per "
+                                           "example, capped by --max-completion-length; default: the cap for all.")
+    truncated: str = _opt("keep", "A completion truncated without a stop token: keep it in the loss, or mask it out.",
+                          ("keep", "mask"))
+    sft_weight: float = _opt(0.0, "Add this x the SFT cross-entropy on the demonstration (0: pure SDFT).")
+    base_kl_weight: float = _opt(0.0, "Add this x KL(base||student) per token on the student's samples, base = "
+                                 "adapters off (0: none).")
+    max_degenerate_rise: float | None = _opt(None, "Stop when a report's degenerate rate exceeds the first report's "
+                                             "by more than this, keeping the last good report's adapters; default: never.")
 
     # Reporting and saving.
     steps_per_report: int = _opt(10, "Optimizer steps between report lines.")
@@ -194,6 +207,14 @@ class Config(TeacherTemplate, ChatTemplate, DataSource, Dequantize, ModelSource)
             bad("topk", f"must be > 0, got {self.topk}")
         if self.logits_chunk < 0:
             bad("logits_chunk", f"must be >= 0, got {self.logits_chunk}")
+        if self.completion_budget is not None and not self.completion_budget > 0:
+            bad("completion_budget", f"must be > 0, got {self.completion_budget}")
+        if self.sft_weight < 0 or self.base_kl_weight < 0:
+            bad("sft_weight" if self.sft_weight < 0 else "base_kl_weight", "must be >= 0")
+        if self.base_kl_weight and self.logits_chunk:
+            bad("base_kl_weight", "does not combine with --logits-chunk yet (use --topk to save memory)")
+        if self.max_degenerate_rise is not None and not 0 <= self.max_degenerate_rise < 1:
+            bad("max_degenerate_rise", f"must be in [0, 1), got {self.max_degenerate_rise}")
         if self.skip_first_tokens < 0:
             bad("skip_first_tokens", f"must be >= 0, got {self.skip_first_tokens}")
         if not (0 <= self.warmup_ratio < 1):

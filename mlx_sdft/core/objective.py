@@ -15,6 +15,7 @@ from typing import Callable
 import mlx.core as mx
 
 from mlx_sdft.config import Config
+from mlx_sdft.core import guards
 from mlx_sdft.core.losses import sdft_loss, sdft_loss_chunked, sdft_loss_topk, sft_loss, teacher_topk
 from mlx_sdft.core.prompts import PromptPair
 from mlx_sdft.core.scoring import completion_hidden, completion_logits, completion_mask, lm_head, pad_rows
@@ -26,8 +27,9 @@ class Objective:
 
     teacher_scores(model, pairs, completions) → scores, from the teacher contexts, no gradient
         (run it with the teacher's leaves in place: `teacher.using`);
-    student_loss(model, pairs, completions, scores) → (loss, ntoks), from the student contexts,
-        differentiable in the student's weights.
+    student_loss(model, pairs, completions, scores, guard=None) → (loss, ntoks), from the student
+        contexts, differentiable in the student's weights; with a `guards.Guard`, the guards'
+        terms too (--truncated, --sft-weight, --base-kl-weight).
     """
 
     teacher_scores: Callable
@@ -52,8 +54,19 @@ def sdft_objective(cfg: Config) -> Objective:
     def teacher_logits(model, pairs, completions):  # kept unscaled: in the model's dtype, half of float32
         return mx.stop_gradient(completion_logits(model, [p.teacher_ids for p in pairs], completions))
 
-    def mask(completions):
-        return completion_mask([len(c) for c in completions])
+    def mask(completions, guard):
+        mask_BT = completion_mask([len(c) for c in completions])
+        return mask_BT if guard is None else guards.keep_rows(mask_BT, guard.truncated, cfg.truncated)
+
+    def regularized(loss_and_ntoks, model, pairs, guard, mask_BT, logits_BTV=None):
+        """The guards' terms added to the SDFT loss; the base-KL term needs the student's logits."""
+        if guard is None:
+            return loss_and_ntoks
+        sft = supervised_loss(model, pairs[::cfg.num_generations], cfg)[0] if cfg.sft_weight else None
+        base_kl = None if guard.base_logits is None else guards.base_kl_loss(logits_BTV, scaled(guard.base_logits), mask_BT)
+        loss, ntoks = loss_and_ntoks
+        return guards.regularized_loss(loss, sft=sft, base_kl=base_kl, sft_weight=cfg.sft_weight,
+                                       base_kl_weight=cfg.base_kl_weight), ntoks
 
     if cfg.topk:
         def buckets(model, pairs, completions):
@@ -63,24 +76,27 @@ def sdft_objective(cfg: Config) -> Objective:
             chunks = [teacher_topk(scaled(head(hidden_BTD[:, t:t + C])), cfg.topk) for t in range(0, hidden_BTD.shape[1], C)]
             return tuple(mx.concatenate(parts, axis=1) for parts in zip(*chunks))
 
-        def topk_loss(model, pairs, completions, scores):
+        def topk_loss(model, pairs, completions, scores, guard=None):
             idx_BTK, buckets_BTK1 = scores
-            return sdft_loss_topk(student_logits(model, pairs, completions), idx_BTK, buckets_BTK1, mask(completions),
-                                  **options)
+            logits_BTV, mask_BT = student_logits(model, pairs, completions), mask(completions, guard)
+            return regularized(sdft_loss_topk(logits_BTV, idx_BTK, buckets_BTK1, mask_BT, **options),
+                               model, pairs, guard, mask_BT, logits_BTV)
 
         return Objective(buckets, topk_loss)
 
     if cfg.logits_chunk:
-        def chunked_loss(model, pairs, completions, hidden_BTD):
-            head = lm_head(model)
+        def chunked_loss(model, pairs, completions, hidden_BTD, guard=None):  # no --base-kl-weight (config.validate)
+            head, mask_BT = lm_head(model), mask(completions, guard)
             student_BTD = completion_hidden(model, [p.student_ids for p in pairs], completions)
-            return sdft_loss_chunked(lambda hidden: scaled(head(hidden)), student_BTD, hidden_BTD, mask(completions),
-                                     chunk=cfg.logits_chunk, **options)
+            return regularized(sdft_loss_chunked(lambda hidden: scaled(head(hidden)), student_BTD, hidden_BTD, mask_BT,
+                                                 chunk=cfg.logits_chunk, **options), model, pairs, guard, mask_BT)
 
         return Objective(teacher_hidden, chunked_loss)
 
-    def full_loss(model, pairs, completions, logits_BTV):
-        return sdft_loss(student_logits(model, pairs, completions), scaled(logits_BTV), mask(completions), **options)
+    def full_loss(model, pairs, completions, logits_BTV, guard=None):
+        student_BTV, mask_BT = student_logits(model, pairs, completions), mask(completions, guard)
+        return regularized(sdft_loss(student_BTV, scaled(logits_BTV), mask_BT, **options), model, pairs, guard, mask_BT,
+                           student_BTV)
 
     return Objective(teacher_logits, full_loss)
 

@@ -196,3 +196,45 @@ def sft_loss_grad(logits, targets, mask) -> np.ndarray:
     onehot_BTV = np.eye(p_BTV.shape[-1])[np.asarray(targets, dtype=int)]
     w_BT = np.asarray(mask, dtype=np.float64) / max(float(np.sum(mask)), 1.0)
     return (p_BTV - onehot_BTV) * w_BT[..., None]
+
+
+# --- guards (`mlx_sdft.core.guards`) ----------------------------------------------------------
+
+
+def keep_rows(mask_BT, truncated_B, mode) -> np.ndarray:
+    """"keep": the mask; "mask": the rows of truncated completions set to 0."""
+    out = np.array(mask_BT, dtype=np.float64)
+    if mode == "mask":
+        for b, t in enumerate(truncated_B):
+            if t:
+                out[b] = 0.0
+    return out
+
+
+def regularized_loss(student_logits, teacher_logits, mask, truncated, *, base_logits=None, demo_logits=None,
+                     demo_targets=None, demo_mask=None, divergence="forward", skip=3, beta=0.5,
+                     truncated_mode="keep", sft_weight=0.0, base_kl_weight=0.0) -> float:
+    """The training objective with every guard:
+    sdft_loss(student, teacher, m, divergence, skip) + λ·sft_loss(demo) + μ·sdft_loss(student, base, m, forward, 0),
+    m = keep_rows(mask, truncated, truncated_mode); the base term is KL(base‖student) per token."""
+    m = keep_rows(mask, truncated, truncated_mode)
+    total = sdft_loss(student_logits, teacher_logits, m, divergence=divergence, skip=skip, beta=beta)[0]
+    if sft_weight:
+        total += sft_weight * sft_loss(demo_logits, demo_targets, demo_mask)[0]
+    if base_kl_weight:
+        total += base_kl_weight * sdft_loss(student_logits, base_logits, m, divergence="forward", skip=0, beta=0.5)[0]
+    return total
+
+
+def regularized_loss_grad(student_logits, teacher_logits, mask, truncated, *, base_logits=None, demo_logits=None,
+                          demo_targets=None, demo_mask=None, divergence="forward", skip=3, beta=0.5,
+                          truncated_mode="keep", sft_weight=0.0, base_kl_weight=0.0):
+    """(∂/∂ student logits, ∂/∂ demonstration logits) of `regularized_loss`:
+    sdft_loss_grad(m) + μ·(p − q_base)·c₀ and λ·(p_demo − onehot(target))·mask/Σmask."""
+    m = keep_rows(mask, truncated, truncated_mode)
+    grad_BTV = sdft_loss_grad(student_logits, teacher_logits, m, divergence=divergence, skip=skip, beta=beta)
+    if base_kl_weight:
+        grad_BTV = grad_BTV + base_kl_weight * sdft_loss_grad(student_logits, base_logits, m, divergence="forward", skip=0,
+                                                              beta=0.5)
+    demo_grad = sft_weight * sft_loss_grad(demo_logits, demo_targets, demo_mask) if sft_weight else None
+    return grad_BTV, demo_grad

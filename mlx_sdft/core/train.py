@@ -16,6 +16,7 @@ from mlx.utils import tree_map
 from mlx_sdft.formats import checkpoint
 from mlx_sdft.config import Config
 from mlx_sdft.errors import Interrupted, TrainingError
+from mlx_sdft.core import guards
 from mlx_sdft.core.degeneration import degeneration_sums
 from mlx_sdft.core.objective import Objective, sdft_objective, supervised_loss
 from mlx_sdft.formats.models import checkpointing
@@ -58,9 +59,13 @@ def build_optimizer(cfg: Config, steps: int) -> optim.Optimizer:
 
 
 def completion_budget(pair: PromptPair, cfg: Config) -> int:
-    """Tokens a completion may have so that both contexts stay within --max-seq-length."""
+    """Tokens a completion may have so that both contexts stay within --max-seq-length; with
+    --completion-budget M also at most max(16, ⌈M · demonstration tokens⌉)."""
     room = cfg.max_seq_length - max(len(pair.student_ids), len(pair.teacher_ids))
-    return min(cfg.max_completion_length, room)
+    cap = cfg.max_completion_length
+    if cfg.completion_budget:
+        cap = guards.demonstration_budget(len(pair.demo_ids), cfg.completion_budget, cap)
+    return min(cap, room)
 
 
 TRAIN_STREAM, VALID_STREAM = 0, 1
@@ -89,7 +94,7 @@ def rollout_batch(model: nn.Module, pairs: list[PromptPair], cfg: Config, stop_i
 
 def sdft_step(model, teacher: Leaves | None, pairs: list[PromptPair], positions: list[int], *, grad: bool,
               timer: PhaseTimer, stream: int = TRAIN_STREAM, cfg: Config, stop_ids: list[int],
-              objective: Objective) -> tuple:
+              objective: Objective, base: Leaves | None = None) -> tuple:
     """One SDFT micro-batch: sample from the student, the teacher's scores (no gradient), the
     student's loss and, with `grad`, its gradient (else None) → (loss, ntoks, grads, stats)."""
     with timer("sample"):
@@ -97,9 +102,13 @@ def sdft_step(model, teacher: Leaves | None, pairs: list[PromptPair], positions:
     with timer("teacher"), using(model, teacher):
         scores = objective.teacher_scores(model, pairs, rollout.completions)
         mx.eval(scores)
+    with timer("teacher"):  # what the guards need: truncation flags, the base model's logits
+        guard = guards.Guard(rollout.truncated, guards.base_logits(model, base, pairs, rollout.completions)
+                             if cfg.base_kl_weight else None)
+        mx.eval(guard.base_logits)
     with timer("student"), checkpointing(model, grad and cfg.grad_checkpoint):
         loss_and_grad = _value_and_grad(model, objective.student_loss, grad)
-        (loss, ntoks), grads = loss_and_grad(model, pairs, rollout.completions, scores)
+        (loss, ntoks), grads = loss_and_grad(model, pairs, rollout.completions, scores, guard)
         mx.eval(loss, ntoks, grads or [])
     return loss, ntoks, grads, {"n": len(pairs), "sampled": rollout.num_tokens, "length": rollout.num_tokens,
                                 "truncated": sum(rollout.truncated), **degeneration_sums(
@@ -122,12 +131,13 @@ def _value_and_grad(model, loss, grad: bool):
     return nn.value_and_grad(model, loss) if grad else lambda *args: (loss(*args), None)
 
 
-def make_step(cfg: Config, stop_ids: list[int]):
+def make_step(cfg: Config, stop_ids: list[int], base: Leaves | None = None):
     """The micro-batch step of --method, its objective chosen once: `step(model, teacher, pairs,
-    positions, grad=, timer=[, stream=])` → (loss, ntoks, grads, stats)."""
+    positions, grad=, timer=[, stream=])` → (loss, ntoks, grads, stats). `base` (adapters off)
+    is what --base-kl-weight compares with."""
     if cfg.method == "sft":
         return partial(sft_step, cfg=cfg)
-    return partial(sdft_step, cfg=cfg, stop_ids=stop_ids, objective=sdft_objective(cfg))
+    return partial(sdft_step, cfg=cfg, stop_ids=stop_ids, objective=sdft_objective(cfg), base=base)
 
 
 def validation_loss(model, teacher, pairs: list[PromptPair], cfg: Config, micro_step, group=None) -> dict:
@@ -173,8 +183,9 @@ def train(model: nn.Module, tokenizer, train_pairs: list[PromptPair], valid_pair
         if rank == 0:
             checkpoint.truncate_metrics(out, state["step"])
         reporter.print(f"resuming after step {state['step']} (epoch {state['epoch']:.2f})")
-    micro_step = make_step(cfg, stop_ids)  # SDFT or SFT, and the objective: chosen once
+    micro_step = make_step(cfg, stop_ids, base)  # SDFT or SFT, and the objective: chosen once
     bad_steps, window, record = 0, [], {}
+    watch = guards.DegenerateWatch(cfg.max_degenerate_rise) if cfg.max_degenerate_rise is not None else None
     model.train()
 
     for step in range(first, steps + 1):
@@ -212,6 +223,13 @@ def train(model: nn.Module, tokenizer, train_pairs: list[PromptPair], valid_pair
             record = _summarize(window, step, optimizer)
             reporter.log(record)
             window = []
+            state = {"cursor": cursor, "epoch": cursor / len(train_pairs), "total_steps": steps}
+            if watch is not None and "degenerate" in record:
+                rate = record["degenerate"] if world == 1 else (  # every rank decides on the same number
+                    mx.distributed.all_sum(mx.array(record["degenerate"]), group=group).item() / world)
+                if not watch.ok(rate):
+                    return guards.stop_early(out, cfg, good, model, optimizer, reporter, rank, watch, step, rate)
+                good = guards.snapshot(step, model, teacher, optimizer, state)
         if valid_pairs and (step % cfg.steps_per_eval == 0 or step == steps):
             with timer("eval"):
                 val = validation_loss(model, teacher, valid_pairs, cfg, micro_step, group)

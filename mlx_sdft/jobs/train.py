@@ -17,6 +17,7 @@ from rich.text import Text
 from mlx_sdft.machine import memory
 from mlx_sdft.config import Config
 from mlx_sdft.core.data import load_dataset, need_demonstrations
+from mlx_sdft.core.guards import skipped_prefix_warning
 from mlx_sdft.errors import InputError
 from mlx_sdft.formats.models import Adapters, open_model, open_tokenizer
 from mlx_sdft.core.prompts import encode_examples, student_text, teacher_text
@@ -45,7 +46,8 @@ def preflight(cfg: Config, model_path: Path, train_pairs, valid_pairs) -> tuple[
     if parts["peak"] > have and parts["fused_copy"] > 0:
         cfg = dataclasses.replace(cfg, fuse_sampling=False)  # slower sampling beats failing
         parts = memory.estimate(config, model_path, cfg, *lengths)
-    if parts["peak"] > have and not cfg.logits_chunk and cfg.method == "sdft" and head_splits(config["model_type"]):
+    if (parts["peak"] > have and not cfg.logits_chunk and cfg.method == "sdft" and not cfg.base_kl_weight
+            and head_splits(config["model_type"])):
         cfg = dataclasses.replace(cfg, logits_chunk=AUTO_CHUNK)
         parts = memory.estimate(config, model_path, cfg, *lengths)
     if parts["peak"] > have:
@@ -82,6 +84,9 @@ def run_train(cfg: Config, console=None, quiet: bool = False) -> dict:
         reporter.print("sampling with unfused adapters: slower, but no copy of the weights", style="yellow")
     if cfg.method == "sdft" and cfg.logits_chunk:
         reporter.print(f"scoring {cfg.logits_chunk} completion positions at a time (--logits-chunk)", style="yellow")
+    if cfg.method == "sdft" and (warning := skipped_prefix_warning([p.demo_ids for p in train_pairs],
+                                                                   cfg.skip_first_tokens, tokenizer.decode)):
+        reporter.print(f"warning: {warning}", style="yellow", highlight=False)
     if cfg.dry_run:
         return estimate or {}
     first = splits["train"][0]

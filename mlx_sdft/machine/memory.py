@@ -83,9 +83,10 @@ def estimate(config: dict, model_path: Path, cfg, prompt_len: int, teacher_promp
         "fused_copy": fused_copy_bytes(config, weights, cfg),
         # activations kept for the backward pass: ~12 hidden-sized and 3 MLP-sized tensors per layer
         "activations": n * L * layers * (12 * h + 3 * i) * F32 // (layers if cfg.grad_checkpoint else 1),
-        # student logits, log-softmax and its gradient; teacher logits and log-softmax. In chunks
-        # (--logits-chunk) a few chunks are alive at once, not all T positions.
-        "logits": n * logit_positions(cfg) * V * F32 * (5 if cfg.method == "sdft" else 3),
+        # student logits, log-softmax and its gradient; teacher logits and log-softmax (and the
+        # base model's logits with --base-kl-weight). In chunks (--logits-chunk) a few chunks are
+        # alive at once, not all T positions.
+        "logits": n * logit_positions(cfg) * V * F32 * ((5 + bool(cfg.base_kl_weight)) if cfg.method == "sdft" else 3),
     }
     parts["peak"] = parts["weights"] + parts["trainable_states"] + max(
         parts["kv_cache"] + parts["fused_copy"], parts["activations"] + parts["logits"])
