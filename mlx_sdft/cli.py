@@ -111,6 +111,9 @@ def _check(cfg: CheckConfig) -> None:
 
     report = run_check(cfg)
     typer.echo(report["verdict"])
+    if "warning" in report:
+        typer.echo(f"warning: {report['warning']}")
+    typer.echo(report["recommendation"])
 
 
 def _continual(stages: Annotated[str, typer.Option("-c", "--config", help="Stages YAML file.")]) -> None:

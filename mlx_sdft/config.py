@@ -291,11 +291,16 @@ class CheckConfig(TeacherTemplate, ChatTemplate, Answers, DataSource, ModelSourc
     num_examples: int = _opt(32, "Demonstrations to check (the first N).")
     metric: str | None = _opt(None, "Also score greedy answers under both contexts with this metric.")
     answer_regex: str | None = _opt(None, "For --metric regex.")
+    num_samples: int = _opt(16, "Student completions to sample (first N prompts, at most --max-tokens) and score "
+                            "under the teacher.")
+    skip_first_tokens: int = _opt(SKIP_FIRST_TOKENS, "The --skip-first-tokens you will train with (for its warning).")
     batch_size: int = _opt(8, "Prompts scored together.")
 
     def validate(self) -> CheckConfig:
         _check_groups(self)
-        _positive(self, ("num_examples", "batch_size"))
+        _positive(self, ("num_examples", "num_samples", "batch_size"))
+        if self.skip_first_tokens < 0:
+            raise InputError(f"--skip-first-tokens: must be >= 0, got {self.skip_first_tokens}")
         return self
 
 

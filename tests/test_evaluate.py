@@ -126,6 +126,38 @@ def test_check_reports_both_contexts(tiny_model, smoke_data):
     assert report["student_loglik"] != report["teacher_loglik"]
     assert {"student_score", "teacher_score"} <= report.keys()
     assert report["verdict"].split(":")[0] in {"GOOD", "WEAK", "POOR"}
+    assert report["samples"] == 4 and report["sample_kl"] > 0
+    assert 0 <= report["teacher_disagreement"] <= 1 and report["sample_degenerate"] == 1.0  # 6 tokens never stop
+    assert report["recommendation"].startswith("recommend SFT")  # all samples degenerate
+    assert "open with the same 3 tokens" in report["warning"] and "of the student's samples open that way" in report["warning"]
+
+
+def test_teacher_agreement_on_hand_built_logits():
+    from mlx_sdft.jobs.check import teacher_agreement
+
+    # Position 0: teacher argmax 1, sampled 1; position 1: teacher argmax 0, sampled 2; position 2 is padding.
+    teacher = mx.array([[[0.0, 5.0, 0.0], [5.0, 0.0, 0.0], [0.0, 0.0, 9.0]]])
+    student = mx.zeros((1, 3, 3))
+    mean_kl, differs = teacher_agreement(student, teacher, mx.array([[1, 2, 0]]), mx.array([[1.0, 1.0, 0.0]]))
+    q = np.exp([5.0, 0, 0]) / np.exp([5.0, 0, 0]).sum()
+    assert mean_kl == pytest.approx(float((q * np.log(q * 3)).sum()), rel=1e-5)  # KL(q‖uniform), both positions alike
+    assert differs == 0.5
+
+
+@pytest.mark.parametrize("strength, degenerate, disagreement, want", [
+    ("GOOD", 0.0, 0.1, "recommend SDFT:"),
+    ("GOOD", 0.25, 0.1, "recommend SDFT with --sft-weight"),
+    ("GOOD", 0.0, 0.6, "recommend SDFT with --sft-weight"),
+    ("WEAK", 0.0, 0.1, "recommend SDFT with --sft-weight"),
+    ("GOOD", 0.5, 0.1, "recommend SFT"),
+    ("POOR", 0.0, 0.1, "recommend SFT"),
+])
+def test_recommendation(strength, degenerate, disagreement, want):
+    from mlx_sdft.jobs.check import recommend
+
+    report = {"verdict": f"{strength}: ...", "sample_degenerate": degenerate, "teacher_disagreement": disagreement,
+              "sample_kl": 0.3}
+    assert recommend(report).startswith(want)
 
 
 def _stages(tmp_path, tiny_model, **extra):

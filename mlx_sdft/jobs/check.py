@@ -3,7 +3,12 @@ than without it (the paper: 42% → 100% on ToolAlpaca at 7B; at 3B SDFT lost to
 
 It compares, on a sample of demonstrations, the mean per-token log-likelihood of the
 demonstration under the teacher context (demonstration in the prompt) and the student context
-(the bare prompt), and optionally a task metric of greedy answers under both contexts.
+(the bare prompt), and optionally a task metric of greedy answers under both contexts. Then it
+samples the student's own completions for the first --num-samples prompts (temperature 1, as
+training does) and scores them under the teacher, as SDFT's first step would: the mean per-token
+KL(teacher‖student), the fraction of tokens where the teacher's most likely token is not the
+one sampled, and the degenerate rate. `recommend` turns all of it into SDFT, SDFT with
+--sft-weight, or SFT, with the reason.
 """
 
 from __future__ import annotations
@@ -12,14 +17,21 @@ import dataclasses
 
 import mlx.core as mx
 
-from mlx_sdft.core.losses import log_softmax
+from mlx_sdft.core.degeneration import degenerate_rate, len_ratio
+from mlx_sdft.core.guards import shared_prefix, skipped_prefix_warning
+from mlx_sdft.core.losses import kl_of_logits, log_softmax
 from mlx_sdft.core.prompts import PromptPair
+from mlx_sdft.core.rollout import sample
 from mlx_sdft.core.scoring import completion_logits, completion_mask, pad_rows
+from mlx_sdft.core.train import sequence_seed
 
 # Heuristics, not from the paper. Without a metric: nats per token the teacher context must add
 # (the project's calibration saw SmolLM2-135M move −3.5 → −1.9); with one: the score it must add.
 STRONG_GAP, WEAK_GAP = 1.0, 0.1
 STRONG_SCORE_GAP = 0.2
+# Heuristics for the recommendation: degenerate samples before any training, and the fraction
+# of sampled tokens the teacher would not have chosen.
+HIGH_DEGENERATE, SOME_DEGENERATE, HIGH_DISAGREEMENT = 0.5, 0.2, 0.5
 
 
 def demonstration_loglik(model, pairs: list[PromptPair], role: str, batch_size: int) -> list[float]:
@@ -34,6 +46,57 @@ def demonstration_loglik(model, pairs: list[PromptPair], role: str, batch_size: 
         mask_BT = completion_mask([len(t) for t in targets])
         out += ((token_BT * mask_BT).sum(-1) / mask_BT.sum(-1)).tolist()
     return out
+
+
+def teacher_agreement(student_logits_BTV: mx.array, teacher_logits_BTV: mx.array, completions_BT: mx.array,
+                      mask_BT: mx.array) -> tuple[float, float]:
+    """(mean per-token KL(teacher‖student), fraction of tokens whose sampled id is not the
+    teacher's argmax), both over the completion tokens in mask_BT."""
+    kl_BT = kl_of_logits(teacher_logits_BTV.astype(mx.float32), student_logits_BTV.astype(mx.float32))[0]
+    differs_BT = (teacher_logits_BTV.argmax(axis=-1) != completions_BT).astype(mx.float32)
+    n = mx.maximum(mask_BT.sum(), 1.0)
+    return ((kl_BT * mask_BT).sum() / n).item(), ((differs_BT * mask_BT).sum() / n).item()
+
+
+def score_samples(model, tokenizer, pairs: list[PromptPair], max_tokens: int, batch_size: int,
+                  max_seq_length: int) -> dict:
+    """Student samples for `pairs` scored under the teacher (the untrained model, as the EMA teacher
+    starts): mean token KL, teacher disagreement, degenerate rate; token-weighted over batches."""
+    stops = sorted(tokenizer.eos_token_ids)
+    kl_sum = differs_sum = tokens = 0.0
+    completions, truncated = [], []
+    for i in range(0, len(pairs), batch_size):
+        batch = pairs[i:i + batch_size]
+        seeds = [sequence_seed(0, i + j, 0) for j in range(len(batch))]
+        budgets = [min(max_tokens, max_seq_length - max(len(p.student_ids), len(p.teacher_ids))) for p in batch]
+        rollout = sample(model, [p.student_ids for p in batch], budgets, stops, temperature=1.0,
+                         batch_size=len(batch), seeds=seeds)
+        mask_BT = completion_mask([len(c) for c in rollout.completions])
+        student_BTV = completion_logits(model, [p.student_ids for p in batch], rollout.completions)
+        teacher_BTV = completion_logits(model, [p.teacher_ids for p in batch], rollout.completions)
+        mean_kl, differs = teacher_agreement(student_BTV, teacher_BTV, pad_rows(rollout.completions), mask_BT)
+        n = mask_BT.sum().item()
+        kl_sum, differs_sum, tokens = kl_sum + mean_kl * n, differs_sum + differs * n, tokens + n
+        completions += rollout.completions
+        truncated += rollout.truncated
+    return {"samples": len(completions), "sample_kl": kl_sum / max(tokens, 1), "teacher_disagreement": differs_sum / max(tokens, 1),
+            "sample_degenerate": degenerate_rate(completions, truncated, stops),
+            "sample_len_ratio": len_ratio(completions, [p.demo_ids for p in pairs]), "completions": completions}
+
+
+def recommend(report: dict) -> str:
+    """SDFT, SDFT with --sft-weight, or SFT, and why (thresholds: the constants above; ours, not the paper's)."""
+    strength = report["verdict"].split(":")[0]
+    degenerate, disagreement = report["sample_degenerate"], report["teacher_disagreement"]
+    numbers = (f"teacher context {strength}; {degenerate:.0%} of the student's samples degenerate; the teacher "
+               f"would pick another token at {disagreement:.0%} of the sampled ones (KL {report['sample_kl']:.2f}/token)")
+    if strength == "POOR" or degenerate >= HIGH_DEGENERATE:
+        why = "the teacher adds little" if strength == "POOR" else "the student's own samples already collapse"
+        return f"recommend SFT (--method sft): {why} ({numbers})."
+    if strength == "WEAK" or degenerate >= SOME_DEGENERATE or disagreement >= HIGH_DISAGREEMENT:
+        return ("recommend SDFT with --sft-weight (e.g. 0.5) and the guards (--completion-budget, --truncated mask): "
+                f"the self-teacher alone is a weak or far-off signal here ({numbers}).")
+    return f"recommend SDFT: the teacher uses the demonstration and the student's samples are sound ({numbers})."
 
 
 def verdict(student_ll: float, teacher_ll: float, student_score: float | None, teacher_score: float | None) -> str:
@@ -83,5 +146,16 @@ def run_check(cfg, console=None) -> dict:
             report["teacher_score"] = evaluate_task(model, tokenizer, shown, metric, cfg.max_tokens, cfg.batch_size).score
     report["verdict"] = verdict(report["student_loglik"], report["teacher_loglik"],
                                 report.get("student_score"), report.get("teacher_score"))
-    console.print({k: v for k, v in report.items() if k != "verdict"})
+    with console.status(f"sampling and scoring {min(cfg.num_samples, len(pairs))} student completions"):
+        scored = score_samples(model, tokenizer, pairs[: cfg.num_samples], cfg.max_tokens, cfg.batch_size,
+                               cfg.max_seq_length)
+    completions = scored.pop("completions")
+    report.update(scored)
+    report["recommendation"] = recommend(report)
+    demos = [p.demo_ids for p in pairs]
+    if warning := skipped_prefix_warning(demos, cfg.skip_first_tokens, tokenizer.decode):
+        prefix = shared_prefix(demos, cfg.skip_first_tokens)[1]
+        opens = sum(c[: len(prefix)] == prefix for c in completions) / max(len(completions), 1)
+        report["warning"] = f"{warning}; {opens:.0%} of the student's samples open that way"
+    console.print({k: v for k, v in report.items() if k not in ("verdict", "recommendation", "warning")})
     return report
