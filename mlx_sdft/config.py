@@ -43,6 +43,7 @@ HINDSIGHT_TEMPLATE = (
 DEFAULT_HOME = "~/.mlx-sdft/default"
 
 SKIP_FIRST_TOKENS = 3  # the paper's; `train` and `check` warn when it hides the demonstrations' shared opening
+BUDGET_FLOOR = 16  # --completion-budget's least tokens: a 5-token demonstration still leaves room for a preamble
 
 
 def _opt(default: Any, help: str, choices: tuple | None = None, cli: bool = True, flag: str | None = None,
@@ -161,15 +162,13 @@ class Config(TeacherTemplate, ChatTemplate, DataSource, Dequantize, ModelSource)
     topk: int | None = _opt(None, "Score on the teacher's top-K tokens plus a tail bucket (less memory); default: the full vocabulary.")
 
     # Guards against a collapsing student (core/guards.py); all off by default.
-    completion_budget: float | None = _opt(None, "Sample at most max(16, ceil(M x demonstration tokens)) tokens per "
-                                           "example, capped by --max-completion-length; default: the cap for all.")
-    truncated: str = _opt("keep", "A completion truncated without a stop token: keep it in the loss, or mask it out.",
-                          ("keep", "mask"))
+    completion_budget: float | None = _opt(None, f"Sample at most max({BUDGET_FLOOR}, ceil(M x demonstration tokens)) "
+                                           "per example, capped by --max-completion-length; default: the cap.")
+    truncated: str = _opt("keep", "A completion truncated without a stop token: keep it in the loss, or mask it out.", ("keep", "mask"))
     sft_weight: float = _opt(0.0, "Add this x the SFT cross-entropy on the demonstration (0: pure SDFT).")
-    base_kl_weight: float = _opt(0.0, "Add this x KL(base||student) per token on the student's samples, base = "
-                                 "adapters off (0: none).")
-    max_degenerate_rise: float | None = _opt(None, "Stop when a report's degenerate rate exceeds the first report's "
-                                             "by more than this, keeping the last good report's adapters; default: never.")
+    base_kl_weight: float = _opt(0.0, "Add this x KL(base||student) per token on the student's samples (0: none).")
+    max_degenerate_rise: float | None = _opt(None, "Stop when a report's degenerate rate exceeds the first report's by "
+                                             "more than this; the last good report's adapters are kept. Default: never.")
 
     # Reporting and saving.
     steps_per_report: int = _opt(10, "Optimizer steps between report lines.")

@@ -23,11 +23,11 @@ from dataclasses import dataclass
 import mlx.core as mx
 from mlx.utils import tree_map
 
+from mlx_sdft.config import BUDGET_FLOOR
 from mlx_sdft.core.losses import sdft_loss
 from mlx_sdft.core.scoring import completion_logits
 from mlx_sdft.core.teacher import Leaves, copy_leaves, trainable_leaves, using
 
-BUDGET_FLOOR = 16  # tokens: a 5-token demonstration still leaves room for a short preamble
 SHARED_PREFIX = 0.5  # warn when at least this fraction of demonstrations open with the same skipped tokens
 
 

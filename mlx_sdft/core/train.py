@@ -60,7 +60,7 @@ def build_optimizer(cfg: Config, steps: int) -> optim.Optimizer:
 
 def completion_budget(pair: PromptPair, cfg: Config) -> int:
     """Tokens a completion may have so that both contexts stay within --max-seq-length; with
-    --completion-budget M also at most max(16, ⌈M · demonstration tokens⌉)."""
+    --completion-budget M also at most guards.demonstration_budget (M × the demonstration, floored)."""
     room = cfg.max_seq_length - max(len(pair.student_ids), len(pair.teacher_ids))
     cap = cfg.max_completion_length
     if cfg.completion_budget:
