@@ -82,6 +82,8 @@ def test_eval_cli_writes_predictions_and_summary(tiny_model, smoke_data, tmp_pat
     assert len(general) == 4 and {"answer", "degenerate", "base_answer", "base_degenerate"} <= general[0].keys()
     assert summary["degenerate_rate"] == sum(g["degenerate"] for g in general) / 4
     assert summary["degenerate_rate_base"] == sum(g["base_degenerate"] for g in general) / 4
+    assert summary["repetitive_rate"] == sum(g["repetitive"] for g in general) / 4 <= summary["degenerate_rate"]
+    assert all(g["degenerate"] == (g["truncated"] or g["repetitive"]) for g in general)
     rows = [json.loads(line) for line in (adapters / "eval" / "predictions.jsonl").read_text().splitlines()]
     assert len(rows) == 4 and rows[0]["reference"] == "The capital of Portugal is Lisbon."
     assert {"prediction", "score", "where"} <= rows[0].keys()

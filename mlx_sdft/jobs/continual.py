@@ -140,6 +140,7 @@ def run_continual(path: str, console: Console | None = None) -> dict:
             "scores": [[c["scores"].get(t) for c in columns] for t in names],
             "retention_kl": [c.get("retention_kl", 0.0) for c in columns],
             "degenerate_rate": [c.get("degenerate_rate") for c in columns],
+            "repetitive_rate": [c.get("repetitive_rate") for c in columns],
             **({"prior_ppl": [c.get("prior_ppl") for c in columns]} if "prior_ppl" in base else {}),
         }
         console.print(matrix_table(method, results[method]))

@@ -5,6 +5,8 @@
   general prompts (0 for untrained adapters; grows as the adapted model drifts);
 - degenerate_rate: the fraction of greedy answers to the general prompts that are degenerate
   (core/degeneration.py), for the adapted model and (degenerate_rate_base) the base model;
+  repetitive_rate(_base): the part of the definition that is loops alone, truncated or not
+  (a fluent answer longer than the budget is truncated, not repetitive);
 - perplexity of prior text (a JSONL of {"text": ...}) under the adapted and the base model.
 The base model is the same model with its adapters off (teacher.using with the base leaves),
 so evaluation needs no fusing and no second copy of the weights.
@@ -22,7 +24,7 @@ import mlx.core as mx
 import mlx.nn as nn
 
 from mlx_sdft.core.data import Example, load_examples, need_demonstrations
-from mlx_sdft.core.degeneration import is_degenerate
+from mlx_sdft.core.degeneration import is_degenerate, is_repetitive
 from mlx_sdft.errors import InputError
 from mlx_sdft.core.losses import kl_of_logits, sft_loss
 from mlx_sdft.core.metrics import Metric
@@ -101,12 +103,13 @@ def general_answers(model: nn.Module, tokenizer, prompts: list[list[dict]], max_
         rollout = sample(model, ids, [max_tokens] * len(ids), stops, temperature=0.0, batch_size=len(ids))
         for p, c, t in zip(batch, rollout.completions, rollout.truncated):
             rows.append({"prompt": p[-1]["content"], "answer": tokenizer.decode(_strip_stop(c, set(stops))),
-                         "tokens": len(c), "truncated": t, "degenerate": is_degenerate(c, t, stops)})
+                         "tokens": len(c), "truncated": t, "repetitive": is_repetitive(c, stops),
+                         "degenerate": is_degenerate(c, t, stops)})
     return rows
 
 
-def _rate(rows: list[dict]) -> float:
-    return sum(r["degenerate"] for r in rows) / max(len(rows), 1)
+def _rate(rows: list[dict], key: str = "degenerate") -> float:
+    return sum(r[key] for r in rows) / max(len(rows), 1)
 
 
 def perplexity(model: nn.Module, tokenizer, texts: list[str], max_seq_length: int, batch_size: int) -> float:
@@ -188,13 +191,14 @@ def evaluate_adapters(model, tokenizer, base: Leaves | None, examples: list[Exam
     if cfg.retention:
         prompts = load_prompts(cfg.general_prompts, cfg.num_general_prompts)
         general = general_answers(model, tokenizer, prompts, cfg.general_max_tokens, cfg.batch_size)
-        summary["degenerate_rate"] = _rate(general)
+        summary["degenerate_rate"], summary["repetitive_rate"] = _rate(general), _rate(general, "repetitive")
     if base is not None and cfg.retention:
         summary["retention_kl"] = retention_kl(model, tokenizer, base, prompts, cfg.retention_max_tokens, cfg.batch_size)
         with using(model, base):
             base_rows = general_answers(model, tokenizer, prompts, cfg.general_max_tokens, cfg.batch_size)
-        summary["degenerate_rate_base"] = _rate(base_rows)
-        general = [{**r, "base_answer": b["answer"], "base_degenerate": b["degenerate"]} for r, b in zip(general, base_rows)]
+        summary["degenerate_rate_base"], summary["repetitive_rate_base"] = _rate(base_rows), _rate(base_rows, "repetitive")
+        general = [{**r, "base_answer": b["answer"], "base_degenerate": b["degenerate"], "base_repetitive": b["repetitive"]}
+                   for r, b in zip(general, base_rows)]
     if cfg.prior_text:
         texts = load_texts(cfg.prior_text)
         summary["prior_ppl"] = perplexity(model, tokenizer, texts, cfg.max_seq_length, cfg.batch_size)
