@@ -174,6 +174,8 @@ def test_loss_terms_are_wired_into_training(tiny_model, smoke_data, tmp_path):
     sft = _first_step(tiny_model, smoke_data, tmp_path / "sft", method="sft")["loss"]
     with_sft = _first_step(tiny_model, smoke_data, tmp_path / "mix", sft_weight=0.25)["loss"]
     assert with_sft == pytest.approx(pure + 0.25 * sft, rel=1e-5)
+    chunked = _first_step(tiny_model, smoke_data, tmp_path / "chunk", sft_weight=0.25, logits_chunk=5)["loss"]
+    assert chunked == pytest.approx(with_sft, rel=1e-5)  # every objective carries the guards
     topk = _first_step(tiny_model, smoke_data, tmp_path / "topk", base_kl_weight=0.5, sft_weight=0.25, topk=5)
     assert np.isfinite(topk["loss"])
 
@@ -184,6 +186,8 @@ def test_completion_budget_and_truncated_mask(tiny_model, smoke_data, tmp_path):
     assert record["completion_len"] <= guards.BUDGET_FLOOR
     masked = _first_step(tiny_model, smoke_data, tmp_path / "m", truncated="mask", max_completion_length=4)
     assert masked["truncated"] == 1.0 and masked["loss"] == 0.0  # every completion truncated: nothing to learn
+    chunked = _first_step(tiny_model, smoke_data, tmp_path / "mc", truncated="mask", max_completion_length=4, logits_chunk=2)
+    assert chunked["loss"] == 0.0
     kept = _first_step(tiny_model, smoke_data, tmp_path / "k", max_completion_length=4)
     assert kept["truncated"] == 1.0 and kept["loss"] > 0
 
