@@ -67,3 +67,21 @@ def test_loss_bench_quick_times_both_gradients(tmp_path):
     record = _quick("loss.py", tmp_path)
     assert set(record["cases"]) == {"forward", "reverse", "jsd"}
     assert all(c["time_ratio"] > 0 and c["memory_ratio"] > 0 for c in record["cases"].values())
+
+
+def test_per_token_bench_quick_times_the_trainer_against_mlx_lm_and_each_shortcut(tmp_path):
+    record = _quick("per_token.py", tmp_path)
+    assert set(record["cases"]) == {f"tiny, batch {b}{lever}" for b in (1, 4) for lever in
+                                    ("", ", trainer vs without compiled sampling", ", trainer vs without no mask when unpadded")}
+    for case in record["cases"].values():
+        assert case["tokens"] == 8 and all(case[f"{clock}_ratio"] > 0 for clock in ("wall", "cpu"))
+        assert all(len(v) == 1 for clock in ("wall", "cpu") for v in case[f"{clock}_ms_per_token"].values())
+
+
+def test_whole_run_bench_quick_runs_both_methods_start_to_finish(tmp_path):
+    record = _quick("whole_run.py", tmp_path)
+    assert record["iters"] == 1 and record["config"] == "recipes/quickstart/config.yaml"
+    runs = record["runs"]
+    assert len(runs["sdft"]) == len(runs["sft"]) == 1 and runs["sdft"][0]["wall_s"] > 0
+    assert runs["sdft"][0]["phases_per_step_s"]["sample_s"] > 0 == runs["sft"][0]["phases_per_step_s"]["sample_s"]
+    assert set(record["ratios"]) == {"sdft_vs_sft_wall", "sdft_vs_sft_cpu"}
