@@ -19,7 +19,8 @@ seconds this process used, which other jobs on a shared machine disturb less.
 from __future__ import annotations
 
 import os
-from contextlib import contextmanager
+import tempfile
+from contextlib import ExitStack, contextmanager
 import statistics
 import sys
 import time
@@ -101,6 +102,20 @@ def lever(model, prompts, n, name) -> tuple[float, float]:
         return trainer(model, prompts, n)
 
 
+def operations(model, batch: int, shortcuts: bool) -> int:
+    """Operations in the graph of one decode step of the trainer's loop (model call + sampling;
+    MLX's DOT export) on `batch` unpadded rows, with or without its shortcuts. On a GPU each is about one kernel launch."""
+    with ExitStack() as stack:
+        for name in () if shortcuts else LEVERS:
+            stack.enter_context(without(name))
+        cache = decode._prefill(model, [[1] * PROMPT] * batch, 512)
+        tokens, keys = decode.next_tokens_compiled(model(mx.array([[1]] * batch), cache=cache)[:, -1, :],
+                                                   decode.row_keys(list(range(batch))), 1.0, 1.0)
+        with tempfile.TemporaryDirectory() as tmp:
+            mx.export_to_dot(f"{tmp}/step.dot", tokens, keys)
+            return Path(f"{tmp}/step.dot").read_text().count("shape=rectangle")
+
+
 def side_by_side(reps: int, n: int, sides: dict, base: str = "mlx_lm") -> dict:
     """ms per decoded token of each side (per sequence step, not per token of the batch), by
     the wall clock and by the CPU time this process used; ratio = trainer / mlx-lm."""
@@ -125,7 +140,7 @@ def main(argv=None) -> dict:
     chosen = ["tiny"] if args.quick else args.models.split(",")
     models = {name: shape for name, shape in {"tiny": (TINY, 8 if args.quick else 128), "smollm2": (SMOLLM2, 48)}.items()
               if name in chosen}
-    cases, start_load = {}, os.getloadavg()[0]
+    cases, start_load, operations_per_step = {}, os.getloadavg()[0], {}
     for name, (shapes, n) in models.items():
         model = plain_model(shapes)
         prompts = mx.random.randint(0, shapes["vocab_size"], (4, PROMPT)).tolist()
@@ -138,8 +153,12 @@ def main(argv=None) -> dict:
                 cases[f"{name}, batch {batch}, trainer vs without {name_}"] = {
                     "tokens": n, **side_by_side(args.reps, n, {"trainer": lambda: trainer(model, p, n),
                                                                "without": lambda: lever(model, p, n, name_)}, "without")}
+        ops = {f"{name}, batch {b}": {"plain": operations(model, b, False), "shortcuts": operations(model, b, True)}
+               for b in (1, 4)}
+        operations_per_step.update(ops)
     record = {"bench": "mlx-sdft per-token decode", "quick": args.quick, "date": time.strftime("%Y-%m-%d %H:%M"),
-              "mlx": mx.__version__, "device": str(mx.default_device()), **machine(), "prompt": PROMPT, "load_average_1min": [round(start_load, 2), round(os.getloadavg()[0], 2)], "cases": cases}
+              "mlx": mx.__version__, "device": str(mx.default_device()), **machine(), "prompt": PROMPT, "load_average_1min": [round(start_load, 2), round(os.getloadavg()[0], 2)], "cases": cases,
+              "operations_per_decode_step": operations_per_step}
     print(f"mlx {record['mlx']} on {record['device']}, {record['blas']}; prompts of {PROMPT} tokens, temperature 1")
     print(f"load average {os.getloadavg()[0]:.1f}; median ms per decoded token, trainer / other (best rep in brackets)")
     print(f"{'case':<60}{'tokens':>7}{'wall: trainer':>15}{'other':>8}{'ratio':>15}{'CPU: trainer':>14}{'other':>8}{'ratio':>15}")
@@ -149,6 +168,8 @@ def main(argv=None) -> dict:
             t, m = (statistics.median(v) for v in c[f"{clock}_ms_per_token"].values())
             cols += f"{t:>14.2f}{m:>8.2f}{c[f'{clock}_ratio']:>7.3f} ({c[f'{clock}_ratio_best']:.3f})"
         print(f"{name:<60}{c['tokens']:>7}{cols}")
+    for name, ops in operations_per_step.items():
+        print(f"operations per decode step, {name}: {ops['plain']} plain, {ops['shortcuts']} with the shortcuts")
     return emit(record, args.json)
 
 

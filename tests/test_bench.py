@@ -76,6 +76,8 @@ def test_per_token_bench_quick_times_the_trainer_against_mlx_lm_and_each_shortcu
     for case in record["cases"].values():
         assert case["tokens"] == 8 and all(case[f"{clock}_ratio"] > 0 for clock in ("wall", "cpu"))
         assert all(len(v) == 1 for clock in ("wall", "cpu") for v in case[f"{clock}_ms_per_token"].values())
+    ops = record["operations_per_decode_step"]
+    assert set(ops) == {"tiny, batch 1", "tiny, batch 4"} and all(0 < o["shortcuts"] < o["plain"] for o in ops.values())
 
 
 def test_whole_run_bench_quick_runs_both_methods_start_to_finish(tmp_path):
