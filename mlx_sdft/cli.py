@@ -18,7 +18,7 @@ from rich.markup import escape
 
 from mlx_sdft.config import (CheckConfig, Config, EvalConfig, ExportConfig, GenerateConfig, LessonsConfig, ServeConfig,
                              TeachConfig, cli_fields, load_config)
-from mlx_sdft.errors import InputError, Interrupted, TrainingError
+from mlx_sdft.errors import InputError, Interrupted, TrainingError, one_line
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="Self-Distillation Fine-Tuning (SDFT) on MLX.")
 
@@ -64,7 +64,7 @@ def _one_line_errors(name: str):
             hint = RESUME_HINT.get(name)
             typer.echo(f"mlx-sdft {name}: {str(e) or 'interrupted'}" + (f"; {hint}" if hint else ""), err=True)
         else:
-            typer.echo(f"mlx-sdft {name}: error: {e}", err=True)
+            typer.echo(f"mlx-sdft {name}: error: {one_line(e)}", err=True)
         raise typer.Exit(status)
 
 
@@ -208,13 +208,19 @@ def _generate(cfg: GenerateConfig) -> None:
     from mlx_lm import generate as mlx_generate
     from mlx_lm.sample_utils import make_sampler
 
+    from mlx_sdft.core.prompts import encode, render, with_system_prompt
     from mlx_sdft.formats.models import open_model, open_tokenizer
+    from mlx_sdft.machine.blas import warn
+    from mlx_sdft.machine.report import make_console
 
-    model_path, tokenizer = open_tokenizer(cfg.model)
+    model_path, tokenizer = open_tokenizer(cfg.model, chat_template=cfg.chat_template)
+    # render(): a tokenizer without a chat template is the same one-line error as in every command.
+    messages = with_system_prompt([{"role": "user", "content": cfg.prompt}], cfg.system_prompt)
+    ids = encode(tokenizer, render(tokenizer, messages))
+    warn(make_console())
     model, _ = open_model(model_path, adapters=cfg.adapter_path)
-    text = tokenizer.apply_chat_template([{"role": "user", "content": cfg.prompt}], add_generation_prompt=True,
-                                         tokenize=False)
-    typer.echo(mlx_generate(model, tokenizer, text, max_tokens=cfg.max_tokens, sampler=make_sampler(temp=cfg.temperature)))
+    answer = mlx_generate(model, tokenizer, ids, max_tokens=cfg.max_tokens, sampler=make_sampler(temp=cfg.temperature))
+    typer.echo(answer.rstrip("\n"))  # one newline after the answer, as a shell prompt expects
 
 
 _command("generate", GenerateConfig, _generate, "Answer one prompt with the chat template (mlx-lm's generation), "

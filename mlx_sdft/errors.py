@@ -15,3 +15,9 @@ class Interrupted(Exception):
     def __init__(self, step: int):
         super().__init__(f"interrupted after step {step}; the run is saved")
         self.step = step
+
+
+def one_line(message: object) -> str:
+    """A message of several lines (a library's exception text) as one line: the lines joined with
+    spaces, so it is never cut mid-sentence."""
+    return " ".join(part.strip() for part in str(message).splitlines() if part.strip())

@@ -44,3 +44,15 @@ def resolve_paths(values: dict, yaml_file: str | Path, cls: type) -> dict:
         if isinstance(value, str) and "\n" not in value and not Path(value).is_absolute() and (base / value).exists():
             out[key] = str(base / value)
     return out
+
+
+def key_line(path: str | Path, key: str) -> str:
+    """The line of a top-level key in a YAML file, for messages ("?" if it cannot be found again)."""
+    try:
+        node = yaml.compose(Path(path).read_text(encoding="utf-8"))
+    except (OSError, yaml.YAMLError):
+        return "?"
+    for k, _ in node.value if isinstance(node, yaml.MappingNode) else []:
+        if getattr(k, "value", None) == key:
+            return str(k.start_mark.line + 1)
+    return "?"

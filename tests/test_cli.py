@@ -90,7 +90,7 @@ def test_bad_yaml(tmp_path, tiny_model):
     _one_line_error(_train("-c", broken), r"broken.yaml:\d+: invalid YAML")
     typed = tmp_path / "typed.yaml"
     typed.write_text("iters: many\n")
-    _one_line_error(_train("-c", typed), r"--iters: expected int, got 'many'")
+    _one_line_error(_train("-c", typed), r"typed.yaml:1: iters: expected int, got 'many'")  # the file, not a flag
 
 
 def test_readme_documents_every_option():

@@ -31,7 +31,7 @@ def test_every_command_has_a_flag_per_option_and_a_config_file(command):
 
 
 @pytest.mark.parametrize("command,args,message", [
-    ("generate", ["--prompt", "Hi"], "--model: required (a hub id, a local model folder or a .gguf file)"),
+    ("generate", ["--prompt", "Hi", "--max-tokens", "0"], "--max-tokens: must be > 0, got 0"),  # --model has a default
     ("generate", ["--model", "m"], "--prompt: required"),
     ("export", ["--model", "m.gguf"], "--out: required"),
 ])

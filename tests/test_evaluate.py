@@ -191,6 +191,12 @@ def test_continual_two_stages_complete_matrix_and_resume(tiny_model, tmp_path):
     out = tmp_path / "run"
     assert json.loads((out / "retention.json").read_text()) == results
     assert (out / "retention_matrix.png").stat().st_size > 0 and (out / "learning_curves.png").exists()
+    # Every evaluation's greedy answers are kept: the base model's on every task, each stage's on the tasks so far.
+    assert sorted(p.name for p in (out / "base/predictions").iterdir()) == ["capitals.jsonl", "opposites.jsonl"]
+    assert sorted(p.name for p in (out / "sft/01-capitals/predictions").iterdir()) == ["capitals.jsonl"]
+    rows = [json.loads(line) for line in (out / "sdft/02-opposites/predictions/opposites.jsonl").read_text().splitlines()]
+    assert len(rows) == len((ROOT / "recipes/continual/opposites/test.jsonl").read_text().splitlines())
+    assert {"prompt", "prediction", "reference", "score"} <= rows[0].keys()
     config = json.loads((out / "sdft/02-opposites/adapter_config.json").read_text())
     assert config["resume_adapter_file"].endswith("01-capitals/adapters.safetensors")
     assert config["learning_rate"] == 5e-4

@@ -45,7 +45,7 @@ DATA = {
 CONFIGS = {
     "bad_yaml.yaml": r"bad_yaml.yaml:\d+: invalid YAML",
     "unknown_key.yaml": r"unknown_key.yaml: unknown option 'learning_rat'",
-    "wrong_type.yaml": r"--iters: expected int, got 'two'",
+    "wrong_type.yaml": r"wrong_type.yaml:1: iters: expected int, got 'two'",  # the file and line, not a flag
     "not_a_mapping.yaml": r"not_a_mapping.yaml: a config file must be a mapping",
 }
 FLAGS = {

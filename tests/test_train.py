@@ -54,7 +54,7 @@ def test_training_changes_only_the_adapters_and_writes_the_layout(tiny, tiny_mod
     names = {p.name for p in out.iterdir()}
     assert names == {"adapter_config.json", "adapters.safetensors", "0000002_adapters.safetensors",
                      "teacher_adapters.safetensors", "optimizer_state.safetensors", "trainer_state.json",
-                     "metrics.jsonl"}
+                     "metrics.jsonl", "completions.jsonl"}
     student = mx.load(str(out / "adapters.safetensors"))
     teacher = mx.load(str(out / "teacher_adapters.safetensors"))
     assert student and all(k.rsplit(".", 1)[-1] in {"lora_a", "lora_b"} for k in student)

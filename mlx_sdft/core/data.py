@@ -23,7 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from mlx_sdft.errors import InputError
+from mlx_sdft.errors import InputError, one_line
 
 ROLES = ("assistant", "developer", "system", "tool", "user")
 CONTEXT_SLOTS = ("answer", "feedback", "followup")  # teacher-template slots besides {question} and {demonstration}
@@ -56,14 +56,21 @@ def need_demonstrations(examples: list[Example], what: str) -> None:
 
 
 def load_dataset(data: str | Path) -> dict[str, list[Example]]:
-    """A .jsonl file -> {"train": [...]}; a folder -> its train (required), valid and test splits."""
+    """A .jsonl file -> {"train": [...]}; a folder -> its train (required), valid and test splits;
+    a Hugging Face dataset (a hub id, or a folder saved by `datasets`) -> its splits (hub_data.py)."""
+    from mlx_sdft.core import hub_data
+
     root = Path(data)
     kind = _kind(root)
     if kind == "missing":
+        if hub_data.is_hub_id(str(data)):
+            return hub_data.load(str(data))
         raise InputError(f"{root}: no such file or folder")
     if kind == "file":
         return {"train": load_examples(root)}
     if _kind(root / "train.jsonl") == "missing":
+        if hub_data.is_saved_dataset(root):
+            return hub_data.load(str(root), root)
         raise InputError(f"{root}: folder has no train.jsonl")
     return {
         split: load_examples(root / f"{split}.jsonl")
@@ -75,14 +82,23 @@ def load_dataset(data: str | Path) -> dict[str, list[Example]]:
 def load_examples(path: str | Path) -> list[Example]:
     """Read and validate every line of one .jsonl file; blank lines are skipped."""
     path = Path(path)
+
+    def rows():
+        for lineno, raw in enumerate(_read_lines(path), start=1):
+            text = _decode(raw, f"{path}:{lineno}")
+            if text.strip():
+                yield lineno, _parse_json(text, f"{path}:{lineno}")
+
+    return examples_from_rows(rows(), str(path))
+
+
+def examples_from_rows(rows, source: str) -> list[Example]:
+    """Validate (line number, parsed object) pairs of one file or dataset split into Examples; every
+    problem is an InputError "SOURCE:LINE: what is wrong". All rows must share the first one's format."""
     examples: list[Example] = []
     first: tuple[int, str] | None = None  # (line number, format) of the first example
-    for lineno, raw in enumerate(_read_lines(path), start=1):
-        where = f"{path}:{lineno}"
-        text = _decode(raw, where)
-        if not text.strip():
-            continue
-        obj = _parse_json(text, where)
+    for lineno, obj in rows:
+        where = f"{source}:{lineno}"
         fmt = _format_of(obj, where)
         if fmt == OWN_TEMPLATE:
             pass  # mixes with any format: lessons without a demonstration next to those with one
@@ -92,7 +108,7 @@ def load_examples(path: str | Path) -> list[Example]:
             raise InputError(f"{where}: mixed formats: line {first[0]} is {first[1]}, this line is {fmt}")
         examples.append(_example(obj, fmt, where))
     if not examples:
-        raise InputError(f"{path}: no examples")
+        raise InputError(f"{source}: no examples")
     return examples
 
 
@@ -140,7 +156,7 @@ def _parse_json(text: str, where: str) -> Any:
     except json.JSONDecodeError as e:
         raise InputError(f"{where}: invalid JSON ({e.msg} at column {e.colno})") from e
     except (ValueError, RecursionError) as e:  # too deeply nested, or an integer over Python's digit limit
-        raise InputError(f"{where}: invalid JSON ({str(e).splitlines()[0]})") from e
+        raise InputError(f"{where}: invalid JSON ({one_line(e)})") from e
 
 
 # ---- validating ----------------------------------------------------------------------------

@@ -4,17 +4,23 @@
 `normalized`  equal after lower-casing, dropping punctuation and collapsing whitespace
 `regex`       the first match of --answer-regex (group 1 if it has one) is equal, normalized
 `choice`      the first standalone multiple-choice letter (A–J) is equal
-`module:fn`   a user function fn(prediction, reference) -> float
+`module:fn`   a user function fn(prediction, reference) -> float, the module importable from the
+              current folder (as `python -c "import module"` there would find it)
+`file.py:fn`  the same from a file, by its path
 """
 
 from __future__ import annotations
 
 import importlib
+import importlib.util
+import os
 import re
 import string
+import sys
 from collections.abc import Callable
+from pathlib import Path
 
-from mlx_sdft.errors import InputError
+from mlx_sdft.errors import InputError, one_line
 
 Metric = Callable[[str, str], float]
 BUILTIN = ("exact", "normalized", "regex", "choice")
@@ -73,12 +79,30 @@ def resolve_metric(name: str, answer_regex: str | None = None) -> Metric:
         except re.error as e:
             raise InputError(f"--answer-regex: {answer_regex!r} does not compile ({e})") from None
     if ":" in name:
-        module, _, fn = name.partition(":")
+        target, _, fn = name.rpartition(":")
         try:
-            metric = getattr(importlib.import_module(module), fn)
+            metric = getattr(_user_module(target), fn)
         except (ImportError, AttributeError) as e:
             raise InputError(f"--metric: cannot import {name!r} ({type(e).__name__}: {e})") from None
+        except Exception as e:  # the user's module itself failed while it ran
+            raise InputError(one_line(f"--metric: {target} raised {type(e).__name__}: {e}")) from None
         if not callable(metric):
             raise InputError(f"--metric: {name!r} is not callable")
         return metric
     raise InputError(f"--metric: {name!r} is not one of {', '.join(BUILTIN)} or module:function")
+
+
+def _user_module(target: str):
+    """`path/to/file.py` loaded from that file; otherwise a module name imported with the current
+    folder first on the path (a console script's sys.path lacks it, unlike `python -m`)."""
+    if target.endswith(".py"):
+        path = Path(target).expanduser()
+        if not path.is_file():
+            raise ImportError(f"no such file {target}")
+        spec = importlib.util.spec_from_file_location(f"mlx_sdft_metric_{path.stem}", path)
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        return module
+    if os.getcwd() not in sys.path:
+        sys.path.insert(0, os.getcwd())
+    return importlib.import_module(target)

@@ -7,6 +7,7 @@ template filled with the question and the demonstration (system messages and too
 
 from __future__ import annotations
 
+import dataclasses
 import re
 from dataclasses import dataclass
 
@@ -22,6 +23,46 @@ class PromptPair:
     teacher_ids: list[int]
     demo_ids: list[int]  # the demonstration as the assistant's turn (SFT targets), up to its end-of-turn token
     where: str
+
+
+def with_system_prompt(messages: list[dict], system_prompt: str | None) -> list[dict]:
+    """--system-prompt: a system message first, for a conversation that has none (a system or
+    developer message of its own is kept as it is)."""
+    if not system_prompt or messages[0]["role"] in ("system", "developer"):
+        return messages
+    return [{"role": "system", "content": system_prompt}, *messages]
+
+
+def apply_system_prompt(examples: list[Example], system_prompt: str | None) -> list[Example]:
+    if not system_prompt:
+        return examples
+    return [dataclasses.replace(ex, prompt=with_system_prompt(ex.prompt, system_prompt)) for ex in examples]
+
+
+def template_system_prompt(tokenizer) -> str | None:
+    """The system prompt the chat template writes by itself when a conversation has none (SmolLM2's
+    "You are a helpful AI assistant named SmolLM, …"), or None. Found by rendering one user turn
+    with and without a marker system message: the injected text sits where the marker was."""
+    marker, user = "\x00SYSTEM\x00", [{"role": "user", "content": "\x00USER\x00"}]
+    try:
+        bare = render(tokenizer, user)
+        marked = render(tokenizer, [{"role": "system", "content": marker}, *user])
+    except Exception:  # no template (render says so later, where it matters), or one that refuses a system turn
+        return None
+    before, _, after = marked.partition(marker)
+    if not (bare.startswith(before) and bare.endswith(after)) or len(bare) <= len(before) + len(after):
+        return None
+    return bare[len(before): len(bare) - len(after)] or None
+
+
+def system_prompt_note(tokenizer, system_prompt: str | None) -> str | None:
+    """One line on the system prompt the prompts get: --system-prompt's, or the template's own."""
+    if system_prompt:
+        return f"system prompt {system_prompt!r} (--system-prompt) for examples without a system message"
+    injected = template_system_prompt(tokenizer)
+    if injected:
+        return f"the chat template adds the system prompt {injected!r} where an example has none (--system-prompt replaces it)"
+    return None
 
 
 def fill_template(template: str, question: str, demonstration: str, **context: str) -> str:

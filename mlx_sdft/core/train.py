@@ -23,6 +23,7 @@ from mlx_sdft.formats.models import checkpointing
 from mlx_sdft.core.prompts import PromptPair
 from mlx_sdft.machine.report import PhaseTimer, Reporter, StopFlag
 from mlx_sdft.core.rollout import sample
+from mlx_sdft.core.samples import records, sampled_rows
 from mlx_sdft.core.teacher import Leaves, init_teacher, step_teacher, trainable_leaves, using
 
 
@@ -94,9 +95,11 @@ def rollout_batch(model: nn.Module, pairs: list[PromptPair], cfg: Config, stop_i
 
 def sdft_step(model, teacher: Leaves | None, pairs: list[PromptPair], positions: list[int], *, grad: bool,
               timer: PhaseTimer, stream: int = TRAIN_STREAM, cfg: Config, stop_ids: list[int],
-              objective: Objective, base: Leaves | None = None) -> tuple:
+              objective: Objective, base: Leaves | None = None, log: int = 0) -> tuple:
     """One SDFT micro-batch: sample from the student, the teacher's scores (no gradient), the
-    student's loss and, with `grad`, its gradient (else None) → (loss, ntoks, grads, stats)."""
+    student's loss and, with `grad`, its gradient (else None) → (loss, ntoks, grads, stats).
+    With `log`, stats["completions"] holds the first `log` completions with their own loss
+    (--log-completions, samples.py)."""
     with timer("sample"):
         pairs, rollout = rollout_batch(model, pairs, cfg, stop_ids, positions, stream)
     with timer("teacher"), using(model, teacher):
@@ -110,15 +113,17 @@ def sdft_step(model, teacher: Leaves | None, pairs: list[PromptPair], positions:
         loss_and_grad = _value_and_grad(model, objective.student_loss, grad)
         (loss, ntoks), grads = loss_and_grad(model, pairs, rollout.completions, scores, guard)
         mx.eval(loss, ntoks, grads or [])
+    logged = {"completions": sampled_rows(objective.student_loss, model, pairs, rollout, scores, log)} if log else {}
     return loss, ntoks, grads, {"n": len(pairs), "sampled": rollout.num_tokens, "length": rollout.num_tokens,
-                                "truncated": sum(rollout.truncated), **degeneration_sums(
+                                "truncated": sum(rollout.truncated), **logged, **degeneration_sums(
                                     rollout.completions, rollout.truncated, [p.demo_ids for p in pairs], stop_ids)}
 
 
 def sft_step(model, teacher: Leaves | None, pairs: list[PromptPair], positions: list[int], *, grad: bool,
-             timer: PhaseTimer, stream: int = TRAIN_STREAM, cfg: Config) -> tuple:
+             timer: PhaseTimer, stream: int = TRAIN_STREAM, cfg: Config, log: int = 0) -> tuple:
     """One --method sft micro-batch: cross-entropy on the demonstrations and, with `grad`, its
-    gradient → (loss, ntoks, grads, stats), as `sdft_step` (nothing sampled, no teacher)."""
+    gradient → (loss, ntoks, grads, stats), as `sdft_step` (nothing sampled, no teacher, so
+    nothing for `log`)."""
     with timer("student"), checkpointing(model, grad and cfg.grad_checkpoint):
         loss_and_grad = _value_and_grad(model, supervised_loss, grad)
         (loss, ntoks), grads = loss_and_grad(model, pairs, cfg)
@@ -182,6 +187,7 @@ def train(model: nn.Module, tokenizer, train_pairs: list[PromptPair], valid_pair
         teacher = saved_teacher if teacher_kind == "ema" else teacher
         if rank == 0:
             checkpoint.truncate_metrics(out, state["step"])
+            checkpoint.truncate_metrics(out, state["step"], checkpoint.COMPLETIONS)
         reporter.print(f"resuming after step {state['step']} (epoch {state['epoch']:.2f})")
     micro_step = make_step(cfg, stop_ids, base)  # SDFT or SFT, and the objective: chosen once
     bad_steps, window, record = 0, [], {}
@@ -189,13 +195,16 @@ def train(model: nn.Module, tokenizer, train_pairs: list[PromptPair], valid_pair
     model.train()
 
     for step in range(first, steps + 1):
-        timer, grads, stats = PhaseTimer(), None, {}
-        for _ in range(cfg.grad_accumulation_steps):
+        timer, grads, stats, logged = PhaseTimer(), None, {}, []
+        report = step % cfg.steps_per_report == 0 or step == steps
+        for micro_index in range(cfg.grad_accumulation_steps):
+            log = cfg.log_completions if report and rank == 0 and micro_index == 0 else 0
             indices = batch_at(cursor, len(train_pairs), cfg.batch_size, cfg.seed)[rank::world]
             positions = list(range(cursor, cursor + cfg.batch_size))[rank::world]
             cursor += cfg.batch_size
             pairs = [train_pairs[i] for i in indices]
-            loss, ntoks, g, micro = micro_step(model, teacher, pairs, positions, grad=True, timer=timer)
+            loss, ntoks, g, micro = micro_step(model, teacher, pairs, positions, grad=True, timer=timer, log=log)
+            logged += micro.pop("completions", [])
             if world > 1:  # equal shares, so the mean of rank means is the batch mean
                 g = nn.average_gradients(g, group=group)
                 loss, ntoks = mx.distributed.all_sum(loss, group=group) / world, mx.distributed.all_sum(ntoks, group=group)
@@ -219,9 +228,10 @@ def train(model: nn.Module, tokenizer, train_pairs: list[PromptPair], valid_pair
 
         window.append({**stats, **timer.seconds, "grad_norm": grad_norm.item()})
         reporter.advance(step, stats["loss"])
-        if step % cfg.steps_per_report == 0 or step == steps:
+        if report:
             record = _summarize(window, step, optimizer)
             reporter.log(record)
+            reporter.log_completions(records(tokenizer, step, logged))
             window = []
             state = {"cursor": cursor, "epoch": cursor / len(train_pairs), "total_steps": steps}
             if watch is not None and "degenerate" in record:

@@ -126,15 +126,18 @@ def saved_step(path: Path) -> int | None:
     return int(metadata["step"]) if "step" in metadata else None
 
 
-def truncate_metrics(out: Path, step: int) -> None:
-    """Drop records past `step`: a resumed run writes them again."""
-    path = out / "metrics.jsonl"
+METRICS, COMPLETIONS = "metrics.jsonl", "completions.jsonl"
+
+
+def truncate_metrics(out: Path, step: int, name: str = METRICS) -> None:
+    """Drop records past `step` from a JSON-lines file of the run: a resumed run writes them again."""
+    path = out / name
     if path.exists():
         keep = [line for line in path.read_text().splitlines() if line and json.loads(line)["step"] <= step]
         _atomic(path, lambda p: p.write_text("".join(line + "\n" for line in keep), encoding="utf-8"))
 
 
-def append_metrics(out: Path, record: dict) -> None:
+def append_metrics(out: Path, record: dict, name: str = METRICS) -> None:
     out.mkdir(parents=True, exist_ok=True)
-    with open(out / "metrics.jsonl", "a", encoding="utf-8") as fid:
+    with open(out / name, "a", encoding="utf-8") as fid:
         fid.write(json.dumps(record) + "\n")

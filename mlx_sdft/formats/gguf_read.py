@@ -25,7 +25,7 @@ from mlx_lm.tokenizer_utils import TokenizerWrapper
 from mlx_lm.tokenizer_utils import load as load_tokenizer_folder
 from mlx_lm.utils import save_config, save_model
 
-from mlx_sdft.errors import InputError
+from mlx_sdft.errors import InputError, one_line
 from mlx_sdft.formats.gguf_names import (END_OF_TURN, MODEL_TYPE, SUPPORTED_ARCHITECTURES, has_norm_offset,
                                           is_permuted, mlx_name, unpermute_rows)
 
@@ -91,7 +91,7 @@ def _read(path: Path) -> tuple[dict[str, mx.array], dict]:
     try:
         reader = GGUFReader(path)
     except Exception as e:
-        raise InputError(f"{path}: not a readable GGUF file ({type(e).__name__}: {e})".splitlines()[0]) from None
+        raise InputError(one_line(f"{path}: not a readable GGUF file ({type(e).__name__}: {e})")) from None
     for tensor in reader.tensors:
         if tensor.name not in weights:
             weights[tensor.name] = _gguf_dequantize(tensor, path)

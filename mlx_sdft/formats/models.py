@@ -23,7 +23,7 @@ from mlx_lm.tuner.utils import linear_to_lora_layers
 from mlx_lm.utils import _download, load_config, load_model
 from mlx_lm.utils import load_tokenizer as _load_tokenizer
 
-from mlx_sdft.errors import InputError
+from mlx_sdft.errors import InputError, one_line
 from mlx_sdft.core.teacher import Leaves, copy_leaves, trainable_leaves
 
 
@@ -81,7 +81,7 @@ def resolve(model: str, dequantize: bool | None = None) -> Path:
     try:
         return _download(model)
     except Exception as e:  # offline, unknown repo, gated: all end the run the same way
-        raise InputError(f"{model}: could not get the model from the hub ({type(e).__name__}: {e})".splitlines()[0]) from None
+        raise InputError(one_line(f"{model}: could not get the model from the hub ({type(e).__name__}: {e})")) from None
 
 
 def load_tokenizer(model_path: Path, chat_template: str | None = None):
@@ -119,7 +119,7 @@ class Adapters:
         try:
             config = json.loads(config_file.read_text())
         except (OSError, ValueError) as e:
-            raise InputError(f"{folder}: not an adapter folder ({type(e).__name__}: {e})".splitlines()[0]) from None
+            raise InputError(one_line(f"{folder}: not an adapter folder ({type(e).__name__}: {e})")) from None
         if not (folder / "adapters.safetensors").is_file():
             raise InputError(f"{folder}: no adapters.safetensors")
         if not isinstance(config.get("num_layers"), int):

@@ -14,8 +14,12 @@ one sampled, and the degenerate rate. `recommend` turns all of it into SDFT, SDF
 from __future__ import annotations
 
 import dataclasses
+from pathlib import Path
 
 import mlx.core as mx
+from rich.panel import Panel
+from rich.table import Table
+from rich.text import Text
 
 from mlx_sdft.core.degeneration import degenerate_rate, len_ratio
 from mlx_sdft.core.guards import shared_prefix, skipped_prefix_warning
@@ -118,22 +122,31 @@ def verdict(student_ll: float, teacher_ll: float, student_score: float | None, t
             f"larger model, a different --teacher-template, or --method sft ({numbers}).")
 
 
+SHOWN = 2  # example answers printed with and without the demonstration in context
+
+
 def run_check(cfg, console=None) -> dict:
-    from rich.console import Console
-
     from mlx_sdft.core.data import load_dataset, need_demonstrations
-    from mlx_sdft.jobs.evaluate import evaluate_task
     from mlx_sdft.core.metrics import Metric, resolve_metric
+    from mlx_sdft.core.prompts import apply_system_prompt, encode_examples, system_prompt_note, teacher_messages
+    from mlx_sdft.formats.checkpoint import write_json
     from mlx_sdft.formats.models import open_model, open_tokenizer
-    from mlx_sdft.core.prompts import encode_examples, teacher_messages
+    from mlx_sdft.jobs.evaluate import evaluate_task, predict
+    from mlx_sdft.machine.blas import warn
+    from mlx_sdft.machine.report import make_console
 
-    console = console or Console(stderr=True)
+    console = console or make_console()
     metric: Metric | None = resolve_metric(cfg.metric, cfg.answer_regex) if cfg.metric else None
-    examples = load_dataset(cfg.data)["train"][: cfg.num_examples]
+    examples = apply_system_prompt(load_dataset(cfg.data)["train"][: cfg.num_examples], cfg.system_prompt)
     need_demonstrations(examples, "check")
     model_path, tokenizer = open_tokenizer(cfg.model, chat_template=cfg.chat_template)
     pairs = encode_examples(tokenizer, examples, cfg.teacher_template, cfg.max_seq_length)
+    warn(console)
+    note = system_prompt_note(tokenizer, cfg.system_prompt)
+    if note:
+        console.print(note, highlight=False, markup=False, soft_wrap=True)
     model, _ = open_model(model_path)
+    shown = [dataclasses.replace(ex, prompt=teacher_messages(ex, cfg.teacher_template)) for ex in examples]
     with console.status(f"scoring {len(pairs)} demonstrations under both contexts"):
         student = demonstration_loglik(model, pairs, "student", cfg.batch_size)
         teacher = demonstration_loglik(model, pairs, "teacher", cfg.batch_size)
@@ -141,9 +154,13 @@ def run_check(cfg, console=None) -> dict:
                   "teacher_loglik": sum(teacher) / len(teacher),
                   "improved_fraction": sum(t > s for s, t in zip(student, teacher)) / len(pairs)}
         if metric is not None:
-            report["student_score"] = evaluate_task(model, tokenizer, examples, metric, cfg.max_tokens, cfg.batch_size).score
-            shown = [dataclasses.replace(ex, prompt=teacher_messages(ex, cfg.teacher_template)) for ex in examples]
-            report["teacher_score"] = evaluate_task(model, tokenizer, shown, metric, cfg.max_tokens, cfg.batch_size).score
+            without = evaluate_task(model, tokenizer, examples, metric, cfg.max_tokens, cfg.batch_size)
+            with_demo = evaluate_task(model, tokenizer, shown, metric, cfg.max_tokens, cfg.batch_size)
+            report["student_score"], report["teacher_score"] = without.score, with_demo.score
+            answers = [r["prediction"] for r in without.rows[:SHOWN]], [r["prediction"] for r in with_demo.rows[:SHOWN]]
+        else:
+            answers = tuple(predict(model, tokenizer, [ex.prompt for ex in some[:SHOWN]], cfg.max_tokens, cfg.batch_size,
+                                    [ex.tools for ex in some[:SHOWN]]) for some in (examples, shown))
     report["verdict"] = verdict(report["student_loglik"], report["teacher_loglik"],
                                 report.get("student_score"), report.get("teacher_score"))
     with console.status(f"sampling and scoring {min(cfg.num_samples, len(pairs))} student completions"):
@@ -157,5 +174,42 @@ def run_check(cfg, console=None) -> dict:
         prefix = shared_prefix(demos, cfg.skip_first_tokens)[1]
         opens = sum(c[: len(prefix)] == prefix for c in completions) / max(len(completions), 1)
         report["warning"] = f"{warning}; {opens:.0%} of the student's samples open that way"
-    console.print({k: v for k, v in report.items() if k not in ("verdict", "recommendation", "warning")})
+    report["answers"] = [{"where": ex.where, "prompt": ex.prompt[-1]["content"], "demonstration": ex.demonstration,
+                          "without_demonstration": a, "with_demonstration": b}
+                         for ex, a, b in zip(examples, *answers)]
+    console.print(table(report))
+    console.print(details(report))
+    for row in report["answers"]:
+        console.print(Panel(Text(f"{row['prompt']}\n\nwithout the demonstration: {row['without_demonstration']}\n"
+                                 f"with the demonstration:    {row['with_demonstration']}"),
+                            title=f"example {row['where'].rsplit('/', 1)[-1]}", expand=False))
+    if cfg.output:
+        write_json(Path(cfg.output) / "check.json", {"model": cfg.model, "data": str(cfg.data), **report})
+        console.print(f"check.json written to {cfg.output}")
     return report
+
+
+def table(report: dict) -> Table:
+    """Student context (the bare prompt) against teacher context (the demonstration in the prompt)."""
+    out = Table(title=f"{report['examples']} demonstrations; the context improves "
+                      f"{report['improved_fraction']:.0%} of them")
+    out.add_column("context")
+    out.add_column("demonstration log-likelihood (nats/token)", justify="right")
+    scored = "student_score" in report
+    if scored:
+        out.add_column("task score", justify="right")
+    for name, role in (("student: prompt only", "student"), ("teacher: prompt + demonstration", "teacher")):
+        out.add_row(name, f"{report[f'{role}_loglik']:.3f}", *([f"{report[f'{role}_score']:.3f}"] if scored else []))
+    return out
+
+
+CORE = {"examples", "student_loglik", "teacher_loglik", "improved_fraction", "student_score", "teacher_score"}
+
+
+def details(report: dict) -> Table:
+    """The report's other numbers (the student's samples), one row each."""
+    out = Table(title="the student's own samples", show_header=False)
+    for key, value in report.items():
+        if key not in CORE and isinstance(value, (int, float)) and not isinstance(value, bool):
+            out.add_row(key.replace("_", " "), f"{value:.3f}" if isinstance(value, float) else str(value))
+    return out

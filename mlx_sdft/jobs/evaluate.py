@@ -16,19 +16,22 @@ from __future__ import annotations
 
 import json
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 from importlib.resources import files
 from pathlib import Path
 
 import mlx.core as mx
 import mlx.nn as nn
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
-from mlx_sdft.core.data import Example, load_examples, need_demonstrations
+from mlx_sdft.core.data import Example, load_dataset, load_examples, need_demonstrations
 from mlx_sdft.core.degeneration import is_degenerate, is_repetitive
+from mlx_sdft.core.hub_data import is_saved_dataset
 from mlx_sdft.errors import InputError
 from mlx_sdft.core.losses import kl_of_logits, sft_loss
 from mlx_sdft.core.metrics import Metric
-from mlx_sdft.core.prompts import encode, render
+from mlx_sdft.core.prompts import apply_system_prompt, encode, render, system_prompt_note
 from mlx_sdft.core.rollout import sample
 from mlx_sdft.core.scoring import completion_logits, completion_mask, pad_rows
 from mlx_sdft.core.teacher import Leaves, using
@@ -49,8 +52,9 @@ def _strip_stop(ids: list[int], stops: set[int]) -> list[int]:
 
 
 def predict(model: nn.Module, tokenizer, prompts: list[list[dict]], max_tokens: int, batch_size: int,
-            tools: list[list | None] | None = None) -> list[str]:
-    """Greedy answers (temperature 0), decoded without the stop token; `tools[i]` goes with prompts[i]."""
+            tools: list[list | None] | None = None, advance: Callable[[int], None] | None = None) -> list[str]:
+    """Greedy answers (temperature 0), decoded without the stop token; `tools[i]` goes with prompts[i].
+    `advance(n)` is called after each batch of n prompts (a progress bar)."""
     stops = set(tokenizer.eos_token_ids)
     tools = tools or [None] * len(prompts)
     ids = [encode(tokenizer, render(tokenizer, p, t)) for p, t in zip(prompts, tools)]
@@ -58,6 +62,8 @@ def predict(model: nn.Module, tokenizer, prompts: list[list[dict]], max_tokens: 
     for batch in _batches(ids, batch_size):
         rollout = sample(model, batch, [max_tokens] * len(batch), sorted(stops), temperature=0.0, batch_size=len(batch))
         answers += [tokenizer.decode(_strip_stop(c, stops)) for c in rollout.completions]
+        if advance:
+            advance(len(batch))
     return answers
 
 
@@ -68,9 +74,9 @@ class TaskResult:
 
 
 def evaluate_task(model, tokenizer, examples: list[Example], metric: Metric, max_tokens: int,
-                  batch_size: int) -> TaskResult:
+                  batch_size: int, advance: Callable[[int], None] | None = None) -> TaskResult:
     answers = predict(model, tokenizer, [ex.prompt for ex in examples], max_tokens, batch_size,
-                      [ex.tools for ex in examples])
+                      [ex.tools for ex in examples], advance)
     rows = [{"where": ex.where, "prompt": ex.prompt[-1]["content"], "prediction": answer,
              "reference": ex.demonstration, "score": float(metric(answer, ex.demonstration))}
             for ex, answer in zip(examples, answers)]
@@ -78,8 +84,9 @@ def evaluate_task(model, tokenizer, examples: list[Example], metric: Metric, max
 
 
 def retention_kl(model: nn.Module, tokenizer, base: Leaves, prompts: list[list[dict]], max_tokens: int,
-                 batch_size: int) -> float:
-    """Mean per-token KL(base‖adapted) over completions sampled (temperature 1) from the base model."""
+                 batch_size: int, advance: Callable[[int], None] | None = None) -> float:
+    """Mean per-token KL(base‖adapted) over completions sampled (temperature 1) from the base model;
+    `advance(n)` after each batch of n prompts."""
     stops = sorted(tokenizer.eos_token_ids)
     total, count = 0.0, 0
     for batch in _batches([encode(tokenizer, render(tokenizer, p)) for p in prompts], batch_size):
@@ -90,12 +97,15 @@ def retention_kl(model: nn.Module, tokenizer, base: Leaves, prompts: list[list[d
         mask_BT = completion_mask([len(c) for c in completions])
         total += (kl_of_logits(base_BTV.astype(mx.float32), adapted_BTV.astype(mx.float32))[0] * mask_BT).sum().item()
         count += int(mask_BT.sum().item())
+        if advance:
+            advance(len(batch))
     return total / max(count, 1)
 
 
 def general_answers(model: nn.Module, tokenizer, prompts: list[list[dict]], max_tokens: int,
-                    batch_size: int) -> list[dict]:
-    """Greedy answers to general prompts, each with its `degenerate` flag (core/degeneration.py)."""
+                    batch_size: int, advance: Callable[[int], None] | None = None) -> list[dict]:
+    """Greedy answers to general prompts, each with its `degenerate` flag (core/degeneration.py);
+    `advance(n)` after each batch of n prompts."""
     stops = sorted(tokenizer.eos_token_ids)
     rows = []
     for batch in _batches(prompts, batch_size):
@@ -105,6 +115,8 @@ def general_answers(model: nn.Module, tokenizer, prompts: list[list[dict]], max_
             rows.append({"prompt": p[-1]["content"], "answer": tokenizer.decode(_strip_stop(c, set(stops))),
                          "tokens": len(c), "truncated": t, "repetitive": is_repetitive(c, stops),
                          "degenerate": is_degenerate(c, t, stops)})
+        if advance:
+            advance(len(batch))
     return rows
 
 
@@ -125,6 +137,12 @@ def perplexity(model: nn.Module, tokenizer, texts: list[str], max_seq_length: in
         total += loss.item() * ntoks.item()
         count += ntoks.item()
     return math.exp(total / max(count, 1))
+
+
+def progress_bars(console) -> Progress:
+    """Bars with counts ("task prompts 8/12"), elapsed and remaining time."""
+    return Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                    TimeRemainingColumn(), console=console)
 
 
 def load_texts(path: str | Path) -> list[str]:
@@ -167,35 +185,53 @@ def load_prompts(path: str | Path | None, limit: int) -> list[list[dict]]:
 
 
 def task_examples(data: str | Path) -> list[Example]:
-    """A .jsonl file, or a data folder's test.jsonl (valid.jsonl if it has no test split)."""
+    """A .jsonl file, or a data folder's test.jsonl (valid.jsonl if it has no test split); a Hugging
+    Face dataset's test split (else its valid one)."""
     path = Path(data)
-    if path.is_dir():
-        for name in ("test.jsonl", "valid.jsonl"):
-            if (path / name).is_file():
-                path = path / name
-                break
-        else:
-            raise InputError(f"{path}: no test.jsonl or valid.jsonl to evaluate on")
-    examples = load_examples(path)
+    held_out = [path / name for name in ("test.jsonl", "valid.jsonl") if path.is_dir() and (path / name).is_file()]
+    if path.is_file() or held_out:
+        examples = load_examples(held_out[0] if held_out else path)
+    elif path.is_dir() and not is_saved_dataset(path):
+        raise InputError(f"{path}: no test.jsonl or valid.jsonl to evaluate on")
+    else:
+        examples = _held_out(load_dataset(data), data)
     need_demonstrations(examples, "eval (the reference answer)")
     return examples
 
 
+def _held_out(splits: dict[str, list[Example]], data) -> list[Example]:
+    for name in ("test", "valid"):
+        if name in splits:
+            return splits[name]
+    raise InputError(f"{data}: no test or valid split to evaluate on")
+
+
 def evaluate_adapters(model, tokenizer, base: Leaves | None, examples: list[Example], metric: Metric,
-                      cfg) -> tuple[dict, list[dict], list[dict]]:
+                      cfg, progress: Progress | None = None) -> tuple[dict, list[dict], list[dict]]:
     """All numbers of one evaluation: the task score, the degenerate rate of greedy answers to the
     general prompts, and with a base to compare, retention and the base's degenerate rate.
-    Returns (summary, task rows, general-prompt rows)."""
-    task = evaluate_task(model, tokenizer, examples, metric, cfg.max_tokens, cfg.batch_size)
+    Returns (summary, task rows, general-prompt rows). With a rich `progress`, bars count the task
+    prompts, the general prompts answered and the retention prompts."""
+    def bar(name: str, total: int):
+        if progress is None:
+            return None
+        task_id = progress.add_task(name, total=total)
+        return lambda n: progress.advance(task_id, n)
+
+    task = evaluate_task(model, tokenizer, examples, metric, cfg.max_tokens, cfg.batch_size,
+                         bar("task prompts", len(examples)))
     summary, general = {"task_score": task.score, "examples": len(examples)}, []
     if cfg.retention:
         prompts = load_prompts(cfg.general_prompts, cfg.num_general_prompts)
-        general = general_answers(model, tokenizer, prompts, cfg.general_max_tokens, cfg.batch_size)
+        general = general_answers(model, tokenizer, prompts, cfg.general_max_tokens, cfg.batch_size,
+                                  bar("general prompts", len(prompts)))
         summary["degenerate_rate"], summary["repetitive_rate"] = _rate(general), _rate(general, "repetitive")
     if base is not None and cfg.retention:
-        summary["retention_kl"] = retention_kl(model, tokenizer, base, prompts, cfg.retention_max_tokens, cfg.batch_size)
+        summary["retention_kl"] = retention_kl(model, tokenizer, base, prompts, cfg.retention_max_tokens, cfg.batch_size,
+                                               bar("retention prompts", len(prompts)))
         with using(model, base):
-            base_rows = general_answers(model, tokenizer, prompts, cfg.general_max_tokens, cfg.batch_size)
+            base_rows = general_answers(model, tokenizer, prompts, cfg.general_max_tokens, cfg.batch_size,
+                                        bar("general prompts, base", len(prompts)))
         summary["degenerate_rate_base"], summary["repetitive_rate_base"] = _rate(base_rows), _rate(base_rows, "repetitive")
         general = [{**r, "base_answer": b["answer"], "base_degenerate": b["degenerate"], "base_repetitive": b["repetitive"]}
                    for r, b in zip(general, base_rows)]
@@ -210,26 +246,31 @@ def evaluate_adapters(model, tokenizer, base: Leaves | None, examples: list[Exam
 
 def run_eval(cfg, console=None) -> dict:
     """Everything `mlx-sdft eval` does; writes predictions.jsonl and summary.json."""
-    from rich.console import Console
+    from mlx_sdft.machine.blas import warn
+    from mlx_sdft.machine.report import make_console
     from rich.table import Table
 
     from mlx_sdft.formats.checkpoint import write_json
     from mlx_sdft.core.metrics import resolve_metric
     from mlx_sdft.formats.models import open_model, open_tokenizer
 
-    console = console or Console(stderr=True)
+    console = console or make_console()
     metric = resolve_metric(cfg.metric, cfg.answer_regex)
-    examples = task_examples(cfg.data)
+    examples = apply_system_prompt(task_examples(cfg.data), cfg.system_prompt)
     if cfg.prior_text:
         load_texts(cfg.prior_text)  # check it before any weights load
     if cfg.retention:
         load_prompts(cfg.general_prompts, cfg.num_general_prompts)
     model_path, tokenizer = open_tokenizer(cfg.model, chat_template=cfg.chat_template)
     render(tokenizer, examples[0].prompt)  # a missing chat template fails here, before the weights
+    warn(console)
+    note = system_prompt_note(tokenizer, cfg.system_prompt)
+    if note:
+        console.print(note, highlight=False, markup=False, soft_wrap=True)
     mx.random.seed(cfg.seed)
     model, base = open_model(model_path, adapters=cfg.adapter_path)
-    with console.status(f"evaluating {len(examples)} examples"):
-        summary, rows, general = evaluate_adapters(model, tokenizer, base, examples, metric, cfg)
+    with progress_bars(console) as progress:
+        summary, rows, general = evaluate_adapters(model, tokenizer, base, examples, metric, cfg, progress)
     summary = {"model": cfg.model, "adapter_path": cfg.adapter_path, "data": str(cfg.data), "metric": cfg.metric, **summary}
 
     out = Path(cfg.output or (Path(cfg.adapter_path) / "eval" if cfg.adapter_path else "eval"))

@@ -14,13 +14,13 @@ import mlx.core as mx
 from rich.panel import Panel
 from rich.text import Text
 
-from mlx_sdft.machine import memory
+from mlx_sdft.machine import blas, memory
 from mlx_sdft.config import Config
 from mlx_sdft.core.data import load_dataset, need_demonstrations
 from mlx_sdft.core.guards import skipped_prefix_warning
 from mlx_sdft.errors import InputError
 from mlx_sdft.formats.models import Adapters, open_model, open_tokenizer
-from mlx_sdft.core.prompts import encode_examples, student_text, teacher_text
+from mlx_sdft.core.prompts import apply_system_prompt, encode_examples, student_text, system_prompt_note, teacher_text
 from mlx_sdft.machine.report import Reporter, StopFlag
 from mlx_sdft.core.scoring import head_splits
 from mlx_sdft.core.train import total_steps, train
@@ -56,6 +56,29 @@ def preflight(cfg: Config, model_path: Path, train_pairs, valid_pairs) -> tuple[
     return cfg, parts
 
 
+def startup_text(cfg: Config, model_path: Path, n_train: int, n_valid: int, steps: int, system: str | None) -> Text:
+    """What this run is: the model, the data, the system prompt, the steps, the method and what trains."""
+    lines = [f"model     {cfg.model}", *([f"          {model_path}"] if str(model_path) != cfg.model else []),
+             f"data      {cfg.data}", f"examples  {n_train} training prompts, {n_valid} validation prompts",
+             *([f"system    {system}"] if system else []),
+             f"steps     {steps} of {cfg.batch_size * cfg.grad_accumulation_steps} prompts"
+             + (" (--iters)" if cfg.iters is not None else f" ({cfg.epochs:g} epochs)"),
+             f"method    {cfg.method}" + (
+                 f", {cfg.num_generations} generation(s) per prompt, divergence {cfg.divergence}, teacher {cfg.teacher}"
+                 + (f" (rate {cfg.teacher_update_rate})" if cfg.teacher == "ema" else "") if cfg.method == "sdft" else "")]
+    params = memory.parameter_summary(memory.model_config(model_path), cfg)
+    lines.append(f"adapters  {cfg.fine_tune_type} on {cfg.num_layers if cfg.num_layers > 0 else 'all'} blocks, "
+                 f"written to {cfg.adapter_path}")
+    lines += [f"          {params}"] if params else []
+    return Text("\n".join(lines))
+
+
+def options_text(cfg: Config) -> Text:
+    """Every option as it resolved (defaults < YAML < flags), one per line; templates shown escaped."""
+    shown = {k: (repr(v) if isinstance(v, str) and "\n" in v else v) for k, v in cfg.to_dict().items()}
+    return Text("\n".join(f"{k.replace('_', '-')}: {v}" for k, v in shown.items()))
+
+
 def run_train(cfg: Config, console=None, quiet: bool = False) -> dict:
     """Train as configured; returns the last report record (or the estimate with --dry-run)."""
     out = Path(cfg.adapter_path)
@@ -65,7 +88,7 @@ def run_train(cfg: Config, console=None, quiet: bool = False) -> dict:
         raise InputError(f"--batch-size: {cfg.batch_size} prompts cannot be split evenly over {world} processes")
     if cfg.resume and not (out / "trainer_state.json").exists():
         raise InputError(f"--resume: {out} holds no saved run (no trainer_state.json)")
-    splits = load_dataset(cfg.data)
+    splits = {name: apply_system_prompt(examples, cfg.system_prompt) for name, examples in load_dataset(cfg.data).items()}
     if cfg.method == "sft":
         for examples in splits.values():
             need_demonstrations(examples, "--method sft")
@@ -78,6 +101,11 @@ def run_train(cfg: Config, console=None, quiet: bool = False) -> dict:
                         project_name=cfg.project_name, config=cfg.to_dict(), quiet=quiet,
                         estimated_peak_gb=estimate["peak"] if estimate else None, writer=rank == 0,
                         label=cfg.method.upper())
+    if reporter.writer and not quiet:
+        blas.warn(reporter.console)
+    panel = startup_text(cfg, model_path, len(train_pairs), len(valid_pairs), reporter.total,
+                         system_prompt_note(tokenizer, cfg.system_prompt))
+    reporter.print(Panel(panel, title="mlx-sdft train", expand=False))
     if estimate:
         reporter.print(f"memory estimate: {memory.describe(estimate)}", highlight=False)
     if cfg.method == "sdft" and not cfg.fuse_sampling:
@@ -88,19 +116,13 @@ def run_train(cfg: Config, console=None, quiet: bool = False) -> dict:
                                                                    cfg.skip_first_tokens, tokenizer.decode)):
         reporter.print(f"warning: {warning}", style="yellow", highlight=False)
     if cfg.dry_run:
+        reporter.print(Panel(options_text(cfg), title="resolved options", expand=False))
         return estimate or {}
     first = splits["train"][0]
     reporter.print(Panel(Text(student_text(tokenizer, first)), title=f"student prompt ({first.where})", expand=False))
     if cfg.method == "sdft":
         reporter.print(Panel(Text(teacher_text(tokenizer, first, cfg.teacher_template)), title="teacher prompt",
                              expand=False))
-    reporter.print(
-        f"{len(train_pairs)} training prompts, {len(valid_pairs)} validation prompts; {reporter.total} steps of "
-        f"{cfg.batch_size * cfg.grad_accumulation_steps} prompts; method {cfg.method}"
-        + (f", {cfg.num_generations} generation(s) per prompt, divergence {cfg.divergence}, teacher {cfg.teacher}"
-           + (f" (rate {cfg.teacher_update_rate})" if cfg.teacher == "ema" else "") if cfg.method == "sdft" else ""),
-        highlight=False,
-    )
     if not valid_pairs:
         reporter.print("no valid.jsonl: validation is skipped", style="yellow")
     if not cfg.resume and (out / "trainer_state.json").exists():

@@ -16,6 +16,9 @@ import sys
 import warnings
 from pathlib import Path
 
+# The fix a CPU run on the reference BLAS prints: Debian/Ubuntu's pthread OpenBLAS (6.7 MB download),
+# which preload() then finds by itself.
+FIX = "sudo apt-get install -y libopenblas0-pthread (Fedora: dnf install openblas)"
 OPT_OUT = "MLX_SDFT_BLAS"  # =reference keeps the wheel's BLAS
 EXPLICIT = "MLX_SDFT_OPENBLAS"  # a path to the libopenblas to load
 
@@ -58,6 +61,24 @@ def describe() -> str:
         return f"OpenBLAS ({how}: {openblas[0]})"
     ref = [Path(p).name for p in libs if Path(p).name.startswith("libblas")]
     return f"reference BLAS of the mlx-cpu wheel ({ref[0] if ref else 'libblas'})"
+
+
+def warning(described: str | None = None) -> str | None:
+    """One line for a run whose matmuls go to the CPU's reference BLAS (~20x slower than OpenBLAS),
+    with the fix; None on a GPU, with Accelerate or with OpenBLAS."""
+    import mlx.core as mx
+
+    described = described or describe()
+    if mx.default_device() != mx.cpu or not described.startswith("reference BLAS"):
+        return None
+    return f"warning: MLX's matmuls run on its reference BLAS, ~20x slower than OpenBLAS. Fix: {FIX}"
+
+
+def warn(console) -> None:
+    """Print warning() on `console` (a rich Console) as one unwrapped line, once the input is checked."""
+    line = warning()
+    if line:
+        console.print(line, style="yellow", soft_wrap=True, highlight=False)
 
 
 def preload() -> str | None:

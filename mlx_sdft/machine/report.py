@@ -3,7 +3,9 @@ numbers as JSON lines in metrics.jsonl (and optionally Weights & Biases)."""
 
 from __future__ import annotations
 
+import json
 import signal
+import sys
 import time
 from contextlib import contextmanager
 from pathlib import Path
@@ -11,8 +13,16 @@ from pathlib import Path
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
-from mlx_sdft.formats.checkpoint import append_metrics
+from mlx_sdft.formats.checkpoint import COMPLETIONS, append_metrics
 from mlx_sdft.errors import InputError
+
+
+WIDTH = 100  # columns of every line this package prints when stderr is not a terminal (a log file)
+
+
+def make_console() -> Console:
+    """Rich's stderr console; piped to a file it is 100 columns wide (rich's default is 80)."""
+    return Console(stderr=True, width=None if sys.stderr.isatty() else WIDTH)
 
 
 class PhaseTimer:
@@ -52,14 +62,32 @@ class StopFlag:
             self.reporter.print("[yellow]Ctrl-C: saving after this step (press again to stop at once)[/]")
 
 
-_TRAIN_LINE = (
-    "step {step}/{total}  loss {loss:.4f}  lr {learning_rate:.2e}  "
-    "sample {sample_s:.2f}s  teacher {teacher_s:.2f}s  student+update {student_s:.2f}s  "
-    "{sampled_tps:.0f} sampled tok/s  {trained_tps:.0f} trained tok/s  "
-    "len {completion_len:.1f}  truncated {truncated:.0%}  peak {peak_memory_gb:.2f} GB"
-)
-_DEGENERATE = "  degenerate {degenerate:.0%}  len/demo {len_ratio:.2f}"  # sampled completions only (not SFT)
-_EVAL_LINE = "step {step}/{total}  val loss {val_loss:.4f}  val len {val_completion_len:.1f}  ({val_s:.1f}s)"
+def report_line(record: dict, total: int, sft: bool = False) -> str:
+    """One report as one line of at most WIDTH columns. The loss is the mean over the steps since the
+    last report (the progress bar shows the last step's). SFT samples nothing and has no teacher, so
+    its line has no sampling fields. Where a line would be wider than WIDTH, the least needed fields
+    (peak memory, then the learning rate) are left out; every number is in metrics.jsonl, with the
+    sample/teacher/student seconds and the token rates."""
+    r = record
+    if r["type"] == "eval":
+        return f"step {r['step']}/{total}  val loss {r['val_loss']:.4f}  val len {r['val_completion_len']:.1f}  ({r['val_s']:.1f}s)"
+    busy = r["sample_s"] + r["teacher_s"] + r["student_s"]
+    secs = f"{busy:.2f}" if busy < 10 else f"{busy:.1f}" if busy < 100 else f"{busy:.0f}"
+    fields = [f"step {r['step']}/{total}", f"mean loss {r['loss']:.4f}", f"lr {r['learning_rate']:.1e}",
+              f"len {r['completion_len']:.1f}"]
+    if sft:
+        fields += [f"{secs} s/step", f"{r['trained_tps']:.0f} tok/s"]
+    else:
+        if "degenerate" in r:  # sampled completions only
+            fields[-1] += f" ({r['len_ratio']:.2f}x demo)"
+        fields += [f"trunc {r['truncated']:.0%}"]
+        fields += [f"degen {r['degenerate']:.0%}"] if "degenerate" in r else []
+        fields += [f"{secs} s/step"]
+    fields += [f"{r['peak_memory_gb']:.1f} GB"]
+    for optional in (fields[-1], fields[2]):
+        if len("  ".join(fields)) > WIDTH:
+            fields.remove(optional)
+    return "  ".join(fields)
 
 
 class Reporter:
@@ -68,8 +96,8 @@ class Reporter:
                  estimated_peak_gb: float | None = None, writer: bool = True, label: str = "SDFT"):
         # Only one process of a data-parallel run (rank 0) writes metrics and prints.
         self.out, self.total, self.quiet, self.writer = out, total, quiet or not writer, writer
-        self.estimated_peak_gb = estimated_peak_gb
-        self.console = console or Console(stderr=True)
+        self.estimated_peak_gb, self.sft = estimated_peak_gb, label == "SFT"
+        self.console = console or make_console()
         self.progress = Progress(
             TextColumn(f"[bold]{label}"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[loss]}"),
             TimeElapsedColumn(), TimeRemainingColumn(), console=self.console, disable=quiet,
@@ -97,7 +125,7 @@ class Reporter:
             self.progress.console.print(*args, **kwargs)
 
     def advance(self, step: int, loss: float):
-        self.progress.update(self.task, completed=step, loss=f"loss {loss:.4f}")
+        self.progress.update(self.task, completed=step, loss=f"last step loss {loss:.4f}")
 
     def log(self, record: dict):
         if not self.writer:
@@ -105,7 +133,23 @@ class Reporter:
         if record["type"] == "train" and self.estimated_peak_gb is not None:
             record = {**record, "estimated_peak_gb": self.estimated_peak_gb}  # to check the preflight
         append_metrics(self.out, record)
-        line = _TRAIN_LINE + (_DEGENERATE if "degenerate" in record else "") if record["type"] == "train" else _EVAL_LINE
-        self.print(line.format(total=self.total, **record), highlight=False)
+        self.print(report_line(record, self.total, self.sft), highlight=False, soft_wrap=True)
         if self.wandb is not None:
             self.wandb.log({f"{record['type']}/{k}": v for k, v in record.items() if k != "type"}, step=record["step"])
+
+    def log_completions(self, rows: list[dict]):
+        """Append the logged completions to completions.jsonl and show the first on one line."""
+        if not self.writer or not rows:
+            return
+        for row in rows:
+            append_metrics(self.out, row, COMPLETIONS)
+        first = rows[0]
+        head = (f"  sample {first['where'].rsplit('/', 1)[-1]}: {first['tokens']} tokens{', truncated' if first['truncated'] else ''}, "
+                f"loss {first['loss']:.4f}: ")
+        self.print(head + clip(first["completion"], WIDTH - len(head)), highlight=False, markup=False, soft_wrap=True)
+
+
+def clip(text: str, width: int) -> str:
+    """`text` as one JSON-escaped line of at most `width` columns (… where cut)."""
+    shown = json.dumps(text, ensure_ascii=False)
+    return shown if len(shown) <= width else shown[: max(width - 1, 0)] + "…"
