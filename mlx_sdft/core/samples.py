@@ -19,7 +19,7 @@ def row_scores(teacher_scores, i: int, length: int):
 def sampled_rows(student_loss, model, pairs: list[PromptPair], rollout: Rollout, teacher_scores, n: int) -> list[dict]:
     """The first n completions as {where, prompt_ids, completion_ids, truncated, loss}: `loss` is the
     completion's own SDFT loss (the objective's student_loss on a batch of one, before this step's
-    update)."""
+    update; the pure divergence, without the guards' extra terms such as --sft-weight)."""
     rows = []
     for i in range(min(n, len(pairs))):
         ids = rollout.completions[i]
