@@ -26,18 +26,19 @@ def _corpus() -> list[str]:
                    "Now answer with a response of your own, including the thinking process."]
 
 
-def build_tokenizer(folder: Path, chat_template: str | None = CHAT_TEMPLATE, vocab_size: int = 400):
+def build_tokenizer(folder: Path, chat_template: str | None = CHAT_TEMPLATE, vocab_size: int = 400,
+                    specials: list[str] = SPECIALS, eos_token: str = "<|im_end|>", bos_token: str | None = None):
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=SPECIALS,
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=specials,
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
     tok.train_from_iterator(_corpus(), trainer)
-    fast = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|im_end|>", pad_token="<|endoftext|>",
-                                   bos_token=None, unk_token=None)
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token=eos_token, pad_token=specials[0],
+                                   bos_token=bos_token, unk_token=None)
     if chat_template:
         fast.chat_template = chat_template
     fast.save_pretrained(folder)

@@ -3,6 +3,8 @@
 Student context: the prompt messages, rendered with `add_generation_prompt=True`.
 Teacher context: the same conversation with the last user message replaced by the teacher
 template filled with the question and the demonstration (system messages and tools kept).
+Stop set: every id that ends an answer (`stop_ids`). Targets: the text the template writes
+after the student prompt, tokenized on its own and ended at the end-of-turn token (`target_text`).
 """
 
 from __future__ import annotations
@@ -23,6 +25,60 @@ class PromptPair:
     teacher_ids: list[int]
     demo_ids: list[int]  # the demonstration as the assistant's turn (SFT targets), up to its end-of-turn token
     where: str
+
+
+_MARK = "ANSWER-7f3a"  # assistant content no template changes, to find what a template writes after it
+
+
+def _ids(value) -> list[int]:
+    if value is None:
+        return []
+    return [int(v) for v in (value if isinstance(value, (list, tuple)) else [value])]
+
+
+def _special_ids(tokenizer) -> set[int]:
+    """Ids of added/special tokens: only these can end a turn (a plain newline must not)."""
+    return set(getattr(tokenizer, "added_tokens_decoder", {}) or {}) | set(getattr(tokenizer, "all_special_ids", []))
+
+
+def turn_end_text(tokenizer) -> str | None:
+    """What the chat template writes right after an assistant's content (ChatML "<|im_end|>\\n",
+    Llama-3 "<|eot_id|>", Gemma "<end_of_turn>\\n"), found by rendering one assistant turn.
+    None without a chat template or when the template cannot render one."""
+    if not getattr(tokenizer, "has_chat_template", False):
+        return None
+    turn = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": _MARK}]
+    try:
+        text = render(tokenizer, turn, add_generation_prompt=False)
+    except Exception:  # a template that refuses this shape (e.g. requires a system turn) adds no stop
+        return None
+    return text[text.rindex(_MARK) + len(_MARK):] if _MARK in text else None
+
+
+def turn_end_id(tokenizer) -> int | None:
+    """The special token the template writes after assistant content (its end-of-turn), if any."""
+    tail = turn_end_text(tokenizer)
+    ids = encode(tokenizer, tail) if tail else []
+    special = _special_ids(tokenizer)
+    return next((t for t in ids if t in special), None)
+
+
+def stop_ids(tokenizer, model_config: dict | None = None, generation_config: dict | None = None) -> list[int]:
+    """Every id that ends an answer: the tokenizer's eos, config.json's and generation_config.json's
+    eos_token_id, and the template's end-of-turn token. Sampling, targets, eval, check and
+    generate all stop on this one set, so a model whose turns end in another token than its eos
+    (ChatML <|im_end|> under an <|endoftext|> eos, Llama-3 <|eot_id|>, Gemma <end_of_turn>)
+    stops where its answers end."""
+    ids = set(tokenizer.eos_token_ids) | set(_ids(getattr(tokenizer, "eos_token_id", None)))
+    for config in (model_config or {}, generation_config or {}):
+        ids |= set(_ids(config.get("eos_token_id")))
+    end = turn_end_id(tokenizer)
+    return sorted(ids | ({end} if end is not None else set()))
+
+
+def describe_stops(tokenizer) -> str:
+    """"<|im_end|> (2), <|endoftext|> (0)": the stop set for the startup panel."""
+    return ", ".join(f"{tokenizer.convert_ids_to_tokens(t)} ({t})" for t in sorted(tokenizer.eos_token_ids))
 
 
 def with_system_prompt(messages: list[dict], system_prompt: str | None) -> list[dict]:
@@ -104,23 +160,73 @@ def teacher_text(tokenizer, example: Example, template: str) -> str:
     return render(tokenizer, teacher_messages(example, template), example.tools)
 
 
-def demonstration_ids(tokenizer, example: Example, student_ids: list[int]) -> list[int]:
-    """The demonstration's tokens as the chat template writes the assistant turn, through the first
-    stop token (what sampling would produce). Falls back to demo + eos for templates that rewrite
-    earlier turns once an answer follows (e.g. dropping reasoning)."""
-    turn = {"role": "assistant", "content": example.demonstration}
-    full = encode(tokenizer, render(tokenizer, [*example.prompt, turn], example.tools, add_generation_prompt=False))
+def _assistant_turn(tokenizer, example: Example, content: str) -> str | None:
+    """The text an assistant answer adds after the prompt's turns: header, answer, end of turn.
+    None when the template rewrites the earlier turns once an answer follows."""
+    bare = render(tokenizer, example.prompt, example.tools, add_generation_prompt=False)
+    turn = {"role": "assistant", "content": content}
+    full = render(tokenizer, [*example.prompt, turn], example.tools, add_generation_prompt=False)
+    return full[len(bare):] if full.startswith(bare) else None
+
+
+def target_text(tokenizer, example: Example) -> str:
+    """The text the chat template writes after the student prompt when the demonstration is the
+    assistant's answer: the conversation's text minus the student prompt's. When the generation
+    prompt wrote more than the answer's header (DeepSeek-R1-distill opens "<think>\\n") and the
+    template rewrites answers (it drops their reasoning), the demonstration as given, without
+    what the generation prompt opened (a demonstration without reasoning closes the think
+    block empty first), then what the template writes after an answer. Works on text, not
+    tokens, so BPE merges across the prompt boundary cannot shift the target."""
+    prompt = student_text(tokenizer, example)
+    bare = render(tokenizer, example.prompt, example.tools, add_generation_prompt=False)
+    generation = prompt[len(bare):] if prompt.startswith(bare) else None
+    written = _assistant_turn(tokenizer, example, example.demonstration)
+    if generation is not None and written is not None and written.startswith(generation):
+        return written[len(generation):]
+    marked = _assistant_turn(tokenizer, example, _MARK) or ""
+    header, end = marked.partition(_MARK)[0], turn_end_text(tokenizer) or ""
+    if generation is None or _MARK not in marked or not generation.startswith(header):
+        raise InputError(f"{example.where}: cannot find where the chat template's answer starts after the "
+                         f"student prompt {prompt[-80:]!r}")
+    opened, demo, think = generation[len(header):], example.demonstration, getattr(tokenizer, "think_start", None)
+    if not demo:  # a lesson with a teacher context instead: only the end of the turn
+        return end
+    for start in (opened, opened.strip()):
+        if demo.startswith(start):
+            return demo[len(start):] + end
+    if think and opened.strip() == think:
+        return f"\n{tokenizer.think_end}\n\n{demo}{end}"  # an empty think block, as Qwen3 writes one
+    raise InputError(f"{example.where}: the chat template's generation prompt ends with {opened!r}; start "
+                     f"the demonstration with it")
+
+
+def demonstration_ids(tokenizer, example: Example) -> list[int]:
+    """The SFT/check target: `target_text` tokenized on its own, through the first stop token
+    (where sampling would stop); the template's end-of-turn (else the eos) when it writes none."""
+    ids = encode(tokenizer, target_text(tokenizer, example))
     stops = set(tokenizer.eos_token_ids)
-    if full[: len(student_ids)] == student_ids:
-        ids = full[len(student_ids):]
-        end = next((i for i, t in enumerate(ids) if t in stops), None)
-        return ids if end is None else ids[: end + 1]
-    return encode(tokenizer, example.demonstration) + [min(stops)]
+    end = next((i for i, t in enumerate(ids) if t in stops), None)
+    if end is not None:
+        return ids[: end + 1]
+    last = turn_end_id(tokenizer)
+    return ids + [last if last is not None else min(stops)]
+
+
+def check_rendering(tokenizer, example: Example) -> None:
+    """A template that drops the question (a file name taken as template text, a template that
+    ignores user turns) would train on nothing the user wrote: stop and show what it rendered."""
+    question = example.prompt[-1]["content"] if example.prompt else None
+    text = student_text(tokenizer, example)
+    if isinstance(question, str) and question.strip() and question.strip() not in text:
+        raise InputError(f"{example.where}: the chat template's student prompt does not contain the last user "
+                         f"message; it rendered {text!r}")
 
 
 def encode_examples(tokenizer, examples: list[Example], template: str, max_seq_length: int) -> list[PromptPair]:
     """Token ids for both contexts; a prompt that leaves no room for a completion is an error, never cut."""
     pairs = []
+    if examples:
+        check_rendering(tokenizer, examples[0])
     for ex in examples:
         student = encode(tokenizer, student_text(tokenizer, ex))
         teacher = encode(tokenizer, teacher_text(tokenizer, ex, template))
@@ -130,5 +236,5 @@ def encode_examples(tokenizer, examples: list[Example], template: str, max_seq_l
                     f"{ex.where}: the {role} is {len(ids)} tokens, which leaves no room for a completion "
                     f"within --max-seq-length {max_seq_length}"
                 )
-        pairs.append(PromptPair(student, teacher, demonstration_ids(tokenizer, ex, student), ex.where))
+        pairs.append(PromptPair(student, teacher, demonstration_ids(tokenizer, ex), ex.where))
     return pairs

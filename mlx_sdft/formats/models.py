@@ -24,6 +24,7 @@ from mlx_lm.utils import _download, load_config, load_model
 from mlx_lm.utils import load_tokenizer as _load_tokenizer
 
 from mlx_sdft.errors import InputError, one_line
+from mlx_sdft.core.prompts import stop_ids
 from mlx_sdft.core.teacher import Leaves, copy_leaves, trainable_leaves
 
 
@@ -85,16 +86,25 @@ def resolve(model: str, dequantize: bool | None = None) -> Path:
 
 
 def load_tokenizer(model_path: Path, chat_template: str | None = None):
+    """mlx-lm's tokenizer whose `eos_token_ids` is the whole stop set (`prompts.stop_ids`): the
+    tokenizer's, config.json's and generation_config.json's eos and the template's end-of-turn."""
     extra = {"chat_template": chat_template} if chat_template else None
-    eos = load_config(model_path).get("eos_token_id")
-    return _load_tokenizer(model_path, extra, eos_token_ids=eos)
+    config = load_config(model_path)
+    tokenizer = _load_tokenizer(model_path, extra, eos_token_ids=config.get("eos_token_id"))
+    try:
+        generation = json.loads((model_path / "generation_config.json").read_text())
+    except (OSError, ValueError):
+        generation = {}
+    for t in stop_ids(tokenizer, config, generation if isinstance(generation, dict) else {}):
+        tokenizer.add_eos_token(str(t))
+    return tokenizer
 
 
 def open_tokenizer(model: str | Path, *, chat_template: str | None = None,
                    dequantize: bool | None = None) -> tuple[Path, object]:
-    """The model's folder (`resolve`) and its tokenizer (mlx-lm's TokenizerWrapper, stop tokens
-    from config.json, `chat_template` for tokenizers that lack one); no weights load yet.
-    InputError for a model that cannot be found."""
+    """The model's folder (`resolve`) and its tokenizer (mlx-lm's TokenizerWrapper whose stop tokens
+    are the whole stop set, see `load_tokenizer`; `chat_template` for tokenizers that lack one); no
+    weights load yet. InputError for a model that cannot be found."""
     model_path = resolve(str(model), dequantize)
     return model_path, load_tokenizer(model_path, chat_template)
 

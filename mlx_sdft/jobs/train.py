@@ -20,7 +20,7 @@ from mlx_sdft.core.data import load_dataset, need_demonstrations
 from mlx_sdft.core.guards import skipped_prefix_warning
 from mlx_sdft.errors import InputError
 from mlx_sdft.formats.models import Adapters, open_model, open_tokenizer
-from mlx_sdft.core.prompts import apply_system_prompt, encode_examples, student_text, system_prompt_note, teacher_text
+from mlx_sdft.core.prompts import apply_system_prompt, describe_stops, encode_examples, student_text, system_prompt_note, teacher_text
 from mlx_sdft.machine.report import Reporter, StopFlag
 from mlx_sdft.core.scoring import head_splits
 from mlx_sdft.core.train import total_steps, train
@@ -56,11 +56,14 @@ def preflight(cfg: Config, model_path: Path, train_pairs, valid_pairs) -> tuple[
     return cfg, parts
 
 
-def startup_text(cfg: Config, model_path: Path, n_train: int, n_valid: int, steps: int, system: str | None) -> Text:
-    """What this run is: the model, the data, the system prompt, the steps, the method and what trains."""
+def startup_text(cfg: Config, model_path: Path, n_train: int, n_valid: int, steps: int, system: str | None,
+                 stops: str | None = None) -> Text:
+    """What this run is: the model, the data, the system prompt, the stop tokens, the steps, the
+    method and what trains."""
     lines = [f"model     {cfg.model}", *([f"          {model_path}"] if str(model_path) != cfg.model else []),
              f"data      {cfg.data}", f"examples  {n_train} training prompts, {n_valid} validation prompts",
              *([f"system    {system}"] if system else []),
+             *([f"stops     {stops}"] if stops else []),
              f"steps     {steps} of {cfg.batch_size * cfg.grad_accumulation_steps} prompts"
              + (" (--iters)" if cfg.iters is not None else f" ({cfg.epochs:g} epochs)"),
              f"method    {cfg.method}" + (
@@ -104,7 +107,7 @@ def run_train(cfg: Config, console=None, quiet: bool = False) -> dict:
     if reporter.writer and not quiet:
         blas.warn(reporter.console)
     panel = startup_text(cfg, model_path, len(train_pairs), len(valid_pairs), reporter.total,
-                         system_prompt_note(tokenizer, cfg.system_prompt))
+                         system_prompt_note(tokenizer, cfg.system_prompt), describe_stops(tokenizer))
     reporter.print(Panel(panel, title="mlx-sdft train", expand=False))
     if estimate:
         reporter.print(f"memory estimate: {memory.describe(estimate)}", highlight=False)
