@@ -240,6 +240,9 @@ class Config(SystemPrompt, TeacherTemplate, ChatTemplate, DataSource, Dequantize
             bad("log_completions", f"must be >= 0, got {self.log_completions}")
         if self.skip_first_tokens < 0:
             bad("skip_first_tokens", f"must be >= 0, got {self.skip_first_tokens}")
+        if self.method == "sdft" and self.max_completion_length <= self.skip_first_tokens:
+            bad("max_completion_length", f"{self.max_completion_length} <= --skip-first-tokens {self.skip_first_tokens}: "
+                "every sampled token would be left out of the loss and nothing would train")
         if not (0 <= self.warmup_ratio < 1):
             bad("warmup_ratio", f"must be in [0, 1), got {self.warmup_ratio}")
         if self.weight_decay < 0 or self.grad_clip < 0:

@@ -57,6 +57,8 @@ FLAGS = {
     "unknown_divergence": (["--divergence", "kl"], r"--divergence: 'kl' is not one of"),
     "unknown_teacher": (["--teacher", "oracle"], r"--teacher: 'oracle' is not one of"),
     "unknown_method": (["--method", "rl"], r"--method: 'rl' is not one of"),
+    "completion_within_skip": (["--max-completion-length", "3"],
+                               r"--max-completion-length: 3 <= --skip-first-tokens 3: every sampled token"),
 }
 
 

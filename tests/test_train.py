@@ -8,6 +8,7 @@ import pytest
 from mlx.utils import tree_flatten
 
 from mlx_sdft.config import load_config
+from mlx_sdft.errors import InputError, TrainingError
 from mlx_sdft.jobs.train import run_train
 from mlx_sdft.core.train import batch_at, build_optimizer, total_steps
 
@@ -181,3 +182,67 @@ def test_grad_checkpoint_is_exact_and_only_wraps_the_student_pass(tiny_model, sm
     assert seen and all(seen) and TransformerBlock.__call__ is plain  # restored after each pass
     assert ckpt["loss"] == pytest.approx(base["loss"], rel=1e-5)
     assert_same_updates(tmp_path / "p", tmp_path / "c")
+
+
+def test_context_that_leaves_no_loss_token_is_rejected_before_loading(tiny, tiny_model, smoke_data, tmp_path):
+    from mlx_sdft.core.data import load_dataset
+    from mlx_sdft.core.prompts import encode_examples
+
+    _, tok = tiny
+    splits = load_dataset(smoke_data)
+    cfg = _cfg(tiny_model, smoke_data, tmp_path / "a")
+    longest = max(len(p.teacher_ids) for p in encode_examples(tok, splits["train"] + splits["valid"],
+                                                               cfg.teacher_template, 2048))
+    cfg = _cfg(tiny_model, smoke_data, tmp_path / "a", max_seq_length=longest + 3, skip_first_tokens=3)
+    with pytest.raises(InputError, match=rf"jsonl:\d+: --max-seq-length {longest + 3} leaves 3 completion tokens"):
+        run_train(cfg, quiet=True)
+    assert not (tmp_path / "a").exists()
+
+
+def test_a_run_in_which_nothing_reaches_the_loss_fails_and_saves_nothing(tiny_model, smoke_data, tmp_path, monkeypatch):
+    """Completions that stop within --skip-first-tokens (a model that ends its turn at once)."""
+    from mlx_sdft.core import train
+
+    real = train.sample
+
+    def stopping_at_once(*args, **kwargs):
+        rollout = real(*args, **kwargs)
+        rollout.completions = [c[:2] for c in rollout.completions]
+        return rollout
+
+    monkeypatch.setattr(train, "sample", stopping_at_once)
+    from typer.testing import CliRunner
+
+    from mlx_sdft.cli import app
+
+    out = tmp_path / "a"
+    with pytest.raises(TrainingError, match="no micro-batch of the 3 steps had a token in the loss"):
+        run_train(_cfg(tiny_model, smoke_data, out, save_every=100, grad_accumulation_steps=2), quiet=True)
+    assert not (out / "adapters.safetensors").exists()
+    result = CliRunner().invoke(app, ["train", "--model", str(tiny_model), "--data", str(smoke_data), "--iters", "1",
+                                      "--num-layers", "-1", "--adapter-path", str(tmp_path / "cli"),
+                                      "--max-completion-length", "6"])
+    assert result.exit_code == 1 and "had a token in the loss" in result.stderr
+    assert "Adapters saved" not in result.output and not (tmp_path / "cli" / "adapters.safetensors").exists()
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["empty_batches"] for r in records if r["type"] == "train"] == [2, 2, 2]
+
+
+def test_empty_micro_batches_are_counted(tiny_model, smoke_data, tmp_path, monkeypatch):
+    from mlx_sdft.core import train
+
+    real, calls = train.sample, []
+
+    def every_other_stops_at_once(*args, **kwargs):
+        rollout = real(*args, **kwargs)
+        calls.append(1)
+        if len(calls) % 2:
+            rollout.completions = [c[:2] for c in rollout.completions]
+        return rollout
+
+    monkeypatch.setattr(train, "sample", every_other_stops_at_once)
+    out = tmp_path / "a"
+    run_train(_cfg(tiny_model, smoke_data, out, iters=2, steps_per_eval=100,
+                   grad_accumulation_steps=2), quiet=True)
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["empty_batches"] for r in records if r["type"] == "train"] == [1, 1]

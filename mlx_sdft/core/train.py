@@ -180,10 +180,11 @@ def train(model: nn.Module, tokenizer, train_pairs: list[PromptPair], valid_pair
     optimizer = build_optimizer(cfg, steps)
     teacher_kind = cfg.teacher if cfg.method == "sdft" else "live"  # SFT has no teacher: None leaves
     teacher = init_teacher(teacher_kind, model, base)
-    first, cursor = 1, 0
+    first, cursor, loss_tokens = 1, 0, 0
     if cfg.resume:
         state, saved_teacher = checkpoint.load_state(out, optimizer, model)
         first, cursor = state["step"] + 1, state["cursor"]
+        loss_tokens = state.get("loss_tokens", 1)  # runs saved before this count existed had trained
         teacher = saved_teacher if teacher_kind == "ema" else teacher
         if rank == 0:
             checkpoint.truncate_metrics(out, state["step"])
@@ -209,7 +210,10 @@ def train(model: nn.Module, tokenizer, train_pairs: list[PromptPair], valid_pair
                 g = nn.average_gradients(g, group=group)
                 loss, ntoks = mx.distributed.all_sum(loss, group=group) / world, mx.distributed.all_sum(ntoks, group=group)
             grads = g if grads is None else tree_map(mx.add, grads, g)
-            for key, value in {**micro, "loss": loss.item() / cfg.grad_accumulation_steps, "ntoks": int(ntoks.item())}.items():
+            micro = {**micro, "loss": loss.item() / cfg.grad_accumulation_steps, "ntoks": int(ntoks.item()),
+                     "empty_batches": int(ntoks.item() == 0)}  # all within --skip-first-tokens, or masked
+            loss_tokens += micro["ntoks"]
+            for key, value in micro.items():
                 stats[key] = stats.get(key, 0) + value
 
         with timer("student"):
@@ -245,8 +249,12 @@ def train(model: nn.Module, tokenizer, train_pairs: list[PromptPair], valid_pair
                 val = validation_loss(model, teacher, valid_pairs, cfg, micro_step, group)
             reporter.log({"type": "eval", "step": step, **val, "val_s": timer.seconds["eval"]})
         interrupted = stop is not None and stop.requested
+        if step == steps and loss_tokens == 0:
+            raise TrainingError(f"no micro-batch of the {steps} steps had a token in the loss (every completion ended "
+                                f"within --skip-first-tokens {cfg.skip_first_tokens}, or was masked by --truncated mask): "
+                                f"nothing trained, nothing saved")
         if rank == 0 and (step % cfg.save_every == 0 or step == steps or interrupted):
-            state = {"cursor": cursor, "epoch": cursor / len(train_pairs), "total_steps": steps}
+            state = {"cursor": cursor, "epoch": cursor / len(train_pairs), "total_steps": steps, "loss_tokens": loss_tokens}
             checkpoint.save(out, cfg, step, trainable_leaves(model), teacher, optimizer, state,
                             checkpoint=step % cfg.save_every == 0)
         if interrupted:
@@ -274,6 +282,7 @@ def _summarize(window: list[dict], step: int, optimizer: optim.Optimizer) -> dic
         "truncated": total("truncated") / max(total("n"), 1),
         **({"degenerate": total("degenerate") / max(total("n"), 1), "len_ratio": total("len_ratio") / max(total("n"), 1)}
            if "degenerate" in window[0] else {}),
+        "empty_batches": int(total("empty_batches")),
         "peak_memory_gb": mx.get_peak_memory() / 1e9,
     }
 

@@ -82,6 +82,19 @@ def options_text(cfg: Config) -> Text:
     return Text("\n".join(f"{k.replace('_', '-')}: {v}" for k, v in shown.items()))
 
 
+def check_loss_room(cfg: Config, pairs) -> None:
+    """SDFT: a prompt whose context leaves no completion token past --skip-first-tokens within
+    --max-seq-length would never reach the loss; say so before any weights load."""
+    if cfg.method != "sdft":
+        return
+    for pair in pairs:
+        room = cfg.max_seq_length - max(len(pair.student_ids), len(pair.teacher_ids))
+        if room <= cfg.skip_first_tokens:
+            raise InputError(f"{pair.where}: --max-seq-length {cfg.max_seq_length} leaves {room} completion tokens after "
+                             f"its prompts, all within --skip-first-tokens {cfg.skip_first_tokens}: none would reach "
+                             f"the loss")
+
+
 def run_train(cfg: Config, console=None, quiet: bool = False) -> dict:
     """Train as configured; returns the last report record (or the estimate with --dry-run)."""
     out = Path(cfg.adapter_path)
@@ -98,6 +111,7 @@ def run_train(cfg: Config, console=None, quiet: bool = False) -> dict:
     model_path, tokenizer = open_tokenizer(cfg.model, chat_template=cfg.chat_template, dequantize=cfg.dequantize)
     train_pairs = encode_examples(tokenizer, splits["train"], cfg.teacher_template, cfg.max_seq_length)
     valid_pairs = encode_examples(tokenizer, splits.get("valid", []), cfg.teacher_template, cfg.max_seq_length)
+    check_loss_room(cfg, train_pairs + valid_pairs)
     cfg, estimate = preflight(cfg, model_path, train_pairs, valid_pairs)
 
     reporter = Reporter(out, total_steps(cfg, len(train_pairs)), console=console, report_to=cfg.report_to,

@@ -83,6 +83,7 @@ def report_line(record: dict, total: int, sft: bool = False) -> str:
         fields += [f"trunc {r['truncated']:.0%}"]
         fields += [f"degen {r['degenerate']:.0%}"] if "degenerate" in r else []
         fields += [f"{secs} s/step"]
+    fields += [f"{r['empty_batches']} empty"] if r.get("empty_batches") else []  # micro-batches without loss tokens
     fields += [f"{r['peak_memory_gb']:.1f} GB"]
     for optional in (fields[-1], fields[2]):
         if len("  ".join(fields)) > WIDTH:
