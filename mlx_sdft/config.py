@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import importlib.util
 import math
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -127,7 +128,7 @@ def _check_groups(options) -> None:
     if isinstance(options, Answers):
         _positive(options, ("max_tokens",))
     if isinstance(options, ChatTemplate) and options.chat_template is not None:
-        options.chat_template = _maybe_read(options.chat_template)
+        options.chat_template = _maybe_read(options.chat_template, "chat-template")
     if isinstance(options, TeacherTemplate):
         _template(options, "teacher_template", ("question", "demonstration"))
 
@@ -277,12 +278,24 @@ def _positive(options, names: tuple[str, ...]) -> None:
             raise InputError(f"--{name.replace('_', '-')}: must be > 0, got {getattr(options, name)}")
 
 
-def _maybe_read(text: str) -> str:
-    """A template option is either the text itself or the path of a file that holds it."""
+_TEMPLATE_SUFFIXES = (".jinja", ".j2", ".txt", ".tmpl")
+_MARKUP = re.compile(r"\{\{|\{%|\{\w+\}")  # Jinja, or a teacher-template slot such as {question}
+
+
+def _maybe_read(text: str, option: str) -> str:
+    """A template option is either the text itself or the path of a file that holds it. A value
+    that looks like a path (a separator or a template-file suffix, no template markup) but names
+    no file is an error: taken as template text it would render every prompt as that name."""
     if "\n" not in text and len(text) < 4096:
         path = Path(text).expanduser()
         if path.is_file():
-            return path.read_text(encoding="utf-8")
+            try:
+                return path.read_text(encoding="utf-8")
+            except (OSError, UnicodeDecodeError) as e:
+                raise InputError(f"--{option}: {text}: cannot read ({type(e).__name__}: {e})") from None
+        looks_like_path = "/" in text or "\\" in text or text.lower().endswith(_TEMPLATE_SUFFIXES)
+        if looks_like_path and not _MARKUP.search(text):
+            raise InputError(f"--{option}: {text}: no such file (a template is Jinja text or the path of a file)")
     return text
 
 
@@ -434,7 +447,7 @@ def _regexes(patterns: list) -> None:
 
 
 def _template(options, name: str, slots: tuple[str, ...]) -> None:
-    text = _maybe_read(getattr(options, name))
+    text = _maybe_read(getattr(options, name), name.replace("_", "-"))
     for slot in slots:
         if "{" + slot + "}" not in text:
             raise InputError(f"--{name.replace('_', '-')}: must contain {{{slot}}}")

@@ -57,6 +57,9 @@ FLAGS = {
     "unknown_divergence": (["--divergence", "kl"], r"--divergence: 'kl' is not one of"),
     "unknown_teacher": (["--teacher", "oracle"], r"--teacher: 'oracle' is not one of"),
     "unknown_method": (["--method", "rl"], r"--method: 'rl' is not one of"),
+    "chat_template_no_file": (["--chat-template", "chatml.jinja"], r"--chat-template: chatml.jinja: no such file"),
+    "teacher_template_no_file": (["--teacher-template", "prompts/teacher"],
+                                 r"--teacher-template: prompts/teacher: no such file"),
     "completion_within_skip": (["--max-completion-length", "3"],
                                r"--max-completion-length: 3 <= --skip-first-tokens 3: every sampled token"),
 }

@@ -1,5 +1,7 @@
 """Student and teacher contexts: the exact teacher template, chat templates, and their errors."""
 
+import re
+
 import pytest
 
 from mlx_sdft.config import TEACHER_TEMPLATE
@@ -79,3 +81,24 @@ def test_an_example_with_its_own_template_overrides_the_run_template(tiny):
     [plain, pair] = encode_examples(tok, [EXAMPLE, own], TEACHER_TEMPLATE, max_seq_length=2048)
     assert plain.student_ids == pair.student_ids  # the student never sees the lesson's context
     assert tok.decode(pair.teacher_ids) == teacher_text(tok, own, TEACHER_TEMPLATE) and "Cusco" in tok.decode(pair.teacher_ids)
+
+
+@pytest.mark.parametrize("value", ["chatml.jinja", "templates/chat", "C:\\templates\\chat", "x.J2", "t.tmpl", "t.txt"])
+def test_template_options_that_look_like_a_path_must_name_a_file(value):
+    from mlx_sdft.config import CheckConfig, EvalConfig, load_config
+
+    for cls in (EvalConfig, CheckConfig):
+        with pytest.raises(InputError, match=rf"^--chat-template: {re.escape(value)}: no such file"):
+            load_config(None, {"model": "m", "data": "d", "chat_template": value}, cls)
+    with pytest.raises(InputError, match=rf"^--teacher-template: {re.escape(value)}: no such file"):
+        load_config(None, {"model": "m", "data": "d", "teacher_template": value}, CheckConfig)
+
+
+def test_template_text_and_template_files_still_work(tmp_path):
+    from mlx_sdft.config import EvalConfig, load_config
+
+    jinja = "{% for m in messages %}{{ m['content'] }}</s>{% endfor %}"  # markup with a separator: text
+    assert load_config(None, {"model": "m", "data": "d", "chat_template": jinja}, EvalConfig).chat_template == jinja
+    (tmp_path / "chat.jinja").write_text(jinja)
+    cfg = load_config(None, {"model": "m", "data": "d", "chat_template": str(tmp_path / "chat.jinja")}, EvalConfig)
+    assert cfg.chat_template == jinja
