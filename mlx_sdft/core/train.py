@@ -182,7 +182,7 @@ def train(model: nn.Module, tokenizer, train_pairs: list[PromptPair], valid_pair
     teacher = init_teacher(teacher_kind, model, base)
     first, cursor, loss_tokens = 1, 0, 0
     if cfg.resume:
-        state, saved_teacher = checkpoint.load_state(out, optimizer, model)
+        state, saved_teacher = checkpoint.load_state(out, optimizer, model, cfg)
         first, cursor = state["step"] + 1, state["cursor"]
         loss_tokens = state.get("loss_tokens", 1)  # runs saved before this count existed had trained
         teacher = saved_teacher if teacher_kind == "ema" else teacher

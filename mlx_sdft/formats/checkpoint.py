@@ -107,12 +107,15 @@ def save(out: Path, cfg, step: int, student: dict, teacher: dict | None, optimiz
     recover(out)
 
 
-def load_state(out: Path, optimizer: optim.Optimizer, model) -> tuple[dict, dict | None]:
+def load_state(out: Path, optimizer: optim.Optimizer, model, cfg) -> tuple[dict, dict | None]:
     """Restore a run saved by `save`: adapters into `model`, the optimizer's state; returns the
     trainer state and the teacher leaves (None if the run had no separate teacher)."""
     recover(out)
     state = json.loads((out / "trainer_state.json").read_text())
-    model.load_weights(str(out / "adapters.safetensors"), strict=False)
+    from mlx_sdft.formats.models import fitting_adapters  # the same check as --resume-adapter-file
+
+    weights = fitting_adapters(model, out / "adapters.safetensors", cfg.fine_tune_type, cfg.lora_parameters)
+    model.load_weights(list(weights.items()), strict=False)
     optimizer.init(model.trainable_parameters())
     optimizer.state = tree_unflatten(list(mx.load(str(out / "optimizer_state.safetensors")).items()))
     teacher_file = out / "teacher_adapters.safetensors"

@@ -146,26 +146,19 @@ def open_model(model_path: Path, *, adapters: Adapters | str | Path | None = Non
     InputError for adapters that do not fit the model (trained on another one)."""
     saved = isinstance(adapters, (str, Path)) and str(adapters) != ""  # an empty --adapter-path: none
     spec = Adapters.saved(adapters) if saved else adapters or None
+    if saved:  # names, shapes, rank and scale, on the model's shapes alone
+        check_adapter_fit(model_path, spec.weights, spec.fine_tune_type, spec.num_layers, spec.lora_parameters,
+                          Path(adapters) / "adapter_config.json")
     model, _ = load_model(model_path)
     if spec is None:
         return model, None
-    if saved and spec.num_layers > len(model.layers):
-        raise InputError(f"{Path(adapters) / 'adapter_config.json'}: num_layers {spec.num_layers} but the model has "
-                         f"{len(model.layers)} blocks; adapters trained on another model?")
     base = attach_adapters(model, spec.fine_tune_type, spec.num_layers, spec.lora_parameters, spec.weights)
     if saved:
         model.eval()
     return model, base
 
 
-def attach_adapters(model: nn.Module, fine_tune_type: str, num_layers: int, lora_parameters: dict,
-                    weights: str | Path | None = None) -> Leaves:
-    """Freeze the model and make the chosen layers trainable, as mlx_lm.lora does; then load
-    `weights` (adapter or full-layer weights) if given.
-
-    Returns the trainable leaves before `weights` load: the `base` teacher, so that `base`
-    always means "adapters off" (lora_b = 0), whatever was loaded on top.
-    """
+def _make_trainable(model: nn.Module, fine_tune_type: str, num_layers: int, lora_parameters: dict) -> None:
     num_blocks = len(model.layers)
     if num_layers > num_blocks:
         raise InputError(f"--num-layers: {num_layers} but the model has {num_blocks} blocks")
@@ -175,21 +168,84 @@ def attach_adapters(model: nn.Module, fine_tune_type: str, num_layers: int, lora
             block.unfreeze()
     else:
         linear_to_lora_layers(model, num_layers, lora_parameters, use_dora=fine_tune_type == "dora")
+
+
+def attach_adapters(model: nn.Module, fine_tune_type: str, num_layers: int, lora_parameters: dict,
+                    weights: str | Path | None = None) -> Leaves:
+    """Freeze the model and make the chosen layers trainable, as mlx_lm.lora does; then load
+    `weights` (adapter or full-layer weights) if given, once `fitting_adapters` has checked them.
+
+    Returns the trainable leaves before `weights` load: the `base` teacher, so that `base`
+    always means "adapters off" (lora_b = 0), whatever was loaded on top.
+    """
+    _make_trainable(model, fine_tune_type, num_layers, lora_parameters)
     base = copy_leaves(trainable_leaves(model))
     if weights:
-        path = Path(weights)
-        if not path.is_file():
-            raise InputError(f"{path}: no such adapter file")
-        # mlx's non-strict load would take a tensor of another shape or name silently.
-        loaded, params = mx.load(str(path)), dict(tree_flatten(model.parameters()))
-        for name, w in loaded.items():
-            if name not in params or params[name].shape != w.shape:
-                have = f"the model has {tuple(params[name].shape)}" if name in params else "the model has no such parameter"
-                raise InputError(f"{path}: {name} {tuple(w.shape)} does not fit the model ({have}); "
-                                 "adapters trained on another model?")
-        model.load_weights(list(loaded.items()), strict=False)
+        fitting = fitting_adapters(model, Path(weights), fine_tune_type, lora_parameters)
+        model.load_weights(list(fitting.items()), strict=False)
     mx.eval(model.parameters())
     return base
+
+
+def check_adapter_fit(model_path: Path, weights: Path, fine_tune_type: str, num_layers: int,
+                      lora_parameters: dict, config_file: Path | None = None) -> None:
+    """`fitting_adapters` before any weights load: the model is built lazily (shapes, no data).
+    `config_file`: the adapter_config.json that gave num_layers, named if the model is shallower."""
+    model, _ = load_model(model_path, lazy=True)
+    if config_file is not None and num_layers > len(model.layers):
+        raise InputError(f"{config_file}: num_layers {num_layers} but the model has {len(model.layers)} blocks; "
+                         f"adapters trained on another model?")
+    _make_trainable(model, fine_tune_type, num_layers, lora_parameters)
+    fitting_adapters(model, weights, fine_tune_type, lora_parameters)
+
+
+def _shape(a) -> str:
+    return "x".join(map(str, a.shape))
+
+
+def fitting_adapters(model: nn.Module, path: Path, fine_tune_type: str, lora_parameters: dict) -> dict[str, mx.array]:
+    """The tensors of an adapter (or full-layer) file, checked against the trainable parameters
+    `attach_adapters` made: the same names and shapes (so the rank, the adapted blocks and the
+    fine-tune type agree), and, when the file's folder holds its adapter_config.json, the same
+    fine-tune type, rank and scale. Any mismatch is an InputError naming the file and the first
+    mismatching tensor with both shapes: loading it anyway would train from zero, save weights
+    of one rank under a config of another, or fail deep inside MLX."""
+    if not path.is_file():
+        raise InputError(f"{path}: no such adapter file")
+    try:
+        weights = mx.load(str(path))
+    except Exception as e:  # noqa: BLE001  (MLX raises a bare RuntimeError/ValueError for a bad file)
+        raise InputError(f"{path}: not a safetensors adapter file ({type(e).__name__}: {e})".splitlines()[0]) from None
+    wanted = dict(tree_flatten(model.trainable_parameters()))
+    for name in sorted(weights):
+        if name not in wanted:
+            raise InputError(f"{path}: does not fit the model and --fine-tune-type {fine_tune_type}: it holds {name} "
+                             f"({_shape(weights[name])}), which the model has no trainable tensor for")
+        if weights[name].shape != wanted[name].shape:
+            raise InputError(f"{path}: does not fit the model and options: {name} is {_shape(weights[name])} in the "
+                             f"file but {_shape(wanted[name])} here")
+    missing = sorted(wanted.keys() - weights.keys())
+    if missing:
+        raise InputError(f"{path}: does not fit the model and options: it has no {missing[0]} "
+                         f"({_shape(wanted[missing[0]])} here); it adapts other blocks or another fine-tune type")
+    _check_saved_options(path, fine_tune_type, lora_parameters)
+    return weights
+
+
+def _check_saved_options(path: Path, fine_tune_type: str, lora_parameters: dict) -> None:
+    """Rank and scale are not all visible in the tensors (scale not at all): compare them with
+    the adapter_config.json saved beside the file, when there is one."""
+    try:
+        saved = json.loads((path.parent / "adapter_config.json").read_text())
+    except (OSError, ValueError):
+        return
+    pairs = [("fine_tune_type", saved.get("fine_tune_type", "lora"), fine_tune_type)]
+    if fine_tune_type != "full":
+        lora = saved.get("lora_parameters") or {}
+        pairs += [(f"lora_parameters.{k}", lora.get(k), lora_parameters.get(k)) for k in ("rank", "scale")]
+    for name, theirs, ours in pairs:
+        if theirs is not None and theirs != ours:
+            raise InputError(f"{path}: saved with {name} {theirs} (its adapter_config.json) but this run uses {ours}")
 
 
 @contextmanager

@@ -19,7 +19,7 @@ from mlx_sdft.config import Config
 from mlx_sdft.core.data import load_dataset, need_demonstrations
 from mlx_sdft.core.guards import skipped_prefix_warning
 from mlx_sdft.errors import InputError
-from mlx_sdft.formats.models import Adapters, open_model, open_tokenizer
+from mlx_sdft.formats.models import Adapters, check_adapter_fit, open_model, open_tokenizer
 from mlx_sdft.core.prompts import apply_system_prompt, describe_stops, encode_examples, student_text, system_prompt_note, teacher_text
 from mlx_sdft.machine.report import Reporter, StopFlag
 from mlx_sdft.core.scoring import head_splits
@@ -113,6 +113,9 @@ def run_train(cfg: Config, console=None, quiet: bool = False) -> dict:
     valid_pairs = encode_examples(tokenizer, splits.get("valid", []), cfg.teacher_template, cfg.max_seq_length)
     check_loss_room(cfg, train_pairs + valid_pairs)
     cfg, estimate = preflight(cfg, model_path, train_pairs, valid_pairs)
+    for adapters in ([Path(cfg.resume_adapter_file)] if cfg.resume_adapter_file else []) + \
+            ([out / "adapters.safetensors"] if cfg.resume else []):
+        check_adapter_fit(model_path, adapters, cfg.fine_tune_type, cfg.num_layers, cfg.lora_parameters)
 
     reporter = Reporter(out, total_steps(cfg, len(train_pairs)), console=console, report_to=cfg.report_to,
                         project_name=cfg.project_name, config=cfg.to_dict(), quiet=quiet,
