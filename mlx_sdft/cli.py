@@ -116,12 +116,14 @@ def _check(cfg: CheckConfig) -> None:
     typer.echo(report["recommendation"])
 
 
-def _continual(stages: Annotated[str, typer.Option("-c", "--config", help="Stages YAML file.")]) -> None:
+def _continual(stages: Annotated[str, typer.Option("-c", "--config", help="Stages YAML file.")],
+               restart_from: Annotated[Optional[str], typer.Option(
+                   help="Retrain this stage and every stage after it, though they finished.")] = None) -> None:
     """Train stage after stage on the same adapters; evaluate every task and retention after each."""
     from mlx_sdft.jobs.continual import run_continual
 
     with _one_line_errors("continual"):
-        run_continual(stages)
+        run_continual(stages, restart_from=restart_from)
 
 
 _command("train", Config, _train, "Train LoRA adapters with SDFT (or --method sft) on demonstrations.",

@@ -71,6 +71,14 @@ def _opt(default: Any, help: str, choices: tuple | None = None, cli: bool = True
     return field(default=default, metadata=meta)
 
 
+# Options --resume may change: what is reported or saved when, and how the same numbers are
+# computed (the preflight may itself switch fuse_sampling and logits_chunk). All others define the run.
+RESUME_MAY_CHANGE = frozenset({
+    "adapter_path", "resume", "overwrite", "dry_run", "steps_per_report", "steps_per_eval", "val_batches",
+    "save_every", "max_bad_steps", "report_to", "project_name", "fuse_sampling", "logits_chunk", "grad_checkpoint",
+})
+
+
 # The shared option groups. A command's options list them as bases, last the one whose flags
 # come first (a dataclass puts the fields of its last base first); `_check_groups` checks them.
 
@@ -150,6 +158,7 @@ class Config(SystemPrompt, TeacherTemplate, ChatTemplate, DataSource, Dequantize
     )
     resume_adapter_file: str | None = _opt(None, "Start from these adapter weights (mlx-lm style).")
     resume: bool = _opt(False, "Continue the run saved in --adapter-path: adapters, optimizer, teacher, data position.")
+    overwrite: bool = _opt(False, "Start a new run in an --adapter-path that holds one: its run files are deleted first.")
 
     # Optimization (AdamW with weight decay 0, cosine schedule with warmup, clip 1.0: the paper's).
     batch_size: int = _opt(4, "Prompts per micro-batch.")
@@ -241,6 +250,8 @@ class Config(SystemPrompt, TeacherTemplate, ChatTemplate, DataSource, Dequantize
             bad("log_completions", f"must be >= 0, got {self.log_completions}")
         if self.skip_first_tokens < 0:
             bad("skip_first_tokens", f"must be >= 0, got {self.skip_first_tokens}")
+        if self.resume and self.overwrite:
+            bad("overwrite", "cannot be combined with --resume (one continues the saved run, the other deletes it)")
         if self.method == "sdft" and self.max_completion_length <= self.skip_first_tokens:
             bad("max_completion_length", f"{self.max_completion_length} <= --skip-first-tokens {self.skip_first_tokens}: "
                 "every sampled token would be left out of the loss and nothing would train")

@@ -105,5 +105,5 @@ def test_resume_with_replaced_adapters(tiny_model, other_model, smoke_data, tmp_
     wrong = tmp_path / "wrong"
     assert _train(other_model, smoke_data, wrong).exit_code == 0
     shutil.copy(wrong / "adapters.safetensors", out / "adapters.safetensors")
-    _error(_train(tiny_model, smoke_data, out, "--iters", "3", "--resume"),
+    _error(_train(tiny_model, smoke_data, out, "--iters", "2", "--save-every", "1", "--resume"),
            rf"run/adapters.safetensors: does not fit the model and options: {LAYER0_A} is 64x8 in the file but 128x8")

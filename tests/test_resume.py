@@ -292,8 +292,13 @@ def test_a_save_killed_after_its_commit_is_rolled_forward(tiny_model, smoke_data
     """Kill (simulated) between the commit record and the renames: recover() finishes the save."""
     import os as _os
 
+    import mlx_sdft.jobs.train as launch
+
     out = tmp_path / "r"
-    run_train(load_config(None, _opts(tiny_model, smoke_data, out, iters=2)), quiet=True)
+    monkeypatch.setattr(launch, "StopFlag", lambda reporter: _Ctx(StopAt(2)))  # saved at step 2 of 3
+    with pytest.raises(Interrupted):
+        run_train(load_config(None, _opts(tiny_model, smoke_data, out, iters=3)), quiet=True)
+    monkeypatch.undo()
     assert assert_consistent(out) == 2
     real_replace, calls = _os.replace, {"n": 0}
 

@@ -123,6 +123,41 @@ def load_state(out: Path, optimizer: optim.Optimizer, model, cfg) -> tuple[dict,
     return state, teacher
 
 
+def run_files(out: Path) -> list[Path]:
+    """The files a training run writes into its folder (the layout above, and unfinished saves)."""
+    if not out.is_dir():
+        return []
+    names = set(STATE_FILES) | {"metrics.jsonl", COMMIT}
+    return sorted(p for p in out.iterdir() if p.is_file() and (
+        p.name in names or p.name.endswith("_adapters.safetensors") or p.name.startswith((".pending-", ".tmp-"))))
+
+
+def clear_run(out: Path) -> None:
+    """--overwrite: delete the earlier run's files, so nothing of it mixes with the new one."""
+    for path in run_files(out):
+        path.unlink()
+
+
+def changed_options(out: Path, cfg, may_change: frozenset) -> list[str]:
+    """"--name saved → now" for each option that defines the run and differs from the saved one."""
+    saved = json.loads((out / "adapter_config.json").read_text())
+    changes = []
+    for name, now in cfg.to_dict().items():
+        if name in may_change or name not in saved or _same(saved[name], now):
+            continue
+        shown = lambda v: f"{v[:20]!r}..." if isinstance(v, str) and len(v) > 24 else repr(v)  # noqa: E731
+        changes.append(f"--{name.replace('_', '-')} {shown(saved[name])} → {shown(now)}")
+    return changes
+
+
+def _same(saved, now) -> bool:
+    if saved == now:
+        return True
+    if isinstance(saved, str) and isinstance(now, str) and Path(saved).exists() and Path(now).exists():
+        return Path(saved).resolve() == Path(now).resolve()  # the same file given another way
+    return False
+
+
 def saved_step(path: Path) -> int | None:
     """The step recorded in a safetensors file's metadata."""
     _, metadata = mx.load(str(path), return_metadata=True)

@@ -17,11 +17,15 @@ tasks × stages score matrix (column "base" = before training) and retention per
 whose folder holds `stage.json` is done and is skipped on a rerun, so a killed run resumes at
 the last stage boundary. Each evaluation's greedy answers go to OUTPUT/base/predictions/TASK.jsonl
 and OUTPUT/METHOD/NN-NAME/predictions/TASK.jsonl.
+`stage.json` records a fingerprint of the stage's resolved options,
+its data files and the previous stage's fingerprint: a finished stage whose fingerprint no
+longer matches is an error naming it, unless `--restart-from NAME` reruns it and what follows.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 from pathlib import Path
 
@@ -29,7 +33,7 @@ from rich.console import Console
 from rich.table import Table
 
 from mlx_sdft.formats.checkpoint import write_json
-from mlx_sdft.config import DEFAULT_MODEL, Config, EvalConfig, check_model, coerce, load_config
+from mlx_sdft.config import DEFAULT_MODEL, RESUME_MAY_CHANGE, Config, EvalConfig, check_model, coerce, load_config
 from mlx_sdft.machine.report import make_console
 from mlx_sdft.errors import InputError
 from mlx_sdft.yaml_file import read_yaml, resolve_paths
@@ -117,7 +121,24 @@ def evaluate_stage(run: dict, upto: int, adapter_path: Path | None, out: Path) -
     return {"scores": scores, **summary}
 
 
-def run_continual(path: str, console: Console | None = None) -> dict:
+def _data_files(data: str) -> list[Path]:
+    path = Path(data)
+    return sorted(path.glob("*.jsonl")) if path.is_dir() else [path]
+
+
+def fingerprint(cfg: Config, ecfg: EvalConfig, previous: str | None) -> str:
+    """What a finished stage's results depend on: its resolved train options (less those that
+    only change reporting), its eval options, the bytes of its data files, and the previous
+    stage's fingerprint (its adapters are where this stage starts)."""
+    h = hashlib.sha256()
+    options = {k: v for k, v in cfg.to_dict().items() if k not in RESUME_MAY_CHANGE}
+    h.update(json.dumps([options, dataclasses.asdict(ecfg), previous], sort_keys=True, default=str).encode())
+    for f in _data_files(cfg.data):
+        h.update(f.name.encode() + b"\0" + (f.read_bytes() if f.is_file() else b""))
+    return h.hexdigest()[:16]
+
+
+def run_continual(path: str, console: Console | None = None, restart_from: str | None = None) -> dict:
     from mlx_sdft.jobs.train import run_train
 
     console = console or make_console()
@@ -126,6 +147,9 @@ def run_continual(path: str, console: Console | None = None) -> dict:
         stage_config(run, stage, run["methods"][0], run["output"] / "check", None)
         eval_config(run, stage, None)
     names = [s["name"] for s in run["stages"]]
+    if restart_from is not None and restart_from not in names:
+        raise InputError(f"--restart-from: no stage {restart_from!r} in {path} (stages: {', '.join(names)})")
+    plans = {method: _plan(run, method, restart_from) for method in run["methods"]}  # all checked before training
     results = {}
     base_file = run["output"] / "base.json"
     if base_file.exists():
@@ -136,13 +160,17 @@ def run_continual(path: str, console: Console | None = None) -> dict:
         write_json(base_file, base)
     for method in run["methods"]:
         columns, previous = [base], None
-        for k, stage in enumerate(run["stages"]):
-            folder = run["output"] / method / f"{k + 1:02d}-{stage['name']}"
+        for k, (stage, (folder, stamp, rerun)) in enumerate(zip(run["stages"], plans[method])):
             done = folder / "stage.json"
-            if not done.exists():
+            if rerun:
                 console.rule(f"{method}: stage {k + 1}/{len(names)} {stage['name']}")
-                run_train(stage_config(run, stage, method, folder, previous), console=console)
-                write_json(done, evaluate_stage(run, k, folder, folder))
+                done.unlink(missing_ok=True)  # a rerun that dies must not leave the old result standing
+                cfg = stage_config(run, stage, method, folder, previous)
+                cfg.overwrite = True  # the stage's folder holds only this stage's (unfinished or stale) run
+                run_train(cfg, console=console)
+                write_json(done, {**evaluate_stage(run, k, folder, folder), "fingerprint": stamp})
+            else:
+                console.print(f"{method}: stage {k + 1}/{len(names)} {stage['name']}: skipped (finished, unchanged)")
             columns.append(json.loads(done.read_text()))
             previous = folder
         results[method] = {
@@ -157,6 +185,25 @@ def run_continual(path: str, console: Console | None = None) -> dict:
     write_json(run["output"] / "retention.json", results)
     _maybe_plot(run["output"], results, run["methods"], names, console)
     return results
+
+
+def _plan(run: dict, method: str, restart_from: str | None) -> list[tuple[Path, str, bool]]:
+    """Per stage: its folder, its fingerprint, and whether it (re)trains. A finished stage whose
+    fingerprint changed is an error naming it, unless --restart-from reruns it (or an earlier one)."""
+    plan, chain, restarting = [], None, False
+    for k, stage in enumerate(run["stages"]):
+        folder = run["output"] / method / f"{k + 1:02d}-{stage['name']}"
+        cfg = stage_config(run, stage, method, folder, plan[-1][0] if plan else None)
+        chain = fingerprint(cfg, eval_config(run, stage, folder), chain)
+        restarting = restarting or stage["name"] == restart_from
+        done = folder / "stage.json"
+        rerun = restarting or not done.exists()
+        if not rerun and json.loads(done.read_text()).get("fingerprint") != chain:
+            raise InputError(f"{method}: stage {stage['name']!r} finished with other options or data than "
+                             f"the stages file now gives it (or after a stage before it changed); rerun it and "
+                             f"the stages after it with --restart-from {stage['name']}")
+        plan.append((folder, chain, rerun))
+    return plan
 
 
 def matrix_table(method: str, result: dict) -> Table:

@@ -15,7 +15,8 @@ from rich.panel import Panel
 from rich.text import Text
 
 from mlx_sdft.machine import blas, memory
-from mlx_sdft.config import Config
+from mlx_sdft.config import RESUME_MAY_CHANGE, Config
+from mlx_sdft.formats import checkpoint
 from mlx_sdft.core.data import load_dataset, need_demonstrations
 from mlx_sdft.core.guards import skipped_prefix_warning
 from mlx_sdft.errors import InputError
@@ -95,6 +96,21 @@ def check_loss_room(cfg: Config, pairs) -> None:
                              f"the loss")
 
 
+def check_folder(cfg: Config, out: Path) -> None:
+    """A new run never mixes with an earlier one in the same folder, and --resume continues only
+    the run that was saved: every option that defines the run must equal the saved one."""
+    if cfg.resume:
+        if not (out / "trainer_state.json").exists():
+            raise InputError(f"--resume: {out} holds no saved run (no trainer_state.json)")
+        changes = checkpoint.changed_options(out, cfg, RESUME_MAY_CHANGE)
+        if changes:
+            raise InputError(f"--resume: {out} was trained with other options: {'; '.join(changes)} (resume with the "
+                             f"saved ones, or start a new run with --overwrite or another --adapter-path)")
+    elif checkpoint.run_files(out) and not cfg.overwrite:
+        raise InputError(f"--adapter-path: {out} holds an earlier run; continue it with --resume, or pass --overwrite "
+                         f"to delete it and start again")
+
+
 def run_train(cfg: Config, console=None, quiet: bool = False) -> dict:
     """Train as configured; returns the last report record (or the estimate with --dry-run)."""
     out = Path(cfg.adapter_path)
@@ -102,8 +118,6 @@ def run_train(cfg: Config, console=None, quiet: bool = False) -> dict:
     world, rank = group.size(), group.rank()
     if cfg.batch_size % world:
         raise InputError(f"--batch-size: {cfg.batch_size} prompts cannot be split evenly over {world} processes")
-    if cfg.resume and not (out / "trainer_state.json").exists():
-        raise InputError(f"--resume: {out} holds no saved run (no trainer_state.json)")
     splits = {name: apply_system_prompt(examples, cfg.system_prompt) for name, examples in load_dataset(cfg.data).items()}
     if cfg.method == "sft":
         for examples in splits.values():
@@ -112,6 +126,7 @@ def run_train(cfg: Config, console=None, quiet: bool = False) -> dict:
     train_pairs = encode_examples(tokenizer, splits["train"], cfg.teacher_template, cfg.max_seq_length)
     valid_pairs = encode_examples(tokenizer, splits.get("valid", []), cfg.teacher_template, cfg.max_seq_length)
     check_loss_room(cfg, train_pairs + valid_pairs)
+    check_folder(cfg, out)
     cfg, estimate = preflight(cfg, model_path, train_pairs, valid_pairs)
     for adapters in ([Path(cfg.resume_adapter_file)] if cfg.resume_adapter_file else []) + \
             ([out / "adapters.safetensors"] if cfg.resume else []):
@@ -145,8 +160,9 @@ def run_train(cfg: Config, console=None, quiet: bool = False) -> dict:
                              expand=False))
     if not valid_pairs:
         reporter.print("no valid.jsonl: validation is skipped", style="yellow")
-    if not cfg.resume and (out / "trainer_state.json").exists():
-        reporter.print(f"{out} holds an earlier run: it will be overwritten (--resume continues it)", style="yellow")
+    if cfg.overwrite and checkpoint.run_files(out) and rank == 0:
+        reporter.print(f"--overwrite: deleting the earlier run in {out}", style="yellow")
+        checkpoint.clear_run(out)
 
     mx.random.seed(cfg.seed)
     adapters = Adapters(cfg.fine_tune_type, cfg.num_layers, cfg.lora_parameters, cfg.resume_adapter_file)

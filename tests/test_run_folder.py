@@ -1,0 +1,147 @@
+"""Runs that reuse a folder or a stage: a new run never mixes with an old one, --resume continues
+only the saved run, and continual stages rerun only when asked."""
+
+import io
+import json
+import re
+
+import pytest
+from rich.console import Console
+from typer.testing import CliRunner
+
+from conftest import ROOT
+from mlx_sdft.cli import app
+from mlx_sdft.errors import InputError
+
+runner = CliRunner()
+
+
+def _train(tiny_model, smoke_data, out, *args):
+    return runner.invoke(app, ["train", "--model", str(tiny_model), "--data", str(smoke_data), "--adapter-path",
+                               str(out), "--num-layers", "-1", "--iters", "2", "--batch-size", "2",
+                               "--max-completion-length", "6", "--val-batches", "1", *map(str, args)])
+
+
+def _error(result, pattern):
+    assert result.exit_code == 2, result.output
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and "Traceback" not in result.output, result.output
+    assert re.search(pattern, lines[0]), lines[0]
+
+
+def _snapshot(out):
+    return {p.name: p.read_bytes() for p in out.iterdir()}
+
+
+@pytest.fixture
+def earlier(tiny_model, smoke_data, tmp_path):
+    out = tmp_path / "run"
+    assert _train(tiny_model, smoke_data, out, "--save-every", "1").exit_code == 0
+    return out
+
+
+def test_a_new_run_into_a_used_folder_stops_and_writes_nothing(tiny_model, smoke_data, earlier):
+    before = _snapshot(earlier)
+    _error(_train(tiny_model, smoke_data, earlier, "--seed", "1"),
+           r"--adapter-path: .*run holds an earlier run; continue it with --resume, or pass --overwrite")
+    assert _snapshot(earlier) == before
+
+
+def test_overwrite_clears_the_earlier_run_first(tiny_model, smoke_data, earlier):
+    (earlier / "notes.txt").write_text("mine")  # not a run file: kept
+    assert (earlier / "0000001_adapters.safetensors").exists()
+    result = _train(tiny_model, smoke_data, earlier, "--overwrite", "--iters", "1", "--save-every", "5")
+    assert result.exit_code == 0, result.output
+    assert not (earlier / "0000001_adapters.safetensors").exists()  # the old run's checkpoint is gone
+    records = [json.loads(line) for line in (earlier / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records if r["type"] == "train"] == [1]  # only the new run's records
+    assert json.loads((earlier / "trainer_state.json").read_text())["step"] == 1
+    assert (earlier / "notes.txt").read_text() == "mine"
+    _error(_train(tiny_model, smoke_data, earlier, "--overwrite", "--resume"),
+           r"--overwrite: cannot be combined with --resume")
+
+
+def test_resume_lists_every_changed_option(tiny_model, smoke_data, earlier):
+    before = _snapshot(earlier)
+    _error(_train(tiny_model, smoke_data, earlier, "--resume", "--method", "sft", "--batch-size", "4",
+                  "--learning-rate", "2e-5"),
+           r"--resume: .*run was trained with other options: --method 'sdft' → 'sft'; --batch-size 2 → 4; "
+           r"--learning-rate 1e-05 → 2e-05 \(resume with the saved ones")
+    # A finished run too: a new learning rate is not silently ignored.
+    _error(_train(tiny_model, smoke_data, earlier, "--resume", "--learning-rate", "1e-3"),
+           r"--learning-rate 1e-05 → 0.001")
+    assert _snapshot(earlier) == before
+
+
+def test_resume_may_change_reporting_options(tiny_model, smoke_data, tmp_path, monkeypatch):
+    import mlx_sdft.jobs.train as launch
+    from mlx_sdft.config import load_config
+    from mlx_sdft.errors import Interrupted
+    from test_resume import StopAt, _Ctx
+
+    out = tmp_path / "r"
+    opts = dict(model=str(tiny_model), data=str(smoke_data), adapter_path=str(out), num_layers=-1, iters=3,
+                batch_size=2, max_completion_length=6, val_batches=1, save_every=1)
+    monkeypatch.setattr(launch, "StopFlag", lambda reporter: _Ctx(StopAt(1)))
+    with pytest.raises(Interrupted):
+        launch.run_train(load_config(None, opts), quiet=True)
+    monkeypatch.undo()
+    record = launch.run_train(load_config(None, {**opts, "resume": True, "steps_per_report": 3, "save_every": 2,
+                                                 "steps_per_eval": 5, "val_batches": 2, "grad_checkpoint": True,
+                                                 "data": str(smoke_data) + "/"}), quiet=True)
+    assert record["step"] == 3
+
+
+def _stages(tmp_path, tiny_model, **stage_two):
+    stages = {"model": str(tiny_model), "output": str(tmp_path / "run"), "methods": ["sft"], "iters": 1,
+              "batch_size": 2, "num_layers": -1, "max_completion_length": 4, "val_batches": 1,
+              "eval": {"max_tokens": 4, "num_general_prompts": 2, "retention_max_tokens": 4},
+              "stages": [{"name": "capitals", "data": str(ROOT / "recipes/smoke/data")},
+                         {"name": "opposites", "data": str(ROOT / "recipes/continual/opposites"), **stage_two}]}
+    path = tmp_path / "stages.yaml"
+    path.write_text(json.dumps(stages))
+    return path
+
+
+def test_continual_refuses_a_changed_finished_stage_and_reruns_on_request(tiny_model, tmp_path):
+    from mlx_sdft.jobs.continual import run_continual
+
+    run_continual(str(_stages(tmp_path, tiny_model)), console=Console(file=io.StringIO()))
+    two = tmp_path / "run/sft/02-opposites/adapters.safetensors"
+    stamp = two.stat().st_mtime_ns
+    log = io.StringIO()
+    run_continual(str(_stages(tmp_path, tiny_model)), console=Console(file=log, width=200))
+    assert "sft: stage 1/2 capitals: skipped (finished, unchanged)" in log.getvalue()
+    assert "sft: stage 2/2 opposites: skipped (finished, unchanged)" in log.getvalue()
+
+    changed = _stages(tmp_path, tiny_model, learning_rate=5e-4)
+    with pytest.raises(InputError, match=r"sft: stage 'opposites' finished with other options or data .* "
+                                         r"--restart-from opposites"):
+        run_continual(str(changed), console=Console(file=io.StringIO()))
+    assert two.stat().st_mtime_ns == stamp  # refused before anything trained
+    result = runner.invoke(app, ["continual", "-c", str(changed), "--restart-from", "nope"])
+    _error(result, r"--restart-from: no stage 'nope'")
+
+    log = io.StringIO()
+    run_continual(str(changed), console=Console(file=log, width=200), restart_from="opposites")
+    assert "stage 1/2 capitals: skipped" in log.getvalue() and two.stat().st_mtime_ns != stamp
+    assert json.loads((tmp_path / "run/sft/02-opposites/adapter_config.json").read_text())["learning_rate"] == 5e-4
+    run_continual(str(changed), console=Console(file=io.StringIO()))  # now unchanged: nothing to rerun
+
+
+def test_continual_notices_changed_data(tiny_model, tmp_path):
+    import shutil
+
+    from mlx_sdft.jobs.continual import run_continual
+
+    data = tmp_path / "caps"
+    shutil.copytree(ROOT / "recipes/smoke/data", data)
+    path = _stages(tmp_path, tiny_model)
+    spec = json.loads(path.read_text())
+    spec["stages"][0]["data"] = str(data)
+    path.write_text(json.dumps(spec))
+    run_continual(str(path), console=Console(file=io.StringIO()))
+    with open(data / "train.jsonl", "a") as fid:
+        fid.write(json.dumps({"prompt": "Capital of Peru?", "completion": "Lima."}) + "\n")
+    with pytest.raises(InputError, match=r"stage 'capitals' finished with other options or data"):
+        run_continual(str(path), console=Console(file=io.StringIO()))
