@@ -13,7 +13,8 @@ start=$SECONDS
 echo "== before: the base model on the 12 held-out prompts"
 mlx-sdft eval --model "$model" --data "$here/data" "${metric[@]}" --output "$out/eval_before"
 echo "== SDFT: one pass over 56 demonstrations"
-mlx-sdft train -c "$here/config.yaml" --model "$model" --adapter-path "$out" "$@"
+# --overwrite: a second run of this script replaces the first one's adapters (not mixed with them)
+mlx-sdft train -c "$here/config.yaml" --model "$model" --adapter-path "$out" --overwrite "$@"
 echo "== after: the same prompts with the adapters, and how far the model moved on general prompts"
 mlx-sdft eval --model "$model" --adapter-path "$out" --data "$here/data" "${metric[@]}" \
   --num-general-prompts 16 --retention-max-tokens 32 --output "$out/eval_after"

@@ -45,6 +45,7 @@ def train_options(method: str, lr: float, seed: int, out: Path) -> dict:
     return dict(model=MODEL, data=str(HERE / "data"), adapter_path=str(out), method=method, learning_rate=lr,
                 seed=seed, iters=STEPS, batch_size=4, max_completion_length=48, steps_per_report=4,
                 steps_per_eval=STEPS, val_batches=2, save_every=STEPS,
+                overwrite=True,  # a run missing from results.json was killed: start it again
                 teacher_template=str(HERE.parent / "quickstart" / "teacher_template.txt"))
 
 
