@@ -111,6 +111,7 @@ def test_continual_refuses_a_changed_finished_stage_and_reruns_on_request(tiny_m
     stamp = two.stat().st_mtime_ns
     log = io.StringIO()
     run_continual(str(_stages(tmp_path, tiny_model)), console=Console(file=log, width=200))
+    assert "base model: skipped (evaluated, unchanged)" in log.getvalue()
     assert "sft: stage 1/2 capitals: skipped (finished, unchanged)" in log.getvalue()
     assert "sft: stage 2/2 opposites: skipped (finished, unchanged)" in log.getvalue()
 
@@ -142,6 +143,12 @@ def test_continual_notices_changed_data(tiny_model, tmp_path):
     path.write_text(json.dumps(spec))
     run_continual(str(path), console=Console(file=io.StringIO()))
     with open(data / "train.jsonl", "a") as fid:
-        fid.write(json.dumps({"prompt": "Capital of Peru?", "completion": "Lima."}) + "\n")
+        fid.write(json.dumps({"messages": [{"role": "user", "content": "Capital of Peru?"},
+                                           {"role": "assistant", "content": "Lima."}]}) + "\n")
+    base = (tmp_path / "run/base.json").stat().st_mtime_ns
     with pytest.raises(InputError, match=r"stage 'capitals' finished with other options or data"):
         run_continual(str(path), console=Console(file=io.StringIO()))
+    log = io.StringIO()
+    run_continual(str(path), console=Console(file=log, width=200), restart_from="capitals")
+    assert "evaluating the base model on every task" in log.getvalue()  # its tasks' data changed too
+    assert (tmp_path / "run/base.json").stat().st_mtime_ns != base

@@ -130,10 +130,13 @@ def fingerprint(cfg: Config, ecfg: EvalConfig, previous: str | None) -> str:
     """What a finished stage's results depend on: its resolved train options (less those that
     only change reporting), its eval options, the bytes of its data files, and the previous
     stage's fingerprint (its adapters are where this stage starts)."""
-    h = hashlib.sha256()
     options = {k: v for k, v in cfg.to_dict().items() if k not in RESUME_MAY_CHANGE}
-    h.update(json.dumps([options, dataclasses.asdict(ecfg), previous], sort_keys=True, default=str).encode())
-    for f in _data_files(cfg.data):
+    return _digest([options, dataclasses.asdict(ecfg), previous], [cfg.data])
+
+
+def _digest(values, data: list[str]) -> str:
+    h = hashlib.sha256(json.dumps(values, sort_keys=True, default=str).encode())
+    for f in (f for d in data for f in _data_files(d)):
         h.update(f.name.encode() + b"\0" + (f.read_bytes() if f.is_file() else b""))
     return h.hexdigest()[:16]
 
@@ -152,12 +155,15 @@ def run_continual(path: str, console: Console | None = None, restart_from: str |
     plans = {method: _plan(run, method, restart_from) for method in run["methods"]}  # all checked before training
     results = {}
     base_file = run["output"] / "base.json"
-    if base_file.exists():
-        base = json.loads(base_file.read_text())
-    else:
+    stamp = _digest([run["model"], [dataclasses.asdict(eval_config(run, s, None)) for s in run["stages"]]],
+                    [s["data"] for s in run["stages"]])
+    base = json.loads(base_file.read_text()) if base_file.exists() else {}
+    if base.get("fingerprint") != stamp:  # the tasks, their data or the eval options changed: evaluate again
         console.print("[bold]evaluating the base model on every task")
-        base = evaluate_stage(run, len(names) - 1, None, run["output"] / "base")
+        base = {**evaluate_stage(run, len(names) - 1, None, run["output"] / "base"), "fingerprint": stamp}
         write_json(base_file, base)
+    else:
+        console.print("base model: skipped (evaluated, unchanged)")
     for method in run["methods"]:
         columns, previous = [base], None
         for k, (stage, (folder, stamp, rerun)) in enumerate(zip(run["stages"], plans[method])):
