@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 from mlx_sdft.core import guards, losses, reference
+from mlx_sdft.errors import TrainingError
 
 
 def case(seed, B=3, T=7, V=11, Td=5):
@@ -184,10 +185,14 @@ def test_completion_budget_and_truncated_mask(tiny_model, smoke_data, tmp_path):
     # The smoke demonstrations are 9-13 tokens: a budget of 1x leaves the floor, 16 tokens, of 64.
     record = _first_step(tiny_model, smoke_data, tmp_path / "b", completion_budget=1.0, max_completion_length=64)
     assert record["completion_len"] <= guards.BUDGET_FLOOR
-    masked = _first_step(tiny_model, smoke_data, tmp_path / "m", truncated="mask", max_completion_length=4)
-    assert masked["truncated"] == 1.0 and masked["loss"] == 0.0  # every completion truncated: nothing to learn
-    chunked = _first_step(tiny_model, smoke_data, tmp_path / "mc", truncated="mask", max_completion_length=4, logits_chunk=2)
-    assert chunked["loss"] == 0.0
+    # Every completion truncated and masked: nothing reaches the loss, so the run fails (issue 12)
+    # after reporting its step, and saves no adapters.
+    for name, extra in (("m", {}), ("mc", {"logits_chunk": 2})):
+        with pytest.raises(TrainingError, match="had a token in the loss"):
+            _first_step(tiny_model, smoke_data, tmp_path / name, truncated="mask", max_completion_length=4, **extra)
+        [masked] = [json.loads(line) for line in (tmp_path / name / "metrics.jsonl").read_text().splitlines()]
+        assert masked["truncated"] == 1.0 and masked["loss"] == 0.0 and masked["empty_batches"] == 1
+        assert not (tmp_path / name / "adapters.safetensors").exists()
     kept = _first_step(tiny_model, smoke_data, tmp_path / "k", max_completion_length=4)
     assert kept["truncated"] == 1.0 and kept["loss"] > 0
 
