@@ -39,7 +39,7 @@ from mlx_lm.generate import batch_generate  # noqa: E402
 from mlx_lm.models import llama  # noqa: E402
 from mlx_lm.sample_utils import make_sampler  # noqa: E402
 
-from shapes import FULL, QUICK, SEED, emit, machine, student_flops  # noqa: E402
+from shapes import FULL, NoTokenizer, QUICK, SEED, emit, machine, student_flops  # noqa: E402
 
 from mlx_sdft.core import train as trainer  # noqa: E402
 from mlx_sdft.config import Config  # noqa: E402
@@ -52,14 +52,6 @@ TARGETS = {"sdft_vs_sft_step": ("<=", 2.0), "sampling_vs_batch_gen": (">=", 1.0)
            "peak_memory_sdft_vs_sft": ("<=", 1.25), "student_flops_vs_peak": (">=", 0.5),
            "mlx_vs_trl_step": ("<=", 0.5)}
 TRL_PYTHON = Path("/work/bench-venv/bin/python")
-
-
-class NoTokenizer:
-    """What batch_generate needs of a tokenizer, and no stop token: completions run to max_tokens."""
-    eos_token_ids: list[int] = []
-
-    def decode(self, ids):
-        return ""
 
 
 def build(s: dict):

@@ -35,20 +35,12 @@ from mlx_lm.generate import batch_generate, generate_step  # noqa: E402
 from mlx_lm.models import llama  # noqa: E402
 from mlx_lm.models.cache import BatchKVCache  # noqa: E402
 from mlx_lm.sample_utils import make_sampler  # noqa: E402
-from shapes import SEED, SMOLLM2, TINY, emit, machine, parser  # noqa: E402
+from shapes import NoTokenizer, SEED, SMOLLM2, TINY, emit, machine, parser  # noqa: E402
 
 from mlx_sdft.core import decode, rollout  # noqa: E402
 
 LEVERS = ("compiled sampling", "no mask when unpadded")
 PROMPT = 16  # tokens per prompt: a short prefill, so the time is mostly decoding
-
-
-class NoTokenizer:
-    """What batch_generate needs of a tokenizer, and no stop token: completions run to max_tokens."""
-    eos_token_ids: list[int] = []
-
-    def decode(self, ids):
-        return ""
 
 
 def plain_model(shapes: dict):

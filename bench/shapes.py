@@ -92,3 +92,11 @@ def parser(doc: str, reps: int) -> argparse.ArgumentParser:
     ap.add_argument("--reps", type=int, default=reps, help="timed repetitions")
     ap.add_argument("--json", help="also write the JSON record to this file")
     return ap
+
+
+class NoTokenizer:
+    """What batch_generate needs of a tokenizer, and no stop token: completions run to max_tokens."""
+    eos_token_ids: list[int] = []
+
+    def decode(self, ids):
+        return ""
