@@ -173,6 +173,44 @@ def test_existing_out_needs_force_and_is_left_alone(tmp_path):
     assert gguf.GGUFReader(tmp_path / "m.gguf").fields["general.architecture"].contents() == "llama"
 
 
+def test_out_that_cannot_or_may_not_be_written_is_one_line(tmp_path):
+    """Checked before any weights load: no traceback, and --force never deletes a folder that is
+    not an earlier export (a mistyped --out such as a project folder)."""
+    folder = build_model(tmp_path / "hf")
+    adapters = make_adapters(tmp_path / "adapters", folder)
+    (tmp_path / "file").write_text("mine")
+    project = tmp_path / "project"
+    project.mkdir()
+    (project / "notes.txt").write_text("keep")
+    (tmp_path / "dir.gguf").mkdir()
+    cases = [((tmp_path / "file" / "sub" / "m.gguf",), "is not a writable folder"),
+             ((project, "--format", "mlx", "--force"), "not an earlier export (no config.json)"),
+             ((project, "--format", "peft", "--force"), "not an earlier export (no adapter_config.json)"),
+             ((tmp_path / "dir.gguf", "--force"), "is a folder; the output is a file")]
+    for (out, *flags), message in cases:
+        result = export("--model", folder, "--adapter-path", adapters, "--out", out, *flags)
+        assert result.exit_code == 2 and message in result.stderr, result.output
+        assert len(result.stderr.strip().splitlines()) == 1
+    assert (project / "notes.txt").read_text() == "keep" and (tmp_path / "file").read_text() == "mine"
+    assert sorted(p.name for p in project.iterdir()) == ["notes.txt"] and not any((tmp_path / "dir.gguf").iterdir())
+
+
+def test_an_interrupted_gguf_export_leaves_neither_file(tmp_path, monkeypatch):
+    """A Ctrl-C after the GGUF is written but before its Modelfile: exit 130, neither file (a lone
+    GGUF would make the rerun fail with "already exists"), no temporary left."""
+    from mlx_sdft.formats import ollama
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    folder = build_model(tmp_path / "hf")
+    adapters = make_adapters(tmp_path / "adapters", folder)
+    monkeypatch.setattr(ollama, "modelfile", interrupted)
+    result = export("--model", folder, "--adapter-path", adapters, "--out", tmp_path / "out" / "m.gguf")
+    assert result.exit_code == 130 and result.stderr.strip() == "mlx-sdft export: interrupted", result.output
+    assert list((tmp_path / "out").iterdir()) == []
+
+
 def test_adapters_from_another_model_are_one_line(tmp_path):
     small, big = build_model(tmp_path / "small"), build_model(tmp_path / "big", hidden=32)
     adapters = make_adapters(tmp_path / "adapters", big)

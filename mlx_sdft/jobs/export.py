@@ -33,9 +33,9 @@ def run_export(cfg: ExportConfig) -> dict:
     out = Path(cfg.out).expanduser()
     fmt = cfg.format or ("gguf" if out.suffix == ".gguf" else "mlx")
     modelfile = out.parent / "Modelfile" if fmt == "gguf" else None
-    for target in (out, modelfile):
-        if target is not None and (target.exists() or target.is_symlink()) and not cfg.force:
-            raise InputError(f"{target}: already exists (--force replaces it)")
+    _check_out(out, folder=fmt != "gguf", force=cfg.force, marker=_MARKER[fmt])
+    if modelfile is not None:
+        _check_out(modelfile, folder=False, force=cfg.force)
     adapter = Adapters.saved(cfg.adapter_path) if cfg.adapter_path else None
     if fmt == "peft" and (adapter is None or adapter.fine_tune_type == "full"):
         raise InputError("--format peft: needs LoRA or DoRA adapters (--adapter-path of a lora/dora run); "
@@ -47,7 +47,7 @@ def run_export(cfg: ExportConfig) -> dict:
             raise InputError("--adapter-path: required to export a model folder or hub model as mlx (it already is one)")
         from mlx_sdft.formats.gguf_read import gguf_to_mlx
 
-        _replace(out, lambda tmp: gguf_to_mlx(source, tmp, cfg.dequantize))
+        _replace((out,), lambda tmp: gguf_to_mlx(source, tmp, cfg.dequantize))
         return {"format": fmt, "out": out}
 
     model_path = resolve(cfg.model, cfg.dequantize)
@@ -60,23 +60,26 @@ def run_export(cfg: ExportConfig) -> dict:
         from mlx_sdft.formats.peft import write_peft
 
         dropout = float(adapter.lora_parameters.get("dropout", 0.0))
-        _replace(out, lambda tmp: write_peft(model, tmp, cfg.model, dropout))
+        _replace((out,), lambda tmp: write_peft(model, tmp, cfg.model, dropout))
         return {"format": fmt, "out": out}
 
     from mlx_sdft.formats.fuse import fuse_adapters
 
     model, tokenizer = fuse_adapters(model), load_tokenizer(model_path)
     if fmt == "mlx":
-        _replace(out, lambda tmp: _save_mlx(model, tokenizer, model_path, tmp))
+        _replace((out,), lambda tmp: _save_mlx(model, tokenizer, model_path, tmp))
         return {"format": fmt, "out": out}
     from mlx_sdft.formats.gguf_write import write_gguf
     from mlx_sdft.formats.ollama import modelfile as modelfile_text
 
     name = source.stem if source else Path(cfg.model).name
-    vocab = _replace(out, lambda tmp: write_gguf(model, tokenizer, tmp, cfg.outtype, source, name))
-    stops = [vocab["tokens"][i] for i in vocab["end_ids"]]
-    text = modelfile_text(out.name, vocab["chat_template"], stops, _rendered(tokenizer))
-    _replace(modelfile, lambda tmp: tmp.write_text(text))
+
+    def write(tmp: Path, tmp_modelfile: Path) -> None:
+        vocab = write_gguf(model, tokenizer, tmp, cfg.outtype, source, name)
+        stops = [vocab["tokens"][i] for i in vocab["end_ids"]]
+        tmp_modelfile.write_text(modelfile_text(out.name, vocab["chat_template"], stops, _rendered(tokenizer)))
+
+    _replace((out, modelfile), write)  # both or neither: a GGUF without its Modelfile would block a rerun
     return {"format": fmt, "out": out, "modelfile": modelfile}
 
 
@@ -99,19 +102,47 @@ def _save_mlx(model: nn.Module, tokenizer, model_path: Path, folder: Path) -> No
     tokenizer.save_pretrained(folder)
 
 
-def _replace(target: Path, write: Callable[[Path], object]):
-    """`write(tmp)` to a temporary name beside `target`, then put it in `target`'s place."""
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = target.with_name(f".{target.name}.tmp-{os.getpid()}")
-    _remove(tmp)
-    try:
-        result = write(tmp)
-    except BaseException:
+def _replace(targets: tuple[Path, ...], write: Callable[..., object]):
+    """`write(*tmps)` to temporary names beside `targets`, then put each in its target's place
+    (the renames only once every file is whole)."""
+    tmps = [t.with_name(f".{t.name}.tmp-{os.getpid()}") for t in targets]
+    targets[0].parent.mkdir(parents=True, exist_ok=True)
+    for tmp in tmps:
         _remove(tmp)
+    try:
+        result = write(*tmps)
+    except BaseException:
+        for tmp in tmps:
+            _remove(tmp)
         raise
-    _remove(target)
-    os.replace(tmp, target)
+    for tmp, target in zip(tmps, targets):
+        _remove(target)
+        os.replace(tmp, target)
     return result
+
+
+# A folder --force may replace holds what an earlier export of that format wrote (or nothing), so
+# a mistyped --out (the home folder, a project) is never deleted.
+_MARKER = {"gguf": None, "mlx": "config.json", "peft": "adapter_config.json"}
+
+
+def _check_out(target: Path, *, folder: bool, force: bool, marker: str | None = None) -> None:
+    """InputError, before any weights load, for an output that cannot or may not be written:
+    an existing one without --force, a file where a folder goes (or the other way round), a folder
+    that is not an earlier export, or a location that is not a writable folder."""
+    if target.exists() or target.is_symlink():
+        if not force:
+            raise InputError(f"{target}: already exists (--force replaces it)")
+        if target.is_dir() != folder:
+            raise InputError(f"{target}: is a {'folder' if target.is_dir() else 'file'}; the output is a "
+                             f"{'folder' if folder else 'file'}")
+        if folder and any(target.iterdir()) and not (target / marker).is_file():
+            raise InputError(f"{target}: not an earlier export (no {marker}); --force replaces only those")
+    parent = target.parent
+    while not parent.exists():  # the folders export will create: the first that exists must be writable
+        parent = parent.parent
+    if not parent.is_dir() or not os.access(parent, os.W_OK | os.X_OK):
+        raise InputError(f"{target}: cannot be written ({parent} is not a writable folder)")
 
 
 def _remove(path: Path) -> None:
