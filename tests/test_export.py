@@ -185,14 +185,21 @@ def test_out_that_cannot_or_may_not_be_written_is_one_line(tmp_path):
     (tmp_path / "dir.gguf").mkdir()
     cases = [((tmp_path / "file" / "sub" / "m.gguf",), "is not a writable folder"),
              ((project, "--format", "mlx", "--force"), "not an earlier export (no config.json)"),
-             ((project, "--format", "peft", "--force"), "not an earlier export (no adapter_config.json)"),
+             ((project, "--format", "peft", "--force"), "not an earlier export (no adapter_model.safetensors)"),
              ((tmp_path / "dir.gguf", "--force"), "is a folder; the output is a file")]
     for (out, *flags), message in cases:
         result = export("--model", folder, "--adapter-path", adapters, "--out", out, *flags)
         assert result.exit_code == 2 and message in result.stderr, result.output
         assert len(result.stderr.strip().splitlines()) == 1
+    for out, flag in ((adapters, "--adapter-path"), (tmp_path, "--model"), (folder, "--model")):  # inputs are never replaced
+        result = export("--model", folder, "--adapter-path", adapters, "--out", out, "--format", "peft", "--force")
+        assert result.exit_code == 2 and f"would overwrite {flag}" in result.stderr, result.output
+    assert (adapters / "adapters.safetensors").is_file() and (folder / "config.json").is_file()
+    (project / "adapter_config.json").write_text("{}")  # an mlx-lm adapter folder is not a PEFT export
+    result = export("--model", folder, "--adapter-path", adapters, "--out", project, "--format", "peft", "--force")
+    assert result.exit_code == 2 and "no adapter_model.safetensors" in result.stderr, result.output
     assert (project / "notes.txt").read_text() == "keep" and (tmp_path / "file").read_text() == "mine"
-    assert sorted(p.name for p in project.iterdir()) == ["notes.txt"] and not any((tmp_path / "dir.gguf").iterdir())
+    assert sorted(p.name for p in project.iterdir()) == ["adapter_config.json", "notes.txt"] and not any((tmp_path / "dir.gguf").iterdir())
 
 
 def test_an_interrupted_gguf_export_leaves_neither_file(tmp_path, monkeypatch):

@@ -33,6 +33,9 @@ def run_export(cfg: ExportConfig) -> dict:
     out = Path(cfg.out).expanduser()
     fmt = cfg.format or ("gguf" if out.suffix == ".gguf" else "mlx")
     modelfile = out.parent / "Modelfile" if fmt == "gguf" else None
+    for flag, given in (("--model", cfg.model), ("--adapter-path", cfg.adapter_path)):
+        if given and not given.startswith("pkg:") and _overlaps(Path(given).expanduser(), out):
+            raise InputError(f"--out {out}: would overwrite {flag} {given}")
     _check_out(out, folder=fmt != "gguf", force=cfg.force, marker=_MARKER[fmt])
     if modelfile is not None:
         _check_out(modelfile, folder=False, force=cfg.force)
@@ -123,7 +126,7 @@ def _replace(targets: tuple[Path, ...], write: Callable[..., object]):
 
 # A folder --force may replace holds what an earlier export of that format wrote (or nothing), so
 # a mistyped --out (the home folder, a project) is never deleted.
-_MARKER = {"gguf": None, "mlx": "config.json", "peft": "adapter_config.json"}
+_MARKER = {"gguf": None, "mlx": "config.json", "peft": "adapter_model.safetensors"}  # not mlx-lm's adapters.safetensors
 
 
 def _check_out(target: Path, *, folder: bool, force: bool, marker: str | None = None) -> None:
@@ -143,6 +146,14 @@ def _check_out(target: Path, *, folder: bool, force: bool, marker: str | None = 
         parent = parent.parent
     if not parent.is_dir() or not os.access(parent, os.W_OK | os.X_OK):
         raise InputError(f"{target}: cannot be written ({parent} is not a writable folder)")
+
+
+def _overlaps(given: Path, out: Path) -> bool:
+    """`out` is the existing input `given` or a folder holding it (replacing it would delete the input)."""
+    if not given.exists():
+        return False
+    given, out = given.resolve(), out.resolve()
+    return given == out or out in given.parents
 
 
 def _remove(path: Path) -> None:
