@@ -204,7 +204,8 @@ def test_out_that_cannot_or_may_not_be_written_is_one_line(tmp_path):
 
 def test_an_interrupted_gguf_export_leaves_neither_file(tmp_path, monkeypatch):
     """A Ctrl-C after the GGUF is written but before its Modelfile: exit 130, neither file (a lone
-    GGUF would make the rerun fail with "already exists"), no temporary left."""
+    GGUF would make the rerun fail with "already exists"), no temporary left, not even the one a
+    killed earlier export left."""
     from mlx_sdft.formats import ollama
 
     def interrupted(*args, **kwargs):
@@ -212,6 +213,9 @@ def test_an_interrupted_gguf_export_leaves_neither_file(tmp_path, monkeypatch):
 
     folder = build_model(tmp_path / "hf")
     adapters = make_adapters(tmp_path / "adapters", folder)
+    stale = tmp_path / "out" / ".m.gguf.tmp-999999999"  # left by an export killed with SIGKILL (no such process now)
+    stale.parent.mkdir()
+    stale.write_text("half")
     monkeypatch.setattr(ollama, "modelfile", interrupted)
     result = export("--model", folder, "--adapter-path", adapters, "--out", tmp_path / "out" / "m.gguf")
     assert result.exit_code == 130 and result.stderr.strip() == "mlx-sdft export: interrupted", result.output

@@ -110,8 +110,10 @@ def _replace(targets: tuple[Path, ...], write: Callable[..., object]):
     (the renames only once every file is whole)."""
     tmps = [t.with_name(f".{t.name}.tmp-{os.getpid()}") for t in targets]
     targets[0].parent.mkdir(parents=True, exist_ok=True)
-    for tmp in tmps:
-        _remove(tmp)
+    for target in targets:  # this run's temporaries, and those of an export killed outright (kill -9, power loss)
+        for tmp in target.parent.glob(f".{target.name}.tmp-*"):
+            if not _alive(tmp.name.rsplit("-", 1)[-1]):
+                _remove(tmp)
     try:
         result = write(*tmps)
     except BaseException:
@@ -146,6 +148,19 @@ def _check_out(target: Path, *, folder: bool, force: bool, marker: str | None = 
         parent = parent.parent
     if not parent.is_dir() or not os.access(parent, os.W_OK | os.X_OK):
         raise InputError(f"{target}: cannot be written ({parent} is not a writable folder)")
+
+
+def _alive(pid: str) -> bool:
+    """Whether process `pid` (another export writing there now) still runs; this one counts as ended."""
+    if not pid.isdigit() or int(pid) == os.getpid():
+        return False
+    try:
+        os.kill(int(pid), 0)
+    except ProcessLookupError:
+        return False
+    except OSError:  # it exists but is not ours
+        return True
+    return True
 
 
 def _overlaps(given: Path, out: Path) -> bool:
