@@ -16,9 +16,10 @@ from typing import Annotated, Callable, Optional
 import typer
 from rich.markup import escape
 
-from mlx_sdft.config import (CheckConfig, Config, EvalConfig, ExportConfig, GenerateConfig, LessonsConfig, ServeConfig,
-                             TeachConfig, cli_fields, load_config)
-from mlx_sdft.errors import InputError, Interrupted, TrainingError, one_line
+from mlx_sdft.config import (CheckConfig, Config, EvalConfig, ExportConfig, ForgetConfig, GenerateConfig, LearnConfig,
+                             LessonsConfig, RollbackConfig, ServeConfig, TeachConfig, VersionsConfig, cli_fields,
+                             load_config)
+from mlx_sdft.errors import InputError, Interrupted, Rejected, TrainingError, one_line
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="Self-Distillation Fine-Tuning (SDFT) on MLX.")
 
@@ -44,12 +45,14 @@ def _fields(options: type, names: tuple[str, ...] | None) -> list[dataclasses.Fi
     return [f for f in cli_fields(options) if names is None or f.name in names]
 
 
-# What a job raises → exit status: bad input 2, a run that cannot go on 1, Ctrl-C 130 (the
+# What a job raises → exit status: bad input 2, a run that cannot go on 1, the gate said no 3
+# (Rejected is a TrainingError, so it comes first), Ctrl-C 130 (the
 # shell's 128 + SIGINT). Anything else is a bug and keeps its traceback.
-EXIT_STATUS = {InputError: 2, TrainingError: 1, Interrupted: 130, KeyboardInterrupt: 130}
+EXIT_STATUS = {InputError: 2, Rejected: 3, TrainingError: 1, Interrupted: 130, KeyboardInterrupt: 130}
 # How each command that saves its progress carries on after a Ctrl-C.
 RESUME_HINT = {"train": "continue with the same command plus --resume",
-               "continual": "run the same command again: finished stages are kept, the interrupted one starts over"}
+               "continual": "run the same command again: finished stages are kept, the interrupted one starts over",
+               "learn": "the candidate is removed and the current version unchanged; run learn again"}
 
 
 @contextmanager
@@ -185,6 +188,41 @@ _command("delete", LessonsConfig, _printing("delete"), "Delete one lesson (its t
          None, ("lesson", "home"), lessons_app)
 _command("purge", LessonsConfig, _printing("purge", lambda cfg: f"Delete every lesson in {cfg.home}?"),
          "Delete every lesson and compact the store.", None, ("home", "yes"), lessons_app)
+
+
+def _learning(name: str) -> Callable:
+    """Run `jobs.learn.NAME(options, console)` and print the lines it returns."""
+
+    def run(cfg) -> None:
+        from rich.console import Console
+
+        from mlx_sdft.jobs import learn
+
+        for line in getattr(learn, name)(cfg, console=Console(stderr=True)):
+            typer.echo(line)
+
+    return run
+
+
+def _learn(cfg: LearnConfig) -> None:
+    from rich.console import Console
+
+    from mlx_sdft.jobs.learn import run_learn
+
+    record = run_learn(cfg, console=Console(stderr=True))
+    typer.echo(f"version {record['version']} is current: learned lessons {record['lessons']} "
+               f"(+{len(record['replayed'])} replayed); see mlx-sdft versions --home {cfg.home}")
+
+
+_command("learn", LearnConfig, _learn, "Learn the new lessons in --home (plus replay) into a candidate version; the "
+         "gate accepts it (it becomes current) or rejects it (exit status 3, current unchanged).",
+         "YAML file with learn and train options (flags override it).")
+_command("versions", VersionsConfig, _learning("run_versions"),
+         "The adapter versions in --home: parent, lessons, gate numbers, accepted or rejected.", None)
+_command("rollback", RollbackConfig, _learning("run_rollback"),
+         "Serve an earlier accepted version (default: the current one's parent; 0: no adapters).", None)
+_command("forget", ForgetConfig, _learning("run_forget"),
+         "Delete a lesson and its exchange, erase the versions that learned it, rebuild without it.", None)
 
 
 def _export(cfg: ExportConfig) -> None:

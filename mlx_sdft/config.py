@@ -552,3 +552,92 @@ class LessonsConfig:
         if self.state is not None and self.state not in ("new", "learned", "deleted"):
             raise InputError(f"--state: {self.state!r} is not one of new, learned, deleted")
         return self
+
+
+# ---- personal adaptation, part 2: learn, versions, rollback, forget ----
+
+
+@dataclass
+class LearnConfig(Config):
+    """`mlx-sdft learn`: the new lessons in --home plus replay -> a candidate version -> the gate.
+    Every `train` option applies (same defaults) except the paths, which learn sets."""
+
+    model: str | None = _opt(None, "The base model (as for serve) [default: the model the current version was "
+                             "trained from].")
+    data: str | None = _opt(None, "Set by learn: the lessons.", cli=False)
+    adapter_path: str = _opt("adapters", "Set by learn: the candidate folder.", cli=False)
+    resume_adapter_file: str | None = _opt(None, "Set by learn: the current version's adapters.", cli=False)
+    resume: bool = _opt(False, "Not for learn.", cli=False)
+    dry_run: bool = _opt(False, "Not for learn.", cli=False)
+    home: str = _home()
+    # Replay: Chaudhry et al. 2019 ("tiny episodic memories") mix memory and new data 1:1 in every
+    # batch; with a handful of personal lessons that is as many earlier lessons as new ones.
+    replay_ratio: float = _opt(1.0, "Earlier learned lessons replayed per new lesson (drawn at random; all of them "
+                               "when there are fewer).")
+    gate_min_gain: float = _opt(0.0, "Gate 1, new lessons: the candidate's lesson fit (nats/token, higher is closer) "
+                                "must beat the current version's by more than this.")
+    gate_tolerance: float = _opt(0.05, "Gate 2, earlier lessons: the candidate's lesson fit may fall below the "
+                                 "current version's by at most this (nats/token).")
+    gate_max_kl_rise: float = _opt(0.05, "Gate 3, canary: KL(base‖candidate) on the general prompts may exceed "
+                                   "KL(base‖current) by at most this (nats/token).")
+    gate_max_degenerate_rise: float = _opt(0.1, "Gate 3, canary: the degenerate rate of greedy answers to the general "
+                                           "prompts may exceed the current version's by at most this.")
+    gate_prompts: int = _opt(32, "General prompts (the bundled ones) in the canary.")
+    gate_max_tokens: int = _opt(64, "Tokens per canary answer and per fresh sample of a feedback lesson.")
+
+    def validate(self) -> LearnConfig:
+        _positive(self, ("gate_prompts", "gate_max_tokens"))
+        for name in ("replay_ratio", "gate_tolerance", "gate_max_kl_rise", "gate_max_degenerate_rise"):
+            if not (getattr(self, name) >= 0 and math.isfinite(getattr(self, name))):
+                raise InputError(f"--{name.replace('_', '-')}: must be >= 0, got {getattr(self, name)}")
+        if not math.isfinite(self.gate_min_gain):
+            raise InputError(f"--gate-min-gain: must be finite, got {self.gate_min_gain}")
+        checked = self.train_config(self.model or "-", "-", "-")  # the train options, before anything loads
+        self.teacher_template, self.chat_template = checked.teacher_template, checked.chat_template
+        return self
+
+    def train_config(self, model: str, data: str, adapter_path: str, resume_adapter_file: str | None = None,
+                     **shape) -> Config:
+        """The `train` options of this run, with learn's paths (and the current version's adapter shape)."""
+        values = {f.name: getattr(self, f.name) for f in dataclasses.fields(Config)}
+        values.update(model=model, data=data, adapter_path=adapter_path, resume_adapter_file=resume_adapter_file,
+                      resume=False, dry_run=False, **shape)
+        return Config(**values).validate()
+
+
+@dataclass
+class VersionsConfig:
+    """`mlx-sdft versions`: the lineage of adapter versions in --home."""
+
+    home: str = _home()
+    json: bool = _opt(False, "Print the version records as JSON.")
+
+    def validate(self) -> VersionsConfig:
+        return self
+
+
+@dataclass
+class RollbackConfig:
+    """`mlx-sdft rollback`: point current.json back at an accepted version."""
+
+    version: int | None = _opt(None, "The version to serve (0: no adapters) [default: the current version's parent].",
+                               argument=True)
+    home: str = _home()
+
+    def validate(self) -> RollbackConfig:
+        if self.version is not None and self.version < 0:
+            raise InputError(f"VERSION: must be >= 0, got {self.version}")
+        return self
+
+
+@dataclass
+class ForgetConfig:
+    """`mlx-sdft forget`: delete a lesson and rebuild the current version without it."""
+
+    lesson: int | None = _opt(None, "The lesson's id (see mlx-sdft lessons).", argument=True)
+    home: str = _home()
+
+    def validate(self) -> ForgetConfig:
+        if self.lesson is None:
+            raise InputError("LESSON-ID: required (see mlx-sdft lessons)")
+        return self

@@ -1,4 +1,4 @@
-"""The errors users see, each as one line; `cli.EXIT_STATUS` gives each its exit status (2, 1, 130)."""
+"""The errors users see, each as one line; `cli.EXIT_STATUS` gives each its exit status (2, 1, 3, 130)."""
 
 
 class InputError(Exception):
@@ -7,6 +7,10 @@ class InputError(Exception):
 
 class TrainingError(Exception):
     """Training cannot go on (e.g. repeated non-finite losses). Shown as one line; exit status 1."""
+
+
+class Rejected(TrainingError):
+    """`learn`: the gate rejected the candidate version (current unchanged). One line; exit status 3."""
 
 
 class Interrupted(Exception):

@@ -184,6 +184,14 @@ class Store:
                            (thread_key(self.redact_messages(messages[:-1])),))
         return rows[0] if rows else None
 
+    def delete_exchange(self, id: str) -> bool:
+        """Delete one exchange and compact the file (its text leaves the disk)."""
+        with self._tx() as con:
+            gone = con.execute("DELETE FROM exchanges WHERE id = ?", (id,)).rowcount == 1
+        if gone:
+            self._compact()
+        return gone
+
     def forget_exchanges(self) -> int:
         """Delete every exchange (lessons keep their own copy of the prompt) and compact the file."""
         with self._tx() as con:
@@ -246,6 +254,10 @@ class Store:
             count = con.execute("DELETE FROM lessons").rowcount
         self._compact()
         return count
+
+    def compact(self) -> None:
+        """VACUUM and truncate the WAL: deleted text leaves the disk now, not at the next checkpoint."""
+        self._compact()
 
     def _compact(self) -> None:
         with self._lock:

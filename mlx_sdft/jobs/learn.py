@@ -1,0 +1,221 @@
+"""`mlx-sdft learn`, `rollback` and `forget`: the adapter versions in --home change only here,
+one command at a time (store/versions.py's lock).
+
+learn: the lessons in state `new` + replay of earlier learned lessons → SDFT from the current
+version's adapters (jobs.train.run_train) in a candidate folder → the gate (jobs/gate.py) →
+accepted: current.json points at it in one rename and its lessons become `learned`; rejected:
+the folder is kept with the reason, current and the lessons' states stay as they were.
+
+A killed run leaves only `versions/.tmp-*` (removed by the next run) and never touches
+current.json; an error while building (a full disk) removes the candidate and changes nothing.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import shutil
+import time
+from pathlib import Path
+
+from mlx_sdft.config import LearnConfig
+from mlx_sdft.errors import InputError, Rejected, TrainingError
+from mlx_sdft.store import lessons, versions
+from mlx_sdft.store.db import Store
+
+
+def _say(console, line: str) -> None:
+    if console is not None:
+        console.print(line, highlight=False)
+
+
+def run_learn(cfg: LearnConfig, console=None) -> dict:
+    """Learn the new lessons; returns the new version's record (Rejected when the gate says no)."""
+    home = Path(cfg.home).expanduser()
+    with versions.locked(home) as stale, Store(home) as store:
+        _start(home, stale, console)
+        new = store.lessons("new")
+        if not new:
+            raise InputError(f"{home}: no new lessons to learn (add some with teach or serve; see mlx-sdft lessons)")
+        return build(home, store, cfg, versions.current(home), new, "learn", console)
+
+
+def _start(home: Path, stale: int | None, console) -> None:
+    if stale is not None:
+        _say(console, f"took over the lock of pid {stale}, which did not finish (killed?)")
+    for name in versions.clean_candidates(home):
+        _say(console, f"removed {name}, the unfinished candidate of a run that did not finish")
+
+
+def replay(pool: list[dict], new: int, ratio: float, seed: int) -> list[dict]:
+    """round(ratio × new) earlier lessons drawn without replacement (all of them when fewer), by id."""
+    count = min(len(pool), round(ratio * new))
+    return sorted(random.Random(seed).sample(pool, count), key=lambda r: r["id"])
+
+
+def _shape(home: Path, parent: int) -> dict:
+    """A version continues its parent's adapters, so it keeps their type, layers and rank."""
+    if not parent:
+        return {}
+    config = json.loads((versions.version_dir(home, parent) / "adapter_config.json").read_text())
+    return {k: config[k] for k in ("fine_tune_type", "num_layers", "lora_parameters") if k in config}
+
+
+def build(home: Path, store: Store, cfg: LearnConfig, parent: int, new: list[dict], why: str, console) -> dict:
+    """Train `new` (+ replay) from version `parent`, gate it against `parent`, keep it as the next
+    version, and make it current when it passes. Call with the lock held."""
+    from mlx_sdft.formats.checkpoint import package_versions
+    from mlx_sdft.jobs.train import run_train
+
+    parent_record = versions.record(home, parent)
+    model = cfg.model or parent_record.get("model")
+    if not model:
+        raise InputError("--model: required (no earlier version names the model)")
+    learned = {r["id"]: r for r in store.lessons("learned")}
+    earlier = [learned[i] for i in parent_record["includes"] if i in learned]
+    number = versions.next_number(home)
+    replayed = replay(earlier, len(new), cfg.replay_ratio, cfg.seed + number)
+    shape = _shape(home, parent)
+    folder = versions.start_candidate(home, number)
+    data = folder / "lessons.jsonl"
+    resume = versions.version_dir(home, parent) / "adapters.safetensors" if parent else None
+    started = time.time()
+    try:
+        data.write_text("".join(json.dumps(lessons.to_line(r), ensure_ascii=False) + "\n" for r in new + replayed),
+                        encoding="utf-8")
+        train_cfg = cfg.train_config(model, str(data), str(folder / "run"), str(resume) if resume else None, **shape)
+        _say(console, f"version {number}: {len(new)} new lessons + {len(replayed)} replayed, from version {parent} ({why})")
+        last = run_train(train_cfg, console=console)
+        data.unlink()  # the lessons' text stays in the store only (forget can then erase it)
+        for name in versions.ADAPTER_FILES:
+            shutil.copy2(folder / "run" / name, folder / name)
+        shutil.copy2(folder / "run" / "metrics.jsonl", folder / "metrics.jsonl")
+        shutil.rmtree(folder / "run")  # checkpoints and optimizer state: not needed once the version exists
+        _say(console, f"version {number}: gate against version {parent}")
+        result = _gate(home, cfg, train_cfg, parent, parent_record, folder, new, earlier)
+        record = {"parent": parent, "created": started, "finished": time.time(), "why": why, "model": model,
+                  "method": train_cfg.method, "lessons": [r["id"] for r in new],
+                  "replayed": [r["id"] for r in replayed],
+                  "includes": sorted({*parent_record["includes"], *(r["id"] for r in new)}),
+                  "accepted": result["passed"], "reason": result["failed"], "gate": result,
+                  "train": {k: v for k, v in (last or {}).items() if isinstance(v, (int, float))},
+                  "options": {**cfg.to_dict(), **shape, "model": model}, "mlx_sdft": package_versions()}
+        versions.finish_candidate(home, folder, number, record)
+    except OSError as e:  # a full disk, a folder that cannot be written: nothing changed for the user
+        shutil.rmtree(folder, ignore_errors=True)
+        raise TrainingError(f"{getattr(e, 'filename', None) or folder}: {e.strerror or e}; "
+                            f"current version {parent} unchanged") from None
+    except BaseException:
+        shutil.rmtree(folder, ignore_errors=True)
+        raise
+    if not result["passed"]:
+        raise Rejected(f"version {number} rejected by {result['failed']}; current version stays {parent}")
+    versions.set_current(home, number)
+    store.set_state(record["lessons"], "learned")
+    _say(console, f"version {number} accepted and current (lessons {record['lessons']} learned)")
+    return versions.record(home, number)
+
+
+def _gate(home: Path, cfg: LearnConfig, train_cfg, parent: int, parent_record: dict, folder: Path,
+          new: list[dict], earlier: list[dict]) -> dict:
+    import dataclasses
+
+    import mlx.core as mx
+
+    from mlx_sdft.formats.models import attach_adapters, load, load_tokenizer, resolve
+    from mlx_sdft.jobs.gate import canary_key, check
+
+    gate_cfg = dataclasses.replace(cfg, teacher_template=train_cfg.teacher_template, chat_template=train_cfg.chat_template)
+    model_path = resolve(train_cfg.model, train_cfg.dequantize)
+    tokenizer = load_tokenizer(model_path, train_cfg.chat_template)
+    model = load(model_path)
+    base = attach_adapters(model, train_cfg.fine_tune_type, train_cfg.num_layers, train_cfg.lora_parameters)
+    current = {**base, **mx.load(str(versions.version_dir(home, parent) / "adapters.safetensors"))} if parent else base
+    candidate = {**base, **mx.load(str(folder / "adapters.safetensors"))}
+    known = parent_record.get("gate", {})
+    reuse = known.get("canary") if known.get("canary_key") == canary_key(gate_cfg) else None
+    model.eval()
+    return check(model, tokenizer, base, current, candidate, new, earlier, gate_cfg, reuse)
+
+
+def run_rollback(cfg, console=None) -> list[str]:
+    """Point current.json at VERSION (default: the current version's parent) after checking its
+    files against their recorded sha256; lessons follow: what it includes is `learned`, the rest `new`."""
+    home = Path(cfg.home).expanduser()
+    with versions.locked(home) as stale, Store(home) as store:
+        _start(home, stale, console)
+        now = versions.current(home)
+        if cfg.version is None and not now:
+            raise InputError(f"{home}: the current version is 0 (no adapters); nothing to roll back")
+        target = cfg.version if cfg.version is not None else versions.record(home, now)["parent"] or 0
+        record = versions.verify(home, target)
+        versions.set_current(home, target)
+        includes = set(record["includes"])
+        undone = [r["id"] for r in store.lessons("learned") if r["id"] not in includes]
+        store.set_state(undone, "new")
+        store.set_state(sorted(includes), "learned")
+    lines = [f"current version: {target} (was {now})"]
+    if undone:
+        lines.append(f"lessons {undone} are new again: learn will train on them, unless deleted (mlx-sdft lessons delete ID)")
+    return lines
+
+
+def run_forget(cfg, console=None) -> list[str]:
+    """Delete a lesson and its exchange; erase the weights of every version that learned it; when the
+    current version did, go back to the newest ancestor that did not and rebuild on it the other
+    lessons learned since (same options, same gate)."""
+    home = Path(cfg.home).expanduser()
+    with versions.locked(home) as stale, Store(home) as store:
+        _start(home, stale, console)
+        row = store.lesson(cfg.lesson)
+        if row is None:
+            raise InputError(f"lesson {cfg.lesson}: no such lesson in {store.path} (see mlx-sdft lessons)")
+        now = versions.current(home)
+        store.delete_lesson(cfg.lesson)
+        if row["exchange_id"]:
+            store.delete_exchange(row["exchange_id"])
+        store.compact()
+        why = f"lesson {cfg.lesson} forgotten"
+        tainted = [r["version"] for r in versions.records(home) if cfg.lesson in r["includes"]]
+        for number in tainted:
+            versions.erase(home, number, why)
+        lines = [f"deleted lesson {cfg.lesson} and its exchange; erased the weights of versions {tainted or 'none'}"]
+        if now not in tainted:
+            return lines + [f"current version {now} never learned it: unchanged"]
+        chain = versions.lineage(home, now)
+        base = next(v for v in chain if v not in tainted)
+        versions.set_current(home, base)
+        now_record, base_record = versions.record(home, now), versions.record(home, base)
+        redo = [i for i in now_record["includes"] if i not in base_record["includes"] and i != cfg.lesson]
+        store.set_state(redo, "new")
+        lines.append(f"current version: {base} (the newest one without lesson {cfg.lesson})")
+        rows = [r for r in store.lessons("new") if r["id"] in redo]
+        if not rows:
+            return lines
+        options = LearnConfig(**{**now_record["options"], "home": str(home)}).validate()
+        try:
+            record = build(home, store, options, base, rows, f"rebuild without lesson {cfg.lesson} "
+                           f"(version {now}), replaying lessons {redo}", console)
+        except Rejected as e:
+            raise Rejected(f"{lines[0]}; current version {base}; the rebuild failed: {e}") from None
+    return lines + [f"rebuilt lessons {redo} as version {record['version']}, now current"]
+
+
+def run_versions(cfg, console=None) -> list[str]:
+    """One line per version (or the records as JSON): lineage, lessons, gate numbers, decision."""
+    home = Path(cfg.home).expanduser()
+    records, now = versions.records(home), versions.current(home)
+    if cfg.json:
+        return [json.dumps({"current": now, "versions": records}, ensure_ascii=False, indent=1)]
+    lines = [f"current: {now}" + ("" if records else f" (no versions in {home} yet; see mlx-sdft learn)")]
+    for r in records:
+        g = r.get("gate", {})
+        state = "erased" if r.get("erased") else "accepted" if r["accepted"] else "rejected"
+        lines.append(
+            f"{'*' if r['version'] == now else ' '} {r['version']:>4}  parent {r['parent']:>4}  {state:<8}  "
+            f"{time.strftime('%Y-%m-%d %H:%M', time.localtime(r['created']))}  lessons {r['lessons']} "
+            f"+ replayed {len(r['replayed'])}  new fit {g['new_lessons']['change']:+.3f}  earlier fit "
+            f"{g['earlier_lessons']['change']:+.3f}  canary KL {g['canary_kl']['candidate']:.4f}  degenerate "
+            f"{g['canary_degenerate_rate']['candidate']:.2f}  {r['why']}"
+            + (f"  REJECTED: {r['reason']}" if not r["accepted"] else ""))
+    return lines

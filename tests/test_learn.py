@@ -1,0 +1,261 @@
+"""`mlx-sdft learn / versions / rollback / forget` as a user runs them, on the tiny model: the gate
+accepting and rejecting, serve switching to the accepted version, bit-exact rollback, forget
+erasing a lesson everywhere, the lock, and kill -9 during learn."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from mlx_sdft.cli import app
+from mlx_sdft.config import FEEDBACK_TEMPLATE
+from mlx_sdft.store import lessons, versions
+from mlx_sdft.store.db import Store
+
+runner = CliRunner()
+# Small and fast; the tiny model is random, so the canary (KL from the base, degenerate answers)
+# is loosened except where a test forces it. --method sft: on a random model the demonstration's
+# likelihood (gate 1) rises for SFT, not reliably for SDFT's self-samples.
+FAST = ("--num-layers", "-1", "--batch-size", "2", "--iters", "6", "--learning-rate", "3e-3", "--method", "sft",
+        "--max-completion-length", "8", "--gate-prompts", "4", "--gate-max-tokens", "8")
+LOOSE = ("--gate-max-kl-rise", "100", "--gate-max-degenerate-rise", "1", "--gate-tolerance", "100")
+
+
+def _lessons(home: Path, *words: str, exchange: bool = False) -> list[int]:
+    """Demonstration lessons "Say W." -> "W W W." (with a stored exchange each when asked)."""
+    with Store(home) as store:
+        ids = []
+        for w in words:
+            prompt = [{"role": "user", "content": f"Say {w}."}]
+            if exchange:
+                ex = store.add_exchange(messages=prompt, answer="no", model="m", version=0, sampling={},
+                                        finish_reason="stop", prompt_tokens=3, completion_tokens=1)
+                ids.append(store.add_lesson(**lessons.from_exchange(store.exchange(ex), "demonstration", f"{w} {w} {w}.")))
+            else:
+                ids.append(store.add_lesson(kind="demonstration", prompt=prompt, text=f"{w} {w} {w}."))
+        return ids
+
+
+def _learn(home, model, *extra):
+    return runner.invoke(app, ["learn", "--home", str(home), "--model", str(model), *FAST, *extra])
+
+
+def _states(home) -> dict:
+    with Store(home) as store:
+        return {r["id"]: r["state"] for r in store.lessons()}
+
+
+def _hashes(folder: Path) -> dict:
+    return {name: versions.sha256(folder / name) for name in versions.ADAPTER_FILES}
+
+
+def test_learn_accepts_and_serve_answers_with_the_new_version(tiny_model, tmp_path):
+    import mlx.core as mx
+    from mlx_lm import generate, load
+
+    from mlx_sdft.core.prompts import encode_examples
+    from mlx_sdft.jobs.check import demonstration_loglik
+    from test_serve import serving
+
+    home = tmp_path / "home"
+    first = _lessons(home, "red", "blue", "green")
+    with serving(tiny_model, home) as served:
+        assert served.chat(max_tokens=12)["system_fingerprint"] == "adapters-v0"
+        result = _learn(home, tiny_model, *LOOSE)
+        assert result.exit_code == 0, result.output
+        assert versions.current(home) == 1 and _states(home) == {i: "learned" for i in first}
+        body = served.chat(max_tokens=12)  # the next request is answered by the accepted version
+        assert body["system_fingerprint"] == "adapters-v1"
+
+    record = versions.record(home, 1)
+    assert record["accepted"] and record["parent"] == 0 and record["lessons"] == first and record["replayed"] == []
+    assert record["files"] == _hashes(versions.version_dir(home, 1))
+    assert not (versions.version_dir(home, 1) / "lessons.jsonl").exists()  # lesson text stays in the store
+    new = record["gate"]["new_lessons"]
+    assert new["change"] == pytest.approx(new["candidate"] - new["current"]) and new["change"] > 0
+    # The model mlx-lm loads from the version folder is the candidate the gate measured, and serve's answer is its answer.
+    model, tokenizer = load(str(tiny_model), adapter_path=str(versions.version_dir(home, 1)))
+    with Store(home) as store:
+        rows = [store.lesson(i) for i in first]
+    pairs = encode_examples(tokenizer, [lessons.to_example(r) for r in rows], "{question}{demonstration}", 2048)
+    fits = demonstration_loglik(model, pairs, "student", 8)
+    assert fits == pytest.approx([new["per_lesson"][str(i)][1] for i in first], abs=1e-4)
+    text = tokenizer.apply_chat_template([{"role": "user", "content": "Hi there?"}], add_generation_prompt=True,
+                                         tokenize=False)
+    mx.random.seed(0)
+    assert body["choices"][0]["message"]["content"] == generate(model, tokenizer, text, max_tokens=12)
+
+    more = _lessons(home, "cyan", "pink")  # a second update: from version 1, replaying earlier lessons 1:1
+    result = _learn(home, tiny_model, *LOOSE)
+    assert result.exit_code == 0, result.output
+    record = versions.record(home, 2)
+    assert record["parent"] == 1 and record["lessons"] == more and len(record["replayed"]) == 2
+    assert set(record["replayed"]) <= set(first) and record["includes"] == sorted(first + more)
+    assert record["gate"]["earlier_lessons"]["lessons"] == 3 and record["options"]["replay_ratio"] == 1.0
+    listing = runner.invoke(app, ["versions", "--home", str(home)])
+    assert listing.exit_code == 0 and "current: 2" in listing.output and "accepted" in listing.output
+    as_json = json.loads(runner.invoke(app, ["versions", "--home", str(home), "--json"]).output)
+    assert as_json["current"] == 2 and [v["version"] for v in as_json["versions"]] == [1, 2]
+    assert _learn(home, tiny_model).exit_code == 2  # nothing new to learn: bad input, nothing written
+    assert versions.numbers(home) == [1, 2]
+
+
+def test_a_failed_gate_changes_nothing_and_exits_nonzero(tiny_model, tmp_path):
+    home = tmp_path / "home"
+    ids = _lessons(home, "red", "blue")
+    versions.set_current(home, 0)
+    pointer = (home / versions.CURRENT).read_bytes()
+    result = _learn(home, tiny_model, *LOOSE, "--gate-max-kl-rise", "0")  # any move away from the base fails
+    assert result.exit_code == 3
+    lines = [line for line in result.stderr.splitlines() if line.startswith("mlx-sdft learn: error:")]
+    assert len(lines) == 1 and "gate 3 (canary KL)" in lines[0] and "current version stays 0" in lines[0]
+    assert (home / versions.CURRENT).read_bytes() == pointer and versions.current(home) == 0
+    assert _states(home) == {i: "new" for i in ids}
+    record = versions.record(home, 1)  # the candidate is kept, with the reason
+    assert record["accepted"] is False and record["reason"].startswith("gate 3 (canary KL)")
+    assert record["gate"]["canary_kl"]["current"] == 0.0 < record["gate"]["canary_kl"]["candidate"]
+    assert runner.invoke(app, ["rollback", "--home", str(home), "1"]).exit_code == 2  # never served
+
+    result = _learn(home, tiny_model, *LOOSE, "--gate-min-gain", "1000")  # gate 1 forced
+    assert result.exit_code == 3 and "gate 1 (new lessons)" in result.stderr
+    assert versions.current(home) == 0 and versions.numbers(home) == [1, 2]
+
+
+def test_rollback_is_atomic_and_bit_exact(tiny_model, tmp_path):
+    home = tmp_path / "home"
+    first = _lessons(home, "red", "blue")
+    assert _learn(home, tiny_model, *LOOSE).exit_code == 0
+    built = _hashes(versions.version_dir(home, 1))
+    second = _lessons(home, "green")
+    assert _learn(home, tiny_model, *LOOSE).exit_code == 0
+    assert versions.current(home) == 2 and _hashes(versions.version_dir(home, 2)) != built
+
+    result = runner.invoke(app, ["rollback", "--home", str(home)])  # default: the parent
+    assert result.exit_code == 0, result.output
+    assert versions.current(home) == 1 and _hashes(versions.version_dir(home, versions.current(home))) == built
+    assert _states(home) == {**{i: "learned" for i in first}, **{i: "new" for i in second}}
+    assert runner.invoke(app, ["rollback", "--home", str(home), "0"]).exit_code == 0
+    assert versions.current(home) == 0 and set(_states(home).values()) == {"new"}
+    assert runner.invoke(app, ["rollback", "--home", str(home), "2"]).exit_code == 0  # forward again
+    assert versions.current(home) == 2 and set(_states(home).values()) == {"learned"}
+    with open(versions.version_dir(home, 1) / "adapters.safetensors", "r+b") as fid:  # one byte changed on disk
+        fid.seek(-1, os.SEEK_END)
+        last = fid.read(1)
+        fid.seek(-1, os.SEEK_END)
+        fid.write(bytes([last[0] ^ 1]))
+    result = runner.invoke(app, ["rollback", "--home", str(home), "1"])
+    assert result.exit_code == 2 and "sha256 differs" in result.stderr and versions.current(home) == 2
+    assert runner.invoke(app, ["rollback", "--home", str(home), "7"]).exit_code == 2
+
+
+def _everything(home: Path) -> bytes:
+    return b"".join(p.read_bytes() for p in home.rglob("*") if p.is_file())
+
+
+def test_forget_removes_the_lesson_everywhere_and_rebuilds_without_it(tiny_model, tmp_path):
+    home = tmp_path / "home"
+    gone, kept = _lessons(home, "vermilion", "blue", exchange=True)
+    assert _learn(home, tiny_model, *LOOSE).exit_code == 0
+    later = _lessons(home, "green")
+    assert _learn(home, tiny_model, *LOOSE).exit_code == 0
+    with Store(home) as store:
+        exchange = store.lesson(gone)["exchange_id"]
+    assert b"vermilion" in _everything(home)
+
+    result = runner.invoke(app, ["forget", "--home", str(home), str(gone)])
+    assert result.exit_code == 0, result.output
+    assert b"vermilion" not in _everything(home)  # not in the store, its WAL, any version folder or record
+    with Store(home) as store:
+        assert store.lesson(gone)["state"] == "deleted" and store.exchange(exchange) is None
+        lessons.export(store, tmp_path / "out.jsonl")
+    assert "vermilion" not in (tmp_path / "out.jsonl").read_text()
+    for v in (1, 2):  # both versions learned it: their weights are erased, their records say why
+        assert versions.record(home, v)["erased"] == f"lesson {gone} forgotten"
+        assert not (versions.version_dir(home, v) / "adapters.safetensors").exists()
+    rebuilt = versions.record(home, 3)
+    assert versions.current(home) == 3 and rebuilt["parent"] == 0 and rebuilt["accepted"]
+    assert sorted(rebuilt["lessons"]) == [kept, *later] and gone not in rebuilt["includes"]
+    assert f"without lesson {gone}" in rebuilt["why"] and rebuilt["options"]["gate_max_kl_rise"] == 100
+    assert _states(home) == {kept: "learned", later[0]: "learned"}
+    assert runner.invoke(app, ["rollback", "--home", str(home), "2"]).exit_code == 2  # erased: never served again
+
+
+def _holder(home: Path) -> subprocess.Popen:
+    code = ("import sys, time; from mlx_sdft.store import versions\n"
+            "with versions.locked(sys.argv[1]):\n    print('held', flush=True); time.sleep(600)")
+    proc = subprocess.Popen([sys.executable, "-c", code, str(home)], stdout=subprocess.PIPE, text=True)
+    assert proc.stdout.readline().strip() == "held"
+    return proc
+
+
+def test_one_learn_at_a_time_and_a_stale_lock_is_taken_over(tiny_model, tmp_path):
+    home = tmp_path / "home"
+    _lessons(home, "red", "blue")
+    proc = _holder(home)
+    try:
+        result = _learn(home, tiny_model, *LOOSE)
+        assert result.exit_code == 1 and f"pid {proc.pid}" in result.stderr and "running" in result.stderr
+        assert not (home / "versions").exists()
+    finally:
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait()
+    assert (home / versions.LOCK).read_text().strip() == str(proc.pid)  # the killed holder's pid is left behind
+    result = _learn(home, tiny_model, *LOOSE)
+    assert result.exit_code == 0, result.output
+    assert f"took over the lock of pid {proc.pid}" in result.stderr
+    assert (home / versions.LOCK).read_text() == ""  # released cleanly
+
+
+def test_kill_9_during_learn_leaves_current_and_the_next_learn_starts_clean(tiny_model, tmp_path):
+    home = tmp_path / "home"
+    ids = _lessons(home, "red", "blue")
+    assert _learn(home, tiny_model, *LOOSE).exit_code == 0
+    built = _hashes(versions.version_dir(home, 1))
+    more = _lessons(home, "green")
+    pointer = (home / versions.CURRENT).read_bytes()
+    args = [sys.executable, "-m", "mlx_sdft", "learn", "--home", str(home), "--model", str(tiny_model), *FAST, *LOOSE,
+            "--iters", "100000"]
+    proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.time() + 120
+        while not list((home / "versions").glob(".tmp-*/run/metrics.jsonl")):  # training is under way
+            assert proc.poll() is None and time.time() < deadline
+            time.sleep(0.05)
+    finally:
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait()
+    assert (home / versions.CURRENT).read_bytes() == pointer and versions.numbers(home) == [1]
+    assert _hashes(versions.version_dir(home, 1)) == built and _states(home)[more[0]] == "new"
+    result = _learn(home, tiny_model, *LOOSE)
+    assert result.exit_code == 0, result.output
+    assert "unfinished candidate" in result.stderr and not list((home / "versions").glob(".tmp-*"))
+    assert versions.current(home) == 2 and versions.record(home, 2)["parent"] == 1
+    assert set(_states(home).values()) == {"learned"} and len(_states(home)) == len(ids) + 1
+
+
+def test_feedback_lessons_are_gated_by_the_teacher_student_divergence(tiny_model, tmp_path):
+    home = tmp_path / "home"
+    with Store(home) as store:
+        store.add_lesson(kind="feedback", prompt=[{"role": "user", "content": "Name a fruit."}], answer="A car.",
+                         text="a fruit, please", teacher_template=FEEDBACK_TEMPLATE)
+    result = runner.invoke(app, ["learn", "--home", str(home), "--model", str(tiny_model), *FAST[:-8], *LOOSE,
+                                 "--max-completion-length", "8", "--gate-prompts", "4", "--gate-max-tokens", "8",
+                                 "--gate-min-gain", "-1000"])
+    assert result.exit_code == 0, result.output
+    new = versions.record(home, 1)["gate"]["new_lessons"]
+    assert new["lessons"] == 1 and new["current"] < 0 and new["candidate"] < 0  # minus a KL: negative, finite
+
+
+def test_learn_options_are_checked_before_anything_loads(tmp_path):
+    for flags, message in ((["--replay-ratio", "-1"], "--replay-ratio"), (["--gate-prompts", "0"], "--gate-prompts"),
+                           (["--learning-rate", "0"], "--learning-rate")):
+        result = runner.invoke(app, ["learn", "--home", str(tmp_path / "h"), "--model", "x", *flags])
+        assert result.exit_code == 2 and message in result.stderr, result.output
+    result = runner.invoke(app, ["learn", "--home", str(tmp_path / "h")])  # no model and no earlier version
+    assert result.exit_code == 2
