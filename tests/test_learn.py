@@ -259,3 +259,21 @@ def test_learn_options_are_checked_before_anything_loads(tmp_path):
         assert result.exit_code == 2 and message in result.stderr, result.output
     result = runner.invoke(app, ["learn", "--home", str(tmp_path / "h")])  # no model and no earlier version
     assert result.exit_code == 2
+
+
+def test_a_full_disk_while_building_changes_nothing(tiny_model, tmp_path, monkeypatch):
+    import errno
+
+    from mlx_sdft.jobs import learn
+
+    home = tmp_path / "home"
+    ids = _lessons(home, "red")
+
+    def full(*args, **kw):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(learn.shutil, "copy2", full)  # training done, the version's files cannot be written
+    result = _learn(home, tiny_model, *LOOSE)
+    assert result.exit_code == 1 and "No space left on device" in result.stderr and "unchanged" in result.stderr
+    assert not (home / versions.CURRENT).exists() and versions.current(home) == 0
+    assert not list((home / "versions").iterdir()) and _states(home) == {ids[0]: "new"}

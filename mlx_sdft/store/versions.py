@@ -94,6 +94,9 @@ def record(home: str | Path, version: int) -> dict:
     try:
         return json.loads(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
+        if (path.parent / "adapter_config.json").is_file():  # adapters put there by hand or another tool
+            return {"version": version, "parent": None, "accepted": True, "includes": [], "lessons": [],
+                    "replayed": [], "why": "not built by learn (no record.json)"}
         raise InputError(f"version {version}: no such version in {Path(home).expanduser() / VERSIONS}") from None
     except (OSError, ValueError) as e:
         raise InputError(f"{path}: unreadable ({type(e).__name__}: {e})") from None
@@ -110,7 +113,7 @@ def update_record(home: str | Path, version: int, **fields) -> dict:
 
 
 def next_number(home: str | Path) -> int:
-    """One past every version and every candidate folder ever started (a number is never reused)."""
+    """One past every finished version and every candidate folder still on disk."""
     root = Path(home).expanduser() / VERSIONS
     started = [int(p.name.split("-")[1]) for p in root.glob(".tmp-*-*") if p.name.split("-")[1].isdigit()]
     return max([0, *numbers(home), *started]) + 1
