@@ -482,10 +482,18 @@ class ServeConfig(Dequantize, ChatTemplate, ModelSource):
                                    "with {question}, {answer} and {followup}.")
     feedback_template: str = _feedback_template()
     redact: list = _redact()
+    learn_every: int = _opt(0, "Run `mlx-sdft learn` in the background whenever this many new lessons have arrived "
+                            "(0: never); the server answers from the current version meanwhile.")
+    learn_config: str | None = _opt(None, "YAML file of learn options for --learn-every.", path=True)
 
     def validate(self) -> ServeConfig:
         _check_groups(self)
         _positive(self, ("max_tokens",))
+        if self.learn_every < 0:
+            raise InputError(f"--learn-every: must be >= 0, got {self.learn_every}")
+        if self.learn_config is not None:
+            self.learn_config = str(Path(self.learn_config).resolve())
+            read_yaml(self.learn_config, LearnConfig)
         if not 0 <= self.port < 65536:
             raise InputError(f"--port: must be in [0, 65535], got {self.port}")
         if self.host not in LOOPBACK and not self.api_key:

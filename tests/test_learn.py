@@ -277,3 +277,26 @@ def test_a_full_disk_while_building_changes_nothing(tiny_model, tmp_path, monkey
     assert result.exit_code == 1 and "No space left on device" in result.stderr and "unchanged" in result.stderr
     assert not (home / versions.CURRENT).exists() and versions.current(home) == 0
     assert not list((home / "versions").iterdir()) and _states(home) == {ids[0]: "new"}
+
+
+def test_serve_learns_in_the_background_every_n_lessons(tiny_model, tmp_path):
+    from test_serve import serving
+
+    options = dict(zip(FAST[::2], FAST[1::2])) | dict(zip(LOOSE[::2], LOOSE[1::2]))
+    config = tmp_path / "learn.yaml"
+    config.write_text("".join(f"{k[2:].replace('-', '_')}: {v}\n" for k, v in options.items()))
+    home = tmp_path / "home"
+    with serving(tiny_model, home, "--learn-every", "2", "--learn-config", config) as served:
+        for word in ("red", "blue"):
+            body = served.chat([{"role": "user", "content": f"Say {word}."}])
+            status, _ = served.call("/v1/feedback", {"id": body["id"], "answer": f"{word} {word}."})
+            assert status == 200
+        deadline = time.time() + 120
+        while versions.current(home) != 1:  # the background learn is gated and accepted
+            assert time.time() < deadline, (home / "learn.log").read_text()
+            time.sleep(0.1)
+        assert served.chat()["system_fingerprint"] == "adapters-v1"
+        assert "learning in the background" in served.log.read_text()
+        while set(_states(home).values()) != {"learned"}:  # the child marks them right after the switch
+            assert time.time() < deadline
+            time.sleep(0.1)

@@ -34,10 +34,14 @@ def run_learn(cfg: LearnConfig, console=None) -> dict:
     home = Path(cfg.home).expanduser()
     with versions.locked(home) as stale, Store(home) as store:
         _start(home, stale, console)
+        current = versions.current(home)
+        # A run killed between switching current.json and marking its lessons learned: finish that.
+        store.set_state([r["id"] for r in store.lessons("new") if r["id"] in versions.record(home, current)["includes"]],
+                        "learned")
         new = store.lessons("new")
         if not new:
             raise InputError(f"{home}: no new lessons to learn (add some with teach or serve; see mlx-sdft lessons)")
-        return build(home, store, cfg, versions.current(home), new, "learn", console)
+        return build(home, store, cfg, current, new, "learn", console)
 
 
 def _start(home: Path, stale: int | None, console) -> None:

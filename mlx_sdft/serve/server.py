@@ -22,6 +22,7 @@ from mlx_sdft.config import ServeConfig
 from mlx_sdft.errors import InputError
 from mlx_sdft.serve import openai
 from mlx_sdft.serve.engine import Engine
+from mlx_sdft.serve.learner import Learner
 from mlx_sdft.serve.openai import BadRequest
 from mlx_sdft.store import lessons
 from mlx_sdft.store.db import Store, new_exchange_id
@@ -164,6 +165,7 @@ class Handler(BaseHTTPRequestHandler):
         except InputError as e:
             raise BadRequest(str(e), param="id") from None
         lesson_id = store.add_lesson(**lesson)
+        self.server.learner.poke(len(store.lessons("new")))
         self._json(200, {"object": "lesson", "id": lesson_id, "kind": kind, "exchange": exchange["id"], "state": "new"})
 
 
@@ -171,7 +173,7 @@ class Server(ThreadingHTTPServer):
     daemon_threads = True
 
     def __init__(self, cfg: ServeConfig, engine: Engine, store: Store):
-        self.cfg, self.engine, self.store = cfg, engine, store
+        self.cfg, self.engine, self.store, self.learner = cfg, engine, store, Learner(cfg)
         super().__init__((cfg.host, cfg.port), Handler)
 
     def keep(self, request: openai.ChatRequest, answer: str, last, id: str | None = None) -> str:
@@ -183,6 +185,7 @@ class Server(ThreadingHTTPServer):
         if self.cfg.hindsight and (earlier := self.store.continued(request.messages)):
             follow_up = request.messages[-1]["content"]
             self.store.add_lesson(**lessons.from_exchange(earlier, "hindsight", follow_up, self.cfg.hindsight_template))
+            self.learner.poke(len(self.store.lessons("new")))
         return id
 
 
