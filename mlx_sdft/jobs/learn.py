@@ -196,7 +196,8 @@ def run_forget(cfg, console=None) -> list[str]:
         if not rows:
             return lines
         known = {f.name for f in dataclasses.fields(LearnConfig)}  # options of another mlx-sdft release: its own
-        options = LearnConfig(**{k: v for k, v in now_record["options"].items() if k in known}, home=str(home)).validate()
+        options = LearnConfig(**{**{k: v for k, v in now_record["options"].items() if k in known},
+                                 "home": str(home)}).validate()
         try:
             record = build(home, store, options, base, rows, f"rebuild without lesson {cfg.lesson} "
                            f"(version {now}), replaying lessons {redo}", console)
