@@ -311,3 +311,23 @@ def test_versions_lists_a_version_folder_not_built_by_learn(tmp_path):
     result = runner.invoke(app, ["versions", "--home", str(home)])
     assert result.exit_code == 0 and "current: 1" in result.output and "(no gate)" in result.output
     assert "not built by learn" in result.output
+
+
+def test_forget_a_hindsight_lesson_deletes_the_exchange_that_continued_it(tmp_path):
+    from mlx_sdft.config import HINDSIGHT_TEMPLATE
+
+    home = tmp_path / "home"
+    first = [{"role": "user", "content": "Plan my week."}]
+    with Store(home) as store:
+        args = dict(model="m", version=0, sampling={}, finish_reason="stop", prompt_tokens=3, completion_tokens=2)
+        earlier = store.add_exchange(messages=first, answer="Work hard.", **args)
+        follow = [*first, {"role": "assistant", "content": "Work hard."}, {"role": "user", "content": "Too vague, xylophone."}]
+        later = store.add_exchange(messages=follow, answer="Sorry.", **args)
+        other = store.add_exchange(messages=first, answer="Rest.", **args)
+        lesson = store.add_lesson(**lessons.from_exchange(store.exchange(earlier), "hindsight", "Too vague, xylophone.",
+                                                          HINDSIGHT_TEMPLATE))
+    result = runner.invoke(app, ["forget", "--home", str(home), str(lesson)])
+    assert result.exit_code == 0, result.output
+    with Store(home) as store:
+        assert store.exchange(earlier) is None and store.exchange(later) is None and store.exchange(other)
+    assert b"xylophone" not in _everything(home)

@@ -175,8 +175,8 @@ def run_forget(cfg, console=None) -> list[str]:
             raise InputError(f"lesson {cfg.lesson}: no such lesson in {store.path} (see mlx-sdft lessons)")
         now = versions.current(home)
         store.delete_lesson(cfg.lesson)
-        if row["exchange_id"]:
-            store.delete_exchange(row["exchange_id"])
+        for exchange in _exchanges_of(store, row):
+            store.delete_exchange(exchange)
         store.compact()
         why = f"lesson {cfg.lesson} forgotten"
         tainted = [r["version"] for r in versions.records(home) if cfg.lesson in r["includes"]]
@@ -204,6 +204,17 @@ def run_forget(cfg, console=None) -> list[str]:
         except Rejected as e:
             raise Rejected(f"{lines[0]}; current version {base}; the rebuild failed: {e}") from None
     return lines + [f"rebuilt lessons {redo} as version {record['version']}, now current"]
+
+
+def _exchanges_of(store: Store, row: dict) -> list[str]:
+    """The exchanges holding a lesson's text: its source, and for a hindsight lesson the request that
+    continued it (the source's messages, its answer, then the follow-up)."""
+    ids = [row["exchange_id"]] if row["exchange_id"] else []
+    if row["kind"] == "hindsight" and row["state"] != "deleted":
+        turns = [*row["prompt"], {"role": "assistant", "content": row["answer"]}, {"role": "user", "content": row["text"]}]
+        want = [(m.get("role"), m.get("content")) for m in turns]
+        ids += [e["id"] for e in store.exchanges() if [(m.get("role"), m.get("content")) for m in e["messages"]] == want]
+    return ids
 
 
 def run_versions(cfg, console=None) -> list[str]:
