@@ -586,7 +586,9 @@ class LearnConfig(Config):
                                 "must beat the current version's by more than this.")
     gate_tolerance: float = _opt(0.05, "Gate 2, earlier lessons: the candidate's lesson fit may fall below the "
                                  "current version's by at most this (nats/token).")
-    gate_max_kl_rise: float = _opt(0.05, "Gate 3, canary: KL(base‖candidate) on the general prompts may exceed "
+    # 0.1: recipes/retention-small measured KL 0.12-0.16 after 24 SDFT steps at lr 1e-4 on SmolLM2-135M,
+    # and recipes/personal's first run saw a useful 12-step update (new-lesson fit +0.39) at 0.054.
+    gate_max_kl_rise: float = _opt(0.1, "Gate 3, canary: KL(base‖candidate) on the general prompts may exceed "
                                    "KL(base‖current) by at most this (nats/token).")
     gate_max_degenerate_rise: float = _opt(0.1, "Gate 3, canary: the degenerate rate of greedy answers to the general "
                                            "prompts may exceed the current version's by at most this.")
