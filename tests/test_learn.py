@@ -331,3 +331,25 @@ def test_forget_a_hindsight_lesson_deletes_the_exchange_that_continued_it(tmp_pa
     with Store(home) as store:
         assert store.exchange(earlier) is None and store.exchange(later) is None and store.exchange(other)
     assert b"xylophone" not in _everything(home)
+
+
+@pytest.mark.parametrize("command", ["learn", "versions", "rollback", "forget"])
+def test_readme_and_help_list_every_option(command):
+    import dataclasses
+    import re
+
+    from conftest import ROOT
+    from mlx_sdft.config import Config, ForgetConfig, LearnConfig, RollbackConfig, VersionsConfig, cli_fields
+
+    options = {"learn": LearnConfig, "versions": VersionsConfig, "rollback": RollbackConfig, "forget": ForgetConfig}[command]
+    readme = (ROOT / "README.md").read_text()
+    shown = re.sub(r"\x1b\[[0-9;]*m", "", runner.invoke(app, [command, "--help"], env={"COLUMNS": "200"}).output)
+    train = {f.name for f in dataclasses.fields(Config)} - {"model"}  # test_cli checks those in README
+    for f in cli_fields(options):
+        flag = f"--{f.name.replace('_', '-')}"
+        if not f.metadata["argument"]:
+            assert f.name in train or f"`{flag}`" in readme, flag
+            assert flag in shown, flag
+    if command == "learn":  # learn sets the paths itself
+        for flag in ("--data", "--adapter-path", "--resume-adapter-file", "--resume", "--dry-run"):
+            assert f"{flag} " not in shown, flag
