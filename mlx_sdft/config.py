@@ -571,7 +571,7 @@ class LearnConfig(Config):
     Every `train` option applies (same defaults) except the paths, which learn sets."""
 
     model: str | None = _opt(None, "The base model (as for serve) [default: the model the current version was "
-                             "trained from].")
+                             "trained from].", path=True)
     data: str | None = _opt(None, "Set by learn: the lessons.", cli=False)
     adapter_path: str = _opt("adapters", "Set by learn: the candidate folder.", cli=False)
     resume_adapter_file: str | None = _opt(None, "Set by learn: the current version's adapters.", cli=False)

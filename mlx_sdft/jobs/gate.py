@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import mlx.core as mx
 
-from mlx_sdft.core.losses import kl, log_softmax
+from mlx_sdft.core.losses import kl_of_logits
 from mlx_sdft.core.prompts import encode_examples
 from mlx_sdft.core.rollout import sample
 from mlx_sdft.core.scoring import completion_logits, completion_mask
@@ -41,10 +41,11 @@ def feedback_fit(model, pairs, stops: list[int], max_tokens: int, temperature: f
         rollout = sample(model, [pair.student_ids], [max_tokens], stops, temperature=temperature, batch_size=1,
                          seeds=[seed + i])
         completion = rollout.completions[0]
-        student_BTV = log_softmax(completion_logits(model, [pair.student_ids], [completion]) / temperature)
-        teacher_BTV = log_softmax(completion_logits(model, [pair.teacher_ids], [completion]) / temperature)
+        student_BTV = completion_logits(model, [pair.student_ids], [completion]) / temperature
+        teacher_BTV = completion_logits(model, [pair.teacher_ids], [completion]) / temperature
         mask_BT = completion_mask([len(completion)])
-        out.append(-((kl(teacher_BTV, student_BTV) * mask_BT).sum() / mask_BT.sum()).item())
+        kl_BT = kl_of_logits(teacher_BTV, student_BTV)[0]
+        out.append(-((kl_BT * mask_BT).sum() / mask_BT.sum()).item())
     return out
 
 

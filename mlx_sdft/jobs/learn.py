@@ -125,14 +125,14 @@ def _gate(home: Path, cfg: LearnConfig, train_cfg, parent: int, parent_record: d
           new: list[dict], earlier: list[dict]) -> dict:
     import mlx.core as mx
 
-    from mlx_sdft.formats.models import attach_adapters, load, load_tokenizer, resolve
+    from mlx_sdft.formats.models import Adapters, open_model, open_tokenizer
     from mlx_sdft.jobs.gate import canary_key, check
 
     gate_cfg = dataclasses.replace(cfg, teacher_template=train_cfg.teacher_template, chat_template=train_cfg.chat_template)
-    model_path = resolve(train_cfg.model, train_cfg.dequantize)
-    tokenizer = load_tokenizer(model_path, train_cfg.chat_template)
-    model = load(model_path)
-    base = attach_adapters(model, train_cfg.fine_tune_type, train_cfg.num_layers, train_cfg.lora_parameters)
+    model_path, tokenizer = open_tokenizer(train_cfg.model, chat_template=train_cfg.chat_template,
+                                           dequantize=train_cfg.dequantize)
+    model, base = open_model(model_path, adapters=Adapters(train_cfg.fine_tune_type, train_cfg.num_layers,
+                                                           train_cfg.lora_parameters))
     current = {**base, **mx.load(str(versions.version_dir(home, parent) / "adapters.safetensors"))} if parent else base
     candidate = {**base, **mx.load(str(folder / "adapters.safetensors"))}
     known = parent_record.get("gate", {})
