@@ -571,12 +571,13 @@ class LearnConfig(Config):
     Every `train` option applies (same defaults) except the paths, which learn sets."""
 
     model: str | None = _opt(None, "The base model (as for serve) [default: the model the current version was "
-                             "trained from].", path=True)
+                             f"trained from; without a version, {DEFAULT_MODEL}].", path=True)
     data: str | None = _opt(None, "Set by learn: the lessons.", cli=False)
     adapter_path: str = _opt("adapters", "Set by learn: the candidate folder.", cli=False)
     resume_adapter_file: str | None = _opt(None, "Set by learn: the current version's adapters.", cli=False)
     resume: bool = _opt(False, "Not for learn.", cli=False)
     dry_run: bool = _opt(False, "Not for learn.", cli=False)
+    overwrite: bool = _opt(False, "Not for learn: every candidate is a new folder.", cli=False)
     home: str = _home()
     # Replay: Chaudhry et al. 2019 ("tiny episodic memories") mix memory and new data 1:1 in every
     # batch; with a handful of personal lessons that is as many earlier lessons as new ones.

@@ -351,5 +351,5 @@ def test_readme_and_help_list_every_option(command):
             assert f.name in train or f"`{flag}`" in readme, flag
             assert flag in shown, flag
     if command == "learn":  # learn sets the paths itself
-        for flag in ("--data", "--adapter-path", "--resume-adapter-file", "--resume", "--dry-run"):
-            assert f"{flag} " not in shown, flag
+        for flag in ("--data", "--adapter-path", "--resume-adapter-file", "--resume", "--dry-run", "--overwrite"):
+            assert not re.search(rf"^[│|]?\s*{flag}\s", shown, re.M), flag

@@ -19,7 +19,7 @@ import shutil
 import time
 from pathlib import Path
 
-from mlx_sdft.config import LearnConfig
+from mlx_sdft.config import DEFAULT_MODEL, LearnConfig
 from mlx_sdft.errors import InputError, Rejected, TrainingError
 from mlx_sdft.store import lessons, versions
 from mlx_sdft.store.db import Store
@@ -73,9 +73,7 @@ def build(home: Path, store: Store, cfg: LearnConfig, parent: int, new: list[dic
     from mlx_sdft.jobs.train import run_train
 
     parent_record = versions.record(home, parent)
-    model = cfg.model or parent_record.get("model")
-    if not model:
-        raise InputError("--model: required (no earlier version names the model)")
+    model = cfg.model or parent_record.get("model") or DEFAULT_MODEL
     learned = {r["id"]: r for r in store.lessons("learned")}
     earlier = [learned[i] for i in parent_record["includes"] if i in learned]
     number = versions.next_number(home)
