@@ -1,6 +1,6 @@
 """`mlx-sdft`: parse flags, validate, call the library. No math and no loops here.
 
-Each command's flags are generated from its options dataclass in config.py, so every default
+Each command's flags are generated from its options dataclass in mlx_sdft.config, so every default
 and help text is written once. Every command runs through `_one_line_errors`, where `EXIT_STATUS`
 turns what a job raises into one line and an exit status.
 """

@@ -1,0 +1,90 @@
+"""The options of `eval`, `check`, `generate` and `export`."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from mlx_sdft.config.options import (
+    Answers, ChatTemplate, DataSource, Dequantize, ModelSource, SKIP_FIRST_TOKENS, SystemPrompt,
+    TeacherTemplate, _check_groups, _opt, _positive, _required,
+)
+from mlx_sdft.errors import InputError
+
+
+@dataclass
+class EvalConfig(SystemPrompt, ChatTemplate, Answers, DataSource, ModelSource):
+    """`mlx-sdft eval`: task metrics on held-out demonstrations, and retention."""
+
+    adapter_path: str | None = _opt(None, "Adapter folder to evaluate; without it, the base model.")
+    metric: str = _opt("normalized", "exact, normalized, regex, choice, or module:function.")
+    answer_regex: str | None = _opt(None, "For --metric regex: the answer is group 1 (or the match).")
+    batch_size: int = _opt(8, "Prompts generated together.")
+    output: str | None = _opt(None, "Folder for predictions.jsonl and summary.json [default: ADAPTER_PATH/eval or eval].")
+    retention: bool = _opt(True, "With --adapter-path: measure KL(base‖adapted) on general prompts.")
+    general_prompts: str | None = _opt(None, "JSONL of {\"prompt\": ...} for retention [default: the bundled 100].",
+                                       path=True)
+    num_general_prompts: int = _opt(16, "How many general prompts to use (100: the whole bundled set, a steadier "
+                                    "retention estimate for ~9x the time with --retention-max-tokens 64).")
+    retention_max_tokens: int = _opt(32, "Tokens the base model samples per general prompt.")
+    general_max_tokens: int = _opt(128, "Most tokens per greedy answer to a general prompt (the degenerate rate).")
+    prior_text: str | None = _opt(None, "JSONL of {\"text\": ...}: perplexity before and after the adapters.", path=True)
+    seed: int = _opt(0, "Random seed for the base model's samples.")
+
+    def validate(self) -> EvalConfig:
+        _check_groups(self)
+        _positive(self, ("batch_size", "num_general_prompts", "retention_max_tokens", "general_max_tokens"))
+        return self
+
+
+@dataclass
+class CheckConfig(SystemPrompt, TeacherTemplate, ChatTemplate, Answers, DataSource, ModelSource):
+    """`mlx-sdft check`: does the demonstration in context make the model better (the teacher)?"""
+
+    num_examples: int = _opt(32, "Demonstrations to check (the first N).")
+    metric: str | None = _opt(None, "Also score greedy answers under both contexts with this metric.")
+    answer_regex: str | None = _opt(None, "For --metric regex.")
+    num_samples: int = _opt(16, "Student completions to sample (first N prompts, at most --max-tokens) and score "
+                            "under the teacher.")
+    skip_first_tokens: int = _opt(SKIP_FIRST_TOKENS, "The --skip-first-tokens you will train with (for its warning).")
+    batch_size: int = _opt(8, "Prompts scored together.")
+    output: str | None = _opt(None, "Folder to write check.json to (the numbers, the verdict and the example answers).")
+
+    def validate(self) -> CheckConfig:
+        _check_groups(self)
+        _positive(self, ("num_examples", "num_samples", "batch_size"))
+        if self.skip_first_tokens < 0:
+            raise InputError(f"--skip-first-tokens: must be >= 0, got {self.skip_first_tokens}")
+        return self
+
+
+@dataclass
+class GenerateConfig(SystemPrompt, ChatTemplate, Answers, ModelSource):
+    """`mlx-sdft generate`: one answer with the chat template, with or without adapters."""
+
+    prompt: str | None = _opt(None, "The user message.")
+    adapter_path: str | None = _opt(None, "Adapter folder.")
+    temperature: float = _opt(0.0, "0 for greedy.")
+
+    def validate(self) -> GenerateConfig:
+        _check_groups(self)
+        _required(self, ("prompt",))
+        if not self.temperature >= 0:
+            raise InputError(f"--temperature: must be >= 0, got {self.temperature}")
+        return self
+
+
+@dataclass
+class ExportConfig(Dequantize, ModelSource):
+    """`mlx-sdft export`: the model with its adapters, for llama.cpp/Ollama/LM Studio, PEFT or mlx-lm."""
+
+    adapter_path: str | None = _opt(None, "Adapter folder to fuse in (gguf, mlx) or convert (peft); without it, the model alone.")
+    format: str | None = _opt(None, "gguf (llama.cpp, Ollama, LM Studio), peft (Hugging Face PEFT adapters) or mlx "
+                              "(an mlx-lm folder); not given: gguf when --out ends in .gguf, else mlx.", ("gguf", "peft", "mlx"))
+    out: str | None = _opt(None, "The .gguf file (with a Modelfile beside it), or the folder, to write.")
+    outtype: str = _opt("f16", "GGUF weight type for matrices (norms stay float32).", ("f16", "q8_0"))
+    force: bool = _opt(False, "Replace --out (and the Modelfile beside a .gguf) if it exists.")
+
+    def validate(self) -> ExportConfig:
+        _check_groups(self)
+        _required(self, ("out",))
+        return self

@@ -1,0 +1,219 @@
+"""The options of personal adaptation: `serve`, `teach`, `lessons`, `learn`, `versions`, `rollback`,
+`forget` (one store and its adapter versions under --home)."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+from mlx_sdft.config.options import (
+    ChatTemplate, DEFAULT_HOME, DEFAULT_MODEL, Dequantize, FEEDBACK_TEMPLATE, HINDSIGHT_TEMPLATE, ModelSource,
+    _check_groups, _opt, _positive, _regexes, _template,
+)
+from mlx_sdft.config.train import Config
+from mlx_sdft.errors import InputError
+from mlx_sdft.yaml_file import read_yaml
+
+
+def _home():
+    return _opt(DEFAULT_HOME, "Folder of the personal store (store.db) and the adapter versions (versions/, current.json).")
+
+
+def _feedback_template():
+    return _opt(FEEDBACK_TEMPLATE, "Teacher prompt of feedback lessons (/v1/feedback, teach --feedback): a string or "
+                "a file, with {question}, {answer} and {feedback}.")
+
+
+def _redact():
+    return _opt([], "Mask what this regular expression matches before anything is stored (repeatable).")
+
+
+@dataclass
+class ServeConfig(Dequantize, ChatTemplate, ModelSource):
+    """`mlx-sdft serve`: an OpenAI-compatible server that keeps every exchange in --home."""
+
+    home: str = _home()
+    host: str = _opt("127.0.0.1", "Address to listen on; any but this machine's loopback requires --api-key.")
+    port: int = _opt(8080, "Port to listen on (0: a free one, printed at start).")
+    api_key: str | None = _opt(None, "Require the header `Authorization: Bearer KEY` on every request.")
+    max_tokens: int = _opt(512, "Most tokens per answer when a request does not say.")
+    temperature: float = _opt(0.7, "Sampling temperature when a request does not say (0: greedy).")
+    top_p: float = _opt(1.0, "Nucleus sampling mass when a request does not say.")
+    hindsight: bool = _opt(False, "When a request continues an earlier exchange, store the user's follow-up as a "
+                           "hindsight lesson on that exchange.")
+    hindsight_template: str = _opt(HINDSIGHT_TEMPLATE, "Teacher prompt of hindsight lessons: a string or a file, "
+                                   "with {question}, {answer} and {followup}.")
+    feedback_template: str = _feedback_template()
+    redact: list = _redact()
+    learn_every: int = _opt(0, "Run `mlx-sdft learn` in the background whenever this many new lessons have arrived "
+                            "(0: never); the server answers from the current version meanwhile.")
+    learn_config: str | None = _opt(None, "YAML file of learn options for --learn-every.", path=True)
+
+    def validate(self) -> ServeConfig:
+        _check_groups(self)
+        _positive(self, ("max_tokens",))
+        if self.learn_every < 0:
+            raise InputError(f"--learn-every: must be >= 0, got {self.learn_every}")
+        if self.learn_config is not None:
+            self.learn_config = str(Path(self.learn_config).resolve())
+            read_yaml(self.learn_config, LearnConfig)
+        if not 0 <= self.port < 65536:
+            raise InputError(f"--port: must be in [0, 65535], got {self.port}")
+        if self.host not in LOOPBACK and not self.api_key:
+            raise InputError(f"--api-key: required to listen on {self.host!r} (only {', '.join(LOOPBACK)} may go without)")
+        if self.temperature < 0 or not 0 < self.top_p <= 1:
+            raise InputError("--temperature: must be >= 0" if self.temperature < 0 else "--top-p: must be in (0, 1]")
+        _template(self, "hindsight_template", ("question", "answer", "followup"))
+        _template(self, "feedback_template", ("question", "answer", "feedback"))
+        _regexes(self.redact)
+        return self
+
+
+LOOPBACK = ("127.0.0.1", "localhost", "::1")
+
+
+@dataclass
+class TeachConfig:
+    """`mlx-sdft teach`: list the stored exchanges and turn one into a lesson."""
+
+    exchange: str | None = _opt(None, "The exchange to correct: its id (the completion id; see --list).", argument=True)
+    home: str = _home()
+    list: bool = _opt(False, "List the stored exchanges, newest first.")
+    limit: int = _opt(20, "How many exchanges --list shows.")
+    answer: str | None = _opt(None, "The answer you wanted: a demonstration lesson.")
+    feedback: str | None = _opt(None, "What was wrong with the answer, in words: a feedback lesson.")
+    import_file: str | None = _opt(None, "Add every example of a .jsonl file (the formats `train` reads) as lessons.",
+                                   flag="--import")
+    forget_exchanges: bool = _opt(False, "Delete every stored exchange (lessons stay) and compact the store.")
+    yes: bool = _opt(False, "Delete without asking.")
+    feedback_template: str = _feedback_template()
+    redact: list = _redact()
+
+    def validate(self) -> TeachConfig:
+        if not self.exchange and (self.answer is not None or self.feedback is not None):
+            raise InputError("--answer/--feedback: name the exchange they correct (see --list)")
+        actions = [name for name, on in (("--list", self.list), ("EXCHANGE", self.exchange),
+                                         ("--import", self.import_file), ("--forget-exchanges", self.forget_exchanges)) if on]
+        if len(actions) != 1:
+            raise InputError("give one of EXCHANGE (with --answer or --feedback), --list, --import, --forget-exchanges"
+                             + (f" (got {', '.join(actions)})" if actions else ""))
+        if self.exchange and (self.answer is None) == (self.feedback is None):
+            raise InputError(f"{self.exchange}: give one of --answer, --feedback")
+        for name in ("answer", "feedback"):
+            if getattr(self, name) is not None and not getattr(self, name).strip():
+                raise InputError(f"--{name}: must not be blank")
+        _positive(self, ("limit",))
+        _template(self, "feedback_template", ("question", "answer", "feedback"))
+        _regexes(self.redact)
+        return self
+
+
+@dataclass
+class LessonsConfig:
+    """`mlx-sdft lessons`: what the model will learn from, and deleting it."""
+
+    lesson: int | None = _opt(None, "The lesson's id.", argument=True)
+    home: str = _home()
+    json: bool = _opt(False, "Print the lessons as JSON.")
+    state: str | None = _opt(None, "Only lessons in this state (without it: all but deleted).", ("new", "learned", "deleted"))
+    export: str | None = _opt(None, "Write the lessons as .jsonl for `mlx-sdft train --data` instead of listing them.")
+    yes: bool = _opt(False, "Purge without asking.")
+
+    def validate(self) -> LessonsConfig:
+        if self.state is not None and self.state not in ("new", "learned", "deleted"):
+            raise InputError(f"--state: {self.state!r} is not one of new, learned, deleted")
+        return self
+
+
+# ---- personal adaptation, part 2: learn, versions, rollback, forget ----
+
+
+@dataclass
+class LearnConfig(Config):
+    """`mlx-sdft learn`: the new lessons in --home plus replay -> a candidate version -> the gate.
+    Every `train` option applies (same defaults) except the paths, which learn sets."""
+
+    model: str | None = _opt(None, "The base model (as for serve) [default: the model the current version was "
+                             f"trained from; without a version, {DEFAULT_MODEL}].", path=True)
+    data: str | None = _opt(None, "Set by learn: the lessons.", cli=False)
+    adapter_path: str = _opt("adapters", "Set by learn: the candidate folder.", cli=False)
+    resume_adapter_file: str | None = _opt(None, "Set by learn: the current version's adapters.", cli=False)
+    resume: bool = _opt(False, "Not for learn.", cli=False)
+    dry_run: bool = _opt(False, "Not for learn.", cli=False)
+    overwrite: bool = _opt(False, "Not for learn: every candidate is a new folder.", cli=False)
+    home: str = _home()
+    # Replay: Chaudhry et al. 2019 ("tiny episodic memories") mix memory and new data 1:1 in every
+    # batch; with a handful of personal lessons that is as many earlier lessons as new ones.
+    replay_ratio: float = _opt(1.0, "Earlier learned lessons replayed per new lesson (drawn at random; all of them "
+                               "when there are fewer).")
+    gate_min_gain: float = _opt(0.0, "Gate 1, new lessons: the candidate's lesson fit (nats/token, higher is closer) "
+                                "must beat the current version's by more than this.")
+    gate_tolerance: float = _opt(0.05, "Gate 2, earlier lessons: the candidate's lesson fit may fall below the "
+                                 "current version's by at most this (nats/token).")
+    # 0.1: recipes/retention-small measured KL 0.12-0.16 after 24 SDFT steps at lr 1e-4 on SmolLM2-135M,
+    # and recipes/personal's first run saw a useful 12-step update (new-lesson fit +0.39) at 0.054.
+    gate_max_kl_rise: float = _opt(0.1, "Gate 3, canary: KL(base‖candidate) on the general prompts may exceed "
+                                   "KL(base‖current) by at most this (nats/token).")
+    gate_max_degenerate_rise: float = _opt(0.1, "Gate 3, canary: the degenerate rate of greedy answers to the general "
+                                           "prompts may exceed the current version's by at most this.")
+    gate_prompts: int = _opt(32, "General prompts (the bundled ones) in the canary.")
+    gate_max_tokens: int = _opt(64, "Tokens per canary answer and per fresh sample of a feedback lesson.")
+
+    def validate(self) -> LearnConfig:
+        _positive(self, ("gate_prompts", "gate_max_tokens"))
+        for name in ("replay_ratio", "gate_tolerance", "gate_max_kl_rise", "gate_max_degenerate_rise"):
+            if not (getattr(self, name) >= 0 and math.isfinite(getattr(self, name))):
+                raise InputError(f"--{name.replace('_', '-')}: must be >= 0, got {getattr(self, name)}")
+        if not math.isfinite(self.gate_min_gain):
+            raise InputError(f"--gate-min-gain: must be finite, got {self.gate_min_gain}")
+        checked = self.train_config(self.model or "-", "-", "-")  # the train options, before anything loads
+        self.teacher_template, self.chat_template = checked.teacher_template, checked.chat_template
+        return self
+
+    def train_config(self, model: str, data: str, adapter_path: str, resume_adapter_file: str | None = None,
+                     **shape) -> Config:
+        """The `train` options of this run, with learn's paths (and the current version's adapter shape)."""
+        values = {f.name: getattr(self, f.name) for f in dataclasses.fields(Config)}
+        values.update(model=model, data=data, adapter_path=adapter_path, resume_adapter_file=resume_adapter_file,
+                      resume=False, dry_run=False, **shape)
+        return Config(**values).validate()
+
+
+@dataclass
+class VersionsConfig:
+    """`mlx-sdft versions`: the lineage of adapter versions in --home."""
+
+    home: str = _home()
+    json: bool = _opt(False, "Print the version records as JSON.")
+
+    def validate(self) -> VersionsConfig:
+        return self
+
+
+@dataclass
+class RollbackConfig:
+    """`mlx-sdft rollback`: point current.json back at an accepted version."""
+
+    version: int | None = _opt(None, "The version to serve (0: no adapters) [default: the current version's parent].",
+                               argument=True)
+    home: str = _home()
+
+    def validate(self) -> RollbackConfig:
+        if self.version is not None and self.version < 0:
+            raise InputError(f"VERSION: must be >= 0, got {self.version}")
+        return self
+
+
+@dataclass
+class ForgetConfig:
+    """`mlx-sdft forget`: delete a lesson and rebuild the current version without it."""
+
+    lesson: int | None = _opt(None, "The lesson's id (see mlx-sdft lessons).", argument=True)
+    home: str = _home()
+
+    def validate(self) -> ForgetConfig:
+        if self.lesson is None:
+            raise InputError("LESSON-ID: required (see mlx-sdft lessons)")
+        return self

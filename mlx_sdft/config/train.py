@@ -1,0 +1,150 @@
+"""`mlx-sdft train`'s options (Config), and which of them `--resume` may change."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass
+
+from mlx_sdft.config.options import (
+    BUDGET_FLOOR, ChatTemplate, DIVERGENCES, DataSource, Dequantize, ModelSource, SKIP_FIRST_TOKENS,
+    SystemPrompt, TeacherTemplate, _check_groups, _opt, _positive,
+)
+from mlx_sdft.errors import InputError
+
+
+# Options --resume may change: what is reported or saved when, and how the same numbers are
+# computed (the preflight may itself switch fuse_sampling and logits_chunk). All others define the run.
+RESUME_MAY_CHANGE = frozenset({
+    "adapter_path", "resume", "overwrite", "dry_run", "steps_per_report", "steps_per_eval", "val_batches",
+    "save_every", "max_bad_steps", "report_to", "project_name", "fuse_sampling", "logits_chunk", "grad_checkpoint",
+})
+
+
+@dataclass
+class Config(SystemPrompt, TeacherTemplate, ChatTemplate, DataSource, Dequantize, ModelSource):
+    # What to train on and where to write (model, dequantize, data, max_seq_length and the
+    # templates come from the groups above).
+    adapter_path: str = _opt("adapters", "Output folder for adapters, checkpoints and metrics.")
+    method: str = _opt("sdft", "sdft, or sft: plain next-token cross-entropy on the demonstrations, to compare.", ("sdft", "sft"))
+
+    # Which weights train (mlx-lm's LoRA layers and file format).
+    fine_tune_type: str = _opt("lora", "Adapter type.", ("lora", "dora", "full"))
+    num_layers: int = _opt(16, "Number of transformer blocks (from the last) to adapt; -1 for all.")
+    lora_parameters: dict = _opt(
+        {"rank": 8, "scale": 20.0, "dropout": 0.0},
+        "LoRA rank, scale and dropout (mlx-lm's defaults); YAML only.",
+        cli=False,
+    )
+    resume_adapter_file: str | None = _opt(None, "Start from these adapter weights (mlx-lm style).")
+    resume: bool = _opt(False, "Continue the run saved in --adapter-path: adapters, optimizer, teacher, data position.")
+    overwrite: bool = _opt(False, "Start a new run in an --adapter-path that holds one: its run files are deleted first.")
+
+    # Optimization (AdamW with weight decay 0, cosine schedule with warmup, clip 1.0: the paper's).
+    batch_size: int = _opt(4, "Prompts per micro-batch.")
+    grad_accumulation_steps: int = _opt(1, "Micro-batches per optimizer step.")
+    iters: int | None = _opt(None, "Optimizer steps; overrides --epochs when given.")
+    epochs: float = _opt(2.0, "Passes over the training prompts (paper: 2).")
+    learning_rate: float = _opt(1e-5, "Peak learning rate.")
+    optimizer: str = _opt("adamw", "Optimizer.", ("adamw", "adam", "sgd"))
+    weight_decay: float = _opt(0.0, "AdamW weight decay.")
+    warmup_ratio: float = _opt(0.1, "Fraction of steps of linear warmup before the cosine decay.")
+    grad_clip: float = _opt(1.0, "Clip the global gradient norm to this (0 disables).")
+    seed: int = _opt(0, "Random seed for data order, LoRA init and sampling.")
+    grad_checkpoint: bool = _opt(False, "Recompute activations in the backward pass to save memory "
+                                 "(the student's pass only: sampling and the teacher run plain).")
+
+    # SDFT.
+    teacher: str = _opt("ema", "Teacher weights: EMA of the student, the base model, or the student.", ("ema", "base", "live"))
+    teacher_update_rate: float = _opt(0.01, "EMA rate r: teacher <- (1 - r) teacher + r student, after every step.")
+    divergence: str = _opt("forward", "forward = KL(teacher‖student), reverse = KL(student‖teacher), jsd.", DIVERGENCES)
+    beta: float = _opt(0.5, "JSD mixture weight of the teacher (--divergence jsd).")
+    num_generations: int = _opt(1, "Sampled completions per prompt.")
+    fuse_sampling: bool = _opt(True, "Sample with the LoRA adapters fused into a copy of their base weights: faster "
+                               "decoding for the memory of the copy (off when the memory estimate would not fit).")
+    max_completion_length: int = _opt(1024, "Most tokens sampled per completion.")
+    temperature: float = _opt(1.0, "Sampling temperature (also divides the scored logits).")
+    top_p: float = _opt(1.0, "Nucleus sampling mass.")
+    skip_first_tokens: int = _opt(SKIP_FIRST_TOKENS, "Completion tokens at the start left out of the loss.")
+    logits_chunk: int = _opt(0, "Score the completion this many positions at a time: the [B, T, V] logits of student "
+                             "and teacher are never whole in memory, for a second LM-head pass in the backward. 0: at "
+                             "once (the preflight picks 16 when only a chunked run fits).")
+    topk: int | None = _opt(None, "Score on the teacher's top-K tokens plus a tail bucket (less memory); default: the full vocabulary.")
+
+    # Guards against a collapsing student (core/guards.py); all off by default.
+    completion_budget: float | None = _opt(None, f"Sample at most max({BUDGET_FLOOR}, ceil(M x demonstration tokens)) "
+                                           "per example, capped by --max-completion-length; default: the cap.")
+    truncated: str = _opt("keep", "A completion truncated without a stop token: keep it in the loss, or mask it out.", ("keep", "mask"))
+    sft_weight: float = _opt(0.0, "Add this x the SFT cross-entropy on the demonstration (0: pure SDFT).")
+    base_kl_weight: float = _opt(0.0, "Add this x KL(base||student) per token on the student's samples (0: none).")
+    max_degenerate_rise: float | None = _opt(None, "Stop when a report's degenerate rate exceeds the first report's by "
+                                             "more than this; the last good report's adapters are kept. Default: never.")
+
+    # Reporting and saving.
+    steps_per_report: int = _opt(10, "Optimizer steps between report lines.")
+    log_completions: int = _opt(2, "Every report, write this many sampled completions (prompt, completion, truncated, "
+                                "loss) to completions.jsonl in --adapter-path and show one (SDFT; 0: none).")
+    steps_per_eval: int = _opt(200, "Optimizer steps between validations (teacher-student divergence).")
+    val_batches: int = _opt(25, "Validation batches; -1 for the whole valid split.")
+    max_bad_steps: int = _opt(3, "Stop after this many non-finite steps in a row (each is skipped).")
+    save_every: int = _opt(100, "Optimizer steps between checkpoints.")
+    report_to: str | None = _opt(None, "Also log to this service.", ("wandb",))
+    project_name: str | None = _opt(None, "Project name for --report-to.")
+    dry_run: bool = _opt(False, "Check the input and print the memory estimate; load no weights.")
+
+    def validate(self) -> Config:
+        """Raise InputError naming the flag for any bad value; return self for chaining."""
+
+        def bad(name: str, why: str):
+            raise InputError(f"--{name.replace('_', '-')}: {why}")
+
+        _check_groups(self)
+        _positive(self, ("batch_size", "grad_accumulation_steps", "num_generations", "max_completion_length",
+                         "max_bad_steps", "steps_per_report", "steps_per_eval", "save_every",
+                         "learning_rate"))
+        if self.iters is not None and self.iters <= 0:
+            bad("iters", f"must be > 0, got {self.iters}")
+        if not (self.epochs > 0 and math.isfinite(self.epochs)):
+            bad("epochs", f"must be > 0, got {self.epochs}")
+        if not self.temperature > 0:
+            bad("temperature", f"must be > 0, got {self.temperature}")
+        if not 0 < self.top_p <= 1:
+            bad("top_p", f"must be in (0, 1], got {self.top_p}")
+        if not 0 <= self.teacher_update_rate <= 1:
+            bad("teacher_update_rate", f"must be in [0, 1], got {self.teacher_update_rate}")
+        if self.divergence == "jsd" and not 0 < self.beta < 1:
+            bad("beta", f"must be in (0, 1) for jsd, got {self.beta}")
+        if self.topk is not None and self.topk <= 0:
+            bad("topk", f"must be > 0, got {self.topk}")
+        if self.logits_chunk < 0:
+            bad("logits_chunk", f"must be >= 0, got {self.logits_chunk}")
+        if self.completion_budget is not None and not self.completion_budget > 0:
+            bad("completion_budget", f"must be > 0, got {self.completion_budget}")
+        if self.sft_weight < 0 or self.base_kl_weight < 0:
+            bad("sft_weight" if self.sft_weight < 0 else "base_kl_weight", "must be >= 0")
+        if self.base_kl_weight and self.logits_chunk:
+            bad("base_kl_weight", "does not combine with --logits-chunk yet (use --topk to save memory)")
+        if self.max_degenerate_rise is not None and not 0 <= self.max_degenerate_rise < 1:
+            bad("max_degenerate_rise", f"must be in [0, 1), got {self.max_degenerate_rise}")
+        if self.log_completions < 0:
+            bad("log_completions", f"must be >= 0, got {self.log_completions}")
+        if self.skip_first_tokens < 0:
+            bad("skip_first_tokens", f"must be >= 0, got {self.skip_first_tokens}")
+        if self.resume and self.overwrite:
+            bad("overwrite", "cannot be combined with --resume (one continues the saved run, the other deletes it)")
+        if self.method == "sdft" and self.max_completion_length <= self.skip_first_tokens:
+            bad("max_completion_length", f"{self.max_completion_length} <= --skip-first-tokens {self.skip_first_tokens}: "
+                "every sampled token would be left out of the loss and nothing would train")
+        if not (0 <= self.warmup_ratio < 1):
+            bad("warmup_ratio", f"must be in [0, 1), got {self.warmup_ratio}")
+        if self.weight_decay < 0 or self.grad_clip < 0:
+            bad("weight_decay" if self.weight_decay < 0 else "grad_clip", "must be >= 0")
+        if self.num_layers == 0 or self.num_layers < -1:
+            bad("num_layers", f"must be -1 (all) or > 0, got {self.num_layers}")
+        lora = self.lora_parameters
+        if not isinstance(lora, dict) or not {"rank", "scale", "dropout"} <= set(lora):
+            bad("lora_parameters", "needs the keys rank, scale and dropout")
+        return self
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
