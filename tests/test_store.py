@@ -81,6 +81,53 @@ def test_purge_and_forget_leave_no_text_in_the_files(tmp_path):
         assert text not in data
 
 
+def test_delete_leaves_no_text_in_the_files_while_the_server_has_them_open(tmp_path):
+    """The server keeps its connection open: a deleted lesson's text must not stay in the WAL
+    (nor in store.db) until it stops."""
+    with Store(tmp_path) as server, Store(tmp_path) as teach:
+        id = server.add_lesson(kind="import", prompt=[{"role": "user", "content": "q"}], text="my-deleted-demo " * 40)
+        assert server.lesson(id)["text"].startswith("my-deleted-demo")  # read once, as the server would
+        assert b"my-deleted-demo" in _file_bytes(tmp_path)
+        assert teach.delete_lesson(id)
+        assert b"my-deleted-demo" not in _file_bytes(tmp_path)
+        assert server.lesson(id)["state"] == "deleted"
+
+
+def test_redaction_reaches_every_text_in_the_messages(tmp_path):
+    """Tool-call arguments, content parts and tool results are texts too; roles and types are not."""
+    secret = "555-0123"
+    call = {"id": "c1", "type": "function", "function": {"name": "dial", "arguments": f'{{"number": "{secret}"}}'}}
+    messages = [{"role": "user", "content": f"call {secret}"}, {"role": "assistant", "content": None, "tool_calls": [call]},
+                {"role": "tool", "tool_call_id": "c1", "content": f"{secret} is busy"},
+                {"role": "user", "content": "and now?"}]
+    with Store(tmp_path, redact=[r"\d{3}-\d{4}", "function|tool|user"]) as store:
+        row = store.exchange(_exchange(store, messages, answer="ok"))
+        lesson = store.lesson(store.add_lesson(**lessons.from_exchange(row, "demonstration", "fine")))
+    for stored in (row["messages"], lesson["prompt"]):
+        assert stored[1]["tool_calls"][0]["function"]["arguments"] == '{"number": "[REDACTED]"}'
+        assert stored[1]["tool_calls"][0]["type"] == "function" and [m["role"] for m in stored] == [
+            "user", "assistant", "tool", "user"]
+        assert stored[2]["content"] == "[REDACTED] is busy" and stored[0]["content"] == "call [REDACTED]"
+    assert secret.encode() not in _file_bytes(tmp_path)
+
+
+def test_a_damaged_page_is_one_line_not_a_traceback(tmp_path):
+    home = tmp_path / "home"
+    with Store(home) as store:
+        for i in range(40):
+            _exchange(store, [{"role": "user", "content": f"question {i} " * 50}])
+    data = bytearray((home / FILENAME).read_bytes())
+    page = 4096
+    for start in range(2 * page, len(data), page):  # every table page but the schema's
+        data[start + 8: start + 208] = b"\x07" * 200
+    (home / FILENAME).write_bytes(bytes(data))
+    with Store(home) as store, pytest.raises(InputError, match="not a usable store"):
+        store.exchanges()
+    result = _run("teach", "--home", home, "--list")
+    assert result.exit_code == 2 and len(result.stderr.strip().splitlines()) == 1, result.output
+    assert f"{home / FILENAME}: not a usable store" in result.stderr
+
+
 def test_delete_leaves_a_tombstone_and_states_change(tmp_path):
     with Store(tmp_path) as store:
         a, b = store.add_lessons([{"kind": "import", "prompt": MESSAGES, "text": "4"}] * 2)

@@ -32,6 +32,7 @@ BUSY_S = 30.0  # how long a writer waits for another process's lock before givin
 REDACTED = "[REDACTED]"
 KINDS = ("demonstration", "feedback", "hindsight", "import")
 STATES = ("new", "learned", "deleted")
+STRUCTURE = ("role", "type")  # message keys whose values are protocol, not text: never redacted
 
 MIGRATIONS: tuple[tuple[str, ...], ...] = (
     (  # 0 -> 1
@@ -115,14 +116,24 @@ class Store:
     @contextmanager
     def _tx(self):
         """One write transaction, holding the write lock from its start (no upgrade deadlocks)."""
-        with self._lock:
+        with self._lock, self._usable():
             self._con.execute("BEGIN IMMEDIATE")
             try:
                 yield self._con
             except BaseException:
-                self._con.execute("ROLLBACK")
+                if self._con.in_transaction:
+                    self._con.execute("ROLLBACK")
                 raise
             self._con.execute("COMMIT")
+
+    @contextmanager
+    def _usable(self):
+        """A damaged page or a lock held past BUSY_S shows up only when it is read or written:
+        one line naming the file, as at open, not a traceback."""
+        try:
+            yield
+        except sqlite3.DatabaseError as e:
+            raise InputError(f"{self.path}: not a usable store ({e})") from None
 
     def _migrate(self) -> None:
         with self._tx() as con:  # inside the lock, so two processes opening a new store migrate once
@@ -136,7 +147,7 @@ class Store:
             con.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
 
     def _query(self, sql: str, args: tuple = ()) -> list[dict]:
-        with self._lock:
+        with self._lock, self._usable():
             cursor = self._con.execute(sql, args)
             names = [d[0] for d in cursor.description]
             return [_decode(dict(zip(names, row))) for row in cursor.fetchall()]
@@ -147,8 +158,18 @@ class Store:
         return text
 
     def redact_messages(self, messages: list[dict]) -> list[dict]:
-        return [{**m, "content": self.redact(m["content"])} if isinstance(m.get("content"), str) else m
-                for m in messages]
+        """Every text in the messages: contents, content parts, tool-call arguments, names; the
+        structure (`role`, `type` values and every key) is kept."""
+        return [self._redact_value(m) for m in messages] if self._redact else messages
+
+    def _redact_value(self, value, key: str | None = None):
+        if isinstance(value, str):
+            return value if key in STRUCTURE else self.redact(value)
+        if isinstance(value, dict):
+            return {k: self._redact_value(v, k) for k, v in value.items()}
+        if isinstance(value, list):
+            return [self._redact_value(v) for v in value]
+        return value
 
     # ---- exchanges ----------------------------------------------------------------------
 
@@ -244,9 +265,11 @@ class Store:
         """State `deleted`, and its texts blanked: the row stays only as a tombstone (id, kind,
         source exchange, times), so a version that learned it can be told apart."""
         with self._tx() as con:
-            return con.execute("UPDATE lessons SET state = 'deleted', updated = ?, prompt = '[]', tools = NULL, "
-                               "answer = NULL, text = '', teacher_template = NULL WHERE id = ? AND state != 'deleted'",
-                               (time.time(), id)).rowcount == 1
+            deleted = con.execute("UPDATE lessons SET state = 'deleted', updated = ?, prompt = '[]', tools = NULL, "
+                                  "answer = NULL, text = '', teacher_template = NULL WHERE id = ? AND state != 'deleted'",
+                                  (time.time(), id)).rowcount == 1
+        self._checkpoint()  # the WAL still holds the page as it was before: copy back and empty it
+        return deleted
 
     def purge_lessons(self) -> int:
         """Delete every lesson row, whatever its state, and compact the file."""
@@ -260,9 +283,19 @@ class Store:
         self._compact()
 
     def _compact(self) -> None:
-        with self._lock:
+        with self._lock, self._usable():
             self._con.execute("VACUUM")
-            self._con.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+        self._checkpoint()
+
+    def _checkpoint(self) -> None:
+        """Copy the WAL into store.db and truncate it to 0 bytes, so text deleted from the tables
+        (zeroed in store.db by secure_delete) is not left in old WAL frames. Waits up to BUSY_S
+        for another process's reader (the server between two reads)."""
+        with self._lock, self._usable():
+            busy = self._con.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchone()[0]
+        if busy:
+            raise InputError(f"{self.path}: another process kept the store busy for {BUSY_S:.0f} s; the deleted "
+                             f"text may remain in {FILENAME}-wal until it is run again")
 
 
 def _json(value) -> str | None:
