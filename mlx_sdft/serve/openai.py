@@ -4,12 +4,16 @@ No MLX and no sockets here."""
 
 from __future__ import annotations
 
+import math
 import time
 from dataclasses import dataclass
 from typing import Any
 
 from mlx_sdft.core.data import check_messages
 from mlx_sdft.errors import InputError
+
+
+SEED_MAX = 2**64 - 1  # the largest seed mx.random.seed takes
 
 
 class BadRequest(Exception):
@@ -49,7 +53,7 @@ def parse_chat(body: Any, max_tokens: int, temperature: float, top_p: float) -> 
     tools = body.get("tools")
     if tools is not None and not (isinstance(tools, list) and all(isinstance(t, dict) for t in tools)):
         raise BadRequest("tools must be a list of objects", param="tools")
-    if body.get("n", 1) != 1:
+    if body.get("n") not in (None, 1):  # null is "not given", as OpenAI reads it
         raise BadRequest("n: only 1 completion per request", param="n")
     limit = body.get("max_completion_tokens", body.get("max_tokens"))
     request = ChatRequest(
@@ -57,9 +61,10 @@ def parse_chat(body: Any, max_tokens: int, temperature: float, top_p: float) -> 
         max_tokens=_number(limit, max_tokens, "max_tokens", int, 1, None),
         temperature=_number(body.get("temperature"), temperature, "temperature", float, 0.0, 2.0),
         top_p=_number(body.get("top_p"), top_p, "top_p", float, 0.0, 1.0),
-        seed=body.get("seed") if body.get("seed") is None else _number(body.get("seed"), 0, "seed", int, 0, None),
+        seed=body.get("seed") if body.get("seed") is None else _number(body.get("seed"), 0, "seed", int, 0, SEED_MAX),
         stream=_flag(body.get("stream"), "stream"),
-        include_usage=_flag((body.get("stream_options") or {}).get("include_usage"), "stream_options.include_usage"),
+        include_usage=_flag(_object(body.get("stream_options"), "stream_options").get("include_usage"),
+                            "stream_options.include_usage"),
     )
     if request.top_p == 0:
         raise BadRequest("top_p must be > 0", param="top_p")
@@ -79,11 +84,19 @@ def _text_only(message: Any, i: int) -> Any:
 def _number(value: Any, default, name: str, kind: type, low: float, high: float | None):
     if value is None:
         return default
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or (kind is int and value != int(value)):
+    # Python's JSON reads NaN, Infinity and 1e400 (= inf) as floats: none is a setting
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) \
+            or (kind is int and value != int(value)):
         raise BadRequest(f"{name} must be {'an integer' if kind is int else 'a number'}, got {value!r}", param=name)
     if value < low or (high is not None and value > high):
         raise BadRequest(f"{name} must be in [{low}, {high if high is not None else 'inf'}], got {value!r}", param=name)
     return kind(value)
+
+
+def _object(value: Any, name: str) -> dict:
+    if value is not None and not isinstance(value, dict):
+        raise BadRequest(f"{name} must be an object, got {value!r}", param=name)
+    return value or {}
 
 
 def _flag(value: Any, name: str) -> bool:
