@@ -19,6 +19,7 @@ import pytest
 from typer.testing import CliRunner
 
 from mlx_sdft.cli import app
+from mlx_sdft.serve.engine import Piece, until_stop
 from mlx_sdft.store import versions
 from mlx_sdft.store.db import FILENAME, Store
 
@@ -97,7 +98,7 @@ def test_chat_completion_is_the_stored_exchange(server):
     with server.store() as store:
         row = store.exchange(body["id"])
     assert row["messages"] == HELLO and row["answer"] == choice["message"]["content"] and row["version"] == 0
-    assert row["sampling"] == {"temperature": 0.0, "top_p": 1.0, "max_tokens": 5, "seed": 3}
+    assert row["sampling"] == {"temperature": 0.0, "top_p": 1.0, "max_tokens": 5, "seed": 3, "stop": []}
     assert (row["prompt_tokens"], row["completion_tokens"]) == (usage["prompt_tokens"], usage["completion_tokens"])
     status, models = server.call("/v1/models")
     assert status == 200 and models["data"][0]["adapter_version"] == 0
@@ -118,6 +119,43 @@ def test_streamed_completion_matches_and_is_stored(server):
     assert chunks[-1]["choices"] == [] and chunks[-1]["usage"] == whole["usage"]
     with server.store() as store:
         assert store.exchange(chunks[0]["id"])["answer"] == text
+
+
+def test_stop_ends_the_answer_before_the_stop_string(server):
+    """`stop` (editors and agents send it) cuts the answer, streamed or not, and the stored one."""
+    whole = server.chat(max_tokens=12)["choices"][0]["message"]["content"]
+    assert len(whole) >= 4, whole
+    stop = whole[2:4]
+    cut = whole[: whole.find(stop)]
+    body = server.chat(max_tokens=12, stop=[stop, "never-generated"])
+    assert body["choices"][0]["message"]["content"] == cut and body["choices"][0]["finish_reason"] == "stop"
+    status, events = server.call("/v1/chat/completions", {"messages": HELLO, "max_tokens": 12, "temperature": 0,
+                                                          "stream": True, "stop": stop}, stream=True)
+    chunks = [json.loads(e) for e in events[:-1]]
+    assert "".join(c["choices"][0]["delta"].get("content", "") for c in chunks) == cut
+    assert chunks[-1]["choices"][0]["finish_reason"] == "stop"
+    with server.store() as store:
+        for id in (body["id"], chunks[0]["id"]):
+            row = store.exchange(id)
+            assert row["answer"] == cut and row["finish_reason"] == "stop" and stop in row["sampling"]["stop"]
+
+
+def test_until_stop_holds_back_what_may_become_a_stop_string():
+    def pieces(*texts, last="length"):
+        return [Piece(t, None if i < len(texts) - 1 else last, 3, i + 1, 0) for i, t in enumerate(texts)]
+
+    got = list(until_stop(iter(pieces("Hel", "lo <", "/e", "nd> more")), ("</end>",)))
+    assert [p.text for p in got] == ["Hel", "lo ", "", ""] and got[-1].finish_reason == "stop"
+    got = list(until_stop(iter(pieces("a <", "/x", " b")), ("</end>",)))  # "</" was not the stop after all
+    assert "".join(p.text for p in got) == "a </x b" and got[-1].finish_reason == "length"
+    got = list(until_stop(iter(pieces("x <", last="stop")), ("</end>",)))  # held text is sent when generation ends
+    assert [(p.text, p.finish_reason, p.completion_tokens) for p in got] == [("x <", "stop", 1)]
+
+
+@pytest.mark.parametrize("stop", [["a", "b", "c", "d", "e"], "", [""], [5], {"x": 1}])
+def test_bad_stop_is_a_400(server, stop):
+    status, error = server.call("/v1/chat/completions", {"messages": HELLO, "stop": stop})
+    assert status == 400 and error["error"]["param"] == "stop", error
 
 
 def test_feedback_by_id_becomes_a_lesson(server):

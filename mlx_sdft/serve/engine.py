@@ -132,5 +132,24 @@ class Engine:
         if request.seed is not None:
             mx.random.seed(request.seed)
         sampler = make_sampler(temp=request.temperature, top_p=request.top_p)
-        for r in stream_generate(self.model, self.tokenizer, ids, max_tokens=request.max_tokens, sampler=sampler):
-            yield Piece(r.text, r.finish_reason, r.prompt_tokens, r.generation_tokens, self.version)
+        pieces = (Piece(r.text, r.finish_reason, r.prompt_tokens, r.generation_tokens, self.version)
+                  for r in stream_generate(self.model, self.tokenizer, ids, max_tokens=request.max_tokens,
+                                           sampler=sampler))
+        yield from until_stop(pieces, request.stop) if request.stop else pieces
+
+
+def until_stop(pieces: Iterator[Piece], stops: tuple[str, ...]) -> Iterator[Piece]:
+    """The pieces up to (not including) the first stop string, which ends the answer with
+    finish_reason "stop" and stops generating. Text that could still become a stop string is
+    held back until it cannot, so a stream never sends part of one."""
+    held = ""
+    for piece in pieces:
+        held += piece.text
+        hits = [i for i in (held.find(s) for s in stops) if i >= 0]
+        if hits or piece.finish_reason is not None:
+            end, reason = (min(hits), "stop") if hits else (len(held), piece.finish_reason)
+            yield Piece(held[:end], reason, piece.prompt_tokens, piece.completion_tokens, piece.version)
+            return
+        keep = max((k for s in stops for k in range(1, len(s)) if held.endswith(s[:k])), default=0)
+        yield Piece(held[: len(held) - keep], None, piece.prompt_tokens, piece.completion_tokens, piece.version)
+        held = held[len(held) - keep:]

@@ -32,11 +32,13 @@ class ChatRequest:
     temperature: float
     top_p: float
     seed: int | None
+    stop: tuple[str, ...]  # the answer ends before the first of these (finish_reason "stop")
     stream: bool
     include_usage: bool  # stream_options.include_usage: one more chunk with the usage
 
     def sampling(self) -> dict:
-        return {"temperature": self.temperature, "top_p": self.top_p, "max_tokens": self.max_tokens, "seed": self.seed}
+        return {"temperature": self.temperature, "top_p": self.top_p, "max_tokens": self.max_tokens, "seed": self.seed,
+                "stop": list(self.stop)}
 
 
 def parse_chat(body: Any, max_tokens: int, temperature: float, top_p: float) -> ChatRequest:
@@ -62,6 +64,7 @@ def parse_chat(body: Any, max_tokens: int, temperature: float, top_p: float) -> 
         temperature=_number(body.get("temperature"), temperature, "temperature", float, 0.0, 2.0),
         top_p=_number(body.get("top_p"), top_p, "top_p", float, 0.0, 1.0),
         seed=body.get("seed") if body.get("seed") is None else _number(body.get("seed"), 0, "seed", int, 0, SEED_MAX),
+        stop=_stop(body.get("stop")),
         stream=_flag(body.get("stream"), "stream"),
         include_usage=_flag(_object(body.get("stream_options"), "stream_options").get("include_usage"),
                             "stream_options.include_usage"),
@@ -91,6 +94,14 @@ def _number(value: Any, default, name: str, kind: type, low: float, high: float 
     if value < low or (high is not None and value > high):
         raise BadRequest(f"{name} must be in [{low}, {high if high is not None else 'inf'}], got {value!r}", param=name)
     return kind(value)
+
+
+def _stop(value: Any) -> tuple[str, ...]:
+    """`stop`: null, a string or a list of up to 4 non-empty strings (OpenAI's limit)."""
+    stops = [value] if isinstance(value, str) else value if value is not None else []
+    if not (isinstance(stops, list) and len(stops) <= 4 and all(isinstance(x, str) and x for x in stops)):
+        raise BadRequest(f"stop must be a non-empty string or a list of up to 4 of them, got {value!r}", param="stop")
+    return tuple(stops)
 
 
 def _object(value: Any, name: str) -> dict:
