@@ -240,13 +240,21 @@ def test_hindsight_lesson_from_a_follow_up(server):
 def test_api_key_is_required_and_checked(tiny_model, tmp_path):
     result = CliRunner().invoke(app, ["serve", "--model", str(tiny_model), "--host", "0.0.0.0", "--home", str(tmp_path)])
     assert result.exit_code == 2 and "--api-key: required to listen on '0.0.0.0'" in result.stderr
-    with serving(tiny_model, tmp_path / "home", "--api-key", "s3cret") as served:
-        for key in (None, "wrong"):
+    with serving(tiny_model, tmp_path / "home", "--api-key", "s3cret", "--host", "::1") as served:  # IPv6 loopback
+        assert served.url.startswith("http://[::1]:")
+        for key in (None, "wrong", "s3cret2"):
             status, error = served.call("/v1/chat/completions", {"messages": HELLO, "max_tokens": 2}, key=key)
             assert status == 401 and error["error"]["type"] == "authentication_error"
         assert served.call("/v1/models")[0] == 401 and _count(served) == 0
         status, body = served.call("/v1/chat/completions", {"messages": HELLO, "max_tokens": 2}, key="s3cret")
         assert status == 200 and _count(served) == 1
+        for header, status in (("bearer s3cret", 200), ("Basic s3cret", 401), ("s3cret", 401)):  # the scheme's case does not count
+            request = urllib.request.Request(served.url + "/v1/models", headers={"Authorization": header})
+            try:
+                got = urllib.request.urlopen(request, timeout=60).status
+            except urllib.error.HTTPError as e:
+                got = e.code
+            assert got == status, header
 
 
 def _write_version(model_path, home, version: int, rank: int, seed: int) -> None:

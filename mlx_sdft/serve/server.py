@@ -15,6 +15,7 @@ from __future__ import annotations
 import hmac
 import json
 import signal
+import socket
 import sys
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
@@ -61,8 +62,8 @@ class Handler(BaseHTTPRequestHandler):
         key = self.server.cfg.api_key
         if key is None:
             return
-        given = self.headers.get("Authorization", "")
-        if not hmac.compare_digest(given.encode(), f"Bearer {key}".encode()):
+        scheme, _, given = self.headers.get("Authorization", "").strip().partition(" ")
+        if scheme.lower() != "bearer" or not hmac.compare_digest(given.strip().encode(), key.encode()):  # RFC 6750
             raise BadRequest("missing or wrong API key (send the header Authorization: Bearer KEY)", 401,
                              "authentication_error")
 
@@ -174,6 +175,8 @@ class Server(ThreadingHTTPServer):
 
     def __init__(self, cfg: ServeConfig, engine: Engine, store: Store):
         self.cfg, self.engine, self.store, self.learner = cfg, engine, store, Learner(cfg)
+        # the family of the address --host names (http.server assumes IPv4, so "::1" would not bind)
+        self.address_family = socket.getaddrinfo(cfg.host, cfg.port, type=socket.SOCK_STREAM)[0][0]
         super().__init__((cfg.host, cfg.port), Handler)
 
     def keep(self, request: openai.ChatRequest, answer: str, last, id: str | None = None) -> str:
@@ -203,6 +206,7 @@ def run(cfg: ServeConfig) -> None:
         raise InputError(f"--host/--port: cannot listen on {cfg.host}:{cfg.port} ({e.strerror or e})") from None
     signal.signal(signal.SIGTERM, _interrupt)  # stop as Ctrl-C does: the store closes cleanly
     host, port = server.server_address[:2]
+    host = f"[{host}]" if ":" in host else host  # an IPv6 address in a URL
     print(f"mlx-sdft serve: listening on http://{host}:{port}/v1 (model {cfg.model}, adapter version "
           f"{engine.version}, store {store.path})", file=sys.stderr, flush=True)
     try:
