@@ -237,6 +237,26 @@ def test_hindsight_lesson_from_a_follow_up(server):
     assert lesson["prompt"] == [{"role": "user", "content": "Name a colour."}]
 
 
+def test_no_lesson_from_an_exchange_whose_answer_follows_no_user_turn(server):
+    """A lesson's prompt ends with the user's message (as train's prompts do). An exchange that
+    goes on past it (a tool result, an assistant turn) or has none cannot become one: feedback is
+    a 400, and a follow-up to it is answered and stored with no hindsight lesson (was a 500)."""
+    call = {"id": "c1", "type": "function", "function": {"name": "weather", "arguments": "{}"}}
+    tool_ended = [{"role": "user", "content": "Weather?"}, {"role": "assistant", "content": None, "tool_calls": [call]},
+                  {"role": "tool", "tool_call_id": "c1", "content": "sunny"}]
+    for messages in ([{"role": "system", "content": "Be brief."}], tool_ended):
+        with server.store() as store:  # as if the template had rendered them
+            first = store.add_exchange(messages=messages, answer="Fine.", model="m", version=0, sampling={},
+                                       finish_reason="stop", prompt_tokens=3, completion_tokens=1)
+        before = _count(server), _count(server, "lessons")
+        status, error = server.call("/v1/feedback", {"id": first, "answer": "Sunny, 20 degrees."})
+        assert status == 400 and error["error"]["param"] == "id", error
+        body = server.chat([*messages, {"role": "assistant", "content": "Fine."}, {"role": "user", "content": "More."}])
+        with server.store() as store:
+            assert store.exchange(body["id"]) is not None
+        assert (_count(server), _count(server, "lessons")) == (before[0] + 1, before[1])
+
+
 def test_api_key_is_required_and_checked(tiny_model, tmp_path):
     result = CliRunner().invoke(app, ["serve", "--model", str(tiny_model), "--host", "0.0.0.0", "--home", str(tmp_path)])
     assert result.exit_code == 2 and "--api-key: required to listen on '0.0.0.0'" in result.stderr

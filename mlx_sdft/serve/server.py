@@ -186,8 +186,12 @@ class Server(ThreadingHTTPServer):
                                      finish_reason=last.finish_reason, prompt_tokens=last.prompt_tokens,
                                      completion_tokens=last.completion_tokens, id=id)
         if self.cfg.hindsight and (earlier := self.store.continued(request.messages)):
-            follow_up = request.messages[-1]["content"]
-            self.store.add_lesson(**lessons.from_exchange(earlier, "hindsight", follow_up, self.cfg.hindsight_template))
+            try:
+                lesson = lessons.from_exchange(earlier, "hindsight", request.messages[-1]["content"],
+                                               self.cfg.hindsight_template)
+            except InputError:  # the earlier exchange cannot be a lesson (no user turn to end its prompt)
+                return id
+            self.store.add_lesson(**lesson)
             self.learner.poke(len(self.store.lessons("new")))
         return id
 

@@ -22,11 +22,18 @@ SLOT = {"feedback": "feedback", "hindsight": "followup"}  # the context slot tha
 
 
 def prompt_of(messages: list[dict], where: str) -> list[dict]:
-    """An exchange's messages up to and including the last user turn: what the answer answered."""
+    """An exchange's messages, which must end with a user turn, as `train`'s prompts do. Cutting
+    an exchange that goes on (a tool result, an assistant turn) back to its last user turn would
+    teach the answer without what it answered (e.g. without the tool's result), so it is refused."""
     last = max((i for i, m in enumerate(messages) if m.get("role") == "user"), default=None)
     if last is None:
         raise InputError(f"{where}: the exchange has no user message to learn an answer to")
-    return messages[: last + 1]
+    if last < len(messages) - 1:
+        after = ", ".join(m.get("role", "?") for m in messages[last + 1:])
+        raise InputError(f"{where}: the exchange goes on after its last user message ({after}); a lesson's prompt "
+                         "must end with the user's message, so this answer cannot be taught (teach --import a "
+                         "demonstration instead)")
+    return messages
 
 
 def from_exchange(exchange: dict, kind: str, text: str, template: str | None = None) -> dict:
