@@ -202,6 +202,24 @@ def test_bad_requests_get_a_status_and_store_nothing(server, path, body, status,
     assert (_count(server), _count(server, "lessons")) == before
 
 
+def test_a_chunked_body_is_a_411_not_an_empty_one(server):
+    """http.server reads bodies by Content-Length only; a chunked one must not look empty."""
+    import socket
+
+    before = _count(server)
+    host, port = server.url.removeprefix("http://").rsplit(":", 1)
+    body = json.dumps({"messages": HELLO, "max_tokens": 2}).encode()
+    with socket.create_connection((host, int(port)), timeout=60) as sock:  # all at once: no race with the answer
+        sock.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                     b"Transfer-Encoding: chunked\r\n\r\n%x\r\n%s\r\n0\r\n\r\n" % (len(body), body))
+        reply = b""
+        while chunk := sock.recv(65536):
+            reply += chunk
+    head, _, text = reply.partition(b"\r\n\r\n")
+    assert head.split()[1] == b"411" and b"Content-Length" in json.loads(text)["error"]["message"].encode(), reply
+    assert _count(server) == before
+
+
 TEACHER = """
 import sys
 from mlx_sdft.store.db import Store

@@ -68,6 +68,8 @@ class Handler(BaseHTTPRequestHandler):
                              "authentication_error")
 
     def _body(self) -> object:
+        if "chunked" in self.headers.get("Transfer-Encoding", "").lower():  # read as empty, it would be "not an object"
+            raise BadRequest("a chunked body is not read: send the body with a Content-Length", 411)
         try:
             length = int(self.headers.get("Content-Length", 0))
         except ValueError:
