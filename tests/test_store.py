@@ -250,6 +250,8 @@ def test_teach_and_lessons_round_trip(tmp_path):
     (["--list", "--import", "f.jsonl"], r"got --list, --import"),
     (["--answer", "x"], "name the exchange"),
     (["--list", "--redact", "("], r"--redact: '\(' is not a regular expression"),
+    (["--list", "--redact", r"\d*"], r"--redact: '\\\\d\*' matches the empty string"),
+    (["--list", "--redact", r"(?=x)"], r"--redact: '\(\?=x\)' matches the empty string"),
     (["--list", "--feedback-template", "{question}"], r"--feedback-template: must contain \{answer\}"),
 ])
 def test_teach_bad_input_is_one_line(tmp_path, args, message):

@@ -182,9 +182,12 @@ def _regexes(patterns: list) -> None:
 
     for pattern in patterns:
         try:
-            re.compile(pattern)
+            compiled = re.compile(pattern)
         except re.error as e:
             raise InputError(f"--redact: {pattern!r} is not a regular expression ({e})") from None
+        # an empty match (x*, \b, a lookahead) would write [REDACTED] between characters
+        if compiled.search("") or any(m.start() == m.end() for m in compiled.finditer("Ab 12 x-y_z.\n")):
+            raise InputError(f"--redact: {pattern!r} matches the empty string; make it match at least one character")
 
 
 def coerce(cls: type, name: str, value: Any, yaml_path: str | None = None) -> Any:
