@@ -123,9 +123,10 @@ def test_a_damaged_page_is_one_line_not_a_traceback(tmp_path):
     (home / FILENAME).write_bytes(bytes(data))
     with Store(home) as store, pytest.raises(InputError, match="not a usable store"):
         store.exchanges()
-    result = _run("teach", "--home", home, "--list")
-    assert result.exit_code == 2 and len(result.stderr.strip().splitlines()) == 1, result.output
-    assert f"{home / FILENAME}: not a usable store" in result.stderr
+    for args in (["teach", "--list"], ["serve", "--model", "no/such-model"]):  # serve: before any model loads
+        result = _run(*args, "--home", home)
+        assert result.exit_code == 2 and len(result.stderr.strip().splitlines()) == 1, result.output
+        assert f"{home / FILENAME}: not a usable store" in result.stderr, result.stderr
 
 
 def test_delete_leaves_a_tombstone_and_states_change(tmp_path):

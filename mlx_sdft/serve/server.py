@@ -205,6 +205,7 @@ def _interrupt(signum, frame) -> None:
 def run(cfg: ServeConfig) -> None:
     """Serve until Ctrl-C or SIGTERM. Bad options, model or store: InputError before listening."""
     store = Store(cfg.home, cfg.redact)
+    store.check()
     engine = Engine(cfg)
     try:
         server = Server(cfg, engine, store)

@@ -104,6 +104,13 @@ class Store:
         except OSError as e:
             raise InputError(f"{self.home}: cannot create the store ({e.strerror or e})") from None
 
+    def check(self) -> None:
+        """`PRAGMA quick_check` (reads every page once): a damaged store is an InputError now,
+        not on the first write (for `serve`, after a whole answer was generated)."""
+        problems = [" ".join(row["quick_check"].split()) for row in self._query("PRAGMA quick_check(1)")]
+        if problems != ["ok"]:
+            raise InputError(f"{self.path}: not a usable store ({problems[0]})")
+
     def close(self) -> None:
         self._con.close()
 
