@@ -95,8 +95,11 @@ def test_shared_prefix():
     assert guards.shared_prefix(demos, 2) == (1.0, [5, 6])  # [9, 9] is not longer than 2
     assert guards.shared_prefix(demos, 1) == (pytest.approx(4 / 5), [5])
     assert guards.shared_prefix(demos, 0) == (0.0, [])
-    assert guards.skipped_prefix_warning(demos, 3, str).startswith("67% of the demonstrations open with the same 3 tokens")
+    assert guards.skipped_prefix_warning(demos, 3, str).startswith(
+        "67% of the demonstrations (2 of the 3 longer than 3 tokens) open with the same 3 tokens")
     assert guards.skipped_prefix_warning([[1, 2, 3, 4], [2, 2, 3, 4], [3, 2, 3, 4]], 3, str) is None
+    # a personal store: one long answer among short ones is not "100% of the demonstrations"
+    assert guards.skipped_prefix_warning([[5, 6, 7, 8, 9], [1, 2], [3], [4, 4, 4]], 3, str) is None
 
 
 def test_degenerate_watch():
@@ -215,6 +218,6 @@ def test_train_warns_when_the_skipped_prefix_is_shared(tiny_model, smoke_data, t
         return buf.getvalue()
 
     text = output()  # a dry run: no weights load, the input is checked
-    assert "of the demonstrations open with the same 3 tokens" in text and "--skip-first-tokens 0 trains on it" in text
+    assert "of the demonstrations (" in text and "open with the same 3 tokens" in text and "--skip-first-tokens 0 trains on it" in text
     assert "open with the same" not in output(skip_first_tokens=0)
     assert "open with the same" not in output(method="sft")

@@ -89,9 +89,12 @@ def skipped_prefix_warning(demonstrations: list[list[int]], skip: int, decode) -
     """A one-line warning when ≥ SHARED_PREFIX of the demonstrations open with the same `skip`
     tokens, which the loss leaves out; None otherwise."""
     fraction, prefix = shared_prefix(demonstrations, skip)
-    if fraction < SHARED_PREFIX:
+    longer = sum(len(d) > skip for d in demonstrations)
+    count = round(fraction * longer)
+    if fraction < SHARED_PREFIX or count < 2:  # one demonstration alike to itself is no pattern
         return None
-    return (f"{fraction:.0%} of the demonstrations open with the same {skip} tokens {decode(prefix)!r}, which "
+    return (f"{fraction:.0%} of the demonstrations ({count} of the {longer} longer than {skip} tokens) open with "
+            f"the same {skip} tokens {decode(prefix)!r}, which "
             f"--skip-first-tokens {skip} leaves out of the loss: SDFT will not teach that opening "
             f"(--skip-first-tokens 0 trains on it)")
 
