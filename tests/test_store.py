@@ -38,10 +38,18 @@ def test_new_store_is_wal_at_the_schema_version_and_reopens(tmp_path):
         id = _exchange(store)
     con = sqlite3.connect(tmp_path / FILENAME)
     assert con.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+    for path in tmp_path.iterdir():  # store.db, -wal, -shm: only the owner may read them
+        assert path.stat().st_mode & 0o077 == 0, (path, oct(path.stat().st_mode))
     assert con.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION == 1
     con.close()
     with Store(tmp_path) as store:  # a second open migrates nothing and keeps the rows
         assert store.exchange(id)["answer"] == "5"
+
+
+def test_a_new_home_is_private(tmp_path):
+    with Store(tmp_path / "a" / "home"):
+        pass
+    assert (tmp_path / "a" / "home").stat().st_mode & 0o077 == 0
 
 
 def test_a_newer_or_foreign_file_is_an_input_error(tmp_path):

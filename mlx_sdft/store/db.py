@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import re
 import secrets
 import sqlite3
@@ -92,7 +93,9 @@ class Store:
         self._redact = [re.compile(p) for p in redact]
         self._lock = threading.RLock()
         try:
-            self.home.mkdir(parents=True, exist_ok=True)
+            self.home.mkdir(mode=0o700, parents=True, exist_ok=True)
+            if not self.path.exists():  # only you can read it (SQLite gives -wal and -shm the same mode)
+                os.close(os.open(self.path, os.O_CREAT | os.O_WRONLY, 0o600))
             self._con = sqlite3.connect(self.path, timeout=BUSY_S, isolation_level=None, check_same_thread=False)
             self._con.execute(f"PRAGMA busy_timeout = {int(BUSY_S * 1000)}")
             self._con.execute("PRAGMA journal_mode = WAL")
