@@ -4,6 +4,7 @@ adapter versions switched between requests. Every server is stopped by its own P
 
 import json
 import os
+import shutil
 import signal
 import sqlite3
 import subprocess
@@ -218,6 +219,35 @@ def test_a_chunked_body_is_a_411_not_an_empty_one(server):
     head, _, text = reply.partition(b"\r\n\r\n")
     assert head.split()[1] == b"411" and b"Content-Length" in json.loads(text)["error"]["message"].encode(), reply
     assert _count(server) == before
+
+
+def test_a_client_that_leaves_stops_its_answer_which_is_not_stored(server):
+    """Not only a stream: a plain request whose client hangs up is stopped (the one model thread
+    is not held for an answer nobody reads) and stores nothing."""
+    import socket
+
+    assert server.chat(max_tokens=300)["choices"][0]["finish_reason"] == "length"  # greedy: no early end
+    before = _count(server)
+    host, port = server.url.removeprefix("http://").rsplit(":", 1)
+    body = json.dumps({"messages": HELLO, "max_tokens": 20000, "temperature": 0}).encode()
+    with socket.create_connection((host, int(port)), timeout=60) as sock:
+        sock.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Length: %d\r\n\r\n%s" % (len(body), body))
+    after = server.chat(max_tokens=2)  # queued behind the first: it ran (or was stopped) before this one
+    assert _count(server) == before + 1
+    with server.store() as store:
+        assert store.exchanges(1)[0]["id"] == after["id"]
+
+
+def test_a_prompt_longer_than_the_model_reads_is_a_400(tiny_model, tmp_path):
+    model = tmp_path / "short-context"
+    shutil.copytree(tiny_model, model)
+    config = json.loads((model / "config.json").read_text())
+    (model / "config.json").write_text(json.dumps({**config, "max_position_embeddings": 64}))
+    with serving(model, tmp_path / "home") as served:
+        status, error = served.call("/v1/chat/completions", {"messages": [{"role": "user", "content": "word " * 200}]})
+        assert status == 400 and "the model reads at most 64" in error["error"]["message"], error
+        assert _count(served) == 0
+        assert served.chat(max_tokens=2)["usage"]["prompt_tokens"] < 64
 
 
 TEACHER = """

@@ -44,6 +44,8 @@ class Engine:
         self.path, self.tokenizer = open_tokenizer(cfg.model, chat_template=cfg.chat_template, dequantize=cfg.dequantize)
         render(self.tokenizer, [{"role": "user", "content": "hi"}])  # no chat template: InputError before listening
         self.model, _ = open_model(self.path)
+        # the model's context (None: its config does not say); a longer prompt is refused, not answered with noise
+        self.context = getattr(getattr(self.model, "args", None), "max_position_embeddings", None)
         self.version, self.failed = 0, None
         self._shape, self._base = None, None  # the attached adapters' (type, layers, parameters), their "off" leaves
         self._jobs: queue.Queue = queue.Queue()
@@ -129,6 +131,9 @@ class Engine:
         except Exception as e:  # the chat template refused these messages (e.g. a role it does not know)
             raise BadRequest(f"messages: the chat template cannot render them ({type(e).__name__}: {e})",
                              param="messages") from None
+        if self.context and len(ids) >= self.context:
+            raise BadRequest(f"messages: {len(ids)} prompt tokens, and the model reads at most {self.context} "
+                             "(max_position_embeddings); shorten the conversation", param="messages")
         if request.seed is not None:
             mx.random.seed(request.seed)
         sampler = make_sampler(temp=request.temperature, top_p=request.top_p)

@@ -14,9 +14,11 @@ from __future__ import annotations
 
 import hmac
 import json
+import select
 import signal
 import socket
 import sys
+from contextlib import closing
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 from mlx_sdft.config import ServeConfig
@@ -83,6 +85,15 @@ class Handler(BaseHTTPRequestHandler):
         except (ValueError, RecursionError) as e:
             raise BadRequest(f"the body is not valid JSON ({str(e).splitlines()[0]})") from None
 
+    def _client_gone(self) -> bool:
+        """The client closed its end: it sent its whole request, so a readable socket means EOF."""
+        try:
+            if not select.select([self.connection], [], [], 0)[0]:
+                return False
+            return self.connection.recv(1, socket.MSG_PEEK) == b""
+        except OSError:
+            return True
+
     def _json(self, status: int, body: dict) -> None:
         data = json.dumps(body, ensure_ascii=False).encode()
         self.send_response(status)
@@ -101,7 +112,12 @@ class Handler(BaseHTTPRequestHandler):
         request = openai.parse_chat(self._body(), cfg.max_tokens, cfg.temperature, cfg.top_p)
         if request.stream:
             return self._stream(request)
-        pieces = list(self.server.engine.answer(request))
+        pieces = []
+        with closing(self.server.engine.answer(request)) as answer:
+            for piece in answer:
+                pieces.append(piece)
+                if piece.finish_reason is None and self._client_gone():
+                    return  # closing the answer stops the generation; nothing is stored
         answer, last = "".join(p.text for p in pieces), pieces[-1]
         id = self.server.keep(request, answer, last)  # committed before the answer is sent
         self._json(200, openai.completion(id, cfg.model, answer, last.finish_reason, last.prompt_tokens,
