@@ -8,7 +8,7 @@ the lessons taken from them.
 - `PRAGMA user_version` is the schema version; `MIGRATIONS[i]` brings version i to i + 1.
 - `secure_delete`, and VACUUM plus a WAL checkpoint after bulk deletes, so deleted text does
   not linger in free pages or the WAL file.
-- `--redact` patterns are applied here, to every text before it is written.
+- `--redact` patterns (store/redact.py) are applied here, to every text before it is written.
 
 Rows come back as dicts with JSON columns decoded. Times are Unix seconds.
 """
@@ -18,7 +18,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import re
 import secrets
 import sqlite3
 import threading
@@ -27,13 +26,12 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from mlx_sdft.errors import InputError
+from mlx_sdft.store.redact import Redactor
 
 FILENAME = "store.db"
 BUSY_S = 30.0  # how long a writer waits for another process's lock before giving up
-REDACTED = "[REDACTED]"
 KINDS = ("demonstration", "feedback", "hindsight", "import")
 STATES = ("new", "learned", "deleted")
-STRUCTURE = ("role", "type")  # message keys whose values are protocol, not text: never redacted
 
 MIGRATIONS: tuple[tuple[str, ...], ...] = (
     (  # 0 -> 1
@@ -90,7 +88,7 @@ class Store:
     def __init__(self, home: str | Path, redact: list[str] | tuple = ()):
         self.home = Path(home).expanduser()
         self.path = self.home / FILENAME
-        self._redact = [re.compile(p) for p in redact]
+        self._redactor = Redactor(redact)
         self._lock = threading.RLock()
         try:
             self.home.mkdir(mode=0o700, parents=True, exist_ok=True)
@@ -163,23 +161,10 @@ class Store:
             return [_decode(dict(zip(names, row))) for row in cursor.fetchall()]
 
     def redact(self, text: str | None) -> str | None:
-        for pattern in self._redact:
-            text = pattern.sub(REDACTED, text) if text is not None else None
-        return text
+        return self._redactor.text(text)
 
     def redact_messages(self, messages: list[dict]) -> list[dict]:
-        """Every text in the messages: contents, content parts, tool-call arguments, names; the
-        structure (`role`, `type` values and every key) is kept."""
-        return [self._redact_value(m) for m in messages] if self._redact else messages
-
-    def _redact_value(self, value, key: str | None = None):
-        if isinstance(value, str):
-            return value if key in STRUCTURE else self.redact(value)
-        if isinstance(value, dict):
-            return {k: self._redact_value(v, k) for k, v in value.items()}
-        if isinstance(value, list):
-            return [self._redact_value(v) for v in value]
-        return value
+        return self._redactor.messages(messages)
 
     # ---- exchanges ----------------------------------------------------------------------
 
