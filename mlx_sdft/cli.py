@@ -64,7 +64,7 @@ def _one_line_errors(name: str):
     except tuple(EXIT_STATUS) as e:
         status = next(code for kind, code in EXIT_STATUS.items() if isinstance(e, kind))
         if status == 130:
-            hint = RESUME_HINT.get(name)
+            hint = RESUME_HINT.get(name) if getattr(e, "saved", True) else None
             typer.echo(f"mlx-sdft {name}: {str(e) or 'interrupted'}" + (f"; {hint}" if hint else ""), err=True)
         else:
             typer.echo(f"mlx-sdft {name}: error: {one_line(e)}", err=True)

@@ -16,9 +16,10 @@ class Rejected(TrainingError):
 class Interrupted(Exception):
     """Ctrl-C: the run saved its state after `step` and stopped; `--resume` continues it."""
 
-    def __init__(self, step: int):
-        super().__init__(f"interrupted after step {step}; the run is saved")
-        self.step = step
+    def __init__(self, step: int, saved: bool = True):
+        super().__init__(f"interrupted after step {step}; the run is saved" if saved else
+                         f"interrupted after step {step}, before any token reached the loss: nothing saved")
+        self.step, self.saved = step, saved
 
 
 def one_line(message: object) -> str:

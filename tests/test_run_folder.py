@@ -61,12 +61,33 @@ def test_overwrite_clears_the_earlier_run_first(tiny_model, smoke_data, earlier)
            r"--overwrite: cannot be combined with --resume")
 
 
+def test_overwrite_deletes_only_the_runs_files(tiny_model, smoke_data, tmp_path):
+    """A folder of the user's is not a run: files that only resemble a run's (a copy of the
+    adapters kept by hand) neither block a new run nor are deleted by --overwrite; the run's own
+    files all go, completions.jsonl included (a new run would append to it)."""
+    out = tmp_path / "mine"
+    out.mkdir()
+    keep = {"best_adapters.safetensors": b"x", "notes.txt": b"mine", "metrics.jsonl.bak": b"y", ".tmp-notes": b"z"}
+    for name, data in keep.items():
+        (out / name).write_bytes(data)
+    assert _train(tiny_model, smoke_data, out, "--steps-per-report", "1", "--save-every", "1").exit_code == 0
+    assert len((out / "completions.jsonl").read_text().splitlines()) == 4  # 2 steps x --log-completions 2
+    result = _train(tiny_model, smoke_data, out, "--overwrite", "--iters", "1", "--save-every", "5")
+    assert result.exit_code == 0, result.output
+    assert [json.loads(line)["step"] for line in (out / "completions.jsonl").read_text().splitlines()] == [1, 1]
+    assert not (out / "0000002_adapters.safetensors").exists()
+    assert {name: (out / name).read_bytes() for name in keep} == keep
+
+
 def test_resume_lists_every_changed_option(tiny_model, smoke_data, earlier):
     before = _snapshot(earlier)
     _error(_train(tiny_model, smoke_data, earlier, "--resume", "--method", "sft", "--batch-size", "4",
                   "--learning-rate", "2e-5"),
            r"--resume: .*run was trained with other options: --method 'sdft' → 'sft'; --batch-size 2 → 4; "
            r"--learning-rate 1e-05 → 2e-05 \(resume with the saved ones")
+    # A long value shows where it differs: another data path is not two equal-looking prefixes.
+    _error(_train(tiny_model, smoke_data, earlier, "--resume", "--data", smoke_data / "train.jsonl"),
+           rf"--data '{re.escape(str(smoke_data))}' → '{re.escape(str(smoke_data / 'train.jsonl'))}' \(resume")
     # A finished run too: a new learning rate is not silently ignored.
     _error(_train(tiny_model, smoke_data, earlier, "--resume", "--learning-rate", "1e-3"),
            r"--learning-rate 1e-05 → 0.001")
@@ -87,6 +108,7 @@ def test_resume_may_change_reporting_options(tiny_model, smoke_data, tmp_path, m
         launch.run_train(load_config(None, opts), quiet=True)
     monkeypatch.undo()
     record = launch.run_train(load_config(None, {**opts, "resume": True, "steps_per_report": 3, "save_every": 2,
+                                                 "log_completions": 0,
                                                  "steps_per_eval": 5, "val_batches": 2, "grad_checkpoint": True,
                                                  "data": str(smoke_data) + "/"}), quiet=True)
     assert record["step"] == 3

@@ -169,3 +169,21 @@ def test_eval_check_and_generate_stop_on_the_whole_stop_set(tiny_model, smoke_da
     monkeypatch.setattr(mlx_lm, "generate", lambda model, tok, prompt, **k: stops.append(sorted(tok.eos_token_ids)) or "")
     assert CliRunner().invoke(app, ["generate", "--model", str(folder), "--prompt", "Hi"]).exit_code == 0
     assert stops == [[0, 2]]
+
+
+def test_train_shows_the_sft_target_it_trains_on(tiny_model, smoke_data, tmp_path):
+    """--method sft (and --sft-weight) show the first example's decoded target, stop token
+    included, beside its student prompt, in a dry run too (nothing loads, nothing is written)."""
+    from typer.testing import CliRunner
+
+    from mlx_sdft.cli import app
+
+    args = ["train", "--model", str(tiny_model), "--data", str(smoke_data), "--num-layers", "-1", "--dry-run",
+            "--adapter-path", str(tmp_path / "a")]
+    shown = CliRunner().invoke(app, [*args, "--method", "sft"]).stderr
+    assert "student prompt (" in shown and "SFT target" in shown and "teacher prompt" not in shown
+    assert "The capital of France is Paris.<|im_end|>" in shown  # smoke train.jsonl:1, ended by ChatML's end of turn
+    assert "SFT target" in CliRunner().invoke(app, [*args, "--sft-weight", "0.5"]).stderr
+    sdft = CliRunner().invoke(app, args).stderr
+    assert "teacher prompt" in sdft and "SFT target" not in sdft
+    assert not (tmp_path / "a").exists()

@@ -228,6 +228,54 @@ def test_a_run_in_which_nothing_reaches_the_loss_fails_and_saves_nothing(tiny_mo
     assert [r["empty_batches"] for r in records if r["type"] == "train"] == [2, 2, 2]
 
 
+def test_a_completion_budget_within_the_skipped_prefix_is_rejected_before_loading(tiny_model, smoke_data, tmp_path):
+    """--completion-budget gives every example at least its floor (16 tokens): with
+    --skip-first-tokens at or above it no completion token would reach the loss."""
+    from mlx_sdft.core import guards
+
+    cfg = _cfg(tiny_model, smoke_data, tmp_path / "a", completion_budget=0.01, max_completion_length=64,
+               skip_first_tokens=guards.BUDGET_FLOOR)
+    with pytest.raises(InputError, match=rf"train.jsonl:1: --completion-budget 0.01 allows it {guards.BUDGET_FLOOR} "
+                                         rf"completion tokens, all within --skip-first-tokens {guards.BUDGET_FLOOR}"):
+        run_train(cfg, quiet=True)
+    assert not (tmp_path / "a").exists()
+    run_train(_cfg(tiny_model, smoke_data, tmp_path / "b", completion_budget=0.01, max_completion_length=64,
+                   skip_first_tokens=guards.BUDGET_FLOOR - 1, dry_run=True), quiet=True)  # one token left: allowed
+
+
+def _stopping_at_once(monkeypatch):
+    from mlx_sdft.core import train
+
+    real = train.sample
+
+    def sample(*args, **kwargs):
+        rollout = real(*args, **kwargs)
+        rollout.completions = [c[:2] for c in rollout.completions]
+        return rollout
+
+    monkeypatch.setattr(train, "sample", sample)
+
+
+def test_nothing_is_saved_before_a_token_reached_the_loss(tiny_model, smoke_data, tmp_path, monkeypatch):
+    """A run whose every step is empty saves no checkpoint on the way either (--save-every 1):
+    its adapters would be the untrained start under a message saying nothing was saved. A Ctrl-C
+    before any token reached the loss says that nothing was saved, and no --resume hint."""
+    import mlx_sdft.jobs.train as launch
+    from mlx_sdft.errors import Interrupted
+    from test_resume import StopAt, _Ctx
+
+    _stopping_at_once(monkeypatch)
+    out = tmp_path / "a"
+    with pytest.raises(TrainingError, match="no micro-batch of the 3 steps had a token in the loss"):
+        run_train(_cfg(tiny_model, smoke_data, out, save_every=1), quiet=True)
+    assert sorted(p.name for p in out.iterdir()) == ["completions.jsonl", "metrics.jsonl"]  # the record, no weights
+
+    monkeypatch.setattr(launch, "StopFlag", lambda reporter: _Ctx(StopAt(2)))
+    with pytest.raises(Interrupted, match="interrupted after step 2, before any token reached the loss: nothing saved"):
+        run_train(_cfg(tiny_model, smoke_data, tmp_path / "b", save_every=1), quiet=True)
+    assert not any(p.name.endswith(".safetensors") for p in (tmp_path / "b").iterdir())
+
+
 def test_empty_micro_batches_are_counted(tiny_model, smoke_data, tmp_path, monkeypatch):
     from mlx_sdft.core import train
 

@@ -16,8 +16,9 @@ from mlx_sdft.errors import InputError
 # Options --resume may change: what is reported or saved when, and how the same numbers are
 # computed (the preflight may itself switch fuse_sampling and logits_chunk). All others define the run.
 RESUME_MAY_CHANGE = frozenset({
-    "adapter_path", "resume", "overwrite", "dry_run", "steps_per_report", "steps_per_eval", "val_batches",
-    "save_every", "max_bad_steps", "report_to", "project_name", "fuse_sampling", "logits_chunk", "grad_checkpoint",
+    "adapter_path", "resume", "overwrite", "dry_run", "steps_per_report", "log_completions", "steps_per_eval",
+    "val_batches", "save_every", "max_bad_steps", "report_to", "project_name", "fuse_sampling", "logits_chunk",
+    "grad_checkpoint",
 })
 
 

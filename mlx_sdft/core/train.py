@@ -253,12 +253,13 @@ def train(model: nn.Module, tokenizer, train_pairs: list[PromptPair], valid_pair
             raise TrainingError(f"no micro-batch of the {steps} steps had a token in the loss (every completion ended "
                                 f"within --skip-first-tokens {cfg.skip_first_tokens}, or was masked by --truncated mask): "
                                 f"nothing trained, nothing saved")
-        if rank == 0 and (step % cfg.save_every == 0 or step == steps or interrupted):
+        # Nothing is saved before a token reached the loss: those adapters are the untrained start.
+        if rank == 0 and loss_tokens and (step % cfg.save_every == 0 or step == steps or interrupted):
             state = {"cursor": cursor, "epoch": cursor / len(train_pairs), "total_steps": steps, "loss_tokens": loss_tokens}
             checkpoint.save(out, cfg, step, trainable_leaves(model), teacher, optimizer, state,
                             checkpoint=step % cfg.save_every == 0)
         if interrupted:
-            raise Interrupted(step)
+            raise Interrupted(step, saved=loss_tokens > 0)
     return record
 
 

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from importlib.metadata import version
 from pathlib import Path
 
@@ -30,6 +31,7 @@ from mlx_sdft import __version__
 from mlx_sdft.errors import TrainingError
 
 COMMIT = ".pending-commit.json"
+METRICS, COMPLETIONS = "metrics.jsonl", "completions.jsonl"
 STATE_FILES = ("adapters.safetensors", "teacher_adapters.safetensors", "optimizer_state.safetensors",
                "trainer_state.json", "adapter_config.json")
 
@@ -75,7 +77,8 @@ def recover(out: Path) -> None:
                 os.replace(pending, out / name)
         commit.unlink()
     for leftover in [*out.glob(".pending-*"), *out.glob(".tmp-*")]:
-        leftover.unlink()
+        if _RUN_FILE.fullmatch(leftover.name):
+            leftover.unlink()
 
 
 def save(out: Path, cfg, step: int, student: dict, teacher: dict | None, optimizer: optim.Optimizer,
@@ -123,13 +126,18 @@ def load_state(out: Path, optimizer: optim.Optimizer, model, cfg) -> tuple[dict,
     return state, teacher
 
 
+# The names a run writes besides STATE_FILES: numbered checkpoints (mlx-lm's `{step:07d}_`), and
+# unfinished saves. Only these, so --overwrite never deletes a file of the user's that happens to
+# sit in the folder (a `best_adapters.safetensors` kept by hand, notes, data).
+_RUN_FILE = re.compile(r"\d{7}_adapters\.safetensors|\.pending-.+|\.tmp-\d+-.+")
+
+
 def run_files(out: Path) -> list[Path]:
     """The files a training run writes into its folder (the layout above, and unfinished saves)."""
     if not out.is_dir():
         return []
-    names = set(STATE_FILES) | {"metrics.jsonl", COMMIT}
-    return sorted(p for p in out.iterdir() if p.is_file() and (
-        p.name in names or p.name.endswith("_adapters.safetensors") or p.name.startswith((".pending-", ".tmp-"))))
+    names = set(STATE_FILES) | {METRICS, COMPLETIONS, COMMIT}
+    return sorted(p for p in out.iterdir() if p.is_file() and (p.name in names or _RUN_FILE.fullmatch(p.name)))
 
 
 def clear_run(out: Path) -> None:
@@ -145,9 +153,20 @@ def changed_options(out: Path, cfg, may_change: frozenset) -> list[str]:
     for name, now in cfg.to_dict().items():
         if name in may_change or name not in saved or _same(saved[name], now):
             continue
-        shown = lambda v: f"{v[:20]!r}..." if isinstance(v, str) and len(v) > 24 else repr(v)  # noqa: E731
-        changes.append(f"--{name.replace('_', '-')} {shown(saved[name])} → {shown(now)}")
+        changes.append(f"--{name.replace('_', '-')} {' → '.join(_shown_pair(saved[name], now))}")
     return changes
+
+
+def _shown_pair(saved, now, width: int = 40) -> tuple[str, str]:
+    """Both values, short enough for one line yet showing where they differ: paths and other
+    one-line strings whole up to 120 characters; longer ones (templates) from a little before
+    their first difference, `width` characters."""
+    one_line = lambda v: "\n" not in v and len(v) <= 120  # noqa: E731
+    if not (isinstance(saved, str) and isinstance(now, str)) or (one_line(saved) and one_line(now)):
+        return repr(saved), repr(now)
+    head = max(len(os.path.commonprefix([saved, now])) - 10, 0)
+    cut = lambda v: ("..." if head else "") + repr(v[head:head + width])[1:-1] + ("..." if len(v) > head + width else "")  # noqa: E731
+    return f"'{cut(saved)}'", f"'{cut(now)}'"
 
 
 def _same(saved, now) -> bool:
@@ -162,9 +181,6 @@ def saved_step(path: Path) -> int | None:
     """The step recorded in a safetensors file's metadata."""
     _, metadata = mx.load(str(path), return_metadata=True)
     return int(metadata["step"]) if "step" in metadata else None
-
-
-METRICS, COMPLETIONS = "metrics.jsonl", "completions.jsonl"
 
 
 def truncate_metrics(out: Path, step: int, name: str = METRICS) -> None:

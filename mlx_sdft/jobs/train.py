@@ -24,7 +24,7 @@ from mlx_sdft.formats.models import Adapters, check_adapter_fit, open_model, ope
 from mlx_sdft.core.prompts import apply_system_prompt, describe_stops, encode_examples, student_text, system_prompt_note, teacher_text
 from mlx_sdft.machine.report import Reporter, StopFlag
 from mlx_sdft.core.scoring import head_splits
-from mlx_sdft.core.train import total_steps, train
+from mlx_sdft.core.train import completion_budget, total_steps, train
 
 
 AUTO_CHUNK = 16  # positions per chunk when the preflight turns chunking on: ~1/4 the memory of T = 256
@@ -84,16 +84,20 @@ def options_text(cfg: Config) -> Text:
 
 
 def check_loss_room(cfg: Config, pairs) -> None:
-    """SDFT: a prompt whose context leaves no completion token past --skip-first-tokens within
-    --max-seq-length would never reach the loss; say so before any weights load."""
+    """SDFT: a prompt whose completion budget (what --max-seq-length leaves after its prompts, and
+    --completion-budget's share of its demonstration) ends within --skip-first-tokens would never
+    reach the loss; say so before any weights load."""
     if cfg.method != "sdft":
         return
     for pair in pairs:
+        budget = completion_budget(pair, cfg)
+        if budget > cfg.skip_first_tokens:
+            continue
         room = cfg.max_seq_length - max(len(pair.student_ids), len(pair.teacher_ids))
-        if room <= cfg.skip_first_tokens:
-            raise InputError(f"{pair.where}: --max-seq-length {cfg.max_seq_length} leaves {room} completion tokens after "
-                             f"its prompts, all within --skip-first-tokens {cfg.skip_first_tokens}: none would reach "
-                             f"the loss")
+        why = (f"--max-seq-length {cfg.max_seq_length} leaves {room} completion tokens after its prompts" if budget == room
+               else f"--completion-budget {cfg.completion_budget} allows it {budget} completion tokens")
+        raise InputError(f"{pair.where}: {why}, all within --skip-first-tokens {cfg.skip_first_tokens}: none would "
+                         f"reach the loss")
 
 
 def check_folder(cfg: Config, out: Path) -> None:
@@ -150,14 +154,16 @@ def run_train(cfg: Config, console=None, quiet: bool = False) -> dict:
     if cfg.method == "sdft" and (warning := skipped_prefix_warning([p.demo_ids for p in train_pairs],
                                                                    cfg.skip_first_tokens, tokenizer.decode)):
         reporter.print(f"warning: {warning}", style="yellow", highlight=False)
-    if cfg.dry_run:
-        reporter.print(Panel(options_text(cfg), title="resolved options", expand=False))
-        return estimate or {}
     first = splits["train"][0]
     reporter.print(Panel(Text(student_text(tokenizer, first)), title=f"student prompt ({first.where})", expand=False))
     if cfg.method == "sdft":
         reporter.print(Panel(Text(teacher_text(tokenizer, first, cfg.teacher_template)), title="teacher prompt",
                              expand=False))
+    if cfg.method == "sft" or cfg.sft_weight:  # what the cross-entropy trains on, stop token included
+        reporter.print(Panel(Text(tokenizer.decode(train_pairs[0].demo_ids)), title="SFT target", expand=False))
+    if cfg.dry_run:
+        reporter.print(Panel(options_text(cfg), title="resolved options", expand=False))
+        return estimate or {}
     if not valid_pairs:
         reporter.print("no valid.jsonl: validation is skipped", style="yellow")
     if cfg.overwrite and checkpoint.run_files(out) and rank == 0:
