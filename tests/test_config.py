@@ -85,3 +85,18 @@ def test_generate_reads_its_options_from_a_yaml_file_too(tiny_model, tmp_path):
     result = runner.invoke(app, ["generate", "-c", str(tmp_path / "generate.yaml"), "--max-tokens", "2"])
     assert result.exit_code == 0, result.output
     assert result.stdout.strip()  # greedy tokens of the tiny random model
+
+
+def test_lora_parameters_in_yaml_keep_the_defaults_they_do_not_name(tmp_path):
+    """`lora_parameters: {rank: 16}` (what a mlx_lm.lora user writes) keeps mlx-lm's scale and
+    dropout; an unknown key (a typo, or PEFT's `alpha`) is one line naming it, not a silent rank-8 run."""
+    from mlx_sdft.config import load_config
+    from mlx_sdft.errors import InputError
+
+    path = tmp_path / "c.yaml"
+    path.write_text("data: demos.jsonl\nlora_parameters: {rank: 16}\n")
+    assert load_config(str(path)).lora_parameters == {"rank": 16, "scale": 20.0, "dropout": 0.0}
+    path.write_text("data: demos.jsonl\nlora_parameters: {rank: 4, alpha: 8}\n")
+    with pytest.raises(InputError, match=r"lora_parameters: takes rank, scale, dropout and keys .*'alpha'"):
+        load_config(str(path))
+    assert load_config(None, {"data": "demos.jsonl"}).lora_parameters == {"rank": 8, "scale": 20.0, "dropout": 0.0}

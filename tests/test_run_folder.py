@@ -79,6 +79,14 @@ def test_overwrite_deletes_only_the_runs_files(tiny_model, smoke_data, tmp_path)
     assert {name: (out / name).read_bytes() for name in keep} == keep
 
 
+def test_an_adapter_path_that_is_a_file_stops_before_training(tiny_model, smoke_data, tmp_path):
+    """Not a FileExistsError after the whole run has trained."""
+    demos = tmp_path / "demos.jsonl"
+    demos.write_text("mine")
+    _error(_train(tiny_model, smoke_data, demos), r"--adapter-path: .*demos.jsonl is a file; the adapters go into a folder")
+    assert demos.read_text() == "mine"
+
+
 def test_resume_lists_every_changed_option(tiny_model, smoke_data, earlier):
     before = _snapshot(earlier)
     _error(_train(tiny_model, smoke_data, earlier, "--resume", "--method", "sft", "--batch-size", "4",

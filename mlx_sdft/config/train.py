@@ -13,6 +13,8 @@ from mlx_sdft.config.options import (
 from mlx_sdft.errors import InputError
 
 
+_LORA_DEFAULTS = {"rank": 8, "scale": 20.0, "dropout": 0.0}  # mlx-lm's; a YAML file may give some of them
+
 # Options --resume may change: what is reported or saved when, and how the same numbers are
 # computed (the preflight may itself switch fuse_sampling and logits_chunk). All others define the run.
 RESUME_MAY_CHANGE = frozenset({
@@ -33,7 +35,7 @@ class Config(SystemPrompt, TeacherTemplate, ChatTemplate, DataSource, Dequantize
     fine_tune_type: str = _opt("lora", "Adapter type.", ("lora", "dora", "full"))
     num_layers: int = _opt(16, "Number of transformer blocks (from the last) to adapt; -1 for all.")
     lora_parameters: dict = _opt(
-        {"rank": 8, "scale": 20.0, "dropout": 0.0},
+        _LORA_DEFAULTS,
         "LoRA rank, scale and dropout (mlx-lm's defaults); YAML only.",
         cli=False,
     )
@@ -142,9 +144,11 @@ class Config(SystemPrompt, TeacherTemplate, ChatTemplate, DataSource, Dequantize
             bad("weight_decay" if self.weight_decay < 0 else "grad_clip", "must be >= 0")
         if self.num_layers == 0 or self.num_layers < -1:
             bad("num_layers", f"must be -1 (all) or > 0, got {self.num_layers}")
-        lora = self.lora_parameters
-        if not isinstance(lora, dict) or not {"rank", "scale", "dropout"} <= set(lora):
-            bad("lora_parameters", "needs the keys rank, scale and dropout")
+        lora, default = self.lora_parameters, _LORA_DEFAULTS
+        if not isinstance(lora, dict) or set(lora) - {*default, "keys"}:
+            raise InputError(f"lora_parameters: takes rank, scale, dropout and keys (mlx-lm's), got "
+                             f"{sorted(lora) if isinstance(lora, dict) else lora!r}")
+        self.lora_parameters = {**default, **lora}  # {rank: 16} keeps mlx-lm's scale and dropout
         return self
 
     def to_dict(self) -> dict:
