@@ -102,6 +102,24 @@ def test_resume_lists_every_changed_option(tiny_model, smoke_data, earlier):
     assert _snapshot(earlier) == before
 
 
+def test_resume_refuses_data_that_changed_since_the_save(tiny_model, smoke_data, tmp_path):
+    """The same --data path with other contents is another run: the resumed steps would visit
+    other examples (the batch order depends on their number) without a word."""
+    import shutil
+
+    data = tmp_path / "data"
+    shutil.copytree(smoke_data, data)
+    out = tmp_path / "run"
+    assert _train(tiny_model, data, out, "--iters", "1").exit_code == 0
+    with open(data / "train.jsonl", "a") as fid:
+        fid.write(json.dumps({"messages": [{"role": "user", "content": "Capital of Peru?"},
+                                           {"role": "assistant", "content": "Lima."}]}) + "\n")
+    before = _snapshot(out)
+    _error(_train(tiny_model, data, out, "--iters", "1", "--resume"),
+           r"--resume: the training data of .*run changed since it was saved")
+    assert _snapshot(out) == before
+
+
 def test_resume_may_change_reporting_options(tiny_model, smoke_data, tmp_path, monkeypatch):
     import mlx_sdft.jobs.train as launch
     from mlx_sdft.config import load_config

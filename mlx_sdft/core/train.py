@@ -3,6 +3,8 @@ report → save. `train()` is the whole algorithm; the helpers above it are smal
 
 from __future__ import annotations
 
+import hashlib
+import json
 import math
 from functools import partial
 from pathlib import Path
@@ -67,6 +69,15 @@ def completion_budget(pair: PromptPair, cfg: Config) -> int:
     if cfg.completion_budget:
         cap = guards.demonstration_budget(len(pair.demo_ids), cfg.completion_budget, cap)
     return min(cap, room)
+
+
+def data_digest(pairs: list[PromptPair]) -> str:
+    """The training data as the run sees it (each example's student, teacher and target ids, in
+    order): saved with the run, so --resume refuses data or templates that changed since."""
+    h = hashlib.sha256()
+    for p in pairs:
+        h.update(json.dumps([p.student_ids, p.teacher_ids, p.demo_ids]).encode())
+    return h.hexdigest()[:16]
 
 
 TRAIN_STREAM, VALID_STREAM = 0, 1
@@ -180,7 +191,7 @@ def train(model: nn.Module, tokenizer, train_pairs: list[PromptPair], valid_pair
     optimizer = build_optimizer(cfg, steps)
     teacher_kind = cfg.teacher if cfg.method == "sdft" else "live"  # SFT has no teacher: None leaves
     teacher = init_teacher(teacher_kind, model, base)
-    first, cursor, loss_tokens = 1, 0, 0
+    first, cursor, loss_tokens, digest = 1, 0, 0, data_digest(train_pairs)
     if cfg.resume:
         state, saved_teacher = checkpoint.load_state(out, optimizer, model, cfg)
         first, cursor = state["step"] + 1, state["cursor"]
@@ -237,7 +248,7 @@ def train(model: nn.Module, tokenizer, train_pairs: list[PromptPair], valid_pair
             reporter.log(record)
             reporter.log_completions(records(tokenizer, step, logged))
             window = []
-            state = {"cursor": cursor, "epoch": cursor / len(train_pairs), "total_steps": steps}
+            state = {"cursor": cursor, "epoch": cursor / len(train_pairs), "total_steps": steps, "data": digest}
             if watch is not None and "degenerate" in record:
                 rate = record["degenerate"] if world == 1 else (  # every rank decides on the same number
                     mx.distributed.all_sum(mx.array(record["degenerate"]), group=group).item() / world)
@@ -255,7 +266,8 @@ def train(model: nn.Module, tokenizer, train_pairs: list[PromptPair], valid_pair
                                 f"nothing trained, nothing saved")
         # Nothing is saved before a token reached the loss: those adapters are the untrained start.
         if rank == 0 and loss_tokens and (step % cfg.save_every == 0 or step == steps or interrupted):
-            state = {"cursor": cursor, "epoch": cursor / len(train_pairs), "total_steps": steps, "loss_tokens": loss_tokens}
+            state = {"cursor": cursor, "epoch": cursor / len(train_pairs), "total_steps": steps, "loss_tokens": loss_tokens,
+                     "data": digest}
             checkpoint.save(out, cfg, step, trainable_leaves(model), teacher, optimizer, state,
                             checkpoint=step % cfg.save_every == 0)
         if interrupted:

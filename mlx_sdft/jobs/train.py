@@ -8,6 +8,7 @@ nothing is written to the output folder until training has produced something to
 from __future__ import annotations
 
 import dataclasses
+import json
 from pathlib import Path
 
 import mlx.core as mx
@@ -24,7 +25,7 @@ from mlx_sdft.formats.models import Adapters, check_adapter_fit, open_model, ope
 from mlx_sdft.core.prompts import apply_system_prompt, describe_stops, encode_examples, student_text, system_prompt_note, teacher_text
 from mlx_sdft.machine.report import Reporter, StopFlag
 from mlx_sdft.core.scoring import head_splits
-from mlx_sdft.core.train import completion_budget, total_steps, train
+from mlx_sdft.core.train import completion_budget, data_digest, total_steps, train
 
 
 AUTO_CHUNK = 16  # positions per chunk when the preflight turns chunking on: ~1/4 the memory of T = 256
@@ -100,7 +101,7 @@ def check_loss_room(cfg: Config, pairs) -> None:
                          f"reach the loss")
 
 
-def check_folder(cfg: Config, out: Path) -> None:
+def check_folder(cfg: Config, out: Path, train_pairs=()) -> None:
     """A new run never mixes with an earlier one in the same folder, and --resume continues only
     the run that was saved: every option that defines the run must equal the saved one."""
     if out.exists() and not out.is_dir():
@@ -112,6 +113,11 @@ def check_folder(cfg: Config, out: Path) -> None:
         if changes:
             raise InputError(f"--resume: {out} was trained with other options: {'; '.join(changes)} (resume with the "
                              f"saved ones, or start a new run with --overwrite or another --adapter-path)")
+        saved = json.loads((out / "trainer_state.json").read_text()).get("data")
+        if saved is not None and saved != data_digest(list(train_pairs)):
+            raise InputError(f"--resume: the training data of {out} changed since it was saved ({cfg.data}: its "
+                             f"examples, or how they render); resume with the same data, or start a new run with "
+                             f"--overwrite or another --adapter-path")
     elif checkpoint.run_files(out) and not cfg.overwrite:
         raise InputError(f"--adapter-path: {out} holds an earlier run; continue it with --resume, or pass --overwrite "
                          f"to delete it and start again")
@@ -132,7 +138,7 @@ def run_train(cfg: Config, console=None, quiet: bool = False) -> dict:
     train_pairs = encode_examples(tokenizer, splits["train"], cfg.teacher_template, cfg.max_seq_length)
     valid_pairs = encode_examples(tokenizer, splits.get("valid", []), cfg.teacher_template, cfg.max_seq_length)
     check_loss_room(cfg, train_pairs + valid_pairs)
-    check_folder(cfg, out)
+    check_folder(cfg, out, train_pairs)
     cfg, estimate = preflight(cfg, model_path, train_pairs, valid_pairs)
     for adapters in ([Path(cfg.resume_adapter_file)] if cfg.resume_adapter_file else []) + \
             ([out / "adapters.safetensors"] if cfg.resume else []):
