@@ -197,6 +197,11 @@ def test_completion_budget_and_truncated_mask(tiny_model, smoke_data, tmp_path):
                     if r["type"] == "train"]
         assert masked["truncated"] == 1.0 and masked["loss"] == 0.0 and masked["empty_batches"] == 1
         assert not (tmp_path / name / "adapters.safetensors").exists()
+    # With --sft-weight the demonstrations still train when every completion is masked: not an
+    # empty run, and its adapters are saved.
+    both = _first_step(tiny_model, smoke_data, tmp_path / "ms", truncated="mask", max_completion_length=4, sft_weight=1.0)
+    assert both["truncated"] == 1.0 and both["loss"] > 0 and both["empty_batches"] == 0
+    assert (tmp_path / "ms" / "adapters.safetensors").exists()
     kept = _first_step(tiny_model, smoke_data, tmp_path / "k", max_completion_length=4)
     assert kept["truncated"] == 1.0 and kept["loss"] > 0
 

@@ -62,11 +62,13 @@ def sdft_objective(cfg: Config) -> Objective:
         """The guards' terms added to the SDFT loss; the base-KL term needs the student's logits."""
         if guard is None:
             return loss_and_ntoks
-        sft = supervised_loss(model, pairs[::cfg.num_generations], cfg)[0] if cfg.sft_weight else None
+        sft, sft_ntoks = supervised_loss(model, pairs[::cfg.num_generations], cfg) if cfg.sft_weight else (None, 0)
         base_kl = None if guard.base_logits is None else guards.base_kl_loss(logits_BTV, scaled(guard.base_logits), mask_BT)
         loss, ntoks = loss_and_ntoks
+        # The SFT term's demonstration tokens are trained on too: a step whose completions were all
+        # masked still trains through them, and is not an empty one.
         return guards.regularized_loss(loss, sft=sft, base_kl=base_kl, sft_weight=cfg.sft_weight,
-                                       base_kl_weight=cfg.base_kl_weight), ntoks
+                                       base_kl_weight=cfg.base_kl_weight), ntoks + sft_ntoks
 
     if cfg.topk:
         def buckets(model, pairs, completions):
