@@ -100,3 +100,23 @@ def test_lora_parameters_in_yaml_keep_the_defaults_they_do_not_name(tmp_path):
     with pytest.raises(InputError, match=r"lora_parameters: takes rank, scale, dropout and keys .*'alpha'"):
         load_config(str(path))
     assert load_config(None, {"data": "demos.jsonl"}).lora_parameters == {"rank": 8, "scale": 20.0, "dropout": 0.0}
+
+
+def test_epochs_given_over_a_yaml_iters_wins(tmp_path):
+    """--iters overrides --epochs; a flag beats the YAML file: `-c smoke.yaml --epochs 1` (the
+    file has `iters: 3`) runs one epoch, not 3 steps with the flag silently ignored."""
+    path = tmp_path / "c.yaml"
+    path.write_text("data: demos.jsonl\niters: 3\n")
+    assert load_config(str(path)).iters == 3
+    cfg = load_config(str(path), {"epochs": 1.0})
+    assert cfg.iters is None and cfg.epochs == 1.0
+    assert load_config(str(path), {"epochs": 1.0, "iters": 5}).iters == 5  # both flags: --iters, as documented
+
+
+def test_a_stage_epochs_under_a_stages_file_iters_wins(tmp_path):
+    from mlx_sdft.jobs.continual import stage_config
+
+    run = {"defaults": {"iters": 16}, "model": "m"}
+    cfg = stage_config(run, {"name": "a", "data": "d.jsonl", "epochs": 1}, "sdft", tmp_path, None)
+    assert cfg.iters is None and cfg.epochs == 1.0
+    assert stage_config(run, {"name": "a", "data": "d.jsonl"}, "sdft", tmp_path, None).iters == 16

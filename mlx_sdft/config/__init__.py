@@ -34,12 +34,22 @@ __all__ = [
     "ForgetConfig", "GenerateConfig", "HINDSIGHT_TEMPLATE", "LOOPBACK", "LearnConfig", "LessonsConfig",
     "ModelSource", "RESUME_MAY_CHANGE", "RollbackConfig", "SKIP_FIRST_TOKENS", "ServeConfig", "SystemPrompt",
     "TEACHER_TEMPLATE", "TeachConfig", "TeacherTemplate", "VersionsConfig", "check_model", "cli_fields",
-    "coerce", "load_config",
+    "coerce", "load_config", "overlay",
 ]
 
 
 def cli_fields(cls: type = Config) -> list[dataclasses.Field]:
     return [f for f in dataclasses.fields(cls) if f.metadata["cli"]]
+
+
+def overlay(lower: dict, upper: dict) -> dict:
+    """`lower` updated by `upper`. --iters overrides --epochs, so an `epochs` given above without
+    `iters` drops an `iters` from below: `--epochs 1` over a YAML file's `iters: 3` (or a stage's
+    epochs under a stages file's iters) is what runs, not silently ignored."""
+    merged = {**lower, **upper}
+    if upper.get("epochs") is not None and upper.get("iters") is None:
+        merged.pop("iters", None)
+    return merged
 
 
 def load_config(yaml_path: str | None = None, overrides: dict | None = None, cls: type = Config):
@@ -48,5 +58,5 @@ def load_config(yaml_path: str | None = None, overrides: dict | None = None, cls
     if yaml_path:
         values.update(read_yaml(yaml_path, cls))
     flags = {k: v for k, v in (overrides or {}).items() if v is not None}
-    values.update(flags)
+    values = overlay(values, flags)
     return cls(**{k: coerce(cls, k, v, None if k in flags else yaml_path) for k, v in values.items()}).validate()

@@ -33,7 +33,7 @@ from rich.console import Console
 from rich.table import Table
 
 from mlx_sdft.formats.checkpoint import write_json
-from mlx_sdft.config import DEFAULT_MODEL, RESUME_MAY_CHANGE, Config, EvalConfig, check_model, coerce, load_config
+from mlx_sdft.config import DEFAULT_MODEL, RESUME_MAY_CHANGE, Config, EvalConfig, check_model, coerce, load_config, overlay
 from mlx_sdft.machine.report import make_console
 from mlx_sdft.errors import InputError
 from mlx_sdft.yaml_file import read_yaml, resolve_paths
@@ -79,7 +79,7 @@ def read_stages(path: str) -> dict:
 
 
 def stage_config(run: dict, stage: dict, method: str, folder: Path, previous: Path | None) -> Config:
-    opts = {**run["defaults"], **{k: v for k, v in stage.items() if k not in _STAGE_KEYS}}
+    opts = overlay(run["defaults"], {k: v for k, v in stage.items() if k not in _STAGE_KEYS})
     opts.update(model=run["model"], data=stage["data"], adapter_path=str(folder), method=method,
                 resume_adapter_file=str(previous / "adapters.safetensors") if previous else None)
     return load_config(None, opts)
