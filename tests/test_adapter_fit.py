@@ -66,6 +66,13 @@ def test_rank_4_adapters_under_rank_8(tiny_model, smoke_data, trained, tmp_path)
     assert not out.exists()
 
 
+def test_a_folder_says_which_file_to_name(tiny_model, smoke_data, trained, tmp_path):
+    """mlx_lm.lora's --resume-adapter-file is a file: a folder says which file to name."""
+    _error(_train(tiny_model, smoke_data, tmp_path / "a", "--resume-adapter-file", trained[8]),
+           r"adapters: a folder; name the adapter file in it \(.*adapters/adapters.safetensors\)")
+    assert not (tmp_path / "a").exists()
+
+
 def test_another_scale_or_type_is_named(tiny_model, smoke_data, trained, tmp_path):
     folder = tmp_path / "scaled"
     shutil.copytree(trained[8], folder)
@@ -77,10 +84,12 @@ def test_another_scale_or_type_is_named(tiny_model, smoke_data, trained, tmp_pat
            r"run uses 20.0")
     _error(_train(tiny_model, smoke_data, tmp_path / "b", "--resume-adapter-file", trained[8] / "adapters.safetensors",
                   "--fine-tune-type", "full"),
-           r"does not fit the model and --fine-tune-type full: it holds model.layers.0.mlp.down_proj.lora_a")
+           r"does not fit the model and options: it holds model.layers.0.mlp.down_proj.lora_a \(128x8\), which "
+           r"--fine-tune-type full with this --num-layers does not train here")
     _error(_train(tiny_model, smoke_data, tmp_path / "c", "--resume-adapter-file", trained[8] / "adapters.safetensors",
                   "--num-layers", "1"),
-           rf"does not fit the model and --fine-tune-type lora: it holds model.layers.0.mlp.down_proj.lora_a")
+           r"it holds model.layers.0.mlp.down_proj.lora_a \(128x8\), which --fine-tune-type lora with this "
+           r"--num-layers does not train here")
 
 
 def test_eval_and_generate_with_another_models_adapters(other_model, smoke_data, trained, tmp_path):

@@ -210,6 +210,8 @@ def fitting_adapters(model: nn.Module, path: Path, fine_tune_type: str, lora_par
     fine-tune type, rank and scale. Any mismatch is an InputError naming the file and the first
     mismatching tensor with both shapes: loading it anyway would train from zero, save weights
     of one rank under a config of another, or fail deep inside MLX."""
+    if path.is_dir():
+        raise InputError(f"{path}: a folder; name the adapter file in it ({path / 'adapters.safetensors'})")
     if not path.is_file():
         raise InputError(f"{path}: no such adapter file")
     try:
@@ -219,8 +221,8 @@ def fitting_adapters(model: nn.Module, path: Path, fine_tune_type: str, lora_par
     wanted = dict(tree_flatten(model.trainable_parameters()))
     for name in sorted(weights):
         if name not in wanted:
-            raise InputError(f"{path}: does not fit the model and --fine-tune-type {fine_tune_type}: it holds {name} "
-                             f"({_shape(weights[name])}), which the model has no trainable tensor for")
+            raise InputError(f"{path}: does not fit the model and options: it holds {name} ({_shape(weights[name])}), "
+                             f"which --fine-tune-type {fine_tune_type} with this --num-layers does not train here")
         if weights[name].shape != wanted[name].shape:
             raise InputError(f"{path}: does not fit the model and options: {name} is {_shape(weights[name])} in the "
                              f"file but {_shape(wanted[name])} here")
