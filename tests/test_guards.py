@@ -202,6 +202,8 @@ def test_completion_budget_and_truncated_mask(tiny_model, smoke_data, tmp_path):
     both = _first_step(tiny_model, smoke_data, tmp_path / "ms", truncated="mask", max_completion_length=4, sft_weight=1.0)
     assert both["truncated"] == 1.0 and both["loss"] > 0 and both["empty_batches"] == 0
     assert (tmp_path / "ms" / "adapters.safetensors").exists()
+    logged = [json.loads(line) for line in (tmp_path / "ms" / "completions.jsonl").read_text().splitlines()]
+    assert logged and all(row["truncated"] and row["masked"] for row in logged)  # they trained on nothing
     kept = _first_step(tiny_model, smoke_data, tmp_path / "k", max_completion_length=4)
     assert kept["truncated"] == 1.0 and kept["loss"] > 0
 

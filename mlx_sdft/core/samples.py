@@ -16,16 +16,19 @@ def row_scores(teacher_scores, i: int, length: int):
     return tree_map(lambda a: a[i:i + 1, :length], teacher_scores)
 
 
-def sampled_rows(student_loss, model, pairs: list[PromptPair], rollout: Rollout, teacher_scores, n: int) -> list[dict]:
-    """The first n completions as {where, prompt_ids, completion_ids, truncated, loss}: `loss` is the
-    completion's own SDFT loss (the objective's student_loss on a batch of one, before this step's
-    update; the pure divergence, without the guards' extra terms such as --sft-weight)."""
+def sampled_rows(student_loss, model, pairs: list[PromptPair], rollout: Rollout, teacher_scores, n: int,
+                 masked: bool = False) -> list[dict]:
+    """The first n completions as {where, prompt_ids, completion_ids, truncated, masked, loss}: `loss`
+    is the completion's own SDFT loss (the objective's student_loss on a batch of one, before this
+    step's update; the pure divergence, without the guards' extra terms such as --sft-weight).
+    `masked` (--truncated mask): a truncated completion is marked, as it trained on nothing."""
     rows = []
     for i in range(min(n, len(pairs))):
         ids = rollout.completions[i]
         loss = student_loss(model, [pairs[i]], [ids], row_scores(teacher_scores, i, len(ids)))[0].item() if ids else 0.0
         rows.append({"where": pairs[i].where, "prompt_ids": pairs[i].student_ids, "completion_ids": ids,
-                     "truncated": bool(rollout.truncated[i]), "loss": loss})
+                     "truncated": bool(rollout.truncated[i]), "masked": masked and bool(rollout.truncated[i]),
+                     "loss": loss})
     return rows
 
 
@@ -34,4 +37,5 @@ def records(tokenizer, step: int, rows: list[dict]) -> list[dict]:
     (special tokens kept, so a sampled stop token shows), its length, truncation and loss."""
     return [{"step": step, "where": r["where"], "prompt": tokenizer.decode(r["prompt_ids"]),
              "completion": tokenizer.decode(r["completion_ids"]), "tokens": len(r["completion_ids"]),
-             "truncated": r["truncated"], "loss": r["loss"]} for r in rows]
+             "truncated": r["truncated"], **({"masked": True} if r.get("masked") else {}), "loss": r["loss"]}
+            for r in rows]

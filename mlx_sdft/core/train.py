@@ -124,7 +124,8 @@ def sdft_step(model, teacher: Leaves | None, pairs: list[PromptPair], positions:
         loss_and_grad = _value_and_grad(model, objective.student_loss, grad)
         (loss, ntoks), grads = loss_and_grad(model, pairs, rollout.completions, scores, guard)
         mx.eval(loss, ntoks, grads or [])
-    logged = {"completions": sampled_rows(objective.student_loss, model, pairs, rollout, scores, log)} if log else {}
+    logged = {"completions": sampled_rows(objective.student_loss, model, pairs, rollout, scores, log,
+                                                 masked=cfg.truncated == "mask")} if log else {}
     return loss, ntoks, grads, {"n": len(pairs), "sampled": rollout.num_tokens, "length": rollout.num_tokens,
                                 "truncated": sum(rollout.truncated), **logged, **degeneration_sums(
                                     rollout.completions, rollout.truncated, [p.demo_ids for p in pairs], stop_ids)}

@@ -145,8 +145,9 @@ class Reporter:
         for row in rows:
             append_metrics(self.out, row, COMPLETIONS)
         first = rows[0]
+        trained = "masked (--truncated mask)" if first.get("masked") else f"loss {first['loss']:.4f}"
         head = (f"  sample {first['where'].rsplit('/', 1)[-1]}: {first['tokens']} tokens{', truncated' if first['truncated'] else ''}, "
-                f"loss {first['loss']:.4f}: ")
+                f"{trained}: ")
         self.print(head + clip(first["completion"], WIDTH - len(head)), highlight=False, markup=False, soft_wrap=True)
 
 
