@@ -83,7 +83,10 @@ def test_an_adapter_path_that_is_a_file_stops_before_training(tiny_model, smoke_
     """Not a FileExistsError after the whole run has trained."""
     demos = tmp_path / "demos.jsonl"
     demos.write_text("mine")
-    _error(_train(tiny_model, smoke_data, demos), r"--adapter-path: .*demos.jsonl is a file; the adapters go into a folder")
+    _error(_train(tiny_model, smoke_data, demos), r"--adapter-path: .*demos.jsonl is a file; this option names a folder to write into")
+    for command in ("eval", "check"):  # their --output, likewise before any work
+        _error(runner.invoke(app, [command, "--model", str(tiny_model), "--data", str(smoke_data), "--output", str(demos)]),
+               r"--output: .*demos.jsonl is a file; this option names a folder to write into")
     assert demos.read_text() == "mine"
 
 

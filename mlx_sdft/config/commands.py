@@ -6,7 +6,7 @@ from dataclasses import dataclass
 
 from mlx_sdft.config.options import (
     Answers, ChatTemplate, DataSource, Dequantize, ModelSource, SKIP_FIRST_TOKENS, SystemPrompt,
-    TeacherTemplate, _check_groups, _opt, _positive, _required,
+    TeacherTemplate, _check_groups, _folder, _opt, _positive, _required,
 )
 from mlx_sdft.errors import InputError
 
@@ -33,6 +33,7 @@ class EvalConfig(SystemPrompt, ChatTemplate, Answers, DataSource, ModelSource):
     def validate(self) -> EvalConfig:
         _check_groups(self)
         _positive(self, ("batch_size", "num_general_prompts", "retention_max_tokens", "general_max_tokens"))
+        _folder(self, "output")
         return self
 
 
@@ -52,6 +53,7 @@ class CheckConfig(SystemPrompt, TeacherTemplate, ChatTemplate, Answers, DataSour
     def validate(self) -> CheckConfig:
         _check_groups(self)
         _positive(self, ("num_examples", "num_samples", "batch_size"))
+        _folder(self, "output")
         if self.skip_first_tokens < 0:
             raise InputError(f"--skip-first-tokens: must be >= 0, got {self.skip_first_tokens}")
         return self

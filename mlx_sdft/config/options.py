@@ -142,6 +142,13 @@ def _choices(options) -> None:
             raise InputError(f"--{f.name.replace('_', '-')}: {value!r} is not one of {', '.join(choices)}")
 
 
+def _folder(options, name: str) -> None:
+    """An output folder option that names an existing file would fail only when the work is done."""
+    value = getattr(options, name)
+    if value and Path(value).exists() and not Path(value).is_dir():
+        raise InputError(f"--{name.replace('_', '-')}: {value} is a file; this option names a folder to write into")
+
+
 def _positive(options, names: tuple[str, ...]) -> None:
     for name in names:
         if not getattr(options, name) > 0:

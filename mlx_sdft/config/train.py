@@ -8,7 +8,7 @@ from dataclasses import dataclass
 
 from mlx_sdft.config.options import (
     BUDGET_FLOOR, ChatTemplate, DIVERGENCES, DataSource, Dequantize, ModelSource, SKIP_FIRST_TOKENS,
-    SystemPrompt, TeacherTemplate, _check_groups, _opt, _positive,
+    SystemPrompt, TeacherTemplate, _check_groups, _folder, _opt, _positive,
 )
 from mlx_sdft.errors import InputError
 
@@ -133,6 +133,7 @@ class Config(SystemPrompt, TeacherTemplate, ChatTemplate, DataSource, Dequantize
             bad("log_completions", f"must be >= 0, got {self.log_completions}")
         if self.skip_first_tokens < 0:
             bad("skip_first_tokens", f"must be >= 0, got {self.skip_first_tokens}")
+        _folder(self, "adapter_path")
         if self.resume and self.overwrite:
             bad("overwrite", "cannot be combined with --resume (one continues the saved run, the other deletes it)")
         if self.method == "sdft" and self.max_completion_length <= self.skip_first_tokens:

@@ -104,8 +104,6 @@ def check_loss_room(cfg: Config, pairs) -> None:
 def check_folder(cfg: Config, out: Path, train_pairs=()) -> None:
     """A new run never mixes with an earlier one in the same folder, and --resume continues only
     the run that was saved: every option that defines the run must equal the saved one."""
-    if out.exists() and not out.is_dir():
-        raise InputError(f"--adapter-path: {out} is a file; the adapters go into a folder (give a folder name)")
     if cfg.resume:
         if not (out / "trainer_state.json").exists():
             raise InputError(f"--resume: {out} holds no saved run (no trainer_state.json)")
