@@ -3,8 +3,6 @@ report → save. `train()` is the whole algorithm; the helpers above it are smal
 
 from __future__ import annotations
 
-import hashlib
-import json
 import math
 from functools import partial
 from pathlib import Path
@@ -69,15 +67,6 @@ def completion_budget(pair: PromptPair, cfg: Config) -> int:
     if cfg.completion_budget:
         cap = guards.demonstration_budget(len(pair.demo_ids), cfg.completion_budget, cap)
     return min(cap, room)
-
-
-def data_digest(pairs: list[PromptPair]) -> str:
-    """The training data as the run sees it (each example's student, teacher and target ids, in
-    order): saved with the run, so --resume refuses data or templates that changed since."""
-    h = hashlib.sha256()
-    for p in pairs:
-        h.update(json.dumps([p.student_ids, p.teacher_ids, p.demo_ids]).encode())
-    return h.hexdigest()[:16]
 
 
 TRAIN_STREAM, VALID_STREAM = 0, 1
@@ -192,7 +181,7 @@ def train(model: nn.Module, tokenizer, train_pairs: list[PromptPair], valid_pair
     optimizer = build_optimizer(cfg, steps)
     teacher_kind = cfg.teacher if cfg.method == "sdft" else "live"  # SFT has no teacher: None leaves
     teacher = init_teacher(teacher_kind, model, base)
-    first, cursor, loss_tokens, digest = 1, 0, 0, data_digest(train_pairs)
+    first, cursor, loss_tokens, digest = 1, 0, 0, checkpoint.data_digest(train_pairs)
     if cfg.resume:
         state, saved_teacher = checkpoint.load_state(out, optimizer, model, cfg)
         first, cursor = state["step"] + 1, state["cursor"]

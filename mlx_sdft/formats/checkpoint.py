@@ -17,6 +17,7 @@ the folder always belong to one step, and a full disk or a kill never costs the 
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import re
@@ -181,6 +182,15 @@ def saved_step(path: Path) -> int | None:
     """The step recorded in a safetensors file's metadata."""
     _, metadata = mx.load(str(path), return_metadata=True)
     return int(metadata["step"]) if "step" in metadata else None
+
+
+def data_digest(pairs) -> str:
+    """The training data as the run sees it (each PromptPair's student, teacher and target ids, in
+    order): saved with the run, so --resume refuses data or templates that changed since."""
+    h = hashlib.sha256()
+    for p in pairs:
+        h.update(json.dumps([p.student_ids, p.teacher_ids, p.demo_ids]).encode())
+    return h.hexdigest()[:16]
 
 
 def truncate_metrics(out: Path, step: int, name: str = METRICS) -> None:

@@ -25,7 +25,7 @@ from mlx_sdft.formats.models import Adapters, check_adapter_fit, open_model, ope
 from mlx_sdft.core.prompts import apply_system_prompt, describe_stops, encode_examples, student_text, system_prompt_note, teacher_text
 from mlx_sdft.machine.report import Reporter, StopFlag
 from mlx_sdft.core.scoring import head_splits
-from mlx_sdft.core.train import completion_budget, data_digest, total_steps, train
+from mlx_sdft.core.train import completion_budget, total_steps, train
 
 
 AUTO_CHUNK = 16  # positions per chunk when the preflight turns chunking on: ~1/4 the memory of T = 256
@@ -112,7 +112,7 @@ def check_folder(cfg: Config, out: Path, train_pairs=()) -> None:
             raise InputError(f"--resume: {out} was trained with other options: {'; '.join(changes)} (resume with the "
                              f"saved ones, or start a new run with --overwrite or another --adapter-path)")
         saved = json.loads((out / "trainer_state.json").read_text()).get("data")
-        if saved is not None and saved != data_digest(list(train_pairs)):
+        if saved is not None and saved != checkpoint.data_digest(train_pairs):
             raise InputError(f"--resume: the training data of {out} changed since it was saved ({cfg.data}: its "
                              f"examples, or how they render); resume with the same data, or start a new run with "
                              f"--overwrite or another --adapter-path")
