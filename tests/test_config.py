@@ -31,7 +31,7 @@ def test_every_command_has_a_flag_per_option_and_a_config_file(command):
 
 
 @pytest.mark.parametrize("command,args,message", [
-    ("generate", ["--prompt", "Hi", "--max-tokens", "0"], "--max-tokens: must be > 0, got 0"),  # --model has a default
+    ("generate", ["--model", "m", "--prompt", "Hi", "--max-tokens", "0"], "--max-tokens: must be > 0, got 0"),
     ("generate", ["--model", "m"], "--prompt: required"),
     ("export", ["--model", "m.gguf"], "--out: required"),
 ])
@@ -94,19 +94,19 @@ def test_lora_parameters_in_yaml_keep_the_defaults_they_do_not_name(tmp_path):
     from mlx_sdft.errors import InputError
 
     path = tmp_path / "c.yaml"
-    path.write_text("data: demos.jsonl\nlora_parameters: {rank: 16}\n")
+    path.write_text("model: m\ndata: demos.jsonl\nlora_parameters: {rank: 16}\n")
     assert load_config(str(path)).lora_parameters == {"rank": 16, "scale": 20.0, "dropout": 0.0}
-    path.write_text("data: demos.jsonl\nlora_parameters: {rank: 4, alpha: 8}\n")
+    path.write_text("model: m\ndata: demos.jsonl\nlora_parameters: {rank: 4, alpha: 8}\n")
     with pytest.raises(InputError, match=r"lora_parameters: takes rank, scale, dropout and keys .*'alpha'"):
         load_config(str(path))
-    assert load_config(None, {"data": "demos.jsonl"}).lora_parameters == {"rank": 8, "scale": 20.0, "dropout": 0.0}
+    assert load_config(None, {"model": "m", "data": "demos.jsonl"}).lora_parameters == {"rank": 8, "scale": 20.0, "dropout": 0.0}
 
 
 def test_epochs_given_over_a_yaml_iters_wins(tmp_path):
     """--iters overrides --epochs; a flag beats the YAML file: `-c smoke.yaml --epochs 1` (the
     file has `iters: 3`) runs one epoch, not 3 steps with the flag silently ignored."""
     path = tmp_path / "c.yaml"
-    path.write_text("data: demos.jsonl\niters: 3\n")
+    path.write_text("model: m\ndata: demos.jsonl\niters: 3\n")
     assert load_config(str(path)).iters == 3
     cfg = load_config(str(path), {"epochs": 1.0})
     assert cfg.iters is None and cfg.epochs == 1.0
