@@ -127,11 +127,12 @@ def base_numbers(out: Path) -> dict:
     return json.loads(path.read_text())
 
 
-def mean_ci(values: list[float]) -> tuple[float, float]:
+def mean_ci(values: list[float]) -> tuple[float, float | None]:
+    """Mean and the half-width of its 95% interval (Student t, n - 1 dof); None for one value."""
     n = len(values)
     mean = sum(values) / n
     if n < 2:
-        return mean, float("nan")
+        return mean, None
     sd = math.sqrt(sum((v - mean) ** 2 for v in values) / (n - 1))
     return mean, T_95[n - 1] * sd / math.sqrt(n)
 
@@ -204,7 +205,7 @@ def plot(out: Path, summary: dict) -> None:
     fig, axes = plt.subplots(1, len(metrics), figsize=(17, 3.8), layout="constrained")
     for ax, (metric, title) in zip(axes, metrics):
         means = [summary["methods"][m][metric]["mean"] for m in names]
-        errs = [0 if math.isnan(e) else e for e in (summary["methods"][m][metric]["ci95"] for m in names)]
+        errs = [e or 0 for e in (summary["methods"][m][metric]["ci95"] for m in names)]
         ax.bar(range(len(names)), means, yerr=errs, capsize=5, color=["#888", "#c66", "#3a7", "#37a"][: len(names)])
         ax.set_xticks(range(len(names)), [n.replace("_", "\n", 1) for n in names], fontsize=8)
         if metric in summary["base"]:
