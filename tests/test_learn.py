@@ -186,6 +186,36 @@ def test_forget_removes_the_lesson_everywhere_and_rebuilds_without_it(tiny_model
     assert runner.invoke(app, ["rollback", "--home", str(home), "2"]).exit_code == 2  # erased: never served again
 
 
+def test_a_relative_model_is_recorded_so_forget_rebuilds_from_another_directory(tiny_model, tmp_path, monkeypatch):
+    home = tmp_path / "home"
+    gone, kept = _lessons(home, "red", "blue")
+    monkeypatch.chdir(tiny_model.parent)
+    assert _learn(home, tiny_model.name, *LOOSE).exit_code == 0  # --model given relative to this directory
+    record = versions.record(home, 1)
+    assert record["model"] == record["options"]["model"] == str(tiny_model.resolve())
+
+    monkeypatch.chdir(tmp_path)  # the rebuild reads the model from the record, not from the cwd
+    result = runner.invoke(app, ["forget", "--home", str(home), str(gone)])
+    assert result.exit_code == 0, result.output
+    assert versions.current(home) == 2 and versions.record(home, 2)["lessons"] == [kept]
+    again = runner.invoke(app, ["forget", "--home", str(home), str(gone)])  # nothing left to erase: says so
+    assert again.exit_code == 0 and f"lesson {gone} was already deleted; erased the weights of versions none" \
+        in again.output.replace("\n", " ")
+
+
+def test_a_failed_rebuild_says_what_forget_already_did(tiny_model, tmp_path):
+    home = tmp_path / "home"
+    gone, kept = _lessons(home, "red", "blue")
+    assert _learn(home, tiny_model, *LOOSE).exit_code == 0
+    versions.update_record(home, 1, options={**versions.record(home, 1)["options"], "model": str(tmp_path / "moved")})
+    result = runner.invoke(app, ["forget", "--home", str(home), str(gone)])
+    assert result.exit_code == 2
+    line = " ".join(result.output.split())
+    assert f"lesson {gone} and its exchange deleted" in line and f"current version 0, lessons [{kept}] new again" in line
+    assert "the rebuild failed:" in line and "moved: no such model folder" in line
+    assert versions.current(home) == 0 and _states(home) == {kept: "new"}
+
+
 def _holder(home: Path) -> subprocess.Popen:
     code = ("import sys, time; from mlx_sdft.store import versions\n"
             "with versions.locked(sys.argv[1]):\n    print('held', flush=True); time.sleep(600)")

@@ -66,6 +66,13 @@ def _shape(home: Path, parent: int) -> dict:
     return {k: config[k] for k in ("fine_tune_type", "num_layers", "lora_parameters") if k in config}
 
 
+def _located(model: str) -> str:
+    """A local model path made absolute: the record outlives the directory learn ran in, and a
+    later learn or forget reads its model from there (pkg: specs and hub ids stay as given)."""
+    path = Path(model).expanduser()
+    return str(path.resolve()) if not model.startswith("pkg:") and path.exists() else model
+
+
 def build(home: Path, store: Store, cfg: LearnConfig, parent: int, new: list[dict], why: str, console) -> dict:
     """Train `new` (+ replay) from version `parent`, gate it against `parent`, keep it as the next
     version, and make it current when it passes. Call with the lock held."""
@@ -73,7 +80,7 @@ def build(home: Path, store: Store, cfg: LearnConfig, parent: int, new: list[dic
     from mlx_sdft.jobs.train import run_train
 
     parent_record = versions.record(home, parent)
-    model = cfg.model or parent_record.get("model") or DEFAULT_MODEL
+    model = _located(cfg.model or parent_record.get("model") or DEFAULT_MODEL)
     learned = {r["id"]: r for r in store.lessons("learned")}
     earlier = [learned[i] for i in parent_record["includes"] if i in learned]
     number = versions.next_number(home)
@@ -178,9 +185,11 @@ def run_forget(cfg, console=None) -> list[str]:
         store.compact()
         why = f"lesson {cfg.lesson} forgotten"
         tainted = [r["version"] for r in versions.records(home) if cfg.lesson in r["includes"]]
-        for number in tainted:
+        fresh = [n for n in tainted if not versions.record(home, n).get("erased")]  # a second forget: erased already
+        for number in fresh:
             versions.erase(home, number, why)
-        lines = [f"deleted lesson {cfg.lesson} and its exchange; erased the weights of versions {tainted or 'none'}"]
+        done = "was already deleted" if row["state"] == "deleted" else "and its exchange deleted"
+        lines = [f"lesson {cfg.lesson} {done}; erased the weights of versions {fresh or 'none'}"]
         if now not in tainted:
             return lines + [f"current version {now} never learned it: unchanged"]
         chain = versions.lineage(home, now)
@@ -199,8 +208,9 @@ def run_forget(cfg, console=None) -> list[str]:
         try:
             record = build(home, store, options, base, rows, f"rebuild without lesson {cfg.lesson} "
                            f"(version {now}), replaying lessons {redo}", console)
-        except Rejected as e:
-            raise Rejected(f"{lines[0]}; current version {base}; the rebuild failed: {e}") from None
+        except (Rejected, InputError, TrainingError) as e:  # what was done above stays done: say so
+            raise type(e)(f"{lines[0]}; current version {base}, lessons {redo} new again; "
+                          f"the rebuild failed: {e}") from None
     return lines + [f"rebuilt lessons {redo} as version {record['version']}, now current"]
 
 
