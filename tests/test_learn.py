@@ -186,6 +186,26 @@ def test_forget_removes_the_lesson_everywhere_and_rebuilds_without_it(tiny_model
     assert runner.invoke(app, ["rollback", "--home", str(home), "2"]).exit_code == 2  # erased: never served again
 
 
+def test_serve_started_on_a_version_answers_after_rollback_to_0_and_back(tiny_model, tmp_path):
+    """A server that loaded its adapters at start (main thread) and switches on its worker thread:
+    the base leaves must be usable there (were: 500, "There is no Stream(cpu, 0) in current thread")."""
+    from test_serve import serving
+
+    home = tmp_path / "home"
+    _lessons(home, "red", "blue")
+    with serving(tiny_model, home) as served:
+        plain = served.chat(max_tokens=8)["choices"][0]["message"]["content"]
+    assert _learn(home, tiny_model, *LOOSE).exit_code == 0
+    with serving(tiny_model, home) as served:
+        learned = served.chat(max_tokens=8)
+        assert learned["system_fingerprint"] == "adapters-v1"
+        for target, answer in (("0", plain), ("1", learned["choices"][0]["message"]["content"])):
+            assert runner.invoke(app, ["rollback", "--home", str(home), target]).exit_code == 0
+            body = served.chat(max_tokens=8)
+            assert body["system_fingerprint"] == f"adapters-v{target}"
+            assert body["choices"][0]["message"]["content"] == answer  # the same answer as that version gave before
+
+
 def test_a_relative_model_is_recorded_so_forget_rebuilds_from_another_directory(tiny_model, tmp_path, monkeypatch):
     home = tmp_path / "home"
     gone, kept = _lessons(home, "red", "blue")

@@ -183,7 +183,8 @@ def attach_adapters(model: nn.Module, fine_tune_type: str, num_layers: int, lora
     if weights:
         fitting = fitting_adapters(model, Path(weights), fine_tune_type, lora_parameters)
         model.load_weights(list(fitting.items()), strict=False)
-    mx.eval(model.parameters())
+    # base too: a lazy copy is bound to this thread's stream, and serve swaps it in on its worker thread
+    mx.eval(model.parameters(), base)
     return base
 
 
