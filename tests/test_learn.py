@@ -206,6 +206,15 @@ def test_serve_started_on_a_version_answers_after_rollback_to_0_and_back(tiny_mo
             assert body["choices"][0]["message"]["content"] == answer  # the same answer as that version gave before
 
 
+def test_learn_rollback_and_forget_refuse_a_home_that_does_not_exist(tiny_model, tmp_path):
+    missing = tmp_path / "no-such-home"  # a mistyped --home: not created (it would be mode 755), no success claimed
+    for args in (["learn", "--model", str(tiny_model)], ["rollback", "0"], ["forget", "1"]):
+        result = runner.invoke(app, [args[0], "--home", str(missing), *args[1:]])
+        assert result.exit_code == 2, result.output
+        assert f"--home {missing}: no such folder" in " ".join(result.output.split())
+        assert not missing.exists()
+
+
 def test_a_relative_model_is_recorded_so_forget_rebuilds_from_another_directory(tiny_model, tmp_path, monkeypatch):
     home = tmp_path / "home"
     gone, kept = _lessons(home, "red", "blue")

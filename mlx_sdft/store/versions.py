@@ -181,9 +181,11 @@ def locked(home: str | Path):
     """One learn, rollback or forget at a time per --home: an exclusive flock on HOME/learn.lock,
     which holds the owner's pid. The kernel drops the flock when its process dies (kill -9
     included), so a lock file left by a killed run is stale by construction: the next run takes
-    it over and yields that pid (else None). A live holder: TrainingError naming its pid."""
+    it over and yields that pid (else None). A live holder: TrainingError naming its pid.
+    A --home that does not exist: InputError (a mistyped one is not created, with the wrong mode)."""
     path = Path(home).expanduser() / LOCK
-    path.parent.mkdir(parents=True, exist_ok=True)
+    if not path.parent.is_dir():
+        raise InputError(f"--home {home}: no such folder (serve or teach create it; see mlx-sdft lessons)")
     fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
     try:
         try:
