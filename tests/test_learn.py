@@ -215,6 +215,14 @@ def test_learn_rollback_and_forget_refuse_a_home_that_does_not_exist(tiny_model,
         assert not missing.exists()
 
 
+def test_more_gate_prompts_than_bundled_is_refused(tiny_model, tmp_path):
+    home = tmp_path / "home"
+    _lessons(home, "red")
+    result = runner.invoke(app, ["learn", "--home", str(home), "--model", str(tiny_model), "--gate-prompts", "101"])
+    assert result.exit_code == 2 and "--gate-prompts: at most 100 (the bundled general prompts), got 101" in result.output
+    assert not (home / "versions").exists()
+
+
 def test_a_relative_model_is_recorded_so_forget_rebuilds_from_another_directory(tiny_model, tmp_path, monkeypatch):
     home = tmp_path / "home"
     gone, kept = _lessons(home, "red", "blue")

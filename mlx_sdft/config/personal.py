@@ -158,7 +158,7 @@ class LearnConfig(Config):
                                    "KL(base‖current) by at most this (nats/token).")
     gate_max_degenerate_rise: float = _opt(0.1, "Gate 3, canary: the degenerate rate of greedy answers to the general "
                                            "prompts may exceed the current version's by at most this.")
-    gate_prompts: int = _opt(32, "General prompts (the bundled ones) in the canary.")
+    gate_prompts: int = _opt(32, "General prompts (the first of the 100 bundled ones) in the canary.")
     gate_max_tokens: int = _opt(64, "Tokens per canary answer and per fresh sample of a feedback lesson.")
 
     def validate(self) -> LearnConfig:
@@ -166,6 +166,10 @@ class LearnConfig(Config):
         for name in ("replay_ratio", "gate_tolerance", "gate_max_kl_rise", "gate_max_degenerate_rise"):
             if not (getattr(self, name) >= 0 and math.isfinite(getattr(self, name))):
                 raise InputError(f"--{name.replace('_', '-')}: must be >= 0, got {getattr(self, name)}")
+        bundled = Path(__file__).parent.parent / "assets" / "general_prompts.jsonl"  # what the canary reads
+        available = sum(1 for line in bundled.read_text(encoding="utf-8").splitlines() if line.strip())
+        if self.gate_prompts > available:  # was cut to the bundled ones silently, the record saying more
+            raise InputError(f"--gate-prompts: at most {available} (the bundled general prompts), got {self.gate_prompts}")
         if not math.isfinite(self.gate_min_gain):
             raise InputError(f"--gate-min-gain: must be finite, got {self.gate_min_gain}")
         checked = self.train_config(self.model or "-", "-", "-")  # the train options, before anything loads
