@@ -96,7 +96,7 @@ class Store:
                 os.close(os.open(self.path, os.O_CREAT | os.O_WRONLY, 0o600))
             self._con = sqlite3.connect(self.path, timeout=BUSY_S, isolation_level=None, check_same_thread=False)
             self._con.execute(f"PRAGMA busy_timeout = {int(BUSY_S * 1000)}")
-            self._con.execute("PRAGMA journal_mode = WAL")
+            self._wal()
             for pragma in ("synchronous = FULL", "secure_delete = ON"):
                 self._con.execute(f"PRAGMA {pragma}")
             self._migrate()
@@ -104,6 +104,19 @@ class Store:
             raise InputError(f"{self.path}: not a usable store ({e})") from None
         except OSError as e:
             raise InputError(f"{self.home}: cannot create the store ({e.strerror or e})") from None
+
+    def _wal(self) -> None:
+        """Switch to WAL. SQLite answers a journal-mode change with "database is locked" at once,
+        without its busy handler, while another process is creating the same new store: retry."""
+        deadline = time.monotonic() + BUSY_S
+        while True:
+            try:
+                self._con.execute("PRAGMA journal_mode = WAL")
+                return
+            except sqlite3.OperationalError as e:
+                if "locked" not in str(e) or time.monotonic() > deadline:
+                    raise
+                time.sleep(0.01)
 
     def check(self) -> None:
         """`PRAGMA quick_check` (reads every page once): a damaged store is an InputError now,
