@@ -201,16 +201,7 @@ def test_context_that_leaves_no_loss_token_is_rejected_before_loading(tiny, tiny
 
 def test_a_run_in_which_nothing_reaches_the_loss_fails_and_saves_nothing(tiny_model, smoke_data, tmp_path, monkeypatch):
     """Completions that stop within --skip-first-tokens (a model that ends its turn at once)."""
-    from mlx_sdft.core import train
-
-    real = train.sample
-
-    def stopping_at_once(*args, **kwargs):
-        rollout = real(*args, **kwargs)
-        rollout.completions = [c[:2] for c in rollout.completions]
-        return rollout
-
-    monkeypatch.setattr(train, "sample", stopping_at_once)
+    _stopping_at_once(monkeypatch)
     from typer.testing import CliRunner
 
     from mlx_sdft.cli import app
