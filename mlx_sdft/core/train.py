@@ -59,10 +59,15 @@ def build_optimizer(cfg: Config, steps: int) -> optim.Optimizer:
     return optim.SGD(learning_rate=lr, weight_decay=cfg.weight_decay)
 
 
+def completion_room(pair: PromptPair, max_seq_length: int) -> int:
+    """Tokens a completion may have so that both its student and its teacher context stay within max_seq_length."""
+    return max_seq_length - max(len(pair.student_ids), len(pair.teacher_ids))
+
+
 def completion_budget(pair: PromptPair, cfg: Config) -> int:
     """Tokens a completion may have so that both contexts stay within --max-seq-length; with
     --completion-budget M also at most guards.demonstration_budget (M × the demonstration, floored)."""
-    room = cfg.max_seq_length - max(len(pair.student_ids), len(pair.teacher_ids))
+    room = completion_room(pair, cfg.max_seq_length)
     cap = cfg.max_completion_length
     if cfg.completion_budget:
         cap = guards.demonstration_budget(len(pair.demo_ids), cfg.completion_budget, cap)

@@ -27,7 +27,7 @@ from mlx_sdft.core.losses import kl_of_logits, log_softmax
 from mlx_sdft.core.prompts import PromptPair
 from mlx_sdft.core.rollout import sample
 from mlx_sdft.core.scoring import completion_logits, completion_mask, pad_rows
-from mlx_sdft.core.train import sequence_seed
+from mlx_sdft.core.train import completion_room, sequence_seed
 
 # Heuristics, not from the paper. Without a metric: nats per token the teacher context must add
 # (the project's calibration saw SmolLM2-135M move −3.5 → −1.9); with one: the score it must add.
@@ -72,7 +72,7 @@ def score_samples(model, tokenizer, pairs: list[PromptPair], max_tokens: int, ba
     for i in range(0, len(pairs), batch_size):
         batch = pairs[i:i + batch_size]
         seeds = [sequence_seed(0, i + j, 0) for j in range(len(batch))]
-        budgets = [min(max_tokens, max_seq_length - max(len(p.student_ids), len(p.teacher_ids))) for p in batch]
+        budgets = [min(max_tokens, completion_room(p, max_seq_length)) for p in batch]
         rollout = sample(model, [p.student_ids for p in batch], budgets, stops, temperature=1.0,
                          batch_size=len(batch), seeds=seeds)
         mask_BT = completion_mask([len(c) for c in rollout.completions])

@@ -25,7 +25,7 @@ from mlx_sdft.formats.models import Adapters, check_adapter_fit, open_model, ope
 from mlx_sdft.core.prompts import apply_system_prompt, describe_stops, encode_examples, student_text, system_prompt_note, teacher_text
 from mlx_sdft.machine.report import Reporter, StopFlag
 from mlx_sdft.core.scoring import head_splits
-from mlx_sdft.core.train import completion_budget, total_steps, train
+from mlx_sdft.core.train import completion_budget, completion_room, total_steps, train
 
 
 AUTO_CHUNK = 16  # positions per chunk when the preflight turns chunking on: ~1/4 the memory of T = 256
@@ -94,7 +94,7 @@ def check_loss_room(cfg: Config, pairs) -> None:
         budget = completion_budget(pair, cfg)
         if budget > cfg.skip_first_tokens:
             continue
-        room = cfg.max_seq_length - max(len(pair.student_ids), len(pair.teacher_ids))
+        room = completion_room(pair, cfg.max_seq_length)
         why = (f"--max-seq-length {cfg.max_seq_length} leaves {room} completion tokens after its prompts" if budget == room
                else f"--completion-budget {cfg.completion_budget} allows it {budget} completion tokens")
         raise InputError(f"{pair.where}: {why}, all within --skip-first-tokens {cfg.skip_first_tokens}: none would "
