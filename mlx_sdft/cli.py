@@ -8,12 +8,14 @@ turns what a job raises into one line and an exit status.
 from __future__ import annotations
 
 import dataclasses
+import importlib
 import inspect
 import sys
 from contextlib import contextmanager
 from typing import Annotated, Callable, Optional
 
 import typer
+from rich.console import Console
 from rich.markup import escape
 
 from mlx_sdft.config import (CheckConfig, Config, EvalConfig, ExportConfig, ForgetConfig, GenerateConfig, LearnConfig,
@@ -144,17 +146,17 @@ def _serve(cfg: ServeConfig) -> None:
     run(cfg)
 
 
-def _printing(name: str, ask: Callable | None = None) -> Callable:
-    """Run `jobs.teach.NAME(options)` and print its lines; `ask(options)` may return a question to
-    confirm first (a deletion), skipped with --yes."""
+def _printing(name: str, ask: Callable | None = None, job: str = "teach") -> Callable:
+    """Run `jobs.JOB.NAME(options)` and print its lines; `ask(options)` may return a question to
+    confirm first (a deletion), skipped with --yes. jobs.learn's also get a stderr console."""
 
     def run(cfg) -> None:
-        from mlx_sdft.jobs import teach
-
+        module = importlib.import_module(f"mlx_sdft.jobs.{job}")
         question = ask(cfg) if ask and not cfg.yes else None
         if question:
             typer.confirm(question, abort=True)
-        for line in getattr(teach, name)(cfg):
+        console = {"console": Console(stderr=True)} if job == "learn" else {}
+        for line in getattr(module, name)(cfg, **console):
             typer.echo(line)
 
     return run
@@ -190,23 +192,7 @@ _command("purge", LessonsConfig, _printing("purge", lambda cfg: f"Delete every l
          "Delete every lesson and compact the store.", None, ("home", "yes"), lessons_app)
 
 
-def _learning(name: str) -> Callable:
-    """Run `jobs.learn.NAME(options, console)` and print the lines it returns."""
-
-    def run(cfg) -> None:
-        from rich.console import Console
-
-        from mlx_sdft.jobs import learn
-
-        for line in getattr(learn, name)(cfg, console=Console(stderr=True)):
-            typer.echo(line)
-
-    return run
-
-
 def _learn(cfg: LearnConfig) -> None:
-    from rich.console import Console
-
     from mlx_sdft.jobs.learn import run_learn
 
     record = run_learn(cfg, console=Console(stderr=True))
@@ -217,11 +203,11 @@ def _learn(cfg: LearnConfig) -> None:
 _command("learn", LearnConfig, _learn, "Learn the new lessons in --home (plus replay) into a candidate version; the "
          "gate accepts it (it becomes current) or rejects it (exit status 3, current unchanged).",
          "YAML file with learn and train options (flags override it).")
-_command("versions", VersionsConfig, _learning("run_versions"),
+_command("versions", VersionsConfig, _printing("run_versions", job="learn"),
          "The adapter versions in --home: parent, lessons, gate numbers, accepted or rejected.", None)
-_command("rollback", RollbackConfig, _learning("run_rollback"),
+_command("rollback", RollbackConfig, _printing("run_rollback", job="learn"),
          "Serve an earlier accepted version (default: the current one's parent; 0: no adapters).", None)
-_command("forget", ForgetConfig, _learning("run_forget"),
+_command("forget", ForgetConfig, _printing("run_forget", job="learn"),
          "Delete a lesson and its exchange, erase the versions that learned it, rebuild without it.", None)
 
 
