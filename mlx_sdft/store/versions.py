@@ -55,18 +55,13 @@ def current(home: str | Path) -> int:
 
 def set_current(home: str | Path, version: int) -> None:
     """Point current.json at `version` in one atomic rename (a rollback is this call too)."""
-    path = Path(home).expanduser() / CURRENT
-    tmp = path.with_name(f".{CURRENT}.{os.getpid()}")
-    tmp.write_text(json.dumps({"version": version}) + "\n")
-    with open(tmp, "rb") as fid:
-        os.fsync(fid.fileno())
-    os.replace(tmp, path)
+    _write_json(Path(home).expanduser() / CURRENT, {"version": version}, indent=None)
 
 
-def _write_json(path: Path, obj) -> None:
+def _write_json(path: Path, obj, indent: int | None = 1) -> None:
     """Written aside, fsynced, renamed: a reader (or a kill -9) never sees half a file."""
     tmp = path.with_name(f".{path.name}.{os.getpid()}")
-    tmp.write_text(json.dumps(obj, indent=1, ensure_ascii=False) + "\n", encoding="utf-8")
+    tmp.write_text(json.dumps(obj, indent=indent, ensure_ascii=False) + "\n", encoding="utf-8")
     with open(tmp, "rb") as fid:
         os.fsync(fid.fileno())
     os.replace(tmp, path)
