@@ -180,9 +180,7 @@ def run_forget(cfg, console=None) -> list[str]:
             raise InputError(f"lesson {cfg.lesson}: no such lesson in {store.path} (see mlx-sdft lessons)")
         now = versions.current(home)
         store.delete_lesson(cfg.lesson)
-        for exchange in _exchanges_of(store, row):
-            store.delete_exchange(exchange)
-        store.compact()
+        store.delete_exchanges(_exchanges_of(store, row))  # and compacts: the lesson's blanked text too
         why = f"lesson {cfg.lesson} forgotten"
         tainted = [r["version"] for r in versions.records(home) if cfg.lesson in r["includes"]]
         fresh = [n for n in tainted if not versions.record(home, n).get("erased")]  # a second forget: erased already

@@ -213,13 +213,13 @@ class Store:
                            (thread_key(self.redact_messages(messages[:-1])),))
         return rows[0] if rows else None
 
-    def delete_exchange(self, id: str) -> bool:
-        """Delete one exchange and compact the file (its text leaves the disk)."""
+    def delete_exchanges(self, ids: list[str]) -> int:
+        """Delete these exchanges in one transaction and compact the file (their text, and any
+        other deleted text, leaves the disk); returns how many there were."""
         with self._tx() as con:
-            gone = con.execute("DELETE FROM exchanges WHERE id = ?", (id,)).rowcount == 1
-        if gone:
-            self._compact()
-        return gone
+            count = sum(con.execute("DELETE FROM exchanges WHERE id = ?", (id,)).rowcount for id in ids)
+        self._compact()
+        return count
 
     def forget_exchanges(self) -> int:
         """Delete every exchange (lessons keep their own copy of the prompt) and compact the file."""
@@ -286,11 +286,8 @@ class Store:
         self._compact()
         return count
 
-    def compact(self) -> None:
-        """VACUUM and truncate the WAL: deleted text leaves the disk now, not at the next checkpoint."""
-        self._compact()
-
     def _compact(self) -> None:
+        """VACUUM and truncate the WAL: deleted text leaves the disk now, not at the next checkpoint."""
         with self._lock, self._usable():
             self._con.execute("VACUUM")
         self._checkpoint()
