@@ -49,7 +49,8 @@ METHODS = {
     "sft": dict(method="sft"),
     "sdft_before": dict(method="sdft", skip_first_tokens=3),
     "sdft_guarded": dict(method="sdft", **GUARDED),
-    "sdft_guarded_sft": dict(method="sdft", **GUARDED, sft_weight=0.5),
+    "sdft": dict(method="sdft", **GUARDED, sft_weight=0.5),  # the defaults since issue 14 (checked in main)
+    "sdft_sft_only": dict(method="sdft", skip_first_tokens=0, sft_weight=0.5),  # ablation: no budget, no mask
 }
 # Evaluation sizes (lean: the machine is 2 shared cores).
 TASK_TOKENS, GENERAL_PROMPTS, GENERAL_TOKENS, KL_PROMPTS, KL_TOKENS, BATCH = 48, 32, 64, 16, 32, 8
