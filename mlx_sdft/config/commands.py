@@ -26,7 +26,8 @@ class EvalConfig(SystemPrompt, ChatTemplate, Answers, DataSource, ModelSource):
     num_general_prompts: int = _opt(16, "How many general prompts to use (100: the whole bundled set, a steadier "
                                     "retention estimate for ~9x the time with --retention-max-tokens 64).")
     retention_max_tokens: int = _opt(32, "Tokens the base model samples per general prompt.")
-    general_max_tokens: int = _opt(128, "Most tokens per greedy answer to a general prompt (the degenerate rate).")
+    general_max_tokens: int = _opt(64, "Most tokens per greedy answer to a general prompt (the degenerate rate; 128 sees "
+                                   "loops that start later, for twice the time).")
     prior_text: str | None = _opt(None, "JSONL of {\"text\": ...}: perplexity before and after the adapters.", path=True)
     seed: int = _opt(0, "Random seed for the base model's samples.")
 
