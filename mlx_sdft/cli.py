@@ -119,6 +119,8 @@ def _check(cfg: CheckConfig) -> None:
     if "warning" in report:
         typer.echo(f"warning: {report['warning']}")
     typer.echo(report["recommendation"])
+    if "small_model" in report:
+        typer.echo(f"note: {report['small_model']}")
 
 
 def _continual(stages: Annotated[str, typer.Option("-c", "--config", help="Stages YAML file.")],

@@ -117,12 +117,15 @@ def test_a_folder_without_adapters_is_one_line(tiny_model, smoke_data, tmp_path,
     assert result.stderr.strip() == f"mlx-sdft {command}: error: {tmp_path}: not an adapter folder (no adapter_config.json)"
 
 
-def test_check_reports_both_contexts(tiny_model, smoke_data):
-    from mlx_sdft.jobs.check import run_check
+def test_check_reports_both_contexts(tiny_model, smoke_data, monkeypatch):
+    from mlx_sdft.jobs import check
     from mlx_sdft.config import CheckConfig
 
-    report = run_check(CheckConfig(model=str(tiny_model), data=str(smoke_data), num_examples=4, metric="normalized",
-                                   max_tokens=6).validate())
+    def run(**kw):
+        return check.run_check(CheckConfig(model=str(tiny_model), data=str(smoke_data), num_examples=4,
+                                           metric="normalized", max_tokens=6, **kw).validate())
+
+    report = run(skip_first_tokens=3)
     assert report["examples"] == 4
     assert report["student_loglik"] < 0 and report["teacher_loglik"] < 0
     assert report["student_loglik"] != report["teacher_loglik"]
@@ -132,6 +135,38 @@ def test_check_reports_both_contexts(tiny_model, smoke_data):
     assert 0 <= report["teacher_disagreement"] <= 1 and report["sample_degenerate"] == 1.0  # 6 tokens never stop
     assert report["recommendation"].startswith("recommend SFT")  # all samples degenerate
     assert "open with the same 3 tokens" in report["warning"] and "of the student's samples open that way" in report["warning"]
+    # The tiny model (its config.json counts about 100K parameters) is far below SMALL_MODEL: flagged.
+    from mlx_sdft.machine.memory import base_parameters, model_config
+
+    size = base_parameters(model_config(tiny_model))
+    assert report["small_model"].startswith(f"a small model ({size / 1e3:.0f}K parameters, below 1.5B)")
+    assert "SDFT forgot more of what the base model knew than SFT did" in report["small_model"]
+    # The default --skip-first-tokens (0) hides no opening; a model at or above the threshold gets no note.
+    monkeypatch.setattr(check, "SMALL_MODEL", size)
+    report = run()
+    assert "warning" not in report and "small_model" not in report
+
+
+def test_small_model_note():
+    from mlx_sdft.jobs.check import SMALL_MODEL, small_model_note
+
+    assert small_model_note(134_515_008).startswith("a small model (135M parameters, below 1.5B): ")
+    assert small_model_note(1_235_814_400).startswith("a small model (1.2B parameters")
+    assert small_model_note(int(SMALL_MODEL)) is None and small_model_note(None) is None
+
+
+def test_small_model_note_quotes_the_recipe():
+    """The note's numbers are recipes/retention-small's: the SDFT variants' prior-task means (lowest,
+    highest), SFT's and the base model's, to 2 decimals. New results there must update the note."""
+    from mlx_sdft.jobs.check import SMALL_MODEL_NOTE
+
+    summary = json.loads((ROOT / "recipes/retention-small/results/summary.json").read_text())
+    prior = {name: m["prior_task"]["mean"] for name, m in summary["methods"].items()}
+    sdft = [v for name, v in prior.items() if name.startswith("sdft")]
+    quoted = (f"prior-task score {min(sdft):.2f}-{max(sdft):.2f} for the SDFT variants vs {prior['sft']:.2f} for SFT "
+              f"(base {summary['base']['prior_task']:.2f})")
+    assert quoted in SMALL_MODEL_NOTE
+    assert max(sdft) < prior["sft"]  # the note's claim: every SDFT variant forgot more than SFT
 
 
 def test_teacher_agreement_on_hand_built_logits():
@@ -147,10 +182,10 @@ def test_teacher_agreement_on_hand_built_logits():
 
 
 @pytest.mark.parametrize("strength, degenerate, disagreement, want", [
-    ("GOOD", 0.0, 0.1, "recommend SDFT:"),
-    ("GOOD", 0.25, 0.1, "recommend SDFT with --sft-weight"),
-    ("GOOD", 0.0, 0.6, "recommend SDFT with --sft-weight"),
-    ("WEAK", 0.0, 0.1, "recommend SDFT with --sft-weight"),
+    ("GOOD", 0.0, 0.1, "recommend pure SDFT (--sft-weight 0):"),
+    ("GOOD", 0.25, 0.1, "recommend SDFT with the defaults (--sft-weight 0.5, --completion-budget 2, --truncated mask):"),
+    ("GOOD", 0.0, 0.6, "recommend SDFT with the defaults"),
+    ("WEAK", 0.0, 0.1, "recommend SDFT with the defaults"),
     ("GOOD", 0.5, 0.1, "recommend SFT"),
     ("POOR", 0.0, 0.1, "recommend SFT"),
 ])

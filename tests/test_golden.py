@@ -7,20 +7,27 @@ import mlx.core as mx
 import numpy as np
 import pytest
 
-from mlx_sdft.config import load_config
+from mlx_sdft.config import PAPER_SDFT, load_config
 from mlx_sdft.jobs.train import run_train
 
 # Recorded from the code before the issue-19 refactor (tiny model of tests/tiny.py, seed 0).
 # Plain SGD keeps float rounding as rounding (Adam would blow it up on near-zero gradients);
 # rel 1e-4 leaves room for another BLAS's summation order, not for a changed formula.
+# The SDFT cases pin the paper's objective (PAPER_SDFT, the defaults they were recorded with before
+# issue 14 changed them); "sdft-defaults" is today's defaults (budget, mask, SFT term, no skip),
+# recorded when they became the defaults.
 GOLDEN = {
-    "sdft": ({}, [0.11901509761810303, 0.4604142904281616, 0.19315382838249207], 0.07395129650831223),
-    "sdft-topk-reverse": ({"topk": 8, "divergence": "reverse"},
+    "sdft": (PAPER_SDFT, [0.11901509761810303, 0.4604142904281616, 0.19315382838249207], 0.07395129650831223),
+    "sdft-topk-reverse": ({**PAPER_SDFT, "topk": 8, "divergence": "reverse"},
                           [0.025208547711372375, 0.08142569661140442, 0.037742409855127335], 0.01975175365805626),
-    "sdft-chunk-jsd": ({"logits_chunk": 4, "divergence": "jsd"},
+    "sdft-chunk-jsd": ({**PAPER_SDFT, "logits_chunk": 4, "divergence": "jsd"},
                        [0.029098156839609146, 0.10330735146999359, 0.046866968274116516], 0.01876036636531353),
-    "sdft-topk-chunk": ({"topk": 8, "logits_chunk": 4},
+    "sdft-topk-chunk": ({**PAPER_SDFT, "topk": 8, "logits_chunk": 4},
                         [0.02846587635576725, 0.12357867509126663, 0.04906352981925011], 0.021755754947662354),
+    # 32 tokens: the budget (2x the 9-15 demonstration tokens) binds; the tiny model seldom stops, so most
+    # completions are masked, and step 3 holds one that stopped.
+    "sdft-defaults": ({"max_completion_length": 32}, [3.3387792110443115, 2.9577436447143555, 3.3367257118225098],
+                      3.3749804496765137),
     "sft": ({"method": "sft"}, [6.677557468414307, 5.915487766265869, 5.903053283691406], 5.997184753417969),
 }
 
@@ -48,9 +55,10 @@ def test_gradient_accumulation_is_a_bigger_batch(tiny_model, smoke_data, tmp_pat
     """k micro-batches of b prompts update the adapters as one batch of k·b does: the SDFT loss
     is a mean of per-sequence means, and each completion's seed is its place in the data stream."""
     # No clipping: a clipped gradient would hide a wrong scale.
-    run_train(_opts(tiny_model, smoke_data, tmp_path / "kb", batch_size=2, grad_accumulation_steps=2, grad_clip=0),
-              quiet=True)
-    run_train(_opts(tiny_model, smoke_data, tmp_path / "one", batch_size=4, grad_clip=0), quiet=True)
+    # The paper's objective: the --sft-weight term is a token mean per micro-batch (as --method sft's).
+    run_train(_opts(tiny_model, smoke_data, tmp_path / "kb", batch_size=2, grad_accumulation_steps=2, grad_clip=0,
+                    **PAPER_SDFT), quiet=True)
+    run_train(_opts(tiny_model, smoke_data, tmp_path / "one", batch_size=4, grad_clip=0, **PAPER_SDFT), quiet=True)
     kb, one = (mx.load(str(tmp_path / name / "adapters.safetensors")) for name in ("kb", "one"))
     assert kb.keys() == one.keys()
     assert max(np.abs(np.array(v)).max() for k, v in one.items() if k.endswith("lora_b")) > 1e-3  # it trained

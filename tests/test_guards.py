@@ -157,11 +157,13 @@ def test_early_stop_keeps_the_last_good_adapters(tiny_model, smoke_data, tmp_pat
 
 
 def _first_step(tiny_model, smoke_data, out, **kw):
-    from mlx_sdft.config import load_config
+    """One step from the paper's objective (PAPER_SDFT: no guard on), `kw` turning guards on."""
+    from mlx_sdft.config import PAPER_SDFT, load_config
     from mlx_sdft.jobs.train import run_train
 
     opts = dict(model=str(tiny_model), data=str(smoke_data), adapter_path=str(out), num_layers=-1, batch_size=4,
-                iters=1, max_completion_length=12, learning_rate=1e-3, steps_per_report=1, steps_per_eval=100)
+                iters=1, max_completion_length=12, learning_rate=1e-3, steps_per_report=1, steps_per_eval=100,
+                **PAPER_SDFT)
     return run_train(load_config(None, {**opts, **kw}), quiet=True)
 
 
@@ -209,7 +211,8 @@ def test_completion_budget_and_truncated_mask(tiny_model, smoke_data, tmp_path):
 
 
 def test_train_warns_when_the_skipped_prefix_is_shared(tiny_model, smoke_data, tmp_path):
-    """Every smoke demonstration opens "The capital of …" / "The opposite of …": the default skip hides it."""
+    """Every smoke demonstration opens "The capital of …" / "The opposite of …": the paper's skip of 3
+    hides it; the default (0) hides nothing, so nothing is said."""
     import io
 
     from rich.console import Console
@@ -224,7 +227,7 @@ def test_train_warns_when_the_skipped_prefix_is_shared(tiny_model, smoke_data, t
         run_train(load_config(None, {**opts, **kw}), console=Console(file=buf, width=400))
         return buf.getvalue()
 
-    text = output()  # a dry run: no weights load, the input is checked
+    text = output(skip_first_tokens=3)  # a dry run: no weights load, the input is checked
     assert "of the demonstrations (" in text and "open with the same 3 tokens" in text and "--skip-first-tokens 0 trains on it" in text
-    assert "open with the same" not in output(skip_first_tokens=0)
-    assert "open with the same" not in output(method="sft")
+    assert "open with the same" not in output()
+    assert "open with the same" not in output(method="sft", skip_first_tokens=3)

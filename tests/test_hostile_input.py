@@ -60,7 +60,7 @@ FLAGS = {
     "chat_template_no_file": (["--chat-template", "chatml.jinja"], r"--chat-template: chatml.jinja: no such file"),
     "teacher_template_no_file": (["--teacher-template", "prompts/teacher"],
                                  r"--teacher-template: prompts/teacher: no such file"),
-    "completion_within_skip": (["--max-completion-length", "3"],
+    "completion_within_skip": (["--max-completion-length", "3", "--skip-first-tokens", "3"],
                                r"--max-completion-length: 3 <= --skip-first-tokens 3: every sampled token"),
 }
 

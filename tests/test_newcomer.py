@@ -330,6 +330,7 @@ def test_check_prints_a_table_two_examples_and_writes_check_json(tiny_model, smo
     assert shown.count("without the demonstration:") == 2 and shown.count("with the demonstration:") == 2
     report = json.loads((tmp_path / "c/check.json").read_text())
     assert report["examples"] == 3 and len(report["answers"]) == 2 and report["verdict"] in result.stdout
+    assert f"note: {report['small_model']}" in result.stdout  # the tiny model is far below 1.5B parameters
     assert {"prompt", "demonstration", "without_demonstration", "with_demonstration"} <= report["answers"][0].keys()
 
 

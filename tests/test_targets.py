@@ -183,7 +183,7 @@ def test_train_shows_the_sft_target_it_trains_on(tiny_model, smoke_data, tmp_pat
     shown = CliRunner().invoke(app, [*args, "--method", "sft"]).stderr
     assert "student prompt (" in shown and "SFT target" in shown and "teacher prompt" not in shown
     assert "The capital of France is Paris.<|im_end|>" in shown  # smoke train.jsonl:1, ended by ChatML's end of turn
-    assert "SFT target" in CliRunner().invoke(app, [*args, "--sft-weight", "0.5"]).stderr
-    sdft = CliRunner().invoke(app, args).stderr
+    assert "SFT target" in CliRunner().invoke(app, args).stderr  # the default --sft-weight 0.5
+    sdft = CliRunner().invoke(app, [*args, "--sft-weight", "0"]).stderr
     assert "teacher prompt" in sdft and "SFT target" not in sdft
     assert not (tmp_path / "a").exists()

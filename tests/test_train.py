@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 from mlx.utils import tree_flatten
 
-from mlx_sdft.config import load_config
+from mlx_sdft.config import PAPER_SDFT, load_config
 from mlx_sdft.errors import InputError, TrainingError
 from mlx_sdft.jobs.train import run_train
 from mlx_sdft.core.train import batch_at, build_optimizer, total_steps
@@ -199,6 +199,10 @@ def test_context_that_leaves_no_loss_token_is_rejected_before_loading(tiny, tiny
     assert not (tmp_path / "a").exists()
 
 
+# The paper's objective as flags: 3 tokens skipped, and no guard (no SFT term) to train on anything else.
+PAPER_FLAGS = ["--skip-first-tokens", "3", "--completion-budget", "0", "--truncated", "keep", "--sft-weight", "0"]
+
+
 def test_a_run_in_which_nothing_reaches_the_loss_fails_and_saves_nothing(tiny_model, smoke_data, tmp_path, monkeypatch):
     """Completions that stop within --skip-first-tokens (a model that ends its turn at once)."""
     _stopping_at_once(monkeypatch)
@@ -208,11 +212,11 @@ def test_a_run_in_which_nothing_reaches_the_loss_fails_and_saves_nothing(tiny_mo
 
     out = tmp_path / "a"
     with pytest.raises(TrainingError, match="no micro-batch of the 3 steps had a token in the loss"):
-        run_train(_cfg(tiny_model, smoke_data, out, save_every=100, grad_accumulation_steps=2), quiet=True)
+        run_train(_cfg(tiny_model, smoke_data, out, save_every=100, grad_accumulation_steps=2, **PAPER_SDFT), quiet=True)
     assert not (out / "adapters.safetensors").exists()
     result = CliRunner().invoke(app, ["train", "--model", str(tiny_model), "--data", str(smoke_data), "--iters", "1",
                                       "--num-layers", "-1", "--adapter-path", str(tmp_path / "cli"),
-                                      "--max-completion-length", "6"])
+                                      "--max-completion-length", "6", *PAPER_FLAGS])
     assert result.exit_code == 1 and "had a token in the loss" in result.stderr
     assert "Adapters saved" not in result.output and not (tmp_path / "cli" / "adapters.safetensors").exists()
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
@@ -258,12 +262,12 @@ def test_nothing_is_saved_before_a_token_reached_the_loss(tiny_model, smoke_data
     _stopping_at_once(monkeypatch)
     out = tmp_path / "a"
     with pytest.raises(TrainingError, match="no micro-batch of the 3 steps had a token in the loss"):
-        run_train(_cfg(tiny_model, smoke_data, out, save_every=1), quiet=True)
+        run_train(_cfg(tiny_model, smoke_data, out, save_every=1, **PAPER_SDFT), quiet=True)
     assert sorted(p.name for p in out.iterdir()) == ["completions.jsonl", "metrics.jsonl"]  # the record, no weights
 
     monkeypatch.setattr(launch, "StopFlag", lambda reporter: _Ctx(StopAt(2)))
     with pytest.raises(Interrupted, match="interrupted after step 2, before any token reached the loss: nothing saved"):
-        run_train(_cfg(tiny_model, smoke_data, tmp_path / "b", save_every=1), quiet=True)
+        run_train(_cfg(tiny_model, smoke_data, tmp_path / "b", save_every=1, **PAPER_SDFT), quiet=True)
     assert not any(p.name.endswith(".safetensors") for p in (tmp_path / "b").iterdir())
 
 
@@ -282,6 +286,6 @@ def test_empty_micro_batches_are_counted(tiny_model, smoke_data, tmp_path, monke
     monkeypatch.setattr(train, "sample", every_other_stops_at_once)
     out = tmp_path / "a"
     run_train(_cfg(tiny_model, smoke_data, out, iters=2, steps_per_eval=100,
-                   grad_accumulation_steps=2), quiet=True)
+                   grad_accumulation_steps=2, **PAPER_SDFT), quiet=True)
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [r["empty_batches"] for r in records if r["type"] == "train"] == [1, 1]

@@ -18,9 +18,9 @@ from typing import Any
 # The public names of the submodules, importable from here.
 from mlx_sdft.config.commands import CheckConfig, EvalConfig, ExportConfig, GenerateConfig
 from mlx_sdft.config.options import (
-    Answers, BUDGET_FLOOR, ChatTemplate, DEFAULT_HOME, DEFAULT_MODEL, DIVERGENCES, DataSource, Dequantize,
-    FEEDBACK_TEMPLATE, HINDSIGHT_TEMPLATE, ModelSource, SKIP_FIRST_TOKENS, SystemPrompt, TEACHER_TEMPLATE,
-    TeacherTemplate, check_model, coerce,
+    Answers, BUDGET_FLOOR, COMPLETION_BUDGET, ChatTemplate, DEFAULT_HOME, DEFAULT_MODEL, DIVERGENCES, DataSource,
+    Dequantize, FEEDBACK_TEMPLATE, HINDSIGHT_TEMPLATE, ModelSource, PAPER_SDFT, SFT_WEIGHT, SKIP_FIRST_TOKENS,
+    SystemPrompt, TEACHER_TEMPLATE, TRUNCATED, TeacherTemplate, check_model, coerce,
 )
 from mlx_sdft.config.personal import (
     ForgetConfig, LOOPBACK, LearnConfig, LessonsConfig, RollbackConfig, ServeConfig, TeachConfig, VersionsConfig,
@@ -29,12 +29,12 @@ from mlx_sdft.config.train import RESUME_MAY_CHANGE, Config
 from mlx_sdft.yaml_file import read_yaml
 
 __all__ = [
-    "Answers", "BUDGET_FLOOR", "ChatTemplate", "CheckConfig", "Config", "DEFAULT_HOME", "DEFAULT_MODEL",
-    "DIVERGENCES", "DataSource", "Dequantize", "EvalConfig", "ExportConfig", "FEEDBACK_TEMPLATE",
+    "Answers", "BUDGET_FLOOR", "COMPLETION_BUDGET", "ChatTemplate", "CheckConfig", "Config", "DEFAULT_HOME",
+    "DEFAULT_MODEL", "DIVERGENCES", "DataSource", "Dequantize", "EvalConfig", "ExportConfig", "FEEDBACK_TEMPLATE",
     "ForgetConfig", "GenerateConfig", "HINDSIGHT_TEMPLATE", "LOOPBACK", "LearnConfig", "LessonsConfig",
-    "ModelSource", "RESUME_MAY_CHANGE", "RollbackConfig", "SKIP_FIRST_TOKENS", "ServeConfig", "SystemPrompt",
-    "TEACHER_TEMPLATE", "TeachConfig", "TeacherTemplate", "VersionsConfig", "check_model", "cli_fields",
-    "coerce", "load_config", "overlay",
+    "ModelSource", "PAPER_SDFT", "RESUME_MAY_CHANGE", "RollbackConfig", "SFT_WEIGHT", "SKIP_FIRST_TOKENS",
+    "ServeConfig", "SystemPrompt", "TEACHER_TEMPLATE", "TRUNCATED", "TeachConfig", "TeacherTemplate",
+    "VersionsConfig", "check_model", "cli_fields", "coerce", "load_config", "overlay",
 ]
 
 

@@ -7,8 +7,8 @@ import math
 from dataclasses import dataclass
 
 from mlx_sdft.config.options import (
-    BUDGET_FLOOR, ChatTemplate, DIVERGENCES, DataSource, Dequantize, ModelSource, SKIP_FIRST_TOKENS,
-    SystemPrompt, TeacherTemplate, _check_groups, _folder, _opt, _positive,
+    BUDGET_FLOOR, COMPLETION_BUDGET, ChatTemplate, DIVERGENCES, DataSource, Dequantize, ModelSource, SFT_WEIGHT,
+    SKIP_FIRST_TOKENS, SystemPrompt, TRUNCATED, TeacherTemplate, _check_groups, _folder, _opt, _positive,
 )
 from mlx_sdft.errors import InputError
 
@@ -74,11 +74,13 @@ class Config(SystemPrompt, TeacherTemplate, ChatTemplate, DataSource, Dequantize
                              "once (the preflight picks 16 when only a chunked run fits).")
     topk: int | None = _opt(None, "Score on the teacher's top-K tokens plus a tail bucket (less memory); default: the full vocabulary.")
 
-    # Guards against a collapsing student (core/guards.py); all off by default.
-    completion_budget: float | None = _opt(None, f"Sample at most max({BUDGET_FLOOR}, ceil(M x demonstration tokens)) "
-                                           "per example, capped by --max-completion-length; default: the cap.")
-    truncated: str = _opt("keep", "A completion truncated without a stop token: keep it in the loss, or mask it out.", ("keep", "mask"))
-    sft_weight: float = _opt(0.0, "Add this x the SFT cross-entropy on the demonstration (0: pure SDFT).")
+    # Guards against a collapsing student (core/guards.py). The budget, the mask and the SFT term are
+    # on by default since issue 14 (recipes/retention-small); the base-KL term and the stop are off.
+    completion_budget: float | None = _opt(COMPLETION_BUDGET, f"Sample at most max({BUDGET_FLOOR}, ceil(M x demonstration "
+                                           "tokens)) per example, capped by --max-completion-length; 0: off (the cap).")
+    truncated: str = _opt(TRUNCATED, "A completion truncated without a stop token: keep it in the loss, or mask it out.",
+                          ("keep", "mask"))
+    sft_weight: float = _opt(SFT_WEIGHT, "Add this x the SFT cross-entropy on the demonstration (0: pure SDFT).")
     base_kl_weight: float = _opt(0.0, "Add this x KL(base||student) per token on the student's samples (0: none).")
     max_degenerate_rise: float | None = _opt(None, "Stop when a report's degenerate rate exceeds the first report's by "
                                              "more than this; the last good report's adapters are kept. Default: never.")
@@ -121,10 +123,12 @@ class Config(SystemPrompt, TeacherTemplate, ChatTemplate, DataSource, Dequantize
             bad("topk", f"must be > 0, got {self.topk}")
         if self.logits_chunk < 0:
             bad("logits_chunk", f"must be >= 0, got {self.logits_chunk}")
-        if self.completion_budget is not None and not self.completion_budget > 0:
-            bad("completion_budget", f"must be > 0, got {self.completion_budget}")
-        if self.sft_weight < 0 or self.base_kl_weight < 0:
-            bad("sft_weight" if self.sft_weight < 0 else "base_kl_weight", "must be >= 0")
+        if self.completion_budget is not None and not (self.completion_budget >= 0 and math.isfinite(self.completion_budget)):
+            bad("completion_budget", f"must be >= 0 (0: off), got {self.completion_budget}")
+        self.completion_budget = self.completion_budget or None  # 0 and None both mean off: one spelling, as saved
+        for name in ("sft_weight", "base_kl_weight"):
+            if not (getattr(self, name) >= 0 and math.isfinite(getattr(self, name))):
+                bad(name, f"must be >= 0, got {getattr(self, name)}")
         if self.base_kl_weight and self.logits_chunk:
             bad("base_kl_weight", "does not combine with --logits-chunk yet (use --topk to save memory)")
         if self.max_degenerate_rise is not None and not 0 <= self.max_degenerate_rise < 1:

@@ -50,16 +50,23 @@ def trainable_count(config: dict, cfg) -> int:
     return adapted_blocks(config, cfg) * sum(r * (a + b) + dora * b for a, b in block_linears(config))
 
 
-def parameter_summary(config: dict, cfg) -> str | None:
-    """`mlx_lm.lora`'s "Trainable parameters: 0.180% (0.242M/134.515M)", from config.json alone (blocks'
-    linears and norms, embeddings, an untied head, and the adapters; biases are left out). None for
-    a config it cannot read."""
+def base_parameters(config: dict) -> int | None:
+    """The model's parameters as `mlx_lm.lora` counts them, from config.json alone: blocks' linears
+    and norms, embeddings, an untied head (biases left out). None for a config it cannot read."""
     if not {"hidden_size", "num_hidden_layers", "num_attention_heads", "vocab_size"} <= config.keys():
         return None
     h, blocks = config["hidden_size"], config["num_hidden_layers"]
     embeddings = config["vocab_size"] * h * (1 if config.get("tie_word_embeddings", True) else 2)
+    return blocks * (sum(a * b for a, b in block_linears(config)) + 2 * h) + h + embeddings
+
+
+def parameter_summary(config: dict, cfg) -> str | None:
+    """`mlx_lm.lora`'s "Trainable parameters: 0.180% (0.242M/134.515M)": `base_parameters` and the
+    adapters. None for a config it cannot read."""
+    total = base_parameters(config)
+    if total is None:
+        return None
     trainable = trainable_count(config, cfg)
-    total = blocks * (sum(a * b for a, b in block_linears(config)) + 2 * h) + h + embeddings
     total += 0 if cfg.fine_tune_type == "full" else trainable
     return f"Trainable parameters: {100 * trainable / total:.3f}% ({trainable / 1e6:.3f}M/{total / 1e6:.3f}M)"
 
