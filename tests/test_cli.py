@@ -101,6 +101,33 @@ def test_readme_documents_every_option():
         assert f"`--{f.name.replace('_', '-')}`" in readme, f.name
 
 
+def test_readme_gives_every_default():
+    """The train options table's default column is Config's: a value in backticks is the default as
+    written, `off`/`on` a flag or an option that is off (None); prose (a template, a vocabulary) is not
+    checked."""
+    import dataclasses
+
+    from mlx_sdft.config import Config, cli_fields
+
+    readme = (ROOT / "README.md").read_text()
+    cells = dict(reversed(re.findall(r"^\| `--([a-z-]+)` \| ([^|]*?) \|", readme, re.M)))  # a flag's first row
+    checked = 0
+    for f in cli_fields(Config):
+        cell, default = cells.get(f.name.replace("_", "-"), ""), f.default
+        if default is dataclasses.MISSING or not cell:
+            continue
+        if literal := re.match(r"`([^`]*)`", cell):
+            assert literal.group(1) == str(default), (f.name, cell, default)
+        elif cell in ("off", "on"):
+            assert default in ((False, None) if cell == "off" else (True,)), (f.name, cell, default)
+        else:
+            continue
+        checked += 1
+    assert checked >= 40  # the table is found and read
+    for name in ("skip_first_tokens", "completion_budget", "truncated", "sft_weight"):  # issue 14's defaults
+        assert re.match(r"`[^`]+`", cells[name.replace("_", "-")]), name
+
+
 def test_doctor_reports_the_backend_and_blas():
     result = runner.invoke(app, ["doctor"])
     assert result.exit_code == 0, result.output

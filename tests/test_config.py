@@ -120,3 +120,32 @@ def test_a_stage_epochs_under_a_stages_file_iters_wins(tmp_path):
     cfg = stage_config(run, {"name": "a", "data": "d.jsonl", "epochs": 1}, "sdft", tmp_path, None)
     assert cfg.iters is None and cfg.epochs == 1.0
     assert stage_config(run, {"name": "a", "data": "d.jsonl"}, "sdft", tmp_path, None).iters == 16
+
+
+def test_sdft_defaults_since_issue_14_and_how_to_turn_them_off(tmp_path):
+    """The defaults: no skipped prefix, a budget of 2x the demonstration, truncated completions
+    masked, the SFT term at 0.5. `--completion-budget 0` (flag, YAML, or null in YAML) turns the
+    budget off, stored as None as before; PAPER_SDFT gives the paper's objective back."""
+    from mlx_sdft.config import PAPER_SDFT
+    from mlx_sdft.errors import InputError
+
+    base = {"model": "m", "data": "demos.jsonl"}
+    cfg = load_config(None, base)
+    assert (cfg.skip_first_tokens, cfg.completion_budget, cfg.truncated, cfg.sft_weight) == (0, 2.0, "mask", 0.5)
+    assert CheckConfig(model="m", data="demos.jsonl").validate().skip_first_tokens == 0  # check warns for the same skip
+    assert load_config(None, {**base, "completion_budget": 0}).completion_budget is None
+    paper = load_config(None, {**base, **PAPER_SDFT})
+    assert (paper.skip_first_tokens, paper.completion_budget, paper.truncated, paper.sft_weight) == (3, None, "keep", 0.0)
+    path = tmp_path / "c.yaml"
+    for off in ("0", "null"):
+        path.write_text(f"model: m\ndata: demos.jsonl\ncompletion_budget: {off}\n")
+        assert load_config(str(path)).completion_budget is None
+    for name, value, message in (("completion_budget", -1.0, r"--completion-budget: must be >= 0 \(0: off\), got -1.0"),
+                                 ("completion_budget", float("inf"), r"--completion-budget: must be >= 0"),
+                                 ("sft_weight", -0.5, r"--sft-weight: must be >= 0, got -0.5"),
+                                 ("sft_weight", float("nan"), r"--sft-weight: must be >= 0, got nan")):
+        with pytest.raises(InputError, match=message):
+            load_config(None, {**base, name: value})
+    # SFT is validated with the SDFT defaults in place (they do not apply to it, and are not refused).
+    assert load_config(None, {**base, "method": "sft", "max_completion_length": 1}).method == "sft"
+    assert "0: off" in Config.__dataclass_fields__["completion_budget"].metadata["help"]  # what --help says

@@ -66,3 +66,16 @@ def test_gradient_accumulation_is_a_bigger_batch(tiny_model, smoke_data, tmp_pat
         np.testing.assert_allclose(np.array(kb[k]), np.array(one[k]), rtol=1e-5, atol=1e-6)
     losses = [[r["loss"] for r in _records(tmp_path / name, "train")] for name in ("kb", "one")]
     assert losses[0] == pytest.approx(losses[1], rel=1e-5)
+
+
+def test_sft_ignores_the_sdft_options(tiny_model, smoke_data, tmp_path):
+    """--method sft trains on the demonstrations alone: SDFT's defaults (--sft-weight 0.5, the budget,
+    the mask, the skip) change nothing in it, and the paper's values (sft_weight 0) give the same run."""
+    for name, options in (("defaults", {}), ("paper", PAPER_SDFT), ("other", {"sft_weight": 2.0, "skip_first_tokens": 5})):
+        run_train(_opts(tiny_model, smoke_data, tmp_path / name, method="sft", **options), quiet=True)
+    losses = {name: [r["loss"] for r in _records(tmp_path / name, "train")] for name in ("defaults", "paper", "other")}
+    assert losses["defaults"] == losses["paper"] == losses["other"] == pytest.approx(GOLDEN["sft"][1], rel=1e-4)
+    adapters = [mx.load(str(tmp_path / name / "adapters.safetensors")) for name in ("defaults", "paper", "other")]
+    for k in adapters[0]:
+        np.testing.assert_array_equal(np.array(adapters[0][k]), np.array(adapters[1][k]))
+        np.testing.assert_array_equal(np.array(adapters[0][k]), np.array(adapters[2][k]))

@@ -190,6 +190,8 @@ def test_completion_budget_and_truncated_mask(tiny_model, smoke_data, tmp_path):
     # The smoke demonstrations are 9-13 tokens: a budget of 1x leaves the floor, 16 tokens, of 64.
     record = _first_step(tiny_model, smoke_data, tmp_path / "b", completion_budget=1.0, max_completion_length=64)
     assert record["completion_len"] <= guards.BUDGET_FLOOR
+    # Off (--completion-budget 0, PAPER_SDFT's): the tiny model never stops, so every completion is the cap.
+    assert _first_step(tiny_model, smoke_data, tmp_path / "off", max_completion_length=64)["completion_len"] == 64
     # Every completion truncated and masked: nothing reaches the loss, so the run fails (issue 12)
     # after reporting its step, and saves no adapters.
     for name, extra in (("m", {}), ("mc", {"logits_chunk": 2})):
@@ -231,3 +233,35 @@ def test_train_warns_when_the_skipped_prefix_is_shared(tiny_model, smoke_data, t
     assert "of the demonstrations (" in text and "open with the same 3 tokens" in text and "--skip-first-tokens 0 trains on it" in text
     assert "open with the same" not in output()
     assert "open with the same" not in output(method="sft", skip_first_tokens=3)
+
+
+def test_a_lesson_without_a_demonstration_gets_neither_the_sft_term_nor_the_budget(tiny_model, tmp_path):
+    """A feedback lesson (`learn`, `lessons --export`) has no demonstration: its demo_ids are an empty
+    turn. The SFT term would teach that empty answer, and a budget of M x its length would be the
+    floor; both guards leave such a lesson alone, and act on the demonstrations beside it."""
+    from mlx_sdft.config import load_config
+    from mlx_sdft.core.data import load_examples
+    from mlx_sdft.core.prompts import encode_examples
+    from mlx_sdft.core.train import completion_budget
+
+    template = "{question}\nYour earlier answer: {answer}\nFeedback: {feedback}"
+    lessons = [{"prompt": f"Name a colour number {i}.", "teacher_template": template,
+                "context": {"answer": "Blue.", "feedback": "Answer with a longer sentence."}} for i in range(4)]
+    data = tmp_path / "lessons.jsonl"
+    data.write_text("".join(json.dumps(line) + "\n" for line in lessons))
+    guarded = dict(completion_budget=2.0, sft_weight=0.5, max_completion_length=24)
+    with_sft = _first_step(tiny_model, data, tmp_path / "a", **guarded)
+    without = _first_step(tiny_model, data, tmp_path / "b", **{**guarded, "sft_weight": 0.0})
+    assert with_sft["loss"] == pytest.approx(without["loss"], rel=1e-6) and with_sft["loss"] > 0
+    assert with_sft["completion_len"] == 24  # the cap (the tiny model never stops), not the 16-token floor
+
+    from mlx_lm import load
+
+    _, tokenizer = load(str(tiny_model))
+    demo = {"prompt": "What is the capital of France?", "completion": "The capital of France is Paris."}
+    data.write_text("".join(json.dumps(line) + "\n" for line in (demo, lessons[0])))
+    cfg = load_config(None, dict(model=str(tiny_model), data=str(data), max_completion_length=64))
+    shown, fed = encode_examples(tokenizer, load_examples(data), cfg.teacher_template, cfg.max_seq_length)
+    assert (shown.demonstrated, fed.demonstrated) == (True, False)
+    assert completion_budget(shown, cfg) == guards.demonstration_budget(len(shown.demo_ids), 2.0, 64) < 64
+    assert completion_budget(fed, cfg) == 64

@@ -233,8 +233,8 @@ def test_preflight_samples_unfused_when_only_that_fits(tmp_path, monkeypatch):
         f.truncate(538_000_000)  # float32 SmolLM2-135M; sparse, nothing is read
     pairs = [PromptPair([1] * 64, [1] * 160, [2] * 8, "x:1")]
     opts = dict(batch_size=1, max_completion_length=16, num_layers=-1, lora_parameters={"rank": 8, "scale": 20.0, "dropout": 0.0})
-    fused = memory.estimate(SMOLLM2, tmp_path, Config(**opts), 64, 160)
-    unfused = memory.estimate(SMOLLM2, tmp_path, Config(**opts, fuse_sampling=False), 64, 160)
+    fused = memory.estimate(SMOLLM2, tmp_path, Config(**opts), 64, 160, 8)
+    unfused = memory.estimate(SMOLLM2, tmp_path, Config(**opts, fuse_sampling=False), 64, 160, 8)
     assert 0.4 < fused["fused_copy"] < 0.5 and unfused["fused_copy"] == 0  # 30 blocks of 3.5M float32 weights
     assert fused["peak"] > unfused["peak"]
     monkeypatch.setattr(memory, "available_gb", lambda: ((fused["peak"] + unfused["peak"]) / 2, "test memory"))
@@ -263,8 +263,8 @@ def test_preflight_scores_in_chunks_when_only_that_fits(tmp_path, monkeypatch):
         f.truncate(538_000_000)
     pairs = [PromptPair([1] * 64, [1] * 160, [2] * 8, "x:1")]
     opts = dict(batch_size=8, max_completion_length=1024, fuse_sampling=False)
-    whole = memory.estimate(SMOLLM2, tmp_path, Config(**opts), 64, 160)
-    chunked = memory.estimate(SMOLLM2, tmp_path, Config(**opts, logits_chunk=AUTO_CHUNK), 64, 160)
+    whole = memory.estimate(SMOLLM2, tmp_path, Config(**opts), 64, 160, 8)
+    chunked = memory.estimate(SMOLLM2, tmp_path, Config(**opts, logits_chunk=AUTO_CHUNK), 64, 160, 8)
     assert whole["logits"] > 7 and chunked["logits"] < 0.6  # 8 × 1024 × 49152 float32 logits, 5 copies
     monkeypatch.setattr(memory, "available_gb", lambda: ((whole["peak"] + chunked["peak"]) / 2, "test memory"))
     cfg = Config(**opts)
@@ -274,6 +274,25 @@ def test_preflight_scores_in_chunks_when_only_that_fits(tmp_path, monkeypatch):
     (tmp_path / "config.json").write_text(json.dumps({**SMOLLM2, "model_type": "phi3"}))
     with pytest.raises(InputError, match="--logits-chunk: the LM head of a 'phi3' model"):
         preflight(Config(**opts, logits_chunk=8), tmp_path, pairs, [])
+
+
+def test_estimate_counts_the_sft_term(tmp_path):
+    """--sft-weight (on by default) runs the student over prompt + demonstration in the same backward:
+    its activations and its [B, D, V] logits, log-softmax and gradient are in the peak."""
+    from mlx_sdft.machine import memory
+    from mlx_sdft.config import Config
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
+    from shapes import SMOLLM2
+
+    (tmp_path / "config.json").write_text(json.dumps(SMOLLM2))
+    opts = dict(batch_size=2, max_completion_length=64, fuse_sampling=False)
+    on = memory.estimate(SMOLLM2, tmp_path, Config(**opts), 64, 160, 20)
+    off = memory.estimate(SMOLLM2, tmp_path, Config(**opts, sft_weight=0.0), 64, 160, 20)
+    h, i, layers, V = (SMOLLM2[k] for k in ("hidden_size", "intermediate_size", "num_hidden_layers", "vocab_size"))
+    assert on["sft_term"] == pytest.approx(2 * (84 * layers * (12 * h + 3 * i) + 3 * 20 * V) * 4 / 1e9)
+    assert off["sft_term"] == 0 and on["peak"] == pytest.approx(off["peak"] + on["sft_term"])
+    assert memory.estimate(SMOLLM2, tmp_path, Config(**opts, method="sft"), 64, 160, 20)["sft_term"] == 0
 
 
 def test_estimate_is_logged_next_to_the_measured_peak(tiny_model, smoke_data, tmp_path):

@@ -143,6 +143,50 @@ def test_resume_may_change_reporting_options(tiny_model, smoke_data, tmp_path, m
     assert record["step"] == 3
 
 
+def test_resume_keeps_the_options_an_old_run_was_trained_with(tiny_model, smoke_data, tmp_path, monkeypatch):
+    """A run saved before issue 14 (--skip-first-tokens 3, no guard options in its adapter_config.json)
+    resumed with the same command plus --resume goes on with those values, not today's defaults:
+    its adapters equal an uninterrupted run of the paper's objective. Giving a new default
+    explicitly is refused, as any changed option is."""
+    import mlx.core as mx
+    import numpy as np
+
+    import mlx_sdft.jobs.train as launch
+    from mlx_sdft.config import PAPER_SDFT, load_config
+    from mlx_sdft.errors import Interrupted
+    from test_resume import StopAt, _Ctx
+
+    opts = dict(model=str(tiny_model), data=str(smoke_data), num_layers=-1, iters=3, batch_size=2,
+                max_completion_length=6, val_batches=1, save_every=1, learning_rate=1e-2)
+    launch.run_train(load_config(None, {**opts, **PAPER_SDFT, "adapter_path": str(tmp_path / "ref")}), quiet=True)
+    old = tmp_path / "old"
+    monkeypatch.setattr(launch, "StopFlag", lambda reporter: _Ctx(StopAt(1)))
+    with pytest.raises(Interrupted):
+        launch.run_train(load_config(None, {**opts, **PAPER_SDFT, "adapter_path": str(old)}), quiet=True)
+    monkeypatch.undo()
+    saved = json.loads((old / "adapter_config.json").read_text())
+    for key in ("completion_budget", "truncated", "sft_weight", "base_kl_weight", "max_degenerate_rise"):
+        del saved[key]  # as written before the guards existed
+    (old / "adapter_config.json").write_text(json.dumps(saved))
+
+    given = {**opts, "adapter_path": str(old), "resume": True}  # no --skip-first-tokens, no guard option
+    cfg = load_config(None, given)
+    assert {k: getattr(cfg, k) for k in PAPER_SDFT} == {**PAPER_SDFT, "completion_budget": None}
+    before = _snapshot(old)
+    with pytest.raises(InputError, match=r"--resume: .* other options: --sft-weight 0.0 → 0.5 \(resume with"):
+        launch.run_train(load_config(None, {**given, "sft_weight": 0.5}), quiet=True)
+    with pytest.raises(InputError, match=r"other options: --skip-first-tokens 3 → 0 \(resume with"):
+        launch.run_train(load_config(None, {**given, "skip_first_tokens": 0}), quiet=True)
+    assert _snapshot(old) == before
+    assert launch.run_train(cfg, quiet=True)["step"] == 3
+    resumed, reference = (mx.load(str(tmp_path / name / "adapters.safetensors")) for name in ("old", "ref"))
+    for k in reference:
+        np.testing.assert_array_equal(np.array(resumed[k]), np.array(reference[k]))
+    # Without a saved run there is nothing to keep: today's defaults, and run_train says none is saved.
+    fresh = load_config(None, {**opts, "adapter_path": str(tmp_path / "none"), "resume": True})
+    assert (fresh.skip_first_tokens, fresh.sft_weight) == (0, 0.5)
+
+
 def _stages(tmp_path, tiny_model, **stage_two):
     stages = {"model": str(tiny_model), "output": str(tmp_path / "run"), "methods": ["sft"], "iters": 1,
               "batch_size": 2, "num_layers": -1, "max_completion_length": 4, "val_batches": 1,

@@ -1,6 +1,7 @@
 """Every training option, its default and its help text, written once.
 
-Precedence: command-line flag > YAML file (`-c`) > the defaults below. The CLI builds its
+Precedence: command-line flag > YAML file (`-c`) > (with `train --resume`: the saved run's options)
+> the defaults below. The CLI builds its
 flags from these fields, so a new option is one line here. Options several commands share
 (where the model comes from, the data, the templates, how long answers may be) are declared
 once, in small groups that each command's options inherit.
@@ -13,6 +14,8 @@ forget). Everything is importable from `mlx_sdft.config`.
 from __future__ import annotations
 
 import dataclasses
+import json
+from pathlib import Path
 from typing import Any
 
 # The public names of the submodules, importable from here.
@@ -25,16 +28,17 @@ from mlx_sdft.config.options import (
 from mlx_sdft.config.personal import (
     ForgetConfig, LOOPBACK, LearnConfig, LessonsConfig, RollbackConfig, ServeConfig, TeachConfig, VersionsConfig,
 )
-from mlx_sdft.config.train import RESUME_MAY_CHANGE, Config
+from mlx_sdft.config.train import BEFORE_THE_OPTION, RESUME_MAY_CHANGE, Config
+from mlx_sdft.errors import InputError
 from mlx_sdft.yaml_file import read_yaml
 
 __all__ = [
-    "Answers", "BUDGET_FLOOR", "COMPLETION_BUDGET", "ChatTemplate", "CheckConfig", "Config", "DEFAULT_HOME",
+    "Answers", "BEFORE_THE_OPTION", "BUDGET_FLOOR", "COMPLETION_BUDGET", "ChatTemplate", "CheckConfig", "Config", "DEFAULT_HOME",
     "DEFAULT_MODEL", "DIVERGENCES", "DataSource", "Dequantize", "EvalConfig", "ExportConfig", "FEEDBACK_TEMPLATE",
     "ForgetConfig", "GenerateConfig", "HINDSIGHT_TEMPLATE", "LOOPBACK", "LearnConfig", "LessonsConfig",
     "ModelSource", "PAPER_SDFT", "RESUME_MAY_CHANGE", "RollbackConfig", "SFT_WEIGHT", "SKIP_FIRST_TOKENS",
     "ServeConfig", "SystemPrompt", "TEACHER_TEMPLATE", "TRUNCATED", "TeachConfig", "TeacherTemplate",
-    "VersionsConfig", "check_model", "cli_fields", "coerce", "load_config", "overlay",
+    "VersionsConfig", "check_model", "cli_fields", "coerce", "load_config", "overlay", "saved_options",
 ]
 
 
@@ -52,11 +56,31 @@ def overlay(lower: dict, upper: dict) -> dict:
     return merged
 
 
+def saved_options(folder: str | Path) -> dict:
+    """The options that define the run saved in `folder` (its adapter_config.json; those --resume
+    may change left out), an option the file predates as BEFORE_THE_OPTION says; {} without a file."""
+    path = Path(folder) / "adapter_config.json"
+    if not path.is_file():
+        return {}
+    try:
+        saved = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise InputError(f"--resume: {path}: cannot read the saved run's options ({type(e).__name__}: {e})") from None
+    defining = {f.name for f in dataclasses.fields(Config)} - RESUME_MAY_CHANGE
+    return {**BEFORE_THE_OPTION, **{k: v for k, v in saved.items() if k in defining}}
+
+
 def load_config(yaml_path: str | None = None, overrides: dict | None = None, cls: type = Config):
-    """Defaults < YAML file < overrides (flags that were given, i.e. not None)."""
+    """Defaults < (`train --resume`: the saved run's options) < YAML file < overrides (flags that
+    were given, i.e. not None). Resuming, an option not given keeps the value the run was trained
+    with, even where the default has changed since; one given differently is refused by the run."""
     values: dict[str, Any] = {}
     if yaml_path:
         values.update(read_yaml(yaml_path, cls))
     flags = {k: v for k, v in (overrides or {}).items() if v is not None}
     values = overlay(values, flags)
-    return cls(**{k: coerce(cls, k, v, None if k in flags else yaml_path) for k, v in values.items()}).validate()
+    given = set(values)
+    if cls is Config and values.get("resume"):
+        values = overlay(saved_options(values.get("adapter_path", Config.adapter_path)), values)
+    return cls(**{k: coerce(cls, k, v, yaml_path if k in given - flags.keys() else None)
+                  for k, v in values.items()}).validate()

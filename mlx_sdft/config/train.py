@@ -23,6 +23,11 @@ RESUME_MAY_CHANGE = frozenset({
     "grad_checkpoint",
 })
 
+# What a run saved before an option existed trained with, where today's default differs (issue 14
+# turned these guards on): --resume reads an adapter_config.json without the key as this value, so
+# an old run neither switches to the new defaults nor is refused for them.
+BEFORE_THE_OPTION = {"completion_budget": None, "truncated": "keep", "sft_weight": 0.0}
+
 
 @dataclass
 class Config(SystemPrompt, TeacherTemplate, ChatTemplate, DataSource, Dequantize, ModelSource):

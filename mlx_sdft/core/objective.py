@@ -59,15 +59,17 @@ def sdft_objective(cfg: Config) -> Objective:
         return mask_BT if guard is None else guards.keep_rows(mask_BT, guard.truncated, cfg.truncated)
 
     def regularized(loss_and_ntoks, model, pairs, guard, mask_BT, logits_BTV=None):
-        """The guards' terms added to the SDFT loss; the base-KL term needs the student's logits."""
+        """The guards' terms added to the SDFT loss; the base-KL term needs the student's logits. The
+        SFT term is over the distinct prompts that have a demonstration (a feedback lesson has none)."""
         if guard is None:
             return loss_and_ntoks
-        sft, sft_ntoks = supervised_loss(model, pairs[::cfg.num_generations], cfg) if cfg.sft_weight else (None, 0)
+        demonstrated = [p for p in pairs[::cfg.num_generations] if p.demonstrated] if cfg.sft_weight else []
+        sft, sft_ntoks = supervised_loss(model, demonstrated, cfg) if demonstrated else (None, 0)
         base_kl = None if guard.base_logits is None else guards.base_kl_loss(logits_BTV, scaled(guard.base_logits), mask_BT)
         loss, ntoks = loss_and_ntoks
         # The SFT term's demonstration tokens are trained on too: a step whose completions were all
         # masked still trains through them, and is not an empty one.
-        return guards.regularized_loss(loss, sft=sft, base_kl=base_kl, sft_weight=cfg.sft_weight,
+        return guards.regularized_loss(loss, sft=sft, base_kl=base_kl, sft_weight=cfg.sft_weight if demonstrated else 0.0,
                                        base_kl_weight=cfg.base_kl_weight), ntoks + sft_ntoks
 
     if cfg.topk:

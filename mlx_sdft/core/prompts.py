@@ -25,6 +25,9 @@ class PromptPair:
     teacher_ids: list[int]
     demo_ids: list[int]  # the demonstration as the assistant's turn (SFT targets), up to its end-of-turn token
     where: str
+    # False for a lesson whose teacher sees a context (feedback) instead: demo_ids is then an empty turn,
+    # which neither the SFT term nor the completion budget may take for a demonstration.
+    demonstrated: bool = True
 
 
 _MARK = "ANSWER-7f3a"  # assistant content no template changes, to find what a template writes after it
@@ -236,5 +239,5 @@ def encode_examples(tokenizer, examples: list[Example], template: str, max_seq_l
                     f"{ex.where}: the {role} is {len(ids)} tokens, which leaves no room for a completion "
                     f"within --max-seq-length {max_seq_length}"
                 )
-        pairs.append(PromptPair(student, teacher, demonstration_ids(tokenizer, ex), ex.where))
+        pairs.append(PromptPair(student, teacher, demonstration_ids(tokenizer, ex), ex.where, bool(ex.demonstration)))
     return pairs

@@ -66,10 +66,11 @@ def completion_room(pair: PromptPair, max_seq_length: int) -> int:
 
 def completion_budget(pair: PromptPair, cfg: Config) -> int:
     """Tokens a completion may have so that both contexts stay within --max-seq-length; with
-    --completion-budget M also at most guards.demonstration_budget (M × the demonstration, floored)."""
+    --completion-budget M also at most guards.demonstration_budget (M × the demonstration, floored),
+    where there is a demonstration (a feedback lesson has none to measure by)."""
     room = completion_room(pair, cfg.max_seq_length)
     cap = cfg.max_completion_length
-    if cfg.completion_budget:
+    if cfg.completion_budget and pair.demonstrated:
         cap = guards.demonstration_budget(len(pair.demo_ids), cfg.completion_budget, cap)
     return min(cap, room)
 

@@ -29,6 +29,7 @@ import mlx.optimizers as optim
 from mlx.utils import tree_flatten, tree_unflatten
 
 from mlx_sdft import __version__
+from mlx_sdft.config import BEFORE_THE_OPTION
 from mlx_sdft.errors import TrainingError
 
 COMMIT = ".pending-commit.json"
@@ -148,8 +149,9 @@ def clear_run(out: Path) -> None:
 
 
 def changed_options(out: Path, cfg, may_change: frozenset) -> list[str]:
-    """"--name saved → now" for each option that defines the run and differs from the saved one."""
-    saved = json.loads((out / "adapter_config.json").read_text())
+    """"--name saved → now" for each option that defines the run and differs from the saved one
+    (an option the save predates: as BEFORE_THE_OPTION says, else not compared)."""
+    saved = {**BEFORE_THE_OPTION, **json.loads((out / "adapter_config.json").read_text())}
     changes = []
     for name, now in cfg.to_dict().items():
         if name in may_change or name not in saved or _same(saved[name], now):

@@ -42,7 +42,8 @@ def preflight(cfg: Config, model_path: Path, train_pairs, valid_pairs) -> tuple[
     if not {"hidden_size", "num_hidden_layers", "num_attention_heads", "vocab_size"} <= config.keys():
         return cfg, None
     pairs = train_pairs + valid_pairs
-    lengths = max(len(p.student_ids) for p in pairs), max(len(p.teacher_ids) for p in pairs)
+    lengths = (max(len(p.student_ids) for p in pairs), max(len(p.teacher_ids) for p in pairs),
+               max(len(p.demo_ids) for p in pairs))
     parts = memory.estimate(config, model_path, cfg, *lengths)
     have, what = memory.available_gb()
     if parts["peak"] > have and parts["fused_copy"] > 0:
@@ -165,8 +166,9 @@ def run_train(cfg: Config, console=None, quiet: bool = False) -> dict:
     if cfg.method == "sdft":
         reporter.print(Panel(Text(teacher_text(tokenizer, first, cfg.teacher_template)), title="teacher prompt",
                              expand=False))
-    if cfg.method == "sft" or cfg.sft_weight:  # what the cross-entropy trains on, stop token included
-        reporter.print(Panel(Text(tokenizer.decode(train_pairs[0].demo_ids)), title="SFT target", expand=False))
+    target = next((p for p in train_pairs if p.demonstrated), None)  # a feedback lesson has no SFT target
+    if (cfg.method == "sft" or cfg.sft_weight) and target is not None:  # what the cross-entropy trains on
+        reporter.print(Panel(Text(tokenizer.decode(target.demo_ids)), title=f"SFT target ({target.where})", expand=False))
     if cfg.dry_run:
         reporter.print(Panel(options_text(cfg), title="resolved options", expand=False))
         return estimate or {}

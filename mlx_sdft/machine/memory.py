@@ -88,8 +88,10 @@ def logit_positions(cfg) -> int:
     return min(T, 4 * cfg.logits_chunk) if cfg.logits_chunk and cfg.method == "sdft" else T
 
 
-def estimate(config: dict, model_path: Path, cfg, prompt_len: int, teacher_prompt_len: int) -> dict[str, float]:
-    """Bytes per component at the peak of a step (GB). n = sequences per micro-batch."""
+def estimate(config: dict, model_path: Path, cfg, prompt_len: int, teacher_prompt_len: int,
+             demo_len: int = 0) -> dict[str, float]:
+    """Bytes per component at the peak of a step (GB). n = sequences per micro-batch; `demo_len`,
+    the longest demonstration in tokens, sizes SDFT's --sft-weight term."""
     n = cfg.batch_size * (cfg.num_generations if cfg.method == "sdft" else 1)
     T = cfg.max_completion_length
     h, i, _, kv = dimensions(config)
@@ -109,9 +111,14 @@ def estimate(config: dict, model_path: Path, cfg, prompt_len: int, teacher_promp
         # base model's logits with --base-kl-weight). In chunks (--logits-chunk) a few chunks are
         # alive at once, not all T positions.
         "logits": n * logit_positions(cfg) * V * F32 * ((5 + bool(cfg.base_kl_weight)) if cfg.method == "sdft" else 3),
+        # --sft-weight: a second student pass over prompt + demonstration in the same backward, its
+        # activations and its logits, log-softmax and gradient over the demonstration
+        "sft_term": cfg.batch_size * ((prompt_len + demo_len) * layers * (12 * h + 3 * i) // (
+            layers if cfg.grad_checkpoint else 1) + 3 * demo_len * V) * F32
+        if cfg.method == "sdft" and cfg.sft_weight else 0,
     }
     parts["peak"] = parts["weights"] + parts["trainable_states"] + max(
-        parts["kv_cache"] + parts["fused_copy"], parts["activations"] + parts["logits"])
+        parts["kv_cache"] + parts["fused_copy"], parts["activations"] + parts["logits"] + parts["sft_term"])
     return {k: v / GB for k, v in parts.items()}
 
 
