@@ -230,11 +230,18 @@ def test_a_relative_model_is_recorded_so_forget_rebuilds_from_another_directory(
     assert _learn(home, tiny_model.name, *LOOSE).exit_code == 0  # --model given relative to this directory
     record = versions.record(home, 1)
     assert record["model"] == record["options"]["model"] == str(tiny_model.resolve())
+    # A version built before issue 14's guards existed: its record has no key for them. The rebuild
+    # keeps what it trained with (no budget, no mask, no SFT term), not today's defaults.
+    for key in ("completion_budget", "truncated", "sft_weight"):
+        del record["options"][key]
+    (versions.version_dir(home, 1) / versions.RECORD).write_text(json.dumps(record))
 
     monkeypatch.chdir(tmp_path)  # the rebuild reads the model from the record, not from the cwd
     result = runner.invoke(app, ["forget", "--home", str(home), str(gone)])
     assert result.exit_code == 0, result.output
     assert versions.current(home) == 2 and versions.record(home, 2)["lessons"] == [kept]
+    rebuilt = versions.record(home, 2)["options"]
+    assert (rebuilt["completion_budget"], rebuilt["truncated"], rebuilt["sft_weight"]) == (None, "keep", 0.0)
     again = runner.invoke(app, ["forget", "--home", str(home), str(gone)])  # nothing left to erase: says so
     assert again.exit_code == 0 and f"lesson {gone} was already deleted; erased the weights of versions none" \
         in again.output.replace("\n", " ")

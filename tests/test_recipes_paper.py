@@ -469,3 +469,23 @@ def test_recipe_test_lines_score_themselves(tmp_path, capsys):
     assert tool == [1.0, 1.0, 0.0]  # the third gold has a nested argument
     assert all(sci_metric.score(ex.demonstration, ex.demonstration) == 1.0
                for ex in load_examples(tmp_path / "s/test.jsonl"))
+
+
+def test_recipes_say_which_objective_they_train():
+    """The paper's recipes train the paper's objective (PAPER_SDFT), not mlx-sdft's defaults; the
+    retention-small methods write out every option that makes them what their names say: `sdft` is
+    today's defaults, `sdft_before` the paper's."""
+    from mlx_sdft.config import PAPER_SDFT, load_config
+
+    base = {"model": "m", "data": "demos.jsonl"}
+    keys = tuple(PAPER_SDFT)
+    resolved = lambda cfg: {k: getattr(cfg, k) for k in keys}  # noqa: E731
+    paper = resolved(load_config(None, {**base, **PAPER_SDFT}))
+    for recipe in ("tooluse", "science"):
+        assert resolved(load_config(str(REPO / f"recipes/{recipe}/config.yaml"), base)) == paper, recipe
+    sys.path.insert(0, str(REPO / "recipes/retention-small"))  # run.py imports its metric.py
+    methods = _load("retention_small_run", REPO / "recipes/retention-small/run.py").METHODS
+    assert resolved(load_config(None, {**base, **methods["sdft"]})) == resolved(load_config(None, base))
+    assert resolved(load_config(None, {**base, **methods["sdft_before"]})) == paper
+    for name, options in methods.items():  # a method does not depend on the defaults of the four
+        assert name == "sft" or set(keys) <= options.keys(), name

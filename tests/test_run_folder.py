@@ -247,3 +247,30 @@ def test_continual_notices_changed_data(tiny_model, tmp_path):
     run_continual(str(path), console=Console(file=log, width=200), restart_from="capitals")
     assert "evaluating the base model on every task" in log.getvalue()  # its tasks' data changed too
     assert (tmp_path / "run/base.json").stat().st_mtime_ns != base
+
+
+def test_continual_stages_finished_before_the_new_defaults(tiny_model, tmp_path):
+    """A stage finished with the paper's objective (the defaults before issue 14): rerun under
+    today's defaults, an SDFT stage would train otherwise and is refused (the stages file can pin
+    the old options, or --restart-from retrains it); an SFT stage, which those options do not
+    touch, stays finished."""
+    from mlx_sdft.config import PAPER_SDFT
+    from mlx_sdft.jobs.continual import run_continual
+
+    def stages(methods, **options):
+        path = tmp_path / "stages.yaml"
+        path.write_text(json.dumps({"model": str(tiny_model), "output": str(tmp_path / "run"), "methods": methods,
+                                    "iters": 1, "batch_size": 2, "num_layers": -1, "max_completion_length": 4,
+                                    "val_batches": 1, **options,
+                                    "eval": {"max_tokens": 4, "num_general_prompts": 2, "retention_max_tokens": 4},
+                                    "stages": [{"name": "capitals", "data": str(ROOT / "recipes/smoke/data")}]}))
+        return str(path)
+
+    run_continual(stages(["sdft", "sft"], **PAPER_SDFT), console=Console(file=io.StringIO()))
+    with pytest.raises(InputError, match=r"sdft: stage 'capitals' finished with other options"):
+        run_continual(stages(["sdft", "sft"]), console=Console(file=io.StringIO()))
+    log = io.StringIO()
+    run_continual(stages(["sdft", "sft"], **PAPER_SDFT), console=Console(file=log, width=200))
+    run_continual(stages(["sft"]), console=Console(file=log, width=200))
+    assert log.getvalue().count("sdft: stage 1/1 capitals: skipped (finished, unchanged)") == 1
+    assert log.getvalue().count("sft: stage 1/1 capitals: skipped (finished, unchanged)") == 2

@@ -33,7 +33,8 @@ from rich.console import Console
 from rich.table import Table
 
 from mlx_sdft.formats.checkpoint import write_json
-from mlx_sdft.config import DEFAULT_MODEL, RESUME_MAY_CHANGE, Config, EvalConfig, check_model, coerce, load_config, overlay
+from mlx_sdft.config import (DEFAULT_MODEL, PAPER_SDFT, RESUME_MAY_CHANGE, Config, EvalConfig, check_model, coerce,
+                             load_config, overlay)
 from mlx_sdft.machine.report import make_console
 from mlx_sdft.errors import InputError
 from mlx_sdft.yaml_file import read_yaml, resolve_paths
@@ -128,9 +129,12 @@ def _data_files(data: str) -> list[Path]:
 
 def fingerprint(cfg: Config, ecfg: EvalConfig, previous: str | None) -> str:
     """What a finished stage's results depend on: its resolved train options (less those that
-    only change reporting), its eval options, the bytes of its data files, and the previous
-    stage's fingerprint (its adapters are where this stage starts)."""
+    only change reporting; for SFT, the SDFT options issue 14 changed count at the paper's values), its
+    eval options, the bytes of its data files, and the previous stage's fingerprint (its adapters are
+    where this stage starts)."""
     options = {k: v for k, v in cfg.to_dict().items() if k not in RESUME_MAY_CHANGE}
+    if cfg.method == "sft":  # SFT ignores these: fixed at the paper's values (as resolved), the defaults
+        options.update(PAPER_SDFT, completion_budget=None)  # before issue 14, so its finished stages stay finished
     return _digest([options, dataclasses.asdict(ecfg), previous], [cfg.data])
 
 

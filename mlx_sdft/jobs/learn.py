@@ -19,7 +19,7 @@ import shutil
 import time
 from pathlib import Path
 
-from mlx_sdft.config import DEFAULT_MODEL, LearnConfig
+from mlx_sdft.config import BEFORE_THE_OPTION, DEFAULT_MODEL, LearnConfig
 from mlx_sdft.errors import InputError, Rejected, TrainingError
 from mlx_sdft.store import lessons, versions
 from mlx_sdft.store.db import Store
@@ -200,8 +200,10 @@ def run_forget(cfg, console=None) -> list[str]:
         rows = [r for r in store.lessons("new") if r["id"] in redo]
         if not rows:
             return lines
-        known = {f.name for f in dataclasses.fields(LearnConfig)}  # options of another mlx-sdft release: its own
-        options = LearnConfig(**{**{k: v for k, v in now_record["options"].items() if k in known},
+        # The options the version was built with: those of another mlx-sdft release are its own; one
+        # the record predates is what runs did then (BEFORE_THE_OPTION), not today's default.
+        known = {f.name for f in dataclasses.fields(LearnConfig)}
+        options = LearnConfig(**{**BEFORE_THE_OPTION, **{k: v for k, v in now_record["options"].items() if k in known},
                                  "home": str(home)}).validate()
         try:
             record = build(home, store, options, base, rows, f"rebuild without lesson {cfg.lesson} "

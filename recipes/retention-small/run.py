@@ -2,13 +2,15 @@
 **bold**) learned at matched optimizer steps; forgetting and degeneration measured per run.
 
     python recipes/retention-small/run.py [--out runs/retention-small] [--seeds 0 1 2]
-        [--methods sft sdft_before sdft_guarded sdft_guarded_sft] [--summary-only]
+        [--methods sft sdft_before sdft_guarded sdft sdft_sft_only] [--summary-only]
 
 Methods (METHODS below), all at the learning rate the v1 sweep chose (1e-4 for both methods;
-v2 does not re-sweep), 24 steps of 4 prompts:
-- sft; sdft_before: SDFT as shipped before issue 14 (--skip-first-tokens 3, no guards);
-- sdft_guarded: --skip-first-tokens 0 --completion-budget 2 --truncated mask;
-- sdft_guarded_sft: the same plus --sft-weight 0.5.
+v2 does not re-sweep), 24 steps of 4 prompts; every option that decides the method is written out,
+so a method stays what it was when the defaults change:
+- sft; sdft_before: SDFT as shipped before issue 14 (PAPER_SDFT: --skip-first-tokens 3, no guards);
+- sdft_guarded: --skip-first-tokens 0 --completion-budget 2 --truncated mask --sft-weight 0;
+- sdft: the same with --sft-weight 0.5 (the defaults since issue 14; was sdft_guarded_sft);
+- sdft_sft_only: --skip-first-tokens 0 --sft-weight 0.5, no budget, no mask.
 Every run is evaluated on: the new skill (54 test prompts, bold answer correct), the prior task
 (134 questions the base model answers greedily at 64 tokens; metric.py `contains`), retention
 KL(base‖adapted) on 16 general prompts, the degenerate and repetitive rates of greedy answers
@@ -32,7 +34,7 @@ sys.path.insert(0, str(HERE))
 
 from metric import contains  # noqa: E402
 
-from mlx_sdft.config import load_config  # noqa: E402
+from mlx_sdft.config import PAPER_SDFT, load_config  # noqa: E402
 from mlx_sdft.core.data import load_examples  # noqa: E402
 from mlx_sdft.core.metrics import resolve_metric  # noqa: E402
 from mlx_sdft.formats.models import open_model, open_tokenizer  # noqa: E402
@@ -47,10 +49,11 @@ STEPS = 24  # two passes over the 48 training prompts at 4 per step
 GUARDED = dict(skip_first_tokens=0, completion_budget=2.0, truncated="mask")
 METHODS = {
     "sft": dict(method="sft"),
-    "sdft_before": dict(method="sdft", skip_first_tokens=3),
-    "sdft_guarded": dict(method="sdft", **GUARDED),
-    "sdft": dict(method="sdft", **GUARDED, sft_weight=0.5),  # the defaults since issue 14 (checked in main)
-    "sdft_sft_only": dict(method="sdft", skip_first_tokens=0, sft_weight=0.5),  # ablation: no budget, no mask
+    "sdft_before": dict(method="sdft", **PAPER_SDFT),
+    "sdft_guarded": dict(method="sdft", **GUARDED, sft_weight=0.0),
+    "sdft": dict(method="sdft", **GUARDED, sft_weight=0.5),  # the defaults since issue 14 (tests check it)
+    # ablation: no budget (0: off), no mask
+    "sdft_sft_only": dict(method="sdft", skip_first_tokens=0, completion_budget=0.0, truncated="keep", sft_weight=0.5),
 }
 # Evaluation sizes (lean: the machine is 2 shared cores).
 TASK_TOKENS, GENERAL_PROMPTS, GENERAL_TOKENS, KL_PROMPTS, KL_TOKENS, BATCH = 48, 32, 64, 16, 32, 8
