@@ -1,5 +1,6 @@
 """Guards against a collapsing SDFT student (small models loop, inflate their answers, and learn
-from truncated samples). Each is an option of `train`; all are off by default.
+from truncated samples). Each is an option of `train`; the budget, the mask and the SFT term are
+on by default since issue 14 (config/options.py), the base-KL term and the stop are off.
 
 - `--completion-budget M`: sample at most max(`BUDGET_FLOOR`, ⌈M · demonstration tokens⌉)
   tokens per example (still capped by --max-completion-length), so a loop ends early and
