@@ -235,10 +235,11 @@ def test_train_warns_when_the_skipped_prefix_is_shared(tiny_model, smoke_data, t
     assert "open with the same" not in output(method="sft", skip_first_tokens=3)
 
 
-def test_a_lesson_without_a_demonstration_gets_neither_the_sft_term_nor_the_budget(tiny_model, tmp_path):
+def test_a_lesson_without_a_demonstration_is_left_alone_by_the_demonstration_guards(tiny_model, tmp_path):
     """A feedback lesson (`learn`, `lessons --export`) has no demonstration: its demo_ids are an empty
-    turn. The SFT term would teach that empty answer, and a budget of M x its length would be the
-    floor; both guards leave such a lesson alone, and act on the demonstrations beside it."""
+    turn. The SFT term would teach that empty answer, a budget of M x its length would be the floor,
+    and a truncation at --max-completion-length says nothing of its answer's length; the SFT term,
+    the budget and the mask leave such a lesson alone, and act on the demonstrations beside it."""
     from mlx_sdft.config import load_config
     from mlx_sdft.core.data import load_examples
     from mlx_sdft.core.prompts import encode_examples
@@ -249,11 +250,13 @@ def test_a_lesson_without_a_demonstration_gets_neither_the_sft_term_nor_the_budg
                 "context": {"answer": "Blue.", "feedback": "Answer with a longer sentence."}} for i in range(4)]
     data = tmp_path / "lessons.jsonl"
     data.write_text("".join(json.dumps(line) + "\n" for line in lessons))
-    guarded = dict(completion_budget=2.0, sft_weight=0.5, max_completion_length=24)
+    guarded = dict(completion_budget=2.0, sft_weight=0.5, truncated="mask", max_completion_length=24)
     with_sft = _first_step(tiny_model, data, tmp_path / "a", **guarded)
     without = _first_step(tiny_model, data, tmp_path / "b", **{**guarded, "sft_weight": 0.0})
-    assert with_sft["loss"] == pytest.approx(without["loss"], rel=1e-6) and with_sft["loss"] > 0
-    assert with_sft["completion_len"] == 24  # the cap (the tiny model never stops), not the 16-token floor
+    assert with_sft["loss"] == pytest.approx(without["loss"], rel=1e-6) and with_sft["loss"] > 0  # not masked
+    assert with_sft["completion_len"] == 24 and with_sft["truncated"] == 1.0  # the cap, not the 16-token floor
+    logged = [json.loads(line) for line in (tmp_path / "a" / "completions.jsonl").read_text().splitlines()]
+    assert logged and not any(row.get("masked") for row in logged)
 
     from mlx_lm import load
 

@@ -40,8 +40,15 @@ def demonstration_budget(demo_tokens: int, multiple: float, cap: int, floor: int
 @dataclass
 class Guard:
     """What the guards' loss terms need from one micro-batch besides the teacher's scores."""
-    truncated: list[bool]  # per completion: hit its budget without a stop token
+    truncated: list[bool]  # per completion: hit its budget without a stop token (`maskable`)
     base_logits: mx.array | None  # [B, T, V] of the base model on the completions, with --base-kl-weight
+
+
+def maskable(truncated: list[bool], demonstrated: list[bool]) -> list[bool]:
+    """The completions --truncated mask acts on: truncated ones of examples with a demonstration. A
+    lesson without one (feedback) is sampled up to --max-completion-length, which says nothing of
+    its answer's length: its truncated completions stay in the loss."""
+    return [t and d for t, d in zip(truncated, demonstrated, strict=True)]
 
 
 def keep_rows(mask_BT: mx.array, truncated_B: list[bool], mode: str) -> mx.array:

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 from mlx.utils import tree_map
 
+from mlx_sdft.core import guards
 from mlx_sdft.core.prompts import PromptPair
 from mlx_sdft.core.rollout import Rollout
 
@@ -27,7 +28,8 @@ def sampled_rows(student_loss, model, pairs: list[PromptPair], rollout: Rollout,
         ids = rollout.completions[i]
         loss = student_loss(model, [pairs[i]], [ids], row_scores(teacher_scores, i, len(ids)))[0].item() if ids else 0.0
         rows.append({"where": pairs[i].where, "prompt_ids": pairs[i].student_ids, "completion_ids": ids,
-                     "truncated": bool(rollout.truncated[i]), "masked": masked and bool(rollout.truncated[i]),
+                     "truncated": bool(rollout.truncated[i]),
+                     "masked": masked and guards.maskable([rollout.truncated[i]], [pairs[i].demonstrated])[0],
                      "loss": loss})
     return rows
 

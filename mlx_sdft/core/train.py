@@ -112,8 +112,8 @@ def sdft_step(model, teacher: Leaves | None, pairs: list[PromptPair], positions:
         scores = objective.teacher_scores(model, pairs, rollout.completions)
         mx.eval(scores)
     with timer("teacher"):  # what the guards need: truncation flags, the base model's logits
-        guard = guards.Guard(rollout.truncated, guards.base_logits(model, base, pairs, rollout.completions)
-                             if cfg.base_kl_weight else None)
+        guard = guards.Guard(guards.maskable(rollout.truncated, [p.demonstrated for p in pairs]),
+                             guards.base_logits(model, base, pairs, rollout.completions) if cfg.base_kl_weight else None)
         mx.eval(guard.base_logits)
     with timer("student"), checkpointing(model, grad and cfg.grad_checkpoint):
         loss_and_grad = _value_and_grad(model, objective.student_loss, grad)
