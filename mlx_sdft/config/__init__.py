@@ -33,12 +33,13 @@ from mlx_sdft.errors import InputError
 from mlx_sdft.yaml_file import read_yaml
 
 __all__ = [
-    "Answers", "BEFORE_THE_OPTION", "BUDGET_FLOOR", "COMPLETION_BUDGET", "ChatTemplate", "CheckConfig", "Config", "DEFAULT_HOME",
-    "DEFAULT_MODEL", "DIVERGENCES", "DataSource", "Dequantize", "EvalConfig", "ExportConfig", "FEEDBACK_TEMPLATE",
-    "ForgetConfig", "GenerateConfig", "HINDSIGHT_TEMPLATE", "LOOPBACK", "LearnConfig", "LessonsConfig",
-    "ModelSource", "PAPER_SDFT", "RESUME_MAY_CHANGE", "RollbackConfig", "SFT_WEIGHT", "SKIP_FIRST_TOKENS",
-    "ServeConfig", "SystemPrompt", "TEACHER_TEMPLATE", "TRUNCATED", "TeachConfig", "TeacherTemplate",
-    "VersionsConfig", "check_model", "cli_fields", "coerce", "load_config", "overlay", "saved_options",
+    "Answers", "BEFORE_THE_OPTION", "BUDGET_FLOOR", "COMPLETION_BUDGET", "ChatTemplate", "CheckConfig", "Config",
+    "DEFAULT_HOME", "DEFAULT_MODEL", "DIVERGENCES", "DataSource", "Dequantize", "EvalConfig", "ExportConfig",
+    "FEEDBACK_TEMPLATE", "ForgetConfig", "GenerateConfig", "HINDSIGHT_TEMPLATE", "LOOPBACK", "LearnConfig",
+    "LessonsConfig", "ModelSource", "PAPER_SDFT", "RESUME_MAY_CHANGE", "RollbackConfig", "SFT_WEIGHT",
+    "SKIP_FIRST_TOKENS", "ServeConfig", "SystemPrompt", "TEACHER_TEMPLATE", "TRUNCATED", "TeachConfig",
+    "TeacherTemplate", "VersionsConfig", "check_model", "cli_fields", "coerce", "load_config", "overlay",
+    "saved_options",
 ]
 
 

@@ -42,7 +42,7 @@ HIGH_DEGENERATE, SOME_DEGENERATE, HIGH_DISAGREEMENT = 0.5, 0.2, 0.5
 # 14), and at 135M every SDFT variant forgot more of the prior task than SFT in recipes/retention-small
 # (README, v2; tests/test_evaluate.py checks these numbers against its results/summary.json).
 SMALL_MODEL = 1.5e9
-SMALL_MODEL_NOTE = ("a small model ({size} parameters, below 1.5B): in this project's measurement at 135M "
+SMALL_MODEL_NOTE = ("a small model ({size} parameters, below {limit}): in this project's measurement at 135M "
                     "(recipes/retention-small) SDFT forgot more of what the base model knew than SFT did, prior-task "
                     "score 0.39-0.57 for the SDFT variants vs 0.69 for SFT (base 0.99), though its KL(base‖adapted) "
                     "was lower; train both (--method sft) and compare them on questions the base model answers "
@@ -123,7 +123,7 @@ def small_model_note(parameters: int | None) -> str | None:
         return None
     size = f"{parameters / 1e9:.1f}B" if parameters >= 1e9 else f"{parameters / 1e6:.0f}M" if parameters >= 1e6 \
         else f"{parameters / 1e3:.0f}K"
-    return SMALL_MODEL_NOTE.format(size=size)
+    return SMALL_MODEL_NOTE.format(size=size, limit=f"{SMALL_MODEL / 1e9:g}B")
 
 
 def verdict(student_ll: float, teacher_ll: float, student_score: float | None, teacher_score: float | None) -> str:
