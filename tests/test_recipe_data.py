@@ -1,18 +1,24 @@
-"""The two-skill continual recipe's data (recipes/retention-small/continual): files only, no model.
+"""retention-small's data, files only, no model: the two-skill continual recipe (continual/) and the
+learning-rate validation set (lr_valid.jsonl).
 
 Both skills are scored on test sets of the same size, by the stage's regex metric, on questions
-whose subject (country, word, thing, animal, singular) never appears in their train or valid split."""
+whose subject (country, word, thing, animal, singular) never appears in their train or valid split.
+The learning rate is chosen on lr_valid.jsonl, whose questions share no prompt or subject with
+data/train.jsonl or data/test.jsonl."""
 
 import re
 from pathlib import Path
 
 import pytest
 
-from mlx_sdft.core.data import load_dataset
+from mlx_sdft.core.data import load_dataset, load_examples
 from mlx_sdft.core.metrics import extract, resolve_metric
 from mlx_sdft.yaml_file import read_yaml
 
-RECIPE = Path(__file__).resolve().parents[1] / "recipes" / "retention-small" / "continual"
+RETENTION = Path(__file__).resolve().parents[1] / "recipes" / "retention-small"
+RECIPE = RETENTION / "continual"
+LR_VALID = RETENTION / "lr_valid.jsonl"
+BOLD_SPAN = re.compile(r"\*\*(.+?)\*\*")  # run.py's new-skill metric reads this span
 STAGES = {stage["name"]: stage for stage in read_yaml(RECIPE / "stages.yaml")["stages"]}
 # One pattern per question family; group 1 is the subject the answer is about.
 FAMILIES = {
@@ -81,3 +87,45 @@ def test_test_questions_share_no_subject_with_train_or_valid(name):
         words = lambda rows: {w.lower() for ex in rows if _family(_question(ex))[0] == "opposite"
                               for w in (_family(_question(ex))[1], extract(pattern, ex.demonstration))}
         assert not words(test) & words(seen), words(test) & words(seen)
+
+
+def _prompt_text(example) -> str:
+    return " ".join(_question(example).lower().split())
+
+
+def _lr_valid_clashes(rows, seen) -> list[str]:
+    """Where (file:line) a row of `rows` repeats a prompt of `seen`, or asks about one of its subjects
+    in any family ("goose" as a plural and as an animal sound counts)."""
+    prompts = {_prompt_text(ex) for ex in seen}
+    subjects = {_family(_question(ex))[1] for ex in seen}
+    return [ex.where for ex in rows if _prompt_text(ex) in prompts or _family(_question(ex))[1] in subjects]
+
+
+def test_lr_valid_is_the_valid_split_and_32_more_demonstrations_apart_from_train_and_test():
+    data = load_dataset(RETENTION / "data")
+    rows = load_examples(LR_VALID)
+    assert len(rows) == 40
+    assert LR_VALID.read_text().splitlines()[:8] == (RETENTION / "data" / "valid.jsonl").read_text().splitlines()
+    for ex in rows:
+        spans = BOLD_SPAN.findall(ex.demonstration)
+        assert len(spans) == 1 and ex.demonstration.count("**") == 2 and spans[0].strip() == spans[0] != "", ex.where
+    prompts = [_prompt_text(ex) for ex in rows]
+    assert len(set(prompts)) == len(prompts), "a question is repeated"
+    subjects = [_family(_question(ex))[1] for ex in rows]
+    assert len(set(subjects)) == len(subjects), "a subject is repeated"
+    held_out = data["train"] + data["test"]
+    assert not _lr_valid_clashes(rows, held_out)
+    # An opposite pair in either order, for the 32 added ("light" -> dark was in valid before test's heavy -> light).
+    words = lambda exs: {w.lower() for ex in exs if _family(_question(ex))[0] == "opposite"
+                         for w in (_family(_question(ex))[1], extract(BOLD_SPAN, ex.demonstration))}
+    assert not words(rows[8:]) & words(held_out + data["valid"]), words(rows[8:]) & words(held_out + data["valid"])
+
+
+def test_lr_valid_overlap_check_catches_a_train_question_and_a_test_subject(tmp_path):
+    data = load_dataset(RETENTION / "data")
+    extra = tmp_path / "extra.jsonl"
+    extra.write_text('{"prompt": "What color is snow?", "completion": "Snow is **white**."}\n'
+                     '{"prompt": "What is the capital of Zambia?", "completion": "The capital of Zambia is **Lusaka**."}\n'
+                     + (RETENTION / "data" / "train.jsonl").read_text().splitlines()[0] + "\n"
+                     '{"prompt": "What is the plural of \\"owl\\"?", "completion": "The plural of \\"owl\\" is **owls**."}\n')
+    assert _lr_valid_clashes(load_examples(extra), data["train"] + data["test"]) == [f"{extra}:3", f"{extra}:4"]
