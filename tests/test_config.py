@@ -7,6 +7,7 @@ from typer.testing import CliRunner
 
 from mlx_sdft.cli import app
 from mlx_sdft.config import CheckConfig, Config, EvalConfig, ExportConfig, GenerateConfig, cli_fields, load_config
+from mlx_sdft.errors import InputError
 from mlx_sdft.yaml_file import read_yaml
 
 COMMANDS = {"train": Config, "eval": EvalConfig, "check": CheckConfig, "generate": GenerateConfig, "export": ExportConfig}
@@ -149,3 +150,42 @@ def test_sdft_defaults_since_issue_14_and_how_to_turn_them_off(tmp_path):
     # SFT is validated with the SDFT defaults in place (they do not apply to it, and are not refused).
     assert load_config(None, {**base, "method": "sft", "max_completion_length": 1}).method == "sft"
     assert "0: off" in Config.__dataclass_fields__["completion_budget"].metadata["help"]  # what --help says
+
+
+@pytest.mark.parametrize("cls,command,key,kind", [
+    (Config, "train", "sft_weight", "float"), (Config, "train", "skip_first_tokens", "int"),
+    (Config, "train", "truncated", "str"), (Config, "train", "temperature", "float"),
+    (Config, "train", "base_kl_weight", "float"), (EvalConfig, "eval", "general_max_tokens", "int"),
+    (CheckConfig, "check", "skip_first_tokens", "int"),
+])
+def test_a_yaml_null_is_refused_for_an_option_that_cannot_be_off(tmp_path, cls, command, key, kind):
+    """`null` in a YAML file means "off" only for an option whose value may be None (`completion_budget`,
+    `iters`, `topk`, ...). Anywhere else it was a traceback (`sft_weight: null`: TypeError, exit 1) or
+    slipped through unchecked (`truncated: null` became None): one line naming the file, line and
+    key, exit 2, before any model loads."""
+    path = tmp_path / "c.yaml"
+    path.write_text(f"model: m\ndata: demos.jsonl\n{key}: null\n")
+    with pytest.raises(InputError, match=rf"c\.yaml:3: {key}: expected {kind}, got null"):
+        load_config(str(path), cls=cls)
+    result = runner.invoke(app, [command, "-c", str(path)])
+    assert result.exit_code == 2 and result.stderr.strip() == (
+        f"mlx-sdft {command}: error: {path}:3: {key}: expected {kind}, got null"), result.output
+    path.write_text("model: m\ndata: demos.jsonl\ncompletion_budget: null\ntopk: ~\niters: null\n")
+    cfg = load_config(str(path))
+    assert (cfg.completion_budget, cfg.topk, cfg.iters) == (None, None, None)  # these can be off
+
+
+def test_a_stages_file_null_turns_an_option_off_as_in_any_yaml_file(tmp_path):
+    """`completion_budget: null` in a stages file turned the budget off nowhere: the stage ran with
+    the default 2.0 (a null was taken for "not given"). Now it is off, as in a `-c` file, whether the
+    stage or the file's top level says it; a null for an option that cannot be off is refused."""
+    from mlx_sdft.jobs.continual import stage_config
+
+    run = {"defaults": {"completion_budget": None}, "model": "m"}
+    assert stage_config(run, {"name": "a", "data": "d.jsonl"}, "sdft", tmp_path, None).completion_budget is None
+    run = {"defaults": {}, "model": "m"}
+    stage = {"name": "a", "data": "d.jsonl", "completion_budget": None, "max_degenerate_rise": None}
+    assert stage_config(run, stage, "sdft", tmp_path, None).completion_budget is None
+    assert stage_config(run, {"name": "a", "data": "d.jsonl"}, "sdft", tmp_path, None).completion_budget == 2.0
+    with pytest.raises(InputError, match=r"--sft-weight: expected float, got null"):
+        stage_config(run, {"name": "a", "data": "d.jsonl", "sft_weight": None}, "sdft", tmp_path, None)

@@ -71,13 +71,16 @@ def saved_options(folder: str | Path) -> dict:
     return {**BEFORE_THE_OPTION, **{k: v for k, v in saved.items() if k in defining}}
 
 
-def load_config(yaml_path: str | None = None, overrides: dict | None = None, cls: type = Config):
-    """Defaults < (`train --resume`: the saved run's options) < YAML file < overrides (flags that
-    were given, i.e. not None). Resuming, an option not given keeps the value the run was trained
-    with, even where the default has changed since; one given differently is refused by the run."""
+def load_config(yaml_path: str | None = None, overrides: dict | None = None, cls: type = Config,
+                options: dict | None = None):
+    """Defaults < (`train --resume`: the saved run's options) < YAML file < `options` (read from
+    another file, e.g. a stages file: a null there is a value, as in the YAML file) < overrides
+    (flags that were given, i.e. not None). Resuming, an option not given keeps the value the run
+    was trained with, even where the default has changed since; one given differently is refused."""
     values: dict[str, Any] = {}
     if yaml_path:
         values.update(read_yaml(yaml_path, cls))
+    values = overlay(values, options or {})
     flags = {k: v for k, v in (overrides or {}).items() if v is not None}
     values = overlay(values, flags)
     given = set(values)

@@ -206,9 +206,11 @@ def _regexes(patterns: list) -> None:
 def coerce(cls: type, name: str, value: Any, yaml_path: str | None = None) -> Any:
     """Check a value's type against its field; YAML reads `1e-5` as a string, so parse numbers.
     A wrong type from a YAML file is blamed on the file and line (a mapping there is most often an
-    indentation slip), one from a flag on the flag."""
-    kind = cls.__dataclass_fields__[name].type.split(" | ")[0]
-    if value is None:
+    indentation slip), one from a flag on the flag. A YAML null is a value only for an option that
+    may be None (off, unset); for any other it is a wrong type, not a default."""
+    kinds = cls.__dataclass_fields__[name].type.split(" | ")
+    kind = kinds[0]
+    if value is None and "None" in kinds:
         return None
     try:
         if kind == "float" and not isinstance(value, bool):
@@ -225,7 +227,8 @@ def coerce(cls: type, name: str, value: Any, yaml_path: str | None = None) -> An
             return list(value)
     except (TypeError, ValueError):
         pass
+    got = "null" if value is None else repr(value)
     if yaml_path is None:
-        raise InputError(f"--{name.replace('_', '-')}: expected {kind}, got {value!r}")
+        raise InputError(f"--{name.replace('_', '-')}: expected {kind}, got {got}")
     slip = " (are the lines below it indented by mistake?)" if isinstance(value, dict) else ""
-    raise InputError(f"{yaml_path}:{key_line(yaml_path, name)}: {name}: expected {kind}, got {value!r}{slip}")
+    raise InputError(f"{yaml_path}:{key_line(yaml_path, name)}: {name}: expected {kind}, got {got}{slip}")

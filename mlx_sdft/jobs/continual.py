@@ -83,7 +83,7 @@ def stage_config(run: dict, stage: dict, method: str, folder: Path, previous: Pa
     opts = overlay(run["defaults"], {k: v for k, v in stage.items() if k not in _STAGE_KEYS})
     opts.update(model=run["model"], data=stage["data"], adapter_path=str(folder), method=method,
                 resume_adapter_file=str(previous / "adapters.safetensors") if previous else None)
-    return load_config(None, opts)
+    return load_config(None, options=opts)  # a null in the stages file is a value (completion_budget: off)
 
 
 def eval_config(run: dict, stage: dict, adapter_path: Path | None) -> EvalConfig:
