@@ -262,7 +262,7 @@ def test_preflight_scores_in_chunks_when_only_that_fits(tmp_path, monkeypatch):
     with open(tmp_path / "model.safetensors", "wb") as f:
         f.truncate(538_000_000)
     pairs = [PromptPair([1] * 64, [1] * 160, [2] * 8, "x:1")]
-    opts = dict(batch_size=8, max_completion_length=1024, fuse_sampling=False)
+    opts = dict(batch_size=8, max_completion_length=1024, fuse_sampling=False, completion_budget=0.0)  # 1024 tokens each
     whole = memory.estimate(SMOLLM2, tmp_path, Config(**opts), 64, 160, 8)
     chunked = memory.estimate(SMOLLM2, tmp_path, Config(**opts, logits_chunk=AUTO_CHUNK), 64, 160, 8)
     assert whole["logits"] > 7 and chunked["logits"] < 0.6  # 8 × 1024 × 49152 float32 logits, 5 copies
@@ -340,3 +340,41 @@ def test_a_save_killed_after_its_commit_is_rolled_forward(tiny_model, smoke_data
     monkeypatch.undo()
     assert (out / checkpoint.COMMIT).exists() and list(out.glob(".pending-*"))  # a half-renamed save
     assert assert_consistent(out) == 3  # rolled forward, every file at step 3
+
+
+def test_estimate_sizes_completions_by_what_the_run_may_sample(tmp_path, monkeypatch):
+    """The estimate sized every completion at --max-completion-length (1024), while with
+    --completion-budget (2 by default) an example samples at most max(16, 2 x its demonstration)
+    tokens, and SFT trains on the demonstrations: 11.07 GB estimated for a run on 14-token
+    demonstrations that peaked at 1.22 GB, so a machine with less memory chunked, or refused, a
+    run that fits. Now the longest completion the run can have is what is counted."""
+    from mlx_sdft.machine import memory
+    from mlx_sdft.config import Config
+    from mlx_sdft.jobs.train import preflight
+    from mlx_sdft.core.prompts import PromptPair
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
+    from shapes import SMOLLM2
+
+    (tmp_path / "config.json").write_text(json.dumps(SMOLLM2))
+    with open(tmp_path / "model.safetensors", "wb") as f:
+        f.truncate(538_000_000)
+    pairs = [PromptPair([1] * 64, [1] * 160, [2] * 10, "x:1"), PromptPair([1] * 64, [1] * 160, [2] * 14, "x:2")]
+    V, n = SMOLLM2["vocab_size"], 4
+    monkeypatch.setattr(memory, "available_gb", lambda: (3.0, "test memory"))
+    cfg = Config(batch_size=n)  # budget 2: the longest completion is 2 x 14 = 28 tokens, not 1024
+    resolved, parts = preflight(cfg, tmp_path, pairs, [])
+    assert resolved == cfg  # nothing given up: it fits
+    assert parts["logits"] == pytest.approx(n * 28 * V * 4 * 5 / 1e9)
+    assert parts["kv_cache"] < 0.05 and parts["peak"] < 3.0
+    # The budget's floor of 16 tokens, and the cap above it.
+    short = [PromptPair([1] * 64, [1] * 160, [2] * 3, "x:1")]
+    assert preflight(cfg, tmp_path, short, [])[1]["logits"] == pytest.approx(n * 16 * V * 4 * 5 / 1e9)
+    capped = Config(batch_size=n, max_completion_length=20)
+    assert preflight(capped, tmp_path, pairs, [])[1]["logits"] == pytest.approx(n * 20 * V * 4 * 5 / 1e9)
+    # SFT scores the demonstrations: the longest is what its logits hold.
+    sft = Config(batch_size=n, method="sft")
+    assert preflight(sft, tmp_path, pairs, [])[1]["logits"] == pytest.approx(n * 14 * V * 4 * 3 / 1e9)
+    # Without the budget every completion may run to the cap: that run does not fit in 3 GB.
+    with pytest.raises(InputError, match="needs about"):
+        preflight(Config(batch_size=n, completion_budget=0), tmp_path, pairs, [])

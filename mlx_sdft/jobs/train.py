@@ -42,8 +42,12 @@ def preflight(cfg: Config, model_path: Path, train_pairs, valid_pairs) -> tuple[
     if not {"hidden_size", "num_hidden_layers", "num_attention_heads", "vocab_size"} <= config.keys():
         return cfg, None
     pairs = train_pairs + valid_pairs
+    # The longest completion the run scores: SDFT samples up to each example's budget (a few times its
+    # demonstration by default, not --max-completion-length), SFT scores the demonstrations.
+    longest = (max(completion_budget(p, cfg) for p in pairs) if cfg.method == "sdft"
+               else max(len(p.demo_ids) for p in pairs))
     lengths = (max(len(p.student_ids) for p in pairs), max(len(p.teacher_ids) for p in pairs),
-               max(len(p.demo_ids) for p in pairs))
+               max(len(p.demo_ids) for p in pairs), longest)
     parts = memory.estimate(config, model_path, cfg, *lengths)
     have, what = memory.available_gb()
     if parts["peak"] > have and parts["fused_copy"] > 0:

@@ -83,17 +83,18 @@ def fused_copy_bytes(config: dict, weights: int, cfg) -> int:
     return int(adapted_blocks(config, cfg) * per_block * bytes_per_param)
 
 
-def logit_positions(cfg) -> int:
-    T = cfg.max_completion_length
+def logit_positions(cfg, T: int) -> int:
     return min(T, 4 * cfg.logits_chunk) if cfg.logits_chunk and cfg.method == "sdft" else T
 
 
 def estimate(config: dict, model_path: Path, cfg, prompt_len: int, teacher_prompt_len: int,
-             demo_len: int = 0) -> dict[str, float]:
+             demo_len: int = 0, completion_len: int | None = None) -> dict[str, float]:
     """Bytes per component at the peak of a step (GB). n = sequences per micro-batch; `demo_len`,
-    the longest demonstration in tokens, sizes SDFT's --sft-weight term."""
+    the longest demonstration in tokens, sizes SDFT's --sft-weight term; `completion_len`, the
+    longest completion the run can score (SDFT: its longest completion budget; SFT: its longest
+    demonstration), defaults to --max-completion-length."""
     n = cfg.batch_size * (cfg.num_generations if cfg.method == "sdft" else 1)
-    T = cfg.max_completion_length
+    T = cfg.max_completion_length if completion_len is None else completion_len
     h, i, _, kv = dimensions(config)
     layers, V = config["num_hidden_layers"], config["vocab_size"]
     L = max(prompt_len, teacher_prompt_len) + T
@@ -110,7 +111,7 @@ def estimate(config: dict, model_path: Path, cfg, prompt_len: int, teacher_promp
         # student logits, log-softmax and its gradient; teacher logits and log-softmax (and the
         # base model's logits with --base-kl-weight). In chunks (--logits-chunk) a few chunks are
         # alive at once, not all T positions.
-        "logits": n * logit_positions(cfg) * V * F32 * ((5 + bool(cfg.base_kl_weight)) if cfg.method == "sdft" else 3),
+        "logits": n * logit_positions(cfg, T) * V * F32 * ((5 + bool(cfg.base_kl_weight)) if cfg.method == "sdft" else 3),
         # --sft-weight: a second student pass over prompt + demonstration in the same backward, its
         # activations and its logits, log-softmax and gradient over the demonstration
         "sft_term": cfg.batch_size * ((prompt_len + demo_len) * layers * (12 * h + 3 * i) // (
