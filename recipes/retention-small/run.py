@@ -250,7 +250,20 @@ def main() -> None:
     print(json.dumps({m: {k: v for k, v in e.items() if k in ("new_skill", "prior_task", "retention_kl",
                                                               "degenerate_rate", "seeds")}
                       for m, e in summary["methods"].items()}, indent=1))
+    (out / "summary.md").write_text(markdown(summary))
     plot(out, summary)
+
+
+def markdown(summary: dict) -> str:
+    """The README's results table: mean ± 95% CI per metric, the rate and seeds per method."""
+    metrics = ["new_skill", "prior_task", "retention_kl", "degenerate_rate", "repetitive_rate", "prior_ppl"]
+    rows = ["| | lr | seeds | " + " | ".join(metrics) + " |", "|---" * (len(metrics) + 3) + "|",
+            "| base model | – | – | " + " | ".join(f"{summary['base'][m]:.2f}" for m in metrics) + " |"]
+    for name, entry in summary["methods"].items():
+        cells = [f"{entry[m]['mean']:.2f}" + (f" ± {entry[m]['ci95']:.2f}" if entry[m]["ci95"] is not None else "")
+                 for m in metrics]
+        rows.append(f"| `{name}` | {entry['lr']:g} | {len(entry['seeds'])} | " + " | ".join(cells) + " |")
+    return "\n".join(rows) + "\n"
 
 
 def plot(out: Path, summary: dict) -> None:
