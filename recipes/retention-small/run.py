@@ -155,9 +155,19 @@ def sweep(out: Path, names: list[str], lrs: list[float]) -> dict:
             model, _ = open_model(model_path, adapters=out / run_key(name, 0, lr))
             scores[f"{lr:g}"] = evaluate_task(model, tokenizer, load_examples(LR_VALID), BOLD, TASK_TOKENS, BATCH).score
             print(time.strftime("%H:%M:%S"), name, f"lr {lr:g}", f"validation new skill {scores[f'{lr:g}']:.3f}", flush=True)
-            path.write_text(json.dumps(record, indent=2))
-        record["choice"][name] = float(min(scores, key=lambda k: (-scores[k], float(k))))
-        path.write_text(json.dumps(record, indent=2))
+            record = _merge(path, name, scores)
+        record = _merge(path, name, scores)
+    return record
+
+
+def _merge(path: Path, name: str, scores: dict) -> dict:
+    """Write one method's scores and choice into lr_choice.json as it is now (other processes may
+    sweep other methods into the same file)."""
+    record = json.loads(path.read_text()) if path.exists() else {"scores": {}, "choice": {}}
+    record["scores"][name] = {**record["scores"].get(name, {}), **scores}
+    merged = record["scores"][name]
+    record["choice"][name] = float(min(merged, key=lambda k: (-merged[k], float(k))))
+    path.write_text(json.dumps(record, indent=2))
     return record
 
 
