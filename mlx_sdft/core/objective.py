@@ -14,7 +14,7 @@ from typing import Callable
 
 import mlx.core as mx
 
-from mlx_sdft.config import Config
+from mlx_sdft.config import PAPER_SDFT, Config
 from mlx_sdft.core import guards
 from mlx_sdft.core.losses import sdft_loss, sdft_loss_chunked, sdft_loss_topk, sft_loss, teacher_topk
 from mlx_sdft.core.prompts import PromptPair
@@ -103,6 +103,24 @@ def sdft_objective(cfg: Config) -> Objective:
                            student_BTV)
 
     return Objective(teacher_logits, full_loss)
+
+
+DIVERGENCE_NAMES = {"forward": "forward KL", "reverse": "reverse KL", "jsd": "JSD"}
+
+
+def describe(cfg: Config) -> str:
+    """The SDFT objective in one line (the startup panel): the divergence and the guards' loss terms,
+    then the completion budget, the truncated mask and the skipped prefix, e.g. `forward KL + 0.5 x
+    SFT, budget 2x demo, truncated masked, skip 0`; marked when those four options are PAPER_SDFT."""
+    terms = [DIVERGENCE_NAMES[cfg.divergence] + (f" (beta {cfg.beta:g})" if cfg.divergence == "jsd" else "")]
+    terms += [f"{cfg.sft_weight:g} x SFT"] if cfg.sft_weight else []
+    terms += [f"{cfg.base_kl_weight:g} x base KL (--base-kl-weight)"] if cfg.base_kl_weight else []
+    budget = (f"budget {cfg.completion_budget:g}x demo" if cfg.completion_budget
+              else f"no budget (--max-completion-length {cfg.max_completion_length})")
+    line = (f"{' + '.join(terms)}, {budget}, truncated {'masked' if cfg.truncated == 'mask' else 'kept'}, "
+            f"skip {cfg.skip_first_tokens}")
+    guards_now = {**{k: getattr(cfg, k) for k in PAPER_SDFT}, "completion_budget": cfg.completion_budget or 0.0}
+    return line + (": the paper's (PAPER_SDFT)" if guards_now == PAPER_SDFT else "")
 
 
 def demonstrations(pairs: list[PromptPair], cfg: Config) -> list[list[int]]:

@@ -20,6 +20,7 @@ from mlx_sdft.config import RESUME_MAY_CHANGE, Config
 from mlx_sdft.formats import checkpoint
 from mlx_sdft.core.data import load_dataset, need_demonstrations
 from mlx_sdft.core.guards import skipped_prefix_warning
+from mlx_sdft.core.objective import describe
 from mlx_sdft.errors import InputError
 from mlx_sdft.formats.models import Adapters, check_adapter_fit, open_model, open_tokenizer
 from mlx_sdft.core.prompts import apply_system_prompt, describe_stops, encode_examples, student_text, system_prompt_note, teacher_text
@@ -66,7 +67,7 @@ def preflight(cfg: Config, model_path: Path, train_pairs, valid_pairs) -> tuple[
 def startup_text(cfg: Config, model_path: Path, n_train: int, n_valid: int, steps: int, system: str | None,
                  stops: str | None = None) -> Text:
     """What this run is: the model, the data, the system prompt, the stop tokens, the steps, the
-    method and what trains."""
+    method, SDFT's objective (its guards on or off) and what trains."""
     lines = [f"model     {cfg.model}", *([f"          {model_path}"] if str(model_path) != cfg.model else []),
              f"data      {cfg.data}", f"examples  {n_train} training prompts, {n_valid} validation prompts",
              *([f"system    {system}"] if system else []),
@@ -75,7 +76,8 @@ def startup_text(cfg: Config, model_path: Path, n_train: int, n_valid: int, step
              + (" (--iters)" if cfg.iters is not None else f" ({cfg.epochs:g} epochs)"),
              f"method    {cfg.method}" + (
                  f", {cfg.num_generations} generation(s) per prompt, divergence {cfg.divergence}, teacher {cfg.teacher}"
-                 + (f" (rate {cfg.teacher_update_rate})" if cfg.teacher == "ema" else "") if cfg.method == "sdft" else "")]
+                 + (f" (rate {cfg.teacher_update_rate})" if cfg.teacher == "ema" else "") if cfg.method == "sdft" else ""),
+             *([f"objective {describe(cfg)}"] if cfg.method == "sdft" else [])]
     params = memory.parameter_summary(memory.model_config(model_path), cfg)
     lines.append(f"adapters  {cfg.fine_tune_type} on {cfg.num_layers if cfg.num_layers > 0 else 'all'} blocks, "
                  f"written to {cfg.adapter_path}")
