@@ -41,3 +41,69 @@ def test_startup_panel_names_the_objective(tiny_model, smoke_data, tmp_path, opt
 
 def test_sft_panel_has_no_objective_line(tiny_model, smoke_data, tmp_path):
     assert "objective " not in _dry_run(tiny_model, smoke_data, tmp_path, method="sft")
+
+
+# ---- 2. the loss's parts, per step in metrics.jsonl and on the report line -------------------
+
+
+def _train(tiny_model, smoke_data, out, **kw) -> list[dict]:
+    from mlx_sdft.jobs.train import run_train
+
+    opts = dict(model=str(tiny_model), data=str(smoke_data), adapter_path=str(out), num_layers=-1, batch_size=2,
+                grad_accumulation_steps=2, iters=2, max_completion_length=12, learning_rate=1e-3, steps_per_report=1,
+                steps_per_eval=2, val_batches=1, seed=3)
+    run_train(load_config(None, {**opts, **kw}), quiet=True)
+    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_metrics_log_the_loss_parts(tiny_model, smoke_data, tmp_path):
+    """loss = sdft_loss + λ sft_loss + μ base_kl, per report (one step each) and per validation; the SFT
+    part is what --method sft computes on the same batch; pure SDFT logs its loss as sdft_loss alone."""
+    # The tiny model never stops: --truncated keep, or every completion would be masked (sdft_loss 0).
+    both = _train(tiny_model, smoke_data, tmp_path / "both", sft_weight=0.5, base_kl_weight=0.3, truncated="keep")
+    train = [r for r in both if r["type"] == "train"]
+    assert len(train) == 2
+    for r in train:
+        assert r["sdft_loss"] > 0 and r["sft_loss"] > 0 and r["base_kl"] >= 0
+        assert r["loss"] == pytest.approx(r["sdft_loss"] + 0.5 * r["sft_loss"] + 0.3 * r["base_kl"], rel=1e-5)
+    assert train[0]["base_kl"] == pytest.approx(0.0, abs=1e-6)  # fresh adapters are the base model
+    assert train[1]["base_kl"] > 0  # after one update they are not
+    [val] = [r for r in both if r["type"] == "eval"]
+    assert val["val_loss"] == pytest.approx(val["val_sdft_loss"] + 0.5 * val["val_sft_loss"] + 0.3 * val["val_base_kl"],
+                                            rel=1e-5)
+    sft = [r for r in _train(tiny_model, smoke_data, tmp_path / "sft", method="sft") if r["type"] == "train"]
+    assert train[0]["sft_loss"] == pytest.approx(sft[0]["loss"], rel=1e-5)  # step 1: the same weights, the same batch
+    assert not {"sdft_loss", "sft_loss", "base_kl"} & sft[0].keys()
+    pure = [r for r in _train(tiny_model, smoke_data, tmp_path / "pure", **PAPER_SDFT) if r["type"] == "train"]
+    assert all(r["sdft_loss"] == pytest.approx(r["loss"], rel=1e-6) and not {"sft_loss", "base_kl"} & r.keys()
+               for r in pure)
+
+
+def _record(**kw):
+    return {"type": "train", "step": 30, "loss": 1.8228, "learning_rate": 2.5e-6, "completion_len": 26.2, "len_ratio": 1.87,
+            "truncated": 0.75, "degenerate": 0.75, "sample_s": 10.0, "teacher_s": 1.5, "student_s": 1.3,
+            "trained_tps": 100.0, "empty_batches": 0, "peak_memory_gb": 1.2, "sdft_loss": 0.2104, "sft_loss": 3.2248, **kw}
+
+
+def test_report_line_shows_the_parts_when_a_guard_term_is_on():
+    from mlx_sdft.machine.report import WIDTH, report_line
+
+    defaults = {"sdft_loss": ("kl", 1.0), "sft_loss": ("sft", 0.5)}  # core.objective.loss_parts of the defaults
+    line = report_line(_record(), 100, parts=defaults)
+    assert line == "step 30/100  loss 1.82 (kl 0.21 + 0.5 x sft 3.22)  len 26.2  trunc 75%  degen 75%  12.8 s/step"
+    assert len(line) <= WIDTH
+    pure = report_line(_record(), 100, parts={"sdft_loss": ("kl", 1.0)})  # one term: nothing to split
+    assert "mean loss 1.8228  lr 2.5e-06  len 26.2 (1.87x demo)" in pure and "(kl" not in pure
+    # Wider numbers: the parts stay while other fields go; at the very widest they go too (metrics.jsonl has them).
+    wide = _record(step=300, completion_len=124.0, empty_batches=2, base_kl=0.0123)
+    line = report_line(wide, 1000, parts={**defaults, "base_kl": ("base-kl", 0.05)})
+    assert "(kl 0.21 + 0.5 x sft 3.22 + 0.05 x base-kl 0.0123)" not in line and len(line) <= WIDTH
+    line = report_line(_record(step=300), 1000, parts=defaults)
+    assert "  loss 1.82 (kl 0.21 + 0.5 x sft 3.22)  " in line and len(line) <= WIDTH
+    val = report_line({"type": "eval", "step": 30, "val_loss": 1.9, "val_completion_len": 11.0, "val_s": 3.0,
+                       "val_sdft_loss": 0.3, "val_sft_loss": 3.2}, 100, parts=defaults)
+    assert val == "step 30/100  val loss 1.9000 (kl 0.3 + 0.5 x sft 3.2)  val len 11.0  (3.0s)"
+    wide = {"type": "eval", "step": 3000, "val_loss": 1.9, "val_completion_len": 1011.0, "val_s": 3000.0,
+            "val_sdft_loss": 0.3013, "val_sft_loss": 3.2123, "val_base_kl": 0.01234}
+    line = report_line(wide, 3000, parts={**defaults, "base_kl": ("base-kl", 0.05)})
+    assert line == "step 3000/3000  val loss 1.9000  val len 1011.0  (3000.0s)"  # too wide with its parts

@@ -27,9 +27,12 @@ class Objective:
 
     teacher_scores(model, pairs, completions) → scores, from the teacher contexts, no gradient
         (run it with the teacher's leaves in place: `teacher.using`);
-    student_loss(model, pairs, completions, scores, guard=None) → (loss, ntoks), from the student
-        contexts, differentiable in the student's weights; with a `guards.Guard`, the guards'
-        terms too (--truncated, --sft-weight, --base-kl-weight).
+    student_loss(model, pairs, completions, scores, guard=None) → (loss, ntoks, parts), from the
+        student contexts, differentiable in the student's weights (`loss` only: `ntoks` and `parts`
+        are auxiliary outputs); with a `guards.Guard`, the guards' terms too (--truncated,
+        --sft-weight, --base-kl-weight). `parts` holds the loss's unweighted terms as scalars:
+        `sdft_loss` always, `sft_loss` with --sft-weight (0 for a batch without a demonstration),
+        `base_kl` with --base-kl-weight, so that loss = sdft_loss + λ sft_loss + μ base_kl.
     """
 
     teacher_scores: Callable
@@ -59,18 +62,21 @@ def sdft_objective(cfg: Config) -> Objective:
         return mask_BT if guard is None else guards.keep_rows(mask_BT, guard.truncated, cfg.truncated)
 
     def regularized(loss_and_ntoks, model, pairs, guard, mask_BT, logits_BTV=None):
-        """The guards' terms added to the SDFT loss; the base-KL term needs the student's logits. The
-        SFT term is over the distinct prompts that have a demonstration (a feedback lesson has none)."""
+        """The guards' terms added to the SDFT loss → (loss, ntoks, parts); the base-KL term needs the
+        student's logits. The SFT term is over the distinct prompts that have a demonstration (a
+        feedback lesson has none)."""
+        loss, ntoks = loss_and_ntoks
         if guard is None:
-            return loss_and_ntoks
+            return loss, ntoks, {"sdft_loss": loss}
         demonstrated = [p for p in pairs[::cfg.num_generations] if p.demonstrated] if cfg.sft_weight else []
         sft, sft_ntoks = supervised_loss(model, demonstrated, cfg) if demonstrated else (None, 0)
         base_kl = None if guard.base_logits is None else guards.base_kl_loss(logits_BTV, scaled(guard.base_logits), mask_BT)
-        loss, ntoks = loss_and_ntoks
+        parts = {"sdft_loss": loss, **({"sft_loss": mx.array(0.0) if sft is None else sft} if cfg.sft_weight else {}),
+                 **({} if base_kl is None else {"base_kl": base_kl})}
         # The SFT term's demonstration tokens are trained on too: a step whose completions were all
         # masked still trains through them, and is not an empty one.
         return guards.regularized_loss(loss, sft=sft, base_kl=base_kl, sft_weight=cfg.sft_weight if demonstrated else 0.0,
-                                       base_kl_weight=cfg.base_kl_weight), ntoks + sft_ntoks
+                                       base_kl_weight=cfg.base_kl_weight), ntoks + sft_ntoks, parts
 
     if cfg.topk:
         def buckets(model, pairs, completions):
@@ -103,6 +109,20 @@ def sdft_objective(cfg: Config) -> Objective:
                            student_BTV)
 
     return Objective(teacher_logits, full_loss)
+
+
+PARTS = ("sdft_loss", "sft_loss", "base_kl")  # the terms of the SDFT loss, as metrics.jsonl names them
+
+
+def loss_parts(cfg: Config) -> dict[str, tuple[str, float]]:
+    """The terms of a run's loss as metrics.jsonl names them → (the report line's label, weight), those
+    that are on: loss = Σ weight × part (`sdft_loss` 1, `sft_loss` --sft-weight, `base_kl`
+    --base-kl-weight); none for --method sft, whose loss is one term."""
+    if cfg.method != "sdft":
+        return {}
+    return {"sdft_loss": ("jsd" if cfg.divergence == "jsd" else "kl", 1.0),
+            **({"sft_loss": ("sft", cfg.sft_weight)} if cfg.sft_weight else {}),
+            **({"base_kl": ("base-kl", cfg.base_kl_weight)} if cfg.base_kl_weight else {})}
 
 
 DIVERGENCE_NAMES = {"forward": "forward KL", "reverse": "reverse KL", "jsd": "JSD"}

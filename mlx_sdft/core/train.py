@@ -18,7 +18,7 @@ from mlx_sdft.config import Config
 from mlx_sdft.errors import Interrupted, TrainingError
 from mlx_sdft.core import guards
 from mlx_sdft.core.degeneration import degeneration_sums
-from mlx_sdft.core.objective import Objective, sdft_objective, supervised_loss
+from mlx_sdft.core.objective import PARTS, Objective, loss_parts, sdft_objective, supervised_loss
 from mlx_sdft.formats.models import checkpointing
 from mlx_sdft.core.prompts import PromptPair
 from mlx_sdft.machine.report import PhaseTimer, Reporter, StopFlag
@@ -104,8 +104,8 @@ def sdft_step(model, teacher: Leaves | None, pairs: list[PromptPair], positions:
               objective: Objective, base: Leaves | None = None, log: int = 0) -> tuple:
     """One SDFT micro-batch: sample from the student, the teacher's scores (no gradient), the
     student's loss and, with `grad`, its gradient (else None) → (loss, ntoks, grads, stats).
-    With `log`, stats["completions"] holds the first `log` completions with their own loss
-    (--log-completions, samples.py)."""
+    stats["parts"] holds the loss's terms (Objective.student_loss); with `log`, stats["completions"]
+    the first `log` completions with their own loss (--log-completions, samples.py)."""
     with timer("sample"):
         pairs, rollout = rollout_batch(model, pairs, cfg, stop_ids, positions, stream)
     with timer("teacher"), using(model, teacher):
@@ -117,12 +117,12 @@ def sdft_step(model, teacher: Leaves | None, pairs: list[PromptPair], positions:
         mx.eval(guard.base_logits)
     with timer("student"), checkpointing(model, grad and cfg.grad_checkpoint):
         loss_and_grad = _value_and_grad(model, objective.student_loss, grad)
-        (loss, ntoks), grads = loss_and_grad(model, pairs, rollout.completions, scores, guard)
-        mx.eval(loss, ntoks, grads or [])
+        (loss, ntoks, parts), grads = loss_and_grad(model, pairs, rollout.completions, scores, guard)
+        mx.eval(loss, ntoks, parts, grads or [])
     logged = {"completions": sampled_rows(objective.student_loss, model, pairs, rollout, scores, log,
                                                  masked=cfg.truncated == "mask")} if log else {}
     return loss, ntoks, grads, {"n": len(pairs), "sampled": rollout.num_tokens, "length": rollout.num_tokens,
-                                "truncated": sum(rollout.truncated), **logged, **degeneration_sums(
+                                "parts": parts, "truncated": sum(rollout.truncated), **logged, **degeneration_sums(
                                     rollout.completions, rollout.truncated, [p.demo_ids for p in pairs], stop_ids)}
 
 
@@ -155,21 +155,25 @@ def make_step(cfg: Config, stop_ids: list[int], base: Leaves | None = None):
 def validation_loss(model, teacher, pairs: list[PromptPair], cfg: Config, micro_step, group=None) -> dict:
     """The training `micro_step` without its gradient on the validation prompts, with the same sampling
     seeds at every validation (differences between steps come from the weights): SDFT's
-    teacher–student divergence on fresh samples, SFT's cross-entropy. With a distributed `group`,
-    each rank scores every W-th batch and the sums are shared: the same numbers, 1/W of the work each."""
+    teacher–student divergence on fresh samples (with the guards' terms; each part as val_PART), SFT's
+    cross-entropy. With a distributed `group`, each rank scores every W-th batch and the sums are
+    shared: the same numbers, 1/W of the work each."""
     world, rank = (group.size(), group.rank()) if group is not None else (1, 0)
     batches = math.ceil(len(pairs) / cfg.batch_size)
     n = batches if cfg.val_batches < 0 else min(cfg.val_batches, batches)
-    totals = [0.0, 0.0, 0, 0]  # loss sum, length sum, batches, sequences
+    names = list(loss_parts(cfg))  # the same on every rank, which may have no batch to name them
+    totals = [0.0] * (4 + len(names))  # loss sum, length sum, batches, sequences, then each part's sum
     for b in range(rank, max(n, 1), world):
         start = b * cfg.batch_size
         batch = pairs[start:start + cfg.batch_size]
         positions = list(range(start, start + len(batch)))
         loss, _, _, stats = micro_step(model, teacher, batch, positions, grad=False, timer=PhaseTimer(), stream=VALID_STREAM)
-        totals = [totals[0] + loss.item(), totals[1] + stats["length"], totals[2] + 1, totals[3] + stats["n"]]
+        values = [loss.item(), stats["length"], 1, stats["n"], *(stats["parts"][k].item() for k in names)]
+        totals = [t + v for t, v in zip(totals, values)]
     if world > 1:
         totals = mx.distributed.all_sum(mx.array(totals, dtype=mx.float32), group=group).tolist()
-    return {"val_loss": totals[0] / totals[2], "val_completion_len": totals[1] / totals[3]}
+    return {"val_loss": totals[0] / totals[2], "val_completion_len": totals[1] / totals[3],
+            **{f"val_{k}": t / totals[2] for k, t in zip(names, totals[4:])}}
 
 
 def train(model: nn.Module, tokenizer, train_pairs: list[PromptPair], valid_pairs: list[PromptPair],
@@ -213,11 +217,14 @@ def train(model: nn.Module, tokenizer, train_pairs: list[PromptPair], valid_pair
             pairs = [train_pairs[i] for i in indices]
             loss, ntoks, g, micro = micro_step(model, teacher, pairs, positions, grad=True, timer=timer, log=log)
             logged += micro.pop("completions", [])
+            parts = micro.pop("parts", {})  # the loss's terms (SDFT): averaged as the loss is
             if world > 1:  # equal shares, so the mean of rank means is the batch mean
                 g = nn.average_gradients(g, group=group)
                 loss, ntoks = mx.distributed.all_sum(loss, group=group) / world, mx.distributed.all_sum(ntoks, group=group)
+                parts = {k: mx.distributed.all_sum(v, group=group) / world for k, v in parts.items()}
             grads = g if grads is None else tree_map(mx.add, grads, g)
             micro = {**micro, "loss": loss.item() / cfg.grad_accumulation_steps, "ntoks": int(ntoks.item()),
+                     **{k: v.item() / cfg.grad_accumulation_steps for k, v in parts.items()},
                      "empty_batches": int(ntoks.item() == 0)}  # all within --skip-first-tokens, or masked
             loss_tokens += micro["ntoks"]
             for key, value in micro.items():
@@ -280,6 +287,7 @@ def _summarize(window: list[dict], step: int, optimizer: optim.Optimizer) -> dic
         "type": "train",
         "step": step,
         "loss": total("loss") / k,
+        **{part: total(part) / k for part in PARTS if part in window[0]},  # loss = Σ weight × part (loss_parts)
         "learning_rate": float(optimizer.learning_rate.item()),
         "grad_norm": total("grad_norm") / k,
         "sample_s": total("sample") / k,

@@ -20,7 +20,7 @@ from mlx_sdft.config import RESUME_MAY_CHANGE, Config
 from mlx_sdft.formats import checkpoint
 from mlx_sdft.core.data import load_dataset, need_demonstrations
 from mlx_sdft.core.guards import skipped_prefix_warning
-from mlx_sdft.core.objective import describe
+from mlx_sdft.core.objective import describe, loss_parts
 from mlx_sdft.errors import InputError
 from mlx_sdft.formats.models import Adapters, check_adapter_fit, open_model, open_tokenizer
 from mlx_sdft.core.prompts import apply_system_prompt, describe_stops, encode_examples, student_text, system_prompt_note, teacher_text
@@ -152,7 +152,7 @@ def run_train(cfg: Config, console=None, quiet: bool = False) -> dict:
     reporter = Reporter(out, total_steps(cfg, len(train_pairs)), console=console, report_to=cfg.report_to,
                         project_name=cfg.project_name, config=cfg.to_dict(), quiet=quiet,
                         estimated_peak_gb=estimate["peak"] if estimate else None, writer=rank == 0,
-                        label=cfg.method.upper())
+                        label=cfg.method.upper(), parts=loss_parts(cfg))
     if reporter.writer and not quiet:
         blas.warn(reporter.console)
     panel = startup_text(cfg, model_path, len(train_pairs), len(valid_pairs), reporter.total,

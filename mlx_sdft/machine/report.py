@@ -62,42 +62,61 @@ class StopFlag:
             self.reporter.print("[yellow]Ctrl-C: saving after this step (press again to stop at once)[/]")
 
 
-def report_line(record: dict, total: int, sft: bool = False) -> str:
+def loss_sum(record: dict, parts: dict[str, tuple[str, float]] | None, prefix: str = "") -> str:
+    """"(kl 0.21 + 0.5 x sft 3.22)": the loss's parts with their weights (`parts`: metrics.jsonl's
+    name → (label, weight), core.objective.loss_parts) when more than one term is on; "" otherwise."""
+    shown = [(label, w, record[prefix + k]) for k, (label, w) in (parts or {}).items() if prefix + k in record]
+    if len(shown) < 2:
+        return ""
+    return "(" + " + ".join(("" if w == 1 else f"{w:g} x ") + f"{label} {v:.3g}" for label, w, v in shown) + ")"
+
+
+def report_line(record: dict, total: int, sft: bool = False, parts: dict[str, tuple[str, float]] | None = None) -> str:
     """One report as one line of at most WIDTH columns. The loss is the mean over the steps since the
-    last report (the progress bar shows the last step's). SFT samples nothing and has no teacher, so
+    last report (the progress bar shows the last step's); when a guard adds a term, `loss L (kl K + λ
+    x sft S)`: the same mean and its parts (`loss_sum`). SFT samples nothing and has no teacher, so
     its line has no sampling fields. Where a line would be wider than WIDTH, the least needed fields
-    (peak memory, then the learning rate) are left out; every number is in metrics.jsonl, with the
-    sample/teacher/student seconds and the token rates."""
+    are left out: the peak memory, the learning rate, the length's ratio to the demonstrations, then
+    the loss's parts; every number is in metrics.jsonl, with the sample/teacher/student seconds and
+    the token rates."""
     r = record
     if r["type"] == "eval":
-        return f"step {r['step']}/{total}  val loss {r['val_loss']:.4f}  val len {r['val_completion_len']:.1f}  ({r['val_s']:.1f}s)"
+        lines = [f"step {r['step']}/{total}  val loss {r['val_loss']:.4f}{split}  val len {r['val_completion_len']:.1f}  "
+                 f"({r['val_s']:.1f}s)" for split in (f" {loss_sum(r, parts, 'val_')}".rstrip(), "")]
+        return next(line for line in lines if len(line) <= WIDTH or line == lines[-1])
     busy = r["sample_s"] + r["teacher_s"] + r["student_s"]
     secs = f"{busy:.2f}" if busy < 10 else f"{busy:.1f}" if busy < 100 else f"{busy:.0f}"
-    fields = [f"step {r['step']}/{total}", f"mean loss {r['loss']:.4f}", f"lr {r['learning_rate']:.1e}",
-              f"len {r['completion_len']:.1f}"]
-    if sft:
-        fields += [f"{secs} s/step", f"{r['trained_tps']:.0f} tok/s"]
-    else:
-        if "degenerate" in r:  # sampled completions only
-            fields[-1] += f" ({r['len_ratio']:.2f}x demo)"
-        fields += [f"trunc {r['truncated']:.0%}"]
-        fields += [f"degen {r['degenerate']:.0%}"] if "degenerate" in r else []
-        fields += [f"{secs} s/step"]
-    fields += [f"{r['empty_batches']} empty"] if r.get("empty_batches") else []  # micro-batches without loss tokens
-    fields += [f"{r['peak_memory_gb']:.1f} GB"]
-    for optional in (fields[-1], fields[2]):
-        if len("  ".join(fields)) > WIDTH:
-            fields.remove(optional)
-    return "  ".join(fields)
+    split = loss_sum(r, parts)
+    ratio = f" ({r['len_ratio']:.2f}x demo)" if "degenerate" in r else ""  # sampled completions only
+
+    def line(memory: bool, lr: bool, ratio: str, split: str) -> str:
+        loss = f"loss {r['loss']:.3g} {split}" if split else f"mean loss {r['loss']:.4f}"
+        fields = [f"step {r['step']}/{total}", loss, *([f"lr {r['learning_rate']:.1e}"] if lr else []),
+                  f"len {r['completion_len']:.1f}{ratio}"]
+        if sft:
+            fields += [f"{secs} s/step", f"{r['trained_tps']:.0f} tok/s"]
+        else:
+            fields += [f"trunc {r['truncated']:.0%}"]
+            fields += [f"degen {r['degenerate']:.0%}"] if "degenerate" in r else []
+            fields += [f"{secs} s/step"]
+        fields += [f"{r['empty_batches']} empty"] if r.get("empty_batches") else []  # micro-batches without loss tokens
+        fields += [f"{r['peak_memory_gb']:.1f} GB"] if memory else []
+        return "  ".join(fields)
+
+    shorter = [(True, True, ratio, split), (False, True, ratio, split), (False, False, ratio, split),
+               (False, False, "", split), (False, False, "", "")]
+    return next((text for text in map(lambda args: line(*args), shorter) if len(text) <= WIDTH), line(*shorter[-1]))
 
 
 class Reporter:
     def __init__(self, out: Path, total: int, console: Console | None = None, report_to: str | None = None,
                  project_name: str | None = None, config: dict | None = None, quiet: bool = False,
-                 estimated_peak_gb: float | None = None, writer: bool = True, label: str = "SDFT"):
-        # Only one process of a data-parallel run (rank 0) writes metrics and prints.
+                 estimated_peak_gb: float | None = None, writer: bool = True, label: str = "SDFT",
+                 parts: dict[str, tuple[str, float]] | None = None):
+        # Only one process of a data-parallel run (rank 0) writes metrics and prints. `parts`: the
+        # loss's terms, their labels and weights (core.objective.loss_parts), for the report line.
         self.out, self.total, self.quiet, self.writer = out, total, quiet or not writer, writer
-        self.estimated_peak_gb, self.sft = estimated_peak_gb, label == "SFT"
+        self.estimated_peak_gb, self.sft, self.parts = estimated_peak_gb, label == "SFT", parts
         self.console = console or make_console()
         self.progress = Progress(
             TextColumn(f"[bold]{label}"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[loss]}"),
@@ -134,7 +153,7 @@ class Reporter:
         if record["type"] == "train" and self.estimated_peak_gb is not None:
             record = {**record, "estimated_peak_gb": self.estimated_peak_gb}  # to check the preflight
         append_metrics(self.out, record)
-        self.print(report_line(record, self.total, self.sft), highlight=False, soft_wrap=True)
+        self.print(report_line(record, self.total, self.sft, self.parts), highlight=False, soft_wrap=True)
         if self.wandb is not None:
             self.wandb.log({f"{record['type']}/{k}": v for k, v in record.items() if k != "type"}, step=record["step"])
 
