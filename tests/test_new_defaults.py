@@ -107,3 +107,30 @@ def test_report_line_shows_the_parts_when_a_guard_term_is_on():
             "val_sdft_loss": 0.3013, "val_sft_loss": 3.2123, "val_base_kl": 0.01234}
     line = report_line(wide, 3000, parts={**defaults, "base_kl": ("base-kl", 0.05)})
     assert line == "step 3000/3000  val loss 1.9000  val len 1011.0  (3000.0s)"  # too wide with its parts
+
+
+# ---- 3. check samples within the completion budget training would use -----------------------
+
+
+@pytest.mark.parametrize("options, budget", [
+    ({}, lambda demo: max(16, -(-2 * demo // 1))),  # the default: 2x the demonstration, at least 16 tokens
+    ({"completion_budget": 2.0, "max_completion_length": 20}, lambda demo: min(20, max(16, 2 * demo))),  # capped
+    ({"completion_budget": 0, "max_completion_length": 24}, lambda demo: 24),  # off: the cap alone
+])
+def test_check_samples_within_the_training_budget(tiny_model, smoke_data, options, budget):
+    """The tiny model never stops, so every sample is as long as its budget allows: check's samples are
+    as long as training's would be (not --max-tokens), and all of them hit the budget."""
+    from mlx_sdft.config import CheckConfig
+    from mlx_sdft.core.data import load_dataset
+    from mlx_sdft.core.prompts import encode_examples
+    from mlx_sdft.formats.models import open_tokenizer
+    from mlx_sdft.jobs.check import run_check
+
+    cfg = load_config(None, {"model": str(tiny_model), "data": str(smoke_data), "num_examples": 4, "num_samples": 4,
+                             "max_tokens": 6, **options}, CheckConfig)
+    report = run_check(cfg, console=Console(file=io.StringIO()))
+    _, tokenizer = open_tokenizer(str(tiny_model))
+    demos = [len(p.demo_ids) for p in encode_examples(tokenizer, load_dataset(smoke_data)["train"][:4],
+                                                      cfg.teacher_template, cfg.max_seq_length)]
+    assert report["sample_len_ratio"] == pytest.approx(sum(budget(d) / d for d in demos) / 4)
+    assert report["sample_truncated"] == 1.0  # all would be masked by --truncated mask

@@ -5,8 +5,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from mlx_sdft.config.options import (
-    Answers, ChatTemplate, DataSource, Dequantize, ModelSource, SKIP_FIRST_TOKENS, SystemPrompt,
-    TeacherTemplate, _check_groups, _folder, _opt, _positive, _required,
+    Answers, BUDGET_FLOOR, COMPLETION_BUDGET, ChatTemplate, DataSource, Dequantize, MAX_COMPLETION_LENGTH, ModelSource,
+    SKIP_FIRST_TOKENS, SystemPrompt, TeacherTemplate, _check_groups, _completion_budget, _folder, _opt, _positive,
+    _required,
 )
 from mlx_sdft.errors import InputError
 
@@ -45,15 +46,20 @@ class CheckConfig(SystemPrompt, TeacherTemplate, ChatTemplate, Answers, DataSour
     num_examples: int = _opt(32, "Demonstrations to check (the first N).")
     metric: str | None = _opt(None, "Also score greedy answers under both contexts with this metric.")
     answer_regex: str | None = _opt(None, "For --metric regex.")
-    num_samples: int = _opt(16, "Student completions to sample (first N prompts, at most --max-tokens) and score "
-                            "under the teacher.")
+    num_samples: int = _opt(16, "Student completions to sample (first N prompts, each within the completion budget "
+                            "training gives it) and score under the teacher.")
     skip_first_tokens: int = _opt(SKIP_FIRST_TOKENS, "The --skip-first-tokens you will train with (for its warning).")
+    completion_budget: float | None = _opt(COMPLETION_BUDGET, f"The --completion-budget you will train with: a sample "
+                                           f"has at most max({BUDGET_FLOOR}, ceil(M x demonstration tokens)); 0: off.")
+    max_completion_length: int = _opt(MAX_COMPLETION_LENGTH, "The --max-completion-length you will train with (every "
+                                      "sample's cap).")
     batch_size: int = _opt(8, "Prompts scored together.")
     output: str | None = _opt(None, "Folder to write check.json to (the numbers, the verdict and the example answers).")
 
     def validate(self) -> CheckConfig:
         _check_groups(self)
-        _positive(self, ("num_examples", "num_samples", "batch_size"))
+        _positive(self, ("num_examples", "num_samples", "batch_size", "max_completion_length"))
+        _completion_budget(self)
         _folder(self, "output")
         if self.skip_first_tokens < 0:
             raise InputError(f"--skip-first-tokens: must be >= 0, got {self.skip_first_tokens}")

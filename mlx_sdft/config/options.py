@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import dataclasses
 import importlib.util
+import math
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -47,6 +48,7 @@ COMPLETION_BUDGET = 2.0  # x the demonstration's tokens: a sample's loop or junk
 TRUNCATED = "mask"  # a completion cut off at its budget is text the student should not have written: no loss on it
 SFT_WEIGHT = 0.5  # x the cross-entropy on the demonstration, added to the SDFT loss
 BUDGET_FLOOR = 16  # --completion-budget's least tokens: a 5-token demonstration still leaves room for a preamble
+MAX_COMPLETION_LENGTH = 1024  # the official code's cap on a sampled completion (train, and check as train would sample)
 PAPER_SDFT = {"skip_first_tokens": 3, "completion_budget": 0.0, "truncated": "keep", "sft_weight": 0.0}
 
 
@@ -180,6 +182,15 @@ def _maybe_read(text: str, option: str) -> str:
         if looks_like_path and not _MARKUP.search(text):
             raise InputError(f"--{option}: {text}: no such file (a template is Jinja text or the path of a file)")
     return text
+
+
+def _completion_budget(options) -> None:
+    """--completion-budget (train, and check's samples): >= 0 and finite; 0 and None both mean off,
+    one spelling (None), as a run saves it."""
+    budget = options.completion_budget
+    if budget is not None and not (budget >= 0 and math.isfinite(budget)):
+        raise InputError(f"--completion-budget: must be >= 0 (0: off), got {budget}")
+    options.completion_budget = budget or None
 
 
 def _template(options, name: str, slots: tuple[str, ...]) -> None:

@@ -7,8 +7,9 @@ import math
 from dataclasses import dataclass
 
 from mlx_sdft.config.options import (
-    BUDGET_FLOOR, COMPLETION_BUDGET, ChatTemplate, DIVERGENCES, DataSource, Dequantize, ModelSource, SFT_WEIGHT,
-    SKIP_FIRST_TOKENS, SystemPrompt, TRUNCATED, TeacherTemplate, _check_groups, _folder, _opt, _positive,
+    BUDGET_FLOOR, COMPLETION_BUDGET, ChatTemplate, DIVERGENCES, DataSource, Dequantize, MAX_COMPLETION_LENGTH,
+    ModelSource, SFT_WEIGHT, SKIP_FIRST_TOKENS, SystemPrompt, TRUNCATED, TeacherTemplate, _check_groups,
+    _completion_budget, _folder, _opt, _positive,
 )
 from mlx_sdft.errors import InputError
 
@@ -70,7 +71,7 @@ class Config(SystemPrompt, TeacherTemplate, ChatTemplate, DataSource, Dequantize
     num_generations: int = _opt(1, "Sampled completions per prompt.")
     fuse_sampling: bool = _opt(True, "Sample with the LoRA adapters fused into a copy of their base weights: faster "
                                "decoding for the memory of the copy (off when the memory estimate would not fit).")
-    max_completion_length: int = _opt(1024, "Most tokens sampled per completion.")
+    max_completion_length: int = _opt(MAX_COMPLETION_LENGTH, "Most tokens sampled per completion.")
     temperature: float = _opt(1.0, "Sampling temperature (also divides the scored logits).")
     top_p: float = _opt(1.0, "Nucleus sampling mass.")
     skip_first_tokens: int = _opt(SKIP_FIRST_TOKENS, "Completion tokens at the start left out of the loss.")
@@ -128,9 +129,7 @@ class Config(SystemPrompt, TeacherTemplate, ChatTemplate, DataSource, Dequantize
             bad("topk", f"must be > 0, got {self.topk}")
         if self.logits_chunk < 0:
             bad("logits_chunk", f"must be >= 0, got {self.logits_chunk}")
-        if self.completion_budget is not None and not (self.completion_budget >= 0 and math.isfinite(self.completion_budget)):
-            bad("completion_budget", f"must be >= 0 (0: off), got {self.completion_budget}")
-        self.completion_budget = self.completion_budget or None  # 0 and None both mean off: one spelling, as saved
+        _completion_budget(self)
         for name in ("sft_weight", "base_kl_weight"):
             if not (getattr(self, name) >= 0 and math.isfinite(getattr(self, name))):
                 bad(name, f"must be >= 0, got {getattr(self, name)}")

@@ -67,7 +67,8 @@ def completion_room(pair: PromptPair, max_seq_length: int) -> int:
 def completion_budget(pair: PromptPair, cfg: Config) -> int:
     """Tokens a completion may have so that both contexts stay within --max-seq-length; with
     --completion-budget M also at most guards.demonstration_budget (M × the demonstration, floored),
-    where there is a demonstration (a feedback lesson has none to measure by)."""
+    where there is a demonstration (a feedback lesson has none to measure by). `cfg`: train's Config,
+    or check's CheckConfig (its samples are the ones training would draw)."""
     room = completion_room(pair, cfg.max_seq_length)
     cap = cfg.max_completion_length
     if cfg.completion_budget and pair.demonstrated:

@@ -4,10 +4,11 @@ than without it (the paper: 42% → 100% on ToolAlpaca at 7B; at 3B SDFT lost to
 It compares, on a sample of demonstrations, the mean per-token log-likelihood of the
 demonstration under the teacher context (demonstration in the prompt) and the student context
 (the bare prompt), and optionally a task metric of greedy answers under both contexts. Then it
-samples the student's own completions for the first --num-samples prompts (temperature 1, as
-training does) and scores them under the teacher, as SDFT's first step would: the mean per-token
-KL(teacher‖student), the fraction of tokens where the teacher's most likely token is not the
-one sampled, and the degenerate rate. `recommend` turns all of it into pure SDFT, SDFT with the
+samples the student's own completions for the first --num-samples prompts (temperature 1, each
+within the completion budget training would give it) and scores them under the teacher, as SDFT's
+first step would: the mean per-token KL(teacher‖student), the fraction of tokens where the
+teacher's most likely token is not the one sampled, the degenerate rate, and the fraction that
+hit their budget (masked in training under --truncated mask). `recommend` turns all of it into pure SDFT, SDFT with the
 defaults (the SFT term and the guards), or SFT, with the reason; `small_model_note` says when the
 model is below the size where our own measurement had SDFT forgetting more than SFT.
 """
@@ -29,7 +30,7 @@ from mlx_sdft.core.losses import kl_of_logits, log_softmax
 from mlx_sdft.core.prompts import PromptPair
 from mlx_sdft.core.rollout import sample
 from mlx_sdft.core.scoring import completion_logits, completion_mask, pad_rows
-from mlx_sdft.core.train import completion_room, sequence_seed
+from mlx_sdft.core.train import completion_budget, sequence_seed
 
 # Heuristics, not from the paper. Without a metric: nats per token the teacher context must add
 # (the project's calibration saw SmolLM2-135M move −3.5 → −1.9); with one: the score it must add.
@@ -73,17 +74,19 @@ def teacher_agreement(student_logits_BTV: mx.array, teacher_logits_BTV: mx.array
     return ((kl_BT * mask_BT).sum() / n).item(), ((differs_BT * mask_BT).sum() / n).item()
 
 
-def score_samples(model, tokenizer, pairs: list[PromptPair], max_tokens: int, batch_size: int,
-                  max_seq_length: int) -> dict:
-    """Student samples for `pairs` scored under the teacher (the untrained model, as the EMA teacher
-    starts): mean token KL, teacher disagreement, degenerate rate; token-weighted over batches."""
+def score_samples(model, tokenizer, pairs: list[PromptPair], cfg) -> dict:
+    """Student samples for `pairs`, each within the completion budget training would give it
+    (`cfg`: CheckConfig's --completion-budget, --max-completion-length, --max-seq-length), scored under
+    the teacher (the untrained model, as the EMA teacher starts): mean token KL, teacher disagreement,
+    degenerate rate (token-weighted over batches), and the fraction that hit their budget without a
+    stop token (`sample_truncated`: what --truncated mask leaves out of the loss)."""
     stops = sorted(tokenizer.eos_token_ids)
     kl_sum = differs_sum = tokens = 0.0
     completions, truncated = [], []
-    for i in range(0, len(pairs), batch_size):
-        batch = pairs[i:i + batch_size]
+    for i in range(0, len(pairs), cfg.batch_size):
+        batch = pairs[i:i + cfg.batch_size]
         seeds = [sequence_seed(0, i + j, 0) for j in range(len(batch))]
-        budgets = [min(max_tokens, completion_room(p, max_seq_length)) for p in batch]
+        budgets = [completion_budget(p, cfg) for p in batch]
         rollout = sample(model, [p.student_ids for p in batch], budgets, stops, temperature=1.0,
                          batch_size=len(batch), seeds=seeds)
         mask_BT = completion_mask([len(c) for c in rollout.completions])
@@ -96,6 +99,7 @@ def score_samples(model, tokenizer, pairs: list[PromptPair], max_tokens: int, ba
         truncated += rollout.truncated
     return {"samples": len(completions), "sample_kl": kl_sum / max(tokens, 1), "teacher_disagreement": differs_sum / max(tokens, 1),
             "sample_degenerate": degenerate_rate(completions, truncated, stops),
+            "sample_truncated": sum(truncated) / max(len(truncated), 1),
             "sample_len_ratio": len_ratio(completions, [p.demo_ids for p in pairs]), "completions": completions}
 
 
@@ -188,8 +192,7 @@ def run_check(cfg, console=None) -> dict:
     report["verdict"] = verdict(report["student_loglik"], report["teacher_loglik"],
                                 report.get("student_score"), report.get("teacher_score"))
     with console.status(f"sampling and scoring {min(cfg.num_samples, len(pairs))} student completions"):
-        scored = score_samples(model, tokenizer, pairs[: cfg.num_samples], cfg.max_tokens, cfg.batch_size,
-                               cfg.max_seq_length)
+        scored = score_samples(model, tokenizer, pairs[: cfg.num_samples], cfg)
     completions = scored.pop("completions")
     report.update(scored)
     report["recommendation"] = recommend(report)
@@ -234,7 +237,7 @@ CORE = {"examples", "student_loglik", "teacher_loglik", "improved_fraction", "st
 
 def details(report: dict) -> Table:
     """The report's other numbers (the student's samples), one row each."""
-    out = Table(title="the student's own samples", show_header=False)
+    out = Table(title="the student's own samples, each within its completion budget", show_header=False)
     for key, value in report.items():
         if key not in CORE and isinstance(value, (int, float)) and not isinstance(value, bool):
             out.add_row(key.replace("_", " "), f"{value:.3f}" if isinstance(value, float) else str(value))
