@@ -134,3 +134,29 @@ def test_check_samples_within_the_training_budget(tiny_model, smoke_data, option
                                                       cfg.teacher_template, cfg.max_seq_length)]
     assert report["sample_len_ratio"] == pytest.approx(sum(budget(d) / d for d in demos) / 4)
     assert report["sample_truncated"] == 1.0  # all would be masked by --truncated mask
+
+
+# ---- 4. check --output PATH.json writes that file ---------------------------------------------
+
+
+def test_check_output_names_a_json_file_or_a_folder(tiny_model, smoke_data, tmp_path):
+    from typer.testing import CliRunner
+
+    from mlx_sdft.cli import app
+
+    def check(output):
+        args = ["check", "--model", str(tiny_model), "--data", str(smoke_data), "--num-examples", "2", "--num-samples",
+                "2", "--max-tokens", "3", "--max-completion-length", "4", "--output", str(output)]
+        return CliRunner().invoke(app, args, env={"COLUMNS": "200"})
+
+    result = check(tmp_path / "runs" / "mine.json")  # a file, its folder created
+    assert result.exit_code == 0, result.output
+    assert (tmp_path / "runs" / "mine.json").is_file() and json.loads((tmp_path / "runs" / "mine.json").read_text())["examples"] == 2
+    assert f"wrote {tmp_path / 'runs' / 'mine.json'}" in result.stderr
+    assert check(tmp_path / "runs" / "mine.json").exit_code == 0  # written again over itself
+    assert check(tmp_path / "out").exit_code == 0 and (tmp_path / "out" / "check.json").is_file()  # a folder, as before
+    (tmp_path / "folder.json").mkdir()  # an existing folder whose name ends in .json is a folder
+    assert check(tmp_path / "folder.json").exit_code == 0 and (tmp_path / "folder.json" / "check.json").is_file()
+    (tmp_path / "notes.txt").write_text("mine")  # an existing file that is not .json: refused before any model loads
+    result = check(tmp_path / "notes.txt")
+    assert result.exit_code == 2 and "--output" in result.stderr and (tmp_path / "notes.txt").read_text() == "mine"

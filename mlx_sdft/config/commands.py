@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 
 from mlx_sdft.config.options import (
     Answers, BUDGET_FLOOR, COMPLETION_BUDGET, ChatTemplate, DataSource, Dequantize, MAX_COMPLETION_LENGTH, ModelSource,
@@ -54,16 +55,26 @@ class CheckConfig(SystemPrompt, TeacherTemplate, ChatTemplate, Answers, DataSour
     max_completion_length: int = _opt(MAX_COMPLETION_LENGTH, "The --max-completion-length you will train with (every "
                                       "sample's cap).")
     batch_size: int = _opt(8, "Prompts scored together.")
-    output: str | None = _opt(None, "Folder to write check.json to (the numbers, the verdict and the example answers).")
+    output: str | None = _opt(None, "A .json file, or a folder to write check.json in: the numbers, the verdict and the "
+                              "example answers.")
 
     def validate(self) -> CheckConfig:
         _check_groups(self)
         _positive(self, ("num_examples", "num_samples", "batch_size", "max_completion_length"))
         _completion_budget(self)
-        _folder(self, "output")
+        out = Path(self.output or "")
+        if out.suffix.lower() != ".json" and out.is_file():  # PATH.json is a file to write; any other, a folder
+            raise InputError(f"--output: {out} is a file; give a .json file to write, or a folder to write check.json in")
         if self.skip_first_tokens < 0:
             raise InputError(f"--skip-first-tokens: must be >= 0, got {self.skip_first_tokens}")
         return self
+
+    def output_file(self) -> Path | None:
+        """Where --output writes: PATH.json itself, else DIR/check.json (an existing folder named *.json too)."""
+        if not self.output:
+            return None
+        path = Path(self.output)
+        return path if path.suffix.lower() == ".json" and not path.is_dir() else path / "check.json"
 
 
 @dataclass

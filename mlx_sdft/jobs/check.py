@@ -16,7 +16,6 @@ model is below the size where our own measurement had SDFT forgetting more than 
 from __future__ import annotations
 
 import dataclasses
-from pathlib import Path
 
 import mlx.core as mx
 from rich.panel import Panel
@@ -212,9 +211,9 @@ def run_check(cfg, console=None) -> dict:
         console.print(Panel(Text(f"{row['prompt']}\n\nwithout the demonstration: {row['without_demonstration']}\n"
                                  f"with the demonstration:    {row['with_demonstration']}"),
                             title=f"example {row['where'].rsplit('/', 1)[-1]}", expand=False))
-    if cfg.output:
-        write_json(Path(cfg.output) / "check.json", {"model": cfg.model, "data": str(cfg.data), **report})
-        console.print(f"check.json written to {cfg.output}")
+    if path := cfg.output_file():
+        write_json(path, {"model": cfg.model, "data": str(cfg.data), **report})
+        console.print(f"wrote {path}", highlight=False, soft_wrap=True)
     return report
 
 
