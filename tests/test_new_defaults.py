@@ -160,3 +160,70 @@ def test_check_output_names_a_json_file_or_a_folder(tiny_model, smoke_data, tmp_
     (tmp_path / "notes.txt").write_text("mine")  # an existing file that is not .json: refused before any model loads
     result = check(tmp_path / "notes.txt")
     assert result.exit_code == 2 and "--output" in result.stderr and (tmp_path / "notes.txt").read_text() == "mine"
+
+
+# ---- 5. --method sft names the SDFT options it ignores ----------------------------------------
+
+
+def _sdft_options_at_other_values(first: bool) -> dict:
+    """Every SDFT_ONLY option at a value other than its default (--logits-chunk and --base-kl-weight,
+    which do not combine, one in each half)."""
+    values = dict(teacher="base", teacher_update_rate=0.5, divergence="jsd", beta=0.3, num_generations=2,
+                  fuse_sampling=False, max_completion_length=7, temperature=0.7, top_p=0.9, skip_first_tokens=2, topk=8,
+                  completion_budget=0.0, truncated="keep", sft_weight=0.0, max_degenerate_rise=0.1, log_completions=0,
+                  teacher_template="Q: {question}\nA: {demonstration}")
+    return {**values, **({"base_kl_weight": 0.2} if first else {"logits_chunk": 4})}
+
+
+def test_sft_trains_the_same_whatever_the_sdft_only_options(tiny_model, smoke_data, tmp_path):
+    """What the warning claims: --method sft trains exactly the same adapters with every SDFT_ONLY
+    option at another value (and the list names every option this test moves)."""
+    import mlx.core as mx
+    import numpy as np
+
+    from mlx_sdft.config import SDFT_ONLY
+
+    assert set(_sdft_options_at_other_values(True)) | set(_sdft_options_at_other_values(False)) == SDFT_ONLY
+    runs = {"plain": {}, "a": _sdft_options_at_other_values(True), "b": _sdft_options_at_other_values(False)}
+    losses = {name: [r["loss"] for r in _train(tiny_model, smoke_data, tmp_path / name, method="sft", **options)
+                     if r["type"] == "train"] for name, options in runs.items()}
+    assert losses["plain"] == losses["a"] == losses["b"]
+    adapters = {name: mx.load(str(tmp_path / name / "adapters.safetensors")) for name in runs}
+    for k in adapters["plain"]:
+        np.testing.assert_array_equal(np.array(adapters["plain"][k]), np.array(adapters["a"][k]))
+        np.testing.assert_array_equal(np.array(adapters["plain"][k]), np.array(adapters["b"][k]))
+
+
+def test_sft_warns_once_naming_the_sdft_options_given(tiny_model, smoke_data, tmp_path):
+    from typer.testing import CliRunner
+
+    from mlx_sdft.cli import app
+
+    yaml = tmp_path / "shared.yaml"  # a file shared with SDFT runs: the default value says nothing
+    yaml.write_text("skip_first_tokens: 3\nsft_weight: 0.5\ncompletion_budget: 0\n")
+
+    def warnings(*args):
+        result = CliRunner().invoke(app, ["train", "--model", str(tiny_model), "--data", str(smoke_data), "--dry-run",
+                                          "--adapter-path", str(tmp_path / "a"), *args], env={"COLUMNS": "200"})
+        assert result.exit_code == 0, result.output
+        text = " ".join(result.stderr.split())  # wrapped at 100 columns, as piped
+        return re.findall(r"warning: --method sft ignores .*?\)", text)
+
+    assert warnings("--method", "sft", "--temperature", "0.7", "--teacher", "base", "-c", str(yaml)) == [
+        "warning: --method sft ignores --completion-budget, --skip-first-tokens, --teacher, --temperature (SDFT "
+        "options: they change nothing in an SFT run)"]
+    assert warnings("--method", "sft", "--sft-weight", "0.5") == []  # the default: nothing ignored that matters
+    assert warnings("--method", "sft") == [] and warnings("--temperature", "0.7", "-c", str(yaml)) == []  # SDFT reads them
+
+
+def test_sft_resumed_with_saved_options_is_not_warned(tmp_path, smoke_data):
+    """--resume fills options nobody gave from the saved run (a run from before issue 14: the paper's
+    guards): not given, so not named."""
+    from mlx_sdft.config import sft_ignores
+
+    (tmp_path / "adapter_config.json").write_text(json.dumps({"method": "sft", "skip_first_tokens": 3}))
+    cfg = load_config(None, {"data": str(smoke_data), "adapter_path": str(tmp_path), "resume": True})
+    assert (cfg.method, cfg.skip_first_tokens, cfg.sft_weight, cfg.completion_budget) == ("sft", 3, 0.0, None)
+    assert sft_ignores(cfg) == []
+    assert sft_ignores(load_config(None, {"data": str(smoke_data), "adapter_path": str(tmp_path), "resume": True,
+                                          "temperature": 0.5})) == ["temperature"]

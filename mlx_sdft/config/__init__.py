@@ -28,7 +28,7 @@ from mlx_sdft.config.options import (
 from mlx_sdft.config.personal import (
     ForgetConfig, LOOPBACK, LearnConfig, LessonsConfig, RollbackConfig, ServeConfig, TeachConfig, VersionsConfig,
 )
-from mlx_sdft.config.train import BEFORE_THE_OPTION, RESUME_MAY_CHANGE, Config
+from mlx_sdft.config.train import BEFORE_THE_OPTION, RESUME_MAY_CHANGE, SDFT_ONLY, Config, sft_ignores
 from mlx_sdft.errors import InputError
 from mlx_sdft.yaml_file import read_yaml
 
@@ -36,10 +36,10 @@ __all__ = [
     "Answers", "BEFORE_THE_OPTION", "BUDGET_FLOOR", "COMPLETION_BUDGET", "ChatTemplate", "CheckConfig", "Config",
     "DEFAULT_HOME", "DEFAULT_MODEL", "DIVERGENCES", "DataSource", "Dequantize", "EvalConfig", "ExportConfig",
     "FEEDBACK_TEMPLATE", "ForgetConfig", "GenerateConfig", "HINDSIGHT_TEMPLATE", "LOOPBACK", "LearnConfig",
-    "LessonsConfig", "ModelSource", "PAPER_SDFT", "RESUME_MAY_CHANGE", "RollbackConfig", "SFT_WEIGHT",
+    "LessonsConfig", "ModelSource", "PAPER_SDFT", "RESUME_MAY_CHANGE", "RollbackConfig", "SDFT_ONLY", "SFT_WEIGHT",
     "SKIP_FIRST_TOKENS", "ServeConfig", "SystemPrompt", "TEACHER_TEMPLATE", "TRUNCATED", "TeachConfig",
     "TeacherTemplate", "VersionsConfig", "check_model", "cli_fields", "coerce", "load_config", "overlay",
-    "saved_options",
+    "saved_options", "sft_ignores",
 ]
 
 
@@ -86,5 +86,7 @@ def load_config(yaml_path: str | None = None, overrides: dict | None = None, cls
     given = set(values)
     if cls is Config and values.get("resume"):
         values = overlay(saved_options(values.get("adapter_path", Config.adapter_path)), values)
-    return cls(**{k: coerce(cls, k, v, yaml_path if k in given - flags.keys() else None)
-                  for k, v in values.items()}).validate()
+    options = cls(**{k: coerce(cls, k, v, yaml_path if k in given - flags.keys() else None)
+                     for k, v in values.items()}).validate()
+    options.given = frozenset(given)  # the options given explicitly, not defaults or a saved run's (sft_ignores)
+    return options

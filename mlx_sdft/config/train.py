@@ -24,6 +24,14 @@ RESUME_MAY_CHANGE = frozenset({
     "grad_checkpoint",
 })
 
+# Options only SDFT reads: --method sft trains the same adapters whatever their values
+# (tests/test_new_defaults.py), so `train` names those given at another value than the default.
+SDFT_ONLY = frozenset({
+    "teacher", "teacher_update_rate", "divergence", "beta", "num_generations", "fuse_sampling", "max_completion_length",
+    "temperature", "top_p", "skip_first_tokens", "logits_chunk", "topk", "completion_budget", "truncated", "sft_weight",
+    "base_kl_weight", "max_degenerate_rise", "log_completions", "teacher_template",
+})
+
 # What a run saved before an option existed trained with, where today's default differs (issue 14
 # turned these guards on): --resume reads an adapter_config.json without the key as this value, so
 # an old run neither switches to the new defaults nor is refused for them.
@@ -162,3 +170,13 @@ class Config(SystemPrompt, TeacherTemplate, ChatTemplate, DataSource, Dequantize
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
+
+
+def sft_ignores(cfg: Config) -> list[str]:
+    """A --method sft run's SDFT_ONLY options that were given (flag, YAML or stages file: `cfg.given`,
+    which load_config sets; a Config built otherwise counts every option as given) at a value other
+    than the default, sorted; [] for SDFT. Not an error: one YAML file may serve both methods."""
+    if cfg.method != "sft":
+        return []
+    given = SDFT_ONLY & getattr(cfg, "given", SDFT_ONLY)
+    return sorted(name for name in given if getattr(cfg, name) != Config.__dataclass_fields__[name].default)

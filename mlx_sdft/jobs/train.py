@@ -16,7 +16,7 @@ from rich.panel import Panel
 from rich.text import Text
 
 from mlx_sdft.machine import blas, memory
-from mlx_sdft.config import RESUME_MAY_CHANGE, Config
+from mlx_sdft.config import RESUME_MAY_CHANGE, Config, sft_ignores
 from mlx_sdft.formats import checkpoint
 from mlx_sdft.core.data import load_dataset, need_demonstrations
 from mlx_sdft.core.guards import skipped_prefix_warning
@@ -130,7 +130,7 @@ def check_folder(cfg: Config, out: Path, train_pairs=()) -> None:
 
 def run_train(cfg: Config, console=None, quiet: bool = False) -> dict:
     """Train as configured; returns the last report record (or the estimate with --dry-run)."""
-    out = Path(cfg.adapter_path)
+    out, ignored = Path(cfg.adapter_path), sft_ignores(cfg)  # before the preflight makes a copy of cfg
     group = mx.distributed.init()  # a group of one unless started by mlx.launch
     world, rank = group.size(), group.rank()
     if cfg.batch_size % world:
@@ -158,6 +158,9 @@ def run_train(cfg: Config, console=None, quiet: bool = False) -> dict:
     panel = startup_text(cfg, model_path, len(train_pairs), len(valid_pairs), reporter.total,
                          system_prompt_note(tokenizer, cfg.system_prompt), describe_stops(tokenizer))
     reporter.print(Panel(panel, title="mlx-sdft train", expand=False))
+    if ignored:
+        reporter.print(f"warning: --method sft ignores {', '.join('--' + n.replace('_', '-') for n in ignored)} "
+                       f"(SDFT options: they change nothing in an SFT run)", style="yellow", highlight=False)
     if estimate:
         reporter.print(f"memory estimate: {memory.describe(estimate)}", highlight=False)
     if cfg.method == "sdft" and not cfg.fuse_sampling:
