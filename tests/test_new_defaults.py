@@ -227,3 +227,23 @@ def test_sft_resumed_with_saved_options_is_not_warned(tmp_path, smoke_data):
     assert sft_ignores(cfg) == []
     assert sft_ignores(load_config(None, {"data": str(smoke_data), "adapter_path": str(tmp_path), "resume": True,
                                           "temperature": 0.5})) == ["temperature"]
+
+
+# ---- 6. --resume names an option turned off as off ---------------------------------------------
+
+
+def test_resume_differences_name_an_option_turned_off(tmp_path, smoke_data):
+    """`--completion-budget 0` is off (saved as null): the difference reads `2.0 → off`, not `→ None`;
+    an option whose None is its automatic default (--dequantize) reads `default`."""
+    from mlx_sdft.config import RESUME_MAY_CHANGE
+    from mlx_sdft.formats import checkpoint
+
+    def changes(saved: dict, now: dict) -> list[str]:
+        base = {"data": str(smoke_data), "adapter_path": str(tmp_path)}
+        config = checkpoint.adapter_config(load_config(None, {**base, **saved}), 1)
+        (tmp_path / "adapter_config.json").write_text(json.dumps(config))
+        return checkpoint.changed_options(tmp_path, load_config(None, {**base, **now}), RESUME_MAY_CHANGE)
+
+    assert changes({}, {"completion_budget": 0}) == ["--completion-budget 2.0 → off"]
+    assert changes({"completion_budget": 0, "max_degenerate_rise": 0.2}, {"dequantize": True}) == [
+        "--dequantize default → True", "--completion-budget off → 2.0", "--max-degenerate-rise 0.2 → off"]

@@ -156,17 +156,19 @@ def changed_options(out: Path, cfg, may_change: frozenset) -> list[str]:
     for name, now in cfg.to_dict().items():
         if name in may_change or name not in saved or _same(saved[name], now):
             continue
-        changes.append(f"--{name.replace('_', '-')} {' → '.join(_shown_pair(saved[name], now))}")
+        unset = "default" if cfg.__dataclass_fields__[name].type == "bool | None" else "off"  # what None means
+        changes.append(f"--{name.replace('_', '-')} {' → '.join(_shown_pair(saved[name], now, unset))}")
     return changes
 
 
-def _shown_pair(saved, now, width: int = 40) -> tuple[str, str]:
-    """Both values, short enough for one line yet showing where they differ: paths and other
-    one-line strings whole up to 120 characters; longer ones (templates) from a little before
-    their first difference, `width` characters."""
+def _shown_pair(saved, now, unset: str = "off", width: int = 40) -> tuple[str, str]:
+    """Both values, short enough for one line yet showing where they differ: None as `unset` (off:
+    `--completion-budget 0` is saved as null; an automatic default), paths and other one-line strings
+    whole up to 120 characters; longer ones (templates) from a little before their first
+    difference, `width` characters."""
     one_line = lambda v: "\n" not in v and len(v) <= 120  # noqa: E731
     if not (isinstance(saved, str) and isinstance(now, str)) or (one_line(saved) and one_line(now)):
-        return repr(saved), repr(now)
+        return tuple(unset if v is None else repr(v) for v in (saved, now))
     head = max(len(os.path.commonprefix([saved, now])) - 10, 0)
     cut = lambda v: ("..." if head else "") + repr(v[head:head + width])[1:-1] + ("..." if len(v) > head + width else "")  # noqa: E731
     return f"'{cut(saved)}'", f"'{cut(now)}'"
