@@ -236,7 +236,7 @@ CORE = {"examples", "student_loglik", "teacher_loglik", "improved_fraction", "st
 
 def details(report: dict) -> Table:
     """The report's other numbers (the student's samples), one row each."""
-    out = Table(title="the student's own samples, each within its completion budget", show_header=False)
+    out = Table(title="the student's own samples", show_header=False)
     for key, value in report.items():
         if key not in CORE and isinstance(value, (int, float)) and not isinstance(value, bool):
             out.add_row(key.replace("_", " "), f"{value:.3f}" if isinstance(value, float) else str(value))
