@@ -84,9 +84,10 @@ def test_an_adapter_path_that_is_a_file_stops_before_training(tiny_model, smoke_
     demos = tmp_path / "demos.jsonl"
     demos.write_text("mine")
     _error(_train(tiny_model, smoke_data, demos), r"--adapter-path: .*demos.jsonl is a file; this option names a folder to write into")
-    for command in ("eval", "check"):  # their --output, likewise before any work
+    for command, why in (("eval", "this option names a folder to write into"),  # their --output, likewise before any work
+                         ("check", r"give a \.json file to write, or a folder to write check\.json in")):
         _error(runner.invoke(app, [command, "--model", str(tiny_model), "--data", str(smoke_data), "--output", str(demos)]),
-               r"--output: .*demos.jsonl is a file; this option names a folder to write into")
+               rf"--output: .*demos.jsonl is a file; {why}")
     assert demos.read_text() == "mine"
 
 
