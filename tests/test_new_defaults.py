@@ -216,30 +216,30 @@ def test_sft_warns_once_naming_the_sdft_options_given(tiny_model, smoke_data, tm
     assert warnings("--method", "sft") == [] and warnings("--temperature", "0.7", "-c", str(yaml)) == []  # SDFT reads them
 
 
-def test_sft_resumed_with_saved_options_is_not_warned(tmp_path, smoke_data):
+def test_sft_resumed_with_saved_options_is_not_warned(tmp_path, smoke_data, tiny_model):
     """--resume fills options nobody gave from the saved run (a run from before issue 14: the paper's
     guards): not given, so not named."""
     from mlx_sdft.config import sft_ignores
 
     (tmp_path / "adapter_config.json").write_text(json.dumps({"method": "sft", "skip_first_tokens": 3}))
-    cfg = load_config(None, {"data": str(smoke_data), "adapter_path": str(tmp_path), "resume": True})
+    given = {"model": str(tiny_model), "data": str(smoke_data), "adapter_path": str(tmp_path), "resume": True}
+    cfg = load_config(None, given)
     assert (cfg.method, cfg.skip_first_tokens, cfg.sft_weight, cfg.completion_budget) == ("sft", 3, 0.0, None)
     assert sft_ignores(cfg) == []
-    assert sft_ignores(load_config(None, {"data": str(smoke_data), "adapter_path": str(tmp_path), "resume": True,
-                                          "temperature": 0.5})) == ["temperature"]
+    assert sft_ignores(load_config(None, {**given, "temperature": 0.5})) == ["temperature"]
 
 
 # ---- 6. --resume names an option turned off as off ---------------------------------------------
 
 
-def test_resume_differences_name_an_option_turned_off(tmp_path, smoke_data):
+def test_resume_differences_name_an_option_turned_off(tmp_path, smoke_data, tiny_model):
     """`--completion-budget 0` is off (saved as null): the difference reads `2.0 → off`, not `→ None`;
     an option whose None is its automatic default (--dequantize) reads `default`."""
     from mlx_sdft.config import RESUME_MAY_CHANGE
     from mlx_sdft.formats import checkpoint
 
     def changes(saved: dict, now: dict) -> list[str]:
-        base = {"data": str(smoke_data), "adapter_path": str(tmp_path)}
+        base = {"model": str(tiny_model), "data": str(smoke_data), "adapter_path": str(tmp_path)}
         config = checkpoint.adapter_config(load_config(None, {**base, **saved}), 1)
         (tmp_path / "adapter_config.json").write_text(json.dumps(config))
         return checkpoint.changed_options(tmp_path, load_config(None, {**base, **now}), RESUME_MAY_CHANGE)
