@@ -8,9 +8,10 @@ samples the student's own completions for the first --num-samples prompts (tempe
 within the completion budget training would give it) and scores them under the teacher, as SDFT's
 first step would: the mean per-token KL(teacher‖student), the fraction of tokens where the
 teacher's most likely token is not the one sampled, the degenerate rate, and the fraction that
-hit their budget (masked in training under --truncated mask). `recommend` turns all of it into pure SDFT, SDFT with the
-defaults (the SFT term and the guards), or SFT, with the reason; `small_model_note` says when the
-model is below the size where our own measurement had SDFT forgetting more than SFT.
+hit their budget (masked in training under --truncated mask). `recommend` turns all of it into
+pure SDFT, SDFT with the defaults (the SFT term and the guards), or SFT, with the reason;
+`small_model_note` says when the model is below the size where our own measurement saw both
+methods lose much of what the base model knew.
 """
 
 from __future__ import annotations
