@@ -64,7 +64,9 @@ def test_metrics_log_the_loss_parts(tiny_model, smoke_data, tmp_path):
     train = [r for r in both if r["type"] == "train"]
     assert len(train) == 2
     for r in train:
-        assert r["sdft_loss"] > 0 and r["sft_loss"] > 0 and r["base_kl"] >= 0
+        # base_kl ≥ 0 to rounding: at step 1 it is the KL of equal distributions, the student's scored over the
+        # prefill it shares with its demonstration (core/prefix.py), the base model's by a full pass.
+        assert r["sdft_loss"] > 0 and r["sft_loss"] > 0 and r["base_kl"] >= -1e-6
         assert r["loss"] == pytest.approx(r["sdft_loss"] + 0.5 * r["sft_loss"] + 0.3 * r["base_kl"], rel=1e-5)
     assert train[0]["base_kl"] == pytest.approx(0.0, abs=1e-6)  # fresh adapters are the base model
     assert train[1]["base_kl"] > 0  # after one update they are not

@@ -26,7 +26,7 @@ from mlx.utils import tree_map
 
 from mlx_sdft.config import BUDGET_FLOOR
 from mlx_sdft.core.losses import sdft_loss
-from mlx_sdft.core.scoring import completion_logits
+from mlx_sdft.core import prefix
 from mlx_sdft.core.teacher import Leaves, copy_leaves, trainable_leaves, using
 
 SHARED_PREFIX = 0.5  # warn when at least this fraction of demonstrations open with the same skipped tokens
@@ -165,6 +165,7 @@ def stop_early(out, cfg, good: Snapshot, model, optimizer, reporter, rank: int, 
 
 def base_logits(model, base: Leaves, pairs, completions) -> mx.array:
     """The base model's (adapters off) logits on the student's completions after the student's
-    prompt, without gradient: the other side of --base-kl-weight's KL(base‖student)."""
+    prompt, without gradient: the other side of --base-kl-weight's KL(base‖student). Each prompt
+    is run once for its --num-generations completions (`prefix`)."""
     with using(model, base):
-        return mx.stop_gradient(completion_logits(model, [p.student_ids for p in pairs], completions))
+        return mx.stop_gradient(prefix.grouped(model, [([p.student_ids for p in pairs], completions)])[0])

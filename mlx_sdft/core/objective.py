@@ -15,10 +15,10 @@ from typing import Callable
 import mlx.core as mx
 
 from mlx_sdft.config import PAPER_SDFT, Config
-from mlx_sdft.core import guards
+from mlx_sdft.core import guards, prefix
 from mlx_sdft.core.losses import sdft_loss, sdft_loss_chunked, sdft_loss_topk, sft_loss, teacher_topk
 from mlx_sdft.core.prompts import PromptPair
-from mlx_sdft.core.scoring import completion_hidden, completion_logits, completion_mask, lm_head, pad_rows
+from mlx_sdft.core.scoring import completion_logits, completion_mask, lm_head, pad_rows
 
 
 @dataclass(frozen=True)
@@ -41,41 +41,51 @@ class Objective:
 
 def sdft_objective(cfg: Config) -> Objective:
     """Full vocabulary, --topk buckets or --logits-chunk hidden states (both: buckets taken
-    chunk by chunk); logits are divided by --temperature; the loss is --divergence."""
+    chunk by chunk); logits are divided by --temperature; the loss is --divergence. Each prompt
+    is run once for all its continuations (`prefix`): the teacher's for its --num-generations
+    completions, the student's for those and its demonstration (the SFT term)."""
     options = dict(divergence=cfg.divergence, skip=cfg.skip_first_tokens, beta=cfg.beta)
+    share = not cfg.grad_checkpoint  # mx.checkpoint cannot carry the shared prompt's cache through a block
 
     def scaled(logits_BTV: mx.array) -> mx.array:
         # Divide by the temperature in float32: in bf16 the division itself would round.
         return logits_BTV.astype(mx.float32) / cfg.temperature
 
-    def student_logits(model, pairs, completions):
-        return scaled(completion_logits(model, [p.student_ids for p in pairs], completions))
+    def student_pass(model, pairs, completions, guard, hidden=False):
+        """The student's scaled logits of the completions (hidden states with `hidden`) and the SFT
+        term → (scores, (sft, sft_ntoks)), (None, 0) for no term, from one pass over the student
+        prompts. The SFT term is over the distinct prompts that have a demonstration (a feedback
+        lesson has none)."""
+        with_sft = guard is not None and cfg.sft_weight
+        demonstrated = [p for p in pairs[::cfg.num_generations] if p.demonstrated] if with_sft else []
+        targets = demonstrations(demonstrated, cfg)
+        ours, demo = prefix.grouped(model, [([p.student_ids for p in pairs], completions),
+                                            ([p.student_ids for p in demonstrated], targets)], hidden, share)
+        sft = (None, 0) if demo is None else sft_term(lm_head(model)(demo) if hidden else demo, targets)
+        return (ours if hidden else scaled(ours)), sft
 
     def teacher_hidden(model, pairs, completions):
-        return mx.stop_gradient(completion_hidden(model, [p.teacher_ids for p in pairs], completions))
+        return mx.stop_gradient(prefix.completion_hidden(model, [p.teacher_ids for p in pairs], completions))
 
     def teacher_logits(model, pairs, completions):  # kept unscaled: in the model's dtype, half of float32
-        return mx.stop_gradient(completion_logits(model, [p.teacher_ids for p in pairs], completions))
+        return mx.stop_gradient(prefix.grouped(model, [([p.teacher_ids for p in pairs], completions)])[0])
 
     def mask(completions, guard):
         mask_BT = completion_mask([len(c) for c in completions])
         return mask_BT if guard is None else guards.keep_rows(mask_BT, guard.truncated, cfg.truncated)
 
-    def regularized(loss_and_ntoks, model, pairs, guard, mask_BT, logits_BTV=None):
+    def regularized(loss_and_ntoks, sft_and_ntoks, guard, mask_BT, logits_BTV=None):
         """The guards' terms added to the SDFT loss → (loss, ntoks, parts); the base-KL term needs the
-        student's logits. The SFT term is over the distinct prompts that have a demonstration (a
-        feedback lesson has none)."""
-        loss, ntoks = loss_and_ntoks
+        student's logits, the SFT term comes from `student_pass`."""
+        (loss, ntoks), (sft, sft_ntoks) = loss_and_ntoks, sft_and_ntoks
         if guard is None:
             return loss, ntoks, {"sdft_loss": loss}
-        demonstrated = [p for p in pairs[::cfg.num_generations] if p.demonstrated] if cfg.sft_weight else []
-        sft, sft_ntoks = supervised_loss(model, demonstrated, cfg) if demonstrated else (None, 0)
         base_kl = None if guard.base_logits is None else guards.base_kl_loss(logits_BTV, scaled(guard.base_logits), mask_BT)
         parts = {"sdft_loss": loss, **({"sft_loss": mx.array(0.0) if sft is None else sft} if cfg.sft_weight else {}),
                  **({} if base_kl is None else {"base_kl": base_kl})}
         # The SFT term's demonstration tokens are trained on too: a step whose completions were all
         # masked still trains through them, and is not an empty one.
-        return guards.regularized_loss(loss, sft=sft, base_kl=base_kl, sft_weight=cfg.sft_weight if demonstrated else 0.0,
+        return guards.regularized_loss(loss, sft=sft, base_kl=base_kl, sft_weight=0.0 if sft is None else cfg.sft_weight,
                                        base_kl_weight=cfg.base_kl_weight), ntoks + sft_ntoks, parts
 
     if cfg.topk:
@@ -88,24 +98,24 @@ def sdft_objective(cfg: Config) -> Objective:
 
         def topk_loss(model, pairs, completions, scores, guard=None):
             idx_BTK, buckets_BTK1 = scores
-            logits_BTV, mask_BT = student_logits(model, pairs, completions), mask(completions, guard)
+            (logits_BTV, sft), mask_BT = student_pass(model, pairs, completions, guard), mask(completions, guard)
             return regularized(sdft_loss_topk(logits_BTV, idx_BTK, buckets_BTK1, mask_BT, **options),
-                               model, pairs, guard, mask_BT, logits_BTV)
+                               sft, guard, mask_BT, logits_BTV)
 
         return Objective(buckets, topk_loss)
 
     if cfg.logits_chunk:
         def chunked_loss(model, pairs, completions, hidden_BTD, guard=None):  # no --base-kl-weight (config.validate)
             head, mask_BT = lm_head(model), mask(completions, guard)
-            student_BTD = completion_hidden(model, [p.student_ids for p in pairs], completions)
+            student_BTD, sft = student_pass(model, pairs, completions, guard, hidden=True)
             return regularized(sdft_loss_chunked(lambda hidden: scaled(head(hidden)), student_BTD, hidden_BTD, mask_BT,
-                                                 chunk=cfg.logits_chunk, **options), model, pairs, guard, mask_BT)
+                                                 chunk=cfg.logits_chunk, **options), sft, guard, mask_BT)
 
         return Objective(teacher_hidden, chunked_loss)
 
     def full_loss(model, pairs, completions, logits_BTV, guard=None):
-        student_BTV, mask_BT = student_logits(model, pairs, completions), mask(completions, guard)
-        return regularized(sdft_loss(student_BTV, scaled(logits_BTV), mask_BT, **options), model, pairs, guard, mask_BT,
+        (student_BTV, sft), mask_BT = student_pass(model, pairs, completions, guard), mask(completions, guard)
+        return regularized(sdft_loss(student_BTV, scaled(logits_BTV), mask_BT, **options), sft, guard, mask_BT,
                            student_BTV)
 
     return Objective(teacher_logits, full_loss)
@@ -151,5 +161,9 @@ def demonstrations(pairs: list[PromptPair], cfg: Config) -> list[list[int]]:
 def supervised_loss(model, pairs, cfg: Config):
     """The --method sft baseline: cross-entropy on the demonstration given the student prompt."""
     targets = demonstrations(pairs, cfg)
-    logits_BTV = completion_logits(model, [p.student_ids for p in pairs], targets)
+    return sft_term(completion_logits(model, [p.student_ids for p in pairs], targets), targets)
+
+
+def sft_term(logits_BTV: mx.array, targets: list[list[int]]):
+    """(loss, ntoks): `sft_loss` of logits_BTV aligned to the demonstration tokens `targets`."""
     return sft_loss(logits_BTV, pad_rows(targets), completion_mask([len(t) for t in targets]))

@@ -1,0 +1,182 @@
+"""One prefill per prompt, several continuations (core/prefix.py): the values and the gradients of
+every objective equal those of the full pass over every row, which is what the code did before
+(and still does where the model does not share: `prefix.shares` False)."""
+
+import mlx.core as mx
+import mlx.nn as nn
+import numpy as np
+import pytest
+from mlx.utils import tree_flatten, tree_map
+
+from mlx_sdft.config import Config
+from mlx_sdft.core import guards, prefix, scoring
+from mlx_sdft.core.losses import sdft_loss
+from mlx_sdft.core.objective import sdft_objective, supervised_loss
+from mlx_sdft.core.prompts import PromptPair
+from mlx_sdft.core.teacher import trainable_leaves, using
+from mlx_sdft.formats.models import Adapters, checkpointing, open_model
+
+# Ragged prompts (a one-token one too), a feedback lesson (no demonstration) among them.
+PAIRS = [PromptPair([1, 5, 9, 13, 2, 7], [1, 5, 9, 13, 2, 7, 30, 31, 32, 7], [50, 51, 52, 2], "t:1"),
+         PromptPair([300], [300, 201, 40, 41, 7], [60, 61, 62, 63, 64, 65, 2], "t:2"),
+         PromptPair([4, 8, 15, 16, 23, 42, 99, 101, 7], [4, 8, 7], [2], "t:3", demonstrated=False)]
+# Per prompt, up to three completions of ragged lengths, one of a single token.
+COMPLETIONS = [[[11, 12, 2], [40, 41, 42, 43, 44], [7]],
+               [[8, 9, 10, 11, 12, 13, 14, 2], [20, 2], [21, 22, 23]],
+               [[30, 31], [32], [33, 34, 35, 36, 37, 38]]]
+
+
+@pytest.fixture(scope="module")
+def lora(tiny_model):
+    """The tiny model with LoRA adapters on every block, all of them non-zero; teacher leaves of
+    their own; the base leaves (adapters off) for --base-kl-weight."""
+    model, base = open_model(tiny_model, adapters=Adapters("lora", -1, Config().lora_parameters))
+    mx.random.seed(3)
+    noise = lambda leaves, s: {k: v + s * mx.random.normal(v.shape) for k, v in leaves.items()}  # noqa: E731
+    model.load_weights(list(noise(trainable_leaves(model), 0.05).items()), strict=False)
+    model.train()
+    return model, noise(trainable_leaves(model), 0.05), base
+
+
+def _batch(G: int):
+    pairs = [p for p in PAIRS for _ in range(G)]
+    completions = [c for cs in COMPLETIONS for c in cs[:G]]
+    # Completion 0 (demonstrated) truncated: masked under --truncated mask; the feedback lesson's last
+    # completion truncated too, which the mask leaves in (guards.maskable).
+    truncated = [i == 0 or i == len(pairs) - 1 for i in range(len(pairs))]
+    return pairs, completions, guards.maskable(truncated, [p.demonstrated for p in pairs])
+
+
+def _close(a, b, rel=1e-5):
+    a, b = np.asarray(a, dtype=np.float64), np.asarray(b, dtype=np.float64)
+    assert np.linalg.norm(a - b) <= rel * max(np.linalg.norm(a), 1e-12), (a, b)
+
+
+def _score(model, teacher, base, cfg, pairs, completions, truncated):
+    """Teacher scores, then the student loss's value, ntoks, parts and gradient, as sdft_step runs them."""
+    objective = sdft_objective(cfg)
+    with using(model, teacher):
+        scores = objective.teacher_scores(model, pairs, completions)
+    guard = guards.Guard(truncated, guards.base_logits(model, base, pairs, completions) if cfg.base_kl_weight else None)
+    with checkpointing(model, cfg.grad_checkpoint):
+        (loss, ntoks, parts), grads = nn.value_and_grad(model, objective.student_loss)(model, pairs, completions,
+                                                                                      scores, guard)
+    mx.eval(scores, loss, grads)
+    return scores, loss, ntoks, parts, grads, guard
+
+
+def _valid(scores, completions):
+    """Each [B, T, ...] score array cut to the real completion tokens, flattened."""
+    return [np.concatenate([np.array(a[i, :len(c)]).ravel() for i, c in enumerate(completions)])
+            for a in (scores if isinstance(scores, tuple) else (scores,))]
+
+
+CASES = {
+    "defaults": {},
+    "topk": {"topk": 8},
+    "chunk": {"logits_chunk": 2},
+    "topk-chunk": {"topk": 8, "logits_chunk": 3},
+    "base-kl": {"base_kl_weight": 0.3, "divergence": "reverse"},
+    "jsd-skip-no-sft": {"divergence": "jsd", "skip_first_tokens": 1, "sft_weight": 0.0, "truncated": "keep"},
+    "grad-checkpoint": {"grad_checkpoint": True},
+}
+
+
+@pytest.mark.parametrize("G", [1, 3])
+@pytest.mark.parametrize("case", CASES)
+def test_shared_prefill_equals_the_full_pass(lora, monkeypatch, case, G):
+    model, teacher, base = lora
+    cfg = Config(model="x", data="-", num_generations=G, **CASES[case])
+    pairs, completions, truncated = _batch(G)
+    copies = []
+    monkeypatch.setattr(prefix.PrefixCache, "rows", lambda self, index, rows=prefix.PrefixCache.rows: (
+        copies.append(index.shape[0]), rows(self, index))[1])
+    shared = _score(model, teacher, base, cfg, pairs, completions, truncated)
+    # The path was taken wherever a prompt repeats: the teacher's with G > 1, the student's with G > 1
+    # or an SFT term, and not under --grad-checkpoint (the student side falls back).
+    repeats = (G > 1) + (G > 1 or cfg.sft_weight > 0) * (not cfg.grad_checkpoint) + (G > 1) * (cfg.base_kl_weight > 0)
+    assert len(copies) == repeats * model.args.num_hidden_layers
+    copies.clear()
+    monkeypatch.setattr(prefix, "shares", lambda model: False)
+    full = _score(model, teacher, base, cfg, pairs, completions, truncated)
+    assert not copies
+    for a, b in zip(_valid(shared[0], completions), _valid(full[0], completions)):
+        if a.dtype.kind == "i":  # the teacher's top-K token ids
+            np.testing.assert_array_equal(a, b)
+        else:
+            _close(a, b)
+    if cfg.base_kl_weight:
+        _close(*(_valid(r[5].base_logits, completions)[0] for r in (shared, full)))
+    _close(shared[1], full[1])
+    assert shared[2].item() == full[2].item()
+    assert shared[3].keys() == full[3].keys()
+    for k in shared[3]:
+        _close(shared[3][k], full[3][k])
+    for (k, a), (_, b) in zip(tree_flatten(shared[4]), tree_flatten(full[4])):
+        assert np.abs(np.array(a)).max() > 0, k  # every adapter leaf gets a gradient
+        _close(a, b)
+
+
+def test_the_full_pass_is_the_objective_as_written(lora, monkeypatch):
+    """The reference above is the SDFT loss plus the SFT term as the code computed them before:
+    completion logits of student and teacher over every row, cross-entropy on the demonstrations."""
+    model, teacher, _ = lora
+    cfg = Config(model="x", data="-", num_generations=3)
+    pairs, completions, truncated = _batch(3)
+    _, loss, ntoks, parts, _, _ = _score(model, teacher, None, cfg, pairs, completions, truncated)
+    student_BTV = scoring.completion_logits(model, [p.student_ids for p in pairs], completions) / cfg.temperature
+    with using(model, teacher):
+        teacher_BTV = scoring.completion_logits(model, [p.teacher_ids for p in pairs], completions) / cfg.temperature
+    mask_BT = guards.keep_rows(scoring.completion_mask([len(c) for c in completions]), truncated, "mask")
+    divergence, n = sdft_loss(student_BTV, teacher_BTV, mask_BT, divergence=cfg.divergence, skip=0, beta=cfg.beta)
+    sft, sft_n = supervised_loss(model, [p for p in PAIRS if p.demonstrated], cfg)
+    _close(loss, divergence + cfg.sft_weight * sft)
+    _close(parts["sdft_loss"], divergence)
+    _close(parts["sft_loss"], sft)
+    assert ntoks.item() == n.item() + sft_n.item() > 0
+
+
+def test_continuations_of_one_prompt_share_its_prefill_exactly(lora):
+    """prefix.completion_hidden against scoring.completion_hidden, row by row, values and gradients:
+    ragged prompts, a one-token prompt, single-token continuations, copies in any order."""
+    model, _, _ = lora
+    prompts = [PAIRS[0].student_ids, PAIRS[1].student_ids, PAIRS[0].student_ids, PAIRS[2].student_ids,
+               PAIRS[1].student_ids]
+    continuations = [[11, 12, 2], [7], [40, 41, 42, 43, 44, 45], [9, 9], [30, 31, 32]]
+    mask_BT = scoring.completion_mask([len(c) for c in continuations])[..., None]
+    weights_BTD = mx.random.normal((5, 6, model.args.hidden_size), key=mx.random.key(0))
+
+    def total(model, hidden):
+        return (hidden(model, prompts, continuations) * weights_BTD * mask_BT).sum()
+
+    shared, shared_grads = nn.value_and_grad(model, lambda m: total(m, prefix.completion_hidden))(model)
+    full, full_grads = nn.value_and_grad(model, lambda m: total(m, scoring.completion_hidden))(model)
+    _close(shared, full)
+    _close(prefix.completion_hidden(model, prompts, continuations) * mask_BT,
+           scoring.completion_hidden(model, prompts, continuations) * mask_BT)
+    for (_, a), (_, b) in zip(tree_flatten(shared_grads), tree_flatten(full_grads)):
+        _close(a, b)
+    one = prefix.completion_hidden(model, prompts, [[5]] * 5)  # every continuation one token: no second call
+    _close(one, scoring.completion_hidden(model, prompts, [[5]] * 5))
+
+
+def test_copies_of_a_cache_share_nothing():
+    cache = prefix.PrefixCache([1, 0])
+    keys = mx.arange(2 * 1 * 3 * 2, dtype=mx.float32).reshape(2, 1, 3, 2)
+    cache.update_and_fetch(keys, keys)
+    a, b = cache.rows(mx.array([1, 1])), cache.rows(mx.array([1]))
+    a.update_and_fetch(mx.ones((2, 1, 2, 2)), mx.ones((2, 1, 2, 2)))
+    assert cache.keys.shape == (2, 1, 3, 2) and b.keys.shape == (1, 1, 3, 2) and a.keys.shape == (2, 1, 5, 2)
+    np.testing.assert_array_equal(np.array(b.keys[0]), np.array(keys[1]))
+    assert a.offset.tolist() == [5, 5] and b.offset.tolist() == [3] and cache.offset.tolist() == [2, 3]
+    assert a.left_padding.tolist() == [0, 0] and cache.left_padding.tolist() == [1, 0]
+
+
+def test_a_model_whose_head_does_not_split_takes_the_full_pass(lora, monkeypatch):
+    model, _, _ = lora
+    monkeypatch.setattr(scoring, "_HEAD_SPLIT", set())
+    assert not prefix.shares(model)
+    prompts, completions = [PAIRS[0].student_ids] * 2, [[3, 4], [5]]
+    got, none = prefix.grouped(model, [(prompts, completions), ([], [])])
+    assert none is None
+    _close(got, scoring.completion_logits(model, prompts, completions))
