@@ -180,3 +180,18 @@ def test_a_model_whose_head_does_not_split_takes_the_full_pass(lora, monkeypatch
     got, none = prefix.grouped(model, [(prompts, completions), ([], [])])
     assert none is None
     _close(got, scoring.completion_logits(model, prompts, completions))
+
+
+def test_every_query_sees_a_key_and_real_queries_see_what_mlx_lm_shows_them():
+    """The prefill's mask: a padded query sees its own key only (never no key at all, which some
+    backends' softmax turns into NaN), real queries exactly mlx-lm's left-padded causal mask."""
+    from mlx_lm.models.cache import BatchKVCache
+    cache, theirs = prefix.PrefixCache([2, 0]), BatchKVCache([2, 0])
+    mask_BQK, their_BQK = np.array(cache.make_mask(4)), np.array(theirs.make_mask(4))
+    assert mask_BQK.any(axis=-1).all()
+    np.testing.assert_array_equal(mask_BQK[0, 0, 2:], their_BQK[0, 0, 2:])  # row 0's real queries
+    np.testing.assert_array_equal(mask_BQK[1], their_BQK[1])  # row 1 has no padding
+    np.testing.assert_array_equal(mask_BQK[0, 0, :2], np.eye(2, 4, dtype=bool))  # padded: itself
+    cache.update_and_fetch(mx.zeros((2, 1, 4, 2)), mx.zeros((2, 1, 4, 2)))
+    theirs.update_and_fetch(mx.zeros((2, 1, 4, 2)), mx.zeros((2, 1, 4, 2)))
+    np.testing.assert_array_equal(np.array(cache.make_mask(3)), np.array(theirs.make_mask(3)))  # continuations

@@ -36,6 +36,13 @@ class PrefixCache(BatchKVCache):
         self.keys, self.values, self.offset, self._idx = keys_BHLD, values_BHLD, self.offset + L, self._idx + L
         return keys_BHLD, values_BHLD
 
+    def make_mask(self, N: int, return_array: bool = False, **kwargs) -> mx.array:
+        """mlx-lm's causal mask over the left padding, with each query also seeing its own key: a
+        padded query would otherwise see none, and a backend whose softmax turns an all-masked row
+        into 0/0 would put NaN into the backward pass. Real queries already see their own key."""
+        mask = super().make_mask(N, return_array=return_array, **kwargs)
+        return mask | (mx.arange(self._idx, self._idx + N)[:, None] == mx.arange(self._idx + N)[None])
+
     def rows(self, index_B: mx.array) -> PrefixCache:
         """A new cache holding row index_B[b] of this one as its row b."""
         copy = PrefixCache([0] * index_B.shape[0])
