@@ -13,6 +13,7 @@ import mlx.nn as nn
 from mlx_lm.models.cache import BatchKVCache, KVCache, make_prompt_cache
 from mlx_lm.sample_utils import apply_top_p
 
+from mlx_sdft.core import static_cache
 from mlx_sdft.core.scoring import prefill_body
 
 _split_rows = mx.vmap(mx.random.split)
@@ -93,45 +94,68 @@ def _prefill(model: nn.Module, prompts: list[list[int]], step: int) -> list[Batc
     return cache
 
 
+class PlainDecode:
+    """The decode loop's step and filter over mlx-lm's growing `BatchKVCache`s: one model call
+    per token, not compiled (a new graph each step), and the compiled sampling step."""
+
+    def __init__(self, model: nn.Module, cache: list[BatchKVCache], keyed: bool, temperature: float, top_p: float):
+        self.model, self.cache, self.sampling_args = model, cache, (temperature, top_p)
+        self.sampling = next_tokens_compiled if keyed else next_tokens
+
+    def step(self, tokens_B: mx.array, keys_B2: mx.array | None):
+        return self.sampling(self.model(tokens_B[:, None], cache=self.cache)[:, -1, :], keys_B2, *self.sampling_args)
+
+    @staticmethod
+    def shrink(active: int, batch: int) -> bool:
+        return active < batch  # a smaller batch costs nothing to set up here
+
+    def filter(self, rows: mx.array):
+        for c in self.cache:
+            c.filter(rows)
+
+
 def decode(model: nn.Module, prompts: list[list[int]], max_tokens: list[int], stop_ids: list[int],
            temperature: float, top_p: float, seeds: list[int] | None,
            prefill_step: int = 512) -> tuple[list[list[int]], list[bool]]:
     """(completions, truncated) for each prompt, the stop token kept. Copies of a prompt share
-    one prefill; finished rows leave the batch."""
+    one prefill; finished rows leave the batch (`shrink` says when). Decode steps run compiled
+    over a `static_cache.StaticCache` where the model type and sampling allow (keyed or greedy:
+    unkeyed draws read MLX's global random state), else as plain calls on mlx-lm's cache."""
     distinct, rows = distinct_rows(prompts)
     cache = _prefill(model, distinct, prefill_step)
     if rows != list(range(len(distinct))):
         for c in cache:
             c.filter(rows)  # copies of a prompt become rows of their own
+    keys = row_keys(seeds) if seeds is not None and temperature > 0 else None
+    if static_cache.supported(model) and static_cache.CompiledDecode.usable(cache) and (keys is not None or temperature == 0):
+        loop = static_cache.CompiledDecode(model, cache, max(max_tokens), next_tokens, temperature, top_p)
+    else:
+        loop = PlainDecode(model, cache, keys is not None, temperature, top_p)
+
     stops = set(stop_ids)
     completions, truncated = [[] for _ in prompts], [True] * len(prompts)
-    active = list(range(len(prompts)))  # the sequence each batch row belongs to
-
-    keys = row_keys(seeds) if seeds is not None and temperature > 0 else None
-    sampling = next_tokens_compiled if keys is not None else next_tokens
-
-    def step(tokens_B, keys_B2):
-        return sampling(model(tokens_B[:, None], cache=cache)[:, -1, :], keys_B2, temperature, top_p)
-
-    tokens, keys = step(mx.array([p[-1] for p in prompts]), keys)
+    batch = list(range(len(prompts)))  # the sequence each batch row samples for, None once it ended
+    # uint32, as drawn tokens are: a compiled step then traces once, not again at step 2.
+    tokens, keys = loop.step(mx.array([p[-1] for p in prompts], mx.uint32), keys)
     mx.async_eval(tokens, keys)
-    while active:
+    while live := [(row, seq) for row, seq in enumerate(batch) if seq is not None]:
         # Start the next step before reading this one, so the device never waits for Python;
         # unless every row ends here.
-        last = all(len(completions[seq]) + 1 >= max_tokens[seq] for seq in active)
-        ahead = (tokens, keys) if last else step(tokens, keys)
+        last = all(len(completions[seq]) + 1 >= max_tokens[seq] for _, seq in live)
+        ahead = (tokens, keys) if last else loop.step(tokens, keys)
         mx.async_eval(*ahead)
-        keep = []
-        for row, (seq, token) in enumerate(zip(active, tokens.tolist())):
-            completions[seq].append(token)
-            if token in stops:
+        drawn = tokens.tolist()
+        for row, seq in live:
+            completions[seq].append(drawn[row])
+            if drawn[row] in stops:
                 truncated[seq] = False
-            elif len(completions[seq]) < max_tokens[seq]:
-                keep.append(row)
+            if drawn[row] in stops or len(completions[seq]) >= max_tokens[seq]:
+                batch[row] = None
         tokens, keys = ahead
-        if len(keep) < len(active) and keep:
-            for c in cache:
-                c.filter(keep)
-            tokens, keys = tokens[mx.array(keep)], None if keys is None else keys[mx.array(keep)]
-        active = [active[row] for row in keep]
+        keep = [row for row, seq in enumerate(batch) if seq is not None]
+        if keep and loop.shrink(len(keep), len(batch)):
+            index = mx.array(keep)
+            loop.filter(index)
+            tokens, keys = tokens[index], None if keys is None else keys[index]
+            batch = [batch[row] for row in keep]
     return completions, truncated
