@@ -11,9 +11,11 @@ fixed length (no stop token) from a short prompt; the time includes that prompt'
 models: the tiny llama of `--quick`, where per-token overhead is nearly all the time (as on a
 GPU), and SmolLM2-135M's shapes (random float32 weights), where the arithmetic dominates on a
 CPU. No LoRA: both sides run the same plain weights. Repetitions alternate which side goes first;
-ratio = trainer / mlx-lm (< 1: the trainer is faster). On the tiny model, each decode shortcut
-of the trainer is also timed off against on ("trainer vs without …": < 1, the shortcut pays). Two clocks: wall seconds, and the CPU
-seconds this process used, which other jobs on a shared machine disturb less.
+ratio = trainer / mlx-lm (< 1: the trainer is faster). On the tiny model (at SmolLM2 shapes too
+with --levers), each decode shortcut of the trainer is also timed off against on ("trainer vs
+without …": < 1, the shortcut pays): the compiled whole decode step (`static_cache`), and within
+the plain loop it replaces, the compiled sampling step and the skipped mask. Two clocks: wall
+seconds, and the CPU seconds this process used, which other jobs on a shared machine disturb less.
 """
 
 from __future__ import annotations
@@ -37,9 +39,12 @@ from mlx_lm.models.cache import BatchKVCache  # noqa: E402
 from mlx_lm.sample_utils import make_sampler  # noqa: E402
 from shapes import NoTokenizer, SEED, SMOLLM2, TINY, emit, machine, parser  # noqa: E402
 
-from mlx_sdft.core import decode, rollout  # noqa: E402
+from mlx_sdft.core import decode, rollout, static_cache  # noqa: E402
 
-LEVERS = ("compiled sampling", "no mask when unpadded")
+LEVERS = ("compiled step", "compiled sampling", "no mask when unpadded")
+# The last two are shortcuts of the plain loop, which the compiled step replaces: each is timed
+# within the plain loop (the compiled step off on both sides).
+BASE = {"compiled step": (), "compiled sampling": ("compiled step",), "no mask when unpadded": ("compiled step",)}
 PROMPT = 16  # tokens per prompt: a short prefill, so the time is mostly decoding
 
 
@@ -75,36 +80,46 @@ def mlx_lm(model, prompts, n) -> tuple[float, float]:
 
 
 @contextmanager
-def without(lever: str):
-    """The trainer's sampling with one of its decode shortcuts off: the compiled sampling step
-    (`decode.next_tokens_compiled`) or the skipped mask of unpadded batches (`decode.DecodeCache`)."""
-    saved = decode.next_tokens_compiled, decode.DecodeCache.make_mask
-    if lever == "compiled sampling":
+def without(*levers: str):
+    """The trainer's sampling with some of its decode shortcuts off: the compiled whole step
+    (`static_cache`), the compiled sampling step (`decode.next_tokens_compiled`) or the skipped
+    mask of unpadded batches (`decode.DecodeCache`)."""
+    saved = static_cache.enabled, decode.next_tokens_compiled, decode.DecodeCache.make_mask
+    if "compiled step" in levers:
+        static_cache.enabled = False
+    if "compiled sampling" in levers:
         decode.next_tokens_compiled = decode.next_tokens
-    elif lever == "no mask when unpadded":
+    if "no mask when unpadded" in levers:
         decode.DecodeCache.make_mask = BatchKVCache.make_mask
     try:
         yield
     finally:
-        decode.next_tokens_compiled, decode.DecodeCache.make_mask = saved
+        static_cache.enabled, decode.next_tokens_compiled, decode.DecodeCache.make_mask = saved
 
 
-def lever(model, prompts, n, name) -> tuple[float, float]:
-    with without(name):
+def lever(model, prompts, n, *names) -> tuple[float, float]:
+    with without(*names):
         return trainer(model, prompts, n)
 
 
-def operations(model, batch: int, shortcuts: bool) -> int:
+def operations(model, batch: int, shortcuts: str) -> int:
     """Operations in the graph of one decode step of the trainer's loop (model call + sampling;
-    MLX's DOT export) on `batch` unpadded rows, with or without its shortcuts. On a GPU each is about one kernel launch."""
+    MLX's DOT export) on `batch` unpadded rows: `plain` (no shortcut), `shortcuts` (those of the
+    plain loop) or `compiled` (the compiled whole step, whose fused kernels count one each). On a
+    GPU each is about one kernel launch."""
     with ExitStack() as stack:
-        for name in () if shortcuts else LEVERS:
-            stack.enter_context(without(name))
+        if shortcuts == "plain":
+            stack.enter_context(without(*LEVERS[1:]))
         cache = decode._prefill(model, [[1] * PROMPT] * batch, 512)
-        tokens, keys = decode.next_tokens_compiled(model(mx.array([[1]] * batch), cache=cache)[:, -1, :],
-                                                   decode.row_keys(list(range(batch))), 1.0, 1.0)
+        keys = decode.row_keys(list(range(batch)))
+        if shortcuts == "compiled":
+            step = static_cache.CompiledDecode(model, cache, 64, decode.next_tokens, 1.0, 1.0)
+            tokens, keys = step.step(mx.array([1] * batch, mx.uint32), keys)
+            outputs = [tokens, keys, *step.ks, *step.vs]
+        else:
+            outputs = decode.next_tokens_compiled(model(mx.array([[1]] * batch), cache=cache)[:, -1, :], keys, 1.0, 1.0)
         with tempfile.TemporaryDirectory() as tmp:
-            mx.export_to_dot(f"{tmp}/step.dot", tokens, keys)
+            mx.export_to_dot(f"{tmp}/step.dot", *outputs)
             return Path(f"{tmp}/step.dot").read_text().count("shape=rectangle")
 
 
@@ -128,6 +143,7 @@ def side_by_side(reps: int, n: int, sides: dict, base: str = "mlx_lm") -> dict:
 def main(argv=None) -> dict:
     ap = parser(__doc__, reps=3)
     ap.add_argument("--models", default="tiny,smollm2", help="which of tiny, smollm2 (--quick: tiny only)")
+    ap.add_argument("--levers", action="store_true", help="time each shortcut off vs on at SmolLM2 shapes too")
     args = ap.parse_args(argv)
     chosen = ["tiny"] if args.quick else args.models.split(",")
     models = {name: shape for name, shape in {"tiny": (TINY, 8 if args.quick else 128), "smollm2": (SMOLLM2, 48)}.items()
@@ -141,11 +157,12 @@ def main(argv=None) -> dict:
             cases[f"{name}, batch {batch}"] = {
                 "tokens": n, **side_by_side(args.reps, n, {"trainer": lambda: trainer(model, p, n),
                                                            "mlx_lm": lambda: mlx_lm(model, p, n)})}
-            for name_ in LEVERS if name == "tiny" else ():
-                cases[f"{name}, batch {batch}, trainer vs without {name_}"] = {
-                    "tokens": n, **side_by_side(args.reps, n, {"trainer": lambda: trainer(model, p, n),
-                                                               "without": lambda: lever(model, p, n, name_)}, "without")}
-        ops = {f"{name}, batch {b}": {"plain": operations(model, b, False), "shortcuts": operations(model, b, True)}
+            for name_ in LEVERS if name == "tiny" or args.levers else ():
+                base = BASE[name_]
+                cases[f"{name}, batch {batch}, trainer{''.join(f' without {b}' for b in base)} vs without {name_}"] = {
+                    "tokens": n, **side_by_side(args.reps, n, {"trainer": lambda: lever(model, p, n, *base),
+                                                               "without": lambda: lever(model, p, n, *base, name_)}, "without")}
+        ops = {f"{name}, batch {b}": {k: operations(model, b, k) for k in ("plain", "shortcuts", "compiled")}
                for b in (1, 4)}
         operations_per_step.update(ops)
     record = {"bench": "mlx-sdft per-token decode", "quick": args.quick, "date": time.strftime("%Y-%m-%d %H:%M"),
@@ -153,15 +170,16 @@ def main(argv=None) -> dict:
               "operations_per_decode_step": operations_per_step}
     print(f"mlx {record['mlx']} on {record['device']}, {record['blas']}; prompts of {PROMPT} tokens, temperature 1")
     print(f"load average {os.getloadavg()[0]:.1f}; median ms per decoded token, trainer / other (best rep in brackets)")
-    print(f"{'case':<60}{'tokens':>7}{'wall: trainer':>15}{'other':>8}{'ratio':>15}{'CPU: trainer':>14}{'other':>8}{'ratio':>15}")
+    print(f"{'case':<84}{'tokens':>7}{'wall: trainer':>15}{'other':>8}{'ratio':>15}{'CPU: trainer':>14}{'other':>8}{'ratio':>15}")
     for name, c in cases.items():
         cols = ""
         for clock in ("wall", "cpu"):
             t, m = (statistics.median(v) for v in c[f"{clock}_ms_per_token"].values())
             cols += f"{t:>14.2f}{m:>8.2f}{c[f'{clock}_ratio']:>7.3f} ({c[f'{clock}_ratio_best']:.3f})"
-        print(f"{name:<60}{c['tokens']:>7}{cols}")
+        print(f"{name:<84}{c['tokens']:>7}{cols}")
     for name, ops in operations_per_step.items():
-        print(f"operations per decode step, {name}: {ops['plain']} plain, {ops['shortcuts']} with the shortcuts")
+        print(f"operations per decode step, {name}: {ops['plain']} plain, {ops['shortcuts']} with the plain loop's "
+              f"shortcuts, {ops['compiled']} compiled")
     return emit(record, args.json)
 
 

@@ -12,14 +12,13 @@ constants: the fused LoRA weights change at every rollout and need no retrace.
 
 from __future__ import annotations
 
-import weakref
 from typing import Callable
 
 import mlx.core as mx
 import mlx.nn as nn
 from mlx_lm.models.cache import BatchKVCache
 
-STEP = 256  # buffer lengths are multiples of it, so few shapes (and traces) occur
+STEP = 64  # buffer lengths are multiples of it: few shapes (and traces), few idle slots to attend
 
 # Model types whose attention reads the cache only through `offset`, `update_and_fetch` and
 # `make_mask` (via create_attention_mask), which is all `StaticCache` provides.
@@ -69,18 +68,19 @@ def _step(model: nn.Module, sampling: Callable, tokens_B, keys_B2, idx, offset_B
     return tokens_B, keys_B2, idx + 1, offset_B + 1, [c.keys for c in cache], [c.values for c in cache]
 
 
-_compiled: dict[tuple[int, Callable], tuple[weakref.ref, Callable]] = {}
+_compiled: dict[tuple[int, Callable], Callable] = {}  # for one model at a time: it holds the model
 
 
 def compiled_step(model: nn.Module, sampling: Callable) -> Callable:
     """The decode step of `model` (its call, then `sampling` of the last logits) compiled with
     the model's weights as inputs, read at every call: fusing new adapters into them needs no
-    retrace. One per model, traced once per batch size, buffer length, temperature and top-p."""
-    ref, fn = _compiled.get((id(model), sampling), (None, None))
-    if ref is None or ref() is not model:
-        fn = mx.compile(lambda *a: _step(model, sampling, *a), inputs=model)
-        _compiled[(id(model), sampling)] = (weakref.ref(model), fn)
-    return fn
+    retrace. Kept for the last model asked for (another one's replace it, which frees that
+    model and its traces); traced once per batch size, buffer length, temperature and top-p."""
+    if any(key[0] != id(model) for key in _compiled):
+        _compiled.clear()
+    if (id(model), sampling) not in _compiled:
+        _compiled[(id(model), sampling)] = mx.compile(lambda *a: _step(model, sampling, *a), inputs=model)
+    return _compiled[(id(model), sampling)]
 
 
 class CompiledDecode:
