@@ -84,9 +84,9 @@ def without(*levers: str):
     """The trainer's sampling with some of its decode shortcuts off: the compiled whole step
     (`static_cache`), the compiled sampling step (`decode.next_tokens_compiled`) or the skipped
     mask of unpadded batches (`decode.DecodeCache`)."""
-    saved = static_cache.enabled, decode.next_tokens_compiled, decode.DecodeCache.make_mask
+    saved = static_cache.supported, decode.next_tokens_compiled, decode.DecodeCache.make_mask
     if "compiled step" in levers:
-        static_cache.enabled = False
+        static_cache.supported = lambda model: False
     if "compiled sampling" in levers:
         decode.next_tokens_compiled = decode.next_tokens
     if "no mask when unpadded" in levers:
@@ -94,7 +94,7 @@ def without(*levers: str):
     try:
         yield
     finally:
-        static_cache.enabled, decode.next_tokens_compiled, decode.DecodeCache.make_mask = saved
+        static_cache.supported, decode.next_tokens_compiled, decode.DecodeCache.make_mask = saved
 
 
 def lever(model, prompts, n, *names) -> tuple[float, float]:

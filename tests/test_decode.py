@@ -24,7 +24,7 @@ def model(tiny_model):
 def _plain(monkeypatch):
     """The loop without any shortcut: the step not compiled, sampling not compiled, the mask
     always built."""
-    monkeypatch.setattr(static_cache, "enabled", False)
+    monkeypatch.setattr(static_cache, "supported", lambda model: False)
     monkeypatch.setattr(decode, "next_tokens_compiled", decode.next_tokens)
     monkeypatch.setattr(decode.DecodeCache, "make_mask", BatchKVCache.make_mask)
 
@@ -46,7 +46,7 @@ def test_shortcuts_draw_the_tokens_of_the_plain_loop(model, monkeypatch, prompts
 def test_both_shortcuts_are_taken(model, monkeypatch):
     """Not a vacuous comparison: in the loop over mlx-lm's cache (the compiled whole step off),
     the compiled sampling step runs, and unpadded decode steps get no mask."""
-    monkeypatch.setattr(static_cache, "enabled", False)
+    monkeypatch.setattr(static_cache, "supported", lambda model: False)
     calls, masks = [], []
     compiled = decode.next_tokens_compiled
     monkeypatch.setattr(decode, "next_tokens_compiled", lambda *a: calls.append(a[0].shape) or compiled(*a))

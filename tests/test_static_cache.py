@@ -37,10 +37,9 @@ def _both(model, monkeypatch, prompts, budget, stops=(), **kw):
     """The same sampling compiled and through the plain loop (no shortcut at all)."""
     fast = sample(model, prompts, budget, list(stops), **kw)
     with monkeypatch.context() as m:
-        m.setattr(static_cache, "enabled", False)
         m.setattr(decode, "next_tokens_compiled", decode.next_tokens)
         m.setattr(decode.DecodeCache, "make_mask", decode.BatchKVCache.make_mask)
-        plain = sample(model, prompts, budget, list(stops), **kw)
+        plain = sample(model, prompts, budget, list(stops), compiled=False, **kw)
     return fast, plain
 
 
@@ -112,3 +111,11 @@ def test_static_cache_computes_the_logits_of_the_batch_cache(model):
         logits_BV = model(tokens_B[:, None], cache=cache)[:, -1, :]
         assert mx.array_equal(compiled.step(tokens_B, None)[0], logits_BV).item()
         tokens_B = mx.argmax(logits_BV, axis=-1)
+
+
+def test_compiled_decode_off_uses_the_plain_loop(model, steps):
+    """--no-compiled-decode: `sample(compiled=False)` takes no compiled step."""
+    off = sample(model, RAGGED, [6, 6, 6], [], seeds=[1, 2, 3], compiled=False)
+    assert steps == []
+    on = sample(model, RAGGED, [6, 6, 6], [], seeds=[1, 2, 3])
+    assert steps and on.completions == off.completions

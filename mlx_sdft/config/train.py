@@ -21,13 +21,14 @@ _LORA_DEFAULTS = {"rank": 8, "scale": 20.0, "dropout": 0.0}  # mlx-lm's; a YAML 
 RESUME_MAY_CHANGE = frozenset({
     "adapter_path", "resume", "overwrite", "dry_run", "steps_per_report", "log_completions", "steps_per_eval",
     "val_batches", "save_every", "max_bad_steps", "report_to", "project_name", "fuse_sampling", "logits_chunk",
-    "grad_checkpoint",
+    "grad_checkpoint", "compiled_decode",
 })
 
 # Options only SDFT reads: --method sft trains the same adapters whatever their values
 # (tests/test_new_defaults.py), so `train` names those given at another value than the default.
 SDFT_ONLY = frozenset({
-    "teacher", "teacher_update_rate", "divergence", "beta", "num_generations", "fuse_sampling", "max_completion_length",
+    "teacher", "teacher_update_rate", "divergence", "beta", "num_generations", "fuse_sampling", "compiled_decode",
+    "max_completion_length",
     "temperature", "top_p", "skip_first_tokens", "logits_chunk", "topk", "completion_budget", "truncated", "sft_weight",
     "base_kl_weight", "max_degenerate_rise", "log_completions", "teacher_template",
 })
@@ -79,6 +80,8 @@ class Config(SystemPrompt, TeacherTemplate, ChatTemplate, DataSource, Dequantize
     num_generations: int = _opt(1, "Sampled completions per prompt.")
     fuse_sampling: bool = _opt(True, "Sample with the LoRA adapters fused into a copy of their base weights: faster "
                                "decoding for the memory of the copy (off when the memory estimate would not fit).")
+    compiled_decode: bool = _opt(True, "Run each decode step (model call + sampling) as one compiled graph over a "
+                                 "fixed-length KV cache: the same tokens, less per-token overhead.")
     max_completion_length: int = _opt(MAX_COMPLETION_LENGTH, "Most tokens sampled per completion.")
     temperature: float = _opt(1.0, "Sampling temperature (also divides the scored logits).")
     top_p: float = _opt(1.0, "Nucleus sampling mass.")

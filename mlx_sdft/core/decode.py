@@ -116,18 +116,20 @@ class PlainDecode:
 
 def decode(model: nn.Module, prompts: list[list[int]], max_tokens: list[int], stop_ids: list[int],
            temperature: float, top_p: float, seeds: list[int] | None,
-           prefill_step: int = 512) -> tuple[list[list[int]], list[bool]]:
+           prefill_step: int = 512, compiled: bool = True) -> tuple[list[list[int]], list[bool]]:
     """(completions, truncated) for each prompt, the stop token kept. Copies of a prompt share
-    one prefill; finished rows leave the batch (`shrink` says when). Decode steps run compiled
-    over a `static_cache.StaticCache` where the model type and sampling allow (keyed or greedy:
-    unkeyed draws read MLX's global random state), else as plain calls on mlx-lm's cache."""
+    one prefill; finished rows leave the batch (`shrink` says when). With `compiled`, decode
+    steps run compiled over a `static_cache.StaticCache` where the model type and sampling allow
+    (keyed or greedy: unkeyed draws read MLX's global random state), else as plain calls on
+    mlx-lm's cache."""
     distinct, rows = distinct_rows(prompts)
     cache = _prefill(model, distinct, prefill_step)
     if rows != list(range(len(distinct))):
         for c in cache:
             c.filter(rows)  # copies of a prompt become rows of their own
     keys = row_keys(seeds) if seeds is not None and temperature > 0 else None
-    if static_cache.supported(model) and static_cache.CompiledDecode.usable(cache) and (keys is not None or temperature == 0):
+    usable = static_cache.supported(model) and static_cache.CompiledDecode.usable(cache)
+    if compiled and usable and (keys is not None or temperature == 0):
         loop = static_cache.CompiledDecode(model, cache, max(max_tokens), next_tokens, temperature, top_p)
     else:
         loop = PlainDecode(model, cache, keys is not None, temperature, top_p)
