@@ -62,7 +62,7 @@ def main(argv=None) -> dict:
         cases[name] = {s: {"first_wall_ms": round(r["first"][0], 1), "first_cpu_ms": round(r["first"][1], 1),
                            "warm_wall_ms": [round(w, 1) for w, _ in r["warm"]],
                            "warm_cpu_ms": [round(c, 1) for _, c in r["warm"]]} for s, r in runs.items()}
-    record = {"bench": "mlx-sdft compiled decode: when to drop finished rows", "date": time.strftime("%Y-%m-%d %H:%M"),
+    record = {"bench": "mlx-sdft compiled decode: when to drop finished rows", "quick": args.quick, "date": time.strftime("%Y-%m-%d %H:%M"),
               "mlx": mx.__version__, "device": str(mx.default_device()), **machine(), "batch": BATCH, "prompt": PROMPT,
               "load_average_1min": [round(start_load, 2), round(os.getloadavg()[0], 2)], "cases": cases}
     print(f"mlx {record['mlx']} on {record['device']}; {BATCH} prompts, budgets ending one row after another")
