@@ -1,6 +1,8 @@
 """The compiled decode step over a fixed-length cache (`static_cache`, issue 18) draws exactly
 the tokens of the plain loop over mlx-lm's growing cache, and computes the same logits."""
 
+import importlib
+
 import mlx.core as mx
 import pytest
 from mlx_lm import load
@@ -119,3 +121,20 @@ def test_compiled_decode_off_uses_the_plain_loop(model, steps):
     assert steps == []
     on = sample(model, RAGGED, [6, 6, 6], [], seeds=[1, 2, 3])
     assert steps and on.completions == off.completions
+
+
+@pytest.mark.parametrize("model_type", sorted(static_cache.MODEL_TYPES))
+def test_every_listed_model_type_draws_the_tokens_of_the_plain_loop(model_type, monkeypatch, steps):
+    """MODEL_TYPES claims each reads the cache only through offset, update_and_fetch and
+    make_mask: a tiny random model of each type samples the same tokens both ways."""
+    module = importlib.import_module(f"mlx_lm.models.{model_type}")
+    args = module.ModelArgs.from_dict({
+        "model_type": model_type, "hidden_size": 64, "num_hidden_layers": 2, "intermediate_size": 128,
+        "num_attention_heads": 4, "num_key_value_heads": 2, "head_dim": 16, "rms_norm_eps": 1e-5,
+        "vocab_size": 400, "tie_word_embeddings": True, "rope_theta": 10000.0, "max_position_embeddings": 4096,
+        "no_rope_layer_interval": 2})  # smollm3: a layer without RoPE
+    mx.random.seed(0)
+    model = module.Model(args)
+    model.eval()
+    fast, plain = _both(model, monkeypatch, RAGGED, [9, 4, 12], seeds=[5, 6, 7])
+    assert steps and fast.completions == plain.completions
