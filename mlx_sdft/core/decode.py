@@ -1,6 +1,8 @@
 """The decode loop of on-policy sampling, for models whose cache is a plain KVCache per layer
-(llama, qwen, mistral, phi3, …): one batched model call and one compiled, vectorised sampling
-step per token, evaluated one step ahead, and a few lines of Python per step.
+(llama, qwen, mistral, phi3, …): per token one batched model call and one vectorised sampling
+step, compiled together over a fixed-length cache where `static_cache` applies (`CompiledDecode`),
+else the model call plain and the sampling compiled (`PlainDecode`); evaluated one step ahead,
+with a few lines of Python per step.
 
 `rollout.sample` uses it where `supported`, and mlx-lm's BatchGenerator otherwise (sliding
 window and recurrent caches). Both draw the same tokens: `draw` is the one sampling function.
