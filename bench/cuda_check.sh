@@ -29,7 +29,7 @@ if want sampling; then  # fused adapters, the decode loop, shared prefill: where
   timeout 200 python3 bench/sampling.py --json "$OUT/sampling.json" 2>&1 | tail -20 | tee "$OUT/sampling.txt"
 fi
 if want per_token; then  # ms per decoded token: the trainer vs mlx_lm generate_step / batch_generate (issue 18)
-  timeout 200 python3 bench/per_token.py --json "$OUT/per_token.json" 2>&1 | tail -20 | tee "$OUT/per_token.txt"
+  timeout 200 python3 bench/per_token.py --levers --json "$OUT/per_token.json" 2>&1 | tail -28 | tee "$OUT/per_token.txt"
 fi
 if want decode_shrink; then  # the compiled decode step: when finished rows should leave the batch
   timeout 150 python3 bench/decode_shrink.py 2>&1 | tail -12 | tee "$OUT/decode_shrink.txt"  # its JSON record is the last line
