@@ -37,7 +37,7 @@ def steps(monkeypatch):
 
 def _both(model, monkeypatch, prompts, budget, stops=(), **kw):
     """The same sampling compiled and through the plain loop (no shortcut at all)."""
-    fast = sample(model, prompts, budget, list(stops), **kw)
+    fast = sample(model, prompts, budget, list(stops), compiled=True, **kw)
     with monkeypatch.context() as m:
         m.setattr(decode, "next_tokens_compiled", decode.next_tokens)
         m.setattr(decode.DecodeCache, "make_mask", decode.BatchKVCache.make_mask)
@@ -78,10 +78,10 @@ def test_rows_stopping_at_different_steps(model, monkeypatch, steps):
 
 
 def test_unkeyed_sampling_and_other_model_types_use_the_plain_loop(model, monkeypatch, steps):
-    sample(model, RAGGED, [5, 5, 5], [])  # no seeds: draws read MLX's global random state
+    sample(model, RAGGED, [5, 5, 5], [], compiled=True)  # no seeds: draws read MLX's global random state
     assert steps == []
     monkeypatch.setattr(static_cache, "MODEL_TYPES", set())
-    a = sample(model, RAGGED, [5, 5, 5], [], seeds=[1, 2, 3])
+    a = sample(model, RAGGED, [5, 5, 5], [], seeds=[1, 2, 3], compiled=True)
     assert steps == [] and [len(c) for c in a.completions] == [5, 5, 5]
     assert not static_cache.supported(model)
 
@@ -119,7 +119,7 @@ def test_compiled_decode_off_uses_the_plain_loop(model, steps):
     """--no-compiled-decode: `sample(compiled=False)` takes no compiled step."""
     off = sample(model, RAGGED, [6, 6, 6], [], seeds=[1, 2, 3], compiled=False)
     assert steps == []
-    on = sample(model, RAGGED, [6, 6, 6], [], seeds=[1, 2, 3])
+    on = sample(model, RAGGED, [6, 6, 6], [], seeds=[1, 2, 3], compiled=True)
     assert steps and on.completions == off.completions
 
 

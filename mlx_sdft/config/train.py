@@ -80,8 +80,9 @@ class Config(SystemPrompt, TeacherTemplate, ChatTemplate, DataSource, Dequantize
     num_generations: int = _opt(1, "Sampled completions per prompt.")
     fuse_sampling: bool = _opt(True, "Sample with the LoRA adapters fused into a copy of their base weights: faster "
                                "decoding for the memory of the copy (off when the memory estimate would not fit).")
-    compiled_decode: bool = _opt(True, "Run each decode step (model call + sampling) as one compiled graph over a "
-                                 "fixed-length KV cache: the same tokens, less per-token overhead.")
+    compiled_decode: bool = _opt(False, "Run each decode step (model call + sampling) as one compiled graph over a "
+                                 "fixed-length KV cache: the same tokens, less per-token overhead for tiny models, but "
+                                 "slower at SmolLM2-135M's shapes on an H200 (bench/README.md).")
     max_completion_length: int = _opt(MAX_COMPLETION_LENGTH, "Most tokens sampled per completion.")
     temperature: float = _opt(1.0, "Sampling temperature (also divides the scored logits).")
     top_p: float = _opt(1.0, "Nucleus sampling mass.")

@@ -118,7 +118,7 @@ class PlainDecode:
 
 def decode(model: nn.Module, prompts: list[list[int]], max_tokens: list[int], stop_ids: list[int],
            temperature: float, top_p: float, seeds: list[int] | None,
-           prefill_step: int = 512, compiled: bool = True) -> tuple[list[list[int]], list[bool]]:
+           prefill_step: int = 512, compiled: bool = False) -> tuple[list[list[int]], list[bool]]:
     """(completions, truncated) for each prompt, the stop token kept. Copies of a prompt share
     one prefill; finished rows leave the batch (`shrink` says when). With `compiled`, decode
     steps run compiled over a `static_cache.StaticCache` where the model type and sampling allow

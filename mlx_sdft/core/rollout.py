@@ -118,7 +118,7 @@ def sample(
     batch_size: int = 32,
     seeds: list[int] | None = None,
     fuse: bool = True,
-    compiled: bool = True,
+    compiled: bool = False,
 ) -> Rollout:
     """One completion per prompt (repeat a prompt to get several), in the order given. With
     `seeds`, sequence i samples from its own stream seeded by seeds[i]; without, from MLX's
