@@ -6,9 +6,13 @@ Run: python bench/matmul_probe.py   (on a GPU it shows MLX CUDA's gemv path at M
 general matmul at M > 1; bench/README.md, issue 18)
 """
 
+import sys
 import time
+from pathlib import Path
 
-import mlx.core as mx
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+import mlx_sdft  # noqa: E402,F401  first: loads OpenBLAS on the CPU, as the trainer does
+import mlx.core as mx  # noqa: E402
 
 
 def timed(f, n: int = 200) -> float:
