@@ -243,7 +243,7 @@ def test_a_lesson_without_a_demonstration_is_left_alone_by_the_demonstration_gua
     from mlx_sdft.config import load_config
     from mlx_sdft.core.data import load_examples
     from mlx_sdft.core.prompts import encode_examples
-    from mlx_sdft.core.train import completion_budget
+    from mlx_sdft.core.guards import completion_budget
 
     template = "{question}\nYour earlier answer: {answer}\nFeedback: {feedback}"
     lessons = [{"prompt": f"Name a colour number {i}.", "teacher_template": template,

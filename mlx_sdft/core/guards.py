@@ -24,8 +24,9 @@ from dataclasses import dataclass
 import mlx.core as mx
 from mlx.utils import tree_map
 
-from mlx_sdft.config import BUDGET_FLOOR
+from mlx_sdft.config import BUDGET_FLOOR, Config
 from mlx_sdft.core.losses import sdft_loss
+from mlx_sdft.core.prompts import PromptPair
 from mlx_sdft.core import prefix
 from mlx_sdft.core.teacher import Leaves, copy_leaves, trainable_leaves, using
 
@@ -35,6 +36,23 @@ SHARED_PREFIX = 0.5  # warn when at least this fraction of demonstrations open w
 def demonstration_budget(demo_tokens: int, multiple: float, cap: int, floor: int = BUDGET_FLOOR) -> int:
     """min(cap, max(floor, ⌈multiple · demo_tokens⌉)): one example's completion budget in tokens."""
     return min(cap, max(floor, math.ceil(multiple * demo_tokens)))
+
+
+def completion_room(pair: PromptPair, max_seq_length: int) -> int:
+    """Tokens a completion may have so that both its student and its teacher context stay within max_seq_length."""
+    return max_seq_length - max(len(pair.student_ids), len(pair.teacher_ids))
+
+
+def completion_budget(pair: PromptPair, cfg: Config) -> int:
+    """Tokens a completion may have so that both contexts stay within --max-seq-length; with
+    --completion-budget M also at most demonstration_budget (M × the demonstration, floored),
+    where there is a demonstration (a feedback lesson has none to measure by). `cfg`: train's Config,
+    or check's CheckConfig (its samples are the ones training would draw)."""
+    room = completion_room(pair, cfg.max_seq_length)
+    cap = cfg.max_completion_length
+    if cfg.completion_budget and pair.demonstrated:
+        cap = demonstration_budget(len(pair.demo_ids), cfg.completion_budget, cap)
+    return min(cap, room)
 
 
 @dataclass

@@ -59,23 +59,6 @@ def build_optimizer(cfg: Config, steps: int) -> optim.Optimizer:
     return optim.SGD(learning_rate=lr, weight_decay=cfg.weight_decay)
 
 
-def completion_room(pair: PromptPair, max_seq_length: int) -> int:
-    """Tokens a completion may have so that both its student and its teacher context stay within max_seq_length."""
-    return max_seq_length - max(len(pair.student_ids), len(pair.teacher_ids))
-
-
-def completion_budget(pair: PromptPair, cfg: Config) -> int:
-    """Tokens a completion may have so that both contexts stay within --max-seq-length; with
-    --completion-budget M also at most guards.demonstration_budget (M × the demonstration, floored),
-    where there is a demonstration (a feedback lesson has none to measure by). `cfg`: train's Config,
-    or check's CheckConfig (its samples are the ones training would draw)."""
-    room = completion_room(pair, cfg.max_seq_length)
-    cap = cfg.max_completion_length
-    if cfg.completion_budget and pair.demonstrated:
-        cap = guards.demonstration_budget(len(pair.demo_ids), cfg.completion_budget, cap)
-    return min(cap, room)
-
-
 TRAIN_STREAM, VALID_STREAM = 0, 1
 
 
@@ -94,7 +77,7 @@ def rollout_batch(model: nn.Module, pairs: list[PromptPair], cfg: Config, stop_i
         sequence_seed(cfg.seed, p, g, stream) for p in positions for g in range(cfg.num_generations)]
     pairs = [p for p in pairs for _ in range(cfg.num_generations)]
     rollout = sample(
-        model, [p.student_ids for p in pairs], [completion_budget(p, cfg) for p in pairs], stop_ids,
+        model, [p.student_ids for p in pairs], [guards.completion_budget(p, cfg) for p in pairs], stop_ids,
         temperature=cfg.temperature, top_p=cfg.top_p, batch_size=len(pairs), seeds=seeds, fuse=cfg.fuse_sampling,
         compiled=cfg.compiled_decode,
     )

@@ -25,12 +25,12 @@ from rich.text import Text
 
 from mlx_sdft.config import COMPLETION_BUDGET, SFT_WEIGHT, TRUNCATED
 from mlx_sdft.core.degeneration import degenerate_rate, len_ratio
-from mlx_sdft.core.guards import shared_prefix, skipped_prefix_warning
+from mlx_sdft.core.guards import completion_budget, shared_prefix, skipped_prefix_warning
 from mlx_sdft.core.losses import kl_of_logits, log_softmax
 from mlx_sdft.core.prompts import PromptPair
 from mlx_sdft.core.rollout import sample
 from mlx_sdft.core.scoring import completion_logits, completion_mask, pad_rows
-from mlx_sdft.core.train import completion_budget, sequence_seed
+from mlx_sdft.core.train import sequence_seed
 
 # Heuristics, not from the paper. Without a metric: nats per token the teacher context must add
 # (the project's calibration saw SmolLM2-135M move −3.5 → −1.9); with one: the score it must add.

@@ -19,14 +19,14 @@ from mlx_sdft.machine import blas, memory
 from mlx_sdft.config import RESUME_MAY_CHANGE, Config, sft_ignores
 from mlx_sdft.formats import checkpoint
 from mlx_sdft.core.data import load_dataset, need_demonstrations
-from mlx_sdft.core.guards import skipped_prefix_warning
+from mlx_sdft.core.guards import completion_budget, completion_room, skipped_prefix_warning
 from mlx_sdft.core.objective import describe, loss_parts
 from mlx_sdft.errors import InputError
 from mlx_sdft.formats.models import Adapters, check_adapter_fit, open_model, open_tokenizer
 from mlx_sdft.core.prompts import apply_system_prompt, describe_stops, encode_examples, student_text, system_prompt_note, teacher_text
 from mlx_sdft.machine.report import Reporter, StopFlag
 from mlx_sdft.core.scoring import head_splits
-from mlx_sdft.core.train import completion_budget, completion_room, total_steps, train
+from mlx_sdft.core.train import total_steps, train
 
 
 AUTO_CHUNK = 16  # positions per chunk when the preflight turns chunking on: ~1/4 the memory of T = 256
