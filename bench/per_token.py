@@ -10,7 +10,8 @@ detokenizer, which would only add to mlx-lm's side). Batch 4: `rollout.sample` v
 fixed length (no stop token) from a short prompt; the time includes that prompt's prefill. Two
 models: the tiny llama of `--quick`, where per-token overhead is nearly all the time (as on a
 GPU), and SmolLM2-135M's shapes (random float32 weights), where the arithmetic dominates on a
-CPU. No LoRA: both sides run the same plain weights. Repetitions alternate which side goes first;
+CPU. No LoRA: both sides run the same plain weights. "trainer" is the default (`--compiled-decode`
+off); the shortcut cases below turn the compiled step on first. Repetitions alternate which side goes first;
 ratio = trainer / mlx-lm (< 1: the trainer is faster). On the tiny model (at SmolLM2 shapes too
 with --levers), each decode shortcut of the trainer is also timed off against on ("trainer vs
 without …": < 1, the shortcut pays): the compiled whole decode step (`static_cache`), and within
@@ -61,9 +62,10 @@ def clocks() -> tuple[float, float]:
     return time.perf_counter(), time.process_time()
 
 
-def trainer(model, prompts, n) -> tuple[float, float]:
+def trainer(model, prompts, n, compiled: bool = False) -> tuple[float, float]:
+    """The trainer's sampling as it runs by default (`--compiled-decode` off), or with `compiled`."""
     start = clocks()
-    out = rollout.sample(model, prompts, [n] * len(prompts), [], seeds=list(range(len(prompts))))
+    out = rollout.sample(model, prompts, [n] * len(prompts), [], seeds=list(range(len(prompts))), compiled=compiled)
     assert all(len(c) == n for c in out.completions)
     return tuple(b - a for a, b in zip(start, clocks()))
 
@@ -98,8 +100,9 @@ def without(*levers: str):
 
 
 def lever(model, prompts, n, *names) -> tuple[float, float]:
+    """The trainer's sampling with every shortcut on (`--compiled-decode` too) but `names`."""
     with without(*names):
-        return trainer(model, prompts, n)
+        return trainer(model, prompts, n, compiled=True)
 
 
 def operations(model, batch: int, shortcuts: str) -> int:

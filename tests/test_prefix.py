@@ -2,11 +2,14 @@
 every objective equal those of the full pass over every row, which is what the code did before
 (and still does where the model does not share: `prefix.shares` False)."""
 
+import importlib
+
 import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 import pytest
 from mlx.utils import tree_flatten, tree_map
+from mlx_lm.tuner.lora import LoRALinear
 
 from mlx_sdft.config import Config
 from mlx_sdft.core import guards, prefix, scoring
@@ -195,3 +198,36 @@ def test_every_query_sees_a_key_and_real_queries_see_what_mlx_lm_shows_them():
     cache.update_and_fetch(mx.zeros((2, 1, 4, 2)), mx.zeros((2, 1, 4, 2)))
     theirs.update_and_fetch(mx.zeros((2, 1, 4, 2)), mx.zeros((2, 1, 4, 2)))
     np.testing.assert_array_equal(np.array(cache.make_mask(3)), np.array(theirs.make_mask(3)))  # continuations
+
+
+@pytest.mark.parametrize("model_type", ["qwen2", "qwen3", "olmo2", "smollm3"])
+def test_every_model_type_that_shares_equals_its_full_pass(model_type):
+    """The other head-splitting types (llama above): tiny random models with non-zero LoRA on the
+    query and value projections, hidden states and adapter gradients equal to the full pass."""
+    module = importlib.import_module(f"mlx_lm.models.{model_type}")
+    args = module.ModelArgs.from_dict({
+        "model_type": model_type, "hidden_size": 64, "num_hidden_layers": 2, "intermediate_size": 128,
+        "num_attention_heads": 4, "num_key_value_heads": 2, "head_dim": 16, "rms_norm_eps": 1e-5, "vocab_size": 400,
+        "tie_word_embeddings": True, "rope_theta": 10000.0, "max_position_embeddings": 4096, "no_rope_layer_interval": 2})
+    mx.random.seed(0)
+    model = module.Model(args)
+    model.freeze()
+    for layer in model.model.layers:
+        for name in ("q_proj", "v_proj"):
+            lora = LoRALinear.from_base(getattr(layer.self_attn, name), r=4)
+            lora.lora_b = mx.random.normal(lora.lora_b.shape) * 0.1
+            setattr(layer.self_attn, name, lora)
+    assert prefix.shares(model)
+    prompts = [p for p in (PAIRS[0].student_ids, PAIRS[1].student_ids, PAIRS[2].student_ids) for _ in range(2)]
+    continuations = [c for cs in COMPLETIONS for c in cs[:2]]
+    mask_BT1 = scoring.completion_mask([len(c) for c in continuations])[..., None]
+    weights_BTD = mx.random.normal((len(continuations), max(map(len, continuations)), 64), key=mx.random.key(1))
+
+    def total(model, hidden):
+        return (hidden(model, prompts, continuations) * weights_BTD * mask_BT1).sum()
+
+    shared, shared_grads = nn.value_and_grad(model, lambda m: total(m, prefix.completion_hidden))(model)
+    full, full_grads = nn.value_and_grad(model, lambda m: total(m, scoring.completion_hidden))(model)
+    _close(shared, full)
+    for (_, a), (_, b) in zip(tree_flatten(shared_grads), tree_flatten(full_grads)):
+        _close(a, b)
