@@ -1,13 +1,16 @@
-"""Scoring several continuations of one prompt over a single prefill of it.
+"""Scoring several continuations of prompts that share a beginning, each shared part computed once.
 
 An SDFT micro-batch scores every prompt more than once: the student's prompt under each of its
 --num-generations completions and under its demonstration (the --sft-weight term), the teacher's
-prompt under each completion. `completion_hidden` runs each distinct prompt through the model once
-(left-padded, as mlx-lm batches ragged prompts) and every continuation on top of a copy of its
-prompt's keys and values. The result equals `scoring.completion_hidden` to rounding, values and
-gradients alike: the cache is built by concatenation, never written in place, so the gradient of
-the LoRA weights flows through the prompt's keys and values as in the full pass, and copies of one
-prompt share no array (tests/test_prefix.py).
+prompt under each completion; and different prompts begin alike (the chat template's system prompt
+and the user turn's opening). `completion_hidden` runs the distinct prompts' longest common prefix
+through the model once (batch 1), each distinct prompt's remainder once (left-padded, as mlx-lm
+batches ragged prompts, the padding between the common prefix and the remainder), and every
+continuation on top of a copy of its prompt's keys and values. The result equals
+`scoring.completion_hidden` to rounding, values and gradients alike: the cache is built by
+concatenation, never written in place, so the gradient of the LoRA weights flows through the
+prompt's keys and values as in the full pass, and copies of one prompt share no array
+(tests/test_prefix.py).
 
 Used where it is exact: models whose cache is a plain KVCache per layer (`decode.supported`)
 and whose LM head splits off (`scoring.lm_head`); the others, and --grad-checkpoint (mx.checkpoint
@@ -18,6 +21,7 @@ from __future__ import annotations
 
 import mlx.core as mx
 import mlx.nn as nn
+from mlx_lm.models.base import create_causal_mask
 from mlx_lm.models.cache import BatchKVCache, make_prompt_cache
 
 from mlx_sdft.core import decode
@@ -26,7 +30,13 @@ from mlx_sdft.core.scoring import completion_hidden as full_hidden, completion_l
 
 class PrefixCache(BatchKVCache):
     """mlx-lm's left-padded batch cache (per-row RoPE offsets, the padding masked) whose keys and
-    values grow by concatenation: differentiable, and `rows` makes copies that share nothing."""
+    values grow by concatenation: differentiable, and `rows` makes copies that share nothing.
+    Row b's left_padding[b] padded slots start at slot `start` (after a common prefix of `start`
+    slots; 0: mlx-lm's left padding), hidden from every query."""
+
+    def __init__(self, left_padding: list[int], start: int = 0):
+        super().__init__(left_padding)
+        self.start = start
 
     def update_and_fetch(self, keys_BHLD: mx.array, values_BHLD: mx.array):
         L = keys_BHLD.shape[2]
@@ -37,15 +47,18 @@ class PrefixCache(BatchKVCache):
         return keys_BHLD, values_BHLD
 
     def make_mask(self, N: int, return_array: bool = False, **kwargs) -> mx.array:
-        """mlx-lm's causal mask over the left padding, with each query also seeing its own key: a
-        padded query would otherwise see none, and a backend whose softmax turns an all-masked row
-        into 0/0 would put NaN into the backward pass. Real queries already see their own key."""
-        mask = super().make_mask(N, return_array=return_array, **kwargs)
-        return mask | (mx.arange(self._idx, self._idx + N)[:, None] == mx.arange(self._idx + N)[None])
+        """The causal mask with each row's padded slots hidden, and each query also seeing its own
+        key: a padded query would otherwise see none (with start 0), and a backend whose softmax turns
+        an all-masked row into 0/0 would put NaN into the backward pass. Real queries already see
+        their own key. With start 0 this is mlx-lm's left-padded mask plus that diagonal."""
+        keys_K = mx.arange(self._idx + N)
+        gap_B111K = ((self.start <= keys_K) & (keys_K < self.start + self.left_padding[:, None]))[:, None, None]
+        mask = create_causal_mask(N, offset=self._idx, **kwargs) & ~gap_B111K
+        return mask | (mx.arange(self._idx, self._idx + N)[:, None] == keys_K[None])
 
     def rows(self, index_B: mx.array) -> PrefixCache:
         """A new cache holding row index_B[b] of this one as its row b."""
-        copy = PrefixCache([0] * index_B.shape[0])
+        copy = PrefixCache([0] * index_B.shape[0], self.start)
         copy.keys, copy.values = self.keys[index_B], self.values[index_B]
         copy.offset, copy.left_padding, copy._idx = self.offset[index_B], self.left_padding[index_B], self._idx
         return copy
@@ -56,21 +69,39 @@ def shares(model: nn.Module) -> bool:
     return lm_head(model) is not None and decode.supported(model)
 
 
+def common_length(prompts: list[list[int]]) -> int:
+    """P: how many first tokens all prompts share, each keeping ≥ 1 of its own (its last token's
+    hidden state predicts its continuation's first); 0 for one prompt, or when P < 2."""
+    P = min(map(len, prompts)) - 1
+    for p in prompts[1:]:
+        P = next((i for i, (a, b) in enumerate(zip(prompts[0][:P], p)) if a != b), P)
+    return P if P >= 2 and len(prompts) > 1 else 0
+
+
 def completion_hidden(model: nn.Module, prompts: list[list[int]], continuations: list[list[int]],
                       share: bool = True) -> mx.array:
     """hidden_BTD as `scoring.completion_hidden` (row i: prompts[i] then continuations[i]; [i, j] is
-    what `lm_head` turns into the prediction of continuations[i][j]), each distinct prompt run once
-    when prompts repeat, the model `shares` and `share` is on; else the full pass over every row."""
+    what `lm_head` turns into the prediction of continuations[i][j]), the prompts' common prefix run
+    once and each distinct prompt once when prompts repeat or share a prefix (`common_length`), the
+    model `shares` and `share` is on; else the full pass over every row."""
     distinct, rows = decode.distinct_rows(prompts)
-    if not share or len(distinct) == len(prompts) or not shares(model):
+    P = common_length(distinct)
+    if not share or (len(distinct) == len(prompts) and not P) or not shares(model):
         return full_hidden(model, prompts, continuations)
-    body, width = prefill_body(model), max(map(len, distinct))
-    pad = [width - len(p) for p in distinct]
-    cache = [PrefixCache(pad) for _ in make_prompt_cache(model)]
-    prompt_PWD = body(mx.array([[0] * n + p for n, p in zip(pad, distinct)]), cache=cache)
+    body, width = prefill_body(model), max(map(len, distinct)) - P
+    pad = [width - len(p) + P for p in distinct]
+    cache = [PrefixCache(pad, P) for _ in make_prompt_cache(model)]
+    if P:
+        common = [PrefixCache([0]) for _ in cache]
+        body(mx.array([distinct[0][:P]]), cache=common)
+        for c, one in zip(cache, common):  # every row starts with the common keys, RoPE resuming at P
+            shape = (len(distinct),) + one.keys.shape[1:]
+            c.keys, c.values = mx.broadcast_to(one.keys, shape), mx.broadcast_to(one.values, shape)
+            c.offset, c._idx = c.offset + P, P
+    prompt_RWD = body(mx.array([[0] * n + p[P:] for n, p in zip(pad, distinct)]), cache=cache)
     index_B, T = mx.array(rows), max(map(len, continuations))
     # Left padding puts every prompt's last token in the last slot: it predicts continuation token 0.
-    last_B1D = prompt_PWD[index_B, -1:]
+    last_B1D = prompt_RWD[index_B, -1:]
     if T <= 1:
         return last_B1D[:, :T]
     # The last continuation token is never an input: nothing after it is scored.
@@ -82,8 +113,8 @@ def grouped(model: nn.Module, groups: list[tuple[list[list[int]], list[list[int]
             share: bool = True) -> list[mx.array | None]:
     """For each group (prompts, continuations), its logits_BTV (hidden_BTD with `hidden`, for models
     whose head splits), T its own longest continuation, as `scoring.completion_logits` would give;
-    None for an empty group. The rows of all groups share one prefill per distinct prompt
-    (`completion_hidden`); without sharing each group takes its own full pass, as before."""
+    None for an empty group. The rows of all groups share one prefill per distinct prompt and one of
+    their common prefix (`completion_hidden`); without sharing each group takes its own full pass."""
     head, kept = lm_head(model), [g for g in groups if g[0]]
     if not (share and shares(model)):
         scored = iter([(full_hidden if hidden else completion_logits)(model, *g) for g in kept])

@@ -3,7 +3,7 @@
 Row i is prompt_i + completion_i. The logit at absolute position t predicts token t+1, so
 completion token j of row i is scored at position len(prompt_i) - 1 + j. Rows are right
 padded: with causal attention, padding after the real tokens cannot change them.
-`prefix.py` gives the same values with each repeated prompt run once.
+`prefix.py` gives the same values with each repeated prompt, and the prompts' common prefix, run once.
 """
 
 from __future__ import annotations
