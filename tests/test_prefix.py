@@ -304,8 +304,9 @@ def test_every_query_sees_a_key_and_real_queries_see_what_mlx_lm_shows_them():
     np.testing.assert_array_equal(np.array(cache.make_mask(3)), np.array(theirs.make_mask(3)))  # continuations
 
 
+@pytest.mark.parametrize("lessons", ["distinct", "common"])
 @pytest.mark.parametrize("model_type", ["qwen2", "qwen3", "olmo2", "smollm3"])
-def test_every_model_type_that_shares_equals_its_full_pass(model_type):
+def test_every_model_type_that_shares_equals_its_full_pass(model_type, lessons):
     """The other head-splitting types (llama above): tiny random models with non-zero LoRA on the
     query and value projections, hidden states and adapter gradients equal to the full pass."""
     module = importlib.import_module(f"mlx_lm.models.{model_type}")
@@ -322,7 +323,8 @@ def test_every_model_type_that_shares_equals_its_full_pass(model_type):
             lora.lora_b = mx.random.normal(lora.lora_b.shape) * 0.1
             setattr(layer.self_attn, name, lora)
     assert prefix.shares(model)
-    prompts = [p for p in (PAIRS[0].student_ids, PAIRS[1].student_ids, PAIRS[2].student_ids) for _ in range(2)]
+    lessons = PAIRS if lessons == "distinct" else COMMON_PAIRS
+    prompts = [p for p in (lessons[0].student_ids, lessons[1].student_ids, lessons[2].student_ids) for _ in range(2)]
     continuations = [c for cs in COMPLETIONS for c in cs[:2]]
     mask_BT1 = scoring.completion_mask([len(c) for c in continuations])[..., None]
     weights_BTD = mx.random.normal((len(continuations), max(map(len, continuations)), 64), key=mx.random.key(1))
