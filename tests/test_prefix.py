@@ -239,6 +239,7 @@ def test_the_common_prefix_leaves_every_prompt_a_token_of_its_own():
     assert prefix.common_length([[1, 2, 9], [1, 2, 8], [1, 3]]) == 0  # one token in common: not worth it
     assert prefix.common_length([[1, 2, 3, 4]]) == 0  # one prompt: nothing to share
     assert prefix.common_length([[5, 6], [7, 6]]) == 0
+    assert prefix.common_length([[1, 2, 3, 4, 5], [], [1, 2, 3, 9, 9]]) == 0  # was 3: [][:-1] sliced from the end
 
 
 def test_the_gap_after_a_common_prefix_is_hidden_from_every_query():

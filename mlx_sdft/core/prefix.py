@@ -73,9 +73,11 @@ def common_length(prompts: list[list[int]]) -> int:
     """P: how many first tokens all prompts share, each keeping ≥ 1 of its own (its last token's
     hidden state predicts its continuation's first); 0 for one prompt, or when P < 2."""
     P = min(map(len, prompts)) - 1
+    if P < 2 or len(prompts) < 2:  # also an empty prompt (P = -1 would slice from the end)
+        return 0
     for p in prompts[1:]:
         P = next((i for i, (a, b) in enumerate(zip(prompts[0][:P], p)) if a != b), P)
-    return P if P >= 2 and len(prompts) > 1 else 0
+    return P if P >= 2 else 0
 
 
 def completion_hidden(model: nn.Module, prompts: list[list[int]], continuations: list[list[int]],
