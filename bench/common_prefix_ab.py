@@ -7,9 +7,14 @@ demonstrations of 10. Six interleaved repetitions, the first dropped; median wal
 
 Run: python bench/common_prefix_ab.py   (~2 min on 2 cores)
 """
-import sys, time, statistics
-sys.path[:0] = ["bench", "."]
-import mlx_sdft  # noqa
+import statistics
+import sys
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+sys.path[:0] = [str(HERE), str(HERE.parent)]  # run from a checkout without installing
+import mlx_sdft  # noqa: E402,F401  first: on Linux it loads OpenBLAS before MLX does
 import mlx.core as mx, mlx.nn as nn
 from mlx_lm.models import llama
 from shapes import FULL
