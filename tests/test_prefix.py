@@ -66,6 +66,21 @@ def _close(a, b, rel=1e-5):
     assert np.linalg.norm(a - b) <= rel * max(np.linalg.norm(a), 1e-12), (a, b)
 
 
+def _both_passes(model, prompts, continuations, weights_BTD, mask_BT1):
+    """[(value, grads) of Σ hidden · weights over the real positions] with the shared prefill, then
+    with the full pass (scoring.completion_hidden)."""
+    def total(model, hidden):
+        return (hidden(model, prompts, continuations) * weights_BTD * mask_BT1).sum()
+
+    return [nn.value_and_grad(model, lambda m, h=h: total(m, h))(model)
+            for h in (prefix.completion_hidden, scoring.completion_hidden)]
+
+
+def _close_grads(a, b):
+    for (_, x), (_, y) in zip(tree_flatten(a), tree_flatten(b)):
+        _close(x, y)
+
+
 def _score(model, teacher, base, cfg, pairs, completions, truncated):
     """Teacher scores, then the student loss's value, ntoks, parts and gradient, as sdft_step runs them."""
     objective = sdft_objective(cfg)
@@ -184,18 +199,13 @@ def test_continuations_of_one_prompt_share_its_prefill_exactly(lora):
     mask_BT = scoring.completion_mask([len(c) for c in continuations])[..., None]
     weights_BTD = mx.random.normal((5, 6, model.args.hidden_size), key=mx.random.key(0))
 
-    def total(model, hidden):
-        return (hidden(model, prompts, continuations) * weights_BTD * mask_BT).sum()
-
-    shared, shared_grads = nn.value_and_grad(model, lambda m: total(m, prefix.completion_hidden))(model)
-    full, full_grads = nn.value_and_grad(model, lambda m: total(m, scoring.completion_hidden))(model)
+    (shared, shared_grads), (full, full_grads) = _both_passes(model, prompts, continuations, weights_BTD, mask_BT)
     # A sum of terms of both signs: its rounding is relative to the terms' size, not to the sum's.
     scale = (mx.abs(scoring.completion_hidden(model, prompts, continuations) * weights_BTD) * mask_BT).sum().item()
     assert abs(shared.item() - full.item()) <= 1e-6 * scale
     _close(prefix.completion_hidden(model, prompts, continuations) * mask_BT,
            scoring.completion_hidden(model, prompts, continuations) * mask_BT)
-    for (_, a), (_, b) in zip(tree_flatten(shared_grads), tree_flatten(full_grads)):
-        _close(a, b)
+    _close_grads(shared_grads, full_grads)
     one = prefix.completion_hidden(model, prompts, [[5]] * 5)  # every continuation one token: no second call
     _close(one, scoring.completion_hidden(model, prompts, [[5]] * 5))
 
@@ -215,22 +225,16 @@ def test_a_common_prefix_runs_once_at_batch_one(lora, monkeypatch, repeats):
     monkeypatch.setattr(prefix.PrefixCache, "update_and_fetch", lambda self, k, v: (
         runs.append((k.shape[0], k.shape[2], self._idx)), update(self, k, v))[1])
 
-    def total(model, hidden):
-        return (hidden(model, prompts, continuations) * weights_BTD * mask_BT1).sum()
-
-    shared, shared_grads = nn.value_and_grad(model, lambda m: total(m, prefix.completion_hidden))(model)
+    (shared, shared_grads), (full, full_grads) = _both_passes(model, prompts, continuations, weights_BTD, mask_BT1)
     P, layers = len(SYSTEM), model.args.num_hidden_layers
-    # Per layer: the common prefix (1 row), the remainders (4 rows from slot P), the continuations.
+    # Per layer: the common prefix (1 row), the remainders (4 rows from slot P), the continuations;
+    # nothing from the full pass, which uses no PrefixCache.
     assert runs == [(1, P, 0)] * layers + [(4, 8, P)] * layers + [(len(prompts), 5, P + 8)] * layers
-    runs.clear()
-    full, full_grads = nn.value_and_grad(model, lambda m: total(m, scoring.completion_hidden))(model)
-    assert not runs
     scale = (mx.abs(scoring.completion_hidden(model, prompts, continuations) * weights_BTD) * mask_BT1).sum().item()
     assert abs(shared.item() - full.item()) <= 1e-6 * scale
     _close(prefix.completion_hidden(model, prompts, continuations) * mask_BT1,
            scoring.completion_hidden(model, prompts, continuations) * mask_BT1)
-    for (_, a), (_, b) in zip(tree_flatten(shared_grads), tree_flatten(full_grads)):
-        _close(a, b)
+    _close_grads(shared_grads, full_grads)
 
 
 def test_the_common_prefix_leaves_every_prompt_a_token_of_its_own():
@@ -330,11 +334,6 @@ def test_every_model_type_that_shares_equals_its_full_pass(model_type, lessons):
     mask_BT1 = scoring.completion_mask([len(c) for c in continuations])[..., None]
     weights_BTD = mx.random.normal((len(continuations), max(map(len, continuations)), 64), key=mx.random.key(1))
 
-    def total(model, hidden):
-        return (hidden(model, prompts, continuations) * weights_BTD * mask_BT1).sum()
-
-    shared, shared_grads = nn.value_and_grad(model, lambda m: total(m, prefix.completion_hidden))(model)
-    full, full_grads = nn.value_and_grad(model, lambda m: total(m, scoring.completion_hidden))(model)
+    (shared, shared_grads), (full, full_grads) = _both_passes(model, prompts, continuations, weights_BTD, mask_BT1)
     _close(shared, full)
-    for (_, a), (_, b) in zip(tree_flatten(shared_grads), tree_flatten(full_grads)):
-        _close(a, b)
+    _close_grads(shared_grads, full_grads)
