@@ -31,10 +31,13 @@ class Served:
     def __init__(self, proc: subprocess.Popen, url: str, home: Path, log: Path):
         self.proc, self.url, self.home, self.log = proc, url, home, log
 
-    def call(self, path: str, body=None, key: str | None = None, raw: bytes | None = None, stream: bool = False):
-        """(status, parsed JSON) — or (status, list of SSE data payloads) with `stream`."""
+    def call(self, path: str, body=None, key: str | None = None, raw: bytes | None = None, stream: bool = False,
+             headers: dict | None = None):
+        """(status, parsed JSON) — or (status, list of SSE data payloads) with `stream`; `headers` are
+        sent too (a browser's Host or Origin)."""
         data = raw if raw is not None else (None if body is None else json.dumps(body).encode())
-        headers = {"Content-Type": "application/json", **({"Authorization": f"Bearer {key}"} if key else {})}
+        headers = {"Content-Type": "application/json", **({"Authorization": f"Bearer {key}"} if key else {}),
+                   **(headers or {})}
         request = urllib.request.Request(self.url + path, data=data, headers=headers)
         try:
             with urllib.request.urlopen(request, timeout=120) as response:
@@ -211,7 +214,7 @@ def test_a_chunked_body_is_a_411_not_an_empty_one(server):
     host, port = server.url.removeprefix("http://").rsplit(":", 1)
     body = json.dumps({"messages": HELLO, "max_tokens": 2}).encode()
     with socket.create_connection((host, int(port)), timeout=60) as sock:  # all at once: no race with the answer
-        sock.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+        sock.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
                      b"Transfer-Encoding: chunked\r\n\r\n%x\r\n%s\r\n0\r\n\r\n" % (len(body), body))
         reply = b""
         while chunk := sock.recv(65536):
@@ -231,23 +234,185 @@ def test_a_client_that_leaves_stops_its_answer_which_is_not_stored(server):
     host, port = server.url.removeprefix("http://").rsplit(":", 1)
     body = json.dumps({"messages": HELLO, "max_tokens": 20000, "temperature": 0}).encode()
     with socket.create_connection((host, int(port)), timeout=60) as sock:
-        sock.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Length: %d\r\n\r\n%s" % (len(body), body))
+        sock.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Length: %d\r\n\r\n%s"
+                     % (len(body), body))
     after = server.chat(max_tokens=2)  # queued behind the first: it ran (or was stopped) before this one
     assert _count(server) == before + 1
     with server.store() as store:
         assert store.exchanges(1)[0]["id"] == after["id"]
 
 
-def test_a_prompt_longer_than_the_model_reads_is_a_400(tiny_model, tmp_path):
+def _short_context(tiny_model, tmp_path, positions: int) -> Path:
+    """The tiny model with a config that says it reads `positions` tokens."""
     model = tmp_path / "short-context"
     shutil.copytree(tiny_model, model)
     config = json.loads((model / "config.json").read_text())
-    (model / "config.json").write_text(json.dumps({**config, "max_position_embeddings": 64}))
-    with serving(model, tmp_path / "home") as served:
+    (model / "config.json").write_text(json.dumps({**config, "max_position_embeddings": positions}))
+    return model
+
+
+def test_a_prompt_longer_than_the_model_reads_is_a_400(tiny_model, tmp_path):
+    with serving(_short_context(tiny_model, tmp_path, 64), tmp_path / "home") as served:
         status, error = served.call("/v1/chat/completions", {"messages": [{"role": "user", "content": "word " * 200}]})
         assert status == 400 and "the model reads at most 64" in error["error"]["message"], error
         assert _count(served) == 0
         assert served.chat(max_tokens=2)["usage"]["prompt_tokens"] < 64
+
+
+def test_an_answer_ends_where_the_context_does(tiny_model, tmp_path):
+    """prompt + max_tokens past the model's context: the answer is cut where the context ends, with
+    finish_reason "length" (streamed or not), and never generated past the model's positions."""
+    with serving(_short_context(tiny_model, tmp_path, 64), tmp_path / "home") as served:
+        body = served.chat(max_tokens=200)  # greedy: no early end within 300 tokens (see below)
+        usage, choice = body["usage"], body["choices"][0]
+        assert usage["total_tokens"] == 64 and usage["completion_tokens"] == 64 - usage["prompt_tokens"], usage
+        assert choice["finish_reason"] == "length"
+        status, events = served.call("/v1/chat/completions", {"messages": HELLO, "max_tokens": 200, "temperature": 0,
+                                                              "stream": True, "stream_options": {"include_usage": True}},
+                                     stream=True)
+        chunks = [json.loads(e) for e in events[:-1]]
+        assert status == 200 and chunks[-2]["choices"][0]["finish_reason"] == "length"
+        assert chunks[-1]["usage"] == usage
+        assert "".join(c["choices"][0]["delta"].get("content", "") for c in chunks if c["choices"]) == \
+            choice["message"]["content"]
+        assert served.chat(max_tokens=3)["usage"]["completion_tokens"] == 3  # within the context: as asked
+        with served.store() as store:
+            assert store.exchange(body["id"])["completion_tokens"] == 64 - usage["prompt_tokens"]
+
+
+def _stream_request(url: str, max_tokens: int):
+    request = urllib.request.Request(url + "/v1/chat/completions", headers={"Content-Type": "application/json"},
+                                     data=json.dumps({"messages": HELLO, "max_tokens": max_tokens, "temperature": 0,
+                                                      "stream": True}).encode())
+    return urllib.request.urlopen(request, timeout=60)
+
+
+def test_a_request_past_the_queue_limit_gets_503_with_retry_after(tiny_model, tmp_path):
+    """One request at a time: with --max-queue 0 nobody may wait behind a long answer, so a second
+    request is told at once (503, Retry-After) instead of waiting unnoticed; then it is answered."""
+    with serving(tiny_model, tmp_path / "home", "--max-queue", "0") as served:
+        with _stream_request(served.url, 1500) as long:  # seconds of generating on the tiny model
+            assert long.readline().startswith(b"data: ")  # it is being answered
+            request = urllib.request.Request(served.url + "/v1/chat/completions", headers={"Content-Type": "application/json"},
+                                             data=json.dumps({"messages": HELLO, "max_tokens": 2}).encode())
+            with pytest.raises(urllib.error.HTTPError) as refused:
+                urllib.request.urlopen(request, timeout=60)
+            assert refused.value.code == 503 and int(refused.value.headers["Retry-After"]) > 0
+            error = json.loads(refused.value.read())["error"]
+            assert error["type"] == "server_error" and "--max-queue" in error["message"], error
+            assert long.read().decode().rstrip().endswith("data: [DONE]")
+        assert served.chat(max_tokens=2) and _count(served) == 2  # the long one and this one; the refused one not
+
+
+def test_only_this_machines_names_are_answered(server):
+    """DNS rebinding: a page whose name re-resolves to 127.0.0.1 sends its own name as Host. It gets
+    403 on every route and nothing is stored; this machine's names are answered, any port."""
+    port = server.url.rsplit(":", 1)[1]
+    id = server.chat(max_tokens=2)["id"]
+    before = _count(server), _count(server, "lessons")
+    for host in ("evil.example", f"evil.example:{port}", "127.0.0.1.evil.example", "localhost.evil.example", ""):
+        for path, body in (("/v1/chat/completions", {"messages": HELLO, "max_tokens": 2}), ("/v1/models", None),
+                           ("/v1/feedback", {"id": id, "answer": "Planted."})):
+            status, error = server.call(path, body, headers={"Host": host})
+            assert status == 403 and error["error"]["type"] == "permission_error", (host, path, error)
+    assert (_count(server), _count(server, "lessons")) == before
+    for host in (f"127.0.0.1:{port}", f"localhost:{port}", "LOCALHOST", f"[::1]:{port}", "127.0.0.1:1"):
+        assert server.call("/v1/models", headers={"Host": host})[0] == 200, host
+
+
+def test_requests_from_other_web_pages_are_refused(server):
+    """A page elsewhere may POST with Content-Type text/plain and no preflight (fetch's no-cors mode):
+    it carries an Origin, and is refused (403) and not stored. The server's own origin, and clients
+    that send no Origin (curl, the OpenAI SDKs), are answered."""
+    port = int(server.url.rsplit(":", 1)[1])
+    chat = json.dumps({"messages": HELLO, "max_tokens": 2}).encode()
+    id = server.chat(max_tokens=2)["id"]
+    before = _count(server), _count(server, "lessons")
+    for origin in ("https://evil.example", f"http://evil.example:{port}", "null", f"http://localhost:{port + 1}",
+                   f"https://localhost:{port}"):
+        for path, raw in (("/v1/chat/completions", chat), ("/v1/feedback", json.dumps({"id": id, "answer": "x"}).encode())):
+            status, error = server.call(path, raw=raw, headers={"Origin": origin, "Content-Type": "text/plain"})
+            assert status == 403 and error["error"]["type"] == "permission_error", (origin, path, error)
+    assert (_count(server), _count(server, "lessons")) == before
+    for origin in (server.url, f"http://localhost:{port}", f"http://[::1]:{port}"):
+        assert server.call("/v1/chat/completions", raw=chat, headers={"Origin": origin})[0] == 200, origin
+    assert server.call("/v1/chat/completions", raw=chat, headers={"Content-Type": "text/plain"})[0] == 200
+    assert _count(server) == before[0] + 4
+
+
+def test_allowed_hosts_and_origins_are_answered(tiny_model, tmp_path):
+    """Behind a reverse proxy (--allowed-host) or for a web UI elsewhere (--allowed-origin, whose
+    answers and CORS preflights name it); the others are still refused."""
+    ui = "http://localhost:3000"
+    with serving(tiny_model, tmp_path / "home", "--allowed-host", "llm.proxy.example", "--allowed-origin", ui,
+                 "--api-key", "k") as served:
+        assert served.call("/v1/models", key="k", headers={"Host": "llm.proxy.example:443"})[0] == 200
+        assert served.call("/v1/models", key="k", headers={"Host": "other.example"})[0] == 403
+        assert served.call("/v1/models", key="k", headers={"Origin": "http://localhost:3001"})[0] == 403
+        request = urllib.request.Request(served.url + "/v1/chat/completions", headers={
+            "Origin": ui, "Authorization": "Bearer k", "Content-Type": "application/json"},
+            data=json.dumps({"messages": HELLO, "max_tokens": 2}).encode())
+        with urllib.request.urlopen(request, timeout=60) as response:
+            assert response.status == 200 and response.headers["Access-Control-Allow-Origin"] == ui
+        preflight = urllib.request.Request(served.url + "/v1/chat/completions", method="OPTIONS", headers={
+            "Origin": ui, "Access-Control-Request-Method": "POST",
+            "Access-Control-Request-Headers": "authorization, content-type"})
+        with urllib.request.urlopen(preflight, timeout=60) as response:
+            assert response.status == 204 and response.headers["Access-Control-Allow-Origin"] == ui
+            assert "POST" in response.headers["Access-Control-Allow-Methods"]
+            assert "authorization" in response.headers["Access-Control-Allow-Headers"].lower()
+        assert _count(served) == 1
+    result = CliRunner().invoke(app, ["serve", "--model", str(tiny_model), "--home", str(tmp_path / "h2"),
+                                      "--allowed-origin", "localhost:3000"])
+    assert result.exit_code == 2 and "--allowed-origin: 'localhost:3000' is not an origin" in result.stderr
+
+
+def test_streams_are_chunked_and_connections_kept_alive(server):
+    """HTTP/1.1: the event stream is chunked and ends with [DONE] and the last chunk, and the same
+    connection then takes another request; an HTTP/1.0 client gets a stream that ends at close."""
+    import http.client
+    import socket
+
+    host, port = server.url.removeprefix("http://").rsplit(":", 1)
+    body = json.dumps({"messages": HELLO, "max_tokens": 6, "temperature": 0, "stream": True})
+    connection = http.client.HTTPConnection(host, int(port), timeout=60)
+    try:
+        connection.request("POST", "/v1/chat/completions", body, {"Content-Type": "application/json"})
+        response = connection.getresponse()
+        assert response.version == 11 and response.getheader("Transfer-Encoding") == "chunked"
+        assert response.getheader("Content-Length") is None
+        assert response.read().decode().rstrip().endswith("data: [DONE]")
+        sock = connection.sock
+        connection.request("GET", "/v1/models")
+        response = connection.getresponse()
+        assert response.status == 200 and json.loads(response.read())["object"] == "list"
+        assert connection.sock is sock  # the same connection
+    finally:
+        connection.close()
+    with socket.create_connection((host, int(port)), timeout=60) as sock:
+        sock.sendall(b"POST /v1/chat/completions HTTP/1.0\r\nHost: 127.0.0.1\r\nContent-Length: %d\r\n\r\n%s"
+                     % (len(body), body.encode()))
+        reply = b""
+        while data := sock.recv(65536):
+            reply += data
+    head, _, text = reply.partition(b"\r\n\r\n")
+    assert b"Transfer-Encoding" not in head and text.startswith(b"data: ") and text.endswith(b"data: [DONE]\n\n"), reply
+
+
+def test_a_stream_cut_by_a_dying_server_is_an_error_not_an_end(tiny_model, tmp_path):
+    """kill -9 mid-stream: the client's read fails (the chunked body never got its last chunk),
+    where a close-delimited body would have ended as if the answer were complete."""
+    import http.client
+
+    with serving(tiny_model, tmp_path / "home") as served:
+        with _stream_request(served.url, 4000) as response:
+            assert response.version == 11
+            assert response.readline().startswith(b"data: ")  # the stream has begun
+            os.kill(served.proc.pid, signal.SIGKILL)
+            served.proc.wait()
+            with pytest.raises((http.client.IncompleteRead, ConnectionResetError)):
+                while response.read(65536):
+                    pass
 
 
 TEACHER = """

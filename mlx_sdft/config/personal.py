@@ -7,6 +7,7 @@ import dataclasses
 import math
 from dataclasses import dataclass
 from pathlib import Path
+from urllib.parse import urlsplit
 
 from mlx_sdft.config.options import (
     ChatTemplate, DEFAULT_HOME, DEFAULT_MODEL, Dequantize, FEEDBACK_TEMPLATE, HINDSIGHT_TEMPLATE, ModelSource,
@@ -38,6 +39,13 @@ class ServeConfig(Dequantize, ChatTemplate, ModelSource):
     host: str = _opt("127.0.0.1", "Address to listen on; any but this machine's loopback requires --api-key.")
     port: int = _opt(8080, "Port to listen on (0: a free one, printed at start).")
     api_key: str | None = _opt(None, "Require the header `Authorization: Bearer KEY` on every request.")
+    allowed_host: list = _opt([], "Also answer requests whose Host header names this host, e.g. a reverse proxy's "
+                              "name (repeatable; * allows any). Without it only 127.0.0.1, localhost, ::1 and "
+                              "--host are answered.")
+    allowed_origin: list = _opt([], "Also answer requests from web pages of this origin, e.g. http://localhost:3000 "
+                                "(repeatable; * allows any). A request with any other Origin header gets 403.")
+    max_queue: int = _opt(8, "Most requests waiting behind the one being generated; one more gets 503 with "
+                          "Retry-After (0: only one request at a time).")
     max_tokens: int = _opt(512, "Most tokens per answer when a request does not say.")
     temperature: float = _opt(0.7, "Sampling temperature when a request does not say (0: greedy).")
     top_p: float = _opt(1.0, "Nucleus sampling mass when a request does not say.")
@@ -59,6 +67,15 @@ class ServeConfig(Dequantize, ChatTemplate, ModelSource):
         if self.learn_config is not None:
             self.learn_config = str(Path(self.learn_config).resolve())
             read_yaml(self.learn_config, LearnConfig)
+        if self.max_queue < 0:
+            raise InputError(f"--max-queue: must be >= 0, got {self.max_queue}")
+        for host in self.allowed_host:
+            if not host.strip() or any(c in host for c in "/ @"):
+                raise InputError(f"--allowed-host: {host!r} is not a host name or address (no scheme or path)")
+        for origin in self.allowed_origin:
+            if origin != "*" and not _is_origin(origin):
+                raise InputError(f"--allowed-origin: {origin!r} is not an origin (SCHEME://HOST[:PORT], e.g. "
+                                 "http://localhost:3000) or *")
         if not 0 <= self.port < 65536:
             raise InputError(f"--port: must be in [0, 65535], got {self.port}")
         if self.host not in LOOPBACK and not self.api_key:
@@ -72,6 +89,17 @@ class ServeConfig(Dequantize, ChatTemplate, ModelSource):
 
 
 LOOPBACK = ("127.0.0.1", "localhost", "::1")
+
+
+def _is_origin(text: str) -> bool:
+    """SCHEME://HOST[:PORT] and nothing more, as a browser sends it in the Origin header."""
+    try:
+        parts = urlsplit(text)
+        parts.port  # noqa: B018  raises on a bad port
+    except ValueError:
+        return False
+    return bool(parts.scheme and parts.hostname) and not (parts.path.strip("/") or parts.query or parts.fragment
+                                                           or parts.username)
 
 
 @dataclass

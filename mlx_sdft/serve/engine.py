@@ -134,11 +134,13 @@ class Engine:
         if self.context and len(ids) >= self.context:
             raise BadRequest(f"messages: {len(ids)} prompt tokens, and the model reads at most {self.context} "
                              "(max_position_embeddings); shorten the conversation", param="messages")
+        # the answer ends where the context does (finish_reason "length"), never past the positions the model has
+        max_tokens = min(request.max_tokens, self.context - len(ids)) if self.context else request.max_tokens
         if request.seed is not None:
             mx.random.seed(request.seed)
         sampler = make_sampler(temp=request.temperature, top_p=request.top_p)
         pieces = (Piece(r.text, r.finish_reason, r.prompt_tokens, r.generation_tokens, self.version)
-                  for r in stream_generate(self.model, self.tokenizer, ids, max_tokens=request.max_tokens,
+                  for r in stream_generate(self.model, self.tokenizer, ids, max_tokens=max_tokens,
                                            sampler=sampler))
         yield from until_stop(pieces, request.stop) if request.stop else pieces
 

@@ -8,20 +8,28 @@ mlx_lm.server does), answering with `Engine` and keeping every exchange in the s
 The exchange is committed before the last byte of its answer is sent (for a stream: before the
 chunk with `finish_reason`), and the answer's `id` is the exchange id. A bad request gets an
 OpenAI error object with its status and stores nothing.
+
+Only this machine's names (and --host, --allowed-host) are answered, so a web page whose name
+re-resolves to 127.0.0.1 (DNS rebinding) gets 403; a request from a web page (it carries an
+`Origin`) is answered only from the server's own origin or an --allowed-origin one. HTTP/1.1:
+a stream is chunked, so a stream cut by a dying server is an error to the client, not an end.
 """
 
 from __future__ import annotations
 
 import hmac
+import ipaddress
 import json
 import select
 import signal
 import socket
 import sys
-from contextlib import closing
+import threading
+from contextlib import closing, contextmanager
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from urllib.parse import urlsplit
 
-from mlx_sdft.config import ServeConfig
+from mlx_sdft.config import LOOPBACK, ServeConfig
 from mlx_sdft.errors import InputError
 from mlx_sdft.serve import openai
 from mlx_sdft.serve.engine import Engine
@@ -31,10 +39,39 @@ from mlx_sdft.store import lessons
 from mlx_sdft.store.db import Store, new_exchange_id
 
 MAX_BODY = 16 << 20  # bytes; a chat request is far smaller
+RETRY_AFTER = 5  # seconds, in the Retry-After of a 503 when --max-queue requests already wait
+
+
+class Busy(BadRequest):
+    """503 with Retry-After: the model is answering one request and --max-queue more wait for it."""
+
+    def __init__(self, message: str):
+        super().__init__(message, 503, "server_error")
+        self.headers = {"Retry-After": str(RETRY_AFTER)}
+
+
+def host_name(value: str) -> str:
+    """The host of a Host header, --host or --allowed-host: no port, no IPv6 brackets, lower case,
+    an IP address in its one written form."""
+    value = value.strip().lower()
+    if value.startswith("["):
+        value = value[1:].partition("]")[0]
+    elif value.count(":") == 1:
+        value = value.partition(":")[0]
+    value = value.rstrip(".")
+    try:
+        return str(ipaddress.ip_address(value))
+    except ValueError:
+        return value
 
 
 class Handler(BaseHTTPRequestHandler):
     server: Server
+    # keep-alive, and a stream's body is chunked: a stream cut short (the server died) is an error to the
+    # client, where HTTP/1.0's close-delimited body looked like a normal end
+    protocol_version = "HTTP/1.1"
+    _cors: str | None = None  # the allowed foreign Origin this answer names in Access-Control-Allow-Origin
+    _chunked = False  # this answer's body is sent in chunks (an event stream to an HTTP/1.1 client)
 
     def do_GET(self) -> None:
         self._route({"/v1/models": self._models})
@@ -42,23 +79,68 @@ class Handler(BaseHTTPRequestHandler):
     def do_POST(self) -> None:
         self._route({"/v1/chat/completions": self._chat, "/v1/feedback": self._feedback})
 
+    def do_OPTIONS(self) -> None:
+        """A browser's CORS preflight (a page of an --allowed-origin); no API key, as browsers send none."""
+        paths = ("/v1/models", "/v1/chat/completions", "/v1/feedback")
+        self._route(dict.fromkeys(paths, self._preflight), authorize=False)
+
     def log_message(self, format: str, *args) -> None:
         sys.stderr.write(f"mlx-sdft serve: {self.address_string()} {format % args}\n")
 
-    def _route(self, routes: dict) -> None:
+    def _route(self, routes: dict, authorize: bool = True) -> None:
+        self._cors, self._chunked = None, False  # one handler answers every request of a kept-alive connection
         try:
+            self._check_host()
+            self._check_origin()
             handler = routes.get(self.path.split("?", 1)[0])
             if handler is None:
                 raise BadRequest(f"no route {self.command} {self.path}", 404, "not_found_error")
-            self._authorize()
+            if authorize:
+                self._authorize()
             handler()
         except BadRequest as e:
-            self._json(e.status, openai.error(str(e), e.kind, e.param))
+            self._json(e.status, openai.error(str(e), e.kind, e.param), getattr(e, "headers", None))
         except (BrokenPipeError, ConnectionResetError):
-            pass  # the client left; nothing to answer
+            self.close_connection = True  # the client left; nothing to answer
         except Exception as e:  # answer, and keep serving
             self.log_error("internal error: %s: %s", type(e).__name__, e)
             self._json(500, openai.error(f"internal error ({type(e).__name__})", "server_error"))
+
+    def _check_host(self) -> None:
+        """DNS rebinding: a web page whose name re-resolves to 127.0.0.1 sends that name as Host."""
+        hosts = self.server.hosts
+        if "*" not in hosts and host_name(self.headers.get("Host", "")) not in hosts:
+            raise BadRequest(f"Host {self.headers.get('Host', '')!r} is not a name of this server: it answers "
+                             "127.0.0.1, localhost, [::1] and --host (more with --allowed-host)", 403,
+                             "permission_error")
+
+    def _check_origin(self) -> None:
+        """A web page's request carries its Origin (curl and the OpenAI SDKs send none): answered only
+        from this server's own origin or an --allowed-origin one, whose answers then name it for CORS."""
+        origin = self.headers.get("Origin")
+        if origin is None or self._own_origin(origin):
+            return
+        allowed = self.server.origins
+        if "*" not in allowed and origin.strip().lower().rstrip("/") not in allowed:
+            raise BadRequest(f"requests from web pages of {origin!r} are refused (allow its origin with "
+                             "--allowed-origin)", 403, "permission_error")
+        self._cors = origin.strip()
+
+    def _own_origin(self, origin: str) -> bool:
+        """http://HOST:PORT with HOST a name this server answers (not by a * wildcard) and its port."""
+        try:
+            parts = urlsplit(origin.strip())
+            port = parts.port or 80
+        except ValueError:
+            return False
+        return (parts.scheme.lower() == "http" and parts.hostname is not None and port == self.server.server_address[1]
+                and host_name(parts.hostname) in self.server.hosts - {"*"})
+
+    def end_headers(self) -> None:
+        if self._cors:
+            self.send_header("Access-Control-Allow-Origin", self._cors)
+            self.send_header("Vary", "Origin")
+        super().end_headers()
 
     def _authorize(self) -> None:
         key = self.server.cfg.api_key
@@ -94,13 +176,36 @@ class Handler(BaseHTTPRequestHandler):
         except OSError:
             return True
 
-    def _json(self, status: int, body: dict) -> None:
+    def _json(self, status: int, body: dict, headers: dict | None = None) -> None:
         data = json.dumps(body, ensure_ascii=False).encode()
         self.send_response(status)
         self.send_header("Content-Type", "application/json")
         self.send_header("Content-Length", str(len(data)))
+        for name, value in (headers or {}).items():
+            self.send_header(name, value)
+        if status >= 400:  # the request's body may be unread: it must not be read as the next request
+            self.send_header("Connection", "close")
         self.end_headers()
         self.wfile.write(data)
+
+    def _send(self, data: bytes) -> None:
+        """Part of a stream's body: one chunk of the chunked encoding, or as is to an HTTP/1.0 client."""
+        self.wfile.write(b"%x\r\n%s\r\n" % (len(data), data) if self._chunked else data)
+        self.wfile.flush()
+
+    def _end_stream(self) -> None:
+        if self._chunked:
+            self.wfile.write(b"0\r\n\r\n")  # the last chunk: without it the client knows the stream was cut
+            self.wfile.flush()
+
+    def _preflight(self) -> None:
+        self.send_response(204)
+        self.send_header("Access-Control-Allow-Methods", "GET, POST, OPTIONS")
+        self.send_header("Access-Control-Allow-Headers",
+                         self.headers.get("Access-Control-Request-Headers", "Authorization, Content-Type"))
+        self.send_header("Access-Control-Max-Age", "600")
+        self.send_header("Content-Length", "0")
+        self.end_headers()
 
     # ---- routes -------------------------------------------------------------------------
 
@@ -110,13 +215,17 @@ class Handler(BaseHTTPRequestHandler):
     def _chat(self) -> None:
         cfg = self.server.cfg
         request = openai.parse_chat(self._body(), cfg.max_tokens, cfg.temperature, cfg.top_p)
-        if request.stream:
-            return self._stream(request)
+        with self.server.admit():  # a 503 when --max-queue requests already wait for the model
+            return self._stream(request) if request.stream else self._answer(request)
+
+    def _answer(self, request: openai.ChatRequest) -> None:
+        cfg = self.server.cfg
         pieces = []
         with closing(self.server.engine.answer(request)) as answer:
             for piece in answer:
                 pieces.append(piece)
                 if piece.finish_reason is None and self._client_gone():
+                    self.close_connection = True
                     return  # closing the answer stops the generation; nothing is stored
         answer, last = "".join(p.text for p in pieces), pieces[-1]
         id = self.server.keep(request, answer, last)  # committed before the answer is sent
@@ -139,11 +248,16 @@ class Handler(BaseHTTPRequestHandler):
                 raise
             self.log_error("generation failed mid-stream: %s: %s", type(e).__name__, e)
             self._event(openai.error(f"generation failed ({type(e).__name__})", "server_error"))
+            self._end_stream()
+            self.close_connection = True
 
     def _open_stream(self, id: str, version: int) -> None:
+        self._chunked = self.request_version != "HTTP/1.0"
         self.send_response(200)
         self.send_header("Content-Type", "text/event-stream")
         self.send_header("Cache-Control", "no-cache")
+        # an HTTP/1.0 client cannot read chunks: its stream ends when the connection closes
+        self.send_header(*(("Transfer-Encoding", "chunked") if self._chunked else ("Connection", "close")))
         self.end_headers()
         self._event(openai.chunk(id, self.server.cfg.model, version, {"role": "assistant", "content": ""}))
 
@@ -159,12 +273,11 @@ class Handler(BaseHTTPRequestHandler):
         if request.include_usage:
             usage = openai.usage(piece.prompt_tokens, piece.completion_tokens)
             self._event(openai.chunk(id, model, piece.version, None, usage_=usage))
-        self.wfile.write(b"data: [DONE]\n\n")
-        self.wfile.flush()
+        self._send(b"data: [DONE]\n\n")
+        self._end_stream()
 
     def _event(self, body: dict) -> None:
-        self.wfile.write(b"data: " + json.dumps(body, ensure_ascii=False).encode() + b"\n\n")
-        self.wfile.flush()
+        self._send(b"data: " + json.dumps(body, ensure_ascii=False).encode() + b"\n\n")
 
     def _feedback(self) -> None:
         body = self._body()
@@ -193,9 +306,27 @@ class Server(ThreadingHTTPServer):
 
     def __init__(self, cfg: ServeConfig, engine: Engine, store: Store):
         self.cfg, self.engine, self.store, self.learner = cfg, engine, store, Learner(cfg)
+        self.hosts = {host_name(h) for h in (*LOOPBACK, cfg.host, *cfg.allowed_host)}  # "*": any
+        self.origins = {o.strip().lower().rstrip("/") for o in cfg.allowed_origin}  # "*": any
+        self._admitted, self._admitting = 0, threading.Lock()  # requests for the model: answered or waiting
         # the family of the address --host names (http.server assumes IPv4, so "::1" would not bind)
         self.address_family = socket.getaddrinfo(cfg.host, cfg.port, type=socket.SOCK_STREAM)[0][0]
         super().__init__((cfg.host, cfg.port), Handler)
+
+    @contextmanager
+    def admit(self):
+        """One request for the model, which answers one at a time: it may wait behind the one being
+        answered and up to --max-queue others; one more is a 503 with Retry-After, not a silent wait."""
+        with self._admitting:
+            if self._admitted > self.cfg.max_queue:
+                raise Busy(f"the server is busy: one request is being answered and {self.cfg.max_queue} wait "
+                           f"(--max-queue); try again in {RETRY_AFTER} s")
+            self._admitted += 1
+        try:
+            yield
+        finally:
+            with self._admitting:
+                self._admitted -= 1
 
     def keep(self, request: openai.ChatRequest, answer: str, last, id: str | None = None) -> str:
         """Commit the exchange (and with --hindsight the lesson it implies); returns its id."""
