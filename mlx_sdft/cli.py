@@ -19,7 +19,7 @@ from rich.console import Console
 from rich.markup import escape
 
 from mlx_sdft.config import (CheckConfig, Config, EvalConfig, ExportConfig, ForgetConfig, GenerateConfig, LearnConfig,
-                             LessonsConfig, RollbackConfig, ServeConfig, TeachConfig, VersionsConfig, cli_fields,
+                             LessonsConfig, RollbackConfig, RulesConfig, ServeConfig, TeachConfig, VersionsConfig, cli_fields,
                              load_config)
 from mlx_sdft.errors import InputError, Interrupted, Rejected, TrainingError, one_line
 
@@ -157,7 +157,7 @@ def _printing(name: str, ask: Callable | None = None, job: str = "teach") -> Cal
         question = ask(cfg) if ask and not cfg.yes else None
         if question:
             typer.confirm(question, abort=True)
-        console = {"console": Console(stderr=True)} if job == "learn" else {}
+        console = {"console": Console(stderr=True)} if job in ("learn", "rules") and name != "listing" else {}
         for line in getattr(module, name)(cfg, **console):
             typer.echo(line)
 
@@ -192,6 +192,36 @@ _command("delete", LessonsConfig, _printing("delete"), "Delete one lesson (its t
          None, ("lesson", "home"), lessons_app)
 _command("purge", LessonsConfig, _printing("purge", lambda cfg: f"Delete every lesson in {cfg.home}?"),
          "Delete every lesson and compact the store.", None, ("home", "yes"), lessons_app)
+
+
+rules_app = typer.Typer(name="rules", no_args_is_help=False, invoke_without_command=True,
+                        help="Standing rules and facts in --home: list (--json), add TEXT, check [ID], remove ID.")
+app.add_typer(rules_app)
+_RULE_LIST = ("home", "json")
+_RULE_MEASURE = ("model", "gate_prompts", "gate_max_tokens", "batch_size")
+
+
+def _rules(ctx: typer.Context, **flags) -> None:
+    """List the rules and facts: state, check, how the model follows each one."""
+    if ctx.invoked_subcommand is None:
+        with _one_line_errors("rules"):
+            _printing("listing", job="rules")(load_config(None, flags, RulesConfig))
+
+
+_rules.__signature__ = inspect.Signature(
+    [inspect.Parameter("ctx", inspect.Parameter.POSITIONAL_OR_KEYWORD, annotation=typer.Context),
+     *map(_option, _fields(RulesConfig, _RULE_LIST))])
+rules_app.callback(invoke_without_command=True)(_rules)
+_command("add", RulesConfig, _printing("add", job="rules"), "Add a rule (or --fact): in serve's prompt from its next "
+         "request; then measure whether the model follows it when told (--no-preflight: skip).", None,
+         ("text", "home", "fact", "check", "preflight", *_RULE_MEASURE), rules_app)
+_command("check", RulesConfig, _printing("check", job="rules"), "Measure whether the model (current version) follows "
+         "a rule when told, on held-out prompts: every rule, or RULE.", None, ("rule", "home", *_RULE_MEASURE),
+         rules_app)
+_command("remove", RulesConfig, _printing("remove", lambda cfg: f"Remove rule {cfg.rule} everywhere (a version that "
+                                         "learned it is rebuilt without it)?", job="rules"), "Remove a rule from the store, serve's prompt and "
+         "every version that learned it (as forget: the current version is rebuilt without it).", None,
+         ("rule", "home", "yes"), rules_app)
 
 
 def _learn(cfg: LearnConfig) -> None:

@@ -195,7 +195,7 @@ def test_mixed_formats_reported_before_field_errors(tmp_path):
 
 UNKNOWN = (
     'unknown format: expected the keys "messages", "prompt" + "completion", '
-    '"prompt" + "privileged_context", or "prompt" + "teacher_template" (got keys: '
+    '"prompt" + "privileged_context", "prompt" + "teacher_template" or "prompt" + "teacher_system" (got keys: '
 )
 BOTH = "ambiguous line: it has the keys of both"
 BAD_PROMPT = '"prompt" must be a non-empty string or a list of messages '

@@ -17,14 +17,17 @@ from mlx_sdft.cli import app
 from mlx_sdft.config import FEEDBACK_TEMPLATE
 from mlx_sdft.store import lessons, versions
 from mlx_sdft.store.db import Store
+from mlx_sdft.store.rules import prompt_pool
 
 runner = CliRunner()
 # Small and fast; the tiny model is random, so the canary (KL from the base, degenerate answers)
 # is loosened except where a test forces it. --method sft: on a random model the demonstration's
 # likelihood (gate 1) rises for SFT, not reliably for SDFT's self-samples.
 FAST = ("--num-layers", "-1", "--batch-size", "2", "--iters", "6", "--learning-rate", "3e-3", "--method", "sft",
-        "--max-completion-length", "8", "--gate-prompts", "4", "--gate-max-tokens", "8")
-LOOSE = ("--gate-max-kl-rise", "100", "--gate-max-degenerate-rise", "1", "--gate-tolerance", "100")
+        "--max-completion-length", "8", "--gate-prompts", "4", "--gate-max-tokens", "8", "--gate-questions", "4",
+        "--gate-question-tokens", "6", "--rule-prompts", "8")
+LOOSE = ("--gate-max-kl-rise", "100", "--gate-max-loop-rise", "1", "--gate-max-prior-drop", "1", "--gate-tolerance", "100",
+         "--gate-rule-tolerance", "100")
 
 
 def _lessons(home: Path, *words: str, exchange: bool = False) -> list[int]:
@@ -114,12 +117,12 @@ def test_a_failed_gate_changes_nothing_and_exits_nonzero(tiny_model, tmp_path):
     result = _learn(home, tiny_model, *LOOSE, "--gate-max-kl-rise", "0")  # any move away from the base fails
     assert result.exit_code == 3
     lines = [line for line in result.stderr.splitlines() if line.startswith("mlx-sdft learn: error:")]
-    assert len(lines) == 1 and "gate 3 (canary KL)" in lines[0] and "current version stays 0" in lines[0]
+    assert len(lines) == 1 and "gate 5 (drift)" in lines[0] and "current version stays 0" in lines[0]
     assert (home / versions.CURRENT).read_bytes() == pointer and versions.current(home) == 0
     assert _states(home) == {i: "new" for i in ids}
     record = versions.record(home, 1)  # the candidate is kept, with the reason
-    assert record["accepted"] is False and record["reason"].startswith("gate 3 (canary KL)")
-    assert record["gate"]["canary_kl"]["current"] == 0.0 < record["gate"]["canary_kl"]["candidate"]
+    assert record["accepted"] is False and record["reason"].startswith("gate 5 (drift)")
+    assert record["gate"]["drift_kl"]["current"] == 0.0 < record["gate"]["drift_kl"]["candidate"]
     assert runner.invoke(app, ["rollback", "--home", str(home), "1"]).exit_code == 2  # never served
 
     result = _learn(home, tiny_model, *LOOSE, "--gate-min-gain", "1000")  # gate 1 forced
@@ -219,7 +222,8 @@ def test_more_gate_prompts_than_bundled_is_refused(tiny_model, tmp_path):
     home = tmp_path / "home"
     _lessons(home, "red")
     result = runner.invoke(app, ["learn", "--home", str(home), "--model", str(tiny_model), "--gate-prompts", "101"])
-    assert result.exit_code == 2 and "--gate-prompts: at most 100 (the bundled general prompts), got 101" in result.output
+    held_out = len(prompt_pool()[1])
+    assert result.exit_code == 2 and f"--gate-prompts: at most {held_out} (the bundled held-out prompts), got 101" in result.output
     assert not (home / "versions").exists()
 
 
@@ -318,8 +322,7 @@ def test_feedback_lessons_are_gated_by_the_teacher_student_divergence(tiny_model
     with Store(home) as store:
         store.add_lesson(kind="feedback", prompt=[{"role": "user", "content": "Name a fruit."}], answer="A car.",
                          text="a fruit, please", teacher_template=FEEDBACK_TEMPLATE)
-    result = runner.invoke(app, ["learn", "--home", str(home), "--model", str(tiny_model), *FAST[:-8], *LOOSE,
-                                 "--max-completion-length", "8", "--gate-prompts", "4", "--gate-max-tokens", "8",
+    result = runner.invoke(app, ["learn", "--home", str(home), "--model", str(tiny_model), *FAST[:8], *FAST[10:], *LOOSE,
                                  "--gate-min-gain", "-1000"])
     assert result.exit_code == 0, result.output
     new = versions.record(home, 1)["gate"]["new_lessons"]

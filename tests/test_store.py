@@ -40,7 +40,7 @@ def test_new_store_is_wal_at_the_schema_version_and_reopens(tmp_path):
     assert con.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
     for path in tmp_path.iterdir():  # store.db, -wal, -shm: only the owner may read them
         assert path.stat().st_mode & 0o077 == 0, (path, oct(path.stat().st_mode))
-    assert con.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION == 1
+    assert con.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION == 2
     con.close()
     with Store(tmp_path) as store:  # a second open migrates nothing and keeps the rows
         assert store.exchange(id)["answer"] == "5"

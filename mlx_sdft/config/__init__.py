@@ -26,7 +26,8 @@ from mlx_sdft.config.options import (
     SystemPrompt, TEACHER_TEMPLATE, TRUNCATED, TeacherTemplate, check_model, coerce,
 )
 from mlx_sdft.config.personal import (
-    ForgetConfig, LOOPBACK, LearnConfig, LessonsConfig, RollbackConfig, ServeConfig, TeachConfig, VersionsConfig,
+    ForgetConfig, LOOPBACK, LearnConfig, LessonsConfig, RollbackConfig, RulesConfig, ServeConfig, TeachConfig,
+    VersionsConfig,
 )
 from mlx_sdft.config.train import BEFORE_THE_OPTION, RESUME_MAY_CHANGE, SDFT_ONLY, Config, sft_ignores
 from mlx_sdft.errors import InputError
@@ -36,7 +37,7 @@ __all__ = [
     "Answers", "BEFORE_THE_OPTION", "BUDGET_FLOOR", "COMPLETION_BUDGET", "ChatTemplate", "CheckConfig", "Config",
     "DEFAULT_HOME", "DEFAULT_MODEL", "DIVERGENCES", "DataSource", "Dequantize", "EvalConfig", "ExportConfig",
     "FEEDBACK_TEMPLATE", "ForgetConfig", "GenerateConfig", "HINDSIGHT_TEMPLATE", "LOOPBACK", "LearnConfig",
-    "LessonsConfig", "ModelSource", "PAPER_SDFT", "RESUME_MAY_CHANGE", "RollbackConfig", "SDFT_ONLY", "SFT_WEIGHT",
+    "LessonsConfig", "ModelSource", "PAPER_SDFT", "RESUME_MAY_CHANGE", "RollbackConfig", "RulesConfig", "SDFT_ONLY", "SFT_WEIGHT",
     "SKIP_FIRST_TOKENS", "ServeConfig", "SystemPrompt", "TEACHER_TEMPLATE", "TRUNCATED", "TeachConfig",
     "TeacherTemplate", "VersionsConfig", "check_model", "cli_fields", "coerce", "load_config", "overlay",
     "saved_options", "sft_ignores",

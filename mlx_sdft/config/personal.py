@@ -15,6 +15,7 @@ from mlx_sdft.config.options import (
 )
 from mlx_sdft.config.train import Config
 from mlx_sdft.errors import InputError
+from mlx_sdft.store.rules import check_regex
 from mlx_sdft.yaml_file import read_yaml
 
 
@@ -55,6 +56,9 @@ class ServeConfig(Dequantize, ChatTemplate, ModelSource):
                                    "with {question}, {answer} and {followup}.")
     feedback_template: str = _feedback_template()
     redact: list = _redact()
+    rules_in_prompt: str = _opt("always", "Put the active rules and facts in every request's system message: always, "
+                                "never, or auto (those the serving version does not yet follow without them).",
+                                ("always", "auto", "never"))
     learn_every: int = _opt(0, "Run `mlx-sdft learn` in the background whenever this many new lessons have arrived "
                             "(0: never); the server answers from the current version meanwhile.")
     learn_config: str | None = _opt(None, "YAML file of learn options for --learn-every.", path=True)
@@ -112,6 +116,11 @@ class TeachConfig:
     limit: int = _opt(20, "How many exchanges --list shows.")
     answer: str | None = _opt(None, "The answer you wanted: a demonstration lesson.")
     feedback: str | None = _opt(None, "What was wrong with the answer, in words: a feedback lesson.")
+    always: bool = _opt(False, "With --feedback: it holds for every answer, not this one only (a standing rule).")
+    rule: str | None = _opt(None, "A standing rule for every answer, e.g. \"Always end with '- Sam'\" (as `rules add`).")
+    fact: str | None = _opt(None, "A fact the model should know, e.g. \"Middlemarch was written by George Eliot\".")
+    check: str | None = _opt(None, "With --rule, --fact or --always: a regular expression an answer that follows "
+                             "it matches (measures compliance).")
     import_file: str | None = _opt(None, "Add every example of a .jsonl file (the formats `train` reads) as lessons.",
                                    flag="--import")
     forget_exchanges: bool = _opt(False, "Delete every stored exchange (lessons stay) and compact the store.")
@@ -123,18 +132,51 @@ class TeachConfig:
         if not self.exchange and (self.answer is not None or self.feedback is not None):
             raise InputError("--answer/--feedback: name the exchange they correct (see --list)")
         actions = [name for name, on in (("--list", self.list), ("EXCHANGE", self.exchange),
-                                         ("--import", self.import_file), ("--forget-exchanges", self.forget_exchanges)) if on]
+                                         ("--import", self.import_file), ("--forget-exchanges", self.forget_exchanges),
+                                         ("--rule", self.rule is not None), ("--fact", self.fact is not None)) if on]
         if len(actions) != 1:
-            raise InputError("give one of EXCHANGE (with --answer or --feedback), --list, --import, --forget-exchanges"
-                             + (f" (got {', '.join(actions)})" if actions else ""))
+            raise InputError("give one of EXCHANGE (with --answer or --feedback), --rule, --fact, --list, --import, "
+                             "--forget-exchanges" + (f" (got {', '.join(actions)})" if actions else ""))
+        if self.always and self.feedback is None:
+            raise InputError("--always: goes with EXCHANGE --feedback TEXT (a standing rule from a correction)")
+        if self.check is not None and self.rule is None and self.fact is None and not self.always:
+            raise InputError("--check: goes with --rule, --fact or --feedback ... --always")
         if self.exchange and (self.answer is None) == (self.feedback is None):
             raise InputError(f"{self.exchange}: give one of --answer, --feedback")
-        for name in ("answer", "feedback"):
+        for name in ("answer", "feedback", "rule", "fact"):
             if getattr(self, name) is not None and not getattr(self, name).strip():
                 raise InputError(f"--{name}: must not be blank")
+        check_regex(self.check, "--check")
         _positive(self, ("limit",))
         _template(self, "feedback_template", ("question", "answer", "feedback"))
         _regexes(self.redact)
+        return self
+
+
+@dataclass
+class RulesConfig:
+    """`mlx-sdft rules`: the standing rules and facts in --home: list, add, check, remove."""
+
+    text: str | None = _opt(None, "The rule (add), e.g. \"Always end your answer with '- Sam'\".", argument=True)
+    rule: int | None = _opt(None, "The rule's id (check: default every rule; remove).", argument=True)
+    home: str = _home()
+    json: bool = _opt(False, "Print the rules as JSON.")
+    fact: bool = _opt(False, "add: TEXT is a fact to know, not a rule to follow.")
+    check: str | None = _opt(None, "add: a regular expression an answer that follows the rule (or knows the fact) "
+                             "matches.")
+    preflight: bool = _opt(True, "add: measure at once whether the model follows the rule when told (loads it).")
+    model: str | None = _opt(None, "The model to measure with [default: the one the home's versions or exchanges "
+                             f"name; else {DEFAULT_MODEL}].", path=True)
+    gate_prompts: int = _opt(24, "Held-out prompts the preflight answers (as learn's --gate-prompts).")
+    gate_max_tokens: int = _opt(64, "Tokens per answer (as learn's --gate-max-tokens).")
+    batch_size: int = _opt(4, "Prompts per batch.")
+    yes: bool = _opt(False, "remove: without asking.")
+
+    def validate(self) -> RulesConfig:
+        _positive(self, ("gate_prompts", "gate_max_tokens", "batch_size"))
+        if self.text is not None and not self.text.strip():
+            raise InputError("TEXT: must not be blank")
+        check_regex(self.check, "--check")
         return self
 
 
@@ -176,28 +218,41 @@ class LearnConfig(Config):
     # batch; with a handful of personal lessons that is as many earlier lessons as new ones.
     replay_ratio: float = _opt(1.0, "Earlier learned lessons replayed per new lesson (drawn at random; all of them "
                                "when there are fewer).")
-    gate_min_gain: float = _opt(0.0, "Gate 1, new lessons: the candidate's lesson fit (nats/token, higher is closer) "
-                                "must beat the current version's by more than this.")
+    gate_min_gain: float = _opt(0.0, "Gates 1 and 3, new lessons and rules: the candidate's lesson fit (nats/token, "
+                                "higher is closer) must beat the current version's, and each new rule's held-out gap "
+                                "must fall below it, by more than this.")
     gate_tolerance: float = _opt(0.05, "Gate 2, earlier lessons: the candidate's lesson fit may fall below the "
                                  "current version's by at most this (nats/token).")
+    gate_rule_tolerance: float = _opt(0.05, "Gate 4, earlier rules: each one's held-out gap may rise by at most this "
+                                      "(nats/token).")
     # 0.1: recipes/retention-small measured KL 0.12-0.16 after 24 SDFT steps at lr 1e-4 on SmolLM2-135M,
     # and recipes/personal's first run saw a useful 12-step update (new-lesson fit +0.39) at 0.054.
-    gate_max_kl_rise: float = _opt(0.1, "Gate 3, canary: KL(base‖candidate) on the general prompts may exceed "
-                                   "KL(base‖current) by at most this (nats/token).")
-    gate_max_degenerate_rise: float = _opt(0.1, "Gate 3, canary: the degenerate rate of greedy answers to the general "
-                                           "prompts may exceed the current version's by at most this.")
-    gate_prompts: int = _opt(32, "General prompts (the first of the 100 bundled ones) in the canary.")
-    gate_max_tokens: int = _opt(64, "Tokens per canary answer and per fresh sample of a feedback lesson.")
+    gate_max_kl_rise: float = _opt(0.1, "Gate 5, drift: KL(base told the rules‖candidate) on the held-out prompts may "
+                                   "exceed the current version's by at most this (nats/token).")
+    gate_max_prior_drop: float = _opt(0.05, "Gate 6, prior answers: the share of bundled questions answered right may "
+                                      "fall by at most this.")
+    gate_max_loop_rise: float = _opt(0.1, "Gate 7, loops: the share of held-out answers that repeat themselves may "
+                                     "rise by at most this.")
+    gate_prompts: int = _opt(24, "Held-out prompts (a split no learn trains on) the gate and the rule preflight "
+                             "answer.")
+    gate_max_tokens: int = _opt(64, "Tokens per held-out answer and per fresh sample of a feedback lesson.")
+    gate_questions: int = _opt(32, "Bundled questions with checkable answers in the prior-answers check.")
+    gate_question_tokens: int = _opt(32, "Tokens per answer to those questions.")
+    rule_prompts: int = _opt(64, "Training prompts (the bundled ones and your stored requests, never the held-out "
+                             "ones) each learn distills the rules and facts over.")
 
     def validate(self) -> LearnConfig:
-        _positive(self, ("gate_prompts", "gate_max_tokens"))
-        for name in ("replay_ratio", "gate_tolerance", "gate_max_kl_rise", "gate_max_degenerate_rise"):
+        _positive(self, ("gate_prompts", "gate_max_tokens", "gate_questions", "gate_question_tokens", "rule_prompts"))
+        for name in ("replay_ratio", "gate_tolerance", "gate_rule_tolerance", "gate_max_kl_rise",
+                     "gate_max_prior_drop", "gate_max_loop_rise"):
             if not (getattr(self, name) >= 0 and math.isfinite(getattr(self, name))):
                 raise InputError(f"--{name.replace('_', '-')}: must be >= 0, got {getattr(self, name)}")
-        bundled = Path(__file__).parent.parent / "assets" / "general_prompts.jsonl"  # what the canary reads
-        available = sum(1 for line in bundled.read_text(encoding="utf-8").splitlines() if line.strip())
-        if self.gate_prompts > available:  # was cut to the bundled ones silently, the record saying more
-            raise InputError(f"--gate-prompts: at most {available} (the bundled general prompts), got {self.gate_prompts}")
+        from mlx_sdft.store.rules import prior_questions, prompt_pool
+
+        for name, available, what in (("gate_prompts", len(prompt_pool()[1]), "the bundled held-out prompts"),
+                                      ("gate_questions", len(prior_questions(10**6)), "the bundled questions")):
+            if getattr(self, name) > available:  # cut silently, the record would say more than was measured
+                raise InputError(f"--{name.replace('_', '-')}: at most {available} ({what}), got {getattr(self, name)}")
         if not math.isfinite(self.gate_min_gain):
             raise InputError(f"--gate-min-gain: must be finite, got {self.gate_min_gain}")
         checked = self.train_config(self.model or "-", "-", "-")  # the train options, before anything loads

@@ -8,16 +8,21 @@ first non-blank line (every other line must use the same one):
     {"prompt": P, "completion": DEMO}
     {"prompt": P, "privileged_context": DEMO}          (TRL's SDFT format)
     {"prompt": P, "teacher_template": T, "context": {"answer": A, "feedback": F}}
+    {"prompt": P, "teacher_system": S}
 
-The last is a lesson without a demonstration (`mlx-sdft lessons --export` writes it): the teacher
-sees T filled with the question and the context (slots {answer}, {feedback}, {followup}), e.g.
-a correction in words of the model's earlier answer A. Such lines may sit in a file of any format.
+The last two have no demonstration (`mlx-sdft lessons --export` writes them). In the first, the
+teacher sees T filled with the question and the context (slots {answer}, {feedback}, {followup}),
+e.g. a correction in words of the model's earlier answer A. In the second, the teacher sees the
+prompt with S added to its system message (a standing rule: context distillation, the student
+learns to answer as if S were in its prompt). Such lines may sit in a file of any format, and
+"teacher_system" may be added to a line of any format.
 
 P is a non-empty string (one user message) or a list of chat messages ending with a user
 message. Every line is checked before any model loads; any problem raises `InputError`
 with one line, "path:line: what is wrong". This module knows nothing about tokenization.
 """
 
+import dataclasses
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,6 +33,8 @@ from mlx_sdft.errors import InputError, one_line
 ROLES = ("assistant", "developer", "system", "tool", "user")
 CONTEXT_SLOTS = ("answer", "feedback", "followup")  # teacher-template slots besides {question} and {demonstration}
 OWN_TEMPLATE = "prompt/teacher_template"
+OWN_SYSTEM = "prompt/teacher_system"
+NO_DEMONSTRATION = (OWN_TEMPLATE, OWN_SYSTEM)  # formats that mix with any other
 SPLITS = ("train", "valid", "test")
 BOM = b"\xef\xbb\xbf"
 _JSON_NAMES = {
@@ -46,6 +53,7 @@ class Example:
     where: str = ""  # "path:line", for messages about this example
     teacher_template: str | None = None  # this example's own teacher prompt (else the run's --teacher-template)
     context: dict | None = None  # values of its CONTEXT_SLOTS, e.g. {"answer": ..., "feedback": ...}
+    teacher_system: str | None = None  # added to the teacher's system message only (rules to distill)
 
 
 def need_demonstrations(examples: list[Example], what: str) -> None:
@@ -100,7 +108,7 @@ def examples_from_rows(rows, source: str) -> list[Example]:
     for lineno, obj in rows:
         where = f"{source}:{lineno}"
         fmt = _format_of(obj, where)
-        if fmt == OWN_TEMPLATE:
+        if fmt in NO_DEMONSTRATION:
             pass  # mixes with any format: lessons without a demonstration next to those with one
         elif first is None:
             first = (lineno, fmt)
@@ -169,6 +177,8 @@ def _format_of(obj: Any, where: str) -> str:
     found = ["messages"] if "messages" in obj else []
     if "prompt" in obj:
         found += [f"prompt/{key}" for key in ("completion", "privileged_context", "teacher_template") if key in obj]
+    if "prompt" in obj and not found and "teacher_system" in obj:
+        found = [OWN_SYSTEM]
     if len(found) > 1:
         both = f"{found[0]} and {found[1]}"
         raise InputError(f"{where}: ambiguous line: it has the keys of both {both}; keep one")
@@ -176,12 +186,22 @@ def _format_of(obj: Any, where: str) -> str:
         keys = ", ".join(_show(k) for k in list(obj)[:8]) + (", ..." if len(obj) > 8 else "") or "none"
         raise InputError(
             f'{where}: unknown format: expected the keys "messages", "prompt" + "completion", '
-            f'"prompt" + "privileged_context", or "prompt" + "teacher_template" (got keys: {keys})'
+            f'"prompt" + "privileged_context", "prompt" + "teacher_template" or "prompt" + "teacher_system" '
+            f'(got keys: {keys})'
         )
     return found[0]
 
 
 def _example(obj: dict, fmt: str, where: str) -> Example:
+    example = _demonstrated(obj, fmt, where)
+    if "teacher_system" not in obj:
+        return example
+    return dataclasses.replace(example, teacher_system=_demonstration(obj["teacher_system"], '"teacher_system"', where))
+
+
+def _demonstrated(obj: dict, fmt: str, where: str) -> Example:
+    if fmt == OWN_SYSTEM:
+        return Example(_prompt(obj["prompt"], where), "", _tools(obj.get("tools"), where), where, "{question}", {})
     if fmt == "messages":
         messages = _messages(obj["messages"], "messages", where)
         last, n = messages[-1], len(messages) - 1

@@ -131,12 +131,26 @@ def fill_template(template: str, question: str, demonstration: str, **context: s
     return _SLOT.sub(lambda m: values.get(m.group(1), m.group(0)), template)
 
 
-def teacher_messages(example: Example, template: str) -> list[dict]:
-    """`template` unless the example brings its own (a feedback or hindsight lesson)."""
+def with_rules(messages: list[dict], rules: str | None, default_system: str | None = None) -> list[dict]:
+    """The conversation with `rules` added to its system message: after the conversation's own
+    system message, else after `default_system` (the one the chat template writes by itself), so
+    the rules add to the model's usual context instead of replacing it."""
+    if not rules:
+        return messages
+    if messages[0]["role"] in ("system", "developer"):
+        first = messages[0]
+        return [{**first, "content": f"{first.get('content') or ''}\n\n{rules}".lstrip("\n")}, *messages[1:]]
+    system = f"{default_system}\n\n{rules}" if default_system else rules
+    return [{"role": "system", "content": system}, *messages]
+
+
+def teacher_messages(example: Example, template: str, default_system: str | None = None) -> list[dict]:
+    """`template` unless the example brings its own (a feedback or hindsight lesson); the example's
+    `teacher_system` (rules) added to the system message, after `default_system` when it has none."""
     *history, last_user = example.prompt
     content = fill_template(example.teacher_template or template, last_user["content"], example.demonstration,
                             **(example.context or {}))
-    return [*history, {**last_user, "content": content}]
+    return with_rules([*history, {**last_user, "content": content}], example.teacher_system, default_system)
 
 
 def render(tokenizer, messages: list[dict], tools: list | None = None, add_generation_prompt: bool = True) -> str:
@@ -160,7 +174,8 @@ def student_text(tokenizer, example: Example) -> str:
 
 
 def teacher_text(tokenizer, example: Example, template: str) -> str:
-    return render(tokenizer, teacher_messages(example, template), example.tools)
+    default = template_system_prompt(tokenizer) if example.teacher_system else None
+    return render(tokenizer, teacher_messages(example, template, default), example.tools)
 
 
 def _assistant_turn(tokenizer, example: Example, content: str) -> str | None:

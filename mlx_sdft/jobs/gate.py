@@ -1,28 +1,36 @@
-"""The gate: a candidate version becomes current only when it passes three checks against the
-current version, measured on the same model with the two sets of adapter leaves swapped in.
+"""The gate: a candidate version becomes current only when it passes every check against the
+current version, measured on the same model with the two sets of adapter leaves swapped in, on
+prompts no learn ever trains on (store/rules.py's held-out split) and on bundled questions.
 
-**Lesson fit** (nats per token, higher is closer to what the lesson asks):
+**Lesson fit** of one-off lessons (nats per token, higher is closer to what the lesson asks):
 - a lesson with a demonstration (kind demonstration, import): the mean per-token log-likelihood
-  of the demonstration after the bare prompt (the student's context), `check.demonstration_loglik`.
-  SDFT's loss is on the student's own samples, never on the demonstration's tokens, so this is
-  not the quantity the update optimised (with `--method sft` it is: the record says which);
+  of the demonstration after the bare prompt (the student's context), `check.demonstration_loglik`;
 - a lesson with a teacher context instead (feedback, hindsight): minus the mean per-token
   KL(teacher‖student) on fresh samples of the student (temperature 1, `--gate-max-tokens`,
-  a seed per lesson), the teacher being the same weights shown the feedback: a model that has
-  taken the feedback in answers the bare prompt as it would with the feedback in view.
+  a seed per lesson), the teacher being the same weights shown the feedback.
 
-**Checks**
-1. new lessons: mean fit(candidate) − fit(current) > `--gate-min-gain` (default 0: it moved toward them);
-2. earlier lessons (those the current version learned): mean fit change ≥ −`--gate-tolerance`;
-3. canary on the first `--gate-prompts` bundled general prompts: KL(base‖candidate) ≤
-   KL(base‖current) + `--gate-max-kl-rise` (jobs.evaluate.retention_kl, same seed, so the same
-   base samples), and the degenerate rate of greedy answers (core/degeneration.py) ≤ the current
-   version's + `--gate-max-degenerate-rise`.
+**Rules and facts** (standing lessons): each one's *rule gap* on the held-out prompts
+(measure/rules.py: KL(the version told the rule ‖ the version untold) on its own greedy answers),
+and with a check, the share of those answers that follow it.
+
+**Checks** (every one is computed and recorded; the first that fails is the reason)
+1. new lessons: mean fit(candidate) − fit(current) > `--gate-min-gain`;
+2. earlier lessons: mean fit change ≥ −`--gate-tolerance`;
+3. new rules: each one's gap falls by more than `--gate-min-gain`;
+4. earlier rules: each one's gap rises by at most `--gate-rule-tolerance`;
+5. drift: KL(base told the rules ‖ candidate) on the base's samples ≤ the current version's +
+   `--gate-max-kl-rise` (what the user asked for is not drift: it is measured against the base
+   model *with* the rules in its prompt);
+6. prior answers: the share of `--gate-questions` bundled questions answered right falls by at
+   most `--gate-max-prior-drop` (an update that turns "100 / 4 = 25" into 4 fails here);
+7. loops: the share of held-out answers that repeat themselves rises by at most `--gate-max-loop-rise`.
 """
 
 from __future__ import annotations
 
-import mlx.core as mx
+import hashlib
+import json
+import time
 
 from mlx_sdft.core.losses import kl_of_logits
 from mlx_sdft.core.prompts import encode_examples
@@ -30,8 +38,9 @@ from mlx_sdft.core.rollout import sample
 from mlx_sdft.core.scoring import completion_logits, completion_mask
 from mlx_sdft.core.teacher import Leaves, using
 from mlx_sdft.jobs.check import demonstration_loglik
-from mlx_sdft.jobs.evaluate import general_answers, load_prompts, retention_kl
+from mlx_sdft.measure import rules as measure_rules
 from mlx_sdft.store.lessons import to_example
+from mlx_sdft.store.rules import prompts_for, rulebook
 
 
 def feedback_fit(model, pairs, stops: list[int], max_tokens: int, temperature: float, seed: int) -> list[float]:
@@ -66,18 +75,44 @@ def lesson_fit(model, tokenizer, rows: list[dict], cfg) -> dict[int, float]:
     return fits
 
 
-def canary(model, tokenizer, base: Leaves, cfg) -> dict:
-    """KL(base‖model) and the degenerate rate of greedy answers on the general prompts."""
-    prompts = load_prompts(None, cfg.gate_prompts)
-    mx.random.seed(cfg.seed)  # the same base samples for every version compared
-    kl_value = retention_kl(model, tokenizer, base, prompts, cfg.gate_max_tokens, cfg.batch_size)
-    rows = general_answers(model, tokenizer, prompts, cfg.gate_max_tokens, cfg.batch_size)
-    return {"kl": kl_value, "degenerate_rate": sum(r["degenerate"] for r in rows) / max(len(rows), 1)}
+def measure(model, tokenizer, leaves: Leaves, standing: list[dict], held_out: list[list[dict]], cfg,
+            say=lambda line: None, told: tuple = (), prior: bool = True) -> dict:
+    """One version's rule gaps and compliance (for the ids in `told`, also told: the preflight),
+    prior answers and loop rate (measure/rules.py)."""
+    started = time.time()
+    with using(model, leaves):
+        answers = measure_rules.greedy(model, tokenizer, held_out, cfg.gate_max_tokens, cfg.batch_size)
+        rules = {str(row["id"]): _standing(model, tokenizer, row, held_out, answers, cfg, row["id"] in told)
+                 for row in standing}
+        questions = measure_rules.prior_questions(cfg.gate_questions) if prior else []
+        right = measure_rules.prior_answers(model, tokenizer, questions, cfg.gate_question_tokens, cfg.batch_size)
+    say(f"{len(held_out)} held-out answers, {len(standing)} rule gaps, {len(questions)} prior questions "
+        f"({time.time() - started:.0f} s)")
+    return {"rules": rules, "prior": right, "loops": measure_rules.loop_rate(tokenizer, answers)}
 
 
-def canary_key(cfg) -> list:
-    """What the canary numbers depend on besides the weights: equal keys, reusable numbers."""
-    return [cfg.gate_prompts, cfg.gate_max_tokens, cfg.seed, cfg.batch_size]
+def _standing(model, tokenizer, row: dict, held_out, answers, cfg, told: bool = False) -> dict:
+    """A rule's or fact's gap (and compliance) on its held-out prompts; with `told`, also the
+    compliance of answers told it (the preflight)."""
+    prompts = prompts_for(row, held_out)
+    if prompts is not held_out:  # a fact: its own questions
+        answers = measure_rules.greedy(model, tokenizer, prompts, cfg.gate_max_tokens, cfg.batch_size)
+    book = rulebook([row])
+    out = {"prompts": len(prompts), "gap": measure_rules.rule_gap(model, tokenizer, prompts, answers, book,
+                                                                  cfg.batch_size)}
+    if row.get("check_regex"):
+        out["compliance"] = measure_rules.compliance(row["check_regex"], answers.texts)
+        if told:
+            told_answers = measure_rules.greedy(model, tokenizer, measure_rules.told(tokenizer, prompts, book),
+                                                cfg.gate_max_tokens, cfg.batch_size)
+            out.update(told=measure_rules.compliance(row["check_regex"], told_answers.texts), untold=out["compliance"])
+    return out
+
+
+def measure_key(cfg, held_out: list[list[dict]]) -> list:
+    """What a version's measures depend on besides its weights and rules: equal keys, reusable numbers."""
+    return [len(held_out), hashlib.sha256(json.dumps(held_out).encode()).hexdigest()[:12], cfg.gate_max_tokens,
+            cfg.gate_questions, cfg.gate_question_tokens, cfg.batch_size, cfg.seed]
 
 
 def _mean(values) -> float:
@@ -86,13 +121,17 @@ def _mean(values) -> float:
 
 
 def check(model, tokenizer, base: Leaves, current: Leaves, candidate: Leaves, new_rows: list[dict],
-          earlier_rows: list[dict], cfg, current_canary: dict | None = None) -> dict:
+          earlier_rows: list[dict], standing: list[dict], held_out: list[list[dict]], cfg,
+          current_measures: dict | None = None, say=lambda line: None) -> dict:
     """Every number of the gate and its decision: {"passed", "failed" (one line or None), checks...}.
-    `current_canary`: the current version's canary numbers when already known (same canary_key)."""
+    `new_rows`, `earlier_rows`: one-off lessons; `standing`: every active rule and fact (state
+    `new` ones are new to this version); `current_measures`: the current version's, when known."""
     fits = {}
-    for name, leaves in (("current", current), ("candidate", candidate)):
-        with using(model, leaves):
-            fits[name] = lesson_fit(model, tokenizer, new_rows + earlier_rows, cfg)
+    if new_rows or earlier_rows:
+        say(f"gate: fit of {len(new_rows) + len(earlier_rows)} lessons, current and candidate")
+        for name, leaves in (("current", current), ("candidate", candidate)):
+            with using(model, leaves):
+                fits[name] = lesson_fit(model, tokenizer, new_rows + earlier_rows, cfg)
     new_ids, earlier_ids = [r["id"] for r in new_rows], [r["id"] for r in earlier_rows]
 
     def lessons(ids):
@@ -101,30 +140,98 @@ def check(model, tokenizer, base: Leaves, current: Leaves, candidate: Leaves, ne
                 "per_lesson": {str(i): [fits["current"][i], fits["candidate"][i]] for i in ids}}
 
     new, earlier = lessons(new_ids), lessons(earlier_ids)
-    new.update(threshold=cfg.gate_min_gain, passed=new["change"] > cfg.gate_min_gain)
+    new.update(threshold=cfg.gate_min_gain, passed=not new_ids or new["change"] > cfg.gate_min_gain)
     earlier.update(tolerance=cfg.gate_tolerance, passed=not earlier_ids or earlier["change"] >= -cfg.gate_tolerance)
-    if current_canary is None:
-        with using(model, current):
-            current_canary = canary(model, tokenizer, base, cfg)
-    with using(model, candidate):
-        candidate_canary = canary(model, tokenizer, base, cfg)
-    kl_check = {"current": current_canary["kl"], "candidate": candidate_canary["kl"], "max_rise": cfg.gate_max_kl_rise}
-    kl_check["passed"] = kl_check["candidate"] <= kl_check["current"] + cfg.gate_max_kl_rise
-    deg = {"current": current_canary["degenerate_rate"], "candidate": candidate_canary["degenerate_rate"],
-           "max_rise": cfg.gate_max_degenerate_rise}
-    deg["passed"] = deg["candidate"] <= deg["current"] + cfg.gate_max_degenerate_rise + 1e-12
+    ids = {str(r["id"]) for r in standing}
+    if current_measures is None or not ids <= set(current_measures["rules"]):
+        say("gate: the current version on the held-out prompts and prior questions")
+        current_measures = measure(model, tokenizer, current, standing, held_out, cfg, say)
+    say("gate: the candidate on the held-out prompts and prior questions")
+    candidate_measures = measure(model, tokenizer, candidate, standing, held_out, cfg, say)
+    say(f"gate: drift from the base model told the rules, on {len(held_out)} held-out prompts")
+    book = rulebook(standing)
+    kl_current, kl_candidate = measure_rules.drift(model, tokenizer, base, [current, candidate], held_out, book,
+                                                   cfg.gate_max_tokens, cfg.batch_size, cfg.seed)
+    rules = {}
+    for row in standing:
+        key = str(row["id"])
+        cur, cand = current_measures["rules"][key], candidate_measures["rules"][key]
+        fresh = row["state"] == "new"
+        rule = {"kind": row["kind"], "new": fresh, "current": cur, "candidate": cand,
+                "change": cand["gap"] - cur["gap"]}
+        rule["passed"] = rule["change"] < -cfg.gate_min_gain if fresh else rule["change"] <= cfg.gate_rule_tolerance
+        rule["holds"] = holds(row, cand)
+        rules[key] = rule
+    kl_check = {"current": kl_current, "candidate": kl_candidate, "max_rise": cfg.gate_max_kl_rise,
+                "passed": kl_candidate <= kl_current + cfg.gate_max_kl_rise}
+    prior = {"current": current_measures["prior"]["accuracy"], "candidate": candidate_measures["prior"]["accuracy"],
+             "questions": len(candidate_measures["prior"]["right"]), "max_drop": cfg.gate_max_prior_drop,
+             "lost": [i for i, (a, b) in enumerate(zip(current_measures["prior"]["right"],
+                                                       candidate_measures["prior"]["right"])) if a and not b]}
+    prior["passed"] = prior["candidate"] >= prior["current"] - cfg.gate_max_prior_drop - 1e-12
+    loops = {"current": current_measures["loops"], "candidate": candidate_measures["loops"],
+             "max_rise": cfg.gate_max_loop_rise}
+    loops["passed"] = loops["candidate"] <= loops["current"] + cfg.gate_max_loop_rise + 1e-12
     why = [
         (new["passed"], f"gate 1 (new lessons): fit changed {new['change']:+.4f} nats/token "
                         f"({new['current']:.4f} -> {new['candidate']:.4f}), needs > {cfg.gate_min_gain:+.4f}"),
         (earlier["passed"], f"gate 2 (earlier lessons): fit changed {earlier['change']:+.4f} nats/token "
                             f"({earlier['current']:.4f} -> {earlier['candidate']:.4f}), may fall at most "
                             f"{cfg.gate_tolerance:.4f}"),
-        (kl_check["passed"], f"gate 3 (canary KL): KL(base‖candidate) {kl_check['candidate']:.4f} > "
-                             f"KL(base‖current) {kl_check['current']:.4f} + {cfg.gate_max_kl_rise:.4f}"),
-        (deg["passed"], f"gate 3 (canary degenerate rate): {deg['candidate']:.3f} > current {deg['current']:.3f} + "
-                        f"{cfg.gate_max_degenerate_rise:.3f}"),
+        *[(r["passed"], f"gate 3 (new rule {i}): its held-out gap did not fall by more than {cfg.gate_min_gain:.4f} "
+                        f"({r['current']['gap']:.4f} -> {r['candidate']['gap']:.4f} nats/token)")
+          for i, r in rules.items() if r["new"]],
+        *[(r["passed"], f"gate 4 (earlier rule {i}): its held-out gap rose {r['change']:+.4f} nats/token "
+                        f"({r['current']['gap']:.4f} -> {r['candidate']['gap']:.4f}), may rise at most "
+                        f"{cfg.gate_rule_tolerance:.4f}") for i, r in rules.items() if not r["new"]],
+        (kl_check["passed"], f"gate 5 (drift): KL(base told the rules‖candidate) {kl_candidate:.4f} > current "
+                             f"{kl_current:.4f} + {cfg.gate_max_kl_rise:.4f}"),
+        (prior["passed"], f"gate 6 (prior answers): {prior['candidate']:.3f} of {prior['questions']} questions right, "
+                          f"current {prior['current']:.3f}, may fall at most {cfg.gate_max_prior_drop:.3f} "
+                          f"(lost questions {prior['lost']})"),
+        (loops["passed"], f"gate 7 (loops): {loops['candidate']:.3f} of held-out answers repeat themselves, current "
+                          f"{loops['current']:.3f} + {cfg.gate_max_loop_rise:.3f}"),
     ]
     failed = next((line for ok, line in why if not ok), None)
     return {"passed": failed is None, "failed": failed, "new_lessons": new, "earlier_lessons": earlier,
-            "canary_kl": kl_check, "canary_degenerate_rate": deg, "canary_key": canary_key(cfg),
-            "canary": candidate_canary}
+            "rules": rules, "drift_kl": kl_check, "prior_answers": prior, "loops": loops,
+            "measure_key": measure_key(cfg, held_out), "measures": candidate_measures}
+
+
+HOLD_SHARE = 0.8  # a rule holds in the weights when they follow it this often, relative to told
+
+
+def holds(row: dict, measures: dict) -> bool:
+    """Whether a version follows a rule without it in the prompt: with a check, its weights-only
+    compliance is at least HOLD_SHARE x the compliance told (the rule's preflight); without one,
+    its gap is at most (1 - HOLD_SHARE) x the gap at the preflight."""
+    pre = row.get("preflight") or {}
+    if row.get("check_regex") and pre.get("told") is not None:
+        return measures.get("compliance", 0.0) >= HOLD_SHARE * pre["told"] > 0
+    return pre.get("gap") is not None and measures["gap"] <= (1 - HOLD_SHARE) * pre["gap"]
+
+
+# A rule the model follows when told changes its answers: with a check, told compliance at least
+# this and this much above untold; without one, a gap of at least MIN_GAP nats/token.
+MIN_TOLD, MIN_LIFT, MIN_GAP = 0.5, 0.2, 0.05
+
+
+def preflight(model, tokenizer, rows: list[dict], held_out: list[list[dict]], cfg, say=lambda line: None) -> dict:
+    """Rule id → how the model under its present leaves follows each rule told, on the held-out
+    prompts: the rule gap and, with a check, the compliance told and untold."""
+    found = measure(model, tokenizer, None, rows, held_out, cfg, say, told=tuple(r["id"] for r in rows), prior=False)
+    return {row["id"]: found["rules"][str(row["id"])] for row in rows}
+
+
+def verdict(row: dict, result: dict) -> str:
+    """One line: what the preflight says about learning this rule at this model size."""
+    numbers = (f"told {result['told']:.2f} vs untold {result['untold']:.2f} of {result['prompts']} held-out answers "
+               f"follow its check, gap {result['gap']:.3f} nats/token" if "told" in result
+               else f"gap {result['gap']:.3f} nats/token on {result['prompts']} held-out prompts (no --check)")
+    follows = (result["told"] >= MIN_TOLD and result["told"] - result["untold"] >= MIN_LIFT if "told" in result
+               else result["gap"] >= MIN_GAP)
+    if follows:
+        return f"{row['kind']} {row['id']}: the model follows it when told ({numbers}); learn can distill it"
+    return (f"{row['kind']} {row['id']}: the model does not follow it even when told ({numbers}): learning it is "
+            f"unlikely at this size; a larger model that follows it in context (e.g. Qwen2.5-0.5B-Instruct or "
+            f"bigger), or corrected answers (teach EX --answer), would work better")

@@ -19,10 +19,15 @@ import shutil
 import time
 from pathlib import Path
 
+import mlx.core as mx
+
 from mlx_sdft.config import BEFORE_THE_OPTION, DEFAULT_MODEL, LearnConfig
+from mlx_sdft.core.teacher import using
 from mlx_sdft.errors import InputError, Rejected, TrainingError
-from mlx_sdft.store import lessons, versions
-from mlx_sdft.store.db import Store
+from mlx_sdft.jobs import gate
+from mlx_sdft.measure import rules as measure_rules
+from mlx_sdft.store import lessons, rules, versions
+from mlx_sdft.store.db import STANDING, Store
 
 
 def _say(console, line: str) -> None:
@@ -74,35 +79,70 @@ def _located(model: str) -> str:
 
 
 def build(home: Path, store: Store, cfg: LearnConfig, parent: int, new: list[dict], why: str, console) -> dict:
-    """Train `new` (+ replay) from version `parent`, gate it against `parent`, keep it as the next
-    version, and make it current when it passes. Call with the lock held."""
+    """Train `new` (+ replay, + the rulebook over many prompts) from version `parent`, gate it
+    against `parent`, keep it as the next version, and make it current when it passes. Call with
+    the lock held."""
     from mlx_sdft.formats.checkpoint import package_versions
     from mlx_sdft.jobs.train import run_train
 
     parent_record = versions.record(home, parent)
-    model = _located(cfg.model or parent_record.get("model") or DEFAULT_MODEL)
+    model = _located(cfg.model or parent_record.get("model") or versions.model_of(home) or DEFAULT_MODEL)
     learned = {r["id"]: r for r in store.lessons("learned")}
-    earlier = [learned[i] for i in parent_record["includes"] if i in learned]
+    one_off = [r for r in new if r["kind"] not in STANDING]
+    earlier = [learned[i] for i in parent_record["includes"] if i in learned and learned[i]["kind"] not in STANDING]
     number = versions.next_number(home)
-    replayed = replay(earlier, len(new), cfg.replay_ratio, cfg.seed + number)
+    replayed = replay(earlier, len(one_off), cfg.replay_ratio, cfg.seed + number)
+    # Every active rule and fact, new or learned: the teacher's system message in every example, and
+    # distilled over many prompts, so an earlier rule is rehearsed whenever a later one is learned.
+    standing = store.lessons(None, standing=True)
+    book = rules.rulebook(standing)
+    train_prompts, held_out = rules.prompt_pool(rules.own_prompts(store.exchanges()))
+    held_out = held_out[: cfg.gate_prompts]
     shape = _shape(home, parent)
     folder = versions.start_candidate(home, number)
-    data = folder / "lessons.jsonl"
     resume = versions.version_dir(home, parent) / "adapters.safetensors" if parent else None
     started = time.time()
     try:
-        data.write_text("".join(json.dumps(lessons.to_line(r), ensure_ascii=False) + "\n" for r in new + replayed),
-                        encoding="utf-8")
-        train_cfg = cfg.train_config(model, str(data), str(folder / "run"), str(resume) if resume else None, **shape)
-        _say(console, f"version {number}: {len(new)} new lessons + {len(replayed)} replayed, from version {parent} ({why})")
-        last = run_train(train_cfg, console=console)
-        data.unlink()  # the lessons' text stays in the store only (forget can then erase it)
+        train_cfg = cfg.train_config(model, f"{store.path} (lessons)", str(folder / "run"),
+                                     str(resume) if resume else None, **shape)
+        model_obj, tokenizer, base = _open(train_cfg)
+        current = _leaves(home, parent, base)
+        with using(model_obj, current):
+            _questions(store, standing, model_obj, tokenizer, console)
+        gate_cfg = dataclasses.replace(cfg, teacher_template=train_cfg.teacher_template)
+        fresh = tuple(r["id"] for r in standing if r["state"] == "new")
+        known = parent_record.get("gate") or {}
+        measures = known.get("measures") if known.get("measure_key") == gate.measure_key(cfg, held_out) else None
+        if fresh or measures is None or not {str(r["id"]) for r in standing} <= set(measures["rules"]):
+            _say(console, f"version {number}: measuring version {parent} on the held-out prompts"
+                          + (f" (and the preflight of {len(fresh)} new rules and facts)" if fresh else ""))
+            measures = gate.measure(model_obj, tokenizer, current, standing, held_out, gate_cfg,
+                                    lambda line: _say(console, line), told=fresh)
+        for row in standing:
+            if row["id"] in fresh:
+                found = measures["rules"][str(row["id"])]
+                row["preflight"] = {**(row.get("preflight") or {}), **found, "version": parent, "model": model}
+                store.set_preflight(row["id"], row["preflight"])
+                _say(console, gate.verdict(row, found))
+        examples = [dataclasses.replace(lessons.to_example(r), teacher_system=book) for r in one_off + replayed]
+        if standing:
+            drawn = random.Random(cfg.seed + number).sample(train_prompts, min(cfg.rule_prompts, len(train_prompts)))
+            examples += rules.distillation_examples(drawn, book)
+            for row in standing:
+                examples += rules.distillation_examples(rules.fact_prompts(row)[0], book) if row["kind"] == "fact" else []
+        _say(console, f"version {number}: {len(one_off)} new lessons + {len(replayed)} replayed, "
+                      f"{len(standing)} rules and facts over {len(examples) - len(one_off) - len(replayed)} prompts, "
+                      f"from version {parent} ({why})")
+        last = run_train(train_cfg, console=console, examples={"train": examples})
         for name in versions.ADAPTER_FILES:
             shutil.copy2(folder / "run" / name, folder / name)
         shutil.copy2(folder / "run" / "metrics.jsonl", folder / "metrics.jsonl")
         shutil.rmtree(folder / "run")  # checkpoints and optimizer state: not needed once the version exists
         _say(console, f"version {number}: gate against version {parent}")
-        result = _gate(home, cfg, train_cfg, parent, parent_record, folder, new, earlier)
+        candidate = {**base, **mx.load(str(folder / "adapters.safetensors"))}
+        model_obj.eval()
+        result = gate.check(model_obj, tokenizer, base, current, candidate, one_off, earlier, standing, held_out,
+                            gate_cfg, measures, lambda line: _say(console, line))
         record = {"parent": parent, "created": started, "finished": time.time(), "why": why, "model": model,
                   "method": train_cfg.method, "lessons": [r["id"] for r in new],
                   "replayed": [r["id"] for r in replayed],
@@ -126,24 +166,37 @@ def build(home: Path, store: Store, cfg: LearnConfig, parent: int, new: list[dic
     return versions.record(home, number)
 
 
-def _gate(home: Path, cfg: LearnConfig, train_cfg, parent: int, parent_record: dict, folder: Path,
-          new: list[dict], earlier: list[dict]) -> dict:
-    import mlx.core as mx
+FACT_QUESTIONS = 12  # questions the model writes about a fact: about 1 in 5 held out
 
+
+def _questions(store: Store, standing: list[dict], model, tokenizer, console) -> None:
+    """The questions a new fact is distilled over and measured on, written by the model itself
+    under the current version (kept with the fact)."""
+    for row in standing:
+        if row["kind"] == "fact" and not (row.get("preflight") or {}).get("questions"):
+            questions = measure_rules.write_questions(model, tokenizer, row["text"], FACT_QUESTIONS, 384)
+            if len(questions) < 2:
+                raise InputError(f"fact {row['id']}: the model wrote {len(questions)} questions about it, too few to "
+                                 f"learn it from and measure it on (mlx-sdft rules remove {row['id']} removes it)")
+            row["preflight"] = {**(row.get("preflight") or {}), "questions": questions}
+            store.set_preflight(row["id"], row["preflight"])
+            _say(console, f"fact {row['id']}: the model wrote {len(questions)} questions about it, e.g. {questions[0]!r}")
+
+
+def _open(train_cfg):
+    """The model learn trains and gates (one load: the candidate's weights are swapped in after)."""
     from mlx_sdft.formats.models import Adapters, open_model, open_tokenizer
-    from mlx_sdft.jobs.gate import canary_key, check
 
-    gate_cfg = dataclasses.replace(cfg, teacher_template=train_cfg.teacher_template, chat_template=train_cfg.chat_template)
     model_path, tokenizer = open_tokenizer(train_cfg.model, chat_template=train_cfg.chat_template,
                                            dequantize=train_cfg.dequantize)
     model, base = open_model(model_path, adapters=Adapters(train_cfg.fine_tune_type, train_cfg.num_layers,
                                                            train_cfg.lora_parameters))
-    current = {**base, **mx.load(str(versions.version_dir(home, parent) / "adapters.safetensors"))} if parent else base
-    candidate = {**base, **mx.load(str(folder / "adapters.safetensors"))}
-    known = parent_record.get("gate", {})
-    reuse = known.get("canary") if known.get("canary_key") == canary_key(gate_cfg) else None
     model.eval()
-    return check(model, tokenizer, base, current, candidate, new, earlier, gate_cfg, reuse)
+    return model, tokenizer, base
+
+
+def _leaves(home: Path, version: int, base):
+    return {**base, **mx.load(str(versions.version_dir(home, version) / "adapters.safetensors"))} if version else base
 
 
 def run_rollback(cfg, console=None) -> list[str]:
@@ -251,5 +304,12 @@ def _when(r: dict) -> str:
 def _numbers(g: dict | None) -> str:
     if not g:
         return "(no gate)"
-    return (f"new fit {g['new_lessons']['change']:+.3f}  earlier fit {g['earlier_lessons']['change']:+.3f}  canary KL "
-            f"{g['canary_kl']['candidate']:.4f}  degenerate {g['canary_degenerate_rate']['candidate']:.2f}")
+    if "drift_kl" not in g:  # a version an earlier mlx-sdft gated (canary KL and degenerate rate)
+        return (f"new fit {g['new_lessons']['change']:+.3f}  earlier fit {g['earlier_lessons']['change']:+.3f}  "
+                f"canary KL {g['canary_kl']['candidate']:.4f}")
+    rules = "  ".join(f"rule {i} gap {r['current']['gap']:.3f}->{r['candidate']['gap']:.3f}"
+                      for i, r in g.get("rules", {}).items())
+    fits = (f"new fit {g['new_lessons']['change']:+.3f}  earlier fit {g['earlier_lessons']['change']:+.3f}  "
+            if g["new_lessons"]["lessons"] or g["earlier_lessons"]["lessons"] else "")
+    return (f"{fits}{rules + '  ' if rules else ''}drift KL {g['drift_kl']['candidate']:.4f}  prior "
+            f"{g['prior_answers']['candidate']:.2f}  loops {g['loops']['candidate']:.2f}")

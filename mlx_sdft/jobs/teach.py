@@ -10,7 +10,7 @@ import time
 from mlx_sdft.config import TEACHER_TEMPLATE, LessonsConfig, TeachConfig
 from mlx_sdft.errors import InputError
 from mlx_sdft.store import lessons
-from mlx_sdft.store.db import Store
+from mlx_sdft.store.db import STANDING, Store
 
 
 def teach(cfg: TeachConfig) -> list[str]:
@@ -25,12 +25,23 @@ def teach(cfg: TeachConfig) -> list[str]:
             return [f"imported {len(ids)} lessons ({ids[0]}..{ids[-1]}) from {cfg.import_file}"]
         if cfg.forget_exchanges:
             return [f"forgot {store.forget_exchanges()} exchanges; {store.path} compacted"]
+        if cfg.rule is not None or cfg.fact is not None:
+            return add_standing(store, "rule" if cfg.rule is not None else "fact", cfg.rule or cfg.fact, cfg.check)
         exchange = store.exchange(cfg.exchange)
         if exchange is None:
             raise InputError(f"{cfg.exchange}: no such exchange in {store.path} (see teach --list)")
+        if cfg.always:  # a correction meant for every answer: a rule, which remembers where it came from
+            return add_standing(store, "rule", cfg.feedback, cfg.check, exchange["id"])
         kind, text = ("demonstration", cfg.answer) if cfg.answer is not None else ("feedback", cfg.feedback)
         lesson_id = store.add_lesson(**lessons.from_exchange(exchange, kind, text, cfg.feedback_template))
         return [f"lesson {lesson_id} ({kind}) on exchange {exchange['id']}"]
+
+
+def add_standing(store: Store, kind: str, text: str, check: str | None = None, exchange_id: str | None = None) -> list[str]:
+    """Store a rule or fact; serve puts it in the prompt from its next request on."""
+    lesson_id = store.add_lesson(kind=kind, text=text.strip(), check_regex=check, exchange_id=exchange_id)
+    return [f"{kind} {lesson_id}: in every answer of serve from its next request on; `mlx-sdft learn` distills it "
+            f"into the weights (`mlx-sdft rules check {lesson_id}` measures whether the model follows it when told)"]
 
 
 def listing(cfg: LessonsConfig) -> list[str]:
@@ -56,6 +67,8 @@ def show(cfg: LessonsConfig) -> list[str]:
     if row["state"] == "deleted":
         return lines
     lines += [f"  {m['role']}: {m['content']}" for m in row["prompt"]]
+    if row["kind"] in STANDING:
+        return lines + [f"  {row['kind']}: {row['text']}"] + ([f"  check: {row['check_regex']}"] if row["check_regex"] else [])
     if row["answer"] is not None:
         lines.append(f"  model's answer: {row['answer']}")
     lines.append(f"  {row['kind']}: {row['text']}")

@@ -128,14 +128,17 @@ def check_folder(cfg: Config, out: Path, train_pairs=()) -> None:
                          f"to delete it and start again")
 
 
-def run_train(cfg: Config, console=None, quiet: bool = False) -> dict:
-    """Train as configured; returns the last report record (or the estimate with --dry-run)."""
+def run_train(cfg: Config, console=None, quiet: bool = False, examples: dict | None = None) -> dict:
+    """Train as configured; returns the last report record (or the estimate with --dry-run).
+    `examples`: the splits ({"train": [Example, ...]}) to train on instead of reading --data
+    (learn's lessons and rules; cfg.data then only names them)."""
     out, ignored = Path(cfg.adapter_path), sft_ignores(cfg)  # before the preflight makes a copy of cfg
     group = mx.distributed.init()  # a group of one unless started by mlx.launch
     world, rank = group.size(), group.rank()
     if cfg.batch_size % world:
         raise InputError(f"--batch-size: {cfg.batch_size} prompts cannot be split evenly over {world} processes")
-    splits = {name: apply_system_prompt(examples, cfg.system_prompt) for name, examples in load_dataset(cfg.data).items()}
+    given = examples or load_dataset(cfg.data)
+    splits = {name: apply_system_prompt(split, cfg.system_prompt) for name, split in given.items()}
     if cfg.method == "sft":
         for examples in splits.values():
             need_demonstrations(examples, "--method sft")

@@ -20,11 +20,12 @@ from mlx_lm.generate import stream_generate
 from mlx_lm.sample_utils import make_sampler
 
 from mlx_sdft.config import ServeConfig
-from mlx_sdft.core.prompts import encode, render
+from mlx_sdft.core.prompts import encode, render, template_system_prompt, with_rules
 from mlx_sdft.errors import InputError
 from mlx_sdft.formats.models import Adapters, attach_adapters, open_model, open_tokenizer
 from mlx_sdft.serve.openai import BadRequest, ChatRequest
-from mlx_sdft.store import versions
+from mlx_sdft.store import rules, versions
+from mlx_sdft.store.db import Store
 
 
 @dataclass(frozen=True)
@@ -36,13 +37,20 @@ class Piece:
     prompt_tokens: int
     completion_tokens: int
     version: int
+    rules: str = ""  # the digest of the rules in the prompt ("" for none)
+
+    @property
+    def fingerprint(self) -> str:
+        """`system_fingerprint`: what answered, the adapter version and the rules in the prompt."""
+        return f"adapters-v{self.version}" + (f"-rules-{self.rules}" if self.rules else "")
 
 
 class Engine:
-    def __init__(self, cfg: ServeConfig):
-        self.home = cfg.home
+    def __init__(self, cfg: ServeConfig, store: Store | None = None):
+        self.home, self.store, self.rules_in_prompt = cfg.home, store, cfg.rules_in_prompt
         self.path, self.tokenizer = open_tokenizer(cfg.model, chat_template=cfg.chat_template, dequantize=cfg.dequantize)
         render(self.tokenizer, [{"role": "user", "content": "hi"}])  # no chat template: InputError before listening
+        self.default_system = template_system_prompt(self.tokenizer)  # the rules add to it, as in training
         self.model, _ = open_model(self.path)
         # the model's context (None: its config does not say); a longer prompt is refused, not answered with noise
         self.context = getattr(getattr(self.model, "args", None), "max_position_embeddings", None)
@@ -125,9 +133,20 @@ class Engine:
             except Exception as e:  # handed to the request's thread, which answers it
                 out.put(e)
 
+    def rules(self) -> list[dict]:
+        """The rules and facts to put in the prompt now (store/rules.py's `in_prompt`)."""
+        if self.store is None:
+            return []
+        active = self.store.lessons(None, standing=True)
+        record = versions.record(self.home, self.version) if self.version and active else None
+        return rules.in_prompt(active, self.rules_in_prompt, record)
+
     def _generate(self, request: ChatRequest) -> Iterator[Piece]:
+        book = self.rules()
+        messages = with_rules(request.messages, rules.rulebook(book), self.default_system)
+        digest = rules.fingerprint(book) if book else ""
         try:
-            ids = encode(self.tokenizer, render(self.tokenizer, request.messages, request.tools))
+            ids = encode(self.tokenizer, render(self.tokenizer, messages, request.tools))
         except Exception as e:  # the chat template refused these messages (e.g. a role it does not know)
             raise BadRequest(f"messages: the chat template cannot render them ({type(e).__name__}: {e})",
                              param="messages") from None
@@ -139,7 +158,7 @@ class Engine:
         if request.seed is not None:
             mx.random.seed(request.seed)
         sampler = make_sampler(temp=request.temperature, top_p=request.top_p)
-        pieces = (Piece(r.text, r.finish_reason, r.prompt_tokens, r.generation_tokens, self.version)
+        pieces = (Piece(r.text, r.finish_reason, r.prompt_tokens, r.generation_tokens, self.version, digest)
                   for r in stream_generate(self.model, self.tokenizer, ids, max_tokens=max_tokens,
                                            sampler=sampler))
         yield from until_stop(pieces, request.stop) if request.stop else pieces
@@ -155,8 +174,9 @@ def until_stop(pieces: Iterator[Piece], stops: tuple[str, ...]) -> Iterator[Piec
         hits = [i for i in (held.find(s) for s in stops) if i >= 0]
         if hits or piece.finish_reason is not None:
             end, reason = (min(hits), "stop") if hits else (len(held), piece.finish_reason)
-            yield Piece(held[:end], reason, piece.prompt_tokens, piece.completion_tokens, piece.version)
+            yield Piece(held[:end], reason, piece.prompt_tokens, piece.completion_tokens, piece.version, piece.rules)
             return
         keep = max((k for s in stops for k in range(1, len(s)) if held.endswith(s[:k])), default=0)
-        yield Piece(held[: len(held) - keep], None, piece.prompt_tokens, piece.completion_tokens, piece.version)
+        yield Piece(held[: len(held) - keep], None, piece.prompt_tokens, piece.completion_tokens, piece.version,
+                    piece.rules)
         held = held[len(held) - keep:]

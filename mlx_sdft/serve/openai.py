@@ -122,20 +122,21 @@ def usage(prompt_tokens: int, completion_tokens: int) -> dict:
 
 
 def completion(id: str, model: str, answer: str, finish_reason: str, prompt_tokens: int, completion_tokens: int,
-               version: int) -> dict:
-    """The whole answer (stream: false). `system_fingerprint` names the adapter version that answered."""
+               fingerprint: str) -> dict:
+    """The whole answer (stream: false). `system_fingerprint` names the adapter version and the rules
+    that answered ("adapters-v3", "adapters-v3-rules-1a2b3c4d")."""
     return {"id": id, "object": "chat.completion", "created": int(time.time()), "model": model,
-            "system_fingerprint": f"adapters-v{version}",
+            "system_fingerprint": fingerprint,
             "choices": [{"index": 0, "message": {"role": "assistant", "content": answer}, "logprobs": None,
                          "finish_reason": finish_reason}],
             "usage": usage(prompt_tokens, completion_tokens)}
 
 
-def chunk(id: str, model: str, version: int, delta: dict | None, finish_reason: str | None = None,
+def chunk(id: str, model: str, fingerprint: str, delta: dict | None, finish_reason: str | None = None,
           usage_: dict | None = None) -> dict:
     """One server-sent event of a streamed answer; `delta` None gives the usage-only chunk (no choices)."""
     body = {"id": id, "object": "chat.completion.chunk", "created": int(time.time()), "model": model,
-            "system_fingerprint": f"adapters-v{version}",
+            "system_fingerprint": fingerprint,
             "choices": [] if delta is None else [{"index": 0, "delta": delta, "logprobs": None,
                                                   "finish_reason": finish_reason}]}
     if usage_ is not None:

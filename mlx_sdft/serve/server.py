@@ -35,8 +35,8 @@ from mlx_sdft.serve import openai
 from mlx_sdft.serve.engine import Engine
 from mlx_sdft.serve.learner import Learner
 from mlx_sdft.serve.openai import BadRequest
-from mlx_sdft.store import lessons
-from mlx_sdft.store.db import Store, new_exchange_id
+from mlx_sdft.store import lessons, rules
+from mlx_sdft.store.db import STANDING, Store, new_exchange_id
 
 MAX_BODY = 16 << 20  # bytes; a chat request is far smaller
 RETRY_AFTER = 5  # seconds, in the Retry-After of a 503 when --max-queue requests already wait
@@ -230,14 +230,14 @@ class Handler(BaseHTTPRequestHandler):
         answer, last = "".join(p.text for p in pieces), pieces[-1]
         id = self.server.keep(request, answer, last)  # committed before the answer is sent
         self._json(200, openai.completion(id, cfg.model, answer, last.finish_reason, last.prompt_tokens,
-                                          last.completion_tokens, last.version))
+                                          last.completion_tokens, last.fingerprint))
 
     def _stream(self, request: openai.ChatRequest) -> None:
         id, sent, text = new_exchange_id(), False, []
         try:
             for piece in self.server.engine.answer(request):  # an error before the first piece gets its status from _route
                 if not sent:
-                    self._open_stream(id, piece.version)
+                    self._open_stream(id, piece.fingerprint)
                     sent = True
                 text.append(piece.text)
                 self._send_piece(request, id, piece, "".join(text))
@@ -251,7 +251,7 @@ class Handler(BaseHTTPRequestHandler):
             self._end_stream()
             self.close_connection = True
 
-    def _open_stream(self, id: str, version: int) -> None:
+    def _open_stream(self, id: str, fingerprint: str) -> None:
         self._chunked = self.request_version != "HTTP/1.0"
         self.send_response(200)
         self.send_header("Content-Type", "text/event-stream")
@@ -259,20 +259,20 @@ class Handler(BaseHTTPRequestHandler):
         # an HTTP/1.0 client cannot read chunks: its stream ends when the connection closes
         self.send_header(*(("Transfer-Encoding", "chunked") if self._chunked else ("Connection", "close")))
         self.end_headers()
-        self._event(openai.chunk(id, self.server.cfg.model, version, {"role": "assistant", "content": ""}))
+        self._event(openai.chunk(id, self.server.cfg.model, fingerprint, {"role": "assistant", "content": ""}))
 
     def _send_piece(self, request: openai.ChatRequest, id: str, piece, answer: str) -> None:
         model = self.server.cfg.model
         if piece.finish_reason is None:
             if piece.text:
-                self._event(openai.chunk(id, model, piece.version, {"content": piece.text}))
+                self._event(openai.chunk(id, model, piece.fingerprint, {"content": piece.text}))
             return
         self.server.keep(request, answer, piece, id)  # committed before the answer ends
-        self._event(openai.chunk(id, model, piece.version, {"content": piece.text} if piece.text else {},
+        self._event(openai.chunk(id, model, piece.fingerprint, {"content": piece.text} if piece.text else {},
                                  piece.finish_reason))
         if request.include_usage:
             usage = openai.usage(piece.prompt_tokens, piece.completion_tokens)
-            self._event(openai.chunk(id, model, piece.version, None, usage_=usage))
+            self._event(openai.chunk(id, model, piece.fingerprint, None, usage_=usage))
         self._send(b"data: [DONE]\n\n")
         self._end_stream()
 
@@ -280,17 +280,26 @@ class Handler(BaseHTTPRequestHandler):
         self._send(b"data: " + json.dumps(body, ensure_ascii=False).encode() + b"\n\n")
 
     def _feedback(self) -> None:
+        """A lesson on an exchange ({"id", "answer" or "feedback", "always"?}), or a standing rule
+        or fact on its own ({"rule" or "fact": TEXT, "check"?: REGEX})."""
         body = self._body()
+        if isinstance(body, dict) and any(k in body for k in STANDING):
+            return self._standing(body)
         if not isinstance(body, dict) or not isinstance(body.get("id"), str):
-            raise BadRequest('the body must be {"id": EXCHANGE_ID, "answer" or "feedback": TEXT}', param="id")
+            raise BadRequest('the body must be {"id": EXCHANGE_ID, "answer" or "feedback": TEXT}, or '
+                             '{"rule" or "fact": TEXT}', param="id")
         given = [k for k in ("answer", "feedback") if k in body]
         if len(given) != 1 or not isinstance(body[given[0]], str) or not body[given[0]].strip():
             raise BadRequest('give one of "answer" (the answer you wanted) or "feedback" (what was wrong), '
                              "a non-empty string", param="answer")
+        if body.get("always") not in (None, False, True) or (body.get("always") and given[0] != "feedback"):
+            raise BadRequest('"always": true or false, with "feedback" (a rule for every answer)', param="always")
         store = self.server.store
         exchange = store.exchange(body["id"])
         if exchange is None:
             raise BadRequest(f"no exchange {body['id']!r} in this store", 404, "not_found_error", "id")
+        if body.get("always"):
+            return self._standing({"rule": body["feedback"], "check": body.get("check")}, exchange["id"])
         kind = "demonstration" if given[0] == "answer" else "feedback"
         try:
             lesson = lessons.from_exchange(exchange, kind, body[given[0]], self.server.cfg.feedback_template)
@@ -299,6 +308,23 @@ class Handler(BaseHTTPRequestHandler):
         lesson_id = store.add_lesson(**lesson)
         self.server.learner.poke(len(store.lessons("new")))
         self._json(200, {"object": "lesson", "id": lesson_id, "kind": kind, "exchange": exchange["id"], "state": "new"})
+
+    def _standing(self, body: dict, exchange: str | None = None) -> None:
+        kinds = [k for k in STANDING if k in body]
+        if len(kinds) != 1 or not isinstance(body[kinds[0]], str) or not body[kinds[0]].strip():
+            raise BadRequest('give one of "rule" or "fact", a non-empty string', param="rule")
+        check = body.get("check")
+        if check is not None and not isinstance(check, str):
+            raise BadRequest('"check": a regular expression (a string)', param="check")
+        try:
+            check = rules.check_regex(check, "check")
+        except InputError as e:
+            raise BadRequest(str(e), param="check") from None
+        store = self.server.store
+        lesson_id = store.add_lesson(kind=kinds[0], text=body[kinds[0]].strip(), check_regex=check, exchange_id=exchange)
+        self.server.learner.poke(len(store.lessons("new")))
+        self._json(200, {"object": "lesson", "id": lesson_id, "kind": kinds[0], "exchange": exchange, "state": "new",
+                         "in_prompt": self.server.cfg.rules_in_prompt != "never"})
 
 
 class Server(ThreadingHTTPServer):
@@ -353,7 +379,7 @@ def run(cfg: ServeConfig) -> None:
     """Serve until Ctrl-C or SIGTERM. Bad options, model or store: InputError before listening."""
     store = Store(cfg.home, cfg.redact)
     store.check()
-    engine = Engine(cfg)
+    engine = Engine(cfg, store)
     try:
         server = Server(cfg, engine, store)
     except OSError as e:

@@ -30,7 +30,11 @@ from mlx_sdft.store.redact import Redactor
 
 FILENAME = "store.db"
 BUSY_S = 30.0  # how long a writer waits for another process's lock before giving up
-KINDS = ("demonstration", "feedback", "hindsight", "import")
+KINDS_1 = ("demonstration", "feedback", "hindsight", "import")
+# rule: a standing instruction ("Always ..."), in serve's prompt at once and distilled by learn;
+# fact: a statement the model should know, distilled the same way on questions about it.
+STANDING = ("rule", "fact")
+KINDS = (*KINDS_1, *STANDING)
 STATES = ("new", "learned", "deleted")
 
 MIGRATIONS: tuple[tuple[str, ...], ...] = (
@@ -55,7 +59,7 @@ MIGRATIONS: tuple[tuple[str, ...], ...] = (
             id INTEGER PRIMARY KEY AUTOINCREMENT,  -- never reused, even after a purge
             created REAL NOT NULL,
             updated REAL NOT NULL,
-            kind TEXT NOT NULL CHECK (kind IN {KINDS}),
+            kind TEXT NOT NULL CHECK (kind IN {KINDS_1}),
             state TEXT NOT NULL DEFAULT 'new' CHECK (state IN {STATES}),
             exchange_id TEXT,               -- the source exchange (the id is kept if the exchange is forgotten)
             prompt TEXT NOT NULL,           -- JSON: messages up to the last user turn
@@ -64,6 +68,32 @@ MIGRATIONS: tuple[tuple[str, ...], ...] = (
             text TEXT NOT NULL,             -- the demonstration, the feedback or the follow-up
             teacher_template TEXT           -- feedback, hindsight: their own; NULL: the run's --teacher-template
         )""",
+        "CREATE INDEX lessons_state ON lessons (state)",
+    ),
+    (  # 1 -> 2: standing lessons (rules, facts) with their compliance check; SQLite cannot change a
+       # CHECK constraint in place, so the table is rebuilt (its ids and id sequence kept)
+        f"""CREATE TABLE lessons_2 (
+            id INTEGER PRIMARY KEY AUTOINCREMENT,
+            created REAL NOT NULL,
+            updated REAL NOT NULL,
+            kind TEXT NOT NULL CHECK (kind IN {KINDS}),
+            state TEXT NOT NULL DEFAULT 'new' CHECK (state IN {STATES}),
+            exchange_id TEXT,
+            prompt TEXT NOT NULL,           -- JSON; [] for a rule or fact
+            tools TEXT,
+            answer TEXT,
+            text TEXT NOT NULL,             -- ... or the rule, or the fact
+            teacher_template TEXT,
+            check_regex TEXT,               -- rule: a regular expression an answer that follows it matches
+            preflight TEXT                  -- rule, fact: JSON, how the model followed it in context when measured
+        )""",
+        "INSERT INTO lessons_2 (id, created, updated, kind, state, exchange_id, prompt, tools, answer, text, "
+        "teacher_template) SELECT id, created, updated, kind, state, exchange_id, prompt, tools, answer, text, "
+        "teacher_template FROM lessons",
+        "DELETE FROM sqlite_sequence WHERE name = 'lessons_2'",
+        "INSERT INTO sqlite_sequence (name, seq) SELECT 'lessons_2', seq FROM sqlite_sequence WHERE name = 'lessons'",
+        "DROP TABLE lessons",
+        "ALTER TABLE lessons_2 RENAME TO lessons",
         "CREATE INDEX lessons_state ON lessons (state)",
     ),
 )
@@ -240,10 +270,11 @@ class Store:
                     raise ValueError(f"unknown lesson kind {lesson['kind']!r}")
                 cursor = con.execute(
                     "INSERT INTO lessons (created, updated, kind, exchange_id, prompt, tools, answer, text, "
-                    "teacher_template) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                    "teacher_template, check_regex) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                     (now, now, lesson["kind"], lesson.get("exchange_id"),
-                     json.dumps(self.redact_messages(lesson["prompt"]), ensure_ascii=False), _json(lesson.get("tools")),
-                     self.redact(lesson.get("answer")), self.redact(lesson["text"]), lesson.get("teacher_template")))
+                     json.dumps(self.redact_messages(lesson.get("prompt", [])), ensure_ascii=False),
+                     _json(lesson.get("tools")), self.redact(lesson.get("answer")), self.redact(lesson["text"]),
+                     lesson.get("teacher_template"), lesson.get("check_regex")))
                 ids.append(cursor.lastrowid)
         return ids
 
@@ -254,11 +285,14 @@ class Store:
         rows = self._query("SELECT * FROM lessons WHERE id = ?", (id,))
         return rows[0] if rows else None
 
-    def lessons(self, state: str | None = None) -> list[dict]:
-        """Oldest first; `state` None means every lesson that is not deleted."""
-        if state is None:
-            return self._query("SELECT * FROM lessons WHERE state != 'deleted' ORDER BY id")
-        return self._query("SELECT * FROM lessons WHERE state = ? ORDER BY id", (state,))
+    def lessons(self, state: str | None = None, standing: bool | None = None) -> list[dict]:
+        """Oldest first; `state` None means every lesson that is not deleted; `standing` True only
+        rules and facts, False only the others, None both."""
+        where = ["state != 'deleted'" if state is None else "state = ?"]
+        if standing is not None:
+            where.append(f"kind {'IN' if standing else 'NOT IN'} {STANDING}")
+        return self._query(f"SELECT * FROM lessons WHERE {' AND '.join(where)} ORDER BY id",
+                           () if state is None else (state,))
 
     def set_state(self, ids: list[int], state: str) -> None:
         """Part 2's hook: mark lessons `learned` once a version that learned them is current (or
@@ -269,12 +303,18 @@ class Store:
             con.executemany("UPDATE lessons SET state = ?, updated = ? WHERE id = ? AND state != 'deleted'",
                             [(state, time.time(), i) for i in ids])
 
+    def set_preflight(self, id: int, preflight: dict) -> None:
+        """Keep what a standing lesson's preflight measured (rules list shows it)."""
+        with self._tx() as con:
+            con.execute("UPDATE lessons SET preflight = ?, updated = ? WHERE id = ? AND state != 'deleted'",
+                        (json.dumps(preflight), time.time(), id))
+
     def delete_lesson(self, id: int) -> bool:
         """State `deleted`, and its texts blanked: the row stays only as a tombstone (id, kind,
         source exchange, times), so a version that learned it can be told apart."""
         with self._tx() as con:
             deleted = con.execute("UPDATE lessons SET state = 'deleted', updated = ?, prompt = '[]', tools = NULL, "
-                                  "answer = NULL, text = '', teacher_template = NULL WHERE id = ? AND state != 'deleted'",
+                                  "answer = NULL, text = '', teacher_template = NULL, check_regex = NULL, preflight = NULL WHERE id = ? AND state != 'deleted'",
                                   (time.time(), id)).rowcount == 1
         self._checkpoint()  # the WAL still holds the page as it was before: copy back and empty it
         return deleted
@@ -308,7 +348,7 @@ def _json(value) -> str | None:
 
 
 def _decode(row: dict) -> dict:
-    for key in ("messages", "tools", "sampling", "prompt"):
+    for key in ("messages", "tools", "sampling", "prompt", "preflight"):
         if isinstance(row.get(key), str):
             row[key] = json.loads(row[key])
     return row

@@ -16,7 +16,7 @@ from pathlib import Path
 from mlx_sdft.core.data import Example, load_examples
 from mlx_sdft.core.prompts import teacher_messages
 from mlx_sdft.errors import InputError
-from mlx_sdft.store.db import Store
+from mlx_sdft.store.db import STANDING, Store
 
 SLOT = {"feedback": "feedback", "hindsight": "followup"}  # the context slot that holds a lesson's text
 
@@ -51,6 +51,8 @@ def to_example(row: dict) -> Example:
     where = f"store:lesson/{row['id']}"
     if row["state"] == "deleted":
         raise InputError(f"{where}: deleted")
+    if row["kind"] in STANDING:  # a rule has no prompt of its own: learn distills it over many (store/rules.py)
+        raise InputError(f"{where}: a {row['kind']} is not one example (see mlx-sdft rules)")
     if row["kind"] in SLOT:
         context = {"answer": row["answer"], SLOT[row["kind"]]: row["text"]}
         return Example(row["prompt"], "", row["tools"], where, row["teacher_template"], context)
@@ -78,7 +80,7 @@ def to_line(row: dict) -> dict:
 
 def export(store: Store, path: str | Path, state: str | None = None) -> int:
     """Write the lessons (default: all but deleted) to `path`, atomically; returns how many."""
-    rows = store.lessons(state)
+    rows = store.lessons(state, standing=False)  # rules and facts: `mlx-sdft rules --json`
     if not rows:
         raise InputError(f"{store.path}: no lessons{f' in state {state}' if state else ''} to export")
     path = Path(path)

@@ -15,7 +15,6 @@ number (built under a temporary name, then renamed) and never changes afterwards
 
 from __future__ import annotations
 
-import fcntl
 import hashlib
 import json
 import os
@@ -24,6 +23,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from mlx_sdft.errors import InputError, TrainingError
+from mlx_sdft.folder_lock import held
 
 CURRENT = "current.json"
 VERSIONS = "versions"
@@ -157,6 +157,16 @@ def verify(home: str | Path, version: int) -> dict:
     return rec
 
 
+def model_of(home: str | Path, exchange_models: list[str] = ()) -> str | None:
+    """The model this home is about: the current version's (else the newest version's) base
+    model, else the model `serve` answered the newest exchange with; None when neither says."""
+    now, known = current(home), records(home)
+    for r in ([record(home, now)] if now else []) + known[::-1]:
+        if r.get("model"):
+            return r["model"]
+    return next(iter(exchange_models), None)
+
+
 def lineage(home: str | Path, version: int) -> list[int]:
     """version, its parent, its parent's parent ... down to 0."""
     chain = [version]
@@ -181,21 +191,6 @@ def locked(home: str | Path):
     path = Path(home).expanduser() / LOCK
     if not path.parent.is_dir():
         raise InputError(f"--home {home}: no such folder (serve or teach create it; see mlx-sdft lessons)")
-    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
-    try:
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            holder = os.pread(fd, 64, 0).decode(errors="replace").strip() or "unknown"
-            raise TrainingError(f"{path}: another learn, rollback or forget is running (pid {holder}); "
-                                "try again when it is done") from None
-        stale = os.pread(fd, 64, 0).decode(errors="replace").strip()
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
-        os.fsync(fd)
-        try:
-            yield int(stale) if stale.isdigit() else None
-        finally:
-            os.ftruncate(fd, 0)  # released cleanly: an empty file is not a stale lock
-    finally:
-        os.close(fd)  # closing drops the flock
+    with held(path, lambda holder: TrainingError(f"{path}: another learn, rollback or forget is running (pid {holder}); "
+                                                 "try again when it is done")) as stale:
+        yield stale

@@ -1,0 +1,107 @@
+"""`mlx-sdft rules`: the standing rules and facts of --home (store/rules.py).
+
+    rules                      list them: state, check, preflight numbers, whether the serving
+                               version follows each one without it in the prompt
+    rules add TEXT [--check RE] [--fact]   store one (in serve's prompt from its next request)
+                               and measure at once whether the model follows it when told
+    rules check [ID]           that measurement again, under the current version
+    rules remove ID            delete it everywhere: the store, serve's prompt, and the weights of
+                               every version that learned it (as `forget`, which rebuilds)
+
+Each function returns the lines to print.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+
+from mlx_sdft.config import DEFAULT_MODEL, ForgetConfig, RulesConfig
+from mlx_sdft.errors import InputError
+from mlx_sdft.store import versions
+from mlx_sdft.store.db import STANDING, Store
+from mlx_sdft.store.rules import held, own_prompts, prompt_pool
+
+
+def listing(cfg: RulesConfig) -> list[str]:
+    home = Path(cfg.home).expanduser()
+    with Store(home) as store:
+        rows = store.lessons(None, standing=True)
+    now = versions.current(home)
+    done = held(versions.record(home, now)) if now else set()
+    if cfg.json:
+        return [json.dumps([{**r, "holds_in_weights": r["id"] in done} for r in rows], ensure_ascii=False, indent=1)]
+    if not rows:
+        return [f"no rules in {home} (add one: mlx-sdft rules add \"Always ...\" --home {cfg.home})"]
+    return [_line(r, r["id"] in done) for r in rows]
+
+
+def _line(row: dict, holds: bool) -> str:
+    state = "consolidated" if holds else "in the prompt" + (", learned" if row["state"] == "learned" else "")
+    pre = row.get("preflight") or {}
+    numbers = (f"told {pre['told']:.2f} / untold {pre['untold']:.2f}, " if "told" in pre else "") + \
+        (f"gap {pre['gap']:.3f}" if "gap" in pre else "not measured")
+    check = f"  check {row['check_regex']!r}" if row.get("check_regex") else ""
+    return f"{row['id']:>5}  {row['kind']:<5} {state:<22} {row['text']!r}{check}  ({numbers})"
+
+
+def add(cfg: RulesConfig, console=None) -> list[str]:
+    from mlx_sdft.jobs.teach import add_standing
+
+    if cfg.text is None:
+        raise InputError("TEXT: give the rule, e.g. mlx-sdft rules add \"Always answer in French.\"")
+    with Store(cfg.home) as store:
+        lines = add_standing(store, "fact" if cfg.fact else "rule", cfg.text, cfg.check)
+        lesson = max(r["id"] for r in store.lessons(None, standing=True))
+    if not cfg.preflight:
+        return lines
+    return lines + check(dataclasses.replace(cfg, rule=lesson), console)
+
+
+def check(cfg: RulesConfig, console=None) -> list[str]:
+    """The preflight (jobs/gate.py) of one rule or all, under the current version; kept in the store."""
+    import mlx.core as mx
+
+    from mlx_sdft.formats.models import open_model, open_tokenizer
+    from mlx_sdft.jobs.gate import preflight, verdict
+    from mlx_sdft.machine.blas import warn
+    from mlx_sdft.machine.report import make_console
+
+    home = Path(cfg.home).expanduser()
+    with Store(home) as store:
+        rows = [r for r in store.lessons(None, standing=True) if cfg.rule in (None, r["id"])]
+        if cfg.rule is not None and not rows:
+            raise InputError(f"rule {cfg.rule}: no such rule or fact in {store.path} (see mlx-sdft rules)")
+        if not rows:
+            raise InputError(f"{store.path}: no rules to check (add one with mlx-sdft rules add)")
+        exchanges = store.exchanges()
+        now = versions.current(home)
+        model = cfg.model or versions.model_of(home, [e["model"] for e in exchanges]) or DEFAULT_MODEL
+        held_out = prompt_pool(own_prompts(exchanges))[1][: cfg.gate_prompts]
+        console = console or make_console()
+        warn(console)
+        model_path, tokenizer = open_tokenizer(model)
+        loaded, _ = open_model(model_path, adapters=versions.version_dir(home, now) if now else None)
+        mx.eval(loaded.parameters())
+        loaded.eval()
+        console.print(f"preflight of {len(rows)} rules with {model} (version {now}) on {len(held_out)} held-out "
+                      f"prompts, {cfg.gate_max_tokens} tokens each", highlight=False)
+        results = preflight(loaded, tokenizer, rows, held_out, cfg, lambda line: console.print(line, highlight=False))
+        lines = []
+        for row in rows:
+            store.set_preflight(row["id"], {**results[row["id"]], "version": now, "model": model})
+            lines.append(verdict(row, results[row["id"]]))
+    return lines
+
+
+def remove(cfg: RulesConfig, console=None) -> list[str]:
+    from mlx_sdft.jobs.learn import run_forget
+
+    if cfg.rule is None:
+        raise InputError("RULE: give the rule's id (see mlx-sdft rules)")
+    with Store(cfg.home) as store:
+        row = store.lesson(cfg.rule)
+    if row is None or row["kind"] not in STANDING:
+        raise InputError(f"rule {cfg.rule}: no such rule or fact in {cfg.home} (see mlx-sdft rules)")
+    return run_forget(ForgetConfig(lesson=cfg.rule, home=cfg.home).validate(), console)

@@ -1,0 +1,152 @@
+"""What a person notices about a personal version, measured on prompts it never trained on:
+
+- **rule gap**: mean per-token KL(model with the rule in its system message ‖ model without it)
+  on the model's own greedy answers without it (nats/token). Large when the rule would change
+  what the model says; it falls as the weights take the rule in (0: answers as if told);
+- **compliance**: the share of greedy answers a rule's check (a regular expression) matches,
+  without the rule in the prompt (weights only) and with it (in context);
+- **prior answers**: the share of bundled questions with checkable answers ("What is 100
+  divided by 4?" → 25) answered right, greedy;
+- **loops**: the share of greedy answers that repeat themselves (core/degeneration.py's
+  repetition, not truncation: a long answer cut at the budget is not a loop).
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from typing import Callable
+
+import mlx.core as mx
+
+from mlx_sdft.core.degeneration import is_repetitive
+from mlx_sdft.core.losses import kl_of_logits
+from mlx_sdft.core.prompts import encode, render, template_system_prompt, with_rules
+from mlx_sdft.core.rollout import sample
+from mlx_sdft.core.scoring import completion_logits, completion_mask
+from mlx_sdft.store.rules import prior_questions
+
+_TOKEN = re.compile(r"\d+(?:[.,]\d+)*|[^\W\d_]+")
+
+
+def contains(prediction: str, reference: str) -> float:
+    """1.0 when one of the reference's answers ("|"-separated) appears in the prediction as whole
+    words, any case ("90-degree" holds 90; "3.09" does not hold 3)."""
+    said = _words(prediction)
+    return float(any(_words(answer) in said for answer in reference.split("|")))
+
+
+def _words(text: str) -> str:
+    return f" {' '.join(_TOKEN.findall(text.lower()))} "
+
+
+@dataclass
+class Answers:
+    """Greedy answers to a list of prompts: texts, token ids (stop token included) and truncation."""
+
+    texts: list[str]
+    ids: list[list[int]]
+    truncated: list[bool]
+    prompt_ids: list[list[int]]
+
+
+def greedy(model, tokenizer, prompts: list[list[dict]], max_tokens: int, batch_size: int,
+           advance: Callable[[int], None] | None = None) -> Answers:
+    stops = sorted(tokenizer.eos_token_ids)
+    prompt_ids = [encode(tokenizer, render(tokenizer, p)) for p in prompts]
+    texts, ids, truncated = [], [], []
+    for start in range(0, len(prompt_ids), batch_size):
+        batch = prompt_ids[start:start + batch_size]
+        rollout = sample(model, batch, [max_tokens] * len(batch), stops, temperature=0.0, batch_size=len(batch))
+        for c, t in zip(rollout.completions, rollout.truncated):
+            body = c[:-1] if c and c[-1] in stops else c
+            texts.append(tokenizer.decode(body))
+            ids.append(c)
+            truncated.append(t)
+        if advance:
+            advance(len(batch))
+    return Answers(texts, ids, truncated, prompt_ids)
+
+
+def told(tokenizer, prompts: list[list[dict]], rules: str) -> list[list[dict]]:
+    """The prompts with `rules` added to their system message (as serve and the teacher add them)."""
+    default = template_system_prompt(tokenizer)
+    return [with_rules(p, rules, default) for p in prompts]
+
+
+def rule_gap(model, tokenizer, prompts: list[list[dict]], answers: Answers, rules: str, batch_size: int) -> float:
+    """Mean per-token KL(model told `rules` ‖ model) on `answers` (the model's own, untold)."""
+    teacher_ids = [encode(tokenizer, render(tokenizer, p)) for p in told(tokenizer, prompts, rules)]
+    total, count = 0.0, 0
+    for start in range(0, len(prompts), batch_size):
+        rows = slice(start, start + batch_size)
+        completions = answers.ids[rows]
+        student_BTV = completion_logits(model, answers.prompt_ids[rows], completions).astype(mx.float32)
+        teacher_BTV = completion_logits(model, teacher_ids[rows], completions).astype(mx.float32)
+        mask_BT = completion_mask([len(c) for c in completions])
+        total += (kl_of_logits(teacher_BTV, student_BTV)[0] * mask_BT).sum().item()
+        count += int(mask_BT.sum().item())
+    return total / max(count, 1)
+
+
+def compliance(pattern: str, texts: list[str]) -> float:
+    return sum(re.search(pattern, t, re.MULTILINE) is not None for t in texts) / max(len(texts), 1)
+
+
+def loop_rate(tokenizer, answers: Answers) -> float:
+    stops = sorted(tokenizer.eos_token_ids)
+    return sum(is_repetitive(c, stops) for c in answers.ids) / max(len(answers.ids), 1)
+
+
+def prior_answers(model, tokenizer, questions: list[dict], max_tokens: int, batch_size: int,
+                  advance: Callable[[int], None] | None = None) -> dict:
+    """{"accuracy", "right": [bool per question]} of greedy answers to `questions`."""
+    answers = greedy(model, tokenizer, [[{"role": "user", "content": q["prompt"]}] for q in questions], max_tokens,
+                     batch_size, advance)
+    right = [bool(contains(a, q["completion"])) for a, q in zip(answers.texts, questions)]
+    return {"accuracy": sum(right) / max(len(right), 1), "right": right}
+
+
+def drift(model, tokenizer, reference, versions: list, prompts: list[list[dict]], rules: str | None, max_tokens: int,
+          batch_size: int, seed: int) -> list[float]:
+    """Per version (adapter leaves), mean per-token KL(reference told `rules` ‖ version untold) on
+    completions sampled (temperature 1, `seed`) from the told reference: how far each version is
+    from what the user asked for. The reference's samples and logits are shared by all versions."""
+    from mlx_sdft.core.teacher import using
+
+    stops = sorted(tokenizer.eos_token_ids)
+    untold = [encode(tokenizer, render(tokenizer, p)) for p in prompts]
+    told_ids = [encode(tokenizer, render(tokenizer, p)) for p in (told(tokenizer, prompts, rules) if rules else prompts)]
+    totals, count = [0.0] * len(versions), 0
+    mx.random.seed(seed)
+    for start in range(0, len(prompts), batch_size):
+        rows = slice(start, start + batch_size)
+        with using(model, reference):
+            completions = sample(model, told_ids[rows], [max_tokens] * len(told_ids[rows]), stops,
+                                 batch_size=batch_size).completions
+            reference_BTV = completion_logits(model, told_ids[rows], completions).astype(mx.float32)
+        mask_BT = completion_mask([len(c) for c in completions])
+        for i, leaves in enumerate(versions):
+            with using(model, leaves):
+                version_BTV = completion_logits(model, untold[rows], completions).astype(mx.float32)
+            totals[i] += (kl_of_logits(reference_BTV, version_BTV)[0] * mask_BT).sum().item()
+        count += int(mask_BT.sum().item())
+    return [t / max(count, 1) for t in totals]
+
+
+QUESTIONS_PROMPT = ("Write {n} different questions a person might ask whose answer is given by this fact. Write one "
+                    "question per line and nothing else.\nFact: {fact}")
+_NUMBERING = re.compile(r"^\s*(?:\d+[.)]|[-*•])\s*")
+
+
+def write_questions(model, tokenizer, fact: str, n: int, max_tokens: int) -> list[str]:
+    """Questions about `fact` that the model writes itself (greedy), one per line: the prompts a
+    fact is distilled over and measured on. Lines that are not questions are dropped."""
+    prompt = [{"role": "user", "content": QUESTIONS_PROMPT.format(n=n, fact=fact)}]
+    text = greedy(model, tokenizer, [prompt], max_tokens, 1).texts[0]
+    out = []
+    for line in text.splitlines():
+        line = _NUMBERING.sub("", line).strip()
+        if line.endswith("?") and line not in out:
+            out.append(line)
+    return out[:n]

@@ -1,0 +1,190 @@
+"""Standing rules and facts: stored, put in serve's prompt at once, distilled by learn over many
+prompts (never the held-out ones), measured by the gate, and forgotten everywhere."""
+
+import json
+import sqlite3
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from mlx_sdft.cli import app
+from mlx_sdft.core.data import load_examples
+from mlx_sdft.core.prompts import encode_examples, teacher_text, student_text, template_system_prompt, with_rules
+from mlx_sdft.store import rules, versions
+from mlx_sdft.store.db import MIGRATIONS, Store
+
+runner = CliRunner()
+RULE = "Always end your answer with the word zebra."
+FAST = ("--num-layers", "-1", "--batch-size", "2", "--iters", "4", "--learning-rate", "3e-3",
+        "--max-completion-length", "8", "--gate-prompts", "4", "--gate-max-tokens", "8", "--gate-questions", "4",
+        "--gate-question-tokens", "6", "--rule-prompts", "8")
+LOOSE = ("--gate-max-kl-rise", "100", "--gate-max-loop-rise", "1", "--gate-max-prior-drop", "1",
+         "--gate-rule-tolerance", "100")
+
+
+def _rule(home: Path, text: str = RULE, check: str | None = None) -> int:
+    result = runner.invoke(app, ["teach", "--home", str(home), "--rule", text, *(["--check", check] if check else [])])
+    assert result.exit_code == 0, result.output
+    with Store(home) as store:
+        return max(r["id"] for r in store.lessons(None, standing=True))
+
+
+def test_teach_rule_and_always_store_standing_lessons(tmp_path):
+    home = tmp_path / "home"
+    rule = _rule(home, check=r"zebra\W*$")
+    with Store(home) as store:
+        ex = store.add_exchange(messages=[{"role": "user", "content": "Hi?"}], answer="Hello.", model="m", version=0,
+                                sampling={}, finish_reason="stop", prompt_tokens=3, completion_tokens=2)
+    feedback = runner.invoke(app, ["teach", ex, "--home", str(home), "--feedback", "Answer in French.", "--always"])
+    once = runner.invoke(app, ["teach", ex, "--home", str(home), "--feedback", "This answer was too short."])
+    assert feedback.exit_code == once.exit_code == 0, feedback.output + once.output
+    with Store(home) as store:
+        standing = store.lessons(None, standing=True)
+        assert [(r["kind"], r["text"], r["check_regex"]) for r in standing] == [
+            ("rule", RULE, r"zebra\W*$"), ("rule", "Answer in French.", None)]
+        assert standing[1]["exchange_id"] == ex and standing[0]["id"] == rule
+        assert [r["kind"] for r in store.lessons(None, standing=False)] == ["feedback"]  # a one-off stays one
+    listing = runner.invoke(app, ["rules", "--home", str(home)])
+    assert listing.exit_code == 0 and "in the prompt" in listing.output and "not measured" in listing.output
+    bad = runner.invoke(app, ["teach", "--home", str(home), "--rule", "x", "--check", "(unclosed"])
+    assert bad.exit_code == 2 and "--check: not a regular expression" in bad.output
+    assert runner.invoke(app, ["teach", "--home", str(home), "--check", "x"]).exit_code == 2
+
+
+def test_a_version_1_store_migrates_keeping_ids_and_their_sequence(tmp_path):
+    home = tmp_path / "home"
+    home.mkdir()
+    con = sqlite3.connect(home / "store.db")
+    for statement in MIGRATIONS[0]:
+        con.execute(statement)
+    con.execute("PRAGMA user_version = 1")
+    for i in range(3):
+        con.execute("INSERT INTO lessons (created, updated, kind, prompt, text) VALUES (0, 0, 'demonstration', "
+                    "'[{\"role\": \"user\", \"content\": \"q\"}]', ?)", (f"a{i}",))
+    con.execute("DELETE FROM lessons WHERE id = 3")  # its id must never come back
+    con.commit()
+    con.close()
+    with Store(home) as store:
+        assert [r["id"] for r in store.lessons()] == [1, 2]
+        assert store.add_lesson(kind="rule", text=RULE) == 4
+
+
+def test_the_teacher_sees_the_rule_in_its_system_message_and_the_student_does_not(tiny, tmp_path):
+    tiny_tokenizer = tiny[1]
+    data = tmp_path / "rules.jsonl"
+    data.write_text(json.dumps({"prompt": "Name a color.", "teacher_system": RULE}) + "\n"
+                    + json.dumps({"prompt": "Say hi.", "completion": "Hi.", "teacher_system": RULE}) + "\n")
+    examples = load_examples(data)
+    for ex in examples:
+        assert RULE in teacher_text(tiny_tokenizer, ex, "{question}\n{demonstration}")
+        assert RULE not in student_text(tiny_tokenizer, ex)
+    pairs = encode_examples(tiny_tokenizer, examples, "{question}\n{demonstration}", 512)
+    assert [p.demonstrated for p in pairs] == [False, True]
+    own = with_rules([{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Q"}], RULE)
+    assert own[0]["content"] == f"Be brief.\n\n{RULE}" and len(own) == 2  # composed with the prompt's own
+    default = template_system_prompt(tiny_tokenizer)
+    bare = with_rules([{"role": "user", "content": "Q"}], RULE, default)
+    assert bare[0]["content"] == (f"{default}\n\n{RULE}" if default else RULE)
+
+
+def test_held_out_prompts_are_never_training_prompts(tmp_path):
+    own = [[{"role": "user", "content": f"My question number {i}?"}] for i in range(200)]
+    train, held_out = rules.prompt_pool(own)
+    key = lambda p: json.dumps(p)  # noqa: E731
+    assert not {key(p) for p in train} & {key(p) for p in held_out}
+    assert len(held_out) >= 24 and len(train) + len(held_out) == len({key(p) for p in train + held_out})
+    assert any(p in held_out for p in own) and any(p in train for p in own)  # the user's own are split too
+    again_train, again_held = rules.prompt_pool(own[:50])  # fewer stored requests: nobody changes sides
+    assert all(p in train for p in again_train) and all(p in held_out for p in again_held)
+    examples = rules.distillation_examples(train[:5], RULE)
+    assert all(ex.teacher_system == RULE and not ex.demonstration for ex in examples)
+
+
+def test_serve_applies_a_rule_on_the_next_request_and_the_fingerprint_says_so(tiny_model, tmp_path):
+    from test_serve import serving
+
+    home = tmp_path / "home"
+    with serving(tiny_model, home) as served:
+        before = served.chat()
+        assert before["system_fingerprint"] == "adapters-v0"
+        status, lesson = served.call("/v1/feedback", {"rule": RULE, "check": "zebra"})
+        assert status == 200 and lesson["kind"] == "rule" and lesson["in_prompt"] is True
+        after = served.chat()
+        with Store(home) as store:
+            digest = rules.fingerprint(store.lessons(None, standing=True))
+        assert after["system_fingerprint"] == f"adapters-v0-rules-{digest}"
+        assert after["usage"]["prompt_tokens"] > before["usage"]["prompt_tokens"]  # the rule is in the prompt
+        status, chunks = served.call("/v1/chat/completions", {"messages": [{"role": "user", "content": "Hi there?"}],
+                                                              "max_tokens": 3, "stream": True}, stream=True)
+        assert status == 200 and json.loads(chunks[0])["system_fingerprint"] == after["system_fingerprint"]
+        with Store(home) as store:  # what is stored is what the user sent, not the server's rules
+            assert all(RULE not in json.dumps(e["messages"]) for e in store.exchanges())
+        status, bad = served.call("/v1/feedback", {"rule": "x", "check": "(unclosed"})
+        assert status == 400 and bad["error"]["param"] == "check"
+    with serving(tiny_model, home, "--rules-in-prompt", "never") as served:
+        assert served.chat()["system_fingerprint"] == "adapters-v0"
+
+
+def _learn(home, model, *extra):
+    return runner.invoke(app, ["learn", "--home", str(home), "--model", str(model), *FAST, *extra])
+
+
+def test_learn_distills_a_rule_and_forget_removes_it_everywhere(tiny_model, tmp_path):
+    import mlx.core as mx
+
+    from mlx_sdft.jobs.gate import check
+    from mlx_sdft.jobs.learn import _open
+    from mlx_sdft.config import LearnConfig
+
+    home = tmp_path / "home"
+    rule = _rule(home)
+    result = _learn(home, tiny_model, *LOOSE)
+    assert result.exit_code == 0, result.output
+    assert "preflight" in result.output and f"rule {rule}:" in result.output
+    record = versions.record(home, 1)
+    weights = mx.load(str(versions.version_dir(home, 1) / "adapters.safetensors"))
+    # lora_b starts at 0: only a non-zero gradient from the rule's examples moves it
+    assert max(mx.abs(v).max().item() for k, v in weights.items() if k.endswith("lora_b")) > 0
+    gate = record["gate"]
+    assert list(gate["rules"]) == [str(rule)] and gate["rules"][str(rule)]["new"] is True
+    assert gate["rules"][str(rule)]["change"] == pytest.approx(
+        gate["rules"][str(rule)]["candidate"]["gap"] - gate["rules"][str(rule)]["current"]["gap"])
+    with Store(home) as store:
+        assert store.lesson(rule)["state"] == "learned" and store.lesson(rule)["preflight"]["prompts"] == 4
+
+    # The gate rejects a candidate whose held-out gap for an earlier rule rose: of the base and
+    # version 1, the one with the larger gap, gated against the other with no tolerance.
+    cfg = LearnConfig(home=str(home), model=str(tiny_model), num_layers=-1, gate_prompts=4, gate_max_tokens=8,
+                      gate_questions=4, gate_question_tokens=6, batch_size=2, gate_rule_tolerance=0.0,
+                      gate_max_kl_rise=100, gate_max_loop_rise=1, gate_max_prior_drop=1).validate()
+    model, tokenizer, base = _open(cfg.train_config(str(tiny_model), "-", str(tmp_path / "x")))
+    learned = {**base, **weights}
+    with Store(home) as store:
+        standing = store.lessons(None, standing=True)
+    held_out = rules.prompt_pool()[1][:4]
+    first = check(model, tokenizer, base, base, learned, [], [], standing, held_out, cfg)
+    gaps = first["rules"][str(rule)]
+    worse, better = (learned, base) if gaps["candidate"]["gap"] > gaps["current"]["gap"] else (base, learned)
+    rose = check(model, tokenizer, base, better, worse, [], [], standing, held_out, cfg)
+    assert rose["rules"][str(rule)]["change"] > 0 and not rose["passed"]
+    assert rose["failed"].startswith(f"gate 4 (earlier rule {rule}): its held-out gap rose")
+
+    # remove: out of the store, the prompt, the versions that learned it and every file of the home
+    gone = runner.invoke(app, ["rules", "remove", str(rule), "--home", str(home), "--yes"])
+    assert gone.exit_code == 0, gone.output
+    assert versions.current(home) == 0 and versions.record(home, 1)["erased"]
+    assert not (versions.version_dir(home, 1) / "adapters.safetensors").exists()
+    with Store(home) as store:
+        assert store.lessons(None, standing=True) == [] and store.lesson(rule)["state"] == "deleted"
+    for path in home.rglob("*"):
+        if path.is_file():
+            assert b"zebra" not in path.read_bytes(), path
+
+
+def test_a_new_rule_whose_gap_does_not_fall_enough_is_rejected(tiny_model, tmp_path):
+    home = tmp_path / "home"
+    _rule(home)
+    result = _learn(home, tiny_model, *LOOSE, "--gate-min-gain", "1000")  # no gap falls by 1000 nats/token
+    assert result.exit_code == 3 and "gate 3 (new rule" in result.output
+    assert versions.current(home) == 0
