@@ -275,3 +275,51 @@ def test_continual_stages_finished_before_the_new_defaults(tiny_model, tmp_path)
     run_continual(stages(["sft"]), console=Console(file=log, width=200))
     assert log.getvalue().count("sdft: stage 1/1 capitals: skipped (finished, unchanged)") == 1
     assert log.getvalue().count("sft: stage 1/1 capitals: skipped (finished, unchanged)") == 2
+
+
+def test_a_run_into_a_folder_in_use_names_the_running_one_and_writes_nothing(tiny_model, smoke_data, tmp_path):
+    """The lock on --adapter-path, held here by this process: a run into the folder stops with one line
+    naming the holder's pid (exit 2) and touches nothing. A lock left by a killed run (its pid in the
+    file, the flock gone with the process) is taken over, and said."""
+    import os
+
+    from mlx_sdft.formats import checkpoint
+
+    out = tmp_path / "run"
+    with checkpoint.locked(out):
+        before = _snapshot(out)
+        assert before == {"train.lock": f"{os.getpid()}\n".encode()}
+        _error(_train(tiny_model, smoke_data, out),
+               rf"--adapter-path: .*run is in use by a train run that is still running \(pid {os.getpid()}\); wait for it")
+        assert _snapshot(out) == before
+    (out / "train.lock").write_text("999999999\n")  # what a run killed by SIGKILL leaves
+    result = _train(tiny_model, smoke_data, out)
+    assert result.exit_code == 0, result.output
+    assert "from pid 999999999, a run that did not finish" in " ".join(result.output.split())
+    assert (out / "train.lock").read_text() == "" and (out / "adapters.safetensors").exists()
+
+
+def test_two_runs_into_one_folder_the_second_stops_and_the_first_goes_on(tiny_model, smoke_data, tmp_path):
+    """Two real runs: the second into the folder of a running one (a fresh folder when both started)
+    gets one line naming the first's pid, exit 2; the first trains on and saves as if alone."""
+    import signal
+    import subprocess
+    import time
+
+    from test_resume import _cli, assert_consistent
+
+    out = tmp_path / "run"
+    first = subprocess.Popen(_cli(tiny_model, smoke_data, out, "--iters", "400"), stdout=subprocess.DEVNULL,
+                             stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.time() + 120
+        while first.poll() is None and not (out / "trainer_state.json").exists() and time.time() < deadline:
+            time.sleep(0.02)
+        for extra in ((), ("--resume",), ("--overwrite",)):
+            _error(_train(tiny_model, smoke_data, out, *extra), rf"is in use by a train run .*\(pid {first.pid}\)")
+        assert first.poll() is None and (out / "train.lock").read_text() == f"{first.pid}\n"  # undisturbed
+    finally:
+        first.send_signal(signal.SIGINT)  # Ctrl-C: it saves and stops
+        _, err = first.communicate(timeout=120)
+    assert first.returncode == 130, err
+    assert assert_consistent(out) >= 1 and (out / "train.lock").read_text() == ""

@@ -55,7 +55,8 @@ def test_training_changes_only_the_adapters_and_writes_the_layout(tiny, tiny_mod
     names = {p.name for p in out.iterdir()}
     assert names == {"adapter_config.json", "adapters.safetensors", "0000002_adapters.safetensors",
                      "teacher_adapters.safetensors", "optimizer_state.safetensors", "trainer_state.json",
-                     "metrics.jsonl", "completions.jsonl"}
+                     "metrics.jsonl", "completions.jsonl", "train.lock"}
+    assert (out / "train.lock").read_text() == ""  # released at the end
     student = mx.load(str(out / "adapters.safetensors"))
     teacher = mx.load(str(out / "teacher_adapters.safetensors"))
     assert student and all(k.rsplit(".", 1)[-1] in {"lora_a", "lora_b"} for k in student)
@@ -263,7 +264,7 @@ def test_nothing_is_saved_before_a_token_reached_the_loss(tiny_model, smoke_data
     out = tmp_path / "a"
     with pytest.raises(TrainingError, match="no micro-batch of the 3 steps had a token in the loss"):
         run_train(_cfg(tiny_model, smoke_data, out, save_every=1, **PAPER_SDFT), quiet=True)
-    assert sorted(p.name for p in out.iterdir()) == ["completions.jsonl", "metrics.jsonl"]  # the record, no weights
+    assert sorted(p.name for p in out.iterdir()) == ["completions.jsonl", "metrics.jsonl", "train.lock"]  # no weights
 
     monkeypatch.setattr(launch, "StopFlag", lambda reporter: _Ctx(StopAt(2)))
     with pytest.raises(Interrupted, match="interrupted after step 2, before any token reached the loss: nothing saved"):

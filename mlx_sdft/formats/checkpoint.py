@@ -8,11 +8,14 @@ teacher_adapters.safetensors   EMA teacher leaves
 optimizer_state.safetensors    optimizer state, for --resume
 trainer_state.json             step, data cursor, versions
 metrics.jsonl                  one JSON object per report / eval
+train.lock                     held (flock) by the run writing here, its pid inside (`locked`)
 ```
 A save is one transaction: every file is first written under a `.pending-` name, then a
 commit record lists them, then they are renamed into place. A crash before the commit leaves
 the previous save untouched; a crash after it is rolled forward by `recover`. So the files in
 the folder always belong to one step, and a full disk or a kill never costs the last good save.
+Only one run writes into a folder at a time: it holds train.lock from before its first write to
+its end.
 """
 
 from __future__ import annotations
@@ -21,6 +24,7 @@ import hashlib
 import json
 import os
 import re
+from contextlib import contextmanager
 from importlib.metadata import version
 from pathlib import Path
 
@@ -30,9 +34,11 @@ from mlx.utils import tree_flatten, tree_unflatten
 
 from mlx_sdft import __version__
 from mlx_sdft.config import BEFORE_THE_OPTION
-from mlx_sdft.errors import TrainingError
+from mlx_sdft.errors import InputError, TrainingError
+from mlx_sdft.folder_lock import held
 
 COMMIT = ".pending-commit.json"
+LOCK = "train.lock"
 METRICS, COMPLETIONS = "metrics.jsonl", "completions.jsonl"
 STATE_FILES = ("adapters.safetensors", "teacher_adapters.safetensors", "optimizer_state.safetensors",
                "trainer_state.json", "adapter_config.json")
@@ -40,6 +46,21 @@ STATE_FILES = ("adapters.safetensors", "teacher_adapters.safetensors", "optimize
 
 def package_versions() -> dict:
     return {"mlx_sdft": __version__, "mlx": version("mlx"), "mlx_lm": version("mlx-lm")}
+
+
+@contextmanager
+def locked(out: Path):
+    """The one run writing into `out` (created if missing) holds out/train.lock for the life of the
+    block (the same flock as `learn`'s, `folder_lock.held`). Yields the pid of a run that was killed
+    while holding it, else None. While another live run holds it: InputError naming its pid, and
+    nothing in the folder is touched."""
+    def busy(pid: str) -> InputError:
+        return InputError(f"--adapter-path: {out} is in use by a train run that is still running (pid {pid}); "
+                          "wait for it to end, or write to another --adapter-path")
+
+    out.mkdir(parents=True, exist_ok=True)
+    with held(out / LOCK, busy) as stale:
+        yield stale
 
 
 def _atomic(path: Path, write) -> None:

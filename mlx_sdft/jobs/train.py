@@ -2,13 +2,15 @@
 resume, train, and stop cleanly on Ctrl-C.
 
 Data, options, prompts and the memory estimate are checked before any weights load, and
-nothing is written to the output folder until training has produced something to write.
+nothing is written to the output folder until training has produced something to write, except
+its lock (train.lock): one run at a time writes into a folder, from its first write to its end.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
+from contextlib import ExitStack
 from pathlib import Path
 
 import mlx.core as mx
@@ -146,56 +148,69 @@ def run_train(cfg: Config, console=None, quiet: bool = False, examples: dict | N
     train_pairs = encode_examples(tokenizer, splits["train"], cfg.teacher_template, cfg.max_seq_length)
     valid_pairs = encode_examples(tokenizer, splits.get("valid", []), cfg.teacher_template, cfg.max_seq_length)
     check_loss_room(cfg, train_pairs + valid_pairs)
-    check_folder(cfg, out, train_pairs)
-    cfg, estimate = preflight(cfg, model_path, train_pairs, valid_pairs)
-    for adapters in ([Path(cfg.resume_adapter_file)] if cfg.resume_adapter_file else []) + \
-            ([out / "adapters.safetensors"] if cfg.resume else []):
-        check_adapter_fit(model_path, adapters, cfg.fine_tune_type, cfg.num_layers, cfg.lora_parameters)
+    # The one process that writes (rank 0; a dry run writes nothing) holds the folder for the run's
+    # whole life: a folder that exists before anything in it is read (a run writing there now is
+    # named by its pid, not taken for an earlier run), a new one just before the first write (a run
+    # the checks below refuse leaves no folder behind), and then it is checked again.
+    writes, existed = rank == 0 and not cfg.dry_run, out.is_dir()
+    with ExitStack() as hold:
+        stale = hold.enter_context(checkpoint.locked(out)) if writes and existed else None
+        check_folder(cfg, out, train_pairs)
+        cfg, estimate = preflight(cfg, model_path, train_pairs, valid_pairs)
+        for adapters in ([Path(cfg.resume_adapter_file)] if cfg.resume_adapter_file else []) + \
+                ([out / "adapters.safetensors"] if cfg.resume else []):
+            check_adapter_fit(model_path, adapters, cfg.fine_tune_type, cfg.num_layers, cfg.lora_parameters)
+        if writes and not existed:
+            stale = hold.enter_context(checkpoint.locked(out))
+            check_folder(cfg, out, train_pairs)  # a run may have started, and ended, in it meanwhile
 
-    reporter = Reporter(out, total_steps(cfg, len(train_pairs)), console=console, report_to=cfg.report_to,
-                        project_name=cfg.project_name, config=cfg.to_dict(), quiet=quiet,
-                        estimated_peak_gb=estimate["peak"] if estimate else None, writer=rank == 0,
-                        label=cfg.method.upper(), parts=loss_parts(cfg))
-    if reporter.writer and not quiet:
-        blas.warn(reporter.console)
-    panel = startup_text(cfg, model_path, len(train_pairs), len(valid_pairs), reporter.total,
-                         system_prompt_note(tokenizer, cfg.system_prompt), describe_stops(tokenizer))
-    reporter.print(Panel(panel, title="mlx-sdft train", expand=False))
-    if ignored:
-        reporter.print(f"warning: --method sft ignores {', '.join('--' + n.replace('_', '-') for n in ignored)} "
-                       f"(SDFT options: they change nothing in an SFT run)", style="yellow", highlight=False)
-    if estimate:
-        reporter.print(f"memory estimate: {memory.describe(estimate)}", highlight=False)
-    if cfg.method == "sdft" and not cfg.fuse_sampling:
-        reporter.print("sampling with unfused adapters: slower, but no copy of the weights", style="yellow")
-    if cfg.method == "sdft" and cfg.logits_chunk:
-        reporter.print(f"scoring {cfg.logits_chunk} completion positions at a time (--logits-chunk)", style="yellow")
-    if cfg.method == "sdft" and (warning := skipped_prefix_warning([p.demo_ids for p in train_pairs],
-                                                                   cfg.skip_first_tokens, tokenizer.decode)):
-        reporter.print(f"warning: {warning}", style="yellow", highlight=False)
-    first = splits["train"][0]
-    reporter.print(Panel(Text(student_text(tokenizer, first)), title=f"student prompt ({first.where})", expand=False))
-    if cfg.method == "sdft":
-        reporter.print(Panel(Text(teacher_text(tokenizer, first, cfg.teacher_template)), title="teacher prompt",
-                             expand=False))
-    target = next((p for p in train_pairs if p.demonstrated), None)  # a feedback lesson has no SFT target
-    if (cfg.method == "sft" or cfg.sft_weight) and target is not None:  # what the cross-entropy trains on
-        reporter.print(Panel(Text(tokenizer.decode(target.demo_ids)), title=f"SFT target ({target.where})", expand=False))
-    if cfg.dry_run:
-        reporter.print(Panel(options_text(cfg), title="resolved options", expand=False))
-        return estimate or {}
-    if not valid_pairs:
-        reporter.print("no valid.jsonl: validation is skipped", style="yellow")
-    if cfg.overwrite and checkpoint.run_files(out) and rank == 0:
-        reporter.print(f"--overwrite: deleting the earlier run in {out}", style="yellow")
-        checkpoint.clear_run(out)
+        reporter = Reporter(out, total_steps(cfg, len(train_pairs)), console=console, report_to=cfg.report_to,
+                            project_name=cfg.project_name, config=cfg.to_dict(), quiet=quiet,
+                            estimated_peak_gb=estimate["peak"] if estimate else None, writer=rank == 0,
+                            label=cfg.method.upper(), parts=loss_parts(cfg))
+        if reporter.writer and not quiet:
+            blas.warn(reporter.console)
+        if stale:
+            reporter.print(f"took over {out / checkpoint.LOCK} from pid {stale}, a run that did not finish (killed?)",
+                           style="yellow", highlight=False)
+        panel = startup_text(cfg, model_path, len(train_pairs), len(valid_pairs), reporter.total,
+                             system_prompt_note(tokenizer, cfg.system_prompt), describe_stops(tokenizer))
+        reporter.print(Panel(panel, title="mlx-sdft train", expand=False))
+        if ignored:
+            reporter.print(f"warning: --method sft ignores {', '.join('--' + n.replace('_', '-') for n in ignored)} "
+                           f"(SDFT options: they change nothing in an SFT run)", style="yellow", highlight=False)
+        if estimate:
+            reporter.print(f"memory estimate: {memory.describe(estimate)}", highlight=False)
+        if cfg.method == "sdft" and not cfg.fuse_sampling:
+            reporter.print("sampling with unfused adapters: slower, but no copy of the weights", style="yellow")
+        if cfg.method == "sdft" and cfg.logits_chunk:
+            reporter.print(f"scoring {cfg.logits_chunk} completion positions at a time (--logits-chunk)", style="yellow")
+        if cfg.method == "sdft" and (warning := skipped_prefix_warning([p.demo_ids for p in train_pairs],
+                                                                       cfg.skip_first_tokens, tokenizer.decode)):
+            reporter.print(f"warning: {warning}", style="yellow", highlight=False)
+        first = splits["train"][0]
+        reporter.print(Panel(Text(student_text(tokenizer, first)), title=f"student prompt ({first.where})", expand=False))
+        if cfg.method == "sdft":
+            reporter.print(Panel(Text(teacher_text(tokenizer, first, cfg.teacher_template)), title="teacher prompt",
+                                 expand=False))
+        target = next((p for p in train_pairs if p.demonstrated), None)  # a feedback lesson has no SFT target
+        if (cfg.method == "sft" or cfg.sft_weight) and target is not None:  # what the cross-entropy trains on
+            reporter.print(Panel(Text(tokenizer.decode(target.demo_ids)), title=f"SFT target ({target.where})", expand=False))
+        if cfg.dry_run:
+            reporter.print(Panel(options_text(cfg), title="resolved options", expand=False))
+            return estimate or {}
+        if not valid_pairs:
+            reporter.print("no valid.jsonl: validation is skipped", style="yellow")
+        if cfg.overwrite and checkpoint.run_files(out) and rank == 0:
+            reporter.print(f"--overwrite: deleting the earlier run in {out}", style="yellow")
+            checkpoint.clear_run(out)
 
-    mx.random.seed(cfg.seed)
-    adapters = Adapters(cfg.fine_tune_type, cfg.num_layers, cfg.lora_parameters, cfg.resume_adapter_file)
-    model, base = open_model(model_path, adapters=adapters)
-    if world > 1:
-        reporter.print(f"data parallel over {world} processes: {cfg.batch_size // world} prompts each per micro-batch")
-        with reporter:  # Ctrl-C goes to mlx.launch, which stops every rank
-            return train(model, tokenizer, train_pairs, valid_pairs, cfg, base, reporter, None, group)
-    with reporter, StopFlag(reporter) as stop:
-        return train(model, tokenizer, train_pairs, valid_pairs, cfg, base, reporter, stop)
+        mx.random.seed(cfg.seed)
+        adapters = Adapters(cfg.fine_tune_type, cfg.num_layers, cfg.lora_parameters, cfg.resume_adapter_file)
+        model, base = open_model(model_path, adapters=adapters)
+        if world > 1:
+            reporter.print(f"data parallel over {world} processes: {cfg.batch_size // world} prompts each per micro-batch")
+            with reporter:  # Ctrl-C goes to mlx.launch, which stops every rank
+                return train(model, tokenizer, train_pairs, valid_pairs, cfg, base, reporter, None, group)
+        with reporter, StopFlag(reporter) as stop:
+            return train(model, tokenizer, train_pairs, valid_pairs, cfg, base, reporter, stop)
