@@ -18,8 +18,8 @@ HELPER = Path(__file__).parent / "helpers" / "dp_train.py"
 
 
 def _opts(tiny_model, smoke_data, out):
-    # batch_size 2: the 4 validation prompts make 2 batches, one per rank. The paper's objective: the
-    # --sft-weight term is a token mean per process (as --method sft's), so not a batch mean.
+    # batch_size 2: the 4 validation prompts make 2 batches, one per rank. The paper's objective, as
+    # recorded; today's defaults (the --sft-weight term) are test_two_ranks_weigh_the_sft_term_as_one_process's.
     return dict(model=str(tiny_model), data=str(smoke_data), adapter_path=str(out), num_layers=-1, batch_size=2,
                 iters=3, max_completion_length=10, learning_rate=0.5, optimizer="sgd", steps_per_report=1, steps_per_eval=100,
                 save_every=100, seed=3, **PAPER_SDFT)
@@ -62,3 +62,32 @@ def test_two_ranks_match_each_other_and_one_process(tiny_model, smoke_data, tmp_
                     if json.loads(line)["type"] == "eval"]
     assert val["val_completion_len"] == single_val["val_completion_len"]
     assert val["val_loss"] == pytest.approx(single_val["val_loss"], rel=1e-4)
+
+
+@pytest.mark.skipif(shutil.which("mlx.launch") is None and not (Path(sys.executable).parent / "mlx.launch").exists(),
+                    reason="mlx.launch is part of the mlx package; missing means a broken install")
+def test_two_ranks_weigh_the_sft_term_as_one_process(tiny_model, tmp_path):
+    """Today's defaults (the --sft-weight term, a token mean) on ragged demonstrations: each rank's
+    terms weigh by its share of the step's tokens, so 2 ranks of 1 prompt train as 1 process of 2
+    (each rank's own token mean, averaged, missed that by 55% of the update's size)."""
+    from test_train import _ragged
+
+    data = _ragged(tmp_path)
+    opts = dict(model=str(tiny_model), data=str(data), num_layers=-1, batch_size=2, iters=2, max_completion_length=16,
+                learning_rate=0.1, optimizer="sgd", grad_clip=0, steps_per_report=1, steps_per_eval=100,
+                save_every=100, seed=3)
+    single = tmp_path / "single" / "adapters"
+    run_train(load_config(None, {**opts, "adapter_path": str(single)}), quiet=True)
+    dp = tmp_path / "dp" / "adapters"
+    args = [f"--{k.replace('_', '-')}={v}" for k, v in {**opts, "adapter_path": str(dp)}.items()]
+    launcher = shutil.which("mlx.launch") or str(Path(sys.executable).parent / "mlx.launch")
+    result = subprocess.run([launcher, "-n", "2", "--backend", "ring", sys.executable, str(HELPER), *args],
+                            capture_output=True, text=True, timeout=240)
+    assert result.returncode == 0, result.stdout + result.stderr
+    saved, reference = (mx.load(str(folder / "adapters.safetensors")) for folder in (dp, single))
+    update = max(np.abs(np.array(v)).max() for k, v in reference.items() if k.endswith("lora_b"))
+    assert update > 0
+    assert max(np.abs(np.array(saved[k]) - np.array(reference[k])).max() for k in reference) <= 2e-5 * update
+    losses = [[r["loss"] for r in map(json.loads, (folder / "metrics.jsonl").read_text().splitlines())
+               if r["type"] == "train"] for folder in (dp, single)]
+    assert losses[0] == pytest.approx(losses[1], rel=1e-5)

@@ -290,3 +290,89 @@ def test_empty_micro_batches_are_counted(tiny_model, smoke_data, tmp_path, monke
                    grad_accumulation_steps=2, **PAPER_SDFT), quiet=True)
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [r["empty_batches"] for r in records if r["type"] == "train"] == [1, 1]
+
+
+def _ragged(tmp_path):
+    """Four demonstrations of 3 to about 90 tokens: any two hold another number of tokens than the
+    other two, so micro-batches of two are ragged whichever way the epoch is shuffled."""
+    answers = ["Lima.", "The capital of Peru is Lima.",
+               "Lima is the capital of Peru, and the largest city of the country, on the Pacific coast of South America.",
+               "Peru's capital is Lima. " * 12]
+    data = tmp_path / "ragged"
+    data.mkdir()
+    (data / "train.jsonl").write_text("".join(json.dumps({"messages": [
+        {"role": "user", "content": "What is the capital of Peru?"}, {"role": "assistant", "content": a}]}) + "\n"
+        for a in answers))
+    return data
+
+
+@pytest.mark.parametrize("options", [{}, {"truncated": "keep", "base_kl_weight": 0.1}, {"method": "sft"}],
+                         ids=["defaults", "every-term", "sft"])
+def test_gradient_accumulation_is_one_bigger_batch_for_every_objective(tiny_model, tmp_path, options):
+    """One step of 4 prompts and one of 2 x --grad-accumulation-steps 2 on the same prompts and samples
+    give the same update and loss, the token-mean SFT term (--sft-weight, on by default; --method sft)
+    included: each micro-batch's terms weigh by their share of the step's tokens (or sequences).
+    Measured on these ragged demonstrations when each micro-batch's SFT mean counted alike: cosine
+    0.963 between the two updates (0.973 with every term on), max difference 31% of the update;
+    now 1 - 3e-14, 3e-7."""
+    data = _ragged(tmp_path)
+    sgd = dict(iters=1, optimizer="sgd", learning_rate=0.1, grad_clip=0, warmup_ratio=0.0, max_completion_length=32,
+               steps_per_eval=100, **options)
+    one = run_train(_cfg(tiny_model, data, tmp_path / "one", batch_size=4, **sgd), quiet=True)
+    two = run_train(_cfg(tiny_model, data, tmp_path / "two", batch_size=2, grad_accumulation_steps=2, **sgd), quiet=True)
+    for key in ("loss", "sdft_loss", "sft_loss", "base_kl"):
+        assert two.get(key) == pytest.approx(one.get(key), rel=1e-5, abs=1e-6), key  # base_kl starts at ~0
+    assert_same_updates(tmp_path / "one", tmp_path / "two")
+
+
+def test_teacher_reference_and_validation_score_without_dropout(tiny, tiny_model, smoke_data, tmp_path, monkeypatch):
+    """With LoRA dropout, the teacher, the base model (--base-kl-weight) and validation score in eval
+    mode: the same inputs twice give the same numbers (they differed by up to ~1 in a logit), while
+    the student's training pass still draws its dropout."""
+    from functools import partial
+
+    from mlx.utils import tree_map
+
+    from mlx_sdft.core import guards, train
+    from mlx_sdft.core.data import load_dataset
+    from mlx_sdft.core.objective import Objective, sdft_objective
+    from mlx_sdft.core.prompts import encode_examples
+    from mlx_sdft.core.teacher import init_teacher
+    from mlx_sdft.formats.models import Adapters, open_model
+    from mlx_sdft.machine.report import PhaseTimer
+
+    _, tok = tiny
+    cfg = _cfg(tiny_model, smoke_data, tmp_path, batch_size=2, lora_parameters={"dropout": 0.5}, base_kl_weight=0.1,
+               truncated="keep")
+    mx.random.seed(0)
+    model, base = open_model(tiny_model, adapters=Adapters(cfg.fine_tune_type, cfg.num_layers, cfg.lora_parameters))
+    # lora_b starts at 0, where dropout on the adapters' input changes nothing: move every leaf.
+    model.update(tree_map(lambda v: v + 0.05 * mx.random.normal(v.shape), model.trainable_parameters()))
+    teacher = init_teacher("ema", model, base)
+    splits = load_dataset(smoke_data)
+    pairs, valid = (encode_examples(tok, splits[s][:2], cfg.teacher_template, cfg.max_seq_length) for s in ("train", "valid"))
+
+    seen = {"teacher": [], "base": []}
+    objective, real_base = sdft_objective(cfg), guards.base_logits
+
+    def teacher_scores(*args):
+        scores = objective.teacher_scores(*args)
+        seen["teacher"].append(np.array(scores.astype(mx.float32)))
+        return scores
+
+    def base_logits(*args):
+        logits = real_base(*args)
+        seen["base"].append(np.array(logits.astype(mx.float32)))
+        return logits
+
+    monkeypatch.setattr(guards, "base_logits", base_logits)
+    step = partial(train.sdft_step, cfg=cfg, stop_ids=sorted(tok.eos_token_ids), base=base,
+                   objective=Objective(teacher_scores, objective.student_loss))
+    model.train()
+    losses = [step(model, teacher, pairs, [0, 1], grad=True, timer=PhaseTimer())[0].item() for _ in range(2)]
+    np.testing.assert_array_equal(*seen["teacher"])
+    np.testing.assert_array_equal(*seen["base"])
+    assert losses[0] != losses[1]  # the student's pass: dropout on
+    assert model.training  # each scoring pass gives the mode back
+    vals = [train.validation_loss(model, teacher, valid, cfg, step) for _ in range(2)]
+    assert vals[0] == vals[1] and model.training

@@ -27,12 +27,14 @@ class Objective:
 
     teacher_scores(model, pairs, completions) → scores, from the teacher contexts, no gradient
         (run it with the teacher's leaves in place: `teacher.using`);
-    student_loss(model, pairs, completions, scores, guard=None) → (loss, ntoks, parts), from the
-        student contexts, differentiable in the student's weights (`loss` only: `ntoks` and `parts`
-        are auxiliary outputs); with a `guards.Guard`, the guards' terms too (--truncated,
+    student_loss(model, pairs, completions, scores, guard=None, shares=None) → (loss, ntoks, parts),
+        from the student contexts, differentiable in the student's weights (`loss` only: `ntoks` and
+        `parts` are auxiliary outputs); with a `guards.Guard`, the guards' terms too (--truncated,
         --sft-weight, --base-kl-weight). `parts` holds the loss's unweighted terms as scalars:
         `sdft_loss` always, `sft_loss` with --sft-weight (0 for a batch without a demonstration),
         `base_kl` with --base-kl-weight, so that loss = sdft_loss + λ sft_loss + μ base_kl.
+        `shares` ({part: float}, from `term_counts`) multiplies each term in `loss` by this
+        micro-batch's share of the optimizer step; none: each term whole.
     """
 
     teacher_scores: Callable
@@ -74,18 +76,22 @@ def sdft_objective(cfg: Config) -> Objective:
         mask_BT = completion_mask([len(c) for c in completions])
         return mask_BT if guard is None else guards.keep_rows(mask_BT, guard.truncated, cfg.truncated)
 
-    def regularized(loss_and_ntoks, sft_and_ntoks, guard, mask_BT, logits_BTV=None):
+    def regularized(loss_and_ntoks, sft_and_ntoks, guard, mask_BT, logits_BTV=None, shares=None):
         """The guards' terms added to the SDFT loss → (loss, ntoks, parts); the base-KL term needs the
-        student's logits, the SFT term comes from `student_pass`."""
+        student's logits, the SFT term comes from `student_pass`. With `shares`, each term of `loss`
+        times its share of the step (`parts` stay whole)."""
         (loss, ntoks), (sft, sft_ntoks) = loss_and_ntoks, sft_and_ntoks
+        share = (lambda name, term: term) if shares is None else (  # noqa: E731
+            lambda name, term: None if term is None else term * shares[name])
         if guard is None:
-            return loss, ntoks, {"sdft_loss": loss}
+            return share("sdft_loss", loss), ntoks, {"sdft_loss": loss}
         base_kl = None if guard.base_logits is None else guards.base_kl_loss(logits_BTV, scaled(guard.base_logits), mask_BT)
         parts = {"sdft_loss": loss, **({"sft_loss": mx.array(0.0) if sft is None else sft} if cfg.sft_weight else {}),
                  **({} if base_kl is None else {"base_kl": base_kl})}
         # The SFT term's demonstration tokens are trained on too: a step whose completions were all
         # masked still trains through them, and is not an empty one.
-        return guards.regularized_loss(loss, sft=sft, base_kl=base_kl, sft_weight=0.0 if sft is None else cfg.sft_weight,
+        return guards.regularized_loss(share("sdft_loss", loss), sft=share("sft_loss", sft), base_kl=share("base_kl", base_kl),
+                                       sft_weight=0.0 if sft is None else cfg.sft_weight,
                                        base_kl_weight=cfg.base_kl_weight), ntoks + sft_ntoks, parts
 
     if cfg.topk:
@@ -96,27 +102,27 @@ def sdft_objective(cfg: Config) -> Objective:
             chunks = [teacher_topk(scaled(head(hidden_BTD[:, t:t + C])), cfg.topk) for t in range(0, hidden_BTD.shape[1], C)]
             return tuple(mx.concatenate(parts, axis=1) for parts in zip(*chunks))
 
-        def topk_loss(model, pairs, completions, scores, guard=None):
+        def topk_loss(model, pairs, completions, scores, guard=None, shares=None):
             idx_BTK, buckets_BTK1 = scores
             (logits_BTV, sft), mask_BT = student_pass(model, pairs, completions, guard), mask(completions, guard)
             return regularized(sdft_loss_topk(logits_BTV, idx_BTK, buckets_BTK1, mask_BT, **options),
-                               sft, guard, mask_BT, logits_BTV)
+                               sft, guard, mask_BT, logits_BTV, shares)
 
         return Objective(buckets, topk_loss)
 
     if cfg.logits_chunk:
-        def chunked_loss(model, pairs, completions, hidden_BTD, guard=None):  # no --base-kl-weight (config.validate)
+        def chunked_loss(model, pairs, completions, hidden_BTD, guard=None, shares=None):  # no --base-kl-weight (config.validate)
             head, mask_BT = lm_head(model), mask(completions, guard)
             student_BTD, sft = student_pass(model, pairs, completions, guard, hidden=True)
             return regularized(sdft_loss_chunked(lambda hidden: scaled(head(hidden)), student_BTD, hidden_BTD, mask_BT,
-                                                 chunk=cfg.logits_chunk, **options), sft, guard, mask_BT)
+                                                 chunk=cfg.logits_chunk, **options), sft, guard, mask_BT, shares=shares)
 
         return Objective(teacher_hidden, chunked_loss)
 
-    def full_loss(model, pairs, completions, logits_BTV, guard=None):
+    def full_loss(model, pairs, completions, logits_BTV, guard=None, shares=None):
         (student_BTV, sft), mask_BT = student_pass(model, pairs, completions, guard), mask(completions, guard)
         return regularized(sdft_loss(student_BTV, scaled(logits_BTV), mask_BT, **options), sft, guard, mask_BT,
-                           student_BTV)
+                           student_BTV, shares)
 
     return Objective(teacher_logits, full_loss)
 
@@ -158,10 +164,28 @@ def demonstrations(pairs: list[PromptPair], cfg: Config) -> list[list[int]]:
     return [p.demo_ids[: cfg.max_seq_length - len(p.student_ids)] for p in pairs]
 
 
-def supervised_loss(model, pairs, cfg: Config):
-    """The --method sft baseline: cross-entropy on the demonstration given the student prompt."""
+def supervised_loss(model, pairs, cfg: Config, shares: dict[str, float] | None = None):
+    """The --method sft baseline: cross-entropy on the demonstration given the student prompt
+    → (loss, ntoks); with `shares` (`term_counts`), the loss times this micro-batch's share of the step."""
     targets = demonstrations(pairs, cfg)
-    return sft_term(completion_logits(model, [p.student_ids for p in pairs], targets), targets)
+    loss, ntoks = sft_term(completion_logits(model, [p.student_ids for p in pairs], targets), targets)
+    return (loss if shares is None else loss * shares["sft_loss"]), ntoks
+
+
+def term_counts(pairs: list[PromptPair], cfg: Config) -> dict[str, int]:
+    """What each term of a micro-batch's loss is a mean over, from its prompts alone (before anything
+    is sampled), keyed as `loss_parts` (--method sft: its one term, `sft_loss`). The SDFT and base-KL
+    terms are means over sequences (each prompt's --num-generations completions, masked ones
+    included); the SFT term is a token mean over the demonstrations of the distinct prompts that
+    have one, as `demonstrations` cuts them. A term's share of an optimizer step is its count over
+    the step's total (every micro-batch of every process), so k micro-batches, or W processes,
+    weigh each term as one batch k·W times larger does (a token mean stays a token mean)."""
+    if cfg.method != "sdft":
+        return {"sft_loss": sum(len(t) for t in demonstrations(pairs, cfg))}
+    tokens = sum(len(t) for t in demonstrations([p for p in pairs if p.demonstrated], cfg))
+    sequences = len(pairs) * cfg.num_generations
+    return {"sdft_loss": sequences, **({"sft_loss": tokens} if cfg.sft_weight else {}),
+            **({"base_kl": sequences} if cfg.base_kl_weight else {})}
 
 
 def sft_term(logits_BTV: mx.array, targets: list[list[int]]):

@@ -68,3 +68,16 @@ def using(model: nn.Module, leaves: Leaves | None):
         yield model
     finally:
         model.load_weights(list(saved.items()), strict=False)
+
+
+@contextmanager
+def evaluating(model: nn.Module):
+    """Run the model in eval mode (no LoRA dropout), then back in the mode it was in. Every pass that
+    scores without training runs so: the teacher's, the base model's (--base-kl-weight) and
+    validation's; only the student's training pass draws dropout."""
+    was_training = model.training
+    model.eval()
+    try:
+        yield model
+    finally:
+        model.train(was_training)

@@ -4,6 +4,7 @@ report → save. `train()` is the whole algorithm; the helpers above it are smal
 from __future__ import annotations
 
 import math
+from collections import Counter
 from functools import partial
 from pathlib import Path
 
@@ -18,13 +19,13 @@ from mlx_sdft.config import Config
 from mlx_sdft.errors import Interrupted, TrainingError
 from mlx_sdft.core import guards
 from mlx_sdft.core.degeneration import degeneration_sums
-from mlx_sdft.core.objective import PARTS, Objective, loss_parts, sdft_objective, supervised_loss
+from mlx_sdft.core.objective import PARTS, Objective, loss_parts, sdft_objective, supervised_loss, term_counts
 from mlx_sdft.formats.models import checkpointing
 from mlx_sdft.core.prompts import PromptPair
 from mlx_sdft.machine.report import PhaseTimer, Reporter, StopFlag
 from mlx_sdft.core.rollout import sample
 from mlx_sdft.core.samples import records, sampled_rows
-from mlx_sdft.core.teacher import Leaves, init_teacher, step_teacher, trainable_leaves, using
+from mlx_sdft.core.teacher import Leaves, evaluating, init_teacher, step_teacher, trainable_leaves, using
 
 
 def total_steps(cfg: Config, num_examples: int) -> int:
@@ -86,39 +87,45 @@ def rollout_batch(model: nn.Module, pairs: list[PromptPair], cfg: Config, stop_i
 
 def sdft_step(model, teacher: Leaves | None, pairs: list[PromptPair], positions: list[int], *, grad: bool,
               timer: PhaseTimer, stream: int = TRAIN_STREAM, cfg: Config, stop_ids: list[int],
-              objective: Objective, base: Leaves | None = None, log: int = 0) -> tuple:
+              objective: Objective, base: Leaves | None = None, log: int = 0,
+              shares: dict[str, float] | None = None) -> tuple:
     """One SDFT micro-batch: sample from the student, the teacher's scores (no gradient), the
     student's loss and, with `grad`, its gradient (else None) → (loss, ntoks, grads, stats).
     stats["parts"] holds the loss's terms (Objective.student_loss); with `log`, stats["completions"]
-    the first `log` completions with their own loss (--log-completions, samples.py)."""
+    the first `log` completions with their own loss (--log-completions, samples.py). `shares`: each
+    term's share of the optimizer step (`term_counts`), which `loss` and the gradient carry.
+    The teacher and the base model score in eval mode (no dropout); the student's pass runs in the
+    mode the model is in (train() sets train mode, validation eval mode)."""
     with timer("sample"):
         pairs, rollout = rollout_batch(model, pairs, cfg, stop_ids, positions, stream)
-    with timer("teacher"), using(model, teacher):
+    with timer("teacher"), using(model, teacher), evaluating(model):
         scores = objective.teacher_scores(model, pairs, rollout.completions)
         mx.eval(scores)
-    with timer("teacher"):  # what the guards need: truncation flags, the base model's logits
+    with timer("teacher"), evaluating(model):  # what the guards need: truncation flags, the base model's logits
         guard = guards.Guard(guards.maskable(rollout.truncated, [p.demonstrated for p in pairs]),
                              guards.base_logits(model, base, pairs, rollout.completions) if cfg.base_kl_weight else None)
         mx.eval(guard.base_logits)
     with timer("student"), checkpointing(model, grad and cfg.grad_checkpoint):
         loss_and_grad = _value_and_grad(model, objective.student_loss, grad)
-        (loss, ntoks, parts), grads = loss_and_grad(model, pairs, rollout.completions, scores, guard)
+        (loss, ntoks, parts), grads = loss_and_grad(model, pairs, rollout.completions, scores, guard, shares)
         mx.eval(loss, ntoks, parts, grads or [])
-    logged = {"completions": sampled_rows(objective.student_loss, model, pairs, rollout, scores, log,
-                                                 masked=cfg.truncated == "mask")} if log else {}
+    with evaluating(model):  # a record of the completions, not a training pass
+        logged = {"completions": sampled_rows(objective.student_loss, model, pairs, rollout, scores, log,
+                                              masked=cfg.truncated == "mask")} if log else {}
     return loss, ntoks, grads, {"n": len(pairs), "sampled": rollout.num_tokens, "length": rollout.num_tokens,
                                 "parts": parts, "truncated": sum(rollout.truncated), **logged, **degeneration_sums(
                                     rollout.completions, rollout.truncated, [p.demo_ids for p in pairs], stop_ids)}
 
 
 def sft_step(model, teacher: Leaves | None, pairs: list[PromptPair], positions: list[int], *, grad: bool,
-             timer: PhaseTimer, stream: int = TRAIN_STREAM, cfg: Config, log: int = 0) -> tuple:
+             timer: PhaseTimer, stream: int = TRAIN_STREAM, cfg: Config, log: int = 0,
+             shares: dict[str, float] | None = None) -> tuple:
     """One --method sft micro-batch: cross-entropy on the demonstrations and, with `grad`, its
     gradient → (loss, ntoks, grads, stats), as `sdft_step` (nothing sampled, no teacher, so
-    nothing for `log`)."""
+    nothing for `log`; `shares` as there)."""
     with timer("student"), checkpointing(model, grad and cfg.grad_checkpoint):
         loss_and_grad = _value_and_grad(model, supervised_loss, grad)
-        (loss, ntoks), grads = loss_and_grad(model, pairs, cfg)
+        (loss, ntoks), grads = loss_and_grad(model, pairs, cfg, shares)
         mx.eval(loss, ntoks, grads or [])
     return loss, ntoks, grads, {"n": len(pairs), "length": int(ntoks.item())}
 
@@ -130,8 +137,8 @@ def _value_and_grad(model, loss, grad: bool):
 
 def make_step(cfg: Config, stop_ids: list[int], base: Leaves | None = None):
     """The micro-batch step of --method, its objective chosen once: `step(model, teacher, pairs,
-    positions, grad=, timer=[, stream=])` → (loss, ntoks, grads, stats). `base` (adapters off)
-    is what --base-kl-weight compares with."""
+    positions, grad=, timer=[, stream=, log=, shares=])` → (loss, ntoks, grads, stats). `base`
+    (adapters off) is what --base-kl-weight compares with."""
     if cfg.method == "sft":
         return partial(sft_step, cfg=cfg)
     return partial(sdft_step, cfg=cfg, stop_ids=stop_ids, objective=sdft_objective(cfg), base=base)
@@ -141,7 +148,8 @@ def validation_loss(model, teacher, pairs: list[PromptPair], cfg: Config, micro_
     """The training `micro_step` without its gradient on the validation prompts, with the same sampling
     seeds at every validation (differences between steps come from the weights): SDFT's
     teacher–student divergence on fresh samples (with the guards' terms; each part as val_PART), SFT's
-    cross-entropy. With a distributed `group`, each rank scores every W-th batch and the sums are
+    cross-entropy. Every pass runs in eval mode (no dropout), the model's mode restored after.
+    With a distributed `group`, each rank scores every W-th batch and the sums are
     shared: the same numbers, 1/W of the work each."""
     world, rank = (group.size(), group.rank()) if group is not None else (1, 0)
     batches = math.ceil(len(pairs) / cfg.batch_size)
@@ -152,7 +160,9 @@ def validation_loss(model, teacher, pairs: list[PromptPair], cfg: Config, micro_
         start = b * cfg.batch_size
         batch = pairs[start:start + cfg.batch_size]
         positions = list(range(start, start + len(batch)))
-        loss, _, _, stats = micro_step(model, teacher, batch, positions, grad=False, timer=PhaseTimer(), stream=VALID_STREAM)
+        with evaluating(model):
+            loss, _, _, stats = micro_step(model, teacher, batch, positions, grad=False, timer=PhaseTimer(),
+                                           stream=VALID_STREAM)
         values = [loss.item(), stats["length"], 1, stats["n"], *(stats["parts"][k].item() for k in names)]
         totals = [t + v for t, v in zip(totals, values)]
     if world > 1:
@@ -166,8 +176,10 @@ def train(model: nn.Module, tokenizer, train_pairs: list[PromptPair], valid_pair
     """Run SDFT (or SFT); returns the last report record. Everything lands in cfg.adapter_path.
 
     With an mx.distributed `group` of W processes, each samples and scores every W-th prompt
-    of a micro-batch and gradients are averaged, so all ranks hold the same adapters and
-    teacher; only rank 0 writes files.
+    of a micro-batch and gradients are summed, so all ranks hold the same adapters and
+    teacher; only rank 0 writes files. Each micro-batch's loss terms are weighted by their
+    share of the step (`term_counts`), so k micro-batches on W processes train as one batch
+    k·W times larger, for every objective.
     """
     world, rank = (group.size(), group.rank()) if group is not None else (1, 0)
     out = Path(cfg.adapter_path)
@@ -194,29 +206,35 @@ def train(model: nn.Module, tokenizer, train_pairs: list[PromptPair], valid_pair
     for step in range(first, steps + 1):
         timer, grads, stats, logged = PhaseTimer(), None, {}, []
         report = step % cfg.steps_per_report == 0 or step == steps
-        for micro_index in range(cfg.grad_accumulation_steps):
+        batches = [batch_at(cursor + m * cfg.batch_size, len(train_pairs), cfg.batch_size, cfg.seed)
+                   for m in range(cfg.grad_accumulation_steps)]
+        # What each loss term of the step is a mean over, on every process: a micro-batch's term
+        # weighs its count over this total (times W, which average_gradients divides out again).
+        totals = Counter()
+        for batch in batches:
+            totals.update(term_counts([train_pairs[i] for i in batch], cfg))
+        for micro_index, batch in enumerate(batches):
             log = cfg.log_completions if report and rank == 0 and micro_index == 0 else 0
-            indices = batch_at(cursor, len(train_pairs), cfg.batch_size, cfg.seed)[rank::world]
             positions = list(range(cursor, cursor + cfg.batch_size))[rank::world]
             cursor += cfg.batch_size
-            pairs = [train_pairs[i] for i in indices]
-            loss, ntoks, g, micro = micro_step(model, teacher, pairs, positions, grad=True, timer=timer, log=log)
+            pairs = [train_pairs[i] for i in batch[rank::world]]
+            shares = {k: n * world / totals[k] if totals[k] else 0.0 for k, n in term_counts(pairs, cfg).items()}
+            loss, ntoks, g, micro = micro_step(model, teacher, pairs, positions, grad=True, timer=timer, log=log,
+                                               shares=shares)
             logged += micro.pop("completions", [])
-            parts = micro.pop("parts", {})  # the loss's terms (SDFT): averaged as the loss is
-            if world > 1:  # equal shares, so the mean of rank means is the batch mean
+            parts = {k: v * shares[k] for k, v in micro.pop("parts", {}).items()}  # the loss's terms (SDFT), as weighted
+            if world > 1:  # the shares carry W: the mean over processes is the sum of their shares
                 g = nn.average_gradients(g, group=group)
                 loss, ntoks = mx.distributed.all_sum(loss, group=group) / world, mx.distributed.all_sum(ntoks, group=group)
                 parts = {k: mx.distributed.all_sum(v, group=group) / world for k, v in parts.items()}
             grads = g if grads is None else tree_map(mx.add, grads, g)
-            micro = {**micro, "loss": loss.item() / cfg.grad_accumulation_steps, "ntoks": int(ntoks.item()),
-                     **{k: v.item() / cfg.grad_accumulation_steps for k, v in parts.items()},
+            micro = {**micro, "loss": loss.item(), "ntoks": int(ntoks.item()), **{k: v.item() for k, v in parts.items()},
                      "empty_batches": int(ntoks.item() == 0)}  # all within --skip-first-tokens, or masked
             loss_tokens += micro["ntoks"]
             for key, value in micro.items():
                 stats[key] = stats.get(key, 0) + value
 
-        with timer("student"):
-            grads = tree_map(lambda g: g / cfg.grad_accumulation_steps, grads)
+        with timer("student"):  # the micro-batches' shares sum to 1: `grads` is the step's gradient
             grads, grad_norm = optim.clip_grad_norm(grads, cfg.grad_clip) if cfg.grad_clip else (grads, mx.array(0.0))
             if not (math.isfinite(stats["loss"]) and math.isfinite(grad_norm.item())):
                 bad_steps += 1  # skip the update: one NaN would poison the adapters and the teacher
