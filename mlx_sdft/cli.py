@@ -198,7 +198,7 @@ rules_app = typer.Typer(name="rules", no_args_is_help=False, invoke_without_comm
                         help="Standing rules and facts in --home: list (--json), add TEXT, check [ID], remove ID.")
 app.add_typer(rules_app)
 _RULE_LIST = ("home", "json")
-_RULE_MEASURE = ("model", "gate_prompts", "gate_max_tokens", "batch_size")
+_RULE_MEASURE = ("model", "gate_prompts", "gate_max_tokens", "gate_batch_size")
 
 
 def _rules(ctx: typer.Context, **flags) -> None:

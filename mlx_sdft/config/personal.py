@@ -19,6 +19,11 @@ from mlx_sdft.store.rules import check_regex
 from mlx_sdft.yaml_file import read_yaml
 
 
+# The held-out measurement of rules (learn's gate and `rules check`): 24 prompts (a rule's share is
+# then resolved to 1/24), answers of 48 tokens (a format shows in its first words), 8 at once.
+GATE_PROMPTS, GATE_MAX_TOKENS, GATE_BATCH_SIZE = 24, 48, 8
+
+
 def _home():
     return _opt(DEFAULT_HOME, "Folder of the personal store (store.db) and the adapter versions (versions/, current.json).")
 
@@ -167,13 +172,13 @@ class RulesConfig:
     preflight: bool = _opt(True, "add: measure at once whether the model follows the rule when told (loads it).")
     model: str | None = _opt(None, "The model to measure with [default: the one the home's versions or exchanges "
                              f"name; else {DEFAULT_MODEL}].", path=True)
-    gate_prompts: int = _opt(24, "Held-out prompts the preflight answers (as learn's --gate-prompts).")
-    gate_max_tokens: int = _opt(64, "Tokens per answer (as learn's --gate-max-tokens).")
-    batch_size: int = _opt(4, "Prompts per batch.")
+    gate_prompts: int = _opt(GATE_PROMPTS, "Held-out prompts the preflight answers (as learn's --gate-prompts).")
+    gate_max_tokens: int = _opt(GATE_MAX_TOKENS, "Tokens per answer (as learn's --gate-max-tokens).")
+    gate_batch_size: int = _opt(GATE_BATCH_SIZE, "Prompts answered at once (as learn's --gate-batch-size).")
     yes: bool = _opt(False, "remove: without asking.")
 
     def validate(self) -> RulesConfig:
-        _positive(self, ("gate_prompts", "gate_max_tokens", "batch_size"))
+        _positive(self, ("gate_prompts", "gate_max_tokens", "gate_batch_size"))
         if self.text is not None and not self.text.strip():
             raise InputError("TEXT: must not be blank")
         check_regex(self.check, "--check")
@@ -203,7 +208,7 @@ class LessonsConfig:
 @dataclass
 class LearnConfig(Config):
     """`mlx-sdft learn`: the new lessons in --home plus replay -> a candidate version -> the gate.
-    Every `train` option applies (same defaults) except the paths, which learn sets."""
+    Every `train` option applies (train's defaults but the five below) except the paths, which learn sets."""
 
     model: str | None = _opt(None, "The base model (as for serve) [default: the model the current version was "
                              f"trained from; without a version, {DEFAULT_MODEL}].", path=True)
@@ -213,6 +218,16 @@ class LearnConfig(Config):
     resume: bool = _opt(False, "Not for learn.", cli=False)
     dry_run: bool = _opt(False, "Not for learn.", cli=False)
     overwrite: bool = _opt(False, "Not for learn: every candidate is a new folder.", cli=False)
+    # learn's own training defaults (the rest are train's): a visible change in one learn on a laptop,
+    # recipes/personal. Every block adapted (attention-only or partial LoRA learns less from little
+    # data: "LoRA without regret"); a 10x higher rate than train's for a few steps; samples of a rule
+    # lesson are kept when cut at the budget, since every one of their tokens carries the rule's signal.
+    learning_rate: float = _opt(1e-4, "Peak learning rate.")
+    iters: int | None = _opt(16, "Optimizer steps of one learn.")
+    num_layers: int = _opt(-1, "Number of transformer blocks (from the last) to adapt; -1 for all.")
+    max_completion_length: int = _opt(64, "Most tokens sampled per completion.")
+    truncated: str = _opt("keep", "A completion truncated without a stop token: keep it in the loss, or mask it out.",
+                          ("keep", "mask"))
     home: str = _home()
     # Replay: Chaudhry et al. 2019 ("tiny episodic memories") mix memory and new data 1:1 in every
     # batch; with a handful of personal lessons that is as many earlier lessons as new ones.
@@ -233,16 +248,19 @@ class LearnConfig(Config):
                                       "fall by at most this.")
     gate_max_loop_rise: float = _opt(0.1, "Gate 7, loops: the share of held-out answers that repeat themselves may "
                                      "rise by at most this.")
-    gate_prompts: int = _opt(24, "Held-out prompts (a split no learn trains on) the gate and the rule preflight "
-                             "answer.")
-    gate_max_tokens: int = _opt(64, "Tokens per held-out answer and per fresh sample of a feedback lesson.")
+    gate_prompts: int = _opt(GATE_PROMPTS, "Held-out prompts (a split no learn trains on) the gate and the rule "
+                             "preflight answer.")
+    gate_max_tokens: int = _opt(GATE_MAX_TOKENS, "Tokens per held-out answer and per fresh sample of a feedback lesson.")
     gate_questions: int = _opt(32, "Bundled questions with checkable answers in the prior-answers check.")
     gate_question_tokens: int = _opt(32, "Tokens per answer to those questions.")
+    gate_batch_size: int = _opt(GATE_BATCH_SIZE, "Prompts answered at once in the gate and the preflight (decoding is "
+                                "memory-bound: a larger batch costs little more per step).")
     rule_prompts: int = _opt(64, "Training prompts (the bundled ones and your stored requests, never the held-out "
                              "ones) each learn distills the rules and facts over.")
 
     def validate(self) -> LearnConfig:
-        _positive(self, ("gate_prompts", "gate_max_tokens", "gate_questions", "gate_question_tokens", "rule_prompts"))
+        _positive(self, ("gate_prompts", "gate_max_tokens", "gate_questions", "gate_question_tokens", "gate_batch_size",
+                         "rule_prompts"))
         for name in ("replay_ratio", "gate_tolerance", "gate_rule_tolerance", "gate_max_kl_rise",
                      "gate_max_prior_drop", "gate_max_loop_rise"):
             if not (getattr(self, name) >= 0 and math.isfinite(getattr(self, name))):

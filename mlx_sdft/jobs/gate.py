@@ -66,7 +66,7 @@ def lesson_fit(model, tokenizer, rows: list[dict], cfg) -> dict[int, float]:
     context = [i for i, ex in enumerate(examples) if not ex.demonstration]
     fits = {}
     if demo:
-        values = demonstration_loglik(model, [pairs[i] for i in demo], "student", cfg.batch_size)
+        values = demonstration_loglik(model, [pairs[i] for i in demo], "student", cfg.gate_batch_size)
         fits.update({rows[i]["id"]: v for i, v in zip(demo, values)})
     if context:
         values = feedback_fit(model, [pairs[i] for i in context], sorted(tokenizer.eos_token_ids),
@@ -76,19 +76,21 @@ def lesson_fit(model, tokenizer, rows: list[dict], cfg) -> dict[int, float]:
 
 
 def measure(model, tokenizer, leaves: Leaves, standing: list[dict], held_out: list[list[dict]], cfg,
-            say=lambda line: None, told: tuple = (), prior: bool = True) -> dict:
+            say=lambda line: None, told: tuple = (), prior: bool | dict = True) -> dict:
     """One version's rule gaps and compliance (for the ids in `told`, also told: the preflight),
-    prior answers and loop rate (measure/rules.py)."""
+    prior answers (`prior`: measure them, skip them, or these, already measured) and loop rate."""
     started = time.time()
     with using(model, leaves):
-        answers = measure_rules.greedy(model, tokenizer, held_out, cfg.gate_max_tokens, cfg.batch_size)
+        answers = measure_rules.greedy(model, tokenizer, held_out, cfg.gate_max_tokens, cfg.gate_batch_size)
         rules = {str(row["id"]): _standing(model, tokenizer, row, held_out, answers, cfg, row["id"] in told)
                  for row in standing}
-        questions = measure_rules.prior_questions(cfg.gate_questions) if prior else []
-        right = measure_rules.prior_answers(model, tokenizer, questions, cfg.gate_question_tokens, cfg.batch_size)
-    say(f"{len(held_out)} held-out answers, {len(standing)} rule gaps, {len(questions)} prior questions "
+        if not isinstance(prior, dict):
+            questions = measure_rules.prior_questions(cfg.gate_questions) if prior else []
+            prior = measure_rules.prior_answers(model, tokenizer, questions, cfg.gate_question_tokens,
+                                                cfg.gate_batch_size)
+    say(f"{len(held_out)} held-out answers, {len(standing)} rule gaps, {len(prior['right'])} prior questions "
         f"({time.time() - started:.0f} s)")
-    return {"rules": rules, "prior": right, "loops": measure_rules.loop_rate(tokenizer, answers)}
+    return {"rules": rules, "prior": prior, "loops": measure_rules.loop_rate(tokenizer, answers)}
 
 
 def _standing(model, tokenizer, row: dict, held_out, answers, cfg, told: bool = False) -> dict:
@@ -96,15 +98,15 @@ def _standing(model, tokenizer, row: dict, held_out, answers, cfg, told: bool = 
     compliance of answers told it (the preflight)."""
     prompts = prompts_for(row, held_out)
     if prompts is not held_out:  # a fact: its own questions
-        answers = measure_rules.greedy(model, tokenizer, prompts, cfg.gate_max_tokens, cfg.batch_size)
+        answers = measure_rules.greedy(model, tokenizer, prompts, cfg.gate_max_tokens, cfg.gate_batch_size)
     book = rulebook([row])
     out = {"prompts": len(prompts), "gap": measure_rules.rule_gap(model, tokenizer, prompts, answers, book,
-                                                                  cfg.batch_size)}
+                                                                  cfg.gate_batch_size)}
     if row.get("check_regex"):
         out["compliance"] = measure_rules.compliance(row["check_regex"], answers.texts)
         if told:
             told_answers = measure_rules.greedy(model, tokenizer, measure_rules.told(tokenizer, prompts, book),
-                                                cfg.gate_max_tokens, cfg.batch_size)
+                                                cfg.gate_max_tokens, cfg.gate_batch_size)
             out.update(told=measure_rules.compliance(row["check_regex"], told_answers.texts), untold=out["compliance"])
     return out
 
@@ -112,7 +114,7 @@ def _standing(model, tokenizer, row: dict, held_out, answers, cfg, told: bool = 
 def measure_key(cfg, held_out: list[list[dict]]) -> list:
     """What a version's measures depend on besides its weights and rules: equal keys, reusable numbers."""
     return [len(held_out), hashlib.sha256(json.dumps(held_out).encode()).hexdigest()[:12], cfg.gate_max_tokens,
-            cfg.gate_questions, cfg.gate_question_tokens, cfg.batch_size, cfg.seed]
+            cfg.gate_questions, cfg.gate_question_tokens, cfg.gate_batch_size, cfg.seed]
 
 
 def _mean(values) -> float:
@@ -151,7 +153,7 @@ def check(model, tokenizer, base: Leaves, current: Leaves, candidate: Leaves, ne
     say(f"gate: drift from the base model told the rules, on {len(held_out)} held-out prompts")
     book = rulebook(standing)
     kl_current, kl_candidate = measure_rules.drift(model, tokenizer, base, [current, candidate], held_out, book,
-                                                   cfg.gate_max_tokens, cfg.batch_size, cfg.seed)
+                                                   cfg.gate_max_tokens, cfg.gate_batch_size, cfg.seed)
     rules = {}
     for row in standing:
         key = str(row["id"])

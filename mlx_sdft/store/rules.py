@@ -96,17 +96,21 @@ def is_held_out(group: str) -> bool:
 def prompt_pool(own: list[list[dict]] = ()) -> tuple[list[list[dict]], list[list[dict]]]:
     """(training prompts, held-out prompts): the bundled general and topic prompts and `own` (the
     user's stored requests, as message lists ending with a user turn), each once, in a fixed order."""
-    rows = [(r["prompt"], r.get("topic")) for r in _bundled("topic_prompts.jsonl") + _bundled("general_prompts.jsonl")]
-    rows += [(messages, None) for messages in own]
+    bundled = [(r["prompt"], r.get("topic")) for r in _bundled("topic_prompts.jsonl") + _bundled("general_prompts.jsonl")]
     seen, train, held_out = set(), [], []
-    for prompt, topic in rows:
-        messages = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else prompt
-        key = json.dumps(messages, ensure_ascii=False)
-        if key in seen:
-            continue
-        seen.add(key)
-        (held_out if is_held_out(_group(messages, topic)) else train).append(messages)
-    return train, sorted(held_out, key=_digest)  # mixed, so the first N of them span many topics
+    for rows in (bundled, [(messages, None) for messages in own]):
+        held = []
+        for prompt, topic in rows:
+            messages = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else prompt
+            key = json.dumps(messages, ensure_ascii=False)
+            if key in seen:
+                continue
+            seen.add(key)
+            (held if is_held_out(_group(messages, topic)) else train).append(messages)
+        # mixed, so the first N span many topics; the bundled ones first, so the gate's first N stay
+        # the same prompts however many requests are stored
+        held_out += sorted(held, key=_digest)
+    return train, held_out
 
 
 def _digest(messages: list[dict]) -> str:

