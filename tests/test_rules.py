@@ -122,6 +122,11 @@ def test_serve_applies_a_rule_on_the_next_request_and_the_fingerprint_says_so(ti
             assert all(RULE not in json.dumps(e["messages"]) for e in store.exchanges())
         status, bad = served.call("/v1/feedback", {"rule": "x", "check": "(unclosed"})
         assert status == 400 and bad["error"]["param"] == "check"
+        gone = runner.invoke(app, ["rules", "remove", str(lesson["id"]), "--home", str(home), "--yes"])
+        assert gone.exit_code == 0, gone.output
+        removed = served.chat()  # out of the prompt from the next request on
+        assert removed["system_fingerprint"] == "adapters-v0"
+        assert removed["usage"]["prompt_tokens"] == before["usage"]["prompt_tokens"]
     with serving(tiny_model, home, "--rules-in-prompt", "never") as served:
         assert served.chat()["system_fingerprint"] == "adapters-v0"
 

@@ -75,30 +75,49 @@ def lesson_fit(model, tokenizer, rows: list[dict], cfg) -> dict[int, float]:
     return fits
 
 
+class Progress:
+    """Answers done of those planned, with the time so far and an estimate of the rest: one line at
+    most every `every` seconds (plain lines, so a log file shows them too)."""
+
+    def __init__(self, say, what: str, total: int, every: float = 30.0):
+        self.say, self.what, self.total, self.every = say, what, max(total, 1), every
+        self.done, self.started = 0, time.time()
+        self.shown = self.started
+
+    def __call__(self, n: int) -> None:
+        self.done += n
+        now = time.time()
+        if now - self.shown >= self.every or self.done >= self.total:
+            self.shown = now
+            left = (now - self.started) / max(self.done, 1) * max(self.total - self.done, 0)
+            self.say(f"{self.what}: {self.done}/{self.total} answers, {now - self.started:.0f} s, about {left:.0f} s left")
+
+
 def measure(model, tokenizer, leaves: Leaves, standing: list[dict], held_out: list[list[dict]], cfg,
-            say=lambda line: None, told: tuple = (), prior: bool | dict = True) -> dict:
+            say=lambda line: None, told: tuple = (), prior: bool | dict = True, what: str = "measuring") -> dict:
     """One version's rule gaps and compliance (for the ids in `told`, also told: the preflight),
     prior answers (`prior`: measure them, skip them, or these, already measured) and loop rate."""
-    started = time.time()
+    questions = measure_rules.prior_questions(cfg.gate_questions) if prior is True else []
+    planned = len(held_out) + len(questions) + sum(
+        len(prompts_for(r, held_out)) * ((r["kind"] == "fact") + (r["id"] in told and bool(r.get("check_regex"))))
+        for r in standing)
+    advance = Progress(say, what, planned)
     with using(model, leaves):
-        answers = measure_rules.greedy(model, tokenizer, held_out, cfg.gate_max_tokens, cfg.gate_batch_size)
-        rules = {str(row["id"]): _standing(model, tokenizer, row, held_out, answers, cfg, row["id"] in told)
+        answers = measure_rules.greedy(model, tokenizer, held_out, cfg.gate_max_tokens, cfg.gate_batch_size, advance)
+        rules = {str(row["id"]): _standing(model, tokenizer, row, held_out, answers, cfg, row["id"] in told, advance)
                  for row in standing}
         if not isinstance(prior, dict):
-            questions = measure_rules.prior_questions(cfg.gate_questions) if prior else []
             prior = measure_rules.prior_answers(model, tokenizer, questions, cfg.gate_question_tokens,
-                                                cfg.gate_batch_size)
-    say(f"{len(held_out)} held-out answers, {len(standing)} rule gaps, {len(prior['right'])} prior questions "
-        f"({time.time() - started:.0f} s)")
+                                                cfg.gate_batch_size, advance)
     return {"rules": rules, "prior": prior, "loops": measure_rules.loop_rate(tokenizer, answers)}
 
 
-def _standing(model, tokenizer, row: dict, held_out, answers, cfg, told: bool = False) -> dict:
+def _standing(model, tokenizer, row: dict, held_out, answers, cfg, told: bool = False, advance=None) -> dict:
     """A rule's or fact's gap (and compliance) on its held-out prompts; with `told`, also the
     compliance of answers told it (the preflight)."""
     prompts = prompts_for(row, held_out)
     if prompts is not held_out:  # a fact: its own questions
-        answers = measure_rules.greedy(model, tokenizer, prompts, cfg.gate_max_tokens, cfg.gate_batch_size)
+        answers = measure_rules.greedy(model, tokenizer, prompts, cfg.gate_max_tokens, cfg.gate_batch_size, advance)
     book = rulebook([row])
     out = {"prompts": len(prompts), "gap": measure_rules.rule_gap(model, tokenizer, prompts, answers, book,
                                                                   cfg.gate_batch_size)}
@@ -106,7 +125,7 @@ def _standing(model, tokenizer, row: dict, held_out, answers, cfg, told: bool = 
         out["compliance"] = measure_rules.compliance(row["check_regex"], answers.texts)
         if told:
             told_answers = measure_rules.greedy(model, tokenizer, measure_rules.told(tokenizer, prompts, book),
-                                                cfg.gate_max_tokens, cfg.gate_batch_size)
+                                                cfg.gate_max_tokens, cfg.gate_batch_size, advance)
             out.update(told=measure_rules.compliance(row["check_regex"], told_answers.texts), untold=out["compliance"])
     return out
 
@@ -146,10 +165,9 @@ def check(model, tokenizer, base: Leaves, current: Leaves, candidate: Leaves, ne
     earlier.update(tolerance=cfg.gate_tolerance, passed=not earlier_ids or earlier["change"] >= -cfg.gate_tolerance)
     ids = {str(r["id"]) for r in standing}
     if current_measures is None or not ids <= set(current_measures["rules"]):
-        say("gate: the current version on the held-out prompts and prior questions")
-        current_measures = measure(model, tokenizer, current, standing, held_out, cfg, say)
-    say("gate: the candidate on the held-out prompts and prior questions")
-    candidate_measures = measure(model, tokenizer, candidate, standing, held_out, cfg, say)
+        current_measures = measure(model, tokenizer, current, standing, held_out, cfg, say,
+                                   what="gate, the current version")
+    candidate_measures = measure(model, tokenizer, candidate, standing, held_out, cfg, say, what="gate, the candidate")
     say(f"gate: drift from the base model told the rules, on {len(held_out)} held-out prompts")
     book = rulebook(standing)
     kl_current, kl_candidate = measure_rules.drift(model, tokenizer, base, [current, candidate], held_out, book,
@@ -221,7 +239,8 @@ MIN_TOLD, MIN_LIFT, MIN_GAP = 0.5, 0.2, 0.05
 def preflight(model, tokenizer, rows: list[dict], held_out: list[list[dict]], cfg, say=lambda line: None) -> dict:
     """Rule id → how the model under its present leaves follows each rule told, on the held-out
     prompts: the rule gap and, with a check, the compliance told and untold."""
-    found = measure(model, tokenizer, None, rows, held_out, cfg, say, told=tuple(r["id"] for r in rows), prior=False)
+    found = measure(model, tokenizer, None, rows, held_out, cfg, say, told=tuple(r["id"] for r in rows), prior=False,
+                    what="preflight")
     return {row["id"]: found["rules"][str(row["id"])] for row in rows}
 
 

@@ -118,7 +118,8 @@ def build(home: Path, store: Store, cfg: LearnConfig, parent: int, new: list[dic
                           + (f" (and the preflight of {len(fresh)} new rules and facts)" if fresh else ""))
             measures = gate.measure(model_obj, tokenizer, current, standing, held_out, gate_cfg,
                                     lambda line: _say(console, line), told=fresh,
-                                    prior=measures["prior"] if measures else True)  # the questions do not change
+                                    prior=measures["prior"] if measures else True,  # the questions do not change
+                                    what=f"version {parent}")
         for row in standing:
             if row["id"] in fresh:
                 found = measures["rules"][str(row["id"])]

@@ -158,9 +158,10 @@ def main() -> None:
     rows, ids = [], {}
     try:
         for i, rule in enumerate(RULES):
-            for question in ASKED[2 * i: 2 * i + 2]:  # stored requests: part of the prompts learn draws from
+            route = demonstrations and i == 0  # the first rule also as corrected answers, to every question
+            for question in ASKED if route else ASKED[2 * i: 2 * i + 2]:  # stored: prompts learn draws from
                 body = server.ask(question)
-                if demonstrations and rule["kind"] == "rule" and i == 0:
+                if route:
                     server.post("/v1/feedback", {"id": body["id"], "answer": "Answer: " + body["choices"][0][
                         "message"]["content"].strip()})
             lesson = server.post("/v1/feedback", {rule["kind"]: rule["text"], "check": rule["check"]})
