@@ -56,9 +56,29 @@ def test_messages_format(tmp_path):
     prompt = [system, USER, call, result, bare_call, USER]
     path = write(tmp_path / "d.jsonl", {"messages": [*prompt, asst("It is 4.")], "tools": tools}, MESSAGES_LINE)
     first, second = load_examples(path)
-    assert first == Example(prompt, "It is 4.", tools, f"{path}:1")
+    read = [system, USER, {**call, "content": ""}, result, {**bare_call, "content": ""}, USER]  # no text: ""
+    assert first == Example(read, "It is 4.", tools, f"{path}:1")
     assert first.prompt[3] == result  # extra keys such as tool_call_id are kept
     assert second == Example([USER], "4", None, f"{path}:2")
+
+
+def test_tool_call_turns_are_read_as_chat_templates_take_them(tmp_path):
+    """As OpenAI clients send a tool loop (and mlx-lm's server reads it): an assistant turn that only
+    calls tools has null content, read as "", and each call's arguments are a JSON string, read as
+    the object it holds; a string that is not a JSON object stays as it is. `serve` reads the same."""
+    def call(arguments):
+        return {"id": "c1", "type": "function", "function": {"name": "weather", "arguments": arguments}}
+
+    given = [USER, asst(None, tool_calls=[call('{"city": "Paris", "days": [1, 2]}'), call("{not json"), call("[1]"),
+                                          call({"city": "Rome"})]),
+             {"role": "tool", "tool_call_id": "c1", "content": "sunny"}, USER]
+    path = write(tmp_path / "d.jsonl", {"prompt": given, "completion": "Sunny."})
+    [example] = load_examples(path)
+    turn = example.prompt[1]
+    assert turn["content"] == "" and [c["function"]["arguments"] for c in turn["tool_calls"]] == [
+        {"city": "Paris", "days": [1, 2]}, "{not json", "[1]", {"city": "Rome"}]
+    assert turn["tool_calls"][0]["id"] == "c1" and example.prompt[2:] == given[2:]
+    assert given[1]["content"] is None  # what was read is not changed in place
 
 
 def test_prompt_completion_format(tmp_path):

@@ -307,7 +307,8 @@ def test_rope_scaling_round_trips(tmp_path, hf_tokenizer, scaling):
 
 
 def test_pre_tokenizer_names_follow_llama_cpp():
-    from mlx_sdft.formats.gguf_vocab import _LLAMA3_SPLIT, _pre_tokenizer
+    from mlx_sdft.errors import InputError
+    from mlx_sdft.formats.gguf_vocab import _GPT2_SPLIT, _LLAMA3_SPLIT, _pre_tokenizer
 
     split = lambda pattern: {"type": "Sequence", "pretokenizers": [  # noqa: E731
         {"type": "Split", "pattern": {"Regex": pattern}}, {"type": "ByteLevel", "use_regex": False}]}
@@ -315,7 +316,38 @@ def test_pre_tokenizer_names_follow_llama_cpp():
     assert _pre_tokenizer(split(_LLAMA3_SPLIT.replace(r"\p{N}{1,3}", r"\p{N}"))) == "qwen2"
     assert _pre_tokenizer({"type": "Sequence", "pretokenizers": [{"type": "Digits", "individual_digits": True},
                                                                   {"type": "ByteLevel"}]}) == "smollm"
-    assert _pre_tokenizer({"type": "ByteLevel"}) == "gpt2" and _pre_tokenizer(split("x")) == "gpt2"
+    assert _pre_tokenizer({"type": "ByteLevel"}) == "gpt2" and _pre_tokenizer(split(_GPT2_SPLIT)) == "gpt2"
+    for unknown in (split("x"), {"type": "ByteLevel", "add_prefix_space": True}, split(_LLAMA3_SPLIT)["pretokenizers"][1],
+                    {"type": "Sequence", "pretokenizers": [{"type": "Split", "pattern": {"Regex": _LLAMA3_SPLIT}},
+                                                           {"type": "ByteLevel", "use_regex": True}]}, DEEPSEEK_V3):
+        with pytest.raises(InputError, match="pre-tokenizer is not one this exporter can name"):
+            _pre_tokenizer(unknown)
+
+
+# DeepSeek-V3's (tokenizer.json): digits in threes, CJK runs, then its own word rule; llama.cpp names it
+# "deepseek-v3", which this exporter does not write
+DEEPSEEK_V3 = {"type": "Sequence", "pretokenizers": [
+    {"type": "Split", "pattern": {"Regex": "\\p{N}{1,3}"}, "behavior": "Isolated", "invert": False},
+    {"type": "Split", "pattern": {"Regex": "[一-龥\u3040-ゟ゠-ヿ]+"}, "behavior": "Isolated", "invert": False},
+    {"type": "Split", "pattern": {"Regex": "[!\"#$%&'()*+,\\-./:;<=>?@\\[\\\\\\]^_`{|}~][A-Za-z]+|[^\r\n\\p{L}\\p{P}"
+                                           "\\p{S}]?[\\p{L}\\p{M}]+| ?[\\p{P}\\p{S}]+[\r\n]*|\\s*[\r\n]+|\\s+(?!\\S)|\\s+"},
+     "behavior": "Isolated", "invert": False},
+    {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": True, "use_regex": False}]}
+
+
+def test_a_pre_tokenizer_llama_cpp_would_not_split_alike_is_refused(tmp_path):
+    """Written as gpt2, a tokenizer with another split rule would be tokenized differently by llama.cpp,
+    Ollama and LM Studio than in training: one line, exit 2, before any weights load, nothing written."""
+    folder = build_model(tmp_path / "hf")
+    spec = json.loads((folder / "tokenizer.json").read_text())
+    (folder / "tokenizer.json").write_text(json.dumps({**spec, "pre_tokenizer": DEEPSEEK_V3}))
+    adapters = make_adapters(tmp_path / "adapters", folder, num_layers=1)
+    result = export("--model", folder, "--adapter-path", adapters, "--out", tmp_path / "out" / "m.gguf")
+    assert result.exit_code == 2, result.output
+    [line] = result.stderr.splitlines()
+    assert line.startswith("mlx-sdft export: error: the tokenizer's pre-tokenizer is not one this exporter can name "
+                           "for llama.cpp (gpt2, smollm, llama-bpe, qwen2): "), line
+    assert not (tmp_path / "out").exists() or not any((tmp_path / "out").iterdir())
 
 
 def test_quantized_base_is_dequantized_before_the_adapters_fuse(tmp_path, hf_tokenizer):

@@ -211,7 +211,8 @@ class LearnConfig(Config):
     Every `train` option applies (train's defaults but the five below) except the paths, which learn sets."""
 
     model: str | None = _opt(None, "The base model (as for serve) [default: the model the current version was "
-                             f"trained from; without a version, {DEFAULT_MODEL}].", path=True)
+                             "trained from; without a version, the one serve answered the newest exchange with; "
+                             f"else {DEFAULT_MODEL}].", path=True)
     data: str | None = _opt(None, "Set by learn: the lessons.", cli=False)
     adapter_path: str = _opt("adapters", "Set by learn: the candidate folder.", cli=False)
     resume_adapter_file: str | None = _opt(None, "Set by learn: the current version's adapters.", cli=False)

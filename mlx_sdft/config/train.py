@@ -21,7 +21,7 @@ _LORA_DEFAULTS = {"rank": 8, "scale": 20.0, "dropout": 0.0}  # mlx-lm's; a YAML 
 RESUME_MAY_CHANGE = frozenset({
     "adapter_path", "resume", "overwrite", "dry_run", "steps_per_report", "log_completions", "steps_per_eval",
     "val_batches", "save_every", "max_bad_steps", "report_to", "project_name", "fuse_sampling", "logits_chunk",
-    "grad_checkpoint", "compiled_decode",
+    "grad_checkpoint", "compiled_decode", "log_text",
 })
 
 # Options only SDFT reads: --method sft trains the same adapters whatever their values
@@ -107,6 +107,9 @@ class Config(SystemPrompt, TeacherTemplate, ChatTemplate, DataSource, Dequantize
     steps_per_report: int = _opt(10, "Optimizer steps between report lines.")
     log_completions: int = _opt(2, "Every report, write this many sampled completions (prompt, completion, truncated, "
                                 "loss) to completions.jsonl in --adapter-path and show one (SDFT; 0: none).")
+    log_text: bool = _opt(True, "Print text from the data: the first example's prompt and SFT-target panels, the "
+                          "sampled completion under each report line, warnings that quote a demonstration "
+                          "(--no-log-text: ids and numbers only, as serve --learn-every's background learns print).")
     steps_per_eval: int = _opt(200, "Optimizer steps between validations (teacher-student divergence).")
     val_batches: int = _opt(25, "Validation batches; -1 for the whole valid split.")
     max_bad_steps: int = _opt(3, "Stop after this many non-finite steps in a row (each is skipped).")

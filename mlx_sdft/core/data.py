@@ -18,8 +18,10 @@ learns to answer as if S were in its prompt). Such lines may sit in a file of an
 "teacher_system" may be added to a line of any format.
 
 P is a non-empty string (one user message) or a list of chat messages ending with a user
-message. Every line is checked before any model loads; any problem raises `InputError`
-with one line, "path:line: what is wrong". This module knows nothing about tokenization.
+message. An assistant turn that calls tools may have null content (read as "") and arguments
+given as a JSON string (read as the object it holds), as OpenAI clients send them. Every line is
+checked before any model loads; any problem raises `InputError` with one line, "path:line: what
+is wrong". This module knows nothing about tokenization.
 """
 
 import dataclasses
@@ -211,7 +213,7 @@ def _demonstrated(obj: dict, fmt: str, where: str) -> Example:
                 f"the demonstration (got {_show(last['role'])})"
             )
         demonstration = _demonstration(last.get("content", _MISSING), f"messages[{n}].content", where)
-        prompt = messages[:-1]
+        prompt = [_tool_call_turn(m) for m in messages[:-1]]
         if not prompt:
             raise InputError(f'{where}: "messages" has no prompt: put a user message before the last message')
         _check_prompt_end(prompt, "messages", where)
@@ -243,7 +245,7 @@ def _teacher_context(obj: dict, where: str) -> tuple[str, dict]:
 
 def _prompt(value: Any, where: str) -> list[dict]:
     if isinstance(value, list):
-        messages = _messages(value, "prompt", where)
+        messages = check_messages(value, "prompt", where)
         _check_prompt_end(messages, "prompt", where)
         return messages
     if not isinstance(value, str) or not value.strip():
@@ -253,8 +255,9 @@ def _prompt(value: Any, where: str) -> list[dict]:
 
 
 def check_messages(value: Any, field: str, where: str) -> list[dict]:
-    """A non-empty list of chat messages with known roles and string contents, else InputError."""
-    return _messages(value, field, where)
+    """A non-empty list of chat messages with known roles and string contents, else InputError;
+    tool-call turns read as chat templates take them (`_tool_call_turn`)."""
+    return [_tool_call_turn(m) for m in _messages(value, field, where)]
 
 
 def _messages(value: Any, field: str, where: str) -> list[dict]:
@@ -263,6 +266,27 @@ def _messages(value: Any, field: str, where: str) -> list[dict]:
     for i, message in enumerate(value):
         _check_message(message, f"{field}[{i}]", where)
     return value
+
+
+def _tool_call_turn(message: dict) -> dict:
+    """An assistant turn that calls tools as OpenAI clients send it, the way chat templates read it
+    (as mlx-lm's server does): no content (null or absent) becomes "", and each call's
+    `function.arguments` given as a JSON string becomes the object it holds (a string that is not
+    a JSON object stays as it is). Other messages are returned as they are."""
+    if message.get("role") != "assistant" or "tool_calls" not in message:
+        return message
+    calls = []
+    for call in message["tool_calls"]:
+        function = call.get("function") if isinstance(call, dict) else None
+        if isinstance(function, dict) and isinstance(function.get("arguments"), str):
+            try:
+                arguments = json.loads(function["arguments"])
+            except (ValueError, RecursionError):
+                arguments = None
+            if isinstance(arguments, dict):
+                call = {**call, "function": {**function, "arguments": arguments}}
+        calls.append(call)
+    return {**message, "content": message.get("content") or "", "tool_calls": calls}
 
 
 def _check_message(message: Any, field: str, where: str) -> None:

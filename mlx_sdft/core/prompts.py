@@ -169,6 +169,54 @@ def encode(tokenizer, text: str) -> list[int]:
     return tokenizer.encode(text, add_special_tokens=False)
 
 
+def special_texts(tokenizer) -> dict[str, list[str]]:
+    """The texts of the tokenizer's special (control) tokens, by their first two characters. Rendered
+    prompts are encoded with special-token parsing on (the template's own "<|im_start|>" must become
+    its token), so one of these typed inside a message would become that control token."""
+    cached = getattr(tokenizer, "_mlx_sdft_specials", None)
+    if cached is not None:
+        return cached
+    added = getattr(tokenizer, "added_tokens_decoder", {}) or {}
+    texts = {t.content for t in added.values() if getattr(t, "special", False)}
+    texts |= set(getattr(tokenizer, "all_special_tokens", []) or [])
+    groups: dict[str, list[str]] = {}
+    for text in sorted((t for t in texts if t), key=len, reverse=True):
+        groups.setdefault(text[:2], []).append(text)
+    try:
+        tokenizer._mlx_sdft_specials = groups
+    except AttributeError:  # a tokenizer that takes no attributes: found again next time
+        pass
+    return groups
+
+
+def special_text_in(tokenizer, value) -> str | None:
+    """The first special token's text found in `value` (a string, or every string and key of a
+    list or dict, such as messages with tool calls), else None."""
+    if isinstance(value, str):
+        for prefix, texts in special_texts(tokenizer).items():
+            at = value.find(prefix)
+            while at >= 0:
+                found = next((t for t in texts if value.startswith(t, at)), None)
+                if found is not None:
+                    return found
+                at = value.find(prefix, at + 1)
+        return None
+    items = [*value.keys(), *value.values()] if isinstance(value, dict) else value if isinstance(value, list) else []
+    return next((found for item in items if (found := special_text_in(tokenizer, item)) is not None), None)
+
+
+def check_literal(tokenizer, example: Example) -> None:
+    """InputError when a text of the example holds a special token's text: encoded with the rendered
+    prompt it would become that control token (a demonstration with "<|im_end|>" would end there)."""
+    texts = [("prompt", example.prompt), ("demonstration", example.demonstration),
+             ("context", example.context), ("teacher_system", example.teacher_system), ("tools", example.tools)]
+    for field, value in texts:
+        if value is not None and (token := special_text_in(tokenizer, value)) is not None:
+            raise InputError(f"{example.where}: the {field} contains {token!r}, the text of one of the model's "
+                             "special tokens, which the chat template's prompt would turn into that control token; "
+                             "remove it or write it another way")
+
+
 def student_text(tokenizer, example: Example) -> str:
     return render(tokenizer, example.prompt, example.tools)
 
@@ -246,6 +294,7 @@ def encode_examples(tokenizer, examples: list[Example], template: str, max_seq_l
     if examples:
         check_rendering(tokenizer, examples[0])
     for ex in examples:
+        check_literal(tokenizer, ex)
         student = encode(tokenizer, student_text(tokenizer, ex))
         teacher = encode(tokenizer, teacher_text(tokenizer, ex, template))
         for role, ids in (("prompt", student), ("teacher prompt", teacher)):

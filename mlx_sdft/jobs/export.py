@@ -58,6 +58,10 @@ def run_export(cfg: ExportConfig) -> dict:
         from mlx_sdft.formats.gguf_write import architecture
 
         architecture(json.loads((model_path / "config.json").read_text()), cfg.model)  # before the weights load
+        if source is None:  # a tokenizer llama.cpp would split text with differently: refused before the weights load
+            from mlx_sdft.formats.gguf_vocab import check_tokenizer
+
+            check_tokenizer(load_tokenizer(model_path)._tokenizer)
     model, _ = open_model(model_path, adapters=cfg.adapter_path)
     if fmt == "peft":
         from mlx_sdft.formats.peft import write_peft

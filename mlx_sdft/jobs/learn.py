@@ -47,7 +47,13 @@ def run_learn(cfg: LearnConfig, console=None) -> dict:
         new = store.lessons("new")
         if not new:
             raise InputError(f"{home}: no new lessons to learn (add some with teach or serve; see mlx-sdft lessons)")
-        return build(home, store, cfg, current, new, "learn", console)
+        # no --model: the home's (its versions', else the one serve answered its exchanges with)
+        home_model = versions.model_of(home, [e["model"] for e in store.exchanges(1)])
+        cfg = dataclasses.replace(cfg, model=cfg.model or home_model)
+        try:
+            return build(home, store, cfg, current, new, "learn", console)
+        except InputError as e:  # a stored lesson that cannot be used: named, with the command that removes it
+            raise lessons.removable(e) from None
 
 
 def _start(home: Path, stale: int | None, console) -> None:
@@ -108,7 +114,7 @@ def build(home: Path, store: Store, cfg: LearnConfig, parent: int, new: list[dic
         model_obj, tokenizer, base = _open(train_cfg)
         current = _leaves(home, parent, base)
         with using(model_obj, current):
-            _questions(store, standing, model_obj, tokenizer, console)
+            _questions(store, standing, model_obj, tokenizer, console, cfg.log_text)
         gate_cfg = dataclasses.replace(cfg, teacher_template=train_cfg.teacher_template)
         fresh = tuple(r["id"] for r in standing if r["state"] == "new")
         known = parent_record.get("gate") or {}
@@ -171,7 +177,7 @@ def build(home: Path, store: Store, cfg: LearnConfig, parent: int, new: list[dic
 FACT_QUESTIONS = 12  # questions the model writes about a fact: about 1 in 5 held out
 
 
-def _questions(store: Store, standing: list[dict], model, tokenizer, console) -> None:
+def _questions(store: Store, standing: list[dict], model, tokenizer, console, text: bool = True) -> None:
     """The questions a new fact is distilled over and measured on, written by the model itself
     under the current version (kept with the fact)."""
     for row in standing:
@@ -182,7 +188,8 @@ def _questions(store: Store, standing: list[dict], model, tokenizer, console) ->
                                  f"learn it from and measure it on (mlx-sdft rules remove {row['id']} removes it)")
             row["preflight"] = {**(row.get("preflight") or {}), "questions": questions}
             store.set_preflight(row["id"], row["preflight"])
-            _say(console, f"fact {row['id']}: the model wrote {len(questions)} questions about it, e.g. {questions[0]!r}")
+            _say(console, f"fact {row['id']}: the model wrote {len(questions)} questions about it"
+                          + (f", e.g. {questions[0]!r}" if text else ""))  # --no-log-text: no text
 
 
 def _open(train_cfg):
@@ -265,7 +272,7 @@ def run_forget(cfg, console=None) -> list[str]:
                            f"(version {now}), replaying lessons {redo}", console)
         except (Rejected, InputError, TrainingError) as e:  # what was done above stays done: say so
             raise type(e)(f"{lines[0]}; current version {base}, lessons {redo} new again; "
-                          f"the rebuild failed: {e}") from None
+                          f"the rebuild failed: {lessons.removable(e)}") from None
     return lines + [f"rebuilt lessons {redo} as version {record['version']}, now current"]
 
 

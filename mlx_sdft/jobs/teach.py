@@ -33,6 +33,7 @@ def teach(cfg: TeachConfig) -> list[str]:
         if cfg.always:  # a correction meant for every answer: a rule, which remembers where it came from
             return add_standing(store, "rule", cfg.feedback, cfg.check, exchange["id"])
         kind, text = ("demonstration", cfg.answer) if cfg.answer is not None else ("feedback", cfg.feedback)
+        lessons.check_size(text, "--answer" if kind == "demonstration" else "--feedback")
         lesson_id = store.add_lesson(**lessons.from_exchange(exchange, kind, text, cfg.feedback_template))
         return [f"lesson {lesson_id} ({kind}) on exchange {exchange['id']}"]
 

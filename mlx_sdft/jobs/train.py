@@ -167,7 +167,7 @@ def run_train(cfg: Config, console=None, quiet: bool = False, examples: dict | N
         reporter = Reporter(out, total_steps(cfg, len(train_pairs)), console=console, report_to=cfg.report_to,
                             project_name=cfg.project_name, config=cfg.to_dict(), quiet=quiet,
                             estimated_peak_gb=estimate["peak"] if estimate else None, writer=rank == 0,
-                            label=cfg.method.upper(), parts=loss_parts(cfg))
+                            label=cfg.method.upper(), parts=loss_parts(cfg), text=cfg.log_text)
         if reporter.writer and not quiet:
             blas.warn(reporter.console)
         if stale:
@@ -185,16 +185,18 @@ def run_train(cfg: Config, console=None, quiet: bool = False, examples: dict | N
             reporter.print("sampling with unfused adapters: slower, but no copy of the weights", style="yellow")
         if cfg.method == "sdft" and cfg.logits_chunk:
             reporter.print(f"scoring {cfg.logits_chunk} completion positions at a time (--logits-chunk)", style="yellow")
-        if cfg.method == "sdft" and (warning := skipped_prefix_warning([p.demo_ids for p in train_pairs],
+        if cfg.method == "sdft" and cfg.log_text and (warning := skipped_prefix_warning([p.demo_ids for p in train_pairs],
                                                                        cfg.skip_first_tokens, tokenizer.decode)):
             reporter.print(f"warning: {warning}", style="yellow", highlight=False)
         first = splits["train"][0]
-        reporter.print(Panel(Text(student_text(tokenizer, first)), title=f"student prompt ({first.where})", expand=False))
-        if cfg.method == "sdft":
+        if cfg.log_text:  # --no-log-text: ids and numbers only (serve's background learns write to HOME/learn.log)
+            reporter.print(Panel(Text(student_text(tokenizer, first)), title=f"student prompt ({first.where})",
+                                 expand=False))
+        if cfg.method == "sdft" and cfg.log_text:
             reporter.print(Panel(Text(teacher_text(tokenizer, first, cfg.teacher_template)), title="teacher prompt",
                                  expand=False))
         target = next((p for p in train_pairs if p.demonstrated), None)  # a feedback lesson has no SFT target
-        if (cfg.method == "sft" or cfg.sft_weight) and target is not None:  # what the cross-entropy trains on
+        if (cfg.method == "sft" or cfg.sft_weight) and target is not None and cfg.log_text:  # what the cross-entropy trains on
             reporter.print(Panel(Text(tokenizer.decode(target.demo_ids)), title=f"SFT target ({target.where})", expand=False))
         if cfg.dry_run:
             reporter.print(Panel(options_text(cfg), title="resolved options", expand=False))

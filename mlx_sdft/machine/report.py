@@ -112,10 +112,12 @@ class Reporter:
     def __init__(self, out: Path, total: int, console: Console | None = None, report_to: str | None = None,
                  project_name: str | None = None, config: dict | None = None, quiet: bool = False,
                  estimated_peak_gb: float | None = None, writer: bool = True, label: str = "SDFT",
-                 parts: dict[str, tuple[str, float]] | None = None):
+                 parts: dict[str, tuple[str, float]] | None = None, text: bool = True):
         # Only one process of a data-parallel run (rank 0) writes metrics and prints. `parts`: the
         # loss's terms, their labels and weights (core.objective.loss_parts), for the report line.
+        # `text` False (--no-log-text): no sampled completion is shown, only ids and numbers.
         self.out, self.total, self.quiet, self.writer = out, total, quiet or not writer, writer
+        self.text = text
         self.estimated_peak_gb, self.sft, self.parts = estimated_peak_gb, label == "SFT", parts
         self.console = console or make_console()
         self.progress = Progress(
@@ -166,8 +168,9 @@ class Reporter:
         first = rows[0]
         trained = "masked (--truncated mask)" if first.get("masked") else f"loss {first['loss']:.4f}"
         head = (f"  sample {first['where'].rsplit('/', 1)[-1]}: {first['tokens']} tokens{', truncated' if first['truncated'] else ''}, "
-                f"{trained}: ")
-        self.print(head + clip(first["completion"], WIDTH - len(head)), highlight=False, markup=False, soft_wrap=True)
+                f"{trained}")
+        shown = head + (f": {clip(first['completion'], WIDTH - len(head) - 2)}" if self.text else "")
+        self.print(shown, highlight=False, markup=False, soft_wrap=True)
 
 
 def clip(text: str, width: int) -> str:

@@ -19,10 +19,10 @@ import mlx.core as mx
 from mlx_lm.generate import stream_generate
 from mlx_lm.sample_utils import make_sampler
 
-from mlx_sdft.config import ServeConfig
-from mlx_sdft.core.prompts import encode, render, template_system_prompt, with_rules
+from mlx_sdft.config import TEACHER_TEMPLATE, ServeConfig
+from mlx_sdft.core.prompts import encode, render, special_text_in, teacher_text, template_system_prompt, with_rules
 from mlx_sdft.errors import InputError
-from mlx_sdft.formats.models import Adapters, attach_adapters, open_model, open_tokenizer
+from mlx_sdft.formats.models import Adapters, attach_adapters, check_adapter_fit, open_model, open_tokenizer
 from mlx_sdft.serve.openai import BadRequest, ChatRequest
 from mlx_sdft.store import rules, versions
 from mlx_sdft.store.db import Store
@@ -80,11 +80,16 @@ class Engine:
                   f"{self.version}", file=sys.stderr, flush=True)
 
     def _switch(self, version: int) -> None:
-        """Everything that can fail (reading the folder) happens before the serving model changes."""
+        """Everything that can fail (reading the folder, the recorded sha256, adapters that do not fit
+        this model) happens before the serving model changes."""
         model, shape, base = self.model, self._shape, self._base
         if version:
             folder = versions.version_dir(self.home, version)
+            versions.verify(self.home, version)  # accepted, not erased, its files those it was built with
             adapters = Adapters.saved(folder)  # read and checked as every command reads an adapter folder
+            # as generate, eval and export check them: a version trained for another model is refused
+            check_adapter_fit(self.path, adapters.weights, adapters.fine_tune_type, adapters.num_layers,
+                              adapters.lora_parameters, folder / "adapter_config.json")
             weights = mx.load(str(adapters.weights))
             wanted = (adapters.fine_tune_type, adapters.num_layers, adapters.lora_parameters)
             if shape not in (None, wanted):  # other layers or rank: start again from the base weights
@@ -100,6 +105,39 @@ class Engine:
         self.model, self._shape, self._base = model, shape, base
         self.version, self.failed = version, None
         print(f"mlx-sdft serve: now serving adapter version {version}", file=sys.stderr, flush=True)
+
+    # ---- what may be read as text ------------------------------------------------------
+
+    def check_literal(self, request: ChatRequest) -> None:
+        """BadRequest for a message (or tool) holding a special token's text: encoded with the rendered
+        prompt it would become that control token (a forged "<|im_start|>system" turn), so it is refused."""
+        for param, values in (("messages", request.messages), ("tools", request.tools or [])):
+            for i, value in enumerate(values):
+                if (token := special_text_in(self.tokenizer, value)) is not None:
+                    raise BadRequest(f"{param}[{i}] contains {token!r}, the text of one of the model's control "
+                                     "tokens; it is refused rather than read as that token", param=param)
+
+    def check_text(self, text: str, param: str) -> None:
+        """BadRequest for a text to keep (a lesson's, a rule's) that holds a special token's text."""
+        if (token := special_text_in(self.tokenizer, text)) is not None:
+            raise BadRequest(f"{param} contains {token!r}, the text of one of the model's control tokens; it is "
+                             "refused rather than read as that token", param=param)
+
+    def check_lesson(self, lesson: dict, text: str, param: str) -> None:
+        """BadRequest for a lesson (a row for the store, `text` its new text) that learn could not use:
+        a special token's text in it, or a teacher prompt (the default --teacher-template, or the
+        lesson's own) that leaves no room for an answer in the model's context."""
+        from mlx_sdft.store.lessons import to_example
+
+        self.check_text(text, param)
+        if not self.context:
+            return
+        example = to_example({"answer": None, "teacher_template": None, **lesson, "id": 0, "state": "new"})
+        size = len(encode(self.tokenizer, teacher_text(self.tokenizer, example, TEACHER_TEMPLATE)))
+        if size >= self.context:
+            raise BadRequest(f"{param}: the lesson's teacher prompt would be {size} tokens, and the model reads at "
+                             f"most {self.context} (max_position_embeddings); it could never be learned, so it is "
+                             "not stored: shorten it", param=param)
 
     # ---- generation ---------------------------------------------------------------------
 

@@ -8,12 +8,13 @@ that keeps saying no does not make the server retrain after every lesson.
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 import threading
 from pathlib import Path
 
-LOG = "learn.log"  # in --home: what the background learns printed
+LOG = "learn.log"  # in --home, readable by you only: what the background learns printed (ids and numbers)
 
 
 class Learner:
@@ -34,10 +35,15 @@ class Learner:
             if new_lessons - self.attempted < self.cfg.learn_every:
                 return False
             home = Path(self.cfg.home).expanduser()
-            args = [sys.executable, "-m", "mlx_sdft", "learn", "--home", str(home), "--model", self.cfg.model]
+            # --no-log-text: no prompt, lesson or completion text goes into the log, and no completions.jsonl
+            # into the candidate, so what forget and lessons delete erase from the store is nowhere else in the home
+            args = [sys.executable, "-m", "mlx_sdft", "learn", "--home", str(home), "--model", self.cfg.model,
+                    "--no-log-text", "--log-completions", "0"]
             if self.cfg.learn_config:
                 args += ["-c", self.cfg.learn_config]
-            with open(home / LOG, "a") as log:
+            fd = os.open(home / LOG, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+            os.fchmod(fd, 0o600)  # one an earlier release left readable by others, too
+            with open(fd, "a") as log:
                 self.proc = subprocess.Popen(args, stdout=log, stderr=log, stdin=subprocess.DEVNULL)
             self.attempted = new_lessons
             print(f"mlx-sdft serve: {new_lessons} new lessons: learning in the background (pid {self.proc.pid}, "

@@ -215,6 +215,7 @@ class Handler(BaseHTTPRequestHandler):
     def _chat(self) -> None:
         cfg = self.server.cfg
         request = openai.parse_chat(self._body(), cfg.max_tokens, cfg.temperature, cfg.top_p)
+        self.server.engine.check_literal(request)  # a control token's text in a message: 400, never that token
         with self.server.admit():  # a 503 when --max-queue requests already wait for the model
             return self._stream(request) if request.stream else self._answer(request)
 
@@ -305,6 +306,7 @@ class Handler(BaseHTTPRequestHandler):
             lesson = lessons.from_exchange(exchange, kind, body[given[0]], self.server.cfg.feedback_template)
         except InputError as e:
             raise BadRequest(str(e), param="id") from None
+        self.server.engine.check_lesson(lesson, body[given[0]], given[0])  # one learn could never use: 400
         lesson_id = store.add_lesson(**lesson)
         self.server.learner.poke(len(store.lessons("new")))
         self._json(200, {"object": "lesson", "id": lesson_id, "kind": kind, "exchange": exchange["id"], "state": "new"})
@@ -320,6 +322,7 @@ class Handler(BaseHTTPRequestHandler):
             check = rules.check_regex(check, "check")
         except InputError as e:
             raise BadRequest(str(e), param="check") from None
+        self.server.engine.check_text(body[kinds[0]], kinds[0])
         store = self.server.store
         lesson_id = store.add_lesson(kind=kinds[0], text=body[kinds[0]].strip(), check_regex=check, exchange_id=exchange)
         self.server.learner.poke(len(store.lessons("new")))

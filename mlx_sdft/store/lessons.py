@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from pathlib import Path
 
 from mlx_sdft.core.data import Example, load_examples
@@ -46,9 +47,36 @@ def from_exchange(exchange: dict, kind: str, text: str, template: str | None = N
     return lesson
 
 
+# `teach` loads no model, so it cannot count a lesson's tokens: it refuses a text over 8 characters
+# per token of an 8,192-token context (the default model's; prose takes about 4 per token). serve
+# counts exactly with the model's tokenizer, and learn names any stored lesson that does not fit,
+# with the command that removes it.
+MAX_CHARS = 8 * 8192
+
+
+def check_size(text: str, what: str) -> None:
+    if len(text) > MAX_CHARS:
+        raise InputError(f"{what}: {len(text)} characters, more than the {MAX_CHARS} a lesson may have (8 per token "
+                         "of an 8,192-token context); learn could not fit it in the model's context: shorten it")
+
+
+WHERE = "store:lesson/"  # + the id: where a lesson's example comes from, in every message about it
+
+
+def removable(error: InputError) -> InputError:
+    """An error about a stored lesson (its message starts with its `where`) as one that names the
+    lesson and the command that removes it; any other error as it is."""
+    found = re.match(re.escape(WHERE) + r"(\d+): ", str(error))
+    if found is None:
+        return error
+    id = found.group(1)
+    return type(error)(f"lesson {id}: {str(error)[found.end():]}; this lesson cannot be learned: remove it with "
+                       f"`mlx-sdft lessons delete {id}`")
+
+
 def to_example(row: dict) -> Example:
     """The lesson as the trainer reads it; `where` is "store:lesson/ID"."""
-    where = f"store:lesson/{row['id']}"
+    where = f"{WHERE}{row['id']}"
     if row["state"] == "deleted":
         raise InputError(f"{where}: deleted")
     if row["kind"] in STANDING:  # a rule has no prompt of its own: learn distills it over many (store/rules.py)
@@ -102,6 +130,8 @@ def import_file(store: Store, path: str | Path) -> list[int]:
     `feedback` or `hindsight` lessons, by the context they carry."""
     lessons = []
     for ex in load_examples(path):  # validates every line first
+        for text in [ex.demonstration, *(ex.context or {}).values()]:
+            check_size(text, ex.where)
         lesson = {"kind": "import", "prompt": ex.prompt, "tools": ex.tools, "text": ex.demonstration}
         if ex.teacher_template:
             kind = next((k for k, slot in SLOT.items() if slot in ex.context), None)

@@ -187,10 +187,22 @@ def locked(home: str | Path):
     which holds the owner's pid. The kernel drops the flock when its process dies (kill -9
     included), so a lock file left by a killed run is stale by construction: the next run takes
     it over and yields that pid (else None). A live holder: TrainingError naming its pid.
-    A --home that does not exist: InputError (a mistyped one is not created, with the wrong mode)."""
+    A --home that does not exist: InputError (a mistyped one is not created, with the wrong mode).
+    Every file and folder created meanwhile (versions, records, the training run) is readable by
+    you only: the process's umask is 077 for the block."""
     path = Path(home).expanduser() / LOCK
     if not path.parent.is_dir():
         raise InputError(f"--home {home}: no such folder (serve or teach create it; see mlx-sdft lessons)")
-    with held(path, lambda holder: TrainingError(f"{path}: another learn, rollback or forget is running (pid {holder}); "
-                                                 "try again when it is done")) as stale:
+    with private(), held(path, lambda holder: TrainingError(f"{path}: another learn, rollback or forget is running "
+                                                            f"(pid {holder}); try again when it is done")) as stale:
         yield stale
+
+
+@contextmanager
+def private():
+    """Files created in the block are 0600 and folders 0700 (umask 077), whatever the caller's umask."""
+    before = os.umask(0o077)
+    try:
+        yield
+    finally:
+        os.umask(before)
