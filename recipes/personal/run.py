@@ -147,6 +147,7 @@ def main() -> None:
     parser.add_argument("--model", default="qwen", help="qwen, smollm, or any model source mlx-sdft takes")
     parser.add_argument("--out", default=None)
     parser.add_argument("--cache", default=str(Path.home() / ".cache" / "mlx-sdft" / "recipes"))
+    parser.add_argument("--stages", type=int, default=len(RULES), help="teach only the first N rules and facts")
     args = parser.parse_args()
     model = str(fetch_qwen(Path(args.cache))) if args.model == "qwen" else MODELS.get(args.model, args.model)
     out = Path(args.out or f"runs/personal-{args.model.replace('/', '_')}")
@@ -157,7 +158,7 @@ def main() -> None:
     server = Server(model, home, out / "serve.log")
     rows, ids = [], {}
     try:
-        for i, rule in enumerate(RULES):
+        for i, rule in enumerate(RULES[: args.stages]):
             route = demonstrations and i == 0  # the first rule also as corrected answers, to every question
             for question in ASKED if route else ASKED[2 * i: 2 * i + 2]:  # stored: prompts learn draws from
                 body = server.ask(question)
@@ -167,7 +168,8 @@ def main() -> None:
             lesson = server.post("/v1/feedback", {rule["kind"]: rule["text"], "check": rule["check"]})
             ids[rule["name"]] = str(lesson["id"])
             fingerprint = server.ask("Hi!", 8)["system_fingerprint"]
-            attempts = [["--learning-rate", HARMFUL_LR], []] if i == 1 else [[]]  # the harmful update first
+            harmful_at = min(1, args.stages - 1)  # the second stage (or the only one): the harmful update first
+            attempts = [["--learning-rate", HARMFUL_LR], []] if i == harmful_at else [[]]
             for extra in attempts:
                 result = learn(home, model, extra, out / "learn.log")
                 result.update(step=f"learn {rule['name']}" + (" (lr x100)" if extra else ""), rule=rule["name"],
