@@ -45,7 +45,7 @@ from mlx_sdft.core import train as trainer  # noqa: E402
 from mlx_sdft.config import Config  # noqa: E402
 from mlx_sdft.formats.models import attach_adapters  # noqa: E402
 from mlx_sdft.core.prompts import PromptPair  # noqa: E402
-from mlx_sdft.machine.report import PhaseTimer  # noqa: E402
+from mlx_sdft.core.train import PhaseTimer  # noqa: E402
 from mlx_sdft.core.teacher import init_teacher, step_teacher  # noqa: E402
 
 TARGETS = {"sdft_vs_sft_step": ("<=", 2.0), "sampling_vs_batch_gen": (">=", 1.0),

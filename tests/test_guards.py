@@ -129,9 +129,9 @@ def test_early_stop_keeps_the_last_good_adapters(tiny_model, smoke_data, tmp_pat
     monkeypatch.setattr(guards, "snapshot", spy)
     real_keep = guards.keep_last_good
 
-    def spy_keep(out, cfg, good, model, *args, **kw):
+    def spy_keep(good, model, *args, **kw):
         seen["at_stop"] = {k: np.array(v) for k, v in guards.trainable_leaves(model).items()}
-        real_keep(out, cfg, good, model, *args, **kw)
+        real_keep(good, model, *args, **kw)
         seen["after"] = {k: np.array(v) for k, v in guards.trainable_leaves(model).items()}
 
     monkeypatch.setattr(guards, "keep_last_good", spy_keep)

@@ -294,7 +294,7 @@ def test_progress_bar_loss_is_labelled_last_step(tmp_path):
     from mlx_sdft.machine.report import Reporter
 
     screen = StringIO()
-    reporter = Reporter(tmp_path, 4, console=Console(file=screen, force_terminal=True, width=100))
+    reporter = Reporter(4, console=Console(file=screen, force_terminal=True, width=100))
     with reporter:
         reporter.advance(1, 0.1234)
         reporter.progress.refresh()

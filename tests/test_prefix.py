@@ -16,8 +16,8 @@ from mlx_sdft.core import guards, prefix, scoring
 from mlx_sdft.core.losses import sdft_loss
 from mlx_sdft.core.objective import sdft_objective, supervised_loss
 from mlx_sdft.core.prompts import PromptPair
-from mlx_sdft.core.teacher import trainable_leaves, using
-from mlx_sdft.formats.models import Adapters, checkpointing, open_model
+from mlx_sdft.core.teacher import checkpointing, trainable_leaves, using
+from mlx_sdft.formats.models import Adapters, open_model
 
 # Ragged prompts (a one-token one too), a feedback lesson (no demonstration) among them.
 PAIRS = [PromptPair([1, 5, 9, 13, 2, 7], [1, 5, 9, 13, 2, 7, 30, 31, 32, 7], [50, 51, 52, 2], "t:1"),

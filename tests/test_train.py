@@ -339,7 +339,7 @@ def test_teacher_reference_and_validation_score_without_dropout(tiny, tiny_model
     from mlx_sdft.core.prompts import encode_examples
     from mlx_sdft.core.teacher import init_teacher
     from mlx_sdft.formats.models import Adapters, open_model
-    from mlx_sdft.machine.report import PhaseTimer
+    from mlx_sdft.core.train import PhaseTimer
 
     _, tok = tiny
     cfg = _cfg(tiny_model, smoke_data, tmp_path, batch_size=2, lora_parameters={"dropout": 0.5}, base_kl_weight=0.1,

@@ -8,7 +8,8 @@ once, in small groups that each command's options inherit.
 
 The package: `options` (defaults, `_opt`, shared groups, checks), `train` (Config), `commands`
 (eval, check, generate, export) and `personal` (serve, teach, lessons, learn, versions, rollback,
-forget). Everything is importable from `mlx_sdft.config`.
+forget). Everything is importable from `mlx_sdft.config`. `bundled` holds the prompts shipped in
+assets/, which learn's gate options count.
 """
 
 from __future__ import annotations

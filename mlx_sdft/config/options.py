@@ -201,6 +201,17 @@ def _template(options, name: str, slots: tuple[str, ...]) -> None:
     setattr(options, name, text)
 
 
+def check_regex(pattern: str | None, where: str) -> str | None:
+    """A rule's compliance check (--check), compiled once to refuse a bad one when it is given."""
+    if pattern is None:
+        return None
+    try:
+        re.compile(pattern)
+    except re.error as e:
+        raise InputError(f"{where}: not a regular expression ({e})") from None
+    return pattern
+
+
 def _regexes(patterns: list) -> None:
     import re
 

@@ -11,11 +11,10 @@ from urllib.parse import urlsplit
 
 from mlx_sdft.config.options import (
     ChatTemplate, DEFAULT_HOME, DEFAULT_MODEL, Dequantize, FEEDBACK_TEMPLATE, HINDSIGHT_TEMPLATE, ModelSource,
-    _check_groups, _opt, _positive, _regexes, _template,
+    _check_groups, _opt, _positive, _regexes, _template, check_regex,
 )
 from mlx_sdft.config.train import Config
 from mlx_sdft.errors import InputError
-from mlx_sdft.store.rules import check_regex
 from mlx_sdft.yaml_file import read_yaml
 
 
@@ -266,7 +265,7 @@ class LearnConfig(Config):
                      "gate_max_prior_drop", "gate_max_loop_rise"):
             if not (getattr(self, name) >= 0 and math.isfinite(getattr(self, name))):
                 raise InputError(f"--{name.replace('_', '-')}: must be >= 0, got {getattr(self, name)}")
-        from mlx_sdft.store.rules import prior_questions, prompt_pool
+        from mlx_sdft.config.bundled import prior_questions, prompt_pool
 
         for name, available, what in (("gate_prompts", len(prompt_pool()[1]), "the bundled held-out prompts"),
                                       ("gate_questions", len(prior_questions(10**6)), "the bundled questions")):

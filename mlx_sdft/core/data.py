@@ -30,6 +30,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from mlx_sdft.core import hub_data
 from mlx_sdft.errors import InputError, one_line
 
 ROLES = ("assistant", "developer", "system", "tool", "user")
@@ -68,19 +69,17 @@ def need_demonstrations(examples: list[Example], what: str) -> None:
 def load_dataset(data: str | Path) -> dict[str, list[Example]]:
     """A .jsonl file -> {"train": [...]}; a folder -> its train (required), valid and test splits;
     a Hugging Face dataset (a hub id, or a folder saved by `datasets`) -> its splits (hub_data.py)."""
-    from mlx_sdft.core import hub_data
-
     root = Path(data)
     kind = _kind(root)
     if kind == "missing":
         if hub_data.is_hub_id(str(data)):
-            return hub_data.load(str(data))
+            return {key: examples_from_rows(rows, where) for key, where, rows in hub_data.load(str(data))}
         raise InputError(f"{root}: no such file or folder")
     if kind == "file":
         return {"train": load_examples(root)}
     if _kind(root / "train.jsonl") == "missing":
         if hub_data.is_saved_dataset(root):
-            return hub_data.load(str(root), root)
+            return {key: examples_from_rows(rows, where) for key, where, rows in hub_data.load(str(root), root)}
         raise InputError(f"{root}: folder has no train.jsonl")
     return {
         split: load_examples(root / f"{split}.jsonl")

@@ -20,6 +20,7 @@ from __future__ import annotations
 import math
 from collections import Counter
 from dataclasses import dataclass
+from pathlib import Path
 
 import mlx.core as mx
 from mlx.utils import tree_map
@@ -155,29 +156,23 @@ def snapshot(step: int, model, teacher: Leaves | None, optimizer, state: dict) -
                     opt_state, dict(state))
 
 
-def keep_last_good(out, cfg, good: Snapshot, model, optimizer, write: bool) -> None:
-    """Put the snapshot back: the model holds its adapters again and (on the writing rank) the
-    output folder holds its whole saved state, as if the run had ended at `good.step`."""
-    from mlx_sdft.formats import checkpoint
-
+def keep_last_good(good: Snapshot, model, optimizer) -> None:
+    """Put the snapshot back: the model holds its adapters again and the optimizer its state, as
+    if the run had ended at `good.step`."""
     model.load_weights(list(good.student.items()), strict=False)
     optimizer.state = good.optimizer_state
-    if write:
-        checkpoint.save(out, cfg, good.step, good.student, good.teacher, optimizer, good.state, checkpoint=False)
 
 
-def stop_early(out, cfg, good: Snapshot, model, optimizer, reporter, rank: int, watch, step: int,
-                rate: float) -> dict:
-    """--max-degenerate-rise tripped: keep the last good report's state and say why."""
-    keep_last_good(out, cfg, good, model, optimizer, write=rank == 0)
+def stop_early(callback, cfg, good: Snapshot, model, optimizer, watch, step: int, rate: float) -> dict:
+    """--max-degenerate-rise tripped: keep the last good report's state, saved again through
+    `callback` (core.train.TrainingCallback) so the output folder holds it whole, and say why."""
+    keep_last_good(good, model, optimizer)
+    callback.save(good.step, good.student, good.teacher, optimizer, good.state, numbered=False)
     record = {"type": "stop", "step": step, "kept_step": good.step, "degenerate": rate, "degenerate_start": watch.start}
-    if rank == 0:
-        from mlx_sdft.formats.checkpoint import append_metrics
-
-        append_metrics(out, record)
-    reporter.print(f"[red]step {step}: {rate:.0%} of the sampled completions are degenerate, up from {watch.start:.0%} "
+    callback.on_report(record)
+    callback.print(f"[red]step {step}: {rate:.0%} of the sampled completions are degenerate, up from {watch.start:.0%} "
                    f"at the first report (more than --max-degenerate-rise {cfg.max_degenerate_rise} above it): "
-                   f"stopped; {out} holds the adapters of step {good.step}[/]")
+                   f"stopped; {Path(cfg.adapter_path)} holds the adapters of step {good.step}[/]")
     return record
 
 

@@ -1,7 +1,8 @@
 """`--data` as a Hugging Face dataset, as `mlx_lm.lora` takes one: a hub id (`org/name`), a folder
 written by `DatasetDict.save_to_disk`, or a folder in a hub dataset repo's layout (data files per
 split). Read with the `datasets` library (`pip install 'mlx-sdft[hf]'`); every row goes through
-the same checks as a .jsonl line, and errors read "SOURCE/SPLIT:ROW: what is wrong".
+the same checks as a .jsonl line (core/data.py makes the Examples: this module hands it rows, and
+imports nothing of it), and errors read "SOURCE/SPLIT:ROW: what is wrong".
 
 Splits: train (required), valid or validation, test; others are ignored.
 """
@@ -10,9 +11,8 @@ from __future__ import annotations
 
 import re
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
-from mlx_sdft.core.data import Example, examples_from_rows
 from mlx_sdft.errors import InputError, one_line
 
 SPLITS = {"train": "train", "valid": "valid", "validation": "valid", "test": "test"}
@@ -35,8 +35,9 @@ def is_saved_dataset(folder: Path) -> bool:
     return any(p.suffix in DATA_FILES and p.name != "dataset_infos.json" for p in folder.rglob("*") if p.is_file())
 
 
-def load(spec: str, folder: Path | None = None) -> dict[str, list[Example]]:
-    """The dataset's train/valid/test splits as validated Examples."""
+def load(spec: str, folder: Path | None = None) -> Iterator[tuple[str, str, Iterator[tuple[int, dict]]]]:
+    """The dataset's train/valid/test splits, one at a time as (split, where its rows come from,
+    its rows numbered from 1), each read by the caller before the next split is checked."""
     try:
         import datasets
     except ImportError:
@@ -51,17 +52,17 @@ def load(spec: str, folder: Path | None = None) -> dict[str, list[Example]]:
         why = ("the datasets library cannot read this folder" if folder is not None else
                "no such file or folder, and the Hugging Face hub cannot be reached or has no dataset of that name")
         raise InputError(one_line(f"--data {spec}: {why} ({type(e).__name__}: {e})")) from None
-    splits: dict[str, list[Example]] = {}
+    splits = set()
     for name, rows in loaded.items():
         key = SPLITS.get(name)
         if key is None:
             continue
         if key in splits:
             raise InputError(f"--data {spec}: has both a valid and a validation split; keep one")
-        splits[key] = examples_from_rows(((i, _drop_none(row)) for i, row in enumerate(rows, 1)), f"{spec}/{name}")
+        splits.add(key)
+        yield key, f"{spec}/{name}", ((i, _drop_none(row)) for i, row in enumerate(rows, 1))
     if "train" not in splits:
         raise InputError(f"--data {spec}: no train split (it has: {', '.join(loaded) or 'none'})")
-    return splits
 
 
 def _drop_none(value: Any) -> Any:

@@ -3,8 +3,9 @@
 Student context: the prompt messages, rendered with `add_generation_prompt=True`.
 Teacher context: the same conversation with the last user message replaced by the teacher
 template filled with the question and the demonstration (system messages and tools kept).
-Stop set: every id that ends an answer (`stop_ids`). Targets: the text the template writes
-after the student prompt, tokenized on its own and ended at the end-of-turn token (`target_text`).
+Targets: the text the template writes after the student prompt, tokenized on its own and ended
+at the end-of-turn token (`target_text`). Rendering, the end of a turn and the stop set are
+chat_template.py's (formats/models.py needs them too, to open a tokenizer).
 """
 
 from __future__ import annotations
@@ -13,6 +14,8 @@ import dataclasses
 import re
 from dataclasses import dataclass
 
+from mlx_sdft.chat_template import MARK as _MARK
+from mlx_sdft.chat_template import encode, render, turn_end_id, turn_end_text
 from mlx_sdft.core.data import Example
 from mlx_sdft.errors import InputError
 
@@ -28,55 +31,6 @@ class PromptPair:
     # False for a lesson whose teacher sees a context (feedback) instead: demo_ids is then an empty turn,
     # which neither the SFT term nor the completion budget may take for a demonstration.
     demonstrated: bool = True
-
-
-_MARK = "ANSWER-7f3a"  # assistant content no template changes, to find what a template writes after it
-
-
-def _ids(value) -> list[int]:
-    if value is None:
-        return []
-    return [int(v) for v in (value if isinstance(value, (list, tuple)) else [value])]
-
-
-def _special_ids(tokenizer) -> set[int]:
-    """Ids of added/special tokens: only these can end a turn (a plain newline must not)."""
-    return set(getattr(tokenizer, "added_tokens_decoder", {}) or {}) | set(getattr(tokenizer, "all_special_ids", []))
-
-
-def turn_end_text(tokenizer) -> str | None:
-    """What the chat template writes right after an assistant's content (ChatML "<|im_end|>\\n",
-    Llama-3 "<|eot_id|>", Gemma "<end_of_turn>\\n"), found by rendering one assistant turn.
-    None without a chat template or when the template cannot render one."""
-    if not getattr(tokenizer, "has_chat_template", False):
-        return None
-    turn = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": _MARK}]
-    try:
-        text = render(tokenizer, turn, add_generation_prompt=False)
-    except Exception:  # a template that refuses this shape (e.g. requires a system turn) adds no stop
-        return None
-    return text[text.rindex(_MARK) + len(_MARK):] if _MARK in text else None
-
-
-def turn_end_id(tokenizer) -> int | None:
-    """The special token the template writes after assistant content (its end-of-turn), if any."""
-    tail = turn_end_text(tokenizer)
-    ids = encode(tokenizer, tail) if tail else []
-    special = _special_ids(tokenizer)
-    return next((t for t in ids if t in special), None)
-
-
-def stop_ids(tokenizer, model_config: dict | None = None, generation_config: dict | None = None) -> list[int]:
-    """Every id that ends an answer: the tokenizer's eos, config.json's and generation_config.json's
-    eos_token_id, and the template's end-of-turn token. Sampling, targets, eval, check and
-    generate all stop on this one set, so a model whose turns end in another token than its eos
-    (ChatML <|im_end|> under an <|endoftext|> eos, Llama-3 <|eot_id|>, Gemma <end_of_turn>)
-    stops where its answers end."""
-    ids = set(tokenizer.eos_token_ids) | set(_ids(getattr(tokenizer, "eos_token_id", None)))
-    for config in (model_config or {}, generation_config or {}):
-        ids |= set(_ids(config.get("eos_token_id")))
-    end = turn_end_id(tokenizer)
-    return sorted(ids | ({end} if end is not None else set()))
 
 
 def describe_stops(tokenizer) -> str:
@@ -151,22 +105,6 @@ def teacher_messages(example: Example, template: str, default_system: str | None
     content = fill_template(example.teacher_template or template, last_user["content"], example.demonstration,
                             **(example.context or {}))
     return with_rules([*history, {**last_user, "content": content}], example.teacher_system, default_system)
-
-
-def render(tokenizer, messages: list[dict], tools: list | None = None, add_generation_prompt: bool = True) -> str:
-    """The chat-template text; with add_generation_prompt, all that precedes the assistant's answer."""
-    if not getattr(tokenizer, "has_chat_template", False):
-        raise InputError(
-            "the tokenizer has no chat template: pass --chat-template (a Jinja string or a file), "
-            'or add "chat_template" to the model\'s tokenizer_config.json'
-        )
-    kwargs = {"tools": tools} if tools else {}
-    return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt, **kwargs)
-
-
-def encode(tokenizer, text: str) -> list[int]:
-    # The template already wrote any BOS token; adding special tokens again would double it.
-    return tokenizer.encode(text, add_special_tokens=False)
 
 
 def special_texts(tokenizer) -> dict[str, list[str]]:

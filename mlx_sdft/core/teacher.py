@@ -8,6 +8,9 @@ those leaves in, runs the forward pass, and swaps the student's back.
 - base: the leaves as they were before any training; for LoRA/DoRA this is exactly the
         model with adapters switched off (lora_b = 0), for full fine-tuning the base weights.
 - live: the student itself (no separate leaves).
+
+The model's modes around these passes: `using` (other leaves), `evaluating` (no dropout) and
+`checkpointing` (--grad-checkpoint, only while the student's gradient is taken).
 """
 
 from __future__ import annotations
@@ -17,6 +20,7 @@ from contextlib import contextmanager
 import mlx.core as mx
 import mlx.nn as nn
 from mlx.utils import tree_flatten, tree_map
+from mlx_lm.tuner.trainer import grad_checkpoint
 
 Leaves = dict[str, mx.array]
 
@@ -81,3 +85,18 @@ def evaluating(model: nn.Module):
         yield model
     finally:
         model.train(was_training)
+
+
+@contextmanager
+def checkpointing(model: nn.Module, on: bool):
+    """--grad-checkpoint: blocks recompute their activations in the backward pass, only while the
+    student's gradient is taken; sampling and the teacher's forward run the plain blocks.
+    (mlx-lm's grad_checkpoint patches the block class itself, so it is undone on exit.)"""
+    block = type(model.layers[0])
+    plain = block.__call__
+    if on:
+        grad_checkpoint(model.layers[0])
+    try:
+        yield
+    finally:
+        block.__call__ = plain

@@ -1,12 +1,15 @@
 """The SDFT training loop: sample → teacher scores → student scores → loss → update → EMA →
-report → save. `train()` is the whole algorithm; the helpers above it are small and pure."""
+report → save. `train()` is the whole algorithm; the helpers above it are small and pure. It
+writes nothing itself: it reports, saves and asks whether to stop through the `TrainingCallback`
+it is given (as mlx-lm's `train` takes `training_callback`)."""
 
 from __future__ import annotations
 
 import math
+import time
 from collections import Counter
+from contextlib import contextmanager
 from functools import partial
-from pathlib import Path
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -14,18 +17,64 @@ import mlx.optimizers as optim
 import numpy as np
 from mlx.utils import tree_map
 
-from mlx_sdft.formats import checkpoint
 from mlx_sdft.config import Config
 from mlx_sdft.errors import Interrupted, TrainingError
 from mlx_sdft.core import guards
 from mlx_sdft.core.degeneration import degeneration_sums
 from mlx_sdft.core.objective import PARTS, Objective, loss_parts, sdft_objective, supervised_loss, term_counts
-from mlx_sdft.formats.models import checkpointing
 from mlx_sdft.core.prompts import PromptPair
-from mlx_sdft.machine.report import PhaseTimer, Reporter, StopFlag
 from mlx_sdft.core.rollout import sample
 from mlx_sdft.core.samples import records, sampled_rows
-from mlx_sdft.core.teacher import Leaves, evaluating, init_teacher, step_teacher, trainable_leaves, using
+from mlx_sdft.core.teacher import (Leaves, checkpointing, evaluating, init_teacher, step_teacher, trainable_leaves,
+                                   using)
+
+
+class PhaseTimer:
+    """Wall-clock seconds per phase (sample / teacher / student), summed until reset."""
+
+    def __init__(self):
+        self.seconds: dict[str, float] = {}
+
+    @contextmanager
+    def __call__(self, phase: str):
+        tic = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.seconds[phase] = self.seconds.get(phase, 0.0) + time.perf_counter() - tic
+
+
+class TrainingCallback:
+    """Everything `train` tells or asks the world, as mlx-lm's `TrainingCallback`: it prints,
+    reports, saves and learns of a Ctrl-C only through this. This one shows and writes nothing
+    and never stops early (a run held in memory); `jobs/train.RunFolder` shows the progress,
+    writes the run folder and answers Ctrl-C. Every process of a data-parallel run calls it;
+    the callback decides which one writes."""
+
+    def print(self, message: str) -> None:
+        """A line for the person watching: resuming, a skipped step, an early stop."""
+
+    def on_step(self, step: int, loss: float) -> None:
+        """After every optimizer step, with that step's loss."""
+
+    def on_report(self, record: dict, completions: list[dict] = ()) -> None:
+        """A record of metrics.jsonl: "train" (every --steps-per-report, with the completions
+        --log-completions logs), "eval" (a validation) or "stop" (--max-degenerate-rise)."""
+
+    def save(self, step: int, student: Leaves, teacher: Leaves | None, optimizer: optim.Optimizer, state: dict,
+             numbered: bool) -> None:
+        """The run's whole state at `step`: the adapters, the teacher's leaves (None: no separate
+        teacher), the optimizer and `state` (the data cursor); `numbered`: also keep a numbered
+        copy of the adapters (a checkpoint)."""
+
+    def resume(self, optimizer: optim.Optimizer, model: nn.Module) -> tuple[dict, Leaves | None]:
+        """--resume: the saved adapters into `model` and the optimizer's state into `optimizer` →
+        (the saved state, the saved teacher's leaves or None)."""
+        raise TrainingError("--resume: this run has no saved state to resume from")
+
+    def stop_requested(self) -> bool:
+        """Asked once after every step: save now and stop (Ctrl-C)."""
+        return False
 
 
 def total_steps(cfg: Config, num_examples: int) -> int:
@@ -172,32 +221,30 @@ def validation_loss(model, teacher, pairs: list[PromptPair], cfg: Config, micro_
 
 
 def train(model: nn.Module, tokenizer, train_pairs: list[PromptPair], valid_pairs: list[PromptPair],
-          cfg: Config, base: Leaves, reporter: Reporter, stop: StopFlag | None = None, group=None) -> dict:
-    """Run SDFT (or SFT); returns the last report record. Everything lands in cfg.adapter_path.
+          cfg: Config, base: Leaves, callback: TrainingCallback | None = None, group=None) -> dict:
+    """Run SDFT (or SFT); returns the last report record. Progress, records, saves and the
+    question whether to stop go through `callback` (None: nothing is shown or written).
 
     With an mx.distributed `group` of W processes, each samples and scores every W-th prompt
     of a micro-batch and gradients are summed, so all ranks hold the same adapters and
-    teacher; only rank 0 writes files. Each micro-batch's loss terms are weighted by their
-    share of the step (`term_counts`), so k micro-batches on W processes train as one batch
-    k·W times larger, for every objective.
+    teacher; every rank calls `callback`, which writes from one (jobs/train: rank 0). Each
+    micro-batch's loss terms are weighted by their share of the step (`term_counts`), so k
+    micro-batches on W processes train as one batch k·W times larger, for every objective.
     """
+    callback = callback or TrainingCallback()
     world, rank = (group.size(), group.rank()) if group is not None else (1, 0)
-    out = Path(cfg.adapter_path)
     steps = total_steps(cfg, len(train_pairs))
     stop_ids = sorted(tokenizer.eos_token_ids)
     optimizer = build_optimizer(cfg, steps)
     teacher_kind = cfg.teacher if cfg.method == "sdft" else "live"  # SFT has no teacher: None leaves
     teacher = init_teacher(teacher_kind, model, base)
-    first, cursor, loss_tokens, digest = 1, 0, 0, checkpoint.data_digest(train_pairs)
+    first, cursor, loss_tokens = 1, 0, 0
     if cfg.resume:
-        state, saved_teacher = checkpoint.load_state(out, optimizer, model, cfg)
+        state, saved_teacher = callback.resume(optimizer, model)
         first, cursor = state["step"] + 1, state["cursor"]
         loss_tokens = state.get("loss_tokens", 1)  # runs saved before this count existed had trained
         teacher = saved_teacher if teacher_kind == "ema" else teacher
-        if rank == 0:
-            checkpoint.truncate_metrics(out, state["step"])
-            checkpoint.truncate_metrics(out, state["step"], checkpoint.COMPLETIONS)
-        reporter.print(f"resuming after step {state['step']} (epoch {state['epoch']:.2f})")
+        callback.print(f"resuming after step {state['step']} (epoch {state['epoch']:.2f})")
     micro_step = make_step(cfg, stop_ids, base)  # SDFT or SFT, and the objective: chosen once
     bad_steps, window, record = 0, [], {}
     watch = guards.DegenerateWatch(cfg.max_degenerate_rise) if cfg.max_degenerate_rise is not None else None
@@ -238,7 +285,7 @@ def train(model: nn.Module, tokenizer, train_pairs: list[PromptPair], valid_pair
             grads, grad_norm = optim.clip_grad_norm(grads, cfg.grad_clip) if cfg.grad_clip else (grads, mx.array(0.0))
             if not (math.isfinite(stats["loss"]) and math.isfinite(grad_norm.item())):
                 bad_steps += 1  # skip the update: one NaN would poison the adapters and the teacher
-                reporter.print(f"[yellow]step {step}: non-finite loss or gradient, update skipped[/]")
+                callback.print(f"[yellow]step {step}: non-finite loss or gradient, update skipped[/]")
                 if bad_steps >= cfg.max_bad_steps:
                     raise TrainingError(f"step {step}: {bad_steps} non-finite steps in a row; lower --learning-rate")
             else:
@@ -248,34 +295,31 @@ def train(model: nn.Module, tokenizer, train_pairs: list[PromptPair], valid_pair
         teacher = step_teacher(teacher_kind, teacher, model, cfg.teacher_update_rate)
 
         window.append({**stats, **timer.seconds, "grad_norm": grad_norm.item()})
-        reporter.advance(step, stats["loss"])
+        callback.on_step(step, stats["loss"])
         if report:
             record = _summarize(window, step, optimizer)
-            reporter.log(record)
-            reporter.log_completions(records(tokenizer, step, logged))
+            callback.on_report(record, records(tokenizer, step, logged))
             window = []
-            state = {"cursor": cursor, "epoch": cursor / len(train_pairs), "total_steps": steps, "data": digest}
+            state = {"cursor": cursor, "epoch": cursor / len(train_pairs), "total_steps": steps}
             if watch is not None and "degenerate" in record:
                 rate = record["degenerate"] if world == 1 else (  # every rank decides on the same number
                     mx.distributed.all_sum(mx.array(record["degenerate"]), group=group).item() / world)
                 if not watch.ok(rate):
-                    return guards.stop_early(out, cfg, good, model, optimizer, reporter, rank, watch, step, rate)
+                    return guards.stop_early(callback, cfg, good, model, optimizer, watch, step, rate)
                 good = guards.snapshot(step, model, teacher, optimizer, state)
         if valid_pairs and (step % cfg.steps_per_eval == 0 or step == steps):
             with timer("eval"):
                 val = validation_loss(model, teacher, valid_pairs, cfg, micro_step, group)
-            reporter.log({"type": "eval", "step": step, **val, "val_s": timer.seconds["eval"]})
-        interrupted = stop is not None and stop.requested
+            callback.on_report({"type": "eval", "step": step, **val, "val_s": timer.seconds["eval"]})
+        interrupted = callback.stop_requested()
         if step == steps and loss_tokens == 0:
             raise TrainingError(f"no micro-batch of the {steps} steps had a token in the loss (every completion ended "
                                 f"within --skip-first-tokens {cfg.skip_first_tokens}, or was masked by --truncated mask): "
                                 f"nothing trained, nothing saved")
         # Nothing is saved before a token reached the loss: those adapters are the untrained start.
-        if rank == 0 and loss_tokens and (step % cfg.save_every == 0 or step == steps or interrupted):
-            state = {"cursor": cursor, "epoch": cursor / len(train_pairs), "total_steps": steps, "loss_tokens": loss_tokens,
-                     "data": digest}
-            checkpoint.save(out, cfg, step, trainable_leaves(model), teacher, optimizer, state,
-                            checkpoint=step % cfg.save_every == 0)
+        if loss_tokens and (step % cfg.save_every == 0 or step == steps or interrupted):
+            state = {"cursor": cursor, "epoch": cursor / len(train_pairs), "total_steps": steps, "loss_tokens": loss_tokens}
+            callback.save(step, trainable_leaves(model), teacher, optimizer, state, numbered=step % cfg.save_every == 0)
         if interrupted:
             raise Interrupted(step, saved=loss_tokens > 0)
     return record

@@ -25,14 +25,14 @@ import json
 import os
 import re
 from contextlib import contextmanager
-from importlib.metadata import version
 from pathlib import Path
 
 import mlx.core as mx
 import mlx.optimizers as optim
 from mlx.utils import tree_flatten, tree_unflatten
 
-from mlx_sdft import __version__
+from mlx_sdft import atomic, package_versions
+from mlx_sdft.atomic import write_json
 from mlx_sdft.config import BEFORE_THE_OPTION
 from mlx_sdft.errors import InputError, TrainingError
 from mlx_sdft.folder_lock import held
@@ -42,10 +42,6 @@ LOCK = "train.lock"
 METRICS, COMPLETIONS = "metrics.jsonl", "completions.jsonl"
 STATE_FILES = ("adapters.safetensors", "teacher_adapters.safetensors", "optimizer_state.safetensors",
                "trainer_state.json", "adapter_config.json")
-
-
-def package_versions() -> dict:
-    return {"mlx_sdft": __version__, "mlx": version("mlx"), "mlx_lm": version("mlx-lm")}
 
 
 @contextmanager
@@ -63,26 +59,9 @@ def locked(out: Path):
         yield stale
 
 
-def _atomic(path: Path, write) -> None:
-    # The temporary name keeps the real suffix: mx.save_safetensors appends one otherwise.
-    tmp = path.with_name(f".tmp-{os.getpid()}-{path.name}")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    try:
-        write(tmp)
-        with open(tmp, "rb+") as fid:
-            os.fsync(fid.fileno())
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-
-
-def write_json(path: Path, obj) -> None:
-    _atomic(path, lambda p: p.write_text(json.dumps(obj, indent=2) + "\n", encoding="utf-8"))
-
-
 def write_arrays(path: Path, arrays: dict[str, mx.array], step: int | None = None) -> None:
     metadata = {"step": str(step)} if step is not None else None
-    _atomic(path, lambda p: mx.save_safetensors(str(p), arrays, metadata=metadata))
+    atomic.write(path, lambda p: mx.save_safetensors(str(p), arrays, metadata=metadata))
 
 
 def adapter_config(cfg, step: int) -> dict:
@@ -223,7 +202,7 @@ def truncate_metrics(out: Path, step: int, name: str = METRICS) -> None:
     path = out / name
     if path.exists():
         keep = [line for line in path.read_text().splitlines() if line and json.loads(line)["step"] <= step]
-        _atomic(path, lambda p: p.write_text("".join(line + "\n" for line in keep), encoding="utf-8"))
+        atomic.write_text(path, "".join(line + "\n" for line in keep))
 
 
 def append_metrics(out: Path, record: dict, name: str = METRICS) -> None:

@@ -1,6 +1,6 @@
 """Open a model the one way every command does: `open_tokenizer` (hub id, folder, .gguf or
 pkg: file → its folder and tokenizer), then `open_model` (the weights, with an adapter folder
-or new trainable adapters). Also: checkpoint its blocks while the student's gradient is taken.
+or new trainable adapters).
 
 The tokenizer opens first and separately, so prompts can be checked before any weights load.
 """
@@ -11,21 +11,20 @@ import importlib.util
 import json
 import os
 import shutil
-from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
 import mlx.core as mx
 import mlx.nn as nn
 from mlx.utils import tree_flatten
-from mlx_lm.tuner.trainer import grad_checkpoint
 from mlx_lm.tuner.utils import linear_to_lora_layers
 from mlx_lm.utils import _download, load_config, load_model
 from mlx_lm.utils import load_tokenizer as _load_tokenizer
 
+from mlx_sdft.chat_template import stop_ids
 from mlx_sdft.errors import InputError, one_line
-from mlx_sdft.core.prompts import stop_ids
-from mlx_sdft.core.teacher import Leaves, copy_leaves, trainable_leaves
+
+Leaves = dict[str, mx.array]  # a model's trainable parameters by name (core.teacher's leaves)
 
 
 def gguf_cache() -> Path:
@@ -86,7 +85,7 @@ def resolve(model: str, dequantize: bool | None = None) -> Path:
 
 
 def load_tokenizer(model_path: Path, chat_template: str | None = None):
-    """mlx-lm's tokenizer whose `eos_token_ids` is the whole stop set (`prompts.stop_ids`): the
+    """mlx-lm's tokenizer whose `eos_token_ids` is the whole stop set (`chat_template.stop_ids`): the
     tokenizer's, config.json's and generation_config.json's eos and the template's end-of-turn."""
     extra = {"chat_template": chat_template} if chat_template else None
     config = load_config(model_path)
@@ -179,7 +178,7 @@ def attach_adapters(model: nn.Module, fine_tune_type: str, num_layers: int, lora
     always means "adapters off" (lora_b = 0), whatever was loaded on top.
     """
     _make_trainable(model, fine_tune_type, num_layers, lora_parameters)
-    base = copy_leaves(trainable_leaves(model))
+    base = {k: mx.array(v) for k, v in tree_flatten(model.trainable_parameters())}  # a copy, as core.teacher.copy_leaves
     if weights:
         fitting = fitting_adapters(model, Path(weights), fine_tune_type, lora_parameters)
         model.load_weights(list(fitting.items()), strict=False)
@@ -249,18 +248,3 @@ def _check_saved_options(path: Path, fine_tune_type: str, lora_parameters: dict)
     for name, theirs, ours in pairs:
         if theirs is not None and theirs != ours:
             raise InputError(f"{path}: saved with {name} {theirs} (its adapter_config.json) but this run uses {ours}")
-
-
-@contextmanager
-def checkpointing(model: nn.Module, on: bool):
-    """--grad-checkpoint: blocks recompute their activations in the backward pass, only while the
-    student's gradient is taken; sampling and the teacher's forward run the plain blocks.
-    (mlx-lm's grad_checkpoint patches the block class itself, so it is undone on exit.)"""
-    block = type(model.layers[0])
-    plain = block.__call__
-    if on:
-        grad_checkpoint(model.layers[0])
-    try:
-        yield
-    finally:
-        block.__call__ = plain

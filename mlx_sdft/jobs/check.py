@@ -156,7 +156,7 @@ def run_check(cfg, console=None) -> dict:
     from mlx_sdft.core.data import load_dataset, need_demonstrations
     from mlx_sdft.core.metrics import Metric, resolve_metric
     from mlx_sdft.core.prompts import apply_system_prompt, encode_examples, system_prompt_note, teacher_messages
-    from mlx_sdft.formats.checkpoint import write_json
+    from mlx_sdft.atomic import write_json
     from mlx_sdft.formats.models import open_model, open_tokenizer
     from mlx_sdft.jobs.evaluate import evaluate_task, predict
     from mlx_sdft.machine.blas import warn

@@ -32,7 +32,7 @@ from pathlib import Path
 from rich.console import Console
 from rich.table import Table
 
-from mlx_sdft.formats.checkpoint import write_json
+from mlx_sdft.atomic import write_json
 from mlx_sdft.config import (DEFAULT_MODEL, PAPER_SDFT, RESUME_MAY_CHANGE, Config, EvalConfig, check_model, coerce,
                              load_config, overlay)
 from mlx_sdft.machine.report import make_console

@@ -250,7 +250,7 @@ def run_eval(cfg, console=None) -> dict:
     from mlx_sdft.machine.report import make_console
     from rich.table import Table
 
-    from mlx_sdft.formats.checkpoint import write_json
+    from mlx_sdft.atomic import write_json
     from mlx_sdft.core.metrics import resolve_metric
     from mlx_sdft.formats.models import open_model, open_tokenizer
 

@@ -1,5 +1,6 @@
 """Everything `mlx-sdft train` does around the loop: check all input, estimate memory, load,
-resume, train, and stop cleanly on Ctrl-C.
+resume, train, and stop cleanly on Ctrl-C. The loop (core.train) writes through `RunFolder`:
+the report lines, metrics.jsonl and completions.jsonl, and the transactional save.
 
 Data, options, prompts and the memory estimate are checked before any weights load, and
 nothing is written to the output folder until training has produced something to write, except
@@ -28,7 +29,8 @@ from mlx_sdft.formats.models import Adapters, check_adapter_fit, open_model, ope
 from mlx_sdft.core.prompts import apply_system_prompt, describe_stops, encode_examples, student_text, system_prompt_note, teacher_text
 from mlx_sdft.machine.report import Reporter, StopFlag
 from mlx_sdft.core.scoring import head_splits
-from mlx_sdft.core.train import total_steps, train
+from mlx_sdft.core.teacher import Leaves
+from mlx_sdft.core.train import TrainingCallback, total_steps, train
 
 
 AUTO_CHUNK = 16  # positions per chunk when the preflight turns chunking on: ~1/4 the memory of T = 256
@@ -130,6 +132,50 @@ def check_folder(cfg: Config, out: Path, train_pairs=()) -> None:
                          f"to delete it and start again")
 
 
+class RunFolder(TrainingCallback):
+    """core.train's writers for `mlx-sdft train`: the progress bar and report lines (`reporter`),
+    the run folder in --adapter-path (formats/checkpoint.py: metrics.jsonl, completions.jsonl,
+    the transactional save with the data's digest) and Ctrl-C (`stop`, a StopFlag). Only the
+    writing process (rank 0 of a data-parallel run) writes files."""
+
+    def __init__(self, cfg: Config, reporter: Reporter, digest: str, writer: bool = True,
+                 estimated_peak_gb: float | None = None, stop: StopFlag | None = None):
+        self.cfg, self.out, self.reporter, self.digest = cfg, Path(cfg.adapter_path), reporter, digest
+        self.writer, self.estimated_peak_gb, self.stop = writer, estimated_peak_gb, stop
+
+    def print(self, message: str) -> None:
+        self.reporter.print(message)
+
+    def on_step(self, step: int, loss: float) -> None:
+        self.reporter.advance(step, loss)
+
+    def on_report(self, record: dict, completions: list[dict] = ()) -> None:
+        if record["type"] == "train" and self.estimated_peak_gb is not None:
+            record = {**record, "estimated_peak_gb": self.estimated_peak_gb}  # to check the preflight
+        if self.writer:
+            checkpoint.append_metrics(self.out, record)
+            for row in completions:
+                checkpoint.append_metrics(self.out, row, checkpoint.COMPLETIONS)
+        if record["type"] != "stop":  # an early stop is said in words (`print`)
+            self.reporter.log(record)
+            self.reporter.log_completions(completions)
+
+    def save(self, step: int, student: Leaves, teacher: Leaves | None, optimizer, state: dict, numbered: bool) -> None:
+        if self.writer:
+            checkpoint.save(self.out, self.cfg, step, student, teacher, optimizer, {**state, "data": self.digest},
+                            checkpoint=numbered)
+
+    def resume(self, optimizer, model) -> tuple[dict, Leaves | None]:
+        state, teacher = checkpoint.load_state(self.out, optimizer, model, self.cfg)
+        if self.writer:  # the resumed run writes the records after the saved step again
+            checkpoint.truncate_metrics(self.out, state["step"])
+            checkpoint.truncate_metrics(self.out, state["step"], checkpoint.COMPLETIONS)
+        return state, teacher
+
+    def stop_requested(self) -> bool:
+        return self.stop is not None and self.stop.requested
+
+
 def run_train(cfg: Config, console=None, quiet: bool = False, examples: dict | None = None) -> dict:
     """Train as configured; returns the last report record (or the estimate with --dry-run).
     `examples`: the splits ({"train": [Example, ...]}) to train on instead of reading --data
@@ -164,9 +210,8 @@ def run_train(cfg: Config, console=None, quiet: bool = False, examples: dict | N
             stale = hold.enter_context(checkpoint.locked(out))
             check_folder(cfg, out, train_pairs)  # a run may have started, and ended, in it meanwhile
 
-        reporter = Reporter(out, total_steps(cfg, len(train_pairs)), console=console, report_to=cfg.report_to,
-                            project_name=cfg.project_name, config=cfg.to_dict(), quiet=quiet,
-                            estimated_peak_gb=estimate["peak"] if estimate else None, writer=rank == 0,
+        reporter = Reporter(total_steps(cfg, len(train_pairs)), console=console, report_to=cfg.report_to,
+                            project_name=cfg.project_name, config=cfg.to_dict(), quiet=quiet, writer=rank == 0,
                             label=cfg.method.upper(), parts=loss_parts(cfg), text=cfg.log_text)
         if reporter.writer and not quiet:
             blas.warn(reporter.console)
@@ -210,9 +255,12 @@ def run_train(cfg: Config, console=None, quiet: bool = False, examples: dict | N
         mx.random.seed(cfg.seed)
         adapters = Adapters(cfg.fine_tune_type, cfg.num_layers, cfg.lora_parameters, cfg.resume_adapter_file)
         model, base = open_model(model_path, adapters=adapters)
+        run = RunFolder(cfg, reporter, checkpoint.data_digest(train_pairs), writer=rank == 0,
+                        estimated_peak_gb=estimate["peak"] if estimate else None)
         if world > 1:
             reporter.print(f"data parallel over {world} processes: {cfg.batch_size // world} prompts each per micro-batch")
             with reporter:  # Ctrl-C goes to mlx.launch, which stops every rank
-                return train(model, tokenizer, train_pairs, valid_pairs, cfg, base, reporter, None, group)
+                return train(model, tokenizer, train_pairs, valid_pairs, cfg, base, run, group)
         with reporter, StopFlag(reporter) as stop:
-            return train(model, tokenizer, train_pairs, valid_pairs, cfg, base, reporter, stop)
+            run.stop = stop
+            return train(model, tokenizer, train_pairs, valid_pairs, cfg, base, run)

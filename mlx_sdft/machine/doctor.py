@@ -7,8 +7,8 @@ import platform
 
 import mlx.core as mx
 
+from mlx_sdft import package_versions
 from mlx_sdft.machine.blas import EXPLICIT, OPT_OUT, describe
-from mlx_sdft.formats.checkpoint import package_versions
 from mlx_sdft.machine.memory import available_gb
 
 

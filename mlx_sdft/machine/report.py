@@ -1,19 +1,16 @@
-"""What the user sees while training: a rich progress bar, one line per report, and the same
-numbers as JSON lines in metrics.jsonl (and optionally Weights & Biases)."""
+"""What the user sees while training: a rich progress bar, one line per report (and optionally the
+same numbers in Weights & Biases), and the Ctrl-C that asks the run to save and stop. The run
+folder's metrics.jsonl and completions.jsonl are the job's to write (jobs/train.RunFolder)."""
 
 from __future__ import annotations
 
 import json
 import signal
 import sys
-import time
-from contextlib import contextmanager
-from pathlib import Path
 
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
-from mlx_sdft.formats.checkpoint import COMPLETIONS, append_metrics
 from mlx_sdft.errors import InputError
 
 
@@ -23,21 +20,6 @@ WIDTH = 100  # columns of every line this package prints when stderr is not a te
 def make_console() -> Console:
     """Rich's stderr console; piped to a file it is 100 columns wide (rich's default is 80)."""
     return Console(stderr=True, width=None if sys.stderr.isatty() else WIDTH)
-
-
-class PhaseTimer:
-    """Wall-clock seconds per phase (sample / teacher / student), summed until reset."""
-
-    def __init__(self):
-        self.seconds: dict[str, float] = {}
-
-    @contextmanager
-    def __call__(self, phase: str):
-        tic = time.perf_counter()
-        try:
-            yield
-        finally:
-            self.seconds[phase] = self.seconds.get(phase, 0.0) + time.perf_counter() - tic
 
 
 class StopFlag:
@@ -109,16 +91,16 @@ def report_line(record: dict, total: int, sft: bool = False, parts: dict[str, tu
 
 
 class Reporter:
-    def __init__(self, out: Path, total: int, console: Console | None = None, report_to: str | None = None,
+    def __init__(self, total: int, console: Console | None = None, report_to: str | None = None,
                  project_name: str | None = None, config: dict | None = None, quiet: bool = False,
-                 estimated_peak_gb: float | None = None, writer: bool = True, label: str = "SDFT",
-                 parts: dict[str, tuple[str, float]] | None = None, text: bool = True):
-        # Only one process of a data-parallel run (rank 0) writes metrics and prints. `parts`: the
+                 writer: bool = True, label: str = "SDFT", parts: dict[str, tuple[str, float]] | None = None,
+                 text: bool = True):
+        # Only one process of a data-parallel run (rank 0) prints and logs. `parts`: the
         # loss's terms, their labels and weights (core.objective.loss_parts), for the report line.
         # `text` False (--no-log-text): no sampled completion is shown, only ids and numbers.
-        self.out, self.total, self.quiet, self.writer = out, total, quiet or not writer, writer
+        self.total, self.quiet, self.writer = total, quiet or not writer, writer
         self.text = text
-        self.estimated_peak_gb, self.sft, self.parts = estimated_peak_gb, label == "SFT", parts
+        self.sft, self.parts = label == "SFT", parts
         self.console = console or make_console()
         self.progress = Progress(
             TextColumn(f"[bold]{label}"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[loss]}"),
@@ -150,21 +132,17 @@ class Reporter:
         self.progress.update(self.task, completed=step, loss=f"last step loss {loss:.4f}")
 
     def log(self, record: dict):
+        """A "train" or "eval" record of metrics.jsonl as its report line (and to wandb)."""
         if not self.writer:
             return
-        if record["type"] == "train" and self.estimated_peak_gb is not None:
-            record = {**record, "estimated_peak_gb": self.estimated_peak_gb}  # to check the preflight
-        append_metrics(self.out, record)
         self.print(report_line(record, self.total, self.sft, self.parts), highlight=False, soft_wrap=True)
         if self.wandb is not None:
             self.wandb.log({f"{record['type']}/{k}": v for k, v in record.items() if k != "type"}, step=record["step"])
 
     def log_completions(self, rows: list[dict]):
-        """Append the logged completions to completions.jsonl and show the first on one line."""
+        """Show the first of a report's logged completions (completions.jsonl's rows) on one line."""
         if not self.writer or not rows:
             return
-        for row in rows:
-            append_metrics(self.out, row, COMPLETIONS)
         first = rows[0]
         trained = "masked (--truncated mask)" if first.get("masked") else f"loss {first['loss']:.4f}"
         head = (f"  sample {first['where'].rsplit('/', 1)[-1]}: {first['tokens']} tokens{', truncated' if first['truncated'] else ''}, "

@@ -30,12 +30,13 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from urllib.parse import urlsplit
 
 from mlx_sdft.config import LOOPBACK, ServeConfig
+from mlx_sdft.config.options import check_regex
 from mlx_sdft.errors import InputError
 from mlx_sdft.serve import openai
 from mlx_sdft.serve.engine import Engine
 from mlx_sdft.serve.learner import Learner
 from mlx_sdft.serve.openai import BadRequest
-from mlx_sdft.store import lessons, rules
+from mlx_sdft.store import lessons
 from mlx_sdft.store.db import STANDING, Store, new_exchange_id
 
 MAX_BODY = 16 << 20  # bytes; a chat request is far smaller
@@ -319,7 +320,7 @@ class Handler(BaseHTTPRequestHandler):
         if check is not None and not isinstance(check, str):
             raise BadRequest('"check": a regular expression (a string)', param="check")
         try:
-            check = rules.check_regex(check, "check")
+            check = check_regex(check, "check")
         except InputError as e:
             raise BadRequest(str(e), param="check") from None
         self.server.engine.check_text(body[kinds[0]], kinds[0])

@@ -10,10 +10,10 @@ and .jsonl in and out in the formats `mlx-sdft train --data` reads.
 from __future__ import annotations
 
 import json
-import os
 import re
 from pathlib import Path
 
+from mlx_sdft import atomic
 from mlx_sdft.core.data import Example, load_examples
 from mlx_sdft.core.prompts import teacher_messages
 from mlx_sdft.errors import InputError
@@ -112,14 +112,10 @@ def export(store: Store, path: str | Path, state: str | None = None) -> int:
     if not rows:
         raise InputError(f"{store.path}: no lessons{f' in state {state}' if state else ''} to export")
     path = Path(path)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    text = "".join(json.dumps(to_line(row), ensure_ascii=False) + "\n" for row in rows)
     try:
-        with open(tmp, "w", encoding="utf-8") as fid:
-            for row in rows:
-                fid.write(json.dumps(to_line(row), ensure_ascii=False) + "\n")
-        os.replace(tmp, path)
+        atomic.write_text(path, text)
     except OSError as e:
-        tmp.unlink(missing_ok=True)
         raise InputError(f"{path}: cannot write ({e.strerror or e})") from None
     return len(rows)
 

@@ -8,7 +8,8 @@ George Eliot"). Unlike a one-off correction, a standing lesson applies to every 
 
 The prompts come from the bundled general and topic prompts and the user's own stored requests,
 split once and for all by a hash of their topic (or text) into a training part and a held-out part
-that nothing ever trains on; the gate measures every rule on the held-out part.
+that nothing ever trains on (`prompt_pool`, config/bundled.py); the gate measures every rule on the
+held-out part.
 """
 
 from __future__ import annotations
@@ -16,12 +17,11 @@ from __future__ import annotations
 import hashlib
 import json
 import re
-from importlib.resources import files
 
+# prior_questions, prompt_pool: learn, `rules` and measure/ read them here, with the rest of the rulebook's prompts
+from mlx_sdft.config.bundled import is_held_out, prior_questions, prompt_pool  # noqa: F401
 from mlx_sdft.core.data import Example
-from mlx_sdft.errors import InputError
 
-HELD_OUT_SHARE = 5  # one prompt group in 5 is held out
 FACT_PREFIX = "Keep in mind: "  # a fact as the rulebook states it
 
 
@@ -54,67 +54,12 @@ def in_prompt(rows: list[dict], mode: str, record: dict | None) -> list[dict]:
     return rows
 
 
-def check_regex(pattern: str | None, where: str) -> str | None:
-    """A rule's compliance check, compiled once to refuse a bad one when it is given."""
-    if pattern is None:
-        return None
-    try:
-        re.compile(pattern)
-    except re.error as e:
-        raise InputError(f"{where}: not a regular expression ({e})") from None
-    return pattern
-
-
 def complies(pattern: str, answer: str) -> bool:
     """Whether an answer follows a rule by its check (searched in multiline mode: ^ and $ per line)."""
     return re.search(pattern, answer, re.MULTILINE) is not None
 
 
 # ---- the prompts a rulebook is distilled over --------------------------------------------------
-
-
-def _bundled(name: str) -> list[dict]:
-    text = (files("mlx_sdft") / "assets" / name).read_text(encoding="utf-8")
-    return [json.loads(line) for line in text.splitlines() if line.strip()]
-
-
-def prior_questions(limit: int) -> list[dict]:
-    """The first `limit` bundled questions with checkable answers ({"prompt", "completion"}: "Mars",
-    "seven|7"), for the gate's prior-answers check."""
-    return _bundled("prior_questions.jsonl")[:limit]
-
-
-def _group(prompt: list[dict], topic: str | None) -> str:
-    return topic or prompt[-1]["content"]
-
-
-def is_held_out(group: str) -> bool:
-    """Fixed for a prompt group forever, so no learn ever trains on what a gate measures with."""
-    return int(hashlib.sha256(group.encode()).hexdigest(), 16) % HELD_OUT_SHARE == 0
-
-
-def prompt_pool(own: list[list[dict]] = ()) -> tuple[list[list[dict]], list[list[dict]]]:
-    """(training prompts, held-out prompts): the bundled general and topic prompts and `own` (the
-    user's stored requests, as message lists ending with a user turn), each once, in a fixed order."""
-    bundled = [(r["prompt"], r.get("topic")) for r in _bundled("topic_prompts.jsonl") + _bundled("general_prompts.jsonl")]
-    seen, train, held_out = set(), [], []
-    for rows in (bundled, [(messages, None) for messages in own]):
-        held = []
-        for prompt, topic in rows:
-            messages = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else prompt
-            key = json.dumps(messages, ensure_ascii=False)
-            if key in seen:
-                continue
-            seen.add(key)
-            (held if is_held_out(_group(messages, topic)) else train).append(messages)
-        # mixed, so the first N span many topics; the bundled ones first, so the gate's first N stay
-        # the same prompts however many requests are stored
-        held_out += sorted(held, key=_digest)
-    return train, held_out
-
-
-def _digest(messages: list[dict]) -> str:
-    return hashlib.sha256(json.dumps(messages, ensure_ascii=False).encode()).hexdigest()
 
 
 def own_prompts(exchanges: list[dict]) -> list[list[dict]]:

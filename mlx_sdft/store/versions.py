@@ -22,6 +22,7 @@ import shutil
 from contextlib import contextmanager
 from pathlib import Path
 
+from mlx_sdft import atomic
 from mlx_sdft.errors import InputError, TrainingError
 from mlx_sdft.folder_lock import held
 
@@ -59,12 +60,8 @@ def set_current(home: str | Path, version: int) -> None:
 
 
 def _write_json(path: Path, obj, indent: int | None = 1) -> None:
-    """Written aside, fsynced, renamed: a reader (or a kill -9) never sees half a file."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}")
-    tmp.write_text(json.dumps(obj, indent=indent, ensure_ascii=False) + "\n", encoding="utf-8")
-    with open(tmp, "rb") as fid:
-        os.fsync(fid.fileno())
-    os.replace(tmp, path)
+    """Written aside, fsynced, renamed (`atomic`): a reader (or a kill -9) never sees half a file."""
+    atomic.write_text(path, json.dumps(obj, indent=indent, ensure_ascii=False) + "\n")
 
 
 def sha256(path: Path) -> str:

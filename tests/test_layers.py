@@ -1,0 +1,125 @@
+"""The layers CONTRIBUTING.md draws hold in the code: every import in mlx_sdft/, at module level or
+inside a function, goes to a layer below the importing module's own, and no modules import each
+other in a cycle. The layer block is read from CONTRIBUTING.md, so the map there stays true.
+
+    python -m pytest tests/test_layers.py
+"""
+
+from __future__ import annotations
+
+import ast
+import re
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+PACKAGE = "mlx_sdft"
+# mlx_sdft/__init__.py loads OpenBLAS before anything imports MLX: the one import that goes up. It
+# cannot close a cycle, because machine/blas.py imports nothing of the package (checked below).
+PRELOAD = ("mlx_sdft", "mlx_sdft.machine.blas")
+
+
+def layers() -> list[set[str]]:
+    """CONTRIBUTING.md's layer block (after the `<!-- layers -->` marker), lowest layer first."""
+    text = (ROOT / "CONTRIBUTING.md").read_text(encoding="utf-8")
+    block = re.search(r"<!-- layers -->\s*```\n(.*?)```", text, re.DOTALL)
+    assert block, "CONTRIBUTING.md: no ``` block after <!-- layers -->"
+    return [set(line.split()) for line in reversed(block.group(1).splitlines()) if line.strip()]
+
+
+def modules() -> dict[str, Path]:
+    """Every module of the package by its dotted name (a package by its own, for its __init__.py)."""
+    found = {}
+    for path in sorted((ROOT / PACKAGE).rglob("*.py")):
+        parts = path.relative_to(ROOT).with_suffix("").parts
+        found[".".join(parts[:-1] if parts[-1] == "__init__" else parts)] = path
+    return found
+
+
+def imported(name: str, path: Path, known: dict[str, Path]) -> set[str]:
+    """The package's modules that `name` imports anywhere in its file."""
+    here = name if path.name == "__init__.py" else name.rpartition(".")[0]
+    out = set()
+    for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+        if isinstance(node, ast.Import):
+            targets = [alias.name for alias in node.names]
+        elif isinstance(node, ast.ImportFrom):
+            base = node.module or ""
+            if node.level:  # relative: from the package `level` - 1 steps above this module's
+                head = here.split(".")[: len(here.split(".")) - node.level + 1]
+                base = ".".join(head + ([node.module] if node.module else []))
+            targets = [f"{base}.{alias.name}" for alias in node.names]  # a submodule, or a name in `base`
+        else:
+            continue
+        for target in targets:
+            while target not in known and "." in target:
+                target = target.rpartition(".")[0]
+            if target in known and target != name:
+                out.add(target)
+    return out
+
+
+def unit(module: str) -> str:
+    """The part of the package a module belongs to: its subpackage, or the top-level module itself
+    (`mlx_sdft` for the package's own __init__.py)."""
+    parts = module.split(".")
+    return parts[1] if len(parts) > 1 else parts[0]
+
+
+def graph() -> dict[str, set[str]]:
+    known = modules()
+    return {name: imported(name, path, known) for name, path in known.items()}
+
+
+def cycles(edges: dict[str, set[str]]) -> list[list[str]]:
+    """The groups of nodes that reach each other (strongly connected, more than one node)."""
+    order, low, stack, on_stack, found = {}, {}, [], set(), []
+
+    def visit(v):
+        order[v] = low[v] = len(order)
+        stack.append(v)
+        on_stack.add(v)
+        for w in sorted(edges.get(v, ())):
+            if w not in order:
+                visit(w)
+                low[v] = min(low[v], low[w])
+            elif w in on_stack:
+                low[v] = min(low[v], order[w])
+        if low[v] == order[v]:
+            group = []
+            while not group or group[-1] != v:
+                group.append(stack.pop())
+                on_stack.discard(group[-1])
+            if len(group) > 1:
+                found.append(sorted(group))
+
+    for v in sorted(edges):
+        if v not in order:
+            visit(v)
+    return found
+
+
+def test_every_part_of_the_package_has_a_layer():
+    placed = set().union(*layers())
+    units = {unit(m) for m in modules()}
+    assert not units - placed, f"not in CONTRIBUTING.md's layers: {sorted(units - placed)}"
+    assert not placed - units, f"in CONTRIBUTING.md's layers but not in mlx_sdft/: {sorted(placed - units)}"
+
+
+def test_imports_only_go_down():
+    rank = {u: i for i, layer in enumerate(layers()) for u in layer}
+    wrong = [f"{src} imports {dst} ({unit(dst)} is {'beside' if rank[unit(dst)] == rank[unit(src)] else 'above'} "
+             f"{unit(src)})"
+             for src, targets in graph().items() for dst in sorted(targets)
+             if unit(dst) != unit(src) and rank[unit(dst)] >= rank[unit(src)] and (src, dst) != PRELOAD]
+    assert not wrong, "imports that do not go down:\n" + "\n".join(wrong)
+
+
+def test_no_import_cycles():
+    edges = graph()
+    assert edges[PRELOAD[1]] == set(), "machine/blas.py imports the package: the preload could close a cycle"
+    edges[PRELOAD[0]].discard(PRELOAD[1])
+    packages = {}
+    for src, targets in edges.items():
+        packages.setdefault(unit(src), set()).update(unit(t) for t in targets if unit(t) != unit(src))
+    found = [f"modules {' ↔ '.join(c)}" for c in cycles(edges)] + [f"packages {' ↔ '.join(c)}" for c in cycles(packages)]
+    assert not found, "import cycles:\n" + "\n".join(found)
