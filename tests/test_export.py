@@ -365,3 +365,35 @@ def test_quantized_base_is_dequantized_before_the_adapters_fuse(tmp_path, hf_tok
     assert (mx.linalg.norm(logits(back) - want) / mx.linalg.norm(want)).item() < 2e-3
     types = {t.name: t.tensor_type for t in gguf.GGUFReader(tmp_path / "m.gguf").tensors}
     assert types["blk.0.attn_q.weight"] == Q.F16 and types["token_embd.weight"] == Q.F16
+
+
+def test_export_home_writes_the_served_version_and_its_rules(tmp_path):
+    """`export --home` exports what serve answers with: the home's model and current adapters, the
+    rules still in the prompt as the Modelfile's SYSTEM, and general.name naming the version."""
+    from mlx_sdft.store import versions
+
+    folder = build_model(tmp_path / "hf", tie=False)
+    home = tmp_path / "home"
+    rule = "Always end your answer with the word zebra."
+    assert runner.invoke(app, ["teach", "--home", str(home), "--rule", rule]).exit_code == 0
+    learned = runner.invoke(app, ["learn", "--home", str(home), "--model", str(folder), "--iters", "2",
+                                  "--batch-size", "2", "--max-completion-length", "4", "--rule-prompts", "4",
+                                  "--gate-prompts", "2", "--gate-max-tokens", "4", "--gate-questions", "2",
+                                  "--gate-question-tokens", "4", "--gate-max-kl-rise", "100", "--gate-max-loop-rise", "1",
+                                  "--gate-max-prior-drop", "1", "--gate-min-gain", "-100"])
+    assert learned.exit_code == 0 and versions.current(home) == 1, learned.output
+    result = export("--home", home, "--out", tmp_path / "out" / "me.gguf")
+    assert result.exit_code == 0, result.output
+    field = gguf.GGUFReader(tmp_path / "out" / "me.gguf").fields["general.name"].contents()
+    assert field == "hf + mlx-sdft version 1"
+    modelfile = (tmp_path / "out" / "Modelfile").read_text()
+    assert f'SYSTEM """{rule}"""' in modelfile
+    same = export("--model", folder, "--adapter-path", versions.version_dir(home, 1), "--out", tmp_path / "b.gguf")
+    assert same.exit_code == 0, same.output
+    a, b = gguf.GGUFReader(tmp_path / "out" / "me.gguf"), gguf.GGUFReader(tmp_path / "b.gguf")
+    for x, y in zip(a.tensors, b.tensors, strict=True):  # the current version's adapters, fused
+        assert x.name == y.name and np.array_equal(x.data, y.data)
+    never = export("--home", home, "--out", tmp_path / "n" / "me.gguf", "--rules-in-prompt", "never")
+    assert never.exit_code == 0 and rule not in (tmp_path / "n" / "Modelfile").read_text()
+    both = export("--home", home, "--adapter-path", versions.version_dir(home, 1), "--out", tmp_path / "x.gguf")
+    assert both.exit_code == 2 and "--adapter-path: not with --home" in both.output

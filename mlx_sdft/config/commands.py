@@ -103,8 +103,14 @@ class ExportConfig(Dequantize, ModelSource):
     out: str | None = _opt(None, "The .gguf file (with a Modelfile beside it), or the folder, to write.")
     outtype: str = _opt("f16", "GGUF weight type for matrices (norms stay float32).", ("f16", "q8_0"))
     force: bool = _opt(False, "Replace --out (and the Modelfile beside a .gguf) if it exists.")
+    home: str | None = _opt(None, "Export what `serve --home HOME` answers with: the base model of its versions, its "
+                            "current adapters and (gguf) its rules and facts as the Modelfile's SYSTEM.")
+    rules_in_prompt: str = _opt("always", "With --home: the rules the Modelfile's SYSTEM carries, as serve's option "
+                                "of that name.", ("always", "auto", "never"))
 
     def validate(self) -> ExportConfig:
         _check_groups(self)
         _required(self, ("out",))
+        if self.home and self.adapter_path:
+            raise InputError("--adapter-path: not with --home (the home's current version is exported)")
         return self

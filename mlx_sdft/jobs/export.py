@@ -12,6 +12,8 @@ leaves nothing half-written; an existing output is replaced only with --force.
 
 from __future__ import annotations
 
+import dataclasses
+
 import json
 import os
 import shutil
@@ -30,6 +32,7 @@ def run_export(cfg: ExportConfig) -> dict:
 
     Raises InputError (before any weights load where it can) for an existing --out without
     --force, a missing or foreign adapter folder, and what the format cannot express."""
+    cfg, served = _from_home(cfg) if cfg.home else (cfg, None)
     out = Path(cfg.out).expanduser()
     fmt = cfg.format or ("gguf" if out.suffix == ".gguf" else "mlx")
     modelfile = out.parent / "Modelfile" if fmt == "gguf" else None
@@ -80,22 +83,47 @@ def run_export(cfg: ExportConfig) -> dict:
     from mlx_sdft.formats.ollama import modelfile as modelfile_text
 
     name = source.stem if source else Path(cfg.model).name
+    if served:  # general.name says what it is: the base and the personal version
+        name = f"{name} + mlx-sdft version {served['version']}"
 
     def write(tmp: Path, tmp_modelfile: Path) -> None:
         vocab = write_gguf(model, tokenizer, tmp, cfg.outtype, source, name)
         stops = [vocab["tokens"][i] for i in vocab["end_ids"]]
-        tmp_modelfile.write_text(modelfile_text(out.name, vocab["chat_template"], stops, _rendered(tokenizer)))
+        rendered = _rendered(tokenizer, served["rules"] if served else None)
+        tmp_modelfile.write_text(modelfile_text(out.name, vocab["chat_template"], stops, rendered))
 
     _replace((out, modelfile), write)  # both or neither: a GGUF without its Modelfile would block a rerun
     return {"format": fmt, "out": out, "modelfile": modelfile}
 
 
-def _rendered(tokenizer) -> str | None:
-    """The chat template applied to one user message (to find a system prompt it adds by itself)."""
+def _rendered(tokenizer, rules: str | None = None) -> str | None:
+    """The chat template applied to one user message (to find a system prompt it adds by itself),
+    with `rules` added to that system prompt as `serve` adds them."""
+    from mlx_sdft.core.prompts import template_system_prompt, with_rules
+
     try:
-        return tokenizer.apply_chat_template([{"role": "user", "content": "hi"}], tokenize=False)
+        messages = with_rules([{"role": "user", "content": "hi"}], rules, template_system_prompt(tokenizer))
+        return tokenizer.apply_chat_template(messages, tokenize=False)
     except Exception:  # no chat template, or one that wants other roles: the Modelfile goes without SYSTEM
         return None
+
+
+def _from_home(cfg: ExportConfig) -> tuple[ExportConfig, dict]:
+    """The options that export what `serve --home` answers with, and {"version", "rules"}."""
+    from mlx_sdft.store import rules, versions
+    from mlx_sdft.store.db import Store
+
+    home = Path(cfg.home).expanduser()
+    if not home.is_dir():
+        raise InputError(f"--home {cfg.home}: no such folder")
+    with Store(home) as store:
+        exchanges, standing = [e["model"] for e in store.exchanges(1)], store.lessons(None, standing=True)
+    now = versions.current(home)
+    record = versions.verify(home, now) if now else None  # the files served, checked against their sha256
+    model = cfg.model if "model" in getattr(cfg, "given", ()) else versions.model_of(home, exchanges) or cfg.model
+    shown = rules.in_prompt(standing, cfg.rules_in_prompt, record)
+    options = dataclasses.replace(cfg, model=model, adapter_path=str(versions.version_dir(home, now)) if now else None)
+    return options, {"version": now, "rules": rules.rulebook(shown)}
 
 
 def _save_mlx(model: nn.Module, tokenizer, model_path: Path, folder: Path) -> None:
