@@ -21,6 +21,8 @@ from rich.markup import escape
 from mlx_sdft.config import (CheckConfig, Config, EvalConfig, ExportConfig, ForgetConfig, GenerateConfig, LearnConfig,
                              LessonsConfig, RollbackConfig, RulesConfig, ServeConfig, TeachConfig, VersionsConfig, cli_fields,
                              load_config)
+from mlx_sdft.config.options import ESSENTIALS, GROUPS
+from mlx_sdft.config.personal import LEARN_TAKES_TRAIN
 from mlx_sdft.errors import InputError, Interrupted, Rejected, TrainingError, one_line
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="Self-Distillation Fine-Tuning (SDFT) on MLX.")
@@ -28,18 +30,26 @@ app = typer.Typer(add_completion=False, no_args_is_help=True, help="Self-Distill
 _TYPES = {"str": str, "int": int, "float": float, "bool": bool, "list": list[str]}
 
 
-def _option(f: dataclasses.Field) -> inspect.Parameter:
+def _option(f: dataclasses.Field, hidden: bool = False) -> inspect.Parameter:
+    """One flag (or argument) for an option field, in its group's panel; an engine knob (`hidden`), or
+    one `hidden` asks for, is accepted but not shown. A required option says so; an option that is off
+    or unset by default (None, an empty list) shows no default, its help says what happens without it."""
     kind = _TYPES[f.type.split(" | ")[0]]
     default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
     shown = repr(default) if isinstance(default, str) and "\n" in default else default
-    help = f"{f.metadata['help']}" + ("" if default is None and f.metadata["argument"] else f" [default: {shown}]")
+    help = f.metadata["help"]
+    if f.metadata["required"]:
+        help += " [required]"
+    elif default is not None and default != []:
+        help += f" [default: {shown}]"
     if f.metadata["choices"]:
         help += f" [choices: {', '.join(f.metadata['choices'])}]"
     # Escaped: typer renders help with rich, which would eat "[default: …]" as a markup tag.
     if f.metadata["argument"]:
         info = typer.Argument(help=escape(help), show_default=False)
     else:
-        info = typer.Option(*filter(None, [f.metadata["flag"]]), help=escape(help), show_default=False)
+        info = typer.Option(*filter(None, [f.metadata["flag"]]), help=escape(help), show_default=False,
+                            rich_help_panel=f.metadata["group"], hidden=hidden or f.metadata["hidden"])
     return inspect.Parameter(f.name, inspect.Parameter.KEYWORD_ONLY, default=None, annotation=Annotated[Optional[kind], info])
 
 
@@ -74,9 +84,11 @@ def _one_line_errors(name: str):
 
 
 def _command(name: str, options: type, action: Callable, help: str, yaml_help: str | None,
-             names: tuple[str, ...] | None = None, under: typer.Typer = app) -> None:
+             names: tuple[str, ...] | None = None, under: typer.Typer = app, shown_from: type | None = None,
+             epilog: str | None = None) -> None:
     """Register `mlx-sdft NAME` with one flag per field of `options` (or only those in `names`)
-    and, with `yaml_help`, `-c/--config YAML`."""
+    and, with `yaml_help`, `-c/--config YAML`. With `shown_from`, only the fields that class declares
+    itself are shown in --help; the inherited ones are accepted all the same (`epilog` says so)."""
 
     def command(config: Optional[str] = None, **flags) -> None:
         with _one_line_errors(f"{under.info.name or ''} {name}".strip()):
@@ -84,11 +96,14 @@ def _command(name: str, options: type, action: Callable, help: str, yaml_help: s
 
     config = inspect.Parameter(
         "config", inspect.Parameter.KEYWORD_ONLY, default=None,
-        annotation=Annotated[Optional[str], typer.Option("-c", "--config", help=yaml_help)],
+        annotation=Annotated[Optional[str], typer.Option("-c", "--config", help=yaml_help, rich_help_panel=ESSENTIALS)],
     )
-    command.__signature__ = inspect.Signature([config] * bool(yaml_help) + [*map(_option, _fields(options, names))])
+    own = vars(shown_from).get("__annotations__", {}) if shown_from else None
+    fields = sorted(_fields(options, names), key=lambda f: GROUPS.index(f.metadata["group"]))  # panels in GROUPS' order
+    flags = [_option(f, hidden=own is not None and f.name not in own) for f in fields]
+    command.__signature__ = inspect.Signature([config] * bool(yaml_help) + flags)
     command.__doc__ = help
-    under.command(name, help=help)(command)
+    under.command(name, help=help, epilog=epilog)(command)
 
 
 def _train(cfg: Config) -> None:
@@ -234,7 +249,8 @@ def _learn(cfg: LearnConfig) -> None:
 
 _command("learn", LearnConfig, _learn, "Learn the new lessons in --home (plus replay) into a candidate version; the "
          "gate accepts it (it becomes current) or rejects it (exit status 3, current unchanged).",
-         "YAML file with learn and train options (flags override it).")
+         "YAML file with learn and train options (flags override it).", shown_from=LearnConfig,
+         epilog=escape(LEARN_TAKES_TRAIN))
 _command("versions", VersionsConfig, _printing("run_versions", job="learn"),
          "The adapter versions in --home: parent, lessons, gate numbers, accepted or rejected.", None)
 _command("rollback", RollbackConfig, _printing("run_rollback", job="learn"),

