@@ -156,7 +156,7 @@ def test_no_gradient_reaches_the_teacher(device, divergence):
     assert np.all(np.array(grad_BTV) == 0.0)
 
 
-# --- Hand-computed numbers (sdft-spec.md §6.2) ------------------------------------------------
+# --- Hand-computed numbers (docs/method.md, "Divergences") ------------------------------------
 
 GOLDEN = {"forward": 0.2231436, "reverse": 0.1927448, "jsd": 0.0506718}
 

@@ -159,7 +159,7 @@ def loss_mask(mask_BT: mx.array, skip: int) -> mx.array:
     """w_j = mask_j · 1[j ≥ skip] as float32 → weights_BT.
 
     The first `skip` completion tokens are dropped because the teacher tends to open with
-    artifacts of its context ("Based on the example…"); see sdft-spec.md §0.1 fact 3.
+    artifacts of its context ("Based on the example…"); see docs/method.md, "The guards" (the skipped prefix).
     """
     if skip < 0:
         raise ValueError(f"skip must be ≥ 0, got {skip}")

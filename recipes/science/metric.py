@@ -5,7 +5,7 @@ mlx-sdft metric.
 
 The answer is the text inside the last `<answer>`...`</answer>`, stripped, and it is correct
 (1.0) when it equals the gold letter exactly (case matters), else 0.0. This is the official
-extraction, quirks included (sdft-spec.md §2):
+extraction, quirks included (docs/method.md, "Sources"):
 - text after the last `<answer>` counts even when `</answer>` is missing (a truncated answer);
 - an answer with no `<answer>` tag at all is compared whole, so a bare "B" scores 1 but
   "The answer is B" scores 0;

@@ -2,7 +2,7 @@
 
     PYTHONPATH=. mlx-sdft eval --metric recipes.tooluse.metric:score ...     (from the repo root)
 
-An answer is correct (1.0) when, as in the official evaluator (sdft-spec.md §2):
+An answer is correct (1.0) when, as in the official evaluator (docs/method.md, "Sources"):
 - the multiset of actions equals the gold one (order does not matter, repeats do), and
 - the merged argument dict equals the gold one (every action's input dict merged in order, a
   later key overriding an earlier one; argument order does not matter).
