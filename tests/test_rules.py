@@ -193,3 +193,35 @@ def test_a_new_rule_whose_gap_does_not_fall_enough_is_rejected(tiny_model, tmp_p
     result = _learn(home, tiny_model, *LOOSE, "--gate-min-gain", "1000")  # no gap falls by 1000 nats/token
     assert result.exit_code == 3 and "gate 3 (new rule" in result.output
     assert versions.current(home) == 0
+
+
+def test_a_fact_is_measured_on_the_questions_the_model_wrote_split_once():
+    questions = [f"Question number {i} about the dog?" for i in range(12)]
+    row = {"kind": "fact", "text": "The dog is called Biscuit.", "preflight": {"questions": questions}}
+    train, held_out = rules.fact_prompts(row)
+    assert train and held_out and not [q for q in train if q in held_out]
+    assert sorted(q[0]["content"] for q in train + held_out) == sorted(questions)
+    assert rules.prompts_for(row, [[{"role": "user", "content": "x"}]]) == held_out
+    assert rules.fact_prompts({**row, "preflight": {"questions": questions[:2]}}) != ([], [])
+    assert rules.rulebook([row, {"kind": "rule", "text": RULE}]) == f"{rules.FACT_PREFIX}{row['text']}\n{RULE}"
+
+
+def test_a_fact_the_model_writes_no_questions_about_is_named_with_its_removal(tiny_model, tmp_path):
+    home = tmp_path / "home"
+    assert runner.invoke(app, ["teach", "--home", str(home), "--fact", "The dog is called Biscuit."]).exit_code == 0
+    result = _learn(home, tiny_model, *LOOSE)  # the random tiny model writes no question marks
+    assert result.exit_code == 2 and "questions about it" in result.output and "rules remove 1" in result.output
+    assert versions.numbers(home) == []
+
+
+@pytest.mark.parametrize("result, follows", [
+    ({"prompts": 24, "gap": 0.25, "told": 1.0, "untold": 0.0}, True),
+    ({"prompts": 24, "gap": 0.02, "told": 0.0, "untold": 0.0}, False),  # SmolLM2-135M's "Answer:" rule
+    ({"prompts": 24, "gap": 0.30, "told": 0.6, "untold": 0.5}, False),  # followed as often untold
+    ({"prompts": 24, "gap": 0.08}, True), ({"prompts": 24, "gap": 0.01}, False),  # no check: the gap decides
+])
+def test_the_preflight_verdict(result, follows):
+    from mlx_sdft.jobs.gate import verdict
+
+    line = verdict({"kind": "rule", "id": 3}, result)
+    assert line.startswith("rule 3: ") and ("does not follow it even when told" not in line) == follows
