@@ -30,7 +30,7 @@ app = typer.Typer(add_completion=False, no_args_is_help=True, help="Self-Distill
 _TYPES = {"str": str, "int": int, "float": float, "bool": bool, "list": list[str]}
 
 
-def _option(f: dataclasses.Field, hidden: bool = False) -> inspect.Parameter:
+def _option(f: dataclasses.Field, hidden: bool = False, argument: bool = False) -> inspect.Parameter:
     """One flag (or argument) for an option field, in its group's panel; an engine knob (`hidden`), or
     one `hidden` asks for, is accepted but not shown. A required option says so; an option that is off
     or unset by default (None, an empty list) shows no default, its help says what happens without it."""
@@ -38,14 +38,15 @@ def _option(f: dataclasses.Field, hidden: bool = False) -> inspect.Parameter:
     default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
     shown = repr(default) if isinstance(default, str) and "\n" in default else default
     help = f.metadata["help"]
+    argument = argument or f.metadata["argument"]
     if f.metadata["required"]:
         help += " [required]"
-    elif default is not None and default != []:
+    elif default is not None and default != [] and not argument:
         help += f" [default: {shown}]"
     if f.metadata["choices"]:
         help += f" [choices: {', '.join(f.metadata['choices'])}]"
     # Escaped: typer renders help with rich, which would eat "[default: …]" as a markup tag.
-    if f.metadata["argument"]:
+    if argument:
         info = typer.Argument(help=escape(help), show_default=False)
     else:
         info = typer.Option(*filter(None, [f.metadata["flag"]]), help=escape(help), show_default=False,
@@ -85,14 +86,18 @@ def _one_line_errors(name: str):
 
 def _command(name: str, options: type, action: Callable, help: str, yaml_help: str | None,
              names: tuple[str, ...] | None = None, under: typer.Typer = app, shown_from: type | None = None,
-             epilog: str | None = None) -> None:
+             epilog: str | None = None, fixed: dict | None = None, argument: str | None = None,
+             hidden: bool = False, hide: tuple[str, ...] = ()) -> None:
     """Register `mlx-sdft NAME` with one flag per field of `options` (or only those in `names`)
     and, with `yaml_help`, `-c/--config YAML`. With `shown_from`, only the fields that class declares
-    itself are shown in --help; the inherited ones are accepted all the same (`epilog` says so)."""
+    itself are shown in --help; the inherited ones are accepted all the same (`epilog` says so).
+    `fixed`: option values the command itself sets (`exchanges list` is teach's --list);
+    `argument`: the field taken as the positional argument (`lessons export FILE`); `hide`: fields
+    accepted but not shown (an old spelling); `hidden`: the command itself is not listed."""
 
     def command(config: Optional[str] = None, **flags) -> None:
         with _one_line_errors(f"{under.info.name or ''} {name}".strip()):
-            action(load_config(config, flags, options))
+            action(load_config(config, {**flags, **(fixed or {})}, options))
 
     config = inspect.Parameter(
         "config", inspect.Parameter.KEYWORD_ONLY, default=None,
@@ -100,10 +105,12 @@ def _command(name: str, options: type, action: Callable, help: str, yaml_help: s
     )
     own = vars(shown_from).get("__annotations__", {}) if shown_from else None
     fields = sorted(_fields(options, names), key=lambda f: GROUPS.index(f.metadata["group"]))  # panels in GROUPS' order
-    flags = [_option(f, hidden=own is not None and f.name not in own) for f in fields]
+    fields.sort(key=lambda f: f.name != argument)  # the positional argument first
+    flags = [_option(f, hidden=own is not None and f.name not in own or f.name in hide, argument=f.name == argument)
+             for f in fields]
     command.__signature__ = inspect.Signature([config] * bool(yaml_help) + flags)
     command.__doc__ = help
-    under.command(name, help=help, epilog=epilog)(command)
+    under.command(name, help=help, epilog=epilog, hidden=hidden)(command)
 
 
 def _train(cfg: Config) -> None:
@@ -179,54 +186,85 @@ def _printing(name: str, ask: Callable | None = None, job: str = "teach") -> Cal
     return run
 
 
+def _deprecated(old: str, new: str) -> None:
+    """One line on stderr for an old spelling that still works for one release."""
+    typer.echo(f"mlx-sdft {old}: deprecated, use `mlx-sdft {new}` (the old spelling goes in the next release)",
+               err=True)
+
+
+def _noun(name: str, help: str, listing: Callable, options: type, names: tuple[str, ...],
+          moved: dict[str, str] | None = None, fixed: dict | None = None) -> typer.Typer:
+    """`mlx-sdft NAME`: a noun whose subcommands act on it; alone (or with its listing options) it lists.
+    `moved`: listing options that are an old spelling of a subcommand, accepted with a deprecation line."""
+    noun = typer.Typer(name=name, no_args_is_help=False, invoke_without_command=True, help=help)
+    app.add_typer(noun)
+
+    def callback(ctx: typer.Context, **flags) -> None:
+        if ctx.invoked_subcommand is None:
+            with _one_line_errors(name):
+                cfg = load_config(None, {**flags, **(fixed or {})}, options)
+                for field, new in (moved or {}).items():
+                    if getattr(cfg, field):
+                        _deprecated(f"{name} --{field.replace('_', '-')}", f"{name} {new}")
+                listing(cfg)
+
+    callback.__signature__ = inspect.Signature(
+        [inspect.Parameter("ctx", inspect.Parameter.POSITIONAL_OR_KEYWORD, annotation=typer.Context),
+         *(_option(f, hidden=f.name in (moved or {})) for f in _fields(options, names))])
+    callback.__doc__ = help
+    noun.callback(invoke_without_command=True)(callback)
+    return noun
+
+
 _command("serve", ServeConfig, _serve, "Serve the model with its current adapters (OpenAI-compatible), keeping "
          "every exchange in --home.", "YAML file with serve options.")
-_command("teach", TeachConfig,
-         _printing("teach", lambda cfg: cfg.forget_exchanges and f"Delete every exchange in {cfg.home}?"),
-         "Correct a stored exchange (--answer, --feedback), list them, import lessons, or forget them.", None)
-lessons_app = typer.Typer(name="lessons", no_args_is_help=False, invoke_without_command=True,
-                          help="The lessons in --home: list (--json), --export FILE, show ID, delete ID, purge.")
-app.add_typer(lessons_app)
+# teach's old spellings of what the nouns below do: accepted for one release, with a deprecation line.
+_TEACH_MOVED = {"list": "exchanges list", "forget_exchanges": "exchanges forget", "import_file": "lessons import FILE"}
+
+
+def _teach(cfg: TeachConfig) -> None:
+    for field, new in _TEACH_MOVED.items():
+        if getattr(cfg, field):
+            _deprecated(f"teach --{'import' if field == 'import_file' else field.replace('_', '-')}", new)
+    _printing("teach", lambda cfg: cfg.forget_exchanges and f"Delete every exchange in {cfg.home}?")(cfg)
+
+
+_command("teach", TeachConfig, _teach, "Correct a stored exchange (EXCHANGE --answer, --feedback), or give a standing "
+         "rule or fact (--rule, --fact).", None, hide=(*_TEACH_MOVED, "limit"))
+_EXCHANGE_LIST = ("home", "limit")
+exchanges_app = _noun("exchanges", "The exchanges in --home (what serve answered): list, forget.",
+                      _printing("teach"), TeachConfig, _EXCHANGE_LIST, fixed={"list": True})
+_command("list", TeachConfig, _printing("teach"), "List the stored exchanges, newest first.", None, _EXCHANGE_LIST,
+         exchanges_app, fixed={"list": True})
+_command("forget", TeachConfig, _printing("teach", lambda cfg: f"Delete every exchange in {cfg.home}?"),
+         "Delete every stored exchange (lessons keep a copy of their prompt) and compact the store.", None,
+         ("home", "yes"), exchanges_app, fixed={"forget_exchanges": True})
+
 _LESSON_LIST = ("home", "json", "state", "export")
-
-
-def _lessons(ctx: typer.Context, **flags) -> None:
-    """List the lessons, or write them with --export for `mlx-sdft train --data`."""
-    if ctx.invoked_subcommand is None:
-        with _one_line_errors("lessons"):
-            _printing("listing")(load_config(None, flags, LessonsConfig))
-
-
-_lessons.__signature__ = inspect.Signature(
-    [inspect.Parameter("ctx", inspect.Parameter.POSITIONAL_OR_KEYWORD, annotation=typer.Context),
-     *map(_option, _fields(LessonsConfig, _LESSON_LIST))])
-lessons_app.callback(invoke_without_command=True)(_lessons)
+lessons_app = _noun("lessons", "The lessons in --home: list, show ID, add EXCHANGE, import FILE, export FILE, delete "
+                    "ID, purge.", _printing("listing"), LessonsConfig, _LESSON_LIST, moved={"export": "export FILE"})
+_command("list", LessonsConfig, _printing("listing"), "List the lessons that are not deleted (--state: only those).",
+         None, ("home", "json", "state"), lessons_app)
 _command("show", LessonsConfig, _printing("show"), "Show one lesson in full, with its teacher's context.",
          None, ("lesson", "home", "json"), lessons_app)
+_command("add", TeachConfig, _printing("teach"), "Turn a stored exchange into a lesson: --answer (the answer you "
+         "wanted) or --feedback (what was wrong, in words; --always: a standing rule).", None,
+         ("exchange", "home", "answer", "feedback", "always", "check", "feedback_template", "redact"), lessons_app)
+_command("import", TeachConfig, _printing("teach"), "Add every example of a .jsonl file (the formats `train` reads) as "
+         "lessons, or none.", None, ("import_file", "home", "redact"), lessons_app, argument="import_file")
+_command("export", LessonsConfig, _printing("listing"), "Write the lessons as .jsonl for `mlx-sdft train --data`.",
+         None, ("export", "home", "state"), lessons_app, argument="export")
 _command("delete", LessonsConfig, _printing("delete"), "Delete one lesson (its texts are erased).",
          None, ("lesson", "home"), lessons_app)
 _command("purge", LessonsConfig, _printing("purge", lambda cfg: f"Delete every lesson in {cfg.home}?"),
          "Delete every lesson and compact the store.", None, ("home", "yes"), lessons_app)
 
-
-rules_app = typer.Typer(name="rules", no_args_is_help=False, invoke_without_command=True,
-                        help="Standing rules and facts in --home: list (--json), add TEXT, check [ID], remove ID.")
-app.add_typer(rules_app)
 _RULE_LIST = ("home", "json")
 _RULE_MEASURE = ("model", "gate_prompts", "gate_max_tokens", "gate_batch_size")
-
-
-def _rules(ctx: typer.Context, **flags) -> None:
-    """List the rules and facts: state, check, how the model follows each one."""
-    if ctx.invoked_subcommand is None:
-        with _one_line_errors("rules"):
-            _printing("listing", job="rules")(load_config(None, flags, RulesConfig))
-
-
-_rules.__signature__ = inspect.Signature(
-    [inspect.Parameter("ctx", inspect.Parameter.POSITIONAL_OR_KEYWORD, annotation=typer.Context),
-     *map(_option, _fields(RulesConfig, _RULE_LIST))])
-rules_app.callback(invoke_without_command=True)(_rules)
+rules_app = _noun("rules", "Standing rules and facts in --home: list, add TEXT, check [ID], remove ID.",
+                  _printing("listing", job="rules"), RulesConfig, _RULE_LIST)
+_command("list", RulesConfig, _printing("listing", job="rules"), "List the rules and facts: state, check, how the "
+         "model follows each one.", None, _RULE_LIST, rules_app)
 _command("add", RulesConfig, _printing("add", job="rules"), "Add a rule (or --fact): in serve's prompt from its next "
          "request; then measure whether the model follows it when told (--no-preflight: skip).", None,
          ("text", "home", "fact", "check", "preflight", *_RULE_MEASURE), rules_app)
@@ -251,10 +289,21 @@ _command("learn", LearnConfig, _learn, "Learn the new lessons in --home (plus re
          "gate accepts it (it becomes current) or rejects it (exit status 3, current unchanged).",
          "YAML file with learn and train options (flags override it).", shown_from=LearnConfig,
          epilog=escape(LEARN_TAKES_TRAIN))
-_command("versions", VersionsConfig, _printing("run_versions", job="learn"),
-         "The adapter versions in --home: parent, lessons, gate numbers, accepted or rejected.", None)
-_command("rollback", RollbackConfig, _printing("run_rollback", job="learn"),
-         "Serve an earlier accepted version (default: the current one's parent; 0: no adapters).", None)
+versions_app = _noun("versions", "The adapter versions in --home: list (parent, lessons, gate numbers, accepted or "
+                     "rejected), rollback [VERSION].", _printing("run_versions", job="learn"), VersionsConfig,
+                     ("home", "json"))
+_command("list", VersionsConfig, _printing("run_versions", job="learn"),
+         "The adapter versions in --home: parent, lessons, gate numbers, accepted or rejected.", None, None, versions_app)
+_ROLLBACK_HELP = "Serve an earlier accepted version (default: the current one's parent; 0: no adapters)."
+_command("rollback", RollbackConfig, _printing("run_rollback", job="learn"), _ROLLBACK_HELP, None, None, versions_app)
+
+
+def _rollback(cfg: RollbackConfig) -> None:
+    _deprecated("rollback", "versions rollback")
+    _printing("run_rollback", job="learn")(cfg)
+
+
+_command("rollback", RollbackConfig, _rollback, _ROLLBACK_HELP, None, hidden=True)
 _command("forget", ForgetConfig, _printing("run_forget", job="learn"),
          "Delete a lesson and its exchange, erase the versions that learned it, rebuild without it.", None)
 

@@ -131,7 +131,7 @@ def test_a_damaged_page_is_one_line_not_a_traceback(tmp_path):
     (home / FILENAME).write_bytes(bytes(data))
     with Store(home) as store, pytest.raises(InputError, match="not a usable store"):
         store.exchanges()
-    for args in (["teach", "--list"], ["serve", "--model", "no/such-model"]):  # serve: before any model loads
+    for args in (["exchanges", "list"], ["serve", "--model", "no/such-model"]):  # serve: before any model loads
         result = _run(*args, "--home", home)
         assert result.exit_code == 2 and len(result.stderr.strip().splitlines()) == 1, result.output
         assert f"{home / FILENAME}: not a usable store" in result.stderr, result.stderr
@@ -295,20 +295,65 @@ def test_exported_feedback_lessons_train(tiny_model, tmp_path):
     assert result.exit_code == 2 and f"{data}:1: this example has a teacher context but no demonstration" in result.stderr
 
 
+def _shown(*command) -> str:
+    result = runner.invoke(app, [*command, "--help"], env={"COLUMNS": "200"})
+    assert result.exit_code == 0, (command, result.output)
+    return re.sub(r"\x1b\[[0-9;]*m", "", result.output)
+
+
 @pytest.mark.parametrize("command", ["serve", "teach", "lessons"])
 def test_options_page_and_help_list_every_personal_option(command):
+    """Every option is in docs/options.md and in the --help of the command or of one of its
+    subcommands; an old spelling (teach --list, lessons --export ...) is accepted but not shown, and
+    the subcommand that replaces it is."""
     from conftest import ROOT
     from mlx_sdft.config import LessonsConfig, ServeConfig, TeachConfig, cli_fields
 
     options = {"serve": ServeConfig, "teach": TeachConfig, "lessons": LessonsConfig}[command]
     page = (ROOT / "docs" / "options.md").read_text(encoding="utf-8")
-    shown = re.sub(r"\x1b\[[0-9;]*m", "", runner.invoke(app, [command, "--help"], env={"COLUMNS": "200"}).output)
-    listed = ("home", "json", "state", "export") if command == "lessons" else None  # the others: on subcommands
+    shown = _shown(command)
+    subcommands = {"lessons": ["list", "show", "add", "import", "export", "delete", "purge"]}.get(command, [])
+    elsewhere = " ".join(_shown(command, sub) for sub in subcommands)
+    moved = {"teach": {"list": "exchanges list", "forget_exchanges": "exchanges forget", "import_file": "lessons import",
+                       "limit": "exchanges list"},
+             "lessons": {"export": "lessons export"}}.get(command, {})
     for f in cli_fields(options):
         flag = f.metadata["flag"] or f"--{f.name.replace('_', '-')}"
-        if not f.metadata["argument"]:
-            assert f"`{flag}`" in page, flag
-            assert listed and f.name not in listed or flag in shown, flag
+        if f.metadata["argument"]:
+            continue
+        assert f"`{flag}`" in page, flag
+        if f.name in moved:
+            assert not re.search(rf"^[│|]?\s*{flag}\s", shown, re.M), flag
+            assert "Usage" in _shown(*moved[f.name].split()), moved[f.name]
+        else:
+            assert flag in shown or flag in elsewhere, flag
+
+
+def test_old_spellings_work_with_one_deprecation_line(tmp_path):
+    """teach --list, teach --forget-exchanges, teach --import, lessons --export and rollback still work,
+    each saying once on stderr what replaces it; the new spellings say nothing of the kind."""
+    home = tmp_path / "home"
+    with Store(home) as store:
+        _exchange(store)
+        store.add_lesson(kind="import", prompt=MESSAGES, text="4")
+    out = tmp_path / "lessons.jsonl"
+    for old, new in ((["teach", "--list"], ["exchanges", "list"]), (["lessons", "--export", out], ["lessons", "export", out]),
+                     (["teach", "--import", out], ["lessons", "import", out]),
+                     (["teach", "--forget-exchanges", "--yes"], ["exchanges", "forget", "--yes"])):
+        before = _run(*old, "--home", home)
+        assert before.exit_code == 0, before.output
+        assert before.stderr.count("deprecated") == 1 and f"use `mlx-sdft {' '.join(new[:2])}" in before.stderr, before.stderr
+        if "--forget-exchanges" in old:
+            with Store(home) as store:
+                _exchange(store)
+        after = _run(*new, "--home", home)
+        assert after.exit_code == 0 and "deprecated" not in after.stderr, after.output
+        assert after.stdout.split()[:2] == before.stdout.split()[:2], (before.stdout, after.stdout)
+    result = _run("rollback", "--home", home)
+    assert result.exit_code == 2 and "use `mlx-sdft versions rollback`" in result.stderr  # version 0: nothing to roll back
+    import typer.main
+
+    assert typer.main.get_command(app).commands["rollback"].hidden  # listed under versions only
 
 
 def test_purge_and_forget_ask_first(tmp_path):

@@ -31,7 +31,7 @@ COMMANDS = (
     ("rules", RulesConfig, False, "personal.md"),
     ("learn", LearnConfig, True, "personal.md"),
     ("versions", VersionsConfig, False, "personal.md"),
-    ("rollback", RollbackConfig, False, "personal.md"),
+    ("versions rollback", RollbackConfig, False, "personal.md"),
     ("forget", ForgetConfig, False, "personal.md"),
 )
 _TEMPLATES = {TEACHER_TEMPLATE: "TEACHER_TEMPLATE", FEEDBACK_TEMPLATE: "FEEDBACK_TEMPLATE",
@@ -57,7 +57,9 @@ are computed, not what is trained, and the memory preflight sets two of them by 
 accepted (flag or YAML) but left out of `--help`; [performance.md](performance.md) measures them.
 
 `continual` takes `-c STAGES.yaml` and `--restart-from NAME` ([evaluate.md](evaluate.md)); `doctor`
-takes none. `lora_parameters` (train, learn) is YAML only: `{rank: 8, scale: 20.0, dropout: 0.0}`,
+takes none. `exchanges list|forget` and `lessons add|import` take teach's options below (`--limit`,
+`--yes`, `--answer` ...); teach's own `--list`, `--import` and `--forget-exchanges` are their old
+spellings, accepted with a line saying what replaces them. `lora_parameters` (train, learn) is YAML only: `{rank: 8, scale: 20.0, dropout: 0.0}`,
 mlx-lm's defaults; a file may give some of them (`{rank: 16}` keeps the others) and mlx-lm's `keys`.
 """
 
@@ -105,7 +107,7 @@ def _table(fields: list[dataclasses.Field]) -> list[str]:
 
 def markdown() -> str:
     lines = [INTRO.rstrip("\n")]
-    lines += ["", " · ".join(f"[{name}](#{name})" for name, *_ in COMMANDS)]
+    lines += ["", " · ".join(f"[{name}](#{name.replace(' ', '-')})" for name, *_ in COMMANDS)]
     for name, cls, yaml, page in COMMANDS:
         fields = [f for f in dataclasses.fields(cls) if f.metadata["cli"]]
         own = vars(cls).get("__annotations__", {})

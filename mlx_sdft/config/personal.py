@@ -116,10 +116,11 @@ def _is_origin(text: str) -> bool:
 class TeachConfig:
     """`mlx-sdft teach`: list the stored exchanges and turn one into a lesson."""
 
-    exchange: str | None = _opt(None, "The exchange to correct: its id (the completion id; see --list).", argument=True)
+    exchange: str | None = _opt(None, "The exchange to correct: its id (the completion id; see mlx-sdft exchanges "
+                                "list).", argument=True)
     home: str = _home()
     list: bool = _opt(False, "List the stored exchanges, newest first.")
-    limit: int = _opt(20, "How many exchanges --list shows.")
+    limit: int = _opt(20, "How many exchanges to list.")
     answer: str | None = _opt(None, "The answer you wanted: a demonstration lesson.")
     feedback: str | None = _opt(None, "What was wrong with the answer, in words: a feedback lesson.")
     always: bool = _opt(False, "With --feedback: it holds for every answer, not this one only (a standing rule).",
@@ -140,7 +141,8 @@ class TeachConfig:
 
     def validate(self) -> TeachConfig:
         if not self.exchange and (self.answer is not None or self.feedback is not None):
-            raise InputError("--answer/--feedback: name the exchange they correct (see --list)")
+            raise InputError("--answer/--feedback: name the exchange they correct (see mlx-sdft exchanges "
+                             "list)")
         actions = [name for name, on in (("--list", self.list), ("EXCHANGE", self.exchange),
                                          ("--import", self.import_file), ("--forget-exchanges", self.forget_exchanges),
                                          ("--rule", self.rule is not None), ("--fact", self.fact is not None)) if on]
@@ -304,7 +306,7 @@ class LearnConfig(Config):
 
 @dataclass
 class VersionsConfig:
-    """`mlx-sdft versions`: the lineage of adapter versions in --home."""
+    """`mlx-sdft versions [list]`: the lineage of adapter versions in --home."""
 
     home: str = _home()
     json: bool = _opt(False, "Print the version records as JSON.")
@@ -315,7 +317,7 @@ class VersionsConfig:
 
 @dataclass
 class RollbackConfig:
-    """`mlx-sdft rollback`: point current.json back at an accepted version."""
+    """`mlx-sdft versions rollback`: point current.json back at an accepted version."""
 
     version: int | None = _opt(None, "The version to serve (0: no adapters) [default: the current version's parent].",
                                argument=True)

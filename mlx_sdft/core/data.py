@@ -10,7 +10,7 @@ first non-blank line (every other line must use the same one):
     {"prompt": P, "teacher_template": T, "context": {"answer": A, "feedback": F}}
     {"prompt": P, "teacher_system": S}
 
-The last two have no demonstration (`mlx-sdft lessons --export` writes them). In the first, the
+The last two have no demonstration (`mlx-sdft lessons export` writes them). In the first, the
 teacher sees T filled with the question and the context (slots {answer}, {feedback}, {followup}),
 e.g. a correction in words of the model's earlier answer A. In the second, the teacher sees the
 prompt with S added to its system message (a standing rule: context distillation, the student

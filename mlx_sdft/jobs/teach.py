@@ -29,7 +29,7 @@ def teach(cfg: TeachConfig) -> list[str]:
             return add_standing(store, "rule" if cfg.rule is not None else "fact", cfg.rule or cfg.fact, cfg.check)
         exchange = store.exchange(cfg.exchange)
         if exchange is None:
-            raise InputError(f"{cfg.exchange}: no such exchange in {store.path} (see teach --list)")
+            raise InputError(f"{cfg.exchange}: no such exchange in {store.path} (see mlx-sdft exchanges list)")
         if cfg.always:  # a correction meant for every answer: a rule, which remembers where it came from
             return add_standing(store, "rule", cfg.feedback, cfg.check, exchange["id"])
         kind, text = ("demonstration", cfg.answer) if cfg.answer is not None else ("feedback", cfg.feedback)

@@ -32,8 +32,8 @@ def prompt_of(messages: list[dict], where: str) -> list[dict]:
     if last < len(messages) - 1:
         after = ", ".join(m.get("role", "?") for m in messages[last + 1:])
         raise InputError(f"{where}: the exchange goes on after its last user message ({after}); a lesson's prompt "
-                         "must end with the user's message, so this answer cannot be taught (teach --import a "
-                         "demonstration instead)")
+                         "must end with the user's message, so this answer cannot be taught (`mlx-sdft lessons "
+                         "import` a demonstration instead)")
     return messages
 
 
