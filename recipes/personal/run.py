@@ -149,15 +149,22 @@ def main() -> None:
     parser.add_argument("--out", default=None)
     parser.add_argument("--cache", default=str(Path.home() / ".cache" / "mlx-sdft" / "recipes"))
     parser.add_argument("--stages", type=int, default=len(RULES), help="teach only the first N rules and facts")
+    parser.add_argument("--report", action="store_true", help="only write the results of the stages --out holds")
     args = parser.parse_args()
-    model = str(fetch_qwen(Path(args.cache))) if args.model == "qwen" else MODELS.get(args.model, args.model)
     out = Path(args.out or f"runs/personal-{args.model.replace('/', '_')}")
+    if not args.report:
+        teach_and_learn(args, out)
+    report(args.model, out)
+
+
+def teach_and_learn(args, out: Path) -> None:
+    """The scripted user's session; one line per learn in OUT/rows.jsonl as it ends."""
+    model = str(fetch_qwen(Path(args.cache))) if args.model == "qwen" else MODELS.get(args.model, args.model)
     home = out / "home"
     if home.exists():
         raise SystemExit(f"{home} exists: remove it or pick another --out")
     demonstrations = args.model == "smollm"
     server = Server(model, home, out / "serve.log")
-    rows, ids = [], {}
     try:
         for i, rule in enumerate(RULES[: args.stages]):
             route = demonstrations and i == 0  # the first rule also as corrected answers, to every question
@@ -167,23 +174,34 @@ def main() -> None:
                     server.post("/v1/feedback", {"id": body["id"], "answer": "Answer: " + body["choices"][0][
                         "message"]["content"].strip()})
             lesson = server.post("/v1/feedback", {rule["kind"]: rule["text"], "check": rule["check"]})
-            ids[rule["name"]] = str(lesson["id"])
             fingerprint = server.ask("Hi!", 8)["system_fingerprint"]
             harmful_at = min(1, args.stages - 1)  # the second stage (or the only one): the harmful update first
-            attempts = [HARMFUL, []] if i == harmful_at else [[]]
-            for extra in attempts:
+            for extra in [HARMFUL, []] if i == harmful_at else [[]]:
                 result = learn(home, model, extra, out / "learn.log")
-                result.update(step=f"learn {rule['name']}" + (" (lr x100)" if extra else ""), rule=rule["name"],
-                              harmful=bool(extra), fingerprint_before=fingerprint,
-                              fingerprint_after=server.ask("Hi!", 8)["system_fingerprint"],
-                              served=served_measures(result))
-                rows.append(result)
-                print(json.dumps({k: v for k, v in result.items() if k not in ("gate", "served")}), flush=True)
+                row = {**{k: v for k, v in result.items() if k != "gate"}, "lesson": str(lesson["id"]),
+                       "step": f"learn {rule['name']}" + (" (lr x100)" if extra else ""), "rule": rule["name"],
+                       "harmful": bool(extra), "fingerprint_before": fingerprint,
+                       "fingerprint_after": server.ask("Hi!", 8)["system_fingerprint"]}
+                with open(out / "rows.jsonl", "a") as rows:
+                    rows.write(json.dumps(row) + "\n")
+                print(json.dumps(row), flush=True)
     finally:
         server.stop()
+
+
+def report(name: str, out: Path) -> None:
+    """results.json, summary.json and results.md from OUT/rows.jsonl and the home's version records."""
+    home = out / "home"
+    listing = json.loads(mlx_sdft("versions", "--home", str(home), "--json").stdout)
+    records = {r["version"]: r for r in listing["versions"]}
+    rows = [json.loads(line) for line in (out / "rows.jsonl").read_text().splitlines() if line.strip()]
+    for row in rows:
+        row["gate"] = records[row["version"]]["gate"]
+        row["served"] = served_measures(row)
+    ids = {row["rule"]: row["lesson"] for row in rows}
     with_rules = json.loads(mlx_sdft("rules", "--home", str(home), "--json").stdout)
-    summary = summarize(args.model, rows, ids, {str(r["id"]): r for r in with_rules})
-    (out / "results.json").write_text(json.dumps({"model": model, "learn_options": LEARN, "rows": rows,
+    summary = summarize(name, rows, ids, {str(r["id"]): r for r in with_rules})
+    (out / "results.json").write_text(json.dumps({"learn_options": LEARN, "harmful": HARMFUL, "rows": rows,
                                                   "rules": with_rules}, indent=1))
     (out / "summary.json").write_text(json.dumps(summary, indent=1))
     (out / "results.md").write_text(table(rows, ids))
@@ -214,16 +232,23 @@ def summarize(name: str, rows: list[dict], ids: dict, rules: dict) -> dict:
 
 
 def table(rows: list[dict], ids: dict) -> str:
+    """One line per learn: what the version served afterwards does without the rules in its prompt,
+    and what the gate measured of the candidate (its own rule, prior answers, loops)."""
     names = list(ids)
     lines = ["| after | accepted | " + " | ".join(f"{n} (weights only)" for n in names)
-             + " | prior answers | loops | drift KL | learn wall / CPU |", "|---" * (len(names) + 6) + "|"]
+             + " | prior answers | loops | drift KL | candidate: own rule, prior, loops | learn wall / CPU |",
+             "|---" * (len(names) + 7) + "|"]
     for r in rows:
-        served = r["served"]["rules"]
+        served, gate = r["served"]["rules"], r["gate"]
         cells = [f"{served[ids[n]]['compliance']:.2f}" if ids[n] in served and "compliance" in served[ids[n]] else ""
                  for n in names]
-        lines.append(f"| {r['step']} | {'yes' if r['accepted'] else 'no: ' + (r['reason'] or '')[:60]} | "
-                     + " | ".join(cells) + f" | {r['served']['prior']:.2f} | {r['served']['loops']:.2f} | "
-                     f"{r['served']['drift']:.3f} | {r['wall_s']:.0f} s / {r['cpu_s']:.0f} s |")
+        own = gate["rules"].get(ids[r["rule"]], {}).get("candidate", {})
+        candidate = (f"{own.get('compliance', float('nan')):.2f}, {gate['prior_answers']['candidate']:.2f}, "
+                     f"{gate['loops']['candidate']:.2f}")
+        decision = "yes" if r["accepted"] else "no: " + (r["reason"] or "").split(":")[0]
+        lines.append(f"| {r['step']} | {decision} | " + " | ".join(cells) + f" | {r['served']['prior']:.2f} | "
+                     f"{r['served']['loops']:.2f} | {r['served']['drift']:.3f} | {candidate} | "
+                     f"{r['wall_s']:.0f} s / {r['cpu_s']:.0f} s |")
     return "\n".join(lines) + "\n"
 
 
