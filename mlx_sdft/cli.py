@@ -271,8 +271,8 @@ _command("add", RulesConfig, _printing("add", job="rules"), "Add a rule (or --fa
 _command("check", RulesConfig, _printing("check", job="rules"), "Measure whether the model (current version) follows "
          "a rule when told, on held-out prompts: every rule, or RULE.", None, ("rule", "home", *_RULE_MEASURE),
          rules_app)
-_command("remove", RulesConfig, _printing("remove", lambda cfg: f"Remove rule {cfg.rule} everywhere (a version that "
-                                         "learned it is rebuilt without it)?", job="rules"), "Remove a rule from the store, serve's prompt and "
+_command("remove", RulesConfig, _printing("remove", lambda cfg: importlib.import_module("mlx_sdft.jobs.rules").
+                                         removal_question(cfg), job="rules"), "Remove a rule from the store, serve's prompt and "
          "every version that learned it (as forget: the current version is rebuilt without it).", None,
          ("rule", "home", "yes"), rules_app)
 

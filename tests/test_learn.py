@@ -247,7 +247,7 @@ def test_a_relative_model_is_recorded_so_forget_rebuilds_from_another_directory(
     rebuilt = versions.record(home, 2)["options"]
     assert (rebuilt["completion_budget"], rebuilt["truncated"], rebuilt["sft_weight"]) == (None, "keep", 0.0)
     again = runner.invoke(app, ["forget", "--home", str(home), str(gone)])  # nothing left to erase: says so
-    assert again.exit_code == 0 and f"lesson {gone} was already deleted; erased the weights of versions none" \
+    assert again.exit_code == 0 and f"lesson {gone} was already deleted; the weights of versions [1] were erased already" \
         in again.output.replace("\n", " ")
 
 
@@ -259,7 +259,7 @@ def test_a_failed_rebuild_says_what_forget_already_did(tiny_model, tmp_path):
     result = runner.invoke(app, ["forget", "--home", str(home), str(gone)])
     assert result.exit_code == 2
     line = " ".join(result.output.split())
-    assert f"lesson {gone} and its exchange deleted" in line and f"current version 0, lessons [{kept}] new again" in line
+    assert f"lesson {gone} deleted; erased the weights of versions [1]" in line and f"current version 0, lessons [{kept}] new again" in line
     assert "the rebuild failed:" in line and "moved: no such model folder" in line
     assert versions.current(home) == 0 and _states(home) == {kept: "new"}
 

@@ -225,6 +225,8 @@ def check_regex(pattern: str | None, where: str) -> str | None:
     """A rule's compliance check (--check), compiled once to refuse a bad one when it is given."""
     if pattern is None:
         return None
+    if not pattern.strip():
+        raise InputError(f"{where}: an empty check matches every answer; give a regular expression or none")
     try:
         re.compile(pattern)
     except re.error as e:

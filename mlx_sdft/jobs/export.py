@@ -122,6 +122,8 @@ def _from_home(cfg: ExportConfig) -> tuple[ExportConfig, dict]:
     record = versions.verify(home, now) if now else None  # the files served, checked against their sha256
     model = cfg.model if "model" in getattr(cfg, "given", ()) else versions.model_of(home, exchanges) or cfg.model
     shown = rules.in_prompt(standing, cfg.rules_in_prompt, record)
+    for row in shown:  # stored before the check existed, or by hand: SYSTEM """...""" would end early
+        rules.check_text(row["text"], f"{row['kind']} {row['id']}")
     options = dataclasses.replace(cfg, model=model, adapter_path=str(versions.version_dir(home, now)) if now else None)
     return options, {"version": now, "rules": rules.rulebook(shown)}
 

@@ -106,9 +106,11 @@ def measure(model, tokenizer, leaves: Leaves, standing: list[dict], held_out: li
         answers = measure_rules.greedy(model, tokenizer, held_out, cfg.gate_max_tokens, cfg.gate_batch_size, advance)
         rules = {str(row["id"]): _standing(model, tokenizer, row, held_out, answers, cfg, row["id"] in told, advance)
                  for row in standing}
-        if not isinstance(prior, dict):
+        if prior is True:
             prior = measure_rules.prior_answers(model, tokenizer, questions, cfg.gate_question_tokens,
                                                 cfg.gate_batch_size, advance)
+        elif prior is False:  # the preflight: rules only
+            prior = {"accuracy": None, "right": []}
     return {"rules": rules, "prior": prior, "loops": measure_rules.loop_rate(tokenizer, answers)}
 
 
@@ -206,9 +208,9 @@ def check(model, tokenizer, base: Leaves, current: Leaves, candidate: Leaves, ne
                         f"{cfg.gate_rule_tolerance:.4f}") for i, r in rules.items() if not r["new"]],
         (kl_check["passed"], f"gate 5 (drift): KL(base told the rules‖candidate) {kl_candidate:.4f} > current "
                              f"{kl_current:.4f} + {cfg.gate_max_kl_rise:.4f}"),
-        (prior["passed"], f"gate 6 (prior answers): {prior['candidate']:.3f} of {prior['questions']} questions right, "
-                          f"current {prior['current']:.3f}, may fall at most {cfg.gate_max_prior_drop:.3f} "
-                          f"(lost questions {prior['lost']})"),
+        (prior["passed"], f"gate 6 (prior answers): {round(prior['candidate'] * prior['questions'])} of "
+                          f"{prior['questions']} questions right, current {round(prior['current'] * prior['questions'])}"
+                          f", may fall by at most {cfg.gate_max_prior_drop:.3f} of them (lost questions {prior['lost']})"),
         (loops["passed"], f"gate 7 (loops): {loops['candidate']:.3f} of held-out answers repeat themselves, current "
                           f"{loops['current']:.3f} + {cfg.gate_max_loop_rise:.3f}"),
     ]

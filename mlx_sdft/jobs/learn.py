@@ -22,6 +22,7 @@ from pathlib import Path
 import mlx.core as mx
 
 from mlx_sdft.config import BEFORE_THE_OPTION, DEFAULT_MODEL, LearnConfig
+from mlx_sdft.core.prompts import special_text_in
 from mlx_sdft.core.teacher import using
 from mlx_sdft.errors import InputError, Rejected, TrainingError
 from mlx_sdft.jobs import gate
@@ -112,6 +113,10 @@ def build(home: Path, store: Store, cfg: LearnConfig, parent: int, new: list[dic
         train_cfg = cfg.train_config(model, f"{store.path} (lessons)", str(folder / "run"),
                                      str(resume) if resume else None, **shape)
         model_obj, tokenizer, base = _open(train_cfg)
+        for row in standing:  # stored from the command line, unchecked: it would be control tokens in the teacher
+            if (found := special_text_in(tokenizer, row["text"])) is not None:
+                raise InputError(f"{row['kind']} {row['id']}: contains {found!r}, a control token's text; remove it "
+                                 f"with mlx-sdft rules remove {row['id']}")
         current = _leaves(home, parent, base)
         with using(model_obj, current):
             _questions(store, standing, model_obj, tokenizer, console, cfg.log_text)
@@ -259,8 +264,11 @@ def run_forget(cfg, console=None) -> list[str]:
         fresh = [n for n in tainted if not versions.record(home, n).get("erased")]  # a second forget: erased already
         for number in fresh:
             versions.erase(home, number, why)
-        done = "was already deleted" if row["state"] == "deleted" else "and its exchange deleted"
-        lines = [f"lesson {cfg.lesson} {done}; erased the weights of versions {fresh or 'none'}"]
+        done = ("was already deleted" if row["state"] == "deleted" else
+                "and its exchange deleted" if row["exchange_id"] else "deleted")
+        lines = [f"{_kind(row)} {cfg.lesson} {done}; "
+                 + (f"erased the weights of versions {fresh}" if fresh else
+                    f"the weights of versions {tainted} were erased already" if tainted else "no version had learned it")]
         if now not in tainted:
             return lines + [f"current version {now} never learned it: unchanged"]
         chain = versions.lineage(home, now)
@@ -285,6 +293,10 @@ def run_forget(cfg, console=None) -> list[str]:
             raise type(e)(f"{lines[0]}; current version {base}, lessons {redo} new again; "
                           f"the rebuild failed: {lessons.removable(e)}") from None
     return lines + [f"rebuilt lessons {redo} as version {record['version']}, now current"]
+
+
+def _kind(row: dict) -> str:
+    return row["kind"] if row["kind"] in STANDING else "lesson"
 
 
 def _exchanges_of(store: Store, row: dict) -> list[str]:

@@ -24,8 +24,16 @@ from mlx_sdft.store.db import STANDING, Store
 from mlx_sdft.store.rules import held, own_prompts, prompt_pool
 
 
-def listing(cfg: RulesConfig) -> list[str]:
+def _home(cfg: RulesConfig) -> Path:
+    """The home to read: it must exist (listing or measuring never creates one)."""
     home = Path(cfg.home).expanduser()
+    if not home.is_dir():
+        raise InputError(f"--home {cfg.home}: no such folder (serve, teach and rules add create it)")
+    return home
+
+
+def listing(cfg: RulesConfig) -> list[str]:
+    home = _home(cfg)
     with Store(home) as store:
         rows = store.lessons(None, standing=True)
     now = versions.current(home)
@@ -42,7 +50,7 @@ def _line(row: dict, holds: bool) -> str:
     pre = row.get("preflight") or {}
     numbers = (f"told {pre['told']:.2f} / untold {pre['untold']:.2f}, " if "told" in pre else "") + \
         (f"gap {pre['gap']:.3f}" if "gap" in pre else "not measured")
-    check = f"  check {row['check_regex']!r}" if row.get("check_regex") else ""
+    check = f"  check {row['check_regex']}" if row.get("check_regex") else ""
     return f"{row['id']:>5}  {row['kind']:<5} {state:<22} {row['text']!r}{check}  ({numbers})"
 
 
@@ -68,7 +76,7 @@ def check(cfg: RulesConfig, console=None) -> list[str]:
     from mlx_sdft.machine.blas import warn
     from mlx_sdft.machine.report import make_console
 
-    home = Path(cfg.home).expanduser()
+    home = _home(cfg)
     with Store(home) as store:
         rows = [r for r in store.lessons(None, standing=True) if cfg.rule in (None, r["id"])]
         if cfg.rule is not None and not rows:
@@ -95,13 +103,25 @@ def check(cfg: RulesConfig, console=None) -> list[str]:
     return lines
 
 
+def _standing(cfg: RulesConfig) -> dict:
+    """The rule or fact RULE names, or InputError."""
+    if cfg.rule is None:
+        raise InputError("RULE: give the rule's id (see mlx-sdft rules)")
+    with Store(_home(cfg)) as store:
+        row = store.lesson(cfg.rule)
+    if row is None or row["kind"] not in STANDING or row["state"] == "deleted":
+        raise InputError(f"rule {cfg.rule}: no such rule or fact in {cfg.home} (see mlx-sdft rules)")
+    return row
+
+
+def removal_question(cfg: RulesConfig) -> str:
+    """What `rules remove` asks (after checking RULE exists: no question about nothing)."""
+    row = _standing(cfg)
+    return f"Remove {row['kind']} {row['id']} ({row['text'][:60]!r}) everywhere (a version that learned it is rebuilt)?"
+
+
 def remove(cfg: RulesConfig, console=None) -> list[str]:
     from mlx_sdft.jobs.learn import run_forget
 
-    if cfg.rule is None:
-        raise InputError("RULE: give the rule's id (see mlx-sdft rules)")
-    with Store(cfg.home) as store:
-        row = store.lesson(cfg.rule)
-    if row is None or row["kind"] not in STANDING:
-        raise InputError(f"rule {cfg.rule}: no such rule or fact in {cfg.home} (see mlx-sdft rules)")
+    _standing(cfg)
     return run_forget(ForgetConfig(lesson=cfg.rule, home=cfg.home).validate(), console)

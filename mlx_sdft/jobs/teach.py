@@ -9,7 +9,7 @@ import time
 
 from mlx_sdft.config import TEACHER_TEMPLATE, LessonsConfig, TeachConfig
 from mlx_sdft.errors import InputError
-from mlx_sdft.store import lessons
+from mlx_sdft.store import lessons, rules
 from mlx_sdft.store.db import STANDING, Store
 
 
@@ -40,7 +40,8 @@ def teach(cfg: TeachConfig) -> list[str]:
 
 def add_standing(store: Store, kind: str, text: str, check: str | None = None, exchange_id: str | None = None) -> list[str]:
     """Store a rule or fact; serve puts it in the prompt from its next request on."""
-    lesson_id = store.add_lesson(kind=kind, text=text.strip(), check_regex=check, exchange_id=exchange_id)
+    text = rules.check_text(text, f"--{kind}" if exchange_id is None else "--feedback")
+    lesson_id = store.add_lesson(kind=kind, text=text, check_regex=check, exchange_id=exchange_id)
     return [f"{kind} {lesson_id}: in every answer of serve from its next request on; `mlx-sdft learn` distills it "
             f"into the weights (`mlx-sdft rules check {lesson_id}` measures whether the model follows it when told)"]
 

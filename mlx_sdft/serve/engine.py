@@ -51,6 +51,7 @@ class Engine:
         self.path, self.tokenizer = open_tokenizer(cfg.model, chat_template=cfg.chat_template, dequantize=cfg.dequantize)
         render(self.tokenizer, [{"role": "user", "content": "hi"}])  # no chat template: InputError before listening
         self.default_system = template_system_prompt(self.tokenizer)  # the rules add to it, as in training
+        self._refused: set[int] = set()  # rules left out of the prompt for control-token text (said once)
         self.model, _ = open_model(self.path)
         # the model's context (None: its config does not say); a longer prompt is refused, not answered with noise
         self.context = getattr(getattr(self.model, "args", None), "max_position_embeddings", None)
@@ -175,7 +176,17 @@ class Engine:
         """The rules and facts to put in the prompt now (store/rules.py's `in_prompt`)."""
         if self.store is None:
             return []
-        active = self.store.lessons(None, standing=True)
+        active = []
+        for row in self.store.lessons(None, standing=True):
+            # stored from the command line, which has no tokenizer to check it with: control-token text
+            # would become real control tokens here, so such a rule stays out of the prompt (said once)
+            found = special_text_in(self.tokenizer, row["text"])
+            if found is None:
+                active.append(row)
+            elif row["id"] not in self._refused:
+                self._refused.add(row["id"])
+                print(f"mlx-sdft serve: {row['kind']} {row['id']} contains {found!r}, a control token's text: left out "
+                      f"of the prompt (mlx-sdft rules remove {row['id']})", file=sys.stderr, flush=True)
         record = versions.record(self.home, self.version) if self.version and active else None
         return rules.in_prompt(active, self.rules_in_prompt, record)
 

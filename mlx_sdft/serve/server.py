@@ -36,7 +36,7 @@ from mlx_sdft.serve import openai
 from mlx_sdft.serve.engine import Engine
 from mlx_sdft.serve.learner import Learner
 from mlx_sdft.serve.openai import BadRequest
-from mlx_sdft.store import lessons
+from mlx_sdft.store import lessons, rules
 from mlx_sdft.store.db import STANDING, Store, new_exchange_id
 
 MAX_BODY = 16 << 20  # bytes; a chat request is far smaller
@@ -324,8 +324,12 @@ class Handler(BaseHTTPRequestHandler):
         except InputError as e:
             raise BadRequest(str(e), param="check") from None
         self.server.engine.check_text(body[kinds[0]], kinds[0])
+        try:
+            text = rules.check_text(body[kinds[0]], kinds[0])
+        except InputError as e:
+            raise BadRequest(str(e), param=kinds[0]) from None
         store = self.server.store
-        lesson_id = store.add_lesson(kind=kinds[0], text=body[kinds[0]].strip(), check_regex=check, exchange_id=exchange)
+        lesson_id = store.add_lesson(kind=kinds[0], text=text, check_regex=check, exchange_id=exchange)
         self.server.learner.poke(len(store.lessons("new")))
         self._json(200, {"object": "lesson", "id": lesson_id, "kind": kinds[0], "exchange": exchange, "state": "new",
                          "in_prompt": self.server.cfg.rules_in_prompt != "never"})

@@ -21,8 +21,28 @@ import re
 # prior_questions, prompt_pool: learn, `rules` and measure/ read them here, with the rest of the rulebook's prompts
 from mlx_sdft.config.bundled import is_held_out, prior_questions, prompt_pool  # noqa: F401
 from mlx_sdft.core.data import Example
+from mlx_sdft.errors import InputError
 
 FACT_PREFIX = "Keep in mind: "  # a fact as the rulebook states it
+
+
+# A rule or fact is in the system message of every request: at most this long (about 500 tokens),
+# so a pasted document cannot crowd out the conversations it is meant to shape.
+MAX_CHARS = 2000
+
+
+def check_text(text: str, what: str) -> str:
+    """A rule's or fact's text as stored, or InputError: blank, too long, or holding three double
+    quotes in a row (which would end the SYSTEM block of an exported Ollama Modelfile)."""
+    text = text.strip()
+    if not text:
+        raise InputError(f"{what}: must not be blank")
+    if len(text) > MAX_CHARS:
+        raise InputError(f"{what}: {len(text)} characters; a rule or fact is in every prompt, so it may have at "
+                         f"most {MAX_CHARS}")
+    if '"""' in text:
+        raise InputError(f'{what}: contains """, which an exported Modelfile\'s SYSTEM block cannot hold')
+    return text
 
 
 def rulebook(rows: list[dict]) -> str | None:
