@@ -1,4 +1,9 @@
-"""Smoke test of the benchmark: `bench/bench.py --quick` runs and prints its JSON record.
+"""Smoke tests of the benchmarks: each bench/ script's `--quick` run prints its JSON record.
+
+They run the scripts, so they are marked `bench`: the default `python -m pytest` leaves them out
+and CI runs them after it (`.ci/run`) with
+
+    python -m pytest -m bench
 
 Nothing here asserts a time or a ratio's value: timings on a shared CI machine are noise, and
 the targets are for bench/README.md, not for CI."""
@@ -8,10 +13,13 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[1]
 RATIOS = {"sdft_vs_sft_step", "sampling_vs_batch_gen", "peak_memory_sdft_vs_sft", "student_flops_vs_peak"}
 
 
+@pytest.mark.bench
 def test_bench_quick_prints_a_json_record_with_every_ratio(tmp_path):
     out = tmp_path / "bench.json"
     proc = subprocess.run([sys.executable, str(ROOT / "bench" / "bench.py"), "--quick", "--json", str(out)],
@@ -49,12 +57,14 @@ def _quick(script, tmp_path) -> dict:
     return record
 
 
+@pytest.mark.bench
 def test_chunk_bench_quick_compares_every_chunk_size_with_the_whole(tmp_path):
     record = _quick("chunk.py", tmp_path)
     assert set(record["memory_vs_whole"]) == {"0", "64", "16"} and record["memory_vs_whole"]["0"] == 1.0
     assert all(v > 0 for v in record["peak_above_resident_gb"].values())
 
 
+@pytest.mark.bench
 def test_sampling_bench_quick_times_both_sides_of_each_shortcut(tmp_path):
     record = _quick("sampling.py", tmp_path)
     assert len(record["cases"]) == 4
@@ -63,12 +73,14 @@ def test_sampling_bench_quick_times_both_sides_of_each_shortcut(tmp_path):
     assert 0 < ops["fused"] < ops["unfused"]  # fusing removes the adapters' own operations
 
 
+@pytest.mark.bench
 def test_loss_bench_quick_times_both_gradients(tmp_path):
     record = _quick("loss.py", tmp_path)
     assert set(record["cases"]) == {"forward", "reverse", "jsd"}
     assert all(c["time_ratio"] > 0 and c["memory_ratio"] > 0 for c in record["cases"].values())
 
 
+@pytest.mark.bench
 def test_per_token_bench_quick_times_the_trainer_against_mlx_lm_and_each_shortcut(tmp_path):
     record = _quick("per_token.py", tmp_path)
     assert set(record["cases"]) == {f"tiny, batch {b}{lever}" for b in (1, 4) for lever in
@@ -82,12 +94,14 @@ def test_per_token_bench_quick_times_the_trainer_against_mlx_lm_and_each_shortcu
     assert set(ops) == {"tiny, batch 1", "tiny, batch 4"} and all(0 < o["compiled"] < o["shortcuts"] < o["plain"] for o in ops.values())
 
 
+@pytest.mark.bench
 def test_decode_shrink_bench_quick_times_each_setting(tmp_path):
     record = _quick("decode_shrink.py", tmp_path)
     assert set(record["cases"]) == {"tiny"} and set(record["cases"]["tiny"]) == {"never", "half", "every", "plain loop"}
     assert all(c["first_wall_ms"] > 0 and len(c["warm_wall_ms"]) == 1 for c in record["cases"]["tiny"].values())
 
 
+@pytest.mark.bench
 def test_whole_run_bench_quick_runs_both_methods_start_to_finish(tmp_path):
     record = _quick("whole_run.py", tmp_path)
     assert record["iters"] == 1 and record["config"] == "recipes/quickstart/config.yaml"

@@ -1,5 +1,6 @@
 """Evaluation, retention, the teacher check and the continual runner on the tiny model."""
 
+import importlib.util
 import json
 
 import mlx.core as mx
@@ -233,7 +234,8 @@ def test_continual_two_stages_complete_matrix_and_resume(tiny_model, tmp_path):
         assert len(r["degenerate_rate"]) == 3 and all(0 <= d <= 1 for d in r["degenerate_rate"])
     out = tmp_path / "run"
     assert json.loads((out / "retention.json").read_text()) == results
-    assert (out / "retention_matrix.png").stat().st_size > 0 and (out / "learning_curves.png").exists()
+    if importlib.util.find_spec("matplotlib"):  # the optional plot extra draws them
+        assert (out / "retention_matrix.png").stat().st_size > 0 and (out / "learning_curves.png").exists()
     # Every evaluation's greedy answers are kept: the base model's on every task, each stage's on the tasks so far.
     assert sorted(p.name for p in (out / "base/predictions").iterdir()) == ["capitals.jsonl", "opposites.jsonl"]
     assert sorted(p.name for p in (out / "sft/01-capitals/predictions").iterdir()) == ["capitals.jsonl"]

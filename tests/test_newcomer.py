@@ -371,7 +371,7 @@ def _rows(n, start=0):
 
 
 def test_data_takes_a_dataset_saved_by_the_datasets_library(tiny_model, tmp_path):
-    import datasets
+    datasets = pytest.importorskip("datasets")  # the optional hf extra
 
     folder = tmp_path / "ds"
     datasets.DatasetDict({"train": datasets.Dataset.from_list(_rows(5)),
@@ -390,8 +390,9 @@ def test_data_takes_a_dataset_saved_by_the_datasets_library(tiny_model, tmp_path
 def test_data_takes_a_hub_repo_layout_with_messages(tmp_path):
     """A folder as `huggingface_hub.snapshot_download` leaves a dataset repo (data/SPLIT-*.parquet);
     a hub id goes through the same datasets.load_dataset after the download."""
-    import pyarrow as pa
-    import pyarrow.parquet as pq
+    pytest.importorskip("datasets")  # the optional hf extra reads it
+    pa = pytest.importorskip("pyarrow")
+    pq = pytest.importorskip("pyarrow.parquet")
 
     from mlx_sdft.core.data import load_dataset
 
@@ -409,7 +410,7 @@ def test_data_takes_a_hub_repo_layout_with_messages(tmp_path):
 
 
 def test_a_bad_dataset_row_is_one_line_naming_split_and_row(tiny_model, tmp_path):
-    import datasets
+    datasets = pytest.importorskip("datasets")
 
     folder = tmp_path / "bad"
     rows = _rows(3)
