@@ -332,16 +332,12 @@ def _generate(cfg: GenerateConfig) -> None:
     from mlx_lm.sample_utils import make_sampler
 
     from mlx_sdft.core.prompts import encode, render, with_system_prompt
-    from mlx_sdft.formats.models import open_model, open_tokenizer
-    from mlx_sdft.machine.blas import warn
     from mlx_sdft.machine.report import make_console
+    from mlx_sdft.opening import open_model_for
 
-    model_path, tokenizer = open_tokenizer(cfg.model, chat_template=cfg.chat_template)
-    # render(): a tokenizer without a chat template is the same one-line error as in every command.
+    model, tokenizer, _ = open_model_for(cfg, adapters=cfg.adapter_path, console=make_console())
     messages = with_system_prompt([{"role": "user", "content": cfg.prompt}], cfg.system_prompt)
     ids = encode(tokenizer, render(tokenizer, messages))
-    warn(make_console())
-    model, _ = open_model(model_path, adapters=cfg.adapter_path)
     answer = mlx_generate(model, tokenizer, ids, max_tokens=cfg.max_tokens, sampler=make_sampler(temp=cfg.temperature))
     typer.echo(answer.rstrip("\n"))  # one newline after the answer, as a shell prompt expects
 

@@ -14,7 +14,7 @@ from mlx_sdft.errors import InputError
 
 
 @dataclass
-class EvalConfig(SystemPrompt, ChatTemplate, Answers, DataSource, ModelSource):
+class EvalConfig(SystemPrompt, ChatTemplate, Answers, DataSource, Dequantize, ModelSource):
     """`mlx-sdft eval`: task metrics on held-out demonstrations, and retention."""
 
     adapter_path: str | None = _opt(None, "Adapter folder to evaluate; without it, the base model.")
@@ -43,7 +43,7 @@ class EvalConfig(SystemPrompt, ChatTemplate, Answers, DataSource, ModelSource):
 
 
 @dataclass
-class CheckConfig(SystemPrompt, TeacherTemplate, ChatTemplate, Answers, DataSource, ModelSource):
+class CheckConfig(SystemPrompt, TeacherTemplate, ChatTemplate, Answers, DataSource, Dequantize, ModelSource):
     """`mlx-sdft check`: does the demonstration in context make the model better (the teacher)?"""
 
     num_examples: int = _opt(32, "Demonstrations to check (the first N).")
@@ -82,7 +82,7 @@ class CheckConfig(SystemPrompt, TeacherTemplate, ChatTemplate, Answers, DataSour
 
 
 @dataclass
-class GenerateConfig(SystemPrompt, ChatTemplate, Answers, ModelSource):
+class GenerateConfig(SystemPrompt, ChatTemplate, Answers, Dequantize, ModelSource):
     """`mlx-sdft generate`: one answer with the chat template, with or without adapters."""
 
     prompt: str | None = _opt(None, "The user message.", required=True)

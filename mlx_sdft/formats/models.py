@@ -1,6 +1,6 @@
-"""Open a model the one way every command does: `open_tokenizer` (hub id, folder, .gguf or
-pkg: file → its folder and tokenizer), then `open_model` (the weights, with an adapter folder
-or new trainable adapters).
+"""A model's files: `open_tokenizer` (hub id, folder, .gguf or pkg: file → its folder and
+tokenizer), then `open_model` (the weights, with an adapter folder or new trainable adapters).
+Commands open a model from their options through mlx_sdft/opening.py, which calls these two.
 
 The tokenizer opens first and separately, so prompts can be checked before any weights load.
 """

@@ -155,25 +155,20 @@ SHOWN = 2  # example answers printed with and without the demonstration in conte
 def run_check(cfg, console=None) -> dict:
     from mlx_sdft.core.data import load_dataset, need_demonstrations
     from mlx_sdft.core.metrics import Metric, resolve_metric
-    from mlx_sdft.core.prompts import apply_system_prompt, encode_examples, system_prompt_note, teacher_messages
+    from mlx_sdft.core.prompts import apply_system_prompt, encode_examples, teacher_messages
     from mlx_sdft.atomic import write_json
-    from mlx_sdft.formats.models import open_model, open_tokenizer
     from mlx_sdft.jobs.evaluate import evaluate_task, predict
-    from mlx_sdft.machine.blas import warn
     from mlx_sdft.machine.memory import base_parameters, model_config
     from mlx_sdft.machine.report import make_console
+    from mlx_sdft.opening import open_model_for, open_tokenizer_for
 
     console = console or make_console()
     metric: Metric | None = resolve_metric(cfg.metric, cfg.answer_regex) if cfg.metric else None
     examples = apply_system_prompt(load_dataset(cfg.data)["train"][: cfg.num_examples], cfg.system_prompt)
     need_demonstrations(examples, "check")
-    model_path, tokenizer = open_tokenizer(cfg.model, chat_template=cfg.chat_template)
+    model_path, tokenizer = opened = open_tokenizer_for(cfg)
     pairs = encode_examples(tokenizer, examples, cfg.teacher_template, cfg.max_seq_length)
-    warn(console)
-    note = system_prompt_note(tokenizer, cfg.system_prompt)
-    if note:
-        console.print(note, highlight=False, markup=False, soft_wrap=True)
-    model, _ = open_model(model_path)
+    model, _, _ = open_model_for(cfg, console=console, note=True, opened=opened)
     shown = [dataclasses.replace(ex, prompt=teacher_messages(ex, cfg.teacher_template)) for ex in examples]
     with console.status(f"scoring {len(pairs)} demonstrations under both contexts"):
         student = demonstration_loglik(model, pairs, "student", cfg.batch_size)

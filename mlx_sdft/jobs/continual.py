@@ -87,9 +87,10 @@ def stage_config(run: dict, stage: dict, method: str, folder: Path, previous: Pa
 
 
 def eval_config(run: dict, stage: dict, adapter_path: Path | None) -> EvalConfig:
-    # The evaluations ask as the training did: the train options' system prompt unless eval sets one.
-    opts = {"system_prompt": run["defaults"].get("system_prompt"),
-            **{k: coerce(EvalConfig, k, v) for k, v in run["eval"].items()}}
+    # The evaluations ask, and open the model, as the training did: the train options' system prompt,
+    # chat template and --dequantize unless eval sets its own.
+    carried = {k: v for k, v in run["defaults"].items() if k in ("system_prompt", "chat_template", "dequantize")}
+    opts = {k: coerce(EvalConfig, k, v) for k, v in {**carried, **run["eval"]}.items()}
     return EvalConfig(model=run["model"], data=stage["data"], adapter_path=str(adapter_path) if adapter_path else None,
                       metric=stage.get("metric", "normalized"), answer_regex=stage.get("answer_regex"), **opts).validate()
 
@@ -100,10 +101,9 @@ def evaluate_stage(run: dict, upto: int, adapter_path: Path | None, out: Path) -
     from mlx_sdft.jobs.evaluate import evaluate_adapters, task_examples
     from mlx_sdft.core.metrics import resolve_metric
     from mlx_sdft.core.prompts import apply_system_prompt
-    from mlx_sdft.formats.models import open_model, open_tokenizer
+    from mlx_sdft.opening import open_model_for
 
-    model_path, tokenizer = open_tokenizer(run["model"], chat_template=run["defaults"].get("chat_template"))
-    model, base = open_model(model_path, adapters=adapter_path)
+    model, tokenizer, base = open_model_for(eval_config(run, run["stages"][0], adapter_path), adapters=adapter_path)
     scores, summary = {}, {}
     for stage in run["stages"][: upto + 1]:
         ecfg = eval_config(run, stage, adapter_path)
@@ -233,7 +233,7 @@ def _maybe_plot(out: Path, results: dict, methods: list[str], names: list[str], 
     try:
         from mlx_sdft.machine.plots import plot_continual
     except ImportError:
-        console.print("(pip install 'mlx-sdft[plot]' for PNG plots)")
+        console.print("(pip install 'mlx-sdft[plot]' for PNG plots)", markup=False)  # [plot] is not markup
         return
     for path in plot_continual(out, results, methods, names):
         console.print(f"plot written to {path}")

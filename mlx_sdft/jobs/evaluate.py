@@ -31,7 +31,7 @@ from mlx_sdft.core.hub_data import is_saved_dataset
 from mlx_sdft.errors import InputError
 from mlx_sdft.core.losses import kl_of_logits, sft_loss
 from mlx_sdft.core.metrics import Metric
-from mlx_sdft.core.prompts import apply_system_prompt, encode, render, system_prompt_note
+from mlx_sdft.core.prompts import apply_system_prompt, encode, render
 from mlx_sdft.core.rollout import sample
 from mlx_sdft.core.scoring import completion_logits, completion_mask, pad_rows
 from mlx_sdft.core.teacher import Leaves, using
@@ -246,13 +246,12 @@ def evaluate_adapters(model, tokenizer, base: Leaves | None, examples: list[Exam
 
 def run_eval(cfg, console=None) -> dict:
     """Everything `mlx-sdft eval` does; writes predictions.jsonl and summary.json."""
-    from mlx_sdft.machine.blas import warn
     from mlx_sdft.machine.report import make_console
     from rich.table import Table
 
     from mlx_sdft.atomic import write_json
     from mlx_sdft.core.metrics import resolve_metric
-    from mlx_sdft.formats.models import open_model, open_tokenizer
+    from mlx_sdft.opening import open_model_for
 
     console = console or make_console()
     metric = resolve_metric(cfg.metric, cfg.answer_regex)
@@ -261,14 +260,8 @@ def run_eval(cfg, console=None) -> dict:
         load_texts(cfg.prior_text)  # check it before any weights load
     if cfg.retention:
         load_prompts(cfg.general_prompts, cfg.num_general_prompts)
-    model_path, tokenizer = open_tokenizer(cfg.model, chat_template=cfg.chat_template)
-    render(tokenizer, examples[0].prompt)  # a missing chat template fails here, before the weights
-    warn(console)
-    note = system_prompt_note(tokenizer, cfg.system_prompt)
-    if note:
-        console.print(note, highlight=False, markup=False, soft_wrap=True)
     mx.random.seed(cfg.seed)
-    model, base = open_model(model_path, adapters=cfg.adapter_path)
+    model, tokenizer, base = open_model_for(cfg, adapters=cfg.adapter_path, console=console, note=True)
     with progress_bars(console) as progress:
         summary, rows, general = evaluate_adapters(model, tokenizer, base, examples, metric, cfg, progress)
     summary = {"model": cfg.model, "adapter_path": cfg.adapter_path, "data": str(cfg.data), "metric": cfg.metric, **summary}

@@ -210,12 +210,11 @@ def _measured(home: Path, version: int, key: list) -> dict | None:
 
 def _open(train_cfg):
     """The model learn trains and gates (one load: the candidate's weights are swapped in after)."""
-    from mlx_sdft.formats.models import Adapters, open_model, open_tokenizer
+    from mlx_sdft.formats.models import Adapters
+    from mlx_sdft.opening import open_model_for
 
-    model_path, tokenizer = open_tokenizer(train_cfg.model, chat_template=train_cfg.chat_template,
-                                           dequantize=train_cfg.dequantize)
-    model, base = open_model(model_path, adapters=Adapters(train_cfg.fine_tune_type, train_cfg.num_layers,
-                                                           train_cfg.lora_parameters))
+    adapters = Adapters(train_cfg.fine_tune_type, train_cfg.num_layers, train_cfg.lora_parameters)
+    model, tokenizer, base = open_model_for(train_cfg, adapters=adapters)
     model.eval()
     return model, tokenizer, base
 

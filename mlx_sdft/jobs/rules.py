@@ -71,10 +71,9 @@ def check(cfg: RulesConfig, console=None) -> list[str]:
     """The preflight (jobs/gate.py) of one rule or all, under the current version; kept in the store."""
     import mlx.core as mx
 
-    from mlx_sdft.formats.models import open_model, open_tokenizer
     from mlx_sdft.jobs.gate import preflight, verdict
-    from mlx_sdft.machine.blas import warn
     from mlx_sdft.machine.report import make_console
+    from mlx_sdft.opening import open_model_for
 
     home = _home(cfg)
     with Store(home) as store:
@@ -88,9 +87,8 @@ def check(cfg: RulesConfig, console=None) -> list[str]:
         model = cfg.model or versions.model_of(home, [e["model"] for e in exchanges]) or DEFAULT_MODEL
         held_out = prompt_pool(own_prompts(exchanges))[1][: cfg.gate_prompts]
         console = console or make_console()
-        warn(console)
-        model_path, tokenizer = open_tokenizer(model)
-        loaded, _ = open_model(model_path, adapters=versions.version_dir(home, now) if now else None)
+        loaded, tokenizer, _ = open_model_for(dataclasses.replace(cfg, model=model), console=console,
+                                              adapters=versions.version_dir(home, now) if now else None)
         mx.eval(loaded.parameters())
         loaded.eval()
         console.print(f"preflight of {len(rows)} rules with {model} (version {now}) on {len(held_out)} held-out "

@@ -25,9 +25,10 @@ from mlx_sdft.core.data import load_dataset, need_demonstrations
 from mlx_sdft.core.guards import completion_budget, completion_room, skipped_prefix_warning
 from mlx_sdft.core.objective import describe, loss_parts
 from mlx_sdft.errors import InputError
-from mlx_sdft.formats.models import Adapters, check_adapter_fit, open_model, open_tokenizer
+from mlx_sdft.formats.models import Adapters, check_adapter_fit
 from mlx_sdft.core.prompts import apply_system_prompt, describe_stops, encode_examples, student_text, system_prompt_note, teacher_text
 from mlx_sdft.machine.report import Reporter, StopFlag
+from mlx_sdft.opening import open_model_for, open_tokenizer_for
 from mlx_sdft.core.scoring import head_splits
 from mlx_sdft.core.teacher import Leaves
 from mlx_sdft.core.train import TrainingCallback, total_steps, train
@@ -190,7 +191,7 @@ def run_train(cfg: Config, console=None, quiet: bool = False, examples: dict | N
     if cfg.method == "sft":
         for examples in splits.values():
             need_demonstrations(examples, "--method sft")
-    model_path, tokenizer = open_tokenizer(cfg.model, chat_template=cfg.chat_template, dequantize=cfg.dequantize)
+    model_path, tokenizer = opened = open_tokenizer_for(cfg)
     train_pairs = encode_examples(tokenizer, splits["train"], cfg.teacher_template, cfg.max_seq_length)
     valid_pairs = encode_examples(tokenizer, splits.get("valid", []), cfg.teacher_template, cfg.max_seq_length)
     check_loss_room(cfg, train_pairs + valid_pairs)
@@ -254,7 +255,7 @@ def run_train(cfg: Config, console=None, quiet: bool = False, examples: dict | N
 
         mx.random.seed(cfg.seed)
         adapters = Adapters(cfg.fine_tune_type, cfg.num_layers, cfg.lora_parameters, cfg.resume_adapter_file)
-        model, base = open_model(model_path, adapters=adapters)
+        model, _, base = open_model_for(cfg, adapters=adapters, opened=opened)
         run = RunFolder(cfg, reporter, checkpoint.data_digest(train_pairs), writer=rank == 0,
                         estimated_peak_gb=estimate["peak"] if estimate else None)
         if world > 1:

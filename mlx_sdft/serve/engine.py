@@ -22,7 +22,8 @@ from mlx_lm.sample_utils import make_sampler
 from mlx_sdft.config import TEACHER_TEMPLATE, ServeConfig
 from mlx_sdft.core.prompts import encode, render, special_text_in, teacher_text, template_system_prompt, with_rules
 from mlx_sdft.errors import InputError
-from mlx_sdft.formats.models import Adapters, attach_adapters, check_adapter_fit, open_model, open_tokenizer
+from mlx_sdft.formats.models import Adapters, attach_adapters, check_adapter_fit, open_model
+from mlx_sdft.opening import open_model_for, open_tokenizer_for
 from mlx_sdft.serve.openai import BadRequest, ChatRequest
 from mlx_sdft.store import rules, versions
 from mlx_sdft.store.db import Store
@@ -48,11 +49,10 @@ class Piece:
 class Engine:
     def __init__(self, cfg: ServeConfig, store: Store | None = None):
         self.home, self.store, self.rules_in_prompt = cfg.home, store, cfg.rules_in_prompt
-        self.path, self.tokenizer = open_tokenizer(cfg.model, chat_template=cfg.chat_template, dequantize=cfg.dequantize)
-        render(self.tokenizer, [{"role": "user", "content": "hi"}])  # no chat template: InputError before listening
+        self.path, self.tokenizer = opened = open_tokenizer_for(cfg)  # no chat template: InputError before listening
         self.default_system = template_system_prompt(self.tokenizer)  # the rules add to it, as in training
         self._refused: set[int] = set()  # rules left out of the prompt for control-token text (said once)
-        self.model, _ = open_model(self.path)
+        self.model, _, _ = open_model_for(cfg, opened=opened)
         # the model's context (None: its config does not say); a longer prompt is refused, not answered with noise
         self.context = getattr(getattr(self.model, "args", None), "max_position_embeddings", None)
         self.version, self.failed = 0, None
