@@ -235,8 +235,9 @@ def holds(row: dict, measures: dict) -> bool:
 
 
 # A rule the model follows when told changes its answers: with a check, told compliance at least
-# this and this much above untold; without one, a gap of at least MIN_GAP nats/token.
-MIN_TOLD, MIN_LIFT, MIN_GAP = 0.5, 0.2, 0.05
+# MIN_LIFT above untold (Qwen2.5-0.5B answered in French in 0.46 of answers told, 0.00 untold);
+# without one, a gap of at least MIN_GAP nats/token (SmolLM2-135M's ignored rule: 0.023).
+MIN_LIFT, MIN_GAP = 0.2, 0.05
 
 
 def preflight(model, tokenizer, rows: list[dict], held_out: list[list[dict]], cfg, say=lambda line: None) -> dict:
@@ -252,8 +253,7 @@ def verdict(row: dict, result: dict) -> str:
     numbers = (f"told {result['told']:.2f} vs untold {result['untold']:.2f} of {result['prompts']} held-out answers "
                f"follow its check, gap {result['gap']:.3f} nats/token" if "told" in result
                else f"gap {result['gap']:.3f} nats/token on {result['prompts']} held-out prompts (no --check)")
-    follows = (result["told"] >= MIN_TOLD and result["told"] - result["untold"] >= MIN_LIFT if "told" in result
-               else result["gap"] >= MIN_GAP)
+    follows = result["told"] - result["untold"] >= MIN_LIFT if "told" in result else result["gap"] >= MIN_GAP
     if follows:
         return f"{row['kind']} {row['id']}: the model follows it when told ({numbers}); learn can distill it"
     return (f"{row['kind']} {row['id']}: the model does not follow it even when told ({numbers}): learning it is "
