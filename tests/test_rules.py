@@ -260,3 +260,15 @@ def test_bad_rules_are_refused_before_they_reach_a_prompt(tiny_model, tmp_path):
     assert f"rule {forged} contains '<|im_end|>'" in served.log.read_text()
     result = _learn(home, tiny_model, *LOOSE)
     assert result.exit_code == 2 and f"rules remove {forged}" in result.output
+
+
+@pytest.mark.parametrize("preflight, candidate, holds", [
+    ({"told": 1.0, "untold": 0.0, "gap": 0.25}, {"compliance": 1.0, "gap": 0.01}, True),   # Qwen's "Answer:" rule
+    ({"told": 1.0, "untold": 0.0, "gap": 0.25}, {"compliance": 0.5, "gap": 0.01}, False),
+    ({"told": 0.04, "untold": 0.04, "gap": 0.012}, {"compliance": 0.08, "gap": 0.008}, False),  # never followed told
+])
+def test_a_rule_holds_only_when_the_weights_follow_what_the_model_followed_told(preflight, candidate, holds):
+    from mlx_sdft.jobs.gate import holds as rule_holds
+
+    assert rule_holds({"check_regex": "x", "preflight": preflight}, candidate) is holds
+    assert rule_holds({"preflight": {"gap": 0.012}}, {"gap": 0.001}) is False  # no check: a gap too small to tell

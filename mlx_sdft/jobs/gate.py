@@ -229,9 +229,9 @@ def holds(row: dict, measures: dict) -> bool:
     compliance is at least HOLD_SHARE x the compliance told (the rule's preflight); without one,
     its gap is at most (1 - HOLD_SHARE) x the gap at the preflight."""
     pre = row.get("preflight") or {}
-    if row.get("check_regex") and pre.get("told") is not None:
-        return measures.get("compliance", 0.0) >= HOLD_SHARE * pre["told"] > 0
-    return pre.get("gap") is not None and measures["gap"] <= (1 - HOLD_SHARE) * pre["gap"]
+    if row.get("check_regex") and pre.get("told") is not None:  # only a rule followed when told can hold
+        return pre["told"] - pre["untold"] >= MIN_LIFT and measures.get("compliance", 0.0) >= HOLD_SHARE * pre["told"]
+    return pre.get("gap", 0.0) >= MIN_GAP and measures["gap"] <= (1 - HOLD_SHARE) * pre["gap"]
 
 
 # A rule the model follows when told changes its answers: with a check, told compliance at least
