@@ -274,8 +274,10 @@ def test_each_example_is_rendered_with_its_own_tools(tiny, monkeypatch):
     from mlx_sdft.core.metrics import exact
 
     model, tok = tiny
-    seen, real = [], evaluate.render
-    monkeypatch.setattr(evaluate, "render", lambda t, msgs, tools=None: seen.append(tools) or real(t, msgs))
+    import mlx_sdft.measure.rules as answers  # where evaluation's greedy answers are rendered
+
+    seen, real = [], answers.render
+    monkeypatch.setattr(answers, "render", lambda t, msgs, tools=None: seen.append(tools) or real(t, msgs))
     examples = [Example([{"role": "user", "content": "Hi?"}], "Hello.", tools=[{"name": f"tool{i}"}] if i else None)
                 for i in range(3)]
     evaluate.evaluate_task(model, tok, examples, exact, 2, batch_size=2)

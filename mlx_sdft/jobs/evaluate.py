@@ -29,12 +29,12 @@ from mlx_sdft.core.data import Example, load_dataset, load_examples, need_demons
 from mlx_sdft.core.degeneration import is_degenerate, is_repetitive
 from mlx_sdft.core.hub_data import is_saved_dataset
 from mlx_sdft.errors import InputError
-from mlx_sdft.core.losses import kl_of_logits, sft_loss
+from mlx_sdft.core.losses import sft_loss
 from mlx_sdft.core.metrics import Metric
-from mlx_sdft.core.prompts import apply_system_prompt, encode, render
-from mlx_sdft.core.rollout import sample
+from mlx_sdft.core.prompts import apply_system_prompt
 from mlx_sdft.core.scoring import completion_logits, completion_mask, pad_rows
 from mlx_sdft.core.teacher import Leaves, using
+from mlx_sdft.measure.rules import drift, greedy
 
 
 def general_prompts_file() -> Path:
@@ -47,24 +47,11 @@ def _batches(items: list, size: int):
         yield items[i:i + size]
 
 
-def _strip_stop(ids: list[int], stops: set[int]) -> list[int]:
-    return ids[:-1] if ids and ids[-1] in stops else ids
-
-
 def predict(model: nn.Module, tokenizer, prompts: list[list[dict]], max_tokens: int, batch_size: int,
             tools: list[list | None] | None = None, advance: Callable[[int], None] | None = None) -> list[str]:
     """Greedy answers (temperature 0), decoded without the stop token; `tools[i]` goes with prompts[i].
     `advance(n)` is called after each batch of n prompts (a progress bar)."""
-    stops = set(tokenizer.eos_token_ids)
-    tools = tools or [None] * len(prompts)
-    ids = [encode(tokenizer, render(tokenizer, p, t)) for p, t in zip(prompts, tools)]
-    answers = []
-    for batch in _batches(ids, batch_size):
-        rollout = sample(model, batch, [max_tokens] * len(batch), sorted(stops), temperature=0.0, batch_size=len(batch))
-        answers += [tokenizer.decode(_strip_stop(c, stops)) for c in rollout.completions]
-        if advance:
-            advance(len(batch))
-    return answers
+    return greedy(model, tokenizer, prompts, max_tokens, batch_size, advance, tools).texts
 
 
 @dataclass
@@ -87,19 +74,7 @@ def retention_kl(model: nn.Module, tokenizer, base: Leaves, prompts: list[list[d
                  batch_size: int, advance: Callable[[int], None] | None = None) -> float:
     """Mean per-token KL(base‖adapted) over completions sampled (temperature 1) from the base model;
     `advance(n)` after each batch of n prompts."""
-    stops = sorted(tokenizer.eos_token_ids)
-    total, count = 0.0, 0
-    for batch in _batches([encode(tokenizer, render(tokenizer, p)) for p in prompts], batch_size):
-        with using(model, base):
-            completions = sample(model, batch, [max_tokens] * len(batch), stops, batch_size=len(batch)).completions
-            base_BTV = completion_logits(model, batch, completions)
-        adapted_BTV = completion_logits(model, batch, completions)
-        mask_BT = completion_mask([len(c) for c in completions])
-        total += (kl_of_logits(base_BTV.astype(mx.float32), adapted_BTV.astype(mx.float32))[0] * mask_BT).sum().item()
-        count += int(mask_BT.sum().item())
-        if advance:
-            advance(len(batch))
-    return total / max(count, 1)
+    return drift(model, tokenizer, base, [None], prompts, None, max_tokens, batch_size, None, advance)[0]
 
 
 def general_answers(model: nn.Module, tokenizer, prompts: list[list[dict]], max_tokens: int,
@@ -107,17 +82,10 @@ def general_answers(model: nn.Module, tokenizer, prompts: list[list[dict]], max_
     """Greedy answers to general prompts, each with its `degenerate` flag (core/degeneration.py);
     `advance(n)` after each batch of n prompts."""
     stops = sorted(tokenizer.eos_token_ids)
-    rows = []
-    for batch in _batches(prompts, batch_size):
-        ids = [encode(tokenizer, render(tokenizer, p)) for p in batch]
-        rollout = sample(model, ids, [max_tokens] * len(ids), stops, temperature=0.0, batch_size=len(ids))
-        for p, c, t in zip(batch, rollout.completions, rollout.truncated):
-            rows.append({"prompt": p[-1]["content"], "answer": tokenizer.decode(_strip_stop(c, set(stops))),
-                         "tokens": len(c), "truncated": t, "repetitive": is_repetitive(c, stops),
-                         "degenerate": is_degenerate(c, t, stops)})
-        if advance:
-            advance(len(batch))
-    return rows
+    answers = greedy(model, tokenizer, prompts, max_tokens, batch_size, advance)
+    return [{"prompt": p[-1]["content"], "answer": text, "tokens": len(c), "truncated": t,
+             "repetitive": is_repetitive(c, stops), "degenerate": is_degenerate(c, t, stops)}
+            for p, text, c, t in zip(prompts, answers.texts, answers.ids, answers.truncated)]
 
 
 def _rate(rows: list[dict], key: str = "degenerate") -> float:

@@ -60,8 +60,7 @@ def add(cfg: RulesConfig, console=None) -> list[str]:
     if cfg.text is None:
         raise InputError("TEXT: give the rule, e.g. mlx-sdft rules add \"Always answer in French.\"")
     with Store(cfg.home) as store:
-        lines = add_standing(store, "fact" if cfg.fact else "rule", cfg.text, cfg.check)
-        lesson = max(r["id"] for r in store.lessons(None, standing=True))
+        lesson, lines = add_standing(store, "fact" if cfg.fact else "rule", cfg.text, cfg.check)
     if not cfg.preflight:
         return lines
     return lines + check(dataclasses.replace(cfg, rule=lesson), console)

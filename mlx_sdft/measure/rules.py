@@ -51,9 +51,11 @@ class Answers:
 
 
 def greedy(model, tokenizer, prompts: list[list[dict]], max_tokens: int, batch_size: int,
-           advance: Callable[[int], None] | None = None) -> Answers:
+           advance: Callable[[int], None] | None = None, tools: list[list | None] | None = None) -> Answers:
+    """Greedy answers (temperature 0), `batch_size` prompts at a time; `tools[i]` goes with
+    prompts[i]; `advance(n)` after each batch of n prompts (a progress bar)."""
     stops = sorted(tokenizer.eos_token_ids)
-    prompt_ids = [encode(tokenizer, render(tokenizer, p)) for p in prompts]
+    prompt_ids = [encode(tokenizer, render(tokenizer, p, t)) for p, t in zip(prompts, tools or [None] * len(prompts))]
     texts, ids, truncated = [], [], []
     for start in range(0, len(prompt_ids), batch_size):
         batch = prompt_ids[start:start + batch_size]
@@ -108,17 +110,19 @@ def prior_answers(model, tokenizer, questions: list[dict], max_tokens: int, batc
 
 
 def drift(model, tokenizer, reference, versions: list, prompts: list[list[dict]], rules: str | None, max_tokens: int,
-          batch_size: int, seed: int) -> list[float]:
-    """Per version (adapter leaves), mean per-token KL(reference told `rules` ‖ version untold) on
-    completions sampled (temperature 1, `seed`) from the told reference: how far each version is
-    from what the user asked for. The reference's samples and logits are shared by all versions."""
+          batch_size: int, seed: int | None, advance: Callable[[int], None] | None = None) -> list[float]:
+    """Per version (adapter leaves; None: the model as it is), mean per-token KL(reference told
+    `rules` ‖ version untold) on completions sampled (temperature 1; `seed`, else MLX's random
+    state) from the told reference: how far each version is from what the user asked for (with no
+    rules, eval's retention KL). The reference's samples and logits are shared by all versions."""
     from mlx_sdft.core.teacher import using
 
     stops = sorted(tokenizer.eos_token_ids)
     untold = [encode(tokenizer, render(tokenizer, p)) for p in prompts]
-    told_ids = [encode(tokenizer, render(tokenizer, p)) for p in (told(tokenizer, prompts, rules) if rules else prompts)]
+    told_ids = [encode(tokenizer, render(tokenizer, p)) for p in told(tokenizer, prompts, rules)] if rules else untold
     totals, count = [0.0] * len(versions), 0
-    mx.random.seed(seed)
+    if seed is not None:
+        mx.random.seed(seed)
     for start in range(0, len(prompts), batch_size):
         rows = slice(start, start + batch_size)
         with using(model, reference):
@@ -131,6 +135,8 @@ def drift(model, tokenizer, reference, versions: list, prompts: list[list[dict]]
                 version_BTV = completion_logits(model, untold[rows], completions).astype(mx.float32)
             totals[i] += (kl_of_logits(reference_BTV, version_BTV)[0] * mask_BT).sum().item()
         count += int(mask_BT.sum().item())
+        if advance:
+            advance(len(completions))
     return [t / max(count, 1) for t in totals]
 
 
