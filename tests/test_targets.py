@@ -157,8 +157,10 @@ def test_eval_check_and_generate_stop_on_the_whole_stop_set(tiny_model, smoke_da
     from mlx_sdft.jobs.check import run_check
 
     folder = _mismatched(tiny_model, tmp_path)
-    seen, real = [], evaluate.sample
-    monkeypatch.setattr(evaluate, "sample", lambda *a, **k: seen.append(sorted(a[3])) or real(*a, **k))
+    import mlx_sdft.measure.rules as answers  # where eval samples its greedy answers and retention completions
+
+    seen, real = [], answers.sample
+    monkeypatch.setattr(answers, "sample", lambda *a, **k: seen.append(sorted(a[3])) or real(*a, **k))
     evaluate.run_eval(EvalConfig(model=str(folder), data=str(smoke_data), max_tokens=3,
                                  output=str(tmp_path / "ev")).validate(), console=Console(file=io.StringIO()))
     run_check(CheckConfig(model=str(folder), data=str(smoke_data), num_examples=2, metric="normalized",

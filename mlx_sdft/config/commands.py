@@ -6,9 +6,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from mlx_sdft.config.options import (
-    Answers, BUDGET_FLOOR, COMPLETION_BUDGET, ChatTemplate, DataSource, Dequantize, MAX_COMPLETION_LENGTH, ModelSource,
-    RETENTION, SDFT, SKIP_FIRST_TOKENS, SPEED, SystemPrompt, TeacherTemplate, _check_groups, _completion_budget, _folder,
-    _opt, _positive, _required,
+    DEFAULT_MODEL, Answers, BUDGET_FLOOR, COMPLETION_BUDGET, ChatTemplate, DataSource, Dequantize, MAX_COMPLETION_LENGTH,
+    ModelSource, RETENTION, SDFT, SKIP_FIRST_TOKENS, SPEED, SystemPrompt, TeacherTemplate, _check_groups, _choices,
+    _completion_budget, _folder, _opt, _positive, _required,
 )
 from mlx_sdft.errors import InputError
 
@@ -113,7 +113,10 @@ class ExportConfig(Dequantize, ModelSource):
                                 "of that name.", ("always", "auto", "never"))
 
     def validate(self) -> ExportConfig:
-        _check_groups(self)
+        if self.home and self.model == DEFAULT_MODEL:  # the home names its model: export checks the one it uses
+            _choices(self)
+        else:
+            _check_groups(self)
         _required(self, ("out",))
         if self.home and self.adapter_path:
             raise InputError("--adapter-path: not with --home (the home's current version is exported)")

@@ -22,7 +22,7 @@ from typing import Callable
 
 import mlx.nn as nn
 
-from mlx_sdft.config import ExportConfig
+from mlx_sdft.config import ExportConfig, check_model
 from mlx_sdft.errors import InputError
 from mlx_sdft.formats.models import Adapters, load_tokenizer, open_model, package_file, resolve
 
@@ -121,6 +121,7 @@ def _from_home(cfg: ExportConfig) -> tuple[ExportConfig, dict]:
     now = versions.current(home)
     record = versions.verify(home, now) if now else None  # the files served, checked against their sha256
     model = cfg.model if "model" in getattr(cfg, "given", ()) else versions.model_of(home, exchanges) or cfg.model
+    check_model(model)  # the default model, when the home names none
     shown = rules.in_prompt(standing, cfg.rules_in_prompt, record)
     for row in shown:  # stored before the check existed, or by hand: SYSTEM """...""" would end early
         rules.check_text(row["text"], f"{row['kind']} {row['id']}")
