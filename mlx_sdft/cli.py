@@ -21,7 +21,7 @@ from rich.markup import escape
 from mlx_sdft.config import (CheckConfig, Config, EvalConfig, ExportConfig, ForgetConfig, GenerateConfig, LearnConfig,
                              LessonsConfig, RollbackConfig, RulesConfig, ServeConfig, TeachConfig, VersionsConfig, cli_fields,
                              load_config)
-from mlx_sdft.config.options import ESSENTIALS, GROUPS
+from mlx_sdft.config.options import ESSENTIALS, GROUPS, shown_options
 from mlx_sdft.config.personal import LEARN_TAKES_TRAIN
 from mlx_sdft.errors import InputError, Interrupted, Rejected, TrainingError, one_line
 
@@ -90,7 +90,7 @@ def _command(name: str, options: type, action: Callable, help: str, yaml_help: s
              hidden: bool = False, hide: tuple[str, ...] = ()) -> None:
     """Register `mlx-sdft NAME` with one flag per field of `options` (or only those in `names`)
     and, with `yaml_help`, `-c/--config YAML`. With `shown_from`, only the fields that class declares
-    itself are shown in --help; the inherited ones are accepted all the same (`epilog` says so).
+    itself (or gives its own default: config.options.shown_options) are shown in --help; the inherited ones are accepted all the same (`epilog` says so).
     `fixed`: option values the command itself sets (`exchanges list` is teach's --list);
     `argument`: the field taken as the positional argument (`lessons export FILE`); `hide`: fields
     accepted but not shown (an old spelling); `hidden`: the command itself is not listed."""
@@ -103,7 +103,7 @@ def _command(name: str, options: type, action: Callable, help: str, yaml_help: s
         "config", inspect.Parameter.KEYWORD_ONLY, default=None,
         annotation=Annotated[Optional[str], typer.Option("-c", "--config", help=yaml_help, rich_help_panel=ESSENTIALS)],
     )
-    own = vars(shown_from).get("__annotations__", {}) if shown_from else None
+    own = shown_options(shown_from) if shown_from else None
     fields = sorted(_fields(options, names), key=lambda f: GROUPS.index(f.metadata["group"]))  # panels in GROUPS' order
     fields.sort(key=lambda f: f.name != argument)  # the positional argument first
     flags = [_option(f, hidden=own is not None and f.name not in own or f.name in hide, argument=f.name == argument)

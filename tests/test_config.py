@@ -190,3 +190,28 @@ def test_a_stages_file_null_turns_an_option_off_as_in_any_yaml_file(tmp_path):
     assert stage_config(run, {"name": "a", "data": "d.jsonl"}, "sdft", tmp_path, None).completion_budget == 2.0
     with pytest.raises(InputError, match=r"--sft-weight: expected float, got null"):
         stage_config(run, {"name": "a", "data": "d.jsonl", "sft_weight": None}, "sdft", tmp_path, None)
+
+
+def test_learn_composes_train_options_and_writes_each_default_once(tmp_path):
+    """learn declares none of train's options but its model: its own defaults are one mapping over
+    train's (help, group and choices kept), the options it sets itself are no flags, and every other
+    train option keeps train's default; a YAML file or a flag still sets any of them."""
+    import dataclasses
+
+    from mlx_sdft.config import LearnConfig
+    from mlx_sdft.config.personal import LEARN_DEFAULTS, LEARN_SETS
+
+    train = {f.name: f for f in dataclasses.fields(Config)}
+    assert set(vars(LearnConfig)["__annotations__"]) & set(train) == {"model"}
+    learn = {f.name: f for f in dataclasses.fields(LearnConfig)}
+    for name, f in train.items():
+        if name == "model":
+            continue
+        default = learn[name].default if learn[name].default is not dataclasses.MISSING else learn[name].default_factory()
+        ours = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+        assert default == LEARN_DEFAULTS.get(name, ours), name
+        assert learn[name].metadata["cli"] is (f.metadata["cli"] and name not in LEARN_SETS), name
+        if name in LEARN_DEFAULTS:
+            assert {k: v for k, v in learn[name].metadata.items()} == dict(f.metadata), name
+    cfg = load_config(None, {"learning_rate": 2e-4, "home": str(tmp_path)}, LearnConfig)
+    assert cfg.learning_rate == 2e-4 and cfg.iters == LEARN_DEFAULTS["iters"] and cfg.epochs == Config.epochs

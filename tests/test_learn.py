@@ -2,6 +2,7 @@
 accepting and rejecting, serve switching to the accepted version, bit-exact rollback, forget
 erasing a lesson everywhere, the lock, and kill -9 during learn."""
 
+import dataclasses
 import json
 import os
 import signal
@@ -419,6 +420,7 @@ def test_options_page_and_help_list_every_option(command):
 
     from conftest import ROOT
     from mlx_sdft.config import ForgetConfig, LearnConfig, RollbackConfig, VersionsConfig, cli_fields
+    from mlx_sdft.config.options import shown_options
     from mlx_sdft.config.personal import LEARN_TAKES_TRAIN
 
     options = {"learn": LearnConfig, "versions": VersionsConfig, "rollback": RollbackConfig, "forget": ForgetConfig}[command]
@@ -426,7 +428,7 @@ def test_options_page_and_help_list_every_option(command):
     command = ["versions", "rollback"] if command == "rollback" else [command]
     section = page.split(f"\n## {' '.join(command)}\n", 1)[1].split("\n## ", 1)[0]
     shown = re.sub(r"\x1b\[[0-9;]*m", "", runner.invoke(app, [*command, "--help"], env={"COLUMNS": "200"}).output)
-    own = vars(options)["__annotations__"]
+    own = shown_options(options)
     for f in cli_fields(options):
         flag = f"--{f.name.replace('_', '-')}"
         if f.metadata["argument"]:
@@ -536,3 +538,59 @@ def test_forgotten_text_is_nowhere_in_the_home_and_every_file_is_private(tiny_mo
                            version=0, sampling={}, finish_reason="stop", prompt_tokens=3, completion_tokens=1)
     assert runner.invoke(app, ["teach", "--forget-exchanges", "--yes", "--home", str(home)]).exit_code == 0
     assert b"exillumqa" not in _everything(home)
+
+
+def test_learn_loads_the_model_once_and_trains_and_gates_as_separate_loads_would(tiny_model, tmp_path, monkeypatch):
+    """One load serves the measures, training and the gate: the adapters equal those of a training run
+    that loads the model itself (fresh LoRA for version 1, the parent's adapters for version 2), and the
+    gate's numbers of the candidate and of the current version equal those of freshly loaded models."""
+    import mlx.core as mx
+
+    from mlx_sdft.config import LearnConfig
+    from mlx_sdft.formats import models
+    from mlx_sdft.jobs import gate, train
+    from mlx_sdft.opening import open_model_for
+    from mlx_sdft.store.rules import prompt_pool
+
+    loads, runs = [], []
+    real_load, real_run = models.load_model, train.run_train
+
+    def counted_load(path, lazy=False, **kwargs):
+        loads.append(lazy)
+        return real_load(path, lazy=lazy, **kwargs)
+
+    def recorded_run(cfg, **kwargs):
+        runs.append((cfg, kwargs["examples"]))
+        return real_run(cfg, **kwargs)
+
+    monkeypatch.setattr(models, "load_model", counted_load)
+    monkeypatch.setattr(train, "run_train", recorded_run)
+    home = tmp_path / "home"
+    _lessons(home, "red", "blue")
+    assert runner.invoke(app, ["teach", "--home", str(home), "--rule", "Always say zebra.", "--check", "zebra"]).exit_code == 0
+    for version in (1, 2):
+        loads.clear()
+        result = _learn(home, tiny_model, *LOOSE, "--gate-min-gain", "-1000", "--method", "sdft")
+        assert result.exit_code == 0 and versions.current(home) == version, result.output
+        assert loads.count(False) == 1  # lazy loads (shapes only) check an adapter file's fit
+        if version == 1:
+            _lessons(home, "pink")
+    for version, (cfg, examples) in zip((1, 2), runs):
+        again = tmp_path / f"again{version}"
+        real_run(dataclasses.replace(cfg, adapter_path=str(again)), examples=examples)
+        ours = mx.load(str(versions.version_dir(home, version) / "adapters.safetensors"))
+        theirs = mx.load(str(again / "adapters.safetensors"))
+        assert ours.keys() == theirs.keys()
+        assert all(mx.array_equal(ours[k], theirs[k]).item() for k in ours), version
+
+    options = LearnConfig(**{**versions.record(home, 2)["options"], "home": str(home)}).validate()
+    held_out = prompt_pool()[1][: options.gate_prompts]
+    with Store(home) as store:
+        standing = store.lessons(None, standing=True)
+    recorded = versions.record(home, 2)["gate"]
+    for side, folder in (("measures", versions.version_dir(home, 2)), ("current_measures", versions.version_dir(home, 1))):
+        model, tokenizer, _ = open_model_for(options.train_config(str(tiny_model), "-", "-"), adapters=folder)
+        fresh = gate.measure(model, tokenizer, None, standing, held_out, options)
+        assert fresh["prior"] == recorded[side]["prior"] and fresh["loops"] == recorded[side]["loops"]
+        for key, rule in fresh["rules"].items():
+            assert rule == pytest.approx(recorded[side]["rules"][key], rel=1e-5), side

@@ -139,7 +139,7 @@ def test_learn_distills_a_rule_and_forget_removes_it_everywhere(tiny_model, tmp_
     import mlx.core as mx
 
     from mlx_sdft.jobs.gate import check
-    from mlx_sdft.jobs.learn import _open
+    from mlx_sdft.jobs.train import open_loaded
     from mlx_sdft.config import LearnConfig
 
     home = tmp_path / "home"
@@ -148,6 +148,7 @@ def test_learn_distills_a_rule_and_forget_removes_it_everywhere(tiny_model, tmp_
     assert result.exit_code == 0, result.output
     assert "preflight" in result.output and f"rule {rule}:" in result.output
     record = versions.record(home, 1)
+    assert record["options"]["max_completion_length"] == 8 and record["options"]["gate_max_tokens"] == 8  # no end rule
     weights = mx.load(str(versions.version_dir(home, 1) / "adapters.safetensors"))
     # lora_b starts at 0: only a non-zero gradient from the rule's examples moves it
     assert max(mx.abs(v).max().item() for k, v in weights.items() if k.endswith("lora_b")) > 0
@@ -163,7 +164,8 @@ def test_learn_distills_a_rule_and_forget_removes_it_everywhere(tiny_model, tmp_
     cfg = LearnConfig(home=str(home), model=str(tiny_model), num_layers=-1, gate_prompts=4, gate_max_tokens=8,
                       gate_questions=4, gate_question_tokens=6, batch_size=2, gate_rule_tolerance=0.0,
                       gate_max_kl_rise=100, gate_max_loop_rise=1, gate_max_prior_drop=1).validate()
-    model, tokenizer, base = _open(cfg.train_config(str(tiny_model), "-", str(tmp_path / "x")))
+    _, tokenizer, model, base = open_loaded(cfg.train_config(str(tiny_model), "-", str(tmp_path / "x")))
+    model.eval()
     learned = {**base, **weights}
     with Store(home) as store:
         standing = store.lessons(None, standing=True)
@@ -206,12 +208,51 @@ def test_a_fact_is_measured_on_the_questions_the_model_wrote_split_once():
     assert rules.rulebook([row, {"kind": "rule", "text": RULE}]) == f"{rules.FACT_PREFIX}{row['text']}\n{RULE}"
 
 
-def test_a_fact_the_model_writes_no_questions_about_is_named_with_its_removal(tiny_model, tmp_path):
+def test_a_fact_the_model_writes_no_questions_about_is_learned_from_questions_built_from_its_words(tiny_model,
+                                                                                                   tmp_path):
     home = tmp_path / "home"
-    assert runner.invoke(app, ["teach", "--home", str(home), "--fact", "The dog is called Biscuit."]).exit_code == 0
-    result = _learn(home, tiny_model, *LOOSE)  # the random tiny model writes no question marks
-    assert result.exit_code == 2 and "questions about it" in result.output and "rules remove 1" in result.output
-    assert versions.numbers(home) == []
+    fact = "The dog is called Biscuit."
+    assert runner.invoke(app, ["teach", "--home", str(home), "--fact", fact, "--check", "Biscuit"]).exit_code == 0
+    result = _learn(home, tiny_model, *LOOSE)  # the random tiny model writes no question about it
+    assert result.exit_code == 0, result.output
+    assert "12 questions about it, 0 written by the model and 12 built from the fact's words" in " ".join(result.output.split())
+    with Store(home) as store:
+        preflight = store.lesson(1)["preflight"]
+    assert preflight["question_source"] == {"model": 0, "template": 12}
+    assert preflight["questions"] == rules.template_questions(fact, 12)
+    train, held_out = rules.fact_prompts({"preflight": preflight})  # measured on questions it never trained on
+    measured = versions.record(home, 1)["gate"]["rules"]["1"]
+    assert measured["candidate"]["prompts"] == len(held_out) >= 1 and "compliance" in measured["candidate"]
+    assert not {q[0]["content"] for q in train} & {q[0]["content"] for q in held_out}
+
+
+def test_a_rule_that_acts_at_the_end_gets_samples_and_answers_long_enough_to_end(tiny_model, tmp_path):
+    home = tmp_path / "home"
+    rule = _rule(home, "Always end your answer with the word zebra.", check=r"zebra\W*$")
+    result = _learn(home, tiny_model, *LOOSE, "--end-rule-tokens", "12", "--gate-min-gain", "-1000")
+    assert result.exit_code == 0, result.output
+    assert f"rules [{rule}] act at the end of an answer" in " ".join(result.output.split())
+    record = versions.record(home, 1)
+    assert record["options"]["max_completion_length"] == 12 and record["options"]["gate_max_tokens"] == 12
+    assert record["gate"]["measure_key"][2] == 12  # the held-out answers were measured at that length
+    assert [rules.acts_at_end(p) for p in (r"Sam\s*$", r"Sam\Z", r"^\s*Answer:", r"costs \$", r"x\\$", None)] == [
+        True, True, False, False, True, False]
+
+
+def test_questions_are_read_from_numbered_or_bulleted_lines_and_must_name_the_fact():
+    fact = "Middlemarch was written by George Eliot."
+    text = ("Sure! Here are some questions:\n1. Who wrote Middlemarch?\n2) **Who is the author of Middlemarch**\n"
+            "- What did George Eliot write\nWhat is the capital of France?\n3. Who wrote Middlemarch?\nThanks")
+    assert rules.questions_in(text, fact, 12) == ["Who wrote Middlemarch?", "Who is the author of Middlemarch?",
+                                                  "What did George Eliot write?"]
+    assert rules.questions_in(text, fact, 2) == ["Who wrote Middlemarch?", "Who is the author of Middlemarch?"]
+    assert rules.template_questions(fact, 3) == ["What do you know about Middlemarch?",
+                                                 "Tell me one thing about Middlemarch.",
+                                                 "Is it true that Middlemarch was written by George Eliot?"]
+    built = rules.template_questions("The meeting moved to Thursday.", 12)
+    assert len(set(built)) == 12 and "Complete the sentence: the meeting moved ..." in built
+    no_verb = rules.template_questions("Paris in spring, lilac", 12)  # no subject found: whole-fact questions only
+    assert len(set(no_verb)) == 10 and all("Paris in spring, lilac" in q for q in no_verb)
 
 
 @pytest.mark.parametrize("result, follows", [

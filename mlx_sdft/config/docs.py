@@ -11,7 +11,7 @@ from __future__ import annotations
 import dataclasses
 
 from mlx_sdft.config.commands import CheckConfig, EvalConfig, ExportConfig, GenerateConfig
-from mlx_sdft.config.options import FEEDBACK_TEMPLATE, GROUPS, HINDSIGHT_TEMPLATE, TEACHER_TEMPLATE
+from mlx_sdft.config.options import FEEDBACK_TEMPLATE, GROUPS, HINDSIGHT_TEMPLATE, TEACHER_TEMPLATE, shown_options
 from mlx_sdft.config.personal import (
     LEARN_TAKES_TRAIN, ForgetConfig, LearnConfig, LessonsConfig, RollbackConfig, RulesConfig, ServeConfig, TeachConfig,
     VersionsConfig,
@@ -110,7 +110,7 @@ def markdown() -> str:
     lines += ["", " · ".join(f"[{name}](#{name.replace(' ', '-')})" for name, *_ in COMMANDS)]
     for name, cls, yaml, page in COMMANDS:
         fields = [f for f in dataclasses.fields(cls) if f.metadata["cli"]]
-        own = vars(cls).get("__annotations__", {})
+        own = shown_options(cls)
         lines += ["", f"## {name}", "", (f"`mlx-sdft {name} --help`; " + ("`-c FILE.yaml` reads these options from a "
                                                                             "file; " if yaml else "")
                                           + f"explained in [{page}]({page})."), ]

@@ -92,6 +92,33 @@ def _opt(default: Any, help: str, choices: tuple | None = None, cli: bool = True
     return field(default=default, metadata=meta)
 
 
+def compose(base: type, defaults: dict[str, Any], set_here: tuple[str, ...], what: str) -> type:
+    """`base`'s options as a command built on them takes them: `defaults` replace some of base's
+    defaults (each option's help, group and choices kept), and the options in `set_here` are set by
+    the command itself, so they are no flags. `what`: who sets them, for their help."""
+    fields = []
+    for f in dataclasses.fields(base):
+        if f.name in defaults or f.name in set_here:
+            meta = {**f.metadata, **({} if f.name in defaults else {"cli": False, "required": False, "help": f"Set by {what}."})}
+            default = defaults[f.name] if f.name in defaults else (
+                f.default if f.default is not dataclasses.MISSING else f.default_factory())
+            fields.append((f.name, f.type, _opt(default, **meta)))
+    composed = dataclasses.make_dataclass(f"{base.__name__}As{what.title()}", fields, bases=(base,))
+    composed.composes = base
+    return composed
+
+
+def shown_options(cls: type) -> set[str]:
+    """The options `cls` declares itself, or gives its own default in `compose`: those its --help and
+    docs/options.md list (the others of the options it composes are accepted all the same)."""
+    names: set[str] = set()
+    for klass in cls.__mro__:
+        if klass is getattr(cls, "composes", None):
+            break
+        names |= set(vars(klass).get("__annotations__", {}))
+    return names
+
+
 # The shared option groups. A command's options list them as bases, last the one whose flags
 # come first (a dataclass puts the fields of its last base first); `_check_groups` checks them.
 

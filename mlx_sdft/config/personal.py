@@ -10,9 +10,9 @@ from pathlib import Path
 from urllib.parse import urlsplit
 
 from mlx_sdft.config.options import (
-    ACCESS, ANSWERS, ChatTemplate, DEFAULT_HOME, DEFAULT_MODEL, Dequantize, FEEDBACK_TEMPLATE, GATE, GUARDS,
-    HINDSIGHT_TEMPLATE, LEARN, LESSONS, MEASURE, MODEL, ModelSource, RULES, SDFT, _check_groups, _opt, _positive,
-    _regexes, _template, check_regex,
+    ACCESS, ANSWERS, ChatTemplate, DEFAULT_HOME, DEFAULT_MODEL, Dequantize, FEEDBACK_TEMPLATE, GATE,
+    HINDSIGHT_TEMPLATE, LEARN, LESSONS, MEASURE, ModelSource, RULES, _check_groups, _opt, _positive,
+    _regexes, _template, check_regex, compose,
 )
 from mlx_sdft.config.train import Config
 from mlx_sdft.errors import InputError
@@ -220,31 +220,26 @@ LEARN_TAKES_TRAIN = ("Every `mlx-sdft train` option is accepted too (see `mlx-sd
                      "defaults except those above; learn sets the data and adapter paths itself.")
 
 
+# learn's own training defaults (the rest are train's): a visible change in one learn on a laptop,
+# recipes/personal. Every block adapted (attention-only or partial LoRA learns less from little
+# data: "LoRA without regret"); 5x train's rate for a few steps (at 1e-4 x 16 steps Qwen2.5-0.5B took
+# a rule in fully but lost prior answers and looped: recipes/personal); samples of a rule lesson are
+# kept when cut at their budget, since every one of their tokens carries the rule's signal; 64 tokens
+# per sample, the most a rule that acts at its answer's end is given (docs/personal.md).
+LEARN_DEFAULTS = {"learning_rate": 5e-5, "iters": 12, "num_layers": -1, "max_completion_length": 64,
+                  "truncated": "keep"}
+# train's options learn sets itself: the lessons are its data, every candidate a new folder.
+LEARN_SETS = ("data", "adapter_path", "resume_adapter_file", "resume", "dry_run", "overwrite")
+
+
 @dataclass
-class LearnConfig(Config):
+class LearnConfig(compose(Config, LEARN_DEFAULTS, LEARN_SETS, "learn")):
     """`mlx-sdft learn`: the new lessons in --home plus replay -> a candidate version -> the gate.
-    Every `train` option applies (train's defaults but the five below) except the paths, which learn sets."""
+    Every `train` option applies, with train's defaults but LEARN_DEFAULTS, except LEARN_SETS."""
 
     model: str | None = _opt(None, "The base model (as for serve) [default: the model the current version was "
                              "trained from; without a version, the one serve answered the newest exchange with; "
                              f"else {DEFAULT_MODEL}].", path=True)
-    data: str | None = _opt(None, "Set by learn: the lessons.", cli=False)
-    adapter_path: str = _opt("adapters", "Set by learn: the candidate folder.", cli=False)
-    resume_adapter_file: str | None = _opt(None, "Set by learn: the current version's adapters.", cli=False)
-    resume: bool = _opt(False, "Not for learn.", cli=False)
-    dry_run: bool = _opt(False, "Not for learn.", cli=False)
-    overwrite: bool = _opt(False, "Not for learn: every candidate is a new folder.", cli=False)
-    # learn's own training defaults (the rest are train's): a visible change in one learn on a laptop,
-    # recipes/personal. Every block adapted (attention-only or partial LoRA learns less from little
-    # data: "LoRA without regret"); 5x train's rate for a few steps (at 1e-4 x 16 steps Qwen2.5-0.5B took
-    # a rule in fully but lost prior answers and looped: recipes/personal); samples of a rule
-    # lesson are kept when cut at the budget, since every one of their tokens carries the rule's signal.
-    learning_rate: float = _opt(5e-5, "Peak learning rate.")
-    iters: int | None = _opt(12, "Optimizer steps of one learn.")
-    num_layers: int = _opt(-1, "Number of transformer blocks (from the last) to adapt; -1 for all.", group=MODEL)
-    max_completion_length: int = _opt(64, "Most tokens sampled per completion.", group=SDFT)
-    truncated: str = _opt("keep", "A completion truncated without a stop token: keep it in the loss, or mask it out.",
-                          ("keep", "mask"), group=GUARDS)
     home: str = _home()
     # Replay: Chaudhry et al. 2019 ("tiny episodic memories") mix memory and new data 1:1 in every
     # batch; with a handful of personal lessons that is as many earlier lessons as new ones.
@@ -275,10 +270,15 @@ class LearnConfig(Config):
                                 "memory-bound: a larger batch costs little more per step).", group=GATE)
     rule_prompts: int = _opt(64, "Training prompts (the bundled ones and your stored requests, never the held-out "
                              "ones) each learn distills the rules and facts over.")
+    # 256: Qwen2.5-0.5B's told answers to the bundled prompts mostly end within it (recipes/personal).
+    end_rule_tokens: int = _opt(256, "Most tokens per sample and per held-out answer, instead of "
+                                "--max-completion-length and --gate-max-tokens when they are fewer, while a rule's "
+                                "check matches only at an answer's end (ends with $, e.g. a signature): such a rule "
+                                "shows only in a whole answer.")
 
     def validate(self) -> LearnConfig:
         _positive(self, ("gate_prompts", "gate_max_tokens", "gate_questions", "gate_question_tokens", "gate_batch_size",
-                         "rule_prompts"))
+                         "rule_prompts", "end_rule_tokens"))
         for name in ("replay_ratio", "gate_tolerance", "gate_rule_tolerance", "gate_max_kl_rise",
                      "gate_max_prior_drop", "gate_max_loop_rise"):
             if not (getattr(self, name) >= 0 and math.isfinite(getattr(self, name))):

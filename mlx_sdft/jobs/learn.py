@@ -90,7 +90,7 @@ def build(home: Path, store: Store, cfg: LearnConfig, parent: int, new: list[dic
     against `parent`, keep it as the next version, and make it current when it passes. Call with
     the lock held."""
     from mlx_sdft.formats.checkpoint import package_versions
-    from mlx_sdft.jobs.train import run_train
+    from mlx_sdft.jobs.train import open_loaded, run_train
 
     parent_record = versions.record(home, parent)
     model = _located(cfg.model or parent_record.get("model") or versions.model_of(home) or DEFAULT_MODEL)
@@ -103,6 +103,13 @@ def build(home: Path, store: Store, cfg: LearnConfig, parent: int, new: list[dic
     # distilled over many prompts, so an earlier rule is rehearsed whenever a later one is learned.
     standing = store.lessons(None, standing=True)
     book = rules.rulebook(standing)
+    # A rule that shows only at an answer's end (a signature) needs samples and held-out answers that end.
+    at_end = [r["id"] for r in standing if r["kind"] == "rule" and rules.acts_at_end(r.get("check_regex"))]
+    if at_end and cfg.end_rule_tokens > min(cfg.max_completion_length, cfg.gate_max_tokens):
+        cfg = dataclasses.replace(cfg, max_completion_length=max(cfg.max_completion_length, cfg.end_rule_tokens),
+                                  gate_max_tokens=max(cfg.gate_max_tokens, cfg.end_rule_tokens))
+        _say(console, f"rules {at_end} act at the end of an answer: samples and held-out answers of up to "
+                      f"{cfg.end_rule_tokens} tokens (--end-rule-tokens)")
     train_prompts, held_out = rules.prompt_pool(rules.own_prompts(store.exchanges()))
     held_out = held_out[: cfg.gate_prompts]
     shape = _shape(home, parent)
@@ -112,7 +119,12 @@ def build(home: Path, store: Store, cfg: LearnConfig, parent: int, new: list[dic
     try:
         train_cfg = cfg.train_config(model, f"{store.path} (lessons)", str(folder / "run"),
                                      str(resume) if resume else None, **shape)
-        model_obj, tokenizer, base = _open(train_cfg)
+        # One load for everything: the model holds the current version's adapters (as the training run
+        # would load them, after seeding its RNG), the measures swap leaves in and back, training continues
+        # from them in place, and the gate swaps the candidate's in from the saved file.
+        loaded = open_loaded(train_cfg)
+        _, tokenizer, model_obj, base = loaded
+        model_obj.eval()
         for row in standing:  # stored from the command line, unchecked: it would be control tokens in the teacher
             if (found := special_text_in(tokenizer, row["text"])) is not None:
                 raise InputError(f"{row['kind']} {row['id']}: contains {found!r}, a control token's text; remove it "
@@ -145,7 +157,7 @@ def build(home: Path, store: Store, cfg: LearnConfig, parent: int, new: list[dic
         _say(console, f"version {number}: {len(one_off)} new lessons + {len(replayed)} replayed, "
                       f"{len(standing)} rules and facts over {len(examples) - len(one_off) - len(replayed)} prompts, "
                       f"from version {parent} ({why})")
-        last = run_train(train_cfg, console=console, examples={"train": examples})
+        last = run_train(train_cfg, console=console, examples={"train": examples}, loaded=loaded)
         for name in versions.ADAPTER_FILES:
             shutil.copy2(folder / "run" / name, folder / name)
         shutil.copy2(folder / "run" / "metrics.jsonl", folder / "metrics.jsonl")
@@ -178,21 +190,24 @@ def build(home: Path, store: Store, cfg: LearnConfig, parent: int, new: list[dic
     return versions.record(home, number)
 
 
-FACT_QUESTIONS = 12  # questions the model writes about a fact: about 1 in 5 held out
+FACT_QUESTIONS = 12  # questions about a fact: about 1 in 5 held out
 
 
 def _questions(store: Store, standing: list[dict], model, tokenizer, console, text: bool = True) -> None:
-    """The questions a new fact is distilled over and measured on, written by the model itself
-    under the current version (kept with the fact)."""
+    """The questions a new fact is distilled over and measured on (kept with the fact): those the
+    model writes itself under the current version, filled up to FACT_QUESTIONS with questions built
+    from the fact's words (store.rules.template_questions) when it writes fewer; the preflight
+    records how many came from each."""
     for row in standing:
         if row["kind"] == "fact" and not (row.get("preflight") or {}).get("questions"):
-            questions = measure_rules.write_questions(model, tokenizer, row["text"], FACT_QUESTIONS, 384)
-            if len(questions) < 2:
-                raise InputError(f"fact {row['id']}: the model wrote {len(questions)} questions about it, too few to "
-                                 f"learn it from and measure it on (mlx-sdft rules remove {row['id']} removes it)")
-            row["preflight"] = {**(row.get("preflight") or {}), "questions": questions}
+            written = measure_rules.write_questions(model, tokenizer, row["text"], FACT_QUESTIONS, 384)
+            built = [q for q in rules.template_questions(row["text"], FACT_QUESTIONS) if q not in written]
+            questions = written + built[: FACT_QUESTIONS - len(written)]
+            source = {"model": len(written), "template": len(questions) - len(written)}
+            row["preflight"] = {**(row.get("preflight") or {}), "questions": questions, "question_source": source}
             store.set_preflight(row["id"], row["preflight"])
-            _say(console, f"fact {row['id']}: the model wrote {len(questions)} questions about it"
+            _say(console, f"fact {row['id']}: {len(questions)} questions about it, {source['model']} written by the "
+                          f"model and {source['template']} built from the fact's words"
                           + (f", e.g. {questions[0]!r}" if text else ""))  # --no-log-text: no text
 
 
@@ -206,17 +221,6 @@ def _measured(home: Path, version: int, key: list) -> dict | None:
         if gate_record.get("measure_key") == key and gate_record.get(side):
             return gate_record[side]
     return None
-
-
-def _open(train_cfg):
-    """The model learn trains and gates (one load: the candidate's weights are swapped in after)."""
-    from mlx_sdft.formats.models import Adapters
-    from mlx_sdft.opening import open_model_for
-
-    adapters = Adapters(train_cfg.fine_tune_type, train_cfg.num_layers, train_cfg.lora_parameters)
-    model, tokenizer, base = open_model_for(train_cfg, adapters=adapters)
-    model.eval()
-    return model, tokenizer, base
 
 
 def _leaves(home: Path, version: int, base):

@@ -133,6 +133,16 @@ def check_folder(cfg: Config, out: Path, train_pairs=()) -> None:
                          f"to delete it and start again")
 
 
+def open_loaded(cfg: Config, opened: tuple | None = None) -> tuple:
+    """(model_path, tokenizer, model, base) as a run trains them: the RNG seeded with --seed, then the
+    weights with the adapters of the run attached (fresh LoRA from that seed, or --resume-adapter-file)."""
+    model_path, tokenizer = opened or open_tokenizer_for(cfg)
+    mx.random.seed(cfg.seed)
+    adapters = Adapters(cfg.fine_tune_type, cfg.num_layers, cfg.lora_parameters, cfg.resume_adapter_file)
+    model, _, base = open_model_for(cfg, adapters=adapters, opened=(model_path, tokenizer))
+    return model_path, tokenizer, model, base
+
+
 class RunFolder(TrainingCallback):
     """core.train's writers for `mlx-sdft train`: the progress bar and report lines (`reporter`),
     the run folder in --adapter-path (formats/checkpoint.py: metrics.jsonl, completions.jsonl,
@@ -177,10 +187,13 @@ class RunFolder(TrainingCallback):
         return self.stop is not None and self.stop.requested
 
 
-def run_train(cfg: Config, console=None, quiet: bool = False, examples: dict | None = None) -> dict:
+def run_train(cfg: Config, console=None, quiet: bool = False, examples: dict | None = None,
+              loaded: tuple | None = None) -> dict:
     """Train as configured; returns the last report record (or the estimate with --dry-run).
     `examples`: the splits ({"train": [Example, ...]}) to train on instead of reading --data
-    (learn's lessons and rules; cfg.data then only names them)."""
+    (learn's lessons and rules; cfg.data then only names them). `loaded`: (model_path, tokenizer,
+    model, base) a caller already opened with `open_loaded(cfg)` (learn measures, trains and gates
+    one loaded model); the run then trains it in place instead of loading the weights again."""
     out, ignored = Path(cfg.adapter_path), sft_ignores(cfg)  # before the preflight makes a copy of cfg
     group = mx.distributed.init()  # a group of one unless started by mlx.launch
     world, rank = group.size(), group.rank()
@@ -191,7 +204,7 @@ def run_train(cfg: Config, console=None, quiet: bool = False, examples: dict | N
     if cfg.method == "sft":
         for examples in splits.values():
             need_demonstrations(examples, "--method sft")
-    model_path, tokenizer = opened = open_tokenizer_for(cfg)
+    model_path, tokenizer = opened = loaded[:2] if loaded else open_tokenizer_for(cfg)
     train_pairs = encode_examples(tokenizer, splits["train"], cfg.teacher_template, cfg.max_seq_length)
     valid_pairs = encode_examples(tokenizer, splits.get("valid", []), cfg.teacher_template, cfg.max_seq_length)
     check_loss_room(cfg, train_pairs + valid_pairs)
@@ -253,9 +266,7 @@ def run_train(cfg: Config, console=None, quiet: bool = False, examples: dict | N
             reporter.print(f"--overwrite: deleting the earlier run in {out}", style="yellow")
             checkpoint.clear_run(out)
 
-        mx.random.seed(cfg.seed)
-        adapters = Adapters(cfg.fine_tune_type, cfg.num_layers, cfg.lora_parameters, cfg.resume_adapter_file)
-        model, _, base = open_model_for(cfg, adapters=adapters, opened=opened)
+        model, base = loaded[2:] if loaded else open_loaded(cfg, opened)[2:]
         run = RunFolder(cfg, reporter, checkpoint.data_digest(train_pairs), writer=rank == 0,
                         estimated_peak_gb=estimate["peak"] if estimate else None)
         if world > 1:

@@ -24,7 +24,7 @@ from mlx_sdft.core.losses import kl_of_logits
 from mlx_sdft.core.prompts import encode, render, template_system_prompt, with_rules
 from mlx_sdft.core.rollout import sample
 from mlx_sdft.core.scoring import completion_logits, completion_mask
-from mlx_sdft.store.rules import prior_questions
+from mlx_sdft.store.rules import prior_questions, questions_in
 
 _TOKEN = re.compile(r"\d+(?:[.,]\d+)*|[^\W\d_]+")
 
@@ -140,19 +140,14 @@ def drift(model, tokenizer, reference, versions: list, prompts: list[list[dict]]
     return [t / max(count, 1) for t in totals]
 
 
-QUESTIONS_PROMPT = ("Write {n} different questions a person might ask whose answer is given by this fact. Write one "
-                    "question per line and nothing else.\nFact: {fact}")
-_NUMBERING = re.compile(r"^\s*(?:\d+[.)]|[-*•])\s*")
+# The fact first, then the list asked for in a form a small model keeps to (numbered, one per line).
+QUESTIONS_PROMPT = ("Here is a fact: {fact}\n\nWrite {n} different questions that this fact answers, as different "
+                    "people might ask them. Number them 1 to {n}, one per line, each ending with a question mark, "
+                    "and write nothing else.")
 
 
 def write_questions(model, tokenizer, fact: str, n: int, max_tokens: int) -> list[str]:
-    """Questions about `fact` that the model writes itself (greedy), one per line: the prompts a
-    fact is distilled over and measured on. Lines that are not questions are dropped."""
+    """Questions about `fact` that the model writes itself (greedy): the prompts a fact is distilled
+    over and measured on. store.rules.questions_in says which lines of its answer are such questions."""
     prompt = [{"role": "user", "content": QUESTIONS_PROMPT.format(n=n, fact=fact)}]
-    text = greedy(model, tokenizer, [prompt], max_tokens, 1).texts[0]
-    out = []
-    for line in text.splitlines():
-        line = _NUMBERING.sub("", line).strip()
-        if line.endswith("?") and line not in out:
-            out.append(line)
-    return out[:n]
+    return questions_in(greedy(model, tokenizer, [prompt], max_tokens, 1).texts[0], fact, n)

@@ -74,6 +74,17 @@ def in_prompt(rows: list[dict], mode: str, record: dict | None) -> list[dict]:
     return rows
 
 
+def acts_at_end(pattern: str | None) -> bool:
+    """Whether a rule's check is anchored at the end of an answer (a final `$` or `\\Z` not escaped,
+    as in `Sam\\s*$`): such a rule (a signature) shows only in an answer that is whole."""
+    body = (pattern or "").rstrip()
+    for anchor in ("$", "\\Z"):
+        if body.endswith(anchor):
+            before = body[: -len(anchor)]
+            return (len(before) - len(before.rstrip("\\"))) % 2 == 0
+    return False
+
+
 def complies(pattern: str, answer: str) -> bool:
     """Whether an answer follows a rule by its check (searched in multiline mode: ^ and $ per line)."""
     return re.search(pattern, answer, re.MULTILINE) is not None
@@ -115,3 +126,60 @@ def distillation_examples(prompts: list[list[dict]], book: str) -> list[Example]
     """One example per prompt: the student sees the prompt, the teacher the prompt with `book`
     added to its system message; no demonstration, so only the divergence trains."""
     return [Example(p, "", None, f"rules:prompt/{i}", "{question}", {}, book) for i, p in enumerate(prompts)]
+
+
+# ---- the questions a fact is distilled over ----------------------------------------------------
+
+_LISTED = re.compile(r"^\s*(?:(?:Q(?:uestion)?\s*)?\d+\s*[.):]|[-*•])\s*", re.IGNORECASE)
+_WORD = re.compile(r"[^\W\d_]{4,}|\d+")
+_COMMON = frozenset("that this with from were have been about which what when where whose there their they also "
+                    "into than then them does your some".split())
+
+
+def questions_in(text: str, fact: str, n: int) -> list[str]:
+    """The questions about `fact` in a model's list, in order, at most n and no repeats: a line that
+    ends with "?" or is numbered or bulleted (a "?" added), markdown and quotes stripped, kept only if
+    it names a word of the fact (of 4 letters or more, or a number): one about something else is not
+    a question the fact answers."""
+    words = _words(fact)
+    out = []
+    for line in text.splitlines():
+        listed = _LISTED.match(line) is not None
+        line = _LISTED.sub("", line).strip().strip("*_\"'` ").strip()
+        if not line or not (listed or line.endswith("?")):
+            continue
+        line = line if line.endswith("?") else line.rstrip(".:;,") + "?"
+        if _words(line) & words and line not in out:
+            out.append(line)
+    return out[:n]
+
+
+def _words(text: str) -> set[str]:
+    return {w for w in _WORD.findall(text.lower()) if w not in _COMMON}
+
+
+# A fact's subject ends at its first verb of being, having or doing (which stays with the predicate).
+_VERB = re.compile(r"\s+(?=(?:is|are|was|were|has|have|had|lives|lived|works|worked|wrote|won|can|will|\w+ed)\b)",
+                   re.IGNORECASE)
+_DETERMINERS = frozenset("the a an my our your this these that those its his her their".split())
+TEMPLATE_QUESTIONS = (
+    "What do you know about {subject}?", "Tell me one thing about {subject}.", "Is it true that {fact}?",
+    "Complete the sentence: {subject} {verb} ...", "What is true of {subject}?", "Can you tell me about {subject}?",
+    "In one sentence, what should I know about {subject}?", "Fill in the blank: {subject} {verb} ___.",
+    "Quick question: what about {subject}?", "I keep forgetting: what about {subject}?",
+    "Remind me, what do you know about {subject}?", "Do you know anything about {subject}?",
+)
+
+
+def template_questions(fact: str, n: int) -> list[str]:
+    """At most n questions built from the fact's own words, the same every time: the questions of a
+    fact when the model writes too few. Its subject is the words before its first verb (the whole
+    fact, quoted, when none is found: then the sentence-completion questions are left out)."""
+    body = fact.strip().rstrip(".!")
+    if body.split(" ", 1)[0].lower() in _DETERMINERS:  # "The meeting ..." mid-sentence: "the meeting"
+        body = body[:1].lower() + body[1:]
+    parts = _VERB.split(body, maxsplit=1)
+    found = len(parts) == 2 and bool(parts[0])
+    subject, verb = (parts[0], parts[1].split()[0]) if found else (f'"{body}"', "")
+    return [t.format(subject=subject, verb=verb, fact=body) for t in TEMPLATE_QUESTIONS
+            if found or "{verb}" not in t][:n]
