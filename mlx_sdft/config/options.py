@@ -93,24 +93,19 @@ def _opt(default: Any, help: str, choices: tuple | None = None, cli: bool = True
 
 
 def compose(base: type, defaults: dict[str, Any], set_here: tuple[str, ...], what: str) -> type:
-    """`base`'s options as a command built on them takes them: `defaults` replace some of base's
-    defaults (each option's help, group and choices kept), and the options in `set_here` are set by
-    the command itself, so they are no flags. `what`: who sets them, for their help."""
-    fields = []
-    for f in dataclasses.fields(base):
-        if f.name in defaults or f.name in set_here:
-            meta = {**f.metadata, **({} if f.name in defaults else {"cli": False, "required": False, "help": f"Set by {what}."})}
-            default = defaults[f.name] if f.name in defaults else (
-                f.default if f.default is not dataclasses.MISSING else f.default_factory())
-            fields.append((f.name, f.type, _opt(default, **meta)))
-    composed = dataclasses.make_dataclass(f"{base.__name__}As{what.title()}", fields, bases=(base,))
-    composed.composes = base
-    return composed
+    """`base`'s options as command `what` built on them takes them: `defaults` replace some defaults
+    (help, group and choices kept); those in `set_here` the command sets itself: no flags."""
+    fields = [(f.name, f.type, _opt(defaults[f.name], **f.metadata)) for f in dataclasses.fields(base)
+              if f.name in defaults]
+    fields += [(f.name, f.type, _opt(f.default if f.default is not dataclasses.MISSING else f.default_factory(),
+                                     **{**f.metadata, "cli": False, "required": False, "help": f"Set by {what}."}))
+               for f in dataclasses.fields(base) if f.name in set_here]
+    return dataclasses.make_dataclass(f"{base.__name__}As{what.title()}", fields, bases=(base,),
+                                      namespace={"composes": base})
 
 
 def shown_options(cls: type) -> set[str]:
-    """The options `cls` declares itself, or gives its own default in `compose`: those its --help and
-    docs/options.md list (the others of the options it composes are accepted all the same)."""
+    """The options `cls` declares or gives its own default (`compose`): those --help and options.md list."""
     names: set[str] = set()
     for klass in cls.__mro__:
         if klass is getattr(cls, "composes", None):

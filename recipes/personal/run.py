@@ -150,7 +150,13 @@ def main() -> None:
     parser.add_argument("--cache", default=str(Path.home() / ".cache" / "mlx-sdft" / "recipes"))
     parser.add_argument("--stages", type=int, default=len(RULES), help="teach only the first N rules and facts")
     parser.add_argument("--report", action="store_true", help="only write the results of the stages --out holds")
+    parser.add_argument("--merge", nargs="+", metavar="OUT", help="only join these runs' summary.json files into "
+                        "--out's summary.json (results/summary.json: one entry per model)")
     args = parser.parse_args()
+    if args.merge:
+        target = Path(args.out or Path(__file__).parent / "results") / "summary.json"
+        target.write_text(json.dumps(merge([Path(folder) for folder in args.merge]), indent=1) + "\n")
+        return
     out = Path(args.out or f"runs/personal-{args.model.replace('/', '_')}")
     if not args.report:
         teach_and_learn(args, out)
@@ -229,6 +235,17 @@ def summarize(name: str, rows: list[dict], ids: dict, rules: dict) -> dict:
             "gap_after_own_learn": own["served"]["rules"][lesson]["gap"],
             "n_heldout": own["served"]["rules"][lesson]["prompts"]}
     return {"models": {name: out}}
+
+
+def merge(folders: list[Path]) -> dict:
+    """The summaries of several runs as one {"models": {MODEL: ...}}; a model twice is refused."""
+    models = {}
+    for folder in folders:
+        for name, summary in json.loads((folder / "summary.json").read_text())["models"].items():
+            if name in models:
+                raise SystemExit(f"{folder}: {name} is in an earlier summary already")
+            models[name] = summary
+    return {"models": models}
 
 
 def table(rows: list[dict], ids: dict) -> str:
