@@ -1,4 +1,4 @@
-"""Evaluation, retention, the teacher check and the continual runner on the tiny model."""
+"""The eval, check and continual commands on the tiny model (their numbers: tests/test_measure.py)."""
 
 import importlib.util
 import json
@@ -12,8 +12,7 @@ from conftest import ROOT
 from mlx_sdft.formats.checkpoint import save
 from mlx_sdft.cli import app
 from mlx_sdft.config import Config, load_config
-from mlx_sdft.jobs.evaluate import load_prompts, perplexity, retention_kl
-from mlx_sdft.formats.models import Adapters, load_tokenizer, open_model
+from mlx_sdft.formats.models import Adapters, open_model
 from mlx_sdft.core.teacher import trainable_leaves, using
 from mlx_sdft.jobs.train import run_train
 from mlx_sdft.core.train import build_optimizer
@@ -34,30 +33,6 @@ def _trained_adapters(tiny_model, smoke_data, out, **kw):
                 learning_rate=1e-2, max_completion_length=12, steps_per_eval=100, **kw)
     run_train(load_config(None, opts), quiet=True)
     return out
-
-
-def test_retention_kl_is_zero_untrained_and_positive_after_training(tiny_model, smoke_data, tmp_path):
-    tok = load_tokenizer(tiny_model)
-    prompts = load_prompts(None, 6)
-    assert len(load_prompts(None, 1000)) == 100  # the bundled general prompts
-    model, base = open_model(tiny_model, adapters=_untrained_adapters(tiny_model, tmp_path / "zero"))
-    assert retention_kl(model, tok, base, prompts, 8, 4) == pytest.approx(0.0, abs=1e-6)
-    model, base = open_model(tiny_model, adapters=_trained_adapters(tiny_model, smoke_data, tmp_path / "trained"))
-    assert retention_kl(model, tok, base, prompts, 8, 4) > 1e-3
-
-
-def test_perplexity_matches_a_direct_computation(tiny, tiny_model):
-    model, tok = tiny
-    texts = ["The capital of Peru is Lima.", "The opposite of hot is cold."]
-    ids = [tok.encode(t) for t in texts]
-    nll, n = 0.0, 0
-    for row in ids:
-        logits = np.array(model(mx.array([row]))[0], dtype=np.float64)
-        logprobs = logits - logits.max(-1, keepdims=True)
-        logprobs -= np.log(np.exp(logprobs).sum(-1, keepdims=True))
-        nll -= logprobs[np.arange(len(row) - 1), row[1:]].sum()
-        n += len(row) - 1
-    assert perplexity(model, tok, texts, 2048, 2) == pytest.approx(np.exp(nll / n), rel=1e-4)
 
 
 def test_base_leaves_turn_the_adapters_off(tiny, tiny_model, smoke_data, tmp_path):
@@ -178,18 +153,6 @@ def test_small_model_note_quotes_the_recipe():
     assert prior["sdft_lr0.0001"] < prior["sft_lr0.0001"]
 
 
-def test_teacher_agreement_on_hand_built_logits():
-    from mlx_sdft.jobs.check import teacher_agreement
-
-    # Position 0: teacher argmax 1, sampled 1; position 1: teacher argmax 0, sampled 2; position 2 is padding.
-    teacher = mx.array([[[0.0, 5.0, 0.0], [5.0, 0.0, 0.0], [0.0, 0.0, 9.0]]])
-    student = mx.zeros((1, 3, 3))
-    mean_kl, differs = teacher_agreement(student, teacher, mx.array([[1, 2, 0]]), mx.array([[1.0, 1.0, 0.0]]))
-    q = np.exp([5.0, 0, 0]) / np.exp([5.0, 0, 0]).sum()
-    assert mean_kl == pytest.approx(float((q * np.log(q * 3)).sum()), rel=1e-5)  # KL(q‖uniform), both positions alike
-    assert differs == 0.5
-
-
 @pytest.mark.parametrize("strength, degenerate, disagreement, want", [
     ("GOOD", 0.0, 0.1, "recommend pure SDFT (--sft-weight 0):"),
     ("GOOD", 0.25, 0.1, "recommend SDFT with the defaults (--sft-weight 0.5, --completion-budget 2, --truncated mask):"),
@@ -266,22 +229,6 @@ def test_continual_bad_stage_file_exits_2(tiny_model, tmp_path, extra, pattern):
     assert result.exit_code == 2, result.output
     assert re.search(pattern, result.stderr) and len(result.stderr.strip().splitlines()) == 1, result.stderr
     assert not (tmp_path / "run").exists()
-
-
-def test_each_example_is_rendered_with_its_own_tools(tiny, monkeypatch):
-    import mlx_sdft.jobs.evaluate as evaluate
-    from mlx_sdft.core.data import Example
-    from mlx_sdft.core.metrics import exact
-
-    model, tok = tiny
-    import mlx_sdft.measure.rules as answers  # where evaluation's greedy answers are rendered
-
-    seen, real = [], answers.render
-    monkeypatch.setattr(answers, "render", lambda t, msgs, tools=None: seen.append(tools) or real(t, msgs))
-    examples = [Example([{"role": "user", "content": "Hi?"}], "Hello.", tools=[{"name": f"tool{i}"}] if i else None)
-                for i in range(3)]
-    evaluate.evaluate_task(model, tok, examples, exact, 2, batch_size=2)
-    assert seen == [None, [{"name": "tool1"}], [{"name": "tool2"}]]
 
 
 @pytest.mark.parametrize("where", ["training", "evaluation"])

@@ -1,6 +1,7 @@
 """The layers CONTRIBUTING.md draws hold in the code: every import in mlx_sdft/, at module level or
 inside a function, goes to a layer below the importing module's own, and no modules import each
 other in a cycle. The layer block is read from CONTRIBUTING.md, so the map there stays true.
+Measurements sit below the commands (jobs → measure, never back), and a job takes none from another.
 
     python -m pytest tests/test_layers.py
 """
@@ -105,13 +106,68 @@ def test_every_part_of_the_package_has_a_layer():
     assert not placed - units, f"in CONTRIBUTING.md's layers but not in mlx_sdft/: {sorted(placed - units)}"
 
 
-def test_imports_only_go_down():
+def upward(edges: dict[str, set[str]]) -> list[str]:
+    """The imports in `edges` that do not go down the layers, one line each."""
     rank = {u: i for i, layer in enumerate(layers()) for u in layer}
-    wrong = [f"{src} imports {dst} ({unit(dst)} is {'beside' if rank[unit(dst)] == rank[unit(src)] else 'above'} "
-             f"{unit(src)})"
-             for src, targets in graph().items() for dst in sorted(targets)
-             if unit(dst) != unit(src) and rank[unit(dst)] >= rank[unit(src)] and (src, dst) != PRELOAD]
+    return [f"{src} imports {dst} ({unit(dst)} is {'beside' if rank[unit(dst)] == rank[unit(src)] else 'above'} "
+            f"{unit(src)})"
+            for src, targets in edges.items() for dst in sorted(targets)
+            if unit(dst) != unit(src) and rank[unit(dst)] >= rank[unit(src)] and (src, dst) != PRELOAD]
+
+
+def test_imports_only_go_down():
+    wrong = upward(graph())
     assert not wrong, "imports that do not go down:\n" + "\n".join(wrong)
+
+
+def test_measure_sits_below_the_commands():
+    """jobs → measure, never back: a measurement that imported a job (or serve, or the CLI) is refused."""
+    rank = {u: i for i, layer in enumerate(layers()) for u in layer}
+    assert all(rank["measure"] < rank[above] for above in ("jobs", "serve", "cli"))
+    assert any(unit(t) == "measure" for src, targets in graph().items() if unit(src) == "jobs" for t in targets)
+    for above in ("mlx_sdft.jobs.evaluate", "mlx_sdft.serve.engine", "mlx_sdft.cli"):
+        assert upward({"mlx_sdft.measure.task": {above}}) == [
+            f"mlx_sdft.measure.task imports {above} ({unit(above)} is above measure)"]
+
+
+# A job imports from another job only what is the command's own behaviour: a command's entry point
+# (`continual` runs `train`'s), the gate (learn's decision, whose preflight `rules add` runs) or
+# `teach --rule`'s store step (`rules add` is that command). Measurements come from measure/.
+def allowed(name: str) -> bool:
+    return (name.rpartition(".")[2].startswith("run_") or name.startswith("mlx_sdft.jobs.gate")
+            or name == "mlx_sdft.jobs.teach.add_standing")
+
+
+def job_to_job(path: Path) -> list[str]:
+    """What a jobs/ module imports from another jobs/ module, as dotted names."""
+    own = "mlx_sdft.jobs." + path.stem
+    out = []
+    for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+        if isinstance(node, ast.ImportFrom):
+            base = node.module or ""
+            if node.level:  # relative: `from .evaluate import x` inside jobs/
+                base = ".".join(["mlx_sdft", "jobs"][: 3 - node.level] + ([node.module] if node.module else []))
+            if base == "mlx_sdft.jobs" or base.startswith("mlx_sdft.jobs."):
+                out += [f"{base}.{alias.name}" for alias in node.names]
+        elif isinstance(node, ast.Import):
+            out += [alias.name for alias in node.names if alias.name.startswith("mlx_sdft.jobs.")]
+    return [name for name in out if not name.startswith(own + ".") and name != own]
+
+
+def test_jobs_take_measurements_from_measure_not_from_each_other():
+    jobs = sorted((ROOT / PACKAGE / "jobs").glob("*.py"))
+    wrong = [f"{path.name}: {name}" for path in jobs for name in job_to_job(path) if not allowed(name)]
+    assert not wrong, "jobs that import another job's functions (a measurement goes in measure/):\n" + "\n".join(wrong)
+
+
+def test_job_to_job_sees_a_borrowed_measurement(tmp_path):
+    path = tmp_path / "check.py"
+    path.write_text("from mlx_sdft.jobs.evaluate import perplexity, run_eval\nfrom mlx_sdft.jobs import gate\n"
+                    "from mlx_sdft.jobs.check import verdict\nfrom .continual import evaluate_stage\n")
+    found = job_to_job(path)
+    assert found == ["mlx_sdft.jobs.evaluate.perplexity", "mlx_sdft.jobs.evaluate.run_eval", "mlx_sdft.jobs.gate",
+                     "mlx_sdft.jobs.continual.evaluate_stage"]
+    assert [allowed(name) for name in found] == [False, True, True, False]
 
 
 def test_no_import_cycles():

@@ -64,7 +64,7 @@ def test_learn_accepts_and_serve_answers_with_the_new_version(tiny_model, tmp_pa
     from mlx_lm import generate, load
 
     from mlx_sdft.core.prompts import encode_examples
-    from mlx_sdft.jobs.check import demonstration_loglik
+    from mlx_sdft.measure.teacher import demonstration_loglik
     from test_serve import serving
 
     home = tmp_path / "home"

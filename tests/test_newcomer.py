@@ -381,7 +381,7 @@ def test_data_takes_a_dataset_saved_by_the_datasets_library(tiny_model, tmp_path
                                  "--adapter-path", str(tmp_path / "a")])
     assert result.exit_code == 0, result.output
     assert "5 training prompts, 2 validation prompts" in _plain(result.stderr)  # "validation" is the valid split
-    from mlx_sdft.jobs.evaluate import task_examples
+    from mlx_sdft.measure.task import task_examples
 
     test = task_examples(str(folder))
     assert [ex.demonstration for ex in test] == [r["completion"] for r in _rows(3, 7)] and test[0].where == f"{folder}/test:1"

@@ -11,26 +11,22 @@ teacher's most likely token is not the one sampled, the degenerate rate, and the
 hit their budget (masked in training under --truncated mask). `recommend` turns all of it into
 pure SDFT, SDFT with the defaults (the SFT term and the guards), or SFT, with the reason;
 `small_model_note` says when the model is below the size where our own measurement saw both
-methods lose much of what the base model knew.
+methods lose much of what the base model knew. The numbers are measure/teacher.py's and
+measure/task.py's; this module turns them into the verdict, the recommendation and the report.
 """
 
 from __future__ import annotations
 
 import dataclasses
 
-import mlx.core as mx
 from rich.panel import Panel
 from rich.table import Table
 from rich.text import Text
 
 from mlx_sdft.config import COMPLETION_BUDGET, SFT_WEIGHT, TRUNCATED
-from mlx_sdft.core.degeneration import degenerate_rate, len_ratio
-from mlx_sdft.core.guards import completion_budget, shared_prefix, skipped_prefix_warning
-from mlx_sdft.core.losses import kl_of_logits, log_softmax
-from mlx_sdft.core.prompts import PromptPair
-from mlx_sdft.core.rollout import sample
-from mlx_sdft.core.scoring import completion_logits, completion_mask, pad_rows
-from mlx_sdft.core.train import sequence_seed
+from mlx_sdft.core.guards import shared_prefix, skipped_prefix_warning
+from mlx_sdft.measure.task import evaluate_task, predict
+from mlx_sdft.measure.teacher import context_gain, score_samples
 
 # Heuristics, not from the paper. Without a metric: nats per token the teacher context must add
 # (the project's calibration saw SmolLM2-135M move −3.5 → −1.9); with one: the score it must add.
@@ -48,59 +44,6 @@ SMALL_MODEL_NOTE = ("a small model ({size} parameters, below {limit}): in this p
                     "0.62 for SDFT vs 0.60 for SFT (base 0.99) at the learning rate each chose on validation, and at "
                     "4x that rate SDFT forgot more than SFT (0.55 vs 0.67); train both (--method sft) and compare them "
                     "on questions the base model answers (mlx-sdft eval --data PRIOR_TASK --adapter-path A)")
-
-
-def demonstration_loglik(model, pairs: list[PromptPair], role: str, batch_size: int) -> list[float]:
-    """Mean log-probability per demonstration token, after the student's or the teacher's prompt."""
-    out = []
-    for i in range(0, len(pairs), batch_size):
-        batch = pairs[i:i + batch_size]
-        prompts = [p.student_ids if role == "student" else p.teacher_ids for p in batch]
-        targets = [p.demo_ids for p in batch]
-        logprobs_BTV = log_softmax(completion_logits(model, prompts, targets))
-        token_BT = mx.take_along_axis(logprobs_BTV, pad_rows(targets)[..., None], axis=-1).squeeze(-1)
-        mask_BT = completion_mask([len(t) for t in targets])
-        out += ((token_BT * mask_BT).sum(-1) / mask_BT.sum(-1)).tolist()
-    return out
-
-
-def teacher_agreement(student_logits_BTV: mx.array, teacher_logits_BTV: mx.array, completions_BT: mx.array,
-                      mask_BT: mx.array) -> tuple[float, float]:
-    """(mean per-token KL(teacher‖student), fraction of tokens whose sampled id is not the
-    teacher's argmax), both over the completion tokens in mask_BT."""
-    kl_BT = kl_of_logits(teacher_logits_BTV.astype(mx.float32), student_logits_BTV.astype(mx.float32))[0]
-    differs_BT = (teacher_logits_BTV.argmax(axis=-1) != completions_BT).astype(mx.float32)
-    n = mx.maximum(mask_BT.sum(), 1.0)
-    return ((kl_BT * mask_BT).sum() / n).item(), ((differs_BT * mask_BT).sum() / n).item()
-
-
-def score_samples(model, tokenizer, pairs: list[PromptPair], cfg) -> dict:
-    """Student samples for `pairs`, each within the completion budget training would give it
-    (`cfg`: CheckConfig's --completion-budget, --max-completion-length, --max-seq-length), scored under
-    the teacher (the untrained model, as the EMA teacher starts): mean token KL, teacher disagreement,
-    degenerate rate (token-weighted over batches), and the fraction that hit their budget without a
-    stop token (`sample_truncated`: what --truncated mask leaves out of the loss)."""
-    stops = sorted(tokenizer.eos_token_ids)
-    kl_sum = differs_sum = tokens = 0.0
-    completions, truncated = [], []
-    for i in range(0, len(pairs), cfg.batch_size):
-        batch = pairs[i:i + cfg.batch_size]
-        seeds = [sequence_seed(0, i + j, 0) for j in range(len(batch))]
-        budgets = [completion_budget(p, cfg) for p in batch]
-        rollout = sample(model, [p.student_ids for p in batch], budgets, stops, temperature=1.0,
-                         batch_size=len(batch), seeds=seeds)
-        mask_BT = completion_mask([len(c) for c in rollout.completions])
-        student_BTV = completion_logits(model, [p.student_ids for p in batch], rollout.completions)
-        teacher_BTV = completion_logits(model, [p.teacher_ids for p in batch], rollout.completions)
-        mean_kl, differs = teacher_agreement(student_BTV, teacher_BTV, pad_rows(rollout.completions), mask_BT)
-        n = mask_BT.sum().item()
-        kl_sum, differs_sum, tokens = kl_sum + mean_kl * n, differs_sum + differs * n, tokens + n
-        completions += rollout.completions
-        truncated += rollout.truncated
-    return {"samples": len(completions), "sample_kl": kl_sum / max(tokens, 1), "teacher_disagreement": differs_sum / max(tokens, 1),
-            "sample_degenerate": degenerate_rate(completions, truncated, stops),
-            "sample_truncated": sum(truncated) / max(len(truncated), 1),
-            "sample_len_ratio": len_ratio(completions, [p.demo_ids for p in pairs]), "completions": completions}
 
 
 def recommend(report: dict) -> str:
@@ -157,7 +100,6 @@ def run_check(cfg, console=None) -> dict:
     from mlx_sdft.core.metrics import Metric, resolve_metric
     from mlx_sdft.core.prompts import apply_system_prompt, encode_examples, teacher_messages
     from mlx_sdft.atomic import write_json
-    from mlx_sdft.jobs.evaluate import evaluate_task, predict
     from mlx_sdft.machine.memory import base_parameters, model_config
     from mlx_sdft.machine.report import make_console
     from mlx_sdft.opening import open_model_for, open_tokenizer_for
@@ -171,11 +113,7 @@ def run_check(cfg, console=None) -> dict:
     model, _, _ = open_model_for(cfg, console=console, note=True, opened=opened)
     shown = [dataclasses.replace(ex, prompt=teacher_messages(ex, cfg.teacher_template)) for ex in examples]
     with console.status(f"scoring {len(pairs)} demonstrations under both contexts"):
-        student = demonstration_loglik(model, pairs, "student", cfg.batch_size)
-        teacher = demonstration_loglik(model, pairs, "teacher", cfg.batch_size)
-        report = {"examples": len(pairs), "student_loglik": sum(student) / len(student),
-                  "teacher_loglik": sum(teacher) / len(teacher),
-                  "improved_fraction": sum(t > s for s, t in zip(student, teacher)) / len(pairs)}
+        report = context_gain(model, pairs, cfg.batch_size)
         if metric is not None:
             without = evaluate_task(model, tokenizer, examples, metric, cfg.max_tokens, cfg.batch_size)
             with_demo = evaluate_task(model, tokenizer, shown, metric, cfg.max_tokens, cfg.batch_size)

