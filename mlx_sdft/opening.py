@@ -11,6 +11,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import mlx.core as mx
+
 from mlx_sdft.chat_template import render
 from mlx_sdft.core.prompts import system_prompt_note
 from mlx_sdft.formats import models
@@ -44,3 +46,13 @@ def open_model_for(options, *, adapters=None, console=None, note: bool = False,
             console.print(line, highlight=False, markup=False, soft_wrap=True)
     model, base = models.open_model(path, adapters=adapters)
     return model, tokenizer, base
+
+
+def open_to_train(cfg, opened: tuple | None = None) -> tuple:
+    """(model_path, tokenizer, model, base) as a run trains them: the RNG seeded with --seed, then the
+    weights with the adapters of the run attached (fresh LoRA from that seed, or --resume-adapter-file)."""
+    model_path, tokenizer = opened or open_tokenizer_for(cfg)
+    mx.random.seed(cfg.seed)
+    adapters = models.Adapters(cfg.fine_tune_type, cfg.num_layers, cfg.lora_parameters, cfg.resume_adapter_file)
+    model, _, base = open_model_for(cfg, adapters=adapters, opened=(model_path, tokenizer))
+    return model_path, tokenizer, model, base

@@ -139,7 +139,7 @@ def test_learn_distills_a_rule_and_forget_removes_it_everywhere(tiny_model, tmp_
     import mlx.core as mx
 
     from mlx_sdft.jobs.gate import check
-    from mlx_sdft.jobs.train import open_loaded
+    from mlx_sdft.opening import open_to_train
     from mlx_sdft.config import LearnConfig
 
     home = tmp_path / "home"
@@ -164,7 +164,7 @@ def test_learn_distills_a_rule_and_forget_removes_it_everywhere(tiny_model, tmp_
     cfg = LearnConfig(home=str(home), model=str(tiny_model), num_layers=-1, gate_prompts=4, gate_max_tokens=8,
                       gate_questions=4, gate_question_tokens=6, batch_size=2, gate_rule_tolerance=0.0,
                       gate_max_kl_rise=100, gate_max_loop_rise=1, gate_max_prior_drop=1).validate()
-    _, tokenizer, model, base = open_loaded(cfg.train_config(str(tiny_model), "-", str(tmp_path / "x")))
+    _, tokenizer, model, base = open_to_train(cfg.train_config(str(tiny_model), "-", str(tmp_path / "x")))
     model.eval()
     learned = {**base, **weights}
     with Store(home) as store:

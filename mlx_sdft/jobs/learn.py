@@ -90,7 +90,8 @@ def build(home: Path, store: Store, cfg: LearnConfig, parent: int, new: list[dic
     against `parent`, keep it as the next version, and make it current when it passes. Call with
     the lock held."""
     from mlx_sdft.formats.checkpoint import package_versions
-    from mlx_sdft.jobs.train import open_loaded, run_train
+    from mlx_sdft.jobs.train import run_train
+    from mlx_sdft.opening import open_to_train
 
     parent_record = versions.record(home, parent)
     model = _located(cfg.model or parent_record.get("model") or versions.model_of(home) or DEFAULT_MODEL)
@@ -122,7 +123,7 @@ def build(home: Path, store: Store, cfg: LearnConfig, parent: int, new: list[dic
         # One load for everything: the model holds the current version's adapters (as the training run
         # would load them, after seeding its RNG), the measures swap leaves in and back, training continues
         # from them in place, and the gate swaps the candidate's in from the saved file.
-        loaded = open_loaded(train_cfg)
+        loaded = open_to_train(train_cfg)
         _, tokenizer, model_obj, base = loaded
         model_obj.eval()
         for row in standing:  # stored from the command line, unchecked: it would be control tokens in the teacher

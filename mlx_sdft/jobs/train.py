@@ -25,10 +25,10 @@ from mlx_sdft.core.data import load_dataset, need_demonstrations
 from mlx_sdft.core.guards import completion_budget, completion_room, skipped_prefix_warning
 from mlx_sdft.core.objective import describe, loss_parts
 from mlx_sdft.errors import InputError
-from mlx_sdft.formats.models import Adapters, check_adapter_fit
+from mlx_sdft.formats.models import check_adapter_fit
 from mlx_sdft.core.prompts import apply_system_prompt, describe_stops, encode_examples, student_text, system_prompt_note, teacher_text
 from mlx_sdft.machine.report import Reporter, StopFlag
-from mlx_sdft.opening import open_model_for, open_tokenizer_for
+from mlx_sdft.opening import open_to_train, open_tokenizer_for
 from mlx_sdft.core.scoring import head_splits
 from mlx_sdft.core.teacher import Leaves
 from mlx_sdft.core.train import TrainingCallback, total_steps, train
@@ -133,16 +133,6 @@ def check_folder(cfg: Config, out: Path, train_pairs=()) -> None:
                          f"to delete it and start again")
 
 
-def open_loaded(cfg: Config, opened: tuple | None = None) -> tuple:
-    """(model_path, tokenizer, model, base) as a run trains them: the RNG seeded with --seed, then the
-    weights with the adapters of the run attached (fresh LoRA from that seed, or --resume-adapter-file)."""
-    model_path, tokenizer = opened or open_tokenizer_for(cfg)
-    mx.random.seed(cfg.seed)
-    adapters = Adapters(cfg.fine_tune_type, cfg.num_layers, cfg.lora_parameters, cfg.resume_adapter_file)
-    model, _, base = open_model_for(cfg, adapters=adapters, opened=(model_path, tokenizer))
-    return model_path, tokenizer, model, base
-
-
 class RunFolder(TrainingCallback):
     """core.train's writers for `mlx-sdft train`: the progress bar and report lines (`reporter`),
     the run folder in --adapter-path (formats/checkpoint.py: metrics.jsonl, completions.jsonl,
@@ -192,7 +182,7 @@ def run_train(cfg: Config, console=None, quiet: bool = False, examples: dict | N
     """Train as configured; returns the last report record (or the estimate with --dry-run).
     `examples`: the splits ({"train": [Example, ...]}) to train on instead of reading --data
     (learn's lessons and rules; cfg.data then only names them). `loaded`: (model_path, tokenizer,
-    model, base) a caller already opened with `open_loaded(cfg)` (learn measures, trains and gates
+    model, base) a caller already opened with `open_to_train(cfg)` (learn measures, trains and gates
     one loaded model); the run then trains it in place instead of loading the weights again."""
     out, ignored = Path(cfg.adapter_path), sft_ignores(cfg)  # before the preflight makes a copy of cfg
     group = mx.distributed.init()  # a group of one unless started by mlx.launch
@@ -266,7 +256,7 @@ def run_train(cfg: Config, console=None, quiet: bool = False, examples: dict | N
             reporter.print(f"--overwrite: deleting the earlier run in {out}", style="yellow")
             checkpoint.clear_run(out)
 
-        model, base = loaded[2:] if loaded else open_loaded(cfg, opened)[2:]
+        model, base = loaded[2:] if loaded else open_to_train(cfg, opened)[2:]
         run = RunFolder(cfg, reporter, checkpoint.data_digest(train_pairs), writer=rank == 0,
                         estimated_peak_gb=estimate["peak"] if estimate else None)
         if world > 1:
