@@ -548,7 +548,8 @@ def test_learn_loads_the_model_once_and_trains_and_gates_as_separate_loads_would
 
     from mlx_sdft.config import LearnConfig
     from mlx_sdft.formats import models
-    from mlx_sdft.jobs import gate, train
+    from mlx_sdft.jobs import train
+    from mlx_sdft.measure.version import measure
     from mlx_sdft.opening import open_model_for
     from mlx_sdft.store.rules import prompt_pool
 
@@ -590,7 +591,7 @@ def test_learn_loads_the_model_once_and_trains_and_gates_as_separate_loads_would
     recorded = versions.record(home, 2)["gate"]
     for side, folder in (("measures", versions.version_dir(home, 2)), ("current_measures", versions.version_dir(home, 1))):
         model, tokenizer, _ = open_model_for(options.train_config(str(tiny_model), "-", "-"), adapters=folder)
-        fresh = gate.measure(model, tokenizer, None, standing, held_out, options)
+        fresh = measure(model, tokenizer, None, standing, held_out, options)
         assert fresh["prior"] == recorded[side]["prior"] and fresh["loops"] == recorded[side]["loops"]
         for key, rule in fresh["rules"].items():
             assert rule == pytest.approx(recorded[side]["rules"][key], rel=1e-5), side

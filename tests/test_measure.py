@@ -159,3 +159,17 @@ def test_each_example_is_rendered_with_its_own_tools(tiny, monkeypatch):
                 for i in range(3)]
     evaluate_task(model, tok, examples, exact, 2, batch_size=2)
     assert seen == [None, [{"name": "tool1"}], [{"name": "tool2"}]]
+
+
+def test_a_long_measurement_says_its_progress_at_most_every_30_s_and_when_done(monkeypatch):
+    from mlx_sdft.machine import report
+
+    clock = iter([100.0, 110.0, 131.0, 140.0, 150.0])  # start, then one reading per call
+    monkeypatch.setattr(report.time, "time", lambda: next(clock))
+    lines = []
+    advance = report.ProgressLines(lines.append, "gate, the candidate", 10)
+    for n in (2, 4, 1, 3):
+        advance(n)
+    # 110: too soon; 131: 6 of 10 in 31 s, ~21 s left; 140: too soon again; 150: done, always said
+    assert lines == ["gate, the candidate: 6/10 answers, 31 s, about 21 s left",
+                     "gate, the candidate: 10/10 answers, 50 s, about 0 s left"]

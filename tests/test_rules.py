@@ -262,7 +262,7 @@ def test_questions_are_read_from_numbered_or_bulleted_lines_and_must_name_the_fa
     ({"prompts": 24, "gap": 0.08}, True), ({"prompts": 24, "gap": 0.01}, False),  # no check: the gap decides
 ])
 def test_the_preflight_verdict(result, follows):
-    from mlx_sdft.jobs.gate import verdict
+    from mlx_sdft.measure.version import verdict
 
     line = verdict({"kind": "rule", "id": 3}, result)
     assert line.startswith("rule 3: ") and ("does not follow it even when told" not in line) == follows

@@ -25,8 +25,9 @@ from mlx_sdft.config import BEFORE_THE_OPTION, DEFAULT_MODEL, LearnConfig
 from mlx_sdft.core.prompts import special_text_in
 from mlx_sdft.core.teacher import using
 from mlx_sdft.errors import InputError, Rejected, TrainingError
-from mlx_sdft.jobs import gate
+from mlx_sdft.jobs.gate import check as gate_check
 from mlx_sdft.measure import rules as measure_rules
+from mlx_sdft.measure.version import measure, measure_key, verdict
 from mlx_sdft.store import lessons, rules, versions
 from mlx_sdft.store.db import STANDING, Store
 
@@ -135,20 +136,20 @@ def build(home: Path, store: Store, cfg: LearnConfig, parent: int, new: list[dic
             _questions(store, standing, model_obj, tokenizer, console, cfg.log_text)
         gate_cfg = dataclasses.replace(cfg, teacher_template=train_cfg.teacher_template)
         fresh = tuple(r["id"] for r in standing if r["state"] == "new")
-        measures = _measured(home, parent, gate.measure_key(cfg, held_out))
+        measures = _measured(home, parent, measure_key(cfg, held_out))
         if fresh or measures is None or not {str(r["id"]) for r in standing} <= set(measures["rules"]):
             _say(console, f"version {number}: measuring version {parent} on the held-out prompts"
                           + (f" (and the preflight of {len(fresh)} new rules and facts)" if fresh else ""))
-            measures = gate.measure(model_obj, tokenizer, current, standing, held_out, gate_cfg,
-                                    lambda line: _say(console, line), told=fresh,
-                                    prior=measures["prior"] if measures else True,  # the questions do not change
-                                    what=f"version {parent}")
+            measures = measure(model_obj, tokenizer, current, standing, held_out, gate_cfg,
+                               lambda line: _say(console, line), told=fresh,
+                               prior=measures["prior"] if measures else True,  # the questions do not change
+                               what=f"version {parent}")
         for row in standing:
             if row["id"] in fresh:
                 found = measures["rules"][str(row["id"])]
                 row["preflight"] = {**(row.get("preflight") or {}), **found, "version": parent, "model": model}
                 store.set_preflight(row["id"], row["preflight"])
-                _say(console, gate.verdict(row, found))
+                _say(console, verdict(row, found))
         examples = [dataclasses.replace(lessons.to_example(r), teacher_system=book) for r in one_off + replayed]
         if standing:
             drawn = random.Random(cfg.seed + number).sample(train_prompts, min(cfg.rule_prompts, len(train_prompts)))
@@ -166,7 +167,7 @@ def build(home: Path, store: Store, cfg: LearnConfig, parent: int, new: list[dic
         _say(console, f"version {number}: gate against version {parent}")
         candidate = {**base, **mx.load(str(folder / "adapters.safetensors"))}
         model_obj.eval()
-        result = gate.check(model_obj, tokenizer, base, current, candidate, one_off, earlier, standing, held_out,
+        result = gate_check(model_obj, tokenizer, base, current, candidate, one_off, earlier, standing, held_out,
                             gate_cfg, measures, lambda line: _say(console, line))
         record = {"parent": parent, "created": started, "finished": time.time(), "why": why, "model": model,
                   "method": train_cfg.method, "lessons": [r["id"] for r in new],

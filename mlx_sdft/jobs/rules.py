@@ -67,11 +67,11 @@ def add(cfg: RulesConfig, console=None) -> list[str]:
 
 
 def check(cfg: RulesConfig, console=None) -> list[str]:
-    """The preflight (jobs/gate.py) of one rule or all, under the current version; kept in the store."""
+    """The preflight (measure/version.py) of one rule or all, under the current version; kept in the store."""
     import mlx.core as mx
 
-    from mlx_sdft.jobs.gate import preflight, verdict
     from mlx_sdft.machine.report import make_console
+    from mlx_sdft.measure.version import preflight, verdict
     from mlx_sdft.opening import open_model_for
 
     home = _home(cfg)

@@ -1,12 +1,14 @@
 """What the user sees while training: a rich progress bar, one line per report (and optionally the
-same numbers in Weights & Biases), and the Ctrl-C that asks the run to save and stop. The run
-folder's metrics.jsonl and completions.jsonl are the job's to write (jobs/train.RunFolder)."""
+same numbers in Weights & Biases), and the Ctrl-C that asks the run to save and stop; while a
+long measurement answers its prompts, a plain progress line now and then. The run folder's
+metrics.jsonl and completions.jsonl are the job's to write (jobs/train.RunFolder)."""
 
 from __future__ import annotations
 
 import json
 import signal
 import sys
+import time
 
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
@@ -20,6 +22,24 @@ WIDTH = 100  # columns of every line this package prints when stderr is not a te
 def make_console() -> Console:
     """Rich's stderr console; piped to a file it is 100 columns wide (rich's default is 80)."""
     return Console(stderr=True, width=None if sys.stderr.isatty() else WIDTH)
+
+
+class ProgressLines:
+    """Answers done of those planned, with the time so far and an estimate of the rest: one line at
+    most every `every` seconds (plain lines, so a log file shows them too), through `say`."""
+
+    def __init__(self, say, what: str, total: int, every: float = 30.0):
+        self.say, self.what, self.total, self.every = say, what, max(total, 1), every
+        self.done, self.started = 0, time.time()
+        self.shown = self.started
+
+    def __call__(self, n: int) -> None:
+        self.done += n
+        now = time.time()
+        if now - self.shown >= self.every or self.done >= self.total:
+            self.shown = now
+            left = (now - self.started) / max(self.done, 1) * max(self.total - self.done, 0)
+            self.say(f"{self.what}: {self.done}/{self.total} answers, {now - self.started:.0f} s, about {left:.0f} s left")
 
 
 class StopFlag:
