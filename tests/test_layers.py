@@ -134,7 +134,7 @@ def test_measure_sits_below_the_commands():
 # (`continual` runs `train`'s), the gate's decision (`learn` calls `check`) or `teach --rule`'s store
 # step (`rules add` is that command), each by name: a whole job module would hide what is taken from
 # it. Measurements, the gate's and the preflight's included, come from measure/.
-ENTRY_POINTS = {"mlx_sdft.jobs.gate.check", "mlx_sdft.jobs.teach.add_standing"}
+ENTRY_POINTS = {"mlx_sdft.jobs.gate.check"}
 
 
 def allowed(name: str) -> bool:

@@ -21,7 +21,7 @@ from mlx_sdft.config import DEFAULT_MODEL, ForgetConfig, RulesConfig
 from mlx_sdft.errors import InputError
 from mlx_sdft.store import versions
 from mlx_sdft.store.db import STANDING, Store
-from mlx_sdft.store.rules import held, own_prompts, prompt_pool
+from mlx_sdft.store.rules import add_standing, held, own_prompts, prompt_pool
 
 
 def _home(cfg: RulesConfig) -> Path:
@@ -55,7 +55,6 @@ def _line(row: dict, holds: bool) -> str:
 
 
 def add(cfg: RulesConfig, console=None) -> list[str]:
-    from mlx_sdft.jobs.teach import add_standing
 
     if cfg.text is None:
         raise InputError("TEXT: give the rule, e.g. mlx-sdft rules add \"Always answer in French.\"")

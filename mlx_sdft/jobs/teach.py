@@ -26,27 +26,16 @@ def teach(cfg: TeachConfig) -> list[str]:
         if cfg.forget_exchanges:
             return [f"forgot {store.forget_exchanges()} exchanges; {store.path} compacted"]
         if cfg.rule is not None or cfg.fact is not None:
-            return add_standing(store, "rule" if cfg.rule is not None else "fact", cfg.rule or cfg.fact, cfg.check)[1]
+            return rules.add_standing(store, "rule" if cfg.rule is not None else "fact", cfg.rule or cfg.fact, cfg.check)[1]
         exchange = store.exchange(cfg.exchange)
         if exchange is None:
             raise InputError(f"{cfg.exchange}: no such exchange in {store.path} (see mlx-sdft exchanges list)")
         if cfg.always:  # a correction meant for every answer: a rule, which remembers where it came from
-            return add_standing(store, "rule", cfg.feedback, cfg.check, exchange["id"])[1]
+            return rules.add_standing(store, "rule", cfg.feedback, cfg.check, exchange["id"])[1]
         kind, text = ("demonstration", cfg.answer) if cfg.answer is not None else ("feedback", cfg.feedback)
         lessons.check_size(text, "--answer" if kind == "demonstration" else "--feedback")
         lesson_id = store.add_lesson(**lessons.from_exchange(exchange, kind, text, cfg.feedback_template))
         return [f"lesson {lesson_id} ({kind}) on exchange {exchange['id']}"]
-
-
-def add_standing(store: Store, kind: str, text: str, check: str | None = None,
-                 exchange_id: str | None = None) -> tuple[int, list[str]]:
-    """Store a rule or fact (serve puts it in the prompt from its next request on): its id, and
-    the lines that say so."""
-    text = rules.check_text(text, f"--{kind}" if exchange_id is None else "--feedback")
-    lesson_id = store.add_lesson(kind=kind, text=text, check_regex=check, exchange_id=exchange_id)
-    return lesson_id, [f"{kind} {lesson_id}: in every answer of serve from its next request on; `mlx-sdft learn` "
-                       f"distills it into the weights (`mlx-sdft rules check {lesson_id}` measures whether the model "
-                       "follows it when told)"]
 
 
 def listing(cfg: LessonsConfig) -> list[str]:

@@ -45,6 +45,17 @@ def check_text(text: str, what: str) -> str:
     return text
 
 
+def add_standing(store, kind: str, text: str, check: str | None = None,
+                 exchange_id: str | None = None) -> tuple[int, list[str]]:
+    """Store a rule or fact (serve puts it in the prompt from its next request on): its id, and
+    the lines that say so."""
+    text = check_text(text, f"--{kind}" if exchange_id is None else "--feedback")
+    lesson_id = store.add_lesson(kind=kind, text=text, check_regex=check, exchange_id=exchange_id)
+    return lesson_id, [f"{kind} {lesson_id}: in every answer of serve from its next request on; `mlx-sdft learn` "
+                       f"distills it into the weights (`mlx-sdft rules check {lesson_id}` measures whether the model "
+                       "follows it when told)"]
+
+
 def rulebook(rows: list[dict]) -> str | None:
     """The system-message text of these rule and fact lessons, one per line (None for none)."""
     lines = [FACT_PREFIX + r["text"] if r["kind"] == "fact" else r["text"] for r in rows]
