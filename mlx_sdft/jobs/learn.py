@@ -202,6 +202,8 @@ def _questions(store: Store, standing: list[dict], model, tokenizer, console, te
     records how many came from each."""
     for row in standing:
         if row["kind"] == "fact" and not (row.get("preflight") or {}).get("questions"):
+            # One greedy answer of up to 384 tokens: minutes on a CPU, so say so first.
+            _say(console, f"fact {row['id']}: the model writes questions about it (one answer of up to 384 tokens)")
             written = measure_rules.write_questions(model, tokenizer, row["text"], FACT_QUESTIONS, 384)
             built = [q for q in rules.template_questions(row["text"], FACT_QUESTIONS) if q not in written]
             questions = written + built[: FACT_QUESTIONS - len(written)]
