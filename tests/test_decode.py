@@ -1,13 +1,12 @@
 """The decode loop's shortcuts (issue 18) draw exactly the tokens of the plain loop: the
-compiled sampling step, no attention mask for decode steps of unpadded batches, and the whole
-decode step compiled over a fixed-length cache (`static_cache`)."""
+compiled sampling step, and no attention mask for decode steps of unpadded batches."""
 
 import mlx.core as mx
 import pytest
 from mlx_lm import load
 from mlx_lm.models.cache import BatchKVCache
 
-from mlx_sdft.core import decode, static_cache
+from mlx_sdft.core import decode
 from mlx_sdft.core.rollout import sample
 
 EQUAL = [[1, 300, 201, 293], [1, 5, 9, 7], [1, 300, 201, 293]]  # one length: no row is padded
@@ -22,9 +21,7 @@ def model(tiny_model):
 
 
 def _plain(monkeypatch):
-    """The loop without any shortcut: the step not compiled, sampling not compiled, the mask
-    always built."""
-    monkeypatch.setattr(static_cache, "supported", lambda model: False)
+    """The loop without any shortcut: sampling not compiled, the mask always built."""
     monkeypatch.setattr(decode, "next_tokens_compiled", decode.next_tokens)
     monkeypatch.setattr(decode.DecodeCache, "make_mask", BatchKVCache.make_mask)
 
@@ -44,9 +41,8 @@ def test_shortcuts_draw_the_tokens_of_the_plain_loop(model, monkeypatch, prompts
 
 
 def test_both_shortcuts_are_taken(model, monkeypatch):
-    """Not a vacuous comparison: in the loop over mlx-lm's cache (the compiled whole step off),
-    the compiled sampling step runs, and unpadded decode steps get no mask."""
-    monkeypatch.setattr(static_cache, "supported", lambda model: False)
+    """Not a vacuous comparison: the compiled sampling step runs, and unpadded decode steps get
+    no mask."""
     calls, masks = [], []
     compiled = decode.next_tokens_compiled
     monkeypatch.setattr(decode, "next_tokens_compiled", lambda *a: calls.append(a[0].shape) or compiled(*a))
