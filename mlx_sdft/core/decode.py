@@ -80,17 +80,47 @@ def distinct_rows(prompts: list[list[int]]) -> tuple[list[list[int]], list[int]]
     return [list(p) for p in distinct], [distinct.index(tuple(p)) for p in prompts]
 
 
-def _prefill(model: nn.Module, prompts: list[list[int]], step: int) -> list[BatchKVCache]:
-    """A left-padded batch cache holding every prompt but its last token (the first decode
-    input), filled by `prefill_body`."""
-    lengths = [len(p) - 1 for p in prompts]
-    width = max(lengths)
-    cache = [DecodeCache([width - n for n in lengths]) for _ in make_prompt_cache(model)]
-    body = prefill_body(model)
-    inputs_BL = mx.array([[0] * (width - n) + p[:-1] for p, n in zip(prompts, lengths)])
-    for start in range(0, width, step):
+def common_length(prompts: list[list[int]]) -> int:
+    """P: how many first tokens all prompts share, each keeping ≥ 1 of its own (its last token
+    predicts what follows: scoring reads its hidden state, sampling feeds it to the first decode
+    step); 0 for one prompt, or when P < 2."""
+    P = min(map(len, prompts)) - 1
+    if P < 2 or len(prompts) < 2:  # also an empty prompt (P = -1 would slice from the end)
+        return 0
+    for p in prompts[1:]:
+        P = next((i for i, (a, b) in enumerate(zip(prompts[0][:P], p)) if a != b), P)
+    return P if P >= 2 else 0
+
+
+def _fill(body: nn.Module, inputs_BL: mx.array, cache: list[BatchKVCache], step: int) -> None:
+    for start in range(0, inputs_BL.shape[1], step):
         body(inputs_BL[:, start:start + step], cache=cache)
         mx.eval([c.state for c in cache])
+
+
+def _prefill(model: nn.Module, prompts: list[list[int]], step: int) -> list[DecodeCache]:
+    """A left-padded batch cache holding every prompt but its last token (the first decode
+    input), filled by `prefill_body`. The prompts' common prefix (`common_length`, the chat
+    template's header and system prompt) runs once at batch 1; every row continues from a copy of
+    it with its own remainder, right-padded (causal attention never reads the padding after a
+    token), and mlx-lm's `finalize` rolls that padding to the left: the decode steps see the
+    layout of a prefill that shares nothing, and equal its values to rounding."""
+    lengths = [len(p) - 1 for p in prompts]
+    width, P, body = max(lengths), common_length(prompts), prefill_body(model)
+    pad = [width - n for n in lengths]
+    if not P:
+        cache = [DecodeCache(pad) for _ in make_prompt_cache(model)]
+        _fill(body, mx.array([[0] * n + p[:-1] for p, n in zip(prompts, pad)]), cache, step)
+        return cache
+    cache = [DecodeCache([0]) for _ in make_prompt_cache(model)]
+    _fill(body, mx.array([prompts[0][:P]]), cache, step)
+    for c in cache:
+        c.filter(mx.zeros(len(prompts), mx.int32))  # the prefix's keys and values, one copy per row
+        c.prepare(right_padding=pad)
+    _fill(body, mx.array([p[P:-1] + [0] * n for p, n in zip(prompts, pad)]), cache, step)
+    for c in cache:
+        c.finalize()
+        c.padded = any(pad)
     return cache
 
 
