@@ -10,7 +10,8 @@ of the quickstart's training prompts (SmolLM2-135M-Instruct, its default system 
 LoRA adapters fused as in training. "shared" is the sampler as it runs; "whole" sets the common
 prefix to 0. Repetitions alternate which side goes first, the first round is a warm-up; wall and
 CPU seconds of this process, median (best). Both sides must draw the same tokens, or the script
-stops. --quick: the tiny test model (tests/tiny.py), one batch, one repetition.
+stops. "prefill alone" times just the part that differs (`decode._prefill` of each batch's distinct
+prompts, 4x the repetitions). --quick: the tiny test model (tests/tiny.py), one batch, one repetition.
 """
 
 from __future__ import annotations
@@ -31,7 +32,7 @@ import mlx.core as mx  # noqa: E402
 from shapes import emit, machine, parser  # noqa: E402
 
 from mlx_sdft.config import load_config  # noqa: E402
-from mlx_sdft.core import decode  # noqa: E402
+from mlx_sdft.core import decode, rollout  # noqa: E402
 from mlx_sdft.core.data import load_dataset  # noqa: E402
 from mlx_sdft.core.prompts import apply_system_prompt, encode_examples  # noqa: E402
 from mlx_sdft.core.train import rollout_batch  # noqa: E402
@@ -51,6 +52,20 @@ def sampling(model, batches, cfg, stops, share: bool) -> tuple[float, float, lis
         for i, pairs in enumerate(batches):
             drawn.append(rollout_batch(model, pairs, cfg, stops, positions=list(range(4 * i, 4 * i + 4)))[1].completions)
         return time.perf_counter() - wall, time.process_time() - cpu, drawn
+    finally:
+        decode.common_length = real
+
+
+def prefill(model, prompts, share: bool) -> tuple[float, float]:
+    """Wall and CPU seconds of the prefill alone (`decode._prefill`) of one batch's distinct prompts."""
+    real = decode.common_length
+    if not share:
+        decode.common_length = lambda prompts: 0
+    try:
+        with rollout.fused_adapters(model):
+            wall, cpu = time.perf_counter(), time.process_time()
+            mx.eval([c.state for c in decode._prefill(model, prompts, 512)])
+            return time.perf_counter() - wall, time.process_time() - cpu
     finally:
         decode.common_length = real
 
@@ -94,6 +109,19 @@ def main(argv=None) -> dict:
             "ratio_wall": round(med["shared_wall_s"] / med["whole_wall_s"], 3),
             "ratio_cpu": round(med["shared_cpu_s"] / med["whole_cpu_s"], 3),
             "ratio_wall_best": round(min(r["wall_s"] for r in timed["shared"]) / min(r["wall_s"] for r in timed["whole"]), 3)}
+    model.eval()
+    alone = {"shared": [], "whole": []}
+    for rep in range(1 + 4 * reps):  # the prefill alone: short, so more repetitions
+        for side in (["shared", "whole"] if rep % 2 else ["whole", "shared"]):
+            for p in prompts:
+                wall, cpu = prefill(model, decode.distinct_rows(p)[0], side == "shared")
+                if rep:
+                    alone[side].append({"wall_s": round(wall, 4), "cpu_s": round(cpu, 4)})
+    load.append(os.getloadavg()[0])
+    cases["prefill alone"] = {"runs": alone, **{
+        f"ratio_{clock[:-2]}": round(statistics.median(r[clock] for r in alone["shared"]) /
+                                     statistics.median(r[clock] for r in alone["whole"]), 3) for clock in ("wall_s", "cpu_s")},
+        "ratio_wall_best": round(min(r["wall_s"] for r in alone["shared"]) / min(r["wall_s"] for r in alone["whole"]), 3)}
     common = [decode.common_length(list(map(list, dict.fromkeys(map(tuple, p))))) for p in prompts]
     record = {"bench": "mlx-sdft prefill sharing", "quick": args.quick, "date": time.strftime("%Y-%m-%d %H:%M"),
               "mlx": mx.__version__, "device": str(mx.default_device()), **machine(), "model": cfg.model,
@@ -105,9 +133,10 @@ def main(argv=None) -> dict:
     print("sampling phase, seconds: median (best) over the timed reps; ratio shared / whole (< 1: sharing pays)")
     for name, c in cases.items():
         cols = "; ".join(f"{side}: " + ", ".join(
-            f"{clock[:-2]} {statistics.median(r[clock] for r in c['runs'][side]):.3f} ({min(r[clock] for r in c['runs'][side]):.3f})"
+            f"{clock[:-2]} {statistics.median(r[clock] for r in c['runs'][side]):.4f} ({min(r[clock] for r in c['runs'][side]):.4f})"
             for clock in ("wall_s", "cpu_s")) for side in ("shared", "whole"))
-        print(f"{name}: {c['tokens_drawn']} tokens drawn; {cols}; ratio wall {c['ratio_wall']} "
+        drawn = f"{c['tokens_drawn']} tokens drawn" if "tokens_drawn" in c else "one batch's distinct prompts"
+        print(f"{name}: {drawn}; {cols}; ratio wall {c['ratio_wall']} "
               f"(best {c['ratio_wall_best']}), CPU {c['ratio_cpu']}")
     return emit(record, args.json)
 

@@ -96,10 +96,12 @@ def test_per_token_bench_quick_times_the_trainer_against_mlx_lm_and_each_shortcu
 @pytest.mark.bench
 def test_prefill_share_bench_quick_times_both_sides_on_equal_tokens(tmp_path):
     record = _quick("prefill_share.py", tmp_path)
-    assert set(record["cases"]) == {"num_generations 1", "num_generations 4"} and record["common_prefix"][0] >= 2
-    for case in record["cases"].values():  # the script stops when the two sides draw other tokens
+    cases = record["cases"]
+    assert set(cases) == {"num_generations 1", "num_generations 4", "prefill alone"} and record["common_prefix"][0] >= 2
+    for case in (cases["num_generations 1"], cases["num_generations 4"]):  # the script stops on other tokens
         assert [len(r) for r in case["runs"].values()] == [1, 1] and case["ratio_wall"] > 0
         assert case["runs"]["shared"][0]["tokens"] == case["runs"]["whole"][0]["tokens"] > 0
+    assert [len(r) for r in cases["prefill alone"]["runs"].values()] == [4, 4] and cases["prefill alone"]["ratio_cpu"] > 0
 
 
 @pytest.mark.bench

@@ -1,7 +1,8 @@
 """The decode loop of on-policy sampling, for models whose cache is a plain KVCache per layer
 (llama, qwen, mistral, phi3, …): per token one batched model call on mlx-lm's growing
 `BatchKVCache` and one compiled, vectorised sampling step; evaluated one step ahead, with a few
-lines of Python per step.
+lines of Python per step. The prefill runs each distinct prompt once, and the prompts' common
+beginning once per batch (`_prefill`).
 
 `rollout.sample` uses it where `supported`, and mlx-lm's BatchGenerator otherwise (sliding
 window and recurrent caches). Both draw the same tokens: `draw` is the one sampling function.
@@ -128,7 +129,7 @@ def decode(model: nn.Module, prompts: list[list[int]], max_tokens: list[int], st
            temperature: float, top_p: float, seeds: list[int] | None,
            prefill_step: int = 512) -> tuple[list[list[int]], list[bool]]:
     """(completions, truncated) for each prompt, the stop token kept. Copies of a prompt share
-    one prefill; finished rows leave the batch."""
+    one prefill, and all prompts their common prefix; finished rows leave the batch."""
     distinct, rows = distinct_rows(prompts)
     cache = _prefill(model, distinct, prefill_step)
     if rows != list(range(len(distinct))):
