@@ -1,4 +1,4 @@
-"""The batch's common prompt prefix computed once (`prefix.common_length`) vs not, in one process:
+"""The batch's common prompt prefix computed once (`decode.common_length`) vs not, in one process:
 the teacher's scores and the student's loss and gradient (the SFT term included) of one
 quickstart-shaped micro-batch at SmolLM2-135M shapes (random float32 weights, LoRA rank 8): 4
 prompts sharing a 25-token prefix (the chat template's system prompt and user-turn opening, as
@@ -22,7 +22,7 @@ from mlx_sdft.formats.models import attach_adapters
 from mlx_sdft.config import Config
 from mlx_sdft.core.objective import sdft_objective
 from mlx_sdft.core.prompts import PromptPair
-from mlx_sdft.core import prefix, guards
+from mlx_sdft.core import decode, guards
 mx.random.seed(0)
 model = llama.Model(llama.ModelArgs.from_dict(FULL["model"])); mx.eval(model.parameters())
 attach_adapters(model, "lora", 30, {"rank": 8, "scale": 20.0, "dropout": 0.0})
@@ -36,9 +36,9 @@ obj = sdft_objective(cfg)
 scores = obj.teacher_scores(model, pairs, comps); mx.eval(scores)
 guard = guards.Guard([False] * 4, None)
 g = nn.value_and_grad(model, lambda m: obj.student_loss(m, pairs, comps, scores, guard)[0])
-real = prefix.common_length
+real = decode.common_length
 def run(f, P_on):
-    prefix.common_length = real if P_on else (lambda prompts: 0)
+    decode.common_length = real if P_on else (lambda prompts: 0)
     c0 = time.process_time(); t0 = time.perf_counter(); mx.eval(f()); return time.perf_counter() - t0, time.process_time() - c0
 res = {k: [] for k in ["teacher on", "teacher off", "student on", "student off"]}
 for rep in range(6):

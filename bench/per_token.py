@@ -10,13 +10,12 @@ detokenizer, which would only add to mlx-lm's side). Batch 4: `rollout.sample` v
 fixed length (no stop token) from a short prompt; the time includes that prompt's prefill. Two
 models: the tiny llama of `--quick`, where per-token overhead is nearly all the time (as on a
 GPU), and SmolLM2-135M's shapes (random float32 weights), where the arithmetic dominates on a
-CPU. No LoRA: both sides run the same plain weights. "trainer" is the default (`--compiled-decode`
-off); the shortcut cases below turn the compiled step on first. Repetitions alternate which side goes first;
+CPU. No LoRA: both sides run the same plain weights. Repetitions alternate which side goes first;
 ratio = trainer / mlx-lm (< 1: the trainer is faster). On the tiny model (at SmolLM2 shapes too
 with --levers), each decode shortcut of the trainer is also timed off against on ("trainer vs
-without …": < 1, the shortcut pays): the compiled whole decode step (`static_cache`), and within
-the plain loop it replaces, the compiled sampling step and the skipped mask. Two clocks: wall
-seconds, and the CPU seconds this process used, which other jobs on a shared machine disturb less.
+without …": < 1, the shortcut pays): the compiled sampling step and the skipped mask. Two clocks:
+wall seconds, and the CPU seconds this process used, which other jobs on a shared machine disturb
+less. (The compiled whole decode step this once also timed is retired: bench/README.md.)
 """
 
 from __future__ import annotations
@@ -40,12 +39,9 @@ from mlx_lm.models.cache import BatchKVCache  # noqa: E402
 from mlx_lm.sample_utils import make_sampler  # noqa: E402
 from shapes import NoTokenizer, SEED, SMOLLM2, TINY, emit, machine, parser  # noqa: E402
 
-from mlx_sdft.core import decode, rollout, static_cache  # noqa: E402
+from mlx_sdft.core import decode, rollout  # noqa: E402
 
-LEVERS = ("compiled step", "compiled sampling", "no mask when unpadded")
-# The last two are shortcuts of the plain loop, which the compiled step replaces: each is timed
-# within the plain loop (the compiled step off on both sides).
-BASE = {"compiled step": (), "compiled sampling": ("compiled step",), "no mask when unpadded": ("compiled step",)}
+LEVERS = ("compiled sampling", "no mask when unpadded")
 PROMPT = 16  # tokens per prompt: a short prefill, so the time is mostly decoding
 
 
@@ -62,10 +58,10 @@ def clocks() -> tuple[float, float]:
     return time.perf_counter(), time.process_time()
 
 
-def trainer(model, prompts, n, compiled: bool = False) -> tuple[float, float]:
-    """The trainer's sampling as it runs by default (`--compiled-decode` off), or with `compiled`."""
+def trainer(model, prompts, n) -> tuple[float, float]:
+    """The trainer's sampling as it runs."""
     start = clocks()
-    out = rollout.sample(model, prompts, [n] * len(prompts), [], seeds=list(range(len(prompts))), compiled=compiled)
+    out = rollout.sample(model, prompts, [n] * len(prompts), [], seeds=list(range(len(prompts))))
     assert all(len(c) == n for c in out.completions)
     return tuple(b - a for a, b in zip(start, clocks()))
 
@@ -83,12 +79,9 @@ def mlx_lm(model, prompts, n) -> tuple[float, float]:
 
 @contextmanager
 def without(*levers: str):
-    """The trainer's sampling with some of its decode shortcuts off: the compiled whole step
-    (`static_cache`), the compiled sampling step (`decode.next_tokens_compiled`) or the skipped
-    mask of unpadded batches (`decode.DecodeCache`)."""
-    saved = static_cache.supported, decode.next_tokens_compiled, decode.DecodeCache.make_mask
-    if "compiled step" in levers:
-        static_cache.supported = lambda model: False
+    """The trainer's sampling with some of its decode shortcuts off: the compiled sampling step
+    (`decode.next_tokens_compiled`) or the skipped mask of unpadded batches (`decode.DecodeCache`)."""
+    saved = decode.next_tokens_compiled, decode.DecodeCache.make_mask
     if "compiled sampling" in levers:
         decode.next_tokens_compiled = decode.next_tokens
     if "no mask when unpadded" in levers:
@@ -96,31 +89,25 @@ def without(*levers: str):
     try:
         yield
     finally:
-        static_cache.supported, decode.next_tokens_compiled, decode.DecodeCache.make_mask = saved
+        decode.next_tokens_compiled, decode.DecodeCache.make_mask = saved
 
 
 def lever(model, prompts, n, *names) -> tuple[float, float]:
-    """The trainer's sampling with every shortcut on (`--compiled-decode` too) but `names`."""
+    """The trainer's sampling with every shortcut on but `names`."""
     with without(*names):
-        return trainer(model, prompts, n, compiled=True)
+        return trainer(model, prompts, n)
 
 
 def operations(model, batch: int, shortcuts: str) -> int:
     """Operations in the graph of one decode step of the trainer's loop (model call + sampling;
-    MLX's DOT export) on `batch` unpadded rows: `plain` (no shortcut), `shortcuts` (those of the
-    plain loop) or `compiled` (the compiled whole step, whose fused kernels count one each). On a
-    GPU each is about one kernel launch."""
+    MLX's DOT export) on `batch` unpadded rows: `plain` (no shortcut) or `shortcuts` (the loop's
+    own). On a GPU each is about one kernel launch."""
     with ExitStack() as stack:
         if shortcuts == "plain":
-            stack.enter_context(without(*LEVERS[1:]))
+            stack.enter_context(without(*LEVERS))
         cache = decode._prefill(model, [[1] * PROMPT] * batch, 512)
         keys = decode.row_keys(list(range(batch)))
-        if shortcuts == "compiled":
-            step = static_cache.CompiledDecode(model, cache, 64, decode.next_tokens, 1.0, 1.0)
-            tokens, keys = step.step(mx.array([1] * batch, mx.uint32), keys)
-            outputs = [tokens, keys, *step.ks, *step.vs]
-        else:
-            outputs = decode.next_tokens_compiled(model(mx.array([[1]] * batch), cache=cache)[:, -1, :], keys, 1.0, 1.0)
+        outputs = decode.next_tokens_compiled(model(mx.array([[1]] * batch), cache=cache)[:, -1, :], keys, 1.0, 1.0)
         with tempfile.TemporaryDirectory() as tmp:
             mx.export_to_dot(f"{tmp}/step.dot", *outputs)
             return Path(f"{tmp}/step.dot").read_text().count("shape=rectangle")
@@ -161,11 +148,10 @@ def main(argv=None) -> dict:
                 "tokens": n, **side_by_side(args.reps, n, {"trainer": lambda: trainer(model, p, n),
                                                            "mlx_lm": lambda: mlx_lm(model, p, n)})}
             for name_ in LEVERS if name == "tiny" or args.levers else ():
-                base = BASE[name_]
-                cases[f"{name}, batch {batch}, trainer{''.join(f' without {b}' for b in base)} vs without {name_}"] = {
-                    "tokens": n, **side_by_side(args.reps, n, {"trainer": lambda: lever(model, p, n, *base),
-                                                               "without": lambda: lever(model, p, n, *base, name_)}, "without")}
-        ops = {f"{name}, batch {b}": {k: operations(model, b, k) for k in ("plain", "shortcuts", "compiled")}
+                cases[f"{name}, batch {batch}, trainer vs without {name_}"] = {
+                    "tokens": n, **side_by_side(args.reps, n, {"trainer": lambda: lever(model, p, n),
+                                                               "without": lambda: lever(model, p, n, name_)}, "without")}
+        ops = {f"{name}, batch {b}": {k: operations(model, b, k) for k in ("plain", "shortcuts")}
                for b in (1, 4)}
         operations_per_step.update(ops)
     record = {"bench": "mlx-sdft per-token decode", "quick": args.quick, "date": time.strftime("%Y-%m-%d %H:%M"),
@@ -181,8 +167,7 @@ def main(argv=None) -> dict:
             cols += f"{t:>14.2f}{m:>8.2f}{c[f'{clock}_ratio']:>7.3f} ({c[f'{clock}_ratio_best']:.3f})"
         print(f"{name:<84}{c['tokens']:>7}{cols}")
     for name, ops in operations_per_step.items():
-        print(f"operations per decode step, {name}: {ops['plain']} plain, {ops['shortcuts']} with the plain loop's "
-              f"shortcuts, {ops['compiled']} compiled")
+        print(f"operations per decode step, {name}: {ops['plain']} plain, {ops['shortcuts']} with the loop's shortcuts")
     return emit(record, args.json)
 
 

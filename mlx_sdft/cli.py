@@ -24,6 +24,7 @@ from mlx_sdft.config import (CheckConfig, Config, EvalConfig, ExportConfig, Forg
 from mlx_sdft.config.options import ESSENTIALS, GROUPS, shown_options
 from mlx_sdft.config.personal import LEARN_TAKES_TRAIN
 from mlx_sdft.errors import InputError, Interrupted, Rejected, TrainingError, one_line
+from mlx_sdft.yaml_file import drop_retired
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="Self-Distillation Fine-Tuning (SDFT) on MLX.")
 
@@ -93,10 +94,16 @@ def _command(name: str, options: type, action: Callable, help: str, yaml_help: s
     itself (or gives its own default: config.options.shown_options) are shown in --help; the inherited ones are accepted all the same (`epilog` says so).
     `fixed`: option values the command itself sets (`exchanges list` is teach's --list);
     `argument`: the field taken as the positional argument (`lessons export FILE`); `hide`: fields
-    accepted but not shown (an old spelling); `hidden`: the command itself is not listed."""
+    accepted but not shown (an old spelling); `hidden`: the command itself is not listed. The retired
+    options of `options` (`RETIRED`, on/off flags) are accepted, not shown, and ignored with one line."""
+
+    full_name, retired = f"{under.info.name or ''} {name}".strip(), getattr(options, "RETIRED", {})
 
     def command(config: Optional[str] = None, **flags) -> None:
-        with _one_line_errors(f"{under.info.name or ''} {name}".strip()):
+        given = {key: flags.pop(key) for key in retired}
+        drop_retired({k: v for k, v in given.items() if v is not None}, retired,
+                     lambda key: f"{full_name} --{key.replace('_', '-')}")
+        with _one_line_errors(full_name):
             action(load_config(config, {**flags, **(fixed or {})}, options))
 
     config = inspect.Parameter(
@@ -108,6 +115,8 @@ def _command(name: str, options: type, action: Callable, help: str, yaml_help: s
     fields.sort(key=lambda f: f.name != argument)  # the positional argument first
     flags = [_option(f, hidden=own is not None and f.name not in own or f.name in hide, argument=f.name == argument)
              for f in fields]
+    flags += [inspect.Parameter(key, inspect.Parameter.KEYWORD_ONLY, default=None,
+                                annotation=Annotated[Optional[bool], typer.Option(hidden=True)]) for key in retired]
     command.__signature__ = inspect.Signature([config] * bool(yaml_help) + flags)
     command.__doc__ = help
     under.command(name, help=help, epilog=epilog, hidden=hidden)(command)

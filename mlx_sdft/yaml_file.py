@@ -4,7 +4,9 @@ taken from the file's folder (one rule for `-c` files and the stages of `continu
 from __future__ import annotations
 
 import dataclasses
+import sys
 from pathlib import Path
+from typing import Callable
 
 import yaml
 
@@ -27,11 +29,21 @@ def read_yaml(path: str | Path, cls: type | None = None) -> dict:
         raise InputError(f"{path}: a config file must be a mapping of option: value")
     if cls is None:
         return values
-    known = {f.name for f in dataclasses.fields(cls)}
+    known, retired = {f.name for f in dataclasses.fields(cls)}, getattr(cls, "RETIRED", {})
     for key in values:
-        if key not in known:
+        if key not in known | retired.keys():
             raise InputError(f"{path}: unknown option {key!r}")
+    values = drop_retired(values, retired, lambda key: f"{path}:{key_line(path, key)}: {key}")
     return resolve_paths(values, path, cls)
+
+
+def drop_retired(values: dict, retired: dict[str, str], where: Callable[[str], str]) -> dict:
+    """`values` without the retired options (`retired`: name → what runs instead), one line on
+    stderr for each that was there, named by `where(name)`: accepted for one release, ignored."""
+    for key in sorted(retired.keys() & values.keys()):
+        print(f"mlx-sdft: {where(key)}: deprecated and ignored: {retired[key]} (the option goes in the next release)",
+              file=sys.stderr)
+    return {k: v for k, v in values.items() if k not in retired}
 
 
 def resolve_paths(values: dict, yaml_file: str | Path, cls: type) -> dict:

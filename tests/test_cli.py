@@ -103,7 +103,7 @@ def test_help_shows_panels_hides_engine_knobs_and_marks_required():
     for panel in ("Essentials", "Model and templates", "Optimizer", "SDFT", "Guards", "Memory and speed", "Reporting"):
         assert f"─ {panel} ─" in shown, panel
     assert shown.index("─ Essentials ─") < shown.index("─ SDFT ─") < shown.index("─ Reporting ─")
-    for knob in ("--compiled-decode", "--fuse-sampling", "--logits-chunk"):
+    for knob in ("--compiled-decode", "--fuse-sampling", "--logits-chunk"):  # the first one retired, still hidden
         assert knob not in shown, knob
     assert "[default: None]" not in shown
     assert re.search(r"--data .*\[required\]", shown.replace("\n", " "))
@@ -112,7 +112,7 @@ def test_help_shows_panels_hides_engine_knobs_and_marks_required():
 
 def test_hidden_engine_knobs_are_accepted(tiny_model, smoke_data, tmp_path):
     result = _train("--model", tiny_model, "--data", smoke_data, "--adapter-path", tmp_path / "a", "--dry-run",
-                    "--no-fuse-sampling", "--logits-chunk", 8, "--compiled-decode")
+                    "--no-fuse-sampling", "--logits-chunk", 8)
     assert result.exit_code == 0, result.output
 
 

@@ -215,3 +215,61 @@ def test_learn_composes_train_options_and_writes_each_default_once(tmp_path):
             assert {k: v for k, v in learn[name].metadata.items()} == dict(f.metadata), name
     cfg = load_config(None, {"learning_rate": 2e-4, "home": str(tmp_path)}, LearnConfig)
     assert cfg.learning_rate == 2e-4 and cfg.iters == LEARN_DEFAULTS["iters"] and cfg.epochs == Config.epochs
+
+
+RETIRED_LINE = ("deprecated and ignored: the compiled decode step is retired; sampling runs the plain decode loop "
+                "(the option goes in the next release)")
+
+
+@pytest.mark.parametrize("flag", ["--compiled-decode", "--no-compiled-decode"])
+@pytest.mark.parametrize("command", ["train", "learn"])
+def test_a_retired_flag_is_accepted_ignored_and_named(tmp_path, command, flag):
+    """As mlx_lm.lora users expect of an option that goes: for one release the flag still parses,
+    changes nothing (the command ends as it does without it), and says so in one line."""
+    without = runner.invoke(app, [command, "--iters", "0"])
+    result = runner.invoke(app, [command, flag, "--iters", "0"])
+    assert result.exit_code == without.exit_code == 2 and "compiled" not in without.stderr, without.output
+    assert result.stderr == f"mlx-sdft: {command} --compiled-decode: {RETIRED_LINE}\n" + without.stderr
+
+
+def test_a_retired_key_in_a_yaml_file_is_ignored_with_its_line(tmp_path, capsys):
+    """In a -c file (and a --learn-config, read the same way): named by file and line, then ignored;
+    a key that never was an option is still refused."""
+    from mlx_sdft.config import LearnConfig
+
+    path = tmp_path / "train.yaml"
+    path.write_text("model: org/name\ndata: d.jsonl\ncompiled_decode: true\niters: 3\n")
+    cfg = load_config(str(path))
+    assert cfg.iters == 3 and not hasattr(cfg, "compiled_decode") and "compiled_decode" not in cfg.to_dict()
+    assert capsys.readouterr().err == f"mlx-sdft: {path}:3: compiled_decode: {RETIRED_LINE}\n"
+    assert read_yaml(path, LearnConfig) == {"model": "org/name", "data": "d.jsonl", "iters": 3}
+    path.write_text("model: org/name\ncompiled_decoding: true\n")
+    with pytest.raises(InputError, match=r"unknown option 'compiled_decoding'"):
+        load_config(str(path))
+
+
+def test_a_retired_key_in_a_stages_file_is_ignored(tmp_path, capsys):
+    from mlx_sdft.jobs.continual import read_stages
+
+    (tmp_path / "stages.yaml").write_text(
+        "model: org/name\ncompiled_decode: false\nstages:\n  - {name: a, data: a, compiled_decode: true}\n")
+    run = read_stages(str(tmp_path / "stages.yaml"))
+    assert "compiled_decode" not in run["defaults"] and "compiled_decode" not in run["stages"][0]
+    assert capsys.readouterr().err.splitlines() == [
+        f"mlx-sdft: {tmp_path / 'stages.yaml'}:2: compiled_decode: {RETIRED_LINE}",
+        f"mlx-sdft: {tmp_path / 'stages.yaml'}: stages[1] (a): compiled_decode: {RETIRED_LINE}"]
+
+
+@pytest.mark.parametrize("saved", [True, False])
+def test_a_saved_run_with_a_retired_option_resumes(tmp_path, capsys, saved):
+    """A run folder saved when the option existed: --resume reads it without refusing, and names
+    the option only where the run had it on (off was every run's default then)."""
+    import json
+
+    from mlx_sdft.config import saved_options
+
+    (tmp_path / "adapter_config.json").write_text(json.dumps({"model": "org/name", "seed": 4, "compiled_decode": saved}))
+    assert saved_options(tmp_path)["seed"] == 4 and "compiled_decode" not in saved_options(tmp_path)
+    err = capsys.readouterr().err
+    assert err == (f"mlx-sdft: --resume: {tmp_path / 'adapter_config.json'}: compiled_decode: {RETIRED_LINE}\n" * 2
+                   if saved else "")

@@ -1,13 +1,12 @@
 """The decode loop's shortcuts (issue 18) draw exactly the tokens of the plain loop: the
-compiled sampling step, no attention mask for decode steps of unpadded batches, and the whole
-decode step compiled over a fixed-length cache (`static_cache`)."""
+compiled sampling step, and no attention mask for decode steps of unpadded batches."""
 
 import mlx.core as mx
 import pytest
 from mlx_lm import load
 from mlx_lm.models.cache import BatchKVCache
 
-from mlx_sdft.core import decode, static_cache
+from mlx_sdft.core import decode
 from mlx_sdft.core.rollout import sample
 
 EQUAL = [[1, 300, 201, 293], [1, 5, 9, 7], [1, 300, 201, 293]]  # one length: no row is padded
@@ -22,9 +21,7 @@ def model(tiny_model):
 
 
 def _plain(monkeypatch):
-    """The loop without any shortcut: the step not compiled, sampling not compiled, the mask
-    always built."""
-    monkeypatch.setattr(static_cache, "supported", lambda model: False)
+    """The loop without any shortcut: sampling not compiled, the mask always built."""
     monkeypatch.setattr(decode, "next_tokens_compiled", decode.next_tokens)
     monkeypatch.setattr(decode.DecodeCache, "make_mask", BatchKVCache.make_mask)
 
@@ -44,9 +41,8 @@ def test_shortcuts_draw_the_tokens_of_the_plain_loop(model, monkeypatch, prompts
 
 
 def test_both_shortcuts_are_taken(model, monkeypatch):
-    """Not a vacuous comparison: in the loop over mlx-lm's cache (the compiled whole step off),
-    the compiled sampling step runs, and unpadded decode steps get no mask."""
-    monkeypatch.setattr(static_cache, "supported", lambda model: False)
+    """Not a vacuous comparison: the compiled sampling step runs, and unpadded decode steps get
+    no mask."""
     calls, masks = [], []
     compiled = decode.next_tokens_compiled
     monkeypatch.setattr(decode, "next_tokens_compiled", lambda *a: calls.append(a[0].shape) or compiled(*a))
@@ -69,3 +65,55 @@ def test_unmasked_decode_step_computes_the_same_logits(model):
         model(prompts, cache=cache)
         outs.append(model(mx.array([[3], [4], [5]]), cache=cache))
     assert mx.array_equal(outs[0], outs[1]).item()
+
+
+COMMON = [1] + [(7 * i) % 300 + 3 for i in range(40)]  # a template header and system prompt, say
+SHARING = {  # distinct prompts after one long common prefix: ragged, equal, and nothing left but the last token
+    "ragged": [COMMON + [5, 9, 7, 11], COMMON + [300], COMMON + [8, 8, 201, 17, 42, 99, 3], COMMON + [5, 9, 7, 11]],
+    "equal": [COMMON + [5, 9], COMMON + [6, 2]],
+    "last token only": [COMMON + [5], COMMON + [9], COMMON + [9, 4]],
+}
+
+
+@pytest.fixture
+def prefills(monkeypatch):
+    """The shape of every input the prefill runs through the model."""
+    seen, real = [], decode.prefill_body
+    monkeypatch.setattr(decode, "prefill_body",
+                        lambda model: (lambda inputs, cache: seen.append(inputs.shape) or real(model)(inputs, cache=cache)))
+    return seen
+
+
+@pytest.mark.parametrize("case", SHARING)
+@pytest.mark.parametrize("temperature,top_p,seeds", [(1.0, 1.0, [5, 6, 7, 8]), (0.7, 0.9, [5, 6, 7, 8]), (0.0, 1.0, None)],
+                         ids=["seeded", "top-p", "greedy"])
+def test_a_shared_common_prefix_draws_the_tokens_of_the_unshared_prefill(model, monkeypatch, prefills, case, temperature,
+                                                                         top_p, seeds):
+    """The distinct prompts' common prefix runs once at batch 1 and each remainder continues from
+    a copy of it: every row samples the tokens it samples when each prompt is prefilled whole."""
+    prompts = SHARING[case]
+    budget, seeds = [14, 9, 14, 11][:len(prompts)], seeds and seeds[:len(prompts)]
+    shared = sample(model, prompts, budget, [], temperature=temperature, top_p=top_p, seeds=seeds)
+    distinct = len({tuple(p) for p in prompts})
+    remainder = max(map(len, prompts)) - 1 - len(COMMON)
+    assert prefills == [(1, len(COMMON))] + [(distinct, remainder)] * bool(remainder)
+    monkeypatch.setattr(decode, "common_length", lambda prompts: 0)
+    whole = sample(model, prompts, budget, [], temperature=temperature, top_p=top_p, seeds=seeds)
+    assert prefills[-1] == (distinct, len(COMMON) + remainder)
+    assert shared.completions == whole.completions and [len(c) for c in shared.completions] == budget
+
+
+@pytest.mark.parametrize("case", SHARING)
+def test_a_shared_common_prefix_leaves_the_cache_of_the_unshared_prefill(model, monkeypatch, case):
+    """Same layout (mlx-lm's left padding, per-row offsets) and the same next-token logits to
+    rounding (bit for bit on this CPU), so every decode step runs as it would unshared."""
+    distinct, _ = decode.distinct_rows(SHARING[case])
+    shared = decode._prefill(model, distinct, 512)
+    with monkeypatch.context() as m:
+        m.setattr(decode, "common_length", lambda prompts: 0)
+        whole = decode._prefill(model, distinct, 512)
+    for a, b in zip(shared, whole):
+        assert (a._idx, a.left_padding.tolist(), a.offset.tolist(), a.padded) == \
+            (b._idx, b.left_padding.tolist(), b.offset.tolist(), b.padded)
+    last = mx.array([[p[-1]] for p in distinct])
+    assert mx.allclose(model(last, cache=shared), model(last, cache=whole), atol=1e-5, rtol=1e-5).item()

@@ -171,7 +171,7 @@ def _sdft_options_at_other_values(first: bool) -> dict:
     """Every SDFT_ONLY option at a value other than its default (--logits-chunk and --base-kl-weight,
     which do not combine, one in each half)."""
     values = dict(teacher="base", teacher_update_rate=0.5, divergence="jsd", beta=0.3, num_generations=2,
-                  fuse_sampling=False, compiled_decode=False, max_completion_length=7, temperature=0.7, top_p=0.9, skip_first_tokens=2, topk=8,
+                  fuse_sampling=False, max_completion_length=7, temperature=0.7, top_p=0.9, skip_first_tokens=2, topk=8,
                   completion_budget=0.0, truncated="keep", sft_weight=0.0, max_degenerate_rise=0.1, log_completions=0,
                   teacher_template="Q: {question}\nA: {demonstration}")
     return {**values, **({"base_kl_weight": 0.2} if first else {"logits_chunk": 4})}

@@ -12,7 +12,7 @@ from mlx.utils import tree_flatten, tree_map
 from mlx_lm.tuner.lora import LoRALinear
 
 from mlx_sdft.config import Config
-from mlx_sdft.core import guards, prefix, scoring
+from mlx_sdft.core import decode, guards, prefix, scoring
 from mlx_sdft.core.losses import sdft_loss
 from mlx_sdft.core.objective import sdft_objective, supervised_loss
 from mlx_sdft.core.prompts import PromptPair
@@ -238,12 +238,12 @@ def test_a_common_prefix_runs_once_at_batch_one(lora, monkeypatch, repeats):
 
 
 def test_the_common_prefix_leaves_every_prompt_a_token_of_its_own():
-    assert prefix.common_length([[1, 2, 3, 4], [1, 2, 3, 5, 6], [1, 2, 3]]) == 2  # [1, 2, 3] keeps its 3
-    assert prefix.common_length([[1, 2, 3, 4], [1, 2, 3, 4, 5]]) == 3
-    assert prefix.common_length([[1, 2, 9], [1, 2, 8], [1, 3]]) == 0  # one token in common: not worth it
-    assert prefix.common_length([[1, 2, 3, 4]]) == 0  # one prompt: nothing to share
-    assert prefix.common_length([[5, 6], [7, 6]]) == 0
-    assert prefix.common_length([[1, 2, 3, 4, 5], [], [1, 2, 3, 9, 9]]) == 0  # was 3: [][:-1] sliced from the end
+    assert decode.common_length([[1, 2, 3, 4], [1, 2, 3, 5, 6], [1, 2, 3]]) == 2  # [1, 2, 3] keeps its 3
+    assert decode.common_length([[1, 2, 3, 4], [1, 2, 3, 4, 5]]) == 3
+    assert decode.common_length([[1, 2, 9], [1, 2, 8], [1, 3]]) == 0  # one token in common: not worth it
+    assert decode.common_length([[1, 2, 3, 4]]) == 0  # one prompt: nothing to share
+    assert decode.common_length([[5, 6], [7, 6]]) == 0
+    assert decode.common_length([[1, 2, 3, 4, 5], [], [1, 2, 3, 9, 9]]) == 0  # was 3: [][:-1] sliced from the end
 
 
 def test_the_gap_after_a_common_prefix_is_hidden_from_every_query():

@@ -378,3 +378,21 @@ def test_estimate_sizes_completions_by_what_the_run_may_sample(tmp_path, monkeyp
     # Without the budget every completion may run to the cap: that run does not fit in 3 GB.
     with pytest.raises(InputError, match="needs about"):
         preflight(Config(batch_size=n, completion_budget=0), tmp_path, pairs, [])
+
+
+def test_a_run_saved_with_a_retired_option_resumes(tiny_model, smoke_data, tmp_path, capsys, monkeypatch):
+    """A run folder from a release that had --compiled-decode (its adapter_config.json holds the key,
+    here on) resumes to the end: the option is named once and ignored, not refused."""
+    import mlx_sdft.jobs.train as launch
+
+    out = tmp_path / "old"
+    monkeypatch.setattr(launch, "StopFlag", lambda reporter: _Ctx(StopAt(1)))
+    with pytest.raises(Interrupted):
+        run_train(load_config(None, _opts(tiny_model, smoke_data, out, iters=2)), quiet=True)
+    monkeypatch.undo()
+    config = json.loads((out / "adapter_config.json").read_text())
+    (out / "adapter_config.json").write_text(json.dumps({**config, "compiled_decode": True}))
+    capsys.readouterr()
+    run_train(load_config(None, _opts(tiny_model, smoke_data, out, iters=2, resume=True)), quiet=True)
+    assert capsys.readouterr().err.count("compiled_decode: deprecated and ignored") == 1
+    assert json.loads((out / "trainer_state.json").read_text())["step"] == 2

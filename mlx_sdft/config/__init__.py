@@ -30,15 +30,15 @@ from mlx_sdft.config.personal import (
     ForgetConfig, LOOPBACK, LearnConfig, LessonsConfig, RollbackConfig, RulesConfig, ServeConfig, TeachConfig,
     VersionsConfig,
 )
-from mlx_sdft.config.train import BEFORE_THE_OPTION, RESUME_MAY_CHANGE, SDFT_ONLY, Config, sft_ignores
+from mlx_sdft.config.train import BEFORE_THE_OPTION, RESUME_MAY_CHANGE, RETIRED, SDFT_ONLY, Config, sft_ignores
 from mlx_sdft.errors import InputError
-from mlx_sdft.yaml_file import read_yaml
+from mlx_sdft.yaml_file import drop_retired, read_yaml
 
 __all__ = [
     "Answers", "BEFORE_THE_OPTION", "BUDGET_FLOOR", "COMPLETION_BUDGET", "ChatTemplate", "CheckConfig", "Config",
     "DEFAULT_HOME", "DEFAULT_MODEL", "DIVERGENCES", "DataSource", "Dequantize", "EvalConfig", "ExportConfig",
     "FEEDBACK_TEMPLATE", "ForgetConfig", "GenerateConfig", "HINDSIGHT_TEMPLATE", "LOOPBACK", "LearnConfig",
-    "LessonsConfig", "ModelSource", "PAPER_SDFT", "RESUME_MAY_CHANGE", "RollbackConfig", "RulesConfig", "SDFT_ONLY", "SFT_WEIGHT",
+    "LessonsConfig", "ModelSource", "PAPER_SDFT", "RESUME_MAY_CHANGE", "RETIRED", "RollbackConfig", "RulesConfig", "SDFT_ONLY", "SFT_WEIGHT",
     "SKIP_FIRST_TOKENS", "ServeConfig", "SystemPrompt", "TEACHER_TEMPLATE", "TRUNCATED", "TeachConfig",
     "TeacherTemplate", "VersionsConfig", "check_model", "cli_fields", "coerce", "load_config", "overlay",
     "saved_options", "sft_ignores",
@@ -69,6 +69,8 @@ def saved_options(folder: str | Path) -> dict:
         saved = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
         raise InputError(f"--resume: {path}: cannot read the saved run's options ({type(e).__name__}: {e})") from None
+    # A retired option the run had on is named; off (its default, saved by every run of its time) says nothing.
+    drop_retired({k: v for k, v in saved.items() if k in RETIRED and v}, RETIRED, lambda key: f"--resume: {path}: {key}")
     defining = {f.name for f in dataclasses.fields(Config)} - RESUME_MAY_CHANGE
     return {**BEFORE_THE_OPTION, **{k: v for k, v in saved.items() if k in defining}}
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import math
 from dataclasses import dataclass
+from typing import ClassVar
 
 from mlx_sdft.config.options import (
     BUDGET_FLOOR, COMPLETION_BUDGET, ChatTemplate, DIVERGENCES, DataSource, Dequantize, GUARDS, MAX_COMPLETION_LENGTH,
@@ -21,13 +22,13 @@ _LORA_DEFAULTS = {"rank": 8, "scale": 20.0, "dropout": 0.0}  # mlx-lm's; a YAML 
 RESUME_MAY_CHANGE = frozenset({
     "adapter_path", "resume", "overwrite", "dry_run", "steps_per_report", "log_completions", "steps_per_eval",
     "val_batches", "save_every", "max_bad_steps", "report_to", "project_name", "fuse_sampling", "logits_chunk",
-    "grad_checkpoint", "compiled_decode", "log_text",
+    "grad_checkpoint", "log_text",
 })
 
 # Options only SDFT reads: --method sft trains the same adapters whatever their values
 # (tests/test_new_defaults.py), so `train` names those given at another value than the default.
 SDFT_ONLY = frozenset({
-    "teacher", "teacher_update_rate", "divergence", "beta", "num_generations", "fuse_sampling", "compiled_decode",
+    "teacher", "teacher_update_rate", "divergence", "beta", "num_generations", "fuse_sampling",
     "max_completion_length",
     "temperature", "top_p", "skip_first_tokens", "logits_chunk", "topk", "completion_budget", "truncated", "sft_weight",
     "base_kl_weight", "max_degenerate_rise", "log_completions", "teacher_template",
@@ -38,9 +39,16 @@ SDFT_ONLY = frozenset({
 # as this value, so an old run neither switches to the new defaults nor is refused for them.
 BEFORE_THE_OPTION = {"completion_budget": None, "truncated": "keep", "sft_weight": 0.0}
 
+# Options the product no longer has, and what runs instead: as a flag, a YAML key (a -c file, a
+# stages file, a --learn-config) or a saved run's option, accepted for one release and ignored,
+# with one line saying so (yaml_file.drop_retired).
+RETIRED = {"compiled_decode": "the compiled decode step is retired; sampling runs the plain decode loop"}
+
 
 @dataclass
 class Config(SystemPrompt, TeacherTemplate, ChatTemplate, DataSource, Dequantize, ModelSource):
+    RETIRED: ClassVar[dict[str, str]] = RETIRED
+
     # What to train on and where to write (model, dequantize, data, max_seq_length and the
     # templates come from the groups above).
     adapter_path: str = _opt("adapters", "Output folder for adapters, checkpoints and metrics.")
@@ -87,10 +95,6 @@ class Config(SystemPrompt, TeacherTemplate, ChatTemplate, DataSource, Dequantize
                                "memory of the copy; the preflight turns it off when only the unfused run fits. "
                                "Adapters over quantized weights are never fused.",
                                group=SPEED, hidden=True)
-    compiled_decode: bool = _opt(False, "Run each decode step (model call + sampling) as one compiled graph over a "
-                                 "fixed-length KV cache: the same tokens, less per-token overhead; it pays only for "
-                                 "very small models, where that overhead is the whole cost (docs/performance.md).",
-                                 group=SPEED, hidden=True)
     max_completion_length: int = _opt(MAX_COMPLETION_LENGTH, "Most tokens sampled per completion.", group=SDFT)
     temperature: float = _opt(1.0, "Sampling temperature (also divides the scored logits).", group=SDFT)
     top_p: float = _opt(1.0, "Nucleus sampling mass.", group=SDFT)

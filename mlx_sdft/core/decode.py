@@ -1,8 +1,8 @@
 """The decode loop of on-policy sampling, for models whose cache is a plain KVCache per layer
-(llama, qwen, mistral, phi3, …): per token one batched model call and one vectorised sampling
-step, compiled together over a fixed-length cache where `static_cache` applies (`CompiledDecode`),
-else the model call plain and the sampling compiled (`PlainDecode`); evaluated one step ahead,
-with a few lines of Python per step.
+(llama, qwen, mistral, phi3, …): per token one batched model call on mlx-lm's growing
+`BatchKVCache` and one compiled, vectorised sampling step; evaluated one step ahead, with a few
+lines of Python per step. The prefill runs each distinct prompt once, and the prompts' common
+beginning once per batch (`_prefill`).
 
 `rollout.sample` uses it where `supported`, and mlx-lm's BatchGenerator otherwise (sliding
 window and recurrent caches). Both draw the same tokens: `draw` is the one sampling function.
@@ -15,7 +15,6 @@ import mlx.nn as nn
 from mlx_lm.models.cache import BatchKVCache, KVCache, make_prompt_cache
 from mlx_lm.sample_utils import apply_top_p
 
-from mlx_sdft.core import static_cache
 from mlx_sdft.core.scoring import prefill_body
 
 _split_rows = mx.vmap(mx.random.split)
@@ -49,7 +48,7 @@ def next_tokens(logits_BV: mx.array, keys_B2: mx.array | None, temperature: floa
 
 
 # Compiled once per batch shape (a shrinking batch retraces): one fused graph instead of ~12 small
-# operations per token. Keyed draws only: unkeyed ones read MLX's global random state.
+# operations per token.
 next_tokens_compiled = mx.compile(next_tokens)
 
 
@@ -82,71 +81,77 @@ def distinct_rows(prompts: list[list[int]]) -> tuple[list[list[int]], list[int]]
     return [list(p) for p in distinct], [distinct.index(tuple(p)) for p in prompts]
 
 
-def _prefill(model: nn.Module, prompts: list[list[int]], step: int) -> list[BatchKVCache]:
-    """A left-padded batch cache holding every prompt but its last token (the first decode
-    input), filled by `prefill_body`."""
-    lengths = [len(p) - 1 for p in prompts]
-    width = max(lengths)
-    cache = [DecodeCache([width - n for n in lengths]) for _ in make_prompt_cache(model)]
-    body = prefill_body(model)
-    inputs_BL = mx.array([[0] * (width - n) + p[:-1] for p, n in zip(prompts, lengths)])
-    for start in range(0, width, step):
+def common_length(prompts: list[list[int]]) -> int:
+    """P: how many first tokens all prompts share, each keeping ≥ 1 of its own (its last token
+    predicts what follows: scoring reads its hidden state, sampling feeds it to the first decode
+    step); 0 for one prompt, or when P < 2."""
+    P = min(map(len, prompts)) - 1
+    if P < 2 or len(prompts) < 2:  # also an empty prompt (P = -1 would slice from the end)
+        return 0
+    for p in prompts[1:]:
+        P = next((i for i, (a, b) in enumerate(zip(prompts[0][:P], p)) if a != b), P)
+    return P if P >= 2 else 0
+
+
+def _fill(body: nn.Module, inputs_BL: mx.array, cache: list[BatchKVCache], step: int) -> None:
+    for start in range(0, inputs_BL.shape[1], step):
         body(inputs_BL[:, start:start + step], cache=cache)
         mx.eval([c.state for c in cache])
+
+
+def _prefill(model: nn.Module, prompts: list[list[int]], step: int) -> list[DecodeCache]:
+    """A left-padded batch cache holding every prompt but its last token (the first decode
+    input), filled by `prefill_body`. The prompts' common prefix (`common_length`, the chat
+    template's header and system prompt) runs once at batch 1; every row continues from a copy of
+    it with its own remainder, right-padded (causal attention never reads the padding after a
+    token), and mlx-lm's `finalize` rolls that padding to the left: the decode steps see the
+    layout of a prefill that shares nothing, and equal its values to rounding."""
+    lengths = [len(p) - 1 for p in prompts]
+    width, P, body = max(lengths), common_length(prompts), prefill_body(model)
+    pad = [width - n for n in lengths]
+    if not P:
+        cache = [DecodeCache(pad) for _ in make_prompt_cache(model)]
+        _fill(body, mx.array([[0] * n + p[:-1] for p, n in zip(prompts, pad)]), cache, step)
+        return cache
+    cache = [DecodeCache([0]) for _ in make_prompt_cache(model)]
+    _fill(body, mx.array([prompts[0][:P]]), cache, step)
+    for c in cache:
+        c.filter(mx.zeros(len(prompts), mx.int32))  # the prefix's keys and values, one copy per row
+        c.prepare(right_padding=pad)
+    _fill(body, mx.array([p[P:-1] + [0] * n for p, n in zip(prompts, pad)]), cache, step)
+    for c in cache:
+        c.finalize()
+        c.padded = any(pad)
     return cache
-
-
-class PlainDecode:
-    """The decode loop's step and filter over mlx-lm's growing `BatchKVCache`s: one model call
-    per token, not compiled (a new graph each step), and the compiled sampling step."""
-
-    def __init__(self, model: nn.Module, cache: list[BatchKVCache], keyed: bool, temperature: float, top_p: float):
-        self.model, self.cache, self.sampling_args = model, cache, (temperature, top_p)
-        self.sampling = next_tokens_compiled if keyed else next_tokens
-
-    def step(self, tokens_B: mx.array, keys_B2: mx.array | None):
-        return self.sampling(self.model(tokens_B[:, None], cache=self.cache)[:, -1, :], keys_B2, *self.sampling_args)
-
-    @staticmethod
-    def shrink(active: int, batch: int) -> bool:
-        return active < batch  # a smaller batch costs nothing to set up here
-
-    def filter(self, rows: mx.array):
-        for c in self.cache:
-            c.filter(rows)
 
 
 def decode(model: nn.Module, prompts: list[list[int]], max_tokens: list[int], stop_ids: list[int],
            temperature: float, top_p: float, seeds: list[int] | None,
-           prefill_step: int = 512, compiled: bool = False) -> tuple[list[list[int]], list[bool]]:
+           prefill_step: int = 512) -> tuple[list[list[int]], list[bool]]:
     """(completions, truncated) for each prompt, the stop token kept. Copies of a prompt share
-    one prefill; finished rows leave the batch (`shrink` says when). With `compiled`, decode
-    steps run compiled over a `static_cache.StaticCache` where the model type and sampling allow
-    (keyed or greedy: unkeyed draws read MLX's global random state), else as plain calls on
-    mlx-lm's cache."""
+    one prefill, and all prompts their common prefix; finished rows leave the batch."""
     distinct, rows = distinct_rows(prompts)
     cache = _prefill(model, distinct, prefill_step)
     if rows != list(range(len(distinct))):
         for c in cache:
             c.filter(rows)  # copies of a prompt become rows of their own
     keys = row_keys(seeds) if seeds is not None and temperature > 0 else None
-    usable = static_cache.supported(model) and static_cache.CompiledDecode.usable(cache)
-    if compiled and usable and (keys is not None or temperature == 0):
-        loop = static_cache.CompiledDecode(model, cache, max(max_tokens), next_tokens, temperature, top_p)
-    else:
-        loop = PlainDecode(model, cache, keys is not None, temperature, top_p)
+    # Keyed draws only: unkeyed ones read MLX's global random state, which a compiled graph would freeze.
+    sampling = next_tokens_compiled if keys is not None else next_tokens
+
+    def step(tokens_B: mx.array, keys_B2: mx.array | None):
+        return sampling(model(tokens_B[:, None], cache=cache)[:, -1, :], keys_B2, temperature, top_p)
 
     stops = set(stop_ids)
     completions, truncated = [[] for _ in prompts], [True] * len(prompts)
     batch = list(range(len(prompts)))  # the sequence each batch row samples for, None once it ended
-    # uint32, as drawn tokens are: a compiled step then traces once, not again at step 2.
-    tokens, keys = loop.step(mx.array([p[-1] for p in prompts], mx.uint32), keys)
+    tokens, keys = step(mx.array([p[-1] for p in prompts], mx.uint32), keys)  # uint32, as drawn tokens are
     mx.async_eval(tokens, keys)
     while live := [(row, seq) for row, seq in enumerate(batch) if seq is not None]:
         # Start the next step before reading this one, so the device never waits for Python;
         # unless every row ends here.
         last = all(len(completions[seq]) + 1 >= max_tokens[seq] for _, seq in live)
-        ahead = (tokens, keys) if last else loop.step(tokens, keys)
+        ahead = (tokens, keys) if last else step(tokens, keys)
         mx.async_eval(*ahead)
         drawn = tokens.tolist()
         for row, seq in live:
@@ -157,9 +162,10 @@ def decode(model: nn.Module, prompts: list[list[int]], max_tokens: list[int], st
                 batch[row] = None
         tokens, keys = ahead
         keep = [row for row, seq in enumerate(batch) if seq is not None]
-        if keep and loop.shrink(len(keep), len(batch)):
+        if keep and len(keep) < len(batch):  # a smaller batch costs nothing to set up
             index = mx.array(keep)
-            loop.filter(index)
+            for c in cache:
+                c.filter(index)
             tokens, keys = tokens[index], None if keys is None else keys[index]
             batch = [batch[row] for row in keep]
     return completions, truncated

@@ -69,25 +69,14 @@ def shares(model: nn.Module) -> bool:
     return lm_head(model) is not None and decode.supported(model)
 
 
-def common_length(prompts: list[list[int]]) -> int:
-    """P: how many first tokens all prompts share, each keeping ≥ 1 of its own (its last token's
-    hidden state predicts its continuation's first); 0 for one prompt, or when P < 2."""
-    P = min(map(len, prompts)) - 1
-    if P < 2 or len(prompts) < 2:  # also an empty prompt (P = -1 would slice from the end)
-        return 0
-    for p in prompts[1:]:
-        P = next((i for i, (a, b) in enumerate(zip(prompts[0][:P], p)) if a != b), P)
-    return P if P >= 2 else 0
-
-
 def completion_hidden(model: nn.Module, prompts: list[list[int]], continuations: list[list[int]],
                       share: bool = True) -> mx.array:
     """hidden_BTD as `scoring.completion_hidden` (row i: prompts[i] then continuations[i]; [i, j] is
     what `lm_head` turns into the prediction of continuations[i][j]), the prompts' common prefix run
-    once and each distinct prompt once when prompts repeat or share a prefix (`common_length`), the
+    once and each distinct prompt once when prompts repeat or share a prefix (`decode.common_length`), the
     model `shares` and `share` is on; else the full pass over every row."""
     distinct, rows = decode.distinct_rows(prompts)
-    P = common_length(distinct)
+    P = decode.common_length(distinct)
     if not share or (len(distinct) == len(prompts) and not P) or not shares(model):
         return full_hidden(model, prompts, continuations)
     body, width = prefill_body(model), max(map(len, distinct)) - P

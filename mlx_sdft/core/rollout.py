@@ -118,21 +118,17 @@ def sample(
     batch_size: int = 32,
     seeds: list[int] | None = None,
     fuse: bool = True,
-    compiled: bool = False,
 ) -> Rollout:
     """One completion per prompt (repeat a prompt to get several), in the order given. With
     `seeds`, sequence i samples from its own stream seeded by seeds[i]; without, from MLX's
     global random state (temperature 0 is greedy either way). `fuse` samples with the LoRA
-    adapters fused into a copy of their weights (`fused_adapters`): faster, same policy.
-    `compiled` runs each decode step as one compiled graph where `decode.decode` can: the same
-    tokens, less overhead per token."""
+    adapters fused into a copy of their weights (`fused_adapters`): faster, same policy."""
     was_training = model.training
     model.eval()  # no LoRA dropout while sampling (fusing also relies on it)
     try:
         with fused_adapters(model) if fuse else nullcontext():
             if decode.supported(model) and len(prompts) <= batch_size:
-                completions, truncated = decode.decode(model, prompts, max_tokens, stop_ids, temperature, top_p, seeds,
-                                                           compiled=compiled)
+                completions, truncated = decode.decode(model, prompts, max_tokens, stop_ids, temperature, top_p, seeds)
                 return Rollout(completions, truncated, sum(len(p) for p in prompts))
             return _generate(model, prompts, max_tokens, stop_ids, temperature, top_p, batch_size, seeds)
     finally:

@@ -129,7 +129,6 @@ def rollout_batch(model: nn.Module, pairs: list[PromptPair], cfg: Config, stop_i
     rollout = sample(
         model, [p.student_ids for p in pairs], [guards.completion_budget(p, cfg) for p in pairs], stop_ids,
         temperature=cfg.temperature, top_p=cfg.top_p, batch_size=len(pairs), seeds=seeds, fuse=cfg.fuse_sampling,
-        compiled=cfg.compiled_decode,
     )
     return pairs, rollout
 

@@ -33,11 +33,11 @@ from rich.console import Console
 from rich.table import Table
 
 from mlx_sdft.atomic import write_json
-from mlx_sdft.config import (DEFAULT_MODEL, PAPER_SDFT, RESUME_MAY_CHANGE, Config, EvalConfig, check_model, coerce,
+from mlx_sdft.config import (DEFAULT_MODEL, PAPER_SDFT, RESUME_MAY_CHANGE, RETIRED, Config, EvalConfig, check_model, coerce,
                              load_config, overlay)
 from mlx_sdft.machine.report import make_console
 from mlx_sdft.errors import InputError
-from mlx_sdft.yaml_file import read_yaml, resolve_paths
+from mlx_sdft.yaml_file import drop_retired, key_line, read_yaml, resolve_paths
 
 _STAGE_KEYS = {"name", "data", "metric", "answer_regex"}
 _RUN_KEYS = {"model", "output", "methods", "eval", "stages"}
@@ -46,7 +46,7 @@ _PER_STAGE = {"data", "adapter_path", "resume_adapter_file", "method", "model"} 
 
 def read_stages(path: str) -> dict:
     """Check the whole stages file before anything loads; errors name the stage and the key."""
-    spec = read_yaml(path, cls=None)
+    spec = drop_retired(read_yaml(path, cls=None), RETIRED, lambda key: f"{path}:{key_line(path, key)}: {key}")
     train_keys = {f.name for f in dataclasses.fields(Config)} - _PER_STAGE
     eval_keys = {f.name for f in dataclasses.fields(EvalConfig)} - {"model", "data", "adapter_path", "metric", "answer_regex"}
     for key in spec:
@@ -60,6 +60,7 @@ def read_stages(path: str) -> dict:
     for i, stage in enumerate(stages, 1):
         if not isinstance(stage, dict) or not stage.get("name") or not stage.get("data"):
             raise InputError(f"{path}: stages[{i}] needs a name and data")
+        stage = stages[i - 1] = drop_retired(stage, RETIRED, lambda key: f"{path}: stages[{i}] ({stage['name']}): {key}")
         for key in stage:
             if key not in _STAGE_KEYS | train_keys:
                 raise InputError(f"{path}: stages[{i}] ({stage['name']}): unknown option {key!r}")
