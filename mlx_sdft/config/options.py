@@ -76,17 +76,28 @@ GROUPS = (ESSENTIALS, MODEL, OPTIMIZER, SDFT, GUARDS, SPEED, RETENTION, ACCESS, 
           GATE, LEARN, REPORTING)
 
 
+NO_DEFAULT_BEFORE = object()  # `before_the_option` not given: the option's default is what old runs did
+
+
 def _opt(default: Any, help: str, choices: tuple | None = None, cli: bool = True, flag: str | None = None,
          argument: bool = False, path: bool = False, group: str = ESSENTIALS, hidden: bool = False,
-         required: bool = False):
+         required: bool = False, resume_may_change: bool = False, sdft_only: bool = False,
+         before_the_option: Any = NO_DEFAULT_BEFORE):
     """One option: `flag` names the CLI flag when it is not --FIELD-NAME; `argument` makes it positional;
     `path`: a file or folder, taken relative to a YAML file that names it; `group`: its panel in --help
     and section in docs/options.md; `hidden`: an engine knob the preflight chooses, accepted but left out
     of --help (docs/options.md lists it); `required`: a command cannot run without it (from a flag or the
-    YAML file), so --help says so instead of a default."""
+    YAML file), so --help says so instead of a default. For train's runs: `resume_may_change`: how a run
+    reports, saves or computes the same numbers, which --resume may change (all others define the run);
+    `sdft_only`: only SDFT reads it (--method sft trains the same adapters whatever its value);
+    `before_the_option`: what a run saved before the option existed trained with, where the default
+    differs (--resume reads a saved run without the key as this value)."""
     assert group in GROUPS, group
     meta = {"help": help, "choices": choices, "cli": cli, "flag": flag, "argument": argument, "path": path,
-            "group": group, "hidden": hidden, "required": required}
+            "group": group, "hidden": hidden, "required": required, "resume_may_change": resume_may_change,
+            "sdft_only": sdft_only}
+    if before_the_option is not NO_DEFAULT_BEFORE:
+        meta["before_the_option"] = before_the_option
     if isinstance(default, (dict, list)):
         return field(default_factory=lambda: type(default)(default), metadata=meta)
     return field(default=default, metadata=meta)
@@ -147,7 +158,7 @@ class ChatTemplate:
 @dataclass
 class TeacherTemplate:
     teacher_template: str = _opt(TEACHER_TEMPLATE, "Teacher prompt: a string or a file, with {question} and "
-                                 "{demonstration}.", path=True, group=MODEL)
+                                 "{demonstration}.", path=True, group=MODEL, sdft_only=True)
 
 
 @dataclass

@@ -17,28 +17,6 @@ from mlx_sdft.errors import InputError
 
 _LORA_DEFAULTS = {"rank": 8, "scale": 20.0, "dropout": 0.0}  # mlx-lm's; a YAML file may give some of them
 
-# Options --resume may change: what is reported or saved when, and how the same numbers are
-# computed (the preflight may itself switch fuse_sampling and logits_chunk). All others define the run.
-RESUME_MAY_CHANGE = frozenset({
-    "adapter_path", "resume", "overwrite", "dry_run", "steps_per_report", "log_completions", "steps_per_eval",
-    "val_batches", "save_every", "max_bad_steps", "report_to", "project_name", "fuse_sampling", "logits_chunk",
-    "grad_checkpoint", "log_text",
-})
-
-# Options only SDFT reads: --method sft trains the same adapters whatever their values
-# (tests/test_new_defaults.py), so `train` names those given at another value than the default.
-SDFT_ONLY = frozenset({
-    "teacher", "teacher_update_rate", "divergence", "beta", "num_generations", "fuse_sampling",
-    "max_completion_length",
-    "temperature", "top_p", "skip_first_tokens", "logits_chunk", "topk", "completion_budget", "truncated", "sft_weight",
-    "base_kl_weight", "max_degenerate_rise", "log_completions", "teacher_template",
-})
-
-# What a run saved before an option existed trained with, where today's default differs (the guards,
-# turned on by default later, CHANGELOG.md): --resume reads an adapter_config.json without the key
-# as this value, so an old run neither switches to the new defaults nor is refused for them.
-BEFORE_THE_OPTION = {"completion_budget": None, "truncated": "keep", "sft_weight": 0.0}
-
 # Options the product no longer has, and what runs instead: as a flag, a YAML key (a -c file, a
 # stages file, a --learn-config) or a saved run's option, accepted for one release and ignored,
 # with one line saying so (yaml_file.drop_retired).
@@ -51,7 +29,7 @@ class Config(SystemPrompt, TeacherTemplate, ChatTemplate, DataSource, Dequantize
 
     # What to train on and where to write (model, dequantize, data, max_seq_length and the
     # templates come from the groups above).
-    adapter_path: str = _opt("adapters", "Output folder for adapters, checkpoints and metrics.")
+    adapter_path: str = _opt("adapters", "Output folder for adapters, checkpoints and metrics.", resume_may_change=True)
     method: str = _opt("sdft", "sdft, or sft: plain next-token cross-entropy on the demonstrations, to compare.", ("sdft", "sft"))
 
     # Which weights train (mlx-lm's LoRA layers and file format).
@@ -64,8 +42,8 @@ class Config(SystemPrompt, TeacherTemplate, ChatTemplate, DataSource, Dequantize
         group=MODEL,
     )
     resume_adapter_file: str | None = _opt(None, "Start from these adapter weights (mlx-lm style).", group=MODEL)
-    resume: bool = _opt(False, "Continue the run saved in --adapter-path: adapters, optimizer, teacher, data position.")
-    overwrite: bool = _opt(False, "Start a new run in an --adapter-path that holds one: its run files are deleted first.")
+    resume: bool = _opt(False, "Continue the run saved in --adapter-path: adapters, optimizer, teacher, data position.", resume_may_change=True)
+    overwrite: bool = _opt(False, "Start a new run in an --adapter-path that holds one: its run files are deleted first.", resume_may_change=True)
 
     # Optimization (AdamW with weight decay 0, cosine schedule with warmup, clip 1.0: the paper's).
     batch_size: int = _opt(4, "Prompts per micro-batch.", group=OPTIMIZER)
@@ -79,64 +57,64 @@ class Config(SystemPrompt, TeacherTemplate, ChatTemplate, DataSource, Dequantize
     grad_clip: float = _opt(1.0, "Clip the global gradient norm to this (0 disables).", group=OPTIMIZER)
     seed: int = _opt(0, "Random seed for data order, LoRA init and sampling.", group=OPTIMIZER)
     grad_checkpoint: bool = _opt(False, "Recompute activations in the backward pass to save memory "
-                                 "(the student's pass only: sampling and the teacher run plain).", group=SPEED)
+                                 "(the student's pass only: sampling and the teacher run plain).", group=SPEED, resume_may_change=True)
 
     # SDFT.
     teacher: str = _opt("ema", "Teacher weights: EMA of the student, the base model, or the student.", ("ema", "base", "live"),
-                        group=SDFT)
+                        group=SDFT, sdft_only=True)
     teacher_update_rate: float = _opt(0.01, "EMA rate r: teacher <- (1 - r) teacher + r student, after every step.",
-                                      group=SDFT)
+                                      group=SDFT, sdft_only=True)
     divergence: str = _opt("forward", "forward = KL(teacher‖student), reverse = KL(student‖teacher), jsd.", DIVERGENCES,
-                           group=SDFT)
-    beta: float = _opt(0.5, "JSD mixture weight of the teacher (--divergence jsd).", group=SDFT)
-    num_generations: int = _opt(1, "Sampled completions per prompt.", group=SDFT)
+                           group=SDFT, sdft_only=True)
+    beta: float = _opt(0.5, "JSD mixture weight of the teacher (--divergence jsd).", group=SDFT, sdft_only=True)
+    num_generations: int = _opt(1, "Sampled completions per prompt.", group=SDFT, sdft_only=True)
     fuse_sampling: bool = _opt(True, "Sample with the LoRA adapters fused into a copy of their base weights: one "
                                "matmul per adapted linear instead of three, the same policy up to rounding, for the "
                                "memory of the copy; the preflight turns it off when only the unfused run fits. "
                                "Adapters over quantized weights are never fused.",
-                               group=SPEED, hidden=True)
-    max_completion_length: int = _opt(MAX_COMPLETION_LENGTH, "Most tokens sampled per completion.", group=SDFT)
-    temperature: float = _opt(1.0, "Sampling temperature (also divides the scored logits).", group=SDFT)
-    top_p: float = _opt(1.0, "Nucleus sampling mass.", group=SDFT)
-    skip_first_tokens: int = _opt(SKIP_FIRST_TOKENS, "Completion tokens at the start left out of the loss.", group=SDFT)
+                               group=SPEED, hidden=True, resume_may_change=True, sdft_only=True)
+    max_completion_length: int = _opt(MAX_COMPLETION_LENGTH, "Most tokens sampled per completion.", group=SDFT, sdft_only=True)
+    temperature: float = _opt(1.0, "Sampling temperature (also divides the scored logits).", group=SDFT, sdft_only=True)
+    top_p: float = _opt(1.0, "Nucleus sampling mass.", group=SDFT, sdft_only=True)
+    skip_first_tokens: int = _opt(SKIP_FIRST_TOKENS, "Completion tokens at the start left out of the loss.", group=SDFT, sdft_only=True)
     logits_chunk: int = _opt(0, "Score the completion this many positions at a time: the [B, T, V] logits of student "
                              "and teacher are never whole in memory, for a second LM-head pass in the backward; the "
-                             "same loss. 0: at once (the preflight picks 16 when only a chunked run fits).", group=SPEED, hidden=True)
+                             "same loss. 0: at once (the preflight picks 16 when only a chunked run fits).", group=SPEED, hidden=True, resume_may_change=True, sdft_only=True)
     topk: int | None = _opt(None, "Score on the teacher's top-K tokens plus a tail bucket (less memory); default: the full vocabulary.",
-                            group=SPEED)
+                            group=SPEED, sdft_only=True)
 
     # Guards against a collapsing student (core/guards.py). The budget, the mask and the SFT term are
     # on by default (recipes/retention-small; docs/method.md); the base-KL term and the stop are off.
     completion_budget: float | None = _opt(COMPLETION_BUDGET, f"Sample at most max({BUDGET_FLOOR}, ceil(M x demonstration "
                                            "tokens)) per example, capped by --max-completion-length; 0: off (the cap).",
-                                           group=GUARDS)
+                                           group=GUARDS, sdft_only=True, before_the_option=None)
     truncated: str = _opt(TRUNCATED, "A completion truncated without a stop token: keep it in the loss, or mask it out.",
-                          ("keep", "mask"), group=GUARDS)
+                          ("keep", "mask"), group=GUARDS, sdft_only=True, before_the_option="keep")
     sft_weight: float = _opt(SFT_WEIGHT, "Add this x the SFT cross-entropy on the demonstration (0: pure SDFT).",
-                             group=GUARDS)
+                             group=GUARDS, sdft_only=True, before_the_option=0.0)
     base_kl_weight: float = _opt(0.0, "Add this x KL(base||student) per token on the student's samples (0: none).",
-                                 group=GUARDS)
+                                 group=GUARDS, sdft_only=True)
     max_degenerate_rise: float | None = _opt(None, "Stop when a report's degenerate rate exceeds the first report's by "
                                              "more than this; the last good report's adapters are kept. Default: never.",
-                                             group=GUARDS)
+                                             group=GUARDS, sdft_only=True)
 
     # Reporting and saving.
-    steps_per_report: int = _opt(10, "Optimizer steps between report lines.", group=REPORTING)
+    steps_per_report: int = _opt(10, "Optimizer steps between report lines.", group=REPORTING, resume_may_change=True)
     log_completions: int = _opt(2, "Every report, write this many sampled completions (prompt, completion, truncated, "
                                 "loss) to completions.jsonl in --adapter-path and show one (SDFT; 0: none).",
-                                group=REPORTING)
+                                group=REPORTING, resume_may_change=True, sdft_only=True)
     log_text: bool = _opt(True, "Print text from the data: the first example's prompt and SFT-target panels, the "
                           "sampled completion under each report line, warnings that quote a demonstration "
                           "(--no-log-text: ids and numbers only, as serve --learn-every's background learns print).",
-                          group=REPORTING)
+                          group=REPORTING, resume_may_change=True)
     steps_per_eval: int = _opt(200, "Optimizer steps between validations (teacher-student divergence).",
-                               group=REPORTING)
-    val_batches: int = _opt(25, "Validation batches; -1 for the whole valid split.", group=REPORTING)
-    max_bad_steps: int = _opt(3, "Stop after this many non-finite steps in a row (each is skipped).", group=REPORTING)
-    save_every: int = _opt(100, "Optimizer steps between checkpoints.", group=REPORTING)
-    report_to: str | None = _opt(None, "Also log to this service.", ("wandb",), group=REPORTING)
-    project_name: str | None = _opt(None, "Project name for --report-to.", group=REPORTING)
-    dry_run: bool = _opt(False, "Check the input and print the memory estimate; load no weights.")
+                               group=REPORTING, resume_may_change=True)
+    val_batches: int = _opt(25, "Validation batches; -1 for the whole valid split.", group=REPORTING, resume_may_change=True)
+    max_bad_steps: int = _opt(3, "Stop after this many non-finite steps in a row (each is skipped).", group=REPORTING, resume_may_change=True)
+    save_every: int = _opt(100, "Optimizer steps between checkpoints.", group=REPORTING, resume_may_change=True)
+    report_to: str | None = _opt(None, "Also log to this service.", ("wandb",), group=REPORTING, resume_may_change=True)
+    project_name: str | None = _opt(None, "Project name for --report-to.", group=REPORTING, resume_may_change=True)
+    dry_run: bool = _opt(False, "Check the input and print the memory estimate; load no weights.", resume_may_change=True)
 
     def validate(self) -> Config:
         """Raise InputError naming the flag for any bad value; return self for chaining."""
@@ -207,3 +185,15 @@ def sft_ignores(cfg: Config) -> list[str]:
         return []
     given = SDFT_ONLY & getattr(cfg, "given", SDFT_ONLY)
     return sorted(name for name in given if getattr(cfg, name) != Config.__dataclass_fields__[name].default)
+
+
+def _marked(key: str) -> frozenset[str]:
+    return frozenset(f.name for f in dataclasses.fields(Config) if f.metadata.get(key))
+
+
+# Read from the options' own declarations (`_opt`'s resume_may_change, sdft_only, before_the_option),
+# so that a new option is one declaration.
+RESUME_MAY_CHANGE = _marked("resume_may_change")
+SDFT_ONLY = _marked("sdft_only")
+BEFORE_THE_OPTION = {f.name: f.metadata["before_the_option"] for f in dataclasses.fields(Config)
+                     if "before_the_option" in f.metadata}
