@@ -367,7 +367,7 @@ def test_quantized_base_is_dequantized_before_the_adapters_fuse(tmp_path, hf_tok
     assert types["blk.0.attn_q.weight"] == Q.F16 and types["token_embd.weight"] == Q.F16
 
 
-def test_export_home_writes_the_served_version_and_its_rules(tmp_path):
+def test_export_home_writes_the_served_version_and_its_rules(tmp_path, follows_when_told):
     """`export --home` exports what serve answers with: the home's model and current adapters, the
     rules still in the prompt as the Modelfile's SYSTEM, and general.name naming the version."""
     from mlx_sdft.store import versions
