@@ -366,3 +366,15 @@ def test_purge_and_forget_ask_first(tmp_path):
     with Store(tmp_path) as store:
         assert len(store.lessons()) == 1 and len(store.exchanges()) == 1
     assert runner.invoke(app, ["lessons", "purge", "--home", str(tmp_path)], input="y\n").exit_code == 0
+
+
+def test_a_bad_import_file_leaves_no_home_behind(tmp_path):
+    from typer.testing import CliRunner
+
+    from mlx_sdft.cli import app
+
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text(json.dumps({"prompt": "Hi"}) + "\n")
+    result = CliRunner().invoke(app, ["lessons", "import", str(bad), "--home", str(tmp_path / "home")])
+    assert result.exit_code == 2 and f"{bad}:1:" in result.output, result.output
+    assert not (tmp_path / "home").exists()
