@@ -178,12 +178,26 @@ def _printing(name: str, ask: Callable | None = None, job: str = "teach") -> Cal
         module = importlib.import_module(f"mlx_sdft.jobs.{job}")
         question = ask(cfg) if ask and not cfg.yes else None
         if question:
-            typer.confirm(question, abort=True)
+            _confirm(question)
         console = {"console": Console(stderr=True)} if job in ("learn", "rules") and name != "listing" else {}
         for line in getattr(module, name)(cfg, **console):
             typer.echo(line)
 
     return run
+
+
+def _confirm(question: str) -> None:
+    """Ask before a deletion; "no" is Ctrl-C's 130. With no terminal to ask on (stdin at its end: a
+    script, a pipe), the one line says to pass --yes instead of aborting at the prompt."""
+    try:
+        yes = typer.confirm(question)
+    except typer.Abort:  # Ctrl-C or the end of stdin
+        if sys.stdin is None or not sys.stdin.isatty():
+            raise InputError("no answer to the question (no terminal to ask on): pass --yes to delete without "
+                             "asking") from None
+        raise
+    if not yes:
+        raise typer.Abort()
 
 
 def _deprecated(old: str, new: str) -> None:
@@ -362,6 +376,18 @@ def _root() -> None:
     """Self-Distillation Fine-Tuning (SDFT) on MLX."""
 
 
+def _command_path(args: list[str]) -> list[str]:
+    """The (sub)command names `args` start with: ["lessons", "show"] of `lessons show 3 --json`."""
+    command, names = typer.main.get_command(app), []
+    for arg in args:
+        sub = getattr(command, "commands", {}).get(arg)
+        if sub is None:
+            break
+        command = sub
+        names.append(arg)
+    return names
+
+
 def main() -> None:
     """The console script: like `app()`, but a flag that does not parse is one line, status 2."""
     try:
@@ -374,6 +400,8 @@ def main() -> None:
         while ctx is not None and ctx.parent is not None:  # "lessons show", not just "show"
             names.insert(0, ctx.info_name)
             ctx = ctx.parent
+        if getattr(e, "ctx", None) is None:  # the flag parser's errors carry no context: the command from argv
+            names = _command_path(sys.argv[1:])
         command = " ".join(["mlx-sdft", *names])
         typer.echo(f"{command}: error: {e.format_message()}", err=True)
         code = getattr(e, "exit_code", 2)

@@ -147,14 +147,16 @@ class TeachConfig:
                                          ("--import", self.import_file), ("--forget-exchanges", self.forget_exchanges),
                                          ("--rule", self.rule is not None), ("--fact", self.fact is not None)) if on]
         if len(actions) != 1:
-            raise InputError("give one of EXCHANGE (with --answer or --feedback), --rule, --fact, --list, --import, "
-                             "--forget-exchanges" + (f" (got {', '.join(actions)})" if actions else ""))
+            raise InputError("give one of EXCHANGE (with --answer or --feedback), --rule or --fact"
+                             + (f", not several (got {', '.join(actions)})" if actions else
+                                " (mlx-sdft exchanges list shows the exchanges; lessons import FILE adds a file)"))
         if self.always and self.feedback is None:
             raise InputError("--always: goes with EXCHANGE --feedback TEXT (a standing rule from a correction)")
         if self.check is not None and self.rule is None and self.fact is None and not self.always:
             raise InputError("--check: goes with --rule, --fact or --feedback ... --always")
         if self.exchange and (self.answer is None) == (self.feedback is None):
-            raise InputError(f"{self.exchange}: give one of --answer, --feedback")
+            raise InputError(f"{self.exchange}: give only one of --answer, --feedback" if self.answer is not None
+                             else f"{self.exchange}: give --answer or --feedback")
         for name in ("answer", "feedback", "rule", "fact"):
             if getattr(self, name) is not None and not getattr(self, name).strip():
                 raise InputError(f"--{name}: must not be blank")
