@@ -375,7 +375,21 @@ def test_a_rule_the_model_ignores_when_told_is_left_out_of_a_learn_with_other_le
     said = " ".join(result.output.split())
     assert result.exit_code == 0, result.output
     assert f"rule {rule} left out of this learn: the model does not follow them even when told" in said
+    assert "version 1: 1 new lesson + 0 replayed, 0 rules and facts over 0 prompts" in said
+    assert "valid.jsonl" not in said  # learn's lessons come from the store, not from a data folder
     record = versions.record(home, 1)
     assert record["lessons"] == [lesson] and rule not in record["includes"] and record["gate"]["rules"] == {}
     with Store(home) as store:
         assert store.lesson(rule)["state"] == "new" and store.lesson(lesson)["state"] == "learned"
+
+
+def test_the_gate_names_the_prior_questions_a_candidate_lost_by_their_text():
+    from types import SimpleNamespace
+
+    from mlx_sdft.jobs.gate import _lost
+    from mlx_sdft.measure.rules import prior_questions
+
+    asked = prior_questions(4)
+    cfg = SimpleNamespace(gate_questions=4, log_text=True)
+    assert _lost([0, 2], cfg) == f"{asked[0]['prompt']!r}; {asked[2]['prompt']!r}"
+    assert _lost([0, 2], SimpleNamespace(gate_questions=4, log_text=False)) == "questions [0, 2]"  # --no-log-text

@@ -145,7 +145,8 @@ def build(home: Path, store: Store, cfg: LearnConfig, parent: int, new: list[dic
             measures = {**measures, "rules": {**numbers, **measures["rules"]}}
         if told or measures is None or not {str(r["id"]) for r in standing} <= set(measures["rules"]):
             _say(console, f"version {number}: measuring version {parent} on the held-out prompts"
-                          + (f" (and the preflight of {len(told)} new rules and facts)" if told else ""))
+                          + (f" (and the preflight of {_count(len(told), 'new rule or fact', 'new rules and facts')})"
+                             if told else ""))
             found = measure(model_obj, tokenizer, current, [r for r in standing if r["id"] not in known], held_out,
                             gate_cfg, lambda line: _say(console, line), told=told,
                             prior=measures["prior"] if measures else True,  # the questions do not change
@@ -177,8 +178,9 @@ def build(home: Path, store: Store, cfg: LearnConfig, parent: int, new: list[dic
             examples += rules.distillation_examples(drawn, book)
             for row in standing:
                 examples += rules.distillation_examples(rules.fact_prompts(row)[0], book) if row["kind"] == "fact" else []
-        _say(console, f"version {number}: {len(one_off)} new lessons + {len(replayed)} replayed, "
-                      f"{len(standing)} rules and facts over {len(examples) - len(one_off) - len(replayed)} prompts, "
+        _say(console, f"version {number}: {_count(len(one_off), 'new lesson')} + {len(replayed)} replayed, "
+                      f"{_count(len(standing), 'rule or fact', 'rules and facts')} over "
+                      f"{_count(len(examples) - len(one_off) - len(replayed), 'prompt')}, "
                       f"from version {parent} ({why})")
         last = run_train(train_cfg, console=console, examples={"train": examples}, loaded=loaded)
         for name in versions.ADAPTER_FILES:
@@ -246,6 +248,10 @@ def _measured(home: Path, version: int, key: list) -> dict | None:
         if gate_record.get("measure_key") == key and gate_record.get(side):
             return gate_record[side]
     return None
+
+
+def _count(n: int, one: str, many: str | None = None) -> str:
+    return f"{n} {one if n == 1 else many or one + 's'}"
 
 
 def _named(rows: list[dict]) -> str:
