@@ -208,8 +208,8 @@ def test_a_fact_is_measured_on_the_questions_the_model_wrote_split_once():
     assert rules.rulebook([row, {"kind": "rule", "text": RULE}]) == f"{rules.FACT_PREFIX}{row['text']}\n{RULE}"
 
 
-def test_a_fact_the_model_writes_no_questions_about_is_learned_from_questions_built_from_its_words(tiny_model,
-                                                                                                   tmp_path, follows_when_told):
+def test_a_fact_the_model_writes_no_questions_about_is_learned_from_questions_built_from_its_words(
+        tiny_model, tmp_path, follows_when_told):
     home = tmp_path / "home"
     fact = "The dog is called Biscuit."
     assert runner.invoke(app, ["teach", "--home", str(home), "--fact", fact, "--check", "Biscuit"]).exit_code == 0
