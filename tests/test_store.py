@@ -316,7 +316,7 @@ def test_options_page_and_help_list_every_personal_option(command):
     subcommands = {"lessons": ["list", "show", "add", "import", "export", "delete", "purge"]}.get(command, [])
     elsewhere = " ".join(_shown(command, sub) for sub in subcommands)
     moved = {"teach": {"list": "exchanges list", "forget_exchanges": "exchanges forget", "import_file": "lessons import",
-                       "limit": "exchanges list"},
+                       "limit": "exchanges list", "yes": "exchanges forget"},
              "lessons": {"export": "lessons export"}}.get(command, {})
     for f in cli_fields(options):
         flag = f.metadata["flag"] or f"--{f.name.replace('_', '-')}"
