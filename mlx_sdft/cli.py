@@ -31,28 +31,59 @@ app = typer.Typer(add_completion=False, no_args_is_help=True, help="Self-Distill
 _TYPES = {"str": str, "int": int, "float": float, "bool": bool, "list": list[str]}
 
 
-def _option(f: dataclasses.Field, hidden: bool = False, argument: bool = False) -> inspect.Parameter:
+def _option(f: dataclasses.Field, hidden: bool = False, argument: bool = False, required: bool = False,
+            help: str | None = None) -> inspect.Parameter:
     """One flag (or argument) for an option field, in its group's panel; an engine knob (`hidden`), or
-    one `hidden` asks for, is accepted but not shown. A required option says so; an option that is off
-    or unset by default (None, an empty list) shows no default, its help says what happens without it."""
+    one `hidden` asks for, is accepted but not shown. A required option says so ("[required]", the one
+    mark; `required`: an argument this command cannot go without); an option that is off or unset by
+    default (None, an empty list) shows no default, its help says what happens without it. `help`: this
+    command's own text for a field several commands share. A flag shows no type: it takes no value."""
     kind = _TYPES[f.type.split(" | ")[0]]
     default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
     shown = repr(default) if isinstance(default, str) and "\n" in default else default
-    help = f.metadata["help"]
+    help = help or f.metadata["help"]
     argument = argument or f.metadata["argument"]
-    if f.metadata["required"]:
+    if f.metadata["required"] or required:
         help += " [required]"
     elif default is not None and default != [] and not argument:
         help += f" [default: {shown}]"
     if f.metadata["choices"]:
         help += f" [choices: {', '.join(f.metadata['choices'])}]"
     # Escaped: typer renders help with rich, which would eat "[default: …]" as a markup tag.
-    if argument:
-        info = typer.Argument(help=escape(help), show_default=False)
+    if argument:  # named in capitals, as the usage line shows it
+        info = typer.Argument(help=escape(help), show_default=False, metavar=f.name.upper())
     else:
         info = typer.Option(*filter(None, [f.metadata["flag"]]), help=escape(help), show_default=False,
-                            rich_help_panel=f.metadata["group"], hidden=hidden or f.metadata["hidden"])
+                            rich_help_panel=f.metadata["group"], hidden=hidden or f.metadata["hidden"],
+                            metavar="" if kind is bool else None)
     return inspect.Parameter(f.name, inspect.Parameter.KEYWORD_ONLY, default=None, annotation=Annotated[Optional[kind], info])
+
+
+class _PlainHelp:
+    """--help shows as the plain flag it is, with no value type."""
+
+    def get_help_option(self, ctx):
+        option = super().get_help_option(ctx)
+        if option is not None:
+            option.metavar = ""
+        return option
+
+
+class _PlainHelpCommand(_PlainHelp, typer.core.TyperCommand):
+    def collect_usage_pieces(self, ctx) -> list[str]:
+        """A required argument without brackets: the options' validate() requires it (its help says
+        "[required]", the one mark of a required option), so the parser leaves it optional."""
+        pieces = super().collect_usage_pieces(ctx)
+        needed = {p.display_name_raw for p in self.params
+                  if p.param_type_name == "argument" and (p.help or "").endswith("[required]")}
+        return [piece[1:-1] if piece[1:-1] in needed else piece for piece in pieces]
+
+
+class _PlainHelpGroup(_PlainHelp, typer.core.TyperGroup):
+    pass
+
+
+app.info.cls = _PlainHelpGroup  # the root's own --help too
 
 
 def _fields(options: type, names: tuple[str, ...] | None) -> list[dataclasses.Field]:
@@ -88,13 +119,15 @@ def _one_line_errors(name: str):
 def _command(name: str, options: type, action: Callable, help: str, yaml_help: str | None,
              names: tuple[str, ...] | None = None, under: typer.Typer = app, shown_from: type | None = None,
              epilog: str | None = None, fixed: dict | None = None, argument: str | None = None,
-             hidden: bool = False, hide: tuple[str, ...] = ()) -> None:
+             hidden: bool = False, hide: tuple[str, ...] = (), required: tuple[str, ...] = (),
+             helps: dict[str, str] | None = None) -> None:
     """Register `mlx-sdft NAME` with one flag per field of `options` (or only those in `names`)
     and, with `yaml_help`, `-c/--config YAML`. With `shown_from`, only the fields that class declares
     itself (or gives its own default: config.options.shown_options) are shown in --help; the inherited ones are accepted all the same (`epilog` says so).
     `fixed`: option values the command itself sets (`exchanges list` is teach's --list);
     `argument`: the field taken as the positional argument (`lessons export FILE`); `hide`: fields
-    accepted but not shown (an old spelling); `hidden`: the command itself is not listed. The retired
+    accepted but not shown (an old spelling); `hidden`: the command itself is not listed; `required`:
+    fields this command cannot go without; `helps`: this command's own help of a shared field. The retired
     options of `options` (`RETIRED`, on/off flags) are accepted, not shown, and ignored with one line."""
 
     full_name, retired = f"{under.info.name or ''} {name}".strip(), getattr(options, "RETIRED", {})
@@ -113,13 +146,13 @@ def _command(name: str, options: type, action: Callable, help: str, yaml_help: s
     own = shown_options(shown_from) if shown_from else None
     fields = sorted(_fields(options, names), key=lambda f: GROUPS.index(f.metadata["group"]))  # panels in GROUPS' order
     fields.sort(key=lambda f: f.name != argument)  # the positional argument first
-    flags = [_option(f, hidden=own is not None and f.name not in own or f.name in hide, argument=f.name == argument)
-             for f in fields]
+    flags = [_option(f, hidden=own is not None and f.name not in own or f.name in hide, argument=f.name == argument,
+                     required=f.name in required, help=(helps or {}).get(f.name)) for f in fields]
     flags += [inspect.Parameter(key, inspect.Parameter.KEYWORD_ONLY, default=None,
                                 annotation=Annotated[Optional[bool], typer.Option(hidden=True)]) for key in retired]
     command.__signature__ = inspect.Signature([config] * bool(yaml_help) + flags)
     command.__doc__ = help
-    under.command(name, help=help, epilog=epilog, hidden=hidden)(command)
+    under.command(name, help=help, epilog=epilog, hidden=hidden, cls=_PlainHelpCommand)(command)
 
 
 def _train(cfg: Config) -> None:
@@ -154,13 +187,15 @@ def _check(cfg: CheckConfig) -> None:
         typer.echo(f"note: {report['small_model']}")
 
 
-def _continual(stages: Annotated[str, typer.Option("-c", "--config", help="Stages YAML file.")],
+def _continual(stages: Annotated[Optional[str], typer.Option("-c", "--config", help=escape("Stages YAML file. [required]"))] = None,
                restart_from: Annotated[Optional[str], typer.Option(
                    help="Retrain this stage and every stage after it, though they finished.")] = None) -> None:
     """Train stage after stage on the same adapters; evaluate every task and retention after each."""
     from mlx_sdft.jobs.continual import run_continual
 
     with _one_line_errors("continual"):
+        if stages is None:
+            raise InputError("-c/--config: required (the stages YAML file)")
         run_continual(stages, restart_from=restart_from)
 
 
@@ -170,7 +205,7 @@ _command("eval", EvalConfig, _eval, "Greedy answers on held-out demonstrations: 
          "YAML file with eval options.")
 _command("check", CheckConfig, _check, "Does the model learn from the demonstration in context? The teacher check.",
          "YAML file with check options.")
-app.command("continual", help=_continual.__doc__)(_continual)
+app.command("continual", help=_continual.__doc__, cls=_PlainHelpCommand)(_continual)
 
 
 def _serve(cfg: ServeConfig) -> None:
@@ -187,12 +222,26 @@ def _printing(name: str, ask: Callable | None = None, job: str = "teach") -> Cal
         module = importlib.import_module(f"mlx_sdft.jobs.{job}")
         question = ask(cfg) if ask and not cfg.yes else None
         if question:
-            typer.confirm(question, abort=True)
+            _confirm(question)
         console = {"console": Console(stderr=True)} if job in ("learn", "rules") and name != "listing" else {}
         for line in getattr(module, name)(cfg, **console):
             typer.echo(line)
 
     return run
+
+
+def _confirm(question: str) -> None:
+    """Ask before a deletion; "no" is Ctrl-C's 130. With no terminal to ask on (stdin at its end: a
+    script, a pipe), the one line says to pass --yes instead of aborting at the prompt."""
+    try:
+        yes = typer.confirm(question)
+    except typer.Abort:  # Ctrl-C or the end of stdin
+        if sys.stdin is None or not sys.stdin.isatty():
+            raise InputError("no answer to the question (no terminal to ask on): pass --yes to delete without "
+                             "asking") from None
+        raise
+    if not yes:
+        raise typer.Abort()
 
 
 def _deprecated(old: str, new: str) -> None:
@@ -205,7 +254,7 @@ def _noun(name: str, help: str, listing: Callable, options: type, names: tuple[s
           moved: dict[str, str] | None = None, fixed: dict | None = None) -> typer.Typer:
     """`mlx-sdft NAME`: a noun whose subcommands act on it; alone (or with its listing options) it lists.
     `moved`: listing options that are an old spelling of a subcommand, accepted with a deprecation line."""
-    noun = typer.Typer(name=name, no_args_is_help=False, invoke_without_command=True, help=help)
+    noun = typer.Typer(name=name, no_args_is_help=False, invoke_without_command=True, help=help, cls=_PlainHelpGroup)
     app.add_typer(noun)
 
     def callback(ctx: typer.Context, **flags) -> None:
@@ -239,7 +288,7 @@ def _teach(cfg: TeachConfig) -> None:
 
 
 _command("teach", TeachConfig, _teach, "Correct a stored exchange (EXCHANGE --answer, --feedback), or give a standing "
-         "rule or fact (--rule, --fact).", None, hide=(*_TEACH_MOVED, "limit"))
+         "rule or fact (--rule, --fact).", None, hide=(*_TEACH_MOVED, "limit", "yes"))
 _EXCHANGE_LIST = ("home", "limit")
 exchanges_app = _noun("exchanges", "The exchanges in --home (what serve answered): list, forget.",
                       _printing("teach"), TeachConfig, _EXCHANGE_LIST, fixed={"list": True})
@@ -276,10 +325,10 @@ _command("list", RulesConfig, _printing("listing", job="rules"), "List the rules
          "model follows each one.", None, _RULE_LIST, rules_app)
 _command("add", RulesConfig, _printing("add", job="rules"), "Add a rule (or --fact): in serve's prompt from its next "
          "request; then measure whether the model follows it when told (--no-preflight: skip).", None,
-         ("text", "home", "fact", "check", "preflight", *_RULE_MEASURE), rules_app)
+         ("text", "home", "fact", "check", "preflight", *_RULE_MEASURE), rules_app, required=("text",))
 _command("check", RulesConfig, _printing("check", job="rules"), "Measure whether the model (current version) follows "
          "a rule when told, on held-out prompts: every rule, or RULE.", None, ("rule", "home", *_RULE_MEASURE),
-         rules_app)
+         rules_app, helps={"rule": "The rule's id (see mlx-sdft rules) [default: every rule]."})
 _command("remove", RulesConfig, _printing("remove", lambda cfg: importlib.import_module("mlx_sdft.jobs.rules").
                                          removal_question(cfg), job="rules"), "Remove a rule from the store, serve's prompt and "
          "every version that learned it (as forget: the current version is rebuilt without it).", None,
@@ -355,7 +404,7 @@ _command("generate", GenerateConfig, _generate, "Answer one prompt with the chat
          "with or without adapters.", "YAML file with generate options.")
 
 
-@app.command("doctor")
+@app.command("doctor", cls=_PlainHelpCommand)
 def doctor() -> None:
     """Print what MLX sees on this machine: backend (Metal, CUDA, CPU), device, memory, BLAS, versions."""
     from mlx_sdft.machine.doctor import report
@@ -371,6 +420,18 @@ def _root() -> None:
     """Self-Distillation Fine-Tuning (SDFT) on MLX."""
 
 
+def _command_path(args: list[str]) -> list[str]:
+    """The (sub)command names `args` start with: ["lessons", "show"] of `lessons show 3 --json`."""
+    command, names = typer.main.get_command(app), []
+    for arg in args:
+        sub = getattr(command, "commands", {}).get(arg)
+        if sub is None:
+            break
+        command = sub
+        names.append(arg)
+    return names
+
+
 def main() -> None:
     """The console script: like `app()`, but a flag that does not parse is one line, status 2."""
     try:
@@ -383,6 +444,8 @@ def main() -> None:
         while ctx is not None and ctx.parent is not None:  # "lessons show", not just "show"
             names.insert(0, ctx.info_name)
             ctx = ctx.parent
+        if getattr(e, "ctx", None) is None:  # the flag parser's errors carry no context: the command from argv
+            names = _command_path(sys.argv[1:])
         command = " ".join(["mlx-sdft", *names])
         typer.echo(f"{command}: error: {e.format_message()}", err=True)
         code = getattr(e, "exit_code", 2)

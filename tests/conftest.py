@@ -28,3 +28,13 @@ def tiny(tiny_model):
 @pytest.fixture
 def smoke_data() -> Path:
     return ROOT / "recipes" / "smoke" / "data"
+
+
+@pytest.fixture
+def follows_when_told(monkeypatch):
+    """The random tiny model follows no rule when told, so learn would leave every rule out (or refuse
+    a learn of rules alone): tests of how a rule is distilled and gated take learn's reading of every
+    preflight as "follows" (the thresholds themselves stay, for the modules that import them)."""
+    from mlx_sdft.jobs import learn
+
+    monkeypatch.setattr(learn, "follows", lambda result: True)

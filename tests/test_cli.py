@@ -121,3 +121,32 @@ def test_doctor_reports_the_backend_and_blas():
     assert result.exit_code == 0, result.output
     for key in ("backend", "default_device", "memory_gb", "blas", "distributed", "mlx_lm"):
         assert f"{key}:" in result.stdout
+
+
+def _help(*command: str) -> str:
+    from typer.testing import CliRunner
+
+    from mlx_sdft.cli import app
+
+    result = CliRunner().invoke(app, [*command, "--help"], env={"COLUMNS": "200"})
+    assert result.exit_code == 0, result.output
+    return result.output
+
+
+@pytest.mark.parametrize("command", [(), ("train",), ("continual",), ("rules",), ("rules", "add"), ("teach",),
+                                     ("doctor",), ("lessons", "import")])
+def test_help_is_a_plain_flag(command):
+    line = next(line for line in _help(*command).splitlines() if "--help" in line)
+    assert "<bool>" not in line, line
+
+
+def test_help_marks_required_one_way_and_each_subcommand_shows_its_own_text():
+    add = _help("rules", "add")
+    assert "rules add [OPTIONS] TEXT" in add and "[TEXT]" not in add and "[required]" in add
+    continual = _help("continual")
+    assert "[required]" in continual and "*" not in continual
+    for sub in ("check", "remove", "add"):
+        said = _help("rules", sub)
+        assert "add:" not in said and "remove:" not in said and "check:" not in said, said
+    assert "every rule" in _help("rules", "check") and "every rule" not in _help("rules", "remove")
+    assert "Delete without asking" not in _help("teach") and "--yes" in _help("exchanges", "forget")

@@ -367,7 +367,7 @@ def test_quantized_base_is_dequantized_before_the_adapters_fuse(tmp_path, hf_tok
     assert types["blk.0.attn_q.weight"] == Q.F16 and types["token_embd.weight"] == Q.F16
 
 
-def test_export_home_writes_the_served_version_and_its_rules(tmp_path):
+def test_export_home_writes_the_served_version_and_its_rules(tmp_path, follows_when_told):
     """`export --home` exports what serve answers with: the home's model and current adapters, the
     rules still in the prompt as the Modelfile's SYSTEM, and general.name naming the version."""
     from mlx_sdft.store import versions
@@ -397,3 +397,12 @@ def test_export_home_writes_the_served_version_and_its_rules(tmp_path):
     assert never.exit_code == 0 and rule not in (tmp_path / "n" / "Modelfile").read_text()
     both = export("--home", home, "--adapter-path", versions.version_dir(home, 1), "--out", tmp_path / "x.gguf")
     assert both.exit_code == 2 and "--adapter-path: not with --home" in both.output
+
+
+def test_export_peft_of_a_home_without_a_learned_version_says_so(tmp_path):
+    home = tmp_path / "home"
+    assert runner.invoke(app, ["teach", "--home", str(home), "--rule", "Be brief."]).exit_code == 0
+    result = export("--home", home, "--format", "peft", "--out", tmp_path / "peft")
+    said = " ".join(result.output.split())
+    assert result.exit_code == 2 and "has no learned version" in said and "learn" in said, result.output
+    assert "full fine-tune" not in said and not (tmp_path / "peft").exists()

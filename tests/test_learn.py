@@ -540,7 +540,7 @@ def test_forgotten_text_is_nowhere_in_the_home_and_every_file_is_private(tiny_mo
     assert b"exillumqa" not in _everything(home)
 
 
-def test_learn_loads_the_model_once_and_trains_and_gates_as_separate_loads_would(tiny_model, tmp_path, monkeypatch):
+def test_learn_loads_the_model_once_and_trains_and_gates_as_separate_loads_would(tiny_model, tmp_path, monkeypatch, follows_when_told):
     """One load serves the measures, training and the gate: the adapters equal those of a training run
     that loads the model itself (fresh LoRA for version 1, the parent's adapters for version 2), and the
     gate's numbers of the candidate and of the current version equal those of freshly loaded models."""

@@ -135,7 +135,7 @@ def _learn(home, model, *extra):
     return runner.invoke(app, ["learn", "--home", str(home), "--model", str(model), *FAST, *extra])
 
 
-def test_learn_distills_a_rule_and_forget_removes_it_everywhere(tiny_model, tmp_path):
+def test_learn_distills_a_rule_and_forget_removes_it_everywhere(tiny_model, tmp_path, follows_when_told):
     import mlx.core as mx
 
     from mlx_sdft.jobs.gate import check
@@ -189,7 +189,7 @@ def test_learn_distills_a_rule_and_forget_removes_it_everywhere(tiny_model, tmp_
             assert b"zebra" not in path.read_bytes(), path
 
 
-def test_a_new_rule_whose_gap_does_not_fall_enough_is_rejected(tiny_model, tmp_path):
+def test_a_new_rule_whose_gap_does_not_fall_enough_is_rejected(tiny_model, tmp_path, follows_when_told):
     home = tmp_path / "home"
     _rule(home)
     result = _learn(home, tiny_model, *LOOSE, "--gate-min-gain", "1000")  # no gap falls by 1000 nats/token
@@ -208,8 +208,8 @@ def test_a_fact_is_measured_on_the_questions_the_model_wrote_split_once():
     assert rules.rulebook([row, {"kind": "rule", "text": RULE}]) == f"{rules.FACT_PREFIX}{row['text']}\n{RULE}"
 
 
-def test_a_fact_the_model_writes_no_questions_about_is_learned_from_questions_built_from_its_words(tiny_model,
-                                                                                                   tmp_path):
+def test_a_fact_the_model_writes_no_questions_about_is_learned_from_questions_built_from_its_words(
+        tiny_model, tmp_path, follows_when_told):
     home = tmp_path / "home"
     fact = "The dog is called Biscuit."
     assert runner.invoke(app, ["teach", "--home", str(home), "--fact", fact, "--check", "Biscuit"]).exit_code == 0
@@ -229,7 +229,7 @@ def test_a_fact_the_model_writes_no_questions_about_is_learned_from_questions_bu
     assert not {q[0]["content"] for q in train} & {q[0]["content"] for q in held_out}
 
 
-def test_a_rule_that_acts_at_the_end_gets_samples_and_answers_long_enough_to_end(tiny_model, tmp_path):
+def test_a_rule_that_acts_at_the_end_gets_samples_and_answers_long_enough_to_end(tiny_model, tmp_path, follows_when_told):
     home = tmp_path / "home"
     rule = _rule(home, "Always end your answer with the word zebra.", check=r"zebra\W*$")
     result = _learn(home, tiny_model, *LOOSE, "--end-rule-tokens", "12", "--gate-min-gain", "-1000")
@@ -316,3 +316,80 @@ def test_a_rule_holds_only_when_the_weights_follow_what_the_model_followed_told(
 
     assert rule_holds({"check_regex": "x", "preflight": preflight}, candidate) is holds
     assert rule_holds({"preflight": {"gap": 0.012}}, {"gap": 0.001}) is False  # no check: a gap too small to tell
+
+
+def test_a_learn_of_only_rules_the_model_ignores_when_told_stops_before_training(tiny_model, tmp_path, monkeypatch):
+    """The tiny model follows no rule when told: learning the rule alone would train on answers that
+    ignore it. learn measures the preflight, then stops (status 2) naming the rule and what would work;
+    a second learn reuses the stored preflight (same version, model and prompts) and stops before loading."""
+    from mlx_sdft.formats import models
+
+    home = tmp_path / "home"
+    rule = _rule(home, check="zebra")
+    result = _learn(home, tiny_model, *LOOSE)
+    said = " ".join(result.output.split())
+    assert result.exit_code == 2, result.output
+    assert f"rule {rule}: the model does not follow it even when told (told 0.00 vs untold 0.00" in said
+    assert f"error: rule {rule}: " in said and "does not follow it even when told" in said
+    assert "--model" in said and "teach EXCHANGE --answer" in said
+    assert "steps" not in said and not (versions.version_dir(home, 1)).exists()
+    assert not list((home / "versions").glob("*")) if (home / "versions").exists() else True  # no candidate left
+    with Store(home) as store:
+        row = store.lesson(rule)
+    assert row["state"] == "new" and row["preflight"]["version"] == 0 and row["preflight"]["told"] == 0.0
+
+    def no_load(*args, **kwargs):
+        raise AssertionError("the model was loaded")
+
+    monkeypatch.setattr(models, "load_model", no_load)
+    again = _learn(home, tiny_model, *LOOSE)
+    assert again.exit_code == 2 and f"error: rule {rule}: " in again.output, again.output
+
+
+def test_a_learn_reuses_the_preflight_rules_check_stored(tiny_model, tmp_path, monkeypatch):
+    from mlx_sdft.formats import models
+
+    home = tmp_path / "home"
+    rule = _rule(home, check="zebra")
+    checked = runner.invoke(app, ["rules", "check", "--home", str(home), "--model", str(tiny_model),
+                                  "--gate-prompts", "4", "--gate-max-tokens", "8"])
+    assert checked.exit_code == 0, checked.output
+    def no_load(*args, **kwargs):
+        raise AssertionError("the model was loaded")
+
+    monkeypatch.setattr(models, "load_model", no_load)
+    result = _learn(home, tiny_model, *LOOSE)
+    assert result.exit_code == 2 and f"error: rule {rule}: " in result.output, result.output
+    # measured on other prompts (another --gate-prompts), the stored preflight is not reused: the model loads
+    other = _learn(home, tiny_model, *LOOSE, "--gate-prompts", "3")
+    assert other.exit_code == 1 and "the model was loaded" in repr(other.exception), other.output
+
+
+def test_a_rule_the_model_ignores_when_told_is_left_out_of_a_learn_with_other_lessons(tiny_model, tmp_path):
+    home = tmp_path / "home"
+    rule = _rule(home, check="zebra")
+    with Store(home) as store:
+        lesson = store.add_lesson(kind="demonstration", prompt=[{"role": "user", "content": "Say red."}],
+                                  text="red red red.")
+    result = _learn(home, tiny_model, *LOOSE, "--gate-min-gain", "-1000")
+    said = " ".join(result.output.split())
+    assert result.exit_code == 0, result.output
+    assert f"rule {rule} left out of this learn: the model does not follow them even when told" in said
+    assert "version 1: 1 new lesson + 0 replayed, 0 rules and facts over 0 prompts" in said
+    assert "valid.jsonl" not in said  # learn's lessons come from the store, not from a data folder
+    record = versions.record(home, 1)
+    assert record["lessons"] == [lesson] and rule not in record["includes"] and record["gate"]["rules"] == {}
+    with Store(home) as store:
+        assert store.lesson(rule)["state"] == "new" and store.lesson(lesson)["state"] == "learned"
+
+
+def test_the_gate_names_the_prior_questions_a_candidate_lost_by_their_text():
+    from types import SimpleNamespace
+
+    from mlx_sdft.jobs.gate import _lost
+    from mlx_sdft.measure.rules import prior_questions
+
+    asked = prior_questions(4)
+    cfg = SimpleNamespace(gate_questions=4, log_text=True)
+    assert _lost([0, 2], cfg) == f"{asked[0]['prompt']!r}; {asked[2]['prompt']!r}"
+    assert _lost([0, 2], SimpleNamespace(gate_questions=4, log_text=False)) == "questions [0, 2]"  # --no-log-text

@@ -7,6 +7,7 @@ import os
 import shutil
 import signal
 import sqlite3
+import socket
 import subprocess
 import sys
 import threading
@@ -737,3 +738,26 @@ def test_a_version_trained_for_another_model_is_not_switched_to(tiny_model, tmp_
         assert "now serving adapter version 2" not in log
         [line] = [line for line in log.splitlines() if "cannot switch adapters" in line]
         assert "does not fit" in line and "still serving version 1" in line, line
+
+
+def test_a_taken_port_fails_before_the_model_loads_and_a_missing_model_leaves_no_home(tiny_model, tmp_path,
+                                                                                     monkeypatch):
+    from mlx_sdft.serve import server
+
+    def no_load(*args, **kwargs):
+        raise AssertionError("the model was opened")
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        monkeypatch.setattr(server, "open_tokenizer_for", no_load)  # the model is opened first through this
+        result = CliRunner().invoke(app, ["serve", "--model", str(tiny_model), "--port", str(port),
+                                          "--home", str(tmp_path / "a")])
+    assert result.exit_code == 2 and f"cannot listen on 127.0.0.1:{port}" in result.stderr, result.output
+    assert not (tmp_path / "a").exists()
+    monkeypatch.undo()
+    missing = CliRunner().invoke(app, ["serve", "--model", str(tmp_path / "nonexist-model"), "--port", "0",
+                                       "--home", str(tmp_path / "b")])
+    assert missing.exit_code == 2 and "nonexist-model" in missing.stderr, missing.output
+    assert not (tmp_path / "b").exists()

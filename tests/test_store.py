@@ -226,8 +226,8 @@ def test_current_version_pointer(tmp_path):
 # ---- the commands ----------------------------------------------------------------------------
 
 
-def _run(*args):
-    return runner.invoke(app, [str(a) for a in args])
+def _run(*args, input=None):
+    return runner.invoke(app, [str(a) for a in args], input=input)
 
 
 def test_teach_and_lessons_round_trip(tmp_path):
@@ -254,8 +254,9 @@ def test_teach_and_lessons_round_trip(tmp_path):
 
 @pytest.mark.parametrize("args, message", [
     (["ex-nope", "--answer", "x"], "ex-nope: no such exchange"),
-    (["ex-nope"], "give one of --answer, --feedback"),
-    ([], "give one of EXCHANGE"),
+    (["ex-nope"], "ex-nope: give --answer or --feedback"),
+    (["ex-nope", "--answer", "x", "--feedback", "y"], "give only one of --answer, --feedback"),
+    ([], r"give one of EXCHANGE \(with --answer or --feedback\), --rule or --fact \(mlx-sdft exchanges list"),
     (["--list", "--import", "f.jsonl"], r"got --list, --import"),
     (["--answer", "x"], "name the exchange"),
     (["--list", "--redact", "("], r"--redact: '\(' is not a regular expression"),
@@ -315,7 +316,7 @@ def test_options_page_and_help_list_every_personal_option(command):
     subcommands = {"lessons": ["list", "show", "add", "import", "export", "delete", "purge"]}.get(command, [])
     elsewhere = " ".join(_shown(command, sub) for sub in subcommands)
     moved = {"teach": {"list": "exchanges list", "forget_exchanges": "exchanges forget", "import_file": "lessons import",
-                       "limit": "exchanges list"},
+                       "limit": "exchanges list", "yes": "exchanges forget"},
              "lessons": {"export": "lessons export"}}.get(command, {})
     for f in cli_fields(options):
         flag = f.metadata["flag"] or f"--{f.name.replace('_', '-')}"
@@ -366,3 +367,36 @@ def test_purge_and_forget_ask_first(tmp_path):
     with Store(tmp_path) as store:
         assert len(store.lessons()) == 1 and len(store.exchanges()) == 1
     assert runner.invoke(app, ["lessons", "purge", "--home", str(tmp_path)], input="y\n").exit_code == 0
+
+
+def test_a_bad_import_file_leaves_no_home_behind(tmp_path):
+    from typer.testing import CliRunner
+
+    from mlx_sdft.cli import app
+
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text(json.dumps({"prompt": "Hi"}) + "\n")
+    result = CliRunner().invoke(app, ["lessons", "import", str(bad), "--home", str(tmp_path / "home")])
+    assert result.exit_code == 2 and f"{bad}:1:" in result.output, result.output
+    assert not (tmp_path / "home").exists()
+
+
+def test_teach_with_nothing_names_only_the_current_ways(tmp_path):
+    said = _run("teach", "--home", tmp_path).stderr
+    assert "--list" not in said and "--import" not in said and "--forget-exchanges" not in said, said
+
+
+def test_a_deletion_with_no_terminal_to_ask_on_says_to_pass_yes(tmp_path):
+    result = _run("exchanges", "forget", "--home", tmp_path)  # CliRunner's stdin: empty, not a terminal
+    assert result.exit_code == 2 and "pass --yes" in result.stderr, result.output
+    no = _run("exchanges", "forget", "--home", tmp_path, input="n\n")  # answered: an abort, as before
+    assert no.exit_code not in (0, 2) and "pass --yes" not in no.output
+
+
+def test_a_flag_without_its_value_names_the_command(capsys, monkeypatch):
+    from mlx_sdft.cli import main
+
+    monkeypatch.setattr("sys.argv", ["mlx-sdft", "export", "--out"])
+    with pytest.raises(SystemExit) as exited:
+        main()
+    assert exited.value.code == 2 and capsys.readouterr().err.startswith("mlx-sdft export: error: Option '--out'")

@@ -147,14 +147,16 @@ class TeachConfig:
                                          ("--import", self.import_file), ("--forget-exchanges", self.forget_exchanges),
                                          ("--rule", self.rule is not None), ("--fact", self.fact is not None)) if on]
         if len(actions) != 1:
-            raise InputError("give one of EXCHANGE (with --answer or --feedback), --rule, --fact, --list, --import, "
-                             "--forget-exchanges" + (f" (got {', '.join(actions)})" if actions else ""))
+            raise InputError("give one of EXCHANGE (with --answer or --feedback), --rule or --fact"
+                             + (f", not several (got {', '.join(actions)})" if actions else
+                                " (mlx-sdft exchanges list shows the exchanges; lessons import FILE adds a file)"))
         if self.always and self.feedback is None:
             raise InputError("--always: goes with EXCHANGE --feedback TEXT (a standing rule from a correction)")
         if self.check is not None and self.rule is None and self.fact is None and not self.always:
             raise InputError("--check: goes with --rule, --fact or --feedback ... --always")
         if self.exchange and (self.answer is None) == (self.feedback is None):
-            raise InputError(f"{self.exchange}: give one of --answer, --feedback")
+            raise InputError(f"{self.exchange}: give only one of --answer, --feedback" if self.answer is not None
+                             else f"{self.exchange}: give --answer or --feedback")
         for name in ("answer", "feedback", "rule", "fact"):
             if getattr(self, name) is not None and not getattr(self, name).strip():
                 raise InputError(f"--{name}: must not be blank")
@@ -169,14 +171,14 @@ class TeachConfig:
 class RulesConfig:
     """`mlx-sdft rules`: the standing rules and facts in --home: list, add, check, remove."""
 
-    text: str | None = _opt(None, "The rule (add), e.g. \"Always end your answer with '- Sam'\".", argument=True)
-    rule: int | None = _opt(None, "The rule's id (check: default every rule; remove).", argument=True)
+    text: str | None = _opt(None, "The rule or fact, e.g. \"Always end your answer with '- Sam'\".", argument=True)
+    rule: int | None = _opt(None, "The rule's id (see mlx-sdft rules).", argument=True)
     home: str = _home()
     json: bool = _opt(False, "Print the rules as JSON.")
-    fact: bool = _opt(False, "add: TEXT is a fact to know, not a rule to follow.")
-    check: str | None = _opt(None, "add: a regular expression an answer that follows the rule (or knows the fact) "
+    fact: bool = _opt(False, "TEXT is a fact to know, not a rule to follow.")
+    check: str | None = _opt(None, "A regular expression an answer that follows the rule (or knows the fact) "
                              "matches.")
-    preflight: bool = _opt(True, "add: measure at once whether the model follows the rule when told (loads it).",
+    preflight: bool = _opt(True, "Measure at once whether the model follows the rule when told (loads it).",
                            group=MEASURE)
     model: str | None = _opt(None, "The model to measure with [default: the one the home's versions or exchanges "
                              f"name; else {DEFAULT_MODEL}].", path=True, group=MEASURE)
@@ -185,7 +187,7 @@ class RulesConfig:
     gate_max_tokens: int = _opt(GATE_MAX_TOKENS, "Tokens per answer (as learn's --gate-max-tokens).", group=MEASURE)
     gate_batch_size: int = _opt(GATE_BATCH_SIZE, "Prompts answered at once (as learn's --gate-batch-size).",
                                 group=MEASURE)
-    yes: bool = _opt(False, "remove: without asking.")
+    yes: bool = _opt(False, "Remove without asking.")
 
     def validate(self) -> RulesConfig:
         _positive(self, ("gate_prompts", "gate_max_tokens", "gate_batch_size"))

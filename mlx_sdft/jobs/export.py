@@ -43,6 +43,10 @@ def run_export(cfg: ExportConfig) -> dict:
     if modelfile is not None:
         _check_out(modelfile, folder=False, force=cfg.force)
     adapter = Adapters.saved(cfg.adapter_path) if cfg.adapter_path else None
+    if fmt == "peft" and served is not None and not served["version"]:
+        raise InputError(f"--format peft: --home {cfg.home} has no learned version (its current version is 0, the "
+                         "base model alone), so there are no adapters to convert; export the base model with "
+                         "--format gguf, or run mlx-sdft learn first")
     if fmt == "peft" and (adapter is None or adapter.fine_tune_type == "full"):
         raise InputError("--format peft: needs LoRA or DoRA adapters (--adapter-path of a lora/dora run); "
                          "a full fine-tune goes out with --format gguf or mlx")

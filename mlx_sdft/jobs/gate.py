@@ -108,7 +108,7 @@ def check(model, tokenizer, base: Leaves, current: Leaves, candidate: Leaves, ne
                              f"{kl_current:.4f} + {cfg.gate_max_kl_rise:.4f}"),
         (prior["passed"], f"gate 6 (prior answers): {round(prior['candidate'] * prior['questions'])} of "
                           f"{prior['questions']} questions right, current {round(prior['current'] * prior['questions'])}"
-                          f", may fall by at most {cfg.gate_max_prior_drop:.3f} of them (lost questions {prior['lost']})"),
+                          f", may fall by at most {cfg.gate_max_prior_drop:.3f} of them (lost {_lost(prior['lost'], cfg)})"),
         (loops["passed"], f"gate 7 (loops): {loops['candidate']:.3f} of held-out answers repeat themselves, current "
                           f"{loops['current']:.3f} + {cfg.gate_max_loop_rise:.3f}"),
     ]
@@ -117,6 +117,14 @@ def check(model, tokenizer, base: Leaves, current: Leaves, candidate: Leaves, ne
             "rules": rules, "drift_kl": kl_check, "prior_answers": prior, "loops": loops,
             "measure_key": measure_key(cfg, held_out), "measures": candidate_measures,
             "current_measures": current_measures}
+
+
+def _lost(indices: list[int], cfg) -> str:
+    """The questions a candidate lost, by their text (by number only with --no-log-text)."""
+    if not getattr(cfg, "log_text", True):
+        return f"questions {indices}"
+    asked = measure_rules.prior_questions(cfg.gate_questions)
+    return "; ".join(repr(asked[i]["prompt"]) for i in indices) or "no question"
 
 
 HOLD_SHARE = 0.8  # a rule holds in the weights when they follow it this often, relative to told

@@ -27,7 +27,7 @@ from mlx_sdft.core.teacher import using
 from mlx_sdft.errors import InputError, Rejected, TrainingError
 from mlx_sdft.jobs.gate import check as gate_check
 from mlx_sdft.measure import rules as measure_rules
-from mlx_sdft.measure.version import measure, measure_key, verdict
+from mlx_sdft.measure.version import follows, measure, measure_key, preflight_key, stored_preflight, verdict
 from mlx_sdft.store import lessons, rules, versions
 from mlx_sdft.store.db import STANDING, Store
 
@@ -79,13 +79,6 @@ def _shape(home: Path, parent: int) -> dict:
     return {k: config[k] for k in ("fine_tune_type", "num_layers", "lora_parameters") if k in config}
 
 
-def _located(model: str) -> str:
-    """A local model path made absolute: the record outlives the directory learn ran in, and a
-    later learn or forget reads its model from there (pkg: specs and hub ids stay as given)."""
-    path = Path(model).expanduser()
-    return str(path.resolve()) if not model.startswith("pkg:") and path.exists() else model
-
-
 def build(home: Path, store: Store, cfg: LearnConfig, parent: int, new: list[dict], why: str, console) -> dict:
     """Train `new` (+ replay, + the rulebook over many prompts) from version `parent`, gate it
     against `parent`, keep it as the next version, and make it current when it passes. Call with
@@ -95,7 +88,7 @@ def build(home: Path, store: Store, cfg: LearnConfig, parent: int, new: list[dic
     from mlx_sdft.opening import open_to_train
 
     parent_record = versions.record(home, parent)
-    model = _located(cfg.model or parent_record.get("model") or versions.model_of(home) or DEFAULT_MODEL)
+    model = versions.located(cfg.model or parent_record.get("model") or versions.model_of(home) or DEFAULT_MODEL)
     learned = {r["id"]: r for r in store.lessons("learned")}
     one_off = [r for r in new if r["kind"] not in STANDING]
     earlier = [learned[i] for i in parent_record["includes"] if i in learned and learned[i]["kind"] not in STANDING]
@@ -114,6 +107,13 @@ def build(home: Path, store: Store, cfg: LearnConfig, parent: int, new: list[dic
                       f"{cfg.end_rule_tokens} tokens (--end-rule-tokens)")
     train_prompts, held_out = rules.prompt_pool(rules.own_prompts(store.exchanges()))
     held_out = held_out[: cfg.gate_prompts]
+    fresh = tuple(r["id"] for r in standing if r["state"] == "new")
+    # Preflights stored under this version of this model (rules check, rules add, an earlier learn)
+    # are not measured again; when they already say that nothing new can be learned, stop before loading.
+    known = {r["id"]: p for r in standing if r["id"] in fresh and (p := stored_preflight(
+        r, parent, model, preflight_key(rules.prompts_for(r, held_out), cfg.gate_max_tokens))) is not None}
+    if not one_off and fresh and all(i in known and not follows(known[i]) for i in fresh):
+        raise InputError(_unlearnable([r for r in standing if r["id"] in fresh], model, parent))
     shape = _shape(home, parent)
     folder = versions.start_candidate(home, number)
     resume = versions.version_dir(home, parent) / "adapters.safetensors" if parent else None
@@ -135,29 +135,52 @@ def build(home: Path, store: Store, cfg: LearnConfig, parent: int, new: list[dic
         with using(model_obj, current):
             _questions(store, standing, model_obj, tokenizer, console, cfg.log_text)
         gate_cfg = dataclasses.replace(cfg, teacher_template=train_cfg.teacher_template)
-        fresh = tuple(r["id"] for r in standing if r["state"] == "new")
+        known.update({r["id"]: p for r in standing if r["kind"] == "fact" and r["id"] in fresh and (p := stored_preflight(
+            r, parent, model, preflight_key(rules.prompts_for(r, held_out), cfg.gate_max_tokens))) is not None})
+        told = tuple(i for i in fresh if i not in known)
         measures = _measured(home, parent, measure_key(cfg, held_out))
-        if fresh or measures is None or not {str(r["id"]) for r in standing} <= set(measures["rules"]):
+        numbers = {str(i): {k: p[k] for k in ("prompts", "gap", "compliance", "told", "untold") if k in p}
+                   for i, p in known.items()}
+        if measures is not None:
+            measures = {**measures, "rules": {**numbers, **measures["rules"]}}
+        if told or measures is None or not {str(r["id"]) for r in standing} <= set(measures["rules"]):
             _say(console, f"version {number}: measuring version {parent} on the held-out prompts"
-                          + (f" (and the preflight of {len(fresh)} new rules and facts)" if fresh else ""))
-            measures = measure(model_obj, tokenizer, current, standing, held_out, gate_cfg,
-                               lambda line: _say(console, line), told=fresh,
-                               prior=measures["prior"] if measures else True,  # the questions do not change
-                               what=f"version {parent}")
+                          + (f" (and the preflight of {_count(len(told), 'new rule or fact', 'new rules and facts')})"
+                             if told else ""))
+            found = measure(model_obj, tokenizer, current, [r for r in standing if r["id"] not in known], held_out,
+                            gate_cfg, lambda line: _say(console, line), told=told,
+                            prior=measures["prior"] if measures else True,  # the questions do not change
+                            what=f"version {parent}")
+            measures = {**found, "rules": {**numbers, **found["rules"]}}
         for row in standing:
             if row["id"] in fresh:
                 found = measures["rules"][str(row["id"])]
-                row["preflight"] = {**(row.get("preflight") or {}), **found, "version": parent, "model": model}
-                store.set_preflight(row["id"], row["preflight"])
-                _say(console, verdict(row, found))
+                if row["id"] not in known:
+                    key = preflight_key(rules.prompts_for(row, held_out), cfg.gate_max_tokens)
+                    row["preflight"] = {**(row.get("preflight") or {}), **found, "version": parent, "model": model,
+                                        "key": key}
+                    store.set_preflight(row["id"], row["preflight"])
+                _say(console, verdict(row, found) + (" (stored preflight)" if row["id"] in known else ""))
+        # A rule the model does not follow when told would teach the text of answers that ignore it: left out
+        # of this learn's teacher and gate, it stays new and in serve's prompt.
+        refused = [r for r in standing if r["id"] in fresh and not follows(measures["rules"][str(r["id"])])]
+        if refused and not one_off and len(refused) == len(fresh):
+            raise InputError(_unlearnable(refused, model, parent))
+        if refused:
+            _say(console, f"{_named(refused)} left out of this learn: the model does not follow them even when told "
+                          f"(they stay new, and in serve's prompt)")
+            standing = [r for r in standing if r not in refused]
+            new = [r for r in new if r["id"] not in {r["id"] for r in refused}]
+            book = rules.rulebook(standing)
         examples = [dataclasses.replace(lessons.to_example(r), teacher_system=book) for r in one_off + replayed]
         if standing:
             drawn = random.Random(cfg.seed + number).sample(train_prompts, min(cfg.rule_prompts, len(train_prompts)))
             examples += rules.distillation_examples(drawn, book)
             for row in standing:
                 examples += rules.distillation_examples(rules.fact_prompts(row)[0], book) if row["kind"] == "fact" else []
-        _say(console, f"version {number}: {len(one_off)} new lessons + {len(replayed)} replayed, "
-                      f"{len(standing)} rules and facts over {len(examples) - len(one_off) - len(replayed)} prompts, "
+        _say(console, f"version {number}: {_count(len(one_off), 'new lesson')} + {len(replayed)} replayed, "
+                      f"{_count(len(standing), 'rule or fact', 'rules and facts')} over "
+                      f"{_count(len(examples) - len(one_off) - len(replayed), 'prompt')}, "
                       f"from version {parent} ({why})")
         last = run_train(train_cfg, console=console, examples={"train": examples}, loaded=loaded)
         for name in versions.ADAPTER_FILES:
@@ -225,6 +248,23 @@ def _measured(home: Path, version: int, key: list) -> dict | None:
         if gate_record.get("measure_key") == key and gate_record.get(side):
             return gate_record[side]
     return None
+
+
+def _count(n: int, one: str, many: str | None = None) -> str:
+    return f"{n} {one if n == 1 else many or one + 's'}"
+
+
+def _named(rows: list[dict]) -> str:
+    return ", ".join(f"{r['kind']} {r['id']}" for r in rows)
+
+
+def _unlearnable(rows: list[dict], model: str, version: int) -> str:
+    """Why a learn of only rules the model ignores when told is refused, and what would work."""
+    return (f"{_named(rows)}: {model} (version {version}) does not follow {'it' if len(rows) == 1 else 'them'} even "
+            f"when told (see mlx-sdft rules), so learning would train on answers that ignore "
+            f"{'it' if len(rows) == 1 else 'them'}, and there are no other new lessons; use a model that follows "
+            f"{'it' if len(rows) == 1 else 'them'} when told (--model, e.g. Qwen2.5-0.5B-Instruct), or give corrected "
+            f"answers (mlx-sdft teach EXCHANGE --answer \"...\")")
 
 
 def _leaves(home: Path, version: int, base):

@@ -21,7 +21,7 @@ from mlx_sdft.config import DEFAULT_MODEL, ForgetConfig, RulesConfig
 from mlx_sdft.errors import InputError
 from mlx_sdft.store import versions
 from mlx_sdft.store.db import STANDING, Store
-from mlx_sdft.store.rules import add_standing, held, own_prompts, prompt_pool
+from mlx_sdft.store.rules import add_standing, held, own_prompts, prompt_pool, prompts_for
 
 
 def _home(cfg: RulesConfig) -> Path:
@@ -70,7 +70,7 @@ def check(cfg: RulesConfig, console=None) -> list[str]:
     import mlx.core as mx
 
     from mlx_sdft.machine.report import make_console
-    from mlx_sdft.measure.version import preflight, verdict
+    from mlx_sdft.measure.version import preflight, preflight_key, verdict
     from mlx_sdft.opening import open_model_for
 
     home = _home(cfg)
@@ -82,7 +82,7 @@ def check(cfg: RulesConfig, console=None) -> list[str]:
             raise InputError(f"{store.path}: no rules to check (add one with mlx-sdft rules add)")
         exchanges = store.exchanges()
         now = versions.current(home)
-        model = cfg.model or versions.model_of(home, [e["model"] for e in exchanges]) or DEFAULT_MODEL
+        model = versions.located(cfg.model or versions.model_of(home, [e["model"] for e in exchanges]) or DEFAULT_MODEL)
         held_out = prompt_pool(own_prompts(exchanges))[1][: cfg.gate_prompts]
         console = console or make_console()
         loaded, tokenizer, _ = open_model_for(dataclasses.replace(cfg, model=model), console=console,
@@ -94,7 +94,10 @@ def check(cfg: RulesConfig, console=None) -> list[str]:
         results = preflight(loaded, tokenizer, rows, held_out, cfg, lambda line: console.print(line, highlight=False))
         lines = []
         for row in rows:
-            store.set_preflight(row["id"], {**results[row["id"]], "version": now, "model": model})
+            # what learn reuses when it learns this rule from this version of this model (and a fact's questions)
+            key = preflight_key(prompts_for(row, held_out), cfg.gate_max_tokens)
+            store.set_preflight(row["id"], {**(row.get("preflight") or {}), **results[row["id"]], "version": now,
+                                            "model": model, "key": key})
             lines.append(verdict(row, results[row["id"]]))
     return lines
 

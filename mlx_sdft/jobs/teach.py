@@ -16,12 +16,13 @@ from mlx_sdft.store.db import STANDING, Store
 def teach(cfg: TeachConfig) -> list[str]:
     """List exchanges, correct one (a demonstration or a feedback lesson), import a file, or
     forget every exchange."""
+    rows = lessons.read_import(cfg.import_file) if cfg.import_file else None  # a bad file: before the home exists
     with Store(cfg.home, cfg.redact) as store:
         if cfg.list:
             rows = store.exchanges(cfg.limit)
             return [_exchange_line(r) for r in rows] or [f"no exchanges in {store.path}"]
         if cfg.import_file:
-            ids = lessons.import_file(store, cfg.import_file)
+            ids = store.add_lessons(rows)
             return [f"imported {len(ids)} lessons ({ids[0]}..{ids[-1]}) from {cfg.import_file}"]
         if cfg.forget_exchanges:
             return [f"forgot {store.forget_exchanges()} exchanges; {store.path} compacted"]

@@ -250,7 +250,7 @@ def run_train(cfg: Config, console=None, quiet: bool = False, examples: dict | N
         if cfg.dry_run:
             reporter.print(Panel(options_text(cfg), title="resolved options", expand=False))
             return estimate or {}
-        if not valid_pairs:
+        if not valid_pairs and examples is None:  # a caller's own examples (learn's lessons) have no such file
             reporter.print("no valid.jsonl: validation is skipped", style="yellow")
         if cfg.overwrite and checkpoint.run_files(out) and rank == 0:
             reporter.print(f"--overwrite: deleting the earlier run in {out}", style="yellow")

@@ -74,13 +74,32 @@ def preflight(model, tokenizer, rows: list[dict], held_out: list[list[dict]], cf
     return {row["id"]: found["rules"][str(row["id"])] for row in rows}
 
 
+def follows(result: dict) -> bool:
+    """Whether the preflight found the model following the rule when told (MIN_LIFT, MIN_GAP)."""
+    return result["told"] - result["untold"] >= MIN_LIFT if "told" in result else result["gap"] >= MIN_GAP
+
+
+def preflight_key(prompts: list[list[dict]], max_tokens: int) -> list:
+    """What a rule's preflight numbers depend on besides the model and its version: the held-out
+    prompts it answered and their length."""
+    return [len(prompts), hashlib.sha256(json.dumps(prompts).encode()).hexdigest()[:12], max_tokens]
+
+
+def stored_preflight(row: dict, version: int, model: str, key: list) -> dict | None:
+    """The preflight stored with a rule (by `rules check`, `rules add` or an earlier learn) when it
+    was measured under this version of this model on these prompts, else None: measuring it again
+    would give the same numbers."""
+    pre = row.get("preflight") or {}
+    same = pre.get("version") == version and pre.get("model") == model and pre.get("key") == key
+    return pre if same and key[0] and "gap" in pre else None
+
+
 def verdict(row: dict, result: dict) -> str:
     """One line: what the preflight says about learning this rule at this model size."""
     numbers = (f"told {result['told']:.2f} vs untold {result['untold']:.2f} of {result['prompts']} held-out answers "
                f"follow its check, gap {result['gap']:.3f} nats/token" if "told" in result
                else f"gap {result['gap']:.3f} nats/token on {result['prompts']} held-out prompts (no --check)")
-    follows = result["told"] - result["untold"] >= MIN_LIFT if "told" in result else result["gap"] >= MIN_GAP
-    if follows:
+    if follows(result):
         return f"{row['kind']} {row['id']}: the model follows it when told ({numbers}); learn can distill it"
     return (f"{row['kind']} {row['id']}: the model does not follow it even when told ({numbers}): learning it is "
             f"unlikely at this size; a larger model that follows it in context (e.g. Qwen2.5-0.5B-Instruct or "

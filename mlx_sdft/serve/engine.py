@@ -47,9 +47,10 @@ class Piece:
 
 
 class Engine:
-    def __init__(self, cfg: ServeConfig, store: Store | None = None):
+    def __init__(self, cfg: ServeConfig, store: Store | None = None, opened: tuple | None = None):
         self.home, self.store, self.rules_in_prompt = cfg.home, store, cfg.rules_in_prompt
-        self.path, self.tokenizer = opened = open_tokenizer_for(cfg)  # no chat template: InputError before listening
+        # no chat template: InputError before listening (`opened`: serve checked the tokenizer already)
+        self.path, self.tokenizer = opened = opened or open_tokenizer_for(cfg)
         self.default_system = template_system_prompt(self.tokenizer)  # the rules add to it, as in training
         self._refused: set[int] = set()  # rules left out of the prompt for control-token text (said once)
         self.model, _, _ = open_model_for(cfg, opened=opened)

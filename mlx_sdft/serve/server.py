@@ -26,18 +26,20 @@ import socket
 import sys
 import threading
 from contextlib import closing, contextmanager
+from pathlib import Path
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from urllib.parse import urlsplit
 
 from mlx_sdft.config import LOOPBACK, ServeConfig
 from mlx_sdft.config.options import check_regex
 from mlx_sdft.errors import InputError
+from mlx_sdft.opening import open_tokenizer_for
 from mlx_sdft.serve import openai
 from mlx_sdft.serve.engine import Engine
 from mlx_sdft.serve.learner import Learner
 from mlx_sdft.serve.openai import BadRequest
 from mlx_sdft.store import lessons, rules
-from mlx_sdft.store.db import STANDING, Store, new_exchange_id
+from mlx_sdft.store.db import FILENAME, STANDING, Store, new_exchange_id
 
 MAX_BODY = 16 << 20  # bytes; a chat request is far smaller
 RETRY_AFTER = 5  # seconds, in the Retry-After of a 503 when --max-queue requests already wait
@@ -338,7 +340,8 @@ class Handler(BaseHTTPRequestHandler):
 class Server(ThreadingHTTPServer):
     daemon_threads = True
 
-    def __init__(self, cfg: ServeConfig, engine: Engine, store: Store):
+    def __init__(self, cfg: ServeConfig, engine: Engine | None = None, store: Store | None = None):
+        """Binds the port at once; `run` attaches the engine and store before serving."""
         self.cfg, self.engine, self.store, self.learner = cfg, engine, store, Learner(cfg)
         self.hosts = {host_name(h) for h in (*LOOPBACK, cfg.host, *cfg.allowed_host)}  # "*": any
         self.origins = {o.strip().lower().rstrip("/") for o in cfg.allowed_origin}  # "*": any
@@ -384,14 +387,27 @@ def _interrupt(signum, frame) -> None:
 
 
 def run(cfg: ServeConfig) -> None:
-    """Serve until Ctrl-C or SIGTERM. Bad options, model or store: InputError before listening."""
-    store = Store(cfg.home, cfg.redact)
-    store.check()
-    engine = Engine(cfg, store)
+    """Serve until Ctrl-C or SIGTERM. Bad options, port, model or store: InputError before
+    listening; the port is taken first and the model checked before the home is created, so neither
+    a busy port nor a missing model costs a model load or leaves an empty home behind."""
     try:
-        server = Server(cfg, engine, store)
+        server = Server(cfg)
     except OSError as e:
         raise InputError(f"--host/--port: cannot listen on {cfg.host}:{cfg.port} ({e.strerror or e})") from None
+    store = None
+    try:
+        if (Path(cfg.home).expanduser() / FILENAME).exists():  # a damaged store: said before the model loads
+            store = Store(cfg.home, cfg.redact)
+            store.check()
+        opened = open_tokenizer_for(cfg)  # no such model, no chat template: before a new home is created
+        store = store or Store(cfg.home, cfg.redact)
+        engine = Engine(cfg, store, opened=opened)
+    except BaseException:
+        server.server_close()
+        if store is not None:
+            store.close()
+        raise
+    server.engine, server.store = engine, store
     signal.signal(signal.SIGTERM, _interrupt)  # stop as Ctrl-C does: the store closes cleanly
     host, port = server.server_address[:2]
     host = f"[{host}]" if ":" in host else host  # an IPv6 address in a URL

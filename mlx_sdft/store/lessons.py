@@ -121,9 +121,15 @@ def export(store: Store, path: str | Path, state: str | None = None) -> int:
 
 
 def import_file(store: Store, path: str | Path) -> list[int]:
-    """Every example of a .jsonl file (any format `train` reads) as a lesson, all or none:
-    demonstrations become kind `import`; lines with their own teacher template become
-    `feedback` or `hindsight` lessons, by the context they carry."""
+    """Every example of a .jsonl file as a lesson, all or none (read_import)."""
+    return store.add_lessons(read_import(path))
+
+
+def read_import(path: str | Path) -> list[dict]:
+    """Every example of a .jsonl file (any format `train` reads) as a lesson row, every line checked
+    first (so a bad file is refused before a store is opened or created): demonstrations become kind
+    `import`; lines with their own teacher template become `feedback` or `hindsight` lessons, by the
+    context they carry."""
     lessons = []
     for ex in load_examples(path):  # validates every line first
         for text in [ex.demonstration, *(ex.context or {}).values()]:
@@ -136,4 +142,4 @@ def import_file(store: Store, path: str | Path) -> list[int]:
             lesson.update(kind=kind, text=ex.context[SLOT[kind]], answer=ex.context["answer"],
                           teacher_template=ex.teacher_template)
         lessons.append(lesson)
-    return store.add_lessons(lessons)
+    return lessons

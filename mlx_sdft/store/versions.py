@@ -164,6 +164,13 @@ def model_of(home: str | Path, exchange_models: list[str] = ()) -> str | None:
     return next(iter(exchange_models), None)
 
 
+def located(model: str) -> str:
+    """A local model path made absolute: a record or preflight outlives the directory its command
+    ran in, and a later learn or forget reads its model from there (pkg: specs and hub ids stay)."""
+    path = Path(model).expanduser()
+    return str(path.resolve()) if not model.startswith("pkg:") and path.exists() else model
+
+
 def lineage(home: str | Path, version: int) -> list[int]:
     """version, its parent, its parent's parent ... down to 0."""
     chain = [version]

@@ -12,8 +12,9 @@ compliance from each rule's preflight (the model told the rule), weights-only co
 answers from the gate's record of each version, on held-out prompts no learn trained on. Writes
 OUT/results.json, OUT/summary.json and OUT/results.md.
 
-With `smollm` the rules are also given as corrected answers (the demonstration route), since a
-model that does not follow a rule when told cannot teach it to itself.
+A learn of only rules the model does not follow when told stops before training (status 2, its
+preflight's verdict); the line is recorded and the run goes on. With `smollm`, whose preflight says
+so for the first rule, the user then gives corrected answers (the demonstration route) and learns again.
 """
 
 from __future__ import annotations
@@ -122,10 +123,15 @@ def mlx_sdft(*args: str, log: Path | None = None) -> subprocess.CompletedProcess
 
 
 def learn(home: Path, model: str, extra: list[str], log: Path) -> dict:
-    """One learn; its exit status, wall and CPU seconds, and the record of the version it built."""
+    """One learn; its exit status, wall and CPU seconds, and the record of the version it built (or,
+    status 2, the line saying why it refused to train: the rules the model does not follow told)."""
     started, cpu = time.time(), resource.getrusage(resource.RUSAGE_CHILDREN)
     proc = mlx_sdft("learn", "--home", str(home), "--model", model, *LEARN, *extra, log=log)
     used = resource.getrusage(resource.RUSAGE_CHILDREN)
+    if proc.returncode == 2 and "does not follow" in log.read_text().splitlines()[-1]:
+        return {"exit": 2, "refused": log.read_text().splitlines()[-1], "accepted": False,
+                "wall_s": round(time.time() - started, 1),
+                "cpu_s": round(used.ru_utime + used.ru_stime - cpu.ru_utime - cpu.ru_stime, 1)}
     if proc.returncode not in (0, 3):  # 3: the gate rejected; anything else is a failure of the run
         raise SystemExit(f"learn exited {proc.returncode}:\n" + "\n".join(log.read_text().splitlines()[-20:]))
     record = json.loads(mlx_sdft("versions", "--home", str(home), "--json").stdout)["versions"][-1]
@@ -174,25 +180,34 @@ def teach_and_learn(args, out: Path) -> None:
     try:
         for i, rule in enumerate(RULES[: args.stages]):
             route = demonstrations and i == 0  # the first rule also as corrected answers, to every question
-            for question in ASKED if route else ASKED[2 * i: 2 * i + 2]:  # stored: prompts learn draws from
-                body = server.ask(question)
-                if route:
-                    server.post("/v1/feedback", {"id": body["id"], "answer": "Answer: " + body["choices"][0][
-                        "message"]["content"].strip()})
+            # stored: prompts learn draws from
+            asked = [server.ask(question) for question in (ASKED if route else ASKED[2 * i: 2 * i + 2])]
             lesson = server.post("/v1/feedback", {rule["kind"]: rule["text"], "check": rule["check"]})
             fingerprint = server.ask("Hi!", 8)["system_fingerprint"]
             harmful_at = min(1, args.stages - 1)  # the second stage (or the only one): the harmful update first
             for extra in [HARMFUL, []] if i == harmful_at else [[]]:
                 result = learn(home, model, extra, out / "learn.log")
+                if result["exit"] == 2 and route:  # the preflight said no: record it, then correct the answers
+                    _row(out, {**result, "lesson": str(lesson["id"]), "step": f"learn {rule['name']} (rule alone)",
+                               "rule": rule["name"], "harmful": bool(extra)})
+                    for body in asked:
+                        server.post("/v1/feedback", {"id": body["id"], "answer": "Answer: " + body["choices"][0][
+                            "message"]["content"].strip()})
+                    route = False
+                    result = learn(home, model, extra, out / "learn.log")
                 row = {**{k: v for k, v in result.items() if k != "gate"}, "lesson": str(lesson["id"]),
                        "step": f"learn {rule['name']}" + (" (lr x100)" if extra else ""), "rule": rule["name"],
                        "harmful": bool(extra), "fingerprint_before": fingerprint,
                        "fingerprint_after": server.ask("Hi!", 8)["system_fingerprint"]}
-                with open(out / "rows.jsonl", "a") as rows:
-                    rows.write(json.dumps(row) + "\n")
-                print(json.dumps(row), flush=True)
+                _row(out, row)
     finally:
         server.stop()
+
+
+def _row(out: Path, row: dict) -> None:
+    with open(out / "rows.jsonl", "a") as rows:
+        rows.write(json.dumps(row) + "\n")
+    print(json.dumps(row), flush=True)
 
 
 def report(name: str, out: Path) -> None:
@@ -201,14 +216,17 @@ def report(name: str, out: Path) -> None:
     listing = json.loads(mlx_sdft("versions", "--home", str(home), "--json").stdout)
     records = {r["version"]: r for r in listing["versions"]}
     rows = [json.loads(line) for line in (out / "rows.jsonl").read_text().splitlines() if line.strip()]
+    refused = [row for row in rows if row["exit"] == 2]  # stopped before training: no version, no gate
+    rows = [row for row in rows if row["exit"] != 2]
     for row in rows:
         row["gate"] = records[row["version"]]["gate"]
         row["served"] = served_measures(row)
     ids = {row["rule"]: row["lesson"] for row in rows}
     with_rules = json.loads(mlx_sdft("rules", "--home", str(home), "--json").stdout)
     summary = summarize(name, rows, ids, {str(r["id"]): r for r in with_rules})
+    summary["models"][name]["refused"] = [{"step": r["step"], "line": r["refused"]} for r in refused]
     (out / "results.json").write_text(json.dumps({"learn_options": LEARN, "harmful": HARMFUL, "rows": rows,
-                                                  "rules": with_rules}, indent=1))
+                                                  "refused": refused, "rules": with_rules}, indent=1))
     (out / "summary.json").write_text(json.dumps(summary, indent=1))
     (out / "results.md").write_text(table(rows, ids))
     print(table(rows, ids))
@@ -224,7 +242,9 @@ def summarize(name: str, rows: list[dict], ids: dict, rules: dict) -> dict:
            "learn_seconds": [r["wall_s"] for r in rows], "learn_cpu_seconds": [r["cpu_s"] for r in rows],
            "accepted": [r["accepted"] for r in rows]}
     for rule_name, lesson in ids.items():
-        own = next(r for r in normal if r["rule"] == rule_name)
+        own = next((r for r in normal if r["rule"] == rule_name), None)
+        if own is None:  # every learn of it stopped before training
+            continue
         pre = rules[lesson].get("preflight") or {}
         out["rules"][rule_name] = {
             # base: untold, under the version before the rule's own learn (which never saw the rule)
