@@ -30,8 +30,8 @@ python3 -c "import mlx.core as mx; print(mx.default_device(), mx.cuda.is_availab
 python3 -m mlx_sdft doctor 2>&1 | tee "$OUT/doctor.txt"
 parts=" ${*:-tests bench sampling per_token whole_run} "
 want() { [[ "$parts" == *" $1 "* ]]; }
-want tests && MLX_ENABLE_TF32=0 timeout 240 python3 -m pytest -q -x -p no:cacheprovider --deselect tests/test_distributed.py 2>&1 | tail -30 | tee "$OUT/pytest.txt"
-want tests && MLX_ENABLE_TF32=0 timeout 120 python3 -m pytest -q -p no:cacheprovider tests/test_distributed.py 2>&1 | tail -15 | tee "$OUT/pytest_distributed.txt"
+want tests && MLX_ENABLE_TF32=0 timeout 240 python3 -m pytest -q -x -p no:cacheprovider --deselect tests/core/test_distributed.py 2>&1 | tail -30 | tee "$OUT/pytest.txt"
+want tests && MLX_ENABLE_TF32=0 timeout 120 python3 -m pytest -q -p no:cacheprovider tests/core/test_distributed.py 2>&1 | tail -15 | tee "$OUT/pytest_distributed.txt"
 if want bench; then
   timeout 200 python3 bench/bench.py --json "$OUT/bench.json" 2>&1 | tail -40 | tee "$OUT/bench.txt"
 fi

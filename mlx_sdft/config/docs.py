@@ -3,7 +3,7 @@ shows them, with their defaults and help, the hidden engine knobs included.
 
     python -m mlx_sdft.config.docs > docs/options.md
 
-tests/test_cli.py fails when docs/options.md is not what this prints.
+tests/cli/test_cli.py fails when docs/options.md is not what this prints.
 """
 
 from __future__ import annotations

@@ -12,7 +12,7 @@ on by default since issue 14 (config/options.py), the base-KL term and the stop 
   exceeds the first report's by more than x, and the adapters of the last good report are kept.
 
 `shared_prefix` is the check behind the --skip-first-tokens warning. The loss terms' float64
-twins are `reference.keep_rows` and `reference.regularized_loss` (tests/test_guards.py).
+twins are `reference.keep_rows` and `reference.regularized_loss` (tests/core/test_guards.py).
 """
 
 from __future__ import annotations

@@ -4,7 +4,7 @@ Pure MLX functions of arrays, no model, config or I/O. Argument order states dir
 `kl_of_logits(p_logits, q_logits)` is KL(p‖q). Loss options are keyword-only and have no
 defaults here (the options in mlx_sdft.config hold them). `mlx_sdft.core.reference` is the float64
 numpy twin of every function here, name for name and argument for argument;
-`tests/test_losses.py` checks the two agree on values and gradients.
+`tests/core/test_losses.py` checks the two agree on values and gradients.
 
 Shapes: B sequences, T completion positions (position j scores completion token j), V vocab.
 """

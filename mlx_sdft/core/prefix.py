@@ -10,7 +10,7 @@ continuation on top of a copy of its prompt's keys and values. The result equals
 `scoring.completion_hidden` to rounding, values and gradients alike: the cache is built by
 concatenation, never written in place, so the gradient of the LoRA weights flows through the
 prompt's keys and values as in the full pass, and copies of one prompt share no array
-(tests/test_prefix.py).
+(tests/core/test_prefix.py).
 
 Used where it is exact: models whose cache is a plain KVCache per layer (`decode.supported`)
 and whose LM head splits off (`scoring.lm_head`); the others, and --grad-checkpoint (mx.checkpoint

@@ -37,7 +37,7 @@ STRONG_SCORE_GAP = 0.2
 HIGH_DEGENERATE, SOME_DEGENERATE, HIGH_DISAGREEMENT = 0.5, 0.2, 0.5
 # Below ~1.5B parameters the literature on on-policy distillation reports a weak self-teacher; at
 # 135M recipes/retention-small measured both methods losing much of the prior task (its README, v2;
-# tests/test_evaluate.py checks these numbers against its results/summary.json; docs/method.md).
+# tests/jobs/test_evaluate.py checks these numbers against its results/summary.json; docs/method.md).
 SMALL_MODEL = 1.5e9
 SMALL_MODEL_NOTE = ("a small model ({size} parameters, below {limit}): in this project's measurement at 135M "
                     "(recipes/retention-small) both methods lost much of what the base model knew, prior-task score "

@@ -145,7 +145,7 @@ def test_resume_may_change_reporting_options(tiny_model, smoke_data, tmp_path, m
 
 
 def test_resume_keeps_the_options_an_old_run_was_trained_with(tiny_model, smoke_data, tmp_path, monkeypatch):
-    """A run saved before issue 14 (--skip-first-tokens 3, no guard options in its adapter_config.json)
+    """A run saved before the guards' defaults (--skip-first-tokens 3, no guard options in its adapter_config.json)
     resumed with the same command plus --resume goes on with those values, not today's defaults:
     its adapters equal an uninterrupted run of the paper's objective. Giving a new default
     explicitly is refused, as any changed option is."""
@@ -251,7 +251,7 @@ def test_continual_notices_changed_data(tiny_model, tmp_path):
 
 
 def test_continual_stages_finished_before_the_new_defaults(tiny_model, tmp_path):
-    """A stage finished with the paper's objective (the defaults before issue 14): rerun under
+    """A stage finished with the paper's objective (the defaults before the guards'): rerun under
     today's defaults, an SDFT stage would train otherwise and is refused (the stages file can pin
     the old options, or --restart-from retrains it); an SFT stage, which those options do not
     touch, stays finished."""

@@ -14,7 +14,7 @@ import pytest
 from mlx_sdft.config import PAPER_SDFT, load_config
 from mlx_sdft.jobs.train import run_train
 
-HELPER = Path(__file__).parent / "helpers" / "dp_train.py"
+HELPER = Path(__file__).parents[1] / "helpers" / "dp_train.py"
 
 
 def _opts(tiny_model, smoke_data, out):

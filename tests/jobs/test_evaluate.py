@@ -1,4 +1,4 @@
-"""The eval, check and continual commands on the tiny model (their numbers: tests/test_measure.py)."""
+"""The eval, check and continual commands on the tiny model (their numbers: tests/measure/test_measure.py)."""
 
 import importlib.util
 import json

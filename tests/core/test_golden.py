@@ -14,7 +14,7 @@ from mlx_sdft.jobs.train import run_train
 # Plain SGD keeps float rounding as rounding (Adam would blow it up on near-zero gradients);
 # rel 1e-4 leaves room for another BLAS's summation order, not for a changed formula.
 # The SDFT cases pin the paper's objective (PAPER_SDFT, the defaults they were recorded with before
-# issue 14 changed them); "sdft-defaults" is today's defaults (budget, mask, SFT term, no skip),
+# the guards' defaults changed them); "sdft-defaults" is today's defaults (budget, mask, SFT term, no skip),
 # recorded when they became the defaults.
 GOLDEN = {
     "sdft": (PAPER_SDFT, [0.11901509761810303, 0.4604142904281616, 0.19315382838249207], 0.07395129650831223),

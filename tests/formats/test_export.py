@@ -1,7 +1,7 @@
 """`mlx-sdft export --format gguf`: adapted tiny models written as GGUF and read back twice, by our
 loader (gguf_read) and independently by llama.cpp's `gguf` package, whose tensor-name map and
 mlx-lm's copy of llama.cpp's Q/K permutation give the expected tensors (not our gguf_names).
-Run the real-model check with `pytest -m slow tests/test_export.py`.
+Run the real-model check with `pytest -m slow tests/formats/test_export.py`.
 """
 
 from __future__ import annotations

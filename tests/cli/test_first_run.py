@@ -1,4 +1,5 @@
-"""Issue 13, what a newcomer hit: the bare command, the default model, and the commands that agree."""
+"""A first run: the bare command, the default model, and the commands that agree (templates, system prompts,
+report lines, progress, metrics and data sources the same way everywhere)."""
 
 import importlib
 import json

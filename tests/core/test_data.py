@@ -1,6 +1,6 @@
 """Tests for mlx_sdft.core.data: the three line formats, the folder form, and every input error.
 
-Run: pytest -q tests/test_data.py   (offline, no model, under a second)
+Run: pytest -q tests/core/test_data.py   (offline, no model, under a second)
 """
 
 import json

@@ -225,7 +225,7 @@ def test_preflight_samples_unfused_when_only_that_fits(tmp_path, monkeypatch):
     from mlx_sdft.jobs.train import preflight
     from mlx_sdft.core.prompts import PromptPair
 
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
+    sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "bench"))
     from shapes import SMOLLM2
 
     (tmp_path / "config.json").write_text(json.dumps(SMOLLM2))
@@ -255,7 +255,7 @@ def test_preflight_scores_in_chunks_when_only_that_fits(tmp_path, monkeypatch):
     from mlx_sdft.jobs.train import AUTO_CHUNK, preflight
     from mlx_sdft.core.prompts import PromptPair
 
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
+    sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "bench"))
     from shapes import SMOLLM2
 
     (tmp_path / "config.json").write_text(json.dumps(SMOLLM2))
@@ -282,7 +282,7 @@ def test_estimate_counts_the_sft_term(tmp_path):
     from mlx_sdft.machine import memory
     from mlx_sdft.config import Config
 
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
+    sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "bench"))
     from shapes import SMOLLM2
 
     (tmp_path / "config.json").write_text(json.dumps(SMOLLM2))
@@ -353,7 +353,7 @@ def test_estimate_sizes_completions_by_what_the_run_may_sample(tmp_path, monkeyp
     from mlx_sdft.jobs.train import preflight
     from mlx_sdft.core.prompts import PromptPair
 
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
+    sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "bench"))
     from shapes import SMOLLM2
 
     (tmp_path / "config.json").write_text(json.dumps(SMOLLM2))

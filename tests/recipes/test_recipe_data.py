@@ -15,7 +15,7 @@ from mlx_sdft.core.data import load_dataset, load_examples
 from mlx_sdft.core.metrics import extract, resolve_metric
 from mlx_sdft.yaml_file import read_yaml
 
-RETENTION = Path(__file__).resolve().parents[1] / "recipes" / "retention-small"
+RETENTION = Path(__file__).resolve().parents[2] / "recipes" / "retention-small"
 RECIPE = RETENTION / "continual"
 LR_VALID = RETENTION / "lr_valid.jsonl"
 BOLD_SPAN = re.compile(r"\*\*(.+?)\*\*")  # run.py's new-skill metric reads this span

@@ -192,7 +192,7 @@ def test_completion_budget_and_truncated_mask(tiny_model, smoke_data, tmp_path):
     assert record["completion_len"] <= guards.BUDGET_FLOOR
     # Off (--completion-budget 0, PAPER_SDFT's): the tiny model never stops, so every completion is the cap.
     assert _first_step(tiny_model, smoke_data, tmp_path / "off", max_completion_length=64)["completion_len"] == 64
-    # Every completion truncated and masked: nothing reaches the loss, so the run fails (issue 12)
+    # Every completion truncated and masked: nothing reaches the loss, so the run fails
     # after reporting its step, and saves no adapters.
     for name, extra in (("m", {}), ("mc", {"logits_chunk": 2})):
         with pytest.raises(TrainingError, match="had a token in the loss"):

@@ -1,7 +1,7 @@
 """Every command opens its model one way (mlx_sdft/opening.py): eval, check and generate honour
 --chat-template and --dequantize as train does, and continual evaluates with the training's.
 
-    python -m pytest tests/test_opening.py
+    python -m pytest tests/jobs/test_opening.py
 """
 
 from __future__ import annotations

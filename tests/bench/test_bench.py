@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 RATIOS = {"sdft_vs_sft_step", "sampling_vs_batch_gen", "peak_memory_sdft_vs_sft", "student_flops_vs_peak"}
 
 

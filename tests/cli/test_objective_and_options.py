@@ -1,4 +1,4 @@
-"""What a new user of SDFT's defaults (issue 14) could not see, issues 13/14 follow-ups: which
+"""What a run says about its options: which
 objective a run trains, the loss's parts, check's completion budget, check's --output file, the
 options --method sft ignores, and how --resume names an option turned off."""
 
@@ -219,7 +219,7 @@ def test_sft_warns_once_naming_the_sdft_options_given(tiny_model, smoke_data, tm
 
 
 def test_sft_resumed_with_saved_options_is_not_warned(tmp_path, smoke_data, tiny_model):
-    """--resume fills options nobody gave from the saved run (a run from before issue 14: the paper's
+    """--resume fills options nobody gave from the saved run (a run from before the guards' defaults: the paper's
     guards): not given, so not named."""
     from mlx_sdft.config import sft_ignores
 

@@ -235,7 +235,7 @@ def test_a_relative_model_is_recorded_so_forget_rebuilds_from_another_directory(
     assert _learn(home, tiny_model.name, *LOOSE).exit_code == 0  # --model given relative to this directory
     record = versions.record(home, 1)
     assert record["model"] == record["options"]["model"] == str(tiny_model.resolve())
-    # A version built before issue 14's guards existed: its record has no key for them. The rebuild
+    # A version built before the guards existed: its record has no key for them. The rebuild
     # keeps what it trained with (no budget, no mask, no SFT term), not today's defaults.
     for key in ("completion_budget", "truncated", "sft_weight"):
         del record["options"][key]

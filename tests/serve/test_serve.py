@@ -513,7 +513,7 @@ def _train_version(model_path, home, version: int) -> None:
     from mlx_sdft.config import load_config
     from mlx_sdft.jobs.train import run_train
 
-    data = Path(__file__).resolve().parents[1] / "recipes" / "smoke" / "data"
+    data = Path(__file__).resolve().parents[2] / "recipes" / "smoke" / "data"
     run_train(load_config(None, {"model": str(model_path), "data": str(data), "iters": 1, "batch_size": 2,
                                  "max_completion_length": 4, "learning_rate": 0.05, "num_layers": -1,
                                  "adapter_path": str(versions.version_dir(home, version))}), quiet=True)

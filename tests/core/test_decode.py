@@ -1,4 +1,4 @@
-"""The decode loop's shortcuts (issue 18) draw exactly the tokens of the plain loop: the
+"""The decode loop's shortcuts draw exactly the tokens of the plain loop: the
 compiled sampling step, and no attention mask for decode steps of unpadded batches."""
 
 import mlx.core as mx

@@ -17,8 +17,8 @@ import pytest
 from mlx_sdft.core.data import load_dataset, load_examples
 from mlx_sdft.core.metrics import resolve_metric
 
-REPO = Path(__file__).resolve().parents[1]
-FIXTURES = Path(__file__).resolve().parent / "data" / "paper"
+REPO = Path(__file__).resolve().parents[2]
+FIXTURES = Path(__file__).resolve().parents[1] / "data" / "paper"
 
 
 def _load(name: str, path: Path):

@@ -1,6 +1,6 @@
 """The SDFT loss: MLX vs the float64 reference (values, gradients), hand-computed numbers, properties.
 
-Run: pytest -q tests/test_losses.py
+Run: pytest -q tests/core/test_losses.py
 """
 
 import mlx.core as mx

@@ -2,7 +2,7 @@
 
 The writer below uses llama.cpp's own Python package (`gguf`: tensor names, quantizers) and mlx-lm's
 copy of llama.cpp's Q/K permutation, so the loader is checked against them, not against itself.
-Run the real-model check with `pytest -m slow tests/test_gguf.py`.
+Run the real-model check with `pytest -m slow tests/formats/test_gguf.py`.
 """
 
 from __future__ import annotations
