@@ -40,7 +40,7 @@ def scored_pass(model, teacher, pairs, cfg) -> tuple[float, int]:
     with using(model, teacher):
         scores = objective.teacher_scores(model, pairs, completions)
         mx.eval(scores)
-    (loss, ntoks, _), grads = nn.value_and_grad(model, objective.student_loss)(model, pairs, completions, scores)
+    (loss, ntoks, _, _), grads = nn.value_and_grad(model, objective.student_loss)(model, pairs, completions, scores)
     mx.eval(loss, ntoks, grads)
     return time.perf_counter() - tic, mx.get_peak_memory()
 

@@ -60,7 +60,10 @@ def completion_budget(pair: PromptPair, cfg: Config) -> int:
 class Guard:
     """What the guards' loss terms need from one micro-batch besides the teacher's scores."""
     truncated: list[bool]  # per completion: hit its budget without a stop token (`maskable`)
-    base_logits: mx.array | None  # [B, T, V] of the base model on the completions, with --base-kl-weight
+    base_logits: mx.array | None  # [B, T, V] of the base model on the completions `rows`, with --base-kl-weight
+    # The completions scored (objective.scored_rows), in order: the teacher's scores and base_logits are
+    # of these rows alone; None: of every completion.
+    rows: list[int] | None = None
 
 
 def maskable(truncated: list[bool], demonstrated: list[bool]) -> list[bool]:

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from typing import Callable
 
 import mlx.core as mx
+from mlx.utils import tree_map
 
 from mlx_sdft.config import PAPER_SDFT, Config
 from mlx_sdft.core import guards, prefix
@@ -27,25 +28,44 @@ class Objective:
 
     teacher_scores(model, pairs, completions) → scores, from the teacher contexts, no gradient
         (run it with the teacher's leaves in place: `teacher.using`);
-    student_loss(model, pairs, completions, scores, guard=None, shares=None) → (loss, ntoks, parts),
-        from the student contexts, differentiable in the student's weights (`loss` only: `ntoks` and
-        `parts` are auxiliary outputs); with a `guards.Guard`, the guards' terms too (--truncated,
-        --sft-weight, --base-kl-weight). `parts` holds the loss's unweighted terms as scalars:
-        `sdft_loss` always, `sft_loss` with --sft-weight (0 for a batch without a demonstration),
-        `base_kl` with --base-kl-weight, so that loss = sdft_loss + λ sft_loss + μ base_kl.
-        `shares` ({part: float}, from `term_counts`) multiplies each term in `loss` by this
-        micro-batch's share of the optimizer step; none: each term whole.
+    student_loss(model, pairs, completions, scores, guard=None, shares=None, log=0) → (loss, ntoks, parts,
+        own_N), from the student contexts, differentiable in the student's weights (`loss` only: the rest
+        are auxiliary outputs); with a `guards.Guard`, the guards' terms too (--truncated, --sft-weight,
+        --base-kl-weight), and `scores` are of the guard's `rows` only (`scored_rows`). `parts` holds the
+        loss's unweighted terms as scalars: `sdft_loss` always, `sft_loss` with --sft-weight (0 for a
+        batch without a demonstration), `base_kl` with --base-kl-weight, so that loss = sdft_loss +
+        λ sft_loss + μ base_kl. `shares` ({part: float}, from `term_counts`) multiplies each term in
+        `loss` by this micro-batch's share of the optimizer step; none: each term whole. `own_N`: the
+        first `log` completions' own SDFT losses (--log-completions), each over its own tokens as if
+        it were not masked (0 for one with no token past --skip-first-tokens).
     """
 
     teacher_scores: Callable
     student_loss: Callable
 
 
+def scored_rows(completions: list[list[int]], truncated: list[bool], cfg: Config, log: int = 0) -> list[int]:
+    """The completions the teacher, the base model and the student's divergence pass score: those with a
+    token in the SDFT or the base-KL term (longer than --skip-first-tokens, or than 0 with
+    --base-kl-weight, and not masked by --truncated mask; `truncated` as `guards.maskable` gives it),
+    and of the first `log` those with a token of their own loss to log. Any other would add 0 to the
+    terms' sums (the terms still divide by every completion)."""
+    skip, masked = (0 if cfg.base_kl_weight else cfg.skip_first_tokens), cfg.truncated == "mask"
+    return [i for i, (c, t) in enumerate(zip(completions, truncated, strict=True))
+            if (len(c) > skip and not (masked and t)) or (i < log and len(c) > cfg.skip_first_tokens)]
+
+
+def one_row(scores_BT, j: int, length: int):
+    """Row j of [B, T, ...] arrays (one, or a tuple such as the top-K buckets), cut to `length` positions."""
+    return tree_map(lambda a: a[j:j + 1, :length], scores_BT)
+
+
 def sdft_objective(cfg: Config) -> Objective:
     """Full vocabulary, --topk buckets or --logits-chunk hidden states (both: buckets taken
     chunk by chunk); logits are divided by --temperature; the loss is --divergence. Each prompt
     is run once for all its continuations (`prefix`): the teacher's for its --num-generations
-    completions, the student's for those and its demonstration (the SFT term)."""
+    completions, the student's for those and its demonstration (the SFT term). Only the guard's
+    `rows` are scored (`scored_rows`); the SFT term covers every prompt's demonstration."""
     options = dict(divergence=cfg.divergence, skip=cfg.skip_first_tokens, beta=cfg.beta)
     share = not cfg.grad_checkpoint  # mx.checkpoint cannot carry the shared prompt's cache through a block
 
@@ -53,18 +73,18 @@ def sdft_objective(cfg: Config) -> Objective:
         # Divide by the temperature in float32: in bf16 the division itself would round.
         return logits_BTV.astype(mx.float32) / cfg.temperature
 
-    def student_pass(model, pairs, completions, guard, hidden=False):
-        """The student's scaled logits of the completions (hidden states with `hidden`) and the SFT
-        term → (scores, (sft, sft_ntoks)), (None, 0) for no term, from one pass over the student
-        prompts. The SFT term is over the distinct prompts that have a demonstration (a feedback
-        lesson has none)."""
+    def student_pass(model, pairs, rows, completions, guard, hidden=False):
+        """The student's scaled logits of the completions of `rows` (hidden states with `hidden`; None
+        for no row) and the SFT term → (scores, (sft, sft_ntoks)), (None, 0) for no term, from one pass
+        over the student prompts. The SFT term is over the distinct prompts of `pairs` that have a
+        demonstration (a feedback lesson has none)."""
         with_sft = guard is not None and cfg.sft_weight
         demonstrated = [p for p in pairs[::cfg.num_generations] if p.demonstrated] if with_sft else []
         targets = demonstrations(demonstrated, cfg)
-        ours, demo = prefix.grouped(model, [([p.student_ids for p in pairs], completions),
+        ours, demo = prefix.grouped(model, [([pairs[i].student_ids for i in rows], completions),
                                             ([p.student_ids for p in demonstrated], targets)], hidden, share)
         sft = (None, 0) if demo is None else sft_term(lm_head(model)(demo) if hidden else demo, targets)
-        return (ours if hidden else scaled(ours)), sft
+        return (ours if hidden or ours is None else scaled(ours)), sft
 
     def teacher_hidden(model, pairs, completions):
         return mx.stop_gradient(prefix.completion_hidden(model, [p.teacher_ids for p in pairs], completions))
@@ -72,20 +92,49 @@ def sdft_objective(cfg: Config) -> Objective:
     def teacher_logits(model, pairs, completions):  # kept unscaled: in the model's dtype, half of float32
         return mx.stop_gradient(prefix.grouped(model, [([p.teacher_ids for p in pairs], completions)])[0])
 
-    def mask(completions, guard):
-        mask_BT = completion_mask([len(c) for c in completions])
-        return mask_BT if guard is None else guards.keep_rows(mask_BT, guard.truncated, cfg.truncated)
+    def loss_of(divergence, hidden=False):
+        """Objective.student_loss for one way of holding the teacher's scores: `divergence(model, student,
+        scores, mask_BT)` → (loss, ntoks), the SDFT term over the rows it is given."""
+        def student_loss(model, pairs, completions, scores, guard=None, shares=None, log=0):
+            rows = list(range(len(completions))) if guard is None or guard.rows is None else guard.rows
+            kept, with_base_kl = [completions[i] for i in rows], guard is not None and cfg.base_kl_weight
+            student, sft = student_pass(model, pairs, rows, kept, guard, hidden)
+            sdft, base_kl = (mx.array(0.0), mx.array(0, dtype=mx.int32)), mx.array(0.0)  # no row scored: terms of 0
+            if rows:
+                mask_BT = completion_mask([len(c) for c in kept])
+                if guard is not None:
+                    mask_BT = guards.keep_rows(mask_BT, [guard.truncated[i] for i in rows], cfg.truncated)
+                # A mean over every completion: the rows left out add 0 to its sum, not to its count.
+                over_all = len(rows) / len(completions)
+                loss, ntoks = divergence(model, student, scores, mask_BT)
+                sdft = (loss * over_all, ntoks)
+                if with_base_kl:
+                    base_kl = guards.base_kl_loss(student, scaled(guard.base_logits), mask_BT) * over_all
+            return (*regularized(sdft, sft, guard, base_kl if with_base_kl else None, shares),
+                    own_losses(model, divergence, student, scores, rows, completions, log))
+        return student_loss
 
-    def regularized(loss_and_ntoks, sft_and_ntoks, guard, mask_BT, logits_BTV=None, shares=None):
-        """The guards' terms added to the SDFT loss → (loss, ntoks, parts); the base-KL term needs the
-        student's logits, the SFT term comes from `student_pass`. With `shares`, each term of `loss`
-        times its share of the step (`parts` stay whole)."""
+    def own_losses(model, divergence, student, scores, rows, completions, log):
+        """The first `log` completions' own SDFT losses → own_N, each from its row of the pass's scores
+        alone, every token of it counted past --skip-first-tokens (masked or not), as a batch of one gives."""
+        place, own = {i: j for j, i in enumerate(rows)}, []
+        for i, c in enumerate(completions[:log]):
+            if len(c) <= cfg.skip_first_tokens:  # no token of its own loss: 0, as a batch of one gives
+                own.append(mx.array(0.0))
+                continue
+            j, n = place[i], len(c)
+            own.append(divergence(model, one_row(student, j, n), one_row(scores, j, n), mx.ones((1, n)))[0])
+        return mx.stack(own) if own else mx.zeros((0,))
+
+    def regularized(loss_and_ntoks, sft_and_ntoks, guard, base_kl=None, shares=None):
+        """The guards' terms added to the SDFT loss → (loss, ntoks, parts); the base-KL term is
+        `student_loss`'s, the SFT term `student_pass`'s. With `shares`, each term of `loss` times its
+        share of the step (`parts` stay whole)."""
         (loss, ntoks), (sft, sft_ntoks) = loss_and_ntoks, sft_and_ntoks
         share = (lambda name, term: term) if shares is None else (  # noqa: E731
             lambda name, term: None if term is None else term * shares[name])
         if guard is None:
             return share("sdft_loss", loss), ntoks, {"sdft_loss": loss}
-        base_kl = None if guard.base_logits is None else guards.base_kl_loss(logits_BTV, scaled(guard.base_logits), mask_BT)
         parts = {"sdft_loss": loss, **({"sft_loss": mx.array(0.0) if sft is None else sft} if cfg.sft_weight else {}),
                  **({} if base_kl is None else {"base_kl": base_kl})}
         # The SFT term's demonstration tokens are trained on too: a step whose completions were all
@@ -102,29 +151,24 @@ def sdft_objective(cfg: Config) -> Objective:
             chunks = [teacher_topk(scaled(head(hidden_BTD[:, t:t + C])), cfg.topk) for t in range(0, hidden_BTD.shape[1], C)]
             return tuple(mx.concatenate(parts, axis=1) for parts in zip(*chunks))
 
-        def topk_loss(model, pairs, completions, scores, guard=None, shares=None):
+        def topk_divergence(model, logits_BTV, scores, mask_BT):
             idx_BTK, buckets_BTK1 = scores
-            (logits_BTV, sft), mask_BT = student_pass(model, pairs, completions, guard), mask(completions, guard)
-            return regularized(sdft_loss_topk(logits_BTV, idx_BTK, buckets_BTK1, mask_BT, **options),
-                               sft, guard, mask_BT, logits_BTV, shares)
+            return sdft_loss_topk(logits_BTV, idx_BTK, buckets_BTK1, mask_BT, **options)
 
-        return Objective(buckets, topk_loss)
+        return Objective(buckets, loss_of(topk_divergence))
 
     if cfg.logits_chunk:
-        def chunked_loss(model, pairs, completions, hidden_BTD, guard=None, shares=None):  # no --base-kl-weight (config.validate)
-            head, mask_BT = lm_head(model), mask(completions, guard)
-            student_BTD, sft = student_pass(model, pairs, completions, guard, hidden=True)
-            return regularized(sdft_loss_chunked(lambda hidden: scaled(head(hidden)), student_BTD, hidden_BTD, mask_BT,
-                                                 chunk=cfg.logits_chunk, **options), sft, guard, mask_BT, shares=shares)
+        def chunked_divergence(model, student_BTD, hidden_BTD, mask_BT):  # no --base-kl-weight (config.validate)
+            head = lm_head(model)
+            return sdft_loss_chunked(lambda hidden: scaled(head(hidden)), student_BTD, hidden_BTD, mask_BT,
+                                     chunk=cfg.logits_chunk, **options)
 
-        return Objective(teacher_hidden, chunked_loss)
+        return Objective(teacher_hidden, loss_of(chunked_divergence, hidden=True))
 
-    def full_loss(model, pairs, completions, logits_BTV, guard=None, shares=None):
-        (student_BTV, sft), mask_BT = student_pass(model, pairs, completions, guard), mask(completions, guard)
-        return regularized(sdft_loss(student_BTV, scaled(logits_BTV), mask_BT, **options), sft, guard, mask_BT,
-                           student_BTV, shares)
+    def full_divergence(model, student_BTV, logits_BTV, mask_BT):
+        return sdft_loss(student_BTV, scaled(logits_BTV), mask_BT, **options)
 
-    return Objective(teacher_logits, full_loss)
+    return Objective(teacher_logits, loss_of(full_divergence))
 
 
 PARTS = ("sdft_loss", "sft_loss", "base_kl")  # the terms of the SDFT loss, as metrics.jsonl names them

@@ -107,6 +107,8 @@ def grouped(model: nn.Module, groups: list[tuple[list[list[int]], list[list[int]
     None for an empty group. The rows of all groups share one prefill per distinct prompt and one of
     their common prefix (`completion_hidden`); without sharing each group takes its own full pass."""
     head, kept = lm_head(model), [g for g in groups if g[0]]
+    if not kept:  # nothing to score: no pass at all
+        return [None] * len(groups)
     if not (share and shares(model)):
         scored = iter([(full_hidden if hidden else completion_logits)(model, *g) for g in kept])
         return [next(scored) if g[0] else None for g in groups]

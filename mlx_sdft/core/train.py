@@ -21,7 +21,8 @@ from mlx_sdft.config import Config
 from mlx_sdft.errors import Interrupted, TrainingError
 from mlx_sdft.core import guards
 from mlx_sdft.core.degeneration import degeneration_sums
-from mlx_sdft.core.objective import PARTS, Objective, loss_parts, sdft_objective, supervised_loss, term_counts
+from mlx_sdft.core.objective import (PARTS, Objective, loss_parts, scored_rows, sdft_objective, supervised_loss,
+                                     term_counts)
 from mlx_sdft.core.prompts import PromptPair
 from mlx_sdft.core.rollout import sample
 from mlx_sdft.core.samples import records, sampled_rows
@@ -140,26 +141,30 @@ def sdft_step(model, teacher: Leaves | None, pairs: list[PromptPair], positions:
     """One SDFT micro-batch: sample from the student, the teacher's scores (no gradient), the
     student's loss and, with `grad`, its gradient (else None) → (loss, ntoks, grads, stats).
     stats["parts"] holds the loss's terms (Objective.student_loss); with `log`, stats["completions"]
-    the first `log` completions with their own loss (--log-completions, samples.py). `shares`: each
-    term's share of the optimizer step (`term_counts`), which `loss` and the gradient carry.
+    the first `log` completions with their own loss (--log-completions, samples.py), from the same
+    passes. `shares`: each term's share of the optimizer step (`term_counts`), which `loss` and the
+    gradient carry. Only the completions with a loss token (and those logged) are scored by the
+    teacher, the base model and the student's divergence pass (`scored_rows`).
     The teacher and the base model score in eval mode (no dropout); the student's pass runs in the
     mode the model is in (train() sets train mode, validation eval mode)."""
     with timer("sample"):
         pairs, rollout = rollout_batch(model, pairs, cfg, stop_ids, positions, stream)
+    truncated = guards.maskable(rollout.truncated, [p.demonstrated for p in pairs])
+    # A completion without a loss token adds 0 to every term's sum: no pass scores it (unless logged).
+    rows = scored_rows(rollout.completions, truncated, cfg, log)
+    scored = [pairs[i] for i in rows], [rollout.completions[i] for i in rows]
     with timer("teacher"), using(model, teacher), evaluating(model):
-        scores = objective.teacher_scores(model, pairs, rollout.completions)
+        scores = objective.teacher_scores(model, *scored) if rows else None
         mx.eval(scores)
     with timer("teacher"), evaluating(model):  # what the guards need: truncation flags, the base model's logits
-        guard = guards.Guard(guards.maskable(rollout.truncated, [p.demonstrated for p in pairs]),
-                             guards.base_logits(model, base, pairs, rollout.completions) if cfg.base_kl_weight else None)
+        guard = guards.Guard(truncated, guards.base_logits(model, base, *scored) if cfg.base_kl_weight and rows else None,
+                             rows)
         mx.eval(guard.base_logits)
     with timer("student"), checkpointing(model, grad and cfg.grad_checkpoint):
         loss_and_grad = _value_and_grad(model, objective.student_loss, grad)
-        (loss, ntoks, parts), grads = loss_and_grad(model, pairs, rollout.completions, scores, guard, shares)
-        mx.eval(loss, ntoks, parts, grads or [])
-    with evaluating(model):  # a record of the completions, not a training pass
-        logged = {"completions": sampled_rows(objective.student_loss, model, pairs, rollout, scores, log,
-                                              masked=cfg.truncated == "mask")} if log else {}
+        (loss, ntoks, parts, own_N), grads = loss_and_grad(model, pairs, rollout.completions, scores, guard, shares, log)
+        mx.eval(loss, ntoks, parts, own_N, grads or [])
+    logged = {"completions": sampled_rows(pairs, rollout, own_N.tolist(), masked=cfg.truncated == "mask")} if log else {}
     return loss, ntoks, grads, {"n": len(pairs), "sampled": rollout.num_tokens, "length": rollout.num_tokens,
                                 "parts": parts, "truncated": sum(rollout.truncated), **logged, **degeneration_sums(
                                     rollout.completions, rollout.truncated, [p.demo_ids for p in pairs], stop_ids)}

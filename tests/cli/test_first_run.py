@@ -133,7 +133,8 @@ def test_logged_loss_is_the_completions_own_loss(tiny, smoke_data):
     pairs = encode_examples(tokenizer, load_dataset(smoke_data)["train"][:2], cfg.teacher_template, 256)
     completions = [[5, 6, 7, 8, 9, 10], [11, 12, 13]]
     scores = objective.teacher_scores(model, pairs, completions)
-    rows = sampled_rows(objective.student_loss, model, pairs, Rollout(completions, [False, True], 0), scores, 2)
+    own_N = objective.student_loss(model, pairs, completions, scores, log=2)[3]  # from the batch's pass
+    rows = sampled_rows(pairs, Rollout(completions, [False, True], 0), own_N.tolist())
     for i, row in enumerate(rows):
         alone = objective.student_loss(model, [pairs[i]], [completions[i]],
                                        objective.teacher_scores(model, [pairs[i]], [completions[i]]))

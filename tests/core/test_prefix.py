@@ -88,7 +88,7 @@ def _score(model, teacher, base, cfg, pairs, completions, truncated):
         scores = objective.teacher_scores(model, pairs, completions)
     guard = guards.Guard(truncated, guards.base_logits(model, base, pairs, completions) if cfg.base_kl_weight else None)
     with checkpointing(model, cfg.grad_checkpoint):
-        (loss, ntoks, parts), grads = nn.value_and_grad(model, objective.student_loss)(model, pairs, completions,
+        (loss, ntoks, parts, _), grads = nn.value_and_grad(model, objective.student_loss)(model, pairs, completions,
                                                                                       scores, guard)
     mx.eval(scores, loss, grads)
     return scores, loss, ntoks, parts, grads, guard
