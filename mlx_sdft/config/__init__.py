@@ -27,7 +27,7 @@ from mlx_sdft.config.options import (
     SystemPrompt, TEACHER_TEMPLATE, TRUNCATED, TeacherTemplate, check_model, coerce,
 )
 from mlx_sdft.config.personal import (
-    ForgetConfig, LOOPBACK, LearnConfig, LessonsConfig, RollbackConfig, RulesConfig, ServeConfig, TeachConfig,
+    ForgetConfig, LEARN_BEFORE_THE_OPTION, LOOPBACK, LearnConfig, LessonsConfig, RollbackConfig, RulesConfig, ServeConfig, TeachConfig,
     VersionsConfig,
 )
 from mlx_sdft.config.train import BEFORE_THE_OPTION, RESUME_MAY_CHANGE, RETIRED, SDFT_ONLY, Config, sft_ignores
@@ -37,7 +37,7 @@ from mlx_sdft.yaml_file import drop_retired, read_yaml
 __all__ = [
     "Answers", "BEFORE_THE_OPTION", "BUDGET_FLOOR", "COMPLETION_BUDGET", "ChatTemplate", "CheckConfig", "Config",
     "DEFAULT_HOME", "DEFAULT_MODEL", "DIVERGENCES", "DataSource", "Dequantize", "EvalConfig", "ExportConfig",
-    "FEEDBACK_TEMPLATE", "ForgetConfig", "GenerateConfig", "HINDSIGHT_TEMPLATE", "LOOPBACK", "LearnConfig",
+    "FEEDBACK_TEMPLATE", "ForgetConfig", "GenerateConfig", "HINDSIGHT_TEMPLATE", "LEARN_BEFORE_THE_OPTION", "LOOPBACK", "LearnConfig",
     "LessonsConfig", "ModelSource", "PAPER_SDFT", "RESUME_MAY_CHANGE", "RETIRED", "RollbackConfig", "RulesConfig", "SDFT_ONLY", "SFT_WEIGHT",
     "SKIP_FIRST_TOKENS", "ServeConfig", "SystemPrompt", "TEACHER_TEMPLATE", "TRUNCATED", "TeachConfig",
     "TeacherTemplate", "VersionsConfig", "check_model", "cli_fields", "coerce", "load_config", "overlay",

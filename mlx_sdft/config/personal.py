@@ -278,10 +278,18 @@ class LearnConfig(compose(Config, LEARN_DEFAULTS, LEARN_SETS, "learn")):
                                 "--max-completion-length and --gate-max-tokens when they are fewer, while a rule's "
                                 "check matches only at an answer's end (ends with $, e.g. a signature): such a rule "
                                 "shows only in a whole answer.")
+    # 8: about 6 to train on and 2 held out (one in 5 by hash, at least one), in one greedy answer of
+    # a few hundred tokens at most per lesson.
+    lesson_paraphrases: int = _opt(8, "Rewordings of each new one-off lesson's prompt that the model writes (kept "
+                                   "with the lesson): trained on with the lesson's teacher context, except about 1 in "
+                                   "5 held out for the gate (0: each lesson trains on its own prompt only).",
+                                   before_the_option=0)
 
     def validate(self) -> LearnConfig:
         _positive(self, ("gate_prompts", "gate_max_tokens", "gate_questions", "gate_question_tokens", "gate_batch_size",
                          "rule_prompts", "end_rule_tokens"))
+        if not 0 <= self.lesson_paraphrases <= MAX_PARAPHRASES:
+            raise InputError(f"--lesson-paraphrases: must be in [0, {MAX_PARAPHRASES}], got {self.lesson_paraphrases}")
         for name in ("replay_ratio", "gate_tolerance", "gate_rule_tolerance", "gate_max_kl_rise",
                      "gate_max_prior_drop", "gate_max_loop_rise"):
             if not (getattr(self, name) >= 0 and math.isfinite(getattr(self, name))):
@@ -305,6 +313,12 @@ class LearnConfig(compose(Config, LEARN_DEFAULTS, LEARN_SETS, "learn")):
         values.update(model=model, data=data, adapter_path=adapter_path, resume_adapter_file=resume_adapter_file,
                       resume=False, dry_run=False, **shape)
         return Config(**values).validate()
+
+
+MAX_PARAPHRASES = 32  # one greedy answer holds them all
+# What a version recorded before one of learn's options existed was built with: forget rebuilds it so.
+LEARN_BEFORE_THE_OPTION = {f.name: f.metadata["before_the_option"] for f in dataclasses.fields(LearnConfig)
+                           if "before_the_option" in f.metadata}
 
 
 @dataclass

@@ -100,10 +100,12 @@ def with_rules(messages: list[dict], rules: str | None, default_system: str | No
 
 def teacher_messages(example: Example, template: str, default_system: str | None = None) -> list[dict]:
     """`template` unless the example brings its own (a feedback or hindsight lesson); the example's
-    `teacher_system` (rules) added to the system message, after `default_system` when it has none."""
+    `teacher_system` (rules) added to the system message, after `default_system` when it has none.
+    A demonstration in the example's context is shown to the teacher in place of its own (a lesson's
+    prompt reworded: the teacher sees the lesson's demonstration, the SFT term has none to train on)."""
     *history, last_user = example.prompt
-    content = fill_template(example.teacher_template or template, last_user["content"], example.demonstration,
-                            **(example.context or {}))
+    slots = {"demonstration": example.demonstration, **(example.context or {})}
+    content = fill_template(example.teacher_template or template, last_user["content"], **slots)
     return with_rules([*history, {**last_user, "content": content}], example.teacher_system, default_system)
 
 

@@ -8,6 +8,8 @@ prompts no learn ever trains on (store/rules.py's held-out split) and on bundled
 - a lesson with a teacher context instead (feedback, hindsight): minus the mean per-token
   KL(teacher‖student) on fresh samples of the student (temperature 1, `--gate-max-tokens`,
   a seed per lesson), the teacher being the same weights shown the feedback.
+The new lessons' fit on their held-out paraphrases (their prompts reworded by the model, never
+trained on) is recorded beside it (`new_lessons.held_out_paraphrases`); no check reads it yet.
 
 **Rules and facts** (standing lessons): each one's *rule gap* on the held-out prompts
 (measure/rules.py: KL(the version told the rule ‖ the version untold) on its own greedy answers),
@@ -31,8 +33,9 @@ from __future__ import annotations
 
 from mlx_sdft.core.teacher import Leaves, using
 from mlx_sdft.measure import rules as measure_rules
-from mlx_sdft.measure.lessons import lesson_fit
+from mlx_sdft.measure.lessons import held_out_fit, lesson_fit
 from mlx_sdft.measure.version import MIN_GAP, MIN_LIFT, measure, measure_key
+from mlx_sdft.store.lessons import paraphrased
 from mlx_sdft.store.rules import rulebook
 
 
@@ -61,6 +64,8 @@ def check(model, tokenizer, base: Leaves, current: Leaves, candidate: Leaves, ne
                 "per_lesson": {str(i): [fits["current"][i], fits["candidate"][i]] for i in ids}}
 
     new, earlier = lessons(new_ids), lessons(earlier_ids)
+    if held := _paraphrase_fit(model, tokenizer, current, candidate, new_rows, cfg, say):
+        new["held_out_paraphrases"] = held
     new.update(threshold=cfg.gate_min_gain, passed=not new_ids or new["change"] > cfg.gate_min_gain)
     earlier.update(tolerance=cfg.gate_tolerance, passed=not earlier_ids or earlier["change"] >= -cfg.gate_tolerance)
     ids = {str(r["id"]) for r in standing}
@@ -117,6 +122,22 @@ def check(model, tokenizer, base: Leaves, current: Leaves, candidate: Leaves, ne
             "rules": rules, "drift_kl": kl_check, "prior_answers": prior, "loops": loops,
             "measure_key": measure_key(cfg, held_out), "measures": candidate_measures,
             "current_measures": current_measures}
+
+
+def _paraphrase_fit(model, tokenizer, current: Leaves, candidate: Leaves, rows: list[dict], cfg, say) -> dict | None:
+    """The new lessons' mean fit on their held-out paraphrases, current and candidate (a lesson's
+    own mean over its paraphrases first); None when none has any."""
+    count = sum(len(paraphrased(r, cfg.lesson_paraphrases)[1]) for r in rows)
+    if not count:
+        return None
+    say(f"gate: fit of the new lessons on {count} held-out paraphrases of their prompts, current and candidate")
+    fits = {}
+    for name, leaves in (("current", current), ("candidate", candidate)):
+        with using(model, leaves):
+            fits[name] = {i: _mean(v) for i, v in held_out_fit(model, tokenizer, rows, cfg).items()}
+    cur, cand = _mean(fits["current"].values()), _mean(fits["candidate"].values())
+    return {"lessons": len(fits["current"]), "prompts": count, "current": cur, "candidate": cand, "change": cand - cur,
+            "per_lesson": {str(i): [fits["current"][i], fits["candidate"][i]] for i in fits["current"]}}
 
 
 def _lost(indices: list[int], cfg) -> str:

@@ -21,7 +21,8 @@ from pathlib import Path
 
 import mlx.core as mx
 
-from mlx_sdft.config import BEFORE_THE_OPTION, DEFAULT_MODEL, LearnConfig
+from mlx_sdft.chat_template import encode
+from mlx_sdft.config import DEFAULT_MODEL, LEARN_BEFORE_THE_OPTION, LearnConfig
 from mlx_sdft.core.prompts import special_text_in
 from mlx_sdft.core.teacher import using
 from mlx_sdft.errors import InputError, Rejected, TrainingError
@@ -134,6 +135,7 @@ def build(home: Path, store: Store, cfg: LearnConfig, parent: int, new: list[dic
         current = _leaves(home, parent, base)
         with using(model_obj, current):
             _questions(store, standing, model_obj, tokenizer, console, cfg.log_text)
+            _paraphrases(store, one_off, model_obj, tokenizer, cfg.lesson_paraphrases, console, cfg.log_text)
         gate_cfg = dataclasses.replace(cfg, teacher_template=train_cfg.teacher_template)
         known.update({r["id"]: p for r in standing if r["kind"] == "fact" and r["id"] in fresh and (p := stored_preflight(
             r, parent, model, preflight_key(rules.prompts_for(r, held_out), cfg.gate_max_tokens))) is not None})
@@ -172,15 +174,21 @@ def build(home: Path, store: Store, cfg: LearnConfig, parent: int, new: list[dic
             standing = [r for r in standing if r not in refused]
             new = [r for r in new if r["id"] not in {r["id"] for r in refused}]
             book = rules.rulebook(standing)
-        examples = [dataclasses.replace(lessons.to_example(r), teacher_system=book) for r in one_off + replayed]
+        # A paraphrase trains on the divergence only: its teacher is shown the lesson's demonstration or
+        # feedback, but the SFT term stays on the demonstration of the prompt it was written for.
+        reworded = [lessons.shown_not_taught(ex, train_cfg.teacher_template) for r in one_off + replayed
+                    for ex in lessons.paraphrased(r, cfg.lesson_paraphrases)[0]] if train_cfg.method == "sdft" else []
+        examples = [dataclasses.replace(ex, teacher_system=book)
+                    for ex in [lessons.to_example(r) for r in one_off + replayed] + reworded]
         if standing:
             drawn = random.Random(cfg.seed + number).sample(train_prompts, min(cfg.rule_prompts, len(train_prompts)))
             examples += rules.distillation_examples(drawn, book)
             for row in standing:
                 examples += rules.distillation_examples(rules.fact_prompts(row)[0], book) if row["kind"] == "fact" else []
-        _say(console, f"version {number}: {_count(len(one_off), 'new lesson')} + {len(replayed)} replayed, "
-                      f"{_count(len(standing), 'rule or fact', 'rules and facts')} over "
-                      f"{_count(len(examples) - len(one_off) - len(replayed), 'prompt')}, "
+        _say(console, f"version {number}: {_count(len(one_off), 'new lesson')} + {len(replayed)} replayed"
+                      + (f" (and {_count(len(reworded), 'paraphrase')} of their prompts)" if reworded else "")
+                      + f", {_count(len(standing), 'rule or fact', 'rules and facts')} over "
+                      f"{_count(len(examples) - len(one_off) - len(replayed) - len(reworded), 'prompt')}, "
                       f"from version {parent} ({why})")
         last = run_train(train_cfg, console=console, examples={"train": examples}, loaded=loaded)
         for name in versions.ADAPTER_FILES:
@@ -236,6 +244,40 @@ def _questions(store: Store, standing: list[dict], model, tokenizer, console, te
             _say(console, f"fact {row['id']}: {len(questions)} questions about it, {source['model']} written by the "
                           f"model and {source['template']} built from the fact's words"
                           + (f", e.g. {questions[0]!r}" if text else ""))  # --no-log-text: no text
+
+
+PARAPHRASE_TOKENS = 384  # most tokens of the one answer that holds a lesson's paraphrases
+PARAPHRASED_CHARS = 500  # a longer prompt (a pasted text) is not reworded line by line
+
+
+def _paraphrases(store: Store, rows: list[dict], model, tokenizer, n: int, console, text: bool = True) -> None:
+    """Rewordings of each new one-off lesson's last user message that the model writes under the
+    current version (one greedy answer), kept with the lesson; one that holds those of an earlier
+    learn asked for at least n keeps them. A message of several lines or over PARAPHRASED_CHARS
+    gets none: the model writes one rewording per line."""
+    for row in rows:
+        kept = row.get("preflight") or {}
+        if not n:
+            return
+        if kept.get("paraphrases_asked", 0) >= n:
+            _say(console, f"lesson {row['id']}: {_count(len(kept['paraphrases'][:n]), 'paraphrase')} of its prompt, "
+                          f"written by an earlier learn")
+            continue
+        last = row["prompt"][-1].get("content")
+        if not isinstance(last, str) or "\n" in last.strip() or len(last) > PARAPHRASED_CHARS:
+            written = []
+            _say(console, f"lesson {row['id']}: its prompt has several lines or over {PARAPHRASED_CHARS} characters: "
+                          f"it is not reworded")
+        else:
+            budget = min(PARAPHRASE_TOKENS, n * (2 * len(encode(tokenizer, last)) + 8))
+            _say(console, f"lesson {row['id']}: the model rewords its prompt (one answer of up to {budget} tokens)")
+            written = [p for p in measure_rules.write_paraphrases(model, tokenizer, last, n, budget)
+                       if special_text_in(tokenizer, p) is None]
+        row["preflight"] = {**kept, "paraphrases": written, "paraphrases_asked": n}
+        store.set_preflight(row["id"], row["preflight"])
+        train, held_out = lessons.paraphrased(row, n)
+        _say(console, f"lesson {row['id']}: {_count(len(written), 'paraphrase')} of its prompt, {len(train)} to train "
+                      f"on and {len(held_out)} held out" + (f", e.g. {written[0]!r}" if text and written else ""))
 
 
 def _measured(home: Path, version: int, key: list) -> dict | None:
@@ -329,9 +371,9 @@ def run_forget(cfg, console=None) -> list[str]:
         if not rows:
             return lines
         # The options the version was built with: those of another mlx-sdft release are its own; one
-        # the record predates is what runs did then (BEFORE_THE_OPTION), not today's default.
+        # the record predates is what runs did then (LEARN_BEFORE_THE_OPTION), not today's default.
         known = {f.name for f in dataclasses.fields(LearnConfig)}
-        options = LearnConfig(**{**BEFORE_THE_OPTION, **{k: v for k, v in now_record["options"].items() if k in known},
+        options = LearnConfig(**{**LEARN_BEFORE_THE_OPTION, **{k: v for k, v in now_record["options"].items() if k in known},
                                  "home": str(home)}).validate()
         try:
             record = build(home, store, options, base, rows, f"rebuild without lesson {cfg.lesson} "

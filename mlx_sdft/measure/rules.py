@@ -24,7 +24,7 @@ from mlx_sdft.core.losses import kl_of_logits
 from mlx_sdft.core.prompts import encode, render, template_system_prompt, with_rules
 from mlx_sdft.core.rollout import sample
 from mlx_sdft.core.scoring import completion_logits, completion_mask
-from mlx_sdft.store.rules import prior_questions, questions_in
+from mlx_sdft.store.rules import paraphrases_in, prior_questions, questions_in
 
 _TOKEN = re.compile(r"\d+(?:[.,]\d+)*|[^\W\d_]+")
 
@@ -151,3 +151,17 @@ def write_questions(model, tokenizer, fact: str, n: int, max_tokens: int) -> lis
     over and measured on. store.rules.questions_in says which lines of its answer are such questions."""
     prompt = [{"role": "user", "content": QUESTIONS_PROMPT.format(n=n, fact=fact)}]
     return questions_in(greedy(model, tokenizer, [prompt], max_tokens, 1).texts[0], fact, n)
+
+
+# The request first, set apart, then the list asked for as the questions are; "do not answer it": a
+# small model's first impulse is to answer.
+PARAPHRASE_PROMPT = ("Here is a request someone wrote:\n\n{prompt}\n\nWrite {n} different ways to ask for exactly "
+                     "the same thing, as different people might write it. Do not answer it. Number them 1 to {n}, "
+                     "one per line, and write nothing else.")
+
+
+def write_paraphrases(model, tokenizer, prompt: str, n: int, max_tokens: int) -> list[str]:
+    """Rewordings of a request that the model writes itself (greedy): the prompts a one-off lesson is
+    also trained and measured on. store.rules.paraphrases_in says which lines of its answer are such."""
+    request = [{"role": "user", "content": PARAPHRASE_PROMPT.format(n=n, prompt=prompt)}]
+    return paraphrases_in(greedy(model, tokenizer, [request], max_tokens, 1).texts[0], prompt, n)

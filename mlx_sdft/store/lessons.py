@@ -5,10 +5,15 @@ and .jsonl in and out in the formats `mlx-sdft train --data` reads.
 - feedback: the prompt, no demonstration; the teacher sees the lesson's own template filled with
   {question}, {answer} (the model's earlier answer) and {feedback}.
 - hindsight: the same with {followup}, the user's next message.
+
+A one-off lesson's prompt reworded by the model (`learn --lesson-paraphrases`, kept in the lesson's
+preflight column) gives it more examples: the same lesson, the last user message reworded, split by
+hash into those it trains on and those held out for the gate (`paraphrased`).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import re
 from pathlib import Path
@@ -18,6 +23,7 @@ from mlx_sdft.core.data import Example, load_examples
 from mlx_sdft.core.prompts import teacher_messages
 from mlx_sdft.errors import InputError
 from mlx_sdft.store.db import STANDING, Store
+from mlx_sdft.store.rules import split
 
 SLOT = {"feedback": "feedback", "hindsight": "followup"}  # the context slot that holds a lesson's text
 
@@ -66,7 +72,7 @@ WHERE = "store:lesson/"  # + the id: where a lesson's example comes from, in eve
 def removable(error: InputError) -> InputError:
     """An error about a stored lesson (its message starts with its `where`) as one that names the
     lesson and the command that removes it; any other error as it is."""
-    found = re.match(re.escape(WHERE) + r"(\d+): ", str(error))
+    found = re.match(re.escape(WHERE) + r"(\d+)(?:/paraphrase/\d+)?: ", str(error))
     if found is None:
         return error
     id = found.group(1)
@@ -85,6 +91,29 @@ def to_example(row: dict) -> Example:
         context = {"answer": row["answer"], SLOT[row["kind"]]: row["text"]}
         return Example(row["prompt"], "", row["tools"], where, row["teacher_template"], context)
     return Example(row["prompt"], row["text"], row["tools"], where)
+
+
+def paraphrased(row: dict, n: int) -> tuple[list[Example], list[Example]]:
+    """(training, held-out) examples of the first n of a one-off lesson's stored paraphrases: its own
+    example with the last user message reworded (the rest of the conversation, the tools and the
+    teacher's context kept), split by a hash of the rewording (store.rules.split)."""
+    *history, last = row["prompt"]
+    texts = ((row.get("preflight") or {}).get("paraphrases") or [])[:n]
+    prompts = [[*history, {**last, "content": text}] for text in texts]
+    example = to_example(row)
+    return tuple([dataclasses.replace(example, prompt=p, where=f"{example.where}/paraphrase/{prompts.index(p) + 1}")
+                  for p in part] for part in split(prompts))
+
+
+def shown_not_taught(example: Example, template: str) -> Example:
+    """The example with its demonstration in the teacher's context only (in `template`, the run's
+    --teacher-template), and none of its own: the teacher answers as if shown it, while there is no
+    SFT target and the completion budget is not measured by it (a paraphrase's demonstration was
+    written for another wording of the prompt)."""
+    if not example.demonstration:
+        return example
+    return dataclasses.replace(example, demonstration="", teacher_template=example.teacher_template or template,
+                               context={**(example.context or {}), "demonstration": example.demonstration})
 
 
 def teacher_view(row: dict, template: str) -> str:

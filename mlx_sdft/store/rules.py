@@ -116,12 +116,18 @@ def own_prompts(exchanges: list[dict]) -> list[list[dict]]:
 
 def fact_prompts(row: dict) -> tuple[list[list[dict]], list[list[dict]]]:
     """(training, held-out) questions of a fact: those the model wrote about it (kept with its
-    preflight), split by hash as the other prompts are; at least one of each when there are two."""
-    questions = [[{"role": "user", "content": q}] for q in ((row.get("preflight") or {}).get("questions") or [])]
-    held_out = [q for q in questions if is_held_out(q[0]["content"])]
-    if not held_out and len(questions) > 1:
-        held_out = questions[-1:]
-    train = [q for q in questions if q not in held_out]
+    preflight), split by hash as the other prompts are (`split`)."""
+    return split([[{"role": "user", "content": q}] for q in ((row.get("preflight") or {}).get("questions") or [])])
+
+
+def split(prompts: list[list[dict]]) -> tuple[list[list[dict]], list[list[dict]]]:
+    """(training, held-out) prompts the model wrote, split by a hash of their last message as the
+    bundled ones are (so the same text is always on the same side); at least one of each when there
+    are two."""
+    held_out = [p for p in prompts if is_held_out(p[-1]["content"])]
+    if not held_out and len(prompts) > 1:
+        held_out = prompts[-1:]
+    train = [p for p in prompts if p not in held_out]
     if not train and len(held_out) > 1:
         train, held_out = held_out[:1], held_out[1:]
     return train, held_out
@@ -147,6 +153,18 @@ _COMMON = frozenset("that this with from were have been about which what when wh
                     "into than then them does your some".split())
 
 
+def list_items(text: str) -> list[tuple[str, bool]]:
+    """The non-blank lines of a model's answer, each with whether it was an item of a numbered or
+    bulleted list; list markers, markdown emphasis and quotes stripped."""
+    out = []
+    for line in text.splitlines():
+        listed = _LISTED.match(line) is not None
+        line = _LISTED.sub("", line).strip().strip("*_\"'` ").strip()
+        if line:
+            out.append((line, listed))
+    return out
+
+
 def questions_in(text: str, fact: str, n: int) -> list[str]:
     """The questions about `fact` in a model's list, in order, at most n and no repeats: a line that
     ends with "?" or is numbered or bulleted (a "?" added), markdown and quotes stripped, kept only if
@@ -154,15 +172,31 @@ def questions_in(text: str, fact: str, n: int) -> list[str]:
     a question the fact answers."""
     words = _words(fact)
     out = []
-    for line in text.splitlines():
-        listed = _LISTED.match(line) is not None
-        line = _LISTED.sub("", line).strip().strip("*_\"'` ").strip()
-        if not line or not (listed or line.endswith("?")):
+    for line, listed in list_items(text):
+        if not (listed or line.endswith("?")):
             continue
         line = line if line.endswith("?") else line.rstrip(".:;,") + "?"
         if _words(line) & words and line not in out:
             out.append(line)
     return out[:n]
+
+
+def paraphrases_in(text: str, prompt: str, n: int) -> list[str]:
+    """The rewordings of `prompt` in a model's numbered or bulleted list, in order, at most n: each
+    one different from the prompt and from the others (case, spaces and end punctuation aside), at
+    most twice as long as the prompt (and 40 characters), and naming a word of it (of 4 letters or
+    more, or a number) when it has any: an answer to the prompt written as a list is not one."""
+    words, limit = _words(prompt), 2 * len(prompt) + 40
+    seen, out = {_plain(prompt)}, []
+    for line, listed in list_items(text):
+        if listed and len(line) <= limit and _plain(line) not in seen and (not words or _words(line) & words):
+            seen.add(_plain(line))
+            out.append(line)
+    return out[:n]
+
+
+def _plain(text: str) -> str:
+    return " ".join(text.lower().split()).rstrip(".!?;:, ")
 
 
 def _words(text: str) -> set[str]:
