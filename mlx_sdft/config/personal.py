@@ -280,9 +280,11 @@ class LearnConfig(compose(Config, LEARN_DEFAULTS, LEARN_SETS, "learn")):
                                 "shows only in a whole answer.")
     # 8: about 6 to train on and 2 held out (one in 5 by hash, at least one), in one greedy answer of
     # a few hundred tokens at most per lesson.
-    lesson_paraphrases: int = _opt(8, "Rewordings of each new one-off lesson's prompt that the model writes (kept "
+    # Off by default: Qwen2.5-Coder-0.5B and SmolLM2-135M mostly repeat a request or ask another (docs/personal.md)
+    lesson_paraphrases: int = _opt(0, "Rewordings of each new one-off lesson's prompt that the model writes (kept "
                                    "with the lesson): trained on with the lesson's teacher context, except about 1 in "
-                                   "5 held out for the gate (0: each lesson trains on its own prompt only).",
+                                   "5 held out for the gate (0: each lesson trains on its own prompt only; a model "
+                                   "that rewords requests well is needed, see docs/personal.md).",
                                    before_the_option=0)
 
     def validate(self) -> LearnConfig:

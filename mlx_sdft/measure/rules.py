@@ -153,15 +153,21 @@ def write_questions(model, tokenizer, fact: str, n: int, max_tokens: int) -> lis
     return questions_in(greedy(model, tokenizer, [prompt], max_tokens, 1).texts[0], fact, n)
 
 
-# The request first, set apart, then the list asked for as the questions are; "do not answer it": a
-# small model's first impulse is to answer.
-PARAPHRASE_PROMPT = ("Here is a request someone wrote:\n\n{prompt}\n\nWrite {n} different ways to ask for exactly "
-                     "the same thing, as different people might write it. Do not answer it. Number them 1 to {n}, "
-                     "one per line, and write nothing else.")
+# One worked example first: asked in words alone, Qwen2.5-Coder-0.5B answered the request or
+# repeated it 8 times; shown one rewording, it reworded some (docs/personal.md has the count).
+PARAPHRASE_EXAMPLE = [
+    {"role": "user", "content": 'Reword this request 4 ways without answering it: "How do I make bread at home?"'},
+    {"role": "assistant", "content": "1. What are the steps to bake bread in my own kitchen?\n2. Can you explain how "
+                                     "to make homemade bread?\n3. I want to bake bread at home. How do I do it?\n"
+                                     "4. How is bread made at home?"}]
+PARAPHRASE_PROMPT = 'Reword this request {n} ways without answering it: "{prompt}"'
 
 
 def write_paraphrases(model, tokenizer, prompt: str, n: int, max_tokens: int) -> list[str]:
     """Rewordings of a request that the model writes itself (greedy): the prompts a one-off lesson is
-    also trained and measured on. store.rules.paraphrases_in says which lines of its answer are such."""
-    request = [{"role": "user", "content": PARAPHRASE_PROMPT.format(n=n, prompt=prompt)}]
-    return paraphrases_in(greedy(model, tokenizer, [request], max_tokens, 1).texts[0], prompt, n)
+    also trained and measured on. store.rules.paraphrases_in says which lines of its answer are such;
+    the last line of an answer cut off at `max_tokens` is left out (it may stop mid-sentence)."""
+    request = [*PARAPHRASE_EXAMPLE, {"role": "user", "content": PARAPHRASE_PROMPT.format(n=n, prompt=prompt)}]
+    answer = greedy(model, tokenizer, [request], max_tokens, 1)
+    text = answer.texts[0].rstrip().rsplit("\n", 1)[0] if answer.truncated[0] else answer.texts[0]
+    return paraphrases_in(text, prompt, n)

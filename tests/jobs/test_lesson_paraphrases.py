@@ -14,7 +14,7 @@ runner = CliRunner()
 FAST = ("--num-layers", "-1", "--batch-size", "2", "--iters", "2", "--learning-rate", "3e-3",
         "--max-completion-length", "8", "--gate-prompts", "4", "--gate-max-tokens", "8", "--gate-questions", "4",
         "--gate-question-tokens", "6", "--rule-prompts", "8", "--gate-max-kl-rise", "100", "--gate-max-loop-rise", "1",
-        "--gate-max-prior-drop", "1", "--gate-tolerance", "100", "--gate-min-gain", "-1000")
+        "--gate-max-prior-drop", "1", "--gate-tolerance", "100", "--gate-min-gain", "-1000", "--lesson-paraphrases", "8")
 PROMPT = "What is the capital city of Australia?"
 WRITTEN = [f"Quizzical wording {i}: which city is the capital of Australia?" for i in range(12)]
 HELD = [t for t in WRITTEN[:8] if is_held_out(t)]
@@ -31,7 +31,7 @@ def scripted(monkeypatch):
     asked, real = [], measure_rules.greedy
 
     def greedy(model, tokenizer, prompts, *args, **kwargs):
-        if len(prompts) == 1 and prompts[0][-1]["content"].startswith("Here is a request someone wrote:"):
+        if len(prompts) == 1 and prompts[0][-1]["content"].startswith("Reword this request"):
             asked.append(prompts[0][-1]["content"])
             lines = ["Here they are:", f"1. {PROMPT}", *(f"{i + 2}. {t}" for i, t in enumerate(WRITTEN))]
             return measure_rules.Answers(["\n".join(lines)], [[]], [False], [[]])
@@ -77,7 +77,7 @@ def test_learn_trains_on_the_rewordings_and_measures_the_held_out_ones(tiny_mode
     said = " ".join(result.output.split())
     assert said.index(f"lesson {lesson}: the model rewords its prompt") < said.index(
         f"lesson {lesson}: 8 paraphrases of its prompt, {len(TRAIN)} to train on and {len(HELD)} held out")
-    assert len(scripted) == 1 and PROMPT in scripted[0] and "Write 8 different ways" in scripted[0]
+    assert len(scripted) == 1 and PROMPT in scripted[0] and "Reword this request 8 ways" in scripted[0]
     with Store(home) as store:
         kept = store.lesson(lesson)["preflight"]
     assert kept == {"paraphrases": WRITTEN[:8], "paraphrases_asked": 8}  # not the prompt itself, at most 8
@@ -103,7 +103,7 @@ def test_learn_trains_on_the_rewordings_and_measures_the_held_out_ones(tiny_mode
     assert _learn(home, tiny_model, "--method", "sdft", "--lesson-paraphrases", "12").exit_code == 2  # nothing new
     assert runner.invoke(app, ["rollback", "--home", str(home), "0"]).exit_code == 0
     assert _learn(home, tiny_model, "--method", "sdft", "--lesson-paraphrases", "12").exit_code == 0
-    assert len(scripted) == 2 and "Write 12 different ways" in scripted[1]
+    assert len(scripted) == 2 and "Reword this request 12 ways" in scripted[1]
 
     # forget: the rewordings leave the store and every file of the home
     assert runner.invoke(app, ["forget", "--home", str(home), str(lesson)]).exit_code == 0
@@ -127,10 +127,11 @@ def test_a_feedback_lesson_trains_on_its_rewordings_with_its_feedback(tiny_model
     assert versions.record(home, 1)["gate"]["new_lessons"]["held_out_paraphrases"]["prompts"] == len(HELD)
 
 
-def test_with_0_paraphrases_a_lesson_trains_on_its_own_prompt_only(tiny_model, tmp_path, scripted, trained):
+def test_by_default_a_lesson_trains_on_its_own_prompt_only(tiny_model, tmp_path, scripted, trained):
     home = tmp_path / "home"
     lesson = _lesson(home)
-    result = _learn(home, tiny_model, "--method", "sdft", "--lesson-paraphrases", "0")
+    assert FAST[-2:] == ("--lesson-paraphrases", "8")
+    result = runner.invoke(app, ["learn", "--home", str(home), "--model", str(tiny_model), *FAST[:-2], "--method", "sdft"])
     assert result.exit_code == 0, result.output
     assert scripted == [] and "rewords" not in result.output and "of its prompt" not in result.output
     assert [ex.prompt[-1]["content"] for ex in trained[0]] == [PROMPT]

@@ -100,3 +100,16 @@ def test_lesson_paraphrases_out_of_range_is_refused(n):
 
     with pytest.raises(InputError, match="--lesson-paraphrases"):
         LearnConfig(lesson_paraphrases=n).validate()
+
+
+def test_an_answer_cut_off_loses_its_last_line(monkeypatch):
+    """The last rewording of an answer that ran out of tokens may stop mid-sentence: it is left out;
+    in a whole answer it is kept."""
+    from mlx_sdft.measure import rules as measure_rules
+
+    text = "1. Which city is the capital of Australia?\n2. What is the capital city of Aus"
+    for truncated, kept in ((True, 1), (False, 2)):
+        monkeypatch.setattr(measure_rules, "greedy",
+                            lambda *a, t=truncated, **k: measure_rules.Answers([text], [[]], [t], [[]]))
+        got = measure_rules.write_paraphrases(None, None, "What is the capital of Australia?", 8, 32)
+        assert got == ["Which city is the capital of Australia?", "What is the capital city of Aus"][:kept]
