@@ -64,7 +64,10 @@ def build(s: dict):
     ids = lambda n: mx.random.randint(0, s["model"]["vocab_size"], (n,)).tolist()  # noqa: E731
     pairs = [PromptPair(ids(s["student_len"]), ids(s["teacher_len"]), ids(s["completion"]), f"bench:{i}")
              for i in range(s["batch"])]
-    cfg = Config(batch_size=s["batch"], max_completion_length=s["completion"], lora_parameters=lora, iters=100)
+    # Every completion runs to the cap (no stop token): kept, so that each one is scored and trains, as a
+    # completion that ends in time does (masked, a row that trains nothing is not computed).
+    cfg = Config(batch_size=s["batch"], max_completion_length=s["completion"], lora_parameters=lora, iters=100,
+                 truncated="keep")
     return model, pairs, cfg
 
 

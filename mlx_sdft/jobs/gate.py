@@ -44,6 +44,17 @@ def _mean(values) -> float:
     return sum(values) / len(values) if values else 0.0
 
 
+def advice(failed: str) -> str:
+    """What to try after a rejection, from the check that failed (its line starts "gate N")."""
+    gate = int(failed.split()[1])
+    if gate in (1, 3):  # nothing learned that shows on the prompts the gate measures
+        change = "more --iters or a larger --learning-rate may take it further"
+    else:  # something the candidate did worse than the current version
+        change = "a smaller --learning-rate or fewer --iters may keep it from that"
+    return (f"the lessons stay new: {change}, and the same options give the same result (mlx-sdft lessons "
+            "delete ID drops a lesson)")
+
+
 def check(model, tokenizer, base: Leaves, current: Leaves, candidate: Leaves, new_rows: list[dict],
           earlier_rows: list[dict], standing: list[dict], held_out: list[list[dict]], cfg,
           current_measures: dict | None = None, say=lambda line: None) -> dict:
@@ -109,7 +120,8 @@ def check(model, tokenizer, base: Leaves, current: Leaves, candidate: Leaves, ne
         *[(r["passed"], f"gate 4 (earlier rule {i}): its held-out gap rose {r['change']:+.4f} nats/token "
                         f"({r['current']['gap']:.4f} -> {r['candidate']['gap']:.4f}), may rise at most "
                         f"{cfg.gate_rule_tolerance:.4f}") for i, r in rules.items() if not r["new"]],
-        (kl_check["passed"], f"gate 5 (drift): KL(base told the rules‖candidate) {kl_candidate:.4f} > current "
+        (kl_check["passed"], f"gate 5 (drift): KL({'base told the rules' if standing else 'base'}‖candidate) "
+                             f"{kl_candidate:.4f} > current "
                              f"{kl_current:.4f} + {cfg.gate_max_kl_rise:.4f}"),
         (prior["passed"], f"gate 6 (prior answers): {round(prior['candidate'] * prior['questions'])} of "
                           f"{prior['questions']} questions right, current {round(prior['current'] * prior['questions'])}"

@@ -26,7 +26,7 @@ from mlx_sdft.config import DEFAULT_MODEL, LEARN_BEFORE_THE_OPTION, LearnConfig
 from mlx_sdft.core.prompts import special_text_in
 from mlx_sdft.core.teacher import using
 from mlx_sdft.errors import InputError, Rejected, TrainingError
-from mlx_sdft.jobs.gate import check as gate_check
+from mlx_sdft.jobs.gate import advice as gate_advice, check as gate_check
 from mlx_sdft.measure import rules as measure_rules
 from mlx_sdft.measure.version import follows, measure, measure_key, preflight_key, stored_preflight, verdict
 from mlx_sdft.store import lessons, rules, versions
@@ -169,8 +169,9 @@ def build(home: Path, store: Store, cfg: LearnConfig, parent: int, new: list[dic
         if refused and not one_off and len(refused) == len(fresh):
             raise InputError(_unlearnable(refused, model, parent))
         if refused:
-            _say(console, f"{_named(refused)} left out of this learn: the model does not follow them even when told "
-                          f"(they stay new, and in serve's prompt)")
+            them = "it" if len(refused) == 1 else "them"
+            _say(console, f"{_named(refused)} left out of this learn: the model does not follow {them} even when told "
+                          f"({them} stay{'s' * (len(refused) == 1)} new, and in serve's prompt)")
             standing = [r for r in standing if r not in refused]
             new = [r for r in new if r["id"] not in {r["id"] for r in refused}]
             book = rules.rulebook(standing)
@@ -216,7 +217,8 @@ def build(home: Path, store: Store, cfg: LearnConfig, parent: int, new: list[dic
         shutil.rmtree(folder, ignore_errors=True)
         raise
     if not result["passed"]:
-        raise Rejected(f"version {number} rejected by {result['failed']}; current version stays {parent}")
+        raise Rejected(f"version {number} rejected by {result['failed']}; current version stays {parent}; "
+                       f"{gate_advice(result['failed'])}")
     versions.set_current(home, number)
     store.set_state(record["lessons"], "learned")
     _say(console, f"version {number} accepted and current (lessons {record['lessons']} learned)")
@@ -302,11 +304,12 @@ def _named(rows: list[dict]) -> str:
 
 def _unlearnable(rows: list[dict], model: str, version: int) -> str:
     """Why a learn of only rules the model ignores when told is refused, and what would work."""
-    return (f"{_named(rows)}: {model} (version {version}) does not follow {'it' if len(rows) == 1 else 'them'} even "
-            f"when told (see mlx-sdft rules), so learning would train on answers that ignore "
-            f"{'it' if len(rows) == 1 else 'them'}, and there are no other new lessons; use a model that follows "
-            f"{'it' if len(rows) == 1 else 'them'} when told (--model, e.g. Qwen2.5-0.5B-Instruct), or give corrected "
-            f"answers (mlx-sdft teach EXCHANGE --answer \"...\")")
+    them = "it" if len(rows) == 1 else "them"
+    return (f"{_named(rows)}: {model} (version {version}) does not follow {them} even when told (see mlx-sdft "
+            f"rules), so learning would train on answers that ignore {them}, and there are no other new lessons; "
+            f"serve a model that follows {them} when told (a new --home with serve --model, e.g. "
+            f"mlx-community/Qwen2.5-0.5B-Instruct-bf16: learn trains the model its home was served with), or give "
+            f"corrected answers (mlx-sdft teach EXCHANGE --answer \"...\")")
 
 
 def _leaves(home: Path, version: int, base):

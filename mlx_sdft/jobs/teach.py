@@ -6,17 +6,23 @@ from __future__ import annotations
 
 import json
 import time
+from pathlib import Path
 
 from mlx_sdft.config import TEACHER_TEMPLATE, LessonsConfig, TeachConfig
 from mlx_sdft.errors import InputError
 from mlx_sdft.store import lessons, rules
-from mlx_sdft.store.db import STANDING, Store
+from mlx_sdft.store.db import FILENAME, STANDING, Store
 
 
 def teach(cfg: TeachConfig) -> list[str]:
     """List exchanges, correct one (a demonstration or a feedback lesson), import a file, or
     forget every exchange."""
     rows = lessons.read_import(cfg.import_file) if cfg.import_file else None  # a bad file: before the home exists
+    path = Path(cfg.home).expanduser() / FILENAME
+    if not path.exists() and cfg.rule is None and cfg.fact is None and not cfg.import_file:
+        if cfg.list or cfg.forget_exchanges:  # nothing to read or forget: no home is made for it
+            return [f"no exchanges in {path}"]
+        raise InputError(f"{cfg.exchange}: no such exchange in {path} (see mlx-sdft exchanges list)")
     with Store(cfg.home, cfg.redact) as store:
         if cfg.list:
             rows = store.exchanges(cfg.limit)

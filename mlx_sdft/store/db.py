@@ -120,6 +120,8 @@ class Store:
         self.path = self.home / FILENAME
         self._redactor = Redactor(redact)
         self._lock = threading.RLock()
+        if self.home.exists() and not self.home.is_dir():
+            raise InputError(f"{self.home}: a file, not a folder (--home names the folder that holds the store)")
         try:
             self.home.mkdir(mode=0o700, parents=True, exist_ok=True)
             if not self.path.exists():  # only you can read it (SQLite gives -wal and -shm the same mode)

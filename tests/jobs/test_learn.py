@@ -119,6 +119,8 @@ def test_a_failed_gate_changes_nothing_and_exits_nonzero(tiny_model, tmp_path):
     assert result.exit_code == 3
     lines = [line for line in result.stderr.splitlines() if line.startswith("mlx-sdft learn: error:")]
     assert len(lines) == 1 and "gate 5 (drift)" in lines[0] and "current version stays 0" in lines[0]
+    assert "KL(base‖candidate)" in lines[0]  # no rule was told to the base model
+    assert "the lessons stay new: a smaller --learning-rate or fewer --iters" in lines[0]  # what to try next
     assert (home / versions.CURRENT).read_bytes() == pointer and versions.current(home) == 0
     assert _states(home) == {i: "new" for i in ids}
     record = versions.record(home, 1)  # the candidate is kept, with the reason

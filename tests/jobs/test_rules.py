@@ -374,7 +374,7 @@ def test_a_rule_the_model_ignores_when_told_is_left_out_of_a_learn_with_other_le
     result = _learn(home, tiny_model, *LOOSE, "--gate-min-gain", "-1000")
     said = " ".join(result.output.split())
     assert result.exit_code == 0, result.output
-    assert f"rule {rule} left out of this learn: the model does not follow them even when told" in said
+    assert f"rule {rule} left out of this learn: the model does not follow it even when told (it stays new" in said
     assert "version 1: 1 new lesson + 0 replayed, 0 rules and facts over 0 prompts" in said
     assert "valid.jsonl" not in said  # learn's lessons come from the store, not from a data folder
     record = versions.record(home, 1)

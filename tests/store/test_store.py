@@ -270,6 +270,22 @@ def test_teach_bad_input_is_one_line(tmp_path, args, message):
     assert len(result.stderr.strip().splitlines()) == 1 and re.search(message, result.stderr), result.stderr
 
 
+def test_teach_of_an_exchange_in_a_home_not_made_yet_makes_none(tmp_path):
+    home = tmp_path / "home"
+    result = _run("teach", "--home", home, "ex-nope", "--answer", "x")
+    assert result.exit_code == 2 and "ex-nope: no such exchange" in result.stderr, result.output
+    assert _run("teach", "--home", home, "--list").stdout.startswith("no exchanges in")
+    assert not home.exists()
+
+
+def test_a_home_that_is_a_file_is_named_as_one(tmp_path):
+    home = tmp_path / "notes.txt"
+    home.write_text("mine")
+    result = _run("teach", "--home", home, "--rule", "Be brief.")
+    assert result.exit_code == 2 and "notes.txt: a file, not a folder" in result.stderr, result.output
+    assert home.read_text() == "mine"
+
+
 def test_lessons_bad_id_and_export_of_nothing(tmp_path):
     for args, message in ((["show", "7"], "lesson 7: no such lesson"), (["--export", tmp_path / "x.jsonl"], "no lessons")):
         result = _run("lessons", *args, "--home", tmp_path)
