@@ -99,7 +99,7 @@ def sft_step(model, pairs, cfg, state) -> dict:
     """One --method sft optimizer step on demonstrations as long as the SDFT completions."""
     timer, positions = PhaseTimer(), next_positions(state, len(pairs))
     sft_cfg = dataclasses.replace(cfg, method="sft")
-    loss, _, grads, _ = trainer.make_step(sft_cfg, [])(model, None, pairs, positions, grad=True, timer=timer)
+    loss, _, grads, _ = trainer.make_step(trainer.TrainingArgs.of(sft_cfg), [])(model, None, pairs, positions, grad=True, timer=timer)
     with timer("update"):
         loss.item()
         update(model, state["optimizer"], grads, sft_cfg)
@@ -120,7 +120,7 @@ def sampling(model, pairs, cfg, state, standalone: bool) -> float:
     if standalone:
         batch_generate(model, NoTokenizer(), prompts, max_tokens=n, sampler=make_sampler(temp=cfg.temperature, top_p=cfg.top_p))
     else:
-        trainer.rollout_batch(model, pairs, cfg, [], next_positions(state, len(pairs)))
+        trainer.rollout_batch(model, pairs, trainer.TrainingArgs.of(cfg), [], next_positions(state, len(pairs)))
     return time.perf_counter() - tic
 
 
@@ -178,8 +178,8 @@ def main(argv=None) -> dict:
 
     model, pairs, cfg = build(s)
     model.train()
-    state = {"teacher": init_teacher("ema", model, {}), "optimizer": trainer.build_optimizer(cfg, cfg.iters),
-             "sdft_step": trainer.make_step(cfg, [])}
+    state = {"teacher": init_teacher("ema", model, {}), "optimizer": trainer.build_optimizer(trainer.TrainingArgs.of(cfg), cfg.iters),
+             "sdft_step": trainer.make_step(trainer.TrainingArgs.of(cfg), [])}
     peaks = [matmul_peak(s["matmul_n"])]
     resident = mx.get_active_memory()
     runs = {"sdft": [], "sft": [], "sample": [], "batch_gen": [], "mem_sdft": [], "mem_sft": []}

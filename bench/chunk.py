@@ -27,13 +27,13 @@ import mlx.nn as nn  # noqa: E402
 from bench import build  # noqa: E402
 from shapes import FULL, QUICK, emit, machine, parser  # noqa: E402
 
-from mlx_sdft.core.objective import sdft_objective  # noqa: E402
+from mlx_sdft.core.objective import ObjectiveArgs, sdft_objective  # noqa: E402
 from mlx_sdft.core.teacher import init_teacher, using  # noqa: E402
 
 
 def scored_pass(model, teacher, pairs, cfg) -> tuple[float, int]:
     """(seconds, peak bytes) of the teacher's scores and the student's loss and gradient."""
-    completions, objective = [p.demo_ids for p in pairs], sdft_objective(cfg)
+    completions, objective = [p.demo_ids for p in pairs], sdft_objective(ObjectiveArgs.of(cfg))
     mx.synchronize()
     mx.reset_peak_memory()
     tic = time.perf_counter()

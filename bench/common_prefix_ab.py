@@ -20,7 +20,7 @@ from mlx_lm.models import llama
 from shapes import FULL
 from mlx_sdft.formats.models import attach_adapters
 from mlx_sdft.config import Config
-from mlx_sdft.core.objective import sdft_objective
+from mlx_sdft.core.objective import ObjectiveArgs, sdft_objective
 from mlx_sdft.core.prompts import PromptPair
 from mlx_sdft.core import decode, guards
 mx.random.seed(0)
@@ -32,7 +32,7 @@ common = ids(25)
 pairs = [PromptPair(common + ids(12 + i % 3), common + ids(41 + i % 5), ids(10), f"b:{i}") for i in range(4)]
 comps = [ids(14) for _ in range(4)]
 cfg = Config(batch_size=4)
-obj = sdft_objective(cfg)
+obj = sdft_objective(ObjectiveArgs.of(cfg))
 scores = obj.teacher_scores(model, pairs, comps); mx.eval(scores)
 guard = guards.Guard([False] * 4, None)
 g = nn.value_and_grad(model, lambda m: obj.student_loss(m, pairs, comps, scores, guard)[0])

@@ -35,7 +35,7 @@ from mlx_sdft.config import load_config  # noqa: E402
 from mlx_sdft.core import decode, rollout  # noqa: E402
 from mlx_sdft.core.data import load_dataset  # noqa: E402
 from mlx_sdft.core.prompts import apply_system_prompt, encode_examples  # noqa: E402
-from mlx_sdft.core.train import rollout_batch  # noqa: E402
+from mlx_sdft.core.train import TrainingArgs, rollout_batch  # noqa: E402
 from mlx_sdft.formats.models import Adapters  # noqa: E402
 from mlx_sdft.opening import open_model_for  # noqa: E402
 
@@ -48,9 +48,9 @@ def sampling(model, batches, cfg, stops, share: bool) -> tuple[float, float, lis
     if not share:
         decode.common_length = lambda prompts: 0
     try:
-        wall, cpu, drawn = time.perf_counter(), time.process_time(), []
+        args, wall, cpu, drawn = TrainingArgs.of(cfg), time.perf_counter(), time.process_time(), []
         for i, pairs in enumerate(batches):
-            drawn.append(rollout_batch(model, pairs, cfg, stops, positions=list(range(4 * i, 4 * i + 4)))[1].completions)
+            drawn.append(rollout_batch(model, pairs, args, stops, positions=list(range(4 * i, 4 * i + 4)))[1].completions)
         return time.perf_counter() - wall, time.process_time() - cpu, drawn
     finally:
         decode.common_length = real

@@ -184,3 +184,36 @@ def test_no_import_cycles():
         packages.setdefault(unit(src), set()).update(unit(t) for t in targets if unit(t) != unit(src))
     found = [f"modules {' ↔ '.join(c)}" for c in cycles(edges)] + [f"packages {' ↔ '.join(c)}" for c in cycles(packages)]
     assert not found, "import cycles:\n" + "\n".join(found)
+
+
+# Algorithm options, not a command's whole options class, cross into core (as mlx-lm's `train`
+# takes `TrainingArgs`): the loss reads `objective.ObjectiveArgs`, the sampling budget
+# `guards.Budget`, the loop `train.TrainingArgs`, each built from the options by its `of`.
+def options_classes(path: Path) -> list[str]:
+    """The options classes (`mlx_sdft.config`'s `...Config`) a module imports or names, and its
+    functions' parameters named `cfg`."""
+    found = []
+    for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+        if isinstance(node, ast.ImportFrom) and (node.module or "").startswith("mlx_sdft.config"):
+            found += [alias.name for alias in node.names if alias.name.endswith("Config")]
+        elif isinstance(node, ast.Name) and node.id.endswith("Config"):
+            found.append(node.id)
+        elif isinstance(node, ast.Attribute) and node.attr.endswith("Config"):
+            found.append(node.attr)
+        elif isinstance(node, ast.arg) and node.arg == "cfg":
+            found.append("cfg")
+    return found
+
+
+def test_core_reads_no_options_class():
+    core = sorted((ROOT / PACKAGE / "core").glob("*.py"))
+    wrong = [f"{path.name}: {name}" for path in core for name in options_classes(path)]
+    assert not wrong, ("core modules that take a command's whole options (pass core's own args dataclass, "
+                       "built by its `of`):\n" + "\n".join(wrong))
+
+
+def test_options_classes_sees_a_config(tmp_path):
+    path = tmp_path / "objective.py"
+    path.write_text("from mlx_sdft.config import PAPER_SDFT, Config\nimport mlx_sdft.config as config\n\n\n"
+                    "def loss(args: config.CheckConfig, cfg):\n    return Config\n")
+    assert sorted(options_classes(path)) == ["CheckConfig", "Config", "Config", "cfg"]

@@ -19,13 +19,13 @@ from __future__ import annotations
 
 import math
 from collections import Counter
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from pathlib import Path
 
 import mlx.core as mx
 from mlx.utils import tree_map
 
-from mlx_sdft.config import BUDGET_FLOOR, Config
+from mlx_sdft.config import BUDGET_FLOOR
 from mlx_sdft.core.losses import sdft_loss
 from mlx_sdft.core.prompts import PromptPair
 from mlx_sdft.core import prefix
@@ -44,15 +44,29 @@ def completion_room(pair: PromptPair, max_seq_length: int) -> int:
     return max_seq_length - max(len(pair.student_ids), len(pair.teacher_ids))
 
 
-def completion_budget(pair: PromptPair, cfg: Config) -> int:
+@dataclass(frozen=True)
+class Budget:
+    """What bounds a sampled completion, named and defaulted as the options (config/): --max-seq-length,
+    --max-completion-length and --completion-budget."""
+    max_seq_length: int
+    max_completion_length: int
+    completion_budget: float | None
+
+    @classmethod
+    def of(cls, options) -> Budget:
+        """The options' fields of these names (train's Config, or check's CheckConfig: its samples are the
+        ones training would draw)."""
+        return cls(**{f.name: getattr(options, f.name) for f in fields(cls)})
+
+
+def completion_budget(pair: PromptPair, budget: Budget) -> int:
     """Tokens a completion may have so that both contexts stay within --max-seq-length; with
     --completion-budget M also at most demonstration_budget (M × the demonstration, floored),
-    where there is a demonstration (a feedback lesson has none to measure by). `cfg`: train's Config,
-    or check's CheckConfig (its samples are the ones training would draw)."""
-    room = completion_room(pair, cfg.max_seq_length)
-    cap = cfg.max_completion_length
-    if cfg.completion_budget and pair.demonstrated:
-        cap = demonstration_budget(len(pair.demo_ids), cfg.completion_budget, cap)
+    where there is a demonstration (a feedback lesson has none to measure by)."""
+    room = completion_room(pair, budget.max_seq_length)
+    cap = budget.max_completion_length
+    if budget.completion_budget and pair.demonstrated:
+        cap = demonstration_budget(len(pair.demo_ids), budget.completion_budget, cap)
     return min(cap, room)
 
 
@@ -166,16 +180,16 @@ def keep_last_good(good: Snapshot, model, optimizer) -> None:
     optimizer.state = good.optimizer_state
 
 
-def stop_early(callback, cfg, good: Snapshot, model, optimizer, watch, step: int, rate: float) -> dict:
+def stop_early(callback, adapter_path: str, good: Snapshot, model, optimizer, watch, step: int, rate: float) -> dict:
     """--max-degenerate-rise tripped: keep the last good report's state, saved again through
-    `callback` (core.train.TrainingCallback) so the output folder holds it whole, and say why."""
+    `callback` (core.train.TrainingCallback) so the output folder (`adapter_path`) holds it whole, and say why."""
     keep_last_good(good, model, optimizer)
     callback.save(good.step, good.student, good.teacher, optimizer, good.state, numbered=False)
     record = {"type": "stop", "step": step, "kept_step": good.step, "degenerate": rate, "degenerate_start": watch.start}
     callback.on_report(record)
     callback.print(f"[red]step {step}: {rate:.0%} of the sampled completions are degenerate, up from {watch.start:.0%} "
-                   f"at the first report (more than --max-degenerate-rise {cfg.max_degenerate_rise} above it): "
-                   f"stopped; {Path(cfg.adapter_path)} holds the adapters of step {good.step}[/]")
+                   f"at the first report (more than --max-degenerate-rise {watch.rise} above it): "
+                   f"stopped; {Path(adapter_path)} holds the adapters of step {good.step}[/]")
     return record
 
 

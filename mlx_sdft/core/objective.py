@@ -9,17 +9,41 @@ SFT: `supervised_loss`, cross-entropy on the demonstrations.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from typing import Callable
 
 import mlx.core as mx
 from mlx.utils import tree_map
 
-from mlx_sdft.config import PAPER_SDFT, Config
+from mlx_sdft.config import PAPER_SDFT
 from mlx_sdft.core import guards, prefix
 from mlx_sdft.core.losses import sdft_loss, sdft_loss_chunked, sdft_loss_topk, sft_loss, teacher_topk
 from mlx_sdft.core.prompts import PromptPair
 from mlx_sdft.core.scoring import completion_logits, completion_mask, lm_head, pad_rows
+
+
+@dataclass(frozen=True)
+class ObjectiveArgs:
+    """The options the loss reads, named and defaulted as the options themselves (config/train.py);
+    `of` takes them from train's Config, as mlx-lm's lora.py builds its TrainingArgs."""
+    method: str  # sdft, or sft: cross-entropy on the demonstrations
+    divergence: str
+    beta: float
+    temperature: float
+    skip_first_tokens: int
+    truncated: str
+    sft_weight: float
+    base_kl_weight: float
+    num_generations: int
+    max_seq_length: int
+    topk: int | None
+    logits_chunk: int
+    grad_checkpoint: bool
+
+    @classmethod
+    def of(cls, options) -> ObjectiveArgs:
+        """The options' fields of these names (train's Config, or a command's that extends it)."""
+        return cls(**{f.name: getattr(options, f.name) for f in fields(cls)})
 
 
 @dataclass(frozen=True)
@@ -44,15 +68,15 @@ class Objective:
     student_loss: Callable
 
 
-def scored_rows(completions: list[list[int]], truncated: list[bool], cfg: Config, log: int = 0) -> list[int]:
+def scored_rows(completions: list[list[int]], truncated: list[bool], args: ObjectiveArgs, log: int = 0) -> list[int]:
     """The completions the teacher, the base model and the student's divergence pass score: those with a
     token in the SDFT or the base-KL term (longer than --skip-first-tokens, or than 0 with
     --base-kl-weight, and not masked by --truncated mask; `truncated` as `guards.maskable` gives it),
     and of the first `log` those with a token of their own loss to log. Any other would add 0 to the
     terms' sums (the terms still divide by every completion)."""
-    skip, masked = (0 if cfg.base_kl_weight else cfg.skip_first_tokens), cfg.truncated == "mask"
+    skip, masked = (0 if args.base_kl_weight else args.skip_first_tokens), args.truncated == "mask"
     return [i for i, (c, t) in enumerate(zip(completions, truncated, strict=True))
-            if (len(c) > skip and not (masked and t)) or (i < log and len(c) > cfg.skip_first_tokens)]
+            if (len(c) > skip and not (masked and t)) or (i < log and len(c) > args.skip_first_tokens)]
 
 
 def one_row(scores_BT, j: int, length: int):
@@ -60,27 +84,27 @@ def one_row(scores_BT, j: int, length: int):
     return tree_map(lambda a: a[j:j + 1, :length], scores_BT)
 
 
-def sdft_objective(cfg: Config) -> Objective:
+def sdft_objective(args: ObjectiveArgs) -> Objective:
     """Full vocabulary, --topk buckets or --logits-chunk hidden states (both: buckets taken
     chunk by chunk); logits are divided by --temperature; the loss is --divergence. Each prompt
     is run once for all its continuations (`prefix`): the teacher's for its --num-generations
     completions, the student's for those and its demonstration (the SFT term). Only the guard's
     `rows` are scored (`scored_rows`); the SFT term covers every prompt's demonstration."""
-    options = dict(divergence=cfg.divergence, skip=cfg.skip_first_tokens, beta=cfg.beta)
-    share = not cfg.grad_checkpoint  # mx.checkpoint cannot carry the shared prompt's cache through a block
+    options = dict(divergence=args.divergence, skip=args.skip_first_tokens, beta=args.beta)
+    share = not args.grad_checkpoint  # mx.checkpoint cannot carry the shared prompt's cache through a block
 
     def scaled(logits_BTV: mx.array) -> mx.array:
         # Divide by the temperature in float32: in bf16 the division itself would round.
-        return logits_BTV.astype(mx.float32) / cfg.temperature
+        return logits_BTV.astype(mx.float32) / args.temperature
 
     def student_pass(model, pairs, rows, completions, guard, hidden=False):
         """The student's scaled logits of the completions of `rows` (hidden states with `hidden`; None
         for no row) and the SFT term → (scores, (sft, sft_ntoks)), (None, 0) for no term, from one pass
         over the student prompts. The SFT term is over the distinct prompts of `pairs` that have a
         demonstration (a feedback lesson has none)."""
-        with_sft = guard is not None and cfg.sft_weight
-        demonstrated = [p for p in pairs[::cfg.num_generations] if p.demonstrated] if with_sft else []
-        targets = demonstrations(demonstrated, cfg)
+        with_sft = guard is not None and args.sft_weight
+        demonstrated = [p for p in pairs[::args.num_generations] if p.demonstrated] if with_sft else []
+        targets = demonstrations(demonstrated, args)
         ours, demo = prefix.grouped(model, [([pairs[i].student_ids for i in rows], completions),
                                             ([p.student_ids for p in demonstrated], targets)], hidden, share)
         sft = (None, 0) if demo is None else sft_term(lm_head(model)(demo) if hidden else demo, targets)
@@ -97,13 +121,13 @@ def sdft_objective(cfg: Config) -> Objective:
         scores, mask_BT)` → (loss, ntoks), the SDFT term over the rows it is given."""
         def student_loss(model, pairs, completions, scores, guard=None, shares=None, log=0):
             rows = list(range(len(completions))) if guard is None or guard.rows is None else guard.rows
-            kept, with_base_kl = [completions[i] for i in rows], guard is not None and cfg.base_kl_weight
+            kept, with_base_kl = [completions[i] for i in rows], guard is not None and args.base_kl_weight
             student, sft = student_pass(model, pairs, rows, kept, guard, hidden)
             sdft, base_kl = (mx.array(0.0), mx.array(0, dtype=mx.int32)), mx.array(0.0)  # no row scored: terms of 0
             if rows:
                 mask_BT = completion_mask([len(c) for c in kept])
                 if guard is not None:
-                    mask_BT = guards.keep_rows(mask_BT, [guard.truncated[i] for i in rows], cfg.truncated)
+                    mask_BT = guards.keep_rows(mask_BT, [guard.truncated[i] for i in rows], args.truncated)
                 # A mean over every completion: the rows left out add 0 to its sum, not to its count.
                 over_all = len(rows) / len(completions)
                 loss, ntoks = divergence(model, student, scores, mask_BT)
@@ -119,7 +143,7 @@ def sdft_objective(cfg: Config) -> Objective:
         alone, every token of it counted past --skip-first-tokens (masked or not), as a batch of one gives."""
         place, own = {i: j for j, i in enumerate(rows)}, []
         for i, c in enumerate(completions[:log]):
-            if len(c) <= cfg.skip_first_tokens:  # no token of its own loss: 0, as a batch of one gives
+            if len(c) <= args.skip_first_tokens:  # no token of its own loss: 0, as a batch of one gives
                 own.append(mx.array(0.0))
                 continue
             j, n = place[i], len(c)
@@ -135,20 +159,20 @@ def sdft_objective(cfg: Config) -> Objective:
             lambda name, term: None if term is None else term * shares[name])
         if guard is None:
             return share("sdft_loss", loss), ntoks, {"sdft_loss": loss}
-        parts = {"sdft_loss": loss, **({"sft_loss": mx.array(0.0) if sft is None else sft} if cfg.sft_weight else {}),
+        parts = {"sdft_loss": loss, **({"sft_loss": mx.array(0.0) if sft is None else sft} if args.sft_weight else {}),
                  **({} if base_kl is None else {"base_kl": base_kl})}
         # The SFT term's demonstration tokens are trained on too: a step whose completions were all
         # masked still trains through them, and is not an empty one.
         return guards.regularized_loss(share("sdft_loss", loss), sft=share("sft_loss", sft), base_kl=share("base_kl", base_kl),
-                                       sft_weight=0.0 if sft is None else cfg.sft_weight,
-                                       base_kl_weight=cfg.base_kl_weight), ntoks + sft_ntoks, parts
+                                       sft_weight=0.0 if sft is None else args.sft_weight,
+                                       base_kl_weight=args.base_kl_weight), ntoks + sft_ntoks, parts
 
-    if cfg.topk:
+    if args.topk:
         def buckets(model, pairs, completions):
-            if not cfg.logits_chunk:
-                return teacher_topk(scaled(teacher_logits(model, pairs, completions)), cfg.topk)
-            hidden_BTD, head, C = teacher_hidden(model, pairs, completions), lm_head(model), cfg.logits_chunk
-            chunks = [teacher_topk(scaled(head(hidden_BTD[:, t:t + C])), cfg.topk) for t in range(0, hidden_BTD.shape[1], C)]
+            if not args.logits_chunk:
+                return teacher_topk(scaled(teacher_logits(model, pairs, completions)), args.topk)
+            hidden_BTD, head, C = teacher_hidden(model, pairs, completions), lm_head(model), args.logits_chunk
+            chunks = [teacher_topk(scaled(head(hidden_BTD[:, t:t + C])), args.topk) for t in range(0, hidden_BTD.shape[1], C)]
             return tuple(mx.concatenate(parts, axis=1) for parts in zip(*chunks))
 
         def topk_divergence(model, logits_BTV, scores, mask_BT):
@@ -157,11 +181,11 @@ def sdft_objective(cfg: Config) -> Objective:
 
         return Objective(buckets, loss_of(topk_divergence))
 
-    if cfg.logits_chunk:
+    if args.logits_chunk:
         def chunked_divergence(model, student_BTD, hidden_BTD, mask_BT):  # no --base-kl-weight (config.validate)
             head = lm_head(model)
             return sdft_loss_chunked(lambda hidden: scaled(head(hidden)), student_BTD, hidden_BTD, mask_BT,
-                                     chunk=cfg.logits_chunk, **options)
+                                     chunk=args.logits_chunk, **options)
 
         return Objective(teacher_hidden, loss_of(chunked_divergence, hidden=True))
 
@@ -174,49 +198,50 @@ def sdft_objective(cfg: Config) -> Objective:
 PARTS = ("sdft_loss", "sft_loss", "base_kl")  # the terms of the SDFT loss, as metrics.jsonl names them
 
 
-def loss_parts(cfg: Config) -> dict[str, tuple[str, float]]:
+def loss_parts(args: ObjectiveArgs) -> dict[str, tuple[str, float]]:
     """The terms of a run's loss as metrics.jsonl names them → (the report line's label, weight), those
     that are on: loss = Σ weight × part (`sdft_loss` 1, `sft_loss` --sft-weight, `base_kl`
     --base-kl-weight); none for --method sft, whose loss is one term."""
-    if cfg.method != "sdft":
+    if args.method != "sdft":
         return {}
-    return {"sdft_loss": ("jsd" if cfg.divergence == "jsd" else "kl", 1.0),
-            **({"sft_loss": ("sft", cfg.sft_weight)} if cfg.sft_weight else {}),
-            **({"base_kl": ("base-kl", cfg.base_kl_weight)} if cfg.base_kl_weight else {})}
+    return {"sdft_loss": ("jsd" if args.divergence == "jsd" else "kl", 1.0),
+            **({"sft_loss": ("sft", args.sft_weight)} if args.sft_weight else {}),
+            **({"base_kl": ("base-kl", args.base_kl_weight)} if args.base_kl_weight else {})}
 
 
 DIVERGENCE_NAMES = {"forward": "forward KL", "reverse": "reverse KL", "jsd": "JSD"}
 
 
-def describe(cfg: Config) -> str:
+def describe(args: ObjectiveArgs, budget: guards.Budget) -> str:
     """The SDFT objective in one line (the startup panel): the divergence and the guards' loss terms,
     then the completion budget, the truncated mask and the skipped prefix, e.g. `forward KL + 0.5 x
     SFT, budget 2x demo, truncated masked, skip 0`; marked when those four options are PAPER_SDFT."""
-    terms = [DIVERGENCE_NAMES[cfg.divergence] + (f" (beta {cfg.beta:g})" if cfg.divergence == "jsd" else "")]
-    terms += [f"{cfg.sft_weight:g} x SFT"] if cfg.sft_weight else []
-    terms += [f"{cfg.base_kl_weight:g} x base KL (--base-kl-weight)"] if cfg.base_kl_weight else []
-    budget = (f"budget {cfg.completion_budget:g}x demo" if cfg.completion_budget
-              else f"no budget (--max-completion-length {cfg.max_completion_length})")
-    line = (f"{' + '.join(terms)}, {budget}, truncated {'masked' if cfg.truncated == 'mask' else 'kept'}, "
-            f"skip {cfg.skip_first_tokens}")
-    guards_now = {**{k: getattr(cfg, k) for k in PAPER_SDFT}, "completion_budget": cfg.completion_budget or 0.0}
+    terms = [DIVERGENCE_NAMES[args.divergence] + (f" (beta {args.beta:g})" if args.divergence == "jsd" else "")]
+    terms += [f"{args.sft_weight:g} x SFT"] if args.sft_weight else []
+    terms += [f"{args.base_kl_weight:g} x base KL (--base-kl-weight)"] if args.base_kl_weight else []
+    cap = (f"budget {budget.completion_budget:g}x demo" if budget.completion_budget
+           else f"no budget (--max-completion-length {budget.max_completion_length})")
+    line = (f"{' + '.join(terms)}, {cap}, truncated {'masked' if args.truncated == 'mask' else 'kept'}, "
+            f"skip {args.skip_first_tokens}")
+    guards_now = {"skip_first_tokens": args.skip_first_tokens, "completion_budget": budget.completion_budget or 0.0,
+                  "truncated": args.truncated, "sft_weight": args.sft_weight}
     return line + (": the paper's (PAPER_SDFT)" if guards_now == PAPER_SDFT else "")
 
 
-def demonstrations(pairs: list[PromptPair], cfg: Config) -> list[list[int]]:
+def demonstrations(pairs: list[PromptPair], args: ObjectiveArgs) -> list[list[int]]:
     """SFT targets, cut to the room --max-seq-length leaves after the prompt."""
-    return [p.demo_ids[: cfg.max_seq_length - len(p.student_ids)] for p in pairs]
+    return [p.demo_ids[: args.max_seq_length - len(p.student_ids)] for p in pairs]
 
 
-def supervised_loss(model, pairs, cfg: Config, shares: dict[str, float] | None = None):
+def supervised_loss(model, pairs, args: ObjectiveArgs, shares: dict[str, float] | None = None):
     """The --method sft baseline: cross-entropy on the demonstration given the student prompt
     → (loss, ntoks); with `shares` (`term_counts`), the loss times this micro-batch's share of the step."""
-    targets = demonstrations(pairs, cfg)
+    targets = demonstrations(pairs, args)
     loss, ntoks = sft_term(completion_logits(model, [p.student_ids for p in pairs], targets), targets)
     return (loss if shares is None else loss * shares["sft_loss"]), ntoks
 
 
-def term_counts(pairs: list[PromptPair], cfg: Config) -> dict[str, int]:
+def term_counts(pairs: list[PromptPair], args: ObjectiveArgs) -> dict[str, int]:
     """What each term of a micro-batch's loss is a mean over, from its prompts alone (before anything
     is sampled), keyed as `loss_parts` (--method sft: its one term, `sft_loss`). The SDFT and base-KL
     terms are means over sequences (each prompt's --num-generations completions, masked ones
@@ -224,12 +249,12 @@ def term_counts(pairs: list[PromptPair], cfg: Config) -> dict[str, int]:
     have one, as `demonstrations` cuts them. A term's share of an optimizer step is its count over
     the step's total (every micro-batch of every process), so k micro-batches, or W processes,
     weigh each term as one batch k·W times larger does (a token mean stays a token mean)."""
-    if cfg.method != "sdft":
-        return {"sft_loss": sum(len(t) for t in demonstrations(pairs, cfg))}
-    tokens = sum(len(t) for t in demonstrations([p for p in pairs if p.demonstrated], cfg))
-    sequences = len(pairs) * cfg.num_generations
-    return {"sdft_loss": sequences, **({"sft_loss": tokens} if cfg.sft_weight else {}),
-            **({"base_kl": sequences} if cfg.base_kl_weight else {})}
+    if args.method != "sdft":
+        return {"sft_loss": sum(len(t) for t in demonstrations(pairs, args))}
+    tokens = sum(len(t) for t in demonstrations([p for p in pairs if p.demonstrated], args))
+    sequences = len(pairs) * args.num_generations
+    return {"sdft_loss": sequences, **({"sft_loss": tokens} if args.sft_weight else {}),
+            **({"base_kl": sequences} if args.base_kl_weight else {})}
 
 
 def sft_term(logits_BTV: mx.array, targets: list[list[int]]):

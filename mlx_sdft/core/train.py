@@ -9,6 +9,7 @@ import math
 import time
 from collections import Counter
 from contextlib import contextmanager
+from dataclasses import dataclass, fields
 from functools import partial
 
 import mlx.core as mx
@@ -17,17 +18,55 @@ import mlx.optimizers as optim
 import numpy as np
 from mlx.utils import tree_map
 
-from mlx_sdft.config import Config
 from mlx_sdft.errors import Interrupted, TrainingError
 from mlx_sdft.core import guards
 from mlx_sdft.core.degeneration import degeneration_sums
-from mlx_sdft.core.objective import (PARTS, Objective, loss_parts, scored_rows, sdft_objective, supervised_loss,
-                                     term_counts)
+from mlx_sdft.core.objective import (PARTS, Objective, ObjectiveArgs, loss_parts, scored_rows, sdft_objective,
+                                     supervised_loss, term_counts)
 from mlx_sdft.core.prompts import PromptPair
 from mlx_sdft.core.rollout import sample
 from mlx_sdft.core.samples import records, sampled_rows
 from mlx_sdft.core.teacher import (Leaves, checkpointing, evaluating, init_teacher, step_teacher, trainable_leaves,
                                    using)
+
+
+@dataclass(frozen=True)
+class TrainingArgs:
+    """What the loop reads of a run's options, named and defaulted as the options themselves
+    (config/train.py): its length, the optimizer, sampling, the teacher, reporting and saving;
+    `objective` what the loss reads, `budget` what bounds a sample. `of` builds it from train's
+    Config, as mlx-lm's lora.py builds its TrainingArgs."""
+    iters: int | None
+    epochs: float
+    batch_size: int
+    grad_accumulation_steps: int
+    learning_rate: float
+    optimizer: str
+    weight_decay: float
+    warmup_ratio: float
+    grad_clip: float
+    seed: int
+    teacher: str
+    teacher_update_rate: float
+    top_p: float
+    fuse_sampling: bool
+    resume: bool
+    max_bad_steps: int
+    max_degenerate_rise: float | None
+    steps_per_report: int
+    log_completions: int
+    steps_per_eval: int
+    val_batches: int
+    save_every: int
+    adapter_path: str  # named in the --max-degenerate-rise stop's line; `callback` writes there
+    objective: ObjectiveArgs
+    budget: guards.Budget
+
+    @classmethod
+    def of(cls, options) -> TrainingArgs:
+        """The options' fields of these names (train's Config, or a command's that extends it)."""
+        parts = {"objective": ObjectiveArgs.of(options), "budget": guards.Budget.of(options)}
+        return cls(**{f.name: parts[f.name] if f.name in parts else getattr(options, f.name) for f in fields(cls)})
 
 
 class PhaseTimer:
@@ -78,11 +117,11 @@ class TrainingCallback:
         return False
 
 
-def total_steps(cfg: Config, num_examples: int) -> int:
-    if cfg.iters is not None:
-        return cfg.iters
-    prompts_per_step = cfg.batch_size * cfg.grad_accumulation_steps
-    return max(1, math.ceil(cfg.epochs * num_examples / prompts_per_step))
+def total_steps(args: TrainingArgs, num_examples: int) -> int:
+    if args.iters is not None:
+        return args.iters
+    prompts_per_step = args.batch_size * args.grad_accumulation_steps
+    return max(1, math.ceil(args.epochs * num_examples / prompts_per_step))
 
 
 def batch_at(cursor: int, n: int, batch_size: int, seed: int) -> list[int]:
@@ -98,16 +137,16 @@ def batch_at(cursor: int, n: int, batch_size: int, seed: int) -> list[int]:
     return out
 
 
-def build_optimizer(cfg: Config, steps: int) -> optim.Optimizer:
+def build_optimizer(args: TrainingArgs, steps: int) -> optim.Optimizer:
     """Linear warmup to the peak rate, then cosine decay to 0 (the paper's schedule)."""
-    warmup = int(cfg.warmup_ratio * steps)
-    cosine = optim.cosine_decay(cfg.learning_rate, max(steps - warmup, 1))
-    lr = optim.join_schedules([optim.linear_schedule(0.0, cfg.learning_rate, warmup), cosine], [warmup]) if warmup else cosine
-    if cfg.optimizer == "adamw":
-        return optim.AdamW(learning_rate=lr, weight_decay=cfg.weight_decay)
-    if cfg.optimizer == "adam":
+    warmup = int(args.warmup_ratio * steps)
+    cosine = optim.cosine_decay(args.learning_rate, max(steps - warmup, 1))
+    lr = optim.join_schedules([optim.linear_schedule(0.0, args.learning_rate, warmup), cosine], [warmup]) if warmup else cosine
+    if args.optimizer == "adamw":
+        return optim.AdamW(learning_rate=lr, weight_decay=args.weight_decay)
+    if args.optimizer == "adam":
         return optim.Adam(learning_rate=lr)
-    return optim.SGD(learning_rate=lr, weight_decay=cfg.weight_decay)
+    return optim.SGD(learning_rate=lr, weight_decay=args.weight_decay)
 
 
 TRAIN_STREAM, VALID_STREAM = 0, 1
@@ -119,23 +158,24 @@ def sequence_seed(seed: int, position: int, generation: int, stream: int = TRAIN
     return int(np.random.SeedSequence([seed, stream, position, generation]).generate_state(1)[0])
 
 
-def rollout_batch(model: nn.Module, pairs: list[PromptPair], cfg: Config, stop_ids: list[int],
+def rollout_batch(model: nn.Module, pairs: list[PromptPair], args: TrainingArgs, stop_ids: list[int],
                   positions: list[int] | None = None, stream: int = TRAIN_STREAM):
     """Each prompt repeated --num-generations times, sampled from the current student weights.
     `positions` (the prompts' places in the data stream) seed each completion; without them
     sampling draws from MLX's global random state."""
     seeds = None if positions is None else [
-        sequence_seed(cfg.seed, p, g, stream) for p in positions for g in range(cfg.num_generations)]
-    pairs = [p for p in pairs for _ in range(cfg.num_generations)]
+        sequence_seed(args.seed, p, g, stream) for p in positions for g in range(args.objective.num_generations)]
+    pairs = [p for p in pairs for _ in range(args.objective.num_generations)]
     rollout = sample(
-        model, [p.student_ids for p in pairs], [guards.completion_budget(p, cfg) for p in pairs], stop_ids,
-        temperature=cfg.temperature, top_p=cfg.top_p, batch_size=len(pairs), seeds=seeds, fuse=cfg.fuse_sampling,
+        model, [p.student_ids for p in pairs], [guards.completion_budget(p, args.budget) for p in pairs], stop_ids,
+        temperature=args.objective.temperature, top_p=args.top_p, batch_size=len(pairs), seeds=seeds,
+        fuse=args.fuse_sampling,
     )
     return pairs, rollout
 
 
 def sdft_step(model, teacher: Leaves | None, pairs: list[PromptPair], positions: list[int], *, grad: bool,
-              timer: PhaseTimer, stream: int = TRAIN_STREAM, cfg: Config, stop_ids: list[int],
+              timer: PhaseTimer, stream: int = TRAIN_STREAM, args: TrainingArgs, stop_ids: list[int],
               objective: Objective, base: Leaves | None = None, log: int = 0,
               shares: dict[str, float] | None = None) -> tuple:
     """One SDFT micro-batch: sample from the student, the teacher's scores (no gradient), the
@@ -148,37 +188,38 @@ def sdft_step(model, teacher: Leaves | None, pairs: list[PromptPair], positions:
     The teacher and the base model score in eval mode (no dropout); the student's pass runs in the
     mode the model is in (train() sets train mode, validation eval mode)."""
     with timer("sample"):
-        pairs, rollout = rollout_batch(model, pairs, cfg, stop_ids, positions, stream)
+        pairs, rollout = rollout_batch(model, pairs, args, stop_ids, positions, stream)
     truncated = guards.maskable(rollout.truncated, [p.demonstrated for p in pairs])
     # A completion without a loss token adds 0 to every term's sum: no pass scores it (unless logged).
-    rows = scored_rows(rollout.completions, truncated, cfg, log)
+    rows = scored_rows(rollout.completions, truncated, args.objective, log)
     scored = [pairs[i] for i in rows], [rollout.completions[i] for i in rows]
     with timer("teacher"), using(model, teacher), evaluating(model):
         scores = objective.teacher_scores(model, *scored) if rows else None
         mx.eval(scores)
     with timer("teacher"), evaluating(model):  # what the guards need: truncation flags, the base model's logits
-        guard = guards.Guard(truncated, guards.base_logits(model, base, *scored) if cfg.base_kl_weight and rows else None,
-                             rows)
+        with_base = args.objective.base_kl_weight and rows
+        guard = guards.Guard(truncated, guards.base_logits(model, base, *scored) if with_base else None, rows)
         mx.eval(guard.base_logits)
-    with timer("student"), checkpointing(model, grad and cfg.grad_checkpoint):
+    with timer("student"), checkpointing(model, grad and args.objective.grad_checkpoint):
         loss_and_grad = _value_and_grad(model, objective.student_loss, grad)
         (loss, ntoks, parts, own_N), grads = loss_and_grad(model, pairs, rollout.completions, scores, guard, shares, log)
         mx.eval(loss, ntoks, parts, own_N, grads or [])
-    logged = {"completions": sampled_rows(pairs, rollout, own_N.tolist(), masked=cfg.truncated == "mask")} if log else {}
+    masked = args.objective.truncated == "mask"
+    logged = {"completions": sampled_rows(pairs, rollout, own_N.tolist(), masked=masked)} if log else {}
     return loss, ntoks, grads, {"n": len(pairs), "sampled": rollout.num_tokens, "length": rollout.num_tokens,
                                 "parts": parts, "truncated": sum(rollout.truncated), **logged, **degeneration_sums(
                                     rollout.completions, rollout.truncated, [p.demo_ids for p in pairs], stop_ids)}
 
 
 def sft_step(model, teacher: Leaves | None, pairs: list[PromptPair], positions: list[int], *, grad: bool,
-             timer: PhaseTimer, stream: int = TRAIN_STREAM, cfg: Config, log: int = 0,
+             timer: PhaseTimer, stream: int = TRAIN_STREAM, args: TrainingArgs, log: int = 0,
              shares: dict[str, float] | None = None) -> tuple:
     """One --method sft micro-batch: cross-entropy on the demonstrations and, with `grad`, its
     gradient → (loss, ntoks, grads, stats), as `sdft_step` (nothing sampled, no teacher, so
     nothing for `log`; `shares` as there)."""
-    with timer("student"), checkpointing(model, grad and cfg.grad_checkpoint):
+    with timer("student"), checkpointing(model, grad and args.objective.grad_checkpoint):
         loss_and_grad = _value_and_grad(model, supervised_loss, grad)
-        (loss, ntoks), grads = loss_and_grad(model, pairs, cfg, shares)
+        (loss, ntoks), grads = loss_and_grad(model, pairs, args.objective, shares)
         mx.eval(loss, ntoks, grads or [])
     return loss, ntoks, grads, {"n": len(pairs), "length": int(ntoks.item())}
 
@@ -188,16 +229,16 @@ def _value_and_grad(model, loss, grad: bool):
     return nn.value_and_grad(model, loss) if grad else lambda *args: (loss(*args), None)
 
 
-def make_step(cfg: Config, stop_ids: list[int], base: Leaves | None = None):
+def make_step(args: TrainingArgs, stop_ids: list[int], base: Leaves | None = None):
     """The micro-batch step of --method, its objective chosen once: `step(model, teacher, pairs,
     positions, grad=, timer=[, stream=, log=, shares=])` → (loss, ntoks, grads, stats). `base`
     (adapters off) is what --base-kl-weight compares with."""
-    if cfg.method == "sft":
-        return partial(sft_step, cfg=cfg)
-    return partial(sdft_step, cfg=cfg, stop_ids=stop_ids, objective=sdft_objective(cfg), base=base)
+    if args.objective.method == "sft":
+        return partial(sft_step, args=args)
+    return partial(sdft_step, args=args, stop_ids=stop_ids, objective=sdft_objective(args.objective), base=base)
 
 
-def validation_loss(model, teacher, pairs: list[PromptPair], cfg: Config, micro_step, group=None) -> dict:
+def validation_loss(model, teacher, pairs: list[PromptPair], args: TrainingArgs, micro_step, group=None) -> dict:
     """The training `micro_step` without its gradient on the validation prompts, with the same sampling
     seeds at every validation (differences between steps come from the weights): SDFT's
     teacher–student divergence on fresh samples (with the guards' terms; each part as val_PART), SFT's
@@ -205,13 +246,13 @@ def validation_loss(model, teacher, pairs: list[PromptPair], cfg: Config, micro_
     With a distributed `group`, each rank scores every W-th batch and the sums are
     shared: the same numbers, 1/W of the work each."""
     world, rank = (group.size(), group.rank()) if group is not None else (1, 0)
-    batches = math.ceil(len(pairs) / cfg.batch_size)
-    n = batches if cfg.val_batches < 0 else min(cfg.val_batches, batches)
-    names = list(loss_parts(cfg))  # the same on every rank, which may have no batch to name them
+    batches = math.ceil(len(pairs) / args.batch_size)
+    n = batches if args.val_batches < 0 else min(args.val_batches, batches)
+    names = list(loss_parts(args.objective))  # the same on every rank, which may have no batch to name them
     totals = [0.0] * (4 + len(names))  # loss sum, length sum, batches, sequences, then each part's sum
     for b in range(rank, max(n, 1), world):
-        start = b * cfg.batch_size
-        batch = pairs[start:start + cfg.batch_size]
+        start = b * args.batch_size
+        batch = pairs[start:start + args.batch_size]
         positions = list(range(start, start + len(batch)))
         with evaluating(model):
             loss, _, _, stats = micro_step(model, teacher, batch, positions, grad=False, timer=PhaseTimer(),
@@ -225,7 +266,7 @@ def validation_loss(model, teacher, pairs: list[PromptPair], cfg: Config, micro_
 
 
 def train(model: nn.Module, tokenizer, train_pairs: list[PromptPair], valid_pairs: list[PromptPair],
-          cfg: Config, base: Leaves, callback: TrainingCallback | None = None, group=None) -> dict:
+          args: TrainingArgs, base: Leaves, callback: TrainingCallback | None = None, group=None) -> dict:
     """Run SDFT (or SFT); returns the last report record. Progress, records, saves and the
     question whether to stop go through `callback` (None: nothing is shown or written).
 
@@ -237,39 +278,40 @@ def train(model: nn.Module, tokenizer, train_pairs: list[PromptPair], valid_pair
     """
     callback = callback or TrainingCallback()
     world, rank = (group.size(), group.rank()) if group is not None else (1, 0)
-    steps = total_steps(cfg, len(train_pairs))
+    steps = total_steps(args, len(train_pairs))
     stop_ids = sorted(tokenizer.eos_token_ids)
-    optimizer = build_optimizer(cfg, steps)
-    teacher_kind = cfg.teacher if cfg.method == "sdft" else "live"  # SFT has no teacher: None leaves
+    optimizer = build_optimizer(args, steps)
+    teacher_kind = args.teacher if args.objective.method == "sdft" else "live"  # SFT has no teacher: None leaves
     teacher = init_teacher(teacher_kind, model, base)
     first, cursor, loss_tokens = 1, 0, 0
-    if cfg.resume:
+    if args.resume:
         state, saved_teacher = callback.resume(optimizer, model)
         first, cursor = state["step"] + 1, state["cursor"]
         loss_tokens = state.get("loss_tokens", 1)  # runs saved before this count existed had trained
         teacher = saved_teacher if teacher_kind == "ema" else teacher
         callback.print(f"resuming after step {state['step']} (epoch {state['epoch']:.2f})")
-    micro_step = make_step(cfg, stop_ids, base)  # SDFT or SFT, and the objective: chosen once
+    micro_step = make_step(args, stop_ids, base)  # SDFT or SFT, and the objective: chosen once
     bad_steps, window, record = 0, [], {}
-    watch = guards.DegenerateWatch(cfg.max_degenerate_rise) if cfg.max_degenerate_rise is not None else None
+    watch = guards.DegenerateWatch(args.max_degenerate_rise) if args.max_degenerate_rise is not None else None
     model.train()
 
     for step in range(first, steps + 1):
         timer, grads, stats, logged = PhaseTimer(), None, {}, []
-        report = step % cfg.steps_per_report == 0 or step == steps
-        batches = [batch_at(cursor + m * cfg.batch_size, len(train_pairs), cfg.batch_size, cfg.seed)
-                   for m in range(cfg.grad_accumulation_steps)]
+        report = step % args.steps_per_report == 0 or step == steps
+        batches = [batch_at(cursor + m * args.batch_size, len(train_pairs), args.batch_size, args.seed)
+                   for m in range(args.grad_accumulation_steps)]
         # What each loss term of the step is a mean over, on every process: a micro-batch's term
         # weighs its count over this total (times W, which average_gradients divides out again).
         totals = Counter()
         for batch in batches:
-            totals.update(term_counts([train_pairs[i] for i in batch], cfg))
+            totals.update(term_counts([train_pairs[i] for i in batch], args.objective))
         for micro_index, batch in enumerate(batches):
-            log = cfg.log_completions if report and rank == 0 and micro_index == 0 else 0
-            positions = list(range(cursor, cursor + cfg.batch_size))[rank::world]
-            cursor += cfg.batch_size
+            log = args.log_completions if report and rank == 0 and micro_index == 0 else 0
+            positions = list(range(cursor, cursor + args.batch_size))[rank::world]
+            cursor += args.batch_size
             pairs = [train_pairs[i] for i in batch[rank::world]]
-            shares = {k: n * world / totals[k] if totals[k] else 0.0 for k, n in term_counts(pairs, cfg).items()}
+            counts = term_counts(pairs, args.objective)
+            shares = {k: n * world / totals[k] if totals[k] else 0.0 for k, n in counts.items()}
             loss, ntoks, g, micro = micro_step(model, teacher, pairs, positions, grad=True, timer=timer, log=log,
                                                shares=shares)
             logged += micro.pop("completions", [])
@@ -286,17 +328,17 @@ def train(model: nn.Module, tokenizer, train_pairs: list[PromptPair], valid_pair
                 stats[key] = stats.get(key, 0) + value
 
         with timer("student"):  # the micro-batches' shares sum to 1: `grads` is the step's gradient
-            grads, grad_norm = optim.clip_grad_norm(grads, cfg.grad_clip) if cfg.grad_clip else (grads, mx.array(0.0))
+            grads, grad_norm = optim.clip_grad_norm(grads, args.grad_clip) if args.grad_clip else (grads, mx.array(0.0))
             if not (math.isfinite(stats["loss"]) and math.isfinite(grad_norm.item())):
                 bad_steps += 1  # skip the update: one NaN would poison the adapters and the teacher
                 callback.print(f"[yellow]step {step}: non-finite loss or gradient, update skipped[/]")
-                if bad_steps >= cfg.max_bad_steps:
+                if bad_steps >= args.max_bad_steps:
                     raise TrainingError(f"step {step}: {bad_steps} non-finite steps in a row; lower --learning-rate")
             else:
                 bad_steps = 0
                 optimizer.update(model, grads)
                 mx.eval(model.parameters(), optimizer.state)
-        teacher = step_teacher(teacher_kind, teacher, model, cfg.teacher_update_rate)
+        teacher = step_teacher(teacher_kind, teacher, model, args.teacher_update_rate)
 
         window.append({**stats, **timer.seconds, "grad_norm": grad_norm.item()})
         callback.on_step(step, stats["loss"])
@@ -309,21 +351,21 @@ def train(model: nn.Module, tokenizer, train_pairs: list[PromptPair], valid_pair
                 rate = record["degenerate"] if world == 1 else (  # every rank decides on the same number
                     mx.distributed.all_sum(mx.array(record["degenerate"]), group=group).item() / world)
                 if not watch.ok(rate):
-                    return guards.stop_early(callback, cfg, good, model, optimizer, watch, step, rate)
+                    return guards.stop_early(callback, args.adapter_path, good, model, optimizer, watch, step, rate)
                 good = guards.snapshot(step, model, teacher, optimizer, state)
-        if valid_pairs and (step % cfg.steps_per_eval == 0 or step == steps):
+        if valid_pairs and (step % args.steps_per_eval == 0 or step == steps):
             with timer("eval"):
-                val = validation_loss(model, teacher, valid_pairs, cfg, micro_step, group)
+                val = validation_loss(model, teacher, valid_pairs, args, micro_step, group)
             callback.on_report({"type": "eval", "step": step, **val, "val_s": timer.seconds["eval"]})
         interrupted = callback.stop_requested()
         if step == steps and loss_tokens == 0:
             raise TrainingError(f"no micro-batch of the {steps} steps had a token in the loss (every completion ended "
-                                f"within --skip-first-tokens {cfg.skip_first_tokens}, or was masked by --truncated mask): "
-                                f"nothing trained, nothing saved")
+                                f"within --skip-first-tokens {args.objective.skip_first_tokens}, or was masked by "
+                                f"--truncated mask): nothing trained, nothing saved")
         # Nothing is saved before a token reached the loss: those adapters are the untrained start.
-        if loss_tokens and (step % cfg.save_every == 0 or step == steps or interrupted):
+        if loss_tokens and (step % args.save_every == 0 or step == steps or interrupted):
             state = {"cursor": cursor, "epoch": cursor / len(train_pairs), "total_steps": steps, "loss_tokens": loss_tokens}
-            callback.save(step, trainable_leaves(model), teacher, optimizer, state, numbered=step % cfg.save_every == 0)
+            callback.save(step, trainable_leaves(model), teacher, optimizer, state, numbered=step % args.save_every == 0)
         if interrupted:
             raise Interrupted(step, saved=loss_tokens > 0)
     return record

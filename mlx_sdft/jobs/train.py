@@ -22,8 +22,8 @@ from mlx_sdft.machine import blas, memory
 from mlx_sdft.config import RESUME_MAY_CHANGE, Config, sft_ignores
 from mlx_sdft.formats import checkpoint
 from mlx_sdft.core.data import load_dataset, need_demonstrations
-from mlx_sdft.core.guards import completion_budget, completion_room, skipped_prefix_warning
-from mlx_sdft.core.objective import describe, loss_parts
+from mlx_sdft.core.guards import Budget, completion_budget, completion_room, skipped_prefix_warning
+from mlx_sdft.core.objective import ObjectiveArgs, describe, loss_parts
 from mlx_sdft.errors import InputError
 from mlx_sdft.formats.models import check_adapter_fit
 from mlx_sdft.core.prompts import apply_system_prompt, describe_stops, encode_examples, student_text, system_prompt_note, teacher_text
@@ -31,7 +31,7 @@ from mlx_sdft.machine.report import Reporter, StopFlag
 from mlx_sdft.opening import open_to_train, open_tokenizer_for
 from mlx_sdft.core.scoring import head_splits
 from mlx_sdft.core.teacher import Leaves
-from mlx_sdft.core.train import TrainingCallback, total_steps, train
+from mlx_sdft.core.train import TrainingArgs, TrainingCallback, total_steps, train
 
 
 AUTO_CHUNK = 16  # positions per chunk when the preflight turns chunking on: ~1/4 the memory of T = 256
@@ -50,7 +50,8 @@ def preflight(cfg: Config, model_path: Path, train_pairs, valid_pairs) -> tuple[
     pairs = train_pairs + valid_pairs
     # The longest completion the run scores: SDFT samples up to each example's budget (a few times its
     # demonstration by default, not --max-completion-length), SFT scores the demonstrations.
-    longest = (max(completion_budget(p, cfg) for p in pairs) if cfg.method == "sdft"
+    bounds = Budget.of(cfg)
+    longest = (max(completion_budget(p, bounds) for p in pairs) if cfg.method == "sdft"
                else max(len(p.demo_ids) for p in pairs))
     lengths = (max(len(p.student_ids) for p in pairs), max(len(p.teacher_ids) for p in pairs),
                max(len(p.demo_ids) for p in pairs), longest)
@@ -82,7 +83,7 @@ def startup_text(cfg: Config, model_path: Path, n_train: int, n_valid: int, step
              f"method    {cfg.method}" + (
                  f", {cfg.num_generations} generation(s) per prompt, divergence {cfg.divergence}, teacher {cfg.teacher}"
                  + (f" (rate {cfg.teacher_update_rate})" if cfg.teacher == "ema" else "") if cfg.method == "sdft" else ""),
-             *([f"objective {describe(cfg)}"] if cfg.method == "sdft" else [])]
+             *([f"objective {describe(ObjectiveArgs.of(cfg), Budget.of(cfg))}"] if cfg.method == "sdft" else [])]
     params = memory.parameter_summary(memory.model_config(model_path), cfg)
     lines.append(f"adapters  {cfg.fine_tune_type} on {cfg.num_layers if cfg.num_layers > 0 else 'all'} blocks, "
                  f"written to {cfg.adapter_path}")
@@ -102,8 +103,9 @@ def check_loss_room(cfg: Config, pairs) -> None:
     reach the loss; say so before any weights load."""
     if cfg.method != "sdft":
         return
+    bounds = Budget.of(cfg)
     for pair in pairs:
-        budget = completion_budget(pair, cfg)
+        budget = completion_budget(pair, bounds)
         if budget > cfg.skip_first_tokens:
             continue
         room = completion_room(pair, cfg.max_seq_length)
@@ -214,9 +216,10 @@ def run_train(cfg: Config, console=None, quiet: bool = False, examples: dict | N
             stale = hold.enter_context(checkpoint.locked(out))
             check_folder(cfg, out, train_pairs)  # a run may have started, and ended, in it meanwhile
 
-        reporter = Reporter(total_steps(cfg, len(train_pairs)), console=console, report_to=cfg.report_to,
+        args = TrainingArgs.of(cfg)  # what the loop reads, as the preflight left the options
+        reporter = Reporter(total_steps(args, len(train_pairs)), console=console, report_to=cfg.report_to,
                             project_name=cfg.project_name, config=cfg.to_dict(), quiet=quiet, writer=rank == 0,
-                            label=cfg.method.upper(), parts=loss_parts(cfg), text=cfg.log_text)
+                            label=cfg.method.upper(), parts=loss_parts(args.objective), text=cfg.log_text)
         if reporter.writer and not quiet:
             blas.warn(reporter.console)
         if stale:
@@ -262,7 +265,7 @@ def run_train(cfg: Config, console=None, quiet: bool = False, examples: dict | N
         if world > 1:
             reporter.print(f"data parallel over {world} processes: {cfg.batch_size // world} prompts each per micro-batch")
             with reporter:  # Ctrl-C goes to mlx.launch, which stops every rank
-                return train(model, tokenizer, train_pairs, valid_pairs, cfg, base, run, group)
+                return train(model, tokenizer, train_pairs, valid_pairs, args, base, run, group)
         with reporter, StopFlag(reporter) as stop:
             run.stop = stop
-            return train(model, tokenizer, train_pairs, valid_pairs, cfg, base, run)
+            return train(model, tokenizer, train_pairs, valid_pairs, args, base, run)

@@ -14,7 +14,7 @@ from __future__ import annotations
 import mlx.core as mx
 
 from mlx_sdft.core.degeneration import degenerate_rate, len_ratio
-from mlx_sdft.core.guards import completion_budget
+from mlx_sdft.core.guards import Budget, completion_budget
 from mlx_sdft.core.losses import kl_of_logits, log_softmax
 from mlx_sdft.core.prompts import PromptPair
 from mlx_sdft.core.rollout import sample
@@ -63,13 +63,13 @@ def score_samples(model, tokenizer, pairs: list[PromptPair], cfg) -> dict:
     the teacher (the untrained model, as the EMA teacher starts): mean token KL, teacher disagreement,
     degenerate rate (token-weighted over batches), and the fraction that hit their budget without a
     stop token (`sample_truncated`: what --truncated mask leaves out of the loss)."""
-    stops = sorted(tokenizer.eos_token_ids)
+    stops, bounds = sorted(tokenizer.eos_token_ids), Budget.of(cfg)
     kl_sum = differs_sum = tokens = 0.0
     completions, truncated = [], []
     for i in range(0, len(pairs), cfg.batch_size):
         batch = pairs[i:i + cfg.batch_size]
         seeds = [sequence_seed(0, i + j, 0) for j in range(len(batch))]
-        budgets = [completion_budget(p, cfg) for p in batch]
+        budgets = [completion_budget(p, bounds) for p in batch]
         rollout = sample(model, [p.student_ids for p in batch], budgets, stops, temperature=1.0,
                          batch_size=len(batch), seeds=seeds)
         mask_BT = completion_mask([len(c) for c in rollout.completions])

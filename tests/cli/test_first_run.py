@@ -122,14 +122,14 @@ def test_logged_loss_is_the_completions_own_loss(tiny, smoke_data):
     is the mean of the rows' losses."""
     from mlx_sdft.config import Config
     from mlx_sdft.core.data import load_dataset
-    from mlx_sdft.core.objective import sdft_objective
+    from mlx_sdft.core.objective import ObjectiveArgs, sdft_objective
     from mlx_sdft.core.prompts import encode_examples
     from mlx_sdft.core.rollout import Rollout
     from mlx_sdft.core.samples import sampled_rows
 
     model, tokenizer = tiny
     cfg = Config(model="x", data=str(smoke_data))
-    objective = sdft_objective(cfg)
+    objective = sdft_objective(ObjectiveArgs.of(cfg))
     pairs = encode_examples(tokenizer, load_dataset(smoke_data)["train"][:2], cfg.teacher_template, 256)
     completions = [[5, 6, 7, 8, 9, 10], [11, 12, 13]]
     scores = objective.teacher_scores(model, pairs, completions)

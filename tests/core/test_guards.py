@@ -266,5 +266,6 @@ def test_a_lesson_without_a_demonstration_is_left_alone_by_the_demonstration_gua
     cfg = load_config(None, dict(model=str(tiny_model), data=str(data), max_completion_length=64))
     shown, fed = encode_examples(tokenizer, load_examples(data), cfg.teacher_template, cfg.max_seq_length)
     assert (shown.demonstrated, fed.demonstrated) == (True, False)
-    assert completion_budget(shown, cfg) == guards.demonstration_budget(len(shown.demo_ids), 2.0, 64) < 64
-    assert completion_budget(fed, cfg) == 64
+    bounds = guards.Budget.of(cfg)
+    assert completion_budget(shown, bounds) == guards.demonstration_budget(len(shown.demo_ids), 2.0, 64) < 64
+    assert completion_budget(fed, bounds) == 64

@@ -14,7 +14,7 @@ from mlx_lm.tuner.lora import LoRALinear
 from mlx_sdft.config import Config
 from mlx_sdft.core import decode, guards, prefix, scoring
 from mlx_sdft.core.losses import sdft_loss
-from mlx_sdft.core.objective import sdft_objective, supervised_loss
+from mlx_sdft.core.objective import ObjectiveArgs, sdft_objective, supervised_loss
 from mlx_sdft.core.prompts import PromptPair
 from mlx_sdft.core.teacher import checkpointing, trainable_leaves, using
 from mlx_sdft.formats.models import Adapters, open_model
@@ -81,13 +81,13 @@ def _close_grads(a, b):
         _close(x, y)
 
 
-def _score(model, teacher, base, cfg, pairs, completions, truncated):
+def _score(model, teacher, base, args, pairs, completions, truncated):
     """Teacher scores, then the student loss's value, ntoks, parts and gradient, as sdft_step runs them."""
-    objective = sdft_objective(cfg)
+    objective = sdft_objective(args)
     with using(model, teacher):
         scores = objective.teacher_scores(model, pairs, completions)
-    guard = guards.Guard(truncated, guards.base_logits(model, base, pairs, completions) if cfg.base_kl_weight else None)
-    with checkpointing(model, cfg.grad_checkpoint):
+    guard = guards.Guard(truncated, guards.base_logits(model, base, pairs, completions) if args.base_kl_weight else None)
+    with checkpointing(model, args.grad_checkpoint):
         (loss, ntoks, parts, _), grads = nn.value_and_grad(model, objective.student_loss)(model, pairs, completions,
                                                                                       scores, guard)
     mx.eval(scores, loss, grads)
@@ -129,35 +129,35 @@ def _count_common(monkeypatch) -> list[int]:
 @pytest.mark.parametrize("case", CASES)
 def test_shared_prefill_equals_the_full_pass(lora, monkeypatch, case, G, lessons):
     model, teacher, base = lora
-    cfg = Config(model="x", data="-", num_generations=G, **CASES[case])
+    args = ObjectiveArgs.of(Config(model="x", data="-", num_generations=G, **CASES[case]))
     pairs, completions, truncated = _batch(G, PAIRS if lessons == "distinct" else COMMON_PAIRS)
     copies, runs = [], _count_common(monkeypatch)
     monkeypatch.setattr(prefix.PrefixCache, "rows", lambda self, index, rows=prefix.PrefixCache.rows: (
         copies.append(index.shape[0]), rows(self, index))[1])
-    shared = _score(model, teacher, base, cfg, pairs, completions, truncated)
+    shared = _score(model, teacher, base, args, pairs, completions, truncated)
     # The path was taken wherever a prompt repeats: the teacher's with G > 1, the student's with G > 1
     # or an SFT term, and not under --grad-checkpoint (the student side falls back); with a common
     # prefix, in every pass (teacher, student, base), its SYSTEM tokens run once, at batch 1.
     if lessons == "distinct":
-        repeats = (G > 1) + (G > 1 or cfg.sft_weight > 0) * (not cfg.grad_checkpoint) + (G > 1) * (cfg.base_kl_weight > 0)
+        repeats = (G > 1) + (G > 1 or args.sft_weight > 0) * (not args.grad_checkpoint) + (G > 1) * (args.base_kl_weight > 0)
         assert not runs
     else:
-        repeats = 1 + (not cfg.grad_checkpoint) + (cfg.base_kl_weight > 0)
+        repeats = 1 + (not args.grad_checkpoint) + (args.base_kl_weight > 0)
         assert runs == [len(SYSTEM)] * repeats * model.args.num_hidden_layers
     assert len(copies) == repeats * model.args.num_hidden_layers
     copies.clear()
     monkeypatch.setattr(prefix, "shares", lambda model: False)
-    full = _score(model, teacher, base, cfg, pairs, completions, truncated)
+    full = _score(model, teacher, base, args, pairs, completions, truncated)
     # Rounding alone: the full pass over the rows in reverse order (with JSD and a skipped token the
     # gradient cancels enough that this alone reaches ~1e-5; see the tolerance below).
-    control = _score(model, teacher, base, cfg, pairs[::-1], completions[::-1], truncated[::-1])
+    control = _score(model, teacher, base, args, pairs[::-1], completions[::-1], truncated[::-1])
     assert not copies
     for a, b in zip(_valid(shared[0], completions), _valid(full[0], completions)):
         if a.dtype.kind == "i":  # the teacher's top-K token ids
             np.testing.assert_array_equal(a, b)
         else:
             _close(a, b)
-    if cfg.base_kl_weight:
+    if args.base_kl_weight:
         _close(*(_valid(r[5].base_logits, completions)[0] for r in (shared, full)))
     _close(shared[1], full[1])
     assert shared[2].item() == full[2].item()
@@ -174,16 +174,16 @@ def test_the_full_pass_is_the_objective_as_written(lora, monkeypatch):
     """The reference above is the SDFT loss plus the SFT term as the code computed them before:
     completion logits of student and teacher over every row, cross-entropy on the demonstrations."""
     model, teacher, _ = lora
-    cfg = Config(model="x", data="-", num_generations=3)
+    args = ObjectiveArgs.of(Config(model="x", data="-", num_generations=3))
     pairs, completions, truncated = _batch(3)
-    _, loss, ntoks, parts, _, _ = _score(model, teacher, None, cfg, pairs, completions, truncated)
-    student_BTV = scoring.completion_logits(model, [p.student_ids for p in pairs], completions) / cfg.temperature
+    _, loss, ntoks, parts, _, _ = _score(model, teacher, None, args, pairs, completions, truncated)
+    student_BTV = scoring.completion_logits(model, [p.student_ids for p in pairs], completions) / args.temperature
     with using(model, teacher):
-        teacher_BTV = scoring.completion_logits(model, [p.teacher_ids for p in pairs], completions) / cfg.temperature
+        teacher_BTV = scoring.completion_logits(model, [p.teacher_ids for p in pairs], completions) / args.temperature
     mask_BT = guards.keep_rows(scoring.completion_mask([len(c) for c in completions]), truncated, "mask")
-    divergence, n = sdft_loss(student_BTV, teacher_BTV, mask_BT, divergence=cfg.divergence, skip=0, beta=cfg.beta)
-    sft, sft_n = supervised_loss(model, [p for p in PAIRS if p.demonstrated], cfg)
-    _close(loss, divergence + cfg.sft_weight * sft)
+    divergence, n = sdft_loss(student_BTV, teacher_BTV, mask_BT, divergence=args.divergence, skip=0, beta=args.beta)
+    sft, sft_n = supervised_loss(model, [p for p in PAIRS if p.demonstrated], args)
+    _close(loss, divergence + args.sft_weight * sft)
     _close(parts["sdft_loss"], divergence)
     _close(parts["sft_loss"], sft)
     assert ntoks.item() == n.item() + sft_n.item() > 0

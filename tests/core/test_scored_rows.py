@@ -23,6 +23,8 @@ PAIRS = [PromptPair([1, 5, 9, 13, 2, 7], [1, 5, 9, 13, 2, 7, 30, 31, 32, 7], [50
          PromptPair([300], [300, 201, 40, 41, 7], [60, 61, 62, 63, 64, 65, 2], "t:2"),
          PromptPair([4, 8, 15, 16, 23, 42, 99, 101, 7], [4, 8, 7], [2], "t:3", demonstrated=False)]
 G = 2
+
+
 COMPLETIONS = [[11, 12, 2], [40, 41, 42, 43, 44], [8, 9, 10, 11, 12, 13, 14, 2], [20], [30, 31], []]
 # "mixed": row 1 is masked (truncated, demonstrated), row 3 is all within --skip-first-tokens 1, row 5
 # is empty; row 4 is truncated but a feedback lesson's, which the mask leaves in (guards.maskable).
@@ -61,15 +63,20 @@ def _batch(scenario):
     return pairs, completions, guards.maskable(truncated, [p.demonstrated for p in pairs])
 
 
-def _score(model, teacher, base, cfg, pairs, completions, truncated, rows):
+def _args(**options) -> train.TrainingArgs:
+    """What the loop reads of train's options with these changed."""
+    return train.TrainingArgs.of(Config(model="x", data="-", **options))
+
+
+def _score(model, teacher, base, args, pairs, completions, truncated, rows):
     """The teacher's and the base model's scores of `rows` (None: every row, the guard without rows),
     then the student loss's value, ntoks, parts, own losses and gradient, as sdft_step runs them."""
-    objective = sdft_objective(cfg)
+    objective = sdft_objective(args)
     index = range(len(pairs)) if rows is None else rows
     scored = [pairs[i] for i in index], [completions[i] for i in index]
     with using(model, teacher):
         scores = objective.teacher_scores(model, *scored) if index else None
-    base_logits = guards.base_logits(model, base, *scored) if cfg.base_kl_weight and index else None
+    base_logits = guards.base_logits(model, base, *scored) if args.base_kl_weight and index else None
     guard = guards.Guard(truncated, base_logits, rows)
     (loss, ntoks, parts, own), grads = nn.value_and_grad(model, objective.student_loss)(
         model, pairs, completions, scores, guard)
@@ -87,19 +94,19 @@ def _close(a, b, rel=1e-5):
 @pytest.mark.parametrize("case", OBJECTIVES)
 def test_the_rows_that_train_alone_give_the_full_pass(lora, case, sft_weight, scenario):
     model, teacher, base = lora
-    cfg = Config(model="x", data="-", num_generations=G, sft_weight=sft_weight, **OBJECTIVES[case])
+    args = _args(num_generations=G, sft_weight=sft_weight, **OBJECTIVES[case]).objective
     pairs, completions, truncated = _batch(scenario)
-    rows = scored_rows(completions, truncated, cfg)
+    rows = scored_rows(completions, truncated, args)
     if scenario == "all-masked":
         assert rows == []
     else:  # the masked row 1 and the empty row 5 left out; row 3 (one token) only where it has a loss token
-        assert rows == ([0, 2, 3, 4] if cfg.base_kl_weight or not cfg.skip_first_tokens else [0, 2, 4])
-    dropped = _score(model, teacher, base, cfg, pairs, completions, truncated, rows)
-    full = _score(model, teacher, base, cfg, pairs, completions, truncated, None)
+        assert rows == ([0, 2, 3, 4] if args.base_kl_weight or not args.skip_first_tokens else [0, 2, 4])
+    dropped = _score(model, teacher, base, args, pairs, completions, truncated, rows)
+    full = _score(model, teacher, base, args, pairs, completions, truncated, None)
     _close(dropped[0], full[0])
     assert dropped[1].item() == full[1].item()
     assert dropped[2].keys() == full[2].keys() == {"sdft_loss", *(["sft_loss"] if sft_weight else []),
-                                                  *(["base_kl"] if cfg.base_kl_weight else [])}
+                                                  *(["base_kl"] if args.base_kl_weight else [])}
     for k in full[2]:
         _close(dropped[2][k], full[2][k])
     if scenario == "all-masked":
@@ -113,16 +120,16 @@ def test_the_rows_that_train_alone_give_the_full_pass(lora, case, sft_weight, sc
 
 
 def test_which_rows_are_scored():
-    cfg = lambda **kw: Config(model="x", data="-", **kw)  # noqa: E731
+    args = lambda **kw: _args(**kw).objective  # noqa: E731
     completions, truncated = [[1, 2, 3], [1, 2], [1], [], [1, 2, 3]], [False, True, False, False, True]
-    assert scored_rows(completions, truncated, cfg(truncated="mask")) == [0, 2]
-    assert scored_rows(completions, truncated, cfg(truncated="keep")) == [0, 1, 2, 4]
-    assert scored_rows(completions, truncated, cfg(truncated="mask", skip_first_tokens=1)) == [0]
+    assert scored_rows(completions, truncated, args(truncated="mask")) == [0, 2]
+    assert scored_rows(completions, truncated, args(truncated="keep")) == [0, 1, 2, 4]
+    assert scored_rows(completions, truncated, args(truncated="mask", skip_first_tokens=1)) == [0]
     # The base-KL term counts every completion token, the skipped ones too.
-    assert scored_rows(completions, truncated, cfg(skip_first_tokens=1, base_kl_weight=0.1)) == [0, 2]
+    assert scored_rows(completions, truncated, args(skip_first_tokens=1, base_kl_weight=0.1)) == [0, 2]
     # Logged rows are scored for their own loss where they have a token of it, masked or not.
-    assert scored_rows(completions, truncated, cfg(truncated="mask"), log=4) == [0, 1, 2]
-    assert scored_rows(completions, truncated, cfg(truncated="mask", skip_first_tokens=1), log=4) == [0, 1]
+    assert scored_rows(completions, truncated, args(truncated="mask"), log=4) == [0, 1, 2]
+    assert scored_rows(completions, truncated, args(truncated="mask", skip_first_tokens=1), log=4) == [0, 1]
 
 
 def _fixed_rollout(monkeypatch, completions, truncated):
@@ -150,12 +157,12 @@ def _counting(monkeypatch, objective):
 @pytest.mark.parametrize("scenario", SCENARIOS)
 def test_the_teacher_and_the_base_model_score_fewer_rows(lora, monkeypatch, scenario):
     model, teacher, base = lora
-    cfg = Config(model="x", data="-", num_generations=G, skip_first_tokens=1, base_kl_weight=0.3)
+    args = _args(num_generations=G, skip_first_tokens=1, base_kl_weight=0.3)
     _, completions, _ = _batch(scenario)
     _fixed_rollout(monkeypatch, completions, SCENARIOS[scenario][1])
-    objective, seen = _counting(monkeypatch, sdft_objective(cfg))
+    objective, seen = _counting(monkeypatch, sdft_objective(args.objective))
     loss, ntoks, _, stats = train.sdft_step(model, teacher, PAIRS, [0, 1, 2], grad=True, timer=train.PhaseTimer(),
-                                                cfg=cfg, stop_ids=[2], objective=objective, base=base)
+                                                args=args, stop_ids=[2], objective=objective, base=base)
     if scenario == "mixed":  # rows 0, 2, 3, 4 of 6: the teacher's, the student's (and its 2 demonstrations), the base's
         assert seen == {"teacher": [4], "grouped": [[4], [4], [4, 2]]}
     else:  # no teacher or base pass at all; the student's pass holds the demonstrations alone
@@ -167,11 +174,11 @@ def test_the_teacher_and_the_base_model_score_fewer_rows(lora, monkeypatch, scen
 
 def test_a_step_with_nothing_to_score_and_no_sft_term_trains_nothing(lora, monkeypatch):
     model, teacher, base = lora
-    cfg = Config(model="x", data="-", num_generations=G, sft_weight=0.0)
+    args = _args(num_generations=G, sft_weight=0.0)
     _fixed_rollout(monkeypatch, *SCENARIOS["all-masked"])
-    objective, seen = _counting(monkeypatch, sdft_objective(cfg))
+    objective, seen = _counting(monkeypatch, sdft_objective(args.objective))
     loss, ntoks, grads, stats = train.sdft_step(model, teacher, PAIRS, [0, 1, 2], grad=True, timer=train.PhaseTimer(),
-                                                cfg=cfg, stop_ids=[2], objective=objective, base=base)
+                                                args=args, stop_ids=[2], objective=objective, base=base)
     assert seen == {"teacher": [], "grouped": [[0, 0]]}  # the student's call has no row: no pass at all
     assert loss.item() == 0.0 and ntoks.item() == 0 and stats["parts"]["sdft_loss"].item() == 0.0
     assert tree_flatten(grads) and all(not np.array(g).any() for _, g in tree_flatten(grads))
@@ -184,11 +191,11 @@ def test_logged_losses_are_each_completions_own_loss(lora, monkeypatch, case):
     scored alone (a batch of one, every token of it counted: a masked row too), 0 for a row with no
     token past --skip-first-tokens or none at all."""
     model, teacher, base = lora
-    cfg = Config(model="x", data="-", num_generations=G, **{**OBJECTIVES[case], "skip_first_tokens": 1})
+    args = _args(num_generations=G, **{**OBJECTIVES[case], "skip_first_tokens": 1})
     pairs, completions, _ = _batch("mixed")
     _fixed_rollout(monkeypatch, completions, SCENARIOS["mixed"][1])
-    objective = sdft_objective(cfg)
-    _, _, _, stats = train.sdft_step(model, teacher, PAIRS, [0, 1, 2], grad=True, timer=train.PhaseTimer(), cfg=cfg,
+    objective = sdft_objective(args.objective)
+    _, _, _, stats = train.sdft_step(model, teacher, PAIRS, [0, 1, 2], grad=True, timer=train.PhaseTimer(), args=args,
                                      stop_ids=[2], objective=objective, base=base, log=6)
     logged = stats["completions"]
     assert [r["completion_ids"] for r in logged] == completions

@@ -10,7 +10,7 @@ from mlx.utils import tree_flatten
 from mlx_sdft.config import PAPER_SDFT, load_config
 from mlx_sdft.errors import InputError, TrainingError
 from mlx_sdft.jobs.train import run_train
-from mlx_sdft.core.train import batch_at, build_optimizer, total_steps
+from mlx_sdft.core.train import TrainingArgs, batch_at, build_optimizer, total_steps
 
 INPUTS = mx.array([[1, 300, 201, 293, 275, 289, 283, 276]])
 
@@ -32,12 +32,12 @@ def test_batch_stream_visits_every_example_once_per_epoch():
 
 def test_total_steps(tiny_model, smoke_data, tmp_path):
     cfg = _cfg(tiny_model, smoke_data, tmp_path, iters=None, epochs=2, batch_size=4, grad_accumulation_steps=2)
-    assert total_steps(cfg, 16) == 4  # 2 epochs x 16 prompts / 8 prompts per step
-    assert total_steps(_cfg(tiny_model, smoke_data, tmp_path, iters=7), 16) == 7
+    assert total_steps(TrainingArgs.of(cfg), 16) == 4  # 2 epochs x 16 prompts / 8 prompts per step
+    assert total_steps(TrainingArgs.of(_cfg(tiny_model, smoke_data, tmp_path, iters=7)), 16) == 7
 
 
 def test_schedule_warms_up_then_decays_to_zero(tiny_model, smoke_data, tmp_path):
-    opt = build_optimizer(_cfg(tiny_model, smoke_data, tmp_path, warmup_ratio=0.1, learning_rate=1e-3), 100)
+    opt = build_optimizer(TrainingArgs.of(_cfg(tiny_model, smoke_data, tmp_path, warmup_ratio=0.1, learning_rate=1e-3)), 100)
     lrs = []
     for _ in range(100):
         opt.update({}, {})  # no parameters: only advances the schedule
@@ -121,13 +121,13 @@ def test_sft_method_trains_the_same_adapters(tiny_model, smoke_data, tmp_path):
 def test_sft_loss_is_cross_entropy_on_the_demonstration(tiny, tiny_model, smoke_data, tmp_path):
     from mlx_sdft.core.data import load_examples
     from mlx_sdft.core.prompts import encode_examples
-    from mlx_sdft.core.objective import supervised_loss
+    from mlx_sdft.core.objective import ObjectiveArgs, supervised_loss
 
     model, tok = tiny
     cfg = _cfg(tiny_model, smoke_data, tmp_path)
     [pair] = encode_examples(tok, load_examples(smoke_data / "valid.jsonl")[:1], cfg.teacher_template, 2048)
     assert tok.decode(pair.demo_ids) == "The capital of Portugal is Lisbon.<|im_end|>"
-    loss, ntoks = supervised_loss(model, [pair], cfg)
+    loss, ntoks = supervised_loss(model, [pair], ObjectiveArgs.of(cfg))
     logits = np.array(model(mx.array([pair.student_ids + pair.demo_ids]))[0], dtype=np.float64)
     P = len(pair.student_ids)
     rows = logits[P - 1 : P - 1 + len(pair.demo_ids)]
@@ -355,7 +355,8 @@ def test_teacher_reference_and_validation_score_without_dropout(tiny, tiny_model
     pairs, valid = (encode_examples(tok, splits[s][:2], cfg.teacher_template, cfg.max_seq_length) for s in ("train", "valid"))
 
     seen = {"teacher": [], "base": []}
-    objective, real_base = sdft_objective(cfg), guards.base_logits
+    args = train.TrainingArgs.of(cfg)
+    objective, real_base = sdft_objective(args.objective), guards.base_logits
 
     def teacher_scores(*args):
         scores = objective.teacher_scores(*args)
@@ -368,7 +369,7 @@ def test_teacher_reference_and_validation_score_without_dropout(tiny, tiny_model
         return logits
 
     monkeypatch.setattr(guards, "base_logits", base_logits)
-    step = partial(train.sdft_step, cfg=cfg, stop_ids=sorted(tok.eos_token_ids), base=base,
+    step = partial(train.sdft_step, args=args, stop_ids=sorted(tok.eos_token_ids), base=base,
                    objective=Objective(teacher_scores, objective.student_loss))
     model.train()
     losses = [step(model, teacher, pairs, [0, 1], grad=True, timer=PhaseTimer())[0].item() for _ in range(2)]
@@ -376,5 +377,5 @@ def test_teacher_reference_and_validation_score_without_dropout(tiny, tiny_model
     np.testing.assert_array_equal(*seen["base"])
     assert losses[0] != losses[1]  # the student's pass: dropout on
     assert model.training  # each scoring pass gives the mode back
-    vals = [train.validation_loss(model, teacher, valid, cfg, step) for _ in range(2)]
+    vals = [train.validation_loss(model, teacher, valid, args, step) for _ in range(2)]
     assert vals[0] == vals[1] and model.training

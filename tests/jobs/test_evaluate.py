@@ -15,7 +15,7 @@ from mlx_sdft.config import Config, load_config
 from mlx_sdft.formats.models import Adapters, open_model
 from mlx_sdft.core.teacher import trainable_leaves, using
 from mlx_sdft.jobs.train import run_train
-from mlx_sdft.core.train import build_optimizer
+from mlx_sdft.core.train import TrainingArgs, build_optimizer
 
 runner = CliRunner()
 
@@ -24,7 +24,7 @@ def _untrained_adapters(tiny_model, out):
     mx.random.seed(0)
     model, _ = open_model(tiny_model, adapters=Adapters("lora", -1, Config().lora_parameters))
     cfg = Config(model=str(tiny_model), data="-", num_layers=-1)
-    save(out, cfg, 0, trainable_leaves(model), None, build_optimizer(cfg, 1), {}, checkpoint=False)
+    save(out, cfg, 0, trainable_leaves(model), None, build_optimizer(TrainingArgs.of(cfg), 1), {}, checkpoint=False)
     return out
 
 
