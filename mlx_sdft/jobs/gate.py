@@ -130,7 +130,7 @@ def check(model, tokenizer, base: Leaves, current: Leaves, candidate: Leaves, ne
                           f"{loops['current']:.3f} + {cfg.gate_max_loop_rise:.3f}"),
     ]
     failed = next((line for ok, line in why if not ok), None)
-    return {"passed": failed is None, "failed": failed, "new_lessons": new, "earlier_lessons": earlier,
+    return {"passed": failed is None, "failed": failed, "advice": failed and advice(failed), "new_lessons": new, "earlier_lessons": earlier,
             "rules": rules, "drift_kl": kl_check, "prior_answers": prior, "loops": loops,
             "measure_key": measure_key(cfg, held_out), "measures": candidate_measures,
             "current_measures": current_measures}

@@ -26,7 +26,7 @@ from mlx_sdft.config import DEFAULT_MODEL, LEARN_BEFORE_THE_OPTION, LearnConfig
 from mlx_sdft.core.prompts import special_text_in
 from mlx_sdft.core.teacher import using
 from mlx_sdft.errors import InputError, Rejected, TrainingError
-from mlx_sdft.jobs.gate import advice as gate_advice, check as gate_check
+from mlx_sdft.jobs.gate import check as gate_check
 from mlx_sdft.measure import rules as measure_rules
 from mlx_sdft.measure.version import follows, measure, measure_key, preflight_key, stored_preflight, verdict
 from mlx_sdft.store import lessons, rules, versions
@@ -218,7 +218,7 @@ def build(home: Path, store: Store, cfg: LearnConfig, parent: int, new: list[dic
         raise
     if not result["passed"]:
         raise Rejected(f"version {number} rejected by {result['failed']}; current version stays {parent}; "
-                       f"{gate_advice(result['failed'])}")
+                       f"{result['advice']}")
     versions.set_current(home, number)
     store.set_state(record["lessons"], "learned")
     _say(console, f"version {number} accepted and current (lessons {record['lessons']} learned)")
