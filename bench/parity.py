@@ -12,7 +12,9 @@ import json
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
+sys.path.insert(
+    0, str(Path(__file__).resolve().parents[1])
+)  # run from a checkout without installing
 import mlx_sdft  # noqa: E402,F401  first: on Linux it loads OpenBLAS before MLX does
 
 import mlx.core as mx  # noqa: E402
@@ -32,7 +34,11 @@ CASES = [  # name, B, T, V, logit scale, teacher noise (None = independent teach
 def make_case(seed, B, T, V, scale, noise):
     rng = np.random.default_rng(seed)
     student_BTV = scale * rng.standard_normal((B, T, V))
-    teacher_BTV = student_BTV + noise * rng.standard_normal((B, T, V)) if noise else scale * rng.standard_normal((B, T, V))
+    teacher_BTV = (
+        student_BTV + noise * rng.standard_normal((B, T, V))
+        if noise
+        else scale * rng.standard_normal((B, T, V))
+    )
     lengths_B = rng.integers(T // 2, T + 1, size=B)
     mask_BT = (np.arange(T)[None, :] < lengths_B[:, None]).astype(np.float32)
     return student_BTV.astype(np.float32), teacher_BTV.astype(np.float32), mask_BT
@@ -61,7 +67,9 @@ def errors(student_BTV, teacher_BTV, mask_BT, divergence):
 
 def main():
     print(f"device: {mx.default_device()}, mlx {mx.__version__}")
-    print(f"{'divergence':<10} {'case':<14} {'value abs':>10} {'value rel':>10} {'grad abs':>10} {'grad rel':>10}")
+    print(
+        f"{'divergence':<10} {'case':<14} {'value abs':>10} {'value rel':>10} {'grad abs':>10} {'grad rel':>10}"
+    )
     worst = {}
     for divergence in losses.DIVERGENCES:
         for seed, (name, *shape) in enumerate(CASES):
@@ -69,7 +77,11 @@ def main():
             print(f"{divergence:<10} {name:<14} " + " ".join(f"{v:>10.2e}" for v in err.values()))
             for key, v in err.items():
                 worst[f"{divergence}_{key}"] = max(worst.get(f"{divergence}_{key}", 0.0), v)
-    print(json.dumps({"device": str(mx.default_device()), **{k: float(f"{v:.3e}") for k, v in worst.items()}}))
+    print(
+        json.dumps(
+            {"device": str(mx.default_device()), **{k: float(f"{v:.3e}") for k, v in worst.items()}}
+        )
+    )
 
 
 if __name__ == "__main__":

@@ -70,7 +70,9 @@ def mlx_lm(model, prompts, n) -> tuple[float, float]:
     sampler = make_sampler(temp=1.0)
     start = clocks()
     if len(prompts) == 1:
-        tokens = [t for t, _ in generate_step(mx.array(prompts[0]), model, max_tokens=n, sampler=sampler)]
+        tokens = [
+            t for t, _ in generate_step(mx.array(prompts[0]), model, max_tokens=n, sampler=sampler)
+        ]
     else:
         tokens = batch_generate(model, NoTokenizer(), prompts, max_tokens=n, sampler=sampler).texts
     assert len(tokens) == (n if len(prompts) == 1 else len(prompts))
@@ -107,7 +109,9 @@ def operations(model, batch: int, shortcuts: str) -> int:
             stack.enter_context(without(*LEVERS))
         cache = decode._prefill(model, [[1] * PROMPT] * batch, 512)
         keys = decode.row_keys(list(range(batch)))
-        outputs = decode.next_tokens_compiled(model(mx.array([[1]] * batch), cache=cache)[:, -1, :], keys, 1.0, 1.0)
+        outputs = decode.next_tokens_compiled(
+            model(mx.array([[1]] * batch), cache=cache)[:, -1, :], keys, 1.0, 1.0
+        )
         with tempfile.TemporaryDirectory() as tmp:
             mx.export_to_dot(f"{tmp}/step.dot", *outputs)
             return Path(f"{tmp}/step.dot").read_text().count("shape=rectangle")
@@ -118,26 +122,38 @@ def side_by_side(reps: int, n: int, sides: dict, base: str = "mlx_lm") -> dict:
     the wall clock and by the CPU time this process used; ratio = trainer / mlx-lm."""
     runs = {clock: {name: [] for name in sides} for clock in ("wall", "cpu")}
     for rep in range(1 + reps):  # one warm-up round
-        for name in (list(sides) if rep % 2 else list(sides)[::-1]):
+        for name in list(sides) if rep % 2 else list(sides)[::-1]:
             for clock, t in zip(("wall", "cpu"), sides[name]()):
                 if rep:
                     runs[clock][name].append(1000 * t / n)
     out = {}
     for clock, r in runs.items():
         out[f"{clock}_ms_per_token"] = {k: [round(x, 3) for x in v] for k, v in r.items()}
-        out[f"{clock}_ratio"] = round(statistics.median(r["trainer"]) / statistics.median(r[base]), 3)
+        out[f"{clock}_ratio"] = round(
+            statistics.median(r["trainer"]) / statistics.median(r[base]), 3
+        )
         out[f"{clock}_ratio_best"] = round(min(r["trainer"]) / min(r[base]), 3)
     return out
 
 
 def main(argv=None) -> dict:
     ap = parser(__doc__, reps=3)
-    ap.add_argument("--models", default="tiny,smollm2", help="which of tiny, smollm2 (--quick: tiny only)")
-    ap.add_argument("--levers", action="store_true", help="time each shortcut off vs on at SmolLM2 shapes too")
+    ap.add_argument(
+        "--models", default="tiny,smollm2", help="which of tiny, smollm2 (--quick: tiny only)"
+    )
+    ap.add_argument(
+        "--levers", action="store_true", help="time each shortcut off vs on at SmolLM2 shapes too"
+    )
     args = ap.parse_args(argv)
     chosen = ["tiny"] if args.quick else args.models.split(",")
-    models = {name: shape for name, shape in {"tiny": (TINY, 8 if args.quick else 128), "smollm2": (SMOLLM2, 48)}.items()
-              if name in chosen}
+    models = {
+        name: shape
+        for name, shape in {
+            "tiny": (TINY, 8 if args.quick else 128),
+            "smollm2": (SMOLLM2, 48),
+        }.items()
+        if name in chosen
+    }
     cases, start_load, operations_per_step = {}, os.getloadavg()[0], {}
     for name, (shapes, n) in models.items():
         model = plain_model(shapes)
@@ -145,29 +161,67 @@ def main(argv=None) -> dict:
         for batch in (1, 4):
             p = prompts[:batch]
             cases[f"{name}, batch {batch}"] = {
-                "tokens": n, **side_by_side(args.reps, n, {"trainer": lambda: trainer(model, p, n),
-                                                           "mlx_lm": lambda: mlx_lm(model, p, n)})}
+                "tokens": n,
+                **side_by_side(
+                    args.reps,
+                    n,
+                    {
+                        "trainer": lambda: trainer(model, p, n),
+                        "mlx_lm": lambda: mlx_lm(model, p, n),
+                    },
+                ),
+            }
             for name_ in LEVERS if name == "tiny" or args.levers else ():
                 cases[f"{name}, batch {batch}, trainer vs without {name_}"] = {
-                    "tokens": n, **side_by_side(args.reps, n, {"trainer": lambda: lever(model, p, n),
-                                                               "without": lambda: lever(model, p, n, name_)}, "without")}
-        ops = {f"{name}, batch {b}": {k: operations(model, b, k) for k in ("plain", "shortcuts")}
-               for b in (1, 4)}
+                    "tokens": n,
+                    **side_by_side(
+                        args.reps,
+                        n,
+                        {
+                            "trainer": lambda: lever(model, p, n),
+                            "without": lambda: lever(model, p, n, name_),
+                        },
+                        "without",
+                    ),
+                }
+        ops = {
+            f"{name}, batch {b}": {k: operations(model, b, k) for k in ("plain", "shortcuts")}
+            for b in (1, 4)
+        }
         operations_per_step.update(ops)
-    record = {"bench": "mlx-sdft per-token decode", "quick": args.quick, "date": time.strftime("%Y-%m-%d %H:%M"),
-              "mlx": mx.__version__, "device": str(mx.default_device()), **machine(), "prompt": PROMPT, "load_average_1min": [round(start_load, 2), round(os.getloadavg()[0], 2)], "cases": cases,
-              "operations_per_decode_step": operations_per_step}
-    print(f"mlx {record['mlx']} on {record['device']}, {record['blas']}; prompts of {PROMPT} tokens, temperature 1")
-    print(f"load average {os.getloadavg()[0]:.1f}; median ms per decoded token, trainer / other (best rep in brackets)")
-    print(f"{'case':<84}{'tokens':>7}{'wall: trainer':>15}{'other':>8}{'ratio':>15}{'CPU: trainer':>14}{'other':>8}{'ratio':>15}")
+    record = {
+        "bench": "mlx-sdft per-token decode",
+        "quick": args.quick,
+        "date": time.strftime("%Y-%m-%d %H:%M"),
+        "mlx": mx.__version__,
+        "device": str(mx.default_device()),
+        **machine(),
+        "prompt": PROMPT,
+        "load_average_1min": [round(start_load, 2), round(os.getloadavg()[0], 2)],
+        "cases": cases,
+        "operations_per_decode_step": operations_per_step,
+    }
+    print(
+        f"mlx {record['mlx']} on {record['device']}, {record['blas']}; prompts of {PROMPT} tokens, temperature 1"
+    )
+    print(
+        f"load average {os.getloadavg()[0]:.1f}; median ms per decoded token, trainer / other (best rep in brackets)"
+    )
+    print(
+        f"{'case':<84}{'tokens':>7}{'wall: trainer':>15}{'other':>8}{'ratio':>15}{'CPU: trainer':>14}{'other':>8}{'ratio':>15}"
+    )
     for name, c in cases.items():
         cols = ""
         for clock in ("wall", "cpu"):
             t, m = (statistics.median(v) for v in c[f"{clock}_ms_per_token"].values())
-            cols += f"{t:>14.2f}{m:>8.2f}{c[f'{clock}_ratio']:>7.3f} ({c[f'{clock}_ratio_best']:.3f})"
+            cols += (
+                f"{t:>14.2f}{m:>8.2f}{c[f'{clock}_ratio']:>7.3f} ({c[f'{clock}_ratio_best']:.3f})"
+            )
         print(f"{name:<84}{c['tokens']:>7}{cols}")
     for name, ops in operations_per_step.items():
-        print(f"operations per decode step, {name}: {ops['plain']} plain, {ops['shortcuts']} with the loop's shortcuts")
+        print(
+            f"operations per decode step, {name}: {ops['plain']} plain, {ops['shortcuts']} with the loop's shortcuts"
+        )
     return emit(record, args.json)
 
 

@@ -38,7 +38,9 @@ def timed(model, prompts, n, fuse=True, share=True) -> float:
         decode.distinct_rows = lambda prompts: (prompts, list(range(len(prompts))))
     try:
         tic = time.perf_counter()
-        rollout.sample(model, prompts, [n] * len(prompts), [], seeds=list(range(len(prompts))), fuse=fuse)
+        rollout.sample(
+            model, prompts, [n] * len(prompts), [], seeds=list(range(len(prompts))), fuse=fuse
+        )
         return time.perf_counter() - tic
     finally:
         decode.distinct_rows = real
@@ -48,19 +50,26 @@ def bare_loop(model, prompts, n, seeds) -> float:
     """A lower bound: the fused model, one BatchKVCache, one vectorised keyed sampling op per
     step, asynchronous evaluation, no stop handling. Not the trainer's code (no stop tokens, no
     fallback for other cache types): a yardstick only."""
-    vsplit, vsample = mx.vmap(mx.random.split), mx.vmap(lambda key, logits: mx.random.categorical(logits, key=key))
+    vsplit, vsample = (
+        mx.vmap(mx.random.split),
+        mx.vmap(lambda key, logits: mx.random.categorical(logits, key=key)),
+    )
     tic = time.perf_counter()
     model.eval()
     with rollout.fused_adapters(model):
         lens = [len(p) - 1 for p in prompts]
         cache = [BatchKVCache([max(lens) - n_ for n_ in lens]) for _ in model.layers]
-        model.model(mx.array([[0] * (max(lens) - n_) + p[:-1] for p, n_ in zip(prompts, lens)]), cache=cache)
+        model.model(
+            mx.array([[0] * (max(lens) - n_) + p[:-1] for p, n_ in zip(prompts, lens)]), cache=cache
+        )
 
         def step(y, keys):
             split = vsplit(keys)
             return vsample(split[:, 1], model(y[:, None], cache=cache)[:, -1, :]), split[:, 0]
 
-        y, keys = step(mx.array([p[-1] for p in prompts]), mx.stack([mx.random.key(x) for x in seeds]))
+        y, keys = step(
+            mx.array([p[-1] for p in prompts]), mx.stack([mx.random.key(x) for x in seeds])
+        )
         mx.async_eval(y, keys)
         for t in range(n):
             nxt = step(y, keys) if t < n - 1 else None
@@ -92,9 +101,12 @@ def side_by_side(reps, fast, slow) -> dict:
             if rep:
                 runs[name].append(t)
     med, best = statistics.median, min
-    return {"fast_s": [round(t, 3) for t in runs["fast"]], "slow_s": [round(t, 3) for t in runs["slow"]],
-            "ratio": round(med(runs["slow"]) / med(runs["fast"]), 3),
-            "ratio_best": round(best(runs["slow"]) / best(runs["fast"]), 3)}
+    return {
+        "fast_s": [round(t, 3) for t in runs["fast"]],
+        "slow_s": [round(t, 3) for t in runs["slow"]],
+        "ratio": round(med(runs["slow"]) / med(runs["fast"]), 3),
+        "ratio_best": round(best(runs["slow"]) / best(runs["fast"]), 3),
+    }
 
 
 def main(argv=None) -> dict:
@@ -106,31 +118,51 @@ def main(argv=None) -> dict:
     short = [p.student_ids[: s["student_len"]] for p in pairs]
     G = 4
     cases = {
-        f"fused vs unfused adapters ({len(short)} prompts of {s['student_len']})":
-            side_by_side(args.reps, lambda: timed(model, short, n), lambda: timed(model, short, n, fuse=False)),
-        f"bare decode loop vs the trainer's sampling ({len(short)} prompts of {s['student_len']})":
-            side_by_side(args.reps, lambda: bare_loop(model, short, n, list(range(len(short)))),
-                         lambda: timed(model, short, n)),
-        f"shared vs separate prefill (1 prompt of {s['student_len']} x {G} generations)":
-            side_by_side(args.reps, lambda: timed(model, short[:1] * G, n), lambda: timed(model, short[:1] * G, n, share=False)),
-        f"shared vs separate prefill (1 prompt of {long} x {G} generations)":
-            side_by_side(args.reps, lambda: timed(model, [pairs[0].student_ids] * G, n),
-                         lambda: timed(model, [pairs[0].student_ids] * G, n, share=False)),
+        f"fused vs unfused adapters ({len(short)} prompts of {s['student_len']})": side_by_side(
+            args.reps, lambda: timed(model, short, n), lambda: timed(model, short, n, fuse=False)
+        ),
+        f"bare decode loop vs the trainer's sampling ({len(short)} prompts of {s['student_len']})": side_by_side(
+            args.reps,
+            lambda: bare_loop(model, short, n, list(range(len(short)))),
+            lambda: timed(model, short, n),
+        ),
+        f"shared vs separate prefill (1 prompt of {s['student_len']} x {G} generations)": side_by_side(
+            args.reps,
+            lambda: timed(model, short[:1] * G, n),
+            lambda: timed(model, short[:1] * G, n, share=False),
+        ),
+        f"shared vs separate prefill (1 prompt of {long} x {G} generations)": side_by_side(
+            args.reps,
+            lambda: timed(model, [pairs[0].student_ids] * G, n),
+            lambda: timed(model, [pairs[0].student_ids] * G, n, share=False),
+        ),
     }
     model.eval()
     unfused = primitives_per_token(model, short[0])
     with rollout.fused_adapters(model):
         fused = primitives_per_token(model, short[0])
     model.train()
-    record = {"bench": "mlx-sdft sampling", "quick": args.quick, "date": time.strftime("%Y-%m-%d %H:%M"),
-              "mlx": mx.__version__, "device": str(mx.default_device()), **machine(), "completion": n, "cases": cases,
-              "primitives_per_token": {"unfused": unfused, "fused": fused}}
-    print(f"mlx {record['mlx']} on {record['device']}, {record['blas']}; {n} tokens per completion, LoRA rank "
-          f"{s['lora_rank']} on every linear")
+    record = {
+        "bench": "mlx-sdft sampling",
+        "quick": args.quick,
+        "date": time.strftime("%Y-%m-%d %H:%M"),
+        "mlx": mx.__version__,
+        "device": str(mx.default_device()),
+        **machine(),
+        "completion": n,
+        "cases": cases,
+        "primitives_per_token": {"unfused": unfused, "fused": fused},
+    }
+    print(
+        f"mlx {record['mlx']} on {record['device']}, {record['blas']}; {n} tokens per completion, LoRA rank "
+        f"{s['lora_rank']} on every linear"
+    )
     print(f"{'case':<62}{'median':>8}{'best':>8}   (slower / faster)")
     for name, c in cases.items():
         print(f"{name:<62}{c['ratio']:>8.3f}{c['ratio_best']:>8.3f}")
-    print(f"operations per decoded token: {unfused} with LoRA adapters, {fused} fused ({fused / unfused:.2f}x)")
+    print(
+        f"operations per decoded token: {unfused} with LoRA adapters, {fused} fused ({fused / unfused:.2f}x)"
+    )
     return emit(record, args.json)
 
 

@@ -48,19 +48,31 @@ def wait(url: str, proc: subprocess.Popen, timeout: float = 300) -> None:
 
 def request(url: str, model: str, max_tokens: int, stream: bool) -> tuple[float, float, int, str]:
     """(seconds for the whole request, seconds to the first content, completion tokens, text)."""
-    body = {"model": model, "messages": [{"role": "user", "content": PROMPT}], "max_tokens": max_tokens,
-            "temperature": 0.0, "stream": stream}
+    body = {
+        "model": model,
+        "messages": [{"role": "user", "content": PROMPT}],
+        "max_tokens": max_tokens,
+        "temperature": 0.0,
+        "stream": stream,
+    }
     if stream:
         body["stream_options"] = {"include_usage": True}
-    req = urllib.request.Request(url + "/v1/chat/completions", data=json.dumps(body).encode(),
-                                 headers={"Content-Type": "application/json"})
+    req = urllib.request.Request(
+        url + "/v1/chat/completions",
+        data=json.dumps(body).encode(),
+        headers={"Content-Type": "application/json"},
+    )
     start = time.perf_counter()
     first, text, tokens = None, "", 0
     with urllib.request.urlopen(req, timeout=300) as response:
         if not stream:
             answer = json.loads(response.read())
-            return (time.perf_counter() - start, float("nan"), answer["usage"]["completion_tokens"],
-                    answer["choices"][0]["message"]["content"])
+            return (
+                time.perf_counter() - start,
+                float("nan"),
+                answer["usage"]["completion_tokens"],
+                answer["choices"][0]["message"]["content"],
+            )
         for line in response:
             if not line.startswith(b"data: ") or line.strip() == b"data: [DONE]":
                 continue
@@ -88,14 +100,39 @@ def main() -> None:
     home = tempfile.mkdtemp(prefix="serve-latency-")
     ports = {"mlx-sdft serve": free_port(), "mlx_lm.server": free_port()}
     commands = {
-        "mlx-sdft serve": [sys.executable, "-m", "mlx_sdft", "serve", "--model", folder, "--home", home,
-                           "--port", str(ports["mlx-sdft serve"]), "--temperature", "0"],
-        "mlx_lm.server": [sys.executable, "-c", "import sys, mlx_sdft; from mlx_lm.server import main; "
-                          "sys.argv = ['mlx_lm.server'] + sys.argv[1:]; main()", "--model", folder,
-                          "--port", str(ports["mlx_lm.server"]), "--temp", "0", "--log-level", "WARNING"],
+        "mlx-sdft serve": [
+            sys.executable,
+            "-m",
+            "mlx_sdft",
+            "serve",
+            "--model",
+            folder,
+            "--home",
+            home,
+            "--port",
+            str(ports["mlx-sdft serve"]),
+            "--temperature",
+            "0",
+        ],
+        "mlx_lm.server": [
+            sys.executable,
+            "-c",
+            "import sys, mlx_sdft; from mlx_lm.server import main; "
+            "sys.argv = ['mlx_lm.server'] + sys.argv[1:]; main()",
+            "--model",
+            folder,
+            "--port",
+            str(ports["mlx_lm.server"]),
+            "--temp",
+            "0",
+            "--log-level",
+            "WARNING",
+        ],
     }
-    procs = {name: subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-             for name, cmd in commands.items()}
+    procs = {
+        name: subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        for name, cmd in commands.items()
+    }
     try:
         urls = {name: f"http://127.0.0.1:{port}" for name, port in ports.items()}
         for name in urls:
@@ -112,11 +149,21 @@ def main() -> None:
                 times[name]["tokens"].add(tokens)
                 times[name]["text"].add(text)
         for name, t in times.items():
-            print(json.dumps({"server": name, "model": folder, "requests": args.requests, "max_tokens": args.max_tokens,
-                              "median_request_s": round(statistics.median(t["whole"]), 4),
-                              "min_request_s": round(min(t["whole"]), 4),
-                              "median_first_content_s": round(statistics.median(t["first"]), 4),
-                              "completion_tokens": sorted(t["tokens"]), "answers": sorted(t["text"])}))
+            print(
+                json.dumps(
+                    {
+                        "server": name,
+                        "model": folder,
+                        "requests": args.requests,
+                        "max_tokens": args.max_tokens,
+                        "median_request_s": round(statistics.median(t["whole"]), 4),
+                        "min_request_s": round(min(t["whole"]), 4),
+                        "median_first_content_s": round(statistics.median(t["first"]), 4),
+                        "completion_tokens": sorted(t["tokens"]),
+                        "answers": sorted(t["text"]),
+                    }
+                )
+            )
     finally:
         for proc in procs.values():
             if proc.poll() is None:

@@ -10,10 +10,14 @@ from __future__ import annotations
 
 from mlx_sdft.errors import InputError
 
-MARK = "ANSWER-7f3a"  # assistant content no template changes, to find what a template writes after it
+MARK = (
+    "ANSWER-7f3a"  # assistant content no template changes, to find what a template writes after it
+)
 
 
-def render(tokenizer, messages: list[dict], tools: list | None = None, add_generation_prompt: bool = True) -> str:
+def render(
+    tokenizer, messages: list[dict], tools: list | None = None, add_generation_prompt: bool = True
+) -> str:
     """The chat-template text; with add_generation_prompt, all that precedes the assistant's answer."""
     if not getattr(tokenizer, "has_chat_template", False):
         raise InputError(
@@ -21,7 +25,9 @@ def render(tokenizer, messages: list[dict], tools: list | None = None, add_gener
             'or add "chat_template" to the model\'s tokenizer_config.json'
         )
     kwargs = {"tools": tools} if tools else {}
-    return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt, **kwargs)
+    return tokenizer.apply_chat_template(
+        messages, tokenize=False, add_generation_prompt=add_generation_prompt, **kwargs
+    )
 
 
 def encode(tokenizer, text: str) -> list[int]:
@@ -37,7 +43,9 @@ def _ids(value) -> list[int]:
 
 def _special_ids(tokenizer) -> set[int]:
     """Ids of added/special tokens: only these can end a turn (a plain newline must not)."""
-    return set(getattr(tokenizer, "added_tokens_decoder", {}) or {}) | set(getattr(tokenizer, "all_special_ids", []))
+    return set(getattr(tokenizer, "added_tokens_decoder", {}) or {}) | set(
+        getattr(tokenizer, "all_special_ids", [])
+    )
 
 
 def turn_end_text(tokenizer) -> str | None:
@@ -49,9 +57,11 @@ def turn_end_text(tokenizer) -> str | None:
     turn = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": MARK}]
     try:
         text = render(tokenizer, turn, add_generation_prompt=False)
-    except Exception:  # a template that refuses this shape (e.g. requires a system turn) adds no stop
+    except (
+        Exception
+    ):  # a template that refuses this shape (e.g. requires a system turn) adds no stop
         return None
-    return text[text.rindex(MARK) + len(MARK):] if MARK in text else None
+    return text[text.rindex(MARK) + len(MARK) :] if MARK in text else None
 
 
 def turn_end_id(tokenizer) -> int | None:
@@ -62,7 +72,9 @@ def turn_end_id(tokenizer) -> int | None:
     return next((t for t in ids if t in special), None)
 
 
-def stop_ids(tokenizer, model_config: dict | None = None, generation_config: dict | None = None) -> list[int]:
+def stop_ids(
+    tokenizer, model_config: dict | None = None, generation_config: dict | None = None
+) -> list[int]:
     """Every id that ends an answer: the tokenizer's eos, config.json's and generation_config.json's
     eos_token_id, and the template's end-of-turn token. Sampling, targets, eval, check and
     generate all stop on this one set, so a model whose turns end in another token than its eos

@@ -17,8 +17,11 @@ class Interrupted(Exception):
     """Ctrl-C: the run saved its state after `step` and stopped; `--resume` continues it."""
 
     def __init__(self, step: int, saved: bool = True):
-        super().__init__(f"interrupted after step {step}; the run is saved" if saved else
-                         f"interrupted after step {step}, before any token reached the loss: nothing saved")
+        super().__init__(
+            f"interrupted after step {step}; the run is saved"
+            if saved
+            else f"interrupted after step {step}, before any token reached the loss: nothing saved"
+        )
         self.step, self.saved = step, saved
 
 

@@ -24,14 +24,23 @@ def open_tokenizer_for(options) -> tuple[Path, object]:
     --chat-template and --dequantize; options without the last two open the model's own template and
     a GGUF file's weights as the device prefers. No chat template: the one-line InputError of every
     command, here, before any weights load."""
-    path, tokenizer = models.open_tokenizer(options.model, chat_template=getattr(options, "chat_template", None),
-                                            dequantize=getattr(options, "dequantize", None))
+    path, tokenizer = models.open_tokenizer(
+        options.model,
+        chat_template=getattr(options, "chat_template", None),
+        dequantize=getattr(options, "dequantize", None),
+    )
     render(tokenizer, [{"role": "user", "content": "hi"}])
     return path, tokenizer
 
 
-def open_model_for(options, *, adapters=None, console=None, note: bool = False,
-                   opened: tuple[Path, object] | None = None) -> tuple:
+def open_model_for(
+    options,
+    *,
+    adapters=None,
+    console=None,
+    note: bool = False,
+    opened: tuple[Path, object] | None = None,
+) -> tuple:
     """(model, tokenizer, base) as `options` say: `open_tokenizer_for`; then on `console` (None:
     nothing printed) the BLAS warning and, with `note`, the system prompt the prompts get
     (--system-prompt's or the template's own); then the weights, with `adapters` (an adapter folder,
@@ -41,7 +50,9 @@ def open_model_for(options, *, adapters=None, console=None, note: bool = False,
     path, tokenizer = opened or open_tokenizer_for(options)
     if console is not None:
         warn(console)
-        line = system_prompt_note(tokenizer, getattr(options, "system_prompt", None)) if note else None
+        line = (
+            system_prompt_note(tokenizer, getattr(options, "system_prompt", None)) if note else None
+        )
         if line:
             console.print(line, highlight=False, markup=False, soft_wrap=True)
     model, base = models.open_model(path, adapters=adapters)
@@ -53,6 +64,8 @@ def open_to_train(cfg, opened: tuple | None = None) -> tuple:
     weights with the adapters of the run attached (fresh LoRA from that seed, or --resume-adapter-file)."""
     model_path, tokenizer = opened or open_tokenizer_for(cfg)
     mx.random.seed(cfg.seed)
-    adapters = models.Adapters(cfg.fine_tune_type, cfg.num_layers, cfg.lora_parameters, cfg.resume_adapter_file)
+    adapters = models.Adapters(
+        cfg.fine_tune_type, cfg.num_layers, cfg.lora_parameters, cfg.resume_adapter_file
+    )
     model, _, base = open_model_for(cfg, adapters=adapters, opened=(model_path, tokenizer))
     return model_path, tokenizer, model, base

@@ -41,19 +41,29 @@ def drop_retired(values: dict, retired: dict[str, str], where: Callable[[str], s
     """`values` without the retired options (`retired`: name → what runs instead), one line on
     stderr for each that was there, named by `where(name)`: accepted for one release, ignored."""
     for key in sorted(retired.keys() & values.keys()):
-        print(f"mlx-sdft: {where(key)}: deprecated and ignored: {retired[key]} (the option goes in the next release)",
-              file=sys.stderr)
+        print(
+            f"mlx-sdft: {where(key)}: deprecated and ignored: {retired[key]} (the option goes in the next release)",
+            file=sys.stderr,
+        )
     return {k: v for k, v in values.items() if k not in retired}
 
 
 def resolve_paths(values: dict, yaml_file: str | Path, cls: type) -> dict:
     """`values` with each relative path option of `cls` (a field declared with path=True) taken
     from the YAML file's folder, where it exists there (as a recipe expects); all else as given."""
-    base, paths = Path(yaml_file).parent, {f.name for f in dataclasses.fields(cls) if f.metadata["path"]}
+    base, paths = (
+        Path(yaml_file).parent,
+        {f.name for f in dataclasses.fields(cls) if f.metadata["path"]},
+    )
     out = dict(values)
     for key in paths & values.keys():
         value = values[key]
-        if isinstance(value, str) and "\n" not in value and not Path(value).is_absolute() and (base / value).exists():
+        if (
+            isinstance(value, str)
+            and "\n" not in value
+            and not Path(value).is_absolute()
+            and (base / value).exists()
+        ):
             out[key] = str(base / value)
     return out
 

@@ -34,14 +34,25 @@ class NotFound(PrepareError):
     pass
 
 
-def arguments(argv: list[str] | None, doc: str, out: Path, *, source_help: str, valid_fraction: float,
-              valid_help: str, seed_help: str) -> argparse.Namespace:
+def arguments(
+    argv: list[str] | None,
+    doc: str,
+    out: Path,
+    *,
+    source_help: str,
+    valid_fraction: float,
+    valid_help: str,
+    seed_help: str,
+) -> argparse.Namespace:
     """A prepare.py's options (the help texts are the recipe's); a --valid-fraction outside [0, 1)
     raises PrepareError. `out` is the recipe's default output folder, recipes/<recipe>/data."""
     parser = argparse.ArgumentParser(prog="prepare.py", description=doc.split("\n\n")[0])
     parser.add_argument("--source", default=OFFICIAL, help=f"{source_help} [default: {OFFICIAL}]")
-    parser.add_argument("--out", default=str(out),
-                        help=f"output folder [default: {out.relative_to(out.parents[2]).as_posix()}]")
+    parser.add_argument(
+        "--out",
+        default=str(out),
+        help=f"output folder [default: {out.relative_to(out.parents[2]).as_posix()}]",
+    )
     parser.add_argument("--valid-fraction", type=float, default=valid_fraction, help=valid_help)
     parser.add_argument("--seed", type=int, default=42, help=seed_help)
     args = parser.parse_args(argv)
@@ -64,7 +75,9 @@ def fetch(url: str) -> bytes:
         raise PrepareError(f"{url}: HTTP {e.code} {e.reason}") from None
     except (urllib.error.URLError, TimeoutError) as e:
         reason = getattr(e, "reason", e)
-        raise PrepareError(f"{url}: cannot download ({reason}); pass --source with a local copy") from None
+        raise PrepareError(
+            f"{url}: cannot download ({reason}); pass --source with a local copy"
+        ) from None
 
 
 class Local:
@@ -91,7 +104,9 @@ class Remote:
             return None
         if data.startswith(LFS_POINTER):  # a Git LFS file: GitHub serves its content elsewhere
             if self.lfs_base is None:
-                raise PrepareError(f"{self.base}/{rel}: is a Git LFS pointer, not the file; download it with git lfs")
+                raise PrepareError(
+                    f"{self.base}/{rel}: is a Git LFS pointer, not the file; download it with git lfs"
+                )
             data = fetch(f"{self.lfs_base}/{rel}")
         return data
 
@@ -108,19 +123,25 @@ def location(source: str, subdir: str, files: bool = False) -> Local | Remote | 
         if repo.count("/") != 1:
             raise PrepareError(f"--source {source!r}: expected github:OWNER/REPO[@REF]")
         ref = ref or "main"
-        return Remote(f"https://raw.githubusercontent.com/{repo}/{ref}/{subdir}",
-                      f"https://media.githubusercontent.com/media/{repo}/{ref}/{subdir}")
+        return Remote(
+            f"https://raw.githubusercontent.com/{repo}/{ref}/{subdir}",
+            f"https://media.githubusercontent.com/media/{repo}/{ref}/{subdir}",
+        )
     if source.startswith(("http://", "https://")):
         return Remote(source)
     path = Path(source).expanduser()
     if not path.exists():
-        raise PrepareError(f"--source {source!r}: no such {'file or folder' if files else 'folder'}")
+        raise PrepareError(
+            f"--source {source!r}: no such {'file or folder' if files else 'folder'}"
+        )
     if files and path.is_file():
         return path
     if (path / subdir).is_dir():
         path = path / subdir
     if not path.is_dir():
-        raise PrepareError(f"--source {source!r}: expected a folder holding train_data and eval_data")
+        raise PrepareError(
+            f"--source {source!r}: expected a folder holding train_data and eval_data"
+        )
     return Local(path)
 
 
@@ -128,7 +149,9 @@ def read_arrow(data: bytes, where: str) -> list[dict]:
     try:
         import pyarrow as pa
     except ImportError:
-        raise PrepareError(f"{where}: reading the official Arrow files needs pyarrow: pip install pyarrow") from None
+        raise PrepareError(
+            f"{where}: reading the official Arrow files needs pyarrow: pip install pyarrow"
+        ) from None
     buffer = pa.py_buffer(data)
     try:  # datasets writes the IPC stream format; accept the file format too
         table = pa.ipc.open_stream(buffer).read_all()
@@ -171,20 +194,26 @@ def load_records(loc: Local | Remote, name: str) -> list[tuple[str, dict]]:
         try:
             files = [entry["filename"] for entry in json.loads(state)["_data_files"]]
         except (ValueError, KeyError, TypeError):
-            raise PrepareError(f"{loc}/{name}/state.json: no _data_files list of {{filename}}") from None
+            raise PrepareError(
+                f"{loc}/{name}/state.json: no _data_files list of {{filename}}"
+            ) from None
         rows: list[tuple[str, dict]] = []
         for filename in files:
             where = f"{loc}/{name}/{filename}"
             data = loc.read(f"{name}/{filename}")
             if data is None:
                 raise PrepareError(f"{where}: listed in state.json but missing")
-            rows += [(f"{name}[{len(rows) + i}]", row) for i, row in enumerate(read_arrow(data, where))]
+            rows += [
+                (f"{name}[{len(rows) + i}]", row) for i, row in enumerate(read_arrow(data, where))
+            ]
         return rows
     for ext in ("json", "jsonl"):
         data = loc.read(f"{name}.{ext}")
         if data is not None:
             return parse_json_records(data, f"{loc}/{name}.{ext}", jsonl=ext == "jsonl")
-    raise PrepareError(f"{loc}: has no {name}/ (a datasets folder with state.json), {name}.json or {name}.jsonl")
+    raise PrepareError(
+        f"{loc}: has no {name}/ (a datasets folder with state.json), {name}.json or {name}.jsonl"
+    )
 
 
 # ---- checking fields, splitting --------------------------------------------------------------
@@ -208,7 +237,9 @@ def hold_out(rows: list, fraction: float, seed: int) -> tuple[list, list]:
     order = list(range(len(rows)))
     random.Random(seed).shuffle(order)
     held = set(order[: round(len(rows) * fraction)])
-    return [r for i, r in enumerate(rows) if i not in held], [r for i, r in enumerate(rows) if i in held]
+    return [r for i, r in enumerate(rows) if i not in held], [
+        r for i, r in enumerate(rows) if i in held
+    ]
 
 
 # ---- writing ---------------------------------------------------------------------------------
@@ -222,7 +253,9 @@ def write(splits: dict[str, list[dict]], out: Path) -> None:
             path.unlink(missing_ok=True)  # a stale split from an earlier run would be read as data
             continue
         tmp = path.with_suffix(".jsonl.tmp")
-        tmp.write_text("".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows), encoding="utf-8")
+        tmp.write_text(
+            "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows), encoding="utf-8"
+        )
         tmp.replace(path)
     try:  # the same check `mlx-sdft train` makes, when mlx-sdft is installed
         from mlx_sdft.core.data import load_examples

@@ -7,7 +7,10 @@ import mlx_sdft  # noqa: F401  first: on Linux it loads OpenBLAS before MLX, as 
 
 # tiny.py, and the folders' test modules, whose helpers tests in other folders import by name
 # (`from test_serve import serving`) however few folders a run collects
-for folder in (Path(__file__).parent, *sorted({p.parent for p in Path(__file__).parent.glob("*/test_*.py")})):
+for folder in (
+    Path(__file__).parent,
+    *sorted({p.parent for p in Path(__file__).parent.glob("*/test_*.py")}),
+):
     sys.path.insert(0, str(folder))
 
 from tiny import build_model  # noqa: E402

@@ -48,7 +48,9 @@ def imported(name: str, path: Path, known: dict[str, Path]) -> set[str]:
             if node.level:  # relative: from the package `level` - 1 steps above this module's
                 head = here.split(".")[: len(here.split(".")) - node.level + 1]
                 base = ".".join(head + ([node.module] if node.module else []))
-            targets = [f"{base}.{alias.name}" for alias in node.names]  # a submodule, or a name in `base`
+            targets = [
+                f"{base}.{alias.name}" for alias in node.names
+            ]  # a submodule, or a name in `base`
         else:
             continue
         for target in targets:
@@ -103,16 +105,21 @@ def test_every_part_of_the_package_has_a_layer():
     placed = set().union(*layers())
     units = {unit(m) for m in modules()}
     assert not units - placed, f"not in CONTRIBUTING.md's layers: {sorted(units - placed)}"
-    assert not placed - units, f"in CONTRIBUTING.md's layers but not in mlx_sdft/: {sorted(placed - units)}"
+    assert not placed - units, (
+        f"in CONTRIBUTING.md's layers but not in mlx_sdft/: {sorted(placed - units)}"
+    )
 
 
 def upward(edges: dict[str, set[str]]) -> list[str]:
     """The imports in `edges` that do not go down the layers, one line each."""
     rank = {u: i for i, layer in enumerate(layers()) for u in layer}
-    return [f"{src} imports {dst} ({unit(dst)} is {'beside' if rank[unit(dst)] == rank[unit(src)] else 'above'} "
-            f"{unit(src)})"
-            for src, targets in edges.items() for dst in sorted(targets)
-            if unit(dst) != unit(src) and rank[unit(dst)] >= rank[unit(src)] and (src, dst) != PRELOAD]
+    return [
+        f"{src} imports {dst} ({unit(dst)} is {'beside' if rank[unit(dst)] == rank[unit(src)] else 'above'} "
+        f"{unit(src)})"
+        for src, targets in edges.items()
+        for dst in sorted(targets)
+        if unit(dst) != unit(src) and rank[unit(dst)] >= rank[unit(src)] and (src, dst) != PRELOAD
+    ]
 
 
 def test_imports_only_go_down():
@@ -124,10 +131,16 @@ def test_measure_sits_below_the_commands():
     """jobs → measure, never back: a measurement that imported a job (or serve, or the CLI) is refused."""
     rank = {u: i for i, layer in enumerate(layers()) for u in layer}
     assert all(rank["measure"] < rank[above] for above in ("jobs", "serve", "cli"))
-    assert any(unit(t) == "measure" for src, targets in graph().items() if unit(src) == "jobs" for t in targets)
+    assert any(
+        unit(t) == "measure"
+        for src, targets in graph().items()
+        if unit(src) == "jobs"
+        for t in targets
+    )
     for above in ("mlx_sdft.jobs.evaluate", "mlx_sdft.serve.engine", "mlx_sdft.cli"):
         assert upward({"mlx_sdft.measure.task": {above}}) == [
-            f"mlx_sdft.measure.task imports {above} ({unit(above)} is above measure)"]
+            f"mlx_sdft.measure.task imports {above} ({unit(above)} is above measure)"
+        ]
 
 
 # A job imports from another job only what is the command's own behaviour: a command's entry point
@@ -149,7 +162,9 @@ def job_to_job(path: Path) -> list[str]:
         if isinstance(node, ast.ImportFrom):
             base = node.module or ""
             if node.level:  # relative: `from .evaluate import x` inside jobs/
-                base = ".".join(["mlx_sdft", "jobs"][: 3 - node.level] + ([node.module] if node.module else []))
+                base = ".".join(
+                    ["mlx_sdft", "jobs"][: 3 - node.level] + ([node.module] if node.module else [])
+                )
             if base == "mlx_sdft.jobs" or base.startswith("mlx_sdft.jobs."):
                 out += [f"{base}.{alias.name}" for alias in node.names]
         elif isinstance(node, ast.Import):
@@ -159,30 +174,49 @@ def job_to_job(path: Path) -> list[str]:
 
 def test_jobs_take_measurements_from_measure_not_from_each_other():
     jobs = sorted((ROOT / PACKAGE / "jobs").glob("*.py"))
-    wrong = [f"{path.name}: {name}" for path in jobs for name in job_to_job(path) if not allowed(name)]
-    assert not wrong, "jobs that import another job's functions (a measurement goes in measure/):\n" + "\n".join(wrong)
+    wrong = [
+        f"{path.name}: {name}" for path in jobs for name in job_to_job(path) if not allowed(name)
+    ]
+    assert not wrong, (
+        "jobs that import another job's functions (a measurement goes in measure/):\n"
+        + "\n".join(wrong)
+    )
 
 
 def test_job_to_job_sees_a_borrowed_measurement(tmp_path):
     path = tmp_path / "check.py"
-    path.write_text("from mlx_sdft.jobs.evaluate import perplexity, run_eval\nfrom mlx_sdft.jobs import gate\n"
-                    "from mlx_sdft.jobs.check import verdict\nfrom .continual import evaluate_stage\n"
-                    "from mlx_sdft.jobs.gate import check as gate_check, measure\nimport mlx_sdft.jobs.gate\n")
+    path.write_text(
+        "from mlx_sdft.jobs.evaluate import perplexity, run_eval\nfrom mlx_sdft.jobs import gate\n"
+        "from mlx_sdft.jobs.check import verdict\nfrom .continual import evaluate_stage\n"
+        "from mlx_sdft.jobs.gate import check as gate_check, measure\nimport mlx_sdft.jobs.gate\n"
+    )
     found = job_to_job(path)
-    assert found == ["mlx_sdft.jobs.evaluate.perplexity", "mlx_sdft.jobs.evaluate.run_eval", "mlx_sdft.jobs.gate",
-                     "mlx_sdft.jobs.continual.evaluate_stage", "mlx_sdft.jobs.gate.check", "mlx_sdft.jobs.gate.measure",
-                     "mlx_sdft.jobs.gate"]
+    assert found == [
+        "mlx_sdft.jobs.evaluate.perplexity",
+        "mlx_sdft.jobs.evaluate.run_eval",
+        "mlx_sdft.jobs.gate",
+        "mlx_sdft.jobs.continual.evaluate_stage",
+        "mlx_sdft.jobs.gate.check",
+        "mlx_sdft.jobs.gate.measure",
+        "mlx_sdft.jobs.gate",
+    ]
     assert [allowed(name) for name in found] == [False, True, False, False, True, False, False]
 
 
 def test_no_import_cycles():
     edges = graph()
-    assert edges[PRELOAD[1]] == set(), "machine/blas.py imports the package: the preload could close a cycle"
+    assert edges[PRELOAD[1]] == set(), (
+        "machine/blas.py imports the package: the preload could close a cycle"
+    )
     edges[PRELOAD[0]].discard(PRELOAD[1])
     packages = {}
     for src, targets in edges.items():
-        packages.setdefault(unit(src), set()).update(unit(t) for t in targets if unit(t) != unit(src))
-    found = [f"modules {' ↔ '.join(c)}" for c in cycles(edges)] + [f"packages {' ↔ '.join(c)}" for c in cycles(packages)]
+        packages.setdefault(unit(src), set()).update(
+            unit(t) for t in targets if unit(t) != unit(src)
+        )
+    found = [f"modules {' ↔ '.join(c)}" for c in cycles(edges)] + [
+        f"packages {' ↔ '.join(c)}" for c in cycles(packages)
+    ]
     assert not found, "import cycles:\n" + "\n".join(found)
 
 
@@ -208,12 +242,16 @@ def options_classes(path: Path) -> list[str]:
 def test_core_reads_no_options_class():
     core = sorted((ROOT / PACKAGE / "core").glob("*.py"))
     wrong = [f"{path.name}: {name}" for path in core for name in options_classes(path)]
-    assert not wrong, ("core modules that take a command's whole options (pass core's own args dataclass, "
-                       "built by its `of`):\n" + "\n".join(wrong))
+    assert not wrong, (
+        "core modules that take a command's whole options (pass core's own args dataclass, "
+        "built by its `of`):\n" + "\n".join(wrong)
+    )
 
 
 def test_options_classes_sees_a_config(tmp_path):
     path = tmp_path / "objective.py"
-    path.write_text("from mlx_sdft.config import PAPER_SDFT, Config\nimport mlx_sdft.config as config\n\n\n"
-                    "def loss(args: config.CheckConfig, cfg):\n    return Config\n")
+    path.write_text(
+        "from mlx_sdft.config import PAPER_SDFT, Config\nimport mlx_sdft.config as config\n\n\n"
+        "def loss(args: config.CheckConfig, cfg):\n    return Config\n"
+    )
     assert sorted(options_classes(path)) == ["CheckConfig", "Config", "Config", "cfg"]

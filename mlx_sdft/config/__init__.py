@@ -22,26 +22,97 @@ from typing import Any
 # The public names of the submodules, importable from here.
 from mlx_sdft.config.commands import CheckConfig, EvalConfig, ExportConfig, GenerateConfig
 from mlx_sdft.config.options import (
-    Answers, BUDGET_FLOOR, COMPLETION_BUDGET, ChatTemplate, DEFAULT_HOME, DEFAULT_MODEL, DIVERGENCES, DataSource,
-    Dequantize, FEEDBACK_TEMPLATE, HINDSIGHT_TEMPLATE, ModelSource, PAPER_SDFT, SFT_WEIGHT, SKIP_FIRST_TOKENS,
-    SystemPrompt, TEACHER_TEMPLATE, TRUNCATED, TeacherTemplate, check_model, coerce,
+    Answers,
+    BUDGET_FLOOR,
+    COMPLETION_BUDGET,
+    ChatTemplate,
+    DEFAULT_HOME,
+    DEFAULT_MODEL,
+    DIVERGENCES,
+    DataSource,
+    Dequantize,
+    FEEDBACK_TEMPLATE,
+    HINDSIGHT_TEMPLATE,
+    ModelSource,
+    PAPER_SDFT,
+    SFT_WEIGHT,
+    SKIP_FIRST_TOKENS,
+    SystemPrompt,
+    TEACHER_TEMPLATE,
+    TRUNCATED,
+    TeacherTemplate,
+    check_model,
+    coerce,
 )
 from mlx_sdft.config.personal import (
-    ForgetConfig, LEARN_BEFORE_THE_OPTION, LOOPBACK, LearnConfig, LessonsConfig, RollbackConfig, RulesConfig, ServeConfig, TeachConfig,
+    ForgetConfig,
+    LEARN_BEFORE_THE_OPTION,
+    LOOPBACK,
+    LearnConfig,
+    LessonsConfig,
+    RollbackConfig,
+    RulesConfig,
+    ServeConfig,
+    TeachConfig,
     VersionsConfig,
 )
-from mlx_sdft.config.train import BEFORE_THE_OPTION, RESUME_MAY_CHANGE, RETIRED, SDFT_ONLY, Config, sft_ignores
+from mlx_sdft.config.train import (
+    BEFORE_THE_OPTION,
+    RESUME_MAY_CHANGE,
+    RETIRED,
+    SDFT_ONLY,
+    Config,
+    sft_ignores,
+)
 from mlx_sdft.errors import InputError
 from mlx_sdft.yaml_file import drop_retired, read_yaml
 
 __all__ = [
-    "Answers", "BEFORE_THE_OPTION", "BUDGET_FLOOR", "COMPLETION_BUDGET", "ChatTemplate", "CheckConfig", "Config",
-    "DEFAULT_HOME", "DEFAULT_MODEL", "DIVERGENCES", "DataSource", "Dequantize", "EvalConfig", "ExportConfig",
-    "FEEDBACK_TEMPLATE", "ForgetConfig", "GenerateConfig", "HINDSIGHT_TEMPLATE", "LEARN_BEFORE_THE_OPTION", "LOOPBACK", "LearnConfig",
-    "LessonsConfig", "ModelSource", "PAPER_SDFT", "RESUME_MAY_CHANGE", "RETIRED", "RollbackConfig", "RulesConfig", "SDFT_ONLY", "SFT_WEIGHT",
-    "SKIP_FIRST_TOKENS", "ServeConfig", "SystemPrompt", "TEACHER_TEMPLATE", "TRUNCATED", "TeachConfig",
-    "TeacherTemplate", "VersionsConfig", "check_model", "cli_fields", "coerce", "load_config", "overlay",
-    "saved_options", "sft_ignores",
+    "Answers",
+    "BEFORE_THE_OPTION",
+    "BUDGET_FLOOR",
+    "COMPLETION_BUDGET",
+    "ChatTemplate",
+    "CheckConfig",
+    "Config",
+    "DEFAULT_HOME",
+    "DEFAULT_MODEL",
+    "DIVERGENCES",
+    "DataSource",
+    "Dequantize",
+    "EvalConfig",
+    "ExportConfig",
+    "FEEDBACK_TEMPLATE",
+    "ForgetConfig",
+    "GenerateConfig",
+    "HINDSIGHT_TEMPLATE",
+    "LEARN_BEFORE_THE_OPTION",
+    "LOOPBACK",
+    "LearnConfig",
+    "LessonsConfig",
+    "ModelSource",
+    "PAPER_SDFT",
+    "RESUME_MAY_CHANGE",
+    "RETIRED",
+    "RollbackConfig",
+    "RulesConfig",
+    "SDFT_ONLY",
+    "SFT_WEIGHT",
+    "SKIP_FIRST_TOKENS",
+    "ServeConfig",
+    "SystemPrompt",
+    "TEACHER_TEMPLATE",
+    "TRUNCATED",
+    "TeachConfig",
+    "TeacherTemplate",
+    "VersionsConfig",
+    "check_model",
+    "cli_fields",
+    "coerce",
+    "load_config",
+    "overlay",
+    "saved_options",
+    "sft_ignores",
 ]
 
 
@@ -68,15 +139,25 @@ def saved_options(folder: str | Path) -> dict:
     try:
         saved = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise InputError(f"--resume: {path}: cannot read the saved run's options ({type(e).__name__}: {e})") from None
+        raise InputError(
+            f"--resume: {path}: cannot read the saved run's options ({type(e).__name__}: {e})"
+        ) from None
     # A retired option the run had on is named; off (its default, saved by every run of its time) says nothing.
-    drop_retired({k: v for k, v in saved.items() if k in RETIRED and v}, RETIRED, lambda key: f"--resume: {path}: {key}")
+    drop_retired(
+        {k: v for k, v in saved.items() if k in RETIRED and v},
+        RETIRED,
+        lambda key: f"--resume: {path}: {key}",
+    )
     defining = {f.name for f in dataclasses.fields(Config)} - RESUME_MAY_CHANGE
     return {**BEFORE_THE_OPTION, **{k: v for k, v in saved.items() if k in defining}}
 
 
-def load_config(yaml_path: str | None = None, overrides: dict | None = None, cls: type = Config,
-                options: dict | None = None):
+def load_config(
+    yaml_path: str | None = None,
+    overrides: dict | None = None,
+    cls: type = Config,
+    options: dict | None = None,
+):
     """Defaults < (`train --resume`: the saved run's options) < YAML file < `options` (read from
     another file, e.g. a stages file: a null there is a value, as in the YAML file) < overrides
     (flags that were given, i.e. not None). Resuming, an option not given keeps the value the run
@@ -90,7 +171,13 @@ def load_config(yaml_path: str | None = None, overrides: dict | None = None, cls
     given = set(values)
     if cls is Config and values.get("resume"):
         values = overlay(saved_options(values.get("adapter_path", Config.adapter_path)), values)
-    options = cls(**{k: coerce(cls, k, v, yaml_path if k in given - flags.keys() else None)
-                     for k, v in values.items()}).validate()
-    options.given = frozenset(given)  # the options given explicitly, not defaults or a saved run's (sft_ignores)
+    options = cls(
+        **{
+            k: coerce(cls, k, v, yaml_path if k in given - flags.keys() else None)
+            for k, v in values.items()
+        }
+    ).validate()
+    options.given = frozenset(
+        given
+    )  # the options given explicitly, not defaults or a saved run's (sft_ignores)
     return options

@@ -38,7 +38,10 @@ def is_held_out(group: str) -> bool:
 def prompt_pool(own: list[list[dict]] = ()) -> tuple[list[list[dict]], list[list[dict]]]:
     """(training prompts, held-out prompts): the bundled general and topic prompts and `own` (the
     user's stored requests, as message lists ending with a user turn), each once, in a fixed order."""
-    bundled = [(r["prompt"], r.get("topic")) for r in _bundled("topic_prompts.jsonl") + _bundled("general_prompts.jsonl")]
+    bundled = [
+        (r["prompt"], r.get("topic"))
+        for r in _bundled("topic_prompts.jsonl") + _bundled("general_prompts.jsonl")
+    ]
     seen, train, held_out = set(), [], []
     for rows in (bundled, [(messages, None) for messages in own]):
         held = []

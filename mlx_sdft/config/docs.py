@@ -11,9 +11,22 @@ from __future__ import annotations
 import dataclasses
 
 from mlx_sdft.config.commands import CheckConfig, EvalConfig, ExportConfig, GenerateConfig
-from mlx_sdft.config.options import FEEDBACK_TEMPLATE, GROUPS, HINDSIGHT_TEMPLATE, TEACHER_TEMPLATE, shown_options
+from mlx_sdft.config.options import (
+    FEEDBACK_TEMPLATE,
+    GROUPS,
+    HINDSIGHT_TEMPLATE,
+    TEACHER_TEMPLATE,
+    shown_options,
+)
 from mlx_sdft.config.personal import (
-    LEARN_TAKES_TRAIN, ForgetConfig, LearnConfig, LessonsConfig, RollbackConfig, RulesConfig, ServeConfig, TeachConfig,
+    LEARN_TAKES_TRAIN,
+    ForgetConfig,
+    LearnConfig,
+    LessonsConfig,
+    RollbackConfig,
+    RulesConfig,
+    ServeConfig,
+    TeachConfig,
     VersionsConfig,
 )
 from mlx_sdft.config.train import Config
@@ -34,8 +47,11 @@ COMMANDS = (
     ("versions rollback", RollbackConfig, False, "personal.md"),
     ("forget", ForgetConfig, False, "personal.md"),
 )
-_TEMPLATES = {TEACHER_TEMPLATE: "TEACHER_TEMPLATE", FEEDBACK_TEMPLATE: "FEEDBACK_TEMPLATE",
-              HINDSIGHT_TEMPLATE: "HINDSIGHT_TEMPLATE"}
+_TEMPLATES = {
+    TEACHER_TEMPLATE: "TEACHER_TEMPLATE",
+    FEEDBACK_TEMPLATE: "FEEDBACK_TEMPLATE",
+    HINDSIGHT_TEMPLATE: "HINDSIGHT_TEMPLATE",
+}
 
 INTRO = """\
 # Options
@@ -111,9 +127,16 @@ def markdown() -> str:
     for name, cls, yaml, page in COMMANDS:
         fields = [f for f in dataclasses.fields(cls) if f.metadata["cli"]]
         own = shown_options(cls)
-        lines += ["", f"## {name}", "", (f"`mlx-sdft {name} --help`; " + ("`-c FILE.yaml` reads these options from a "
-                                                                            "file; " if yaml else "")
-                                          + f"explained in [{page}]({page})."), ]
+        lines += [
+            "",
+            f"## {name}",
+            "",
+            (
+                f"`mlx-sdft {name} --help`; "
+                + ("`-c FILE.yaml` reads these options from a file; " if yaml else "")
+                + f"explained in [{page}]({page})."
+            ),
+        ]
         if cls is LearnConfig:
             fields = [f for f in fields if f.name in own]
         lines += _table(fields)

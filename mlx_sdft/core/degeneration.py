@@ -25,7 +25,7 @@ NGRAM, REPEATS = 4, 3
 
 def max_ngram_repeats(ids: list[int], n: int = NGRAM) -> int:
     """How often the most frequent run of n consecutive ids occurs (overlapping); 0 if shorter than n."""
-    counts = Counter(tuple(ids[i:i + n]) for i in range(len(ids) - n + 1))
+    counts = Counter(tuple(ids[i : i + n]) for i in range(len(ids) - n + 1))
     return max(counts.values(), default=0)
 
 
@@ -34,7 +34,9 @@ def is_repetitive(ids: list[int], stop_ids=(), n: int = NGRAM, repeats: int = RE
     return max_ngram_repeats(body, n) >= repeats
 
 
-def is_degenerate(ids: list[int], truncated: bool, stop_ids=(), n: int = NGRAM, repeats: int = REPEATS) -> bool:
+def is_degenerate(
+    ids: list[int], truncated: bool, stop_ids=(), n: int = NGRAM, repeats: int = REPEATS
+) -> bool:
     """Truncated without a stop token, or some n-gram repeated `repeats` times (module docstring)."""
     return bool(truncated) or is_repetitive(ids, stop_ids, n, repeats)
 
@@ -51,10 +53,16 @@ def len_ratio(completions: list[list[int]], demonstrations: list[list[int]]) -> 
     return sum(ratios) / max(len(ratios), 1)
 
 
-def degeneration_sums(completions: list[list[int]], truncated: list[bool], demonstrations: list[list[int]],
-                      stop_ids=()) -> dict:
+def degeneration_sums(
+    completions: list[list[int]],
+    truncated: list[bool],
+    demonstrations: list[list[int]],
+    stop_ids=(),
+) -> dict:
     """Per-batch sums that a report turns into means over its completions: `degenerate` (count)
     and `len_ratio` (sum of ratios)."""
     n = len(completions)
-    return {"degenerate": n * degenerate_rate(completions, truncated, stop_ids),
-            "len_ratio": n * len_ratio(completions, demonstrations)}
+    return {
+        "degenerate": n * degenerate_rate(completions, truncated, stop_ids),
+        "len_ratio": n * len_ratio(completions, demonstrations),
+    }

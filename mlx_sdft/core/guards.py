@@ -31,10 +31,14 @@ from mlx_sdft.core.prompts import PromptPair
 from mlx_sdft.core import prefix
 from mlx_sdft.core.teacher import Leaves, copy_leaves, trainable_leaves, using
 
-SHARED_PREFIX = 0.5  # warn when at least this fraction of demonstrations open with the same skipped tokens
+SHARED_PREFIX = (
+    0.5  # warn when at least this fraction of demonstrations open with the same skipped tokens
+)
 
 
-def demonstration_budget(demo_tokens: int, multiple: float, cap: int, floor: int = BUDGET_FLOOR) -> int:
+def demonstration_budget(
+    demo_tokens: int, multiple: float, cap: int, floor: int = BUDGET_FLOOR
+) -> int:
     """min(cap, max(floor, ⌈multiple · demo_tokens⌉)): one example's completion budget in tokens."""
     return min(cap, max(floor, math.ceil(multiple * demo_tokens)))
 
@@ -48,6 +52,7 @@ def completion_room(pair: PromptPair, max_seq_length: int) -> int:
 class Budget:
     """What bounds a sampled completion, named and defaulted as the options (config/): --max-seq-length,
     --max-completion-length and --completion-budget."""
+
     max_seq_length: int
     max_completion_length: int
     completion_budget: float | None
@@ -73,8 +78,11 @@ def completion_budget(pair: PromptPair, budget: Budget) -> int:
 @dataclass
 class Guard:
     """What the guards' loss terms need from one micro-batch besides the teacher's scores."""
+
     truncated: list[bool]  # per completion: hit its budget without a stop token (`maskable`)
-    base_logits: mx.array | None  # [B, T, V] of the base model on the completions `rows`, with --base-kl-weight
+    base_logits: (
+        mx.array | None
+    )  # [B, T, V] of the base model on the completions `rows`, with --base-kl-weight
     # The completions scored (objective.scored_rows), in order: the teacher's scores and base_logits are
     # of these rows alone; None: of every completion.
     rows: list[int] | None = None
@@ -99,15 +107,25 @@ def keep_rows(mask_BT: mx.array, truncated_B: list[bool], mode: str) -> mx.array
     return mask_BT * keep_B[:, None]
 
 
-def base_kl_loss(student_logits_BTV: mx.array, base_logits_BTV: mx.array, mask_BT: mx.array) -> mx.array:
+def base_kl_loss(
+    student_logits_BTV: mx.array, base_logits_BTV: mx.array, mask_BT: mx.array
+) -> mx.array:
     """Mean over sequences of each sequence's token-mean KL(base‖student) on the student's own
     completions, every completion token counted (no skipped prefix: the base model has no
     teacher-context artifacts). The direction of `eval`'s retention_kl; gradient p − q_base."""
-    return sdft_loss(student_logits_BTV, base_logits_BTV, mask_BT, divergence="forward", skip=0, beta=0.5)[0]
+    return sdft_loss(
+        student_logits_BTV, base_logits_BTV, mask_BT, divergence="forward", skip=0, beta=0.5
+    )[0]
 
 
-def regularized_loss(sdft: mx.array, *, sft: mx.array | None = None, base_kl: mx.array | None = None,
-                     sft_weight: float = 0.0, base_kl_weight: float = 0.0) -> mx.array:
+def regularized_loss(
+    sdft: mx.array,
+    *,
+    sft: mx.array | None = None,
+    base_kl: mx.array | None = None,
+    sft_weight: float = 0.0,
+    base_kl_weight: float = 0.0,
+) -> mx.array:
     """sdft + λ · sft + μ · base_kl, a term left out where its weight is 0."""
     total = sdft
     if sft_weight:
@@ -137,10 +155,12 @@ def skipped_prefix_warning(demonstrations: list[list[int]], skip: int, decode) -
     count = round(fraction * longer)
     if fraction < SHARED_PREFIX or count < 2:  # one demonstration alike to itself is no pattern
         return None
-    return (f"{fraction:.0%} of the demonstrations ({count} of the {longer} longer than {skip} tokens) open with "
-            f"the same {skip} tokens {decode(prefix)!r}, which "
-            f"--skip-first-tokens {skip} leaves out of the loss: SDFT will not teach that opening "
-            f"(--skip-first-tokens 0 trains on it)")
+    return (
+        f"{fraction:.0%} of the demonstrations ({count} of the {longer} longer than {skip} tokens) open with "
+        f"the same {skip} tokens {decode(prefix)!r}, which "
+        f"--skip-first-tokens {skip} leaves out of the loss: SDFT will not teach that opening "
+        f"(--skip-first-tokens 0 trains on it)"
+    )
 
 
 class DegenerateWatch:
@@ -160,6 +180,7 @@ class DegenerateWatch:
 @dataclass
 class Snapshot:
     """Everything a save needs, copied at a good report."""
+
     step: int
     student: Leaves
     teacher: Leaves | None
@@ -169,8 +190,13 @@ class Snapshot:
 
 def snapshot(step: int, model, teacher: Leaves | None, optimizer, state: dict) -> Snapshot:
     opt_state = tree_map(lambda a: mx.array(a) if isinstance(a, mx.array) else a, optimizer.state)
-    return Snapshot(step, copy_leaves(trainable_leaves(model)), None if teacher is None else copy_leaves(teacher),
-                    opt_state, dict(state))
+    return Snapshot(
+        step,
+        copy_leaves(trainable_leaves(model)),
+        None if teacher is None else copy_leaves(teacher),
+        opt_state,
+        dict(state),
+    )
 
 
 def keep_last_good(good: Snapshot, model, optimizer) -> None:
@@ -180,16 +206,26 @@ def keep_last_good(good: Snapshot, model, optimizer) -> None:
     optimizer.state = good.optimizer_state
 
 
-def stop_early(callback, adapter_path: str, good: Snapshot, model, optimizer, watch, step: int, rate: float) -> dict:
+def stop_early(
+    callback, adapter_path: str, good: Snapshot, model, optimizer, watch, step: int, rate: float
+) -> dict:
     """--max-degenerate-rise tripped: keep the last good report's state, saved again through
     `callback` (core.train.TrainingCallback) so the output folder (`adapter_path`) holds it whole, and say why."""
     keep_last_good(good, model, optimizer)
     callback.save(good.step, good.student, good.teacher, optimizer, good.state, numbered=False)
-    record = {"type": "stop", "step": step, "kept_step": good.step, "degenerate": rate, "degenerate_start": watch.start}
+    record = {
+        "type": "stop",
+        "step": step,
+        "kept_step": good.step,
+        "degenerate": rate,
+        "degenerate_start": watch.start,
+    }
     callback.on_report(record)
-    callback.print(f"[red]step {step}: {rate:.0%} of the sampled completions are degenerate, up from {watch.start:.0%} "
-                   f"at the first report (more than --max-degenerate-rise {watch.rise} above it): "
-                   f"stopped; {Path(adapter_path)} holds the adapters of step {good.step}[/]")
+    callback.print(
+        f"[red]step {step}: {rate:.0%} of the sampled completions are degenerate, up from {watch.start:.0%} "
+        f"at the first report (more than --max-degenerate-rise {watch.rise} above it): "
+        f"stopped; {Path(adapter_path)} holds the adapters of step {good.step}[/]"
+    )
     return record
 
 
@@ -198,4 +234,6 @@ def base_logits(model, base: Leaves, pairs, completions) -> mx.array:
     prompt, without gradient: the other side of --base-kl-weight's KL(base‖student). Each prompt
     is run once for its --num-generations completions (`prefix`)."""
     with using(model, base):
-        return mx.stop_gradient(prefix.grouped(model, [([p.student_ids for p in pairs], completions)])[0])
+        return mx.stop_gradient(
+            prefix.grouped(model, [([p.student_ids for p in pairs], completions)])[0]
+        )

@@ -32,25 +32,38 @@ def is_saved_dataset(folder: Path) -> bool:
         return True
     if any((folder / f"{split}.jsonl").exists() for split in ("train", "valid", "test")):
         return False
-    return any(p.suffix in DATA_FILES and p.name != "dataset_infos.json" for p in folder.rglob("*") if p.is_file())
+    return any(
+        p.suffix in DATA_FILES and p.name != "dataset_infos.json"
+        for p in folder.rglob("*")
+        if p.is_file()
+    )
 
 
-def load(spec: str, folder: Path | None = None) -> Iterator[tuple[str, str, Iterator[tuple[int, dict]]]]:
+def load(
+    spec: str, folder: Path | None = None
+) -> Iterator[tuple[str, str, Iterator[tuple[int, dict]]]]:
     """The dataset's train/valid/test splits, one at a time as (split, where its rows come from,
     its rows numbered from 1), each read by the caller before the next split is checked."""
     try:
         import datasets
     except ImportError:
-        raise InputError(f"--data {spec}: a Hugging Face dataset needs the datasets package "
-                         f"(pip install 'mlx-sdft[hf]')") from None
+        raise InputError(
+            f"--data {spec}: a Hugging Face dataset needs the datasets package "
+            f"(pip install 'mlx-sdft[hf]')"
+        ) from None
     try:
         if folder is not None and (folder / "dataset_dict.json").is_file():
             loaded = datasets.load_from_disk(str(folder))
         else:
             loaded = datasets.load_dataset(str(folder or spec))
-    except Exception as e:  # offline, unknown or gated repo, unreadable files: all stop the run the same way
-        why = ("the datasets library cannot read this folder" if folder is not None else
-               "no such file or folder, and the Hugging Face hub cannot be reached or has no dataset of that name")
+    except (
+        Exception
+    ) as e:  # offline, unknown or gated repo, unreadable files: all stop the run the same way
+        why = (
+            "the datasets library cannot read this folder"
+            if folder is not None
+            else "no such file or folder, and the Hugging Face hub cannot be reached or has no dataset of that name"
+        )
         raise InputError(one_line(f"--data {spec}: {why} ({type(e).__name__}: {e})")) from None
     splits = set()
     for name, rows in loaded.items():

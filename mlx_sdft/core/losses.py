@@ -15,6 +15,7 @@ import math
 import mlx.core as mx
 
 from mlx_sdft.config import DIVERGENCES
+
 _BLOCK = 128
 
 
@@ -72,7 +73,9 @@ def _kl_op(p_logits_BTV: mx.array, q_logits_BTV: mx.array):
     lse_p_BT1, e_p_BTV, sum_p_BT1 = _logsumexp(p_logits_BTV)
     lse_q_BT1, _, _ = _logsumexp(q_logits_BTV)
     p_BTV = e_p_BTV * (1 / sum_p_BT1)  # p from the exp the log-sum-exp already took
-    kl_BT = _sum_vocab(p_BTV * ((p_logits_BTV - lse_p_BT1) - (q_logits_BTV - lse_q_BT1))).squeeze(-1)
+    kl_BT = _sum_vocab(p_BTV * ((p_logits_BTV - lse_p_BT1) - (q_logits_BTV - lse_q_BT1))).squeeze(
+        -1
+    )
     return kl_BT, lse_p_BT1, lse_q_BT1
 
 
@@ -85,8 +88,10 @@ def _kl_op_vjp(primals, cotangents, outputs):
     g_BT1 = cotangents[0][..., None]
     logp_BTV, logq_BTV = p_logits_BTV - lse_p_BT1, q_logits_BTV - lse_q_BT1
     p_BTV = mx.exp(logp_BTV)
-    return (p_BTV * (logp_BTV - logq_BTV - kl_BT[..., None]) * g_BT1,
-            (mx.exp(logq_BTV) - p_BTV) * g_BT1)
+    return (
+        p_BTV * (logp_BTV - logq_BTV - kl_BT[..., None]) * g_BT1,
+        (mx.exp(logq_BTV) - p_BTV) * g_BT1,
+    )
 
 
 def jsd_of_logits(p_logits_BTV: mx.array, q_logits_BTV: mx.array, beta: float):
@@ -126,14 +131,17 @@ def _jsd_op(beta: float):
         g_BT1 = cotangents[0][..., None]
         logp_BTV, logq_BTV = p_logits_BTV - lse_p_BT1, q_logits_BTV - lse_q_BT1
         logm_BTV = log_mixture(logp_BTV, logq_BTV)
-        return ((1.0 - beta) * mx.exp(logp_BTV) * (logp_BTV - logm_BTV - kl_pm_BT[..., None]) * g_BT1,
-                beta * mx.exp(logq_BTV) * (logq_BTV - logm_BTV - kl_qm_BT[..., None]) * g_BT1)
+        return (
+            (1.0 - beta) * mx.exp(logp_BTV) * (logp_BTV - logm_BTV - kl_pm_BT[..., None]) * g_BT1,
+            beta * mx.exp(logq_BTV) * (logq_BTV - logm_BTV - kl_qm_BT[..., None]) * g_BT1,
+        )
 
     return jsd
 
 
-def token_divergence(student_logits_BTV: mx.array, teacher_logits_BTV: mx.array, *, divergence: str,
-                     beta: float) -> mx.array:
+def token_divergence(
+    student_logits_BTV: mx.array, teacher_logits_BTV: mx.array, *, divergence: str, beta: float
+) -> mx.array:
     """The per-token divergence between the student's and the teacher's distributions over the
     last axis → div_BT; the one place a divergence is chosen. No gradient reaches the teacher.
 
@@ -145,7 +153,9 @@ def token_divergence(student_logits_BTV: mx.array, teacher_logits_BTV: mx.array,
     `reference.sdft_loss_grad` (`kl_of_logits`, `jsd_of_logits`). ValueError for an unknown name.
     """
     if divergence not in DIVERGENCES:
-        raise ValueError(f"unknown divergence {divergence!r}; choose one of {', '.join(DIVERGENCES)}")
+        raise ValueError(
+            f"unknown divergence {divergence!r}; choose one of {', '.join(DIVERGENCES)}"
+        )
     student_BTV = student_logits_BTV.astype(mx.float32)
     teacher_BTV = mx.stop_gradient(teacher_logits_BTV).astype(mx.float32)
     if divergence == "forward":
@@ -167,8 +177,15 @@ def loss_mask(mask_BT: mx.array, skip: int) -> mx.array:
     return mask_BT.astype(mx.float32) * (mx.arange(T) >= skip).astype(mx.float32)
 
 
-def sdft_loss(student_logits: mx.array, teacher_logits: mx.array, mask: mx.array, *, divergence: str, skip: int,
-              beta: float) -> tuple[mx.array, mx.array]:
+def sdft_loss(
+    student_logits: mx.array,
+    teacher_logits: mx.array,
+    mask: mx.array,
+    *,
+    divergence: str,
+    skip: int,
+    beta: float,
+) -> tuple[mx.array, mx.array]:
     """Mean over sequences of each sequence's masked token-mean divergence → (loss, ntoks).
 
     w = loss_mask(mask, skip);  L_i = Σ_t w_it·div_it / max(Σ_t w_it, 1);  loss = (1/B) Σ_i L_i.
@@ -180,8 +197,17 @@ def sdft_loss(student_logits: mx.array, teacher_logits: mx.array, mask: mx.array
     return sequence_mean(div_BT, mask, skip)
 
 
-def sdft_loss_chunked(logits_of, student_hidden: mx.array, teacher_hidden: mx.array, mask: mx.array, *, chunk: int,
-                      divergence: str, skip: int, beta: float) -> tuple[mx.array, mx.array]:
+def sdft_loss_chunked(
+    logits_of,
+    student_hidden: mx.array,
+    teacher_hidden: mx.array,
+    mask: mx.array,
+    *,
+    chunk: int,
+    divergence: str,
+    skip: int,
+    beta: float,
+) -> tuple[mx.array, mx.array]:
     """`sdft_loss(logits_of(student_hidden), logits_of(teacher_hidden), …)`, `chunk` completion
     positions at a time → (loss, ntoks).
 
@@ -189,14 +215,24 @@ def sdft_loss_chunked(logits_of, student_hidden: mx.array, teacher_hidden: mx.ar
     chunk runs under mx.checkpoint, so its [B, chunk, V] logits are recomputed in the backward
     pass instead of kept: the [B, T, V] logits of neither role are ever whole in memory.
     """
+
     def chunk_divergence(student_BCD, teacher_BCD):
-        return token_divergence(logits_of(student_BCD), logits_of(teacher_BCD), divergence=divergence, beta=beta)
+        return token_divergence(
+            logits_of(student_BCD), logits_of(teacher_BCD), divergence=divergence, beta=beta
+        )
 
     chunk_divergence = mx.checkpoint(chunk_divergence)
     student_hidden_BTD, teacher_hidden_BTD = student_hidden, mx.stop_gradient(teacher_hidden)
     T = student_hidden_BTD.shape[1]
-    div_BT = mx.concatenate([chunk_divergence(student_hidden_BTD[:, t:t + chunk], teacher_hidden_BTD[:, t:t + chunk])
-                             for t in range(0, T, chunk)], axis=1)
+    div_BT = mx.concatenate(
+        [
+            chunk_divergence(
+                student_hidden_BTD[:, t : t + chunk], teacher_hidden_BTD[:, t : t + chunk]
+            )
+            for t in range(0, T, chunk)
+        ],
+        axis=1,
+    )
     return sequence_mean(div_BT, mask, skip)
 
 
@@ -216,7 +252,9 @@ def bucket_logprobs(logprobs_BTV: mx.array, idx_BTK: mx.array) -> mx.array:
     catastrophically when the K tokens hold nearly all the mass).
     """
     chosen_BTK = mx.take_along_axis(logprobs_BTV, idx_BTK, axis=-1)
-    hit_BTV = mx.put_along_axis(mx.zeros(logprobs_BTV.shape, dtype=mx.bool_), idx_BTK, mx.array(True), axis=-1)
+    hit_BTV = mx.put_along_axis(
+        mx.zeros(logprobs_BTV.shape, dtype=mx.bool_), idx_BTK, mx.array(True), axis=-1
+    )
     tail_BT1 = mx.logsumexp(mx.where(hit_BTV, -mx.inf, logprobs_BTV), axis=-1, keepdims=True)
     # An empty tail (K = V) is log 0; a finite floor makes its term 0·(a − b) = 0, not 0·NaN.
     return mx.concatenate([chosen_BTK, mx.maximum(tail_BT1, -1e9)], axis=-1)
@@ -230,8 +268,16 @@ def teacher_topk(teacher_logits_BTV: mx.array, k: int) -> tuple[mx.array, mx.arr
     return idx_BTK, bucket_logprobs(teacher_logprobs_BTV, idx_BTK)
 
 
-def sdft_loss_topk(student_logits: mx.array, teacher_idx: mx.array, teacher_buckets: mx.array, mask: mx.array, *,
-                   divergence: str, skip: int, beta: float) -> tuple[mx.array, mx.array]:
+def sdft_loss_topk(
+    student_logits: mx.array,
+    teacher_idx: mx.array,
+    teacher_buckets: mx.array,
+    mask: mx.array,
+    *,
+    divergence: str,
+    skip: int,
+    beta: float,
+) -> tuple[mx.array, mx.array]:
     """`sdft_loss` on the teacher's top-K support with a tail bucket (`--topk K`): both
     distributions are collapsed onto the K teacher-chosen tokens plus "everything else", then
     the same divergence and aggregation apply. With K = V it equals `sdft_loss`."""
@@ -247,7 +293,9 @@ def sft_loss(logits: mx.array, targets: mx.array, mask: mx.array) -> tuple[mx.ar
     as mlx_lm.lora computes it. Logits [B, T, V] aligned to targets [B, T] (int), mask [B, T].
     """
     logprobs_BTV = log_softmax(logits)
-    target_logprobs_BT = mx.take_along_axis(logprobs_BTV, targets[..., None].astype(mx.int32), axis=-1).squeeze(-1)
+    target_logprobs_BT = mx.take_along_axis(
+        logprobs_BTV, targets[..., None].astype(mx.int32), axis=-1
+    ).squeeze(-1)
     mask_BT = mask.astype(mx.float32)
     ntoks = mask_BT.sum()
     return -(mask_BT * target_logprobs_BT).sum() / mx.maximum(ntoks, 1.0), ntoks.astype(mx.int32)

@@ -53,7 +53,9 @@ def regex_metric(pattern: re.Pattern) -> Metric:
         # The reference may be the bare answer or a full demonstration that contains it.
         want = extract(pattern, reference)
         got = extract(pattern, prediction)
-        return float(got is not None and normalize(got) == normalize(want if want is not None else reference))
+        return float(
+            got is not None and normalize(got) == normalize(want if want is not None else reference)
+        )
 
     return score
 
@@ -83,9 +85,13 @@ def resolve_metric(name: str, answer_regex: str | None = None) -> Metric:
         try:
             metric = getattr(_user_module(target), fn)
         except (ImportError, AttributeError) as e:
-            raise InputError(f"--metric: cannot import {name!r} ({type(e).__name__}: {e})") from None
+            raise InputError(
+                f"--metric: cannot import {name!r} ({type(e).__name__}: {e})"
+            ) from None
         except Exception as e:  # the user's module itself failed while it ran
-            raise InputError(one_line(f"--metric: {target} raised {type(e).__name__}: {e}")) from None
+            raise InputError(
+                one_line(f"--metric: {target} raised {type(e).__name__}: {e}")
+            ) from None
         if not callable(metric):
             raise InputError(f"--metric: {name!r} is not callable")
         return metric

@@ -25,7 +25,13 @@ from mlx_lm.models.base import create_causal_mask
 from mlx_lm.models.cache import BatchKVCache, make_prompt_cache
 
 from mlx_sdft.core import decode
-from mlx_sdft.core.scoring import completion_hidden as full_hidden, completion_logits, lm_head, pad_rows, prefill_body
+from mlx_sdft.core.scoring import (
+    completion_hidden as full_hidden,
+    completion_logits,
+    lm_head,
+    pad_rows,
+    prefill_body,
+)
 
 
 class PrefixCache(BatchKVCache):
@@ -43,7 +49,12 @@ class PrefixCache(BatchKVCache):
         if self.keys is not None:
             keys_BHLD = mx.concatenate([self.keys, keys_BHLD], axis=2)
             values_BHLD = mx.concatenate([self.values, values_BHLD], axis=2)
-        self.keys, self.values, self.offset, self._idx = keys_BHLD, values_BHLD, self.offset + L, self._idx + L
+        self.keys, self.values, self.offset, self._idx = (
+            keys_BHLD,
+            values_BHLD,
+            self.offset + L,
+            self._idx + L,
+        )
         return keys_BHLD, values_BHLD
 
     def make_mask(self, N: int, return_array: bool = False, **kwargs) -> mx.array:
@@ -52,7 +63,9 @@ class PrefixCache(BatchKVCache):
         an all-masked row into 0/0 would put NaN into the backward pass. Real queries already see
         their own key. With start 0 this is mlx-lm's left-padded mask plus that diagonal."""
         keys_K = mx.arange(self._idx + N)
-        gap_B111K = ((self.start <= keys_K) & (keys_K < self.start + self.left_padding[:, None]))[:, None, None]
+        gap_B111K = ((self.start <= keys_K) & (keys_K < self.start + self.left_padding[:, None]))[
+            :, None, None
+        ]
         mask = create_causal_mask(N, offset=self._idx, **kwargs) & ~gap_B111K
         return mask | (mx.arange(self._idx, self._idx + N)[:, None] == keys_K[None])
 
@@ -60,7 +73,11 @@ class PrefixCache(BatchKVCache):
         """A new cache holding row index_B[b] of this one as its row b."""
         copy = PrefixCache([0] * index_B.shape[0], self.start)
         copy.keys, copy.values = self.keys[index_B], self.values[index_B]
-        copy.offset, copy.left_padding, copy._idx = self.offset[index_B], self.left_padding[index_B], self._idx
+        copy.offset, copy.left_padding, copy._idx = (
+            self.offset[index_B],
+            self.left_padding[index_B],
+            self._idx,
+        )
         return copy
 
 
@@ -69,8 +86,9 @@ def shares(model: nn.Module) -> bool:
     return lm_head(model) is not None and decode.supported(model)
 
 
-def completion_hidden(model: nn.Module, prompts: list[list[int]], continuations: list[list[int]],
-                      share: bool = True) -> mx.array:
+def completion_hidden(
+    model: nn.Module, prompts: list[list[int]], continuations: list[list[int]], share: bool = True
+) -> mx.array:
     """hidden_BTD as `scoring.completion_hidden` (row i: prompts[i] then continuations[i]; [i, j] is
     what `lm_head` turns into the prediction of continuations[i][j]), the prompts' common prefix run
     once and each distinct prompt once when prompts repeat or share a prefix (`decode.common_length`), the
@@ -85,7 +103,9 @@ def completion_hidden(model: nn.Module, prompts: list[list[int]], continuations:
     if P:
         common = [PrefixCache([0]) for _ in cache]
         body(mx.array([distinct[0][:P]]), cache=common)
-        for c, one in zip(cache, common):  # every row starts with the common keys, RoPE resuming at P
+        for c, one in zip(
+            cache, common
+        ):  # every row starts with the common keys, RoPE resuming at P
             shape = (len(distinct),) + one.keys.shape[1:]
             c.keys, c.values = mx.broadcast_to(one.keys, shape), mx.broadcast_to(one.values, shape)
             c.offset, c._idx = c.offset + P, P
@@ -96,12 +116,18 @@ def completion_hidden(model: nn.Module, prompts: list[list[int]], continuations:
     if T <= 1:
         return last_B1D[:, :T]
     # The last continuation token is never an input: nothing after it is scored.
-    rest_BTD = body(pad_rows([c[:-1] for c in continuations]), cache=[c.rows(index_B) for c in cache])
+    rest_BTD = body(
+        pad_rows([c[:-1] for c in continuations]), cache=[c.rows(index_B) for c in cache]
+    )
     return mx.concatenate([last_B1D, rest_BTD], axis=1)
 
 
-def grouped(model: nn.Module, groups: list[tuple[list[list[int]], list[list[int]]]], hidden: bool = False,
-            share: bool = True) -> list[mx.array | None]:
+def grouped(
+    model: nn.Module,
+    groups: list[tuple[list[list[int]], list[list[int]]]],
+    hidden: bool = False,
+    share: bool = True,
+) -> list[mx.array | None]:
     """For each group (prompts, continuations), its logits_BTV (hidden_BTD with `hidden`, for models
     whose head splits), T its own longest continuation, as `scoring.completion_logits` would give;
     None for an empty group. The rows of all groups share one prefill per distinct prompt and one of
@@ -112,13 +138,15 @@ def grouped(model: nn.Module, groups: list[tuple[list[list[int]], list[list[int]
     if not (share and shares(model)):
         scored = iter([(full_hidden if hidden else completion_logits)(model, *g) for g in kept])
         return [next(scored) if g[0] else None for g in groups]
-    hidden_BTD = completion_hidden(model, [p for g in kept for p in g[0]], [c for g in kept for c in g[1]])
+    hidden_BTD = completion_hidden(
+        model, [p for g in kept for p in g[0]], [c for g in kept for c in g[1]]
+    )
     out, start = [], 0
     for prompts, continuations in groups:
         if not prompts:
             out.append(None)
             continue
-        part_BTD = hidden_BTD[start:start + len(prompts), :max(map(len, continuations))]
+        part_BTD = hidden_BTD[start : start + len(prompts), : max(map(len, continuations))]
         out.append(part_BTD if hidden else head(part_BTD))
         start += len(prompts)
     return out

@@ -26,7 +26,9 @@ _SLOT = re.compile(r"\{(question|demonstration|answer|feedback|followup)\}")
 class PromptPair:
     student_ids: list[int]
     teacher_ids: list[int]
-    demo_ids: list[int]  # the demonstration as the assistant's turn (SFT targets), up to its end-of-turn token
+    demo_ids: list[
+        int
+    ]  # the demonstration as the assistant's turn (SFT targets), up to its end-of-turn token
     where: str
     # False for a lesson whose teacher sees a context (feedback) instead: demo_ids is then an empty turn,
     # which neither the SFT term nor the completion budget may take for a demonstration.
@@ -34,8 +36,10 @@ class PromptPair:
 
 
 def describe_stops(tokenizer) -> str:
-    """"<|im_end|> (2), <|endoftext|> (0)": the stop set for the startup panel."""
-    return ", ".join(f"{tokenizer.convert_ids_to_tokens(t)} ({t})" for t in sorted(tokenizer.eos_token_ids))
+    """ "<|im_end|> (2), <|endoftext|> (0)": the stop set for the startup panel."""
+    return ", ".join(
+        f"{tokenizer.convert_ids_to_tokens(t)} ({t})" for t in sorted(tokenizer.eos_token_ids)
+    )
 
 
 def with_system_prompt(messages: list[dict], system_prompt: str | None) -> list[dict]:
@@ -49,7 +53,10 @@ def with_system_prompt(messages: list[dict], system_prompt: str | None) -> list[
 def apply_system_prompt(examples: list[Example], system_prompt: str | None) -> list[Example]:
     if not system_prompt:
         return examples
-    return [dataclasses.replace(ex, prompt=with_system_prompt(ex.prompt, system_prompt)) for ex in examples]
+    return [
+        dataclasses.replace(ex, prompt=with_system_prompt(ex.prompt, system_prompt))
+        for ex in examples
+    ]
 
 
 def template_system_prompt(tokenizer) -> str | None:
@@ -60,12 +67,16 @@ def template_system_prompt(tokenizer) -> str | None:
     try:
         bare = render(tokenizer, user)
         marked = render(tokenizer, [{"role": "system", "content": marker}, *user])
-    except Exception:  # no template (render says so later, where it matters), or one that refuses a system turn
+    except (
+        Exception
+    ):  # no template (render says so later, where it matters), or one that refuses a system turn
         return None
     before, _, after = marked.partition(marker)
-    if not (bare.startswith(before) and bare.endswith(after)) or len(bare) <= len(before) + len(after):
+    if not (bare.startswith(before) and bare.endswith(after)) or len(bare) <= len(before) + len(
+        after
+    ):
         return None
-    return bare[len(before): len(bare) - len(after)] or None
+    return bare[len(before) : len(bare) - len(after)] or None
 
 
 def system_prompt_note(tokenizer, system_prompt: str | None) -> str | None:
@@ -85,7 +96,9 @@ def fill_template(template: str, question: str, demonstration: str, **context: s
     return _SLOT.sub(lambda m: values.get(m.group(1), m.group(0)), template)
 
 
-def with_rules(messages: list[dict], rules: str | None, default_system: str | None = None) -> list[dict]:
+def with_rules(
+    messages: list[dict], rules: str | None, default_system: str | None = None
+) -> list[dict]:
     """The conversation with `rules` added to its system message: after the conversation's own
     system message, else after `default_system` (the one the chat template writes by itself), so
     the rules add to the model's usual context instead of replacing it."""
@@ -93,12 +106,17 @@ def with_rules(messages: list[dict], rules: str | None, default_system: str | No
         return messages
     if messages[0]["role"] in ("system", "developer"):
         first = messages[0]
-        return [{**first, "content": f"{first.get('content') or ''}\n\n{rules}".lstrip("\n")}, *messages[1:]]
+        return [
+            {**first, "content": f"{first.get('content') or ''}\n\n{rules}".lstrip("\n")},
+            *messages[1:],
+        ]
     system = f"{default_system}\n\n{rules}" if default_system else rules
     return [{"role": "system", "content": system}, *messages]
 
 
-def teacher_messages(example: Example, template: str, default_system: str | None = None) -> list[dict]:
+def teacher_messages(
+    example: Example, template: str, default_system: str | None = None
+) -> list[dict]:
     """`template` unless the example brings its own (a feedback or hindsight lesson); the example's
     `teacher_system` (rules) added to the system message, after `default_system` when it has none.
     A demonstration in the example's context is shown to the teacher in place of its own (a lesson's
@@ -106,7 +124,9 @@ def teacher_messages(example: Example, template: str, default_system: str | None
     *history, last_user = example.prompt
     slots = {"demonstration": example.demonstration, **(example.context or {})}
     content = fill_template(example.teacher_template or template, last_user["content"], **slots)
-    return with_rules([*history, {**last_user, "content": content}], example.teacher_system, default_system)
+    return with_rules(
+        [*history, {**last_user, "content": content}], example.teacher_system, default_system
+    )
 
 
 def special_texts(tokenizer) -> dict[str, list[str]]:
@@ -141,20 +161,35 @@ def special_text_in(tokenizer, value) -> str | None:
                     return found
                 at = value.find(prefix, at + 1)
         return None
-    items = [*value.keys(), *value.values()] if isinstance(value, dict) else value if isinstance(value, list) else []
-    return next((found for item in items if (found := special_text_in(tokenizer, item)) is not None), None)
+    items = (
+        [*value.keys(), *value.values()]
+        if isinstance(value, dict)
+        else value
+        if isinstance(value, list)
+        else []
+    )
+    return next(
+        (found for item in items if (found := special_text_in(tokenizer, item)) is not None), None
+    )
 
 
 def check_literal(tokenizer, example: Example) -> None:
     """InputError when a text of the example holds a special token's text: encoded with the rendered
     prompt it would become that control token (a demonstration with "<|im_end|>" would end there)."""
-    texts = [("prompt", example.prompt), ("demonstration", example.demonstration),
-             ("context", example.context), ("teacher_system", example.teacher_system), ("tools", example.tools)]
+    texts = [
+        ("prompt", example.prompt),
+        ("demonstration", example.demonstration),
+        ("context", example.context),
+        ("teacher_system", example.teacher_system),
+        ("tools", example.tools),
+    ]
     for field, value in texts:
         if value is not None and (token := special_text_in(tokenizer, value)) is not None:
-            raise InputError(f"{example.where}: the {field} contains {token!r}, the text of one of the model's "
-                             "special tokens, which the chat template's prompt would turn into that control token; "
-                             "remove it or write it another way")
+            raise InputError(
+                f"{example.where}: the {field} contains {token!r}, the text of one of the model's "
+                "special tokens, which the chat template's prompt would turn into that control token; "
+                "remove it or write it another way"
+            )
 
 
 def student_text(tokenizer, example: Example) -> str:
@@ -172,7 +207,7 @@ def _assistant_turn(tokenizer, example: Example, content: str) -> str | None:
     bare = render(tokenizer, example.prompt, example.tools, add_generation_prompt=False)
     turn = {"role": "assistant", "content": content}
     full = render(tokenizer, [*example.prompt, turn], example.tools, add_generation_prompt=False)
-    return full[len(bare):] if full.startswith(bare) else None
+    return full[len(bare) :] if full.startswith(bare) else None
 
 
 def target_text(tokenizer, example: Example) -> str:
@@ -185,25 +220,35 @@ def target_text(tokenizer, example: Example) -> str:
     tokens, so BPE merges across the prompt boundary cannot shift the target."""
     prompt = student_text(tokenizer, example)
     bare = render(tokenizer, example.prompt, example.tools, add_generation_prompt=False)
-    generation = prompt[len(bare):] if prompt.startswith(bare) else None
+    generation = prompt[len(bare) :] if prompt.startswith(bare) else None
     written = _assistant_turn(tokenizer, example, example.demonstration)
     if generation is not None and written is not None and written.startswith(generation):
-        return written[len(generation):]
+        return written[len(generation) :]
     marked = _assistant_turn(tokenizer, example, _MARK) or ""
     header, end = marked.partition(_MARK)[0], turn_end_text(tokenizer) or ""
     if generation is None or _MARK not in marked or not generation.startswith(header):
-        raise InputError(f"{example.where}: cannot find where the chat template's answer starts after the "
-                         f"student prompt {prompt[-80:]!r}")
-    opened, demo, think = generation[len(header):], example.demonstration, getattr(tokenizer, "think_start", None)
+        raise InputError(
+            f"{example.where}: cannot find where the chat template's answer starts after the "
+            f"student prompt {prompt[-80:]!r}"
+        )
+    opened, demo, think = (
+        generation[len(header) :],
+        example.demonstration,
+        getattr(tokenizer, "think_start", None),
+    )
     if not demo:  # a lesson with a teacher context instead: only the end of the turn
         return end
     for start in (opened, opened.strip()):
         if demo.startswith(start):
-            return demo[len(start):] + end
+            return demo[len(start) :] + end
     if think and opened.strip() == think:
-        return f"\n{tokenizer.think_end}\n\n{demo}{end}"  # an empty think block, as Qwen3 writes one
-    raise InputError(f"{example.where}: the chat template's generation prompt ends with {opened!r}; start "
-                     f"the demonstration with it")
+        return (
+            f"\n{tokenizer.think_end}\n\n{demo}{end}"  # an empty think block, as Qwen3 writes one
+        )
+    raise InputError(
+        f"{example.where}: the chat template's generation prompt ends with {opened!r}; start "
+        f"the demonstration with it"
+    )
 
 
 def demonstration_ids(tokenizer, example: Example) -> list[int]:
@@ -224,11 +269,15 @@ def check_rendering(tokenizer, example: Example) -> None:
     question = example.prompt[-1]["content"] if example.prompt else None
     text = student_text(tokenizer, example)
     if isinstance(question, str) and question.strip() and question.strip() not in text:
-        raise InputError(f"{example.where}: the chat template's student prompt does not contain the last user "
-                         f"message; it rendered {text!r}")
+        raise InputError(
+            f"{example.where}: the chat template's student prompt does not contain the last user "
+            f"message; it rendered {text!r}"
+        )
 
 
-def encode_examples(tokenizer, examples: list[Example], template: str, max_seq_length: int) -> list[PromptPair]:
+def encode_examples(
+    tokenizer, examples: list[Example], template: str, max_seq_length: int
+) -> list[PromptPair]:
     """Token ids for both contexts; a prompt that leaves no room for a completion is an error, never cut."""
     pairs = []
     if examples:
@@ -243,5 +292,9 @@ def encode_examples(tokenizer, examples: list[Example], template: str, max_seq_l
                     f"{ex.where}: the {role} is {len(ids)} tokens, which leaves no room for a completion "
                     f"within --max-seq-length {max_seq_length}"
                 )
-        pairs.append(PromptPair(student, teacher, demonstration_ids(tokenizer, ex), ex.where, bool(ex.demonstration)))
+        pairs.append(
+            PromptPair(
+                student, teacher, demonstration_ids(tokenizer, ex), ex.where, bool(ex.demonstration)
+            )
+        )
     return pairs

@@ -49,7 +49,9 @@ def jsd_of_logits(p_logits_BTV: np.ndarray, q_logits_BTV: np.ndarray, beta: floa
 def token_divergence(student_logits_BTV, teacher_logits_BTV, *, divergence, beta) -> np.ndarray:
     """forward = KL(q‖p), reverse = KL(p‖q), jsd; p student, q teacher → div_BT."""
     if divergence not in DIVERGENCES:
-        raise ValueError(f"unknown divergence {divergence!r}; choose one of {', '.join(DIVERGENCES)}")
+        raise ValueError(
+            f"unknown divergence {divergence!r}; choose one of {', '.join(DIVERGENCES)}"
+        )
     if divergence == "forward":
         return kl_of_logits(teacher_logits_BTV, student_logits_BTV)
     if divergence == "reverse":
@@ -79,7 +81,11 @@ def sequence_mean(div_BT: np.ndarray, mask: np.ndarray, skip: int) -> tuple[floa
 
 def sdft_loss(student_logits, teacher_logits, mask, *, divergence, skip, beta) -> tuple[float, int]:
     """`sequence_mean` of `token_divergence` → (loss, ntoks)."""
-    return sequence_mean(token_divergence(student_logits, teacher_logits, divergence=divergence, beta=beta), mask, skip)
+    return sequence_mean(
+        token_divergence(student_logits, teacher_logits, divergence=divergence, beta=beta),
+        mask,
+        skip,
+    )
 
 
 def sdft_loss_grad(student_logits, teacher_logits, mask, *, divergence, skip, beta) -> np.ndarray:
@@ -94,7 +100,9 @@ def sdft_loss_grad(student_logits, teacher_logits, mask, *, divergence, skip, be
     ∂p_v/∂z_u = p_v(δ_vu − p_u) turns any g_v = ∂L/∂p_v into p ⊙ (g − Σ_v p_v g_v).
     """
     if divergence not in DIVERGENCES:
-        raise ValueError(f"unknown divergence {divergence!r}; choose one of {', '.join(DIVERGENCES)}")
+        raise ValueError(
+            f"unknown divergence {divergence!r}; choose one of {', '.join(DIVERGENCES)}"
+        )
     logp_BTV = log_softmax(student_logits)
     logq_BTV = log_softmax(teacher_logits)
     p_BTV, q_BTV = np.exp(logp_BTV), np.exp(logq_BTV)
@@ -111,7 +119,9 @@ def sdft_loss_grad(student_logits, teacher_logits, mask, *, divergence, skip, be
         if not 0.0 < beta < 1.0:
             raise ValueError(f"jsd needs 0 < beta < 1, got beta={beta}")
         logm_BTV = _mixture_logprobs(logp_BTV, logq_BTV, beta)
-        token_grad_BTV = (1.0 - beta) * p_BTV * (logp_BTV - logm_BTV - _kl(logp_BTV, logm_BTV)[..., None])
+        token_grad_BTV = (
+            (1.0 - beta) * p_BTV * (logp_BTV - logm_BTV - _kl(logp_BTV, logm_BTV)[..., None])
+        )
     return token_grad_BTV * c_BT[..., None]
 
 
@@ -129,21 +139,31 @@ class LinearHead:
         return grad_BTV @ self.weight_VD / self.temperature
 
 
-def sdft_loss_chunked(logits_of, student_hidden, teacher_hidden, mask, *, chunk, divergence, skip,
-                      beta) -> tuple[float, int]:
+def sdft_loss_chunked(
+    logits_of, student_hidden, teacher_hidden, mask, *, chunk, divergence, skip, beta
+) -> tuple[float, int]:
     """`sdft_loss` of `logits_of(hidden)`, the logits computed `chunk` positions at a time:
     chunking changes when logits exist, not the loss."""
     T = np.shape(student_hidden)[1]
-    student_BTV, teacher_BTV = (np.concatenate([logits_of(h[:, t:t + chunk]) for t in range(0, T, chunk)], axis=1)
-                                for h in (np.asarray(student_hidden), np.asarray(teacher_hidden)))
+    student_BTV, teacher_BTV = (
+        np.concatenate([logits_of(h[:, t : t + chunk]) for t in range(0, T, chunk)], axis=1)
+        for h in (np.asarray(student_hidden), np.asarray(teacher_hidden))
+    )
     return sdft_loss(student_BTV, teacher_BTV, mask, divergence=divergence, skip=skip, beta=beta)
 
 
-def sdft_loss_chunked_grad(logits_of: LinearHead, student_hidden, teacher_hidden, mask, *, chunk, divergence, skip,
-                           beta) -> np.ndarray:
+def sdft_loss_chunked_grad(
+    logits_of: LinearHead, student_hidden, teacher_hidden, mask, *, chunk, divergence, skip, beta
+) -> np.ndarray:
     """∂loss/∂(student hidden) = (∂loss/∂logits) · W / τ → grad_BTD (chunks change nothing)."""
-    grad_BTV = sdft_loss_grad(logits_of(student_hidden), logits_of(teacher_hidden), mask, divergence=divergence,
-                              skip=skip, beta=beta)
+    grad_BTV = sdft_loss_grad(
+        logits_of(student_hidden),
+        logits_of(teacher_hidden),
+        mask,
+        divergence=divergence,
+        skip=skip,
+        beta=beta,
+    )
     return logits_of.backward(grad_BTV)
 
 
@@ -168,13 +188,20 @@ def teacher_topk(teacher_logits_BTV, k: int) -> tuple[np.ndarray, np.ndarray]:
     return idx_BTK, bucket_logprobs(teacher_logprobs_BTV, idx_BTK)
 
 
-def sdft_loss_topk(student_logits, teacher_idx, teacher_buckets, mask, *, divergence, skip,
-                   beta) -> tuple[float, int]:
+def sdft_loss_topk(
+    student_logits, teacher_idx, teacher_buckets, mask, *, divergence, skip, beta
+) -> tuple[float, int]:
     """The teacher's top-K buckets (+ tail) against the student's mass on the same buckets, then
     the full-vocabulary recipe (bucket log-probabilities are their own logits)."""
     student_buckets = bucket_logprobs(log_softmax(student_logits), np.asarray(teacher_idx))
-    return sdft_loss(student_buckets, np.asarray(teacher_buckets, np.float64), mask, divergence=divergence, skip=skip,
-                     beta=beta)
+    return sdft_loss(
+        student_buckets,
+        np.asarray(teacher_buckets, np.float64),
+        mask,
+        divergence=divergence,
+        skip=skip,
+        beta=beta,
+    )
 
 
 def sft_loss(logits, targets, mask) -> tuple[float, int]:
@@ -202,7 +229,7 @@ def sft_loss_grad(logits, targets, mask) -> np.ndarray:
 
 
 def keep_rows(mask_BT, truncated_B, mode) -> np.ndarray:
-    """"keep": the mask; "mask": the rows of truncated completions set to 0."""
+    """ "keep": the mask; "mask": the rows of truncated completions set to 0."""
     out = np.array(mask_BT, dtype=np.float64)
     if mode == "mask":
         for b, t in enumerate(truncated_B):
@@ -211,30 +238,68 @@ def keep_rows(mask_BT, truncated_B, mode) -> np.ndarray:
     return out
 
 
-def regularized_loss(student_logits, teacher_logits, mask, truncated, *, base_logits=None, demo_logits=None,
-                     demo_targets=None, demo_mask=None, divergence="forward", skip=3, beta=0.5,
-                     truncated_mode="keep", sft_weight=0.0, base_kl_weight=0.0) -> float:
+def regularized_loss(
+    student_logits,
+    teacher_logits,
+    mask,
+    truncated,
+    *,
+    base_logits=None,
+    demo_logits=None,
+    demo_targets=None,
+    demo_mask=None,
+    divergence="forward",
+    skip=3,
+    beta=0.5,
+    truncated_mode="keep",
+    sft_weight=0.0,
+    base_kl_weight=0.0,
+) -> float:
     """The training objective with every guard:
     sdft_loss(student, teacher, m, divergence, skip) + λ·sft_loss(demo) + μ·sdft_loss(student, base, m, forward, 0),
     m = keep_rows(mask, truncated, truncated_mode); the base term is KL(base‖student) per token."""
     m = keep_rows(mask, truncated, truncated_mode)
-    total = sdft_loss(student_logits, teacher_logits, m, divergence=divergence, skip=skip, beta=beta)[0]
+    total = sdft_loss(
+        student_logits, teacher_logits, m, divergence=divergence, skip=skip, beta=beta
+    )[0]
     if sft_weight:
         total += sft_weight * sft_loss(demo_logits, demo_targets, demo_mask)[0]
     if base_kl_weight:
-        total += base_kl_weight * sdft_loss(student_logits, base_logits, m, divergence="forward", skip=0, beta=0.5)[0]
+        total += (
+            base_kl_weight
+            * sdft_loss(student_logits, base_logits, m, divergence="forward", skip=0, beta=0.5)[0]
+        )
     return total
 
 
-def regularized_loss_grad(student_logits, teacher_logits, mask, truncated, *, base_logits=None, demo_logits=None,
-                          demo_targets=None, demo_mask=None, divergence="forward", skip=3, beta=0.5,
-                          truncated_mode="keep", sft_weight=0.0, base_kl_weight=0.0):
+def regularized_loss_grad(
+    student_logits,
+    teacher_logits,
+    mask,
+    truncated,
+    *,
+    base_logits=None,
+    demo_logits=None,
+    demo_targets=None,
+    demo_mask=None,
+    divergence="forward",
+    skip=3,
+    beta=0.5,
+    truncated_mode="keep",
+    sft_weight=0.0,
+    base_kl_weight=0.0,
+):
     """(∂/∂ student logits, ∂/∂ demonstration logits) of `regularized_loss`:
     sdft_loss_grad(m) + μ·(p − q_base)·c₀ and λ·(p_demo − onehot(target))·mask/Σmask."""
     m = keep_rows(mask, truncated, truncated_mode)
-    grad_BTV = sdft_loss_grad(student_logits, teacher_logits, m, divergence=divergence, skip=skip, beta=beta)
+    grad_BTV = sdft_loss_grad(
+        student_logits, teacher_logits, m, divergence=divergence, skip=skip, beta=beta
+    )
     if base_kl_weight:
-        grad_BTV = grad_BTV + base_kl_weight * sdft_loss_grad(student_logits, base_logits, m, divergence="forward", skip=0,
-                                                              beta=0.5)
-    demo_grad = sft_weight * sft_loss_grad(demo_logits, demo_targets, demo_mask) if sft_weight else None
+        grad_BTV = grad_BTV + base_kl_weight * sdft_loss_grad(
+            student_logits, base_logits, m, divergence="forward", skip=0, beta=0.5
+        )
+    demo_grad = (
+        sft_weight * sft_loss_grad(demo_logits, demo_targets, demo_mask) if sft_weight else None
+    )
     return grad_BTV, demo_grad

@@ -55,7 +55,9 @@ class FusedLinear(nn.Module):
     def __init__(self, lora: LoRALinear):
         super().__init__()
         base = lora.linear
-        self.weight = base.weight + ((lora.scale * lora.lora_b.T) @ lora.lora_a.T).astype(base.weight.dtype)
+        self.weight = base.weight + ((lora.scale * lora.lora_b.T) @ lora.lora_a.T).astype(
+            base.weight.dtype
+        )
         if "bias" in base:
             self.bias = base.bias
         self.freeze()  # a sampling-time copy: nothing may train it
@@ -69,8 +71,11 @@ class FusedLinear(nn.Module):
 def fusable(model: nn.Module) -> list[tuple[str, LoRALinear]]:
     """LoRA linears whose adapter can be fused exactly: not over quantized weights, where
     fusing would requantize and so sample from a slightly different policy."""
-    return [(name, m) for name, m in model.named_modules()
-            if type(m) is LoRALinear and not isinstance(m.linear, nn.QuantizedLinear)]
+    return [
+        (name, m)
+        for name, m in model.named_modules()
+        if type(m) is LoRALinear and not isinstance(m.linear, nn.QuantizedLinear)
+    ]
 
 
 def fused_bytes(model: nn.Module) -> int:
@@ -93,7 +98,9 @@ def fused_adapters(model: nn.Module):
         model.update_modules(tree_unflatten(lora))
 
 
-def shared_prefill(model: nn.Module, prompts: list[list[int]]) -> tuple[list[list[int]], list | None]:
+def shared_prefill(
+    model: nn.Module, prompts: list[list[int]]
+) -> tuple[list[list[int]], list | None]:
     """When prompts repeat (--num-generations > 1), prefill each distinct prompt once: returns
     the last token of every prompt and a KV cache per prompt holding the rest, one cache object
     shared by all copies (BatchGenerator merges caches into its batch by copying them, never in
@@ -128,14 +135,20 @@ def sample(
     try:
         with fused_adapters(model) if fuse else nullcontext():
             if decode.supported(model) and len(prompts) <= batch_size:
-                completions, truncated = decode.decode(model, prompts, max_tokens, stop_ids, temperature, top_p, seeds)
+                completions, truncated = decode.decode(
+                    model, prompts, max_tokens, stop_ids, temperature, top_p, seeds
+                )
                 return Rollout(completions, truncated, sum(len(p) for p in prompts))
-            return _generate(model, prompts, max_tokens, stop_ids, temperature, top_p, batch_size, seeds)
+            return _generate(
+                model, prompts, max_tokens, stop_ids, temperature, top_p, batch_size, seeds
+            )
     finally:
         model.train(was_training)
 
 
-def _generate(model, prompts, max_tokens, stop_ids, temperature, top_p, batch_size, seeds) -> Rollout:
+def _generate(
+    model, prompts, max_tokens, stop_ids, temperature, top_p, batch_size, seeds
+) -> Rollout:
     """The same sampling through mlx-lm's BatchGenerator, for caches `decode` does not handle."""
     samplers = None
     if seeds is not None and temperature > 0:

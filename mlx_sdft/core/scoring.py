@@ -59,10 +59,14 @@ def _inputs(prompts: list[list[int]], completions: list[list[int]]) -> tuple[mx.
     inputs_BL = pad_rows([p + c[:-1] for p, c in zip(prompts, completions)])
     start_B = mx.array([len(p) - 1 for p in prompts])
     positions_BT = start_B[:, None] + mx.arange(T)[None, :]
-    return inputs_BL, mx.minimum(positions_BT, inputs_BL.shape[1] - 1)  # padded slots read any valid row
+    return inputs_BL, mx.minimum(
+        positions_BT, inputs_BL.shape[1] - 1
+    )  # padded slots read any valid row
 
 
-def completion_hidden(model: nn.Module, prompts: list[list[int]], completions: list[list[int]]) -> mx.array:
+def completion_hidden(
+    model: nn.Module, prompts: list[list[int]], completions: list[list[int]]
+) -> mx.array:
     """hidden_BTD: the final hidden state that `lm_head` turns into the prediction of
     completions[i][j]; for models where `lm_head(model)` is not None."""
     backbone, _ = _split_head(model)
@@ -70,7 +74,9 @@ def completion_hidden(model: nn.Module, prompts: list[list[int]], completions: l
     return mx.take_along_axis(backbone(inputs_BL), positions_BT[..., None], axis=1)
 
 
-def completion_logits(model: nn.Module, prompts: list[list[int]], completions: list[list[int]]) -> mx.array:
+def completion_logits(
+    model: nn.Module, prompts: list[list[int]], completions: list[list[int]]
+) -> mx.array:
     """logits_BTV where [i, j] is the model's prediction of completions[i][j]; rows past the
     completion's length are padding (see `completion_mask`)."""
     head = lm_head(model)

@@ -21,13 +21,28 @@ from mlx.utils import tree_map
 from mlx_sdft.errors import Interrupted, TrainingError
 from mlx_sdft.core import guards
 from mlx_sdft.core.degeneration import degeneration_sums
-from mlx_sdft.core.objective import (PARTS, Objective, ObjectiveArgs, loss_parts, scored_rows, sdft_objective,
-                                     supervised_loss, term_counts)
+from mlx_sdft.core.objective import (
+    PARTS,
+    Objective,
+    ObjectiveArgs,
+    loss_parts,
+    scored_rows,
+    sdft_objective,
+    supervised_loss,
+    term_counts,
+)
 from mlx_sdft.core.prompts import PromptPair
 from mlx_sdft.core.rollout import sample
 from mlx_sdft.core.samples import records, sampled_rows
-from mlx_sdft.core.teacher import (Leaves, checkpointing, evaluating, init_teacher, step_teacher, trainable_leaves,
-                                   using)
+from mlx_sdft.core.teacher import (
+    Leaves,
+    checkpointing,
+    evaluating,
+    init_teacher,
+    step_teacher,
+    trainable_leaves,
+    using,
+)
 
 
 @dataclass(frozen=True)
@@ -36,6 +51,7 @@ class TrainingArgs:
     (config/train.py): its length, the optimizer, sampling, the teacher, reporting and saving;
     `objective` what the loss reads, `budget` what bounds a sample. `of` builds it from train's
     Config, as mlx-lm's lora.py builds its TrainingArgs."""
+
     iters: int | None
     epochs: float
     batch_size: int
@@ -66,7 +82,12 @@ class TrainingArgs:
     def of(cls, options) -> TrainingArgs:
         """The options' fields of these names (train's Config, or a command's that extends it)."""
         parts = {"objective": ObjectiveArgs.of(options), "budget": guards.Budget.of(options)}
-        return cls(**{f.name: parts[f.name] if f.name in parts else getattr(options, f.name) for f in fields(cls)})
+        return cls(
+            **{
+                f.name: parts[f.name] if f.name in parts else getattr(options, f.name)
+                for f in fields(cls)
+            }
+        )
 
 
 class PhaseTimer:
@@ -101,8 +122,15 @@ class TrainingCallback:
         """A record of metrics.jsonl: "train" (every --steps-per-report, with the completions
         --log-completions logs), "eval" (a validation) or "stop" (--max-degenerate-rise)."""
 
-    def save(self, step: int, student: Leaves, teacher: Leaves | None, optimizer: optim.Optimizer, state: dict,
-             numbered: bool) -> None:
+    def save(
+        self,
+        step: int,
+        student: Leaves,
+        teacher: Leaves | None,
+        optimizer: optim.Optimizer,
+        state: dict,
+        numbered: bool,
+    ) -> None:
         """The run's whole state at `step`: the adapters, the teacher's leaves (None: no separate
         teacher), the optimizer and `state` (the data cursor); `numbered`: also keep a numbered
         copy of the adapters (a checkpoint)."""
@@ -141,7 +169,13 @@ def build_optimizer(args: TrainingArgs, steps: int) -> optim.Optimizer:
     """Linear warmup to the peak rate, then cosine decay to 0 (the paper's schedule)."""
     warmup = int(args.warmup_ratio * steps)
     cosine = optim.cosine_decay(args.learning_rate, max(steps - warmup, 1))
-    lr = optim.join_schedules([optim.linear_schedule(0.0, args.learning_rate, warmup), cosine], [warmup]) if warmup else cosine
+    lr = (
+        optim.join_schedules(
+            [optim.linear_schedule(0.0, args.learning_rate, warmup), cosine], [warmup]
+        )
+        if warmup
+        else cosine
+    )
     if args.optimizer == "adamw":
         return optim.AdamW(learning_rate=lr, weight_decay=args.weight_decay)
     if args.optimizer == "adam":
@@ -158,26 +192,57 @@ def sequence_seed(seed: int, position: int, generation: int, stream: int = TRAIN
     return int(np.random.SeedSequence([seed, stream, position, generation]).generate_state(1)[0])
 
 
-def rollout_batch(model: nn.Module, pairs: list[PromptPair], args: TrainingArgs, stop_ids: list[int],
-                  positions: list[int] | None = None, stream: int = TRAIN_STREAM):
+def rollout_batch(
+    model: nn.Module,
+    pairs: list[PromptPair],
+    args: TrainingArgs,
+    stop_ids: list[int],
+    positions: list[int] | None = None,
+    stream: int = TRAIN_STREAM,
+):
     """Each prompt repeated --num-generations times, sampled from the current student weights.
     `positions` (the prompts' places in the data stream) seed each completion; without them
     sampling draws from MLX's global random state."""
-    seeds = None if positions is None else [
-        sequence_seed(args.seed, p, g, stream) for p in positions for g in range(args.objective.num_generations)]
+    seeds = (
+        None
+        if positions is None
+        else [
+            sequence_seed(args.seed, p, g, stream)
+            for p in positions
+            for g in range(args.objective.num_generations)
+        ]
+    )
     pairs = [p for p in pairs for _ in range(args.objective.num_generations)]
     rollout = sample(
-        model, [p.student_ids for p in pairs], [guards.completion_budget(p, args.budget) for p in pairs], stop_ids,
-        temperature=args.objective.temperature, top_p=args.top_p, batch_size=len(pairs), seeds=seeds,
+        model,
+        [p.student_ids for p in pairs],
+        [guards.completion_budget(p, args.budget) for p in pairs],
+        stop_ids,
+        temperature=args.objective.temperature,
+        top_p=args.top_p,
+        batch_size=len(pairs),
+        seeds=seeds,
         fuse=args.fuse_sampling,
     )
     return pairs, rollout
 
 
-def sdft_step(model, teacher: Leaves | None, pairs: list[PromptPair], positions: list[int], *, grad: bool,
-              timer: PhaseTimer, stream: int = TRAIN_STREAM, args: TrainingArgs, stop_ids: list[int],
-              objective: Objective, base: Leaves | None = None, log: int = 0,
-              shares: dict[str, float] | None = None) -> tuple:
+def sdft_step(
+    model,
+    teacher: Leaves | None,
+    pairs: list[PromptPair],
+    positions: list[int],
+    *,
+    grad: bool,
+    timer: PhaseTimer,
+    stream: int = TRAIN_STREAM,
+    args: TrainingArgs,
+    stop_ids: list[int],
+    objective: Objective,
+    base: Leaves | None = None,
+    log: int = 0,
+    shares: dict[str, float] | None = None,
+) -> tuple:
     """One SDFT micro-batch: sample from the student, the teacher's scores (no gradient), the
     student's loss and, with `grad`, its gradient (else None) → (loss, ntoks, grads, stats).
     stats["parts"] holds the loss's terms (Objective.student_loss); with `log`, stats["completions"]
@@ -196,24 +261,56 @@ def sdft_step(model, teacher: Leaves | None, pairs: list[PromptPair], positions:
     with timer("teacher"), using(model, teacher), evaluating(model):
         scores = objective.teacher_scores(model, *scored) if rows else None
         mx.eval(scores)
-    with timer("teacher"), evaluating(model):  # what the guards need: truncation flags, the base model's logits
+    with (
+        timer("teacher"),
+        evaluating(model),
+    ):  # what the guards need: truncation flags, the base model's logits
         with_base = args.objective.base_kl_weight and rows
-        guard = guards.Guard(truncated, guards.base_logits(model, base, *scored) if with_base else None, rows)
+        guard = guards.Guard(
+            truncated, guards.base_logits(model, base, *scored) if with_base else None, rows
+        )
         mx.eval(guard.base_logits)
     with timer("student"), checkpointing(model, grad and args.objective.grad_checkpoint):
         loss_and_grad = _value_and_grad(model, objective.student_loss, grad)
-        (loss, ntoks, parts, own_N), grads = loss_and_grad(model, pairs, rollout.completions, scores, guard, shares, log)
+        (loss, ntoks, parts, own_N), grads = loss_and_grad(
+            model, pairs, rollout.completions, scores, guard, shares, log
+        )
         mx.eval(loss, ntoks, parts, own_N, grads or [])
     masked = args.objective.truncated == "mask"
-    logged = {"completions": sampled_rows(pairs, rollout, own_N.tolist(), masked=masked)} if log else {}
-    return loss, ntoks, grads, {"n": len(pairs), "sampled": rollout.num_tokens, "length": rollout.num_tokens,
-                                "parts": parts, "truncated": sum(rollout.truncated), **logged, **degeneration_sums(
-                                    rollout.completions, rollout.truncated, [p.demo_ids for p in pairs], stop_ids)}
+    logged = (
+        {"completions": sampled_rows(pairs, rollout, own_N.tolist(), masked=masked)} if log else {}
+    )
+    return (
+        loss,
+        ntoks,
+        grads,
+        {
+            "n": len(pairs),
+            "sampled": rollout.num_tokens,
+            "length": rollout.num_tokens,
+            "parts": parts,
+            "truncated": sum(rollout.truncated),
+            **logged,
+            **degeneration_sums(
+                rollout.completions, rollout.truncated, [p.demo_ids for p in pairs], stop_ids
+            ),
+        },
+    )
 
 
-def sft_step(model, teacher: Leaves | None, pairs: list[PromptPair], positions: list[int], *, grad: bool,
-             timer: PhaseTimer, stream: int = TRAIN_STREAM, args: TrainingArgs, log: int = 0,
-             shares: dict[str, float] | None = None) -> tuple:
+def sft_step(
+    model,
+    teacher: Leaves | None,
+    pairs: list[PromptPair],
+    positions: list[int],
+    *,
+    grad: bool,
+    timer: PhaseTimer,
+    stream: int = TRAIN_STREAM,
+    args: TrainingArgs,
+    log: int = 0,
+    shares: dict[str, float] | None = None,
+) -> tuple:
     """One --method sft micro-batch: cross-entropy on the demonstrations and, with `grad`, its
     gradient → (loss, ntoks, grads, stats), as `sdft_step` (nothing sampled, no teacher, so
     nothing for `log`; `shares` as there)."""
@@ -235,10 +332,14 @@ def make_step(args: TrainingArgs, stop_ids: list[int], base: Leaves | None = Non
     (adapters off) is what --base-kl-weight compares with."""
     if args.objective.method == "sft":
         return partial(sft_step, args=args)
-    return partial(sdft_step, args=args, stop_ids=stop_ids, objective=sdft_objective(args.objective), base=base)
+    return partial(
+        sdft_step, args=args, stop_ids=stop_ids, objective=sdft_objective(args.objective), base=base
+    )
 
 
-def validation_loss(model, teacher, pairs: list[PromptPair], args: TrainingArgs, micro_step, group=None) -> dict:
+def validation_loss(
+    model, teacher, pairs: list[PromptPair], args: TrainingArgs, micro_step, group=None
+) -> dict:
     """The training `micro_step` without its gradient on the validation prompts, with the same sampling
     seeds at every validation (differences between steps come from the weights): SDFT's
     teacher–student divergence on fresh samples (with the guards' terms; each part as val_PART), SFT's
@@ -248,25 +349,53 @@ def validation_loss(model, teacher, pairs: list[PromptPair], args: TrainingArgs,
     world, rank = (group.size(), group.rank()) if group is not None else (1, 0)
     batches = math.ceil(len(pairs) / args.batch_size)
     n = batches if args.val_batches < 0 else min(args.val_batches, batches)
-    names = list(loss_parts(args.objective))  # the same on every rank, which may have no batch to name them
-    totals = [0.0] * (4 + len(names))  # loss sum, length sum, batches, sequences, then each part's sum
+    names = list(
+        loss_parts(args.objective)
+    )  # the same on every rank, which may have no batch to name them
+    totals = [0.0] * (
+        4 + len(names)
+    )  # loss sum, length sum, batches, sequences, then each part's sum
     for b in range(rank, max(n, 1), world):
         start = b * args.batch_size
-        batch = pairs[start:start + args.batch_size]
+        batch = pairs[start : start + args.batch_size]
         positions = list(range(start, start + len(batch)))
         with evaluating(model):
-            loss, _, _, stats = micro_step(model, teacher, batch, positions, grad=False, timer=PhaseTimer(),
-                                           stream=VALID_STREAM)
-        values = [loss.item(), stats["length"], 1, stats["n"], *(stats["parts"][k].item() for k in names)]
+            loss, _, _, stats = micro_step(
+                model,
+                teacher,
+                batch,
+                positions,
+                grad=False,
+                timer=PhaseTimer(),
+                stream=VALID_STREAM,
+            )
+        values = [
+            loss.item(),
+            stats["length"],
+            1,
+            stats["n"],
+            *(stats["parts"][k].item() for k in names),
+        ]
         totals = [t + v for t, v in zip(totals, values)]
     if world > 1:
         totals = mx.distributed.all_sum(mx.array(totals, dtype=mx.float32), group=group).tolist()
-    return {"val_loss": totals[0] / totals[2], "val_completion_len": totals[1] / totals[3],
-            **{f"val_{k}": t / totals[2] for k, t in zip(names, totals[4:])}}
+    return {
+        "val_loss": totals[0] / totals[2],
+        "val_completion_len": totals[1] / totals[3],
+        **{f"val_{k}": t / totals[2] for k, t in zip(names, totals[4:])},
+    }
 
 
-def train(model: nn.Module, tokenizer, train_pairs: list[PromptPair], valid_pairs: list[PromptPair],
-          args: TrainingArgs, base: Leaves, callback: TrainingCallback | None = None, group=None) -> dict:
+def train(
+    model: nn.Module,
+    tokenizer,
+    train_pairs: list[PromptPair],
+    valid_pairs: list[PromptPair],
+    args: TrainingArgs,
+    base: Leaves,
+    callback: TrainingCallback | None = None,
+    group=None,
+) -> dict:
     """Run SDFT (or SFT); returns the last report record. Progress, records, saves and the
     question whether to stop go through `callback` (None: nothing is shown or written).
 
@@ -281,25 +410,35 @@ def train(model: nn.Module, tokenizer, train_pairs: list[PromptPair], valid_pair
     steps = total_steps(args, len(train_pairs))
     stop_ids = sorted(tokenizer.eos_token_ids)
     optimizer = build_optimizer(args, steps)
-    teacher_kind = args.teacher if args.objective.method == "sdft" else "live"  # SFT has no teacher: None leaves
+    teacher_kind = (
+        args.teacher if args.objective.method == "sdft" else "live"
+    )  # SFT has no teacher: None leaves
     teacher = init_teacher(teacher_kind, model, base)
     first, cursor, loss_tokens = 1, 0, 0
     if args.resume:
         state, saved_teacher = callback.resume(optimizer, model)
         first, cursor = state["step"] + 1, state["cursor"]
-        loss_tokens = state.get("loss_tokens", 1)  # runs saved before this count existed had trained
+        loss_tokens = state.get(
+            "loss_tokens", 1
+        )  # runs saved before this count existed had trained
         teacher = saved_teacher if teacher_kind == "ema" else teacher
         callback.print(f"resuming after step {state['step']} (epoch {state['epoch']:.2f})")
     micro_step = make_step(args, stop_ids, base)  # SDFT or SFT, and the objective: chosen once
     bad_steps, window, record = 0, [], {}
-    watch = guards.DegenerateWatch(args.max_degenerate_rise) if args.max_degenerate_rise is not None else None
+    watch = (
+        guards.DegenerateWatch(args.max_degenerate_rise)
+        if args.max_degenerate_rise is not None
+        else None
+    )
     model.train()
 
     for step in range(first, steps + 1):
         timer, grads, stats, logged = PhaseTimer(), None, {}, []
         report = step % args.steps_per_report == 0 or step == steps
-        batches = [batch_at(cursor + m * args.batch_size, len(train_pairs), args.batch_size, args.seed)
-                   for m in range(args.grad_accumulation_steps)]
+        batches = [
+            batch_at(cursor + m * args.batch_size, len(train_pairs), args.batch_size, args.seed)
+            for m in range(args.grad_accumulation_steps)
+        ]
         # What each loss term of the step is a mean over, on every process: a micro-batch's term
         # weighs its count over this total (times W, which average_gradients divides out again).
         totals = Counter()
@@ -312,28 +451,49 @@ def train(model: nn.Module, tokenizer, train_pairs: list[PromptPair], valid_pair
             pairs = [train_pairs[i] for i in batch[rank::world]]
             counts = term_counts(pairs, args.objective)
             shares = {k: n * world / totals[k] if totals[k] else 0.0 for k, n in counts.items()}
-            loss, ntoks, g, micro = micro_step(model, teacher, pairs, positions, grad=True, timer=timer, log=log,
-                                               shares=shares)
+            loss, ntoks, g, micro = micro_step(
+                model, teacher, pairs, positions, grad=True, timer=timer, log=log, shares=shares
+            )
             logged += micro.pop("completions", [])
-            parts = {k: v * shares[k] for k, v in micro.pop("parts", {}).items()}  # the loss's terms (SDFT), as weighted
+            parts = {
+                k: v * shares[k] for k, v in micro.pop("parts", {}).items()
+            }  # the loss's terms (SDFT), as weighted
             if world > 1:  # the shares carry W: the mean over processes is the sum of their shares
                 g = nn.average_gradients(g, group=group)
-                loss, ntoks = mx.distributed.all_sum(loss, group=group) / world, mx.distributed.all_sum(ntoks, group=group)
-                parts = {k: mx.distributed.all_sum(v, group=group) / world for k, v in parts.items()}
+                loss, ntoks = (
+                    mx.distributed.all_sum(loss, group=group) / world,
+                    mx.distributed.all_sum(ntoks, group=group),
+                )
+                parts = {
+                    k: mx.distributed.all_sum(v, group=group) / world for k, v in parts.items()
+                }
             grads = g if grads is None else tree_map(mx.add, grads, g)
-            micro = {**micro, "loss": loss.item(), "ntoks": int(ntoks.item()), **{k: v.item() for k, v in parts.items()},
-                     "empty_batches": int(ntoks.item() == 0)}  # all within --skip-first-tokens, or masked
+            micro = {
+                **micro,
+                "loss": loss.item(),
+                "ntoks": int(ntoks.item()),
+                **{k: v.item() for k, v in parts.items()},
+                "empty_batches": int(ntoks.item() == 0),
+            }  # all within --skip-first-tokens, or masked
             loss_tokens += micro["ntoks"]
             for key, value in micro.items():
                 stats[key] = stats.get(key, 0) + value
 
         with timer("student"):  # the micro-batches' shares sum to 1: `grads` is the step's gradient
-            grads, grad_norm = optim.clip_grad_norm(grads, args.grad_clip) if args.grad_clip else (grads, mx.array(0.0))
+            grads, grad_norm = (
+                optim.clip_grad_norm(grads, args.grad_clip)
+                if args.grad_clip
+                else (grads, mx.array(0.0))
+            )
             if not (math.isfinite(stats["loss"]) and math.isfinite(grad_norm.item())):
                 bad_steps += 1  # skip the update: one NaN would poison the adapters and the teacher
-                callback.print(f"[yellow]step {step}: non-finite loss or gradient, update skipped[/]")
+                callback.print(
+                    f"[yellow]step {step}: non-finite loss or gradient, update skipped[/]"
+                )
                 if bad_steps >= args.max_bad_steps:
-                    raise TrainingError(f"step {step}: {bad_steps} non-finite steps in a row; lower --learning-rate")
+                    raise TrainingError(
+                        f"step {step}: {bad_steps} non-finite steps in a row; lower --learning-rate"
+                    )
             else:
                 bad_steps = 0
                 optimizer.update(model, grads)
@@ -348,24 +508,49 @@ def train(model: nn.Module, tokenizer, train_pairs: list[PromptPair], valid_pair
             window = []
             state = {"cursor": cursor, "epoch": cursor / len(train_pairs), "total_steps": steps}
             if watch is not None and "degenerate" in record:
-                rate = record["degenerate"] if world == 1 else (  # every rank decides on the same number
-                    mx.distributed.all_sum(mx.array(record["degenerate"]), group=group).item() / world)
+                rate = (
+                    record["degenerate"]
+                    if world == 1
+                    # every rank decides on the same number
+                    else (
+                        mx.distributed.all_sum(mx.array(record["degenerate"]), group=group).item()
+                        / world
+                    )
+                )
                 if not watch.ok(rate):
-                    return guards.stop_early(callback, args.adapter_path, good, model, optimizer, watch, step, rate)
+                    return guards.stop_early(
+                        callback, args.adapter_path, good, model, optimizer, watch, step, rate
+                    )
                 good = guards.snapshot(step, model, teacher, optimizer, state)
         if valid_pairs and (step % args.steps_per_eval == 0 or step == steps):
             with timer("eval"):
                 val = validation_loss(model, teacher, valid_pairs, args, micro_step, group)
-            callback.on_report({"type": "eval", "step": step, **val, "val_s": timer.seconds["eval"]})
+            callback.on_report(
+                {"type": "eval", "step": step, **val, "val_s": timer.seconds["eval"]}
+            )
         interrupted = callback.stop_requested()
         if step == steps and loss_tokens == 0:
-            raise TrainingError(f"no micro-batch of the {steps} steps had a token in the loss (every completion ended "
-                                f"within --skip-first-tokens {args.objective.skip_first_tokens}, or was masked by "
-                                f"--truncated mask): nothing trained, nothing saved")
+            raise TrainingError(
+                f"no micro-batch of the {steps} steps had a token in the loss (every completion ended "
+                f"within --skip-first-tokens {args.objective.skip_first_tokens}, or was masked by "
+                f"--truncated mask): nothing trained, nothing saved"
+            )
         # Nothing is saved before a token reached the loss: those adapters are the untrained start.
         if loss_tokens and (step % args.save_every == 0 or step == steps or interrupted):
-            state = {"cursor": cursor, "epoch": cursor / len(train_pairs), "total_steps": steps, "loss_tokens": loss_tokens}
-            callback.save(step, trainable_leaves(model), teacher, optimizer, state, numbered=step % args.save_every == 0)
+            state = {
+                "cursor": cursor,
+                "epoch": cursor / len(train_pairs),
+                "total_steps": steps,
+                "loss_tokens": loss_tokens,
+            }
+            callback.save(
+                step,
+                trainable_leaves(model),
+                teacher,
+                optimizer,
+                state,
+                numbered=step % args.save_every == 0,
+            )
         if interrupted:
             raise Interrupted(step, saved=loss_tokens > 0)
     return record
@@ -380,7 +565,9 @@ def _summarize(window: list[dict], step: int, optimizer: optim.Optimizer) -> dic
         "type": "train",
         "step": step,
         "loss": total("loss") / k,
-        **{part: total(part) / k for part in PARTS if part in window[0]},  # loss = Σ weight × part (loss_parts)
+        **{
+            part: total(part) / k for part in PARTS if part in window[0]
+        },  # loss = Σ weight × part (loss_parts)
         "learning_rate": float(optimizer.learning_rate.item()),
         "grad_norm": total("grad_norm") / k,
         "sample_s": total("sample") / k,
@@ -390,9 +577,14 @@ def _summarize(window: list[dict], step: int, optimizer: optim.Optimizer) -> dic
         "trained_tps": total("ntoks") / max(busy, 1e-9),
         "completion_len": total("length") / max(total("n"), 1),
         "truncated": total("truncated") / max(total("n"), 1),
-        **({"degenerate": total("degenerate") / max(total("n"), 1), "len_ratio": total("len_ratio") / max(total("n"), 1)}
-           if "degenerate" in window[0] else {}),
+        **(
+            {
+                "degenerate": total("degenerate") / max(total("n"), 1),
+                "len_ratio": total("len_ratio") / max(total("n"), 1),
+            }
+            if "degenerate" in window[0]
+            else {}
+        ),
         "empty_batches": int(total("empty_batches")),
         "peak_memory_gb": mx.get_peak_memory() / 1e9,
     }
-

@@ -40,8 +40,13 @@ from mlx_sdft.folder_lock import held
 COMMIT = ".pending-commit.json"
 LOCK = "train.lock"
 METRICS, COMPLETIONS = "metrics.jsonl", "completions.jsonl"
-STATE_FILES = ("adapters.safetensors", "teacher_adapters.safetensors", "optimizer_state.safetensors",
-               "trainer_state.json", "adapter_config.json")
+STATE_FILES = (
+    "adapters.safetensors",
+    "teacher_adapters.safetensors",
+    "optimizer_state.safetensors",
+    "trainer_state.json",
+    "adapter_config.json",
+)
 
 
 @contextmanager
@@ -50,9 +55,12 @@ def locked(out: Path):
     block (the same flock as `learn`'s, `folder_lock.held`). Yields the pid of a run that was killed
     while holding it, else None. While another live run holds it: InputError naming its pid, and
     nothing in the folder is touched."""
+
     def busy(pid: str) -> InputError:
-        return InputError(f"--adapter-path: {out} is in use by a train run that is still running (pid {pid}); "
-                          "wait for it to end, or write to another --adapter-path")
+        return InputError(
+            f"--adapter-path: {out} is in use by a train run that is still running (pid {pid}); "
+            "wait for it to end, or write to another --adapter-path"
+        )
 
     out.mkdir(parents=True, exist_ok=True)
     with held(out / LOCK, busy) as stale:
@@ -66,7 +74,14 @@ def write_arrays(path: Path, arrays: dict[str, mx.array], step: int | None = Non
 
 def adapter_config(cfg, step: int) -> dict:
     """What mlx-lm's load_adapters reads (fine_tune_type, num_layers, lora_parameters) plus the rest."""
-    return {**cfg.to_dict(), "sdft": {"step": step, "teacher_file": "teacher_adapters.safetensors", **package_versions()}}
+    return {
+        **cfg.to_dict(),
+        "sdft": {
+            "step": step,
+            "teacher_file": "teacher_adapters.safetensors",
+            **package_versions(),
+        },
+    }
 
 
 def recover(out: Path) -> None:
@@ -83,8 +98,16 @@ def recover(out: Path) -> None:
             leftover.unlink()
 
 
-def save(out: Path, cfg, step: int, student: dict, teacher: dict | None, optimizer: optim.Optimizer,
-         state: dict, checkpoint: bool) -> None:
+def save(
+    out: Path,
+    cfg,
+    step: int,
+    student: dict,
+    teacher: dict | None,
+    optimizer: optim.Optimizer,
+    state: dict,
+    checkpoint: bool,
+) -> None:
     """Write the whole run state at `step` as one transaction; `checkpoint` also keeps a
     numbered copy of the adapters. Non-finite adapters are never written."""
     if not all(mx.isfinite(v).all().item() for v in student.values()):
@@ -93,8 +116,12 @@ def save(out: Path, cfg, step: int, student: dict, teacher: dict | None, optimiz
     recover(out)
     files = {
         "adapters.safetensors": lambda p: write_arrays(p, student, step),
-        "optimizer_state.safetensors": lambda p: write_arrays(p, dict(tree_flatten(optimizer.state)), step),
-        "trainer_state.json": lambda p: write_json(p, {**state, "step": step, "versions": package_versions()}),
+        "optimizer_state.safetensors": lambda p: write_arrays(
+            p, dict(tree_flatten(optimizer.state)), step
+        ),
+        "trainer_state.json": lambda p: write_json(
+            p, {**state, "step": step, "versions": package_versions()}
+        ),
         "adapter_config.json": lambda p: write_json(p, adapter_config(cfg, step)),
     }
     if teacher is not None:
@@ -107,8 +134,10 @@ def save(out: Path, cfg, step: int, student: dict, teacher: dict | None, optimiz
         write_json(out / COMMIT, {"step": step, "files": list(files)})
     except OSError as e:
         recover(out)  # nothing committed: the previous save stays as it was
-        raise TrainingError(f"step {step}: could not save to {out} ({e.strerror or e}); "
-                            "the previous checkpoint is intact") from None
+        raise TrainingError(
+            f"step {step}: could not save to {out} ({e.strerror or e}); "
+            "the previous checkpoint is intact"
+        ) from None
     recover(out)
 
 
@@ -119,10 +148,14 @@ def load_state(out: Path, optimizer: optim.Optimizer, model, cfg) -> tuple[dict,
     state = json.loads((out / "trainer_state.json").read_text())
     from mlx_sdft.formats.models import fitting_adapters  # the same check as --resume-adapter-file
 
-    weights = fitting_adapters(model, out / "adapters.safetensors", cfg.fine_tune_type, cfg.lora_parameters)
+    weights = fitting_adapters(
+        model, out / "adapters.safetensors", cfg.fine_tune_type, cfg.lora_parameters
+    )
     model.load_weights(list(weights.items()), strict=False)
     optimizer.init(model.trainable_parameters())
-    optimizer.state = tree_unflatten(list(mx.load(str(out / "optimizer_state.safetensors")).items()))
+    optimizer.state = tree_unflatten(
+        list(mx.load(str(out / "optimizer_state.safetensors")).items())
+    )
     teacher_file = out / "teacher_adapters.safetensors"
     teacher = mx.load(str(teacher_file)) if teacher_file.exists() else None
     return state, teacher
@@ -139,7 +172,9 @@ def run_files(out: Path) -> list[Path]:
     if not out.is_dir():
         return []
     names = set(STATE_FILES) | {METRICS, COMPLETIONS, COMMIT}
-    return sorted(p for p in out.iterdir() if p.is_file() and (p.name in names or _RUN_FILE.fullmatch(p.name)))
+    return sorted(
+        p for p in out.iterdir() if p.is_file() and (p.name in names or _RUN_FILE.fullmatch(p.name))
+    )
 
 
 def clear_run(out: Path) -> None:
@@ -149,15 +184,19 @@ def clear_run(out: Path) -> None:
 
 
 def changed_options(out: Path, cfg, may_change: frozenset) -> list[str]:
-    """"--name saved → now" for each option that defines the run and differs from the saved one
+    """ "--name saved → now" for each option that defines the run and differs from the saved one
     (an option the save predates: as BEFORE_THE_OPTION says, else not compared)."""
     saved = {**BEFORE_THE_OPTION, **json.loads((out / "adapter_config.json").read_text())}
     changes = []
     for name, now in cfg.to_dict().items():
         if name in may_change or name not in saved or _same(saved[name], now):
             continue
-        unset = "default" if cfg.__dataclass_fields__[name].type == "bool | None" else "off"  # what None means
-        changes.append(f"--{name.replace('_', '-')} {' → '.join(_shown_pair(saved[name], now, unset))}")
+        unset = (
+            "default" if cfg.__dataclass_fields__[name].type == "bool | None" else "off"
+        )  # what None means
+        changes.append(
+            f"--{name.replace('_', '-')} {' → '.join(_shown_pair(saved[name], now, unset))}"
+        )
     return changes
 
 
@@ -170,14 +209,23 @@ def _shown_pair(saved, now, unset: str = "off", width: int = 40) -> tuple[str, s
     if not (isinstance(saved, str) and isinstance(now, str)) or (one_line(saved) and one_line(now)):
         return tuple(unset if v is None else repr(v) for v in (saved, now))
     head = max(len(os.path.commonprefix([saved, now])) - 10, 0)
-    cut = lambda v: ("..." if head else "") + repr(v[head:head + width])[1:-1] + ("..." if len(v) > head + width else "")  # noqa: E731
+    cut = lambda v: (
+        ("..." if head else "")
+        + repr(v[head : head + width])[1:-1]
+        + ("..." if len(v) > head + width else "")
+    )  # noqa: E731
     return f"'{cut(saved)}'", f"'{cut(now)}'"
 
 
 def _same(saved, now) -> bool:
     if saved == now:
         return True
-    if isinstance(saved, str) and isinstance(now, str) and Path(saved).exists() and Path(now).exists():
+    if (
+        isinstance(saved, str)
+        and isinstance(now, str)
+        and Path(saved).exists()
+        and Path(now).exists()
+    ):
         return Path(saved).resolve() == Path(now).resolve()  # the same file given another way
     return False
 
@@ -201,7 +249,11 @@ def truncate_metrics(out: Path, step: int, name: str = METRICS) -> None:
     """Drop records past `step` from a JSON-lines file of the run: a resumed run writes them again."""
     path = out / name
     if path.exists():
-        keep = [line for line in path.read_text().splitlines() if line and json.loads(line)["step"] <= step]
+        keep = [
+            line
+            for line in path.read_text().splitlines()
+            if line and json.loads(line)["step"] <= step
+        ]
         atomic.write_text(path, "".join(line + "\n" for line in keep))
 
 

@@ -13,7 +13,9 @@ def fuse_adapters(model: nn.Module) -> nn.Module:
     magnitude applied) and every quantized layer dequantized, in place. The weights keep their dtype
     (float32 for a GGUF on the CPU); a quantized base is dequantized before the adapters are added,
     so nothing is requantized here."""
-    fused = [(name, m.fuse(dequantize=True)) for name, m in model.named_modules() if hasattr(m, "fuse")]
+    fused = [
+        (name, m.fuse(dequantize=True)) for name, m in model.named_modules() if hasattr(m, "fuse")
+    ]
     if fused:
         model.update_modules(tree_unflatten(fused))
     model = dequantize_model(model)

@@ -11,22 +11,43 @@ from __future__ import annotations
 import mlx.core as mx
 
 SUPPORTED_ARCHITECTURES = ("llama", "qwen2", "gemma3")
-MODEL_TYPE = {"llama": "llama", "qwen2": "qwen2", "gemma3": "gemma3_text"}  # GGUF architecture -> mlx-lm
+MODEL_TYPE = {
+    "llama": "llama",
+    "qwen2": "qwen2",
+    "gemma3": "gemma3_text",
+}  # GGUF architecture -> mlx-lm
 ARCHITECTURE = {model_type: arch for arch, model_type in MODEL_TYPE.items()}
 
 TOP_NAMES = {"token_embd": "model.embed_tokens", "output_norm": "model.norm", "output": "lm_head"}
 BLOCK_NAMES = {
-    "attn_norm": "input_layernorm", "ffn_norm": "post_attention_layernorm", "attn_q": "self_attn.q_proj",
-    "attn_k": "self_attn.k_proj", "attn_v": "self_attn.v_proj", "attn_output": "self_attn.o_proj",
-    "ffn_gate": "mlp.gate_proj", "ffn_up": "mlp.up_proj", "ffn_down": "mlp.down_proj",
+    "attn_norm": "input_layernorm",
+    "ffn_norm": "post_attention_layernorm",
+    "attn_q": "self_attn.q_proj",
+    "attn_k": "self_attn.k_proj",
+    "attn_v": "self_attn.v_proj",
+    "attn_output": "self_attn.o_proj",
+    "ffn_gate": "mlp.gate_proj",
+    "ffn_up": "mlp.up_proj",
+    "ffn_down": "mlp.down_proj",
 }
 # Gemma 3 has four norms per block, and llama.cpp's `ffn_norm` is the one before its MLP.
 GEMMA3_BLOCK_NAMES = {
-    **BLOCK_NAMES, "ffn_norm": "pre_feedforward_layernorm", "post_attention_norm": "post_attention_layernorm",
-    "post_ffw_norm": "post_feedforward_layernorm", "attn_q_norm": "self_attn.q_norm", "attn_k_norm": "self_attn.k_norm",
+    **BLOCK_NAMES,
+    "ffn_norm": "pre_feedforward_layernorm",
+    "post_attention_norm": "post_attention_layernorm",
+    "post_ffw_norm": "post_feedforward_layernorm",
+    "attn_q_norm": "self_attn.q_norm",
+    "attn_k_norm": "self_attn.k_norm",
 }
 # Tokens llama.cpp also ends a generation on when the vocabulary has them (its end-of-generation list).
-END_OF_TURN = ("<|im_end|>", "<|eot_id|>", "<|eom_id|>", "<end_of_turn>", "<|end|>", "<|endoftext|>")
+END_OF_TURN = (
+    "<|im_end|>",
+    "<|eot_id|>",
+    "<|eom_id|>",
+    "<end_of_turn>",
+    "<|end|>",
+    "<|endoftext|>",
+)
 
 
 def block_names(arch: str) -> dict[str, str]:
@@ -68,10 +89,14 @@ def has_norm_offset(gguf_tensor: str, model_type: str) -> bool:
 
 def permute_rows(w: mx.array, heads: int) -> mx.array:
     """llama.cpp's `LlamaModel.permute`: interleave each head's two rotary halves (rows only)."""
-    return w.reshape(heads, 2, w.shape[0] // heads // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+    return (
+        w.reshape(heads, 2, w.shape[0] // heads // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+    )
 
 
 def unpermute_rows(w: mx.array, heads: int) -> mx.array:
     """Inverse of `permute_rows`. Only rows move and quantization groups lie within rows, so packed
     weights, scales and biases are permuted as they are, with no dequantizing."""
-    return w.reshape(heads, w.shape[0] // heads // 2, 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+    return (
+        w.reshape(heads, w.shape[0] // heads // 2, 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+    )

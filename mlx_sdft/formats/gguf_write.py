@@ -20,12 +20,20 @@ import numpy as np
 from mlx.utils import tree_flatten
 
 from mlx_sdft.errors import InputError
-from mlx_sdft.formats.gguf_names import ARCHITECTURE, gguf_name, has_norm_offset, is_permuted, permute_rows
+from mlx_sdft.formats.gguf_names import (
+    ARCHITECTURE,
+    gguf_name,
+    has_norm_offset,
+    is_permuted,
+    permute_rows,
+)
 from mlx_sdft.formats.gguf_vocab import copy_tokenizer, hf_tokenizer_fields
 
 OUTTYPES = ("f16", "q8_0")
 _FILE_TYPE = {"f16": gguf.LlamaFileType.MOSTLY_F16, "q8_0": gguf.LlamaFileType.MOSTLY_Q8_0}
-DEFAULT_CONTEXT = 4096  # written when the model's config names no max_position_embeddings (llama.cpp needs one)
+DEFAULT_CONTEXT = (
+    4096  # written when the model's config names no max_position_embeddings (llama.cpp needs one)
+)
 
 
 def architecture(config: dict, where: str) -> str:
@@ -33,13 +41,21 @@ def architecture(config: dict, where: str) -> str:
     arch = ARCHITECTURE.get(config.get("model_type"))
     if arch is None:
         supported = ", ".join(ARCHITECTURE)
-        raise InputError(f"{where}: model type {config.get('model_type')!r} cannot be written as GGUF "
-                         f"(supported: {supported})")
+        raise InputError(
+            f"{where}: model type {config.get('model_type')!r} cannot be written as GGUF "
+            f"(supported: {supported})"
+        )
     return arch
 
 
-def write_gguf(model: nn.Module, tokenizer, path: str | Path, outtype: str = "f16", source: Path | None = None,
-               name: str | None = None) -> dict:
+def write_gguf(
+    model: nn.Module,
+    tokenizer,
+    path: str | Path,
+    outtype: str = "f16",
+    source: Path | None = None,
+    name: str | None = None,
+) -> dict:
     """Write `model` (plain float layers) and its tokenizer to `path`.
 
     `source`: the GGUF file the model came from; its `tokenizer.*` metadata is copied as it is.
@@ -57,7 +73,9 @@ def write_gguf(model: nn.Module, tokenizer, path: str | Path, outtype: str = "f1
     if source is not None:
         vocab = copy_tokenizer(writer, source)
     else:
-        vocab = hf_tokenizer_fields(writer, tokenizer._tokenizer, args.vocab_size, tokenizer.eos_token_ids)
+        vocab = hf_tokenizer_fields(
+            writer, tokenizer._tokenizer, args.vocab_size, tokenizer.eos_token_ids
+        )
     for tensor, array in gguf_tensors(model):
         _add_tensor(writer, tensor, array, outtype)
     writer.write_header_to_file()
@@ -87,13 +105,18 @@ def gguf_tensors(model: nn.Module):
     if (getattr(args, "rope_scaling", None) or {}).get("rope_type") == "llama3":
         # one divisor per rotary frequency, which gguf_read turns back into rope_scaling
         dims = rope.dims
-        yield "rope_freqs.weight", np.array(rope._freqs / args.rope_theta ** (mx.arange(0, dims, 2) / dims))
+        yield (
+            "rope_freqs.weight",
+            np.array(rope._freqs / args.rope_theta ** (mx.arange(0, dims, 2) / dims)),
+        )
 
 
 def _add_tensor(writer: gguf.GGUFWriter, tensor: str, array: np.ndarray, outtype: str) -> None:
     if array.ndim == 1:
         writer.add_tensor(tensor, array.astype(np.float32))
-    elif outtype == "q8_0" and array.shape[-1] % 32 == 0:  # Q8_0 blocks of 32 along a row, as llama.cpp's
+    elif (
+        outtype == "q8_0" and array.shape[-1] % 32 == 0
+    ):  # Q8_0 blocks of 32 along a row, as llama.cpp's
         quant = gguf.GGMLQuantizationType.Q8_0
         writer.add_tensor(tensor, gguf.quants.quantize(array, quant), raw_dtype=quant)
     else:
@@ -118,7 +141,9 @@ def _hyperparameters(w: gguf.GGUFWriter, args, arch: str) -> None:
         w.add_value_length(head_dim)
     if getattr(args, "rope_traditional", False):
         raise InputError(f"rope_traditional: llama.cpp's {arch} rotates the other half-pairing")
-    if getattr(args, "mlp_bias", False) or any(t != "full_attention" for t in getattr(args, "layer_types", None) or []):
+    if getattr(args, "mlp_bias", False) or any(
+        t != "full_attention" for t in getattr(args, "layer_types", None) or []
+    ):
         raise InputError(f"mlp_bias or sliding-window layers: llama.cpp's {arch} has neither")
     scaling = getattr(args, "rope_scaling", None) or {}
     kind = scaling.get("rope_type", scaling.get("type"))
@@ -130,9 +155,15 @@ def _hyperparameters(w: gguf.GGUFWriter, args, arch: str) -> None:
     if arch == "gemma3":
         # llama.cpp fixes Gemma 3's local/global pattern (5 local, 1 global) and its query scale
         if args.sliding_window_pattern != 6:
-            raise InputError(f"sliding_window_pattern {args.sliding_window_pattern}: llama.cpp's gemma3 fixes it at 6")
+            raise InputError(
+                f"sliding_window_pattern {args.sliding_window_pattern}: llama.cpp's gemma3 fixes it at 6"
+            )
         expected = hidden // heads if args.num_hidden_layers == 62 else head_dim
         if args.query_pre_attn_scalar != expected:
-            raise InputError(f"query_pre_attn_scalar {args.query_pre_attn_scalar}: llama.cpp's gemma3 uses {expected}")
+            raise InputError(
+                f"query_pre_attn_scalar {args.query_pre_attn_scalar}: llama.cpp's gemma3 uses {expected}"
+            )
         w.add_sliding_window(args.sliding_window)
-        w.add_float32(f"{arch}.rope.freq_base_swa", args.rope_local_base_freq)  # older gguf packages lack the helper
+        w.add_float32(
+            f"{arch}.rope.freq_base_swa", args.rope_local_base_freq
+        )  # older gguf packages lack the helper

@@ -37,17 +37,25 @@ _SYSTEM_TURN = {
 
 def chat_format(chat_template: str | None) -> str | None:
     """The marker token of the recognised chat format in a Jinja chat template, else None."""
-    return next((marker for marker in _TEMPLATES if chat_template and marker in chat_template), None)
+    return next(
+        (marker for marker in _TEMPLATES if chat_template and marker in chat_template), None
+    )
 
 
-def modelfile(gguf_file: str, chat_template: str | None, stop_tokens: list[str], rendered: str | None = None) -> str:
+def modelfile(
+    gguf_file: str, chat_template: str | None, stop_tokens: list[str], rendered: str | None = None
+) -> str:
     """The Modelfile text; `gguf_file` relative to the Modelfile's folder. `rendered`: the chat
     template applied to one user message, whose system turn (if the template adds one) becomes SYSTEM."""
     lines = ["# ollama create NAME -f Modelfile && ollama run NAME", f"FROM ./{gguf_file}"]
     marker = chat_format(chat_template)
     if marker:
         lines.append(f'TEMPLATE """{_TEMPLATES[marker]}"""')
-        system = re.search(_SYSTEM_TURN[marker], rendered or "", re.DOTALL) if marker in _SYSTEM_TURN else None
+        system = (
+            re.search(_SYSTEM_TURN[marker], rendered or "", re.DOTALL)
+            if marker in _SYSTEM_TURN
+            else None
+        )
         if system and system.group(1).strip():
             lines.append(f'SYSTEM """{system.group(1)}"""')
     else:  # Ollama then falls back to the chat template it finds inside the GGUF, if it knows it

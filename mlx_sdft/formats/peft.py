@@ -46,16 +46,27 @@ def peft_tensors(model: nn.Module) -> tuple[dict[str, np.ndarray], dict]:
             targets.add(path)
             layers.add(int(block))
         elif hasattr(module, "lora_a") or hasattr(module, "lora_b"):
-            raise InputError(f"{name}: a {type(module).__name__} adapter has no PEFT LoRA counterpart "
-                             "(PEFT export covers LoRA and DoRA on linear layers)")
+            raise InputError(
+                f"{name}: a {type(module).__name__} adapter has no PEFT LoRA counterpart "
+                "(PEFT export covers LoRA and DoRA on linear layers)"
+            )
     if not tensors:
-        raise InputError("no LoRA or DoRA layers to export (a full fine-tune has no PEFT adapter; "
-                         "export it with --format gguf or mlx)")
+        raise InputError(
+            "no LoRA or DoRA layers to export (a full fine-tune has no PEFT adapter; "
+            "export it with --format gguf or mlx)"
+        )
     if len(ranks) > 1 or len(scales) > 1:
-        raise InputError(f"ranks {sorted(ranks)} and scales {sorted(scales)} differ between layers; "
-                         "the PEFT export writes one r and one lora_alpha")
-    facts = {"r": ranks.pop(), "scale": scales.pop(), "dora": dora.pop(), "targets": sorted(targets),
-             "layers": sorted(layers)}
+        raise InputError(
+            f"ranks {sorted(ranks)} and scales {sorted(scales)} differ between layers; "
+            "the PEFT export writes one r and one lora_alpha"
+        )
+    facts = {
+        "r": ranks.pop(),
+        "scale": scales.pop(),
+        "dora": dora.pop(),
+        "targets": sorted(targets),
+        "layers": sorted(layers),
+    }
     return tensors, facts
 
 
@@ -67,12 +78,25 @@ def peft_config(facts: dict, base_model: str, dropout: float = 0.0) -> dict:
     """PEFT's `LoraConfig` as `adapter_config.json` holds it."""
     alpha = facts["scale"] * facts["r"]
     return {
-        "peft_type": "LORA", "task_type": "CAUSAL_LM", "base_model_name_or_path": base_model,
-        "r": facts["r"], "lora_alpha": int(alpha) if float(alpha).is_integer() else alpha, "lora_dropout": dropout,
-        "target_modules": facts["targets"], "layers_to_transform": facts["layers"], "layers_pattern": "layers",
-        "use_dora": facts["dora"], "use_rslora": False, "fan_in_fan_out": False, "bias": "none",
-        "modules_to_save": None, "init_lora_weights": True, "inference_mode": True,
-        "rank_pattern": {}, "alpha_pattern": {}, "revision": None,
+        "peft_type": "LORA",
+        "task_type": "CAUSAL_LM",
+        "base_model_name_or_path": base_model,
+        "r": facts["r"],
+        "lora_alpha": int(alpha) if float(alpha).is_integer() else alpha,
+        "lora_dropout": dropout,
+        "target_modules": facts["targets"],
+        "layers_to_transform": facts["layers"],
+        "layers_pattern": "layers",
+        "use_dora": facts["dora"],
+        "use_rslora": False,
+        "fan_in_fan_out": False,
+        "bias": "none",
+        "modules_to_save": None,
+        "init_lora_weights": True,
+        "inference_mode": True,
+        "rank_pattern": {},
+        "alpha_pattern": {},
+        "revision": None,
     }
 
 
@@ -83,7 +107,10 @@ def write_peft(model: nn.Module, folder: str | Path, base_model: str, dropout: f
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     # "format": "pt" is the metadata transformers and PEFT write (and some loaders check)
-    mx.save_safetensors(str(folder / "adapter_model.safetensors"), {k: mx.array(v) for k, v in tensors.items()},
-                        metadata={"format": "pt"})
+    mx.save_safetensors(
+        str(folder / "adapter_model.safetensors"),
+        {k: mx.array(v) for k, v in tensors.items()},
+        metadata={"format": "pt"},
+    )
     (folder / "adapter_config.json").write_text(json.dumps(config, indent=2) + "\n")
     return config

@@ -7,7 +7,14 @@ import json
 from pathlib import Path
 
 import mlx.core as mx
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    TextColumn,
+    TimeElapsedColumn,
+    TimeRemainingColumn,
+)
 
 from mlx_sdft.core.prompts import apply_system_prompt
 from mlx_sdft.measure.evaluation import evaluate_adapters
@@ -18,8 +25,14 @@ from mlx_sdft.measure.task import task_examples
 
 def progress_bars(console) -> Progress:
     """Bars with counts ("task prompts 8/12"), elapsed and remaining time."""
-    return Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-                    TimeRemainingColumn(), console=console)
+    return Progress(
+        TextColumn("{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        TimeRemainingColumn(),
+        console=console,
+    )
 
 
 def run_eval(cfg, console=None) -> dict:
@@ -39,20 +52,44 @@ def run_eval(cfg, console=None) -> dict:
     if cfg.retention:
         load_prompts(cfg.general_prompts, cfg.num_general_prompts)
     mx.random.seed(cfg.seed)
-    model, tokenizer, base = open_model_for(cfg, adapters=cfg.adapter_path, console=console, note=True)
+    model, tokenizer, base = open_model_for(
+        cfg, adapters=cfg.adapter_path, console=console, note=True
+    )
     with progress_bars(console) as progress:
-        summary, rows, general = evaluate_adapters(model, tokenizer, base, examples, metric, cfg, progress)
-    summary = {"model": cfg.model, "adapter_path": cfg.adapter_path, "data": str(cfg.data), "metric": cfg.metric, **summary}
+        summary, rows, general = evaluate_adapters(
+            model, tokenizer, base, examples, metric, cfg, progress
+        )
+    summary = {
+        "model": cfg.model,
+        "adapter_path": cfg.adapter_path,
+        "data": str(cfg.data),
+        "metric": cfg.metric,
+        **summary,
+    }
 
     out = Path(cfg.output or (Path(cfg.adapter_path) / "eval" if cfg.adapter_path else "eval"))
     out.mkdir(parents=True, exist_ok=True)
-    (out / "predictions.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+    (out / "predictions.jsonl").write_text(
+        "".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8"
+    )
     if general:
-        (out / "general.jsonl").write_text("".join(json.dumps(r) + "\n" for r in general), encoding="utf-8")
+        (out / "general.jsonl").write_text(
+            "".join(json.dumps(r) + "\n" for r in general), encoding="utf-8"
+        )
     write_json(out / "summary.json", summary)
     table = Table(title=f"{cfg.data} ({cfg.metric})")
-    shown = [k for k in ("task_score", "retention_kl", "degenerate_rate", "degenerate_rate_base", "prior_ppl",
-                         "prior_ppl_base") if k in summary]
+    shown = [
+        k
+        for k in (
+            "task_score",
+            "retention_kl",
+            "degenerate_rate",
+            "degenerate_rate_base",
+            "prior_ppl",
+            "prior_ppl_base",
+        )
+        if k in summary
+    ]
     for key in shown:
         table.add_column(key, justify="right")
     table.add_row(*(f"{summary[k]:.4f}" for k in shown))

@@ -44,19 +44,27 @@ def run_export(cfg: ExportConfig) -> dict:
         _check_out(modelfile, folder=False, force=cfg.force)
     adapter = Adapters.saved(cfg.adapter_path) if cfg.adapter_path else None
     if fmt == "peft" and served is not None and not served["version"]:
-        raise InputError(f"--format peft: --home {cfg.home} has no learned version (its current version is 0, the "
-                         "base model alone), so there are no adapters to convert; export the base model with "
-                         "--format gguf, or run mlx-sdft learn first")
+        raise InputError(
+            f"--format peft: --home {cfg.home} has no learned version (its current version is 0, the "
+            "base model alone), so there are no adapters to convert; export the base model with "
+            "--format gguf, or run mlx-sdft learn first"
+        )
     if fmt == "peft" and (adapter is None or adapter.fine_tune_type == "full"):
-        raise InputError("--format peft: needs LoRA or DoRA adapters (--adapter-path of a lora/dora run); "
-                         "a full fine-tune goes out with --format gguf or mlx")
+        raise InputError(
+            "--format peft: needs LoRA or DoRA adapters (--adapter-path of a lora/dora run); "
+            "a full fine-tune goes out with --format gguf or mlx"
+        )
     if served is not None:
         check_model(cfg.model)  # the default model, when the home names none
-    source = package_file(cfg.model) if cfg.model.startswith("pkg:") else Path(cfg.model).expanduser()
+    source = (
+        package_file(cfg.model) if cfg.model.startswith("pkg:") else Path(cfg.model).expanduser()
+    )
     source = source if source.suffix == ".gguf" else None
     if fmt == "mlx" and adapter is None:
         if source is None:
-            raise InputError("--adapter-path: required to export a model folder or hub model as mlx (it already is one)")
+            raise InputError(
+                "--adapter-path: required to export a model folder or hub model as mlx (it already is one)"
+            )
         from mlx_sdft.formats.gguf_read import gguf_to_mlx
 
         _replace((out,), lambda tmp: gguf_to_mlx(source, tmp, cfg.dequantize))
@@ -66,8 +74,12 @@ def run_export(cfg: ExportConfig) -> dict:
     if fmt == "gguf":
         from mlx_sdft.formats.gguf_write import architecture
 
-        architecture(json.loads((model_path / "config.json").read_text()), cfg.model)  # before the weights load
-        if source is None:  # a tokenizer llama.cpp would split text with differently: refused before the weights load
+        architecture(
+            json.loads((model_path / "config.json").read_text()), cfg.model
+        )  # before the weights load
+        if (
+            source is None
+        ):  # a tokenizer llama.cpp would split text with differently: refused before the weights load
             from mlx_sdft.formats.gguf_vocab import check_tokenizer
 
             check_tokenizer(load_tokenizer(model_path)._tokenizer)
@@ -98,7 +110,9 @@ def run_export(cfg: ExportConfig) -> dict:
         rendered = _rendered(tokenizer, served["rules"] if served else None)
         tmp_modelfile.write_text(modelfile_text(out.name, vocab["chat_template"], stops, rendered))
 
-    _replace((out, modelfile), write)  # both or neither: a GGUF without its Modelfile would block a rerun
+    _replace(
+        (out, modelfile), write
+    )  # both or neither: a GGUF without its Modelfile would block a rerun
     return {"format": fmt, "out": out, "modelfile": modelfile}
 
 
@@ -108,9 +122,13 @@ def _rendered(tokenizer, rules: str | None = None) -> str | None:
     from mlx_sdft.core.prompts import template_system_prompt, with_rules
 
     try:
-        messages = with_rules([{"role": "user", "content": "hi"}], rules, template_system_prompt(tokenizer))
+        messages = with_rules(
+            [{"role": "user", "content": "hi"}], rules, template_system_prompt(tokenizer)
+        )
         return tokenizer.apply_chat_template(messages, tokenize=False)
-    except Exception:  # no chat template, or one that wants other roles: the Modelfile goes without SYSTEM
+    except (
+        Exception
+    ):  # no chat template, or one that wants other roles: the Modelfile goes without SYSTEM
         return None
 
 
@@ -123,14 +141,27 @@ def _from_home(cfg: ExportConfig) -> tuple[ExportConfig, dict]:
     if not home.is_dir():
         raise InputError(f"--home {cfg.home}: no such folder")
     with Store(home) as store:
-        exchanges, standing = [e["model"] for e in store.exchanges(1)], store.lessons(None, standing=True)
+        exchanges, standing = (
+            [e["model"] for e in store.exchanges(1)],
+            store.lessons(None, standing=True),
+        )
     now = versions.current(home)
-    record = versions.verify(home, now) if now else None  # the files served, checked against their sha256
-    model = cfg.model if "model" in getattr(cfg, "given", ()) else versions.model_of(home, exchanges) or cfg.model
+    record = (
+        versions.verify(home, now) if now else None
+    )  # the files served, checked against their sha256
+    model = (
+        cfg.model
+        if "model" in getattr(cfg, "given", ())
+        else versions.model_of(home, exchanges) or cfg.model
+    )
     shown = rules.in_prompt(standing, cfg.rules_in_prompt, record)
-    for row in shown:  # stored before the check existed, or by hand: SYSTEM """...""" would end early
+    for (
+        row
+    ) in shown:  # stored before the check existed, or by hand: SYSTEM """...""" would end early
         rules.check_text(row["text"], f"{row['kind']} {row['id']}")
-    options = dataclasses.replace(cfg, model=model, adapter_path=str(versions.version_dir(home, now)) if now else None)
+    options = dataclasses.replace(
+        cfg, model=model, adapter_path=str(versions.version_dir(home, now)) if now else None
+    )
     return options, {"version": now, "rules": rules.rulebook(shown)}
 
 
@@ -150,7 +181,9 @@ def _replace(targets: tuple[Path, ...], write: Callable[..., object]):
     (the renames only once every file is whole)."""
     tmps = [t.with_name(f".{t.name}.tmp-{os.getpid()}") for t in targets]
     targets[0].parent.mkdir(parents=True, exist_ok=True)
-    for target in targets:  # this run's temporaries, and those of an export killed outright (kill -9, power loss)
+    for target in (
+        targets
+    ):  # this run's temporaries, and those of an export killed outright (kill -9, power loss)
         for tmp in target.parent.glob(f".{target.name}.tmp-*"):
             if not _alive(tmp.name.rsplit("-", 1)[-1]):
                 _remove(tmp)
@@ -168,7 +201,11 @@ def _replace(targets: tuple[Path, ...], write: Callable[..., object]):
 
 # A folder --force may replace holds what an earlier export of that format wrote (or nothing), so
 # a mistyped --out (the home folder, a project) is never deleted.
-_MARKER = {"gguf": None, "mlx": "config.json", "peft": "adapter_model.safetensors"}  # not mlx-lm's adapters.safetensors
+_MARKER = {
+    "gguf": None,
+    "mlx": "config.json",
+    "peft": "adapter_model.safetensors",
+}  # not mlx-lm's adapters.safetensors
 
 
 def _check_out(target: Path, *, folder: bool, force: bool, marker: str | None = None) -> None:
@@ -179,12 +216,18 @@ def _check_out(target: Path, *, folder: bool, force: bool, marker: str | None = 
         if not force:
             raise InputError(f"{target}: already exists (--force replaces it)")
         if target.is_dir() != folder:
-            raise InputError(f"{target}: is a {'folder' if target.is_dir() else 'file'}; the output is a "
-                             f"{'folder' if folder else 'file'}")
+            raise InputError(
+                f"{target}: is a {'folder' if target.is_dir() else 'file'}; the output is a "
+                f"{'folder' if folder else 'file'}"
+            )
         if folder and any(target.iterdir()) and not (target / marker).is_file():
-            raise InputError(f"{target}: not an earlier export (no {marker}); --force replaces only those")
+            raise InputError(
+                f"{target}: not an earlier export (no {marker}); --force replaces only those"
+            )
     parent = target.parent
-    while not parent.exists():  # the folders export will create: the first that exists must be writable
+    while (
+        not parent.exists()
+    ):  # the folders export will create: the first that exists must be writable
         parent = parent.parent
     if not parent.is_dir() or not os.access(parent, os.W_OK | os.X_OK):
         raise InputError(f"{target}: cannot be written ({parent} is not a writable folder)")

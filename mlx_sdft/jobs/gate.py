@@ -51,13 +51,26 @@ def advice(failed: str) -> str:
         change = "more --iters or a larger --learning-rate may take it further"
     else:  # something the candidate did worse than the current version
         change = "a smaller --learning-rate or fewer --iters may keep it from that"
-    return (f"the lessons stay new: {change}, and the same options give the same result (mlx-sdft lessons "
-            "delete ID drops a lesson)")
+    return (
+        f"the lessons stay new: {change}, and the same options give the same result (mlx-sdft lessons "
+        "delete ID drops a lesson)"
+    )
 
 
-def check(model, tokenizer, base: Leaves, current: Leaves, candidate: Leaves, new_rows: list[dict],
-          earlier_rows: list[dict], standing: list[dict], held_out: list[list[dict]], cfg,
-          current_measures: dict | None = None, say=lambda line: None) -> dict:
+def check(
+    model,
+    tokenizer,
+    base: Leaves,
+    current: Leaves,
+    candidate: Leaves,
+    new_rows: list[dict],
+    earlier_rows: list[dict],
+    standing: list[dict],
+    held_out: list[list[dict]],
+    cfg,
+    current_measures: dict | None = None,
+    say=lambda line: None,
+) -> dict:
     """Every number of the gate and its decision: {"passed", "failed" (one line or None), checks...}.
     `new_rows`, `earlier_rows`: one-off lessons; `standing`: every active rule and fact (state
     `new` ones are new to this version); `current_measures`: the current version's, when known."""
@@ -71,85 +84,185 @@ def check(model, tokenizer, base: Leaves, current: Leaves, candidate: Leaves, ne
 
     def lessons(ids):
         cur, cand = _mean(fits["current"][i] for i in ids), _mean(fits["candidate"][i] for i in ids)
-        return {"lessons": len(ids), "current": cur, "candidate": cand, "change": cand - cur,
-                "per_lesson": {str(i): [fits["current"][i], fits["candidate"][i]] for i in ids}}
+        return {
+            "lessons": len(ids),
+            "current": cur,
+            "candidate": cand,
+            "change": cand - cur,
+            "per_lesson": {str(i): [fits["current"][i], fits["candidate"][i]] for i in ids},
+        }
 
     new, earlier = lessons(new_ids), lessons(earlier_ids)
     if held := _paraphrase_fit(model, tokenizer, current, candidate, new_rows, cfg, say):
         new["held_out_paraphrases"] = held
     new.update(threshold=cfg.gate_min_gain, passed=not new_ids or new["change"] > cfg.gate_min_gain)
-    earlier.update(tolerance=cfg.gate_tolerance, passed=not earlier_ids or earlier["change"] >= -cfg.gate_tolerance)
+    earlier.update(
+        tolerance=cfg.gate_tolerance,
+        passed=not earlier_ids or earlier["change"] >= -cfg.gate_tolerance,
+    )
     ids = {str(r["id"]) for r in standing}
     if current_measures is None or not ids <= set(current_measures["rules"]):
-        current_measures = measure(model, tokenizer, current, standing, held_out, cfg, say,
-                                   what="gate, the current version")
-    candidate_measures = measure(model, tokenizer, candidate, standing, held_out, cfg, say, what="gate, the candidate")
+        current_measures = measure(
+            model,
+            tokenizer,
+            current,
+            standing,
+            held_out,
+            cfg,
+            say,
+            what="gate, the current version",
+        )
+    candidate_measures = measure(
+        model, tokenizer, candidate, standing, held_out, cfg, say, what="gate, the candidate"
+    )
     say(f"gate: drift from the base model told the rules, on {len(held_out)} held-out prompts")
     book = rulebook(standing)
-    kl_current, kl_candidate = measure_rules.drift(model, tokenizer, base, [current, candidate], held_out, book,
-                                                   cfg.gate_max_tokens, cfg.gate_batch_size, cfg.seed)
+    kl_current, kl_candidate = measure_rules.drift(
+        model,
+        tokenizer,
+        base,
+        [current, candidate],
+        held_out,
+        book,
+        cfg.gate_max_tokens,
+        cfg.gate_batch_size,
+        cfg.seed,
+    )
     rules = {}
     for row in standing:
         key = str(row["id"])
         cur, cand = current_measures["rules"][key], candidate_measures["rules"][key]
         fresh = row["state"] == "new"
-        rule = {"kind": row["kind"], "new": fresh, "current": cur, "candidate": cand,
-                "change": cand["gap"] - cur["gap"]}
-        rule["passed"] = rule["change"] < -cfg.gate_min_gain if fresh else rule["change"] <= cfg.gate_rule_tolerance
+        rule = {
+            "kind": row["kind"],
+            "new": fresh,
+            "current": cur,
+            "candidate": cand,
+            "change": cand["gap"] - cur["gap"],
+        }
+        rule["passed"] = (
+            rule["change"] < -cfg.gate_min_gain
+            if fresh
+            else rule["change"] <= cfg.gate_rule_tolerance
+        )
         rule["holds"] = holds(row, cand)
         rules[key] = rule
-    kl_check = {"current": kl_current, "candidate": kl_candidate, "max_rise": cfg.gate_max_kl_rise,
-                "passed": kl_candidate <= kl_current + cfg.gate_max_kl_rise}
-    prior = {"current": current_measures["prior"]["accuracy"], "candidate": candidate_measures["prior"]["accuracy"],
-             "questions": len(candidate_measures["prior"]["right"]), "max_drop": cfg.gate_max_prior_drop,
-             "lost": [i for i, (a, b) in enumerate(zip(current_measures["prior"]["right"],
-                                                       candidate_measures["prior"]["right"])) if a and not b]}
+    kl_check = {
+        "current": kl_current,
+        "candidate": kl_candidate,
+        "max_rise": cfg.gate_max_kl_rise,
+        "passed": kl_candidate <= kl_current + cfg.gate_max_kl_rise,
+    }
+    prior = {
+        "current": current_measures["prior"]["accuracy"],
+        "candidate": candidate_measures["prior"]["accuracy"],
+        "questions": len(candidate_measures["prior"]["right"]),
+        "max_drop": cfg.gate_max_prior_drop,
+        "lost": [
+            i
+            for i, (a, b) in enumerate(
+                zip(current_measures["prior"]["right"], candidate_measures["prior"]["right"])
+            )
+            if a and not b
+        ],
+    }
     prior["passed"] = prior["candidate"] >= prior["current"] - cfg.gate_max_prior_drop - 1e-12
-    loops = {"current": current_measures["loops"], "candidate": candidate_measures["loops"],
-             "max_rise": cfg.gate_max_loop_rise}
+    loops = {
+        "current": current_measures["loops"],
+        "candidate": candidate_measures["loops"],
+        "max_rise": cfg.gate_max_loop_rise,
+    }
     loops["passed"] = loops["candidate"] <= loops["current"] + cfg.gate_max_loop_rise + 1e-12
     why = [
-        (new["passed"], f"gate 1 (new lessons): fit changed {new['change']:+.4f} nats/token "
-                        f"({new['current']:.4f} -> {new['candidate']:.4f}), needs > {cfg.gate_min_gain:+.4f}"),
-        (earlier["passed"], f"gate 2 (earlier lessons): fit changed {earlier['change']:+.4f} nats/token "
-                            f"({earlier['current']:.4f} -> {earlier['candidate']:.4f}), may fall at most "
-                            f"{cfg.gate_tolerance:.4f}"),
-        *[(r["passed"], f"gate 3 (new rule {i}): its held-out gap did not fall by more than {cfg.gate_min_gain:.4f} "
-                        f"({r['current']['gap']:.4f} -> {r['candidate']['gap']:.4f} nats/token)")
-          for i, r in rules.items() if r["new"]],
-        *[(r["passed"], f"gate 4 (earlier rule {i}): its held-out gap rose {r['change']:+.4f} nats/token "
-                        f"({r['current']['gap']:.4f} -> {r['candidate']['gap']:.4f}), may rise at most "
-                        f"{cfg.gate_rule_tolerance:.4f}") for i, r in rules.items() if not r["new"]],
-        (kl_check["passed"], f"gate 5 (drift): KL({'base told the rules' if standing else 'base'}‖candidate) "
-                             f"{kl_candidate:.4f} > current "
-                             f"{kl_current:.4f} + {cfg.gate_max_kl_rise:.4f}"),
-        (prior["passed"], f"gate 6 (prior answers): {round(prior['candidate'] * prior['questions'])} of "
-                          f"{prior['questions']} questions right, current {round(prior['current'] * prior['questions'])}"
-                          f", may fall by at most {cfg.gate_max_prior_drop:.3f} of them (lost {_lost(prior['lost'], cfg)})"),
-        (loops["passed"], f"gate 7 (loops): {loops['candidate']:.3f} of held-out answers repeat themselves, current "
-                          f"{loops['current']:.3f} + {cfg.gate_max_loop_rise:.3f}"),
+        (
+            new["passed"],
+            f"gate 1 (new lessons): fit changed {new['change']:+.4f} nats/token "
+            f"({new['current']:.4f} -> {new['candidate']:.4f}), needs > {cfg.gate_min_gain:+.4f}",
+        ),
+        (
+            earlier["passed"],
+            f"gate 2 (earlier lessons): fit changed {earlier['change']:+.4f} nats/token "
+            f"({earlier['current']:.4f} -> {earlier['candidate']:.4f}), may fall at most "
+            f"{cfg.gate_tolerance:.4f}",
+        ),
+        *[
+            (
+                r["passed"],
+                f"gate 3 (new rule {i}): its held-out gap did not fall by more than {cfg.gate_min_gain:.4f} "
+                f"({r['current']['gap']:.4f} -> {r['candidate']['gap']:.4f} nats/token)",
+            )
+            for i, r in rules.items()
+            if r["new"]
+        ],
+        *[
+            (
+                r["passed"],
+                f"gate 4 (earlier rule {i}): its held-out gap rose {r['change']:+.4f} nats/token "
+                f"({r['current']['gap']:.4f} -> {r['candidate']['gap']:.4f}), may rise at most "
+                f"{cfg.gate_rule_tolerance:.4f}",
+            )
+            for i, r in rules.items()
+            if not r["new"]
+        ],
+        (
+            kl_check["passed"],
+            f"gate 5 (drift): KL({'base told the rules' if standing else 'base'}‖candidate) "
+            f"{kl_candidate:.4f} > current "
+            f"{kl_current:.4f} + {cfg.gate_max_kl_rise:.4f}",
+        ),
+        (
+            prior["passed"],
+            f"gate 6 (prior answers): {round(prior['candidate'] * prior['questions'])} of "
+            f"{prior['questions']} questions right, current {round(prior['current'] * prior['questions'])}"
+            f", may fall by at most {cfg.gate_max_prior_drop:.3f} of them (lost {_lost(prior['lost'], cfg)})",
+        ),
+        (
+            loops["passed"],
+            f"gate 7 (loops): {loops['candidate']:.3f} of held-out answers repeat themselves, current "
+            f"{loops['current']:.3f} + {cfg.gate_max_loop_rise:.3f}",
+        ),
     ]
     failed = next((line for ok, line in why if not ok), None)
-    return {"passed": failed is None, "failed": failed, "advice": failed and advice(failed), "new_lessons": new, "earlier_lessons": earlier,
-            "rules": rules, "drift_kl": kl_check, "prior_answers": prior, "loops": loops,
-            "measure_key": measure_key(cfg, held_out), "measures": candidate_measures,
-            "current_measures": current_measures}
+    return {
+        "passed": failed is None,
+        "failed": failed,
+        "advice": failed and advice(failed),
+        "new_lessons": new,
+        "earlier_lessons": earlier,
+        "rules": rules,
+        "drift_kl": kl_check,
+        "prior_answers": prior,
+        "loops": loops,
+        "measure_key": measure_key(cfg, held_out),
+        "measures": candidate_measures,
+        "current_measures": current_measures,
+    }
 
 
-def _paraphrase_fit(model, tokenizer, current: Leaves, candidate: Leaves, rows: list[dict], cfg, say) -> dict | None:
+def _paraphrase_fit(
+    model, tokenizer, current: Leaves, candidate: Leaves, rows: list[dict], cfg, say
+) -> dict | None:
     """The new lessons' mean fit on their held-out paraphrases, current and candidate (a lesson's
     own mean over its paraphrases first); None when none has any."""
     count = sum(len(paraphrased(r, cfg.lesson_paraphrases)[1]) for r in rows)
     if not count:
         return None
-    say(f"gate: fit of the new lessons on {count} held-out paraphrases of their prompts, current and candidate")
+    say(
+        f"gate: fit of the new lessons on {count} held-out paraphrases of their prompts, current and candidate"
+    )
     fits = {}
     for name, leaves in (("current", current), ("candidate", candidate)):
         with using(model, leaves):
             fits[name] = {i: _mean(v) for i, v in held_out_fit(model, tokenizer, rows, cfg).items()}
     cur, cand = _mean(fits["current"].values()), _mean(fits["candidate"].values())
-    return {"lessons": len(fits["current"]), "prompts": count, "current": cur, "candidate": cand, "change": cand - cur,
-            "per_lesson": {str(i): [fits["current"][i], fits["candidate"][i]] for i in fits["current"]}}
+    return {
+        "lessons": len(fits["current"]),
+        "prompts": count,
+        "current": cur,
+        "candidate": cand,
+        "change": cand - cur,
+        "per_lesson": {str(i): [fits["current"][i], fits["candidate"][i]] for i in fits["current"]},
+    }
 
 
 def _lost(indices: list[int], cfg) -> str:
@@ -168,6 +281,11 @@ def holds(row: dict, measures: dict) -> bool:
     compliance is at least HOLD_SHARE x the compliance told (the rule's preflight); without one,
     its gap is at most (1 - HOLD_SHARE) x the gap at the preflight."""
     pre = row.get("preflight") or {}
-    if row.get("check_regex") and pre.get("told") is not None:  # only a rule followed when told can hold
-        return pre["told"] - pre["untold"] >= MIN_LIFT and measures.get("compliance", 0.0) >= HOLD_SHARE * pre["told"]
+    if (
+        row.get("check_regex") and pre.get("told") is not None
+    ):  # only a rule followed when told can hold
+        return (
+            pre["told"] - pre["untold"] >= MIN_LIFT
+            and measures.get("compliance", 0.0) >= HOLD_SHARE * pre["told"]
+        )
     return pre.get("gap", 0.0) >= MIN_GAP and measures["gap"] <= (1 - HOLD_SHARE) * pre["gap"]

@@ -28,7 +28,9 @@ def _home(cfg: RulesConfig) -> Path:
     """The home to read: it must exist (listing or measuring never creates one)."""
     home = Path(cfg.home).expanduser()
     if not home.is_dir():
-        raise InputError(f"--home {cfg.home}: no such folder (serve, teach and rules add create it)")
+        raise InputError(
+            f"--home {cfg.home}: no such folder (serve, teach and rules add create it)"
+        )
     return home
 
 
@@ -39,17 +41,28 @@ def listing(cfg: RulesConfig) -> list[str]:
     now = versions.current(home)
     done = held(versions.record(home, now)) if now else set()
     if cfg.json:
-        return [json.dumps([{**r, "holds_in_weights": r["id"] in done} for r in rows], ensure_ascii=False, indent=1)]
+        return [
+            json.dumps(
+                [{**r, "holds_in_weights": r["id"] in done} for r in rows],
+                ensure_ascii=False,
+                indent=1,
+            )
+        ]
     if not rows:
-        return [f"no rules in {home} (add one: mlx-sdft rules add \"Always ...\" --home {cfg.home})"]
+        return [f'no rules in {home} (add one: mlx-sdft rules add "Always ..." --home {cfg.home})']
     return [_line(r, r["id"] in done) for r in rows]
 
 
 def _line(row: dict, holds: bool) -> str:
-    state = "consolidated" if holds else "in the prompt" + (", learned" if row["state"] == "learned" else "")
+    state = (
+        "consolidated"
+        if holds
+        else "in the prompt" + (", learned" if row["state"] == "learned" else "")
+    )
     pre = row.get("preflight") or {}
-    numbers = (f"told {pre['told']:.2f} / untold {pre['untold']:.2f}, " if "told" in pre else "") + \
-        (f"gap {pre['gap']:.3f}" if "gap" in pre else "not measured")
+    numbers = (
+        f"told {pre['told']:.2f} / untold {pre['untold']:.2f}, " if "told" in pre else ""
+    ) + (f"gap {pre['gap']:.3f}" if "gap" in pre else "not measured")
     check = f"  check {row['check_regex']}" if row.get("check_regex") else ""
     return f"{row['id']:>5}  {row['kind']:<5} {state:<22} {row['text']!r}{check}  ({numbers})"
 
@@ -57,7 +70,7 @@ def _line(row: dict, holds: bool) -> str:
 def add(cfg: RulesConfig, console=None) -> list[str]:
 
     if cfg.text is None:
-        raise InputError("TEXT: give the rule, e.g. mlx-sdft rules add \"Always answer in French.\"")
+        raise InputError('TEXT: give the rule, e.g. mlx-sdft rules add "Always answer in French."')
     with Store(cfg.home) as store:
         lesson, lines = add_standing(store, "fact" if cfg.fact else "rule", cfg.text, cfg.check)
     if not cfg.preflight:
@@ -77,27 +90,52 @@ def check(cfg: RulesConfig, console=None) -> list[str]:
     with Store(home) as store:
         rows = [r for r in store.lessons(None, standing=True) if cfg.rule in (None, r["id"])]
         if cfg.rule is not None and not rows:
-            raise InputError(f"rule {cfg.rule}: no such rule or fact in {store.path} (see mlx-sdft rules)")
+            raise InputError(
+                f"rule {cfg.rule}: no such rule or fact in {store.path} (see mlx-sdft rules)"
+            )
         if not rows:
             raise InputError(f"{store.path}: no rules to check (add one with mlx-sdft rules add)")
         exchanges = store.exchanges()
         now = versions.current(home)
-        model = versions.located(cfg.model or versions.model_of(home, [e["model"] for e in exchanges]) or DEFAULT_MODEL)
+        model = versions.located(
+            cfg.model or versions.model_of(home, [e["model"] for e in exchanges]) or DEFAULT_MODEL
+        )
         held_out = prompt_pool(own_prompts(exchanges))[1][: cfg.gate_prompts]
         console = console or make_console()
-        loaded, tokenizer, _ = open_model_for(dataclasses.replace(cfg, model=model), console=console,
-                                              adapters=versions.version_dir(home, now) if now else None)
+        loaded, tokenizer, _ = open_model_for(
+            dataclasses.replace(cfg, model=model),
+            console=console,
+            adapters=versions.version_dir(home, now) if now else None,
+        )
         mx.eval(loaded.parameters())
         loaded.eval()
-        console.print(f"preflight of {len(rows)} rules with {model} (version {now}) on {len(held_out)} held-out "
-                      f"prompts, {cfg.gate_max_tokens} tokens each", highlight=False)
-        results = preflight(loaded, tokenizer, rows, held_out, cfg, lambda line: console.print(line, highlight=False))
+        console.print(
+            f"preflight of {len(rows)} rules with {model} (version {now}) on {len(held_out)} held-out "
+            f"prompts, {cfg.gate_max_tokens} tokens each",
+            highlight=False,
+        )
+        results = preflight(
+            loaded,
+            tokenizer,
+            rows,
+            held_out,
+            cfg,
+            lambda line: console.print(line, highlight=False),
+        )
         lines = []
         for row in rows:
             # what learn reuses when it learns this rule from this version of this model (and a fact's questions)
             key = preflight_key(prompts_for(row, held_out), cfg.gate_max_tokens)
-            store.set_preflight(row["id"], {**(row.get("preflight") or {}), **results[row["id"]], "version": now,
-                                            "model": model, "key": key})
+            store.set_preflight(
+                row["id"],
+                {
+                    **(row.get("preflight") or {}),
+                    **results[row["id"]],
+                    "version": now,
+                    "model": model,
+                    "key": key,
+                },
+            )
             lines.append(verdict(row, results[row["id"]]))
     return lines
 
@@ -109,7 +147,9 @@ def _standing(cfg: RulesConfig) -> dict:
     with Store(_home(cfg)) as store:
         row = store.lesson(cfg.rule)
     if row is None or row["kind"] not in STANDING or row["state"] == "deleted":
-        raise InputError(f"rule {cfg.rule}: no such rule or fact in {cfg.home} (see mlx-sdft rules)")
+        raise InputError(
+            f"rule {cfg.rule}: no such rule or fact in {cfg.home} (see mlx-sdft rules)"
+        )
     return row
 
 

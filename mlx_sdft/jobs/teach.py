@@ -17,12 +17,16 @@ from mlx_sdft.store.db import FILENAME, STANDING, Store
 def teach(cfg: TeachConfig) -> list[str]:
     """List exchanges, correct one (a demonstration or a feedback lesson), import a file, or
     forget every exchange."""
-    rows = lessons.read_import(cfg.import_file) if cfg.import_file else None  # a bad file: before the home exists
+    rows = (
+        lessons.read_import(cfg.import_file) if cfg.import_file else None
+    )  # a bad file: before the home exists
     path = Path(cfg.home).expanduser() / FILENAME
     if not path.exists() and cfg.rule is None and cfg.fact is None and not cfg.import_file:
         if cfg.list or cfg.forget_exchanges:  # nothing to read or forget: no home is made for it
             return [f"no exchanges in {path}"]
-        raise InputError(f"{cfg.exchange}: no such exchange in {path} (see mlx-sdft exchanges list)")
+        raise InputError(
+            f"{cfg.exchange}: no such exchange in {path} (see mlx-sdft exchanges list)"
+        )
     with Store(cfg.home, cfg.redact) as store:
         if cfg.list:
             rows = store.exchanges(cfg.limit)
@@ -33,15 +37,25 @@ def teach(cfg: TeachConfig) -> list[str]:
         if cfg.forget_exchanges:
             return [f"forgot {store.forget_exchanges()} exchanges; {store.path} compacted"]
         if cfg.rule is not None or cfg.fact is not None:
-            return rules.add_standing(store, "rule" if cfg.rule is not None else "fact", cfg.rule or cfg.fact, cfg.check)[1]
+            return rules.add_standing(
+                store, "rule" if cfg.rule is not None else "fact", cfg.rule or cfg.fact, cfg.check
+            )[1]
         exchange = store.exchange(cfg.exchange)
         if exchange is None:
-            raise InputError(f"{cfg.exchange}: no such exchange in {store.path} (see mlx-sdft exchanges list)")
-        if cfg.always:  # a correction meant for every answer: a rule, which remembers where it came from
+            raise InputError(
+                f"{cfg.exchange}: no such exchange in {store.path} (see mlx-sdft exchanges list)"
+            )
+        if (
+            cfg.always
+        ):  # a correction meant for every answer: a rule, which remembers where it came from
             return rules.add_standing(store, "rule", cfg.feedback, cfg.check, exchange["id"])[1]
-        kind, text = ("demonstration", cfg.answer) if cfg.answer is not None else ("feedback", cfg.feedback)
+        kind, text = (
+            ("demonstration", cfg.answer) if cfg.answer is not None else ("feedback", cfg.feedback)
+        )
         lessons.check_size(text, "--answer" if kind == "demonstration" else "--feedback")
-        lesson_id = store.add_lesson(**lessons.from_exchange(exchange, kind, text, cfg.feedback_template))
+        lesson_id = store.add_lesson(
+            **lessons.from_exchange(exchange, kind, text, cfg.feedback_template)
+        )
         return [f"lesson {lesson_id} ({kind}) on exchange {exchange['id']}"]
 
 
@@ -50,7 +64,9 @@ def listing(cfg: LessonsConfig) -> list[str]:
     with Store(cfg.home) as store:
         if cfg.export:
             count = lessons.export(store, cfg.export, cfg.state)
-            return [f"wrote {count} lessons to {cfg.export}; train on them with: mlx-sdft train --data {cfg.export} ..."]
+            return [
+                f"wrote {count} lessons to {cfg.export}; train on them with: mlx-sdft train --data {cfg.export} ..."
+            ]
         rows = store.lessons(cfg.state)
     if cfg.json:
         return [json.dumps(rows, ensure_ascii=False, indent=1)]
@@ -63,18 +79,26 @@ def show(cfg: LessonsConfig) -> list[str]:
         row = _lesson(store, cfg.lesson)
     if cfg.json:
         return [json.dumps(row, ensure_ascii=False, indent=1)]
-    lines = [f"lesson {row['id']}: {row['kind']}, {row['state']}, exchange {row['exchange_id'] or '-'}, "
-             f"created {_time(row['created'])}"]
+    lines = [
+        f"lesson {row['id']}: {row['kind']}, {row['state']}, exchange {row['exchange_id'] or '-'}, "
+        f"created {_time(row['created'])}"
+    ]
     if row["state"] == "deleted":
         return lines
     lines += [f"  {m['role']}: {m['content']}" for m in row["prompt"]]
     if row["kind"] in STANDING:
-        return lines + [f"  {row['kind']}: {row['text']}"] + ([f"  check: {row['check_regex']}"] if row["check_regex"] else [])
+        return (
+            lines
+            + [f"  {row['kind']}: {row['text']}"]
+            + ([f"  check: {row['check_regex']}"] if row["check_regex"] else [])
+        )
     if row["answer"] is not None:
         lines.append(f"  model's answer: {row['answer']}")
     lines.append(f"  {row['kind']}: {row['text']}")
-    lines.append("teacher's context (last user message):" + ("" if row["teacher_template"] else
-                                                          " (with the default --teacher-template)"))
+    lines.append(
+        "teacher's context (last user message):"
+        + ("" if row["teacher_template"] else " (with the default --teacher-template)")
+    )
     lines.append(lessons.teacher_view(row, TEACHER_TEMPLATE))
     return lines
 
@@ -103,8 +127,10 @@ def _lesson(store: Store, id: int | None) -> dict:
 
 def _exchange_line(row: dict) -> str:
     question = next((m["content"] for m in reversed(row["messages"]) if m["role"] == "user"), "")
-    return (f"{row['id']}  {_time(row['created'])}  v{row['version']}  {_short(question)!r} -> "
-            f"{_short(row['answer'])!r}")
+    return (
+        f"{row['id']}  {_time(row['created'])}  v{row['version']}  {_short(question)!r} -> "
+        f"{_short(row['answer'])!r}"
+    )
 
 
 def _lesson_line(row: dict) -> str:

@@ -26,8 +26,13 @@ EXPLICIT = "MLX_SDFT_OPENBLAS"  # a path to the libopenblas to load
 def candidates(machine: str) -> list[str]:
     """Standard OpenBLAS paths, pthread builds first: Debian/Ubuntu multiarch, Fedora/RHEL, Arch."""
     multiarch = f"/usr/lib/{machine}-linux-gnu"
-    return [f"{multiarch}/openblas-pthread/libopenblas.so.0", f"{multiarch}/libopenblas.so.0",
-            "/usr/lib64/libopenblasp.so.0", "/usr/lib64/libopenblas.so.0", "/usr/lib/libopenblas.so.0"]
+    return [
+        f"{multiarch}/openblas-pthread/libopenblas.so.0",
+        f"{multiarch}/libopenblas.so.0",
+        "/usr/lib64/libopenblasp.so.0",
+        "/usr/lib64/libopenblas.so.0",
+        "/usr/lib/libopenblas.so.0",
+    ]
 
 
 def choose(explicit: str | None, paths: list[str]) -> str | None:
@@ -36,14 +41,18 @@ def choose(explicit: str | None, paths: list[str]) -> str | None:
     if explicit:
         if Path(explicit).is_file():
             return explicit
-        warnings.warn(f"{EXPLICIT}={explicit} does not exist; looking for OpenBLAS in the standard paths",
-                      stacklevel=2)
+        warnings.warn(
+            f"{EXPLICIT}={explicit} does not exist; looking for OpenBLAS in the standard paths",
+            stacklevel=2,
+        )
     return next((p for p in paths if Path(p).is_file()), None)
 
 
 def mapped(maps: str) -> list[str]:
     """Paths of the BLAS libraries in a /proc/<pid>/maps text, sorted."""
-    return sorted({line.split()[-1] for line in maps.splitlines() if "blas" in line.lower() and "/" in line})
+    return sorted(
+        {line.split()[-1] for line in maps.splitlines() if "blas" in line.lower() and "/" in line}
+    )
 
 
 def describe() -> str:
@@ -71,7 +80,9 @@ def warning(described: str | None = None) -> str | None:
     described = described or describe()
     if mx.default_device() != mx.cpu or not described.startswith("reference BLAS"):
         return None
-    return f"warning: MLX's matmuls run on its reference BLAS, ~20x slower than OpenBLAS. Fix: {FIX}"
+    return (
+        f"warning: MLX's matmuls run on its reference BLAS, ~20x slower than OpenBLAS. Fix: {FIX}"
+    )
 
 
 def warn(console) -> None:
@@ -84,7 +95,11 @@ def warn(console) -> None:
 def preload() -> str | None:
     """Load OpenBLAS globally before mlx.core on Linux; the path loaded, or None (not Linux, opted
     out, mlx.core already imported, already preloaded, none found, or it failed to load)."""
-    if sys.platform != "linux" or "mlx.core" in sys.modules or os.environ.get(OPT_OUT, "").lower() == "reference":
+    if (
+        sys.platform != "linux"
+        or "mlx.core" in sys.modules
+        or os.environ.get(OPT_OUT, "").lower() == "reference"
+    ):
         return None
     if "openblas" in os.environ.get("LD_PRELOAD", ""):
         return None  # a second OpenBLAS would only add a thread pool

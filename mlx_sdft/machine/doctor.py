@@ -19,8 +19,10 @@ def blas() -> str:
         return what
     if os.environ.get(OPT_OUT, "").lower() == "reference":
         return f"{what}, kept by {OPT_OUT}=reference"
-    return (f"{what}: slow; apt-get install libopenblas0-pthread (picked up automatically), "
-            f"or set {EXPLICIT}=/path/to/libopenblas.so.0")
+    return (
+        f"{what}: slow; apt-get install libopenblas0-pthread (picked up automatically), "
+        f"or set {EXPLICIT}=/path/to/libopenblas.so.0"
+    )
 
 
 def backend() -> str:
@@ -46,5 +48,6 @@ def report() -> dict:
         "blas": blas() if backend() == "CPU" else "n/a (GPU)",
         "cpu_count": os.cpu_count(),
         "distributed": f"available, this process is rank {mx.distributed.init().rank()} of {mx.distributed.init().size()}"
-        if mx.distributed.is_available() else "not available",
+        if mx.distributed.is_available()
+        else "not available",
     }

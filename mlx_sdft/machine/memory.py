@@ -27,7 +27,12 @@ def dimensions(config: dict) -> tuple[int, int, int, int]:
     h = config["hidden_size"]
     heads = config["num_attention_heads"]
     head_dim = config.get("head_dim") or h // heads
-    return h, config.get("intermediate_size", 4 * h), heads * head_dim, config.get("num_key_value_heads", heads) * head_dim
+    return (
+        h,
+        config.get("intermediate_size", 4 * h),
+        heads * head_dim,
+        config.get("num_key_value_heads", heads) * head_dim,
+    )
 
 
 def block_linears(config: dict) -> list[tuple[int, int]]:
@@ -45,15 +50,25 @@ def trainable_count(config: dict, cfg) -> int:
     """Parameters that train: LoRA r·(in+out) per adapted linear, or whole blocks (linears and their
     two norms) for full."""
     if cfg.fine_tune_type == "full":
-        return adapted_blocks(config, cfg) * (sum(a * b for a, b in block_linears(config)) + 2 * config["hidden_size"])
-    r, dora = cfg.lora_parameters["rank"], cfg.fine_tune_type == "dora"  # DoRA adds a magnitude per output
-    return adapted_blocks(config, cfg) * sum(r * (a + b) + dora * b for a, b in block_linears(config))
+        return adapted_blocks(config, cfg) * (
+            sum(a * b for a, b in block_linears(config)) + 2 * config["hidden_size"]
+        )
+    r, dora = (
+        cfg.lora_parameters["rank"],
+        cfg.fine_tune_type == "dora",
+    )  # DoRA adds a magnitude per output
+    return adapted_blocks(config, cfg) * sum(
+        r * (a + b) + dora * b for a, b in block_linears(config)
+    )
 
 
 def base_parameters(config: dict) -> int | None:
     """The model's parameters as `mlx_lm.lora` counts them, from config.json alone: blocks' linears
     and norms, embeddings, an untied head (biases left out). None for a config it cannot read."""
-    if not {"hidden_size", "num_hidden_layers", "num_attention_heads", "vocab_size"} <= config.keys():
+    if (
+        not {"hidden_size", "num_hidden_layers", "num_attention_heads", "vocab_size"}
+        <= config.keys()
+    ):
         return None
     h, blocks = config["hidden_size"], config["num_hidden_layers"]
     embeddings = config["vocab_size"] * h * (1 if config.get("tie_word_embeddings", True) else 2)
@@ -75,10 +90,19 @@ def fused_copy_bytes(config: dict, weights: int, cfg) -> int:
     """The fused weights `rollout.fused_adapters` holds while sampling: a copy of every adapted
     linear, in the precision of the `weights` bytes on disk. Adapters over quantized weights
     are not fused."""
-    if cfg.method != "sdft" or not cfg.fuse_sampling or cfg.fine_tune_type != "lora" or "quantization" in config:
+    if (
+        cfg.method != "sdft"
+        or not cfg.fuse_sampling
+        or cfg.fine_tune_type != "lora"
+        or "quantization" in config
+    ):
         return 0
     per_block = sum(a * b for a, b in block_linears(config))
-    embeddings = config["vocab_size"] * config["hidden_size"] * (1 if config.get("tie_word_embeddings", True) else 2)
+    embeddings = (
+        config["vocab_size"]
+        * config["hidden_size"]
+        * (1 if config.get("tie_word_embeddings", True) else 2)
+    )
     bytes_per_param = weights / (config["num_hidden_layers"] * per_block + embeddings)
     return int(adapted_blocks(config, cfg) * per_block * bytes_per_param)
 
@@ -87,8 +111,15 @@ def logit_positions(cfg, T: int) -> int:
     return min(T, 4 * cfg.logits_chunk) if cfg.logits_chunk and cfg.method == "sdft" else T
 
 
-def estimate(config: dict, model_path: Path, cfg, prompt_len: int, teacher_prompt_len: int,
-             demo_len: int = 0, completion_len: int | None = None) -> dict[str, float]:
+def estimate(
+    config: dict,
+    model_path: Path,
+    cfg,
+    prompt_len: int,
+    teacher_prompt_len: int,
+    demo_len: int = 0,
+    completion_len: int | None = None,
+) -> dict[str, float]:
     """Bytes per component at the peak of a step (GB). n = sequences per micro-batch; `demo_len`,
     the longest demonstration in tokens, sizes SDFT's --sft-weight term; `completion_len`, the
     longest completion the run can score (SDFT: its longest completion budget; SFT: its longest
@@ -107,19 +138,42 @@ def estimate(config: dict, model_path: Path, cfg, prompt_len: int, teacher_promp
         "kv_cache": 2 * layers * kv * (prompt_len + T) * n * F32 if cfg.method == "sdft" else 0,
         "fused_copy": fused_copy_bytes(config, weights, cfg),
         # activations kept for the backward pass: ~12 hidden-sized and 3 MLP-sized tensors per layer
-        "activations": n * L * layers * (12 * h + 3 * i) * F32 // (layers if cfg.grad_checkpoint else 1),
+        "activations": n
+        * L
+        * layers
+        * (12 * h + 3 * i)
+        * F32
+        // (layers if cfg.grad_checkpoint else 1),
         # student logits, log-softmax and its gradient; teacher logits and log-softmax (and the
         # base model's logits with --base-kl-weight). In chunks (--logits-chunk) a few chunks are
         # alive at once, not all T positions.
-        "logits": n * logit_positions(cfg, T) * V * F32 * ((5 + bool(cfg.base_kl_weight)) if cfg.method == "sdft" else 3),
+        "logits": n
+        * logit_positions(cfg, T)
+        * V
+        * F32
+        * ((5 + bool(cfg.base_kl_weight)) if cfg.method == "sdft" else 3),
         # --sft-weight: a second student pass over prompt + demonstration in the same backward, its
         # activations and its logits, log-softmax and gradient over the demonstration
-        "sft_term": cfg.batch_size * ((prompt_len + demo_len) * layers * (12 * h + 3 * i) // (
-            layers if cfg.grad_checkpoint else 1) + 3 * demo_len * V) * F32
-        if cfg.method == "sdft" and cfg.sft_weight else 0,
+        "sft_term": cfg.batch_size
+        * (
+            (prompt_len + demo_len)
+            * layers
+            * (12 * h + 3 * i)
+            // (layers if cfg.grad_checkpoint else 1)
+            + 3 * demo_len * V
+        )
+        * F32
+        if cfg.method == "sdft" and cfg.sft_weight
+        else 0,
     }
-    parts["peak"] = parts["weights"] + parts["trainable_states"] + max(
-        parts["kv_cache"] + parts["fused_copy"], parts["activations"] + parts["logits"] + parts["sft_term"])
+    parts["peak"] = (
+        parts["weights"]
+        + parts["trainable_states"]
+        + max(
+            parts["kv_cache"] + parts["fused_copy"],
+            parts["activations"] + parts["logits"] + parts["sft_term"],
+        )
+    )
     return {k: v / GB for k, v in parts.items()}
 
 
@@ -142,7 +196,10 @@ def model_config(model_path: Path) -> dict:
 
 
 def describe(parts: dict[str, float]) -> str:
-    return ", ".join(f"{k} {v:.2f} GB" for k, v in parts.items() if k != "peak") + f"; peak ≈ {parts['peak']:.2f} GB"
+    return (
+        ", ".join(f"{k} {v:.2f} GB" for k, v in parts.items() if k != "peak")
+        + f"; peak ≈ {parts['peak']:.2f} GB"
+    )
 
 
 LOWER_IT = "--batch-size, --max-completion-length, --max-seq-length, --num-layers, --grad-checkpoint, --logits-chunk, --topk"

@@ -13,39 +13,90 @@ from mlx_sdft.measure.retention import general_answers, load_prompts, rate, rete
 from mlx_sdft.measure.task import evaluate_task
 
 
-def evaluate_adapters(model, tokenizer, base: Leaves | None, examples: list[Example], metric: Metric,
-                      cfg, progress=None) -> tuple[dict, list[dict], list[dict]]:
+def evaluate_adapters(
+    model,
+    tokenizer,
+    base: Leaves | None,
+    examples: list[Example],
+    metric: Metric,
+    cfg,
+    progress=None,
+) -> tuple[dict, list[dict], list[dict]]:
     """All numbers of one evaluation (`cfg`: the eval options): the task score, the degenerate rate
     of greedy answers to the general prompts, and with a base to compare, retention and the base's
     degenerate rate. Returns (summary, task rows, general-prompt rows). With a rich `progress`, bars
     count the task prompts, the general prompts answered and the retention prompts."""
+
     def bar(name: str, total: int):
         if progress is None:
             return None
         task_id = progress.add_task(name, total=total)
         return lambda n: progress.advance(task_id, n)
 
-    task = evaluate_task(model, tokenizer, examples, metric, cfg.max_tokens, cfg.batch_size,
-                         bar("task prompts", len(examples)))
+    task = evaluate_task(
+        model,
+        tokenizer,
+        examples,
+        metric,
+        cfg.max_tokens,
+        cfg.batch_size,
+        bar("task prompts", len(examples)),
+    )
     summary, general = {"task_score": task.score, "examples": len(examples)}, []
     if cfg.retention:
         prompts = load_prompts(cfg.general_prompts, cfg.num_general_prompts)
-        general = general_answers(model, tokenizer, prompts, cfg.general_max_tokens, cfg.batch_size,
-                                  bar("general prompts", len(prompts)))
-        summary["degenerate_rate"], summary["repetitive_rate"] = rate(general), rate(general, "repetitive")
+        general = general_answers(
+            model,
+            tokenizer,
+            prompts,
+            cfg.general_max_tokens,
+            cfg.batch_size,
+            bar("general prompts", len(prompts)),
+        )
+        summary["degenerate_rate"], summary["repetitive_rate"] = (
+            rate(general),
+            rate(general, "repetitive"),
+        )
     if base is not None and cfg.retention:
-        summary["retention_kl"] = retention_kl(model, tokenizer, base, prompts, cfg.retention_max_tokens, cfg.batch_size,
-                                               bar("retention prompts", len(prompts)))
+        summary["retention_kl"] = retention_kl(
+            model,
+            tokenizer,
+            base,
+            prompts,
+            cfg.retention_max_tokens,
+            cfg.batch_size,
+            bar("retention prompts", len(prompts)),
+        )
         with using(model, base):
-            base_rows = general_answers(model, tokenizer, prompts, cfg.general_max_tokens, cfg.batch_size,
-                                        bar("general prompts, base", len(prompts)))
-        summary["degenerate_rate_base"], summary["repetitive_rate_base"] = rate(base_rows), rate(base_rows, "repetitive")
-        general = [{**r, "base_answer": b["answer"], "base_degenerate": b["degenerate"], "base_repetitive": b["repetitive"]}
-                   for r, b in zip(general, base_rows)]
+            base_rows = general_answers(
+                model,
+                tokenizer,
+                prompts,
+                cfg.general_max_tokens,
+                cfg.batch_size,
+                bar("general prompts, base", len(prompts)),
+            )
+        summary["degenerate_rate_base"], summary["repetitive_rate_base"] = (
+            rate(base_rows),
+            rate(base_rows, "repetitive"),
+        )
+        general = [
+            {
+                **r,
+                "base_answer": b["answer"],
+                "base_degenerate": b["degenerate"],
+                "base_repetitive": b["repetitive"],
+            }
+            for r, b in zip(general, base_rows)
+        ]
     if cfg.prior_text:
         texts = load_texts(cfg.prior_text)
-        summary["prior_ppl"] = perplexity(model, tokenizer, texts, cfg.max_seq_length, cfg.batch_size)
+        summary["prior_ppl"] = perplexity(
+            model, tokenizer, texts, cfg.max_seq_length, cfg.batch_size
+        )
         if base is not None:
             with using(model, base):
-                summary["prior_ppl_base"] = perplexity(model, tokenizer, texts, cfg.max_seq_length, cfg.batch_size)
+                summary["prior_ppl_base"] = perplexity(
+                    model, tokenizer, texts, cfg.max_seq_length, cfg.batch_size
+                )
     return summary, task.rows, general

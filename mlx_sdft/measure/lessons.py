@@ -21,12 +21,21 @@ from mlx_sdft.measure.teacher import demonstration_loglik
 from mlx_sdft.store.lessons import paraphrased, to_example
 
 
-def feedback_fit(model, pairs, stops: list[int], max_tokens: int, temperature: float, seed: int) -> list[float]:
+def feedback_fit(
+    model, pairs, stops: list[int], max_tokens: int, temperature: float, seed: int
+) -> list[float]:
     """−mean per-token KL(teacher‖student) on one fresh student sample per prompt (seed + i)."""
     out = []
     for i, pair in enumerate(pairs):  # one at a time: teacher prompts differ in length
-        rollout = sample(model, [pair.student_ids], [max_tokens], stops, temperature=temperature, batch_size=1,
-                         seeds=[seed + i])
+        rollout = sample(
+            model,
+            [pair.student_ids],
+            [max_tokens],
+            stops,
+            temperature=temperature,
+            batch_size=1,
+            seeds=[seed + i],
+        )
         completion = rollout.completions[0]
         student_BTV = completion_logits(model, [pair.student_ids], [completion]) / temperature
         teacher_BTV = completion_logits(model, [pair.teacher_ids], [completion]) / temperature
@@ -39,7 +48,12 @@ def feedback_fit(model, pairs, stops: list[int], max_tokens: int, temperature: f
 def lesson_fit(model, tokenizer, rows: list[dict], cfg) -> dict[int, float]:
     """Lesson id → fit (module docstring) under the model's present leaves; `cfg`: the learn
     options (--teacher-template, --max-seq-length, --gate-batch-size, --gate-max-tokens, --seed)."""
-    return dict(zip([r["id"] for r in rows], example_fit(model, tokenizer, [to_example(r) for r in rows], cfg)))
+    return dict(
+        zip(
+            [r["id"] for r in rows],
+            example_fit(model, tokenizer, [to_example(r) for r in rows], cfg),
+        )
+    )
 
 
 def held_out_fit(model, tokenizer, rows: list[dict], cfg) -> dict[int, list[float]]:
@@ -61,12 +75,20 @@ def example_fit(model, tokenizer, examples: list, cfg) -> list[float]:
     context = [i for i, ex in enumerate(examples) if not ex.demonstration]
     fits = [0.0] * len(examples)
     if demo:
-        values = demonstration_loglik(model, [pairs[i] for i in demo], "student", cfg.gate_batch_size)
+        values = demonstration_loglik(
+            model, [pairs[i] for i in demo], "student", cfg.gate_batch_size
+        )
         for i, v in zip(demo, values):
             fits[i] = v
     if context:
-        values = feedback_fit(model, [pairs[i] for i in context], sorted(tokenizer.eos_token_ids),
-                              cfg.gate_max_tokens, 1.0, cfg.seed)
+        values = feedback_fit(
+            model,
+            [pairs[i] for i in context],
+            sorted(tokenizer.eos_token_ids),
+            cfg.gate_max_tokens,
+            1.0,
+            cfg.seed,
+        )
         for i, v in zip(context, values):
             fits[i] = v
     return fits

@@ -14,17 +14,21 @@ from mlx_sdft.core.scoring import completion_logits, completion_mask, pad_rows
 from mlx_sdft.errors import InputError
 
 
-def perplexity(model: nn.Module, tokenizer, texts: list[str], max_seq_length: int, batch_size: int) -> float:
+def perplexity(
+    model: nn.Module, tokenizer, texts: list[str], max_seq_length: int, batch_size: int
+) -> float:
     """exp of the mean next-token cross-entropy over all tokens of the texts."""
     total, count = 0.0, 0
     encoded = [tokenizer.encode(t)[:max_seq_length] for t in texts]
     for start in range(0, len(encoded), batch_size):
-        batch = [ids for ids in encoded[start:start + batch_size] if len(ids) > 1]
+        batch = [ids for ids in encoded[start : start + batch_size] if len(ids) > 1]
         if not batch:
             continue
         targets = [ids[1:] for ids in batch]
         logits_BTV = completion_logits(model, [ids[:1] for ids in batch], targets)
-        loss, ntoks = sft_loss(logits_BTV, pad_rows(targets), completion_mask([len(t) for t in targets]))
+        loss, ntoks = sft_loss(
+            logits_BTV, pad_rows(targets), completion_mask([len(t) for t in targets])
+        )
         total += loss.item() * ntoks.item()
         count += ntoks.item()
     return math.exp(total / max(count, 1))
@@ -43,9 +47,9 @@ def load_texts(path: str | Path) -> list[str]:
         try:
             text = json.loads(line).get("text")
         except (ValueError, AttributeError):
-            raise InputError(f"{path}:{n}: expected a JSON object with a \"text\" string") from None
+            raise InputError(f'{path}:{n}: expected a JSON object with a "text" string') from None
         if not isinstance(text, str) or not text:
-            raise InputError(f"{path}:{n}: \"text\" must be a non-empty string")
+            raise InputError(f'{path}:{n}: "text" must be a non-empty string')
         texts.append(text)
     if not texts:
         raise InputError(f"{path}: no texts")

@@ -40,28 +40,53 @@ def load_prompts(path: str | Path | None, limit: int) -> list[list[dict]]:
             except ValueError:
                 row = None
             if not isinstance(row, dict) or not isinstance(row.get("prompt"), (str, list)):
-                raise InputError(f"{path}:{n}: expected {{\"prompt\": ...}}")
+                raise InputError(f'{path}:{n}: expected {{"prompt": ...}}')
             prompt = row["prompt"]
-            prompts.append([{"role": "user", "content": prompt}] if isinstance(prompt, str) else prompt)
+            prompts.append(
+                [{"role": "user", "content": prompt}] if isinstance(prompt, str) else prompt
+            )
     return prompts[:limit]
 
 
-def retention_kl(model: nn.Module, tokenizer, base: Leaves, prompts: list[list[dict]], max_tokens: int,
-                 batch_size: int, advance: Callable[[int], None] | None = None) -> float:
+def retention_kl(
+    model: nn.Module,
+    tokenizer,
+    base: Leaves,
+    prompts: list[list[dict]],
+    max_tokens: int,
+    batch_size: int,
+    advance: Callable[[int], None] | None = None,
+) -> float:
     """Mean per-token KL(base‖adapted) over completions sampled (temperature 1) from the base model;
     `advance(n)` after each batch of n prompts."""
-    return drift(model, tokenizer, base, [None], prompts, None, max_tokens, batch_size, None, advance)[0]
+    return drift(
+        model, tokenizer, base, [None], prompts, None, max_tokens, batch_size, None, advance
+    )[0]
 
 
-def general_answers(model: nn.Module, tokenizer, prompts: list[list[dict]], max_tokens: int,
-                    batch_size: int, advance: Callable[[int], None] | None = None) -> list[dict]:
+def general_answers(
+    model: nn.Module,
+    tokenizer,
+    prompts: list[list[dict]],
+    max_tokens: int,
+    batch_size: int,
+    advance: Callable[[int], None] | None = None,
+) -> list[dict]:
     """Greedy answers to general prompts, each with its `degenerate` flag (core/degeneration.py);
     `advance(n)` after each batch of n prompts."""
     stops = sorted(tokenizer.eos_token_ids)
     answers = greedy(model, tokenizer, prompts, max_tokens, batch_size, advance)
-    return [{"prompt": p[-1]["content"], "answer": text, "tokens": len(c), "truncated": t,
-             "repetitive": is_repetitive(c, stops), "degenerate": is_degenerate(c, t, stops)}
-            for p, text, c, t in zip(prompts, answers.texts, answers.ids, answers.truncated)]
+    return [
+        {
+            "prompt": p[-1]["content"],
+            "answer": text,
+            "tokens": len(c),
+            "truncated": t,
+            "repetitive": is_repetitive(c, stops),
+            "degenerate": is_degenerate(c, t, stops),
+        }
+        for p, text, c, t in zip(prompts, answers.texts, answers.ids, answers.truncated)
+    ]
 
 
 def rate(rows: list[dict], key: str = "degenerate") -> float:

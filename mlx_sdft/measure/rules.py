@@ -50,16 +50,28 @@ class Answers:
     prompt_ids: list[list[int]]
 
 
-def greedy(model, tokenizer, prompts: list[list[dict]], max_tokens: int, batch_size: int,
-           advance: Callable[[int], None] | None = None, tools: list[list | None] | None = None) -> Answers:
+def greedy(
+    model,
+    tokenizer,
+    prompts: list[list[dict]],
+    max_tokens: int,
+    batch_size: int,
+    advance: Callable[[int], None] | None = None,
+    tools: list[list | None] | None = None,
+) -> Answers:
     """Greedy answers (temperature 0), `batch_size` prompts at a time; `tools[i]` goes with
     prompts[i]; `advance(n)` after each batch of n prompts (a progress bar)."""
     stops = sorted(tokenizer.eos_token_ids)
-    prompt_ids = [encode(tokenizer, render(tokenizer, p, t)) for p, t in zip(prompts, tools or [None] * len(prompts))]
+    prompt_ids = [
+        encode(tokenizer, render(tokenizer, p, t))
+        for p, t in zip(prompts, tools or [None] * len(prompts))
+    ]
     texts, ids, truncated = [], [], []
     for start in range(0, len(prompt_ids), batch_size):
-        batch = prompt_ids[start:start + batch_size]
-        rollout = sample(model, batch, [max_tokens] * len(batch), stops, temperature=0.0, batch_size=len(batch))
+        batch = prompt_ids[start : start + batch_size]
+        rollout = sample(
+            model, batch, [max_tokens] * len(batch), stops, temperature=0.0, batch_size=len(batch)
+        )
         for c, t in zip(rollout.completions, rollout.truncated):
             body = c[:-1] if c and c[-1] in stops else c
             texts.append(tokenizer.decode(body))
@@ -76,14 +88,18 @@ def told(tokenizer, prompts: list[list[dict]], rules: str) -> list[list[dict]]:
     return [with_rules(p, rules, default) for p in prompts]
 
 
-def rule_gap(model, tokenizer, prompts: list[list[dict]], answers: Answers, rules: str, batch_size: int) -> float:
+def rule_gap(
+    model, tokenizer, prompts: list[list[dict]], answers: Answers, rules: str, batch_size: int
+) -> float:
     """Mean per-token KL(model told `rules` ‖ model) on `answers` (the model's own, untold)."""
     teacher_ids = [encode(tokenizer, render(tokenizer, p)) for p in told(tokenizer, prompts, rules)]
     total, count = 0.0, 0
     for start in range(0, len(prompts), batch_size):
         rows = slice(start, start + batch_size)
         completions = answers.ids[rows]
-        student_BTV = completion_logits(model, answers.prompt_ids[rows], completions).astype(mx.float32)
+        student_BTV = completion_logits(model, answers.prompt_ids[rows], completions).astype(
+            mx.float32
+        )
         teacher_BTV = completion_logits(model, teacher_ids[rows], completions).astype(mx.float32)
         mask_BT = completion_mask([len(c) for c in completions])
         total += (kl_of_logits(teacher_BTV, student_BTV)[0] * mask_BT).sum().item()
@@ -100,17 +116,39 @@ def loop_rate(tokenizer, answers: Answers) -> float:
     return sum(is_repetitive(c, stops) for c in answers.ids) / max(len(answers.ids), 1)
 
 
-def prior_answers(model, tokenizer, questions: list[dict], max_tokens: int, batch_size: int,
-                  advance: Callable[[int], None] | None = None) -> dict:
+def prior_answers(
+    model,
+    tokenizer,
+    questions: list[dict],
+    max_tokens: int,
+    batch_size: int,
+    advance: Callable[[int], None] | None = None,
+) -> dict:
     """{"accuracy", "right": [bool per question]} of greedy answers to `questions`."""
-    answers = greedy(model, tokenizer, [[{"role": "user", "content": q["prompt"]}] for q in questions], max_tokens,
-                     batch_size, advance)
+    answers = greedy(
+        model,
+        tokenizer,
+        [[{"role": "user", "content": q["prompt"]}] for q in questions],
+        max_tokens,
+        batch_size,
+        advance,
+    )
     right = [bool(contains(a, q["completion"])) for a, q in zip(answers.texts, questions)]
     return {"accuracy": sum(right) / max(len(right), 1), "right": right}
 
 
-def drift(model, tokenizer, reference, versions: list, prompts: list[list[dict]], rules: str | None, max_tokens: int,
-          batch_size: int, seed: int | None, advance: Callable[[int], None] | None = None) -> list[float]:
+def drift(
+    model,
+    tokenizer,
+    reference,
+    versions: list,
+    prompts: list[list[dict]],
+    rules: str | None,
+    max_tokens: int,
+    batch_size: int,
+    seed: int | None,
+    advance: Callable[[int], None] | None = None,
+) -> list[float]:
     """Per version (adapter leaves; None: the model as it is), mean per-token KL(reference told
     `rules` ‖ version untold) on completions sampled (temperature 1; `seed`, else MLX's random
     state) from the told reference: how far each version is from what the user asked for (with no
@@ -119,15 +157,24 @@ def drift(model, tokenizer, reference, versions: list, prompts: list[list[dict]]
 
     stops = sorted(tokenizer.eos_token_ids)
     untold = [encode(tokenizer, render(tokenizer, p)) for p in prompts]
-    told_ids = [encode(tokenizer, render(tokenizer, p)) for p in told(tokenizer, prompts, rules)] if rules else untold
+    told_ids = (
+        [encode(tokenizer, render(tokenizer, p)) for p in told(tokenizer, prompts, rules)]
+        if rules
+        else untold
+    )
     totals, count = [0.0] * len(versions), 0
     if seed is not None:
         mx.random.seed(seed)
     for start in range(0, len(prompts), batch_size):
         rows = slice(start, start + batch_size)
         with using(model, reference):
-            completions = sample(model, told_ids[rows], [max_tokens] * len(told_ids[rows]), stops,
-                                 batch_size=batch_size).completions
+            completions = sample(
+                model,
+                told_ids[rows],
+                [max_tokens] * len(told_ids[rows]),
+                stops,
+                batch_size=batch_size,
+            ).completions
             reference_BTV = completion_logits(model, told_ids[rows], completions).astype(mx.float32)
         mask_BT = completion_mask([len(c) for c in completions])
         for i, leaves in enumerate(versions):
@@ -141,9 +188,11 @@ def drift(model, tokenizer, reference, versions: list, prompts: list[list[dict]]
 
 
 # The fact first, then the list asked for in a form a small model keeps to (numbered, one per line).
-QUESTIONS_PROMPT = ("Here is a fact: {fact}\n\nWrite {n} different questions that this fact answers, as different "
-                    "people might ask them. Number them 1 to {n}, one per line, each ending with a question mark, "
-                    "and write nothing else.")
+QUESTIONS_PROMPT = (
+    "Here is a fact: {fact}\n\nWrite {n} different questions that this fact answers, as different "
+    "people might ask them. Number them 1 to {n}, one per line, each ending with a question mark, "
+    "and write nothing else."
+)
 
 
 def write_questions(model, tokenizer, fact: str, n: int, max_tokens: int) -> list[str]:
@@ -156,10 +205,17 @@ def write_questions(model, tokenizer, fact: str, n: int, max_tokens: int) -> lis
 # One worked example first: asked in words alone, Qwen2.5-Coder-0.5B answered the request or
 # repeated it 8 times; shown one rewording, it reworded some (docs/personal.md has the count).
 PARAPHRASE_EXAMPLE = [
-    {"role": "user", "content": 'Reword this request 4 ways without answering it: "How do I make bread at home?"'},
-    {"role": "assistant", "content": "1. What are the steps to bake bread in my own kitchen?\n2. Can you explain how "
-                                     "to make homemade bread?\n3. I want to bake bread at home. How do I do it?\n"
-                                     "4. How is bread made at home?"}]
+    {
+        "role": "user",
+        "content": 'Reword this request 4 ways without answering it: "How do I make bread at home?"',
+    },
+    {
+        "role": "assistant",
+        "content": "1. What are the steps to bake bread in my own kitchen?\n2. Can you explain how "
+        "to make homemade bread?\n3. I want to bake bread at home. How do I do it?\n"
+        "4. How is bread made at home?",
+    },
+]
 PARAPHRASE_PROMPT = 'Reword this request {n} ways without answering it: "{prompt}"'
 
 
@@ -167,7 +223,10 @@ def write_paraphrases(model, tokenizer, prompt: str, n: int, max_tokens: int) ->
     """Rewordings of a request that the model writes itself (greedy): the prompts a one-off lesson is
     also trained and measured on. store.rules.paraphrases_in says which lines of its answer are such;
     the last line of an answer cut off at `max_tokens` is left out (it may stop mid-sentence)."""
-    request = [*PARAPHRASE_EXAMPLE, {"role": "user", "content": PARAPHRASE_PROMPT.format(n=n, prompt=prompt)}]
+    request = [
+        *PARAPHRASE_EXAMPLE,
+        {"role": "user", "content": PARAPHRASE_PROMPT.format(n=n, prompt=prompt)},
+    ]
     answer = greedy(model, tokenizer, [request], max_tokens, 1)
     text = answer.texts[0].rstrip().rsplit("\n", 1)[0] if answer.truncated[0] else answer.texts[0]
     return paraphrases_in(text, prompt, n)

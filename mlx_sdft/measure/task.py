@@ -17,8 +17,15 @@ from mlx_sdft.errors import InputError
 from mlx_sdft.measure.rules import greedy
 
 
-def predict(model: nn.Module, tokenizer, prompts: list[list[dict]], max_tokens: int, batch_size: int,
-            tools: list[list | None] | None = None, advance: Callable[[int], None] | None = None) -> list[str]:
+def predict(
+    model: nn.Module,
+    tokenizer,
+    prompts: list[list[dict]],
+    max_tokens: int,
+    batch_size: int,
+    tools: list[list | None] | None = None,
+    advance: Callable[[int], None] | None = None,
+) -> list[str]:
     """Greedy answers (temperature 0), decoded without the stop token; `tools[i]` goes with prompts[i].
     `advance(n)` is called after each batch of n prompts (a progress bar)."""
     return greedy(model, tokenizer, prompts, max_tokens, batch_size, advance, tools).texts
@@ -30,14 +37,35 @@ class TaskResult:
     rows: list[dict]
 
 
-def evaluate_task(model, tokenizer, examples: list[Example], metric: Metric, max_tokens: int,
-                  batch_size: int, advance: Callable[[int], None] | None = None) -> TaskResult:
+def evaluate_task(
+    model,
+    tokenizer,
+    examples: list[Example],
+    metric: Metric,
+    max_tokens: int,
+    batch_size: int,
+    advance: Callable[[int], None] | None = None,
+) -> TaskResult:
     """The mean of `metric(prediction, demonstration)` over the examples, and a row per example."""
-    answers = predict(model, tokenizer, [ex.prompt for ex in examples], max_tokens, batch_size,
-                      [ex.tools for ex in examples], advance)
-    rows = [{"where": ex.where, "prompt": ex.prompt[-1]["content"], "prediction": answer,
-             "reference": ex.demonstration, "score": float(metric(answer, ex.demonstration))}
-            for ex, answer in zip(examples, answers)]
+    answers = predict(
+        model,
+        tokenizer,
+        [ex.prompt for ex in examples],
+        max_tokens,
+        batch_size,
+        [ex.tools for ex in examples],
+        advance,
+    )
+    rows = [
+        {
+            "where": ex.where,
+            "prompt": ex.prompt[-1]["content"],
+            "prediction": answer,
+            "reference": ex.demonstration,
+            "score": float(metric(answer, ex.demonstration)),
+        }
+        for ex, answer in zip(examples, answers)
+    ]
     return TaskResult(sum(r["score"] for r in rows) / max(len(rows), 1), rows)
 
 
@@ -45,7 +73,11 @@ def task_examples(data: str | Path) -> list[Example]:
     """A .jsonl file, or a data folder's test.jsonl (valid.jsonl if it has no test split); a Hugging
     Face dataset's test split (else its valid one)."""
     path = Path(data)
-    held_out = [path / name for name in ("test.jsonl", "valid.jsonl") if path.is_dir() and (path / name).is_file()]
+    held_out = [
+        path / name
+        for name in ("test.jsonl", "valid.jsonl")
+        if path.is_dir() and (path / name).is_file()
+    ]
     if path.is_file() or held_out:
         examples = load_examples(held_out[0] if held_out else path)
     elif path.is_dir() and not is_saved_dataset(path):

@@ -26,11 +26,13 @@ def demonstration_loglik(model, pairs: list[PromptPair], role: str, batch_size: 
     """Mean log-probability per demonstration token, after the student's or the teacher's prompt."""
     out = []
     for i in range(0, len(pairs), batch_size):
-        batch = pairs[i:i + batch_size]
+        batch = pairs[i : i + batch_size]
         prompts = [p.student_ids if role == "student" else p.teacher_ids for p in batch]
         targets = [p.demo_ids for p in batch]
         logprobs_BTV = log_softmax(completion_logits(model, prompts, targets))
-        token_BT = mx.take_along_axis(logprobs_BTV, pad_rows(targets)[..., None], axis=-1).squeeze(-1)
+        token_BT = mx.take_along_axis(logprobs_BTV, pad_rows(targets)[..., None], axis=-1).squeeze(
+            -1
+        )
         mask_BT = completion_mask([len(t) for t in targets])
         out += ((token_BT * mask_BT).sum(-1) / mask_BT.sum(-1)).tolist()
     return out
@@ -42,16 +44,25 @@ def context_gain(model, pairs: list[PromptPair], batch_size: int) -> dict:
     more likely."""
     student = demonstration_loglik(model, pairs, "student", batch_size)
     teacher = demonstration_loglik(model, pairs, "teacher", batch_size)
-    return {"examples": len(pairs), "student_loglik": sum(student) / len(student),
-            "teacher_loglik": sum(teacher) / len(teacher),
-            "improved_fraction": sum(t > s for s, t in zip(student, teacher)) / len(pairs)}
+    return {
+        "examples": len(pairs),
+        "student_loglik": sum(student) / len(student),
+        "teacher_loglik": sum(teacher) / len(teacher),
+        "improved_fraction": sum(t > s for s, t in zip(student, teacher)) / len(pairs),
+    }
 
 
-def teacher_agreement(student_logits_BTV: mx.array, teacher_logits_BTV: mx.array, completions_BT: mx.array,
-                      mask_BT: mx.array) -> tuple[float, float]:
+def teacher_agreement(
+    student_logits_BTV: mx.array,
+    teacher_logits_BTV: mx.array,
+    completions_BT: mx.array,
+    mask_BT: mx.array,
+) -> tuple[float, float]:
     """(mean per-token KL(teacher‖student), fraction of tokens whose sampled id is not the
     teacher's argmax), both over the completion tokens in mask_BT."""
-    kl_BT = kl_of_logits(teacher_logits_BTV.astype(mx.float32), student_logits_BTV.astype(mx.float32))[0]
+    kl_BT = kl_of_logits(
+        teacher_logits_BTV.astype(mx.float32), student_logits_BTV.astype(mx.float32)
+    )[0]
     differs_BT = (teacher_logits_BTV.argmax(axis=-1) != completions_BT).astype(mx.float32)
     n = mx.maximum(mask_BT.sum(), 1.0)
     return ((kl_BT * mask_BT).sum() / n).item(), ((differs_BT * mask_BT).sum() / n).item()
@@ -67,20 +78,34 @@ def score_samples(model, tokenizer, pairs: list[PromptPair], cfg) -> dict:
     kl_sum = differs_sum = tokens = 0.0
     completions, truncated = [], []
     for i in range(0, len(pairs), cfg.batch_size):
-        batch = pairs[i:i + cfg.batch_size]
+        batch = pairs[i : i + cfg.batch_size]
         seeds = [sequence_seed(0, i + j, 0) for j in range(len(batch))]
         budgets = [completion_budget(p, bounds) for p in batch]
-        rollout = sample(model, [p.student_ids for p in batch], budgets, stops, temperature=1.0,
-                         batch_size=len(batch), seeds=seeds)
+        rollout = sample(
+            model,
+            [p.student_ids for p in batch],
+            budgets,
+            stops,
+            temperature=1.0,
+            batch_size=len(batch),
+            seeds=seeds,
+        )
         mask_BT = completion_mask([len(c) for c in rollout.completions])
         student_BTV = completion_logits(model, [p.student_ids for p in batch], rollout.completions)
         teacher_BTV = completion_logits(model, [p.teacher_ids for p in batch], rollout.completions)
-        mean_kl, differs = teacher_agreement(student_BTV, teacher_BTV, pad_rows(rollout.completions), mask_BT)
+        mean_kl, differs = teacher_agreement(
+            student_BTV, teacher_BTV, pad_rows(rollout.completions), mask_BT
+        )
         n = mask_BT.sum().item()
         kl_sum, differs_sum, tokens = kl_sum + mean_kl * n, differs_sum + differs * n, tokens + n
         completions += rollout.completions
         truncated += rollout.truncated
-    return {"samples": len(completions), "sample_kl": kl_sum / max(tokens, 1), "teacher_disagreement": differs_sum / max(tokens, 1),
-            "sample_degenerate": degenerate_rate(completions, truncated, stops),
-            "sample_truncated": sum(truncated) / max(len(truncated), 1),
-            "sample_len_ratio": len_ratio(completions, [p.demo_ids for p in pairs]), "completions": completions}
+    return {
+        "samples": len(completions),
+        "sample_kl": kl_sum / max(tokens, 1),
+        "teacher_disagreement": differs_sum / max(tokens, 1),
+        "sample_degenerate": degenerate_rate(completions, truncated, stops),
+        "sample_truncated": sum(truncated) / max(len(truncated), 1),
+        "sample_len_ratio": len_ratio(completions, [p.demo_ids for p in pairs]),
+        "completions": completions,
+    }

@@ -31,14 +31,27 @@ class Learner:
             if self.proc is not None and self.proc.poll() is None:
                 return False
             if self.proc is not None:
-                self.attempted = 0 if self.proc.returncode == 0 else self.attempted  # learned: count afresh
+                self.attempted = (
+                    0 if self.proc.returncode == 0 else self.attempted
+                )  # learned: count afresh
             if new_lessons - self.attempted < self.cfg.learn_every:
                 return False
             home = Path(self.cfg.home).expanduser()
             # --no-log-text: no prompt, lesson or completion text goes into the log, and no completions.jsonl
             # into the candidate, so what forget and lessons delete erase from the store is nowhere else in the home
-            args = [sys.executable, "-m", "mlx_sdft", "learn", "--home", str(home), "--model", self.cfg.model,
-                    "--no-log-text", "--log-completions", "0"]
+            args = [
+                sys.executable,
+                "-m",
+                "mlx_sdft",
+                "learn",
+                "--home",
+                str(home),
+                "--model",
+                self.cfg.model,
+                "--no-log-text",
+                "--log-completions",
+                "0",
+            ]
             if self.cfg.learn_config:
                 args += ["-c", self.cfg.learn_config]
             fd = os.open(home / LOG, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
@@ -46,6 +59,10 @@ class Learner:
             with open(fd, "a") as log:
                 self.proc = subprocess.Popen(args, stdout=log, stderr=log, stdin=subprocess.DEVNULL)
             self.attempted = new_lessons
-            print(f"mlx-sdft serve: {new_lessons} new lessons: learning in the background (pid {self.proc.pid}, "
-                  f"log {home / LOG})", file=sys.stderr, flush=True)
+            print(
+                f"mlx-sdft serve: {new_lessons} new lessons: learning in the background (pid {self.proc.pid}, "
+                f"log {home / LOG})",
+                file=sys.stderr,
+                flush=True,
+            )
             return True

@@ -74,7 +74,9 @@ class Handler(BaseHTTPRequestHandler):
     # keep-alive, and a stream's body is chunked: a stream cut short (the server died) is an error to the
     # client, where HTTP/1.0's close-delimited body looked like a normal end
     protocol_version = "HTTP/1.1"
-    _cors: str | None = None  # the allowed foreign Origin this answer names in Access-Control-Allow-Origin
+    _cors: str | None = (
+        None  # the allowed foreign Origin this answer names in Access-Control-Allow-Origin
+    )
     _chunked = False  # this answer's body is sent in chunks (an event stream to an HTTP/1.1 client)
 
     def do_GET(self) -> None:
@@ -92,7 +94,10 @@ class Handler(BaseHTTPRequestHandler):
         sys.stderr.write(f"mlx-sdft serve: {self.address_string()} {format % args}\n")
 
     def _route(self, routes: dict, authorize: bool = True) -> None:
-        self._cors, self._chunked = None, False  # one handler answers every request of a kept-alive connection
+        self._cors, self._chunked = (
+            None,
+            False,
+        )  # one handler answers every request of a kept-alive connection
         try:
             self._check_host()
             self._check_origin()
@@ -114,9 +119,12 @@ class Handler(BaseHTTPRequestHandler):
         """DNS rebinding: a web page whose name re-resolves to 127.0.0.1 sends that name as Host."""
         hosts = self.server.hosts
         if "*" not in hosts and host_name(self.headers.get("Host", "")) not in hosts:
-            raise BadRequest(f"Host {self.headers.get('Host', '')!r} is not a name of this server: it answers "
-                             "127.0.0.1, localhost, [::1] and --host (more with --allowed-host)", 403,
-                             "permission_error")
+            raise BadRequest(
+                f"Host {self.headers.get('Host', '')!r} is not a name of this server: it answers "
+                "127.0.0.1, localhost, [::1] and --host (more with --allowed-host)",
+                403,
+                "permission_error",
+            )
 
     def _check_origin(self) -> None:
         """A web page's request carries its Origin (curl and the OpenAI SDKs send none): answered only
@@ -126,8 +134,12 @@ class Handler(BaseHTTPRequestHandler):
             return
         allowed = self.server.origins
         if "*" not in allowed and origin.strip().lower().rstrip("/") not in allowed:
-            raise BadRequest(f"requests from web pages of {origin!r} are refused (allow its origin with "
-                             "--allowed-origin)", 403, "permission_error")
+            raise BadRequest(
+                f"requests from web pages of {origin!r} are refused (allow its origin with "
+                "--allowed-origin)",
+                403,
+                "permission_error",
+            )
         self._cors = origin.strip()
 
     def _own_origin(self, origin: str) -> bool:
@@ -137,8 +149,12 @@ class Handler(BaseHTTPRequestHandler):
             port = parts.port or 80
         except ValueError:
             return False
-        return (parts.scheme.lower() == "http" and parts.hostname is not None and port == self.server.server_address[1]
-                and host_name(parts.hostname) in self.server.hosts - {"*"})
+        return (
+            parts.scheme.lower() == "http"
+            and parts.hostname is not None
+            and port == self.server.server_address[1]
+            and host_name(parts.hostname) in self.server.hosts - {"*"}
+        )
 
     def end_headers(self) -> None:
         if self._cors:
@@ -151,12 +167,19 @@ class Handler(BaseHTTPRequestHandler):
         if key is None:
             return
         scheme, _, given = self.headers.get("Authorization", "").strip().partition(" ")
-        if scheme.lower() != "bearer" or not hmac.compare_digest(given.strip().encode(), key.encode()):  # RFC 6750
-            raise BadRequest("missing or wrong API key (send the header Authorization: Bearer KEY)", 401,
-                             "authentication_error")
+        if scheme.lower() != "bearer" or not hmac.compare_digest(
+            given.strip().encode(), key.encode()
+        ):  # RFC 6750
+            raise BadRequest(
+                "missing or wrong API key (send the header Authorization: Bearer KEY)",
+                401,
+                "authentication_error",
+            )
 
     def _body(self) -> object:
-        if "chunked" in self.headers.get("Transfer-Encoding", "").lower():  # read as empty, it would be "not an object"
+        if (
+            "chunked" in self.headers.get("Transfer-Encoding", "").lower()
+        ):  # read as empty, it would be "not an object"
             raise BadRequest("a chunked body is not read: send the body with a Content-Length", 411)
         try:
             length = int(self.headers.get("Content-Length", 0))
@@ -187,7 +210,9 @@ class Handler(BaseHTTPRequestHandler):
         self.send_header("Content-Length", str(len(data)))
         for name, value in (headers or {}).items():
             self.send_header(name, value)
-        if status >= 400:  # the request's body may be unread: it must not be read as the next request
+        if (
+            status >= 400
+        ):  # the request's body may be unread: it must not be read as the next request
             self.send_header("Connection", "close")
         self.end_headers()
         self.wfile.write(data)
@@ -199,14 +224,18 @@ class Handler(BaseHTTPRequestHandler):
 
     def _end_stream(self) -> None:
         if self._chunked:
-            self.wfile.write(b"0\r\n\r\n")  # the last chunk: without it the client knows the stream was cut
+            self.wfile.write(
+                b"0\r\n\r\n"
+            )  # the last chunk: without it the client knows the stream was cut
             self.wfile.flush()
 
     def _preflight(self) -> None:
         self.send_response(204)
         self.send_header("Access-Control-Allow-Methods", "GET, POST, OPTIONS")
-        self.send_header("Access-Control-Allow-Headers",
-                         self.headers.get("Access-Control-Request-Headers", "Authorization, Content-Type"))
+        self.send_header(
+            "Access-Control-Allow-Headers",
+            self.headers.get("Access-Control-Request-Headers", "Authorization, Content-Type"),
+        )
         self.send_header("Access-Control-Max-Age", "600")
         self.send_header("Content-Length", "0")
         self.end_headers()
@@ -219,8 +248,12 @@ class Handler(BaseHTTPRequestHandler):
     def _chat(self) -> None:
         cfg = self.server.cfg
         request = openai.parse_chat(self._body(), cfg.max_tokens, cfg.temperature, cfg.top_p)
-        self.server.engine.check_literal(request)  # a control token's text in a message: 400, never that token
-        with self.server.admit() as done:  # a 503 when --max-queue requests already wait for the model
+        self.server.engine.check_literal(
+            request
+        )  # a control token's text in a message: 400, never that token
+        with (
+            self.server.admit() as done
+        ):  # a 503 when --max-queue requests already wait for the model
             return self._stream(request, done) if request.stream else self._answer(request, done)
 
     def _answer(self, request: openai.ChatRequest, done: Callable[[], None]) -> None:
@@ -235,13 +268,25 @@ class Handler(BaseHTTPRequestHandler):
         answer, last = "".join(p.text for p in pieces), pieces[-1]
         id = self.server.keep(request, answer, last)  # committed before the answer is sent
         done()  # the model is free before the client has its answer, so its next request is admitted
-        self._json(200, openai.completion(id, cfg.model, answer, last.finish_reason, last.prompt_tokens,
-                                          last.completion_tokens, last.fingerprint))
+        self._json(
+            200,
+            openai.completion(
+                id,
+                cfg.model,
+                answer,
+                last.finish_reason,
+                last.prompt_tokens,
+                last.completion_tokens,
+                last.fingerprint,
+            ),
+        )
 
     def _stream(self, request: openai.ChatRequest, done: Callable[[], None]) -> None:
         id, sent, text = new_exchange_id(), False, []
         try:
-            for piece in self.server.engine.answer(request):  # an error before the first piece gets its status from _route
+            for piece in self.server.engine.answer(
+                request
+            ):  # an error before the first piece gets its status from _route
                 if not sent:
                     self._open_stream(id, piece.fingerprint)
                     sent = True
@@ -265,9 +310,15 @@ class Handler(BaseHTTPRequestHandler):
         self.send_header("Content-Type", "text/event-stream")
         self.send_header("Cache-Control", "no-cache")
         # an HTTP/1.0 client cannot read chunks: its stream ends when the connection closes
-        self.send_header(*(("Transfer-Encoding", "chunked") if self._chunked else ("Connection", "close")))
+        self.send_header(
+            *(("Transfer-Encoding", "chunked") if self._chunked else ("Connection", "close"))
+        )
         self.end_headers()
-        self._event(openai.chunk(id, self.server.cfg.model, fingerprint, {"role": "assistant", "content": ""}))
+        self._event(
+            openai.chunk(
+                id, self.server.cfg.model, fingerprint, {"role": "assistant", "content": ""}
+            )
+        )
 
     def _send_piece(self, request: openai.ChatRequest, id: str, piece, answer: str) -> None:
         model = self.server.cfg.model
@@ -276,8 +327,15 @@ class Handler(BaseHTTPRequestHandler):
                 self._event(openai.chunk(id, model, piece.fingerprint, {"content": piece.text}))
             return
         self.server.keep(request, answer, piece, id)  # committed before the answer ends
-        self._event(openai.chunk(id, model, piece.fingerprint, {"content": piece.text} if piece.text else {},
-                                 piece.finish_reason))
+        self._event(
+            openai.chunk(
+                id,
+                model,
+                piece.fingerprint,
+                {"content": piece.text} if piece.text else {},
+                piece.finish_reason,
+            )
+        )
         if request.include_usage:
             usage = openai.usage(piece.prompt_tokens, piece.completion_tokens)
             self._event(openai.chunk(id, model, piece.fingerprint, None, usage_=usage))
@@ -294,29 +352,56 @@ class Handler(BaseHTTPRequestHandler):
         if isinstance(body, dict) and any(k in body for k in STANDING):
             return self._standing(body)
         if not isinstance(body, dict) or not isinstance(body.get("id"), str):
-            raise BadRequest('the body must be {"id": EXCHANGE_ID, "answer" or "feedback": TEXT}, or '
-                             '{"rule" or "fact": TEXT}', param="id")
+            raise BadRequest(
+                'the body must be {"id": EXCHANGE_ID, "answer" or "feedback": TEXT}, or '
+                '{"rule" or "fact": TEXT}',
+                param="id",
+            )
         given = [k for k in ("answer", "feedback") if k in body]
         if len(given) != 1 or not isinstance(body[given[0]], str) or not body[given[0]].strip():
-            raise BadRequest('give one of "answer" (the answer you wanted) or "feedback" (what was wrong), '
-                             "a non-empty string", param="answer")
-        if body.get("always") not in (None, False, True) or (body.get("always") and given[0] != "feedback"):
-            raise BadRequest('"always": true or false, with "feedback" (a rule for every answer)', param="always")
+            raise BadRequest(
+                'give one of "answer" (the answer you wanted) or "feedback" (what was wrong), '
+                "a non-empty string",
+                param="answer",
+            )
+        if body.get("always") not in (None, False, True) or (
+            body.get("always") and given[0] != "feedback"
+        ):
+            raise BadRequest(
+                '"always": true or false, with "feedback" (a rule for every answer)', param="always"
+            )
         store = self.server.store
         exchange = store.exchange(body["id"])
         if exchange is None:
-            raise BadRequest(f"no exchange {body['id']!r} in this store", 404, "not_found_error", "id")
+            raise BadRequest(
+                f"no exchange {body['id']!r} in this store", 404, "not_found_error", "id"
+            )
         if body.get("always"):
-            return self._standing({"rule": body["feedback"], "check": body.get("check")}, exchange["id"])
+            return self._standing(
+                {"rule": body["feedback"], "check": body.get("check")}, exchange["id"]
+            )
         kind = "demonstration" if given[0] == "answer" else "feedback"
         try:
-            lesson = lessons.from_exchange(exchange, kind, body[given[0]], self.server.cfg.feedback_template)
+            lesson = lessons.from_exchange(
+                exchange, kind, body[given[0]], self.server.cfg.feedback_template
+            )
         except InputError as e:
             raise BadRequest(str(e), param="id") from None
-        self.server.engine.check_lesson(lesson, body[given[0]], given[0])  # one learn could never use: 400
+        self.server.engine.check_lesson(
+            lesson, body[given[0]], given[0]
+        )  # one learn could never use: 400
         lesson_id = store.add_lesson(**lesson)
         self.server.learner.poke(len(store.lessons("new")))
-        self._json(200, {"object": "lesson", "id": lesson_id, "kind": kind, "exchange": exchange["id"], "state": "new"})
+        self._json(
+            200,
+            {
+                "object": "lesson",
+                "id": lesson_id,
+                "kind": kind,
+                "exchange": exchange["id"],
+                "state": "new",
+            },
+        )
 
     def _standing(self, body: dict, exchange: str | None = None) -> None:
         kinds = [k for k in STANDING if k in body]
@@ -335,10 +420,21 @@ class Handler(BaseHTTPRequestHandler):
         except InputError as e:
             raise BadRequest(str(e), param=kinds[0]) from None
         store = self.server.store
-        lesson_id = store.add_lesson(kind=kinds[0], text=text, check_regex=check, exchange_id=exchange)
+        lesson_id = store.add_lesson(
+            kind=kinds[0], text=text, check_regex=check, exchange_id=exchange
+        )
         self.server.learner.poke(len(store.lessons("new")))
-        self._json(200, {"object": "lesson", "id": lesson_id, "kind": kinds[0], "exchange": exchange, "state": "new",
-                         "in_prompt": self.server.cfg.rules_in_prompt != "never"})
+        self._json(
+            200,
+            {
+                "object": "lesson",
+                "id": lesson_id,
+                "kind": kinds[0],
+                "exchange": exchange,
+                "state": "new",
+                "in_prompt": self.server.cfg.rules_in_prompt != "never",
+            },
+        )
 
 
 class Server(ThreadingHTTPServer):
@@ -349,7 +445,10 @@ class Server(ThreadingHTTPServer):
         self.cfg, self.engine, self.store, self.learner = cfg, engine, store, Learner(cfg)
         self.hosts = {host_name(h) for h in (*LOOPBACK, cfg.host, *cfg.allowed_host)}  # "*": any
         self.origins = {o.strip().lower().rstrip("/") for o in cfg.allowed_origin}  # "*": any
-        self._admitted, self._admitting = 0, threading.Lock()  # requests for the model: answered or waiting
+        self._admitted, self._admitting = (
+            0,
+            threading.Lock(),
+        )  # requests for the model: answered or waiting
         # the family of the address --host names (http.server assumes IPv4, so "::1" would not bind)
         self.address_family = socket.getaddrinfo(cfg.host, cfg.port, type=socket.SOCK_STREAM)[0][0]
         super().__init__((cfg.host, cfg.port), Handler)
@@ -360,8 +459,10 @@ class Server(ThreadingHTTPServer):
         answered and up to --max-queue others; one more is a 503 with Retry-After, not a silent wait."""
         with self._admitting:
             if self._admitted > self.cfg.max_queue:
-                raise Busy(f"the server is busy: one request is being answered and {self.cfg.max_queue} wait "
-                           f"(--max-queue); try again in {RETRY_AFTER} s")
+                raise Busy(
+                    f"the server is busy: one request is being answered and {self.cfg.max_queue} wait "
+                    f"(--max-queue); try again in {RETRY_AFTER} s"
+                )
             self._admitted += 1
         released = False
 
@@ -378,15 +479,29 @@ class Server(ThreadingHTTPServer):
 
     def keep(self, request: openai.ChatRequest, answer: str, last, id: str | None = None) -> str:
         """Commit the exchange (and with --hindsight the lesson it implies); returns its id."""
-        id = self.store.add_exchange(messages=request.messages, tools=request.tools, answer=answer,
-                                     model=self.cfg.model, version=last.version, sampling=request.sampling(),
-                                     finish_reason=last.finish_reason, prompt_tokens=last.prompt_tokens,
-                                     completion_tokens=last.completion_tokens, id=id)
+        id = self.store.add_exchange(
+            messages=request.messages,
+            tools=request.tools,
+            answer=answer,
+            model=self.cfg.model,
+            version=last.version,
+            sampling=request.sampling(),
+            finish_reason=last.finish_reason,
+            prompt_tokens=last.prompt_tokens,
+            completion_tokens=last.completion_tokens,
+            id=id,
+        )
         if self.cfg.hindsight and (earlier := self.store.continued(request.messages)):
             try:
-                lesson = lessons.from_exchange(earlier, "hindsight", request.messages[-1]["content"],
-                                               self.cfg.hindsight_template)
-            except InputError:  # the earlier exchange cannot be a lesson (no user turn to end its prompt)
+                lesson = lessons.from_exchange(
+                    earlier,
+                    "hindsight",
+                    request.messages[-1]["content"],
+                    self.cfg.hindsight_template,
+                )
+            except (
+                InputError
+            ):  # the earlier exchange cannot be a lesson (no user turn to end its prompt)
                 return id
             self.store.add_lesson(**lesson)
             self.learner.poke(len(self.store.lessons("new")))
@@ -404,13 +519,19 @@ def run(cfg: ServeConfig) -> None:
     try:
         server = Server(cfg)
     except OSError as e:
-        raise InputError(f"--host/--port: cannot listen on {cfg.host}:{cfg.port} ({e.strerror or e})") from None
+        raise InputError(
+            f"--host/--port: cannot listen on {cfg.host}:{cfg.port} ({e.strerror or e})"
+        ) from None
     store = None
     try:
-        if (Path(cfg.home).expanduser() / FILENAME).exists():  # a damaged store: said before the model loads
+        if (
+            Path(cfg.home).expanduser() / FILENAME
+        ).exists():  # a damaged store: said before the model loads
             store = Store(cfg.home, cfg.redact)
             store.check()
-        opened = open_tokenizer_for(cfg)  # no such model, no chat template: before a new home is created
+        opened = open_tokenizer_for(
+            cfg
+        )  # no such model, no chat template: before a new home is created
         store = store or Store(cfg.home, cfg.redact)
         engine = Engine(cfg, store, opened=opened)
     except BaseException:
@@ -422,8 +543,12 @@ def run(cfg: ServeConfig) -> None:
     signal.signal(signal.SIGTERM, _interrupt)  # stop as Ctrl-C does: the store closes cleanly
     host, port = server.server_address[:2]
     host = f"[{host}]" if ":" in host else host  # an IPv6 address in a URL
-    print(f"mlx-sdft serve: listening on http://{host}:{port}/v1 (model {cfg.model}, adapter version "
-          f"{engine.version}, store {store.path})", file=sys.stderr, flush=True)
+    print(
+        f"mlx-sdft serve: listening on http://{host}:{port}/v1 (model {cfg.model}, adapter version "
+        f"{engine.version}, store {store.path})",
+        file=sys.stderr,
+        flush=True,
+    )
     try:
         server.serve_forever()
     except KeyboardInterrupt:

@@ -71,7 +71,7 @@ MIGRATIONS: tuple[tuple[str, ...], ...] = (
         "CREATE INDEX lessons_state ON lessons (state)",
     ),
     (  # 1 -> 2: standing lessons (rules, facts) with their compliance check; SQLite cannot change a
-       # CHECK constraint in place, so the table is rebuilt (its ids and id sequence kept)
+        # CHECK constraint in place, so the table is rebuilt (its ids and id sequence kept)
         f"""CREATE TABLE lessons_2 (
             id INTEGER PRIMARY KEY AUTOINCREMENT,
             created REAL NOT NULL,
@@ -121,12 +121,18 @@ class Store:
         self._redactor = Redactor(redact)
         self._lock = threading.RLock()
         if self.home.exists() and not self.home.is_dir():
-            raise InputError(f"{self.home}: a file, not a folder (--home names the folder that holds the store)")
+            raise InputError(
+                f"{self.home}: a file, not a folder (--home names the folder that holds the store)"
+            )
         try:
             self.home.mkdir(mode=0o700, parents=True, exist_ok=True)
-            if not self.path.exists():  # only you can read it (SQLite gives -wal and -shm the same mode)
+            if (
+                not self.path.exists()
+            ):  # only you can read it (SQLite gives -wal and -shm the same mode)
                 os.close(os.open(self.path, os.O_CREAT | os.O_WRONLY, 0o600))
-            self._con = sqlite3.connect(self.path, timeout=BUSY_S, isolation_level=None, check_same_thread=False)
+            self._con = sqlite3.connect(
+                self.path, timeout=BUSY_S, isolation_level=None, check_same_thread=False
+            )
             self._con.execute(f"PRAGMA busy_timeout = {int(BUSY_S * 1000)}")
             self._wal()
             for pragma in ("synchronous = FULL", "secure_delete = ON"):
@@ -153,7 +159,9 @@ class Store:
     def check(self) -> None:
         """`PRAGMA quick_check` (reads every page once): a damaged store is an InputError now,
         not on the first write (for `serve`, after a whole answer was generated)."""
-        problems = [" ".join(row["quick_check"].split()) for row in self._query("PRAGMA quick_check(1)")]
+        problems = [
+            " ".join(row["quick_check"].split()) for row in self._query("PRAGMA quick_check(1)")
+        ]
         if problems != ["ok"]:
             raise InputError(f"{self.path}: not a usable store ({problems[0]})")
 
@@ -189,11 +197,15 @@ class Store:
             raise InputError(f"{self.path}: not a usable store ({e})") from None
 
     def _migrate(self) -> None:
-        with self._tx() as con:  # inside the lock, so two processes opening a new store migrate once
+        with (
+            self._tx() as con
+        ):  # inside the lock, so two processes opening a new store migrate once
             version = con.execute("PRAGMA user_version").fetchone()[0]
             if version > SCHEMA_VERSION:
-                raise InputError(f"{self.path}: schema version {version} is newer than this mlx-sdft "
-                                 f"reads ({SCHEMA_VERSION}); upgrade mlx-sdft")
+                raise InputError(
+                    f"{self.path}: schema version {version} is newer than this mlx-sdft "
+                    f"reads ({SCHEMA_VERSION}); upgrade mlx-sdft"
+                )
             for steps in MIGRATIONS[version:]:
                 for statement in steps:
                     con.execute(statement)
@@ -213,19 +225,44 @@ class Store:
 
     # ---- exchanges ----------------------------------------------------------------------
 
-    def add_exchange(self, *, messages: list[dict], answer: str, model: str, version: int, sampling: dict,
-                     finish_reason: str, prompt_tokens: int, completion_tokens: int, tools: list | None = None,
-                     id: str | None = None) -> str:
+    def add_exchange(
+        self,
+        *,
+        messages: list[dict],
+        answer: str,
+        model: str,
+        version: int,
+        sampling: dict,
+        finish_reason: str,
+        prompt_tokens: int,
+        completion_tokens: int,
+        tools: list | None = None,
+        id: str | None = None,
+    ) -> str:
         """Commit one answered request (redacted); returns its id (`id`, else a new one)."""
         messages, answer = self.redact_messages(messages), self.redact(answer)
         thread = thread_key([*messages, {"role": "assistant", "content": answer}])
-        row = (time.time(), model, version, json.dumps(messages, ensure_ascii=False), _json(tools),
-               json.dumps(sampling), answer, finish_reason, prompt_tokens, completion_tokens, thread)
+        row = (
+            time.time(),
+            model,
+            version,
+            json.dumps(messages, ensure_ascii=False),
+            _json(tools),
+            json.dumps(sampling),
+            answer,
+            finish_reason,
+            prompt_tokens,
+            completion_tokens,
+            thread,
+        )
         id = id or new_exchange_id()
         with self._tx() as con:
-            con.execute("INSERT INTO exchanges (created, model, version, messages, tools, sampling, answer, "
-                        "finish_reason, prompt_tokens, completion_tokens, thread, id) "
-                        "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)", (*row, id))
+            con.execute(
+                "INSERT INTO exchanges (created, model, version, messages, tools, sampling, answer, "
+                "finish_reason, prompt_tokens, completion_tokens, thread, id) "
+                "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                (*row, id),
+            )
         return id
 
     def exchange(self, id: str) -> dict | None:
@@ -234,22 +271,32 @@ class Store:
 
     def exchanges(self, limit: int | None = None) -> list[dict]:
         """Newest first."""
-        return self._query("SELECT * FROM exchanges ORDER BY created DESC, rowid DESC LIMIT ?", (limit or -1,))
+        return self._query(
+            "SELECT * FROM exchanges ORDER BY created DESC, rowid DESC LIMIT ?", (limit or -1,)
+        )
 
     def continued(self, messages: list[dict]) -> dict | None:
         """The newest exchange that `messages` continue: its messages, its answer, then one new user
         message. None when there is none (or the request does not end that way)."""
-        if len(messages) < 3 or messages[-1].get("role") != "user" or messages[-2].get("role") != "assistant":
+        if (
+            len(messages) < 3
+            or messages[-1].get("role") != "user"
+            or messages[-2].get("role") != "assistant"
+        ):
             return None
-        rows = self._query("SELECT * FROM exchanges WHERE thread = ? ORDER BY created DESC LIMIT 1",
-                           (thread_key(self.redact_messages(messages[:-1])),))
+        rows = self._query(
+            "SELECT * FROM exchanges WHERE thread = ? ORDER BY created DESC LIMIT 1",
+            (thread_key(self.redact_messages(messages[:-1])),),
+        )
         return rows[0] if rows else None
 
     def delete_exchanges(self, ids: list[str]) -> int:
         """Delete these exchanges in one transaction and compact the file (their text, and any
         other deleted text, leaves the disk); returns how many there were."""
         with self._tx() as con:
-            count = sum(con.execute("DELETE FROM exchanges WHERE id = ?", (id,)).rowcount for id in ids)
+            count = sum(
+                con.execute("DELETE FROM exchanges WHERE id = ?", (id,)).rowcount for id in ids
+            )
         self._compact()
         return count
 
@@ -273,10 +320,21 @@ class Store:
                 cursor = con.execute(
                     "INSERT INTO lessons (created, updated, kind, exchange_id, prompt, tools, answer, text, "
                     "teacher_template, check_regex) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                    (now, now, lesson["kind"], lesson.get("exchange_id"),
-                     json.dumps(self.redact_messages(lesson.get("prompt", [])), ensure_ascii=False),
-                     _json(lesson.get("tools")), self.redact(lesson.get("answer")), self.redact(lesson["text"]),
-                     lesson.get("teacher_template"), lesson.get("check_regex")))
+                    (
+                        now,
+                        now,
+                        lesson["kind"],
+                        lesson.get("exchange_id"),
+                        json.dumps(
+                            self.redact_messages(lesson.get("prompt", [])), ensure_ascii=False
+                        ),
+                        _json(lesson.get("tools")),
+                        self.redact(lesson.get("answer")),
+                        self.redact(lesson["text"]),
+                        lesson.get("teacher_template"),
+                        lesson.get("check_regex"),
+                    ),
+                )
                 ids.append(cursor.lastrowid)
         return ids
 
@@ -293,8 +351,10 @@ class Store:
         where = ["state != 'deleted'" if state is None else "state = ?"]
         if standing is not None:
             where.append(f"kind {'IN' if standing else 'NOT IN'} {STANDING}")
-        return self._query(f"SELECT * FROM lessons WHERE {' AND '.join(where)} ORDER BY id",
-                           () if state is None else (state,))
+        return self._query(
+            f"SELECT * FROM lessons WHERE {' AND '.join(where)} ORDER BY id",
+            () if state is None else (state,),
+        )
 
     def set_state(self, ids: list[int], state: str) -> None:
         """Part 2's hook: mark lessons `learned` once a version that learned them is current (or
@@ -302,22 +362,31 @@ class Store:
         if state not in ("new", "learned"):
             raise ValueError(f"set_state: {state!r} (use delete_lesson to delete)")
         with self._tx() as con:
-            con.executemany("UPDATE lessons SET state = ?, updated = ? WHERE id = ? AND state != 'deleted'",
-                            [(state, time.time(), i) for i in ids])
+            con.executemany(
+                "UPDATE lessons SET state = ?, updated = ? WHERE id = ? AND state != 'deleted'",
+                [(state, time.time(), i) for i in ids],
+            )
 
     def set_preflight(self, id: int, preflight: dict) -> None:
         """Keep what a standing lesson's preflight measured (rules list shows it)."""
         with self._tx() as con:
-            con.execute("UPDATE lessons SET preflight = ?, updated = ? WHERE id = ? AND state != 'deleted'",
-                        (json.dumps(preflight), time.time(), id))
+            con.execute(
+                "UPDATE lessons SET preflight = ?, updated = ? WHERE id = ? AND state != 'deleted'",
+                (json.dumps(preflight), time.time(), id),
+            )
 
     def delete_lesson(self, id: int) -> bool:
         """State `deleted`, and its texts blanked: the row stays only as a tombstone (id, kind,
         source exchange, times), so a version that learned it can be told apart."""
         with self._tx() as con:
-            deleted = con.execute("UPDATE lessons SET state = 'deleted', updated = ?, prompt = '[]', tools = NULL, "
-                                  "answer = NULL, text = '', teacher_template = NULL, check_regex = NULL, preflight = NULL WHERE id = ? AND state != 'deleted'",
-                                  (time.time(), id)).rowcount == 1
+            deleted = (
+                con.execute(
+                    "UPDATE lessons SET state = 'deleted', updated = ?, prompt = '[]', tools = NULL, "
+                    "answer = NULL, text = '', teacher_template = NULL, check_regex = NULL, preflight = NULL WHERE id = ? AND state != 'deleted'",
+                    (time.time(), id),
+                ).rowcount
+                == 1
+            )
         self._checkpoint()  # the WAL still holds the page as it was before: copy back and empty it
         return deleted
 
@@ -341,8 +410,10 @@ class Store:
         with self._lock, self._usable():
             busy = self._con.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchone()[0]
         if busy:
-            raise InputError(f"{self.path}: another process kept the store busy for {BUSY_S:.0f} s; the deleted "
-                             f"text may remain in {FILENAME}-wal until it is run again")
+            raise InputError(
+                f"{self.path}: another process kept the store busy for {BUSY_S:.0f} s; the deleted "
+                f"text may remain in {FILENAME}-wal until it is run again"
+            )
 
 
 def _json(value) -> str | None:

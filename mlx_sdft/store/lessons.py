@@ -25,7 +25,10 @@ from mlx_sdft.errors import InputError
 from mlx_sdft.store.db import STANDING, Store
 from mlx_sdft.store.rules import split
 
-SLOT = {"feedback": "feedback", "hindsight": "followup"}  # the context slot that holds a lesson's text
+SLOT = {
+    "feedback": "feedback",
+    "hindsight": "followup",
+}  # the context slot that holds a lesson's text
 
 
 def prompt_of(messages: list[dict], where: str) -> list[dict]:
@@ -36,18 +39,25 @@ def prompt_of(messages: list[dict], where: str) -> list[dict]:
     if last is None:
         raise InputError(f"{where}: the exchange has no user message to learn an answer to")
     if last < len(messages) - 1:
-        after = ", ".join(m.get("role", "?") for m in messages[last + 1:])
-        raise InputError(f"{where}: the exchange goes on after its last user message ({after}); a lesson's prompt "
-                         "must end with the user's message, so this answer cannot be taught (`mlx-sdft lessons "
-                         "import` a demonstration instead)")
+        after = ", ".join(m.get("role", "?") for m in messages[last + 1 :])
+        raise InputError(
+            f"{where}: the exchange goes on after its last user message ({after}); a lesson's prompt "
+            "must end with the user's message, so this answer cannot be taught (`mlx-sdft lessons "
+            "import` a demonstration instead)"
+        )
     return messages
 
 
 def from_exchange(exchange: dict, kind: str, text: str, template: str | None = None) -> dict:
     """A lesson on a stored exchange: `text` is the demonstration (kind demonstration), the
     feedback or the follow-up (with `template`, the teacher prompt of those kinds)."""
-    lesson = {"kind": kind, "exchange_id": exchange["id"], "prompt": prompt_of(exchange["messages"], exchange["id"]),
-              "tools": exchange["tools"], "text": text}
+    lesson = {
+        "kind": kind,
+        "exchange_id": exchange["id"],
+        "prompt": prompt_of(exchange["messages"], exchange["id"]),
+        "tools": exchange["tools"],
+        "text": text,
+    }
     if kind != "demonstration":
         lesson.update(answer=exchange["answer"], teacher_template=template)
     return lesson
@@ -62,8 +72,10 @@ MAX_CHARS = 8 * 8192
 
 def check_size(text: str, what: str) -> None:
     if len(text) > MAX_CHARS:
-        raise InputError(f"{what}: {len(text)} characters, more than the {MAX_CHARS} a lesson may have (8 per token "
-                         "of an 8,192-token context); learn could not fit it in the model's context: shorten it")
+        raise InputError(
+            f"{what}: {len(text)} characters, more than the {MAX_CHARS} a lesson may have (8 per token "
+            "of an 8,192-token context); learn could not fit it in the model's context: shorten it"
+        )
 
 
 WHERE = "store:lesson/"  # + the id: where a lesson's example comes from, in every message about it
@@ -76,8 +88,10 @@ def removable(error: InputError) -> InputError:
     if found is None:
         return error
     id = found.group(1)
-    return type(error)(f"lesson {id}: {str(error)[found.end():]}; this lesson cannot be learned: remove it with "
-                       f"`mlx-sdft lessons delete {id}`")
+    return type(error)(
+        f"lesson {id}: {str(error)[found.end() :]}; this lesson cannot be learned: remove it with "
+        f"`mlx-sdft lessons delete {id}`"
+    )
 
 
 def to_example(row: dict) -> Example:
@@ -85,7 +99,9 @@ def to_example(row: dict) -> Example:
     where = f"{WHERE}{row['id']}"
     if row["state"] == "deleted":
         raise InputError(f"{where}: deleted")
-    if row["kind"] in STANDING:  # a rule has no prompt of its own: learn distills it over many (store/rules.py)
+    if (
+        row["kind"] in STANDING
+    ):  # a rule has no prompt of its own: learn distills it over many (store/rules.py)
         raise InputError(f"{where}: a {row['kind']} is not one example (see mlx-sdft rules)")
     if row["kind"] in SLOT:
         context = {"answer": row["answer"], SLOT[row["kind"]]: row["text"]}
@@ -101,8 +117,15 @@ def paraphrased(row: dict, n: int) -> tuple[list[Example], list[Example]]:
     texts = ((row.get("preflight") or {}).get("paraphrases") or [])[:n]
     prompts = [[*history, {**last, "content": text}] for text in texts]
     example = to_example(row)
-    return tuple([dataclasses.replace(example, prompt=p, where=f"{example.where}/paraphrase/{prompts.index(p) + 1}")
-                  for p in part] for part in split(prompts))
+    return tuple(
+        [
+            dataclasses.replace(
+                example, prompt=p, where=f"{example.where}/paraphrase/{prompts.index(p) + 1}"
+            )
+            for p in part
+        ]
+        for part in split(prompts)
+    )
 
 
 def shown_not_taught(example: Example, template: str) -> Example:
@@ -112,8 +135,12 @@ def shown_not_taught(example: Example, template: str) -> Example:
     written for another wording of the prompt)."""
     if not example.demonstration:
         return example
-    return dataclasses.replace(example, demonstration="", teacher_template=example.teacher_template or template,
-                               context={**(example.context or {}), "demonstration": example.demonstration})
+    return dataclasses.replace(
+        example,
+        demonstration="",
+        teacher_template=example.teacher_template or template,
+        context={**(example.context or {}), "demonstration": example.demonstration},
+    )
 
 
 def teacher_view(row: dict, template: str) -> str:
@@ -139,7 +166,9 @@ def export(store: Store, path: str | Path, state: str | None = None) -> int:
     """Write the lessons (default: all but deleted) to `path`, atomically; returns how many."""
     rows = store.lessons(state, standing=False)  # rules and facts: `mlx-sdft rules --json`
     if not rows:
-        raise InputError(f"{store.path}: no lessons{f' in state {state}' if state else ''} to export")
+        raise InputError(
+            f"{store.path}: no lessons{f' in state {state}' if state else ''} to export"
+        )
     path = Path(path)
     text = "".join(json.dumps(to_line(row), ensure_ascii=False) + "\n" for row in rows)
     try:
@@ -163,12 +192,23 @@ def read_import(path: str | Path) -> list[dict]:
     for ex in load_examples(path):  # validates every line first
         for text in [ex.demonstration, *(ex.context or {}).values()]:
             check_size(text, ex.where)
-        lesson = {"kind": "import", "prompt": ex.prompt, "tools": ex.tools, "text": ex.demonstration}
+        lesson = {
+            "kind": "import",
+            "prompt": ex.prompt,
+            "tools": ex.tools,
+            "text": ex.demonstration,
+        }
         if ex.teacher_template:
             kind = next((k for k, slot in SLOT.items() if slot in ex.context), None)
             if kind is None or "answer" not in ex.context:
-                raise InputError(f"{ex.where}: a lesson line needs the context answer and feedback or followup")
-            lesson.update(kind=kind, text=ex.context[SLOT[kind]], answer=ex.context["answer"],
-                          teacher_template=ex.teacher_template)
+                raise InputError(
+                    f"{ex.where}: a lesson line needs the context answer and feedback or followup"
+                )
+            lesson.update(
+                kind=kind,
+                text=ex.context[SLOT[kind]],
+                answer=ex.context["answer"],
+                teacher_template=ex.teacher_template,
+            )
         lessons.append(lesson)
     return lessons

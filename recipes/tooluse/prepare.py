@@ -36,11 +36,24 @@ import sys
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
-sys.path.insert(0, str(HERE.parent))  # recipes/, for official_data.py: the reading and writing shared with science
+sys.path.insert(
+    0, str(HERE.parent)
+)  # recipes/, for official_data.py: the reading and writing shared with science
 import official_data  # noqa: E402,F401  (Remote calls official_data.fetch: patch it there, not here)
 from official_data import (  # noqa: E402,F401  (Local, NotFound, fetch: still importable from here)
-    Local, NotFound, OFFICIAL, PrepareError, _field, _text, arguments, fetch, hold_out, load_records, location,
-    write)
+    Local,
+    NotFound,
+    OFFICIAL,
+    PrepareError,
+    _field,
+    _text,
+    arguments,
+    fetch,
+    hold_out,
+    load_records,
+    location,
+    write,
+)
 
 SUBDIR = "data/tooluse_data"
 
@@ -80,7 +93,9 @@ def golden_pairs(record: dict, where: str, required: bool = True) -> list[tuple[
             if not isinstance(value, list):
                 raise PrepareError(f'{where}: "golden_answer.{key}" must be a list')
         if len(names) != len(inputs):
-            raise PrepareError(f'{where}: "golden_answer.Action" and "golden_answer.Action_Input" differ in length')
+            raise PrepareError(
+                f'{where}: "golden_answer.Action" and "golden_answer.Action_Input" differ in length'
+            )
         items = [{"Action": n, "Action_Input": i} for n, i in zip(names, inputs)]
     elif isinstance(gold, list):
         items = gold
@@ -89,7 +104,9 @@ def golden_pairs(record: dict, where: str, required: bool = True) -> list[tuple[
     pairs = []
     for i, item in enumerate(items):
         if not isinstance(item, dict):
-            raise PrepareError(f'{where}: "golden_answer[{i}]" must be an object with Action and Action_Input')
+            raise PrepareError(
+                f'{where}: "golden_answer[{i}]" must be an object with Action and Action_Input'
+            )
         name, args = item.get("Action"), item.get("Action_Input")
         if not isinstance(name, str) or not name.strip():
             raise PrepareError(f'{where}: "golden_answer[{i}].Action" must be a non-empty string')
@@ -102,11 +119,17 @@ def golden_pairs(record: dict, where: str, required: bool = True) -> list[tuple[
 
 
 def line(prompt: str, answer: str) -> dict:
-    return {"messages": [{"role": "user", "content": prompt}, {"role": "assistant", "content": answer}]}
+    return {
+        "messages": [{"role": "user", "content": prompt}, {"role": "assistant", "content": answer}]
+    }
 
 
-def convert(train: list[tuple[str, dict]], evaluation: list[tuple[str, dict]], valid_fraction: float,
-            seed: int) -> tuple[dict[str, list[dict]], int]:
+def convert(
+    train: list[tuple[str, dict]],
+    evaluation: list[tuple[str, dict]],
+    valid_fraction: float,
+    seed: int,
+) -> tuple[dict[str, list[dict]], int]:
     """{split: lines} and the number of demonstrations whose actions disagree with their golden_answer."""
     metric = _metric()
     lines, disagree = [], 0
@@ -119,17 +142,24 @@ def convert(train: list[tuple[str, dict]], evaluation: list[tuple[str, dict]], v
             disagree += sorted(parsed[0]) != sorted(gold[0]) or parsed[1] != gold[1]
     if not lines:
         raise PrepareError("train_data has no records")
-    test = [line(_text(r, "prompt", w), metric.render_gold(golden_pairs(r, w))) for w, r in evaluation]
+    test = [
+        line(_text(r, "prompt", w), metric.render_gold(golden_pairs(r, w))) for w, r in evaluation
+    ]
     kept, held = hold_out(lines, valid_fraction, seed)
     return {"train": kept, "valid": held, "test": test}, disagree
 
 
 def main(argv: list[str] | None = None) -> int:
     try:
-        args = arguments(argv, __doc__, HERE / "data",
-                         source_help="github:OWNER/REPO[@REF], a URL or a local folder",
-                         valid_fraction=0.05, valid_help="share of train_data held out as valid.jsonl [default: 0.05]",
-                         seed_help="seed of the held-out slice [default: 42, the official code's]")
+        args = arguments(
+            argv,
+            __doc__,
+            HERE / "data",
+            source_help="github:OWNER/REPO[@REF], a URL or a local folder",
+            valid_fraction=0.05,
+            valid_help="share of train_data held out as valid.jsonl [default: 0.05]",
+            seed_help="seed of the held-out slice [default: 42, the official code's]",
+        )
         loc = location(args.source, SUBDIR)
         train, evaluation = load_records(loc, "train_data"), load_records(loc, "eval_data")
         splits, disagree = convert(train, evaluation, args.valid_fraction, args.seed)
@@ -141,8 +171,10 @@ def main(argv: list[str] | None = None) -> int:
     print(f"read {len(train)} train_data and {len(evaluation)} eval_data records from {loc}")
     print(f"wrote {args.out}: {counts}")
     if disagree:
-        print(f"note: {disagree} demonstration(s) do not show the actions/arguments of their golden_answer "
-              f"(valid.jsonl is scored against the demonstration; test.jsonl against golden_answer)")
+        print(
+            f"note: {disagree} demonstration(s) do not show the actions/arguments of their golden_answer "
+            f"(valid.jsonl is scored against the demonstration; test.jsonl against golden_answer)"
+        )
     return 0
 
 

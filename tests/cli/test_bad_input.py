@@ -57,17 +57,34 @@ FLAGS = {
     "unknown_divergence": (["--divergence", "kl"], r"--divergence: 'kl' is not one of"),
     "unknown_teacher": (["--teacher", "oracle"], r"--teacher: 'oracle' is not one of"),
     "unknown_method": (["--method", "rl"], r"--method: 'rl' is not one of"),
-    "chat_template_no_file": (["--chat-template", "chatml.jinja"], r"--chat-template: chatml.jinja: no such file"),
-    "teacher_template_no_file": (["--teacher-template", "prompts/teacher"],
-                                 r"--teacher-template: prompts/teacher: no such file"),
-    "completion_within_skip": (["--max-completion-length", "3", "--skip-first-tokens", "3"],
-                               r"--max-completion-length: 3 <= --skip-first-tokens 3: every sampled token"),
+    "chat_template_no_file": (
+        ["--chat-template", "chatml.jinja"],
+        r"--chat-template: chatml.jinja: no such file",
+    ),
+    "teacher_template_no_file": (
+        ["--teacher-template", "prompts/teacher"],
+        r"--teacher-template: prompts/teacher: no such file",
+    ),
+    "completion_within_skip": (
+        ["--max-completion-length", "3", "--skip-first-tokens", "3"],
+        r"--max-completion-length: 3 <= --skip-first-tokens 3: every sampled token",
+    ),
 }
 
 
 def _run(args, out):
-    result = runner.invoke(app, ["train", *map(str, args), "--adapter-path", str(out), "--dry-run",
-                                 "--max-seq-length", "256"])
+    result = runner.invoke(
+        app,
+        [
+            "train",
+            *map(str, args),
+            "--adapter-path",
+            str(out),
+            "--dry-run",
+            "--max-seq-length",
+            "256",
+        ],
+    )
     return result
 
 
@@ -91,7 +108,11 @@ def test_bad_data(name, tiny_model, tmp_path):
 
 def test_ten_megabyte_line_is_fine(tiny_model, tmp_path):
     data = tmp_path / "big.jsonl"
-    row = {"prompt": "What is the capital of Peru?", "completion": "The capital of Peru is Lima.", "notes": "x" * 10_000_000}
+    row = {
+        "prompt": "What is the capital of Peru?",
+        "completion": "The capital of Peru is Lima.",
+        "notes": "x" * 10_000_000,
+    }
     data.write_text(json.dumps(row) + "\n")
     out = tmp_path / "adapters"
     _check(_run(["--model", tiny_model, "--data", data], out), None, out)
@@ -100,7 +121,11 @@ def test_ten_megabyte_line_is_fine(tiny_model, tmp_path):
 @pytest.mark.parametrize("name", sorted(CONFIGS))
 def test_bad_config(name, tiny_model, smoke_data, tmp_path):
     out = tmp_path / "adapters"
-    _check(_run(["-c", BAD / name, "--model", tiny_model, "--data", smoke_data], out), CONFIGS[name], out)
+    _check(
+        _run(["-c", BAD / name, "--model", tiny_model, "--data", smoke_data], out),
+        CONFIGS[name],
+        out,
+    )
 
 
 @pytest.mark.parametrize("name", sorted(FLAGS))
@@ -110,17 +135,28 @@ def test_bad_flags(name, tiny_model, smoke_data, tmp_path):
     _check(_run(["--model", tiny_model, "--data", smoke_data, *args], out), pattern, out)
 
 
-@pytest.mark.parametrize("args,pattern", [
-    (["--batch-size", "four"], r"mlx-sdft train: error: Invalid value for '--batch-size': .*integer"),
-    (["--no-such-flag"], r"mlx-sdft train: error: No such option: --no-such-flag"),
-])
+@pytest.mark.parametrize(
+    "args,pattern",
+    [
+        (
+            ["--batch-size", "four"],
+            r"mlx-sdft train: error: Invalid value for '--batch-size': .*integer",
+        ),
+        (["--no-such-flag"], r"mlx-sdft train: error: No such option: --no-such-flag"),
+    ],
+)
 def test_unparseable_flags_are_one_line_too(args, pattern, tmp_path):
     import subprocess
     import sys
 
-    result = subprocess.run([sys.executable, "-m", "mlx_sdft", "train", *args], capture_output=True, text=True)
+    result = subprocess.run(
+        [sys.executable, "-m", "mlx_sdft", "train", *args], capture_output=True, text=True
+    )
     assert result.returncode == 2
-    assert re.fullmatch(pattern + r".*", result.stderr.strip()) and len(result.stderr.strip().splitlines()) == 1
+    assert (
+        re.fullmatch(pattern + r".*", result.stderr.strip())
+        and len(result.stderr.strip().splitlines()) == 1
+    )
 
 
 def test_corpus_size():

@@ -33,7 +33,11 @@ def _one_line_error(result, pattern):
 
 
 def test_help_lists_every_flag():
-    out = re.sub(r"\x1b\[[0-9;]*m", "", runner.invoke(app, ["train", "--help"], env={"COLUMNS": "200"}).output)
+    out = re.sub(
+        r"\x1b\[[0-9;]*m",
+        "",
+        runner.invoke(app, ["train", "--help"], env={"COLUMNS": "200"}).output,
+    )
     for flag in MLX_LM_AND_SDFT_FLAGS:
         assert flag in out, flag
 
@@ -55,7 +59,9 @@ def test_smoke_recipe_trains_through_the_cli(tiny_model, tmp_path):
 def test_bad_data_line_stops_before_anything_is_written(tiny_model, tmp_path):
     data = tmp_path / "demos.jsonl"
     good = json.dumps({"prompt": "Hi?", "completion": "Hello."})
-    data.write_text(good + "\n" + good + "\n" + json.dumps({"prompt": "Hi?", "completion": "  "}) + "\n")
+    data.write_text(
+        good + "\n" + good + "\n" + json.dumps({"prompt": "Hi?", "completion": "  "}) + "\n"
+    )
     out = tmp_path / "adapters"
     result = _train("--model", tiny_model, "--data", data, "--adapter-path", out)
     _one_line_error(result, rf"{re.escape(str(data))}:3: .*completion")
@@ -85,25 +91,45 @@ def test_bad_options_exit_2(tiny_model, smoke_data, tmp_path, args, pattern):
 def test_bad_yaml(tmp_path, tiny_model):
     unknown = tmp_path / "unknown.yaml"
     unknown.write_text("iters: 2\nlearning_rat: 1e-4\n")
-    _one_line_error(_train("-c", unknown, "--model", tiny_model), r"unknown.yaml: unknown option 'learning_rat'")
+    _one_line_error(
+        _train("-c", unknown, "--model", tiny_model), r"unknown.yaml: unknown option 'learning_rat'"
+    )
     broken = tmp_path / "broken.yaml"
     broken.write_text("iters: [2\n")
     _one_line_error(_train("-c", broken), r"broken.yaml:\d+: invalid YAML")
     typed = tmp_path / "typed.yaml"
     typed.write_text("iters: many\n")
-    _one_line_error(_train("-c", typed), r"typed.yaml:1: iters: expected int, got 'many'")  # the file, not a flag
+    _one_line_error(
+        _train("-c", typed), r"typed.yaml:1: iters: expected int, got 'many'"
+    )  # the file, not a flag
 
 
 def _help(*command: str) -> str:
-    return re.sub(r"\x1b\[[0-9;]*m", "", runner.invoke(app, [*command, "--help"], env={"COLUMNS": "200"}).output)
+    return re.sub(
+        r"\x1b\[[0-9;]*m",
+        "",
+        runner.invoke(app, [*command, "--help"], env={"COLUMNS": "200"}).output,
+    )
 
 
 def test_help_shows_panels_hides_engine_knobs_and_marks_required():
     shown = _help("train")
-    for panel in ("Essentials", "Model and templates", "Optimizer", "SDFT", "Guards", "Memory and speed", "Reporting"):
+    for panel in (
+        "Essentials",
+        "Model and templates",
+        "Optimizer",
+        "SDFT",
+        "Guards",
+        "Memory and speed",
+        "Reporting",
+    ):
         assert f"─ {panel} ─" in shown, panel
     assert shown.index("─ Essentials ─") < shown.index("─ SDFT ─") < shown.index("─ Reporting ─")
-    for knob in ("--compiled-decode", "--fuse-sampling", "--logits-chunk"):  # the first one retired, still hidden
+    for knob in (
+        "--compiled-decode",
+        "--fuse-sampling",
+        "--logits-chunk",
+    ):  # the first one retired, still hidden
         assert knob not in shown, knob
     assert "[default: None]" not in shown
     assert re.search(r"--data .*\[required\]", shown.replace("\n", " "))
@@ -111,8 +137,18 @@ def test_help_shows_panels_hides_engine_knobs_and_marks_required():
 
 
 def test_hidden_engine_knobs_are_accepted(tiny_model, smoke_data, tmp_path):
-    result = _train("--model", tiny_model, "--data", smoke_data, "--adapter-path", tmp_path / "a", "--dry-run",
-                    "--no-fuse-sampling", "--logits-chunk", 8)
+    result = _train(
+        "--model",
+        tiny_model,
+        "--data",
+        smoke_data,
+        "--adapter-path",
+        tmp_path / "a",
+        "--dry-run",
+        "--no-fuse-sampling",
+        "--logits-chunk",
+        8,
+    )
     assert result.exit_code == 0, result.output
 
 
@@ -133,8 +169,19 @@ def _help(*command: str) -> str:
     return result.output
 
 
-@pytest.mark.parametrize("command", [(), ("train",), ("continual",), ("rules",), ("rules", "add"), ("teach",),
-                                     ("doctor",), ("lessons", "import")])
+@pytest.mark.parametrize(
+    "command",
+    [
+        (),
+        ("train",),
+        ("continual",),
+        ("rules",),
+        ("rules", "add"),
+        ("teach",),
+        ("doctor",),
+        ("lessons", "import"),
+    ],
+)
 def test_help_is_a_plain_flag(command):
     line = next(line for line in _help(*command).splitlines() if "--help" in line)
     assert "<bool>" not in line, line

@@ -17,7 +17,9 @@ def test_options_page_is_generated_from_config():
     from mlx_sdft.config.docs import markdown
 
     page = (ROOT / "docs" / "options.md").read_text(encoding="utf-8")
-    assert page == markdown(), "docs/options.md is stale: python -m mlx_sdft.config.docs > docs/options.md"
+    assert page == markdown(), (
+        "docs/options.md is stale: python -m mlx_sdft.config.docs > docs/options.md"
+    )
 
 
 def test_options_page_documents_every_option():
@@ -51,21 +53,34 @@ def test_options_page_gives_every_default():
             continue
         checked += 1
     assert checked >= 40  # the table is found and read
-    for name in ("skip_first_tokens", "completion_budget", "truncated", "sft_weight"):  # the guards' defaults
+    for name in (
+        "skip_first_tokens",
+        "completion_budget",
+        "truncated",
+        "sft_weight",
+    ):  # the guards' defaults
         assert re.match(r"`[^`]+`", cells[name.replace("_", "-")]), name
+
+
 def test_library_page_example_runs(tiny_model, tmp_path, monkeypatch):
     page = (ROOT / "docs" / "library.md").read_text(encoding="utf-8")
     code = page.split("```python", 1)[1].split("```", 1)[0]
     assert '{"model": "path/to/model"}' in code
-    code = code.replace('{"model": "path/to/model"}',
-                        f'{{"model": {str(tiny_model)!r}, "adapter_path": {str(tmp_path / "a")!r}, "iters": 1, "num_layers": -1}}')
+    code = code.replace(
+        '{"model": "path/to/model"}',
+        f'{{"model": {str(tiny_model)!r}, "adapter_path": {str(tmp_path / "a")!r}, "iters": 1, "num_layers": -1}}',
+    )
     monkeypatch.chdir(ROOT)
     exec(compile(code, "docs/library.md", "exec"), {})
     assert (tmp_path / "a" / "adapters.safetensors").exists()
 
 
 def _help(*command: str) -> str:
-    return re.sub(r"\x1b\[[0-9;]*m", "", runner.invoke(app, [*command, "--help"], env={"COLUMNS": "200"}).output)
+    return re.sub(
+        r"\x1b\[[0-9;]*m",
+        "",
+        runner.invoke(app, [*command, "--help"], env={"COLUMNS": "200"}).output,
+    )
 
 
 # User-facing text speaks of the product as it is: no tracker numbers, no design notes outside the repository.
@@ -105,7 +120,12 @@ def _anchor(heading: str) -> str:
 def test_links_between_pages_resolve():
     """Every relative link of README.md and docs/ names a file that exists, and an anchor of a
     heading that exists in it."""
-    pages = [ROOT / "README.md", ROOT / "CONTRIBUTING.md", ROOT / "CHANGELOG.md", *sorted((ROOT / "docs").glob("*.md"))]
+    pages = [
+        ROOT / "README.md",
+        ROOT / "CONTRIBUTING.md",
+        ROOT / "CHANGELOG.md",
+        *sorted((ROOT / "docs").glob("*.md")),
+    ]
     for page in pages:
         text = re.sub(r"```.*?```", "", page.read_text(encoding="utf-8"), flags=re.S)
         for target in re.findall(r"\]\(([^)\s]+)\)", text):

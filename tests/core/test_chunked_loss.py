@@ -17,7 +17,9 @@ def case(seed):
     student_BTD = rng.standard_normal((B, T, D)).astype(np.float32)
     teacher_BTD = rng.standard_normal((B, T, D)).astype(np.float32)
     head_VD = rng.standard_normal((V, D)).astype(np.float32)
-    mask_BT = (np.arange(T)[None, :] < np.array([T, 5, 0])[:, None]).astype(np.float32)  # full, padded, empty
+    mask_BT = (np.arange(T)[None, :] < np.array([T, 5, 0])[:, None]).astype(
+        np.float32
+    )  # full, padded, empty
     return student_BTD, teacher_BTD, head_VD, mask_BT
 
 
@@ -29,8 +31,13 @@ def chunked(student_BTD, teacher_BTD, head_VD, mask_BT, chunk, **kw):
     W = mx.array(head_VD)
 
     def loss_fn(h):
-        return losses.sdft_loss_chunked(lambda x: (x @ W.T) / TAU, h, mx.array(teacher_BTD), mx.array(mask_BT),
-                                        **opts(chunk, **kw))
+        return losses.sdft_loss_chunked(
+            lambda x: (x @ W.T) / TAU,
+            h,
+            mx.array(teacher_BTD),
+            mx.array(mask_BT),
+            **opts(chunk, **kw),
+        )
 
     h = mx.array(student_BTD)
     (loss, ntoks), grad = loss_fn(h), mx.grad(lambda h: loss_fn(h)[0])(h)
@@ -45,7 +52,9 @@ def test_chunked_loss_matches_reference(divergence, chunk, skip):
     s, t, W, m = case(chunk + skip)
     loss, ntoks, grad = chunked(s, t, W, m, chunk, divergence=divergence, skip=skip)
     head = reference.LinearHead(W, TAU)
-    ref_loss, ref_ntoks = reference.sdft_loss_chunked(head, s, t, m, **opts(chunk, divergence, skip))
+    ref_loss, ref_ntoks = reference.sdft_loss_chunked(
+        head, s, t, m, **opts(chunk, divergence, skip)
+    )
     ref_grad = reference.sdft_loss_chunked_grad(head, s, t, m, **opts(chunk, divergence, skip))
     np.testing.assert_allclose(loss, ref_loss, rtol=1e-5)
     assert ntoks == ref_ntoks
@@ -62,6 +71,9 @@ def test_chunks_equal_the_whole_and_no_gradient_reaches_the_teacher():
         assert abs(loss - whole[0]) <= 1e-6 * abs(whole[0]) and ntoks == whole[1]
         np.testing.assert_allclose(grad, whole[2], rtol=1e-5, atol=1e-7)
     Wm = mx.array(W)
-    teacher_grad = mx.grad(lambda th: losses.sdft_loss_chunked(lambda x: x @ Wm.T, mx.array(s), th, mx.array(m),
-                                                               **opts(4))[0])(mx.array(t))
+    teacher_grad = mx.grad(
+        lambda th: losses.sdft_loss_chunked(
+            lambda x: x @ Wm.T, mx.array(s), th, mx.array(m), **opts(4)
+        )[0]
+    )(mx.array(t))
     assert mx.abs(teacher_grad).max().item() == 0

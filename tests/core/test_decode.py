@@ -28,13 +28,17 @@ def _plain(monkeypatch):
 
 @pytest.mark.parametrize("prompts", [EQUAL, EQUAL[:1], RAGGED], ids=["equal", "one", "ragged"])
 @pytest.mark.parametrize("temperature,top_p", [(1.0, 1.0), (0.7, 0.9), (0.0, 1.0)])
-def test_shortcuts_draw_the_tokens_of_the_plain_loop(model, monkeypatch, prompts, temperature, top_p):
+def test_shortcuts_draw_the_tokens_of_the_plain_loop(
+    model, monkeypatch, prompts, temperature, top_p
+):
     budget = [9, 4, 12][: len(prompts)]  # rows leave the batch at different steps: it shrinks
     seeds = [5, 6, 7][: len(prompts)]
     fast = sample(model, prompts, budget, [], temperature=temperature, top_p=top_p, seeds=seeds)
     with monkeypatch.context() as m:
         _plain(m)
-        plain = sample(model, prompts, budget, [], temperature=temperature, top_p=top_p, seeds=seeds)
+        plain = sample(
+            model, prompts, budget, [], temperature=temperature, top_p=top_p, seeds=seeds
+        )
     assert fast.completions == plain.completions and [len(c) for c in fast.completions] == budget
     if temperature and len(prompts) > 2:
         assert fast.completions[0] != fast.completions[2]  # a copy draws its own tokens
@@ -45,12 +49,19 @@ def test_both_shortcuts_are_taken(model, monkeypatch):
     no mask."""
     calls, masks = [], []
     compiled = decode.next_tokens_compiled
-    monkeypatch.setattr(decode, "next_tokens_compiled", lambda *a: calls.append(a[0].shape) or compiled(*a))
+    monkeypatch.setattr(
+        decode, "next_tokens_compiled", lambda *a: calls.append(a[0].shape) or compiled(*a)
+    )
     real = decode.DecodeCache.make_mask
-    monkeypatch.setattr(decode.DecodeCache, "make_mask",
-                        lambda self, N, **kw: masks.append((N, self.padded, m := real(self, N, **kw))) or m)
+    monkeypatch.setattr(
+        decode.DecodeCache,
+        "make_mask",
+        lambda self, N, **kw: masks.append((N, self.padded, m := real(self, N, **kw))) or m,
+    )
     sample(model, RAGGED, [6, 2, 4], [], seeds=[1, 2, 3])
-    assert calls[0] == (3, model.args.vocab_size) and (1, model.args.vocab_size) in calls  # the batch shrinks
+    assert (
+        calls[0] == (3, model.args.vocab_size) and (1, model.args.vocab_size) in calls
+    )  # the batch shrinks
     assert all((m is None) == (N == 1 and not padded) for N, padded, m in masks)
     # The two short rows were padded; once they leave, the long row decodes without a mask.
     assert any(m is None for *_, m in masks) and any(N == 1 and m is not None for N, _, m in masks)
@@ -69,7 +80,12 @@ def test_unmasked_decode_step_computes_the_same_logits(model):
 
 COMMON = [1] + [(7 * i) % 300 + 3 for i in range(40)]  # a template header and system prompt, say
 SHARING = {  # distinct prompts after one long common prefix: ragged, equal, and nothing left but the last token
-    "ragged": [COMMON + [5, 9, 7, 11], COMMON + [300], COMMON + [8, 8, 201, 17, 42, 99, 3], COMMON + [5, 9, 7, 11]],
+    "ragged": [
+        COMMON + [5, 9, 7, 11],
+        COMMON + [300],
+        COMMON + [8, 8, 201, 17, 42, 99, 3],
+        COMMON + [5, 9, 7, 11],
+    ],
     "equal": [COMMON + [5, 9], COMMON + [6, 2]],
     "last token only": [COMMON + [5], COMMON + [9], COMMON + [9, 4]],
 }
@@ -79,20 +95,29 @@ SHARING = {  # distinct prompts after one long common prefix: ragged, equal, and
 def prefills(monkeypatch):
     """The shape of every input the prefill runs through the model."""
     seen, real = [], decode.prefill_body
-    monkeypatch.setattr(decode, "prefill_body",
-                        lambda model: (lambda inputs, cache: seen.append(inputs.shape) or real(model)(inputs, cache=cache)))
+    monkeypatch.setattr(
+        decode,
+        "prefill_body",
+        lambda model: (
+            lambda inputs, cache: seen.append(inputs.shape) or real(model)(inputs, cache=cache)
+        ),
+    )
     return seen
 
 
 @pytest.mark.parametrize("case", SHARING)
-@pytest.mark.parametrize("temperature,top_p,seeds", [(1.0, 1.0, [5, 6, 7, 8]), (0.7, 0.9, [5, 6, 7, 8]), (0.0, 1.0, None)],
-                         ids=["seeded", "top-p", "greedy"])
-def test_a_shared_common_prefix_draws_the_tokens_of_the_unshared_prefill(model, monkeypatch, prefills, case, temperature,
-                                                                         top_p, seeds):
+@pytest.mark.parametrize(
+    "temperature,top_p,seeds",
+    [(1.0, 1.0, [5, 6, 7, 8]), (0.7, 0.9, [5, 6, 7, 8]), (0.0, 1.0, None)],
+    ids=["seeded", "top-p", "greedy"],
+)
+def test_a_shared_common_prefix_draws_the_tokens_of_the_unshared_prefill(
+    model, monkeypatch, prefills, case, temperature, top_p, seeds
+):
     """The distinct prompts' common prefix runs once at batch 1 and each remainder continues from
     a copy of it: every row samples the tokens it samples when each prompt is prefilled whole."""
     prompts = SHARING[case]
-    budget, seeds = [14, 9, 14, 11][:len(prompts)], seeds and seeds[:len(prompts)]
+    budget, seeds = [14, 9, 14, 11][: len(prompts)], seeds and seeds[: len(prompts)]
     shared = sample(model, prompts, budget, [], temperature=temperature, top_p=top_p, seeds=seeds)
     distinct = len({tuple(p) for p in prompts})
     remainder = max(map(len, prompts)) - 1 - len(COMMON)
@@ -100,7 +125,9 @@ def test_a_shared_common_prefix_draws_the_tokens_of_the_unshared_prefill(model, 
     monkeypatch.setattr(decode, "common_length", lambda prompts: 0)
     whole = sample(model, prompts, budget, [], temperature=temperature, top_p=top_p, seeds=seeds)
     assert prefills[-1] == (distinct, len(COMMON) + remainder)
-    assert shared.completions == whole.completions and [len(c) for c in shared.completions] == budget
+    assert (
+        shared.completions == whole.completions and [len(c) for c in shared.completions] == budget
+    )
 
 
 @pytest.mark.parametrize("case", SHARING)
@@ -113,7 +140,13 @@ def test_a_shared_common_prefix_leaves_the_cache_of_the_unshared_prefill(model, 
         m.setattr(decode, "common_length", lambda prompts: 0)
         whole = decode._prefill(model, distinct, 512)
     for a, b in zip(shared, whole):
-        assert (a._idx, a.left_padding.tolist(), a.offset.tolist(), a.padded) == \
-            (b._idx, b.left_padding.tolist(), b.offset.tolist(), b.padded)
+        assert (a._idx, a.left_padding.tolist(), a.offset.tolist(), a.padded) == (
+            b._idx,
+            b.left_padding.tolist(),
+            b.offset.tolist(),
+            b.padded,
+        )
     last = mx.array([[p[-1]] for p in distinct])
-    assert mx.allclose(model(last, cache=shared), model(last, cache=whole), atol=1e-5, rtol=1e-5).item()
+    assert mx.allclose(
+        model(last, cache=shared), model(last, cache=whole), atol=1e-5, rtol=1e-5
+    ).item()

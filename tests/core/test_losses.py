@@ -61,12 +61,19 @@ def mlx_loss_and_grad(student_BTV, teacher_BTV, mask_BT, **kwargs):
 def test_values_match_reference(device, divergence, scale, V, skip):
     student_BTV, teacher_BTV, mask_BT = random_case(V + skip, V=V, scale=scale)
     with mx.stream(device):
-        div_BT = losses.token_divergence(mx.array(student_BTV), mx.array(teacher_BTV), **div_opts(divergence))
+        div_BT = losses.token_divergence(
+            mx.array(student_BTV), mx.array(teacher_BTV), **div_opts(divergence)
+        )
         loss, ntoks = losses.sdft_loss(
-            mx.array(student_BTV), mx.array(teacher_BTV), mx.array(mask_BT), **opts(divergence, skip)
+            mx.array(student_BTV),
+            mx.array(teacher_BTV),
+            mx.array(mask_BT),
+            **opts(divergence, skip),
         )
         mx.eval(div_BT, loss, ntoks)
-    ref_loss, ref_ntoks = reference.sdft_loss(student_BTV, teacher_BTV, mask_BT, **opts(divergence, skip))
+    ref_loss, ref_ntoks = reference.sdft_loss(
+        student_BTV, teacher_BTV, mask_BT, **opts(divergence, skip)
+    )
     ref_div_BT = reference.token_divergence(student_BTV, teacher_BTV, **div_opts(divergence))
     np.testing.assert_allclose(np.array(div_BT), ref_div_BT, rtol=1e-5, atol=1e-6)
     np.testing.assert_allclose(loss.item(), ref_loss, rtol=1e-5)
@@ -97,14 +104,23 @@ def test_bfloat16_inputs(device, divergence):
     s_rounded, t_rounded = np.array(s16.astype(mx.float32)), np.array(t16.astype(mx.float32))
     with mx.stream(device):
         loss, _ = losses.sdft_loss(s16, t16, mx.array(mask_BT), **opts(divergence))
-        grad_BTV = mx.grad(lambda s: losses.sdft_loss(s, t16, mx.array(mask_BT), **opts(divergence))[0])(s16)
+        grad_BTV = mx.grad(
+            lambda s: losses.sdft_loss(s, t16, mx.array(mask_BT), **opts(divergence))[0]
+        )(s16)
         mx.eval(loss, grad_BTV)
     assert loss.dtype == mx.float32 and grad_BTV.dtype == mx.bfloat16
-    np.testing.assert_allclose(loss.item(), reference.sdft_loss(s_rounded, t_rounded, mask_BT, **opts(divergence))[0], rtol=2e-2)
+    np.testing.assert_allclose(
+        loss.item(),
+        reference.sdft_loss(s_rounded, t_rounded, mask_BT, **opts(divergence))[0],
+        rtol=2e-2,
+    )
     ref_grad_BTV = reference.sdft_loss_grad(s_rounded, t_rounded, mask_BT, **opts(divergence))
     # The gradient itself is rounded to bf16 (8 bits of mantissa) on the way out.
     np.testing.assert_allclose(
-        np.array(grad_BTV.astype(mx.float32)), ref_grad_BTV, rtol=2e-2, atol=1e-3 * np.abs(ref_grad_BTV).max()
+        np.array(grad_BTV.astype(mx.float32)),
+        ref_grad_BTV,
+        rtol=2e-2,
+        atol=1e-3 * np.abs(ref_grad_BTV).max(),
     )
 
 
@@ -118,7 +134,12 @@ def test_near_equal_distributions_large_vocab(device):
     with mx.stream(device):
         div_BT = losses.token_divergence(mx.array(student_BTV), mx.array(teacher_BTV), **div_opts())
         _, _, grad_BTV = mlx_loss_and_grad(student_BTV, teacher_BTV, mask_BT, skip=0)
-    np.testing.assert_allclose(np.array(div_BT), reference.token_divergence(student_BTV, teacher_BTV, **div_opts()), rtol=0, atol=3e-6)
+    np.testing.assert_allclose(
+        np.array(div_BT),
+        reference.token_divergence(student_BTV, teacher_BTV, **div_opts()),
+        rtol=0,
+        atol=3e-6,
+    )
     ref_grad_BTV = reference.sdft_loss_grad(student_BTV, teacher_BTV, mask_BT, **opts(skip=0))
     assert np.abs(grad_BTV - ref_grad_BTV).max() <= 5e-5 * np.abs(ref_grad_BTV).max()
 
@@ -150,7 +171,9 @@ def test_no_gradient_reaches_the_teacher(device, divergence):
     student_BTV, teacher_BTV, mask_BT = random_case(3, V=50)
     with mx.stream(device):
         grad_BTV = mx.grad(
-            lambda t: losses.sdft_loss(mx.array(student_BTV), t, mx.array(mask_BT), **opts(divergence))[0]
+            lambda t: losses.sdft_loss(
+                mx.array(student_BTV), t, mx.array(mask_BT), **opts(divergence)
+            )[0]
         )(mx.array(teacher_BTV))
         mx.eval(grad_BTV)
     assert np.all(np.array(grad_BTV) == 0.0)
@@ -167,8 +190,12 @@ def test_golden_two_token_case(divergence):
     student_BTV = np.log(np.array([[[0.8, 0.2]]], dtype=np.float32))
     teacher_BTV = np.log(np.array([[[0.5, 0.5]]], dtype=np.float32))
     mask_BT = np.ones((1, 1), dtype=np.float32)
-    loss, ntoks = losses.sdft_loss(mx.array(student_BTV), mx.array(teacher_BTV), mx.array(mask_BT), **opts(divergence, 0))
-    ref_loss, ref_ntoks = reference.sdft_loss(student_BTV, teacher_BTV, mask_BT, **opts(divergence, 0))
+    loss, ntoks = losses.sdft_loss(
+        mx.array(student_BTV), mx.array(teacher_BTV), mx.array(mask_BT), **opts(divergence, 0)
+    )
+    ref_loss, ref_ntoks = reference.sdft_loss(
+        student_BTV, teacher_BTV, mask_BT, **opts(divergence, 0)
+    )
     assert abs(loss.item() - GOLDEN[divergence]) < 1e-6
     assert abs(ref_loss - GOLDEN[divergence]) < 1e-6
     assert ntoks.item() == ref_ntoks == 1
@@ -181,7 +208,9 @@ def test_golden_two_token_case(divergence):
 @pytest.mark.parametrize("divergence", DIVERGENCES)
 def test_zero_when_student_equals_teacher(divergence):
     logits_BTV, _, mask_BT = random_case(1, V=100, scale=5.0)
-    loss, _, grad_BTV = mlx_loss_and_grad(logits_BTV, logits_BTV, mask_BT, divergence=divergence, skip=0)
+    loss, _, grad_BTV = mlx_loss_and_grad(
+        logits_BTV, logits_BTV, mask_BT, divergence=divergence, skip=0
+    )
     assert abs(loss) < 1e-6
     assert np.abs(grad_BTV).max() < 1e-7
 
@@ -189,7 +218,9 @@ def test_zero_when_student_equals_teacher(divergence):
 @pytest.mark.parametrize("divergence", DIVERGENCES)
 def test_non_negative(divergence):
     student_BTV, teacher_BTV, _ = random_case(2, B=4, T=16, V=30, scale=3.0)
-    div_BT = losses.token_divergence(mx.array(student_BTV), mx.array(teacher_BTV), **div_opts(divergence))
+    div_BT = losses.token_divergence(
+        mx.array(student_BTV), mx.array(teacher_BTV), **div_opts(divergence)
+    )
     assert np.all(np.array(div_BT) >= 0.0)
 
 
@@ -203,8 +234,12 @@ def test_masked_positions_change_nothing(divergence):
     student2_BTV, teacher2_BTV = student_BTV.copy(), teacher_BTV.copy()
     student2_BTV[ignored_BT] = 10.0 * rng.standard_normal((ignored_BT.sum(), 20))
     teacher2_BTV[ignored_BT] = 10.0 * rng.standard_normal((ignored_BT.sum(), 20))
-    loss, ntoks, grad_BTV = mlx_loss_and_grad(student_BTV, teacher_BTV, mask_BT, divergence=divergence, skip=3)
-    loss2, ntoks2, grad2_BTV = mlx_loss_and_grad(student2_BTV, teacher2_BTV, mask_BT, divergence=divergence, skip=3)
+    loss, ntoks, grad_BTV = mlx_loss_and_grad(
+        student_BTV, teacher_BTV, mask_BT, divergence=divergence, skip=3
+    )
+    loss2, ntoks2, grad2_BTV = mlx_loss_and_grad(
+        student2_BTV, teacher2_BTV, mask_BT, divergence=divergence, skip=3
+    )
     assert loss == loss2 and ntoks == ntoks2 == int((~ignored_BT).sum())
     np.testing.assert_array_equal(grad_BTV, grad2_BTV)
     assert np.all(grad_BTV[ignored_BT] == 0.0)
@@ -215,7 +250,9 @@ def test_masked_positions_change_nothing(divergence):
 def test_all_masked_batch_is_finite_zero(divergence, how):
     student_BTV, teacher_BTV, _ = random_case(6, B=2, T=3, V=10)
     mask_BT = np.zeros((2, 3), np.float32) if how == "mask" else np.ones((2, 3), np.float32)
-    loss, ntoks, grad_BTV = mlx_loss_and_grad(student_BTV, teacher_BTV, mask_BT, divergence=divergence, skip=3)
+    loss, ntoks, grad_BTV = mlx_loss_and_grad(
+        student_BTV, teacher_BTV, mask_BT, divergence=divergence, skip=3
+    )
     assert loss == 0.0 and ntoks == 0
     assert np.all(grad_BTV == 0.0)
     assert reference.sdft_loss(student_BTV, teacher_BTV, mask_BT, **opts(divergence, 3)) == (0.0, 0)
@@ -227,8 +264,12 @@ def test_loss_is_mean_of_per_sequence_means():
     mask_BT = np.zeros((2, 8), np.float32)
     mask_BT[0, :] = 1.0
     mask_BT[1, :2] = 1.0
-    div_BT = np.array(losses.token_divergence(mx.array(student_BTV), mx.array(teacher_BTV), **div_opts()))
-    loss, ntoks = losses.sdft_loss(mx.array(student_BTV), mx.array(teacher_BTV), mx.array(mask_BT), **opts(skip=0))
+    div_BT = np.array(
+        losses.token_divergence(mx.array(student_BTV), mx.array(teacher_BTV), **div_opts())
+    )
+    loss, ntoks = losses.sdft_loss(
+        mx.array(student_BTV), mx.array(teacher_BTV), mx.array(mask_BT), **opts(skip=0)
+    )
     mean_of_means = (div_BT[0].mean() + div_BT[1, :2].mean()) / 2
     token_mean = (div_BT * mask_BT).sum() / mask_BT.sum()
     np.testing.assert_allclose(loss.item(), mean_of_means, rtol=1e-6)
@@ -241,7 +282,9 @@ def test_loss_mask_drops_first_skip_positions():
     expected_BT = np.array([[0, 0, 0, 1, 1, 0], [0, 0, 0, 0, 0, 0]], np.float32)
     np.testing.assert_array_equal(np.array(losses.loss_mask(mx.array(mask_BT), 3)), expected_BT)
     np.testing.assert_array_equal(reference.loss_mask(mask_BT, 3), expected_BT)
-    np.testing.assert_array_equal(np.array(losses.loss_mask(mx.array(mask_BT).astype(mx.bool_), 0)), mask_BT)
+    np.testing.assert_array_equal(
+        np.array(losses.loss_mask(mx.array(mask_BT).astype(mx.bool_), 0)), mask_BT
+    )
 
 
 @pytest.mark.parametrize("module", [losses, reference], ids=["mlx", "reference"])
@@ -250,7 +293,12 @@ def test_bad_options_raise(module, divergence, beta):
     student_BTV, teacher_BTV, mask_BT = random_case(8, V=5)
     as_array = mx.array if module is losses else np.asarray
     with pytest.raises(ValueError):
-        module.sdft_loss(as_array(student_BTV), as_array(teacher_BTV), as_array(mask_BT), **opts(divergence, beta=beta))
+        module.sdft_loss(
+            as_array(student_BTV),
+            as_array(teacher_BTV),
+            as_array(mask_BT),
+            **opts(divergence, beta=beta),
+        )
 
 
 # --- top-K teacher support with a tail bucket (--topk) -------------------------------------
@@ -266,8 +314,13 @@ def test_topk_values_and_gradients_match_reference(divergence, k):
     want, n = reference.sdft_loss_topk(student, idx, buckets, mask, **opts(divergence, 1))
 
     def loss_fn(z):
-        return losses.sdft_loss_topk(z, mx.array(idx), mx.array(buckets, dtype=mx.float32), mx.array(mask),
-                                     **opts(divergence, 1))[0]
+        return losses.sdft_loss_topk(
+            z,
+            mx.array(idx),
+            mx.array(buckets, dtype=mx.float32),
+            mx.array(mask),
+            **opts(divergence, 1),
+        )[0]
 
     loss, grad = mx.value_and_grad(loss_fn)(mx.array(student, dtype=mx.float32))
     assert loss.item() == pytest.approx(want, rel=1e-5) and n == 8
@@ -276,21 +329,35 @@ def test_topk_values_and_gradients_match_reference(divergence, k):
         up, down = student.copy(), student.copy()
         up[b, t, v] += 1e-5
         down[b, t, v] -= 1e-5
-        fd = (reference.sdft_loss_topk(up, idx, buckets, mask, **opts(divergence, 1))[0]
-              - reference.sdft_loss_topk(down, idx, buckets, mask, **opts(divergence, 1))[0]) / 2e-5
+        fd = (
+            reference.sdft_loss_topk(up, idx, buckets, mask, **opts(divergence, 1))[0]
+            - reference.sdft_loss_topk(down, idx, buckets, mask, **opts(divergence, 1))[0]
+        ) / 2e-5
         assert grad[b, t, v].item() == pytest.approx(fd, abs=2e-5)
 
 
 @pytest.mark.parametrize("divergence", DIVERGENCES)
 def test_topk_with_the_whole_vocabulary_is_the_full_loss(divergence):
     rng = np.random.default_rng(1)
-    student, teacher, mask = rng.normal(size=(2, 4, 12)), rng.normal(size=(2, 4, 12)), np.ones((2, 4))
+    student, teacher, mask = (
+        rng.normal(size=(2, 4, 12)),
+        rng.normal(size=(2, 4, 12)),
+        np.ones((2, 4)),
+    )
     idx, buckets = losses.teacher_topk(mx.array(teacher, dtype=mx.float32), 12)
-    got = losses.sdft_loss_topk(mx.array(student, dtype=mx.float32), idx, buckets, mx.array(mask), **opts(divergence, 0))[0]
-    assert got.item() == pytest.approx(reference.sdft_loss(student, teacher, mask, **opts(divergence, 0))[0], rel=1e-5)
-    ref_idx, ref_buckets = reference.teacher_topk(teacher, 12)  # the twin too, with its -inf empty tail
+    got = losses.sdft_loss_topk(
+        mx.array(student, dtype=mx.float32), idx, buckets, mx.array(mask), **opts(divergence, 0)
+    )[0]
+    assert got.item() == pytest.approx(
+        reference.sdft_loss(student, teacher, mask, **opts(divergence, 0))[0], rel=1e-5
+    )
+    ref_idx, ref_buckets = reference.teacher_topk(
+        teacher, 12
+    )  # the twin too, with its -inf empty tail
     ref = reference.sdft_loss_topk(student, ref_idx, ref_buckets, mask, **opts(divergence, 0))[0]
-    assert ref == pytest.approx(reference.sdft_loss(student, teacher, mask, **opts(divergence, 0))[0], rel=1e-9)
+    assert ref == pytest.approx(
+        reference.sdft_loss(student, teacher, mask, **opts(divergence, 0))[0], rel=1e-9
+    )
 
 
 def test_topk_tail_bucket_hand_case():
@@ -299,10 +366,14 @@ def test_topk_tail_bucket_hand_case():
     p, q = np.log([[[0.5, 0.3, 0.2]]]), np.log([[[0.2, 0.6, 0.2]]])
     want = 0.6 * np.log(2.0) + 0.4 * np.log(0.4 / 0.7)
     idx, buckets = losses.teacher_topk(mx.array(q, dtype=mx.float32), 1)
-    got = losses.sdft_loss_topk(mx.array(p, dtype=mx.float32), idx, buckets, mx.ones((1, 1)), **opts(skip=0))[0]
+    got = losses.sdft_loss_topk(
+        mx.array(p, dtype=mx.float32), idx, buckets, mx.ones((1, 1)), **opts(skip=0)
+    )[0]
     assert got.item() == pytest.approx(want, rel=1e-5)
     ref_idx, ref_buckets = reference.teacher_topk(q, 1)
-    assert reference.sdft_loss_topk(p, ref_idx, ref_buckets, np.ones((1, 1)), **opts(skip=0))[0] == pytest.approx(want, rel=1e-9)
+    assert reference.sdft_loss_topk(p, ref_idx, ref_buckets, np.ones((1, 1)), **opts(skip=0))[
+        0
+    ] == pytest.approx(want, rel=1e-9)
 
 
 @pytest.mark.parametrize("k", [1, 3, 40])
@@ -312,9 +383,15 @@ def test_teacher_topk_matches_reference(k):
     idx, buckets = losses.teacher_topk(mx.array(teacher, dtype=mx.float32), k)
     ref_idx, ref_buckets = reference.teacher_topk(teacher, k)
     order, ref_order = np.argsort(np.array(idx), axis=-1), np.argsort(ref_idx, axis=-1)
-    np.testing.assert_array_equal(np.take_along_axis(np.array(idx), order, -1), np.take_along_axis(ref_idx, ref_order, -1))
-    np.testing.assert_allclose(np.take_along_axis(np.array(buckets)[..., :k], order, -1),
-                               np.take_along_axis(ref_buckets[..., :k], ref_order, -1), rtol=1e-5, atol=1e-6)
+    np.testing.assert_array_equal(
+        np.take_along_axis(np.array(idx), order, -1), np.take_along_axis(ref_idx, ref_order, -1)
+    )
+    np.testing.assert_allclose(
+        np.take_along_axis(np.array(buckets)[..., :k], order, -1),
+        np.take_along_axis(ref_buckets[..., :k], ref_order, -1),
+        rtol=1e-5,
+        atol=1e-6,
+    )
     tail = np.array(buckets)[..., k]
     np.testing.assert_allclose(tail, np.maximum(ref_buckets[..., k], -1e9), rtol=1e-5, atol=1e-6)
 
@@ -354,14 +431,30 @@ def test_every_loss_function_has_a_twin_with_the_same_arguments():
     """reference.py mirrors losses.py name for name and argument for argument (options keyword-only, no defaults)."""
     import inspect
 
-    public = {name: fn for name, fn in vars(losses).items()
-              if not name.startswith("_") and callable(fn) and getattr(fn, "__module__", losses.__name__) == losses.__name__
-              and not inspect.isclass(fn) and name != "DIVERGENCES"}
-    assert {"sdft_loss", "sdft_loss_topk", "sdft_loss_chunked", "token_divergence", "kl_of_logits"} <= public.keys()
+    public = {
+        name: fn
+        for name, fn in vars(losses).items()
+        if not name.startswith("_")
+        and callable(fn)
+        and getattr(fn, "__module__", losses.__name__) == losses.__name__
+        and not inspect.isclass(fn)
+        and name != "DIVERGENCES"
+    }
+    assert {
+        "sdft_loss",
+        "sdft_loss_topk",
+        "sdft_loss_chunked",
+        "token_divergence",
+        "kl_of_logits",
+    } <= public.keys()
     for name, fn in public.items():
         twin = getattr(reference, name, None)
         assert twin is not None, f"reference.{name} is missing"
         params = [(p.name, p.kind) for p in inspect.signature(fn).parameters.values()]
-        assert params == [(p.name, p.kind) for p in inspect.signature(twin).parameters.values()], name
+        assert params == [(p.name, p.kind) for p in inspect.signature(twin).parameters.values()], (
+            name
+        )
         options = [p for p in inspect.signature(fn).parameters.values() if p.kind == p.KEYWORD_ONLY]
-        assert all(p.default is p.empty for p in options), f"{name}: options have no defaults of their own"
+        assert all(p.default is p.empty for p in options), (
+            f"{name}: options have no defaults of their own"
+        )

@@ -20,26 +20,38 @@ from mlx_sdft.core.teacher import checkpointing, trainable_leaves, using
 from mlx_sdft.formats.models import Adapters, open_model
 
 # Ragged prompts (a one-token one too), a feedback lesson (no demonstration) among them.
-PAIRS = [PromptPair([1, 5, 9, 13, 2, 7], [1, 5, 9, 13, 2, 7, 30, 31, 32, 7], [50, 51, 52, 2], "t:1"),
-         PromptPair([300], [300, 201, 40, 41, 7], [60, 61, 62, 63, 64, 65, 2], "t:2"),
-         PromptPair([4, 8, 15, 16, 23, 42, 99, 101, 7], [4, 8, 7], [2], "t:3", demonstrated=False)]
+PAIRS = [
+    PromptPair([1, 5, 9, 13, 2, 7], [1, 5, 9, 13, 2, 7, 30, 31, 32, 7], [50, 51, 52, 2], "t:1"),
+    PromptPair([300], [300, 201, 40, 41, 7], [60, 61, 62, 63, 64, 65, 2], "t:2"),
+    PromptPair([4, 8, 15, 16, 23, 42, 99, 101, 7], [4, 8, 7], [2], "t:3", demonstrated=False),
+]
 # The same lessons behind a common beginning (a chat template's system prompt): prompts that differ
 # only after it, one of them the common prefix plus one token, a one-token remainder in each side.
 SYSTEM = [1, 17, 18, 19, 20]
-COMMON_PAIRS = [PromptPair(SYSTEM + [5, 9, 13, 2, 7], SYSTEM + [5, 9, 13, 2, 7, 30, 31, 32, 7], [50, 51, 52, 2], "t:1"),
-                PromptPair(SYSTEM + [300], SYSTEM + [300, 201, 40, 41, 7], [60, 61, 62, 63, 64, 65, 2], "t:2"),
-                PromptPair(SYSTEM + [8, 15, 16, 23, 42, 99, 101, 7], SYSTEM + [8], [2], "t:3", demonstrated=False)]
+COMMON_PAIRS = [
+    PromptPair(
+        SYSTEM + [5, 9, 13, 2, 7], SYSTEM + [5, 9, 13, 2, 7, 30, 31, 32, 7], [50, 51, 52, 2], "t:1"
+    ),
+    PromptPair(SYSTEM + [300], SYSTEM + [300, 201, 40, 41, 7], [60, 61, 62, 63, 64, 65, 2], "t:2"),
+    PromptPair(
+        SYSTEM + [8, 15, 16, 23, 42, 99, 101, 7], SYSTEM + [8], [2], "t:3", demonstrated=False
+    ),
+]
 # Per prompt, up to three completions of ragged lengths, one of a single token.
-COMPLETIONS = [[[11, 12, 2], [40, 41, 42, 43, 44], [7]],
-               [[8, 9, 10, 11, 12, 13, 14, 2], [20, 2], [21, 22, 23]],
-               [[30, 31], [32], [33, 34, 35, 36, 37, 38]]]
+COMPLETIONS = [
+    [[11, 12, 2], [40, 41, 42, 43, 44], [7]],
+    [[8, 9, 10, 11, 12, 13, 14, 2], [20, 2], [21, 22, 23]],
+    [[30, 31], [32], [33, 34, 35, 36, 37, 38]],
+]
 
 
 @pytest.fixture(scope="module")
 def lora(tiny_model):
     """The tiny model with LoRA adapters on every block, all of them non-zero; teacher leaves of
     their own; the base leaves (adapters off) for --base-kl-weight."""
-    mx.random.seed(3)  # before the adapters' random initialisation: the same model in any test order
+    mx.random.seed(
+        3
+    )  # before the adapters' random initialisation: the same model in any test order
     model, base = open_model(tiny_model, adapters=Adapters("lora", -1, Config().lora_parameters))
     noise = lambda leaves, s: {k: v + s * mx.random.normal(v.shape) for k, v in leaves.items()}  # noqa: E731
     model.load_weights(list(noise(trainable_leaves(model), 0.05).items()), strict=False)
@@ -69,11 +81,14 @@ def _close(a, b, rel=1e-5):
 def _both_passes(model, prompts, continuations, weights_BTD, mask_BT1):
     """[(value, grads) of Σ hidden · weights over the real positions] with the shared prefill, then
     with the full pass (scoring.completion_hidden)."""
+
     def total(model, hidden):
         return (hidden(model, prompts, continuations) * weights_BTD * mask_BT1).sum()
 
-    return [nn.value_and_grad(model, lambda m, h=h: total(m, h))(model)
-            for h in (prefix.completion_hidden, scoring.completion_hidden)]
+    return [
+        nn.value_and_grad(model, lambda m, h=h: total(m, h))(model)
+        for h in (prefix.completion_hidden, scoring.completion_hidden)
+    ]
 
 
 def _close_grads(a, b):
@@ -86,18 +101,24 @@ def _score(model, teacher, base, args, pairs, completions, truncated):
     objective = sdft_objective(args)
     with using(model, teacher):
         scores = objective.teacher_scores(model, pairs, completions)
-    guard = guards.Guard(truncated, guards.base_logits(model, base, pairs, completions) if args.base_kl_weight else None)
+    guard = guards.Guard(
+        truncated,
+        guards.base_logits(model, base, pairs, completions) if args.base_kl_weight else None,
+    )
     with checkpointing(model, args.grad_checkpoint):
-        (loss, ntoks, parts, _), grads = nn.value_and_grad(model, objective.student_loss)(model, pairs, completions,
-                                                                                      scores, guard)
+        (loss, ntoks, parts, _), grads = nn.value_and_grad(model, objective.student_loss)(
+            model, pairs, completions, scores, guard
+        )
     mx.eval(scores, loss, grads)
     return scores, loss, ntoks, parts, grads, guard
 
 
 def _valid(scores, completions):
     """Each [B, T, ...] score array cut to the real completion tokens, flattened."""
-    return [np.concatenate([np.array(a[i, :len(c)]).ravel() for i, c in enumerate(completions)])
-            for a in (scores if isinstance(scores, tuple) else (scores,))]
+    return [
+        np.concatenate([np.array(a[i, : len(c)]).ravel() for i, c in enumerate(completions)])
+        for a in (scores if isinstance(scores, tuple) else (scores,))
+    ]
 
 
 CASES = {
@@ -106,7 +127,12 @@ CASES = {
     "chunk": {"logits_chunk": 2},
     "topk-chunk": {"topk": 8, "logits_chunk": 3},
     "base-kl": {"base_kl_weight": 0.3, "divergence": "reverse"},
-    "jsd-skip-no-sft": {"divergence": "jsd", "skip_first_tokens": 1, "sft_weight": 0.0, "truncated": "keep"},
+    "jsd-skip-no-sft": {
+        "divergence": "jsd",
+        "skip_first_tokens": 1,
+        "sft_weight": 0.0,
+        "truncated": "keep",
+    },
     "grad-checkpoint": {"grad_checkpoint": True},
 }
 
@@ -117,9 +143,15 @@ def _count_common(monkeypatch) -> list[int]:
     runs, update = [], prefix.PrefixCache.update_and_fetch
 
     def counted(self, keys, values):
-        if self._idx == 0 and self.start == 0 and keys.shape[0] == 1 and self.left_padding.size == 1:
+        if (
+            self._idx == 0
+            and self.start == 0
+            and keys.shape[0] == 1
+            and self.left_padding.size == 1
+        ):
             runs.append(keys.shape[2])
         return update(self, keys, values)
+
     monkeypatch.setattr(prefix.PrefixCache, "update_and_fetch", counted)
     return runs
 
@@ -132,14 +164,24 @@ def test_shared_prefill_equals_the_full_pass(lora, monkeypatch, case, G, lessons
     args = ObjectiveArgs.of(Config(model="x", data="-", num_generations=G, **CASES[case]))
     pairs, completions, truncated = _batch(G, PAIRS if lessons == "distinct" else COMMON_PAIRS)
     copies, runs = [], _count_common(monkeypatch)
-    monkeypatch.setattr(prefix.PrefixCache, "rows", lambda self, index, rows=prefix.PrefixCache.rows: (
-        copies.append(index.shape[0]), rows(self, index))[1])
+    monkeypatch.setattr(
+        prefix.PrefixCache,
+        "rows",
+        lambda self, index, rows=prefix.PrefixCache.rows: (
+            copies.append(index.shape[0]),
+            rows(self, index),
+        )[1],
+    )
     shared = _score(model, teacher, base, args, pairs, completions, truncated)
     # The path was taken wherever a prompt repeats: the teacher's with G > 1, the student's with G > 1
     # or an SFT term, and not under --grad-checkpoint (the student side falls back); with a common
     # prefix, in every pass (teacher, student, base), its SYSTEM tokens run once, at batch 1.
     if lessons == "distinct":
-        repeats = (G > 1) + (G > 1 or args.sft_weight > 0) * (not args.grad_checkpoint) + (G > 1) * (args.base_kl_weight > 0)
+        repeats = (
+            (G > 1)
+            + (G > 1 or args.sft_weight > 0) * (not args.grad_checkpoint)
+            + (G > 1) * (args.base_kl_weight > 0)
+        )
         assert not runs
     else:
         repeats = 1 + (not args.grad_checkpoint) + (args.base_kl_weight > 0)
@@ -164,7 +206,9 @@ def test_shared_prefill_equals_the_full_pass(lora, monkeypatch, case, G, lessons
     assert shared[3].keys() == full[3].keys()
     for k in shared[3]:
         _close(shared[3][k], full[3][k])
-    for (k, a), (_, b), (_, c) in zip(tree_flatten(shared[4]), tree_flatten(full[4]), tree_flatten(control[4])):
+    for (k, a), (_, b), (_, c) in zip(
+        tree_flatten(shared[4]), tree_flatten(full[4]), tree_flatten(control[4])
+    ):
         assert np.abs(np.array(a)).max() > 0, k  # every adapter leaf gets a gradient
         # The file's 1e-5, or 4x the rounding of the full pass against itself where that is larger.
         _close(a, b, rel=max(1e-5, 4 * _rel(c, b)))
@@ -177,11 +221,21 @@ def test_the_full_pass_is_the_objective_as_written(lora, monkeypatch):
     args = ObjectiveArgs.of(Config(model="x", data="-", num_generations=3))
     pairs, completions, truncated = _batch(3)
     _, loss, ntoks, parts, _, _ = _score(model, teacher, None, args, pairs, completions, truncated)
-    student_BTV = scoring.completion_logits(model, [p.student_ids for p in pairs], completions) / args.temperature
+    student_BTV = (
+        scoring.completion_logits(model, [p.student_ids for p in pairs], completions)
+        / args.temperature
+    )
     with using(model, teacher):
-        teacher_BTV = scoring.completion_logits(model, [p.teacher_ids for p in pairs], completions) / args.temperature
-    mask_BT = guards.keep_rows(scoring.completion_mask([len(c) for c in completions]), truncated, "mask")
-    divergence, n = sdft_loss(student_BTV, teacher_BTV, mask_BT, divergence=args.divergence, skip=0, beta=args.beta)
+        teacher_BTV = (
+            scoring.completion_logits(model, [p.teacher_ids for p in pairs], completions)
+            / args.temperature
+        )
+    mask_BT = guards.keep_rows(
+        scoring.completion_mask([len(c) for c in completions]), truncated, "mask"
+    )
+    divergence, n = sdft_loss(
+        student_BTV, teacher_BTV, mask_BT, divergence=args.divergence, skip=0, beta=args.beta
+    )
     sft, sft_n = supervised_loss(model, [p for p in PAIRS if p.demonstrated], args)
     _close(loss, divergence + args.sft_weight * sft)
     _close(parts["sdft_loss"], divergence)
@@ -193,20 +247,35 @@ def test_continuations_of_one_prompt_share_its_prefill_exactly(lora):
     """prefix.completion_hidden against scoring.completion_hidden, row by row, values and gradients:
     ragged prompts, a one-token prompt, single-token continuations, copies in any order."""
     model, _, _ = lora
-    prompts = [PAIRS[0].student_ids, PAIRS[1].student_ids, PAIRS[0].student_ids, PAIRS[2].student_ids,
-               PAIRS[1].student_ids]
+    prompts = [
+        PAIRS[0].student_ids,
+        PAIRS[1].student_ids,
+        PAIRS[0].student_ids,
+        PAIRS[2].student_ids,
+        PAIRS[1].student_ids,
+    ]
     continuations = [[11, 12, 2], [7], [40, 41, 42, 43, 44, 45], [9, 9], [30, 31, 32]]
     mask_BT = scoring.completion_mask([len(c) for c in continuations])[..., None]
     weights_BTD = mx.random.normal((5, 6, model.args.hidden_size), key=mx.random.key(0))
 
-    (shared, shared_grads), (full, full_grads) = _both_passes(model, prompts, continuations, weights_BTD, mask_BT)
+    (shared, shared_grads), (full, full_grads) = _both_passes(
+        model, prompts, continuations, weights_BTD, mask_BT
+    )
     # A sum of terms of both signs: its rounding is relative to the terms' size, not to the sum's.
-    scale = (mx.abs(scoring.completion_hidden(model, prompts, continuations) * weights_BTD) * mask_BT).sum().item()
+    scale = (
+        (mx.abs(scoring.completion_hidden(model, prompts, continuations) * weights_BTD) * mask_BT)
+        .sum()
+        .item()
+    )
     assert abs(shared.item() - full.item()) <= 1e-6 * scale
-    _close(prefix.completion_hidden(model, prompts, continuations) * mask_BT,
-           scoring.completion_hidden(model, prompts, continuations) * mask_BT)
+    _close(
+        prefix.completion_hidden(model, prompts, continuations) * mask_BT,
+        scoring.completion_hidden(model, prompts, continuations) * mask_BT,
+    )
     _close_grads(shared_grads, full_grads)
-    one = prefix.completion_hidden(model, prompts, [[5]] * 5)  # every continuation one token: no second call
+    one = prefix.completion_hidden(
+        model, prompts, [[5]] * 5
+    )  # every continuation one token: no second call
     _close(one, scoring.completion_hidden(model, prompts, [[5]] * 5))
 
 
@@ -216,34 +285,60 @@ def test_a_common_prefix_runs_once_at_batch_one(lora, monkeypatch, repeats):
     each distinct prompt's remainder once (ragged: 1, 2, 5 and 8 tokens, padded to the longest), and
     the hidden states and gradients equal the full pass's."""
     model, _, _ = lora
-    distinct = [SYSTEM + [300], SYSTEM + [4, 8], SYSTEM + [6, 7, 8, 9, 10], SYSTEM + [1, 5, 9, 13, 2, 7, 30, 31]]
+    distinct = [
+        SYSTEM + [300],
+        SYSTEM + [4, 8],
+        SYSTEM + [6, 7, 8, 9, 10],
+        SYSTEM + [1, 5, 9, 13, 2, 7, 30, 31],
+    ]
     prompts = [distinct[i] for i in ([0, 1, 2, 3, 1, 0] if repeats else [0, 1, 2, 3])]
-    continuations = [[11, 12, 2], [7], [40, 41, 42, 43, 44, 45], [9, 9], [30, 31, 32], [5, 6]][:len(prompts)]
+    continuations = [[11, 12, 2], [7], [40, 41, 42, 43, 44, 45], [9, 9], [30, 31, 32], [5, 6]][
+        : len(prompts)
+    ]
     mask_BT1 = scoring.completion_mask([len(c) for c in continuations])[..., None]
     weights_BTD = mx.random.normal((len(prompts), 6, model.args.hidden_size), key=mx.random.key(2))
     runs, update = [], prefix.PrefixCache.update_and_fetch
-    monkeypatch.setattr(prefix.PrefixCache, "update_and_fetch", lambda self, k, v: (
-        runs.append((k.shape[0], k.shape[2], self._idx)), update(self, k, v))[1])
+    monkeypatch.setattr(
+        prefix.PrefixCache,
+        "update_and_fetch",
+        lambda self, k, v: (runs.append((k.shape[0], k.shape[2], self._idx)), update(self, k, v))[
+            1
+        ],
+    )
 
-    (shared, shared_grads), (full, full_grads) = _both_passes(model, prompts, continuations, weights_BTD, mask_BT1)
+    (shared, shared_grads), (full, full_grads) = _both_passes(
+        model, prompts, continuations, weights_BTD, mask_BT1
+    )
     P, layers = len(SYSTEM), model.args.num_hidden_layers
     # Per layer: the common prefix (1 row), the remainders (4 rows from slot P), the continuations;
     # nothing from the full pass, which uses no PrefixCache.
     assert runs == [(1, P, 0)] * layers + [(4, 8, P)] * layers + [(len(prompts), 5, P + 8)] * layers
-    scale = (mx.abs(scoring.completion_hidden(model, prompts, continuations) * weights_BTD) * mask_BT1).sum().item()
+    scale = (
+        (mx.abs(scoring.completion_hidden(model, prompts, continuations) * weights_BTD) * mask_BT1)
+        .sum()
+        .item()
+    )
     assert abs(shared.item() - full.item()) <= 1e-6 * scale
-    _close(prefix.completion_hidden(model, prompts, continuations) * mask_BT1,
-           scoring.completion_hidden(model, prompts, continuations) * mask_BT1)
+    _close(
+        prefix.completion_hidden(model, prompts, continuations) * mask_BT1,
+        scoring.completion_hidden(model, prompts, continuations) * mask_BT1,
+    )
     _close_grads(shared_grads, full_grads)
 
 
 def test_the_common_prefix_leaves_every_prompt_a_token_of_its_own():
-    assert decode.common_length([[1, 2, 3, 4], [1, 2, 3, 5, 6], [1, 2, 3]]) == 2  # [1, 2, 3] keeps its 3
+    assert (
+        decode.common_length([[1, 2, 3, 4], [1, 2, 3, 5, 6], [1, 2, 3]]) == 2
+    )  # [1, 2, 3] keeps its 3
     assert decode.common_length([[1, 2, 3, 4], [1, 2, 3, 4, 5]]) == 3
-    assert decode.common_length([[1, 2, 9], [1, 2, 8], [1, 3]]) == 0  # one token in common: not worth it
+    assert (
+        decode.common_length([[1, 2, 9], [1, 2, 8], [1, 3]]) == 0
+    )  # one token in common: not worth it
     assert decode.common_length([[1, 2, 3, 4]]) == 0  # one prompt: nothing to share
     assert decode.common_length([[5, 6], [7, 6]]) == 0
-    assert decode.common_length([[1, 2, 3, 4, 5], [], [1, 2, 3, 9, 9]]) == 0  # was 3: [][:-1] sliced from the end
+    assert (
+        decode.common_length([[1, 2, 3, 4, 5], [], [1, 2, 3, 9, 9]]) == 0
+    )  # was 3: [][:-1] sliced from the end
 
 
 def test_the_gap_after_a_common_prefix_is_hidden_from_every_query():
@@ -252,13 +347,16 @@ def test_the_gap_after_a_common_prefix_is_hidden_from_every_query():
     prefix and its own row's earlier tokens), a padded query the prefix and itself; no query sees
     another's gap slot."""
     from mlx_lm.models.cache import BatchKVCache
+
     P, pad = 3, [2, 0, 1]
     cache = prefix.PrefixCache(pad, P)
     cache.update_and_fetch(mx.zeros((3, 1, P, 2)), mx.zeros((3, 1, P, 2)))
     for N in (4, 2):  # the remainders, then continuations after them
         start, K = cache._idx, cache._idx + N
         mask_BQK = np.array(cache.make_mask(N))[:, 0]
-        their_BQK = np.array(BatchKVCache(pad).make_mask(K))[:, 0, -N:]  # all K slots, the last N queries
+        their_BQK = np.array(BatchKVCache(pad).make_mask(K))[
+            :, 0, -N:
+        ]  # all K slots, the last N queries
         for b, n in enumerate(pad):
             gap = list(range(P, P + n))
             order = gap + [k for k in range(K) if k not in gap]  # the gap moved to the front
@@ -278,9 +376,15 @@ def test_copies_of_a_cache_share_nothing():
     cache.update_and_fetch(keys, keys)
     a, b = cache.rows(mx.array([1, 1])), cache.rows(mx.array([1]))
     a.update_and_fetch(mx.ones((2, 1, 2, 2)), mx.ones((2, 1, 2, 2)))
-    assert cache.keys.shape == (2, 1, 3, 2) and b.keys.shape == (1, 1, 3, 2) and a.keys.shape == (2, 1, 5, 2)
+    assert (
+        cache.keys.shape == (2, 1, 3, 2)
+        and b.keys.shape == (1, 1, 3, 2)
+        and a.keys.shape == (2, 1, 5, 2)
+    )
     np.testing.assert_array_equal(np.array(b.keys[0]), np.array(keys[1]))
-    assert a.offset.tolist() == [5, 5] and b.offset.tolist() == [3] and cache.offset.tolist() == [2, 3]
+    assert (
+        a.offset.tolist() == [5, 5] and b.offset.tolist() == [3] and cache.offset.tolist() == [2, 3]
+    )
     assert a.left_padding.tolist() == [0, 0] and cache.left_padding.tolist() == [1, 0]
 
 
@@ -298,6 +402,7 @@ def test_every_query_sees_a_key_and_real_queries_see_what_mlx_lm_shows_them():
     """The prefill's mask: a padded query sees its own key only (never no key at all, which some
     backends' softmax turns into NaN), real queries exactly mlx-lm's left-padded causal mask."""
     from mlx_lm.models.cache import BatchKVCache
+
     cache, theirs = prefix.PrefixCache([2, 0]), BatchKVCache([2, 0])
     mask_BQK, their_BQK = np.array(cache.make_mask(4)), np.array(theirs.make_mask(4))
     assert mask_BQK.any(axis=-1).all()
@@ -306,7 +411,9 @@ def test_every_query_sees_a_key_and_real_queries_see_what_mlx_lm_shows_them():
     np.testing.assert_array_equal(mask_BQK[0, 0, :2], np.eye(2, 4, dtype=bool))  # padded: itself
     cache.update_and_fetch(mx.zeros((2, 1, 4, 2)), mx.zeros((2, 1, 4, 2)))
     theirs.update_and_fetch(mx.zeros((2, 1, 4, 2)), mx.zeros((2, 1, 4, 2)))
-    np.testing.assert_array_equal(np.array(cache.make_mask(3)), np.array(theirs.make_mask(3)))  # continuations
+    np.testing.assert_array_equal(
+        np.array(cache.make_mask(3)), np.array(theirs.make_mask(3))
+    )  # continuations
 
 
 @pytest.mark.parametrize("lessons", ["distinct", "common"])
@@ -315,10 +422,23 @@ def test_every_model_type_that_shares_equals_its_full_pass(model_type, lessons):
     """The other head-splitting types (llama above): tiny random models with non-zero LoRA on the
     query and value projections, hidden states and adapter gradients equal to the full pass."""
     module = importlib.import_module(f"mlx_lm.models.{model_type}")
-    args = module.ModelArgs.from_dict({
-        "model_type": model_type, "hidden_size": 64, "num_hidden_layers": 2, "intermediate_size": 128,
-        "num_attention_heads": 4, "num_key_value_heads": 2, "head_dim": 16, "rms_norm_eps": 1e-5, "vocab_size": 400,
-        "tie_word_embeddings": True, "rope_theta": 10000.0, "max_position_embeddings": 4096, "no_rope_layer_interval": 2})
+    args = module.ModelArgs.from_dict(
+        {
+            "model_type": model_type,
+            "hidden_size": 64,
+            "num_hidden_layers": 2,
+            "intermediate_size": 128,
+            "num_attention_heads": 4,
+            "num_key_value_heads": 2,
+            "head_dim": 16,
+            "rms_norm_eps": 1e-5,
+            "vocab_size": 400,
+            "tie_word_embeddings": True,
+            "rope_theta": 10000.0,
+            "max_position_embeddings": 4096,
+            "no_rope_layer_interval": 2,
+        }
+    )
     mx.random.seed(0)
     model = module.Model(args)
     model.freeze()
@@ -329,11 +449,19 @@ def test_every_model_type_that_shares_equals_its_full_pass(model_type, lessons):
             setattr(layer.self_attn, name, lora)
     assert prefix.shares(model)
     lessons = PAIRS if lessons == "distinct" else COMMON_PAIRS
-    prompts = [p for p in (lessons[0].student_ids, lessons[1].student_ids, lessons[2].student_ids) for _ in range(2)]
+    prompts = [
+        p
+        for p in (lessons[0].student_ids, lessons[1].student_ids, lessons[2].student_ids)
+        for _ in range(2)
+    ]
     continuations = [c for cs in COMPLETIONS for c in cs[:2]]
     mask_BT1 = scoring.completion_mask([len(c) for c in continuations])[..., None]
-    weights_BTD = mx.random.normal((len(continuations), max(map(len, continuations)), 64), key=mx.random.key(1))
+    weights_BTD = mx.random.normal(
+        (len(continuations), max(map(len, continuations)), 64), key=mx.random.key(1)
+    )
 
-    (shared, shared_grads), (full, full_grads) = _both_passes(model, prompts, continuations, weights_BTD, mask_BT1)
+    (shared, shared_grads), (full, full_grads) = _both_passes(
+        model, prompts, continuations, weights_BTD, mask_BT1
+    )
     _close(shared, full)
     _close_grads(shared_grads, full_grads)

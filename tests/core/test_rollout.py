@@ -64,8 +64,10 @@ def test_seeded_sequences_do_not_depend_on_their_batch(tiny):
     # Data parallelism and resume split a step's prompts differently; each completion must not care.
     model, _ = tiny
     together = sample(model, PROMPTS, [10] * 3, [], seeds=[11, 12, 13]).completions
-    apart = sample(model, PROMPTS[:1], [10], [], seeds=[11]).completions + \
-        sample(model, PROMPTS[1:], [10] * 2, [], seeds=[12, 13]).completions
+    apart = (
+        sample(model, PROMPTS[:1], [10], [], seeds=[11]).completions
+        + sample(model, PROMPTS[1:], [10] * 2, [], seeds=[12, 13]).completions
+    )
     assert together == apart
     assert sample(model, PROMPTS[:1], [10], [], seeds=[99]).completions != together[:1]
 
@@ -74,7 +76,9 @@ def test_seeded_sampling_follows_the_temperature(tiny):
     # At a tiny temperature a seeded sampler is greedy.
     model, _ = tiny
     greedy = sample(model, PROMPTS, [6] * 3, [], temperature=0.0).completions
-    assert sample(model, PROMPTS, [6] * 3, [], temperature=1e-6, seeds=[1, 2, 3]).completions == greedy
+    assert (
+        sample(model, PROMPTS, [6] * 3, [], temperature=1e-6, seeds=[1, 2, 3]).completions == greedy
+    )
 
 
 def _adapted(tiny_model, quantize=False):
@@ -150,11 +154,18 @@ def test_decode_loop_and_batch_generator_draw_the_same_tokens(tiny_model, monkey
     seeds, budget = [31, 32, 33, 34], [12, 7, 12, 12]
     free, free_fallback = _paths(model, prompts, budget, [], monkeypatch, seeds=seeds, top_p=top_p)
     assert free.completions == free_fallback.completions and free.truncated == [True] * 4
-    assert [len(c) for c in free.completions] == budget and free.completions[0] != free.completions[3]
+    assert [len(c) for c in free.completions] == budget and free.completions[0] != free.completions[
+        3
+    ]
     # Stop tokens end rows at different steps; each stopped row is a prefix of its free run.
     stops = [free.completions[0][2], free.completions[2][5]]
-    stopped, stopped_fallback = _paths(model, prompts, budget, stops, monkeypatch, seeds=seeds, top_p=top_p)
-    assert stopped.completions == stopped_fallback.completions and stopped.truncated == stopped_fallback.truncated
+    stopped, stopped_fallback = _paths(
+        model, prompts, budget, stops, monkeypatch, seeds=seeds, top_p=top_p
+    )
+    assert (
+        stopped.completions == stopped_fallback.completions
+        and stopped.truncated == stopped_fallback.truncated
+    )
     for row, c in enumerate(stopped.completions):
         first = next((i for i, t in enumerate(free.completions[row]) if t in stops), None)
         assert c == free.completions[row][: budget[row] if first is None else first + 1]
@@ -175,9 +186,15 @@ def test_decode_loop_is_used_only_for_plain_kv_caches(tiny_model):
 
     model = _adapted(tiny_model)
     assert decode.supported(model)
-    model.make_cache = lambda: [RotatingKVCache(max_size=16) for _ in model.layers]  # e.g. sliding windows
+    model.make_cache = lambda: [
+        RotatingKVCache(max_size=16) for _ in model.layers
+    ]  # e.g. sliding windows
     assert not decode.supported(model)
-    assert [len(c) for c in sample(model, PROMPTS, [5, 5, 5], []).completions] == [5, 5, 5]  # via BatchGenerator
+    assert [len(c) for c in sample(model, PROMPTS, [5, 5, 5], []).completions] == [
+        5,
+        5,
+        5,
+    ]  # via BatchGenerator
 
 
 def test_repeated_prompts_share_one_prefill_in_batch_generator_too(tiny_model, monkeypatch):
@@ -189,14 +206,19 @@ def test_repeated_prompts_share_one_prefill_in_batch_generator_too(tiny_model, m
     prompts = [PROMPTS[0]] * 3 + [PROMPTS[2]] * 2  # --num-generations 3 and 2
     seeds = [21, 22, 23, 24, 25]
     inputs, caches = rollout.shared_prefill(model, prompts)
-    assert inputs == [[p[-1]] for p in prompts] and caches[0] is caches[2] and caches[3] is caches[4]
+    assert (
+        inputs == [[p[-1]] for p in prompts] and caches[0] is caches[2] and caches[3] is caches[4]
+    )
     assert caches[0][0].offset == len(PROMPTS[0]) - 1 and caches[3][0].offset == len(PROMPTS[2]) - 1
     shared = sample(model, prompts, [10] * 5, [], seeds=seeds)
     monkeypatch.setattr(rollout, "shared_prefill", lambda model, prompts: (prompts, None))
     separate = sample(model, prompts, [10] * 5, [], seeds=seeds)
     assert shared.completions == separate.completions
     assert shared.completions[0] != shared.completions[1]  # copies draw their own samples
-    assert rollout.shared_prefill(model, PROMPTS) == (PROMPTS, None)  # nothing repeats: nothing shared
+    assert rollout.shared_prefill(model, PROMPTS) == (
+        PROMPTS,
+        None,
+    )  # nothing repeats: nothing shared
 
 
 def test_distinct_rows():
@@ -231,4 +253,7 @@ def test_decode_edge_cases_match_batch_generator(tiny_model, monkeypatch):
         assert [len(c) for c in fast.completions] == budget
         assert fast.completions == fallback.completions
     greedy, greedy_fallback = _paths(model, [[1], [1]], [4, 4], [], monkeypatch, temperature=0.0)
-    assert greedy.completions == greedy_fallback.completions and greedy.completions[0] == greedy.completions[1]
+    assert (
+        greedy.completions == greedy_fallback.completions
+        and greedy.completions[0] == greedy.completions[1]
+    )

@@ -19,9 +19,11 @@ from mlx_sdft.core.teacher import trainable_leaves, using
 from mlx_sdft.formats.models import Adapters, open_model
 
 # Two lessons with a demonstration and a feedback lesson (no demonstration), two completions each.
-PAIRS = [PromptPair([1, 5, 9, 13, 2, 7], [1, 5, 9, 13, 2, 7, 30, 31, 32, 7], [50, 51, 52, 2], "t:1"),
-         PromptPair([300], [300, 201, 40, 41, 7], [60, 61, 62, 63, 64, 65, 2], "t:2"),
-         PromptPair([4, 8, 15, 16, 23, 42, 99, 101, 7], [4, 8, 7], [2], "t:3", demonstrated=False)]
+PAIRS = [
+    PromptPair([1, 5, 9, 13, 2, 7], [1, 5, 9, 13, 2, 7, 30, 31, 32, 7], [50, 51, 52, 2], "t:1"),
+    PromptPair([300], [300, 201, 40, 41, 7], [60, 61, 62, 63, 64, 65, 2], "t:2"),
+    PromptPair([4, 8, 15, 16, 23, 42, 99, 101, 7], [4, 8, 7], [2], "t:3", demonstrated=False),
+]
 G = 2
 
 
@@ -76,10 +78,13 @@ def _score(model, teacher, base, args, pairs, completions, truncated, rows):
     scored = [pairs[i] for i in index], [completions[i] for i in index]
     with using(model, teacher):
         scores = objective.teacher_scores(model, *scored) if index else None
-    base_logits = guards.base_logits(model, base, *scored) if args.base_kl_weight and index else None
+    base_logits = (
+        guards.base_logits(model, base, *scored) if args.base_kl_weight and index else None
+    )
     guard = guards.Guard(truncated, base_logits, rows)
     (loss, ntoks, parts, own), grads = nn.value_and_grad(model, objective.student_loss)(
-        model, pairs, completions, scores, guard)
+        model, pairs, completions, scores, guard
+    )
     mx.eval(loss, ntoks, parts, own, grads)
     return loss, ntoks, parts, own, grads
 
@@ -100,17 +105,28 @@ def test_the_rows_that_train_alone_give_the_full_pass(lora, case, sft_weight, sc
     if scenario == "all-masked":
         assert rows == []
     else:  # the masked row 1 and the empty row 5 left out; row 3 (one token) only where it has a loss token
-        assert rows == ([0, 2, 3, 4] if args.base_kl_weight or not args.skip_first_tokens else [0, 2, 4])
+        assert rows == (
+            [0, 2, 3, 4] if args.base_kl_weight or not args.skip_first_tokens else [0, 2, 4]
+        )
     dropped = _score(model, teacher, base, args, pairs, completions, truncated, rows)
     full = _score(model, teacher, base, args, pairs, completions, truncated, None)
     _close(dropped[0], full[0])
     assert dropped[1].item() == full[1].item()
-    assert dropped[2].keys() == full[2].keys() == {"sdft_loss", *(["sft_loss"] if sft_weight else []),
-                                                  *(["base_kl"] if args.base_kl_weight else [])}
+    assert (
+        dropped[2].keys()
+        == full[2].keys()
+        == {
+            "sdft_loss",
+            *(["sft_loss"] if sft_weight else []),
+            *(["base_kl"] if args.base_kl_weight else []),
+        }
+    )
     for k in full[2]:
         _close(dropped[2][k], full[2][k])
     if scenario == "all-masked":
-        assert dropped[2]["sdft_loss"].item() == 0.0 and dropped[1].item() == (full[1].item() if sft_weight else 0)
+        assert dropped[2]["sdft_loss"].item() == 0.0 and dropped[1].item() == (
+            full[1].item() if sft_weight else 0
+        )
     trained = False
     for (k, a), (_, b) in zip(tree_flatten(dropped[4]), tree_flatten(full[4])):
         _close(a, b)
@@ -121,15 +137,23 @@ def test_the_rows_that_train_alone_give_the_full_pass(lora, case, sft_weight, sc
 
 def test_which_rows_are_scored():
     args = lambda **kw: _args(**kw).objective  # noqa: E731
-    completions, truncated = [[1, 2, 3], [1, 2], [1], [], [1, 2, 3]], [False, True, False, False, True]
+    completions, truncated = (
+        [[1, 2, 3], [1, 2], [1], [], [1, 2, 3]],
+        [False, True, False, False, True],
+    )
     assert scored_rows(completions, truncated, args(truncated="mask")) == [0, 2]
     assert scored_rows(completions, truncated, args(truncated="keep")) == [0, 1, 2, 4]
     assert scored_rows(completions, truncated, args(truncated="mask", skip_first_tokens=1)) == [0]
     # The base-KL term counts every completion token, the skipped ones too.
-    assert scored_rows(completions, truncated, args(skip_first_tokens=1, base_kl_weight=0.1)) == [0, 2]
+    assert scored_rows(completions, truncated, args(skip_first_tokens=1, base_kl_weight=0.1)) == [
+        0,
+        2,
+    ]
     # Logged rows are scored for their own loss where they have a token of it, masked or not.
     assert scored_rows(completions, truncated, args(truncated="mask"), log=4) == [0, 1, 2]
-    assert scored_rows(completions, truncated, args(truncated="mask", skip_first_tokens=1), log=4) == [0, 1]
+    assert scored_rows(
+        completions, truncated, args(truncated="mask", skip_first_tokens=1), log=4
+    ) == [0, 1]
 
 
 def _fixed_rollout(monkeypatch, completions, truncated):
@@ -161,9 +185,21 @@ def test_the_teacher_and_the_base_model_score_fewer_rows(lora, monkeypatch, scen
     _, completions, _ = _batch(scenario)
     _fixed_rollout(monkeypatch, completions, SCENARIOS[scenario][1])
     objective, seen = _counting(monkeypatch, sdft_objective(args.objective))
-    loss, ntoks, _, stats = train.sdft_step(model, teacher, PAIRS, [0, 1, 2], grad=True, timer=train.PhaseTimer(),
-                                                args=args, stop_ids=[2], objective=objective, base=base)
-    if scenario == "mixed":  # rows 0, 2, 3, 4 of 6: the teacher's, the student's (and its 2 demonstrations), the base's
+    loss, ntoks, _, stats = train.sdft_step(
+        model,
+        teacher,
+        PAIRS,
+        [0, 1, 2],
+        grad=True,
+        timer=train.PhaseTimer(),
+        args=args,
+        stop_ids=[2],
+        objective=objective,
+        base=base,
+    )
+    if (
+        scenario == "mixed"
+    ):  # rows 0, 2, 3, 4 of 6: the teacher's, the student's (and its 2 demonstrations), the base's
         assert seen == {"teacher": [4], "grouped": [[4], [4], [4, 2]]}
     else:  # no teacher or base pass at all; the student's pass holds the demonstrations alone
         assert seen == {"teacher": [], "grouped": [[0, 2]]}
@@ -177,12 +213,27 @@ def test_a_step_with_nothing_to_score_and_no_sft_term_trains_nothing(lora, monke
     args = _args(num_generations=G, sft_weight=0.0)
     _fixed_rollout(monkeypatch, *SCENARIOS["all-masked"])
     objective, seen = _counting(monkeypatch, sdft_objective(args.objective))
-    loss, ntoks, grads, stats = train.sdft_step(model, teacher, PAIRS, [0, 1, 2], grad=True, timer=train.PhaseTimer(),
-                                                args=args, stop_ids=[2], objective=objective, base=base)
-    assert seen == {"teacher": [], "grouped": [[0, 0]]}  # the student's call has no row: no pass at all
+    loss, ntoks, grads, stats = train.sdft_step(
+        model,
+        teacher,
+        PAIRS,
+        [0, 1, 2],
+        grad=True,
+        timer=train.PhaseTimer(),
+        args=args,
+        stop_ids=[2],
+        objective=objective,
+        base=base,
+    )
+    assert seen == {
+        "teacher": [],
+        "grouped": [[0, 0]],
+    }  # the student's call has no row: no pass at all
     assert loss.item() == 0.0 and ntoks.item() == 0 and stats["parts"]["sdft_loss"].item() == 0.0
     assert tree_flatten(grads) and all(not np.array(g).any() for _, g in tree_flatten(grads))
-    assert {k for k, _ in tree_flatten(grads)} == {k for k, _ in tree_flatten(model.trainable_parameters())}
+    assert {k for k, _ in tree_flatten(grads)} == {
+        k for k, _ in tree_flatten(model.trainable_parameters())
+    }
 
 
 @pytest.mark.parametrize("case", ["full", "topk", "chunk", "topk-chunk"])
@@ -195,8 +246,19 @@ def test_logged_losses_are_each_completions_own_loss(lora, monkeypatch, case):
     pairs, completions, _ = _batch("mixed")
     _fixed_rollout(monkeypatch, completions, SCENARIOS["mixed"][1])
     objective = sdft_objective(args.objective)
-    _, _, _, stats = train.sdft_step(model, teacher, PAIRS, [0, 1, 2], grad=True, timer=train.PhaseTimer(), args=args,
-                                     stop_ids=[2], objective=objective, base=base, log=6)
+    _, _, _, stats = train.sdft_step(
+        model,
+        teacher,
+        PAIRS,
+        [0, 1, 2],
+        grad=True,
+        timer=train.PhaseTimer(),
+        args=args,
+        stop_ids=[2],
+        objective=objective,
+        base=base,
+        log=6,
+    )
     logged = stats["completions"]
     assert [r["completion_ids"] for r in logged] == completions
     assert [r["masked"] for r in logged] == [False, True, False, False, False, False]

@@ -26,7 +26,9 @@ def test_equals_slicing_full_forward(tiny, monkeypatch, split_head):
     logits_BTV = np.array(completion_logits(model, PROMPTS, COMPLETIONS))
     assert logits_BTV.shape == (3, 7, model.args.vocab_size)
     for i, (p, c) in enumerate(zip(PROMPTS, COMPLETIONS)):
-        np.testing.assert_allclose(logits_BTV[i, : len(c)], _expected(model, p, c), atol=2e-5, rtol=1e-5)
+        np.testing.assert_allclose(
+            logits_BTV[i, : len(c)], _expected(model, p, c), atol=2e-5, rtol=1e-5
+        )
 
 
 def test_alignment_is_not_off_by_one(tiny):
@@ -38,4 +40,6 @@ def test_alignment_is_not_off_by_one(tiny):
 
 
 def test_completion_mask():
-    np.testing.assert_array_equal(np.array(completion_mask([3, 1, 2])), [[1, 1, 1], [1, 0, 0], [1, 1, 0]])
+    np.testing.assert_array_equal(
+        np.array(completion_mask([3, 1, 2])), [[1, 1, 1], [1, 0, 0], [1, 1, 0]]
+    )

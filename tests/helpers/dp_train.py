@@ -17,7 +17,10 @@ def train_and_keep(model, *args, **kwargs):
     record = train(model, *args, **kwargs)
     rank = mx.distributed.init().rank()
     out = Path(args[3].adapter_path)  # core.train.TrainingArgs
-    mx.save_safetensors(str(out.parent / f"rank{rank}.safetensors"), dict(tree_flatten(model.trainable_parameters())))
+    mx.save_safetensors(
+        str(out.parent / f"rank{rank}.safetensors"),
+        dict(tree_flatten(model.trainable_parameters())),
+    )
     return record
 
 

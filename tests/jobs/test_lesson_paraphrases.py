@@ -11,10 +11,40 @@ from mlx_sdft.store import versions
 from mlx_sdft.store.db import Store
 
 runner = CliRunner()
-FAST = ("--num-layers", "-1", "--batch-size", "2", "--iters", "2", "--learning-rate", "3e-3",
-        "--max-completion-length", "8", "--gate-prompts", "4", "--gate-max-tokens", "8", "--gate-questions", "4",
-        "--gate-question-tokens", "6", "--rule-prompts", "8", "--gate-max-kl-rise", "100", "--gate-max-loop-rise", "1",
-        "--gate-max-prior-drop", "1", "--gate-tolerance", "100", "--gate-min-gain", "-1000", "--lesson-paraphrases", "8")
+FAST = (
+    "--num-layers",
+    "-1",
+    "--batch-size",
+    "2",
+    "--iters",
+    "2",
+    "--learning-rate",
+    "3e-3",
+    "--max-completion-length",
+    "8",
+    "--gate-prompts",
+    "4",
+    "--gate-max-tokens",
+    "8",
+    "--gate-questions",
+    "4",
+    "--gate-question-tokens",
+    "6",
+    "--rule-prompts",
+    "8",
+    "--gate-max-kl-rise",
+    "100",
+    "--gate-max-loop-rise",
+    "1",
+    "--gate-max-prior-drop",
+    "1",
+    "--gate-tolerance",
+    "100",
+    "--gate-min-gain",
+    "-1000",
+    "--lesson-paraphrases",
+    "8",
+)
 PROMPT = "What is the capital city of Australia?"
 WRITTEN = [f"Quizzical wording {i}: which city is the capital of Australia?" for i in range(12)]
 HELD = [t for t in WRITTEN[:8] if is_held_out(t)]
@@ -33,7 +63,11 @@ def scripted(monkeypatch):
     def greedy(model, tokenizer, prompts, *args, **kwargs):
         if len(prompts) == 1 and prompts[0][-1]["content"].startswith("Reword this request"):
             asked.append(prompts[0][-1]["content"])
-            lines = ["Here they are:", f"1. {PROMPT}", *(f"{i + 2}. {t}" for i, t in enumerate(WRITTEN))]
+            lines = [
+                "Here they are:",
+                f"1. {PROMPT}",
+                *(f"{i + 2}. {t}" for i, t in enumerate(WRITTEN)),
+            ]
             return measure_rules.Answers(["\n".join(lines)], [[]], [False], [[]])
         return real(model, tokenizer, prompts, *args, **kwargs)
 
@@ -63,12 +97,21 @@ def _learn(home, model, *extra):
 def _lesson(home, kind="demonstration") -> int:
     with Store(home) as store:
         if kind == "feedback":
-            return store.add_lesson(kind="feedback", prompt=[{"role": "user", "content": PROMPT}], answer="Sydney.",
-                                    text="wrong city", teacher_template="{question} | {answer} | {feedback}")
-        return store.add_lesson(kind="demonstration", prompt=[{"role": "user", "content": PROMPT}], text="Canberra.")
+            return store.add_lesson(
+                kind="feedback",
+                prompt=[{"role": "user", "content": PROMPT}],
+                answer="Sydney.",
+                text="wrong city",
+                teacher_template="{question} | {answer} | {feedback}",
+            )
+        return store.add_lesson(
+            kind="demonstration", prompt=[{"role": "user", "content": PROMPT}], text="Canberra."
+        )
 
 
-def test_learn_trains_on_the_rewordings_and_measures_the_held_out_ones(tiny_model, tmp_path, scripted, trained):
+def test_learn_trains_on_the_rewordings_and_measures_the_held_out_ones(
+    tiny_model, tmp_path, scripted, trained
+):
     assert HELD and TRAIN  # the split of the first 8 holds some out by hash
     home = tmp_path / "home"
     lesson = _lesson(home)
@@ -76,11 +119,17 @@ def test_learn_trains_on_the_rewordings_and_measures_the_held_out_ones(tiny_mode
     assert result.exit_code == 0, result.output
     said = " ".join(result.output.split())
     assert said.index(f"lesson {lesson}: the model rewords its prompt") < said.index(
-        f"lesson {lesson}: 8 paraphrases of its prompt, {len(TRAIN)} to train on and {len(HELD)} held out")
-    assert len(scripted) == 1 and PROMPT in scripted[0] and "Reword this request 8 ways" in scripted[0]
+        f"lesson {lesson}: 8 paraphrases of its prompt, {len(TRAIN)} to train on and {len(HELD)} held out"
+    )
+    assert (
+        len(scripted) == 1 and PROMPT in scripted[0] and "Reword this request 8 ways" in scripted[0]
+    )
     with Store(home) as store:
         kept = store.lesson(lesson)["preflight"]
-    assert kept == {"paraphrases": WRITTEN[:8], "paraphrases_asked": 8}  # not the prompt itself, at most 8
+    assert kept == {
+        "paraphrases": WRITTEN[:8],
+        "paraphrases_asked": 8,
+    }  # not the prompt itself, at most 8
 
     [examples] = trained
     assert [ex.prompt[-1]["content"] for ex in examples] == [PROMPT, *TRAIN]  # never a held-out one
@@ -97,10 +146,18 @@ def test_learn_trains_on_the_rewordings_and_measures_the_held_out_ones(tiny_mode
     # a re-run (the lesson new again) reuses them: nothing is asked of the model
     assert runner.invoke(app, ["rollback", "--home", str(home), "0"]).exit_code == 0
     again = _learn(home, tiny_model, "--method", "sdft")
-    assert again.exit_code == 0 and "8 paraphrases of its prompt, written by an earlier learn" in again.output
-    assert len(scripted) == 1 and [ex.prompt[-1]["content"] for ex in trained[1]] == [PROMPT, *TRAIN]
+    assert (
+        again.exit_code == 0
+        and "8 paraphrases of its prompt, written by an earlier learn" in again.output
+    )
+    assert len(scripted) == 1 and [ex.prompt[-1]["content"] for ex in trained[1]] == [
+        PROMPT,
+        *TRAIN,
+    ]
     # asked for more than were asked for before: the model writes again
-    assert _learn(home, tiny_model, "--method", "sdft", "--lesson-paraphrases", "12").exit_code == 2  # nothing new
+    assert (
+        _learn(home, tiny_model, "--method", "sdft", "--lesson-paraphrases", "12").exit_code == 2
+    )  # nothing new
     assert runner.invoke(app, ["rollback", "--home", str(home), "0"]).exit_code == 0
     assert _learn(home, tiny_model, "--method", "sdft", "--lesson-paraphrases", "12").exit_code == 0
     assert len(scripted) == 2 and "Reword this request 12 ways" in scripted[1]
@@ -114,7 +171,9 @@ def test_learn_trains_on_the_rewordings_and_measures_the_held_out_ones(tiny_mode
             assert b"Quizzical" not in path.read_bytes(), path
 
 
-def test_a_feedback_lesson_trains_on_its_rewordings_with_its_feedback(tiny_model, tmp_path, scripted, trained):
+def test_a_feedback_lesson_trains_on_its_rewordings_with_its_feedback(
+    tiny_model, tmp_path, scripted, trained
+):
     home = tmp_path / "home"
     _lesson(home, "feedback")
     result = _learn(home, tiny_model, "--method", "sdft")
@@ -122,28 +181,44 @@ def test_a_feedback_lesson_trains_on_its_rewordings_with_its_feedback(tiny_model
     own, *reworded = trained[0]
     assert [ex.prompt[-1]["content"] for ex in reworded] == TRAIN
     for ex in reworded:
-        assert ex.demonstration == "" and ex.context == own.context == {"answer": "Sydney.", "feedback": "wrong city"}
+        assert ex.demonstration == "" and ex.context == own.context == {
+            "answer": "Sydney.",
+            "feedback": "wrong city",
+        }
         assert ex.teacher_template == own.teacher_template
-    assert versions.record(home, 1)["gate"]["new_lessons"]["held_out_paraphrases"]["prompts"] == len(HELD)
+    assert versions.record(home, 1)["gate"]["new_lessons"]["held_out_paraphrases"][
+        "prompts"
+    ] == len(HELD)
 
 
 def test_by_default_a_lesson_trains_on_its_own_prompt_only(tiny_model, tmp_path, scripted, trained):
     home = tmp_path / "home"
     lesson = _lesson(home)
     assert FAST[-2:] == ("--lesson-paraphrases", "8")
-    result = runner.invoke(app, ["learn", "--home", str(home), "--model", str(tiny_model), *FAST[:-2], "--method", "sdft"])
+    result = runner.invoke(
+        app,
+        ["learn", "--home", str(home), "--model", str(tiny_model), *FAST[:-2], "--method", "sdft"],
+    )
     assert result.exit_code == 0, result.output
-    assert scripted == [] and "rewords" not in result.output and "of its prompt" not in result.output
+    assert (
+        scripted == [] and "rewords" not in result.output and "of its prompt" not in result.output
+    )
     assert [ex.prompt[-1]["content"] for ex in trained[0]] == [PROMPT]
     assert "held_out_paraphrases" not in versions.record(home, 1)["gate"]["new_lessons"]
     with Store(home) as store:
         assert store.lesson(lesson)["preflight"] is None
 
 
-def test_with_method_sft_the_rewordings_are_measured_not_trained_on(tiny_model, tmp_path, scripted, trained):
+def test_with_method_sft_the_rewordings_are_measured_not_trained_on(
+    tiny_model, tmp_path, scripted, trained
+):
     home = tmp_path / "home"
     _lesson(home)
     result = _learn(home, tiny_model, "--method", "sft")
     assert result.exit_code == 0, result.output
-    assert [ex.prompt[-1]["content"] for ex in trained[0]] == [PROMPT]  # SFT: no demonstration of their own
-    assert versions.record(home, 1)["gate"]["new_lessons"]["held_out_paraphrases"]["prompts"] == len(HELD)
+    assert [ex.prompt[-1]["content"] for ex in trained[0]] == [
+        PROMPT
+    ]  # SFT: no demonstration of their own
+    assert versions.record(home, 1)["gate"]["new_lessons"]["held_out_paraphrases"][
+        "prompts"
+    ] == len(HELD)

@@ -19,8 +19,14 @@ MAPS = "\nfrom mlx_sdft.machine.blas import mapped; print(*mapped(open('/proc/se
 
 def run(code: str, **env: str) -> subprocess.CompletedProcess:
     clean = {k: v for k, v in os.environ.items() if k not in (OPT_OUT, EXPLICIT, "LD_PRELOAD")}
-    return subprocess.run([sys.executable, "-c", code + MAPS], env={**clean, **env},
-                          capture_output=True, text=True, timeout=120, check=True)
+    return subprocess.run(
+        [sys.executable, "-c", code + MAPS],
+        env={**clean, **env},
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=True,
+    )
 
 
 def openblas_mapped(out: str) -> bool:
@@ -53,20 +59,27 @@ def test_choose_warns_about_a_missing_explicit_path_and_falls_back(tmp_path):
 
 
 def test_candidates_cover_debian_multiarch_and_fedora():
-    assert candidates("aarch64")[0] == "/usr/lib/aarch64-linux-gnu/openblas-pthread/libopenblas.so.0"
+    assert (
+        candidates("aarch64")[0] == "/usr/lib/aarch64-linux-gnu/openblas-pthread/libopenblas.so.0"
+    )
     assert "/usr/lib64/libopenblas.so.0" in candidates("x86_64")
 
 
 def test_mapped_keeps_blas_paths_only():
-    maps = ("7f00-7f01 r-xp 0 08:01 1 /usr/lib/libopenblasp-r0.3.21.so\n"
-            "7f01-7f02 r-xp 0 08:01 2 /x/mlx.libs/libblas-1.so.3\n"
-            "7f02-7f03 r-xp 0 08:01 3 /usr/lib/libc.so.6\n7f03-7f04 rw-p 0 00:00 0 \n")
+    maps = (
+        "7f00-7f01 r-xp 0 08:01 1 /usr/lib/libopenblasp-r0.3.21.so\n"
+        "7f01-7f02 r-xp 0 08:01 2 /x/mlx.libs/libblas-1.so.3\n"
+        "7f02-7f03 r-xp 0 08:01 3 /usr/lib/libc.so.6\n7f03-7f04 rw-p 0 00:00 0 \n"
+    )
     assert mapped(maps) == ["/usr/lib/libopenblasp-r0.3.21.so", "/x/mlx.libs/libblas-1.so.3"]
 
 
 @linux
 def test_reference_opt_out_maps_no_openblas():
-    out = run("import mlx_sdft, mlx.core as mx; mx.eval(mx.ones((8, 8)) @ mx.ones((8, 8)))", **{OPT_OUT: "reference"})
+    out = run(
+        "import mlx_sdft, mlx.core as mx; mx.eval(mx.ones((8, 8)) @ mx.ones((8, 8)))",
+        **{OPT_OUT: "reference"},
+    )
     assert not openblas_mapped(out.stdout), out.stdout
 
 
@@ -81,8 +94,10 @@ def test_installed_openblas_serves_mlx_matmuls():
     found = choose(None, candidates(platform.machine()))
     if found is None:
         pytest.skip(f"no OpenBLAS installed in {candidates(platform.machine())}")
-    code = ("import mlx_sdft; import mlx.core as mx\n"
-            "c = mx.ones((64, 64)) @ mx.ones((64, 64)); mx.eval(c)\n"
-            "assert mx.all(c == 64).item(), c")
+    code = (
+        "import mlx_sdft; import mlx.core as mx\n"
+        "c = mx.ones((64, 64)) @ mx.ones((64, 64)); mx.eval(c)\n"
+        "assert mx.all(c == 64).item(), c"
+    )
     out = run(code)
     assert openblas_mapped(out.stdout), out.stdout

@@ -21,22 +21,33 @@ TEMPLATE = "{question}\nA good answer: {demonstration}\nNow answer it yourself."
 def _logits(model, prompt: list[int], completion: list[int]) -> np.ndarray:
     """Float64 logits [T, V] predicting each completion token after `prompt`, by one plain forward."""
     ids = prompt + completion
-    return np.array(model(mx.array([ids]))[0], dtype=np.float64)[len(prompt) - 1:len(ids) - 1]
+    return np.array(model(mx.array([ids]))[0], dtype=np.float64)[len(prompt) - 1 : len(ids) - 1]
 
 
 def _pairs(tok, n: int = 3):
-    examples = [Example([{"role": "user", "content": f"What is {i} plus {i}?" + " Quickly." * i}],
-                        f"It is {2 * i}." + " Surely." * (n - i)) for i in range(n)]  # lengths differ: padding
+    examples = [
+        Example(
+            [{"role": "user", "content": f"What is {i} plus {i}?" + " Quickly." * i}],
+            f"It is {2 * i}." + " Surely." * (n - i),
+        )
+        for i in range(n)
+    ]  # lengths differ: padding
     return encode_examples(tok, examples, TEMPLATE, 2048)
 
 
-def test_retention_kl_is_zero_untrained_and_positive_after_training(tiny_model, smoke_data, tmp_path):
+def test_retention_kl_is_zero_untrained_and_positive_after_training(
+    tiny_model, smoke_data, tmp_path
+):
     tok = load_tokenizer(tiny_model)
     prompts = load_prompts(None, 6)
     assert len(load_prompts(None, 1000)) == 100  # the bundled general prompts
-    model, base = open_model(tiny_model, adapters=_untrained_adapters(tiny_model, tmp_path / "zero"))
+    model, base = open_model(
+        tiny_model, adapters=_untrained_adapters(tiny_model, tmp_path / "zero")
+    )
     assert retention_kl(model, tok, base, prompts, 8, 4) == pytest.approx(0.0, abs=1e-6)
-    model, base = open_model(tiny_model, adapters=_trained_adapters(tiny_model, smoke_data, tmp_path / "trained"))
+    model, base = open_model(
+        tiny_model, adapters=_trained_adapters(tiny_model, smoke_data, tmp_path / "trained")
+    )
     assert retention_kl(model, tok, base, prompts, 8, 4) > 1e-3
 
 
@@ -75,12 +86,16 @@ def test_context_gain_averages_both_contexts(tiny):
 
     model, tok = tiny
     pairs = _pairs(tok)
-    student, teacher = (demonstration_loglik(model, pairs, role, 8) for role in ("student", "teacher"))
+    student, teacher = (
+        demonstration_loglik(model, pairs, role, 8) for role in ("student", "teacher")
+    )
     gain = context_gain(model, pairs, 2)
     assert gain["examples"] == 3
     assert gain["student_loglik"] == pytest.approx(np.mean(student), rel=1e-5)
     assert gain["teacher_loglik"] == pytest.approx(np.mean(teacher), rel=1e-5)
-    assert gain["improved_fraction"] == pytest.approx(np.mean([t > s for s, t in zip(student, teacher)]))
+    assert gain["improved_fraction"] == pytest.approx(
+        np.mean([t > s for s, t in zip(student, teacher)])
+    )
 
 
 def test_teacher_agreement_on_hand_built_logits():
@@ -89,9 +104,13 @@ def test_teacher_agreement_on_hand_built_logits():
     # Position 0: teacher argmax 1, sampled 1; position 1: teacher argmax 0, sampled 2; position 2 is padding.
     teacher = mx.array([[[0.0, 5.0, 0.0], [5.0, 0.0, 0.0], [0.0, 0.0, 9.0]]])
     student = mx.zeros((1, 3, 3))
-    mean_kl, differs = teacher_agreement(student, teacher, mx.array([[1, 2, 0]]), mx.array([[1.0, 1.0, 0.0]]))
+    mean_kl, differs = teacher_agreement(
+        student, teacher, mx.array([[1, 2, 0]]), mx.array([[1.0, 1.0, 0.0]])
+    )
     q = np.exp([5.0, 0, 0]) / np.exp([5.0, 0, 0]).sum()
-    assert mean_kl == pytest.approx(float((q * np.log(q * 3)).sum()), rel=1e-5)  # KL(q‖uniform), both positions alike
+    assert mean_kl == pytest.approx(
+        float((q * np.log(q * 3)).sum()), rel=1e-5
+    )  # KL(q‖uniform), both positions alike
     assert differs == 0.5
 
 
@@ -112,7 +131,9 @@ def test_feedback_fit_is_minus_the_teacher_student_kl_on_the_sample(tiny, monkey
     got = lessons.feedback_fit(model, pairs, sorted(tok.eos_token_ids), 6, 1.0, seed=40)
     assert seen == [40, 41]
     for pair, completion, value in zip(pairs, completions, got, strict=True):
-        teacher, student = (_logits(model, ids, completion) for ids in (pair.teacher_ids, pair.student_ids))
+        teacher, student = (
+            _logits(model, ids, completion) for ids in (pair.teacher_ids, pair.student_ids)
+        )
         kl = reference.kl_of_logits(teacher, student)
         assert value == pytest.approx(-kl.mean(), rel=1e-4) and value < 0
 
@@ -129,21 +150,37 @@ def test_lesson_fit_routes_each_lesson_to_its_measure(tiny, tmp_path):
     model, tok = tiny
     prompt = [{"role": "user", "content": "Name a fruit."}]
     with Store(tmp_path / "home") as store:
-        ids = [store.add_lesson(kind="demonstration", prompt=prompt, text="A pear."),
-               store.add_lesson(kind="feedback", prompt=prompt, answer="A car.", text="a fruit, please",
-                                teacher_template=FEEDBACK_TEMPLATE)]
+        ids = [
+            store.add_lesson(kind="demonstration", prompt=prompt, text="A pear."),
+            store.add_lesson(
+                kind="feedback",
+                prompt=prompt,
+                answer="A car.",
+                text="a fruit, please",
+                teacher_template=FEEDBACK_TEMPLATE,
+            ),
+        ]
         rows = [store.lesson(i) for i in ids]
-    cfg = SimpleNamespace(teacher_template=TEMPLATE, max_seq_length=2048, gate_batch_size=4, gate_max_tokens=5, seed=3)
+    cfg = SimpleNamespace(
+        teacher_template=TEMPLATE, max_seq_length=2048, gate_batch_size=4, gate_max_tokens=5, seed=3
+    )
     fits = lesson_fit(model, tok, rows, cfg)
     pairs = encode_examples(tok, [to_example(r) for r in rows], TEMPLATE, 2048)
-    assert fits[ids[0]] == pytest.approx(demonstration_loglik(model, pairs[:1], "student", 4)[0], rel=1e-6)
-    assert fits[ids[1]] == pytest.approx(feedback_fit(model, pairs[1:], sorted(tok.eos_token_ids), 5, 1.0, 3)[0],
-                                         rel=1e-6)
+    assert fits[ids[0]] == pytest.approx(
+        demonstration_loglik(model, pairs[:1], "student", 4)[0], rel=1e-6
+    )
+    assert fits[ids[1]] == pytest.approx(
+        feedback_fit(model, pairs[1:], sorted(tok.eos_token_ids), 5, 1.0, 3)[0], rel=1e-6
+    )
 
 
 def test_rate_is_the_share_of_flagged_answers():
-    rows = [{"degenerate": True, "repetitive": False}, {"degenerate": True, "repetitive": True},
-            {"degenerate": False, "repetitive": False}, {"degenerate": False, "repetitive": False}]
+    rows = [
+        {"degenerate": True, "repetitive": False},
+        {"degenerate": True, "repetitive": True},
+        {"degenerate": False, "repetitive": False},
+        {"degenerate": False, "repetitive": False},
+    ]
     assert rate(rows) == 0.5 and rate(rows, "repetitive") == 0.25 and rate([]) == 0.0
 
 
@@ -154,9 +191,17 @@ def test_each_example_is_rendered_with_its_own_tools(tiny, monkeypatch):
 
     model, tok = tiny
     seen, real = [], answers.render
-    monkeypatch.setattr(answers, "render", lambda t, msgs, tools=None: seen.append(tools) or real(t, msgs))
-    examples = [Example([{"role": "user", "content": "Hi?"}], "Hello.", tools=[{"name": f"tool{i}"}] if i else None)
-                for i in range(3)]
+    monkeypatch.setattr(
+        answers, "render", lambda t, msgs, tools=None: seen.append(tools) or real(t, msgs)
+    )
+    examples = [
+        Example(
+            [{"role": "user", "content": "Hi?"}],
+            "Hello.",
+            tools=[{"name": f"tool{i}"}] if i else None,
+        )
+        for i in range(3)
+    ]
     evaluate_task(model, tok, examples, exact, 2, batch_size=2)
     assert seen == [None, [{"name": "tool1"}], [{"name": "tool2"}]]
 
@@ -171,5 +216,7 @@ def test_a_long_measurement_says_its_progress_at_most_every_30_s_and_when_done(m
     for n in (2, 4, 1, 3):
         advance(n)
     # 110: too soon; 131: 6 of 10 in 31 s, ~21 s left; 140: too soon again; 150: done, always said
-    assert lines == ["gate, the candidate: 6/10 answers, 31 s, about 21 s left",
-                     "gate, the candidate: 10/10 answers, 50 s, about 0 s left"]
+    assert lines == [
+        "gate, the candidate: 6/10 answers, 31 s, about 21 s left",
+        "gate, the candidate: 10/10 answers, 50 s, about 0 s left",
+    ]

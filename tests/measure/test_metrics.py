@@ -31,7 +31,9 @@ def test_choice_letter():
 
 
 def test_user_metric_and_errors(tmp_path, monkeypatch):
-    (tmp_path / "my_metrics.py").write_text("def length_ratio(p, r):\n    return min(len(p), len(r)) / max(len(p), len(r))\n")
+    (tmp_path / "my_metrics.py").write_text(
+        "def length_ratio(p, r):\n    return min(len(p), len(r)) / max(len(p), len(r))\n"
+    )
     monkeypatch.syspath_prepend(str(tmp_path))
     assert resolve_metric("my_metrics:length_ratio")("ab", "abcd") == 0.5
     with pytest.raises(InputError, match="cannot import 'nope_module:f'"):

@@ -22,7 +22,7 @@ BOLD_SPAN = re.compile(r"\*\*(.+?)\*\*")  # run.py's new-skill metric reads this
 STAGES = {stage["name"]: stage for stage in read_yaml(RECIPE / "stages.yaml")["stages"]}
 # One pattern per question family; group 1 is the subject the answer is about.
 FAMILIES = {
-    "capital": re.compile(r'What is the capital of (?:the )?(.+)\?'),
+    "capital": re.compile(r"What is the capital of (?:the )?(.+)\?"),
     "opposite": re.compile(r'What is the opposite of "(.+)"\?'),
     "color": re.compile(r"What color is (?:an? )?(.+)\?"),
     "sound": re.compile(r"What sound does an? (.+) make\?"),
@@ -40,7 +40,11 @@ def _question(example) -> str:
 
 
 def _family(question: str) -> tuple[str, str]:
-    hits = [(family, m.group(1).lower()) for family, m in ((f, p.fullmatch(question)) for f, p in FAMILIES.items()) if m]
+    hits = [
+        (family, m.group(1).lower())
+        for family, m in ((f, p.fullmatch(question)) for f, p in FAMILIES.items())
+        if m
+    ]
     assert len(hits) == 1, f"{question!r} matches families {hits}"
     return hits[0]
 
@@ -82,10 +86,16 @@ def test_test_questions_share_no_subject_with_train_or_valid(name):
     assert not clash, clash
     # Any subject in another family, e.g. "goose" as a plural and as an animal sound, is also kept apart.
     assert not {_family(_question(ex))[1] for ex in test} & {s for _, s in subjects}
-    if name == "bold":  # an opposite pair in either order: "long" -> short in train, "short" -> ? in test
+    if (
+        name == "bold"
+    ):  # an opposite pair in either order: "long" -> short in train, "short" -> ? in test
         pattern = re.compile(STAGES[name]["answer_regex"])
-        words = lambda rows: {w.lower() for ex in rows if _family(_question(ex))[0] == "opposite"
-                              for w in (_family(_question(ex))[1], extract(pattern, ex.demonstration))}
+        words = lambda rows: {
+            w.lower()
+            for ex in rows
+            if _family(_question(ex))[0] == "opposite"
+            for w in (_family(_question(ex))[1], extract(pattern, ex.demonstration))
+        }
         assert not words(test) & words(seen), words(test) & words(seen)
 
 
@@ -98,17 +108,28 @@ def _lr_valid_clashes(rows, seen) -> list[str]:
     in any family ("goose" as a plural and as an animal sound counts)."""
     prompts = {_prompt_text(ex) for ex in seen}
     subjects = {_family(_question(ex))[1] for ex in seen}
-    return [ex.where for ex in rows if _prompt_text(ex) in prompts or _family(_question(ex))[1] in subjects]
+    return [
+        ex.where
+        for ex in rows
+        if _prompt_text(ex) in prompts or _family(_question(ex))[1] in subjects
+    ]
 
 
 def test_lr_valid_is_the_valid_split_and_32_more_demonstrations_apart_from_train_and_test():
     data = load_dataset(RETENTION / "data")
     rows = load_examples(LR_VALID)
     assert len(rows) == 40
-    assert LR_VALID.read_text().splitlines()[:8] == (RETENTION / "data" / "valid.jsonl").read_text().splitlines()
+    assert (
+        LR_VALID.read_text().splitlines()[:8]
+        == (RETENTION / "data" / "valid.jsonl").read_text().splitlines()
+    )
     for ex in rows:
         spans = BOLD_SPAN.findall(ex.demonstration)
-        assert len(spans) == 1 and ex.demonstration.count("**") == 2 and spans[0].strip() == spans[0] != "", ex.where
+        assert (
+            len(spans) == 1
+            and ex.demonstration.count("**") == 2
+            and spans[0].strip() == spans[0] != ""
+        ), ex.where
     prompts = [_prompt_text(ex) for ex in rows]
     assert len(set(prompts)) == len(prompts), "a question is repeated"
     subjects = [_family(_question(ex))[1] for ex in rows]
@@ -116,16 +137,28 @@ def test_lr_valid_is_the_valid_split_and_32_more_demonstrations_apart_from_train
     held_out = data["train"] + data["test"]
     assert not _lr_valid_clashes(rows, held_out)
     # An opposite pair in either order, for the 32 added ("light" -> dark was in valid before test's heavy -> light).
-    words = lambda exs: {w.lower() for ex in exs if _family(_question(ex))[0] == "opposite"
-                         for w in (_family(_question(ex))[1], extract(BOLD_SPAN, ex.demonstration))}
-    assert not words(rows[8:]) & words(held_out + data["valid"]), words(rows[8:]) & words(held_out + data["valid"])
+    words = lambda exs: {
+        w.lower()
+        for ex in exs
+        if _family(_question(ex))[0] == "opposite"
+        for w in (_family(_question(ex))[1], extract(BOLD_SPAN, ex.demonstration))
+    }
+    assert not words(rows[8:]) & words(held_out + data["valid"]), words(rows[8:]) & words(
+        held_out + data["valid"]
+    )
 
 
 def test_lr_valid_overlap_check_catches_a_train_question_and_a_test_subject(tmp_path):
     data = load_dataset(RETENTION / "data")
     extra = tmp_path / "extra.jsonl"
-    extra.write_text('{"prompt": "What color is snow?", "completion": "Snow is **white**."}\n'
-                     '{"prompt": "What is the capital of Zambia?", "completion": "The capital of Zambia is **Lusaka**."}\n'
-                     + (RETENTION / "data" / "train.jsonl").read_text().splitlines()[0] + "\n"
-                     '{"prompt": "What is the plural of \\"owl\\"?", "completion": "The plural of \\"owl\\" is **owls**."}\n')
-    assert _lr_valid_clashes(load_examples(extra), data["train"] + data["test"]) == [f"{extra}:3", f"{extra}:4"]
+    extra.write_text(
+        '{"prompt": "What color is snow?", "completion": "Snow is **white**."}\n'
+        '{"prompt": "What is the capital of Zambia?", "completion": "The capital of Zambia is **Lusaka**."}\n'
+        + (RETENTION / "data" / "train.jsonl").read_text().splitlines()[0]
+        + "\n"
+        '{"prompt": "What is the plural of \\"owl\\"?", "completion": "The plural of \\"owl\\" is **owls**."}\n'
+    )
+    assert _lr_valid_clashes(load_examples(extra), data["train"] + data["test"]) == [
+        f"{extra}:3",
+        f"{extra}:4",
+    ]
