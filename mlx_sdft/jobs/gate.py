@@ -19,13 +19,16 @@ version (rules, prior answers, loops), and this module only compares two version
 **Checks** (every one is computed and recorded; the first that fails is the reason)
 1. new lessons: mean fit(candidate) − fit(current) > `--gate-min-gain`;
 2. earlier lessons: mean fit change ≥ −`--gate-tolerance`;
-3. new rules: each one's gap falls by more than `--gate-min-gain`;
+3. new rules: each one's gap falls by more than `--gate-min-gain`, or, with a check, its compliance
+   without the rule in the prompt rises by at least MIN_LIFT (what the user sees moved to the rule);
 4. earlier rules: each one's gap rises by at most `--gate-rule-tolerance`;
 5. drift: KL(base told the rules ‖ candidate) on the base's samples ≤ the current version's +
    `--gate-max-kl-rise` (what the user asked for is not drift: it is measured against the base
    model *with* the rules in its prompt);
 6. prior answers: the share of `--gate-questions` bundled questions answered right falls by at
-   most `--gate-max-prior-drop` (an update that turns "100 / 4 = 25" into 4 fails here);
+   most `--gate-max-prior-drop` (an update that turns "100 / 4 = 25" into 4 fails here), over the
+   questions the base model told the rules still answers right (what the rules change, such as the
+   language of an answer, is not forgetting);
 7. loops: the share of held-out answers that repeat themselves rises by at most `--gate-max-loop-rise`.
 """
 
@@ -128,44 +131,26 @@ def check(
         cfg.gate_batch_size,
         cfg.seed,
     )
-    rules = {}
-    for row in standing:
-        key = str(row["id"])
-        cur, cand = current_measures["rules"][key], candidate_measures["rules"][key]
-        fresh = row["state"] == "new"
-        rule = {
-            "kind": row["kind"],
-            "new": fresh,
-            "current": cur,
-            "candidate": cand,
-            "change": cand["gap"] - cur["gap"],
-        }
-        rule["passed"] = (
-            rule["change"] < -cfg.gate_min_gain
-            if fresh
-            else rule["change"] <= cfg.gate_rule_tolerance
+    rules = {
+        str(row["id"]): rule_check(
+            row,
+            current_measures["rules"][str(row["id"])],
+            candidate_measures["rules"][str(row["id"])],
+            cfg,
         )
-        rule["holds"] = holds(row, cand)
-        rules[key] = rule
+        for row in standing
+    }
     kl_check = {
         "current": kl_current,
         "candidate": kl_candidate,
         "max_rise": cfg.gate_max_kl_rise,
         "passed": kl_candidate <= kl_current + cfg.gate_max_kl_rise,
     }
-    prior = {
-        "current": current_measures["prior"]["accuracy"],
-        "candidate": candidate_measures["prior"]["accuracy"],
-        "questions": len(candidate_measures["prior"]["right"]),
-        "max_drop": cfg.gate_max_prior_drop,
-        "lost": [
-            i
-            for i, (a, b) in enumerate(
-                zip(current_measures["prior"]["right"], candidate_measures["prior"]["right"])
-            )
-            if a and not b
-        ],
-    }
+    changed = _changed_by_rules(model, tokenizer, base, book, cfg, say)
+    prior = _prior_check(
+        current_measures["prior"]["right"], candidate_measures["prior"]["right"], changed
+    )
+    prior["max_drop"] = cfg.gate_max_prior_drop
     prior["passed"] = prior["candidate"] >= prior["current"] - cfg.gate_max_prior_drop - 1e-12
     loops = {
         "current": current_measures["loops"],
@@ -189,7 +174,14 @@ def check(
             (
                 r["passed"],
                 f"gate 3 (new rule {i}): its held-out gap did not fall by more than {cfg.gate_min_gain:.4f} "
-                f"({r['current']['gap']:.4f} -> {r['candidate']['gap']:.4f} nats/token)",
+                f"({r['current']['gap']:.4f} -> {r['candidate']['gap']:.4f} nats/token)"
+                + (
+                    f" and its compliance without it rose {r['candidate']['compliance'] - r['current']['compliance']:+.2f}"
+                    f" ({r['current']['compliance']:.2f} -> {r['candidate']['compliance']:.2f}), "
+                    f"needs +{MIN_LIFT:.2f}"
+                    if "compliance" in r["candidate"]
+                    else ""
+                ),
             )
             for i, r in rules.items()
             if r["new"]
@@ -214,7 +206,12 @@ def check(
             prior["passed"],
             f"gate 6 (prior answers): {round(prior['candidate'] * prior['questions'])} of "
             f"{prior['questions']} questions right, current {round(prior['current'] * prior['questions'])}"
-            f", may fall by at most {cfg.gate_max_prior_drop:.3f} of them (lost {_lost(prior['lost'], cfg)})",
+            f", may fall by at most {cfg.gate_max_prior_drop:.3f} of them (lost {_lost(prior['lost'], cfg)})"
+            + (
+                f"; {len(prior['changed_by_rules'])} questions the rules change left out"
+                if prior["changed_by_rules"]
+                else ""
+            ),
         ),
         (
             loops["passed"],
@@ -274,6 +271,57 @@ def _lost(indices: list[int], cfg) -> str:
 
 
 HOLD_SHARE = 0.8  # a rule holds in the weights when they follow it this often, relative to told
+
+
+def rule_check(row: dict, cur: dict, cand: dict, cfg) -> dict:
+    """Gates 3 and 4 for one rule or fact, from the two versions' measures of it: a new one's gap
+    must fall by more than --gate-min-gain or, with a check, its compliance without it in the prompt
+    rise by MIN_LIFT (answers can move toward the rule while the gap rises); an earlier one's gap may
+    rise by --gate-rule-tolerance."""
+    fresh, change = row["state"] == "new", cand["gap"] - cur["gap"]
+    lift = cand.get("compliance", 0.0) - cur.get("compliance", 0.0)
+    passed = (
+        change < -cfg.gate_min_gain or ("compliance" in cand and lift >= MIN_LIFT)
+        if fresh
+        else change <= cfg.gate_rule_tolerance
+    )
+    return {
+        "kind": row["kind"],
+        "new": fresh,
+        "current": cur,
+        "candidate": cand,
+        "change": change,
+        "passed": passed,
+        "holds": holds(row, cand),
+    }
+
+
+def _changed_by_rules(model, tokenizer, base: Leaves, book: str | None, cfg, say) -> list[int]:
+    """The prior questions the base model gets wrong when told the rules: what the rules ask for
+    changes their right answer ("Always answer in French": "sept", not "seven"), so an answer that
+    follows the rules there is not forgetting. None without rules."""
+    if not book:
+        return []
+    questions = measure_rules.prior_questions(cfg.gate_questions)
+    say(f"gate: the base model told the rules, on {len(questions)} prior questions")
+    with using(model, base):
+        told = measure_rules.prior_answers(
+            model, tokenizer, questions, cfg.gate_question_tokens, cfg.gate_batch_size, rules=book
+        )
+    return [i for i, right in enumerate(told["right"]) if not right]
+
+
+def _prior_check(current: list[bool], candidate: list[bool], changed: list[int]) -> dict:
+    """Gate 6's numbers: each version's share of the prior questions answered right, over those the
+    rules do not change (`changed` left out), and the ones the candidate lost."""
+    counted = [i for i in range(len(candidate)) if i not in set(changed)]
+    return {
+        "current": _mean(current[i] for i in counted),
+        "candidate": _mean(candidate[i] for i in counted),
+        "questions": len(counted),
+        "changed_by_rules": changed,
+        "lost": [i for i in counted if current[i] and not candidate[i]],
+    }
 
 
 def holds(row: dict, measures: dict) -> bool:

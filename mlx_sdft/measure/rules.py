@@ -123,12 +123,15 @@ def prior_answers(
     max_tokens: int,
     batch_size: int,
     advance: Callable[[int], None] | None = None,
+    rules: str | None = None,
 ) -> dict:
-    """{"accuracy", "right": [bool per question]} of greedy answers to `questions`."""
+    """{"accuracy", "right": [bool per question]} of greedy answers to `questions`, told `rules`
+    (a rulebook in the system message) when given."""
+    asked = [[{"role": "user", "content": q["prompt"]}] for q in questions]
     answers = greedy(
         model,
         tokenizer,
-        [[{"role": "user", "content": q["prompt"]}] for q in questions],
+        told(tokenizer, asked, rules) if rules else asked,
         max_tokens,
         batch_size,
         advance,
