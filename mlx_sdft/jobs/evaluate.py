@@ -7,32 +7,13 @@ import json
 from pathlib import Path
 
 import mlx.core as mx
-from rich.progress import (
-    BarColumn,
-    MofNCompleteColumn,
-    Progress,
-    TextColumn,
-    TimeElapsedColumn,
-    TimeRemainingColumn,
-)
 
 from mlx_sdft.core.prompts import apply_system_prompt
+from mlx_sdft.machine.report import progress_bars
 from mlx_sdft.measure.evaluation import evaluate_adapters
 from mlx_sdft.measure.perplexity import load_texts
 from mlx_sdft.measure.retention import load_prompts
 from mlx_sdft.measure.task import task_examples
-
-
-def progress_bars(console) -> Progress:
-    """Bars with counts ("task prompts 8/12"), elapsed and remaining time."""
-    return Progress(
-        TextColumn("{task.description}"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TimeElapsedColumn(),
-        TimeRemainingColumn(),
-        console=console,
-    )
 
 
 def run_eval(cfg, console=None) -> dict:

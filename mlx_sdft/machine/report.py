@@ -150,6 +150,18 @@ def report_line(
     )
 
 
+def progress_bars(console) -> Progress:
+    """Bars with counts ("task prompts 8/12"), elapsed and remaining time."""
+    return Progress(
+        TextColumn("{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        TimeRemainingColumn(),
+        console=console,
+    )
+
+
 class Reporter:
     def __init__(
         self,
