@@ -18,6 +18,7 @@ import typer
 from rich.console import Console
 from rich.markup import escape
 
+from mlx_sdft import package_versions
 from mlx_sdft.config import (
     CheckConfig,
     Config,
@@ -740,8 +741,23 @@ def doctor() -> None:
         typer.echo(f"{key:>15}: {value}")
 
 
+def _version(given: bool) -> None:
+    if given:
+        typer.echo(" ".join(f"{name} {v}" for name, v in package_versions().items()))
+        raise typer.Exit()
+
+
 @app.callback()
-def _root() -> None:
+def _root(
+    version: bool = typer.Option(
+        False,
+        "--version",
+        callback=_version,
+        is_eager=True,
+        metavar="",
+        help="Print the versions and exit.",
+    ),
+) -> None:
     """Self-Distillation Fine-Tuning (SDFT) on MLX."""
 
 

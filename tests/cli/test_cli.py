@@ -197,3 +197,11 @@ def test_help_marks_required_one_way_and_each_subcommand_shows_its_own_text():
         assert "add:" not in said and "remove:" not in said and "check:" not in said, said
     assert "every rule" in _help("rules", "check") and "every rule" not in _help("rules", "remove")
     assert "Delete without asking" not in _help("teach") and "--yes" in _help("exchanges", "forget")
+
+
+def test_version_prints_the_versions_a_run_records():
+    from mlx_sdft import package_versions
+
+    result = runner.invoke(app, ["--version"])
+    assert result.exit_code == 0
+    assert result.output.split() == [w for kv in package_versions().items() for w in kv]
