@@ -33,7 +33,10 @@ def teach(cfg: TeachConfig) -> list[str]:
             return [_exchange_line(r) for r in rows] or [f"no exchanges in {store.path}"]
         if cfg.import_file:
             ids = store.add_lessons(rows)
-            return [f"imported {len(ids)} lessons ({ids[0]}..{ids[-1]}) from {cfg.import_file}"]
+            which = (
+                f"lesson {ids[0]}" if len(ids) == 1 else f"{len(ids)} lessons ({ids[0]}..{ids[-1]})"
+            )
+            return [f"imported {which} from {cfg.import_file}"]
         if cfg.forget_exchanges:
             return [f"forgot {store.forget_exchanges()} exchanges; {store.path} compacted"]
         if cfg.rule is not None or cfg.fact is not None:

@@ -350,6 +350,11 @@ def test_teach_and_lessons_round_trip(tmp_path):
     assert _run("teach", "--home", tmp_path / "other", "--import", out).stdout.startswith(
         "imported 2 lessons (1..2)"
     )
+    one = tmp_path / "one.jsonl"
+    one.write_text(out.read_text().splitlines()[0] + "\n")
+    assert _run("lessons", "import", one, "--home", tmp_path / "third").stdout.startswith(
+        "imported lesson 1 from"
+    )
     assert _run("lessons", "delete", "1", "--home", home).exit_code == 0
     assert [r["id"] for r in json.loads(_run("lessons", "--home", home, "--json").stdout)] == [2]
     assert _run("lessons", "purge", "--home", home, "--yes").stdout.startswith("purged 2 lessons")
