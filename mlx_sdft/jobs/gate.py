@@ -118,8 +118,10 @@ def check(
     candidate_measures = measure(
         model, tokenizer, candidate, standing, held_out, cfg, say, what="gate, the candidate"
     )
-    say(f"gate: drift from the base model told the rules, on {len(held_out)} held-out prompts")
     book = rulebook(standing)
+    say(
+        f"gate: drift from the base model{' told the rules' if book else ''}, on {len(held_out)} held-out prompts"
+    )
     kl_current, kl_candidate = measure_rules.drift(
         model,
         tokenizer,
