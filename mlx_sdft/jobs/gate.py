@@ -79,7 +79,8 @@ def check(
     `new` ones are new to this version); `current_measures`: the current version's, when known."""
     fits = {}
     if new_rows or earlier_rows:
-        say(f"gate: fit of {len(new_rows) + len(earlier_rows)} lessons, current and candidate")
+        n = len(new_rows) + len(earlier_rows)
+        say(f"gate: fit of {n} lesson{'s' * (n != 1)}, current and candidate")
         for name, leaves in (("current", current), ("candidate", candidate)):
             with using(model, leaves):
                 fits[name] = lesson_fit(model, tokenizer, new_rows + earlier_rows, cfg)
