@@ -86,17 +86,7 @@ def check(
                 fits[name] = lesson_fit(model, tokenizer, new_rows + earlier_rows, cfg)
     new_ids, earlier_ids = [r["id"] for r in new_rows], [r["id"] for r in earlier_rows]
 
-    def lessons(ids):
-        cur, cand = _mean(fits["current"][i] for i in ids), _mean(fits["candidate"][i] for i in ids)
-        return {
-            "lessons": len(ids),
-            "current": cur,
-            "candidate": cand,
-            "change": cand - cur,
-            "per_lesson": {str(i): [fits["current"][i], fits["candidate"][i]] for i in ids},
-        }
-
-    new, earlier = lessons(new_ids), lessons(earlier_ids)
+    new, earlier = _fit_change(fits, new_ids), _fit_change(fits, earlier_ids)
     if held := _paraphrase_fit(model, tokenizer, current, candidate, new_rows, cfg, say):
         new["held_out_paraphrases"] = held
     new.update(threshold=cfg.gate_min_gain, passed=not new_ids or new["change"] > cfg.gate_min_gain)
@@ -254,14 +244,19 @@ def _paraphrase_fit(
     for name, leaves in (("current", current), ("candidate", candidate)):
         with using(model, leaves):
             fits[name] = {i: _mean(v) for i, v in held_out_fit(model, tokenizer, rows, cfg).items()}
-    cur, cand = _mean(fits["current"].values()), _mean(fits["candidate"].values())
+    return {**_fit_change(fits, list(fits["current"])), "prompts": count}
+
+
+def _fit_change(fits: dict[str, dict[int, float]], ids: list[int]) -> dict:
+    """The mean fit of the lessons `ids` under the current version and the candidate (`fits`:
+    version name → lesson id → fit), its change, and each lesson's pair."""
+    cur, cand = _mean(fits["current"][i] for i in ids), _mean(fits["candidate"][i] for i in ids)
     return {
-        "lessons": len(fits["current"]),
-        "prompts": count,
+        "lessons": len(ids),
         "current": cur,
         "candidate": cand,
         "change": cand - cur,
-        "per_lesson": {str(i): [fits["current"][i], fits["candidate"][i]] for i in fits["current"]},
+        "per_lesson": {str(i): [fits["current"][i], fits["candidate"][i]] for i in ids},
     }
 
 
@@ -317,7 +312,8 @@ def _changed_by_rules(model, tokenizer, base: Leaves, book: str | None, cfg, say
 def _prior_check(current: list[bool], candidate: list[bool], changed: list[int]) -> dict:
     """Gate 6's numbers: each version's share of the prior questions answered right, over those the
     rules do not change (`changed` left out), and the ones the candidate lost."""
-    counted = [i for i in range(len(candidate)) if i not in set(changed)]
+    left_out = set(changed)
+    counted = [i for i in range(len(candidate)) if i not in left_out]
     return {
         "current": _mean(current[i] for i in counted),
         "candidate": _mean(candidate[i] for i in counted),

@@ -426,10 +426,10 @@ def _paraphrases(
     current version (one greedy answer), kept with the lesson; one that holds those of an earlier
     learn asked for at least n keeps them. A message of several lines or over PARAPHRASED_CHARS
     gets none: the model writes one rewording per line."""
+    if not n:
+        return
     for row in rows:
         kept = row.get("preflight") or {}
-        if not n:
-            return
         if kept.get("paraphrases_asked", 0) >= n:
             _say(
                 console,
