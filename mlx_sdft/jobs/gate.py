@@ -73,10 +73,12 @@ def check(
     cfg,
     current_measures: dict | None = None,
     say=lambda line: None,
+    changed_by_rules: list[int] | None = None,
 ) -> dict:
     """Every number of the gate and its decision: {"passed", "failed" (one line or None), checks...}.
     `new_rows`, `earlier_rows`: one-off lessons; `standing`: every active rule and fact (state
-    `new` ones are new to this version); `current_measures`: the current version's, when known."""
+    `new` ones are new to this version); `current_measures`: the current version's, when known;
+    `changed_by_rules`: the prior questions the base model told these rules gets wrong, when known."""
     fits = {}
     if new_rows or earlier_rows:
         n = len(new_rows) + len(earlier_rows)
@@ -139,9 +141,10 @@ def check(
         "max_rise": cfg.gate_max_kl_rise,
         "passed": kl_candidate <= kl_current + cfg.gate_max_kl_rise,
     }
-    changed = _changed_by_rules(model, tokenizer, base, book, cfg, say)
+    if changed_by_rules is None:
+        changed_by_rules = _changed_by_rules(model, tokenizer, base, book, cfg, say)
     prior = _prior_check(
-        current_measures["prior"]["right"], candidate_measures["prior"]["right"], changed
+        current_measures["prior"]["right"], candidate_measures["prior"]["right"], changed_by_rules
     )
     prior["max_drop"] = cfg.gate_max_prior_drop
     prior["passed"] = prior["candidate"] >= prior["current"] - cfg.gate_max_prior_drop - 1e-12

@@ -13,6 +13,7 @@ current.json; an error while building (a full disk) removes the candidate and ch
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import random
 import shutil
@@ -322,6 +323,8 @@ def build(
         _say(console, f"version {number}: gate against version {parent}")
         candidate = {**base, **mx.load(str(folder / "adapters.safetensors"))}
         model_obj.eval()
+        book_digest = hashlib.sha256((rules.rulebook(standing) or "").encode()).hexdigest()[:12]
+        told_key = [model, book_digest, *measure_key(gate_cfg, held_out)]
         result = gate_check(
             model_obj,
             tokenizer,
@@ -335,7 +338,9 @@ def build(
             gate_cfg,
             measures,
             lambda line: _say(console, line),
+            changed_by_rules=_told_prior(home, told_key),
         )
+        result["prior_answers"]["told_key"] = told_key
         record = {
             "parent": parent,
             "created": started,
@@ -478,6 +483,16 @@ def _measured(home: Path, version: int, key: list) -> dict | None:
         gate_record = record.get("gate") or {}
         if gate_record.get("measure_key") == key and gate_record.get(side):
             return gate_record[side]
+    return None
+
+
+def _told_prior(home: Path, key: list) -> list[int] | None:
+    """The prior questions the base model told the same rules got wrong, from an earlier gate under
+    the same settings (a learn retried after a rejection asks it again): None when none measured it."""
+    for record in versions.records(home)[::-1]:
+        prior = (record.get("gate") or {}).get("prior_answers") or {}
+        if prior.get("told_key") == key:
+            return prior["changed_by_rules"]
     return None
 
 

@@ -15,27 +15,16 @@ from __future__ import annotations
 
 import dataclasses
 import json
-from pathlib import Path
 
 from mlx_sdft.config import DEFAULT_MODEL, ForgetConfig, RulesConfig
 from mlx_sdft.errors import InputError
 from mlx_sdft.store import versions
-from mlx_sdft.store.db import STANDING, Store
+from mlx_sdft.store.db import STANDING, Store, existing_home
 from mlx_sdft.store.rules import add_standing, held, own_prompts, prompt_pool, prompts_for
 
 
-def _home(cfg: RulesConfig) -> Path:
-    """The home to read: it must exist (listing or measuring never creates one)."""
-    home = Path(cfg.home).expanduser()
-    if not home.is_dir():
-        raise InputError(
-            f"--home {cfg.home}: no such folder (serve, teach and rules add create it)"
-        )
-    return home
-
-
 def listing(cfg: RulesConfig) -> list[str]:
-    home = _home(cfg)
+    home = existing_home(cfg.home)
     with Store(home) as store:
         rows = store.lessons(None, standing=True)
     now = versions.current(home)
@@ -86,7 +75,7 @@ def check(cfg: RulesConfig, console=None) -> list[str]:
     from mlx_sdft.measure.version import preflight, preflight_key, verdict
     from mlx_sdft.opening import open_model_for
 
-    home = _home(cfg)
+    home = existing_home(cfg.home)
     with Store(home) as store:
         rows = [r for r in store.lessons(None, standing=True) if cfg.rule in (None, r["id"])]
         if cfg.rule is not None and not rows:
@@ -144,7 +133,7 @@ def _standing(cfg: RulesConfig) -> dict:
     """The rule or fact RULE names, or InputError."""
     if cfg.rule is None:
         raise InputError("RULE: give the rule's id (see mlx-sdft rules)")
-    with Store(_home(cfg)) as store:
+    with Store(existing_home(cfg.home)) as store:
         row = store.lesson(cfg.rule)
     if row is None or row["kind"] not in STANDING or row["state"] == "deleted":
         raise InputError(

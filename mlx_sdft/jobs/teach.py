@@ -64,7 +64,7 @@ def teach(cfg: TeachConfig) -> list[str]:
 
 def listing(cfg: LessonsConfig) -> list[str]:
     """The lessons (or --export them as .jsonl for `mlx-sdft train --data`)."""
-    with Store(cfg.home) as store:
+    with Store(cfg.home, create=False) as store:
         if cfg.export:
             count = lessons.export(store, cfg.export, cfg.state)
             return [
@@ -78,7 +78,7 @@ def listing(cfg: LessonsConfig) -> list[str]:
 
 def show(cfg: LessonsConfig) -> list[str]:
     """One lesson in full, with what its teacher will be shown."""
-    with Store(cfg.home) as store:
+    with Store(cfg.home, create=False) as store:
         row = _lesson(store, cfg.lesson)
     if cfg.json:
         return [json.dumps(row, ensure_ascii=False, indent=1)]
@@ -107,7 +107,7 @@ def show(cfg: LessonsConfig) -> list[str]:
 
 
 def delete(cfg: LessonsConfig) -> list[str]:
-    with Store(cfg.home) as store:
+    with Store(cfg.home, create=False) as store:
         _lesson(store, cfg.lesson)
         if not store.delete_lesson(cfg.lesson):
             return [f"lesson {cfg.lesson} was already deleted"]
@@ -115,7 +115,7 @@ def delete(cfg: LessonsConfig) -> list[str]:
 
 
 def purge(cfg: LessonsConfig) -> list[str]:
-    with Store(cfg.home) as store:
+    with Store(cfg.home, create=False) as store:
         return [f"purged {store.purge_lessons()} lessons; {store.path} compacted"]
 
 

@@ -200,9 +200,16 @@ QUESTIONS_PROMPT = (
 
 def write_questions(model, tokenizer, fact: str, n: int, max_tokens: int) -> list[str]:
     """Questions about `fact` that the model writes itself (greedy): the prompts a fact is distilled
-    over and measured on. store.rules.questions_in says which lines of its answer are such questions."""
+    over and measured on. store.rules.questions_in says which lines of its answer are such questions;
+    the last line of an answer cut off at `max_tokens` is left out (it may stop mid-question)."""
     prompt = [{"role": "user", "content": QUESTIONS_PROMPT.format(n=n, fact=fact)}]
-    return questions_in(greedy(model, tokenizer, [prompt], max_tokens, 1).texts[0], fact, n)
+    return questions_in(_whole_lines(greedy(model, tokenizer, [prompt], max_tokens, 1)), fact, n)
+
+
+def _whole_lines(answer) -> str:
+    """One greedy answer's text without its last line when it was cut off at its token budget."""
+    text = answer.texts[0]
+    return text.rstrip().rpartition("\n")[0] if answer.truncated[0] else text
 
 
 # One worked example first: asked in words alone, Qwen2.5-Coder-0.5B answered the request or
@@ -230,6 +237,6 @@ def write_paraphrases(model, tokenizer, prompt: str, n: int, max_tokens: int) ->
         *PARAPHRASE_EXAMPLE,
         {"role": "user", "content": PARAPHRASE_PROMPT.format(n=n, prompt=prompt)},
     ]
-    answer = greedy(model, tokenizer, [request], max_tokens, 1)
-    text = answer.texts[0].rstrip().rsplit("\n", 1)[0] if answer.truncated[0] else answer.texts[0]
-    return paraphrases_in(text, prompt, n)
+    return paraphrases_in(
+        _whole_lines(greedy(model, tokenizer, [request], max_tokens, 1)), prompt, n
+    )

@@ -112,11 +112,21 @@ def thread_key(messages: list[dict]) -> str:
     return hashlib.sha256(json.dumps(turns, ensure_ascii=False).encode()).hexdigest()
 
 
-class Store:
-    """HOME/store.db, created (and migrated) on open. Safe to share between threads."""
+def existing_home(home: str | Path) -> Path:
+    """A --home to read from: it must exist (listing or measuring never creates one, a mistyped one
+    included)."""
+    path = Path(home).expanduser()
+    if not path.exists():  # a file: Store names it
+        raise InputError(f"--home {home}: no such folder (serve, teach and rules add create it)")
+    return path
 
-    def __init__(self, home: str | Path, redact: list[str] | tuple = ()):
-        self.home = Path(home).expanduser()
+
+class Store:
+    """HOME/store.db, created (and migrated) on open, HOME too unless `create` is False (a command
+    that only reads or removes). Safe to share between threads."""
+
+    def __init__(self, home: str | Path, redact: list[str] | tuple = (), create: bool = True):
+        self.home = Path(home).expanduser() if create else existing_home(home)
         self.path = self.home / FILENAME
         self._redactor = Redactor(redact)
         self._lock = threading.RLock()

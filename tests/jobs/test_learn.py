@@ -316,6 +316,27 @@ def test_learn_rollback_and_forget_refuse_a_home_that_does_not_exist(tiny_model,
         assert not missing.exists()
 
 
+@pytest.mark.parametrize(
+    "args",
+    [
+        ["lessons"],
+        ["lessons", "show", "1"],
+        ["lessons", "delete", "1"],
+        ["lessons", "purge", "--yes"],
+        ["lessons", "export", "OUT"],
+        ["rules"],
+        ["rules", "remove", "1", "--yes"],
+    ],
+)
+def test_reading_or_removing_lessons_and_rules_refuses_a_home_that_does_not_exist(tmp_path, args):
+    missing = tmp_path / "no-such-home"  # a mistyped --home: not made, no "no lessons" claimed
+    args = [str(tmp_path / "out.jsonl") if a == "OUT" else a for a in args]
+    result = runner.invoke(app, [*args, "--home", str(missing)])
+    assert result.exit_code == 2, result.output
+    assert f"--home {missing}: no such folder" in " ".join(result.output.split())
+    assert not missing.exists() and not (tmp_path / "out.jsonl").exists()
+
+
 def test_more_gate_prompts_than_bundled_is_refused(tiny_model, tmp_path):
     home = tmp_path / "home"
     _lessons(home, "red")

@@ -568,6 +568,34 @@ def test_a_learn_of_only_rules_the_model_ignores_when_told_stops_before_training
     assert again.exit_code == 2 and f"error: rule {rule}: " in again.output, again.output
 
 
+def test_a_learn_retried_with_the_same_rules_reuses_what_the_base_model_told_them_got_wrong(
+    tiny_model, tmp_path, follows_when_told, monkeypatch
+):
+    from mlx_sdft.jobs import gate
+
+    asked = []
+    changed_by_rules = gate._changed_by_rules
+    monkeypatch.setattr(
+        gate, "_changed_by_rules", lambda *a: asked.append(a[3]) or changed_by_rules(*a)
+    )
+    home = tmp_path / "home"
+    _rule(home)
+    for _ in range(2):  # rejected, then retried as the advice says
+        assert _learn(home, tiny_model, *LOOSE, "--gate-min-gain", "1000").exit_code == 3
+    assert len(asked) == 1 and RULE in asked[0]
+    first, second = (versions.record(home, n)["gate"]["prior_answers"] for n in (1, 2))
+    assert second["changed_by_rules"] == first["changed_by_rules"]
+    assert second["told_key"] == first["told_key"]
+    # other prior-question settings: asked again
+    assert (
+        _learn(
+            home, tiny_model, *LOOSE, "--gate-min-gain", "1000", "--gate-questions", "3"
+        ).exit_code
+        == 3
+    )
+    assert len(asked) == 2
+
+
 def test_a_learn_reuses_the_preflight_rules_check_stored(tiny_model, tmp_path, monkeypatch):
     from mlx_sdft.formats import models
 

@@ -166,3 +166,23 @@ def test_an_answer_cut_off_loses_its_last_line(monkeypatch):
             got
             == ["Which city is the capital of Australia?", "What is the capital city of Aus"][:kept]
         )
+
+
+def test_a_question_list_cut_off_loses_its_last_line_and_a_cut_single_line_is_dropped(monkeypatch):
+    """Questions about a fact are read the same way: a question cut at the token budget may end in a
+    "?" the model had not reached (here "Biscuit?" of "Biscuit's breed?"); a lone cut line is no line."""
+    from mlx_sdft.measure import rules as measure_rules
+
+    fact = "The user's dog is called Biscuit."
+    for text, truncated, want in (
+        ("1. What is the name of the user's dog?\n2. Is the dog Biscuit?", True, 1),
+        ("1. What is the name of the user's dog?\n2. Is the dog Biscuit?", False, 2),
+        ("1. What is the name of the user's dog?", True, 0),
+    ):
+        monkeypatch.setattr(
+            measure_rules,
+            "greedy",
+            lambda *a, x=text, t=truncated, **k: measure_rules.Answers([x], [[]], [t], [[]]),
+        )
+        got = measure_rules.write_questions(None, None, fact, 12, 32)
+        assert len(got) == want, (text, truncated, got)
