@@ -5,8 +5,11 @@ Slow and obvious on purpose (explicit sums, loops over sequences). It is what th
 tested against. The twin of an MLX op that also returns what its backward pass needs
 (`kl_of_logits`, `jsd_of_logits`) returns the divergence only; losses return Python
 `(float, int)`. The `*_grad` functions, which have no MLX twin, write down the gradient with
-respect to the student's side in closed form.
+respect to the student's side in closed form. The whole objective, `regularized_loss`, and its
+gradient take the guards' inputs and weights as one `Guards`.
 """
+
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -238,68 +241,63 @@ def keep_rows(mask_BT, truncated_B, mode) -> np.ndarray:
     return out
 
 
+@dataclass(frozen=True)
+class Guards:
+    """What the guards add to the SDFT term of `regularized_loss` and `regularized_loss_grad`,
+    each guard off by default: --truncated (`keep_rows`), --sft-weight λ on the demonstrations'
+    cross-entropy (their logits, targets and mask), --base-kl-weight μ on KL(base‖student)."""
+
+    truncated_mode: str = "keep"
+    sft_weight: float = 0.0
+    demo_logits: np.ndarray | None = None
+    demo_targets: np.ndarray | None = None
+    demo_mask: np.ndarray | None = None
+    base_kl_weight: float = 0.0
+    base_logits: np.ndarray | None = None
+
+
 def regularized_loss(
-    student_logits,
-    teacher_logits,
-    mask,
-    truncated,
-    *,
-    base_logits=None,
-    demo_logits=None,
-    demo_targets=None,
-    demo_mask=None,
-    divergence="forward",
-    skip=3,
-    beta=0.5,
-    truncated_mode="keep",
-    sft_weight=0.0,
-    base_kl_weight=0.0,
+    student_logits, teacher_logits, mask, truncated, guards, *, divergence, skip, beta
 ) -> float:
     """The training objective with every guard:
     sdft_loss(student, teacher, m, divergence, skip) + λ·sft_loss(demo) + μ·sdft_loss(student, base, m, forward, 0),
-    m = keep_rows(mask, truncated, truncated_mode); the base term is KL(base‖student) per token."""
-    m = keep_rows(mask, truncated, truncated_mode)
+    m = keep_rows(mask, truncated, guards.truncated_mode); the base term is KL(base‖student) per
+    token."""
+    m = keep_rows(mask, truncated, guards.truncated_mode)
     total = sdft_loss(
         student_logits, teacher_logits, m, divergence=divergence, skip=skip, beta=beta
     )[0]
-    if sft_weight:
-        total += sft_weight * sft_loss(demo_logits, demo_targets, demo_mask)[0]
-    if base_kl_weight:
+    if guards.sft_weight:
         total += (
-            base_kl_weight
-            * sdft_loss(student_logits, base_logits, m, divergence="forward", skip=0, beta=0.5)[0]
+            guards.sft_weight
+            * sft_loss(guards.demo_logits, guards.demo_targets, guards.demo_mask)[0]
+        )
+    if guards.base_kl_weight:
+        total += (
+            guards.base_kl_weight
+            * sdft_loss(
+                student_logits, guards.base_logits, m, divergence="forward", skip=0, beta=0.5
+            )[0]
         )
     return total
 
 
 def regularized_loss_grad(
-    student_logits,
-    teacher_logits,
-    mask,
-    truncated,
-    *,
-    base_logits=None,
-    demo_logits=None,
-    demo_targets=None,
-    demo_mask=None,
-    divergence="forward",
-    skip=3,
-    beta=0.5,
-    truncated_mode="keep",
-    sft_weight=0.0,
-    base_kl_weight=0.0,
+    student_logits, teacher_logits, mask, truncated, guards, *, divergence, skip, beta
 ):
     """(∂/∂ student logits, ∂/∂ demonstration logits) of `regularized_loss`:
     sdft_loss_grad(m) + μ·(p − q_base)·c₀ and λ·(p_demo − onehot(target))·mask/Σmask."""
-    m = keep_rows(mask, truncated, truncated_mode)
+    m = keep_rows(mask, truncated, guards.truncated_mode)
     grad_BTV = sdft_loss_grad(
         student_logits, teacher_logits, m, divergence=divergence, skip=skip, beta=beta
     )
-    if base_kl_weight:
-        grad_BTV = grad_BTV + base_kl_weight * sdft_loss_grad(
-            student_logits, base_logits, m, divergence="forward", skip=0, beta=0.5
+    if guards.base_kl_weight:
+        grad_BTV = grad_BTV + guards.base_kl_weight * sdft_loss_grad(
+            student_logits, guards.base_logits, m, divergence="forward", skip=0, beta=0.5
         )
     demo_grad = (
-        sft_weight * sft_loss_grad(demo_logits, demo_targets, demo_mask) if sft_weight else None
+        guards.sft_weight * sft_loss_grad(guards.demo_logits, guards.demo_targets, guards.demo_mask)
+        if guards.sft_weight
+        else None
     )
     return grad_BTV, demo_grad

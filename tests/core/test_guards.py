@@ -43,6 +43,19 @@ def mlx_objective(
     )
 
 
+def reference_guards(c, *, truncated_mode, sft_weight, base_kl_weight):
+    """The guards of case `c` for the numpy objective."""
+    return reference.Guards(
+        truncated_mode=truncated_mode,
+        sft_weight=sft_weight,
+        demo_logits=c["demo"],
+        demo_targets=c["targets"],
+        demo_mask=c["demo_mask"],
+        base_kl_weight=base_kl_weight,
+        base_logits=c["base"],
+    )
+
+
 @pytest.mark.parametrize("truncated_mode", ["keep", "mask"])
 @pytest.mark.parametrize(
     "sft_weight, base_kl_weight", [(0.0, 0.0), (0.5, 0.0), (0.0, 0.3), (1.0, 2.0)]
@@ -50,26 +63,14 @@ def mlx_objective(
 @pytest.mark.parametrize("divergence", ["forward", "reverse"])
 def test_regularized_loss_matches_reference(truncated_mode, sft_weight, base_kl_weight, divergence):
     c = case(7)
-    kw = dict(
-        truncated_mode=truncated_mode,
-        sft_weight=sft_weight,
-        base_kl_weight=base_kl_weight,
-        divergence=divergence,
-    )
-    fn = lambda s, d: mlx_objective(c, s, d, **kw)  # noqa: E731
+    kw = dict(truncated_mode=truncated_mode, sft_weight=sft_weight, base_kl_weight=base_kl_weight)
+    fn = lambda s, d: mlx_objective(c, s, d, divergence=divergence, **kw)  # noqa: E731
     value = fn(mx.array(c["student"]), mx.array(c["demo"]))
     g_student, g_demo = mx.grad(fn, argnums=(0, 1))(mx.array(c["student"]), mx.array(c["demo"]))
-    ref = dict(
-        base_logits=c["base"],
-        demo_logits=c["demo"],
-        demo_targets=c["targets"],
-        demo_mask=c["demo_mask"],
-        **kw,
-    )
-    want = reference.regularized_loss(c["student"], c["teacher"], c["mask"], c["truncated"], **ref)
-    want_student, want_demo = reference.regularized_loss_grad(
-        c["student"], c["teacher"], c["mask"], c["truncated"], **ref
-    )
+    args = (c["student"], c["teacher"], c["mask"], c["truncated"], reference_guards(c, **kw))
+    ref = dict(divergence=divergence, skip=3, beta=0.5)
+    want = reference.regularized_loss(*args, **ref)
+    want_student, want_demo = reference.regularized_loss_grad(*args, **ref)
     np.testing.assert_allclose(value.item(), want, rtol=1e-5)
     np.testing.assert_allclose(np.array(g_student), want_student, rtol=1e-4, atol=1e-6)
     np.testing.assert_allclose(
@@ -83,17 +84,10 @@ def test_reference_gradient_matches_finite_differences():
         k: (v.astype(np.float64) if isinstance(v, np.ndarray) and v.dtype == np.float32 else v)
         for k, v in c.items()
     }
-    kw = dict(
-        base_logits=c["base"],
-        demo_logits=c["demo"],
-        demo_targets=c["targets"],
-        demo_mask=c["demo_mask"],
-        truncated_mode="mask",
-        sft_weight=0.7,
-        base_kl_weight=0.4,
-    )
+    extra = reference_guards(c, truncated_mode="mask", sft_weight=0.7, base_kl_weight=0.4)
+    kw = dict(divergence="forward", skip=3, beta=0.5)
     g_student, _ = reference.regularized_loss_grad(
-        c["student"], c["teacher"], c["mask"], c["truncated"], **kw
+        c["student"], c["teacher"], c["mask"], c["truncated"], extra, **kw
     )
     eps = 1e-6
     for idx in [(0, 3, 2), (0, 6, 10), (2, 5, 0), (1, 0, 1)]:
@@ -101,8 +95,8 @@ def test_reference_gradient_matches_finite_differences():
         up[idx] += eps
         down[idx] -= eps
         fd = (
-            reference.regularized_loss(up, c["teacher"], c["mask"], c["truncated"], **kw)
-            - reference.regularized_loss(down, c["teacher"], c["mask"], c["truncated"], **kw)
+            reference.regularized_loss(up, c["teacher"], c["mask"], c["truncated"], extra, **kw)
+            - reference.regularized_loss(down, c["teacher"], c["mask"], c["truncated"], extra, **kw)
         ) / (2 * eps)
         assert g_student[idx] == pytest.approx(fd, abs=1e-7)
     assert not g_student[1].any()  # the truncated row is masked out: no gradient at all
