@@ -33,6 +33,22 @@ def evaluate_adapters(
         task_id = progress.add_task(name, total=total)
         return lambda n: progress.advance(task_id, n)
 
+    def answer_general(prompts: list[list[dict]], of_base: bool = False) -> list[dict]:
+        """Greedy answers to the general prompts by the weights in place; their degenerate and
+        repetitive rates go in the summary (`of_base`: the base's, keys ending in _base)."""
+        rows = general_answers(
+            model,
+            tokenizer,
+            prompts,
+            cfg.general_max_tokens,
+            cfg.batch_size,
+            bar("general prompts, base" if of_base else "general prompts", len(prompts)),
+        )
+        end = "_base" if of_base else ""
+        summary[f"degenerate_rate{end}"] = rate(rows)
+        summary[f"repetitive_rate{end}"] = rate(rows, "repetitive")
+        return rows
+
     task = evaluate_task(
         model,
         tokenizer,
@@ -45,18 +61,7 @@ def evaluate_adapters(
     summary, general = {"task_score": task.score, "examples": len(examples)}, []
     if cfg.retention:
         prompts = load_prompts(cfg.general_prompts, cfg.num_general_prompts)
-        general = general_answers(
-            model,
-            tokenizer,
-            prompts,
-            cfg.general_max_tokens,
-            cfg.batch_size,
-            bar("general prompts", len(prompts)),
-        )
-        summary["degenerate_rate"], summary["repetitive_rate"] = (
-            rate(general),
-            rate(general, "repetitive"),
-        )
+        general = answer_general(prompts)
     if base is not None and cfg.retention:
         summary["retention_kl"] = retention_kl(
             model,
@@ -68,18 +73,7 @@ def evaluate_adapters(
             bar("retention prompts", len(prompts)),
         )
         with using(model, base):
-            base_rows = general_answers(
-                model,
-                tokenizer,
-                prompts,
-                cfg.general_max_tokens,
-                cfg.batch_size,
-                bar("general prompts, base", len(prompts)),
-            )
-        summary["degenerate_rate_base"], summary["repetitive_rate_base"] = (
-            rate(base_rows),
-            rate(base_rows, "repetitive"),
-        )
+            base_rows = answer_general(prompts, of_base=True)
         general = [
             {
                 **r,
