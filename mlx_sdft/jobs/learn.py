@@ -142,8 +142,9 @@ def build(
             f"rules {at_end} act at the end of an answer: samples and held-out answers of up to "
             f"{cfg.end_rule_tokens} tokens (--end-rule-tokens)",
         )
-    train_prompts, held_out = rules.prompt_pool(rules.own_prompts(store.exchanges()))
-    held_out = held_out[: cfg.gate_prompts]
+    own = rules.own_prompts(store.exchanges())
+    train_prompts, held_split = rules.prompt_pool(own)
+    held_out = held_split[: cfg.gate_prompts]
     fresh = tuple(r["id"] for r in standing if r["state"] == "new")
     # Preflights stored under this version of this model (rules check, rules add, an earlier learn)
     # are not measured again; when they already say that nothing new can be learned, stop before loading.
@@ -191,6 +192,19 @@ def build(
             _questions(store, standing, model_obj, tokenizer, console, cfg.log_text)
             _paraphrases(
                 store, one_off, model_obj, tokenizer, cfg.lesson_paraphrases, console, cfg.log_text
+            )
+            written = (
+                _written_prompts(
+                    [p for p in own if p in train_prompts],
+                    held_split,
+                    model_obj,
+                    tokenizer,
+                    cfg.written_prompts,
+                    console,
+                    cfg.log_text,
+                )
+                if standing
+                else []
             )
         gate_cfg = dataclasses.replace(cfg, teacher_template=train_cfg.teacher_template)
         known.update(
@@ -297,7 +311,7 @@ def build(
         if standing:
             drawn = random.Random(cfg.seed + number).sample(
                 train_prompts, min(cfg.rule_prompts, len(train_prompts))
-            )
+            ) + [[{"role": "user", "content": w}] for w in written]
             examples += rules.distillation_examples(drawn, book)
             for row in standing:
                 examples += (
@@ -350,6 +364,7 @@ def build(
             "method": train_cfg.method,
             "lessons": [r["id"] for r in new],
             "replayed": [r["id"] for r in replayed],
+            "written_prompts": len(written),
             "includes": sorted({*parent_record["includes"], *(r["id"] for r in new)}),
             "accepted": result["passed"],
             "reason": result["failed"],
@@ -470,6 +485,58 @@ def _paraphrases(
             f"on and {len(held_out)} held out"
             + (f", e.g. {written[0]!r}" if text and written else ""),
         )
+
+
+WRITTEN_FROM = 8  # the newest stored requests shown to the model as examples of their subjects
+
+
+def _written_prompts(
+    own: list[list[dict]], held_out: list[list[dict]], model, tokenizer, n: int, console, text: bool
+) -> list[str]:
+    """New requests on the subjects of the user's stored ones (their newest WRITTEN_FROM one-line
+    requests, none held out) that the model writes under the current version: more prompts to
+    distill the rules over. Never a held-out prompt; not kept (the version record counts them): they
+    come from the user's requests, which `forget` must be able to erase."""
+    if not n:
+        return []
+    asked = list(
+        dict.fromkeys(
+            m[-1]["content"]
+            for m in own
+            if isinstance(m[-1].get("content"), str)
+            and "\n" not in m[-1]["content"].strip()
+            and len(m[-1]["content"]) <= PARAPHRASED_CHARS
+        )
+    )[:WRITTEN_FROM]
+    if not asked:
+        _say(
+            console, "no stored one-line requests to write new ones like: --written-prompts skipped"
+        )
+        return []
+    budget = min(PARAPHRASE_TOKENS, 32 * n)
+    _say(
+        console,
+        f"the model writes {n} new requests like {_count(len(asked), 'stored one')} "
+        f"(one answer of up to {budget} tokens)",
+    )
+    written = [
+        p
+        for p in measure_rules.write_requests(
+            model,
+            tokenizer,
+            asked,
+            n,
+            budget,
+            known=[m[-1]["content"] for m in held_out if isinstance(m[-1].get("content"), str)],
+        )
+        if special_text_in(tokenizer, p) is None
+    ]
+    _say(
+        console,
+        f"{_count(len(written), 'new request')} written"
+        + (f", e.g. {written[0]!r}" if text and written else ""),
+    )
+    return written
 
 
 def _measured(home: Path, version: int, key: list) -> dict | None:

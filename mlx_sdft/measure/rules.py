@@ -24,7 +24,7 @@ from mlx_sdft.core.losses import kl_of_logits
 from mlx_sdft.core.prompts import encode, render, template_system_prompt, with_rules
 from mlx_sdft.core.rollout import sample
 from mlx_sdft.core.scoring import completion_logits, completion_mask
-from mlx_sdft.store.rules import paraphrases_in, prior_questions, questions_in
+from mlx_sdft.store.rules import paraphrases_in, prior_questions, questions_in, requests_in
 
 _TOKEN = re.compile(r"\d+(?:[.,]\d+)*|[^\W\d_]+")
 
@@ -240,3 +240,41 @@ def write_paraphrases(model, tokenizer, prompt: str, n: int, max_tokens: int) ->
     return paraphrases_in(
         _whole_lines(greedy(model, tokenizer, [request], max_tokens, 1)), prompt, n
     )
+
+
+# One worked example first, as for paraphrases: shown only the person's requests, Qwen2.5-Coder-0.5B
+# copied them out before writing new ones (docs/personal.md has what it wrote).
+REQUESTS_EXAMPLE = [
+    {
+        "role": "user",
+        "content": "A person asked an assistant:\n- How do I bake bread at home?\n- What is the "
+        "capital of Peru?\n\nWrite 4 other questions on the same subjects that they did not ask, "
+        "numbered. Do not answer them.",
+    },
+    {
+        "role": "assistant",
+        "content": "1. How long should bread dough rise?\n2. Which language is spoken in Peru?\n"
+        "3. Can I bake bread without yeast?\n4. What is the highest mountain in Peru?",
+    },
+]
+REQUESTS_PROMPT = (
+    "A person asked an assistant:\n{asked}\n\nWrite {n} other questions on the same subjects that "
+    "they did not ask, numbered. Do not answer them."
+)
+
+
+def write_requests(
+    model, tokenizer, asked: list[str], n: int, max_tokens: int, known: list[str] = ()
+) -> list[str]:
+    """New requests on the subjects of `asked` that the model writes itself (greedy): more prompts
+    in the user's own domains for the rules to be distilled over. store.rules.requests_in says which
+    lines are such (none of `asked` or `known`); a line cut off at `max_tokens` is left out."""
+    request = [
+        *REQUESTS_EXAMPLE,
+        {
+            "role": "user",
+            "content": REQUESTS_PROMPT.format(asked="\n".join(f"- {a}" for a in asked), n=n),
+        },
+    ]
+    text = _whole_lines(greedy(model, tokenizer, [request], max_tokens, 1))
+    return requests_in(text, [*asked, *known], n)

@@ -217,6 +217,21 @@ def paraphrases_in(text: str, prompt: str, n: int) -> list[str]:
     return out[:n]
 
 
+def requests_in(text: str, known: list[str], n: int) -> list[str]:
+    """The new requests in a model's numbered or bulleted list, in order, at most n: each different
+    from every `known` one (the examples it was shown, the held-out prompts) and from the others
+    (case, spaces and end punctuation aside), and at most REQUEST_CHARS long."""
+    seen, out = {_plain(k) for k in known}, []
+    for line, listed in list_items(text):
+        if listed and len(line) <= REQUEST_CHARS and _plain(line) not in seen:
+            seen.add(_plain(line))
+            out.append(line)
+    return out[:n]
+
+
+REQUEST_CHARS = 300  # a longer line is not one request
+
+
 def _plain(text: str) -> str:
     return " ".join(text.lower().split()).rstrip(".!?;:, ")
 
