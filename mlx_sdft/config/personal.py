@@ -176,6 +176,23 @@ class ServeConfig(Dequantize, ChatTemplate, ModelSource):
 LOOPBACK = ("127.0.0.1", "localhost", "::1")
 
 
+def _within_bundled(cfg, names: tuple[str, ...]) -> None:
+    """--gate-prompts and --gate-questions count bundled prompts: more than there are would be cut
+    silently, and the record would say more was measured than was."""
+    from mlx_sdft.config.bundled import prior_questions, prompt_pool
+
+    available = {
+        "gate_prompts": (len(prompt_pool()[1]), "the bundled held-out prompts"),
+        "gate_questions": (len(prior_questions(10**6)), "the bundled questions"),
+    }
+    for name in names:
+        most, what = available[name]
+        if getattr(cfg, name) > most:
+            raise InputError(
+                f"--{name.replace('_', '-')}: at most {most} ({what}), got {getattr(cfg, name)}"
+            )
+
+
 def _is_origin(text: str) -> bool:
     """SCHEME://HOST[:PORT] and nothing more, as a browser sends it in the Origin header."""
     try:
@@ -326,6 +343,7 @@ class RulesConfig:
 
     def validate(self) -> RulesConfig:
         _positive(self, ("gate_prompts", "gate_max_tokens", "gate_batch_size"))
+        _within_bundled(self, ("gate_prompts",))
         if self.text is not None and not self.text.strip():
             raise InputError("TEXT: must not be blank")
         check_regex(self.check, "--check")
@@ -527,18 +545,13 @@ class LearnConfig(compose(Config, LEARN_DEFAULTS, LEARN_SETS, "learn")):
                 raise InputError(
                     f"--{name.replace('_', '-')}: must be >= 0, got {getattr(self, name)}"
                 )
-        from mlx_sdft.config.bundled import prior_questions, prompt_pool
-
-        for name, available, what in (
-            ("gate_prompts", len(prompt_pool()[1]), "the bundled held-out prompts"),
-            ("gate_questions", len(prior_questions(10**6)), "the bundled questions"),
-        ):
-            if (
-                getattr(self, name) > available
-            ):  # cut silently, the record would say more than was measured
+        for name in ("gate_max_prior_drop", "gate_max_loop_rise"):  # shares: 1 switches it off
+            if getattr(self, name) > 1:
                 raise InputError(
-                    f"--{name.replace('_', '-')}: at most {available} ({what}), got {getattr(self, name)}"
+                    f"--{name.replace('_', '-')}: a share of answers, at most 1 (1 lets any "
+                    f"change pass), got {getattr(self, name)}"
                 )
+        _within_bundled(self, ("gate_prompts", "gate_questions"))
         if not math.isfinite(self.gate_min_gain):
             raise InputError(f"--gate-min-gain: must be finite, got {self.gate_min_gain}")
         checked = self.train_config(

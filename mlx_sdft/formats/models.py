@@ -71,20 +71,30 @@ def package_file(spec: str) -> Path:
     return path
 
 
-def resolve(model: str, dequantize: bool | None = None) -> Path:
-    """A local folder as it is, a .gguf file via its exported folder, `pkg:PACKAGE/FILE` as that
-    file, else a hub id (downloaded once into the HF cache)."""
+def local_source(model: str) -> Path | None:
+    """The local file or folder a model source names (None: a hub id), or the InputError `resolve`
+    would raise about it, without loading, converting or downloading anything: a command checks its
+    --model this way before it writes anything."""
     path = package_file(model) if model.startswith("pkg:") else Path(model).expanduser()
     if path.suffix == ".gguf":
         if not path.is_file():
             raise InputError(f"{model}: no such GGUF file")
-        return resolve_gguf(path, dequantize)
+        return path
     if path.exists():
         if not (path / "config.json").is_file():
             raise InputError(f"{model}: not a model folder (no config.json)")
         return path
     if model.startswith((".", "/", "~")) or model.count("/") != 1:
         raise InputError(f"{model}: no such model folder (and not a hub id like org/name)")
+    return None
+
+
+def resolve(model: str, dequantize: bool | None = None) -> Path:
+    """A local folder as it is, a .gguf file via its exported folder, `pkg:PACKAGE/FILE` as that
+    file, else a hub id (downloaded once into the HF cache)."""
+    path = local_source(model)
+    if path is not None:
+        return resolve_gguf(path, dequantize) if path.suffix == ".gguf" else path
     try:
         return _download(model)
     except Exception as e:  # offline, unknown repo, gated: all end the run the same way

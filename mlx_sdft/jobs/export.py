@@ -135,11 +135,9 @@ def _rendered(tokenizer, rules: str | None = None) -> str | None:
 def _from_home(cfg: ExportConfig) -> tuple[ExportConfig, dict]:
     """The options that export what `serve --home` answers with, and {"version", "rules"}."""
     from mlx_sdft.store import rules, versions
-    from mlx_sdft.store.db import Store
+    from mlx_sdft.store.db import Store, existing_home
 
-    home = Path(cfg.home).expanduser()
-    if not home.is_dir():
-        raise InputError(f"--home {cfg.home}: no such folder")
+    home = existing_home(cfg.home)
     with Store(home) as store:
         exchanges, standing = (
             [e["model"] for e in store.exchanges(1)],

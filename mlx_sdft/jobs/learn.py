@@ -38,7 +38,7 @@ from mlx_sdft.measure.version import (
     verdict,
 )
 from mlx_sdft.store import lessons, rules, versions
-from mlx_sdft.store.db import STANDING, Store
+from mlx_sdft.store.db import STANDING, Store, existing_home
 
 
 def _say(console, line: str) -> None:
@@ -107,6 +107,7 @@ def build(
     against `parent`, keep it as the next version, and make it current when it passes. Call with
     the lock held."""
     from mlx_sdft.formats.checkpoint import package_versions
+    from mlx_sdft.formats.models import local_source
     from mlx_sdft.jobs.train import run_train
     from mlx_sdft.opening import open_to_train
 
@@ -114,6 +115,7 @@ def build(
     model = versions.located(
         cfg.model or parent_record.get("model") or versions.model_of(home) or DEFAULT_MODEL
     )
+    local_source(model)  # a missing model is named before anything else is said or written
     learned = {r["id"]: r for r in store.lessons("learned")}
     one_off = [r for r in new if r["kind"] not in STANDING]
     earlier = [
@@ -632,9 +634,16 @@ def run_forget(cfg, console=None) -> list[str]:
                 f"lesson {cfg.lesson}: no such lesson in {store.path} (see mlx-sdft lessons)"
             )
         now = versions.current(home)
+        # An exchange another lesson was made from stays: that lesson holds its text anyway, and
+        # `teach EXCHANGE` may still need it.
+        exchanges = _exchanges_of(store, row)
+        others = [
+            r for r in store.lessons() if r["id"] != cfg.lesson and r["exchange_id"] in exchanges
+        ]
+        sharing, kept = [r["id"] for r in others], {r["exchange_id"] for r in others}
         store.delete_lesson(cfg.lesson)
         store.delete_exchanges(
-            _exchanges_of(store, row)
+            [e for e in exchanges if e not in kept]
         )  # and compacts: the lesson's blanked text too
         why = f"lesson {cfg.lesson} forgotten"
         tainted = [r["version"] for r in versions.records(home) if cfg.lesson in r["includes"]]
@@ -646,6 +655,9 @@ def run_forget(cfg, console=None) -> list[str]:
         done = (
             "was already deleted"
             if row["state"] == "deleted"
+            else f"deleted; its exchange kept ({_count(len(sharing), 'lesson')} {sharing} made from "
+            f"it too: forget them to delete it)"
+            if sharing
             else "and its exchange deleted"
             if row["exchange_id"]
             else "deleted"
@@ -729,7 +741,7 @@ def _exchanges_of(store: Store, row: dict) -> list[str]:
 
 def run_versions(cfg, console=None) -> list[str]:
     """One line per version (or the records as JSON): lineage, lessons, gate numbers, decision."""
-    home = Path(cfg.home).expanduser()
+    home = existing_home(cfg.home)
     records, now = versions.records(home), versions.current(home)
     if cfg.json:
         return [json.dumps({"current": now, "versions": records}, ensure_ascii=False, indent=1)]

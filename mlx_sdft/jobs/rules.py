@@ -60,6 +60,10 @@ def add(cfg: RulesConfig, console=None) -> list[str]:
 
     if cfg.text is None:
         raise InputError('TEXT: give the rule, e.g. mlx-sdft rules add "Always answer in French."')
+    if cfg.preflight and cfg.model:  # refused before the rule is stored
+        from mlx_sdft.formats.models import local_source
+
+        local_source(cfg.model)
     with Store(cfg.home) as store:
         lesson, lines = add_standing(store, "fact" if cfg.fact else "rule", cfg.text, cfg.check)
     if not cfg.preflight:

@@ -11,7 +11,7 @@ from pathlib import Path
 from mlx_sdft.config import TEACHER_TEMPLATE, LessonsConfig, TeachConfig
 from mlx_sdft.errors import InputError
 from mlx_sdft.store import lessons, rules
-from mlx_sdft.store.db import FILENAME, STANDING, Store
+from mlx_sdft.store.db import FILENAME, STANDING, Store, existing_home
 
 
 def teach(cfg: TeachConfig) -> list[str]:
@@ -21,8 +21,10 @@ def teach(cfg: TeachConfig) -> list[str]:
         lessons.read_import(cfg.import_file) if cfg.import_file else None
     )  # a bad file: before the home exists
     path = Path(cfg.home).expanduser() / FILENAME
+    if cfg.list or cfg.forget_exchanges:  # nothing to read or forget: no home is made for it
+        existing_home(cfg.home)
     if not path.exists() and cfg.rule is None and cfg.fact is None and not cfg.import_file:
-        if cfg.list or cfg.forget_exchanges:  # nothing to read or forget: no home is made for it
+        if cfg.list or cfg.forget_exchanges:
             return [f"no exchanges in {path}"]
         raise InputError(
             f"{cfg.exchange}: no such exchange in {path} (see mlx-sdft exchanges list)"

@@ -116,9 +116,14 @@ def existing_home(home: str | Path) -> Path:
     """A --home to read from: it must exist (listing or measuring never creates one, a mistyped one
     included)."""
     path = Path(home).expanduser()
-    if not path.exists():  # a file: Store names it
+    if not path.exists():
         raise InputError(f"--home {home}: no such folder (serve, teach and rules add create it)")
+    if not path.is_dir():
+        raise InputError(f"--home {home}: {FILE_NOT_HOME}")
     return path
+
+
+FILE_NOT_HOME = "a file, not a folder (--home names the folder that holds the store)"
 
 
 class Store:
@@ -131,9 +136,7 @@ class Store:
         self._redactor = Redactor(redact)
         self._lock = threading.RLock()
         if self.home.exists() and not self.home.is_dir():
-            raise InputError(
-                f"{self.home}: a file, not a folder (--home names the folder that holds the store)"
-            )
+            raise InputError(f"{self.home}: {FILE_NOT_HOME}")
         try:
             self.home.mkdir(mode=0o700, parents=True, exist_ok=True)
             if (

@@ -326,6 +326,10 @@ def test_learn_rollback_and_forget_refuse_a_home_that_does_not_exist(tiny_model,
         ["lessons", "export", "OUT"],
         ["rules"],
         ["rules", "remove", "1", "--yes"],
+        ["versions"],
+        ["exchanges", "list"],
+        ["exchanges", "forget", "--yes"],
+        ["export", "--out", "OUT"],
     ],
 )
 def test_reading_or_removing_lessons_and_rules_refuses_a_home_that_does_not_exist(tmp_path, args):
@@ -335,6 +339,42 @@ def test_reading_or_removing_lessons_and_rules_refuses_a_home_that_does_not_exis
     assert result.exit_code == 2, result.output
     assert f"--home {missing}: no such folder" in " ".join(result.output.split())
     assert not missing.exists() and not (tmp_path / "out.jsonl").exists()
+    a_file = tmp_path / "notes.jsonl"  # a file named as the home: said so, left as it was
+    a_file.write_text("{}\n")
+    result = runner.invoke(app, [*args, "--home", str(a_file)])
+    assert result.exit_code == 2 and "a file, not a folder" in " ".join(result.output.split())
+    assert a_file.read_text() == "{}\n"
+
+
+def test_a_missing_model_is_refused_before_a_rule_is_stored_or_learn_says_anything(tmp_path):
+    home, missing = tmp_path / "home", str(tmp_path / "no-model")
+    result = runner.invoke(
+        app, ["rules", "add", "Sign with - Sam.", "--model", missing, "--home", str(home)]
+    )
+    assert result.exit_code == 2 and "no such model folder" in result.output
+    assert not home.exists()
+    assert (
+        runner.invoke(
+            app,
+            [
+                "rules",
+                "add",
+                "Sign with - Sam.",
+                "--check",
+                "Sam$",
+                "--no-preflight",
+                "--home",
+                str(home),
+            ],
+        ).exit_code
+        == 0
+    )
+    result = runner.invoke(app, ["learn", "--model", missing, "--home", str(home)])
+    assert result.exit_code == 2, result.output
+    assert (
+        result.output.startswith("mlx-sdft learn: error:")
+        and "no such model folder" in result.output
+    )
 
 
 def test_more_gate_prompts_than_bundled_is_refused(tiny_model, tmp_path):
@@ -349,6 +389,19 @@ def test_more_gate_prompts_than_bundled_is_refused(tiny_model, tmp_path):
         and f"--gate-prompts: at most {held_out} (the bundled held-out prompts), got 101"
         in result.output
     )
+    assert not (home / "versions").exists()
+    checked = runner.invoke(app, ["rules", "check", "--home", str(home), "--gate-prompts", "101"])
+    assert checked.exit_code == 2 and f"--gate-prompts: at most {held_out}" in checked.output
+
+
+@pytest.mark.parametrize("option", ["--gate-max-prior-drop", "--gate-max-loop-rise"])
+def test_a_share_over_one_is_refused(tiny_model, tmp_path, option):
+    home = tmp_path / "home"
+    _lessons(home, "red")
+    result = runner.invoke(
+        app, ["learn", "--home", str(home), "--model", str(tiny_model), option, "2"]
+    )
+    assert result.exit_code == 2 and f"{option}: a share of answers, at most 1" in result.output
     assert not (home / "versions").exists()
 
 
@@ -590,6 +643,41 @@ def test_versions_lists_a_version_folder_not_built_by_learn(tmp_path):
     result = runner.invoke(app, ["versions", "--home", str(home)])
     assert result.exit_code == 0 and "current: 1" in result.output and "(no gate)" in result.output
     assert "not built by learn" in result.output
+
+
+@pytest.mark.parametrize("command", [["forget"], ["rules", "remove", "--yes"]])
+def test_forget_keeps_an_exchange_another_lesson_was_made_from(tmp_path, command):
+    """Feedback and a standing rule from one exchange: forgetting the rule keeps the exchange (the
+    feedback lesson holds its text anyway, and teach may still need it) and says so; forgetting the
+    last lesson made from it deletes it."""
+    home = tmp_path / "home"
+    with Store(home) as store:
+        exchange = store.add_exchange(
+            messages=[{"role": "user", "content": "Plan my week."}],
+            answer="Work hard.",
+            model="m",
+            version=0,
+            sampling={},
+            finish_reason="stop",
+            prompt_tokens=3,
+            completion_tokens=2,
+        )
+    for args in (["--feedback", "too vague"], ["--feedback", "Sign with - Sam.", "--always"]):
+        taught = runner.invoke(app, ["teach", exchange, *args, "--home", str(home)])
+        assert taught.exit_code == 0, taught.output
+    with Store(home) as store:
+        feedback, rule = (r["id"] for r in store.lessons())
+    result = runner.invoke(app, [*command, str(rule), "--home", str(home)])
+    assert result.exit_code == 0, result.output
+    said = " ".join(result.output.split())
+    assert f"its exchange kept (1 lesson [{feedback}] made from it too" in said
+    with Store(home) as store:
+        assert store.exchange(exchange) is not None and store.lesson(rule)["state"] == "deleted"
+    result = runner.invoke(app, ["forget", str(feedback), "--home", str(home)])
+    assert result.exit_code == 0 and "and its exchange deleted" in result.output
+    with Store(home) as store:
+        assert store.exchange(exchange) is None
+    assert b"Plan my week" not in _everything(home)
 
 
 def test_forget_a_hindsight_lesson_deletes_the_exchange_that_continued_it(tmp_path):
