@@ -263,6 +263,7 @@ def teach_and_learn(args, out: Path) -> None:
         raise SystemExit(f"{home} exists: remove it or pick another --out")
     demonstrations = args.model == "smollm"
     server = Server(model, home, out / "serve.log")
+    gated_harmful = False
     try:
         for i, rule in enumerate(RULES[: args.stages]):
             route = (
@@ -276,11 +277,12 @@ def teach_and_learn(args, out: Path) -> None:
                 "/v1/feedback", {rule["kind"]: rule["text"], "check": rule["check"]}
             )
             fingerprint = server.ask("Hi!", 8)["system_fingerprint"]
-            harmful_at = min(
-                1, args.stages - 1
-            )  # the second stage (or the only one): the harmful update first
-            for extra in [HARMFUL, []] if i == harmful_at else [[]]:
+            # From the second stage (or the only one) on, the harmful update first, until one
+            # reaches the gate: a stage whose learn stops before training (its preflight) cannot test it.
+            harmful = i >= min(1, args.stages - 1) and not gated_harmful
+            for extra in [HARMFUL, []] if harmful else [[]]:
                 result = learn(home, model, extra, out / "learn.log")
+                gated_harmful = gated_harmful or (bool(extra) and result["exit"] != 2)
                 if (
                     result["exit"] == 2 and route
                 ):  # the preflight said no: record it, then correct the answers
@@ -373,7 +375,12 @@ def summarize(name: str, rows: list[dict], ids: dict, rules: dict) -> dict:
             "after_last": normal[-1]["served"]["prior"],
             "n": first["prior_answers"]["questions"],
         },
-        "harmful_update_rejected": all(not r["accepted"] for r in rows if r["harmful"]),
+        # None: no harmful update reached the gate (every one stopped before training)
+        "harmful_update_rejected": (
+            not any(r["accepted"] for r in rows if r["harmful"])
+            if any(r["harmful"] for r in rows)
+            else None
+        ),
         "learn_seconds": [r["wall_s"] for r in rows],
         "learn_cpu_seconds": [r["cpu_s"] for r in rows],
         "accepted": [r["accepted"] for r in rows],
