@@ -44,3 +44,18 @@ def follows_when_told(monkeypatch):
     from mlx_sdft.jobs import learn
 
     monkeypatch.setattr(learn, "follows", lambda result: True)
+
+
+@pytest.fixture
+def trained(monkeypatch):
+    """The examples of each training run learn starts."""
+    from mlx_sdft.jobs import train
+
+    runs, real = [], train.run_train
+
+    def recorded(cfg, **kwargs):
+        runs.append(kwargs["examples"]["train"])
+        return real(cfg, **kwargs)
+
+    monkeypatch.setattr(train, "run_train", recorded)
+    return runs

@@ -19,6 +19,7 @@ from mlx_sdft.config import FEEDBACK_TEMPLATE
 from mlx_sdft.store import lessons, versions
 from mlx_sdft.store.db import Store
 from mlx_sdft.store.rules import prompt_pool
+from test_store import _exchange
 
 runner = CliRunner()
 # Small and fast; the tiny model is random, so the canary (KL from the base, degenerate answers)
@@ -652,16 +653,7 @@ def test_forget_keeps_an_exchange_another_lesson_was_made_from(tmp_path, command
     last lesson made from it deletes it."""
     home = tmp_path / "home"
     with Store(home) as store:
-        exchange = store.add_exchange(
-            messages=[{"role": "user", "content": "Plan my week."}],
-            answer="Work hard.",
-            model="m",
-            version=0,
-            sampling={},
-            finish_reason="stop",
-            prompt_tokens=3,
-            completion_tokens=2,
-        )
+        exchange = _exchange(store, [{"role": "user", "content": "Plan my week."}], "Work hard.")
     for args in (["--feedback", "too vague"], ["--feedback", "Sign with - Sam.", "--always"]):
         taught = runner.invoke(app, ["teach", exchange, *args, "--home", str(home)])
         assert taught.exit_code == 0, taught.output

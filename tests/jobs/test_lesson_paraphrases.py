@@ -75,21 +75,6 @@ def scripted(monkeypatch):
     return asked
 
 
-@pytest.fixture
-def trained(monkeypatch):
-    """The examples of each training run learn starts."""
-    from mlx_sdft.jobs import train
-
-    runs, real = [], train.run_train
-
-    def recorded(cfg, **kwargs):
-        runs.append(kwargs["examples"]["train"])
-        return real(cfg, **kwargs)
-
-    monkeypatch.setattr(train, "run_train", recorded)
-    return runs
-
-
 def _learn(home, model, *extra):
     return runner.invoke(app, ["learn", "--home", str(home), "--model", str(model), *FAST, *extra])
 

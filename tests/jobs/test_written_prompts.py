@@ -12,41 +12,12 @@ from mlx_sdft.errors import InputError
 from mlx_sdft.store import versions
 from mlx_sdft.store.db import Store
 from mlx_sdft.store.rules import requests_in
+from test_rules import FAST, LOOSE, RULE
+from test_store import _exchange
 
 runner = CliRunner()
-FAST = (
-    "--num-layers",
-    "-1",
-    "--batch-size",
-    "2",
-    "--iters",
-    "2",
-    "--learning-rate",
-    "3e-3",
-    "--max-completion-length",
-    "8",
-    "--gate-prompts",
-    "4",
-    "--gate-max-tokens",
-    "8",
-    "--gate-questions",
-    "4",
-    "--gate-question-tokens",
-    "6",
-    "--rule-prompts",
-    "6",
-    "--gate-max-kl-rise",
-    "100",
-    "--gate-max-loop-rise",
-    "1",
-    "--gate-max-prior-drop",
-    "1",
-    "--gate-rule-tolerance",
-    "100",
-    "--gate-min-gain",
-    "-1000",
-)
-RULE = "Always end your answer with the word zebra."
+# the fast, loose learn of the rules tests (any gain passes gate 1)
+LEARN = (*FAST, *LOOSE, "--gate-min-gain", "-1000")
 # the second is held out (by its hash): never shown as an example, never trained on
 ASKED = [
     "How do I boil an egg?",
@@ -80,41 +51,17 @@ def scripted(monkeypatch):
     return asked
 
 
-@pytest.fixture
-def trained(monkeypatch):
-    """The examples of each training run learn starts."""
-    from mlx_sdft.jobs import train
-
-    runs, real = [], train.run_train
-
-    def recorded(cfg, **kwargs):
-        runs.append(kwargs["examples"]["train"])
-        return real(cfg, **kwargs)
-
-    monkeypatch.setattr(train, "run_train", recorded)
-    return runs
-
-
 def _home(tmp_path, asked=ASKED):
     home = tmp_path / "home"
     with Store(home) as store:
         for text in asked:
-            store.add_exchange(
-                messages=[{"role": "user", "content": text}],
-                answer="An answer.",
-                model="tiny",
-                version=0,
-                sampling={},
-                finish_reason="stop",
-                prompt_tokens=4,
-                completion_tokens=2,
-            )
+            _exchange(store, [{"role": "user", "content": text}], "An answer.")
         store.add_lesson(kind="rule", text=RULE)
     return home
 
 
 def _learn(home, model, *extra):
-    return runner.invoke(app, ["learn", "--home", str(home), "--model", str(model), *FAST, *extra])
+    return runner.invoke(app, ["learn", "--home", str(home), "--model", str(model), *LEARN, *extra])
 
 
 def test_the_rules_are_distilled_over_the_new_requests_the_model_writes(
