@@ -326,13 +326,14 @@ def _serve(cfg: ServeConfig) -> None:
 
 def _printing(name: str, ask: Callable | None = None, job: str = "teach") -> Callable:
     """Run `jobs.JOB.NAME(options)` and print its lines; `ask(options)` may return a question to
-    confirm first (a deletion), skipped with --yes. jobs.learn's also get a stderr console."""
+    confirm first (a deletion) and the line a "no" ends with, skipped with --yes. jobs.learn's also
+    get a stderr console."""
 
     def run(cfg) -> None:
         module = importlib.import_module(f"mlx_sdft.jobs.{job}")
-        question = ask(cfg) if ask and not cfg.yes else None
-        if question:
-            _confirm(question)
+        asked = ask(cfg) if ask and not cfg.yes else None
+        if asked:
+            _confirm(*asked)
         console = (
             {"console": Console(stderr=True)}
             if job in ("learn", "rules") and name != "listing"
@@ -344,20 +345,31 @@ def _printing(name: str, ask: Callable | None = None, job: str = "teach") -> Cal
     return run
 
 
-def _confirm(question: str) -> None:
-    """Ask before a deletion; "no" is Ctrl-C's 130. With no terminal to ask on (stdin at its end: a
-    script, a pipe), the one line says to pass --yes instead of aborting at the prompt."""
+# A "no" to a confirmation: click's Abort status, not Ctrl-C's 130.
+DECLINED = 1
+
+
+def _confirm(question: str, kept: str) -> None:
+    """Ask before a deletion; a "no" ends with the one line `kept` (what stays) and status DECLINED.
+    With no terminal to ask on (stdin at its end: a script, a pipe), the one line says to pass --yes
+    instead of aborting at the prompt."""
+    # An answer read from a pipe is not echoed: the prompt's line is ended here instead.
+    piped = sys.stdin is None or not sys.stdin.isatty()
     try:
         yes = typer.confirm(question)
     except typer.Abort:  # Ctrl-C or the end of stdin
-        if sys.stdin is None or not sys.stdin.isatty():
+        if piped:
+            typer.echo("")
             raise InputError(
                 "no answer to the question (no terminal to ask on): pass --yes to delete without "
                 "asking"
             ) from None
         raise
+    if piped:
+        typer.echo("")
     if not yes:
-        raise typer.Abort()
+        typer.echo(kept, err=True)
+        raise typer.Exit(DECLINED)
 
 
 def _deprecated(old: str, new: str) -> None:
@@ -426,15 +438,17 @@ _TEACH_MOVED = {
 }
 
 
+def _forget_exchanges_question(cfg) -> tuple[str, str]:
+    return f"Delete every exchange in {cfg.home}?", "exchanges kept: nothing deleted"
+
+
 def _teach(cfg: TeachConfig) -> None:
     for field, new in _TEACH_MOVED.items():
         if getattr(cfg, field):
             _deprecated(
                 f"teach --{'import' if field == 'import_file' else field.replace('_', '-')}", new
             )
-    _printing(
-        "teach", lambda cfg: cfg.forget_exchanges and f"Delete every exchange in {cfg.home}?"
-    )(cfg)
+    _printing("teach", lambda cfg: cfg.forget_exchanges and _forget_exchanges_question(cfg))(cfg)
 
 
 _command(
@@ -468,7 +482,7 @@ _command(
 _command(
     "forget",
     TeachConfig,
-    _printing("teach", lambda cfg: f"Delete every exchange in {cfg.home}?"),
+    _printing("teach", _forget_exchanges_question),
     "Delete every stored exchange (lessons keep a copy of their prompt) and compact the store.",
     None,
     ("home", "yes"),
@@ -546,7 +560,10 @@ _command(
 _command(
     "purge",
     LessonsConfig,
-    _printing("purge", lambda cfg: f"Delete every lesson in {cfg.home}?"),
+    _printing(
+        "purge",
+        lambda cfg: (f"Delete every lesson in {cfg.home}?", "lessons kept: nothing deleted"),
+    ),
     "Delete every lesson and compact the store.",
     None,
     ("home", "yes"),

@@ -142,10 +142,14 @@ def _standing(cfg: RulesConfig) -> dict:
     return row
 
 
-def removal_question(cfg: RulesConfig) -> str:
-    """What `rules remove` asks (after checking RULE exists: no question about nothing)."""
+def removal_question(cfg: RulesConfig) -> tuple[str, str]:
+    """What `rules remove` asks (after checking RULE exists: no question about nothing), and the
+    line a "no" ends with."""
     row = _standing(cfg)
-    return f"Remove {row['kind']} {row['id']} ({row['text'][:60]!r}) everywhere (a version that learned it is rebuilt)?"
+    return (
+        f"Remove {row['kind']} {row['id']} ({row['text'][:60]!r}) everywhere (a version that learned it is rebuilt)?",
+        f"{row['kind']} {row['id']} kept: nothing removed",
+    )
 
 
 def remove(cfg: RulesConfig, console=None) -> list[str]:

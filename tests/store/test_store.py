@@ -540,19 +540,60 @@ def test_old_spellings_work_with_one_deprecation_line(tmp_path):
     assert typer.main.get_command(app).commands["rollback"].hidden  # listed under versions only
 
 
-def test_purge_and_forget_ask_first(tmp_path):
+def _answered(answer, *args, capsys, monkeypatch):
+    """`echo ANSWER | mlx-sdft ARGS` through the console script: (status, stdout, stderr)."""
+    import io
+
+    from mlx_sdft.cli import main
+
+    monkeypatch.setattr("sys.argv", ["mlx-sdft", *map(str, args)])
+    monkeypatch.setattr("sys.stdin", io.StringIO(answer + "\n"))
+    with pytest.raises(SystemExit) as exited:
+        main()
+    return exited.value.code, *capsys.readouterr()
+
+
+@pytest.mark.parametrize(
+    "args, kept",
+    [
+        (["lessons", "purge"], "lessons kept: nothing deleted"),
+        (["exchanges", "forget"], "exchanges kept: nothing deleted"),
+        (["teach", "--forget-exchanges"], "exchanges kept: nothing deleted"),
+        (["rules", "remove", "RULE"], "rule RULE kept: nothing removed"),
+    ],
+)
+def test_a_no_to_a_deletion_keeps_everything_and_says_so(tmp_path, capsys, monkeypatch, args, kept):
+    """A "no": the prompt's line ended (a piped answer is not echoed), one line saying what is
+    kept, and click's Abort status 1, not Ctrl-C's 130."""
+    from mlx_sdft.store.rules import add_standing
+
     with Store(tmp_path) as store:
         _exchange(store)
         store.add_lesson(kind="import", prompt=MESSAGES, text="4")
-    for args in (["lessons", "purge"], ["teach", "--forget-exchanges"]):
-        result = runner.invoke(app, [*args, "--home", str(tmp_path)], input="n\n")
-        assert result.exit_code != 0 and "Delete every" in result.output
-    with Store(tmp_path) as store:
-        assert len(store.lessons()) == 1 and len(store.exchanges()) == 1
-    assert (
-        runner.invoke(app, ["lessons", "purge", "--home", str(tmp_path)], input="y\n").exit_code
-        == 0
+        rule, _ = add_standing(store, "rule", "Answer in French.")
+    args = [a.replace("RULE", str(rule)) for a in args]
+    status, out, err = _answered(
+        "n", *args, "--home", tmp_path, capsys=capsys, monkeypatch=monkeypatch
     )
+    assert status == 1, (out, err)
+    assert out.endswith("? [y/N]: \n") and out.count("\n") == 1, out
+    *before, last = err.splitlines(keepends=True)  # before: teach --forget-exchanges' deprecation
+    assert last == kept.replace("RULE", str(rule)) + "\n" and all(
+        "deprecated" in line for line in before
+    ), err
+    with Store(tmp_path) as store:
+        assert len(store.lessons()) == 2 and len(store.exchanges()) == 1
+
+
+def test_a_yes_to_a_deletion_deletes(tmp_path, capsys, monkeypatch):
+    with Store(tmp_path) as store:
+        store.add_lesson(kind="import", prompt=MESSAGES, text="4")
+    status, out, err = _answered(
+        "y", "lessons", "purge", "--home", tmp_path, capsys=capsys, monkeypatch=monkeypatch
+    )
+    assert status == 0 and "? [y/N]: \npurged " in out and not err, (out, err)
+    with Store(tmp_path) as store:
+        assert store.lessons() == []
 
 
 def test_a_bad_import_file_leaves_no_home_behind(tmp_path):
