@@ -388,9 +388,11 @@ def _noun(
     names: tuple[str, ...],
     moved: dict[str, str] | None = None,
     fixed: dict | None = None,
+    hide: tuple[str, ...] = (),
 ) -> typer.Typer:
     """`mlx-sdft NAME`: a noun whose subcommands act on it; alone (or with its listing options) it lists.
-    `moved`: listing options that are an old spelling of a subcommand, accepted with a deprecation line."""
+    `moved`: listing options that are an old spelling of a subcommand, accepted with a deprecation line;
+    `hide`: options accepted but not shown (those only an old spelling takes)."""
     noun = typer.Typer(
         name=name,
         no_args_is_help=False,
@@ -414,7 +416,10 @@ def _noun(
             inspect.Parameter(
                 "ctx", inspect.Parameter.POSITIONAL_OR_KEYWORD, annotation=typer.Context
             ),
-            *(_option(f, hidden=f.name in (moved or {})) for f in _fields(options, names)),
+            *(
+                _option(f, hidden=f.name in (moved or {}) or f.name in hide)
+                for f in _fields(options, names)
+            ),
         ]
     )
     callback.__doc__ = help
@@ -490,7 +495,7 @@ _command(
     fixed={"forget_exchanges": True},
 )
 
-_LESSON_LIST = ("home", "json", "state", "export")
+_LESSON_LIST = ("home", "json", "state", "export", "force")
 lessons_app = _noun(
     "lessons",
     "The lessons in --home: list, show ID, add EXCHANGE, import FILE, export FILE, delete "
@@ -499,6 +504,7 @@ lessons_app = _noun(
     LessonsConfig,
     _LESSON_LIST,
     moved={"export": "export FILE"},
+    hide=("force",),  # lessons --export's
 )
 _command(
     "list",
@@ -544,7 +550,7 @@ _command(
     _printing("listing"),
     "Write the lessons as .jsonl for `mlx-sdft train --data`.",
     None,
-    ("export", "home", "state"),
+    ("export", "home", "state", "force"),
     lessons_app,
     argument="export",
 )

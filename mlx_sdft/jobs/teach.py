@@ -66,9 +66,12 @@ def listing(cfg: LessonsConfig) -> list[str]:
     """The lessons (or --export them as .jsonl for `mlx-sdft train --data`)."""
     with Store(cfg.home, create=False) as store:
         if cfg.export:
-            count = lessons.export(store, cfg.export, cfg.state)
+            count = lessons.export(store, cfg.export, cfg.state, force=cfg.force)
+            skipped = lessons.left_out(store, cfg.state)
             return [
-                f"wrote {count} lessons to {cfg.export}; train on them with: mlx-sdft train --data {cfg.export} ..."
+                f"wrote {count} lessons to {cfg.export}"
+                + (f" ({skipped})" if skipped else "")
+                + f"; train on them with: mlx-sdft train --data {cfg.export} ..."
             ]
         rows = store.lessons(cfg.state)
     if cfg.json:

@@ -420,6 +420,50 @@ def test_lessons_bad_id_and_export_of_nothing(tmp_path):
     assert not (tmp_path / "x.jsonl").exists()
 
 
+def test_lessons_export_refuses_an_existing_file_without_force(tmp_path):
+    home = tmp_path / "home"
+    with Store(home) as store:
+        store.add_lesson(kind="import", prompt=MESSAGES, text="4")
+    out = tmp_path / "mine.jsonl"
+    out.write_text("mine\n")
+    for args in (["lessons", "export", out], ["lessons", "--export", out]):
+        refused = _run(*args, "--home", home)
+        assert refused.exit_code == 2 and refused.stdout == "", refused.output
+        assert refused.stderr.splitlines()[-1] == (
+            f"mlx-sdft lessons{' export' if 'export' in args else ''}: error: {out}: already "
+            "exists (--force replaces it)"
+        ), refused.stderr
+        assert out.read_text() == "mine\n"
+    for args in (["lessons", "export", out, "--force"], ["lessons", "--export", out, "--force"]):
+        replaced = _run(*args, "--home", home)
+        assert replaced.exit_code == 0 and replaced.stdout.startswith("wrote 1 "), replaced.output
+        assert [e.demonstration for e in load_examples(out)] == ["4"]
+
+
+def test_lessons_export_says_how_many_rules_and_facts_it_left_out(tmp_path):
+    home = tmp_path / "home"
+    with Store(home) as store:
+        store.add_lesson(kind="import", prompt=MESSAGES, text="4")
+    alone = _run("lessons", "export", tmp_path / "a.jsonl", "--home", home)
+    assert alone.exit_code == 0 and "left out" not in alone.stdout, alone.output
+    with Store(home) as store:
+        for kind, text in (("rule", "Be brief."), ("rule", "Sign as Sam."), ("fact", "Oslo.")):
+            store.add_lesson(kind=kind, text=text)
+    result = _run("lessons", "export", tmp_path / "b.jsonl", "--home", home)
+    assert result.exit_code == 0 and result.stdout.startswith("wrote 1 lesson"), result.output
+    assert (
+        "(2 rules and 1 fact left out: rules and facts are not training examples)" in result.stdout
+    ), result.stdout
+    with Store(home) as store:
+        store.delete_lesson(1)
+    nothing = _run("lessons", "export", tmp_path / "c.jsonl", "--home", home)
+    assert nothing.exit_code == 2 and nothing.stderr.strip().endswith(
+        "no lessons to export (2 rules and 1 fact left out: rules and facts are not training "
+        "examples)"
+    ), nothing.stderr
+    assert not (tmp_path / "c.jsonl").exists()
+
+
 def test_exported_feedback_lessons_train(tiny_model, tmp_path):
     """`lessons --export` output goes straight into `train`: the feedback lesson's own template reaches the
     teacher; --method sft refuses it (it has no demonstration)."""
@@ -515,7 +559,7 @@ def test_old_spellings_work_with_one_deprecation_line(tmp_path):
     out = tmp_path / "lessons.jsonl"
     for old, new in (
         (["teach", "--list"], ["exchanges", "list"]),
-        (["lessons", "--export", out], ["lessons", "export", out]),
+        (["lessons", "--export", out], ["lessons", "export", out, "--force"]),
         (["teach", "--import", out], ["lessons", "import", out]),
         (["teach", "--forget-exchanges", "--yes"], ["exchanges", "forget", "--yes"]),
     ):
