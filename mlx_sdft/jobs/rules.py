@@ -20,7 +20,7 @@ from mlx_sdft.config import DEFAULT_MODEL, ForgetConfig, RulesConfig
 from mlx_sdft.errors import InputError
 from mlx_sdft.store import versions
 from mlx_sdft.store.db import STANDING, Store, existing_home
-from mlx_sdft.store.rules import add_standing, held, own_prompts, prompt_pool, prompts_for
+from mlx_sdft.store.rules import add_standing, counted, held, own_prompts, prompt_pool, prompts_for
 
 
 def listing(cfg: RulesConfig) -> list[str]:
@@ -99,8 +99,8 @@ def check(cfg: RulesConfig, console=None) -> list[str]:
         mx.eval(loaded.parameters())
         loaded.eval()
         console.print(
-            f"preflight of {len(rows)} rules with {model} (version {now}) on {len(held_out)} held-out "
-            f"prompts, {cfg.gate_max_tokens} tokens each",
+            f"preflight of {counted(rows)} with {model} (version {now}) on {len(held_out)} held-out "
+            f"prompt{'s' * (len(held_out) != 1)}, {cfg.gate_max_tokens} tokens each",
             highlight=False,
         )
         results = preflight(

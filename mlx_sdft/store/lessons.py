@@ -23,7 +23,7 @@ from mlx_sdft.core.data import Example, load_examples
 from mlx_sdft.core.prompts import teacher_messages
 from mlx_sdft.errors import InputError
 from mlx_sdft.store.db import STANDING, Store
-from mlx_sdft.store.rules import split
+from mlx_sdft.store.rules import counted, split
 
 SLOT = {
     "feedback": "feedback",
@@ -186,13 +186,8 @@ def export(store: Store, path: str | Path, state: str | None = None, *, force: b
 def left_out(store: Store, state: str | None = None) -> str:
     """What `export` leaves out, in words ("1 rule and 2 facts left out: ..."), or "" for nothing:
     rules and facts have no demonstration to train on."""
-    kinds = [row["kind"] for row in store.lessons(state, standing=True)]
-    counts = [
-        f"{n} {kind if n == 1 else kind + 's'}" for kind in STANDING if (n := kinds.count(kind))
-    ]
-    if not counts:
-        return ""
-    return f"{' and '.join(counts)} left out: rules and facts are not training examples"
+    skipped = counted(store.lessons(state, standing=True))
+    return skipped and f"{skipped} left out: rules and facts are not training examples"
 
 
 def import_file(store: Store, path: str | Path) -> list[int]:

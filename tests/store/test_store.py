@@ -357,9 +357,9 @@ def test_teach_and_lessons_round_trip(tmp_path):
     )
     assert _run("lessons", "delete", "1", "--home", home).exit_code == 0
     assert [r["id"] for r in json.loads(_run("lessons", "--home", home, "--json").stdout)] == [2]
-    assert _run("lessons", "purge", "--home", home, "--yes").stdout.startswith("purged 2 lessons")
+    assert _run("lessons", "purge", "--home", home, "--yes").stdout.startswith("purged 2 lessons;")
     assert _run("teach", "--home", home, "--forget-exchanges", "--yes").stdout.startswith(
-        "forgot 1 exchanges"
+        "forgot 1 exchange;"
     )
 
 
@@ -450,7 +450,7 @@ def test_lessons_export_says_how_many_rules_and_facts_it_left_out(tmp_path):
         for kind, text in (("rule", "Be brief."), ("rule", "Sign as Sam."), ("fact", "Oslo.")):
             store.add_lesson(kind=kind, text=text)
     result = _run("lessons", "export", tmp_path / "b.jsonl", "--home", home)
-    assert result.exit_code == 0 and result.stdout.startswith("wrote 1 lesson"), result.output
+    assert result.exit_code == 0 and result.stdout.startswith("wrote 1 lesson to"), result.output
     assert (
         "(2 rules and 1 fact left out: rules and facts are not training examples)" in result.stdout
     ), result.stdout
@@ -635,7 +635,7 @@ def test_a_yes_to_a_deletion_deletes(tmp_path, capsys, monkeypatch):
     status, out, err = _answered(
         "y", "lessons", "purge", "--home", tmp_path, capsys=capsys, monkeypatch=monkeypatch
     )
-    assert status == 0 and "? [y/N]: \npurged " in out and not err, (out, err)
+    assert status == 0 and "? [y/N]: \npurged 1 lesson;" in out and not err, (out, err)
     with Store(tmp_path) as store:
         assert store.lessons() == []
 
