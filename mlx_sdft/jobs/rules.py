@@ -144,10 +144,25 @@ def _standing(cfg: RulesConfig) -> dict:
 
 def removal_question(cfg: RulesConfig) -> tuple[str, str]:
     """What `rules remove` asks (after checking RULE exists: no question about nothing), and the
-    line a "no" ends with."""
+    line a "no" ends with. The question names what happens to the versions that learned it, as
+    `forget` does it: the current one is rebuilt without it, the weights of the others erased."""
     row = _standing(cfg)
+    learned = [
+        r["version"]
+        for r in versions.records(cfg.home)
+        if row["id"] in r["includes"] and not r.get("erased")
+    ]
+    if versions.current(cfg.home) in learned:
+        then = " (the current version learned it: it is rebuilt without it)"
+    elif learned:
+        then = (
+            f" (version{'s' * (len(learned) > 1)} {', '.join(map(str, learned))} learned it: "
+            f"{'its' if len(learned) == 1 else 'their'} weights are erased)"
+        )
+    else:
+        then = ""
     return (
-        f"Remove {row['kind']} {row['id']} ({row['text'][:60]!r}) everywhere (a version that learned it is rebuilt)?",
+        f"Remove {row['kind']} {row['id']} ({row['text'][:60]!r}) everywhere{then}?",
         f"{row['kind']} {row['id']} kept: nothing removed",
     )
 

@@ -483,6 +483,38 @@ def test_rules_check_prints_a_verdict_for_each_rule(tiny_model, tmp_path):
         )
 
 
+def test_rules_remove_asks_about_a_rebuild_only_when_the_current_version_learned_it(tmp_path):
+    from mlx_sdft.config import RulesConfig
+    from mlx_sdft.jobs.rules import removal_question
+
+    home = tmp_path / "home"
+    rule, other = _rule(home), _rule(home, "Be brief.")
+
+    def version(number, includes):
+        versions.version_dir(home, number).mkdir(parents=True)
+        (versions.version_dir(home, number) / "adapter_config.json").write_text("{}")
+        versions.update_record(home, number, includes=includes)
+
+    def asked(id=rule):
+        return removal_question(RulesConfig(rule=id, home=str(home)).validate())[0]
+
+    start = f"Remove rule {rule} ({RULE!r}) everywhere"
+    assert asked() == f"{start}?"  # no version
+    version(1, [rule])
+    version(2, [other])
+    versions.set_current(home, 2)
+    assert asked() == f"{start} (version 1 learned it: its weights are erased)?"
+    version(3, [rule, other])
+    assert asked() == f"{start} (versions 1, 3 learned it: their weights are erased)?"
+    versions.set_current(home, 3)
+    assert asked() == f"{start} (the current version learned it: it is rebuilt without it)?"
+    versions.set_current(home, 1)
+    assert (
+        asked(other)
+        == f"Remove rule {other} ('Be brief.') everywhere (versions 2, 3 learned it: their weights are erased)?"
+    )
+
+
 def test_bad_rules_are_refused_before_they_reach_a_prompt(tiny_model, tmp_path):
     from test_serve import serving
 
