@@ -139,7 +139,9 @@ def _from_home(cfg: ExportConfig) -> tuple[ExportConfig, dict]:
 
     home = Path(cfg.home).expanduser()
     if not home.is_dir():
-        raise InputError(f"--home {cfg.home}: no such folder")
+        raise InputError(
+            f"--home {cfg.home}: no such folder (serve, teach and rules add create it)"
+        )
     with Store(home) as store:
         exchanges, standing = (
             [e["model"] for e in store.exchanges(1)],

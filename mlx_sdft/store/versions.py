@@ -228,9 +228,7 @@ def locked(home: str | Path):
     you only: the process's umask is 077 for the block."""
     path = Path(home).expanduser() / LOCK
     if not path.parent.is_dir():
-        raise InputError(
-            f"--home {home}: no such folder (serve or teach create it; see mlx-sdft lessons)"
-        )
+        raise InputError(f"--home {home}: no such folder (serve, teach and rules add create it)")
     with (
         private(),
         held(
