@@ -326,13 +326,14 @@ def _serve(cfg: ServeConfig) -> None:
 
 def _printing(name: str, ask: Callable | None = None, job: str = "teach") -> Callable:
     """Run `jobs.JOB.NAME(options)` and print its lines; `ask(options)` may return a question to
-    confirm first (a deletion), skipped with --yes. jobs.learn's also get a stderr console."""
+    confirm first (a deletion) and the line a "no" ends with, skipped with --yes. jobs.learn's also
+    get a stderr console."""
 
     def run(cfg) -> None:
         module = importlib.import_module(f"mlx_sdft.jobs.{job}")
-        question = ask(cfg) if ask and not cfg.yes else None
-        if question:
-            _confirm(question)
+        asked = ask(cfg) if ask and not cfg.yes else None
+        if asked:
+            _confirm(*asked)
         console = (
             {"console": Console(stderr=True)}
             if job in ("learn", "rules") and name != "listing"
@@ -344,20 +345,31 @@ def _printing(name: str, ask: Callable | None = None, job: str = "teach") -> Cal
     return run
 
 
-def _confirm(question: str) -> None:
-    """Ask before a deletion; "no" is Ctrl-C's 130. With no terminal to ask on (stdin at its end: a
-    script, a pipe), the one line says to pass --yes instead of aborting at the prompt."""
+# A "no" to a confirmation: click's Abort status, not Ctrl-C's 130.
+DECLINED = 1
+
+
+def _confirm(question: str, kept: str) -> None:
+    """Ask before a deletion; a "no" ends with the one line `kept` (what stays) and status DECLINED.
+    With no terminal to ask on (stdin at its end: a script, a pipe), the one line says to pass --yes
+    instead of aborting at the prompt."""
+    # An answer read from a pipe is not echoed: the prompt's line is ended here instead.
+    piped = sys.stdin is None or not sys.stdin.isatty()
     try:
         yes = typer.confirm(question)
     except typer.Abort:  # Ctrl-C or the end of stdin
-        if sys.stdin is None or not sys.stdin.isatty():
+        if piped:
+            typer.echo("")
             raise InputError(
                 "no answer to the question (no terminal to ask on): pass --yes to delete without "
                 "asking"
             ) from None
         raise
+    if piped:
+        typer.echo("")
     if not yes:
-        raise typer.Abort()
+        typer.echo(kept, err=True)
+        raise typer.Exit(DECLINED)
 
 
 def _deprecated(old: str, new: str) -> None:
@@ -376,9 +388,11 @@ def _noun(
     names: tuple[str, ...],
     moved: dict[str, str] | None = None,
     fixed: dict | None = None,
+    hide: tuple[str, ...] = (),
 ) -> typer.Typer:
     """`mlx-sdft NAME`: a noun whose subcommands act on it; alone (or with its listing options) it lists.
-    `moved`: listing options that are an old spelling of a subcommand, accepted with a deprecation line."""
+    `moved`: listing options that are an old spelling of a subcommand, accepted with a deprecation line;
+    `hide`: options accepted but not shown (those only an old spelling takes)."""
     noun = typer.Typer(
         name=name,
         no_args_is_help=False,
@@ -402,7 +416,10 @@ def _noun(
             inspect.Parameter(
                 "ctx", inspect.Parameter.POSITIONAL_OR_KEYWORD, annotation=typer.Context
             ),
-            *(_option(f, hidden=f.name in (moved or {})) for f in _fields(options, names)),
+            *(
+                _option(f, hidden=f.name in (moved or {}) or f.name in hide)
+                for f in _fields(options, names)
+            ),
         ]
     )
     callback.__doc__ = help
@@ -426,15 +443,17 @@ _TEACH_MOVED = {
 }
 
 
+def _forget_exchanges_question(cfg) -> tuple[str, str]:
+    return f"Delete every exchange in {cfg.home}?", "exchanges kept: nothing deleted"
+
+
 def _teach(cfg: TeachConfig) -> None:
     for field, new in _TEACH_MOVED.items():
         if getattr(cfg, field):
             _deprecated(
                 f"teach --{'import' if field == 'import_file' else field.replace('_', '-')}", new
             )
-    _printing(
-        "teach", lambda cfg: cfg.forget_exchanges and f"Delete every exchange in {cfg.home}?"
-    )(cfg)
+    _printing("teach", lambda cfg: cfg.forget_exchanges and _forget_exchanges_question(cfg))(cfg)
 
 
 _command(
@@ -468,7 +487,7 @@ _command(
 _command(
     "forget",
     TeachConfig,
-    _printing("teach", lambda cfg: f"Delete every exchange in {cfg.home}?"),
+    _printing("teach", _forget_exchanges_question),
     "Delete every stored exchange (lessons keep a copy of their prompt) and compact the store.",
     None,
     ("home", "yes"),
@@ -476,7 +495,7 @@ _command(
     fixed={"forget_exchanges": True},
 )
 
-_LESSON_LIST = ("home", "json", "state", "export")
+_LESSON_LIST = ("home", "json", "state", "export", "force")
 lessons_app = _noun(
     "lessons",
     "The lessons in --home: list, show ID, add EXCHANGE, import FILE, export FILE, delete "
@@ -485,6 +504,7 @@ lessons_app = _noun(
     LessonsConfig,
     _LESSON_LIST,
     moved={"export": "export FILE"},
+    hide=("force",),  # lessons --export's
 )
 _command(
     "list",
@@ -530,7 +550,7 @@ _command(
     _printing("listing"),
     "Write the lessons as .jsonl for `mlx-sdft train --data`.",
     None,
-    ("export", "home", "state"),
+    ("export", "home", "state", "force"),
     lessons_app,
     argument="export",
 )
@@ -546,7 +566,10 @@ _command(
 _command(
     "purge",
     LessonsConfig,
-    _printing("purge", lambda cfg: f"Delete every lesson in {cfg.home}?"),
+    _printing(
+        "purge",
+        lambda cfg: (f"Delete every lesson in {cfg.home}?", "lessons kept: nothing deleted"),
+    ),
     "Delete every lesson and compact the store.",
     None,
     ("home", "yes"),

@@ -365,6 +365,7 @@ class LessonsConfig:
     export: str | None = _opt(
         None, "Write the lessons as .jsonl for `mlx-sdft train --data` instead of listing them."
     )
+    force: bool = _opt(False, "Replace FILE (the export) if it exists.")
     yes: bool = _opt(False, "Purge without asking.")
 
     def validate(self) -> LessonsConfig:

@@ -286,11 +286,12 @@ def build(
         if refused and not one_off and len(refused) == len(fresh):
             raise InputError(_unlearnable(refused, model, parent))
         if refused:
-            them = "it" if len(refused) == 1 else "them"
+            one = len(refused) == 1
             _say(
                 console,
-                f"{_named(refused)} left out of this learn: the model does not follow {them} even when told "
-                f"({them} stay{'s' * (len(refused) == 1)} new, and in serve's prompt)",
+                f"{_named(refused)} left out of this learn: the model does not follow "
+                f"{'it' if one else 'them'} even when told "
+                f"({'it stays' if one else 'they stay'} new, and in serve's prompt)",
             )
             standing = [r for r in standing if r not in refused]
             new = [r for r in new if r["id"] not in {r["id"] for r in refused}]

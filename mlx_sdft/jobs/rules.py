@@ -20,7 +20,7 @@ from mlx_sdft.config import DEFAULT_MODEL, ForgetConfig, RulesConfig
 from mlx_sdft.errors import InputError
 from mlx_sdft.store import versions
 from mlx_sdft.store.db import STANDING, Store, existing_home
-from mlx_sdft.store.rules import add_standing, held, own_prompts, prompt_pool, prompts_for
+from mlx_sdft.store.rules import add_standing, counted, held, own_prompts, prompt_pool, prompts_for
 
 
 def listing(cfg: RulesConfig) -> list[str]:
@@ -103,8 +103,8 @@ def check(cfg: RulesConfig, console=None) -> list[str]:
         mx.eval(loaded.parameters())
         loaded.eval()
         console.print(
-            f"preflight of {len(rows)} rules with {model} (version {now}) on {len(held_out)} held-out "
-            f"prompts, {cfg.gate_max_tokens} tokens each",
+            f"preflight of {counted(rows)} with {model} (version {now}) on {len(held_out)} held-out "
+            f"prompt{'s' * (len(held_out) != 1)}, {cfg.gate_max_tokens} tokens each",
             highlight=False,
         )
         results = preflight(
@@ -146,10 +146,29 @@ def _standing(cfg: RulesConfig) -> dict:
     return row
 
 
-def removal_question(cfg: RulesConfig) -> str:
-    """What `rules remove` asks (after checking RULE exists: no question about nothing)."""
+def removal_question(cfg: RulesConfig) -> tuple[str, str]:
+    """What `rules remove` asks (after checking RULE exists: no question about nothing), and the
+    line a "no" ends with. The question names what happens to the versions that learned it, as
+    `forget` does it: the current one is rebuilt without it, the weights of the others erased."""
     row = _standing(cfg)
-    return f"Remove {row['kind']} {row['id']} ({row['text'][:60]!r}) everywhere (a version that learned it is rebuilt)?"
+    learned = [
+        r["version"]
+        for r in versions.records(cfg.home)
+        if row["id"] in r["includes"] and not r.get("erased")
+    ]
+    if versions.current(cfg.home) in learned:
+        then = " (the current version learned it: it is rebuilt without it)"
+    elif learned:
+        then = (
+            f" (version{'s' * (len(learned) > 1)} {', '.join(map(str, learned))} learned it: "
+            f"{'its' if len(learned) == 1 else 'their'} weights are erased)"
+        )
+    else:
+        then = ""
+    return (
+        f"Remove {row['kind']} {row['id']} ({row['text'][:60]!r}) everywhere{then}?",
+        f"{row['kind']} {row['id']} kept: nothing removed",
+    )
 
 
 def remove(cfg: RulesConfig, console=None) -> list[str]:

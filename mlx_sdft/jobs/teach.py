@@ -40,7 +40,9 @@ def teach(cfg: TeachConfig) -> list[str]:
             )
             return [f"imported {which} from {cfg.import_file}"]
         if cfg.forget_exchanges:
-            return [f"forgot {store.forget_exchanges()} exchanges; {store.path} compacted"]
+            return [
+                f"forgot {_count(store.forget_exchanges(), 'exchange')}; {store.path} compacted"
+            ]
         if cfg.rule is not None or cfg.fact is not None:
             return rules.add_standing(
                 store, "rule" if cfg.rule is not None else "fact", cfg.rule or cfg.fact, cfg.check
@@ -68,9 +70,12 @@ def listing(cfg: LessonsConfig) -> list[str]:
     """The lessons (or --export them as .jsonl for `mlx-sdft train --data`)."""
     with Store(cfg.home, create=False) as store:
         if cfg.export:
-            count = lessons.export(store, cfg.export, cfg.state)
+            count = lessons.export(store, cfg.export, cfg.state, force=cfg.force)
+            skipped = lessons.left_out(store, cfg.state)
             return [
-                f"wrote {count} lessons to {cfg.export}; train on them with: mlx-sdft train --data {cfg.export} ..."
+                f"wrote {_count(count, 'lesson')} to {cfg.export}"
+                + (f" ({skipped})" if skipped else "")
+                + f"; train on them with: mlx-sdft train --data {cfg.export} ..."
             ]
         rows = store.lessons(cfg.state)
     if cfg.json:
@@ -118,7 +123,11 @@ def delete(cfg: LessonsConfig) -> list[str]:
 
 def purge(cfg: LessonsConfig) -> list[str]:
     with Store(cfg.home, create=False) as store:
-        return [f"purged {store.purge_lessons()} lessons; {store.path} compacted"]
+        return [f"purged {_count(store.purge_lessons(), 'lesson')}; {store.path} compacted"]
+
+
+def _count(n: int, one: str) -> str:
+    return f"{n} {one if n == 1 else one + 's'}"
 
 
 def _lesson(store: Store, id: int | None) -> dict:

@@ -159,11 +159,12 @@ def stored_preflight(row: dict, version: int, model: str, key: list) -> dict | N
 
 def verdict(row: dict, result: dict) -> str:
     """One line: what the preflight says about learning this rule at this model size."""
+    s = "s" * (result["prompts"] != 1)
     numbers = (
-        f"told {result['told']:.2f} vs untold {result['untold']:.2f} of {result['prompts']} held-out answers "
-        f"follow its check, gap {result['gap']:.3f} nats/token"
+        f"told {result['told']:.2f} vs untold {result['untold']:.2f} of {result['prompts']} held-out "
+        f"answer{s} follow its check, gap {result['gap']:.3f} nats/token"
         if "told" in result
-        else f"gap {result['gap']:.3f} nats/token on {result['prompts']} held-out prompts (no --check)"
+        else f"gap {result['gap']:.3f} nats/token on {result['prompts']} held-out prompt{s}; no --check"
     )
     if follows(result):
         return f"{row['kind']} {row['id']}: the model follows it when told ({numbers}); learn can distill it"

@@ -23,7 +23,7 @@ from mlx_sdft.core.data import Example, load_examples
 from mlx_sdft.core.prompts import teacher_messages
 from mlx_sdft.errors import InputError
 from mlx_sdft.store.db import STANDING, Store
-from mlx_sdft.store.rules import split
+from mlx_sdft.store.rules import counted, split
 
 SLOT = {
     "feedback": "feedback",
@@ -162,20 +162,32 @@ def to_line(row: dict) -> dict:
     return line
 
 
-def export(store: Store, path: str | Path, state: str | None = None) -> int:
-    """Write the lessons (default: all but deleted) to `path`, atomically; returns how many."""
+def export(store: Store, path: str | Path, state: str | None = None, *, force: bool = False) -> int:
+    """Write the lessons (default: all but deleted) to `path`, atomically; returns how many. An
+    existing `path` is refused (InputError) unless `force`."""
+    path = Path(path)
+    if (path.exists() or path.is_symlink()) and not force:
+        raise InputError(f"{path}: already exists (--force replaces it)")
     rows = store.lessons(state, standing=False)  # rules and facts: `mlx-sdft rules --json`
     if not rows:
+        skipped = left_out(store, state)
         raise InputError(
             f"{store.path}: no lessons{f' in state {state}' if state else ''} to export"
+            + (f" ({skipped})" if skipped else "")
         )
-    path = Path(path)
     text = "".join(json.dumps(to_line(row), ensure_ascii=False) + "\n" for row in rows)
     try:
         atomic.write_text(path, text)
     except OSError as e:
         raise InputError(f"{path}: cannot write ({e.strerror or e})") from None
     return len(rows)
+
+
+def left_out(store: Store, state: str | None = None) -> str:
+    """What `export` leaves out, in words ("1 rule and 2 facts left out: ..."), or "" for nothing:
+    rules and facts have no demonstration to train on."""
+    skipped = counted(store.lessons(state, standing=True))
+    return skipped and f"{skipped} left out: rules and facts are not training examples"
 
 
 def import_file(store: Store, path: str | Path) -> list[int]:

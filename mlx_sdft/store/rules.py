@@ -31,6 +31,16 @@ FACT_PREFIX = "Keep in mind: "  # a fact as the rulebook states it
 MAX_CHARS = 2000
 
 
+def counted(rows: list[dict]) -> str:
+    """How many rules and facts `rows` hold, in words: "1 rule", "2 rules and 1 fact"."""
+    kinds = [row["kind"] for row in rows]
+    return " and ".join(
+        f"{n} {kind if n == 1 else kind + 's'}"
+        for kind in ("rule", "fact")
+        if (n := kinds.count(kind))
+    )
+
+
 def check_text(text: str, what: str) -> str:
     """A rule's or fact's text as stored, or InputError: blank, too long, or holding three double
     quotes in a row (which would end the SYSTEM block of an exported Ollama Modelfile)."""

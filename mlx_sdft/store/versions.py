@@ -25,6 +25,7 @@ from pathlib import Path
 from mlx_sdft import atomic
 from mlx_sdft.errors import InputError, TrainingError
 from mlx_sdft.folder_lock import held
+from mlx_sdft.store.db import existing_home
 
 CURRENT = "current.json"
 VERSIONS = "versions"
@@ -226,11 +227,7 @@ def locked(home: str | Path):
     A --home that does not exist: InputError (a mistyped one is not created, with the wrong mode).
     Every file and folder created meanwhile (versions, records, the training run) is readable by
     you only: the process's umask is 077 for the block."""
-    path = Path(home).expanduser() / LOCK
-    if not path.parent.is_dir():
-        raise InputError(
-            f"--home {home}: no such folder (serve or teach create it; see mlx-sdft lessons)"
-        )
+    path = existing_home(home) / LOCK
     with (
         private(),
         held(

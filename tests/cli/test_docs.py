@@ -112,6 +112,17 @@ def test_user_facing_text_names_no_issue_and_no_outside_document():
         assert not _HISTORY.search(shown), (command, _HISTORY.search(shown))
 
 
+def test_pages_write_the_current_spellings():
+    """An old spelling (it still works, with a deprecation line) is named only where the pages
+    list the old spellings, never as the way to do something."""
+    old = ("lessons --export", "teach --list", "teach --import", "teach --forget-exchanges")
+    for page in [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]:
+        text = " ".join(page.read_text(encoding="utf-8").split())  # a spelling cut at a line end
+        text = re.sub(r"The old spellings [^.]*\.", "", text)
+        for spelling in old:
+            assert spelling not in text, (page.name, spelling)
+
+
 def _anchor(heading: str) -> str:
     """GitHub's anchor for a heading: lower case, punctuation dropped, spaces to hyphens."""
     return re.sub(r"[^\w\- ]", "", heading.strip().lower()).replace(" ", "-")

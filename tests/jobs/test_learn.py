@@ -306,15 +306,23 @@ def test_serve_started_on_a_version_answers_after_rollback_to_0_and_back(tiny_mo
             )  # the same answer as that version gave before
 
 
-def test_learn_rollback_and_forget_refuse_a_home_that_does_not_exist(tiny_model, tmp_path):
+def test_learn_rollback_forget_and_export_refuse_a_home_that_does_not_exist(tiny_model, tmp_path):
     missing = (
         tmp_path / "no-such-home"
     )  # a mistyped --home: not created (it would be mode 755), no success claimed
-    for args in (["learn", "--model", str(tiny_model)], ["rollback", "0"], ["forget", "1"]):
+    for args in (
+        ["learn", "--model", str(tiny_model)],
+        ["rollback", "0"],
+        ["forget", "1"],
+        ["export", "--out", str(tmp_path / "out.gguf")],
+    ):
         result = runner.invoke(app, [args[0], "--home", str(missing), *args[1:]])
         assert result.exit_code == 2, result.output
-        assert f"--home {missing}: no such folder" in " ".join(result.output.split())
-        assert not missing.exists()
+        assert (
+            f"--home {missing}: no such folder (serve, teach and rules add create it)"
+            in " ".join(result.output.split())
+        ), result.output  # the same words as lessons' and rules'
+        assert not missing.exists() and not (tmp_path / "out.gguf").exists()
 
 
 @pytest.mark.parametrize(
@@ -338,7 +346,9 @@ def test_reading_or_removing_lessons_and_rules_refuses_a_home_that_does_not_exis
     args = [str(tmp_path / "out.jsonl") if a == "OUT" else a for a in args]
     result = runner.invoke(app, [*args, "--home", str(missing)])
     assert result.exit_code == 2, result.output
-    assert f"--home {missing}: no such folder" in " ".join(result.output.split())
+    assert f"--home {missing}: no such folder (serve, teach and rules add create it)" in " ".join(
+        result.output.split()
+    )
     assert not missing.exists() and not (tmp_path / "out.jsonl").exists()
     a_file = tmp_path / "notes.jsonl"  # a file named as the home: said so, left as it was
     a_file.write_text("{}\n")

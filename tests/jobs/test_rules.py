@@ -441,6 +441,15 @@ def test_the_preflight_verdict(result, follows):
     )
 
 
+def test_the_preflight_verdict_of_one_prompt_reads_right():
+    from mlx_sdft.measure.version import verdict
+
+    gap = verdict({"kind": "rule", "id": 3}, {"prompts": 1, "gap": 0.929})
+    assert "(gap 0.929 nats/token on 1 held-out prompt; no --check)" in gap, gap
+    told = verdict({"kind": "rule", "id": 3}, {"prompts": 1, "gap": 0.2, "told": 1, "untold": 0})
+    assert "told 1.00 vs untold 0.00 of 1 held-out answer follow its check" in told, told
+
+
 def test_rules_check_prints_a_verdict_for_each_rule(tiny_model, tmp_path):
     home = tmp_path / "home"
     rule = _rule(home, check="zebra")
@@ -454,21 +463,56 @@ def test_rules_check_prints_a_verdict_for_each_rule(tiny_model, tmp_path):
             "--model",
             str(tiny_model),
             "--gate-prompts",
-            "4",
+            "1",
             "--gate-max-tokens",
             "6",
         ],
     )
     assert result.exit_code == 0, result.output
+    assert f"preflight of 1 rule with {tiny_model} (version 0) on 1 held-out prompt, 6 tokens" in (
+        " ".join(result.output.split())
+    ), result.output
     assert (
         f"rule {rule}: the model does not follow it even when told (told 0.00 vs untold 0.00"
         in result.output
     )
     with Store(home) as store:
         assert (
-            store.lesson(rule)["preflight"]["prompts"] == 4
+            store.lesson(rule)["preflight"]["prompts"] == 1
             and store.lesson(rule)["preflight"]["told"] == 0.0
         )
+
+
+def test_rules_remove_asks_about_a_rebuild_only_when_the_current_version_learned_it(tmp_path):
+    from mlx_sdft.config import RulesConfig
+    from mlx_sdft.jobs.rules import removal_question
+
+    home = tmp_path / "home"
+    rule, other = _rule(home), _rule(home, "Be brief.")
+
+    def version(number, includes):
+        versions.version_dir(home, number).mkdir(parents=True)
+        (versions.version_dir(home, number) / "adapter_config.json").write_text("{}")
+        versions.update_record(home, number, includes=includes)
+
+    def asked(id=rule):
+        return removal_question(RulesConfig(rule=id, home=str(home)).validate())[0]
+
+    start = f"Remove rule {rule} ({RULE!r}) everywhere"
+    assert asked() == f"{start}?"  # no version
+    version(1, [rule])
+    version(2, [other])
+    versions.set_current(home, 2)
+    assert asked() == f"{start} (version 1 learned it: its weights are erased)?"
+    version(3, [rule, other])
+    assert asked() == f"{start} (versions 1, 3 learned it: their weights are erased)?"
+    versions.set_current(home, 3)
+    assert asked() == f"{start} (the current version learned it: it is rebuilt without it)?"
+    versions.set_current(home, 1)
+    assert (
+        asked(other)
+        == f"Remove rule {other} ('Be brief.') everywhere (versions 2, 3 learned it: their weights are erased)?"
+    )
 
 
 def test_bad_rules_are_refused_before_they_reach_a_prompt(tiny_model, tmp_path):
@@ -629,11 +673,13 @@ def test_a_learn_reuses_the_preflight_rules_check_stored(tiny_model, tmp_path, m
     assert other.exit_code == 1 and "the model was loaded" in repr(other.exception), other.output
 
 
+@pytest.mark.parametrize("ignored", [1, 2])
 def test_a_rule_the_model_ignores_when_told_is_left_out_of_a_learn_with_other_lessons(
-    tiny_model, tmp_path
+    tiny_model, tmp_path, ignored
 ):
     home = tmp_path / "home"
-    rule = _rule(home, check="zebra")
+    rules = [_rule(home, f"{RULE} ({n})", check="zebra") for n in range(ignored)]
+    rule = rules[0]
     with Store(home) as store:
         lesson = store.add_lesson(
             kind="demonstration",
@@ -643,20 +689,24 @@ def test_a_rule_the_model_ignores_when_told_is_left_out_of_a_learn_with_other_le
     result = _learn(home, tiny_model, *LOOSE, "--gate-min-gain", "-1000")
     said = " ".join(result.output.split())
     assert result.exit_code == 0, result.output
+    named = ", ".join(f"rule {r}" for r in rules)
     assert (
-        f"rule {rule} left out of this learn: the model does not follow it even when told (it stays new"
-        in said
-    )
+        f"{named} left out of this learn: the model does not follow it even when told (it stays new"
+        if ignored == 1
+        else f"{named} left out of this learn: the model does not follow them even when told (they "
+        "stay new"
+    ) in said, said
     assert "version 1: 1 new lesson + 0 replayed, 0 rules and facts over 0 prompts" in said
     assert "valid.jsonl" not in said  # learn's lessons come from the store, not from a data folder
     record = versions.record(home, 1)
     assert (
         record["lessons"] == [lesson]
-        and rule not in record["includes"]
+        and not set(rules) & set(record["includes"])
         and record["gate"]["rules"] == {}
     )
     with Store(home) as store:
-        assert store.lesson(rule)["state"] == "new" and store.lesson(lesson)["state"] == "learned"
+        assert [store.lesson(r)["state"] for r in rules] == ["new"] * ignored
+        assert store.lesson(lesson)["state"] == "learned"
 
 
 def test_the_gate_names_the_prior_questions_a_candidate_lost_by_their_text():

@@ -357,9 +357,9 @@ def test_teach_and_lessons_round_trip(tmp_path):
     )
     assert _run("lessons", "delete", "1", "--home", home).exit_code == 0
     assert [r["id"] for r in json.loads(_run("lessons", "--home", home, "--json").stdout)] == [2]
-    assert _run("lessons", "purge", "--home", home, "--yes").stdout.startswith("purged 2 lessons")
+    assert _run("lessons", "purge", "--home", home, "--yes").stdout.startswith("purged 2 lessons;")
     assert _run("teach", "--home", home, "--forget-exchanges", "--yes").stdout.startswith(
-        "forgot 1 exchanges"
+        "forgot 1 exchange;"
     )
 
 
@@ -419,6 +419,50 @@ def test_lessons_bad_id_and_export_of_nothing(tmp_path):
         result = _run("lessons", *args, "--home", tmp_path)
         assert result.exit_code == 2 and message in result.stderr, result.output
     assert not (tmp_path / "x.jsonl").exists()
+
+
+def test_lessons_export_refuses_an_existing_file_without_force(tmp_path):
+    home = tmp_path / "home"
+    with Store(home) as store:
+        store.add_lesson(kind="import", prompt=MESSAGES, text="4")
+    out = tmp_path / "mine.jsonl"
+    out.write_text("mine\n")
+    for args in (["lessons", "export", out], ["lessons", "--export", out]):
+        refused = _run(*args, "--home", home)
+        assert refused.exit_code == 2 and refused.stdout == "", refused.output
+        assert refused.stderr.splitlines()[-1] == (
+            f"mlx-sdft lessons{' export' if 'export' in args else ''}: error: {out}: already "
+            "exists (--force replaces it)"
+        ), refused.stderr
+        assert out.read_text() == "mine\n"
+    for args in (["lessons", "export", out, "--force"], ["lessons", "--export", out, "--force"]):
+        replaced = _run(*args, "--home", home)
+        assert replaced.exit_code == 0 and replaced.stdout.startswith("wrote 1 "), replaced.output
+        assert [e.demonstration for e in load_examples(out)] == ["4"]
+
+
+def test_lessons_export_says_how_many_rules_and_facts_it_left_out(tmp_path):
+    home = tmp_path / "home"
+    with Store(home) as store:
+        store.add_lesson(kind="import", prompt=MESSAGES, text="4")
+    alone = _run("lessons", "export", tmp_path / "a.jsonl", "--home", home)
+    assert alone.exit_code == 0 and "left out" not in alone.stdout, alone.output
+    with Store(home) as store:
+        for kind, text in (("rule", "Be brief."), ("rule", "Sign as Sam."), ("fact", "Oslo.")):
+            store.add_lesson(kind=kind, text=text)
+    result = _run("lessons", "export", tmp_path / "b.jsonl", "--home", home)
+    assert result.exit_code == 0 and result.stdout.startswith("wrote 1 lesson to"), result.output
+    assert (
+        "(2 rules and 1 fact left out: rules and facts are not training examples)" in result.stdout
+    ), result.stdout
+    with Store(home) as store:
+        store.delete_lesson(1)
+    nothing = _run("lessons", "export", tmp_path / "c.jsonl", "--home", home)
+    assert nothing.exit_code == 2 and nothing.stderr.strip().endswith(
+        "no lessons to export (2 rules and 1 fact left out: rules and facts are not training "
+        "examples)"
+    ), nothing.stderr
+    assert not (tmp_path / "c.jsonl").exists()
 
 
 def test_exported_feedback_lessons_train(tiny_model, tmp_path):
@@ -516,7 +560,7 @@ def test_old_spellings_work_with_one_deprecation_line(tmp_path):
     out = tmp_path / "lessons.jsonl"
     for old, new in (
         (["teach", "--list"], ["exchanges", "list"]),
-        (["lessons", "--export", out], ["lessons", "export", out]),
+        (["lessons", "--export", out], ["lessons", "export", out, "--force"]),
         (["teach", "--import", out], ["lessons", "import", out]),
         (["teach", "--forget-exchanges", "--yes"], ["exchanges", "forget", "--yes"]),
     ):
@@ -541,19 +585,60 @@ def test_old_spellings_work_with_one_deprecation_line(tmp_path):
     assert typer.main.get_command(app).commands["rollback"].hidden  # listed under versions only
 
 
-def test_purge_and_forget_ask_first(tmp_path):
+def _answered(answer, *args, capsys, monkeypatch):
+    """`echo ANSWER | mlx-sdft ARGS` through the console script: (status, stdout, stderr)."""
+    import io
+
+    from mlx_sdft.cli import main
+
+    monkeypatch.setattr("sys.argv", ["mlx-sdft", *map(str, args)])
+    monkeypatch.setattr("sys.stdin", io.StringIO(answer + "\n"))
+    with pytest.raises(SystemExit) as exited:
+        main()
+    return exited.value.code, *capsys.readouterr()
+
+
+@pytest.mark.parametrize(
+    "args, kept",
+    [
+        (["lessons", "purge"], "lessons kept: nothing deleted"),
+        (["exchanges", "forget"], "exchanges kept: nothing deleted"),
+        (["teach", "--forget-exchanges"], "exchanges kept: nothing deleted"),
+        (["rules", "remove", "RULE"], "rule RULE kept: nothing removed"),
+    ],
+)
+def test_a_no_to_a_deletion_keeps_everything_and_says_so(tmp_path, capsys, monkeypatch, args, kept):
+    """A "no": the prompt's line ended (a piped answer is not echoed), one line saying what is
+    kept, and click's Abort status 1, not Ctrl-C's 130."""
+    from mlx_sdft.store.rules import add_standing
+
     with Store(tmp_path) as store:
         _exchange(store)
         store.add_lesson(kind="import", prompt=MESSAGES, text="4")
-    for args in (["lessons", "purge"], ["teach", "--forget-exchanges"]):
-        result = runner.invoke(app, [*args, "--home", str(tmp_path)], input="n\n")
-        assert result.exit_code != 0 and "Delete every" in result.output
-    with Store(tmp_path) as store:
-        assert len(store.lessons()) == 1 and len(store.exchanges()) == 1
-    assert (
-        runner.invoke(app, ["lessons", "purge", "--home", str(tmp_path)], input="y\n").exit_code
-        == 0
+        rule, _ = add_standing(store, "rule", "Answer in French.")
+    args = [a.replace("RULE", str(rule)) for a in args]
+    status, out, err = _answered(
+        "n", *args, "--home", tmp_path, capsys=capsys, monkeypatch=monkeypatch
     )
+    assert status == 1, (out, err)
+    assert out.endswith("? [y/N]: \n") and out.count("\n") == 1, out
+    *before, last = err.splitlines(keepends=True)  # before: teach --forget-exchanges' deprecation
+    assert last == kept.replace("RULE", str(rule)) + "\n" and all(
+        "deprecated" in line for line in before
+    ), err
+    with Store(tmp_path) as store:
+        assert len(store.lessons()) == 2 and len(store.exchanges()) == 1
+
+
+def test_a_yes_to_a_deletion_deletes(tmp_path, capsys, monkeypatch):
+    with Store(tmp_path) as store:
+        store.add_lesson(kind="import", prompt=MESSAGES, text="4")
+    status, out, err = _answered(
+        "y", "lessons", "purge", "--home", tmp_path, capsys=capsys, monkeypatch=monkeypatch
+    )
+    assert status == 0 and "? [y/N]: \npurged 1 lesson;" in out and not err, (out, err)
+    with Store(tmp_path) as store:
+        assert store.lessons() == []
 
 
 def test_a_bad_import_file_leaves_no_home_behind(tmp_path):
