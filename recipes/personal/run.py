@@ -210,9 +210,13 @@ def served_measures(result: dict) -> dict:
     gate accepted it, else the current version's (which the gate measured beside it)."""
     gate = result["gate"]
     side = "candidate" if result["accepted"] else "current"
+    measures = gate["measures" if result["accepted"] else "current_measures"]
     return {
         "rules": {i: r[side] for i, r in gate["rules"].items()},
+        # over the questions the gate counted (those the rules do not change), and over all of them
         "prior": gate["prior_answers"][side],
+        "prior_all": measures["prior"]["accuracy"],
+        "prior_n": len(measures["prior"]["right"]),
         "loops": gate["loops"][side],
         "drift": gate["drift_kl"][side],
     }
@@ -370,10 +374,11 @@ def summarize(name: str, rows: list[dict], ids: dict, rules: dict) -> dict:
     first = rows[0]["gate"]
     out = {
         "rules": {},
+        # all the bundled prior questions: the rules' own changes (a French "sept") count as lost here
         "prior_task": {
-            "base": first["prior_answers"]["current"],
-            "after_last": normal[-1]["served"]["prior"],
-            "n": first["prior_answers"]["questions"],
+            "base": first["current_measures"]["prior"]["accuracy"],
+            "after_last": normal[-1]["served"]["prior_all"],
+            "n": normal[-1]["served"]["prior_n"],
         },
         # None: no harmful update reached the gate (every one stopped before training)
         "harmful_update_rejected": (
@@ -387,9 +392,19 @@ def summarize(name: str, rows: list[dict], ids: dict, rules: dict) -> dict:
     }
     for rule_name, lesson in ids.items():
         own = next((r for r in normal if r["rule"] == rule_name), None)
-        if own is None:  # every learn of it stopped before training
-            continue
         pre = rules[lesson].get("preflight") or {}
+        if own is None or lesson not in own["served"]["rules"]:
+            # left out of every learn: the model does not follow it even when told (its preflight)
+            out["rules"][rule_name] = {
+                "in_context": pre.get("told"),
+                "base": pre.get("untold"),
+                "weights_only_after_own_learn": None,
+                "weights_only_after_last_learn": None,
+                "gap_before_own_learn": pre.get("gap"),
+                "n_heldout": pre.get("prompts"),
+                "left_out": "the model does not follow it even when told (its preflight)",
+            }
+            continue
         out["rules"][rule_name] = {
             # base: untold, under the version before the rule's own learn (which never saw the rule)
             "in_context": pre.get("told"),

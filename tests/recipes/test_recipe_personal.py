@@ -11,8 +11,11 @@ spec.loader.exec_module(personal)
 
 
 def _row(step: str, harmful: bool, accepted: bool) -> dict:
-    gate = {"prior_answers": {"current": 0.8, "questions": 16}}
-    served = {"prior": 0.75, "rules": {}}
+    gate = {
+        "prior_answers": {"current": 0.8, "questions": 16},
+        "current_measures": {"prior": {"accuracy": 0.75, "right": [True, True, True, False]}},
+    }
+    served = {"prior": 0.75, "prior_all": 0.75, "prior_n": 4, "rules": {}}
     return {
         "step": step,
         "rule": "r",
