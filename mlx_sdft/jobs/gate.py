@@ -28,7 +28,8 @@ version (rules, prior answers, loops), and this module only compares two version
 6. prior answers: the share of `--gate-questions` bundled questions answered right falls by at
    most `--gate-max-prior-drop` (an update that turns "100 / 4 = 25" into 4 fails here), over the
    questions the base model told the rules still answers right (what the rules change, such as the
-   language of an answer, is not forgetting);
+   language of an answer, is not forgetting), and fails when that leaves under MIN_COUNTED of the
+   questions the current version answers right (too few to see forgetting);
 7. loops: the share of held-out answers that repeat themselves rises by at most `--gate-max-loop-rise`.
 """
 
@@ -47,9 +48,23 @@ def _mean(values) -> float:
     return sum(values) / len(values) if values else 0.0
 
 
+# Gate 6 counts only the prior questions the rules do not change; with under this share of what the
+# current version knows left, it cannot see forgetting: told "start with 'Answer:'" and "answer in
+# French", Qwen2.5-0.5B missed 16 of the 24 its current version answered right, and a candidate
+# accepted on the rest said, without the rules, "Leibniz developed the theory of relativity"
+# (recipes/personal/README.md); told French alone it missed 11 of 25.
+MIN_COUNTED = 0.5
+
+
 def advice(failed: str) -> str:
     """What to try after a rejection, from the check that failed (its line starts "gate N")."""
     gate = int(failed.split()[1])
+    if "too many to tell forgetting" in failed:
+        return (
+            "the rules stay in serve's prompt, where they apply now; at this size the model answers "
+            "known questions wrongly when told them, so learning them into the weights cannot be "
+            "checked for forgetting (a larger model, or fewer rules that change wording)"
+        )
     if gate in (1, 3):  # nothing learned that shows on the prompts the gate measures
         change = "more --iters or a larger --learning-rate may take it further"
     else:  # something the candidate did worse than the current version
@@ -144,10 +159,11 @@ def check(
     if changed_by_rules is None:
         changed_by_rules = _changed_by_rules(model, tokenizer, base, book, cfg, say)
     prior = _prior_check(
-        current_measures["prior"]["right"], candidate_measures["prior"]["right"], changed_by_rules
+        current_measures["prior"]["right"],
+        candidate_measures["prior"]["right"],
+        changed_by_rules,
+        cfg.gate_max_prior_drop,
     )
-    prior["max_drop"] = cfg.gate_max_prior_drop
-    prior["passed"] = prior["candidate"] >= prior["current"] - cfg.gate_max_prior_drop - 1e-12
     loops = {
         "current": current_measures["loops"],
         "candidate": candidate_measures["loops"],
@@ -197,6 +213,12 @@ def check(
             f"gate 5 (drift): KL({'base told the rules' if standing else 'base'}‖candidate) "
             f"{kl_candidate:.4f} > current "
             f"{kl_current:.4f} + {cfg.gate_max_kl_rise:.4f}",
+        ),
+        (
+            not prior["too_few"],
+            f"gate 6 (prior answers): the rules change the answers to {prior['known_changed'][0]} of "
+            f"the {prior['known_changed'][1]} prior questions the current version answers right (the "
+            f"base model told them gets them wrong), too many to tell forgetting from what they ask",
         ),
         (
             prior["passed"],
@@ -312,17 +334,29 @@ def _changed_by_rules(model, tokenizer, base: Leaves, book: str | None, cfg, say
     return [i for i, right in enumerate(told["right"]) if not right]
 
 
-def _prior_check(current: list[bool], candidate: list[bool], changed: list[int]) -> dict:
-    """Gate 6's numbers: each version's share of the prior questions answered right, over those the
-    rules do not change (`changed` left out), and the ones the candidate lost."""
+def _prior_check(
+    current: list[bool], candidate: list[bool], changed: list[int], max_drop: float
+) -> dict:
+    """Gate 6: each version's share of the prior questions answered right, over those the rules do
+    not change (`changed` left out), the ones the candidate lost, and whether it passed: a share at
+    most `max_drop` lower, with at least MIN_COUNTED of the questions the current version answers
+    right still counted (`too_few` otherwise: the rules change most of what it knows)."""
     left_out = set(changed)
     counted = [i for i in range(len(candidate)) if i not in left_out]
+    shares = _mean(current[i] for i in counted), _mean(candidate[i] for i in counted)
+    known = [i for i in range(len(current)) if current[i]]
+    known_changed = [i for i in known if i in left_out]
+    too_few = len(known) - len(known_changed) < MIN_COUNTED * len(known)
     return {
-        "current": _mean(current[i] for i in counted),
-        "candidate": _mean(candidate[i] for i in counted),
+        "current": shares[0],
+        "candidate": shares[1],
         "questions": len(counted),
         "changed_by_rules": changed,
+        "known_changed": [len(known_changed), len(known)],
         "lost": [i for i in counted if current[i] and not candidate[i]],
+        "max_drop": max_drop,
+        "too_few": too_few,
+        "passed": not too_few and shares[1] >= shares[0] - max_drop - 1e-12,
     }
 
 

@@ -342,11 +342,11 @@ def report(name: str, out: Path) -> None:
     refused = [
         row for row in rows if row["exit"] == 2
     ]  # stopped before training: no version, no gate
+    ids = {row["rule"]: row["lesson"] for row in rows}  # every rule taught, learned or refused
     rows = [row for row in rows if row["exit"] != 2]
     for row in rows:
         row["gate"] = records[row["version"]]["gate"]
         row["served"] = served_measures(row)
-    ids = {row["rule"]: row["lesson"] for row in rows}
     with_rules = json.loads(mlx_sdft("rules", "--home", str(home), "--json").stdout)
     summary = summarize(name, rows, ids, {str(r["id"]): r for r in with_rules})
     summary["models"][name]["refused"] = [

@@ -54,7 +54,7 @@ def test_an_earlier_rule_may_rise_by_the_tolerance_only():
 
 def test_prior_answers_leave_out_the_questions_the_rules_change():
     current, candidate = [True, True, True, False], [False, True, False, False]
-    whole = gate._prior_check(current, candidate, [])
+    whole = gate._prior_check(current, candidate, [], 0.05)
     assert (whole["current"], whole["candidate"], whole["questions"], whole["lost"]) == (
         0.75,
         0.25,
@@ -62,7 +62,7 @@ def test_prior_answers_leave_out_the_questions_the_rules_change():
         [0, 2],
     )
     left = gate._prior_check(
-        current, candidate, [0]
+        current, candidate, [0], 0.05
     )  # told the rules, the base model misses question 0
     assert (left["current"], left["candidate"], left["questions"], left["lost"]) == (
         2 / 3,
@@ -109,3 +109,26 @@ def test_prior_answers_told_the_rules_have_them_in_the_system_message(monkeypatc
     assert out["right"] == [False]
     assert seen[0][0] == {"role": "system", "content": "Always answer in French."}
     assert seen[0][-1] == {"role": "user", "content": "How many days are in a week?"}
+
+
+def test_prior_answers_pass_only_while_the_rules_leave_most_of_what_is_known_alone():
+    """As measured on Qwen2.5-Coder-0.5B told "start with 'Answer:'" and "answer in French": of the
+    24 prior questions the current version answered right, the base model told them missed 16; a
+    candidate that kept the other 8 said, without the rules, "Leibniz developed the theory of
+    relativity". Told French alone it missed 11 of 25: still counted."""
+    current = [True] * 24 + [False] * 8
+    few = gate._prior_check(current, current, list(range(8, 24)) + [24, 25], 0.05)
+    assert few["known_changed"] == [16, 24] and few["candidate"] == few["current"]  # none lost
+    assert few["too_few"] and not few["passed"]
+    enough = gate._prior_check(current, current, list(range(13, 24)), 0.05)
+    assert enough["known_changed"] == [11, 24] and not enough["too_few"] and enough["passed"]
+    lost = gate._prior_check(current, [False] * 32, list(range(13, 24)), 0.05)
+    assert not lost["too_few"] and not lost["passed"]
+    unknown = gate._prior_check([False] * 4, [False] * 4, [0, 1, 2, 3], 0.05)
+    assert not unknown["too_few"] and unknown["passed"]  # nothing known: nothing to forget
+    line = (
+        "gate 6 (prior answers): the rules change the answers to 16 of the 24 prior questions the "
+        "current version answers right (the base model told them gets them wrong), too many to tell "
+        "forgetting from what they ask"
+    )
+    assert "stay in serve's prompt" in gate.advice(line)
