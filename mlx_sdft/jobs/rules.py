@@ -49,9 +49,10 @@ def _line(row: dict, holds: bool) -> str:
         else "in the prompt" + (", learned" if row["state"] == "learned" else "")
     )
     pre = row.get("preflight") or {}
-    numbers = (
-        f"told {pre['told']:.2f} / untold {pre['untold']:.2f}, " if "told" in pre else ""
-    ) + (f"gap {pre['gap']:.3f}" if "gap" in pre else "not measured")
+    # the preflight's numbers (under the version it ran on): a learned rule's are in `versions`
+    parts = [f"told {pre['told']:.2f} / untold {pre['untold']:.2f}"] if "told" in pre else []
+    parts += [f"gap {pre['gap']:.3f}"] if "gap" in pre else []
+    numbers = "preflight: " + ", ".join(parts) if parts else "not measured"
     check = f"  check {row['check_regex']}" if row.get("check_regex") else ""
     return f"{row['id']:>5}  {row['kind']:<5} {state:<22} {row['text']!r}{check}  ({numbers})"
 
