@@ -138,7 +138,7 @@ def _from_home(cfg: ExportConfig) -> tuple[ExportConfig, dict]:
     from mlx_sdft.store.db import Store, existing_home
 
     home = existing_home(cfg.home)
-    with Store(home) as store:
+    with Store(home, create=False) as store:
         exchanges, standing = (
             [e["model"] for e in store.exchanges(1)],
             store.lessons(None, standing=True),

@@ -25,7 +25,7 @@ from mlx_sdft.store.rules import add_standing, counted, held, own_prompts, promp
 
 def listing(cfg: RulesConfig) -> list[str]:
     home = existing_home(cfg.home)
-    with Store(home) as store:
+    with Store(home, create=False) as store:
         rows = store.lessons(None, standing=True)
     now = versions.current(home)
     done = held(versions.record(home, now)) if now else set()
@@ -81,7 +81,7 @@ def check(cfg: RulesConfig, console=None) -> list[str]:
     from mlx_sdft.opening import open_model_for
 
     home = existing_home(cfg.home)
-    with Store(home) as store:
+    with Store(home, create=False) as store:
         rows = [r for r in store.lessons(None, standing=True) if cfg.rule in (None, r["id"])]
         if cfg.rule is not None and not rows:
             raise InputError(
@@ -138,7 +138,7 @@ def _standing(cfg: RulesConfig) -> dict:
     """The rule or fact RULE names, or InputError."""
     if cfg.rule is None:
         raise InputError("RULE: give the rule's id (see mlx-sdft rules)")
-    with Store(existing_home(cfg.home)) as store:
+    with Store(cfg.home, create=False) as store:
         row = store.lesson(cfg.rule)
     if row is None or row["kind"] not in STANDING or row["state"] == "deleted":
         raise InputError(

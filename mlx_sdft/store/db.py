@@ -137,6 +137,10 @@ class Store:
         self._lock = threading.RLock()
         if self.home.exists() and not self.home.is_dir():
             raise InputError(f"{self.home}: {FILE_NOT_HOME}")
+        if not create and not self.path.exists():  # a folder, but not a home: leave it as it is
+            raise InputError(
+                f"--home {home}: no {FILENAME} in it (serve, teach and rules add create it)"
+            )
         try:
             self.home.mkdir(mode=0o700, parents=True, exist_ok=True)
             if (

@@ -350,6 +350,12 @@ def test_reading_or_removing_lessons_and_rules_refuses_a_home_that_does_not_exis
         result.output.split()
     )
     assert not missing.exists() and not (tmp_path / "out.jsonl").exists()
+    empty = tmp_path / "empty"  # a folder that holds no store: left as it is
+    empty.mkdir()
+    result = runner.invoke(app, [*args, "--home", str(empty)])
+    if args[0] not in ("versions", "exchanges"):  # those write nothing and say there is nothing
+        assert result.exit_code == 2 and "no store.db in it" in " ".join(result.output.split())
+    assert list(empty.iterdir()) == [], result.output
     a_file = tmp_path / "notes.jsonl"  # a file named as the home: said so, left as it was
     a_file.write_text("{}\n")
     result = runner.invoke(app, [*args, "--home", str(a_file)])

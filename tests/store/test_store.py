@@ -412,6 +412,7 @@ def test_a_home_that_is_a_file_is_named_as_one(tmp_path):
 
 
 def test_lessons_bad_id_and_export_of_nothing(tmp_path):
+    Store(tmp_path).close()  # a home with no lessons
     for args, message in (
         (["show", "7"], "lesson 7: no such lesson"),
         (["--export", tmp_path / "x.jsonl"], "no lessons"),
