@@ -26,7 +26,8 @@ version (rules, prior answers, loops), and this module only compares two version
    `--gate-max-kl-rise` (what the user asked for is not drift: it is measured against the base
    model *with* the rules in its prompt);
 6. prior answers: the share of `--gate-questions` bundled questions answered right falls by at
-   most `--gate-max-prior-drop` (an update that turns "100 / 4 = 25" into 4 fails here), over the
+   most `--gate-max-prior-drop` (an update that turns "100 / 4 = 25" into 4 and one more known
+   answer wrong fails here, over 32 questions), over the
    questions the base model told the rules still answers right (what the rules change, such as the
    language of an answer, is not forgetting), and fails when that leaves under MIN_COUNTED of the
    questions the current version answers right (too few to see forgetting);
