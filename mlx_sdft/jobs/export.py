@@ -135,10 +135,10 @@ def _rendered(tokenizer, rules: str | None = None) -> str | None:
 def _from_home(cfg: ExportConfig) -> tuple[ExportConfig, dict]:
     """The options that export what `serve --home` answers with, and {"version", "rules"}."""
     from mlx_sdft.store import rules, versions
-    from mlx_sdft.store.db import Store, existing_home
+    from mlx_sdft.store.db import Store
 
-    home = existing_home(cfg.home)
-    with Store(home, create=False) as store:
+    with Store(cfg.home, create=False) as store:
+        home = store.home
         exchanges, standing = (
             [e["model"] for e in store.exchanges(1)],
             store.lessons(None, standing=True),

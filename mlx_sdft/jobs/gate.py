@@ -37,6 +37,7 @@ version (rules, prior answers, loops), and this module only compares two version
 from __future__ import annotations
 
 from mlx_sdft.core.teacher import Leaves, using
+from mlx_sdft.machine.report import count_of
 from mlx_sdft.measure import rules as measure_rules
 from mlx_sdft.measure.lessons import held_out_fit, lesson_fit
 from mlx_sdft.measure.version import MIN_GAP, MIN_LIFT, measure, measure_key
@@ -98,7 +99,7 @@ def check(
     fits = {}
     if new_rows or earlier_rows:
         n = len(new_rows) + len(earlier_rows)
-        say(f"gate: fit of {n} lesson{'s' * (n != 1)}, current and candidate")
+        say(f"gate: fit of {count_of(n, 'lesson')}, current and candidate")
         for name, leaves in (("current", current), ("candidate", candidate)):
             with using(model, leaves):
                 fits[name] = lesson_fit(model, tokenizer, new_rows + earlier_rows, cfg)

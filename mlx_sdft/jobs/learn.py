@@ -13,7 +13,6 @@ current.json; an error while building (a full disk) removes the candidate and ch
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
 import random
 import shutil
@@ -28,6 +27,7 @@ from mlx_sdft.core.prompts import special_text_in
 from mlx_sdft.core.teacher import using
 from mlx_sdft.errors import InputError, Rejected, TrainingError
 from mlx_sdft.jobs.gate import check as gate_check
+from mlx_sdft.machine.report import count_of
 from mlx_sdft.measure import rules as measure_rules
 from mlx_sdft.measure.version import (
     follows,
@@ -243,7 +243,7 @@ def build(
                 console,
                 f"version {number}: measuring version {parent} on the held-out prompts"
                 + (
-                    f" (and the preflight of {_count(len(told), 'new rule or fact', 'new rules and facts')})"
+                    f" (and the preflight of {count_of(len(told), 'new rule or fact', 'new rules and facts')})"
                     if told
                     else ""
                 ),
@@ -324,10 +324,14 @@ def build(
                 )
         _say(
             console,
-            f"version {number}: {_count(len(one_off), 'new lesson')} + {len(replayed)} replayed"
-            + (f" (and {_count(len(reworded), 'paraphrase')} of their prompts)" if reworded else "")
-            + f", {_count(len(standing), 'rule or fact', 'rules and facts')} over "
-            f"{_count(len(examples) - len(one_off) - len(replayed) - len(reworded), 'prompt')}, "
+            f"version {number}: {count_of(len(one_off), 'new lesson')} + {len(replayed)} replayed"
+            + (
+                f" (and {count_of(len(reworded), 'paraphrase')} of their prompts)"
+                if reworded
+                else ""
+            )
+            + f", {count_of(len(standing), 'rule or fact', 'rules and facts')} over "
+            f"{count_of(len(examples) - len(one_off) - len(replayed) - len(reworded), 'prompt')}, "
             f"from version {parent} ({why})",
         )
         last = run_train(train_cfg, console=console, examples={"train": examples}, loaded=loaded)
@@ -340,8 +344,7 @@ def build(
         _say(console, f"version {number}: gate against version {parent}")
         candidate = {**base, **mx.load(str(folder / "adapters.safetensors"))}
         model_obj.eval()
-        book_digest = hashlib.sha256((rules.rulebook(standing) or "").encode()).hexdigest()[:12]
-        told_key = [model, book_digest, *measure_key(gate_cfg, held_out)]
+        told_key = [model, rules.fingerprint(standing), *measure_key(gate_cfg, held_out)]
         result = gate_check(
             model_obj,
             tokenizer,
@@ -456,12 +459,12 @@ def _paraphrases(
         if kept.get("paraphrases_asked", 0) >= n:
             _say(
                 console,
-                f"lesson {row['id']}: {_count(len(kept['paraphrases'][:n]), 'paraphrase')} of its prompt, "
+                f"lesson {row['id']}: {count_of(len(kept['paraphrases'][:n]), 'paraphrase')} of its prompt, "
                 f"written by an earlier learn",
             )
             continue
         last = row["prompt"][-1].get("content")
-        if not isinstance(last, str) or "\n" in last.strip() or len(last) > PARAPHRASED_CHARS:
+        if not _one_line(last):
             written = []
             _say(
                 console,
@@ -484,10 +487,16 @@ def _paraphrases(
         train, held_out = lessons.paraphrased(row, n)
         _say(
             console,
-            f"lesson {row['id']}: {_count(len(written), 'paraphrase')} of its prompt, {len(train)} to train "
+            f"lesson {row['id']}: {count_of(len(written), 'paraphrase')} of its prompt, {len(train)} to train "
             f"on and {len(held_out)} held out"
             + (f", e.g. {written[0]!r}" if text and written else ""),
         )
+
+
+def _one_line(text) -> bool:
+    """A request the model can write others like, one per line of its answer: text of one line, at
+    most PARAPHRASED_CHARS (a pasted text is not reworded line by line)."""
+    return isinstance(text, str) and "\n" not in text.strip() and len(text) <= PARAPHRASED_CHARS
 
 
 WRITTEN_FROM = 8  # the newest stored requests shown to the model as examples of their subjects
@@ -502,15 +511,8 @@ def _written_prompts(
     come from the user's requests, which `forget` must be able to erase."""
     if not n:
         return []
-    asked = list(
-        dict.fromkeys(
-            m[-1]["content"]
-            for m in own
-            if isinstance(m[-1].get("content"), str)
-            and "\n" not in m[-1]["content"].strip()
-            and len(m[-1]["content"]) <= PARAPHRASED_CHARS
-        )
-    )[:WRITTEN_FROM]
+    lines = [m[-1]["content"] for m in own if _one_line(m[-1].get("content"))]
+    asked = list(dict.fromkeys(lines))[:WRITTEN_FROM]
     if not asked:
         _say(
             console, "no stored one-line requests to write new ones like: --written-prompts skipped"
@@ -519,7 +521,7 @@ def _written_prompts(
     budget = min(PARAPHRASE_TOKENS, 32 * n)
     _say(
         console,
-        f"the model writes {n} new requests like {_count(len(asked), 'stored one')} "
+        f"the model writes {n} new requests like {count_of(len(asked), 'stored one')} "
         f"(one answer of up to {budget} tokens)",
     )
     written = [
@@ -536,7 +538,7 @@ def _written_prompts(
     ]
     _say(
         console,
-        f"{_count(len(written), 'new request')} written"
+        f"{count_of(len(written), 'new request')} written"
         + (f", e.g. {written[0]!r}" if text and written else ""),
     )
     return written
@@ -564,10 +566,6 @@ def _told_prior(home: Path, key: list) -> list[int] | None:
         if prior.get("told_key") == key:
             return prior["changed_by_rules"]
     return None
-
-
-def _count(n: int, one: str, many: str | None = None) -> str:
-    return f"{n} {one if n == 1 else many or one + 's'}"
 
 
 def _named(rows: list[dict]) -> str:
@@ -656,7 +654,7 @@ def run_forget(cfg, console=None) -> list[str]:
         done = (
             "was already deleted"
             if row["state"] == "deleted"
-            else f"deleted; its exchange kept ({_count(len(sharing), 'lesson')} {sharing} made from "
+            else f"deleted; its exchange kept ({count_of(len(sharing), 'lesson')} {sharing} made from "
             f"it too: forget them to delete it)"
             if sharing
             else "and its exchange deleted"

@@ -18,15 +18,15 @@ import json
 
 from mlx_sdft.config import DEFAULT_MODEL, ForgetConfig, RulesConfig
 from mlx_sdft.errors import InputError
+from mlx_sdft.machine.report import count_of
 from mlx_sdft.store import versions
-from mlx_sdft.store.db import STANDING, Store, existing_home
+from mlx_sdft.store.db import STANDING, Store
 from mlx_sdft.store.rules import add_standing, counted, held, own_prompts, prompt_pool, prompts_for
 
 
 def listing(cfg: RulesConfig) -> list[str]:
-    home = existing_home(cfg.home)
-    with Store(home, create=False) as store:
-        rows = store.lessons(None, standing=True)
+    with Store(cfg.home, create=False) as store:
+        rows, home = store.lessons(None, standing=True), store.home
     now = versions.current(home)
     done = held(versions.record(home, now)) if now else set()
     if cfg.json:
@@ -80,8 +80,8 @@ def check(cfg: RulesConfig, console=None) -> list[str]:
     from mlx_sdft.measure.version import preflight, preflight_key, verdict
     from mlx_sdft.opening import open_model_for
 
-    home = existing_home(cfg.home)
-    with Store(home, create=False) as store:
+    with Store(cfg.home, create=False) as store:
+        home = store.home
         rows = [r for r in store.lessons(None, standing=True) if cfg.rule in (None, r["id"])]
         if cfg.rule is not None and not rows:
             raise InputError(
@@ -104,8 +104,8 @@ def check(cfg: RulesConfig, console=None) -> list[str]:
         mx.eval(loaded.parameters())
         loaded.eval()
         console.print(
-            f"preflight of {counted(rows)} with {model} (version {now}) on {len(held_out)} held-out "
-            f"prompt{'s' * (len(held_out) != 1)}, {cfg.gate_max_tokens} tokens each",
+            f"preflight of {counted(rows)} with {model} (version {now}) on "
+            f"{count_of(len(held_out), 'held-out prompt')}, {cfg.gate_max_tokens} tokens each",
             highlight=False,
         )
         results = preflight(

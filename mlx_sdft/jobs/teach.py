@@ -10,6 +10,7 @@ from pathlib import Path
 
 from mlx_sdft.config import TEACHER_TEMPLATE, LessonsConfig, TeachConfig
 from mlx_sdft.errors import InputError
+from mlx_sdft.machine.report import count_of
 from mlx_sdft.store import lessons, rules
 from mlx_sdft.store.db import FILENAME, STANDING, Store, existing_home
 
@@ -41,7 +42,7 @@ def teach(cfg: TeachConfig) -> list[str]:
             return [f"imported {which} from {cfg.import_file}"]
         if cfg.forget_exchanges:
             return [
-                f"forgot {_count(store.forget_exchanges(), 'exchange')}; {store.path} compacted"
+                f"forgot {count_of(store.forget_exchanges(), 'exchange')}; {store.path} compacted"
             ]
         if cfg.rule is not None or cfg.fact is not None:
             return rules.add_standing(
@@ -73,7 +74,7 @@ def listing(cfg: LessonsConfig) -> list[str]:
             count = lessons.export(store, cfg.export, cfg.state, force=cfg.force)
             skipped = lessons.left_out(store, cfg.state)
             return [
-                f"wrote {_count(count, 'lesson')} to {cfg.export}"
+                f"wrote {count_of(count, 'lesson')} to {cfg.export}"
                 + (f" ({skipped})" if skipped else "")
                 + f"; train on them with: mlx-sdft train --data {cfg.export} ..."
             ]
@@ -123,11 +124,7 @@ def delete(cfg: LessonsConfig) -> list[str]:
 
 def purge(cfg: LessonsConfig) -> list[str]:
     with Store(cfg.home, create=False) as store:
-        return [f"purged {_count(store.purge_lessons(), 'lesson')}; {store.path} compacted"]
-
-
-def _count(n: int, one: str) -> str:
-    return f"{n} {one if n == 1 else one + 's'}"
+        return [f"purged {count_of(store.purge_lessons(), 'lesson')}; {store.path} compacted"]
 
 
 def _lesson(store: Store, id: int | None) -> dict:

@@ -1,6 +1,7 @@
 """What the user sees while training: a rich progress bar, one line per report (and optionally the
 same numbers in Weights & Biases), and the Ctrl-C that asks the run to save and stop; while a
-long measurement answers its prompts, a plain progress line now and then. The run folder's
+long measurement answers its prompts, a plain progress line now and then; counts in the lines a
+command prints ("1 lesson", "3 lessons"). The run folder's
 metrics.jsonl and completions.jsonl are the job's to write (jobs/train.RunFolder)."""
 
 from __future__ import annotations
@@ -255,3 +256,8 @@ def clip(text: str, width: int) -> str:
     """`text` as one JSON-escaped line of at most `width` columns (… where cut)."""
     shown = json.dumps(text, ensure_ascii=False)
     return shown if len(shown) <= width else shown[: max(width - 1, 0)] + "…"
+
+
+def count_of(n: int, one: str, many: str | None = None) -> str:
+    """n and the noun it counts, singular or plural: "1 lesson", "3 lessons", "2 rules and facts"."""
+    return f"{n} {one if n == 1 else many or one + 's'}"

@@ -209,37 +209,30 @@ def questions_in(text: str, fact: str, n: int) -> list[str]:
 
 
 def paraphrases_in(text: str, prompt: str, n: int) -> list[str]:
-    """The rewordings of `prompt` in a model's numbered or bulleted list, in order, at most n: each
-    one different from the prompt and from the others (case, spaces and end punctuation aside), at
-    most twice as long as the prompt (and 40 characters), and naming a word of it (of 4 letters or
-    more, or a number) when it has any: an answer to the prompt written as a list is not one."""
-    words, limit = _words(prompt), 2 * len(prompt) + 40
-    seen, out = {_plain(prompt)}, []
-    for line, listed in list_items(text):
-        if (
-            listed
-            and len(line) <= limit
-            and _plain(line) not in seen
-            and (not words or _words(line) & words)
-        ):
-            seen.add(_plain(line))
-            out.append(line)
-    return out[:n]
-
-
-def requests_in(text: str, known: list[str], n: int) -> list[str]:
-    """The new requests in a model's numbered or bulleted list, in order, at most n: each different
-    from every `known` one (the examples it was shown, the held-out prompts) and from the others
-    (case, spaces and end punctuation aside), and at most REQUEST_CHARS long."""
-    seen, out = {_plain(k) for k in known}, []
-    for line, listed in list_items(text):
-        if listed and len(line) <= REQUEST_CHARS and _plain(line) not in seen:
-            seen.add(_plain(line))
-            out.append(line)
-    return out[:n]
+    """The rewordings of `prompt` in a model's numbered or bulleted list, in order, at most n: new
+    lines (`requests_in`) different from the prompt, at most twice as long as it (and 40
+    characters), and naming a word of it (of 4 letters or more, or a number) when it has any: an
+    answer to the prompt written as a list is not one."""
+    words = _words(prompt)
+    lines = requests_in(text, [prompt], limit=2 * len(prompt) + 40)
+    return [line for line in lines if not words or _words(line) & words][:n]
 
 
 REQUEST_CHARS = 300  # a longer line is not one request
+
+
+def requests_in(
+    text: str, known: list[str], n: int | None = None, limit: int = REQUEST_CHARS
+) -> list[str]:
+    """The new requests in a model's numbered or bulleted list, in order, at most n: each different
+    from every `known` one (the examples it was shown, the held-out prompts) and from the others
+    (case, spaces and end punctuation aside), and at most `limit` characters long."""
+    seen, out = {_plain(k) for k in known}, []
+    for line, listed in list_items(text):
+        if listed and len(line) <= limit and _plain(line) not in seen:
+            seen.add(_plain(line))
+            out.append(line)
+    return out[:n]
 
 
 def _plain(text: str) -> str:
