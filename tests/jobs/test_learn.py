@@ -25,17 +25,14 @@ runner = CliRunner()
 # Small and fast; the tiny model is random, so the canary (KL from the base, degenerate answers)
 # is loosened except where a test forces it. --method sft: on a random model the demonstration's
 # likelihood (gate 1) rises for SFT, not reliably for SDFT's self-samples.
-FAST = (
+# The smallest budgets a learn runs with on the tiny model (shared by the personal tests).
+SMALL = (
     "--num-layers",
     "-1",
     "--batch-size",
     "2",
-    "--iters",
-    "6",
     "--learning-rate",
     "3e-3",
-    "--method",
-    "sft",
     "--max-completion-length",
     "8",
     "--gate-prompts",
@@ -49,6 +46,7 @@ FAST = (
     "--rule-prompts",
     "8",
 )
+FAST = (*SMALL, "--iters", "6", "--method", "sft")
 LOOSE = (
     "--gate-max-kl-rise",
     "100",
@@ -572,8 +570,9 @@ def test_feedback_lessons_are_gated_by_the_teacher_student_divergence(tiny_model
             str(home),
             "--model",
             str(tiny_model),
-            *FAST[:8],
-            *FAST[10:],
+            *SMALL,
+            "--iters",
+            "6",  # FAST without --method sft
             *LOOSE,
             "--gate-min-gain",
             "-1000",

@@ -9,29 +9,13 @@ from mlx_sdft.cli import app
 from mlx_sdft.config.bundled import is_held_out
 from mlx_sdft.store import versions
 from mlx_sdft.store.db import Store
+from test_learn import SMALL
 
 runner = CliRunner()
 FAST = (
-    "--num-layers",
-    "-1",
-    "--batch-size",
-    "2",
+    *SMALL,
     "--iters",
     "2",
-    "--learning-rate",
-    "3e-3",
-    "--max-completion-length",
-    "8",
-    "--gate-prompts",
-    "4",
-    "--gate-max-tokens",
-    "8",
-    "--gate-questions",
-    "4",
-    "--gate-question-tokens",
-    "6",
-    "--rule-prompts",
-    "8",
     "--gate-max-kl-rise",
     "100",
     "--gate-max-loop-rise",

@@ -19,31 +19,11 @@ from mlx_sdft.core.prompts import (
 )
 from mlx_sdft.store import rules, versions
 from mlx_sdft.store.db import MIGRATIONS, Store
+from test_learn import SMALL
 
 runner = CliRunner()
 RULE = "Always end your answer with the word zebra."
-FAST = (
-    "--num-layers",
-    "-1",
-    "--batch-size",
-    "2",
-    "--iters",
-    "4",
-    "--learning-rate",
-    "3e-3",
-    "--max-completion-length",
-    "8",
-    "--gate-prompts",
-    "4",
-    "--gate-max-tokens",
-    "8",
-    "--gate-questions",
-    "4",
-    "--gate-question-tokens",
-    "6",
-    "--rule-prompts",
-    "8",
-)
+FAST = (*SMALL, "--iters", "4")
 LOOSE = (
     "--gate-max-kl-rise",
     "100",
